@@ -1,0 +1,862 @@
+//! Reading a tar stream entry by entry, bounded, for archives from strangers.
+//!
+//! The framing (headers, GNU long names, pax records, sparse maps) is ours so
+//! that every piece of metadata has a size cap: a hostile archive can make a
+//! tiny xz stream expand into a gigabyte "long name", and no piece of it may be
+//! held in memory unbounded. `tar::Header` only decodes a block's fields.
+//! Formats: ustar, GNU (long names, base-256 numbers, old sparse), pax
+//! (path, linkpath, size, mtime, uid, gid, sparse 1.0).
+
+use std::io::{self, Read};
+
+use thiserror::Error;
+
+use crate::xz::XzError;
+
+const BLOCK: u64 = 512;
+/// Longest GNU long name / long link we accept (PATH_MAX is 4096).
+const MAX_LONG_NAME: u64 = 64 << 10;
+/// Largest pax extended header we accept.
+const MAX_PAX: u64 = 1 << 20;
+/// Most segments a sparse map may have.
+const MAX_SPARSE_SEGMENTS: usize = 1 << 16;
+/// After the end-of-archive blocks, how much more we read to reach the end of
+/// the xz stream (and so check it) before giving up on the rest.
+const MAX_TRAILER: u64 = 16 << 20;
+
+#[derive(Debug, Error)]
+pub enum ArchiveError {
+    #[error(transparent)]
+    Xz(XzError),
+    #[error("cannot read the archive")]
+    Read(#[source] io::Error),
+    #[error("the tar archive is truncated at byte {offset}")]
+    Truncated { offset: u64 },
+    #[error("tar header at byte {offset} has a bad checksum (not a tar archive, or corrupt)")]
+    BadChecksum { offset: u64 },
+    #[error("tar header at byte {offset} has an unreadable {field}")]
+    BadField { offset: u64, field: &'static str },
+    #[error("{what} at byte {offset} is {size} bytes; the limit is {limit}")]
+    MetadataTooLarge {
+        what: &'static str,
+        offset: u64,
+        size: u64,
+        limit: u64,
+    },
+    #[error("two {what} headers in a row at byte {offset}")]
+    DuplicateExtension { what: &'static str, offset: u64 },
+    #[error("malformed pax header at byte {offset}")]
+    BadPax { offset: u64 },
+    #[error("malformed sparse map at byte {offset}")]
+    BadSparse { offset: u64 },
+    #[error(
+        "unsupported sparse format {0} at byte {1} (GNU old sparse and pax 1.0 are supported)"
+    )]
+    UnsupportedSparse(String, u64),
+}
+
+impl From<io::Error> for ArchiveError {
+    fn from(e: io::Error) -> Self {
+        if e.get_ref().is_some_and(|inner| inner.is::<ArchiveError>()) {
+            if let Some(Ok(archive)) = e.into_inner().map(|inner| inner.downcast::<ArchiveError>())
+            {
+                return *archive;
+            }
+            return ArchiveError::Read(io::Error::other("archive error lost in transit"));
+        }
+        if e.get_ref().is_some_and(|inner| inner.is::<XzError>()) {
+            if let Some(Ok(xz)) = e.into_inner().map(|inner| inner.downcast::<XzError>()) {
+                return ArchiveError::Xz(*xz);
+            }
+            return ArchiveError::Read(io::Error::other("xz error lost in transit"));
+        }
+        ArchiveError::Read(e)
+    }
+}
+
+/// What an entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Hardlink,
+    CharDevice,
+    BlockDevice,
+    Fifo,
+    /// Any other type flag (volume labels, multi-volume parts, vendor types).
+    Other(u8),
+}
+
+impl Kind {
+    fn from_flag(flag: u8) -> Kind {
+        match flag {
+            b'0' | b'\0' | b'7' | b'S' => Kind::File,
+            b'1' => Kind::Hardlink,
+            b'2' => Kind::Symlink,
+            b'3' => Kind::CharDevice,
+            b'4' => Kind::BlockDevice,
+            b'5' | b'D' => Kind::Dir,
+            b'6' => Kind::Fifo,
+            other => Kind::Other(other),
+        }
+    }
+
+    /// One letter, as `ls -l` and `tar -tv` show it.
+    pub fn letter(self) -> char {
+        match self {
+            Kind::File => '-',
+            Kind::Dir => 'd',
+            Kind::Symlink => 'l',
+            Kind::Hardlink => 'h',
+            Kind::CharDevice => 'c',
+            Kind::BlockDevice => 'b',
+            Kind::Fifo => 'p',
+            Kind::Other(_) => '?',
+        }
+    }
+}
+
+/// One entry's metadata. Paths are raw bytes, exactly as the archive holds them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub path: Vec<u8>,
+    pub kind: Kind,
+    /// Permission bits (`& 0o7777`).
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    /// Seconds since the epoch.
+    pub mtime: i64,
+    /// Size of the contents (the expanded size for sparse files).
+    pub size: u64,
+    /// Target of a symlink or hardlink.
+    pub link: Option<Vec<u8>>,
+}
+
+/// Where the current entry's contents are.
+struct Current {
+    /// Raw bytes of the entry still to read from the stream.
+    raw_left: u64,
+    /// Zero padding after the raw bytes, up to the block boundary.
+    pad: u64,
+    /// Logical position and size of the contents.
+    pos: u64,
+    size: u64,
+    /// Data segments (offset, length) of a sparse file, in order; `None` for a plain one.
+    sparse: Option<Vec<(u64, u64)>>,
+    segment: usize,
+}
+
+/// pax records as (key, value), in archive order.
+type PaxRecords = Vec<(Vec<u8>, Vec<u8>)>;
+
+#[derive(Default)]
+struct Pending {
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
+    pax: Option<PaxRecords>,
+}
+
+/// Reads a tar stream from `R`.
+pub struct ArchiveReader<R> {
+    inner: R,
+    offset: u64,
+    current: Option<Current>,
+    ended: bool,
+}
+
+impl<R: Read> ArchiveReader<R> {
+    pub fn new(inner: R) -> Self {
+        ArchiveReader {
+            inner,
+            offset: 0,
+            current: None,
+            ended: false,
+        }
+    }
+
+    /// The next entry's header, or `None` at the end of the archive. Whatever
+    /// was left unread of the previous entry is skipped.
+    pub fn next_entry(&mut self) -> Result<Option<Header>, ArchiveError> {
+        self.skip_current()?;
+        if self.ended {
+            return Ok(None);
+        }
+        let mut pending = Pending::default();
+        loop {
+            let at = self.offset;
+            let mut block = [0u8; BLOCK as usize];
+            match self.fill(&mut block)? {
+                0 if pending.is_empty() => {
+                    // No end-of-archive blocks: GNU tar accepts this, so do we.
+                    self.ended = true;
+                    return Ok(None);
+                }
+                n if n < block.len() => {
+                    return Err(ArchiveError::Truncated {
+                        offset: self.offset,
+                    })
+                }
+                _ => {}
+            }
+            if block.iter().all(|&b| b == 0) {
+                if !pending.is_empty() {
+                    return Err(ArchiveError::Truncated { offset: at });
+                }
+                self.ended = true;
+                return Ok(None);
+            }
+            check_checksum(&block, at)?;
+            let header = tar::Header::from_byte_slice(&block);
+            let flag = block[156];
+            let raw_size = parse_numeric(&block[124..136]).ok_or(ArchiveError::BadField {
+                offset: at,
+                field: "size",
+            })?;
+            match flag {
+                b'L' => {
+                    let name = self.read_meta(raw_size, MAX_LONG_NAME, "GNU long name", at)?;
+                    set_once(&mut pending.long_name, trim_nul(name), "GNU long name", at)?;
+                }
+                b'K' => {
+                    let link = self.read_meta(raw_size, MAX_LONG_NAME, "GNU long link", at)?;
+                    set_once(&mut pending.long_link, trim_nul(link), "GNU long link", at)?;
+                }
+                b'x' | b'X' => {
+                    let data = self.read_meta(raw_size, MAX_PAX, "pax header", at)?;
+                    set_once(&mut pending.pax, parse_pax(&data, at)?, "pax", at)?;
+                }
+                b'g' => {
+                    // Global pax records only carry defaults we do not use; read them to stay framed.
+                    let data = self.read_meta(raw_size, MAX_PAX, "pax global header", at)?;
+                    parse_pax(&data, at)?;
+                }
+                _ => {
+                    return self
+                        .start_entry(&block, header, raw_size, pending, at)
+                        .map(Some)
+                }
+            }
+        }
+    }
+
+    /// Reads the current entry's contents (holes of sparse files read as zeros).
+    pub fn read_data(&mut self, buf: &mut [u8]) -> Result<usize, ArchiveError> {
+        let Some(cur) = self.current.as_mut() else {
+            return Ok(0);
+        };
+        if cur.pos >= cur.size || buf.is_empty() {
+            return Ok(0);
+        }
+        // How many bytes from here are stored data (Some) or a hole (None).
+        let stored = match &cur.sparse {
+            None => Some(cur.size - cur.pos),
+            Some(map) => {
+                while cur.segment < map.len() && map[cur.segment].0 + map[cur.segment].1 <= cur.pos
+                {
+                    cur.segment += 1;
+                }
+                match map.get(cur.segment) {
+                    Some(&(off, len)) if off <= cur.pos => Some(off + len - cur.pos),
+                    Some(&(off, _)) => {
+                        let hole = (off - cur.pos).min(buf.len() as u64) as usize;
+                        buf[..hole].fill(0);
+                        cur.pos += hole as u64;
+                        return Ok(hole);
+                    }
+                    None => None,
+                }
+            }
+        };
+        match stored {
+            Some(n) => {
+                let want = n.min(buf.len() as u64).min(cur.raw_left) as usize;
+                if want == 0 {
+                    return Err(ArchiveError::Truncated {
+                        offset: self.offset,
+                    });
+                }
+                let got = self.fill(&mut buf[..want])?;
+                if got < want {
+                    return Err(ArchiveError::Truncated {
+                        offset: self.offset,
+                    });
+                }
+                let cur = self.current.as_mut().expect("checked above");
+                cur.raw_left -= got as u64;
+                cur.pos += got as u64;
+                Ok(got)
+            }
+            None => {
+                // Past the last segment: the rest of the file is a hole.
+                let hole = (cur.size - cur.pos).min(buf.len() as u64) as usize;
+                buf[..hole].fill(0);
+                cur.pos += hole as u64;
+                Ok(hole)
+            }
+        }
+    }
+
+    /// The current entry's contents as a `Read`.
+    pub fn data(&mut self) -> EntryData<'_, R> {
+        EntryData { reader: self }
+    }
+
+    /// After the last entry: reads on to the end of the underlying stream (so
+    /// the xz check of the whole stream is verified), at most 16 MiB more.
+    pub fn finish(mut self) -> Result<R, ArchiveError> {
+        while self.next_entry()?.is_some() {}
+        let mut trailer = (&mut self.inner).take(MAX_TRAILER);
+        io::copy(&mut trailer, &mut io::sink())?;
+        Ok(self.inner)
+    }
+
+    fn start_entry(
+        &mut self,
+        block: &[u8; 512],
+        header: &tar::Header,
+        raw_size: u64,
+        pending: Pending,
+        at: u64,
+    ) -> Result<Header, ArchiveError> {
+        let pax = pending.pax.unwrap_or_default();
+        let pax_get = |key: &[u8]| {
+            pax.iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        };
+        let pax_num = |key: &[u8], field: &'static str| -> Result<Option<u64>, ArchiveError> {
+            pax_get(key)
+                .map(|v| parse_decimal(&v).ok_or(ArchiveError::BadField { offset: at, field }))
+                .transpose()
+        };
+        let mut path = pax_get(b"path")
+            .or(pending.long_name)
+            .unwrap_or_else(|| header.path_bytes().into_owned());
+        let link = pax_get(b"linkpath")
+            .or(pending.long_link)
+            .or_else(|| header.link_name_bytes().map(|l| l.into_owned()));
+        let raw_size = pax_num(b"size", "pax size")?.unwrap_or(raw_size);
+        let field = |range: std::ops::Range<usize>, name: &'static str| {
+            parse_numeric(&block[range]).ok_or(ArchiveError::BadField {
+                offset: at,
+                field: name,
+            })
+        };
+        let mode = field(100..108, "mode")? as u32 & 0o7777;
+        let uid = match pax_num(b"uid", "pax uid")? {
+            Some(v) => v,
+            None => field(108..116, "uid")?,
+        };
+        let gid = match pax_num(b"gid", "pax gid")? {
+            Some(v) => v,
+            None => field(116..124, "gid")?,
+        };
+        let mtime = match pax_get(b"mtime") {
+            Some(v) => parse_pax_time(&v).ok_or(ArchiveError::BadField {
+                offset: at,
+                field: "pax mtime",
+            })?,
+            None => field(136..148, "mtime")? as i64,
+        };
+        let flag = block[156];
+        let kind = Kind::from_flag(flag);
+        let pad = (BLOCK - raw_size % BLOCK) % BLOCK;
+        self.current = Some(Current {
+            raw_left: raw_size,
+            pad,
+            pos: 0,
+            size: raw_size,
+            sparse: None,
+            segment: 0,
+        });
+
+        let mut size = raw_size;
+        if flag == b'S' {
+            let (map, real) = self.gnu_sparse_map(block, at)?;
+            size = self.set_sparse(map, real, at)?;
+        } else if let Some(major) = pax_get(b"GNU.sparse.major") {
+            let minor = pax_get(b"GNU.sparse.minor").unwrap_or_default();
+            if major != b"1" || minor != b"0" {
+                let version = format!(
+                    "{}.{}",
+                    String::from_utf8_lossy(&major),
+                    String::from_utf8_lossy(&minor)
+                );
+                return Err(ArchiveError::UnsupportedSparse(version, at));
+            }
+            if let Some(name) = pax_get(b"GNU.sparse.name") {
+                path = name;
+            }
+            let real = pax_num(b"GNU.sparse.realsize", "GNU.sparse.realsize")?
+                .ok_or(ArchiveError::BadSparse { offset: at })?;
+            let map = self.pax_sparse_map(at)?;
+            size = self.set_sparse(map, real, at)?;
+        } else if pax_get(b"GNU.sparse.offset").is_some() || pax_get(b"GNU.sparse.map").is_some() {
+            return Err(ArchiveError::UnsupportedSparse("0.x".into(), at));
+        }
+        if !matches!(kind, Kind::File) {
+            // Only regular files have contents; anything framed after others is skipped.
+            size = 0;
+        }
+        if let Some(cur) = self.current.as_mut() {
+            cur.size = size;
+        }
+        Ok(Header {
+            path,
+            kind,
+            mode,
+            uid,
+            gid,
+            mtime,
+            size,
+            link: link.filter(|l| !l.is_empty()),
+        })
+    }
+
+    /// Checks a sparse map against the stored bytes and installs it; returns the real size.
+    fn set_sparse(
+        &mut self,
+        map: Vec<(u64, u64)>,
+        real: u64,
+        at: u64,
+    ) -> Result<u64, ArchiveError> {
+        let cur = self.current.as_mut().expect("set by start_entry");
+        let mut end = 0u64;
+        let mut stored = 0u64;
+        for &(off, len) in &map {
+            let seg_end = off
+                .checked_add(len)
+                .ok_or(ArchiveError::BadSparse { offset: at })?;
+            if off < end || seg_end > real {
+                return Err(ArchiveError::BadSparse { offset: at });
+            }
+            end = seg_end;
+            stored += len;
+        }
+        if stored != cur.raw_left {
+            return Err(ArchiveError::BadSparse { offset: at });
+        }
+        cur.sparse = Some(map.into_iter().filter(|&(_, len)| len > 0).collect());
+        Ok(real)
+    }
+
+    /// The old GNU sparse map: four slots in the header, 21 more per extension block.
+    fn gnu_sparse_map(
+        &mut self,
+        block: &[u8; 512],
+        at: u64,
+    ) -> Result<(Vec<(u64, u64)>, u64), ArchiveError> {
+        let bad = ArchiveError::BadSparse { offset: at };
+        let gnu = tar::Header::from_byte_slice(block)
+            .as_gnu()
+            .ok_or(ArchiveError::BadSparse { offset: at })?;
+        let real = gnu
+            .real_size()
+            .map_err(|_| ArchiveError::BadSparse { offset: at })?;
+        let mut map = Vec::new();
+        for s in gnu.sparse.iter().filter(|s| !s.is_empty()) {
+            map.push((
+                s.offset()
+                    .map_err(|_| ArchiveError::BadSparse { offset: at })?,
+                s.length()
+                    .map_err(|_| ArchiveError::BadSparse { offset: at })?,
+            ));
+        }
+        let mut extended = gnu.is_extended();
+        while extended {
+            if map.len() > MAX_SPARSE_SEGMENTS {
+                return Err(bad);
+            }
+            let mut ext = [0u8; BLOCK as usize];
+            if self.fill(&mut ext)? < ext.len() {
+                return Err(ArchiveError::Truncated {
+                    offset: self.offset,
+                });
+            }
+            // An extension block is 21 slots of (offset, length) as 12-byte octal, then the flag.
+            for slot in ext[..21 * 24].chunks(24) {
+                let (off, len) = (parse_octal(&slot[..12]), parse_octal(&slot[12..]));
+                match (off, len) {
+                    (Some(0), Some(0)) if slot.iter().all(|&b| b == 0) => {}
+                    (Some(o), Some(l)) => map.push((o, l)),
+                    _ => return Err(ArchiveError::BadSparse { offset: at }),
+                }
+            }
+            extended = ext[504] != 0;
+        }
+        Ok((map, real))
+    }
+
+    /// The pax 1.0 sparse map: decimal lines at the start of the data, padded to a block.
+    fn pax_sparse_map(&mut self, at: u64) -> Result<Vec<(u64, u64)>, ArchiveError> {
+        let mut numbers = Vec::new();
+        let mut digits = Vec::new();
+        let mut count: Option<u64> = None;
+        loop {
+            let mut block = [0u8; BLOCK as usize];
+            let cur = self.current.as_mut().expect("set by start_entry");
+            if cur.raw_left < BLOCK {
+                return Err(ArchiveError::BadSparse { offset: at });
+            }
+            cur.raw_left -= BLOCK;
+            if self.fill(&mut block)? < block.len() {
+                return Err(ArchiveError::Truncated {
+                    offset: self.offset,
+                });
+            }
+            for &b in &block {
+                if count.is_some_and(|c| numbers.len() as u64 == 2 * c) {
+                    break;
+                }
+                match b {
+                    b'0'..=b'9' if digits.len() < 20 => digits.push(b),
+                    b'\n' => {
+                        let n =
+                            parse_decimal(&digits).ok_or(ArchiveError::BadSparse { offset: at })?;
+                        digits.clear();
+                        match count {
+                            None if n as usize <= MAX_SPARSE_SEGMENTS => count = Some(n),
+                            None => return Err(ArchiveError::BadSparse { offset: at }),
+                            Some(_) => numbers.push(n),
+                        }
+                    }
+                    _ => return Err(ArchiveError::BadSparse { offset: at }),
+                }
+            }
+            if count.is_some_and(|c| numbers.len() as u64 == 2 * c) {
+                return Ok(numbers.chunks(2).map(|p| (p[0], p[1])).collect());
+            }
+        }
+    }
+
+    /// Reads a metadata entry's contents (and its padding), refusing more than `limit`.
+    fn read_meta(
+        &mut self,
+        size: u64,
+        limit: u64,
+        what: &'static str,
+        at: u64,
+    ) -> Result<Vec<u8>, ArchiveError> {
+        if size > limit {
+            return Err(ArchiveError::MetadataTooLarge {
+                what,
+                offset: at,
+                size,
+                limit,
+            });
+        }
+        let mut data = vec![0u8; size as usize];
+        if self.fill(&mut data)? < data.len() {
+            return Err(ArchiveError::Truncated {
+                offset: self.offset,
+            });
+        }
+        self.skip((BLOCK - size % BLOCK) % BLOCK)?;
+        Ok(data)
+    }
+
+    fn skip_current(&mut self) -> Result<(), ArchiveError> {
+        if let Some(cur) = self.current.take() {
+            self.skip(cur.raw_left + cur.pad)?;
+        }
+        Ok(())
+    }
+
+    fn skip(&mut self, n: u64) -> Result<(), ArchiveError> {
+        let copied = io::copy(&mut (&mut self.inner).take(n), &mut io::sink())?;
+        self.offset += copied;
+        if copied < n {
+            return Err(ArchiveError::Truncated {
+                offset: self.offset,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads until `buf` is full or the input ends; returns how much was read.
+    fn fill(&mut self, buf: &mut [u8]) -> Result<usize, ArchiveError> {
+        let mut n = 0;
+        while n < buf.len() {
+            match self.inner.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+/// The current entry's contents, as a `Read`.
+pub struct EntryData<'a, R> {
+    reader: &'a mut ArchiveReader<R>,
+}
+
+impl<R: Read> Read for EntryData<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reader.read_data(buf).map_err(|e| match e {
+            ArchiveError::Read(inner) => inner,
+            other => io::Error::new(io::ErrorKind::InvalidData, other),
+        })
+    }
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.long_name.is_none() && self.long_link.is_none() && self.pax.is_none()
+    }
+}
+
+fn set_once<T>(
+    slot: &mut Option<T>,
+    value: T,
+    what: &'static str,
+    offset: u64,
+) -> Result<(), ArchiveError> {
+    if slot.is_some() {
+        return Err(ArchiveError::DuplicateExtension { what, offset });
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
+    while v.last() == Some(&0) {
+        v.pop();
+    }
+    v
+}
+
+/// The stored checksum must match the header's sum (unsigned, or the historic signed one).
+fn check_checksum(block: &[u8; 512], offset: u64) -> Result<(), ArchiveError> {
+    let stored = parse_octal(&block[148..156]).ok_or(ArchiveError::BadChecksum { offset })?;
+    let field = 148..156;
+    let (mut unsigned, mut signed) = (0u64, 0i64);
+    for (i, &b) in block.iter().enumerate() {
+        let b = if field.contains(&i) { b' ' } else { b };
+        unsigned += u64::from(b);
+        signed += i64::from(b as i8);
+    }
+    if stored == unsigned || stored as i64 == signed {
+        Ok(())
+    } else {
+        Err(ArchiveError::BadChecksum { offset })
+    }
+}
+
+/// A numeric header field: base-256 when the high bit of its first byte is
+/// set (GNU, for large values), octal otherwise; an empty field is 0.
+fn parse_numeric(field: &[u8]) -> Option<u64> {
+    if field.first().is_some_and(|&b| b & 0x80 != 0) {
+        if field[0] & 0x40 != 0 {
+            return None; // negative
+        }
+        let mut v: u64 = u64::from(field[0] & 0x3f);
+        for &b in &field[1..] {
+            v = v.checked_mul(256)?.checked_add(u64::from(b))?;
+        }
+        return Some(v);
+    }
+    if field.iter().all(|&b| b == 0 || b == b' ') {
+        return Some(0);
+    }
+    parse_octal(field)
+}
+
+/// An octal field: optional spaces, digits, then NUL or spaces.
+fn parse_octal(field: &[u8]) -> Option<u64> {
+    let s = field
+        .iter()
+        .skip_while(|&&b| b == b' ')
+        .take_while(|&&b| b != 0 && b != b' ');
+    let mut v: u64 = 0;
+    let mut any = false;
+    for &b in s {
+        if !(b'0'..=b'7').contains(&b) {
+            return None;
+        }
+        v = v.checked_mul(8)?.checked_add(u64::from(b - b'0'))?;
+        any = true;
+    }
+    any.then_some(v)
+}
+
+fn parse_decimal(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 20 || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(s).ok()?.parse().ok()
+}
+
+/// A pax time: seconds, optionally negative, optionally with a fraction (dropped).
+fn parse_pax_time(s: &[u8]) -> Option<i64> {
+    let (neg, s) = match s.strip_prefix(b"-") {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    let whole = s.split(|&b| b == b'.').next()?;
+    let v = i64::try_from(parse_decimal(whole)?).ok()?;
+    Some(if neg { -v } else { v })
+}
+
+/// pax records: `"<len> <key>=<value>\n"`, where `<len>` counts the whole record.
+fn parse_pax(mut data: &[u8], offset: u64) -> Result<PaxRecords, ArchiveError> {
+    let bad = || ArchiveError::BadPax { offset };
+    let mut records = Vec::new();
+    while !data.is_empty() {
+        if data.iter().all(|&b| b == 0) {
+            break;
+        }
+        let space = data.iter().position(|&b| b == b' ').ok_or_else(bad)?;
+        let len = parse_decimal(&data[..space]).ok_or_else(bad)? as usize;
+        if len <= space + 1 || len > data.len() || data[len - 1] != b'\n' {
+            return Err(bad());
+        }
+        let record = &data[space + 1..len - 1];
+        let eq = record.iter().position(|&b| b == b'=').ok_or_else(bad)?;
+        records.push((record[..eq].to_vec(), record[eq + 1..].to_vec()));
+        data = &data[len..];
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries_of(tar_bytes: &[u8]) -> Result<Vec<(Header, Vec<u8>)>, ArchiveError> {
+        let mut r = ArchiveReader::new(tar_bytes);
+        let mut out = Vec::new();
+        while let Some(h) = r.next_entry()? {
+            let mut data = Vec::new();
+            r.data().read_to_end(&mut data)?;
+            out.push((h, data));
+        }
+        Ok(out)
+    }
+
+    fn header_block(name: &[u8], flag: u8, size: u64) -> [u8; 512] {
+        let mut h = tar::Header::new_gnu();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::new(flag));
+        h.set_cksum();
+        *h.as_bytes()
+    }
+
+    #[test]
+    fn reads_long_names_and_links_from_the_tar_crate() {
+        let long = "d/".repeat(150) + "file.txt";
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(5);
+        h.set_mode(0o755);
+        b.append_data(&mut h, &long, &b"hello"[..]).expect("append");
+        let mut l = tar::Header::new_gnu();
+        l.set_entry_type(tar::EntryType::Symlink);
+        b.append_link(&mut l, "link", "t/".repeat(80) + "x")
+            .expect("link");
+        let bytes = b.into_inner().expect("finish");
+        let got = entries_of(&bytes).expect("read");
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0.path, long.as_bytes());
+        assert_eq!(got[0].0.mode, 0o755);
+        assert_eq!(got[0].1, b"hello");
+        assert_eq!(got[1].0.kind, Kind::Symlink);
+        assert_eq!(
+            got[1].0.link.as_deref(),
+            Some(("t/".repeat(80) + "x").as_bytes())
+        );
+    }
+
+    #[test]
+    fn a_huge_long_name_is_refused_without_reading_it() {
+        let mut bytes = header_block(b"././@LongLink", b'L', 10 << 30).to_vec();
+        bytes.extend_from_slice(&[b'a'; 1024]);
+        match entries_of(&bytes) {
+            Err(ArchiveError::MetadataTooLarge { size, .. }) => assert_eq!(size, 10 << 30),
+            other => panic!("expected MetadataTooLarge, got {other:?}"),
+        }
+    }
+
+    fn pax_record(key: &str, value: &str) -> Vec<u8> {
+        let body = format!(" {key}={value}\n");
+        let mut len = body.len() + 1;
+        while format!("{len}{body}").len() != len {
+            len += 1;
+        }
+        format!("{len}{body}").into_bytes()
+    }
+
+    #[test]
+    fn pax_records_override_the_header() {
+        let records = [
+            pax_record("path", "pax/named/file.bin"),
+            pax_record("linkpath", "target"),
+            pax_record("size", "3"),
+        ]
+        .concat();
+        let mut bytes = header_block(b"PaxHeader", b'x', records.len() as u64).to_vec();
+        bytes.extend_from_slice(&records);
+        bytes.resize(1024, 0);
+        bytes.extend_from_slice(&header_block(b"short", b'0', 3));
+        bytes.extend_from_slice(b"abc");
+        bytes.resize(bytes.len() + 509 + 1024, 0);
+        let got = entries_of(&bytes).expect("read");
+        assert_eq!(got[0].0.path, b"pax/named/file.bin");
+        assert_eq!(got[0].0.link.as_deref(), Some(&b"target"[..]));
+        assert_eq!(got[0].1, b"abc");
+    }
+
+    #[test]
+    fn corrupt_headers_are_errors_not_panics() {
+        let mut bad = header_block(b"x", b'0', 0);
+        bad[0] ^= 1;
+        assert!(matches!(
+            entries_of(&bad),
+            Err(ArchiveError::BadChecksum { offset: 0 })
+        ));
+        let short = header_block(b"x", b'0', 100);
+        assert!(matches!(
+            entries_of(&short),
+            Err(ArchiveError::Truncated { .. })
+        ));
+        assert!(matches!(
+            entries_of(&short[..300]),
+            Err(ArchiveError::Truncated { .. })
+        ));
+        let mut pax = header_block(b"p", b'x', 12).to_vec();
+        pax.extend_from_slice(b"99 path=x\n\0\0");
+        pax.resize(2048, 0);
+        assert!(matches!(entries_of(&pax), Err(ArchiveError::BadPax { .. })));
+        assert!(entries_of(
+            b"garbage that is no tar archive whatsoever, repeated until it is long enough"
+                .repeat(10)
+                .as_slice()
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn parses_numbers_strictly() {
+        assert_eq!(parse_octal(b"0000644\0"), Some(0o644));
+        assert_eq!(parse_octal(b"  755 \0"), Some(0o755));
+        assert_eq!(parse_octal(b"12389\0"), None);
+        assert_eq!(parse_numeric(b"\0\0\0\0\0\0\0\0"), Some(0));
+        assert_eq!(
+            parse_numeric(&[0x80, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0]),
+            Some(2 << 32)
+        );
+        assert_eq!(parse_numeric(&[0xff, 0xff]), None);
+        assert_eq!(parse_decimal(b"123"), Some(123));
+        assert_eq!(parse_decimal(b"99999999999999999999"), None);
+        assert_eq!(parse_pax_time(b"1700000000.123456"), Some(1_700_000_000));
+        assert_eq!(parse_pax_time(b"-5"), Some(-5));
+    }
+}

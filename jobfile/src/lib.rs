@@ -1,0 +1,61 @@
+//! The construir job file, shared by the host and the guest.
+//!
+//! A job file is `<name>_i<image>.tar.xz`: one xz stream holding a tar
+//! archive, then zero bytes up to the file's length, which is the job's
+//! output capacity. This crate names, reads, safely unpacks and packs such
+//! files; see `DESIGN.md` for the contract.
+
+pub mod entries;
+pub mod fallback;
+pub mod name;
+pub mod pack;
+pub mod status;
+pub mod unpack;
+pub mod xz;
+pub mod zero;
+
+use std::io::Read;
+
+pub use entries::{ArchiveError, ArchiveReader, Header, Kind};
+pub use name::{JobName, NameError, Stage};
+pub use pack::{pack_dir, pack_onto, PackError, PackOptions, PackReport};
+pub use status::{JobStatus, Outcome};
+pub use unpack::{unpack, UnpackError, UnpackOptions, UnpackReport};
+pub use xz::{EncodeOptions, XzError, XzReader};
+
+/// The script every job runs, relative to `/job`.
+pub const JOB_SCRIPT: &str = "bin/construir";
+/// The job's captured stdout and stderr, relative to `/job`.
+pub const OUTPUT_FILE: &str = "job_output.txt";
+/// The status record, relative to `/job`.
+pub const STATUS_FILE: &str = "job_status.json";
+/// The smallest job file accepted: the fallback archive must always fit.
+pub const MIN_JOB_SIZE: u64 = fallback::FALLBACK_MAX;
+
+/// Opens the archive in a job file (or any reader of one): xz with a memory limit, then tar.
+pub fn read_job<R: Read>(input: R, memlimit: u64) -> Result<ArchiveReader<XzReader<R>>, XzError> {
+    Ok(ArchiveReader::new(XzReader::new(input, memlimit)?))
+}
+
+/// Makes a name from an archive (or a console) safe to print: valid UTF-8 is
+/// kept except control characters, which are escaped like everything else.
+pub fn escape(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s
+            .chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+        Err(_) => bytes.escape_ascii().to_string(),
+    }
+}
+
+/// True when an archive path names `want` (`./bin/construir` names `bin/construir`).
+pub fn path_is(path: &[u8], want: &str) -> bool {
+    unpack::sanitize(path).is_ok_and(|comps| comps.join(&b'/') == want.as_bytes())
+}

@@ -1,0 +1,255 @@
+//! Packing a directory into one xz stream of a tar, within a byte budget.
+//!
+//! Symlinks are stored as links, never followed; sockets, FIFOs and devices
+//! are skipped and reported; entries go in sorted order. The output goes
+//! through a writer that stops writing at the budget but keeps counting, so a
+//! result that does not fit reports exactly how many bytes it needed.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use liblzma::write::XzEncoder;
+use thiserror::Error;
+
+use crate::xz::{encoder, EncodeOptions, XzError};
+use crate::{escape, zero};
+
+#[derive(Debug, Clone, Default)]
+pub struct PackOptions {
+    pub encode: EncodeOptions,
+    /// A file (device, inode) to leave out: the archive being written, when it is inside the tree.
+    pub exclude: Option<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PackReport {
+    /// Entries written (directories, files, links).
+    pub entries: u64,
+    /// Bytes of the xz stream.
+    pub compressed_len: u64,
+    /// Entries left out, escaped, with the reason.
+    pub skipped: Vec<(String, &'static str)>,
+}
+
+#[derive(Debug, Error)]
+pub enum PackError {
+    #[error("the packed archive needs {needed} bytes but only {capacity} are available")]
+    TooLarge { needed: u64, capacity: u64 },
+    #[error("cannot read {path}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot write the archive")]
+    Write(#[source] io::Error),
+    #[error(transparent)]
+    Xz(#[from] XzError),
+}
+
+/// Packs `dir` into `out`, failing with [`PackError::TooLarge`] past `capacity` bytes.
+pub fn pack_dir<W: Write>(
+    dir: &Path,
+    out: W,
+    capacity: u64,
+    opts: &PackOptions,
+) -> Result<(PackReport, W), PackError> {
+    let limited = Limited {
+        inner: out,
+        limit: capacity,
+        total: 0,
+    };
+    let xz = XzEncoder::new_stream(limited, encoder(opts.encode)?);
+    let mut packer = Packer {
+        tar: tar::Builder::new(xz),
+        opts,
+        report: PackReport::default(),
+        links: HashMap::new(),
+    };
+    packer.tar.follow_symlinks(false);
+    packer.walk(dir, Path::new(""))?;
+    let Packer {
+        tar, mut report, ..
+    } = packer;
+    let xz = tar.into_inner().map_err(PackError::Write)?;
+    let mut limited = xz.finish().map_err(PackError::Write)?;
+    limited.flush().map_err(PackError::Write)?;
+    if limited.total > capacity {
+        return Err(PackError::TooLarge {
+            needed: limited.total,
+            capacity,
+        });
+    }
+    report.compressed_len = limited.total;
+    Ok((report, limited.inner))
+}
+
+/// Packs `dir` onto the start of `file` (a job file or the job disk) within
+/// its size, then zeroes everything after the stream. When the archive does
+/// not fit, what was written is zeroed again so no broken stream is left, and
+/// the error says how many bytes were needed.
+pub fn pack_onto(dir: &Path, file: &mut File, opts: &PackOptions) -> Result<PackReport, PackError> {
+    let capacity = zero::capacity(file).map_err(PackError::Write)?;
+    file.seek(SeekFrom::Start(0)).map_err(PackError::Write)?;
+    let packed = pack_dir(
+        dir,
+        BufWriter::with_capacity(1 << 20, &mut *file),
+        capacity,
+        opts,
+    )
+    .map(|(report, _)| report);
+    match packed {
+        Ok(report) => {
+            zero::zero_range(file, report.compressed_len, capacity).map_err(PackError::Write)?;
+            file.sync_all().map_err(PackError::Write)?;
+            Ok(report)
+        }
+        Err(e) => {
+            zero::zero_range(file, 0, capacity).map_err(PackError::Write)?;
+            Err(e)
+        }
+    }
+}
+
+/// Passes writes through up to `limit` bytes, then only counts them.
+struct Limited<W> {
+    inner: W,
+    limit: u64,
+    total: u64,
+}
+
+impl<W: Write> Write for Limited<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let room = self.limit.saturating_sub(self.total).min(buf.len() as u64) as usize;
+        if room > 0 {
+            self.inner.write_all(&buf[..room])?;
+        }
+        self.total += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+struct Packer<'a, W: Write> {
+    tar: tar::Builder<W>,
+    opts: &'a PackOptions,
+    report: PackReport,
+    /// Files with several names already packed, by (device, inode).
+    links: HashMap<(u64, u64), PathBuf>,
+}
+
+impl<W: Write> Packer<'_, W> {
+    /// Packs the contents of `dir` (on disk) as `rel` (in the archive), sorted, depth first.
+    fn walk(&mut self, dir: &Path, rel: &Path) -> Result<(), PackError> {
+        let read_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| PackError::Read { path, source }
+        };
+        let mut names: Vec<_> = fs::read_dir(dir)
+            .map_err(read_err(dir))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(read_err(dir))?;
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        for name in names {
+            let path = dir.join(&name);
+            let arc = rel.join(&name);
+            let meta = fs::symlink_metadata(&path).map_err(read_err(&path))?;
+            if self.opts.exclude == Some((meta.dev(), meta.ino())) {
+                continue;
+            }
+            let ft = meta.file_type();
+            let mut header = tar::Header::new_gnu();
+            header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+            let write = |e| PackError::Write(e);
+            if ft.is_dir() {
+                header.set_size(0);
+                // A trailing slash, as GNU tar writes directory names.
+                let mut dir_name = arc.clone().into_os_string();
+                dir_name.push("/");
+                self.tar
+                    .append_data(&mut header, &dir_name, io::empty())
+                    .map_err(write)?;
+                self.report.entries += 1;
+                self.walk(&path, &arc)?;
+            } else if ft.is_symlink() {
+                let target = fs::read_link(&path).map_err(read_err(&path))?;
+                header.set_size(0);
+                self.tar
+                    .append_link(&mut header, &arc, &target)
+                    .map_err(write)?;
+                self.report.entries += 1;
+            } else if ft.is_file() {
+                if meta.nlink() > 1 {
+                    if let Some(first) = self.links.get(&(meta.dev(), meta.ino())) {
+                        header.set_entry_type(tar::EntryType::Link);
+                        header.set_size(0);
+                        let first = first.clone();
+                        self.tar
+                            .append_link(&mut header, &arc, &first)
+                            .map_err(write)?;
+                        self.report.entries += 1;
+                        continue;
+                    }
+                    self.links.insert((meta.dev(), meta.ino()), arc.clone());
+                }
+                let file = fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                    .open(&path)
+                    .map_err(read_err(&path))?;
+                let data = Exact {
+                    inner: file,
+                    left: meta.len(),
+                };
+                self.tar
+                    .append_data(&mut header, &arc, data)
+                    .map_err(|e| PackError::Read {
+                        path: path.clone(),
+                        source: e,
+                    })?;
+                self.report.entries += 1;
+            } else {
+                let why = if ft.is_socket() {
+                    "socket"
+                } else if ft.is_fifo() {
+                    "FIFO"
+                } else {
+                    "device node"
+                };
+                self.report
+                    .skipped
+                    .push((escape(arc.as_os_str().as_bytes()), why));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Yields exactly `left` bytes of a file that may change size while read:
+/// zeros after a shrink, nothing past the size recorded in the header.
+struct Exact {
+    inner: File,
+    left: u64,
+}
+
+impl Read for Exact {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let want = self.left.min(buf.len() as u64) as usize;
+        let n = match self.inner.read(&mut buf[..want])? {
+            0 => {
+                buf[..want].fill(0);
+                want
+            }
+            n => n,
+        };
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
