@@ -1,0 +1,417 @@
+//! The submitter's tools: make a job file, and read a result safely.
+//!
+//! A result comes out of a VM that ran a stranger's code, so every command
+//! here treats it as hostile: bounded decoding, safe extraction, and text
+//! escaped before it reaches a terminal.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, IsTerminal, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use jobfile::xz::{EncodeOptions, DEFAULT_MEMLIMIT};
+use jobfile::{
+    escape, path_is, ArchiveError, JobName, NameError, PackError, PackOptions, UnpackError,
+    UnpackOptions, UnpackReport,
+};
+use thiserror::Error;
+
+use crate::units::human_size;
+
+/// Largest `job_status.json` we read.
+const MAX_STATUS: u64 = 1 << 20;
+
+#[derive(Debug, Error)]
+pub enum JobToolError {
+    #[error("{dir} is not a directory")]
+    NotADirectory { dir: PathBuf },
+    #[error("{dir} has no bin/construir: every job needs that script")]
+    NoScript { dir: PathBuf },
+    #[error("{dir}/bin/construir is not a regular file or a symlink")]
+    ScriptNotAFile { dir: PathBuf },
+    #[error("cannot derive a job name from {dir}; give one with --name")]
+    NoName { dir: PathBuf },
+    #[error("{name:?} is not a valid job name (use --name)")]
+    BadName { name: String, source: NameError },
+    #[error("{image:?} is not a valid image number")]
+    BadImage { image: String, source: NameError },
+    #[error("--size {size} is below the minimum of 64 KiB (the job file must hold at least the fallback result)")]
+    SizeTooSmall { size: u64 },
+    #[error("the packed job needs {needed} bytes ({}), more than --size {size} ({}); use a larger --size", human_size(*needed), human_size(*size))]
+    TooLarge { needed: u64, size: u64 },
+    #[error("{path} already exists (use --force to replace it)")]
+    Exists { path: PathBuf },
+    #[error("cannot pack {dir}")]
+    Pack { dir: PathBuf, source: PackError },
+    #[error("cannot write {path}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("cannot open {path}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}")]
+    Read { path: PathBuf, source: ArchiveError },
+    #[error("{path} has no {member} (has the job run yet?)")]
+    Missing { path: PathBuf, member: &'static str },
+    #[error("{path}: {member} is larger than {limit} bytes")]
+    MemberTooLarge {
+        path: PathBuf,
+        member: &'static str,
+        limit: u64,
+    },
+    #[error("{path}: job_status.json is not valid JSON")]
+    BadStatus {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{dir} exists and is not empty; unpack into a new or empty directory")]
+    DirNotEmpty { dir: PathBuf },
+    #[error("cannot unpack {path} into {dir}")]
+    Unpack {
+        path: PathBuf,
+        dir: PathBuf,
+        source: UnpackError,
+    },
+    #[error("cannot write to standard output")]
+    Stdout(#[source] io::Error),
+}
+
+/// What `job pack` needs.
+#[derive(Debug, Clone)]
+pub struct PackRequest {
+    pub dir: PathBuf,
+    pub image: String,
+    pub size: u64,
+    pub name: Option<String>,
+    pub out: PathBuf,
+    pub preset: u32,
+    pub force: bool,
+}
+
+/// The result of `job pack`.
+#[derive(Debug, Clone)]
+pub struct Packed {
+    pub path: PathBuf,
+    pub compressed: u64,
+    pub size: u64,
+    /// Warnings for the submitter (non-executable script, skipped entries).
+    pub warnings: Vec<String>,
+}
+
+/// Makes `<out>/<name>_i<image>.tar.xz`: the packed directory, padded
+/// sparsely to `size` (rounded up to a whole 512-byte sector). It is written
+/// under a temporary dot-name and renamed, so a queue never sees half a file.
+pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
+    let dir = &req.dir;
+    let meta = fs::metadata(dir).map_err(|source| JobToolError::Open {
+        path: dir.clone(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(JobToolError::NotADirectory { dir: dir.clone() });
+    }
+    let mut warnings = Vec::new();
+    match fs::symlink_metadata(dir.join(jobfile::JOB_SCRIPT)) {
+        Err(_) => return Err(JobToolError::NoScript { dir: dir.clone() }),
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 == 0 => {
+            warnings.push(
+                "bin/construir is not executable; the guest will run it with /bin/sh".to_owned(),
+            );
+        }
+        Ok(m) if m.is_file() || m.file_type().is_symlink() => {}
+        Ok(_) => return Err(JobToolError::ScriptNotAFile { dir: dir.clone() }),
+    }
+    let name = match &req.name {
+        Some(n) => n.clone(),
+        None => fs::canonicalize(dir)
+            .ok()
+            .and_then(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_owned))
+            .ok_or_else(|| JobToolError::NoName { dir: dir.clone() })?,
+    };
+    jobfile::name::check_name(&name).map_err(|source| JobToolError::BadName {
+        name: name.clone(),
+        source,
+    })?;
+    let job = JobName::new(&name, &req.image).map_err(|source| JobToolError::BadImage {
+        image: req.image.clone(),
+        source,
+    })?;
+    if req.size < jobfile::MIN_JOB_SIZE {
+        return Err(JobToolError::SizeTooSmall { size: req.size });
+    }
+    let size = req.size.div_ceil(512) * 512;
+
+    let path = req.out.join(job.input_file_name());
+    if !req.force && fs::symlink_metadata(&path).is_ok() {
+        return Err(JobToolError::Exists { path });
+    }
+    let tmp = req.out.join(format!(".{}.tmp", job.input_file_name()));
+    let write_err = |source| JobToolError::Write {
+        path: tmp.clone(),
+        source,
+    };
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&tmp)
+        .map_err(|source| JobToolError::Write {
+            path: tmp.clone(),
+            source,
+        })?;
+    let result = (|| {
+        let tmp_meta = file.metadata().map_err(write_err)?;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let opts = PackOptions {
+            encode: EncodeOptions {
+                preset: req.preset,
+                threads,
+            },
+            exclude: Some((tmp_meta.dev(), tmp_meta.ino())),
+        };
+        let (report, buffered) = jobfile::pack_dir(dir, BufWriter::new(&file), size, &opts)
+            .map_err(|e| match e {
+                PackError::TooLarge { needed, .. } => JobToolError::TooLarge { needed, size },
+                source => JobToolError::Pack {
+                    dir: dir.clone(),
+                    source,
+                },
+            })?;
+        drop(buffered);
+        for (entry, why) in &report.skipped {
+            warnings.push(format!("left out {entry}: {why}"));
+        }
+        file.set_len(size).map_err(write_err)?;
+        file.sync_all().map_err(write_err)?;
+        fs::rename(&tmp, &path).map_err(|source| JobToolError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        sync_dir(&req.out).map_err(|source| JobToolError::Write {
+            path: req.out.clone(),
+            source,
+        })?;
+        Ok(report.compressed_len)
+    })();
+    match result {
+        Ok(compressed) => Ok(Packed {
+            path,
+            compressed,
+            size,
+            warnings,
+        }),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// fsyncs a directory, so a rename in it is durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    })?
+    .sync_all()
+}
+
+fn open_archive(
+    path: &Path,
+) -> Result<jobfile::ArchiveReader<jobfile::XzReader<File>>, JobToolError> {
+    let file = File::open(path).map_err(|source| JobToolError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    jobfile::read_job(file, DEFAULT_MEMLIMIT).map_err(|e| JobToolError::Read {
+        path: path.to_owned(),
+        source: ArchiveError::Xz(e),
+    })
+}
+
+/// Streams one member of a result to `out`, or fails if it is not there.
+fn copy_member(
+    path: &Path,
+    member: &'static str,
+    out: &mut dyn Write,
+    limit: Option<u64>,
+) -> Result<u64, JobToolError> {
+    let read_err = |source| JobToolError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut archive = open_archive(path)?;
+    while let Some(h) = archive.next_entry().map_err(read_err)? {
+        if h.kind != jobfile::Kind::File || !path_is(&h.path, member) {
+            continue;
+        }
+        if let Some(limit) = limit.filter(|&l| h.size > l) {
+            return Err(JobToolError::MemberTooLarge {
+                path: path.to_owned(),
+                member,
+                limit,
+            });
+        }
+        let copied = io::copy(&mut archive.data(), out).map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidData => read_err(ArchiveError::from(e)),
+            _ => JobToolError::Stdout(e),
+        })?;
+        return Ok(copied);
+    }
+    Err(JobToolError::Missing {
+        path: path.to_owned(),
+        member,
+    })
+}
+
+/// `job log`: the job's output. On a terminal, control characters other than
+/// newline and tab are shown escaped, so hostile output cannot drive the terminal.
+pub fn log(path: &Path) -> Result<(), JobToolError> {
+    let stdout = io::stdout();
+    let tty = stdout.is_terminal();
+    let mut lock = stdout.lock();
+    let mut out: Box<dyn Write> = if tty {
+        Box::new(TerminalSafe { inner: &mut lock })
+    } else {
+        Box::new(&mut lock)
+    };
+    copy_member(path, jobfile::OUTPUT_FILE, &mut out, None)?;
+    out.flush().map_err(JobToolError::Stdout)
+}
+
+/// `job status`: the status record, re-serialized (so strings are escaped).
+pub fn status(path: &Path) -> Result<serde_json::Value, JobToolError> {
+    let mut raw = Vec::new();
+    copy_member(path, jobfile::STATUS_FILE, &mut raw, Some(MAX_STATUS))?;
+    serde_json::from_slice(&raw).map_err(|source| JobToolError::BadStatus {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// `job list`: one line per entry, like `tar -tv`, paths escaped.
+pub fn list(path: &Path, out: &mut dyn Write) -> Result<u64, JobToolError> {
+    let read_err = |source| JobToolError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut archive = open_archive(path)?;
+    let mut n = 0;
+    while let Some(h) = archive.next_entry().map_err(read_err)? {
+        let link = match (&h.link, h.kind) {
+            (Some(l), jobfile::Kind::Symlink) => format!(" -> {}", escape(l)),
+            (Some(l), jobfile::Kind::Hardlink) => format!(" link to {}", escape(l)),
+            _ => String::new(),
+        };
+        writeln!(
+            out,
+            "{}{} {:>6}/{:<6} {:>12} {}{link}",
+            h.kind.letter(),
+            mode_string(h.mode),
+            h.uid,
+            h.gid,
+            h.size,
+            escape(&h.path)
+        )
+        .map_err(JobToolError::Stdout)?;
+        n += 1;
+    }
+    archive.finish().map_err(read_err)?;
+    Ok(n)
+}
+
+/// `job unpack`: safe extraction into a new or empty directory.
+pub fn unpack(path: &Path, dir: &Path) -> Result<UnpackReport, JobToolError> {
+    match fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(JobToolError::DirNotEmpty {
+                    dir: dir.to_owned(),
+                });
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir_all(dir).map_err(|source| JobToolError::Write {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        Err(source) => {
+            return Err(JobToolError::Open {
+                path: dir.to_owned(),
+                source,
+            })
+        }
+    }
+    let mut archive = open_archive(path)?;
+    let opts = UnpackOptions {
+        preserve_owner: false,
+        keep_special_bits: false,
+        ..UnpackOptions::default()
+    };
+    jobfile::unpack(&mut archive, dir, &opts).map_err(|source| JobToolError::Unpack {
+        path: path.to_owned(),
+        dir: dir.to_owned(),
+        source,
+    })
+}
+
+fn mode_string(mode: u32) -> String {
+    let bits = [
+        (0o400, 'r'),
+        (0o200, 'w'),
+        (0o100, 'x'),
+        (0o40, 'r'),
+        (0o20, 'w'),
+        (0o10, 'x'),
+        (0o4, 'r'),
+        (0o2, 'w'),
+        (0o1, 'x'),
+    ];
+    bits.iter()
+        .map(|&(bit, c)| if mode & bit != 0 { c } else { '-' })
+        .collect()
+}
+
+/// Escapes control bytes (except newline and tab) on the way to a terminal.
+struct TerminalSafe<W> {
+    inner: W,
+}
+
+impl<W: Write> Write for TerminalSafe<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut clean = Vec::with_capacity(buf.len());
+        for &b in buf {
+            match b {
+                b'\n' | b'\t' => clean.push(b),
+                0..=0x1f | 0x7f => clean.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+                _ => clean.push(b),
+            }
+        }
+        self.inner.write_all(&clean)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_output_has_no_escape_sequences() {
+        let mut out = Vec::new();
+        TerminalSafe { inner: &mut out }
+            .write_all(b"ok\t\x1b[2Jcleared\r\n\x07")
+            .expect("write");
+        assert_eq!(out, b"ok\t\\x1b[2Jcleared\\x0d\n\\x07");
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(mode_string(0o755), "rwxr-xr-x");
+        assert_eq!(mode_string(0o640), "rw-r-----");
+    }
+}

@@ -1,0 +1,43 @@
+# Shared by scripts/demo, scripts/test and scripts/bench: install what is
+# missing, find the tools. Sourced, not run.
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+repo_root() { cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        die "need root to run: $* (run as root, or install sudo)"
+    fi
+}
+
+apt_updated=
+apt_install() {
+    [ -n "$apt_updated" ] || { say "apt-get update"; as_root apt-get update -qq >&2; apt_updated=1; }
+    say "apt-get install $*"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades "$@" >&2
+}
+
+# Installs the Debian packages construir needs, when they are missing:
+# QEMU, the kernel images are built from, static busybox, xz, mkfs.ext4, debootstrap.
+ensure_packages() {
+    local want=()
+    command -v xz >/dev/null || want+=(xz-utils)
+    command -v file >/dev/null || want+=(file)
+    command -v mkfs.ext4 >/dev/null || want+=(e2fsprogs)
+    command -v debootstrap >/dev/null || want+=(debootstrap)
+    [ -x /bin/busybox ] && file -L /bin/busybox | grep -q 'statically linked' || want+=(busybox-static)
+    compgen -G '/boot/vmlinuz-*' >/dev/null || want+=(linux-image-amd64)
+    if ! command -v qemu-system-x86_64 >/dev/null; then
+        # qemu-utils may be a newer build than the archive's qemu-system-x86
+        # and then conflicts with it: install both at the same version.
+        [ -n "$apt_updated" ] || { say "apt-get update"; as_root apt-get update -qq >&2; apt_updated=1; }
+        local ver
+        ver=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+        [ -n "$ver" ] && [ "$ver" != "(none)" ] || die "no qemu-system-x86 package in the apt sources"
+        want+=(qemu-system-x86 "qemu-utils=$ver")
+    fi
+    if [ ${#want[@]} -gt 0 ]; then apt_install "${want[@]}"; fi
+    command -v cargo >/dev/null || die "cargo is missing: install Rust (https://rustup.rs) first"
+}
