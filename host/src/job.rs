@@ -166,6 +166,7 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
                 threads,
             },
             exclude: Some((tmp_meta.dev(), tmp_meta.ino())),
+            first: Vec::new(),
         };
         let (report, buffered) = jobfile::pack_dir(dir, BufWriter::new(&file), size, &opts)
             .map_err(|e| match e {

@@ -6,6 +6,7 @@
 //! result that does not fit reports exactly how many bytes it needed.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -23,6 +24,9 @@ pub struct PackOptions {
     pub encode: EncodeOptions,
     /// A file (device, inode) to leave out: the archive being written, when it is inside the tree.
     pub exclude: Option<(u64, u64)>,
+    /// Top-level names packed before everything else, in this order (the
+    /// status first, so a reader finds it without decoding the whole result).
+    pub first: Vec<OsString>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -154,6 +158,18 @@ impl<W: Write> Packer<'_, W> {
             .collect::<Result<_, _>>()
             .map_err(read_err(dir))?;
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        if rel.as_os_str().is_empty() {
+            // Named first entries, in the order given; then the rest, sorted.
+            let firsts: Vec<OsString> = self
+                .opts
+                .first
+                .iter()
+                .filter(|f| names.contains(f))
+                .cloned()
+                .collect();
+            names.retain(|n| !firsts.contains(n));
+            names.splice(0..0, firsts);
+        }
         for name in names {
             let path = dir.join(&name);
             let arc = rel.join(&name);

@@ -43,7 +43,7 @@ pub fn zero_range(file: &File, offset: u64, end: u64) -> io::Result<()> {
         // BLKZEROOUT needs 512-byte alignment: write the unaligned head by hand.
         let aligned = offset.div_ceil(512) * 512;
         write_zeros(file, offset, aligned.min(end))?;
-        if aligned < end && (end - aligned) % 512 == 0 {
+        if aligned < end && (end - aligned).is_multiple_of(512) {
             let range = [aligned, end - aligned];
             // SAFETY: BLKZEROOUT reads two u64 (start, length) from the pointer, which outlives the call.
             if unsafe { blkzeroout(file.as_raw_fd(), &range) }.is_ok() {

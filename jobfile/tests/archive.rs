@@ -318,6 +318,34 @@ fn pack_then_unpack_round_trips_links_empty_dirs_large_and_sparse_files() {
 }
 
 #[test]
+fn named_files_are_packed_first() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let src = work.path().join("src");
+    fs::create_dir_all(src.join("a-dir")).expect("mkdir");
+    for name in ["aaa", "job_output.txt", "job_status.json", "zzz"] {
+        fs::write(src.join(name), name).expect("write");
+    }
+    let opts = PackOptions {
+        first: vec![
+            "job_status.json".into(),
+            "job_output.txt".into(),
+            "absent".into(),
+        ],
+        ..Default::default()
+    };
+    let (_, packed) = jobfile::pack_dir(&src, Vec::new(), 1 << 20, &opts).expect("pack");
+    let mut archive = read_job(&packed[..], DEFAULT_MEMLIMIT).expect("xz");
+    let mut order = Vec::new();
+    while let Some(h) = archive.next_entry().expect("entry") {
+        order.push(String::from_utf8(h.path).expect("utf8"));
+    }
+    assert_eq!(
+        order,
+        ["job_status.json", "job_output.txt", "a-dir/", "aaa", "zzz"]
+    );
+}
+
+#[test]
 fn gnu_and_pax_sparse_archives_from_real_tar_read_correctly() {
     let work = tempfile::tempdir().expect("tempdir");
     let src = work.path().join("src");

@@ -1,0 +1,346 @@
+//! construir-init: PID 1 of the job VM.
+//!
+//! An ordered checklist (DESIGN.md, "Inside the VM"): mount, read settings,
+//! unpack the job disk into `/job`, run `bin/construir`, write
+//! `job_status.json`, pack `/job` back onto the disk within its size. Every
+//! step that fails is logged and turned into a status; the caller powers off
+//! whatever happens.
+
+pub mod device;
+pub mod mounts;
+pub mod power;
+pub mod runner;
+pub mod settings;
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use jobfile::status::rfc3339;
+use jobfile::xz::{EncodeOptions, DEFAULT_MEMLIMIT};
+use jobfile::{fallback, JobStatus, Outcome, PackError, PackOptions, UnpackOptions};
+
+use crate::runner::{KillScope, RunConfig};
+use crate::settings::Settings;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Logs one line to the console.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => { eprintln!("construir-init: {}", format_args!($($arg)*)) };
+}
+
+/// The paths init works with; tests point them elsewhere.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub cmdline: PathBuf,
+    pub job_dir: PathBuf,
+    pub module_list: PathBuf,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Paths {
+            cmdline: "/proc/cmdline".into(),
+            job_dir: "/job".into(),
+            module_list: device::MODULE_LIST.into(),
+        }
+    }
+}
+
+/// Boot-time setup that only makes sense as PID 1.
+pub fn setup_system(paths: &Paths) {
+    for failure in mounts::mount_all() {
+        say!("{failure}");
+    }
+    console_on_stdio();
+    if let Err(e) = mounts::remount_root_rw() {
+        say!("cannot remount / read-write: {e}");
+    }
+    if let Err(e) = nix::unistd::sethostname("construir") {
+        say!("cannot set the hostname: {e}");
+    }
+    if let Err(e) = loopback_up() {
+        say!("cannot bring up lo: {e}");
+    }
+    for failure in device::load_modules(&paths.module_list) {
+        say!("{failure}");
+    }
+}
+
+/// Steps 2 to 6: settings, unpack, run, status, pack. Returns the final status.
+pub fn run_job_disk(paths: &Paths, kill_scope: KillScope) -> JobStatus {
+    let cmdline = fs::read_to_string(&paths.cmdline).unwrap_or_default();
+    let (settings, warnings) = Settings::from_cmdline(&cmdline);
+    for w in warnings {
+        say!("{w}");
+    }
+    let mut status = JobStatus {
+        init_version: VERSION.to_owned(),
+        image: settings.image.clone(),
+        job: settings.name.clone(),
+        ..JobStatus::default()
+    };
+    let mut disk = match device::open_job_device(&settings.job_device, settings.device_wait) {
+        Ok(d) => d,
+        Err(e) => {
+            say!("{e}");
+            // Nowhere to write a result: the host sees no status and reports it.
+            status.message = Some(e.to_string());
+            return status;
+        }
+    };
+    say!(
+        "job disk {} ({} bytes)",
+        settings.job_device.display(),
+        jobfile::zero::capacity(&mut disk).unwrap_or(0)
+    );
+
+    if let Err(e) = unpack(&mut disk, &paths.job_dir, &mut status) {
+        say!("bad job archive: {e}");
+        status.result = Outcome::BadArchive;
+        status.message = Some(format!("cannot unpack the job: {e}"));
+        finish_with_fallback(&mut disk, &status, &paths.job_dir);
+        return status;
+    }
+    let script = paths.job_dir.join(jobfile::JOB_SCRIPT);
+    if fs::metadata(&script).is_err() {
+        say!("the job has no bin/construir");
+        status.result = Outcome::NoJobScript;
+        status.message = Some("the job archive has no bin/construir".into());
+    } else {
+        run(&settings, paths, &script, kill_scope, &mut status);
+    }
+    pack(&mut disk, &settings, paths, &mut status);
+    status
+}
+
+fn unpack(disk: &mut File, job_dir: &Path, status: &mut JobStatus) -> Result<(), String> {
+    fs::create_dir_all(job_dir).map_err(|e| format!("cannot create {}: {e}", job_dir.display()))?;
+    disk.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    let mut archive = jobfile::read_job(
+        BufReader::with_capacity(1 << 20, &mut *disk),
+        DEFAULT_MEMLIMIT,
+    )
+    .map_err(|e| e.to_string())?;
+    let opts = UnpackOptions {
+        preserve_owner: true,
+        keep_special_bits: true,
+        max_entries: 10_000_000,
+        max_bytes: u64::MAX,
+    };
+    let report = jobfile::unpack(&mut archive, job_dir, &opts).map_err(|e| error_chain(&e))?;
+    say!(
+        "unpacked {} files, {} directories, {} links",
+        report.files,
+        report.dirs,
+        report.symlinks + report.hardlinks
+    );
+    for s in &report.skipped {
+        say!("skipped {}: {}", s.path, s.reason);
+        status
+            .skipped_entries
+            .push(format!("{}: {}", s.path, s.reason));
+    }
+    if report.skipped_total > report.skipped.len() as u64 {
+        status.skipped_entries.push(format!(
+            "... and {} more",
+            report.skipped_total - report.skipped.len() as u64
+        ));
+    }
+    Ok(())
+}
+
+fn run(
+    settings: &Settings,
+    paths: &Paths,
+    script: &Path,
+    kill_scope: KillScope,
+    status: &mut JobStatus,
+) {
+    let cfg = RunConfig {
+        job_dir: paths.job_dir.clone(),
+        script: script.to_owned(),
+        output: paths.job_dir.join(jobfile::OUTPUT_FILE),
+        timeout: settings.timeout,
+        job_name: settings.name.clone(),
+        kill_scope,
+        console_max: settings.console_max,
+    };
+    say!(
+        "running bin/construir{}",
+        settings
+            .timeout
+            .map(|t| format!(" (timeout {} s)", t.as_secs()))
+            .unwrap_or_default()
+    );
+    match runner::run_job(&cfg, Box::new(io::stderr())) {
+        Ok(o) => {
+            status.exit_code = o.exit_code;
+            status.signal = o.signal;
+            status.timed_out = o.timed_out;
+            status.started_at = Some(rfc3339(o.started));
+            status.ended_at = Some(rfc3339(o.ended));
+            status.duration_secs = Some((o.duration.as_secs_f64() * 1000.0).round() / 1000.0);
+            status.output_bytes = Some(o.output_bytes);
+            status.result = match (o.timed_out, o.exit_code) {
+                (true, _) => Outcome::TimedOut,
+                (false, Some(0)) => Outcome::Ok,
+                _ => Outcome::Failed,
+            };
+            say!(
+                "job ended: {} (exit code {}, signal {}) after {:.1} s, {} bytes of output",
+                status.result.as_str(),
+                o.exit_code.map_or("-".into(), |c| c.to_string()),
+                o.signal.map_or("-".into(), |s| s.to_string()),
+                o.duration.as_secs_f64(),
+                o.output_bytes
+            );
+        }
+        Err(e) => {
+            say!("cannot run the job: {e}");
+            status.result = Outcome::Failed;
+            status.message = Some(format!("cannot run bin/construir: {e}"));
+            let now = rfc3339(SystemTime::now());
+            status.started_at = Some(now.clone());
+            status.ended_at = Some(now);
+        }
+    }
+}
+
+/// Writes the status into `/job` and packs `/job` onto the disk; when it does
+/// not fit, writes the fallback archive instead.
+fn pack(disk: &mut File, settings: &Settings, paths: &Paths, status: &mut JobStatus) {
+    let status_path = paths.job_dir.join(jobfile::STATUS_FILE);
+    if let Err(e) = fs::write(&status_path, status.to_json()) {
+        say!("cannot write {}: {e}", status_path.display());
+    }
+    let threads = match settings.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        n => n,
+    };
+    let opts = PackOptions {
+        encode: EncodeOptions {
+            preset: settings.xz_preset,
+            threads,
+        },
+        exclude: None,
+        first: vec![jobfile::STATUS_FILE.into(), jobfile::OUTPUT_FILE.into()],
+    };
+    match jobfile::pack_onto(&paths.job_dir, disk, &opts) {
+        Ok(report) => say!(
+            "packed /job: {} entries, {} bytes; result {}",
+            report.entries,
+            report.compressed_len,
+            status.result.as_str()
+        ),
+        Err(PackError::TooLarge { needed, capacity }) => {
+            say!("/job needs {needed} bytes packed, the job file holds {capacity}: writing the status and the end of the output");
+            status.result = Outcome::OutputTooLarge;
+            status.needed_bytes = Some(needed);
+            status.capacity_bytes = Some(capacity);
+            status.message = Some(format!(
+                "the packed /job needs {needed} bytes; the job file holds {capacity}"
+            ));
+            finish_with_fallback(disk, status, &paths.job_dir);
+        }
+        Err(e) => {
+            say!("cannot pack /job: {}", error_chain(&e));
+            status.message = Some(format!("cannot pack /job: {}", error_chain(&e)));
+            finish_with_fallback(disk, status, &paths.job_dir);
+        }
+    }
+}
+
+/// The status and the tail of the output, always within 64 KiB.
+fn finish_with_fallback(disk: &mut File, status: &JobStatus, job_dir: &Path) {
+    let tail = read_tail(
+        &job_dir.join(jobfile::OUTPUT_FILE),
+        fallback::FALLBACK_TAIL as u64,
+    );
+    let capacity = jobfile::zero::capacity(disk).unwrap_or(0);
+    let written = fallback::build(&status.to_json(), &tail, capacity).and_then(|(stream, kept)| {
+        fallback::write_onto(disk, &stream)?;
+        Ok((stream.len(), kept))
+    });
+    match written {
+        Ok((len, kept)) => say!(
+            "wrote the fallback result: {len} bytes, last {kept} bytes of output; result {}",
+            status.result.as_str()
+        ),
+        Err(e) => say!("cannot write the fallback result: {e}"),
+    }
+}
+
+fn read_tail(path: &Path, max: u64) -> Vec<u8> {
+    let mut tail = Vec::new();
+    if let Ok(mut f) = File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if f.seek(SeekFrom::Start(len.saturating_sub(max))).is_ok() {
+            let _ = f.take(max).read_to_end(&mut tail);
+        }
+    }
+    tail
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// PID 1's stdio must reach the console even if the kernel could not open
+/// /dev/console for us (an initramfs without the node).
+fn console_on_stdio() {
+    use std::os::fd::AsRawFd;
+    if nix::fcntl::fcntl(io::stderr(), nix::fcntl::FcntlArg::F_GETFD).is_ok() {
+        return;
+    }
+    if let Ok(console) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    {
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors; `console` stays open for the call.
+            unsafe { libc::dup2(console.as_raw_fd(), fd) };
+        }
+    }
+}
+
+/// Brings up the loopback interface (the only network a job has by default).
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: a plain socket for the SIOCGIFFLAGS/SIOCSIFFLAGS ioctls; closed below.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: the ioctls read and write `req`, which lives across both calls.
+    let result = unsafe {
+        if libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            if libc::ioctl(sock, libc::SIOCSIFFLAGS, &req) < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        }
+    };
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(sock) };
+    result
+}

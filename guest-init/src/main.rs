@@ -1,0 +1,23 @@
+//! construir-init as PID 1: set up, run the job disk, power off. Whatever
+//! happens in between, including a panic, ends in a power-off.
+
+use construir_guest_init::runner::KillScope;
+use construir_guest_init::{power, run_job_disk, say, setup_system, Paths, VERSION};
+
+fn main() {
+    if std::process::id() != 1 {
+        eprintln!("construir-init {VERSION}: the init of construir's job VMs; it only runs as PID 1 (kernel init= or an initramfs /init)");
+        std::process::exit(2);
+    }
+    let paths = Paths::default();
+    say!("version {VERSION} starting");
+    let result = std::panic::catch_unwind(|| {
+        setup_system(&paths);
+        run_job_disk(&paths, KillScope::Everything)
+    });
+    match result {
+        Ok(status) => say!("result {}; powering off", status.result.as_str()),
+        Err(_) => say!("internal error (panic); powering off"),
+    }
+    power::power_off()
+}
