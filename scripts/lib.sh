@@ -25,6 +25,7 @@ ensure_packages() {
     local want=()
     command -v xz >/dev/null || want+=(xz-utils)
     command -v file >/dev/null || want+=(file)
+    command -v cpio >/dev/null || want+=(cpio)
     command -v mkfs.ext4 >/dev/null || want+=(e2fsprogs)
     command -v debootstrap >/dev/null || want+=(debootstrap)
     [ -x /bin/busybox ] && file -L /bin/busybox | grep -q 'statically linked' || want+=(busybox-static)

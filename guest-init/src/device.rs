@@ -13,8 +13,7 @@ use nix::errno::Errno;
 use nix::kmod::{finit_module, ModuleInitFlags};
 use thiserror::Error;
 
-/// Where an initramfs image lists the modules to load, one path per line, in order.
-pub const MODULE_LIST: &str = "/etc/construir/modules";
+pub use jobfile::image::MODULE_LIST;
 
 /// Loads every module in `list` (if the file exists) with `finit_module`,
 /// in order. Already-loaded modules are fine. Returns what failed.

@@ -1,5 +1,12 @@
 //! construir-host: runs queued jobs in throwaway QEMU VMs, and the
 //! submitter's `job` tools.
 
+pub mod console;
+pub mod daemon;
 pub mod job;
+pub mod kvm;
+pub mod logger;
+pub mod qemu;
+pub mod queue;
 pub mod units;
+pub mod worker;

@@ -1,12 +1,20 @@
 //! `construir-host`: parse the command line, run, print the error chain once.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use construir_host::daemon::{self, RunOptions};
 use construir_host::job::{self, PackRequest};
-use construir_host::units::{human_size, parse_size};
+use construir_host::qemu::Accel;
+use construir_host::queue::Dirs;
+use construir_host::units::{human_size, parse_duration, parse_size};
+use construir_host::worker::Limits;
+use construir_host::{kvm, logger};
 
 #[derive(Parser)]
 #[command(
@@ -21,9 +29,82 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the jobs dropped into QUEUE, each in a throwaway VM.
+    Run(RunArgs),
     /// Make and read job files (for people who submit jobs).
     #[command(subcommand)]
     Job(JobCommand),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AccelChoice {
+    /// KVM where it really runs guests, TCG otherwise.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The queue directory: drop <name>_i<image>.tar.xz files here.
+    queue: PathBuf,
+    /// Handle every job now in the queue, then exit.
+    #[arg(long)]
+    once: bool,
+    /// Jobs run at the same time.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    workers: u32,
+    /// Base images (i<N>/image.toml) [default: QUEUE/../images].
+    #[arg(long, value_name = "DIR")]
+    images: Option<PathBuf>,
+    /// Results [default: QUEUE/../done].
+    #[arg(long, value_name = "DIR")]
+    done: Option<PathBuf>,
+    /// Refused and broken jobs, each with a .reason [default: QUEUE/../failed].
+    #[arg(long, value_name = "DIR")]
+    failed: Option<PathBuf>,
+    /// Claimed jobs; this host uses RUNNING/<host-id> [default: QUEUE/../running].
+    #[arg(long, value_name = "DIR")]
+    running: Option<PathBuf>,
+    /// Working copies and QEMU's temporary files, on local disk [default: QUEUE/../work].
+    #[arg(long, value_name = "DIR")]
+    work: Option<PathBuf>,
+    /// How long a job script may run: 3h, 90m, 20s.
+    #[arg(long, default_value = "3h", value_parser = parse_duration_arg)]
+    timeout: Duration,
+    /// Time allowed beyond --timeout for booting and packing before the VM is killed.
+    #[arg(long, default_value = "2m", value_parser = parse_duration_arg)]
+    grace: Duration,
+    /// Memory of each VM.
+    #[arg(long, default_value = "2G", value_parser = parse_size_arg)]
+    memory: u64,
+    /// CPUs of each VM.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    cpus: u32,
+    /// Accelerator.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
+    /// Give VMs a user-mode network (off by default: jobs get no network).
+    #[arg(long)]
+    enable_networking: bool,
+    /// This host's name in RUNNING/ and work files [default: the hostname].
+    #[arg(long)]
+    host_id: Option<String>,
+    /// Most console output kept in each job's .log.
+    #[arg(long, default_value = "2M", value_parser = parse_size_arg)]
+    log_limit: u64,
+    /// Largest job file accepted.
+    #[arg(long, default_value = "64G", value_parser = parse_size_arg)]
+    max_size: u64,
+    /// How often to rescan the queue besides watching it.
+    #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
+    rescan: Duration,
+    /// QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// Log debug lines too.
+    #[arg(short, long)]
+    verbose: bool,
 }
 
 #[derive(Subcommand)]
@@ -66,9 +147,92 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
 
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Run(args) => run_queue(args),
         Command::Job(cmd) => run_job(cmd),
+    }
+}
+
+fn run_queue(a: RunArgs) -> Result<()> {
+    logger::init(a.verbose);
+    let host_id = a.host_id.unwrap_or_else(daemon::default_host_id);
+    if jobfile::name::check_name(&host_id).is_err() {
+        bail!("--host-id {host_id:?}: use letters, digits, '.', '_' and '-'");
+    }
+    let queue = a.queue;
+    let dirs = Dirs {
+        running: a
+            .running
+            .unwrap_or_else(|| daemon::sibling(&queue, "running"))
+            .join(&host_id),
+        done: a.done.unwrap_or_else(|| daemon::sibling(&queue, "done")),
+        failed: a
+            .failed
+            .unwrap_or_else(|| daemon::sibling(&queue, "failed")),
+        images: a
+            .images
+            .unwrap_or_else(|| daemon::sibling(&queue, "images")),
+        work: a.work.unwrap_or_else(|| daemon::sibling(&queue, "work")),
+        queue,
+    };
+    let accel = match a.accel {
+        AccelChoice::Kvm => Accel::Kvm,
+        AccelChoice::Tcg => Accel::Tcg,
+        AccelChoice::Auto => detect_accel(&a.qemu, &dirs),
+    };
+    let limits = Limits {
+        timeout: a.timeout,
+        grace: a.grace,
+        memory_mib: (a.memory >> 20).max(128),
+        cpus: a.cpus,
+        networking: a.enable_networking,
+        console_limit: usize::try_from(a.log_limit).unwrap_or(usize::MAX).max(4096),
+        accel,
+        qemu: a.qemu,
+        host_id,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
+    }
+    let opts = RunOptions {
+        dirs,
+        once: a.once,
+        workers: a.workers as usize,
+        limits,
+        rescan: a.rescan,
+        min_size: jobfile::MIN_JOB_SIZE,
+        max_size: a.max_size,
+    };
+    daemon::run(&opts, stop)?;
+    Ok(())
+}
+
+/// KVM if it boots a real kernel here, else TCG (with the reason logged).
+fn detect_accel(qemu: &Path, dirs: &Dirs) -> Accel {
+    let Some(kernel) = daemon::any_kernel(&dirs.images) else {
+        log::warn!(
+            "no image in {} to test KVM with: using TCG (restart after adding images)",
+            dirs.images.display()
+        );
+        return Accel::Tcg;
+    };
+    let _ = std::fs::create_dir_all(&dirs.work);
+    if kvm::kvm_works(
+        qemu,
+        &kernel,
+        Duration::from_secs(15),
+        &dirs.work.join(".accel-probe"),
+    ) {
+        Accel::Kvm
+    } else {
+        log::info!("KVM does not run guests here (no usable /dev/kvm, or a test boot hung): using TCG, which is slower and not a security boundary");
+        Accel::Tcg
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod entries;
 pub mod fallback;
+pub mod image;
 pub mod name;
 pub mod pack;
 pub mod status;

@@ -1,0 +1,157 @@
+//! The VM's console as the host keeps it: the first part and the last part
+//! of it within a fixed budget, control characters removed, because it is
+//! written by a guest that may be hostile and read in people's terminals.
+
+use std::collections::VecDeque;
+
+/// Longest line kept whole; longer lines are cut into pieces of this size.
+const MAX_LINE: usize = 4096;
+
+#[derive(Debug)]
+pub struct ConsoleLog {
+    head: Vec<u8>,
+    head_max: usize,
+    tail: VecDeque<u8>,
+    tail_max: usize,
+    /// Bytes dropped between head and tail.
+    dropped: u64,
+    /// Bytes received from the guest, before cleaning.
+    received: u64,
+    line: Vec<u8>,
+}
+
+impl ConsoleLog {
+    /// Keeps at most `limit` bytes: three quarters from the start, a quarter from the end.
+    pub fn new(limit: usize) -> Self {
+        let head_max = limit / 4 * 3;
+        ConsoleLog {
+            head: Vec::new(),
+            head_max,
+            tail: VecDeque::new(),
+            tail_max: limit - head_max,
+            dropped: 0,
+            received: 0,
+            line: Vec::new(),
+        }
+    }
+
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// Takes raw bytes from the guest.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.received += bytes.len() as u64;
+        for &b in bytes {
+            self.line.push(b);
+            if b == b'\n' || self.line.len() >= MAX_LINE {
+                let line = std::mem::take(&mut self.line);
+                self.keep(&clean(&line));
+            }
+        }
+    }
+
+    fn keep(&mut self, text: &[u8]) {
+        let room = self.head_max.saturating_sub(self.head.len());
+        let (to_head, rest) = text.split_at(room.min(text.len()));
+        self.head.extend_from_slice(to_head);
+        for &b in rest {
+            if self.tail.len() == self.tail_max {
+                self.tail.pop_front();
+                self.dropped += 1;
+            }
+            if self.tail_max > 0 {
+                self.tail.push_back(b);
+            } else {
+                self.dropped += 1;
+            }
+        }
+    }
+
+    /// The kept text, with a note where the middle was dropped, then `verdict`.
+    pub fn finish(mut self, verdict: &str) -> Vec<u8> {
+        if !self.line.is_empty() {
+            let line = std::mem::take(&mut self.line);
+            self.keep(&clean(&line));
+            self.keep(b"\n");
+        }
+        let mut out = self.head;
+        if self.dropped > 0 {
+            out.extend_from_slice(
+                format!(
+                    "\n[construir-host: {} bytes of console output dropped here]\n",
+                    self.dropped
+                )
+                .as_bytes(),
+            );
+            // Resume at a line start.
+            let tail: Vec<u8> = self.tail.into_iter().collect();
+            let start = tail.iter().position(|&b| b == b'\n').map_or(0, |p| p + 1);
+            out.extend_from_slice(&tail[start..]);
+        } else {
+            out.extend(self.tail);
+        }
+        if !out.is_empty() && !out.ends_with(b"\n") {
+            out.push(b'\n');
+        }
+        out.extend_from_slice(format!("construir-host: verdict: {verdict}\n").as_bytes());
+        out
+    }
+}
+
+/// Valid UTF-8 without control characters (except tab and the newline that ends a line).
+fn clean(line: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(line);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_sequences_are_removed() {
+        let mut log = ConsoleLog::new(1 << 20);
+        log.push(b"plain\r\n\x1b[2J\x1b]0;title\x07cleared\xc2\x9b31mC1\n\xff\xfebytes\n");
+        let out = String::from_utf8(log.finish("ok")).expect("utf8");
+        assert_eq!(
+            out,
+            "plain\n[2J]0;titlecleared31mC1\n\u{fffd}\u{fffd}bytes\nconstruir-host: verdict: ok\n"
+        );
+        assert!(!out.bytes().any(|b| b == 0x1b || b == 0x07 || b == b'\r'));
+    }
+
+    #[test]
+    fn a_flood_is_capped_keeping_head_and_tail() {
+        let mut log = ConsoleLog::new(4000);
+        for i in 0..100_000 {
+            log.push(format!("line {i}\n").as_bytes());
+        }
+        assert!(log.received() > 700_000);
+        let out = String::from_utf8(log.finish("failed: reasons")).expect("utf8");
+        assert!(out.len() < 4000 + 200, "{} bytes", out.len());
+        assert!(out.starts_with("line 0\nline 1\n"));
+        assert!(out.contains("bytes of console output dropped here]"));
+        assert!(
+            out.ends_with("line 99999\nconstruir-host: verdict: failed: reasons\n"),
+            "{}",
+            &out[out.len() - 100..]
+        );
+    }
+
+    #[test]
+    fn one_endless_line_is_cut_and_capped() {
+        let mut log = ConsoleLog::new(10_000);
+        log.push(&vec![b'x'; 5_000_000]);
+        let out = log.finish("v");
+        assert!(out.len() < 10_200);
+    }
+}

@@ -1,0 +1,246 @@
+//! One job, from claimed to delivered: working copy, VM, verdict, result.
+//! Whatever happens, the claimed file ends in exactly one of `done/`
+//! (after its result is durable), `failed/`, or back in `queue/` when the
+//! host is stopping.
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jobfile::image::ImageManifest;
+use jobfile::xz::DEFAULT_MEMLIMIT;
+use jobfile::{path_is, JobName, JobStatus};
+
+use crate::qemu::{self, Accel, VmSpec};
+use crate::queue::{self, Dirs};
+
+/// Largest job_status.json the host reads from a result.
+const MAX_STATUS: u64 = 64 << 10;
+
+/// What every job on this host gets.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub timeout: Duration,
+    pub grace: Duration,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub networking: bool,
+    pub console_limit: usize,
+    pub accel: Accel,
+    pub qemu: PathBuf,
+    pub host_id: String,
+}
+
+/// How a job ended, for the host's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    Done { path: PathBuf, verdict: String },
+    Failed { path: PathBuf, reason: String },
+    Requeued,
+}
+
+/// Runs a claimed job (`running/<file_name>`) to its end.
+pub fn run(
+    dirs: &Dirs,
+    limits: &Limits,
+    file_name: &OsString,
+    job: &JobName,
+    stop: &Arc<AtomicBool>,
+) -> io::Result<Ending> {
+    let label = job.input_file_name();
+    let claimed = dirs.running.join(file_name);
+    let image_dir = dirs.images.join(format!("i{}", job.image()));
+    let manifest = match ImageManifest::load(&image_dir) {
+        Ok(m) => m,
+        Err(e) => {
+            return fail(
+                dirs,
+                &claimed,
+                &format!("unknown image i{}: {}", job.image(), chain(&e)),
+                None,
+            )
+        }
+    };
+    let work = dirs.work.join(format!("{}.{label}", limits.host_id));
+    let size = queue::working_copy(&claimed, &work)?;
+    let cmdline = format!(
+        "console=ttyS0 panic=-1 quiet loglevel=3 {} construir.job={} construir.timeout={} construir.name={} construir.image={} construir.console={}",
+        manifest.cmdline,
+        manifest.job_device,
+        limits.timeout.as_secs(),
+        job.name(),
+        job.image(),
+        limits.console_limit
+    );
+    let spec = VmSpec {
+        qemu: limits.qemu.clone(),
+        accel: limits.accel,
+        memory_mib: limits.memory_mib,
+        cpus: limits.cpus,
+        kernel: image_dir.join(&manifest.kernel),
+        initrd: image_dir.join(&manifest.initrd),
+        cmdline,
+        root_disk: manifest.root_disk.as_ref().map(|r| image_dir.join(r)),
+        job_disk: work.clone(),
+        networking: limits.networking,
+        tmpdir: dirs.work.clone(),
+    };
+    log::info!(
+        "job {label}: booting image i{} ({}, {} MiB, {} CPUs, job disk {} bytes)",
+        job.image(),
+        limits.accel.name(),
+        limits.memory_mib,
+        limits.cpus,
+        size
+    );
+    let started = Instant::now();
+    let vm = match qemu::run(
+        &spec,
+        limits.timeout + limits.grace,
+        limits.console_limit,
+        stop,
+    ) {
+        Ok(vm) => vm,
+        Err(e) => {
+            let _ = fs::remove_file(&work);
+            return fail(
+                dirs,
+                &claimed,
+                &format!("cannot run QEMU: {}", chain(&e)),
+                None,
+            );
+        }
+    };
+    if vm.stopped {
+        let _ = fs::remove_file(&work);
+        queue::requeue(dirs, file_name)?;
+        log::info!("job {label}: VM stopped because the host is stopping; back in the queue");
+        return Ok(Ending::Requeued);
+    }
+    let how = match (&vm.status, vm.killed_at_deadline) {
+        (_, true) => format!(
+            "VM killed after {:.1} s: past the job timeout ({} s) plus grace ({} s)",
+            vm.elapsed.as_secs_f64(),
+            limits.timeout.as_secs(),
+            limits.grace.as_secs()
+        ),
+        (Some(st), _) if st.success() => {
+            format!("VM powered off after {:.1} s", vm.elapsed.as_secs_f64())
+        }
+        (Some(st), _) => format!(
+            "QEMU exited with {st} after {:.1} s{}",
+            vm.elapsed.as_secs_f64(),
+            stderr_note(&vm.stderr)
+        ),
+        (None, _) => "QEMU ended".to_owned(),
+    };
+    log::info!(
+        "job {label}: {how}; {} bytes of console output",
+        vm.console.received()
+    );
+
+    let status = if vm.killed_at_deadline {
+        None
+    } else {
+        read_status(&work)
+    };
+    match status {
+        Some(st) => {
+            let verdict = verdict(&st, &how, started.elapsed());
+            let log = vm.console.finish(&verdict);
+            match queue::deliver(dirs, &work, job, &log) {
+                Ok(path) => {
+                    fs::remove_file(&claimed)?;
+                    queue::sync_dirs(&[&dirs.running])?;
+                    Ok(Ending::Done { path, verdict })
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    // Keep both: the result goes to failed/ in place of the input, which is no longer needed.
+                    let reason = format!(
+                        "done/{} already exists; this result was not delivered there",
+                        job.done_file_name()
+                    );
+                    let kept = dirs.work.join(job.done_file_name());
+                    fs::rename(&work, &kept)?;
+                    let path = queue::fail(dirs, &kept, &reason, Some(&log))?;
+                    fs::remove_file(&claimed)?;
+                    Ok(Ending::Failed { path, reason })
+                }
+                Err(e) => Err(e),
+            }
+        }
+        None => {
+            let _ = fs::remove_file(&work);
+            let reason = format!("no result: {how}; the job disk holds no job_status.json");
+            let log = vm.console.finish(&format!("failed: {reason}"));
+            fail(dirs, &claimed, &reason, Some(&log))
+        }
+    }
+}
+
+fn fail(dirs: &Dirs, claimed: &Path, reason: &str, log: Option<&[u8]>) -> io::Result<Ending> {
+    let path = queue::fail(dirs, claimed, reason, log)?;
+    Ok(Ending::Failed {
+        path,
+        reason: reason.to_owned(),
+    })
+}
+
+/// The status, if the disk starts with a result archive whose first entry is
+/// `job_status.json` (construir-init always puts it first). Read with
+/// bounds: the guest may have written anything.
+pub fn read_status(path: &Path) -> Option<JobStatus> {
+    let file = File::open(path).ok()?;
+    let mut archive = jobfile::read_job(file, DEFAULT_MEMLIMIT).ok()?;
+    let h = archive.next_entry().ok()??;
+    if !path_is(&h.path, jobfile::STATUS_FILE) || h.size > MAX_STATUS {
+        return None;
+    }
+    let mut raw = Vec::new();
+    archive.data().take(MAX_STATUS).read_to_end(&mut raw).ok()?;
+    serde_json::from_slice(&raw).ok()
+}
+
+fn verdict(st: &JobStatus, how: &str, total: Duration) -> String {
+    let mut v = st.result.as_str().to_owned();
+    if let Some(code) = st.exit_code {
+        v.push_str(&format!(" (exit code {code})"));
+    }
+    if let Some(sig) = st.signal {
+        v.push_str(&format!(" (signal {sig})"));
+    }
+    if let Some(d) = st.duration_secs {
+        v.push_str(&format!("; the job ran {d:.1} s"));
+    }
+    v.push_str(&format!(
+        "; {how}; {:.1} s from claim to result",
+        total.as_secs_f64()
+    ));
+    if let Some(m) = &st.message {
+        v.push_str(&format!("; {}", jobfile::escape(m.as_bytes())));
+    }
+    v
+}
+
+fn stderr_note(stderr: &str) -> String {
+    if stderr.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", stderr.lines().last().unwrap_or_default())
+    }
+}
+
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

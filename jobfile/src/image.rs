@@ -1,0 +1,149 @@
+//! `image.toml`: what an image is and how to boot it. Written by
+//! `image-builder`, read by the host (and only trusted as far as the images
+//! directory is, which the operator owns).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The manifest's file name inside an image directory.
+pub const MANIFEST: &str = "image.toml";
+/// Inside an initramfs: the kernel modules construir-init loads, one path per line, in order.
+pub const MODULE_LIST: &str = "/etc/construir/modules";
+
+/// One installed package, for Debian images.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Package {
+    pub name: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageManifest {
+    /// `mini` or `debootstrap`.
+    pub kind: String,
+    pub description: String,
+    pub builder_version: String,
+    /// RFC 3339, UTC.
+    pub created: String,
+    pub kernel_version: String,
+    /// Kernel file, initramfs and (optional) root disk, relative to the image directory.
+    pub kernel: String,
+    pub initrd: String,
+    #[serde(default)]
+    pub root_disk: Option<String>,
+    /// What the host appends to the kernel command line to boot this image.
+    pub cmdline: String,
+    /// Where the job disk appears in the guest.
+    pub job_device: String,
+    #[serde(default)]
+    pub suite: Option<String>,
+    #[serde(default)]
+    pub packages: Vec<Package>,
+    /// sha256 of each file of the image, by file name.
+    #[serde(default)]
+    pub sha256: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Error)]
+pub enum ImageError {
+    #[error("cannot read {path}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{path} is not a valid image manifest")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{path} names {file}, which is missing from the image")]
+    MissingFile { path: PathBuf, file: String },
+    #[error("{path} names {file:?}, which is not a plain file name")]
+    BadFileName { path: PathBuf, file: String },
+}
+
+impl ImageManifest {
+    /// Reads `dir/image.toml` and checks that the files it names are there.
+    pub fn load(dir: &Path) -> Result<Self, ImageError> {
+        let path = dir.join(MANIFEST);
+        let text = fs::read_to_string(&path).map_err(|source| ImageError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let manifest: ImageManifest =
+            toml::from_str(&text).map_err(|source| ImageError::Parse {
+                path: path.clone(),
+                source,
+            })?;
+        for file in [
+            Some(&manifest.kernel),
+            Some(&manifest.initrd),
+            manifest.root_disk.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if file.is_empty() || file.contains('/') || file.starts_with('.') {
+                return Err(ImageError::BadFileName {
+                    path: path.clone(),
+                    file: file.clone(),
+                });
+            }
+            if !dir.join(file).is_file() {
+                return Err(ImageError::MissingFile {
+                    path: path.clone(),
+                    file: file.clone(),
+                });
+            }
+        }
+        Ok(manifest)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("an ImageManifest always serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ImageManifest {
+        ImageManifest {
+            kind: "mini".into(),
+            description: "test".into(),
+            builder_version: "0.1.0".into(),
+            created: "2026-11-24T00:00:00Z".into(),
+            kernel_version: "6.1.0".into(),
+            kernel: "vmlinuz".into(),
+            initrd: "initrd.img".into(),
+            root_disk: None,
+            cmdline: "rdinit=/init".into(),
+            job_device: "/dev/vda".into(),
+            suite: None,
+            packages: vec![],
+            sha256: BTreeMap::from([("vmlinuz".into(), "ab".into())]),
+        }
+    }
+
+    #[test]
+    fn round_trips_and_checks_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join(MANIFEST), sample().to_toml()).expect("write");
+        assert!(
+            matches!(ImageManifest::load(dir.path()), Err(ImageError::MissingFile { file, .. }) if file == "vmlinuz")
+        );
+        fs::write(dir.path().join("vmlinuz"), "k").expect("write");
+        fs::write(dir.path().join("initrd.img"), "i").expect("write");
+        assert_eq!(ImageManifest::load(dir.path()).expect("load"), sample());
+        let mut evil = sample();
+        evil.kernel = "../../etc/shadow".into();
+        fs::write(dir.path().join(MANIFEST), evil.to_toml()).expect("write");
+        assert!(matches!(
+            ImageManifest::load(dir.path()),
+            Err(ImageError::BadFileName { .. })
+        ));
+    }
+}
