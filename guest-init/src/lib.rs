@@ -185,18 +185,20 @@ fn run(
             status.ended_at = Some(rfc3339(o.ended));
             status.duration_secs = Some((o.duration.as_secs_f64() * 1000.0).round() / 1000.0);
             status.output_bytes = Some(o.output_bytes);
+            status.killed_leftovers = Some(o.leftovers);
             status.result = match (o.timed_out, o.exit_code) {
                 (true, _) => Outcome::TimedOut,
                 (false, Some(0)) => Outcome::Ok,
                 _ => Outcome::Failed,
             };
             say!(
-                "job ended: {} (exit code {}, signal {}) after {:.1} s, {} bytes of output",
+                "job ended: {} (exit code {}, signal {}) after {:.1} s, {} bytes of output, {} leftover processes killed",
                 status.result.as_str(),
                 o.exit_code.map_or("-".into(), |c| c.to_string()),
                 o.signal.map_or("-".into(), |s| s.to_string()),
                 o.duration.as_secs_f64(),
-                o.output_bytes
+                o.output_bytes,
+                o.leftovers
             );
         }
         Err(e) => {

@@ -51,6 +51,8 @@ pub struct RunOutcome {
     pub ended: SystemTime,
     pub duration: Duration,
     pub output_bytes: u64,
+    /// Processes the job left running, killed and reaped after it exited.
+    pub leftovers: u32,
 }
 
 /// Runs the job script to its end or its deadline, then kills whatever it
@@ -101,7 +103,7 @@ pub fn run_job(cfg: &RunConfig, console: Box<dyn Write + Send>) -> io::Result<Ru
     }
     let ended = SystemTime::now();
     let duration = clock.elapsed();
-    stop_leftovers(cfg.kill_scope, pid);
+    let leftovers = stop_leftovers(cfg.kill_scope, pid);
     let output_bytes = copier.recv_timeout(Duration::from_secs(5)).unwrap_or(0);
 
     let status = status.expect("the loop ends only with a status");
@@ -118,6 +120,7 @@ pub fn run_job(cfg: &RunConfig, console: Box<dyn Write + Send>) -> io::Result<Ru
         ended,
         duration,
         output_bytes,
+        leftovers,
     })
 }
 
@@ -182,23 +185,25 @@ fn kill_all(scope: KillScope, job: Pid, sig: Signal) {
 }
 
 /// After the script: SIGTERM to what it left running, a moment to exit,
-/// SIGKILL to the rest, and reap everything.
-fn stop_leftovers(scope: KillScope, job: Pid) {
+/// SIGKILL to the rest, and reap everything. Returns how many were reaped.
+fn stop_leftovers(scope: KillScope, job: Pid) -> u32 {
+    let mut reaped = 0;
     kill_all(scope, job, Signal::SIGTERM);
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Err(Errno::ECHILD) => return,
+            Err(Errno::ECHILD) => return reaped,
             Ok(WaitStatus::StillAlive) => thread::sleep(Duration::from_millis(10)),
-            _ => {}
+            Ok(_) => reaped += 1,
+            Err(_) => {}
         }
     }
     kill_all(scope, job, Signal::SIGKILL);
     loop {
         match waitpid(None, None) {
             Err(Errno::EINTR) => continue,
-            Err(_) => return,
-            Ok(_) => {}
+            Err(_) => return reaped,
+            Ok(_) => reaped += 1,
         }
     }
 }

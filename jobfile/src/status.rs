@@ -54,6 +54,8 @@ pub struct JobStatus {
     pub job: Option<String>,
     /// Bytes the script wrote to `job_output.txt`.
     pub output_bytes: Option<u64>,
+    /// Processes the script left running, killed before packing.
+    pub killed_leftovers: Option<u32>,
     /// For `output_too_large`: bytes the packed `/job` needed, and what the file held.
     pub needed_bytes: Option<u64>,
     pub capacity_bytes: Option<u64>,
@@ -77,6 +79,7 @@ impl Default for JobStatus {
             image: None,
             job: None,
             output_bytes: None,
+            killed_leftovers: None,
             needed_bytes: None,
             capacity_bytes: None,
             skipped_entries: Vec::new(),

@@ -1,0 +1,311 @@
+//! Jobs through a real queue and real VMs (TCG), as a build machine runs them.
+
+use std::fs;
+use std::time::Duration;
+
+use construir_e2e::{job_log, job_status, job_tool, sh, Queue};
+
+#[test]
+fn a_hand_made_job_comes_back_in_done_with_its_output() {
+    let q = Queue::new();
+    q.add_job("hello_i0.tar.xz", "#!/bin/sh\necho \"hello from $CONSTRUIR_JOB on $(hostname)\"\nuname -s\necho built > artifact.txt\n", "10m", &[("src/input.txt", b"input data\n")]);
+    let run = q.run(&[]);
+    assert!(run.success, "{}", run.log);
+    assert_eq!(Queue::list(&q.queue), Vec::<String>::new());
+    assert_eq!(Queue::list(&q.done), ["hello_d0.log", "hello_d0.tar.xz"]);
+    assert_eq!(Queue::list(&q.failed), Vec::<String>::new());
+    let result = q.done("hello_d0.tar.xz");
+    assert_eq!(
+        String::from_utf8(job_log(&result)).expect("utf8"),
+        "hello from hello on construir\nLinux\n"
+    );
+    let status = job_status(&result);
+    assert_eq!(
+        (status["result"].as_str(), status["exit_code"].as_i64()),
+        (Some("ok"), Some(0))
+    );
+    assert_eq!(status["job"], "hello");
+    assert_eq!(status["image"], "0");
+    // The whole of /job comes back, trimmed of its padding, readable by GNU tar.
+    let size = fs::metadata(&result).expect("stat").len();
+    assert!(size < 64 << 10, "trailing zeros trimmed: {size} bytes");
+    let listing = sh(&format!("tar -tJf '{}'", result.display()), q.root.path());
+    assert_eq!(
+        listing,
+        "job_status.json\njob_output.txt\nartifact.txt\nbin/\nbin/construir\nsrc/\nsrc/input.txt\n"
+    );
+    let log = fs::read_to_string(q.done("hello_d0.log")).expect("log");
+    assert!(log.contains("hello from hello on construir"), "{log}");
+    assert!(
+        log.lines()
+            .last()
+            .expect("verdict")
+            .starts_with("construir-host: verdict: ok (exit code 0)"),
+        "{log}"
+    );
+    assert!(
+        run.log.contains("job hello_i0.tar.xz: claimed")
+            && run.log.contains("job hello_i0.tar.xz: done: ok"),
+        "{}",
+        run.log
+    );
+}
+
+#[test]
+fn a_script_that_exits_3_is_failed_with_its_output_delivered() {
+    let q = Queue::new();
+    q.add_job(
+        "three_i0.tar.xz",
+        "#!/bin/sh\necho about to fail\necho on stderr >&2\nexit 3\n",
+        "1m",
+        &[],
+    );
+    let run = q.run(&[]);
+    assert!(run.success, "{}", run.log);
+    let result = q.done("three_d0.tar.xz");
+    let status = job_status(&result);
+    assert_eq!(
+        (
+            status["result"].as_str(),
+            status["exit_code"].as_i64(),
+            status["timed_out"].as_bool()
+        ),
+        (Some("failed"), Some(3), Some(false))
+    );
+    assert_eq!(
+        String::from_utf8(job_log(&result)).expect("utf8"),
+        "about to fail\non stderr\n"
+    );
+}
+
+#[test]
+fn a_job_past_its_timeout_is_killed_and_its_output_kept() {
+    let q = Queue::new();
+    q.add_job(
+        "slow_i0.tar.xz",
+        "#!/bin/sh\necho before the sleep\nsleep 600\necho after the sleep\n",
+        "1m",
+        &[],
+    );
+    let run = q.run(&["--timeout", "20s", "--grace", "60s"]);
+    assert!(run.success, "{}", run.log);
+    assert!(
+        run.elapsed < Duration::from_secs(80),
+        "the VM outlived timeout plus grace: {:?}",
+        run.elapsed
+    );
+    assert!(
+        run.elapsed >= Duration::from_secs(20),
+        "the job did not get its 20 s: {:?}",
+        run.elapsed
+    );
+    let result = q.done("slow_d0.tar.xz");
+    let status = job_status(&result);
+    assert_eq!(
+        (
+            status["result"].as_str(),
+            status["timed_out"].as_bool(),
+            status["signal"].as_i64()
+        ),
+        (Some("timed_out"), Some(true), Some(9))
+    );
+    let ran = status["duration_secs"].as_f64().expect("duration");
+    assert!((19.5..30.0).contains(&ran), "ran {ran} s");
+    assert_eq!(
+        String::from_utf8(job_log(&result)).expect("utf8"),
+        "before the sleep\n"
+    );
+}
+
+#[test]
+fn output_larger_than_the_file_comes_back_as_output_too_large_with_its_tail() {
+    let q = Queue::new();
+    let script = "#!/bin/sh\nhead -c 2000000 /dev/urandom > noise.bin\ni=0\nwhile [ $i -lt 3000 ]; do echo \"line $i\"; i=$((i+1)); done\necho last line\n";
+    q.add_job("big_i0.tar.xz", script, "256k", &[]);
+    let run = q.run(&[]);
+    assert!(run.success, "{}", run.log);
+    let result = q.done("big_d0.tar.xz");
+    let status = job_status(&result);
+    assert_eq!(
+        (status["result"].as_str(), status["exit_code"].as_i64()),
+        (Some("output_too_large"), Some(0))
+    );
+    let needed = status["needed_bytes"].as_u64().expect("needed_bytes");
+    assert!(needed > 2_000_000, "needed {needed}");
+    assert_eq!(status["capacity_bytes"].as_u64(), Some(256 << 10));
+    let log = String::from_utf8(job_log(&result)).expect("utf8");
+    assert!(
+        log.ends_with("line 2999\nlast line\n"),
+        "the tail of the output is kept: {:?}",
+        &log[log.len().saturating_sub(40)..]
+    );
+    let listing = String::from_utf8(job_tool("list", &result).stdout).expect("utf8");
+    assert_eq!(
+        listing.lines().count(),
+        2,
+        "only the status and the output: {listing}"
+    );
+    assert!(fs::metadata(&result).expect("stat").len() <= 64 << 10);
+}
+
+#[test]
+fn bad_names_unknown_images_and_bad_files_are_refused_without_booting() {
+    let q = Queue::new();
+    q.add_job("bad name_i0.tar.xz", "#!/bin/sh\necho x\n", "1m", &[]);
+    q.add_job("noimage_i7.tar.xz", "#!/bin/sh\necho x\n", "1m", &[]);
+    fs::write(q.queue.join("tiny_i0.tar.xz"), b"too small").expect("write");
+    fs::create_dir(q.queue.join("adir_i0.tar.xz")).expect("mkdir");
+    fs::write(q.queue.join("notes.txt"), b"not a job").expect("write");
+    // Uploads in progress are left alone.
+    fs::write(q.queue.join(".partial_i0.tar.xz"), b"uploading").expect("write");
+    fs::write(q.queue.join("upload_i0.tar.xz.part"), b"uploading").expect("write");
+    let run = q.run(&[]);
+    assert!(run.success, "{}", run.log);
+    assert!(!run.log.contains("booting"), "no VM may boot: {}", run.log);
+    assert_eq!(Queue::list(&q.queue), ["upload_i0.tar.xz.part"]);
+    assert!(q.queue.join(".partial_i0.tar.xz").exists());
+    assert_eq!(Queue::list(&q.done), Vec::<String>::new());
+    let reason = |name: &str| {
+        fs::read_to_string(q.failed.join(format!("{name}.reason")))
+            .unwrap_or_else(|e| panic!("{name}.reason: {e}"))
+    };
+    assert!(reason("bad name_i0.tar.xz").contains("bad job file name: job name contains ' '"));
+    assert!(reason("noimage_i7.tar.xz").contains("unknown image i7"));
+    assert!(reason("tiny_i0.tar.xz").contains("9 bytes is too small"));
+    assert!(reason("adir_i0.tar.xz").contains("a directory"));
+    assert!(reason("notes.txt").contains("does not end in .tar.xz"));
+    assert!(
+        q.failed.join("adir_i0.tar.xz").is_dir(),
+        "moved, not deleted"
+    );
+}
+
+#[test]
+fn three_jobs_with_two_workers_all_finish_and_two_run_at_once() {
+    let q = Queue::new();
+    for i in 1..=3 {
+        q.add_job(
+            &format!("par{i}_i0.tar.xz"),
+            &format!("#!/bin/sh\nsleep 3\necho job {i}\n"),
+            "1m",
+            &[],
+        );
+    }
+    let run = q.run(&["--workers", "2"]);
+    assert!(run.success, "{}", run.log);
+    for i in 1..=3 {
+        assert_eq!(
+            String::from_utf8(job_log(&q.done(&format!("par{i}_d0.tar.xz")))).expect("utf8"),
+            format!("job {i}\n")
+        );
+    }
+    // Two VMs booted before the first job was done.
+    let first_done = run.log.find(": done:").expect("a done line");
+    assert_eq!(
+        run.log[..first_done].matches(": booting image").count(),
+        2,
+        "{}",
+        run.log
+    );
+    assert_eq!(run.log.matches(": booting image").count(), 3, "{}", run.log);
+}
+
+#[test]
+fn a_flood_of_output_keeps_the_host_log_within_its_cap() {
+    let q = Queue::new();
+    let script =
+        "#!/bin/sh\nyes 'a line of flood output, forty-odd bytes' | head -c 20971520\necho END\n";
+    q.add_job("flood_i0.tar.xz", script, "4m", &[]);
+    let run = q.run(&["--log-limit", "64k"]);
+    assert!(run.success, "{}", run.log);
+    let log_size = fs::metadata(q.done("flood_d0.log")).expect("log").len();
+    assert!(
+        log_size <= (64 << 10) + 1024,
+        "the host's log is {log_size} bytes"
+    );
+    let log = fs::read_to_string(q.done("flood_d0.log")).expect("log");
+    assert!(
+        log.contains("bytes of console output dropped here]"),
+        "the cut is marked"
+    );
+    assert!(
+        log.ends_with('\n')
+            && log
+                .lines()
+                .last()
+                .expect("line")
+                .starts_with("construir-host: verdict: ok"),
+        "{}",
+        &log[log.len() - 300..]
+    );
+    // The result itself has every byte.
+    let output = job_log(&q.done("flood_d0.tar.xz"));
+    assert_eq!(output.len(), 20_971_520 + 4);
+    assert!(output.ends_with(b"END\n"));
+}
+
+#[test]
+fn processes_a_job_leaves_running_are_killed_before_packing() {
+    let q = Queue::new();
+    // Two tickers (one ignores SIGTERM), one in a session of its own, and a
+    // sleeper. At exit the script records how far the tickers got; if init
+    // did not stop them they would go on ticking while it packs.
+    let script = "#!/bin/sh
+tick() { while true; do echo tick >> $1; sleep 0.1; done; }
+tick ticks.txt &
+(trap '' TERM; tick stubborn.txt) &
+setsid sh -c 'sleep 500; echo escaped > escaped.txt' &
+(sleep 600; echo late > late.txt) &
+sleep 2
+wc -l < ticks.txt > ticks_at_exit.txt
+wc -l < stubborn.txt > stubborn_at_exit.txt
+echo started four background jobs
+";
+    q.add_job("bg_i0.tar.xz", script, "1m", &[]);
+    let run = q.run(&["--timeout", "5m"]);
+    assert!(run.success, "{}", run.log);
+    assert!(
+        run.elapsed < Duration::from_secs(60),
+        "init waited for the background processes: {:?}",
+        run.elapsed
+    );
+    let result = q.done("bg_d0.tar.xz");
+    let status = job_status(&result);
+    assert_eq!(status["result"], "ok");
+    let killed = status["killed_leftovers"]
+        .as_u64()
+        .expect("killed_leftovers");
+    assert!(killed >= 4, "killed {killed} leftover processes");
+    assert_eq!(
+        String::from_utf8(job_log(&result)).expect("utf8"),
+        "started four background jobs\n"
+    );
+    let out = q.root.path().join("out");
+    let unpacked = job_tool_unpack(&result, &out);
+    assert!(unpacked, "job unpack");
+    let read = |f: &str| fs::read_to_string(out.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+    let lines = |f: &str| read(f).lines().count() as i64;
+    let number = |f: &str| -> i64 { read(f).trim().parse().expect("number") };
+    let (ticks, ticks_at_exit) = (lines("ticks.txt"), number("ticks_at_exit.txt"));
+    let (stubborn, stubborn_at_exit) = (lines("stubborn.txt"), number("stubborn_at_exit.txt"));
+    // SIGTERM stops the first ticker at once; the stubborn one lasts until SIGKILL, 2 s later.
+    assert!(
+        ticks - ticks_at_exit <= 3,
+        "ticker ran on: {ticks_at_exit} at exit, {ticks} packed"
+    );
+    assert!(
+        (stubborn - stubborn_at_exit) <= 30,
+        "stubborn ticker ran on: {stubborn_at_exit} at exit, {stubborn} packed"
+    );
+    assert!(!out.join("late.txt").exists() && !out.join("escaped.txt").exists());
+}
+
+fn job_tool_unpack(result: &std::path::Path, dir: &std::path::Path) -> bool {
+    std::process::Command::new(construir_e2e::bin("construir-host"))
+        .args(["job", "unpack"])
+        .arg(result)
+        .arg(dir)
+        .status()
+        .expect("run")
+        .success()
+}

@@ -1,0 +1,216 @@
+//! The end-to-end harness: our binaries as built by cargo, a mini image
+//! built once per test run by our own image-builder, and queues in
+//! temporary directories. Jobs are made by hand with tar and truncate, the
+//! way DESIGN.md says any submitter may make them.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// One of our binaries, from the same cargo build as this test.
+pub fn bin(name: &str) -> PathBuf {
+    let me = std::env::current_exe().expect("test executable path");
+    // target/<triple>/<profile>/deps/<test> -> target/<triple>/<profile>/<name>
+    let path = me
+        .parent()
+        .and_then(Path::parent)
+        .expect("target layout")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// The images directory holding `i0`, a mini image, built once per test run.
+pub fn images() -> &'static Path {
+    static IMAGES: OnceLock<PathBuf> = OnceLock::new();
+    IMAGES.get_or_init(|| {
+        let target = bin("construir-host")
+            .parent()
+            .expect("profile dir")
+            .join("e2e-images");
+        let out = target.join("i0");
+        let status = Command::new(bin("image-builder"))
+            .args(["mini", "--force", "--out"])
+            .arg(&out)
+            .arg("--init")
+            .arg(bin("construir-init"))
+            .status()
+            .expect("run image-builder");
+        assert!(status.success(), "image-builder mini failed");
+        target
+    })
+}
+
+/// A queue with its sibling directories in a temporary directory.
+pub struct Queue {
+    pub root: tempfile::TempDir,
+    pub queue: PathBuf,
+    pub done: PathBuf,
+    pub failed: PathBuf,
+}
+
+/// What a `construir-host run` printed, and how long it took.
+pub struct HostRun {
+    pub log: String,
+    pub elapsed: Duration,
+    pub success: bool,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Queue {
+    pub fn new() -> Self {
+        let root = tempfile::tempdir().expect("tempdir");
+        let queue = root.path().join("queue");
+        fs::create_dir(&queue).expect("mkdir queue");
+        Queue {
+            done: root.path().join("done"),
+            failed: root.path().join("failed"),
+            queue,
+            root,
+        }
+    }
+
+    /// Makes `<file_name>` by hand: `job/bin/construir` with `script`, any
+    /// extra files, `tar -cJf`, `truncate --size`, then moved into the queue.
+    pub fn add_job(
+        &self,
+        file_name: &str,
+        script: &str,
+        size: &str,
+        extra: &[(&str, &[u8])],
+    ) -> PathBuf {
+        let dir = self.root.path().join(format!("src-{file_name}"));
+        fs::create_dir_all(dir.join("bin")).expect("mkdir");
+        fs::write(dir.join("bin/construir"), script).expect("write script");
+        fs::set_permissions(dir.join("bin/construir"), fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        for (path, data) in extra {
+            let p = dir.join(path);
+            fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            fs::write(p, data).expect("write");
+        }
+        let staged = self.root.path().join(file_name);
+        sh(
+            &format!(
+                "tar -cJf '{}' . && truncate --size {size} '{}'",
+                staged.display(),
+                staged.display()
+            ),
+            &dir,
+        );
+        let queued = self.queue.join(file_name);
+        fs::rename(&staged, &queued).expect("into the queue");
+        queued
+    }
+
+    /// `construir-host run QUEUE --once` with TCG and small VMs, plus `extra`.
+    pub fn run(&self, extra: &[&str]) -> HostRun {
+        let start = Instant::now();
+        let out = Command::new(bin("construir-host"))
+            .arg("run")
+            .arg(&self.queue)
+            .args([
+                "--once", "--accel", "tcg", "--memory", "1G", "--cpus", "1", "--images",
+            ])
+            .arg(images())
+            .args(extra)
+            .output()
+            .expect("run construir-host");
+        let run = HostRun {
+            log: String::from_utf8_lossy(&out.stderr).into_owned(),
+            elapsed: start.elapsed(),
+            success: out.status.success(),
+        };
+        assert!(
+            no_qemu_left(self.root.path()),
+            "a QEMU process outlived the host run"
+        );
+        run
+    }
+
+    pub fn done(&self, file_name: &str) -> PathBuf {
+        self.done.join(file_name)
+    }
+
+    /// Non-dot names in a directory, sorted.
+    pub fn list(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}
+
+/// `construir-host job <cmd> FILE` and its stdout.
+pub fn job_tool(cmd: &str, file: &Path) -> Output {
+    Command::new(bin("construir-host"))
+        .args(["job", cmd])
+        .arg(file)
+        .output()
+        .expect("run construir-host job")
+}
+
+pub fn job_log(file: &Path) -> Vec<u8> {
+    let out = job_tool("log", file);
+    assert!(
+        out.status.success(),
+        "job log: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+pub fn job_status(file: &Path) -> serde_json::Value {
+    let out = job_tool("status", file);
+    assert!(
+        out.status.success(),
+        "job status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status is JSON")
+}
+
+pub fn sh(script: &str, cwd: &Path) -> String {
+    let out = Command::new("sh")
+        .arg("-ec")
+        .arg(script)
+        .current_dir(cwd)
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// True when no process has `dir` on its command line (no QEMU left behind).
+pub fn no_qemu_left(dir: &Path) -> bool {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return true;
+    };
+    !procs.filter_map(|e| e.ok()).any(|e| {
+        fs::read(e.path().join("cmdline"))
+            .is_ok_and(|c| c.starts_with(b"qemu") && c.windows(needle.len()).any(|w| w == needle))
+    })
+}
