@@ -8,7 +8,13 @@ use construir_e2e::{job_log, job_status, job_tool, sh, Queue};
 #[test]
 fn a_hand_made_job_comes_back_in_done_with_its_output() {
     let q = Queue::new();
-    q.add_job("hello_i0.tar.xz", "#!/bin/sh\necho \"hello from $CONSTRUIR_JOB on $(hostname)\"\nuname -s\necho built > artifact.txt\n", "10m", &[("src/input.txt", b"input data\n")]);
+    let script = "#!/bin/sh\necho \"hello from $CONSTRUIR_JOB on $(hostname)\"\nuname -s\necho built > artifact.txt\necho \"lo $(cat /sys/class/net/lo/operstate) $(ls /sys/class/net | tr '\\n' ' ')\" > net.txt\n";
+    q.add_job(
+        "hello_i0.tar.xz",
+        script,
+        "10m",
+        &[("src/input.txt", b"input data\n")],
+    );
     let run = q.run(&[]);
     assert!(run.success, "{}", run.log);
     assert_eq!(Queue::list(&q.queue), Vec::<String>::new());
@@ -30,10 +36,13 @@ fn a_hand_made_job_comes_back_in_done_with_its_output() {
     let size = fs::metadata(&result).expect("stat").len();
     assert!(size < 64 << 10, "trailing zeros trimmed: {size} bytes");
     let listing = sh(&format!("tar -tJf '{}'", result.display()), q.root.path());
-    assert_eq!(
-        listing,
-        "job_status.json\njob_output.txt\nartifact.txt\nbin/\nbin/construir\nsrc/\nsrc/input.txt\n"
+    assert_eq!(listing, "job_status.json\njob_output.txt\nartifact.txt\nbin/\nbin/construir\nnet.txt\nsrc/\nsrc/input.txt\n");
+    // Loopback is up and is the only interface.
+    let net = sh(
+        &format!("tar -xJOf '{}' net.txt", result.display()),
+        q.root.path(),
     );
+    assert_eq!(net, "lo unknown lo \n");
     let log = fs::read_to_string(q.done("hello_d0.log")).expect("log");
     assert!(log.contains("hello from hello on construir"), "{log}");
     assert!(
@@ -308,4 +317,102 @@ fn job_tool_unpack(result: &std::path::Path, dir: &std::path::Path) -> bool {
         .status()
         .expect("run")
         .success()
+}
+
+#[test]
+fn bytes_after_the_stream_in_the_input_do_not_survive_in_the_result() {
+    let q = Queue::new();
+    let file = q.add_job("pad_i0.tar.xz", "#!/bin/sh\necho small\n", "2m", &[]);
+    // Non-zero bytes where the padding should be: the guest must not carry them out.
+    use std::os::unix::fs::FileExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .expect("open")
+        .write_all_at(b"SECRET-LEFTOVER-BYTES", 1 << 20)
+        .expect("write");
+    let run = q.run(&[]);
+    assert!(run.success, "{}", run.log);
+    let result = fs::read(q.done("pad_d0.tar.xz")).expect("result");
+    assert!(
+        result.len() < 64 << 10,
+        "{} bytes: something after the stream survived",
+        result.len()
+    );
+    assert!(!result.windows(6).any(|w| w == b"SECRET"));
+    assert_eq!(job_status(&q.done("pad_d0.tar.xz"))["result"], "ok");
+}
+
+#[test]
+fn a_job_without_a_script_and_a_file_that_is_no_archive_come_back_with_a_status() {
+    let q = Queue::new();
+    let dir = q.root.path().join("noscript");
+    fs::create_dir_all(&dir).expect("mkdir");
+    fs::write(dir.join("README"), "no bin/construir here\n").expect("write");
+    sh(&format!("tar -cJf ../noscript_i0.tar.xz . && truncate --size 1m ../noscript_i0.tar.xz && mv ../noscript_i0.tar.xz '{}'", q.queue.display()), &dir);
+    sh(
+        &format!(
+            "head -c 200000 /dev/urandom > '{}/junk_i0.tar.xz'",
+            q.queue.display()
+        ),
+        q.root.path(),
+    );
+    let run = q.run(&[]);
+    assert!(run.success, "{}", run.log);
+    let status = job_status(&q.done("noscript_d0.tar.xz"));
+    assert_eq!(status["result"], "no_job_script");
+    let status = job_status(&q.done("junk_d0.tar.xz"));
+    assert_eq!(status["result"], "bad_archive");
+    assert!(
+        status["message"]
+            .as_str()
+            .expect("message")
+            .contains("not an xz file"),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_vm_killed_at_the_hard_deadline_sends_the_job_to_failed_with_its_log() {
+    let q = Queue::new();
+    q.add_job(
+        "stuck_i0.tar.xz",
+        "#!/bin/sh\necho going to sleep\nsleep 600\n",
+        "1m",
+        &[],
+    );
+    // The guest's own timeout (8 s) comes after the host's hard limit (8 s + 1 s grace) counts from boot.
+    let run = q.run(&["--timeout", "8s", "--grace", "1s"]);
+    assert!(run.success, "{}", run.log);
+    assert!(run.elapsed < Duration::from_secs(30), "{:?}", run.elapsed);
+    assert_eq!(Queue::list(&q.done), Vec::<String>::new());
+    assert_eq!(
+        Queue::list(&q.failed),
+        [
+            "stuck_i0.tar.xz",
+            "stuck_i0.tar.xz.log",
+            "stuck_i0.tar.xz.reason"
+        ]
+    );
+    let reason = fs::read_to_string(q.failed.join("stuck_i0.tar.xz.reason")).expect("reason");
+    assert!(
+        reason.contains("VM killed after") && reason.contains("no job_status.json"),
+        "{reason}"
+    );
+    let log = fs::read_to_string(q.failed.join("stuck_i0.tar.xz.log")).expect("log");
+    assert!(log.contains("going to sleep"), "{log}");
+    assert!(
+        log.lines()
+            .last()
+            .expect("verdict")
+            .starts_with("construir-host: verdict: failed: no result"),
+        "{log}"
+    );
+    // The job file itself is kept unchanged for the submitter.
+    assert_eq!(
+        job_tool("list", &q.failed.join("stuck_i0.tar.xz"))
+            .status
+            .code(),
+        Some(0)
+    );
 }
