@@ -9,52 +9,34 @@ use construir_e2e::{job_log, job_status, job_tool, sh, Queue};
 fn a_hand_made_job_comes_back_in_done_with_its_output() {
     let q = Queue::new();
     let script = "#!/bin/sh\necho \"hello from $CONSTRUIR_JOB on $(hostname)\"\nuname -s\necho built > artifact.txt\necho \"lo $(cat /sys/class/net/lo/operstate) $(ls /sys/class/net | tr '\\n' ' ')\" > net.txt\n";
-    q.add_job(
-        "hello_i0.tar.xz",
-        script,
-        "10m",
-        &[("src/input.txt", b"input data\n")],
-    );
+    q.add_job("hello_i0.tar.xz", script, "10m", &[("src/input.txt", b"input data\n")]);
     let run = q.run(&[]);
     assert!(run.success, "{}", run.log);
     assert_eq!(Queue::list(&q.queue), Vec::<String>::new());
     assert_eq!(Queue::list(&q.done), ["hello_d0.log", "hello_d0.tar.xz"]);
     assert_eq!(Queue::list(&q.failed), Vec::<String>::new());
     let result = q.done("hello_d0.tar.xz");
-    assert_eq!(
-        String::from_utf8(job_log(&result)).expect("utf8"),
-        "hello from hello on construir\nLinux\n"
-    );
+    assert_eq!(String::from_utf8(job_log(&result)).expect("utf8"), "hello from hello on construir\nLinux\n");
     let status = job_status(&result);
-    assert_eq!(
-        (status["result"].as_str(), status["exit_code"].as_i64()),
-        (Some("ok"), Some(0))
-    );
+    assert_eq!((status["result"].as_str(), status["exit_code"].as_i64()), (Some("ok"), Some(0)));
     assert_eq!(status["job"], "hello");
     assert_eq!(status["image"], "0");
     // The whole of /job comes back, trimmed of its padding, readable by GNU tar.
     let size = fs::metadata(&result).expect("stat").len();
     assert!(size < 64 << 10, "trailing zeros trimmed: {size} bytes");
     let listing = sh(&format!("tar -tJf '{}'", result.display()), q.root.path());
-    assert_eq!(listing, "job_status.json\njob_output.txt\nartifact.txt\nbin/\nbin/construir\nnet.txt\nsrc/\nsrc/input.txt\n");
-    // Loopback is up and is the only interface.
-    let net = sh(
-        &format!("tar -xJOf '{}' net.txt", result.display()),
-        q.root.path(),
+    assert_eq!(
+        listing,
+        "job_status.json\njob_output.txt\nartifact.txt\nbin/\nbin/construir\nnet.txt\nsrc/\nsrc/input.txt\n"
     );
+    // Loopback is up and is the only interface.
+    let net = sh(&format!("tar -xJOf '{}' net.txt", result.display()), q.root.path());
     assert_eq!(net, "lo unknown lo \n");
     let log = fs::read_to_string(q.done("hello_d0.log")).expect("log");
     assert!(log.contains("hello from hello on construir"), "{log}");
+    assert!(log.lines().last().expect("verdict").starts_with("construir-host: verdict: ok (exit code 0)"), "{log}");
     assert!(
-        log.lines()
-            .last()
-            .expect("verdict")
-            .starts_with("construir-host: verdict: ok (exit code 0)"),
-        "{log}"
-    );
-    assert!(
-        run.log.contains("job hello_i0.tar.xz: claimed")
-            && run.log.contains("job hello_i0.tar.xz: done: ok"),
+        run.log.contains("job hello_i0.tar.xz: claimed") && run.log.contains("job hello_i0.tar.xz: done: ok"),
         "{}",
         run.log
     );
@@ -63,67 +45,35 @@ fn a_hand_made_job_comes_back_in_done_with_its_output() {
 #[test]
 fn a_script_that_exits_3_is_failed_with_its_output_delivered() {
     let q = Queue::new();
-    q.add_job(
-        "three_i0.tar.xz",
-        "#!/bin/sh\necho about to fail\necho on stderr >&2\nexit 3\n",
-        "1m",
-        &[],
-    );
+    q.add_job("three_i0.tar.xz", "#!/bin/sh\necho about to fail\necho on stderr >&2\nexit 3\n", "1m", &[]);
     let run = q.run(&[]);
     assert!(run.success, "{}", run.log);
     let result = q.done("three_d0.tar.xz");
     let status = job_status(&result);
     assert_eq!(
-        (
-            status["result"].as_str(),
-            status["exit_code"].as_i64(),
-            status["timed_out"].as_bool()
-        ),
+        (status["result"].as_str(), status["exit_code"].as_i64(), status["timed_out"].as_bool()),
         (Some("failed"), Some(3), Some(false))
     );
-    assert_eq!(
-        String::from_utf8(job_log(&result)).expect("utf8"),
-        "about to fail\non stderr\n"
-    );
+    assert_eq!(String::from_utf8(job_log(&result)).expect("utf8"), "about to fail\non stderr\n");
 }
 
 #[test]
 fn a_job_past_its_timeout_is_killed_and_its_output_kept() {
     let q = Queue::new();
-    q.add_job(
-        "slow_i0.tar.xz",
-        "#!/bin/sh\necho before the sleep\nsleep 600\necho after the sleep\n",
-        "1m",
-        &[],
-    );
+    q.add_job("slow_i0.tar.xz", "#!/bin/sh\necho before the sleep\nsleep 600\necho after the sleep\n", "1m", &[]);
     let run = q.run(&["--timeout", "20s", "--grace", "60s"]);
     assert!(run.success, "{}", run.log);
-    assert!(
-        run.elapsed < Duration::from_secs(80),
-        "the VM outlived timeout plus grace: {:?}",
-        run.elapsed
-    );
-    assert!(
-        run.elapsed >= Duration::from_secs(20),
-        "the job did not get its 20 s: {:?}",
-        run.elapsed
-    );
+    assert!(run.elapsed < Duration::from_secs(80), "the VM outlived timeout plus grace: {:?}", run.elapsed);
+    assert!(run.elapsed >= Duration::from_secs(20), "the job did not get its 20 s: {:?}", run.elapsed);
     let result = q.done("slow_d0.tar.xz");
     let status = job_status(&result);
     assert_eq!(
-        (
-            status["result"].as_str(),
-            status["timed_out"].as_bool(),
-            status["signal"].as_i64()
-        ),
+        (status["result"].as_str(), status["timed_out"].as_bool(), status["signal"].as_i64()),
         (Some("timed_out"), Some(true), Some(9))
     );
     let ran = status["duration_secs"].as_f64().expect("duration");
     assert!((19.5..30.0).contains(&ran), "ran {ran} s");
-    assert_eq!(
-        String::from_utf8(job_log(&result)).expect("utf8"),
-        "before the sleep\n"
-    );
+    assert_eq!(String::from_utf8(job_log(&result)).expect("utf8"), "before the sleep\n");
 }
 
 #[test]
@@ -135,10 +85,7 @@ fn output_larger_than_the_file_comes_back_as_output_too_large_with_its_tail() {
     assert!(run.success, "{}", run.log);
     let result = q.done("big_d0.tar.xz");
     let status = job_status(&result);
-    assert_eq!(
-        (status["result"].as_str(), status["exit_code"].as_i64()),
-        (Some("output_too_large"), Some(0))
-    );
+    assert_eq!((status["result"].as_str(), status["exit_code"].as_i64()), (Some("output_too_large"), Some(0)));
     let needed = status["needed_bytes"].as_u64().expect("needed_bytes");
     assert!(needed > 2_000_000, "needed {needed}");
     assert_eq!(status["capacity_bytes"].as_u64(), Some(256 << 10));
@@ -149,11 +96,7 @@ fn output_larger_than_the_file_comes_back_as_output_too_large_with_its_tail() {
         &log[log.len().saturating_sub(40)..]
     );
     let listing = String::from_utf8(job_tool("list", &result).stdout).expect("utf8");
-    assert_eq!(
-        listing.lines().count(),
-        2,
-        "only the status and the output: {listing}"
-    );
+    assert_eq!(listing.lines().count(), 2, "only the status and the output: {listing}");
     assert!(fs::metadata(&result).expect("stat").len() <= 64 << 10);
 }
 
@@ -175,30 +118,21 @@ fn bad_names_unknown_images_and_bad_files_are_refused_without_booting() {
     assert!(q.queue.join(".partial_i0.tar.xz").exists());
     assert_eq!(Queue::list(&q.done), Vec::<String>::new());
     let reason = |name: &str| {
-        fs::read_to_string(q.failed.join(format!("{name}.reason")))
-            .unwrap_or_else(|e| panic!("{name}.reason: {e}"))
+        fs::read_to_string(q.failed.join(format!("{name}.reason"))).unwrap_or_else(|e| panic!("{name}.reason: {e}"))
     };
     assert!(reason("bad name_i0.tar.xz").contains("bad job file name: job name contains ' '"));
     assert!(reason("noimage_i7.tar.xz").contains("unknown image i7"));
     assert!(reason("tiny_i0.tar.xz").contains("9 bytes is too small"));
     assert!(reason("adir_i0.tar.xz").contains("a directory"));
     assert!(reason("notes.txt").contains("does not end in .tar.xz"));
-    assert!(
-        q.failed.join("adir_i0.tar.xz").is_dir(),
-        "moved, not deleted"
-    );
+    assert!(q.failed.join("adir_i0.tar.xz").is_dir(), "moved, not deleted");
 }
 
 #[test]
 fn three_jobs_with_two_workers_all_finish_and_two_run_at_once() {
     let q = Queue::new();
     for i in 1..=3 {
-        q.add_job(
-            &format!("par{i}_i0.tar.xz"),
-            &format!("#!/bin/sh\nsleep 3\necho job {i}\n"),
-            "1m",
-            &[],
-        );
+        q.add_job(&format!("par{i}_i0.tar.xz"), &format!("#!/bin/sh\nsleep 3\necho job {i}\n"), "1m", &[]);
     }
     let run = q.run(&["--workers", "2"]);
     assert!(run.success, "{}", run.log);
@@ -210,40 +144,23 @@ fn three_jobs_with_two_workers_all_finish_and_two_run_at_once() {
     }
     // Two VMs booted before the first job was done.
     let first_done = run.log.find(": done:").expect("a done line");
-    assert_eq!(
-        run.log[..first_done].matches(": booting image").count(),
-        2,
-        "{}",
-        run.log
-    );
+    assert_eq!(run.log[..first_done].matches(": booting image").count(), 2, "{}", run.log);
     assert_eq!(run.log.matches(": booting image").count(), 3, "{}", run.log);
 }
 
 #[test]
 fn a_flood_of_output_keeps_the_host_log_within_its_cap() {
     let q = Queue::new();
-    let script =
-        "#!/bin/sh\nyes 'a line of flood output, forty-odd bytes' | head -c 20971520\necho END\n";
+    let script = "#!/bin/sh\nyes 'a line of flood output, forty-odd bytes' | head -c 20971520\necho END\n";
     q.add_job("flood_i0.tar.xz", script, "4m", &[]);
     let run = q.run(&["--log-limit", "64k"]);
     assert!(run.success, "{}", run.log);
     let log_size = fs::metadata(q.done("flood_d0.log")).expect("log").len();
-    assert!(
-        log_size <= (64 << 10) + 1024,
-        "the host's log is {log_size} bytes"
-    );
+    assert!(log_size <= (64 << 10) + 1024, "the host's log is {log_size} bytes");
     let log = fs::read_to_string(q.done("flood_d0.log")).expect("log");
+    assert!(log.contains("bytes of console output dropped here]"), "the cut is marked");
     assert!(
-        log.contains("bytes of console output dropped here]"),
-        "the cut is marked"
-    );
-    assert!(
-        log.ends_with('\n')
-            && log
-                .lines()
-                .last()
-                .expect("line")
-                .starts_with("construir-host: verdict: ok"),
+        log.ends_with('\n') && log.lines().last().expect("line").starts_with("construir-host: verdict: ok"),
         "{}",
         &log[log.len() - 300..]
     );
@@ -273,22 +190,13 @@ echo started four background jobs
     q.add_job("bg_i0.tar.xz", script, "1m", &[]);
     let run = q.run(&["--timeout", "5m"]);
     assert!(run.success, "{}", run.log);
-    assert!(
-        run.elapsed < Duration::from_secs(60),
-        "init waited for the background processes: {:?}",
-        run.elapsed
-    );
+    assert!(run.elapsed < Duration::from_secs(60), "init waited for the background processes: {:?}", run.elapsed);
     let result = q.done("bg_d0.tar.xz");
     let status = job_status(&result);
     assert_eq!(status["result"], "ok");
-    let killed = status["killed_leftovers"]
-        .as_u64()
-        .expect("killed_leftovers");
+    let killed = status["killed_leftovers"].as_u64().expect("killed_leftovers");
     assert!(killed >= 4, "killed {killed} leftover processes");
-    assert_eq!(
-        String::from_utf8(job_log(&result)).expect("utf8"),
-        "started four background jobs\n"
-    );
+    assert_eq!(String::from_utf8(job_log(&result)).expect("utf8"), "started four background jobs\n");
     let out = q.root.path().join("out");
     let unpacked = job_tool_unpack(&result, &out);
     assert!(unpacked, "job unpack");
@@ -298,10 +206,7 @@ echo started four background jobs
     let (ticks, ticks_at_exit) = (lines("ticks.txt"), number("ticks_at_exit.txt"));
     let (stubborn, stubborn_at_exit) = (lines("stubborn.txt"), number("stubborn_at_exit.txt"));
     // SIGTERM stops the first ticker at once; the stubborn one lasts until SIGKILL, 2 s later.
-    assert!(
-        ticks - ticks_at_exit <= 3,
-        "ticker ran on: {ticks_at_exit} at exit, {ticks} packed"
-    );
+    assert!(ticks - ticks_at_exit <= 3, "ticker ran on: {ticks_at_exit} at exit, {ticks} packed");
     assert!(
         (stubborn - stubborn_at_exit) <= 30,
         "stubborn ticker ran on: {stubborn_at_exit} at exit, {stubborn} packed"
@@ -334,11 +239,7 @@ fn bytes_after_the_stream_in_the_input_do_not_survive_in_the_result() {
     let run = q.run(&[]);
     assert!(run.success, "{}", run.log);
     let result = fs::read(q.done("pad_d0.tar.xz")).expect("result");
-    assert!(
-        result.len() < 64 << 10,
-        "{} bytes: something after the stream survived",
-        result.len()
-    );
+    assert!(result.len() < 64 << 10, "{} bytes: something after the stream survived", result.len());
     assert!(!result.windows(6).any(|w| w == b"SECRET"));
     assert_eq!(job_status(&q.done("pad_d0.tar.xz"))["result"], "ok");
 }
@@ -350,69 +251,31 @@ fn a_job_without_a_script_and_a_file_that_is_no_archive_come_back_with_a_status(
     fs::create_dir_all(&dir).expect("mkdir");
     fs::write(dir.join("README"), "no bin/construir here\n").expect("write");
     sh(&format!("tar -cJf ../noscript_i0.tar.xz . && truncate --size 1m ../noscript_i0.tar.xz && mv ../noscript_i0.tar.xz '{}'", q.queue.display()), &dir);
-    sh(
-        &format!(
-            "head -c 200000 /dev/urandom > '{}/junk_i0.tar.xz'",
-            q.queue.display()
-        ),
-        q.root.path(),
-    );
+    sh(&format!("head -c 200000 /dev/urandom > '{}/junk_i0.tar.xz'", q.queue.display()), q.root.path());
     let run = q.run(&[]);
     assert!(run.success, "{}", run.log);
     let status = job_status(&q.done("noscript_d0.tar.xz"));
     assert_eq!(status["result"], "no_job_script");
     let status = job_status(&q.done("junk_d0.tar.xz"));
     assert_eq!(status["result"], "bad_archive");
-    assert!(
-        status["message"]
-            .as_str()
-            .expect("message")
-            .contains("not an xz file"),
-        "{status}"
-    );
+    assert!(status["message"].as_str().expect("message").contains("not an xz file"), "{status}");
 }
 
 #[test]
 fn a_vm_killed_at_the_hard_deadline_sends_the_job_to_failed_with_its_log() {
     let q = Queue::new();
-    q.add_job(
-        "stuck_i0.tar.xz",
-        "#!/bin/sh\necho going to sleep\nsleep 600\n",
-        "1m",
-        &[],
-    );
+    q.add_job("stuck_i0.tar.xz", "#!/bin/sh\necho going to sleep\nsleep 600\n", "1m", &[]);
     // The guest's own timeout (8 s) comes after the host's hard limit (8 s + 1 s grace) counts from boot.
     let run = q.run(&["--timeout", "8s", "--grace", "1s"]);
     assert!(run.success, "{}", run.log);
     assert!(run.elapsed < Duration::from_secs(30), "{:?}", run.elapsed);
     assert_eq!(Queue::list(&q.done), Vec::<String>::new());
-    assert_eq!(
-        Queue::list(&q.failed),
-        [
-            "stuck_i0.tar.xz",
-            "stuck_i0.tar.xz.log",
-            "stuck_i0.tar.xz.reason"
-        ]
-    );
+    assert_eq!(Queue::list(&q.failed), ["stuck_i0.tar.xz", "stuck_i0.tar.xz.log", "stuck_i0.tar.xz.reason"]);
     let reason = fs::read_to_string(q.failed.join("stuck_i0.tar.xz.reason")).expect("reason");
-    assert!(
-        reason.contains("VM killed after") && reason.contains("no job_status.json"),
-        "{reason}"
-    );
+    assert!(reason.contains("VM killed after") && reason.contains("no job_status.json"), "{reason}");
     let log = fs::read_to_string(q.failed.join("stuck_i0.tar.xz.log")).expect("log");
     assert!(log.contains("going to sleep"), "{log}");
-    assert!(
-        log.lines()
-            .last()
-            .expect("verdict")
-            .starts_with("construir-host: verdict: failed: no result"),
-        "{log}"
-    );
+    assert!(log.lines().last().expect("verdict").starts_with("construir-host: verdict: failed: no result"), "{log}");
     // The job file itself is kept unchanged for the submitter.
-    assert_eq!(
-        job_tool("list", &q.failed.join("stuck_i0.tar.xz"))
-            .status
-            .code(),
-        Some(0)
-    );
+    assert_eq!(job_tool("list", &q.failed.join("stuck_i0.tar.xz")).status.code(), Some(0));
 }

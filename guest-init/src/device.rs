@@ -22,14 +22,9 @@ pub fn load_modules(list: &Path) -> Vec<String> {
         return Vec::new();
     };
     let mut failures = Vec::new();
-    for line in text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        let loaded = File::open(line)
-            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
-            .and_then(|f| {
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let loaded =
+            File::open(line).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))).and_then(|f| {
                 let params = CString::default();
                 finit_module(&f, &params, ModuleInitFlags::empty())
             });
@@ -57,26 +52,14 @@ pub fn open_job_device(path: &Path, wait: Duration) -> Result<File, DeviceError>
     loop {
         match fs::metadata(path) {
             Ok(m) if m.file_type().is_block_device() => break,
-            Ok(_) => {
-                return Err(DeviceError::NotABlockDevice {
-                    path: path.to_owned(),
-                })
-            }
+            Ok(_) => return Err(DeviceError::NotABlockDevice { path: path.to_owned() }),
             Err(_) if start.elapsed() < wait => sleep(Duration::from_millis(20)),
-            Err(_) => {
-                return Err(DeviceError::Missing {
-                    path: path.to_owned(),
-                    waited: wait,
-                })
-            }
+            Err(_) => return Err(DeviceError::Missing { path: path.to_owned(), waited: wait }),
         }
     }
     OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
-        .map_err(|source| DeviceError::Open {
-            path: path.to_owned(),
-            source,
-        })
+        .map_err(|source| DeviceError::Open { path: path.to_owned(), source })
 }

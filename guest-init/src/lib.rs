@@ -42,11 +42,7 @@ pub struct Paths {
 
 impl Default for Paths {
     fn default() -> Self {
-        Paths {
-            cmdline: "/proc/cmdline".into(),
-            job_dir: "/job".into(),
-            module_list: device::MODULE_LIST.into(),
-        }
+        Paths { cmdline: "/proc/cmdline".into(), job_dir: "/job".into(), module_list: device::MODULE_LIST.into() }
     }
 }
 
@@ -92,11 +88,7 @@ pub fn run_job_disk(paths: &Paths, kill_scope: KillScope) -> JobStatus {
             return status;
         }
     };
-    say!(
-        "job disk {} ({} bytes)",
-        settings.job_device.display(),
-        jobfile::zero::capacity(&mut disk).unwrap_or(0)
-    );
+    say!("job disk {} ({} bytes)", settings.job_device.display(), jobfile::zero::capacity(&mut disk).unwrap_or(0));
 
     if let Err(e) = unpack(&mut disk, &paths.job_dir, &mut status) {
         say!("bad job archive: {e}");
@@ -120,46 +112,23 @@ pub fn run_job_disk(paths: &Paths, kill_scope: KillScope) -> JobStatus {
 fn unpack(disk: &mut File, job_dir: &Path, status: &mut JobStatus) -> Result<(), String> {
     fs::create_dir_all(job_dir).map_err(|e| format!("cannot create {}: {e}", job_dir.display()))?;
     disk.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
-    let mut archive = jobfile::read_job(
-        BufReader::with_capacity(1 << 20, &mut *disk),
-        DEFAULT_MEMLIMIT,
-    )
-    .map_err(|e| e.to_string())?;
-    let opts = UnpackOptions {
-        preserve_owner: true,
-        keep_special_bits: true,
-        max_entries: 10_000_000,
-        max_bytes: u64::MAX,
-    };
+    let mut archive = jobfile::read_job(BufReader::with_capacity(1 << 20, &mut *disk), DEFAULT_MEMLIMIT)
+        .map_err(|e| e.to_string())?;
+    let opts =
+        UnpackOptions { preserve_owner: true, keep_special_bits: true, max_entries: 10_000_000, max_bytes: u64::MAX };
     let report = jobfile::unpack(&mut archive, job_dir, &opts).map_err(|e| error_chain(&e))?;
-    say!(
-        "unpacked {} files, {} directories, {} links",
-        report.files,
-        report.dirs,
-        report.symlinks + report.hardlinks
-    );
+    say!("unpacked {} files, {} directories, {} links", report.files, report.dirs, report.symlinks + report.hardlinks);
     for s in &report.skipped {
         say!("skipped {}: {}", s.path, s.reason);
-        status
-            .skipped_entries
-            .push(format!("{}: {}", s.path, s.reason));
+        status.skipped_entries.push(format!("{}: {}", s.path, s.reason));
     }
     if report.skipped_total > report.skipped.len() as u64 {
-        status.skipped_entries.push(format!(
-            "... and {} more",
-            report.skipped_total - report.skipped.len() as u64
-        ));
+        status.skipped_entries.push(format!("... and {} more", report.skipped_total - report.skipped.len() as u64));
     }
     Ok(())
 }
 
-fn run(
-    settings: &Settings,
-    paths: &Paths,
-    script: &Path,
-    kill_scope: KillScope,
-    status: &mut JobStatus,
-) {
+fn run(settings: &Settings, paths: &Paths, script: &Path, kill_scope: KillScope, status: &mut JobStatus) {
     let cfg = RunConfig {
         job_dir: paths.job_dir.clone(),
         script: script.to_owned(),
@@ -171,10 +140,7 @@ fn run(
     };
     say!(
         "running bin/construir{}",
-        settings
-            .timeout
-            .map(|t| format!(" (timeout {} s)", t.as_secs()))
-            .unwrap_or_default()
+        settings.timeout.map(|t| format!(" (timeout {} s)", t.as_secs())).unwrap_or_default()
     );
     match runner::run_job(&cfg, Box::new(io::stderr())) {
         Ok(o) => {
@@ -224,10 +190,7 @@ fn pack(disk: &mut File, settings: &Settings, paths: &Paths, status: &mut JobSta
         n => n,
     };
     let opts = PackOptions {
-        encode: EncodeOptions {
-            preset: settings.xz_preset,
-            threads,
-        },
+        encode: EncodeOptions { preset: settings.xz_preset, threads },
         exclude: None,
         first: vec![jobfile::STATUS_FILE.into(), jobfile::OUTPUT_FILE.into()],
     };
@@ -243,9 +206,7 @@ fn pack(disk: &mut File, settings: &Settings, paths: &Paths, status: &mut JobSta
             status.result = Outcome::OutputTooLarge;
             status.needed_bytes = Some(needed);
             status.capacity_bytes = Some(capacity);
-            status.message = Some(format!(
-                "the packed /job needs {needed} bytes; the job file holds {capacity}"
-            ));
+            status.message = Some(format!("the packed /job needs {needed} bytes; the job file holds {capacity}"));
             finish_with_fallback(disk, status, &paths.job_dir);
         }
         Err(e) => {
@@ -258,10 +219,7 @@ fn pack(disk: &mut File, settings: &Settings, paths: &Paths, status: &mut JobSta
 
 /// The status and the tail of the output, always within 64 KiB.
 fn finish_with_fallback(disk: &mut File, status: &JobStatus, job_dir: &Path) {
-    let tail = read_tail(
-        &job_dir.join(jobfile::OUTPUT_FILE),
-        fallback::FALLBACK_TAIL as u64,
-    );
+    let tail = read_tail(&job_dir.join(jobfile::OUTPUT_FILE), fallback::FALLBACK_TAIL as u64);
     let capacity = jobfile::zero::capacity(disk).unwrap_or(0);
     let written = fallback::build(&status.to_json(), &tail, capacity).and_then(|(stream, kept)| {
         fallback::write_onto(disk, &stream)?;
@@ -305,11 +263,7 @@ fn console_on_stdio() {
     if nix::fcntl::fcntl(io::stderr(), nix::fcntl::FcntlArg::F_GETFD).is_ok() {
         return;
     }
-    if let Ok(console) = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/console")
-    {
+    if let Ok(console) = fs::OpenOptions::new().read(true).write(true).open("/dev/console") {
         for fd in 0..3 {
             // SAFETY: dup2 onto the standard descriptors; `console` stays open for the call.
             unsafe { libc::dup2(console.as_raw_fd(), fd) };

@@ -14,25 +14,11 @@ struct Mount {
     data: Option<&'static str>,
 }
 
-const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
-    .union(MsFlags::MS_NODEV)
-    .union(MsFlags::MS_NOEXEC);
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC);
 
 const MOUNTS: &[Mount] = &[
-    Mount {
-        source: "proc",
-        target: "/proc",
-        fstype: "proc",
-        flags: NOSUID_NODEV_NOEXEC,
-        data: None,
-    },
-    Mount {
-        source: "sysfs",
-        target: "/sys",
-        fstype: "sysfs",
-        flags: NOSUID_NODEV_NOEXEC,
-        data: None,
-    },
+    Mount { source: "proc", target: "/proc", fstype: "proc", flags: NOSUID_NODEV_NOEXEC, data: None },
+    Mount { source: "sysfs", target: "/sys", fstype: "sysfs", flags: NOSUID_NODEV_NOEXEC, data: None },
     Mount {
         source: "devtmpfs",
         target: "/dev",
@@ -86,19 +72,11 @@ pub fn mount_all() -> Vec<String> {
 /// The root disk is a discarded snapshot: make it writable for the job.
 /// In an initramfs the root is already writable and this is a no-op.
 pub fn remount_root_rw() -> Result<(), Errno> {
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REMOUNT,
-        None::<&str>,
-    )
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT, None::<&str>)
 }
 
 fn is_mounted(mounts: &str, target: &str) -> bool {
-    mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(target))
+    mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(target))
 }
 
 #[cfg(test)]

@@ -76,12 +76,7 @@ pub fn run_job(cfg: &RunConfig, console: Box<dyn Write + Send>) -> io::Result<Ru
         command(cfg, "/bin/sh".as_ref(), &[script], &writer)?.spawn()
     };
     drop(writer); // only the job holds the pipe's write end now
-    let child = spawned.map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot start {}: {e}", cfg.script.display()),
-        )
-    })?;
+    let child = spawned.map_err(|e| io::Error::new(e.kind(), format!("cannot start {}: {e}", cfg.script.display())))?;
     let pid = Pid::from_raw(child.id() as i32);
     let deadline = cfg.timeout.map(|t| clock + t);
 
@@ -112,26 +107,12 @@ pub fn run_job(cfg: &RunConfig, console: Box<dyn Write + Send>) -> io::Result<Ru
         WaitStatus::Signaled(_, sig, _) => (None, Some(sig as i32)),
         _ => (None, None),
     };
-    Ok(RunOutcome {
-        exit_code,
-        signal,
-        timed_out,
-        started,
-        ended,
-        duration,
-        output_bytes,
-        leftovers,
-    })
+    Ok(RunOutcome { exit_code, signal, timed_out, started, ended, duration, output_bytes, leftovers })
 }
 
 /// The job's command: clean environment, cwd the job directory, its own
 /// session, stdout and stderr into the pipe.
-fn command(
-    cfg: &RunConfig,
-    program: &OsStr,
-    args: &[&OsStr],
-    out: &io::PipeWriter,
-) -> io::Result<Command> {
+fn command(cfg: &RunConfig, program: &OsStr, args: &[&OsStr], out: &io::PipeWriter) -> io::Result<Command> {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env_clear()
@@ -168,9 +149,7 @@ fn reap_one() -> io::Result<Option<(Pid, WaitStatus)>> {
 fn wait_for(pid: Pid) -> io::Result<WaitStatus> {
     loop {
         match waitpid(pid, None) {
-            Ok(st) if matches!(st, WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => {
-                return Ok(st)
-            }
+            Ok(st) if matches!(st, WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => return Ok(st),
             Ok(_) | Err(Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
         }

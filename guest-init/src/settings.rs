@@ -55,20 +55,10 @@ impl Settings {
                     s.job_device = PathBuf::from(value);
                     true
                 }
-                "timeout" => num(value)
-                    .map(|n| s.timeout = (n > 0).then(|| Duration::from_secs(n)))
-                    .is_some(),
-                "xz" => num(value)
-                    .filter(|&n| n <= 9)
-                    .map(|n| s.xz_preset = n as u32)
-                    .is_some(),
-                "threads" => num(value)
-                    .filter(|&n| n <= 256)
-                    .map(|n| s.threads = n as u32)
-                    .is_some(),
-                "wait" => num(value)
-                    .map(|n| s.device_wait = Duration::from_secs(n))
-                    .is_some(),
+                "timeout" => num(value).map(|n| s.timeout = (n > 0).then(|| Duration::from_secs(n))).is_some(),
+                "xz" => num(value).filter(|&n| n <= 9).map(|n| s.xz_preset = n as u32).is_some(),
+                "threads" => num(value).filter(|&n| n <= 256).map(|n| s.threads = n as u32).is_some(),
+                "wait" => num(value).map(|n| s.device_wait = Duration::from_secs(n)).is_some(),
                 "console" => num(value).map(|n| s.console_max = n).is_some(),
                 "name" if jobfile::name::check_name(value).is_ok() => {
                     s.name = Some(value.to_owned());
@@ -116,7 +106,9 @@ mod tests {
 
     #[test]
     fn bad_values_keep_defaults_and_warn() {
-        let (s, warnings) = Settings::from_cmdline("construir.xz=12 construir.timeout=soon construir.job=vdb construir.name=-x construir.bogus=1");
+        let (s, warnings) = Settings::from_cmdline(
+            "construir.xz=12 construir.timeout=soon construir.job=vdb construir.name=-x construir.bogus=1",
+        );
         assert_eq!(s, Settings::default());
         assert_eq!(warnings.len(), 5, "{warnings:?}");
     }

@@ -23,12 +23,7 @@ impl Write for Console {
     }
 }
 
-fn job(
-    dir: &Path,
-    script: &str,
-    mode: u32,
-    timeout: Option<Duration>,
-) -> (RunOutcome, String, String) {
+fn job(dir: &Path, script: &str, mode: u32, timeout: Option<Duration>) -> (RunOutcome, String, String) {
     fs::create_dir_all(dir.join("bin")).expect("mkdir");
     let path = dir.join("bin/construir");
     fs::write(&path, script).expect("write");
@@ -54,10 +49,7 @@ fn job(
 #[test]
 fn runs_jobs_like_pid_1_would() {
     // SAFETY: prctl with an integer argument; no memory is passed.
-    assert_eq!(
-        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
-        0
-    );
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
     let tmp = tempfile::tempdir().expect("tempdir");
 
     // Environment, cwd, stdout and stderr, to the file and the console.
@@ -74,32 +66,15 @@ fn runs_jobs_like_pid_1_would() {
         .split_whitespace()
         .filter(|v| !["PWD", "OLDPWD", "SHLVL", "_"].contains(v))
         .collect();
-    assert_eq!(
-        vars,
-        ["CONSTRUIR_JOB", "HOME", "LANG", "PATH", "TERM"],
-        "{file}"
-    );
+    assert_eq!(vars, ["CONSTRUIR_JOB", "HOME", "LANG", "PATH", "TERM"], "{file}");
     assert_eq!(file, shown);
     assert_eq!(o.output_bytes, file.len() as u64);
 
     // Exit codes; a script that is not executable runs with /bin/sh.
-    let (o, file, _) = job(
-        &tmp.path().join("exit3"),
-        "echo failing\nexit 3\n",
-        0o644,
-        None,
-    );
-    assert_eq!(
-        (o.exit_code, o.timed_out, file.as_str()),
-        (Some(3), false, "failing\n")
-    );
+    let (o, file, _) = job(&tmp.path().join("exit3"), "echo failing\nexit 3\n", 0o644, None);
+    assert_eq!((o.exit_code, o.timed_out, file.as_str()), (Some(3), false, "failing\n"));
     // Executable without a #! line: the kernel refuses it, the shell runs it.
-    let (o, file, _) = job(
-        &tmp.path().join("noshebang"),
-        "echo no shebang\n",
-        0o755,
-        None,
-    );
+    let (o, file, _) = job(&tmp.path().join("noshebang"), "echo no shebang\n", 0o755, None);
     assert_eq!((o.exit_code, file.as_str()), (Some(0), "no shebang\n"));
 
     // A script past its deadline is killed; output so far is kept.
@@ -110,11 +85,7 @@ fn runs_jobs_like_pid_1_would() {
         0o755,
         Some(Duration::from_secs(1)),
     );
-    assert!(
-        start.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
     assert!(o.timed_out);
     assert_eq!(o.signal, Some(libc::SIGKILL));
     assert_eq!(file, "started\n");
@@ -128,21 +99,9 @@ fn runs_jobs_like_pid_1_would() {
         0o755,
         None,
     );
-    assert!(
-        start.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
     assert_eq!((o.exit_code, file.as_str()), (Some(0), "main done\n"));
-    let pid: i32 = fs::read_to_string(d.join("daemon.pid"))
-        .expect("pid")
-        .trim()
-        .parse()
-        .expect("number");
+    let pid: i32 = fs::read_to_string(d.join("daemon.pid")).expect("pid").trim().parse().expect("number");
     // SAFETY: kill with signal 0 only checks whether the process exists.
-    assert_eq!(
-        unsafe { libc::kill(pid, 0) },
-        -1,
-        "background process {pid} still exists"
-    );
+    assert_eq!(unsafe { libc::kill(pid, 0) }, -1, "background process {pid} still exists");
 }

@@ -78,11 +78,7 @@ impl ConsoleLog {
         let mut out = self.head;
         if self.dropped > 0 {
             out.extend_from_slice(
-                format!(
-                    "\n[construir-host: {} bytes of console output dropped here]\n",
-                    self.dropped
-                )
-                .as_bytes(),
+                format!("\n[construir-host: {} bytes of console output dropped here]\n", self.dropped).as_bytes(),
             );
             // Resume at a line start.
             let tail: Vec<u8> = self.tail.into_iter().collect();
@@ -122,10 +118,7 @@ mod tests {
         let mut log = ConsoleLog::new(1 << 20);
         log.push(b"plain\r\n\x1b[2J\x1b]0;title\x07cleared\xc2\x9b31mC1\n\xff\xfebytes\n");
         let out = String::from_utf8(log.finish("ok")).expect("utf8");
-        assert_eq!(
-            out,
-            "plain\n[2J]0;titlecleared31mC1\n\u{fffd}\u{fffd}bytes\nconstruir-host: verdict: ok\n"
-        );
+        assert_eq!(out, "plain\n[2J]0;titlecleared31mC1\n\u{fffd}\u{fffd}bytes\nconstruir-host: verdict: ok\n");
         assert!(!out.bytes().any(|b| b == 0x1b || b == 0x07 || b == b'\r'));
     }
 
@@ -140,11 +133,7 @@ mod tests {
         assert!(out.len() < 4000 + 200, "{} bytes", out.len());
         assert!(out.starts_with("line 0\nline 1\n"));
         assert!(out.contains("bytes of console output dropped here]"));
-        assert!(
-            out.ends_with("line 99999\nconstruir-host: verdict: failed: reasons\n"),
-            "{}",
-            &out[out.len() - 100..]
-        );
+        assert!(out.ends_with("line 99999\nconstruir-host: verdict: failed: reasons\n"), "{}", &out[out.len() - 100..]);
     }
 
     #[test]

@@ -42,8 +42,7 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     let dirs = &opts.dirs;
     dirs.create_all()?;
     recover(dirs, &opts.limits.host_id)?;
-    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
-        .context("cannot set up inotify")?;
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).context("cannot set up inotify")?;
     inotify
         .add_watch(
             &dirs.queue,
@@ -59,11 +58,7 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         opts.workers,
         opts.limits.accel.name(),
         opts.limits.timeout.as_secs(),
-        if opts.once {
-            ", until the queue is empty"
-        } else {
-            ""
-        }
+        if opts.once { ", until the queue is empty" } else { "" }
     );
 
     let (tx, rx) = mpsc::channel::<(OsString, std::io::Result<Ending>)>();
@@ -75,10 +70,7 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     loop {
         if stop.load(Ordering::Relaxed) && !stopping {
             stopping = true;
-            log::info!(
-                "stopping: no more claims; {} running job(s) go back to the queue",
-                running.len()
-            );
+            log::info!("stopping: no more claims; {} running job(s) go back to the queue", running.len());
         }
         let mut waiting = 0;
         if !stopping && (dirty || last_scan.elapsed() >= opts.rescan) {
@@ -88,18 +80,10 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
                 .with_context(|| format!("cannot read {}", dirs.queue.display()))?;
             for candidate in found {
                 match candidate {
-                    Candidate::Refuse { file_name, reason } => {
-                        refuse(dirs, &file_name, &reason, &mut summary)
-                    }
+                    Candidate::Refuse { file_name, reason } => refuse(dirs, &file_name, &reason, &mut summary),
                     Candidate::Job { file_name, job, .. } => {
-                        if let Err(e) =
-                            ImageManifest::load(&dirs.images.join(format!("i{}", job.image())))
-                        {
-                            let reason = format!(
-                                "unknown image i{}: {}",
-                                job.image(),
-                                crate::worker::chain(&e)
-                            );
+                        if let Err(e) = ImageManifest::load(&dirs.images.join(format!("i{}", job.image()))) {
+                            let reason = format!("unknown image i{}: {}", job.image(), crate::worker::chain(&e));
                             refuse(dirs, &file_name, &reason, &mut summary);
                             continue;
                         }
@@ -117,8 +101,7 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
                         }
                         log::info!("job {}: claimed", job.input_file_name());
                         running.insert(file_name.clone());
-                        let (dirs, limits, tx, stop) =
-                            (dirs.clone(), opts.limits.clone(), tx.clone(), stop.clone());
+                        let (dirs, limits, tx, stop) = (dirs.clone(), opts.limits.clone(), tx.clone(), stop.clone());
                         thread::spawn(move || {
                             let ending = worker::run(&dirs, &limits, &file_name, &job, &stop);
                             let _ = tx.send((file_name, ending));
@@ -181,9 +164,7 @@ fn refuse(dirs: &Dirs, file_name: &OsString, reason: &str, summary: &mut Summary
 /// Jobs this host had claimed when it last stopped go back to the queue;
 /// working copies it left are removed.
 fn recover(dirs: &Dirs, host_id: &str) -> Result<()> {
-    for entry in fs::read_dir(&dirs.running)
-        .with_context(|| format!("cannot read {}", dirs.running.display()))?
-    {
+    for entry in fs::read_dir(&dirs.running).with_context(|| format!("cannot read {}", dirs.running.display()))? {
         let name = entry?.file_name();
         if name.as_encoded_bytes().starts_with(b".") {
             continue;
@@ -192,8 +173,7 @@ fn recover(dirs: &Dirs, host_id: &str) -> Result<()> {
         match queue::requeue(dirs, &name) {
             Ok(()) => log::info!("job {label}: unfinished at the last stop; back in the queue"),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let reason =
-                    "a job of the same name was queued again while this one was unfinished";
+                let reason = "a job of the same name was queued again while this one was unfinished";
                 let _ = queue::fail(dirs, &dirs.running.join(&name), reason, None);
                 log::warn!("job {label}: {reason}; moved to {}", dirs.failed.display());
             }
@@ -212,13 +192,8 @@ fn recover(dirs: &Dirs, host_id: &str) -> Result<()> {
 
 /// This machine's host id: its hostname, reduced to safe characters.
 pub fn default_host_id() -> String {
-    let name = nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let id: String = name
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        .collect();
+    let name = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    let id: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).collect();
     if id.is_empty() || id.starts_with('.') {
         "host".to_owned()
     } else {
@@ -234,11 +209,7 @@ pub fn sibling(queue: &Path, name: &str) -> std::path::PathBuf {
 
 /// The kernel of the first usable image, for the KVM probe.
 pub fn any_kernel(images: &Path) -> Option<std::path::PathBuf> {
-    let mut dirs: Vec<_> = fs::read_dir(images)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
+    let mut dirs: Vec<_> = fs::read_dir(images).ok()?.filter_map(|e| e.ok().map(|e| e.path())).collect();
     dirs.sort();
-    dirs.iter()
-        .find_map(|d| ImageManifest::load(d).ok().map(|m| d.join(m.kernel)))
+    dirs.iter().find_map(|d| ImageManifest::load(d).ok().map(|m| d.join(m.kernel)))
 }

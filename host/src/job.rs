@@ -11,8 +11,7 @@ use std::path::{Path, PathBuf};
 
 use jobfile::xz::{EncodeOptions, DEFAULT_MEMLIMIT};
 use jobfile::{
-    escape, path_is, ArchiveError, JobName, NameError, PackError, PackOptions, UnpackError,
-    UnpackOptions, UnpackReport,
+    escape, path_is, ArchiveError, JobName, NameError, PackError, PackOptions, UnpackError, UnpackOptions, UnpackReport,
 };
 use thiserror::Error;
 
@@ -52,24 +51,13 @@ pub enum JobToolError {
     #[error("{path} has no {member} (has the job run yet?)")]
     Missing { path: PathBuf, member: &'static str },
     #[error("{path}: {member} is larger than {limit} bytes")]
-    MemberTooLarge {
-        path: PathBuf,
-        member: &'static str,
-        limit: u64,
-    },
+    MemberTooLarge { path: PathBuf, member: &'static str, limit: u64 },
     #[error("{path}: job_status.json is not valid JSON")]
-    BadStatus {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    BadStatus { path: PathBuf, source: serde_json::Error },
     #[error("{dir} exists and is not empty; unpack into a new or empty directory")]
     DirNotEmpty { dir: PathBuf },
     #[error("cannot unpack {path} into {dir}")]
-    Unpack {
-        path: PathBuf,
-        dir: PathBuf,
-        source: UnpackError,
-    },
+    Unpack { path: PathBuf, dir: PathBuf, source: UnpackError },
     #[error("cannot write to standard output")]
     Stdout(#[source] io::Error),
 }
@@ -101,10 +89,7 @@ pub struct Packed {
 /// under a temporary dot-name and renamed, so a queue never sees half a file.
 pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
     let dir = &req.dir;
-    let meta = fs::metadata(dir).map_err(|source| JobToolError::Open {
-        path: dir.clone(),
-        source,
-    })?;
+    let meta = fs::metadata(dir).map_err(|source| JobToolError::Open { path: dir.clone(), source })?;
     if !meta.is_dir() {
         return Err(JobToolError::NotADirectory { dir: dir.clone() });
     }
@@ -112,9 +97,7 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
     match fs::symlink_metadata(dir.join(jobfile::JOB_SCRIPT)) {
         Err(_) => return Err(JobToolError::NoScript { dir: dir.clone() }),
         Ok(m) if m.is_file() && m.permissions().mode() & 0o111 == 0 => {
-            warnings.push(
-                "bin/construir is not executable; the guest will run it with /bin/sh".to_owned(),
-            );
+            warnings.push("bin/construir is not executable; the guest will run it with /bin/sh".to_owned());
         }
         Ok(m) if m.is_file() || m.file_type().is_symlink() => {}
         Ok(_) => return Err(JobToolError::ScriptNotAFile { dir: dir.clone() }),
@@ -126,14 +109,9 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
             .and_then(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_owned))
             .ok_or_else(|| JobToolError::NoName { dir: dir.clone() })?,
     };
-    jobfile::name::check_name(&name).map_err(|source| JobToolError::BadName {
-        name: name.clone(),
-        source,
-    })?;
-    let job = JobName::new(&name, &req.image).map_err(|source| JobToolError::BadImage {
-        image: req.image.clone(),
-        source,
-    })?;
+    jobfile::name::check_name(&name).map_err(|source| JobToolError::BadName { name: name.clone(), source })?;
+    let job = JobName::new(&name, &req.image)
+        .map_err(|source| JobToolError::BadImage { image: req.image.clone(), source })?;
     if req.size < jobfile::MIN_JOB_SIZE {
         return Err(JobToolError::SizeTooSmall { size: req.size });
     }
@@ -144,61 +122,37 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
         return Err(JobToolError::Exists { path });
     }
     let tmp = req.out.join(format!(".{}.tmp", job.input_file_name()));
-    let write_err = |source| JobToolError::Write {
-        path: tmp.clone(),
-        source,
-    };
+    let write_err = |source| JobToolError::Write { path: tmp.clone(), source };
     let file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o644)
         .open(&tmp)
-        .map_err(|source| JobToolError::Write {
-            path: tmp.clone(),
-            source,
-        })?;
+        .map_err(|source| JobToolError::Write { path: tmp.clone(), source })?;
     let result = (|| {
         let tmp_meta = file.metadata().map_err(write_err)?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         let opts = PackOptions {
-            encode: EncodeOptions {
-                preset: req.preset,
-                threads,
-            },
+            encode: EncodeOptions { preset: req.preset, threads },
             exclude: Some((tmp_meta.dev(), tmp_meta.ino())),
             first: Vec::new(),
         };
-        let (report, buffered) = jobfile::pack_dir(dir, BufWriter::new(&file), size, &opts)
-            .map_err(|e| match e {
-                PackError::TooLarge { needed, .. } => JobToolError::TooLarge { needed, size },
-                source => JobToolError::Pack {
-                    dir: dir.clone(),
-                    source,
-                },
-            })?;
+        let (report, buffered) = jobfile::pack_dir(dir, BufWriter::new(&file), size, &opts).map_err(|e| match e {
+            PackError::TooLarge { needed, .. } => JobToolError::TooLarge { needed, size },
+            source => JobToolError::Pack { dir: dir.clone(), source },
+        })?;
         drop(buffered);
         for (entry, why) in &report.skipped {
             warnings.push(format!("left out {entry}: {why}"));
         }
         file.set_len(size).map_err(write_err)?;
         file.sync_all().map_err(write_err)?;
-        fs::rename(&tmp, &path).map_err(|source| JobToolError::Write {
-            path: path.clone(),
-            source,
-        })?;
-        sync_dir(&req.out).map_err(|source| JobToolError::Write {
-            path: req.out.clone(),
-            source,
-        })?;
+        fs::rename(&tmp, &path).map_err(|source| JobToolError::Write { path: path.clone(), source })?;
+        sync_dir(&req.out).map_err(|source| JobToolError::Write { path: req.out.clone(), source })?;
         Ok(report.compressed_len)
     })();
     match result {
-        Ok(compressed) => Ok(Packed {
-            path,
-            compressed,
-            size,
-            warnings,
-        }),
+        Ok(compressed) => Ok(Packed { path, compressed, size, warnings }),
         Err(e) => {
             let _ = fs::remove_file(&tmp);
             Err(e)
@@ -208,25 +162,13 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
 
 /// fsyncs a directory, so a rename in it is durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    })?
-    .sync_all()
+    File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir })?.sync_all()
 }
 
-fn open_archive(
-    path: &Path,
-) -> Result<jobfile::ArchiveReader<jobfile::XzReader<File>>, JobToolError> {
-    let file = File::open(path).map_err(|source| JobToolError::Open {
-        path: path.to_owned(),
-        source,
-    })?;
-    jobfile::read_job(file, DEFAULT_MEMLIMIT).map_err(|e| JobToolError::Read {
-        path: path.to_owned(),
-        source: ArchiveError::Xz(e),
-    })
+fn open_archive(path: &Path) -> Result<jobfile::ArchiveReader<jobfile::XzReader<File>>, JobToolError> {
+    let file = File::open(path).map_err(|source| JobToolError::Open { path: path.to_owned(), source })?;
+    jobfile::read_job(file, DEFAULT_MEMLIMIT)
+        .map_err(|e| JobToolError::Read { path: path.to_owned(), source: ArchiveError::Xz(e) })
 }
 
 /// Streams one member of a result to `out`, or fails if it is not there.
@@ -236,21 +178,14 @@ fn copy_member(
     out: &mut dyn Write,
     limit: Option<u64>,
 ) -> Result<u64, JobToolError> {
-    let read_err = |source| JobToolError::Read {
-        path: path.to_owned(),
-        source,
-    };
+    let read_err = |source| JobToolError::Read { path: path.to_owned(), source };
     let mut archive = open_archive(path)?;
     while let Some(h) = archive.next_entry().map_err(read_err)? {
         if h.kind != jobfile::Kind::File || !path_is(&h.path, member) {
             continue;
         }
         if let Some(limit) = limit.filter(|&l| h.size > l) {
-            return Err(JobToolError::MemberTooLarge {
-                path: path.to_owned(),
-                member,
-                limit,
-            });
+            return Err(JobToolError::MemberTooLarge { path: path.to_owned(), member, limit });
         }
         let copied = io::copy(&mut archive.data(), out).map_err(|e| match e.kind() {
             io::ErrorKind::InvalidData => read_err(ArchiveError::from(e)),
@@ -258,10 +193,7 @@ fn copy_member(
         })?;
         return Ok(copied);
     }
-    Err(JobToolError::Missing {
-        path: path.to_owned(),
-        member,
-    })
+    Err(JobToolError::Missing { path: path.to_owned(), member })
 }
 
 /// `job log`: the job's output. On a terminal, control characters other than
@@ -270,11 +202,7 @@ pub fn log(path: &Path) -> Result<(), JobToolError> {
     let stdout = io::stdout();
     let tty = stdout.is_terminal();
     let mut lock = stdout.lock();
-    let mut out: Box<dyn Write> = if tty {
-        Box::new(TerminalSafe { inner: &mut lock })
-    } else {
-        Box::new(&mut lock)
-    };
+    let mut out: Box<dyn Write> = if tty { Box::new(TerminalSafe { inner: &mut lock }) } else { Box::new(&mut lock) };
     copy_member(path, jobfile::OUTPUT_FILE, &mut out, None)?;
     out.flush().map_err(JobToolError::Stdout)
 }
@@ -283,18 +211,12 @@ pub fn log(path: &Path) -> Result<(), JobToolError> {
 pub fn status(path: &Path) -> Result<serde_json::Value, JobToolError> {
     let mut raw = Vec::new();
     copy_member(path, jobfile::STATUS_FILE, &mut raw, Some(MAX_STATUS))?;
-    serde_json::from_slice(&raw).map_err(|source| JobToolError::BadStatus {
-        path: path.to_owned(),
-        source,
-    })
+    serde_json::from_slice(&raw).map_err(|source| JobToolError::BadStatus { path: path.to_owned(), source })
 }
 
 /// `job list`: one line per entry, like `tar -tv`, paths escaped.
 pub fn list(path: &Path, out: &mut dyn Write) -> Result<u64, JobToolError> {
-    let read_err = |source| JobToolError::Read {
-        path: path.to_owned(),
-        source,
-    };
+    let read_err = |source| JobToolError::Read { path: path.to_owned(), source };
     let mut archive = open_archive(path)?;
     let mut n = 0;
     while let Some(h) = archive.next_entry().map_err(read_err)? {
@@ -325,30 +247,16 @@ pub fn unpack(path: &Path, dir: &Path) -> Result<UnpackReport, JobToolError> {
     match fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
-                return Err(JobToolError::DirNotEmpty {
-                    dir: dir.to_owned(),
-                });
+                return Err(JobToolError::DirNotEmpty { dir: dir.to_owned() });
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            fs::create_dir_all(dir).map_err(|source| JobToolError::Write {
-                path: dir.to_owned(),
-                source,
-            })?;
+            fs::create_dir_all(dir).map_err(|source| JobToolError::Write { path: dir.to_owned(), source })?;
         }
-        Err(source) => {
-            return Err(JobToolError::Open {
-                path: dir.to_owned(),
-                source,
-            })
-        }
+        Err(source) => return Err(JobToolError::Open { path: dir.to_owned(), source }),
     }
     let mut archive = open_archive(path)?;
-    let opts = UnpackOptions {
-        preserve_owner: false,
-        keep_special_bits: false,
-        ..UnpackOptions::default()
-    };
+    let opts = UnpackOptions { preserve_owner: false, keep_special_bits: false, ..UnpackOptions::default() };
     jobfile::unpack(&mut archive, dir, &opts).map_err(|source| JobToolError::Unpack {
         path: path.to_owned(),
         dir: dir.to_owned(),
@@ -368,9 +276,7 @@ fn mode_string(mode: u32) -> String {
         (0o2, 'w'),
         (0o1, 'x'),
     ];
-    bits.iter()
-        .map(|&(bit, c)| if mode & bit != 0 { c } else { '-' })
-        .collect()
+    bits.iter().map(|&(bit, c)| if mode & bit != 0 { c } else { '-' }).collect()
 }
 
 /// Escapes control bytes (except newline and tab) on the way to a terminal.
@@ -404,9 +310,7 @@ mod tests {
     #[test]
     fn terminal_output_has_no_escape_sequences() {
         let mut out = Vec::new();
-        TerminalSafe { inner: &mut out }
-            .write_all(b"ok\t\x1b[2Jcleared\r\n\x07")
-            .expect("write");
+        TerminalSafe { inner: &mut out }.write_all(b"ok\t\x1b[2Jcleared\r\n\x07").expect("write");
         assert_eq!(out, b"ok\t\\x1b[2Jcleared\\x0d\n\\x07");
     }
 

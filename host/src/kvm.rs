@@ -13,21 +13,13 @@ use std::time::{Duration, Instant};
 /// Whether QEMU at `qemu` boots `kernel` with KVM within `limit`. Uses and
 /// updates the cache file `cache` (keyed by boot id, QEMU and kernel).
 pub fn kvm_works(qemu: &Path, kernel: &Path, limit: Duration, cache: &Path) -> bool {
-    if OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
+    if OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
         return false;
     }
     let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     let key = format!("{} {} {}", boot_id.trim(), qemu.display(), kernel.display());
     if let Ok(text) = fs::read_to_string(cache) {
-        if let Some(answer) = text
-            .strip_prefix(&key)
-            .and_then(|rest| rest.trim().parse::<bool>().ok())
-        {
+        if let Some(answer) = text.strip_prefix(&key).and_then(|rest| rest.trim().parse::<bool>().ok()) {
             return answer;
         }
     }
@@ -38,32 +30,15 @@ pub fn kvm_works(qemu: &Path, kernel: &Path, limit: Duration, cache: &Path) -> b
 
 fn boot_probe(qemu: &Path, kernel: &Path, limit: Duration) -> bool {
     let mut cmd = Command::new(qemu);
-    cmd.args([
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-monitor",
-        "none",
-    ])
-    .args([
-        "-machine",
-        "q35,accel=kvm",
-        "-m",
-        "256",
-        "-nic",
-        "none",
-        "-serial",
-        "null",
-    ])
-    .arg("-kernel")
-    .arg(kernel)
-    .args(["-append", "panic=-1 quiet"])
-    .env_clear()
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
+    cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-monitor", "none"])
+        .args(["-machine", "q35,accel=kvm", "-m", "256", "-nic", "none", "-serial", "null"])
+        .arg("-kernel")
+        .arg(kernel)
+        .args(["-append", "panic=-1 quiet"])
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let Ok(mut child) = cmd.spawn() else {
         return false;
     };

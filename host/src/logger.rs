@@ -13,12 +13,7 @@ impl log::Log for Logger {
     fn log(&self, record: &log::Record) {
         if self.enabled(record.metadata()) {
             let now = jobfile::status::rfc3339(SystemTime::now());
-            let _ = writeln!(
-                std::io::stderr().lock(),
-                "{now} {:<5} {}",
-                record.level(),
-                record.args()
-            );
+            let _ = writeln!(std::io::stderr().lock(), "{now} {:<5} {}", record.level(), record.args());
         }
     }
 
@@ -29,9 +24,5 @@ impl log::Log for Logger {
 pub fn init(verbose: bool) {
     static LOGGER: Logger = Logger;
     let _ = log::set_logger(&LOGGER);
-    log::set_max_level(if verbose {
-        log::LevelFilter::Debug
-    } else {
-        log::LevelFilter::Info
-    });
+    log::set_max_level(if verbose { log::LevelFilter::Debug } else { log::LevelFilter::Info });
 }

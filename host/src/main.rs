@@ -17,11 +17,7 @@ use construir_host::worker::Limits;
 use construir_host::{kvm, logger};
 
 #[derive(Parser)]
-#[command(
-    name = "construir-host",
-    version,
-    about = "Build strangers' jobs in throwaway QEMU VMs"
-)]
+#[command(name = "construir-host", version, about = "Build strangers' jobs in throwaway QEMU VMs")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -166,17 +162,10 @@ fn run_queue(a: RunArgs) -> Result<()> {
     }
     let queue = a.queue;
     let dirs = Dirs {
-        running: a
-            .running
-            .unwrap_or_else(|| daemon::sibling(&queue, "running"))
-            .join(&host_id),
+        running: a.running.unwrap_or_else(|| daemon::sibling(&queue, "running")).join(&host_id),
         done: a.done.unwrap_or_else(|| daemon::sibling(&queue, "done")),
-        failed: a
-            .failed
-            .unwrap_or_else(|| daemon::sibling(&queue, "failed")),
-        images: a
-            .images
-            .unwrap_or_else(|| daemon::sibling(&queue, "images")),
+        failed: a.failed.unwrap_or_else(|| daemon::sibling(&queue, "failed")),
+        images: a.images.unwrap_or_else(|| daemon::sibling(&queue, "images")),
         work: a.work.unwrap_or_else(|| daemon::sibling(&queue, "work")),
         queue,
     };
@@ -216,19 +205,11 @@ fn run_queue(a: RunArgs) -> Result<()> {
 /// KVM if it boots a real kernel here, else TCG (with the reason logged).
 fn detect_accel(qemu: &Path, dirs: &Dirs) -> Accel {
     let Some(kernel) = daemon::any_kernel(&dirs.images) else {
-        log::warn!(
-            "no image in {} to test KVM with: using TCG (restart after adding images)",
-            dirs.images.display()
-        );
+        log::warn!("no image in {} to test KVM with: using TCG (restart after adding images)", dirs.images.display());
         return Accel::Tcg;
     };
     let _ = std::fs::create_dir_all(&dirs.work);
-    if kvm::kvm_works(
-        qemu,
-        &kernel,
-        Duration::from_secs(15),
-        &dirs.work.join(".accel-probe"),
-    ) {
+    if kvm::kvm_works(qemu, &kernel, Duration::from_secs(15), &dirs.work.join(".accel-probe")) {
         Accel::Kvm
     } else {
         log::info!("KVM does not run guests here (no usable /dev/kvm, or a test boot hung): using TCG, which is slower and not a security boundary");
@@ -238,24 +219,8 @@ fn detect_accel(qemu: &Path, dirs: &Dirs) -> Accel {
 
 fn run_job(cmd: JobCommand) -> Result<()> {
     match cmd {
-        JobCommand::Pack {
-            dir,
-            image,
-            size,
-            name,
-            out,
-            xz_preset,
-            force,
-        } => {
-            let packed = job::pack(&PackRequest {
-                dir,
-                image,
-                size,
-                name,
-                out,
-                preset: xz_preset,
-                force,
-            })?;
+        JobCommand::Pack { dir, image, size, name, out, xz_preset, force } => {
+            let packed = job::pack(&PackRequest { dir, image, size, name, out, preset: xz_preset, force })?;
             for w in &packed.warnings {
                 eprintln!("construir-host: warning: {w}");
             }

@@ -69,36 +69,12 @@ impl VmSpec {
             s("none"),
         ]);
         let machine = format!("q35,accel={},usb=off,vmport=off", self.accel.name());
-        push(&[
-            s("-machine"),
-            machine.as_ref(),
-            s("-cpu"),
-            s(if self.accel == Accel::Kvm {
-                "host"
-            } else {
-                "max"
-            }),
-        ]);
+        push(&[s("-machine"), machine.as_ref(), s("-cpu"), s(if self.accel == Accel::Kvm { "host" } else { "max" })]);
         let (memory, cpus) = (format!("{}M", self.memory_mib), self.cpus.to_string());
         push(&[s("-m"), memory.as_ref(), s("-smp"), cpus.as_ref()]);
-        push(&[
-            s("-sandbox"),
-            s("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"),
-        ]);
-        push(&[
-            s("-chardev"),
-            s("stdio,id=console,signal=off"),
-            s("-serial"),
-            s("chardev:console"),
-        ]);
-        push(&[
-            s("-nic"),
-            s(if self.networking {
-                "user,model=virtio-net-pci"
-            } else {
-                "none"
-            }),
-        ]);
+        push(&[s("-sandbox"), s("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")]);
+        push(&[s("-chardev"), s("stdio,id=console,signal=off"), s("-serial"), s("chardev:console")]);
+        push(&[s("-nic"), s(if self.networking { "user,model=virtio-net-pci" } else { "none" })]);
         push(&[
             s("-kernel"),
             self.kernel.as_os_str(),
@@ -115,17 +91,9 @@ impl VmSpec {
                 s("virtio-blk-pci,drive=root"),
             ]);
         }
-        let job = drive(
-            "job",
-            &self.job_disk,
-            "format=raw,discard=unmap,detect-zeroes=unmap,werror=report,rerror=report",
-        );
-        push(&[
-            s("-drive"),
-            &job,
-            s("-device"),
-            s("virtio-blk-pci,drive=job"),
-        ]);
+        let job =
+            drive("job", &self.job_disk, "format=raw,discard=unmap,detect-zeroes=unmap,werror=report,rerror=report");
+        push(&[s("-drive"), &job, s("-device"), s("virtio-blk-pci,drive=job")]);
         a
     }
 }
@@ -194,24 +162,14 @@ pub fn run(
     unsafe {
         cmd.pre_exec(|| {
             // QEMU dies with the host.
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
         });
     }
     let start = Instant::now();
-    let mut child = cmd.spawn().map_err(|source| QemuError::Spawn {
-        qemu: spec.qemu.clone(),
-        source,
-    })?;
+    let mut child = cmd.spawn().map_err(|source| QemuError::Spawn { qemu: spec.qemu.clone(), source })?;
     let stdout = child.stdout.take().expect("stdout was piped");
     let stderr = child.stderr.take().expect("stderr was piped");
     let mut guard = Guard(Some(child));
@@ -250,14 +208,7 @@ pub fn run(
     let elapsed = start.elapsed();
     let console = console.join().unwrap_or_else(|_| ConsoleLog::new(0));
     let stderr = errors.join().unwrap_or_default();
-    Ok(VmRun {
-        status,
-        killed_at_deadline,
-        stopped,
-        elapsed,
-        console,
-        stderr,
-    })
+    Ok(VmRun { status, killed_at_deadline, stopped, elapsed, console, stderr })
 }
 
 fn capture(mut pipe: impl Read + Send + 'static, limit: usize) -> JoinHandle<String> {
@@ -283,15 +234,8 @@ mod tests {
 
     #[test]
     fn file_names_cannot_add_drive_options() {
-        let d = drive(
-            "job",
-            Path::new("/q/evil,format=qcow2,file=/etc/shadow"),
-            "format=raw",
-        );
-        assert_eq!(
-            d,
-            "if=none,id=job,file=/q/evil,,format=qcow2,,file=/etc/shadow,format=raw"
-        );
+        let d = drive("job", Path::new("/q/evil,format=qcow2,file=/etc/shadow"), "format=raw");
+        assert_eq!(d, "if=none,id=job,file=/q/evil,,format=qcow2,,file=/etc/shadow,format=raw");
     }
 
     #[test]
@@ -309,24 +253,12 @@ mod tests {
             networking: false,
             tmpdir: "/tmp".into(),
         };
-        let args: Vec<String> = spec
-            .args()
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
+        let args: Vec<String> = spec.args().iter().map(|a| a.to_string_lossy().into_owned()).collect();
         let nic = args.iter().position(|a| a == "-nic").expect("-nic");
         assert_eq!(args[nic + 1], "none");
-        assert!(
-            args.contains(&"-nodefaults".to_owned()) && args.contains(&"-no-reboot".to_owned())
-        );
+        assert!(args.contains(&"-nodefaults".to_owned()) && args.contains(&"-no-reboot".to_owned()));
         assert!(args.iter().any(|a| a.starts_with("on,obsolete=deny")));
-        let with_net = VmSpec {
-            networking: true,
-            ..spec
-        };
-        assert!(with_net
-            .args()
-            .iter()
-            .any(|a| a == "user,model=virtio-net-pci"));
+        let with_net = VmSpec { networking: true, ..spec };
+        assert!(with_net.args().iter().any(|a| a == "user,model=virtio-net-pci"));
     }
 }

@@ -27,16 +27,9 @@ pub struct Dirs {
 impl Dirs {
     /// `running/<host_id>` and the working directory are this host's own.
     pub fn create_all(&self) -> io::Result<()> {
-        for d in [
-            &self.queue,
-            &self.running,
-            &self.done,
-            &self.failed,
-            &self.work,
-        ] {
-            fs::create_dir_all(d).map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot create {}: {e}", d.display()))
-            })?;
+        for d in [&self.queue, &self.running, &self.done, &self.failed, &self.work] {
+            fs::create_dir_all(d)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", d.display())))?;
         }
         Ok(())
     }
@@ -45,15 +38,8 @@ impl Dirs {
 /// A queue entry and what to do with it.
 #[derive(Debug)]
 pub enum Candidate {
-    Job {
-        file_name: OsString,
-        job: JobName,
-        size: u64,
-    },
-    Refuse {
-        file_name: OsString,
-        reason: String,
-    },
+    Job { file_name: OsString, job: JobName, size: u64 },
+    Refuse { file_name: OsString, reason: String },
 }
 
 /// Lists what the queue holds now, oldest first. Uploads in progress are left out.
@@ -69,12 +55,21 @@ pub fn scan(queue: &Path, min_size: u64, max_size: u64) -> io::Result<Vec<Candid
             Entry::InProgress => continue,
             Entry::Invalid(e) => Candidate::Refuse { file_name, reason: format!("bad job file name: {e}") },
             Entry::Job(_) if !meta.file_type().is_file() => {
-                let what = if meta.file_type().is_symlink() { "a symlink" } else if meta.is_dir() { "a directory" } else { "not a regular file" };
+                let what = if meta.file_type().is_symlink() {
+                    "a symlink"
+                } else if meta.is_dir() {
+                    "a directory"
+                } else {
+                    "not a regular file"
+                };
                 Candidate::Refuse { file_name, reason: format!("{what}: a job must be a regular file") }
             }
             Entry::Job(_) if meta.len() < min_size => Candidate::Refuse {
                 file_name,
-                reason: format!("{} bytes is too small: a job file must be at least {min_size} bytes (truncate --size)", meta.len()),
+                reason: format!(
+                    "{} bytes is too small: a job file must be at least {min_size} bytes (truncate --size)",
+                    meta.len()
+                ),
             },
             Entry::Job(_) if meta.len() > max_size => Candidate::Refuse {
                 file_name,
@@ -127,10 +122,7 @@ pub fn fail(dirs: &Dirs, from: &Path, reason: &str, log: Option<&[u8]>) -> io::R
     }
     let mut reason_name = target.file_name().expect("has a name").to_owned();
     reason_name.push(".reason");
-    write_durable(
-        &dirs.failed.join(reason_name),
-        format!("{reason}\n").as_bytes(),
-    )?;
+    write_durable(&dirs.failed.join(reason_name), format!("{reason}\n").as_bytes())?;
     if let Some(log) = log {
         let mut log_name = target.file_name().expect("has a name").to_owned();
         log_name.push(".log");
@@ -151,11 +143,7 @@ pub fn requeue(dirs: &Dirs, file_name: &OsStr) -> io::Result<()> {
 pub fn working_copy(from: &Path, to: &Path) -> io::Result<u64> {
     let mut src = File::open(from)?;
     let len = src.metadata()?.len();
-    let mut dst = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(to)?;
+    let mut dst = OpenOptions::new().write(true).create(true).truncate(true).open(to)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;
     while pos < len {
@@ -218,10 +206,7 @@ pub fn deliver(dirs: &Dirs, work: &Path, job: &JobName, log: &[u8]) -> io::Resul
     f.sync_all()?;
     let target = dirs.done.join(job.done_file_name());
     if target.symlink_metadata().is_ok() {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("{} already exists", target.display()),
-        ));
+        return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} already exists", target.display())));
     }
     // Into done/ under a dot-name first (a copy if work/ is on another filesystem), then the final name.
     let staged = dirs.done.join(format!(".{}.tmp", job.done_file_name()));
@@ -249,11 +234,7 @@ pub fn write_durable(path: &Path, data: &[u8]) -> io::Result<()> {
     tmp_name.push(path.file_name().unwrap_or(OsStr::new("file")));
     tmp_name.push(".tmp");
     let tmp = dir.join(tmp_name);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)?;
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
     f.write_all(data)?;
     f.sync_all()?;
     fs::rename(&tmp, path)?;
@@ -276,13 +257,7 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     let (from_c, to_c) = (c(from)?, c(to)?);
     // SAFETY: both strings are NUL-terminated and live across the call.
     let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from_c.as_ptr(),
-            libc::AT_FDCWD,
-            to_c.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
+        libc::renameat2(libc::AT_FDCWD, from_c.as_ptr(), libc::AT_FDCWD, to_c.as_ptr(), libc::RENAME_NOREPLACE)
     };
     if r == 0 {
         Ok(())
@@ -334,37 +309,16 @@ mod tests {
         assert_eq!(jobs, ["good_i1.tar.xz"]);
         refused.sort();
         assert_eq!(refused.len(), 4, "{refused:?}");
-        assert!(
-            refused[0].starts_with("bad name_i1.tar.xz: bad job file name"),
-            "{refused:?}"
-        );
-        assert!(
-            refused[1].starts_with("dir_i1.tar.xz: a directory"),
-            "{refused:?}"
-        );
-        assert!(
-            refused[2].starts_with("link_i1.tar.xz: a symlink"),
-            "{refused:?}"
-        );
-        assert!(
-            refused[3].starts_with("small_i1.tar.xz: 4 bytes is too small"),
-            "{refused:?}"
-        );
+        assert!(refused[0].starts_with("bad name_i1.tar.xz: bad job file name"), "{refused:?}");
+        assert!(refused[1].starts_with("dir_i1.tar.xz: a directory"), "{refused:?}");
+        assert!(refused[2].starts_with("link_i1.tar.xz: a symlink"), "{refused:?}");
+        assert!(refused[3].starts_with("small_i1.tar.xz: 4 bytes is too small"), "{refused:?}");
 
         assert!(claim(&d, OsStr::new("good_i1.tar.xz")).expect("claim"));
-        assert!(
-            !claim(&d, OsStr::new("good_i1.tar.xz")).expect("second claim"),
-            "a job is claimed once"
-        );
+        assert!(!claim(&d, OsStr::new("good_i1.tar.xz")).expect("second claim"), "a job is claimed once");
         assert!(d.running.join("good_i1.tar.xz").exists());
 
-        let failed = fail(
-            &d,
-            &d.queue.join("bad name_i1.tar.xz"),
-            "bad job file name",
-            None,
-        )
-        .expect("fail");
+        let failed = fail(&d, &d.queue.join("bad name_i1.tar.xz"), "bad job file name", None).expect("fail");
         assert_eq!(failed, d.failed.join("bad name_i1.tar.xz"));
         assert_eq!(
             fs::read_to_string(d.failed.join("bad name_i1.tar.xz.reason")).expect("reason"),
@@ -372,10 +326,7 @@ mod tests {
         );
         // The symlink is moved as a link, never followed.
         fail(&d, &d.queue.join("link_i1.tar.xz"), "a symlink", None).expect("fail");
-        assert!(fs::symlink_metadata(d.failed.join("link_i1.tar.xz"))
-            .expect("moved")
-            .file_type()
-            .is_symlink());
+        assert!(fs::symlink_metadata(d.failed.join("link_i1.tar.xz")).expect("moved").file_type().is_symlink());
         assert!(Path::new("/etc/passwd").exists());
     }
 

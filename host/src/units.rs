@@ -58,10 +58,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
             _ => return Err(err()),
         };
         let n: u64 = num.parse().map_err(|_| err())?;
-        total = n
-            .checked_mul(mult)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(err)?;
+        total = n.checked_mul(mult).and_then(|v| total.checked_add(v)).ok_or_else(err)?;
         num.clear();
     }
     if !num.is_empty() {
@@ -112,20 +109,9 @@ mod tests {
 
     #[test]
     fn durations() {
-        let table = [
-            ("3h", 10_800),
-            ("20s", 20),
-            ("90m", 5_400),
-            ("1h30m", 5_400),
-            ("45", 45),
-            ("1h1m1s", 3_661),
-        ];
+        let table = [("3h", 10_800), ("20s", 20), ("90m", 5_400), ("1h30m", 5_400), ("45", 45), ("1h1m1s", 3_661)];
         for (text, want) in table {
-            assert_eq!(
-                parse_duration(text),
-                Ok(Duration::from_secs(want)),
-                "{text}"
-            );
+            assert_eq!(parse_duration(text), Ok(Duration::from_secs(want)), "{text}");
         }
         for bad in ["", "h", "3x", "1h30", "-5s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");

@@ -56,14 +56,7 @@ pub fn run(
     let image_dir = dirs.images.join(format!("i{}", job.image()));
     let manifest = match ImageManifest::load(&image_dir) {
         Ok(m) => m,
-        Err(e) => {
-            return fail(
-                dirs,
-                &claimed,
-                &format!("unknown image i{}: {}", job.image(), chain(&e)),
-                None,
-            )
-        }
+        Err(e) => return fail(dirs, &claimed, &format!("unknown image i{}: {}", job.image(), chain(&e)), None),
     };
     let work = dirs.work.join(format!("{}.{label}", limits.host_id));
     let size = queue::working_copy(&claimed, &work)?;
@@ -98,21 +91,11 @@ pub fn run(
         size
     );
     let started = Instant::now();
-    let vm = match qemu::run(
-        &spec,
-        limits.timeout + limits.grace,
-        limits.console_limit,
-        stop,
-    ) {
+    let vm = match qemu::run(&spec, limits.timeout + limits.grace, limits.console_limit, stop) {
         Ok(vm) => vm,
         Err(e) => {
             let _ = fs::remove_file(&work);
-            return fail(
-                dirs,
-                &claimed,
-                &format!("cannot run QEMU: {}", chain(&e)),
-                None,
-            );
+            return fail(dirs, &claimed, &format!("cannot run QEMU: {}", chain(&e)), None);
         }
     };
     if vm.stopped {
@@ -131,23 +114,14 @@ pub fn run(
         (Some(st), _) if st.success() => {
             format!("VM powered off after {:.1} s", vm.elapsed.as_secs_f64())
         }
-        (Some(st), _) => format!(
-            "QEMU exited with {st} after {:.1} s{}",
-            vm.elapsed.as_secs_f64(),
-            stderr_note(&vm.stderr)
-        ),
+        (Some(st), _) => {
+            format!("QEMU exited with {st} after {:.1} s{}", vm.elapsed.as_secs_f64(), stderr_note(&vm.stderr))
+        }
         (None, _) => "QEMU ended".to_owned(),
     };
-    log::info!(
-        "job {label}: {how}; {} bytes of console output",
-        vm.console.received()
-    );
+    log::info!("job {label}: {how}; {} bytes of console output", vm.console.received());
 
-    let status = if vm.killed_at_deadline {
-        None
-    } else {
-        read_status(&work)
-    };
+    let status = if vm.killed_at_deadline { None } else { read_status(&work) };
     match status {
         Some(st) => {
             let verdict = verdict(&st, &how, started.elapsed());
@@ -160,10 +134,8 @@ pub fn run(
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     // Keep both: the result goes to failed/ in place of the input, which is no longer needed.
-                    let reason = format!(
-                        "done/{} already exists; this result was not delivered there",
-                        job.done_file_name()
-                    );
+                    let reason =
+                        format!("done/{} already exists; this result was not delivered there", job.done_file_name());
                     let kept = dirs.work.join(job.done_file_name());
                     fs::rename(&work, &kept)?;
                     let path = queue::fail(dirs, &kept, &reason, Some(&log))?;
@@ -184,10 +156,7 @@ pub fn run(
 
 fn fail(dirs: &Dirs, claimed: &Path, reason: &str, log: Option<&[u8]>) -> io::Result<Ending> {
     let path = queue::fail(dirs, claimed, reason, log)?;
-    Ok(Ending::Failed {
-        path,
-        reason: reason.to_owned(),
-    })
+    Ok(Ending::Failed { path, reason: reason.to_owned() })
 }
 
 /// The status, if the disk starts with a result archive whose first entry is
@@ -216,10 +185,7 @@ fn verdict(st: &JobStatus, how: &str, total: Duration) -> String {
     if let Some(d) = st.duration_secs {
         v.push_str(&format!("; the job ran {d:.1} s"));
     }
-    v.push_str(&format!(
-        "; {how}; {:.1} s from claim to result",
-        total.as_secs_f64()
-    ));
+    v.push_str(&format!("; {how}; {:.1} s from claim to result", total.as_secs_f64()));
     if let Some(m) = &st.message {
         v.push_str(&format!("; {}", jobfile::escape(m.as_bytes())));
     }

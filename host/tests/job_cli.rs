@@ -6,53 +6,31 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn host(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_construir-host"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("run construir-host")
+    Command::new(env!("CARGO_BIN_EXE_construir-host")).args(args).current_dir(cwd).output().expect("run construir-host")
 }
 
 fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout.clone()).expect("utf8")
 }
 
 fn err(out: &Output) -> String {
-    assert!(
-        !out.status.success(),
-        "unexpectedly succeeded: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(!out.status.success(), "unexpectedly succeeded: {}", String::from_utf8_lossy(&out.stdout));
     let e = String::from_utf8(out.stderr.clone()).expect("utf8");
     assert_eq!(e.lines().count(), 1, "errors are one line: {e}");
     e
 }
 
 fn sh(script: &str, cwd: &Path) {
-    let out = Command::new("sh")
-        .arg("-ec")
-        .arg(script)
-        .current_dir(cwd)
-        .output()
-        .expect("sh");
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("sh").arg("-ec").arg(script).current_dir(cwd).output().expect("sh");
+    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn job_dir(root: &Path, name: &str) -> PathBuf {
     let dir = root.join(name);
     fs::create_dir_all(dir.join("bin")).expect("mkdir");
     fs::write(dir.join("bin/construir"), "#!/bin/sh\necho hello\n").expect("write");
-    fs::set_permissions(dir.join("bin/construir"), fs::Permissions::from_mode(0o755))
-        .expect("chmod");
+    fs::set_permissions(dir.join("bin/construir"), fs::Permissions::from_mode(0o755)).expect("chmod");
     dir
 }
 
@@ -61,10 +39,7 @@ fn pack_writes_a_padded_file_that_tar_and_xz_accept_padded_and_trimmed() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = job_dir(tmp.path(), "hello");
     fs::write(dir.join("data.txt"), "some data\n".repeat(1000)).expect("write");
-    let out = host(
-        &["job", "pack", "hello", "--image", "100", "--size", "10M"],
-        tmp.path(),
-    );
+    let out = host(&["job", "pack", "hello", "--image", "100", "--size", "10M"], tmp.path());
     let path = ok(&out);
     assert_eq!(path.trim(), "./hello_i100.tar.xz");
     let file = tmp.path().join("hello_i100.tar.xz");
@@ -73,17 +48,10 @@ fn pack_writes_a_padded_file_that_tar_and_xz_accept_padded_and_trimmed() {
     use std::os::unix::fs::MetadataExt;
     assert!(meta.blocks() * 512 < 1 << 20, "padding is sparse");
     assert!(
-        fs::read_dir(tmp.path()).expect("ls").all(|e| !e
-            .expect("e")
-            .file_name()
-            .to_string_lossy()
-            .starts_with('.')),
+        fs::read_dir(tmp.path()).expect("ls").all(|e| !e.expect("e").file_name().to_string_lossy().starts_with('.')),
         "no temp file left"
     );
-    sh(
-        "xz -t hello_i100.tar.xz && tar -tJf hello_i100.tar.xz > padded.txt",
-        tmp.path(),
-    );
+    sh("xz -t hello_i100.tar.xz && tar -tJf hello_i100.tar.xz > padded.txt", tmp.path());
     // Trimmed of its trailing zeros, as the host delivers results.
     let bytes = fs::read(&file).expect("read");
     let end = bytes.iter().rposition(|&b| b != 0).expect("data") + 1;
@@ -95,60 +63,18 @@ fn pack_writes_a_padded_file_that_tar_and_xz_accept_padded_and_trimmed() {
     // --name and --out; an existing file is not replaced without --force.
     fs::create_dir(tmp.path().join("outdir")).expect("mkdir");
     let path = ok(&host(
-        &[
-            "job",
-            "pack",
-            "hello",
-            "--image",
-            "7",
-            "--size",
-            "500K",
-            "--name",
-            "other.name",
-            "--out",
-            "outdir",
-        ],
+        &["job", "pack", "hello", "--image", "7", "--size", "500K", "--name", "other.name", "--out", "outdir"],
         tmp.path(),
     ));
     assert_eq!(path.trim(), "outdir/other.name_i7.tar.xz");
-    assert_eq!(
-        fs::metadata(tmp.path().join(path.trim()))
-            .expect("stat")
-            .len(),
-        500 << 10
-    );
+    assert_eq!(fs::metadata(tmp.path().join(path.trim())).expect("stat").len(), 500 << 10);
     let e = err(&host(
-        &[
-            "job",
-            "pack",
-            "hello",
-            "--image",
-            "7",
-            "--size",
-            "500K",
-            "--name",
-            "other.name",
-            "--out",
-            "outdir",
-        ],
+        &["job", "pack", "hello", "--image", "7", "--size", "500K", "--name", "other.name", "--out", "outdir"],
         tmp.path(),
     ));
     assert!(e.contains("already exists"), "{e}");
     ok(&host(
-        &[
-            "job",
-            "pack",
-            "hello",
-            "--image",
-            "7",
-            "--size",
-            "1M",
-            "--name",
-            "other.name",
-            "--out",
-            "outdir",
-            "--force",
-        ],
+        &["job", "pack", "hello", "--image", "7", "--size", "1M", "--name", "other.name", "--out", "outdir", "--force"],
         tmp.path(),
     ));
 }
@@ -173,38 +99,14 @@ fn pack_refuses_what_would_not_work_saying_why() {
     fs::write(big.join("noise"), noise).expect("write");
 
     let table: [(&[&str], &str); 8] = [
-        (
-            &["job", "pack", "noscript", "--image", "1", "--size", "1M"],
-            "has no bin/construir",
-        ),
-        (
-            &["job", "pack", "scriptdir", "--image", "1", "--size", "1M"],
-            "not a regular file",
-        ),
-        (
-            &["job", "pack", "good", "--image", "1", "--size", "63K"],
-            "below the minimum of 64 KiB",
-        ),
-        (
-            &["job", "pack", "big", "--image", "1", "--size", "100K"],
-            "use a larger --size",
-        ),
-        (
-            &["job", "pack", "bad name", "--image", "1", "--size", "1M"],
-            "not a valid job name",
-        ),
-        (
-            &["job", "pack", "good", "--image", "1x", "--size", "1M"],
-            "not a valid image number",
-        ),
-        (
-            &["job", "pack", "good", "--image", "1", "--size", "ten"],
-            "is not a size",
-        ),
-        (
-            &["job", "pack", "missing", "--image", "1", "--size", "1M"],
-            "cannot open missing",
-        ),
+        (&["job", "pack", "noscript", "--image", "1", "--size", "1M"], "has no bin/construir"),
+        (&["job", "pack", "scriptdir", "--image", "1", "--size", "1M"], "not a regular file"),
+        (&["job", "pack", "good", "--image", "1", "--size", "63K"], "below the minimum of 64 KiB"),
+        (&["job", "pack", "big", "--image", "1", "--size", "100K"], "use a larger --size"),
+        (&["job", "pack", "bad name", "--image", "1", "--size", "1M"], "not a valid job name"),
+        (&["job", "pack", "good", "--image", "1x", "--size", "1M"], "not a valid image number"),
+        (&["job", "pack", "good", "--image", "1", "--size", "ten"], "is not a size"),
+        (&["job", "pack", "missing", "--image", "1", "--size", "1M"], "cannot open missing"),
     ];
     for (args, want) in table {
         let out = host(args, tmp.path());
@@ -212,18 +114,10 @@ fn pack_refuses_what_would_not_work_saying_why() {
         let e = String::from_utf8_lossy(&out.stderr);
         assert!(e.contains(want), "{args:?}: expected {want:?} in {e}");
     }
-    let e = String::from_utf8_lossy(
-        &host(
-            &["job", "pack", "big", "--image", "1", "--size", "100K"],
-            tmp.path(),
-        )
-        .stderr,
-    )
-    .to_string();
-    assert!(
-        e.contains("needs 3") && e.contains("more than --size 102400"),
-        "{e}"
-    );
+    let e =
+        String::from_utf8_lossy(&host(&["job", "pack", "big", "--image", "1", "--size", "100K"], tmp.path()).stderr)
+            .to_string();
+    assert!(e.contains("needs 3") && e.contains("more than --size 102400"), "{e}");
     // Nothing was left behind by the refusals.
     let mut left: Vec<String> = fs::read_dir(tmp.path())
         .expect("ls")
@@ -239,16 +133,10 @@ fn hand_made_result(root: &Path) -> PathBuf {
     fs::create_dir_all(r.join("bin")).expect("mkdir");
     fs::write(r.join("bin/construir"), "#!/bin/sh\necho hi\n").expect("write");
     fs::write(r.join("job_output.txt"), "hi\n\x1b[31mred\x1b[0m\n").expect("write");
-    fs::write(
-        r.join("job_status.json"),
-        r#"{"result":"ok","exit_code":0,"timed_out":false,"note":"\u001b[2J"}"#,
-    )
-    .expect("write");
+    fs::write(r.join("job_status.json"), r#"{"result":"ok","exit_code":0,"timed_out":false,"note":"\u001b[2J"}"#)
+        .expect("write");
     symlink("/etc/passwd", r.join("evil-link")).expect("symlink");
-    sh(
-        "tar -cJf ../hello_d100.tar.xz . && truncate --size 1m ../hello_d100.tar.xz",
-        &r,
-    );
+    sh("tar -cJf ../hello_d100.tar.xz . && truncate --size 1m ../hello_d100.tar.xz", &r);
     root.join("hello_d100.tar.xz")
 }
 
@@ -259,36 +147,21 @@ fn log_status_list_and_unpack_read_a_hand_made_file() {
     let f = file.to_str().expect("utf8");
 
     // Not a terminal here: the output comes back byte for byte.
-    assert_eq!(
-        ok(&host(&["job", "log", f], tmp.path())),
-        "hi\n\x1b[31mred\x1b[0m\n"
-    );
-    let status: serde_json::Value =
-        serde_json::from_str(&ok(&host(&["job", "status", f], tmp.path()))).expect("json");
+    assert_eq!(ok(&host(&["job", "log", f], tmp.path())), "hi\n\x1b[31mred\x1b[0m\n");
+    let status: serde_json::Value = serde_json::from_str(&ok(&host(&["job", "status", f], tmp.path()))).expect("json");
     assert_eq!(status["result"], "ok");
     assert_eq!(status["exit_code"], 0);
     let listing = ok(&host(&["job", "list", f], tmp.path()));
-    let paths: Vec<&str> = listing
-        .lines()
-        .map(|l| l.rsplit_once(' ').map_or(l, |(_, p)| p))
-        .collect();
+    let paths: Vec<&str> = listing.lines().map(|l| l.rsplit_once(' ').map_or(l, |(_, p)| p)).collect();
     assert!(listing.contains("./bin/construir"), "{listing}");
     assert!(listing.contains("./evil-link -> /etc/passwd"), "{listing}");
     assert_eq!(paths.len(), 6, "{listing}");
-    assert!(
-        listing
-            .lines()
-            .any(|l| l.starts_with("-rw") && l.ends_with("./job_output.txt")),
-        "{listing}"
-    );
+    assert!(listing.lines().any(|l| l.starts_with("-rw") && l.ends_with("./job_output.txt")), "{listing}");
 
     let out = host(&["job", "unpack", f, "extracted"], tmp.path());
     ok(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("skipped ./evil-link: symlink target leads outside"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("skipped ./evil-link: symlink target leads outside"), "{stderr}");
     assert_eq!(
         fs::read_to_string(tmp.path().join("extracted/job_output.txt")).expect("read"),
         "hi\n\x1b[31mred\x1b[0m\n"
@@ -302,41 +175,22 @@ fn log_status_list_and_unpack_read_a_hand_made_file() {
 fn a_job_that_has_not_run_and_broken_files_give_one_line_errors() {
     let tmp = tempfile::tempdir().expect("tempdir");
     job_dir(tmp.path(), "fresh");
-    sh(
-        "cd fresh && tar -cJf ../fresh_i1.tar.xz . && truncate --size 100k ../fresh_i1.tar.xz",
-        tmp.path(),
-    );
+    sh("cd fresh && tar -cJf ../fresh_i1.tar.xz . && truncate --size 100k ../fresh_i1.tar.xz", tmp.path());
     assert!(err(&host(&["job", "log", "fresh_i1.tar.xz"], tmp.path()))
         .contains("has no job_output.txt (has the job run yet?)"));
-    assert!(
-        err(&host(&["job", "status", "fresh_i1.tar.xz"], tmp.path()))
-            .contains("has no job_status.json")
-    );
-    assert_eq!(
-        ok(&host(&["job", "list", "fresh_i1.tar.xz"], tmp.path()))
-            .lines()
-            .count(),
-        3
-    );
+    assert!(err(&host(&["job", "status", "fresh_i1.tar.xz"], tmp.path())).contains("has no job_status.json"));
+    assert_eq!(ok(&host(&["job", "list", "fresh_i1.tar.xz"], tmp.path())).lines().count(), 3);
 
     fs::write(tmp.path().join("junk_d1.tar.xz"), "not an archive at all\n").expect("write");
     assert!(err(&host(&["job", "log", "junk_d1.tar.xz"], tmp.path())).contains("not an xz file"));
     assert!(err(&host(&["job", "list", "junk_d1.tar.xz"], tmp.path())).contains("not an xz file"));
-    assert!(
-        err(&host(&["job", "unpack", "junk_d1.tar.xz", "x"], tmp.path()))
-            .contains("not an xz file")
-    );
-    assert!(err(&host(
-        &["job", "status", "nonexistent_d1.tar.xz"],
-        tmp.path()
-    ))
-    .contains("cannot open nonexistent_d1.tar.xz"));
+    assert!(err(&host(&["job", "unpack", "junk_d1.tar.xz", "x"], tmp.path())).contains("not an xz file"));
+    assert!(err(&host(&["job", "status", "nonexistent_d1.tar.xz"], tmp.path()))
+        .contains("cannot open nonexistent_d1.tar.xz"));
 
     let r = tmp.path().join("badjson");
     fs::create_dir(&r).expect("mkdir");
     fs::write(r.join("job_status.json"), "{ not json").expect("write");
     sh("tar -cJf ../badjson_d1.tar.xz job_status.json", &r);
-    assert!(
-        err(&host(&["job", "status", "badjson_d1.tar.xz"], tmp.path())).contains("not valid JSON")
-    );
+    assert!(err(&host(&["job", "status", "badjson_d1.tar.xz"], tmp.path())).contains("not valid JSON"));
 }

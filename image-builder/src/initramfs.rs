@@ -23,12 +23,7 @@ pub struct Cpio<W: Write> {
 
 impl<W: Write> Cpio<W> {
     pub fn new(out: W) -> Self {
-        Cpio {
-            out,
-            ino: 1,
-            dirs: BTreeSet::new(),
-            written: 0,
-        }
+        Cpio { out, ino: 1, dirs: BTreeSet::new(), written: 0 }
     }
 
     /// A directory, and every missing parent of it.
@@ -51,30 +46,19 @@ impl<W: Write> Cpio<W> {
 
     /// Copies a file from the build machine.
     pub fn copy(&mut self, path: &str, mode: u32, from: &Path) -> io::Result<()> {
-        let data = fs::read(from).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot read {}: {e}", from.display()))
-        })?;
+        let data =
+            fs::read(from).map_err(|e| io::Error::new(e.kind(), format!("cannot read {}: {e}", from.display())))?;
         self.file(path, mode, &data)
     }
 
     pub fn symlink(&mut self, path: &str, target: &str) -> io::Result<()> {
         self.parent(path)?;
-        self.entry(
-            path.trim_start_matches('/'),
-            S_IFLNK | 0o777,
-            0,
-            target.as_bytes(),
-        )
+        self.entry(path.trim_start_matches('/'), S_IFLNK | 0o777, 0, target.as_bytes())
     }
 
     pub fn char_device(&mut self, path: &str, mode: u32, major: u32, minor: u32) -> io::Result<()> {
         self.parent(path)?;
-        self.entry(
-            path.trim_start_matches('/'),
-            S_IFCHR | mode,
-            (major << 8) | minor,
-            &[],
-        )
+        self.entry(path.trim_start_matches('/'), S_IFCHR | mode, (major << 8) | minor, &[])
     }
 
     /// Writes the trailer and returns the writer.
@@ -153,11 +137,7 @@ mod tests {
             .arg(&archive)
             .output()
             .expect("cpio(1) (scripts/test installs it)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let listing = String::from_utf8_lossy(&out.stdout);
         for want in ["init", "bin/sh -> busybox", "dev/console", "job"] {
             assert!(listing.contains(want), "{want} missing from:\n{listing}");

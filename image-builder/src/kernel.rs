@@ -13,10 +13,7 @@ pub enum KernelError {
     #[error("cannot tell the kernel version of {path}: name it vmlinuz-<version>")]
     NoVersion { path: PathBuf },
     #[error("cannot read {path} (is the kernel's module tree installed?)")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("module {name} is neither in {dep} nor built into the kernel")]
     UnknownModule { name: String, dep: PathBuf },
 }
@@ -31,25 +28,15 @@ pub struct Kernel {
 
 impl Kernel {
     /// The newest `/boot/vmlinuz-*`, or the one given.
-    pub fn find(
-        explicit: Option<&Path>,
-        boot: &Path,
-        modules_root: &Path,
-    ) -> Result<Kernel, KernelError> {
+    pub fn find(explicit: Option<&Path>, boot: &Path, modules_root: &Path) -> Result<Kernel, KernelError> {
         let image = match explicit {
             Some(p) => p.to_owned(),
             None => {
-                let entries = fs::read_dir(boot).map_err(|source| KernelError::Read {
-                    path: boot.to_owned(),
-                    source,
-                })?;
+                let entries =
+                    fs::read_dir(boot).map_err(|source| KernelError::Read { path: boot.to_owned(), source })?;
                 let mut kernels: Vec<PathBuf> = entries
                     .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| {
-                        p.file_name()
-                            .and_then(|n| n.to_str())
-                            .is_some_and(|n| n.starts_with("vmlinuz-"))
-                    })
+                    .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
                     .collect();
                 kernels.sort_by(|a, b| version_cmp(&a.to_string_lossy(), &b.to_string_lossy()));
                 kernels.pop().ok_or(KernelError::NoKernel)?
@@ -59,45 +46,29 @@ impl Kernel {
             .file_name()
             .and_then(|n| n.to_str())
             .and_then(|n| n.strip_prefix("vmlinuz-"))
-            .ok_or_else(|| KernelError::NoVersion {
-                path: image.clone(),
-            })?
+            .ok_or_else(|| KernelError::NoVersion { path: image.clone() })?
             .to_owned();
         let modules = modules_root.join(&version);
-        Ok(Kernel {
-            image,
-            version,
-            modules,
-        })
+        Ok(Kernel { image, version, modules })
     }
 
     /// The module files to load for `wanted`, dependencies first, each once.
     /// Modules built into the kernel need no file and are left out.
     pub fn resolve_modules(&self, wanted: &[&str]) -> Result<Vec<PathBuf>, KernelError> {
         let dep_path = self.modules.join("modules.dep");
-        let dep_text = fs::read_to_string(&dep_path).map_err(|source| KernelError::Read {
-            path: dep_path.clone(),
-            source,
-        })?;
+        let dep_text =
+            fs::read_to_string(&dep_path).map_err(|source| KernelError::Read { path: dep_path.clone(), source })?;
         let builtin_path = self.modules.join("modules.builtin");
         let builtin = fs::read_to_string(&builtin_path).unwrap_or_default();
         let deps: HashMap<String, (String, Vec<String>)> = dep_text
             .lines()
             .filter_map(|line| {
                 let (file, rest) = line.split_once(':')?;
-                Some((
-                    module_name(file),
-                    (
-                        file.to_owned(),
-                        rest.split_whitespace().map(str::to_owned).collect(),
-                    ),
-                ))
+                Some((module_name(file), (file.to_owned(), rest.split_whitespace().map(str::to_owned).collect())))
             })
             .collect();
-        let by_file: HashMap<&str, &str> = deps
-            .iter()
-            .map(|(name, (file, _))| (file.as_str(), name.as_str()))
-            .collect();
+        let by_file: HashMap<&str, &str> =
+            deps.iter().map(|(name, (file, _))| (file.as_str(), name.as_str())).collect();
         let mut order = Vec::new();
         for name in wanted {
             let name = name.replace('-', "_");
@@ -105,17 +76,11 @@ impl Kernel {
                 if builtin.lines().any(|l| module_name(l) == name) {
                     continue;
                 }
-                return Err(KernelError::UnknownModule {
-                    name,
-                    dep: dep_path,
-                });
+                return Err(KernelError::UnknownModule { name, dep: dep_path });
             }
             visit(&name, &deps, &by_file, &mut order);
         }
-        Ok(order
-            .into_iter()
-            .map(|file| self.modules.join(file))
-            .collect())
+        Ok(order.into_iter().map(|file| self.modules.join(file)).collect())
     }
 }
 
@@ -198,11 +163,7 @@ mod tests {
     #[test]
     fn modules_come_after_their_dependencies() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let k = Kernel {
-            image: "vmlinuz-x".into(),
-            version: "x".into(),
-            modules: dir.path().to_owned(),
-        };
+        let k = Kernel { image: "vmlinuz-x".into(), version: "x".into(), modules: dir.path().to_owned() };
         fs::write(
             dir.path().join("modules.dep"),
             "kernel/d/virtio_pci.ko: kernel/d/virtio_pci_legacy_dev.ko kernel/d/virtio.ko kernel/d/virtio_ring.ko\n\
@@ -212,31 +173,10 @@ mod tests {
              kernel/d/virtio_pci_legacy_dev.ko:\n",
         )
         .expect("write");
-        fs::write(
-            dir.path().join("modules.builtin"),
-            "kernel/fs/ext4/ext4.ko\n",
-        )
-        .expect("write");
-        let got = k
-            .resolve_modules(&["virtio_pci", "virtio-blk", "ext4"])
-            .expect("resolve");
-        let names: Vec<String> = got
-            .iter()
-            .map(|p| module_name(&p.to_string_lossy()))
-            .collect();
-        assert_eq!(
-            names,
-            [
-                "virtio_pci_legacy_dev",
-                "virtio_ring",
-                "virtio",
-                "virtio_pci",
-                "virtio_blk"
-            ]
-        );
-        assert!(matches!(
-            k.resolve_modules(&["nope"]),
-            Err(KernelError::UnknownModule { .. })
-        ));
+        fs::write(dir.path().join("modules.builtin"), "kernel/fs/ext4/ext4.ko\n").expect("write");
+        let got = k.resolve_modules(&["virtio_pci", "virtio-blk", "ext4"]).expect("resolve");
+        let names: Vec<String> = got.iter().map(|p| module_name(&p.to_string_lossy())).collect();
+        assert_eq!(names, ["virtio_pci_legacy_dev", "virtio_ring", "virtio", "virtio_pci", "virtio_blk"]);
+        assert!(matches!(k.resolve_modules(&["nope"]), Err(KernelError::UnknownModule { .. })));
     }
 }

@@ -1,9 +1,14 @@
 //! image-builder: makes the base images construir boots (`images/i<N>/`).
 
+pub mod command;
+pub mod debootstrap;
+pub mod ext4;
 pub mod initramfs;
 pub mod kernel;
 pub mod mini;
 pub mod output;
+pub mod sources;
+pub mod verify;
 
 /// One progress line to stderr.
 #[macro_export]

@@ -5,14 +5,14 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use std::time::Duration;
+
+use construir_image_builder::debootstrap::{self, DebootstrapOptions};
 use construir_image_builder::mini::{self, MiniOptions};
+use construir_image_builder::verify::{self, VerifyOptions};
 
 #[derive(Parser)]
-#[command(
-    name = "image-builder",
-    version,
-    about = "Make base images for construir (images/i<N>/)"
-)]
+#[command(name = "image-builder", version, about = "Make base images for construir (images/i<N>/)")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -38,25 +38,88 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// A Debian image (needs root): debootstrap minbase with linux-image-amd64,
+    /// build-essential, bzip2 and xz-utils, construir-init, a root disk in qcow2.
+    Debootstrap {
+        /// The image directory to create (e.g. images/i100).
+        #[arg(long)]
+        out: PathBuf,
+        /// Debian suite.
+        #[arg(long, default_value = "bookworm")]
+        suite: String,
+        /// More packages, comma separated.
+        #[arg(long, value_name = "PKG,...", value_delimiter = ',')]
+        include: Vec<String>,
+        /// Debian mirror [default: the one this machine's apt sources use for SUITE].
+        #[arg(long, value_name = "URL")]
+        mirror: Option<String>,
+        /// Size of the root filesystem (room for jobs to build in; sparse).
+        #[arg(long, default_value = "20G", value_parser = parse_size_arg)]
+        size: u64,
+        /// construir-init to install [default: the one beside this program].
+        #[arg(long, value_name = "PATH")]
+        init: Option<PathBuf>,
+        /// Keep downloaded packages here between builds (debootstrap --cache-dir).
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+        /// Replace an existing image at --out.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check an image's files against its image.toml, then boot it with a
+    /// smoke job and report whether the job ran and came back.
+    Verify {
+        /// The image directory (e.g. images/i100).
+        image: PathBuf,
+        /// construir-host to run the job with [default: the one beside this program].
+        #[arg(long, value_name = "PATH")]
+        host: Option<PathBuf>,
+        /// How long the smoke job may take.
+        #[arg(long, default_value = "300")]
+        timeout_secs: u64,
+        /// Accelerator: auto, kvm or tcg.
+        #[arg(long, default_value = "auto")]
+        accel: String,
+    },
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a size (e.g. 20G)"))?;
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("{s:?} is not a size (e.g. 20G)")),
+    };
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Mini {
-            out,
-            kernel,
-            init,
-            busybox,
-            force,
-        } => {
-            let path = mini::build(&MiniOptions {
-                out,
-                kernel,
-                init,
-                busybox,
-                force,
-            })?;
+        Command::Mini { out, kernel, init, busybox, force } => {
+            let path = mini::build(&MiniOptions { out, kernel, init, busybox, force })?;
             println!("{}", path.display());
+        }
+        Command::Debootstrap { out, suite, include, mirror, size, init, cache, force } => {
+            let path =
+                debootstrap::build(&DebootstrapOptions { out, suite, include, mirror, size, init, cache, force })?;
+            println!("{}", path.display());
+        }
+        Command::Verify { image, host, timeout_secs, accel } => {
+            let opts = VerifyOptions { image: image.clone(), host, timeout: Duration::from_secs(timeout_secs), accel };
+            let report = verify::verify(&opts)?;
+            println!(
+                "{}: the smoke job ran ({}) and came back in {:.1} s",
+                image.display(),
+                report.status.result.as_str(),
+                report.seconds
+            );
+            print!("{}", report.output);
         }
     }
     Ok(())

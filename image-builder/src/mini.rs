@@ -29,11 +29,7 @@ pub struct MiniOptions {
 }
 
 pub fn build(opts: &MiniOptions) -> Result<PathBuf> {
-    let kernel = Kernel::find(
-        opts.kernel.as_deref(),
-        Path::new("/boot"),
-        Path::new("/lib/modules"),
-    )?;
+    let kernel = Kernel::find(opts.kernel.as_deref(), Path::new("/boot"), Path::new("/lib/modules"))?;
     say!("kernel {} ({})", kernel.version, kernel.image.display());
     let init = find_init(opts.init.as_deref())?;
     say!("init {}", init.display());
@@ -41,26 +37,18 @@ pub fn build(opts: &MiniOptions) -> Result<PathBuf> {
     let modules = kernel.resolve_modules(MODULES)?;
     say!(
         "modules: {}",
-        modules
-            .iter()
-            .map(|m| m.file_name().unwrap_or_default().to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ")
+        modules.iter().map(|m| m.file_name().unwrap_or_default().to_string_lossy()).collect::<Vec<_>>().join(" ")
     );
 
     let staging = Staging::new(&opts.out, opts.force)?;
     fs::copy(&kernel.image, staging.dir.join("vmlinuz"))
         .with_context(|| format!("cannot copy {}", kernel.image.display()))?;
     let initrd = staging.dir.join("initrd.img");
-    let file =
-        fs::File::create(&initrd).with_context(|| format!("cannot create {}", initrd.display()))?;
+    let file = fs::File::create(&initrd).with_context(|| format!("cannot create {}", initrd.display()))?;
     let mut cpio = Cpio::new(BufWriter::new(file));
     write_root(&mut cpio, &init, &opts.busybox, &modules).context("cannot write the initramfs")?;
     cpio.finish().context("cannot write the initramfs")?;
-    say!(
-        "initramfs {} bytes",
-        fs::metadata(&initrd).map(|m| m.len()).unwrap_or(0)
-    );
+    say!("initramfs {} bytes", fs::metadata(&initrd).map(|m| m.len()).unwrap_or(0));
 
     let manifest = ImageManifest {
         kind: "mini".into(),
@@ -88,20 +76,9 @@ fn write_root<W: std::io::Write>(
     busybox: &Path,
     modules: &[PathBuf],
 ) -> std::io::Result<()> {
-    for dir in [
-        "dev",
-        "proc",
-        "sys",
-        "run",
-        "tmp",
-        "job",
-        "root",
-        "etc/construir",
-        "bin",
-        "sbin",
-        "usr/bin",
-        "usr/sbin",
-    ] {
+    for dir in
+        ["dev", "proc", "sys", "run", "tmp", "job", "root", "etc/construir", "bin", "sbin", "usr/bin", "usr/sbin"]
+    {
         cpio.dir(dir, if dir == "tmp" { 0o1777 } else { 0o755 })?;
     }
     // The kernel opens /dev/console for PID 1 before devtmpfs is mounted.
@@ -116,11 +93,7 @@ fn write_root<W: std::io::Write>(
     }
     let mut list = String::new();
     for module in modules {
-        let rel = module
-            .strip_prefix("/")
-            .unwrap_or(module)
-            .to_string_lossy()
-            .into_owned();
+        let rel = module.strip_prefix("/").unwrap_or(module).to_string_lossy().into_owned();
         cpio.copy(&rel, 0o644, module)?;
         list.push('/');
         list.push_str(&rel);
@@ -140,16 +113,9 @@ fn write_root<W: std::io::Write>(
 fn busybox_applets(busybox: &Path) -> std::io::Result<Vec<String>> {
     let out = Command::new(busybox).arg("--list-full").output()?;
     if !out.status.success() {
-        return Err(std::io::Error::other(format!(
-            "{} --list-full failed",
-            busybox.display()
-        )));
+        return Err(std::io::Error::other(format!("{} --list-full failed", busybox.display())));
     }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .filter(|l| !l.is_empty())
-        .collect())
+    Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).filter(|l| !l.is_empty()).collect())
 }
 
 /// `--init`, else construir-init beside this program (a normal cargo build puts them together).
@@ -160,7 +126,10 @@ pub fn find_init(explicit: Option<&Path>) -> Result<PathBuf> {
             let me = std::env::current_exe().context("cannot find this program's own path")?;
             let beside = me.with_file_name("construir-init");
             if !beside.exists() {
-                bail!("cannot find construir-init beside {} (run `cargo build --workspace`, or give --init PATH)", me.display());
+                bail!(
+                    "cannot find construir-init beside {} (run `cargo build --workspace`, or give --init PATH)",
+                    me.display()
+                );
             }
             beside
         }
@@ -170,13 +139,9 @@ pub fn find_init(explicit: Option<&Path>) -> Result<PathBuf> {
 }
 
 fn check_static(path: &Path, what: &str) -> Result<()> {
-    let is_static =
-        is_static_elf(path).with_context(|| format!("cannot read {what} at {}", path.display()))?;
+    let is_static = is_static_elf(path).with_context(|| format!("cannot read {what} at {}", path.display()))?;
     if !is_static {
-        bail!(
-            "{what} at {} is not a statically linked 64-bit program",
-            path.display()
-        );
+        bail!("{what} at {} is not a statically linked 64-bit program", path.display());
     }
     Ok(())
 }

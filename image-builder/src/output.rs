@@ -29,34 +29,15 @@ pub struct Staging {
 impl Staging {
     pub fn new(out: &Path, force: bool) -> Result<Staging, OutputError> {
         if out.exists() && !force {
-            return Err(OutputError::Exists {
-                path: out.to_owned(),
-            });
+            return Err(OutputError::Exists { path: out.to_owned() });
         }
-        let name = out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "image".into());
-        let parent = out
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        fs::create_dir_all(parent).map_err(|source| OutputError::Io {
-            path: parent.to_owned(),
-            source,
-        })?;
+        let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        fs::create_dir_all(parent).map_err(|source| OutputError::Io { path: parent.to_owned(), source })?;
         let dir = parent.join(format!(".{name}.building-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        fs::create_dir(&dir).map_err(|source| OutputError::Io {
-            path: dir.clone(),
-            source,
-        })?;
-        Ok(Staging {
-            dir,
-            out: out.to_owned(),
-            force,
-            done: false,
-        })
+        fs::create_dir(&dir).map_err(|source| OutputError::Io { path: dir.clone(), source })?;
+        Ok(Staging { dir, out: out.to_owned(), force, done: false })
     }
 
     /// Sums every file, writes `image.toml`, and moves the image into place.
@@ -66,17 +47,11 @@ impl Staging {
             move |source| OutputError::Io { path, source }
         };
         let mut sums = BTreeMap::new();
-        let mut names: Vec<_> = fs::read_dir(&self.dir)
-            .map_err(io_err(&self.dir))?
-            .filter_map(|e| e.ok())
-            .collect();
+        let mut names: Vec<_> = fs::read_dir(&self.dir).map_err(io_err(&self.dir))?.filter_map(|e| e.ok()).collect();
         names.sort_by_key(|e| e.file_name());
         for entry in names {
             let name = entry.file_name().to_string_lossy().into_owned();
-            sums.insert(
-                name,
-                sha256_file(&entry.path()).map_err(io_err(&entry.path()))?,
-            );
+            sums.insert(name, sha256_file(&entry.path()).map_err(io_err(&entry.path()))?);
         }
         manifest.sha256 = sums;
         let manifest_path = self.dir.join(MANIFEST);

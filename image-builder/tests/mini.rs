@@ -7,23 +7,12 @@ use std::process::{Command, Output};
 use jobfile::image::ImageManifest;
 
 fn builder(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_image-builder"))
-        .args(args)
-        .output()
-        .expect("run image-builder")
+    Command::new(env!("CARGO_BIN_EXE_image-builder")).args(args).output().expect("run image-builder")
 }
 
 fn cpio_listing(initrd: &Path) -> String {
-    let out = Command::new("cpio")
-        .args(["-itv", "--quiet", "-F"])
-        .arg(initrd)
-        .output()
-        .expect("cpio(1)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("cpio").args(["-itv", "--quiet", "-F"]).arg(initrd).output().expect("cpio(1)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).expect("utf8")
 }
 
@@ -32,31 +21,13 @@ fn mini_builds_a_complete_image_with_a_manifest_that_matches_its_files() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out_dir = tmp.path().join("images/i0");
     let out = builder(&["mini", "--out", out_dir.to_str().expect("utf8")]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let log = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        log.contains("image-builder: kernel ") && log.contains("image-builder: image ready at"),
-        "{log}"
-    );
+    assert!(log.contains("image-builder: kernel ") && log.contains("image-builder: image ready at"), "{log}");
 
     let m = ImageManifest::load(&out_dir).expect("image.toml loads");
-    assert_eq!(
-        (
-            m.kind.as_str(),
-            m.job_device.as_str(),
-            m.root_disk.as_deref()
-        ),
-        ("mini", "/dev/vda", None)
-    );
-    assert!(
-        Path::new("/lib/modules").join(&m.kernel_version).is_dir(),
-        "kernel version {}",
-        m.kernel_version
-    );
+    assert_eq!((m.kind.as_str(), m.job_device.as_str(), m.root_disk.as_deref()), ("mini", "/dev/vda", None));
+    assert!(Path::new("/lib/modules").join(&m.kernel_version).is_dir(), "kernel version {}", m.kernel_version);
     let names: Vec<&String> = m.sha256.keys().collect();
     assert_eq!(names, ["initrd.img", "vmlinuz"]);
     for (file, sum) in &m.sha256 {
@@ -81,10 +52,7 @@ fn mini_builds_a_complete_image_with_a_manifest_that_matches_its_files() {
         " dev/console\n",
         "virtio_blk.ko\n",
     ] {
-        assert!(
-            listing.contains(want),
-            "{want:?} missing from the initramfs:\n{listing}"
-        );
+        assert!(listing.contains(want), "{want:?} missing from the initramfs:\n{listing}");
     }
     // The module list loads dependencies first: virtio_blk after virtio_ring.
     let extract = tmp.path().join("x");
@@ -97,24 +65,10 @@ fn mini_builds_a_complete_image_with_a_manifest_that_matches_its_files() {
         .expect("cpio");
     assert!(status.success());
     let modules = fs::read_to_string(extract.join("etc/construir/modules")).expect("module list");
-    let order: Vec<&str> = modules
-        .lines()
-        .map(|l| l.rsplit('/').next().unwrap_or(l))
-        .collect();
-    let pos = |m: &str| {
-        order
-            .iter()
-            .position(|o| *o == m)
-            .unwrap_or_else(|| panic!("{m} not in {order:?}"))
-    };
-    assert!(
-        pos("virtio_ring.ko") < pos("virtio_blk.ko") && pos("virtio.ko") < pos("virtio_pci.ko"),
-        "{order:?}"
-    );
-    let file = Command::new("file")
-        .arg(extract.join("init"))
-        .output()
-        .expect("file(1)");
+    let order: Vec<&str> = modules.lines().map(|l| l.rsplit('/').next().unwrap_or(l)).collect();
+    let pos = |m: &str| order.iter().position(|o| *o == m).unwrap_or_else(|| panic!("{m} not in {order:?}"));
+    assert!(pos("virtio_ring.ko") < pos("virtio_blk.ko") && pos("virtio.ko") < pos("virtio_pci.ko"), "{order:?}");
+    let file = Command::new("file").arg(extract.join("init")).output().expect("file(1)");
     assert!(
         String::from_utf8_lossy(&file.stdout).contains("statically linked"),
         "{}",
@@ -130,37 +84,21 @@ fn mini_builds_a_complete_image_with_a_manifest_that_matches_its_files() {
         String::from_utf8_lossy(&again.stderr)
     );
     let forced = builder(&["mini", "--out", out_dir.to_str().expect("utf8"), "--force"]);
-    assert!(
-        forced.status.success(),
-        "{}",
-        String::from_utf8_lossy(&forced.stderr)
-    );
+    assert!(forced.status.success(), "{}", String::from_utf8_lossy(&forced.stderr));
 }
 
 #[test]
 fn mini_refuses_a_dynamic_init_and_a_missing_kernel() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("i1");
-    let dynamic = builder(&[
-        "mini",
-        "--out",
-        out.to_str().expect("utf8"),
-        "--init",
-        "/bin/ls",
-    ]);
+    let dynamic = builder(&["mini", "--out", out.to_str().expect("utf8"), "--init", "/bin/ls"]);
     assert!(!dynamic.status.success());
     assert!(
         String::from_utf8_lossy(&dynamic.stderr).contains("is not a statically linked"),
         "{}",
         String::from_utf8_lossy(&dynamic.stderr)
     );
-    let nokernel = builder(&[
-        "mini",
-        "--out",
-        out.to_str().expect("utf8"),
-        "--kernel",
-        "/nonexistent/vmlinuz-1.2.3",
-    ]);
+    let nokernel = builder(&["mini", "--out", out.to_str().expect("utf8"), "--kernel", "/nonexistent/vmlinuz-1.2.3"]);
     assert!(!nokernel.status.success());
     assert!(!out.exists(), "no image is left after a failure");
 }

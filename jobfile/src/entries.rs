@@ -37,29 +37,21 @@ pub enum ArchiveError {
     #[error("tar header at byte {offset} has an unreadable {field}")]
     BadField { offset: u64, field: &'static str },
     #[error("{what} at byte {offset} is {size} bytes; the limit is {limit}")]
-    MetadataTooLarge {
-        what: &'static str,
-        offset: u64,
-        size: u64,
-        limit: u64,
-    },
+    MetadataTooLarge { what: &'static str, offset: u64, size: u64, limit: u64 },
     #[error("two {what} headers in a row at byte {offset}")]
     DuplicateExtension { what: &'static str, offset: u64 },
     #[error("malformed pax header at byte {offset}")]
     BadPax { offset: u64 },
     #[error("malformed sparse map at byte {offset}")]
     BadSparse { offset: u64 },
-    #[error(
-        "unsupported sparse format {0} at byte {1} (GNU old sparse and pax 1.0 are supported)"
-    )]
+    #[error("unsupported sparse format {0} at byte {1} (GNU old sparse and pax 1.0 are supported)")]
     UnsupportedSparse(String, u64),
 }
 
 impl From<io::Error> for ArchiveError {
     fn from(e: io::Error) -> Self {
         if e.get_ref().is_some_and(|inner| inner.is::<ArchiveError>()) {
-            if let Some(Ok(archive)) = e.into_inner().map(|inner| inner.downcast::<ArchiveError>())
-            {
+            if let Some(Ok(archive)) = e.into_inner().map(|inner| inner.downcast::<ArchiveError>()) {
                 return *archive;
             }
             return ArchiveError::Read(io::Error::other("archive error lost in transit"));
@@ -168,12 +160,7 @@ pub struct ArchiveReader<R> {
 
 impl<R: Read> ArchiveReader<R> {
     pub fn new(inner: R) -> Self {
-        ArchiveReader {
-            inner,
-            offset: 0,
-            current: None,
-            ended: false,
-        }
+        ArchiveReader { inner, offset: 0, current: None, ended: false }
     }
 
     /// The next entry's header, or `None` at the end of the archive. Whatever
@@ -193,11 +180,7 @@ impl<R: Read> ArchiveReader<R> {
                     self.ended = true;
                     return Ok(None);
                 }
-                n if n < block.len() => {
-                    return Err(ArchiveError::Truncated {
-                        offset: self.offset,
-                    })
-                }
+                n if n < block.len() => return Err(ArchiveError::Truncated { offset: self.offset }),
                 _ => {}
             }
             if block.iter().all(|&b| b == 0) {
@@ -210,10 +193,8 @@ impl<R: Read> ArchiveReader<R> {
             check_checksum(&block, at)?;
             let header = tar::Header::from_byte_slice(&block);
             let flag = block[156];
-            let raw_size = parse_numeric(&block[124..136]).ok_or(ArchiveError::BadField {
-                offset: at,
-                field: "size",
-            })?;
+            let raw_size =
+                parse_numeric(&block[124..136]).ok_or(ArchiveError::BadField { offset: at, field: "size" })?;
             match flag {
                 b'L' => {
                     let name = self.read_meta(raw_size, MAX_LONG_NAME, "GNU long name", at)?;
@@ -232,11 +213,7 @@ impl<R: Read> ArchiveReader<R> {
                     let data = self.read_meta(raw_size, MAX_PAX, "pax global header", at)?;
                     parse_pax(&data, at)?;
                 }
-                _ => {
-                    return self
-                        .start_entry(&block, header, raw_size, pending, at)
-                        .map(Some)
-                }
+                _ => return self.start_entry(&block, header, raw_size, pending, at).map(Some),
             }
         }
     }
@@ -253,8 +230,7 @@ impl<R: Read> ArchiveReader<R> {
         let stored = match &cur.sparse {
             None => Some(cur.size - cur.pos),
             Some(map) => {
-                while cur.segment < map.len() && map[cur.segment].0 + map[cur.segment].1 <= cur.pos
-                {
+                while cur.segment < map.len() && map[cur.segment].0 + map[cur.segment].1 <= cur.pos {
                     cur.segment += 1;
                 }
                 match map.get(cur.segment) {
@@ -273,15 +249,11 @@ impl<R: Read> ArchiveReader<R> {
             Some(n) => {
                 let want = n.min(buf.len() as u64).min(cur.raw_left) as usize;
                 if want == 0 {
-                    return Err(ArchiveError::Truncated {
-                        offset: self.offset,
-                    });
+                    return Err(ArchiveError::Truncated { offset: self.offset });
                 }
                 let got = self.fill(&mut buf[..want])?;
                 if got < want {
-                    return Err(ArchiveError::Truncated {
-                        offset: self.offset,
-                    });
+                    return Err(ArchiveError::Truncated { offset: self.offset });
                 }
                 let cur = self.current.as_mut().expect("checked above");
                 cur.raw_left -= got as u64;
@@ -321,29 +293,16 @@ impl<R: Read> ArchiveReader<R> {
         at: u64,
     ) -> Result<Header, ArchiveError> {
         let pax = pending.pax.unwrap_or_default();
-        let pax_get = |key: &[u8]| {
-            pax.iter()
-                .rev()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.clone())
-        };
+        let pax_get = |key: &[u8]| pax.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.clone());
         let pax_num = |key: &[u8], field: &'static str| -> Result<Option<u64>, ArchiveError> {
-            pax_get(key)
-                .map(|v| parse_decimal(&v).ok_or(ArchiveError::BadField { offset: at, field }))
-                .transpose()
+            pax_get(key).map(|v| parse_decimal(&v).ok_or(ArchiveError::BadField { offset: at, field })).transpose()
         };
-        let mut path = pax_get(b"path")
-            .or(pending.long_name)
-            .unwrap_or_else(|| header.path_bytes().into_owned());
-        let link = pax_get(b"linkpath")
-            .or(pending.long_link)
-            .or_else(|| header.link_name_bytes().map(|l| l.into_owned()));
+        let mut path = pax_get(b"path").or(pending.long_name).unwrap_or_else(|| header.path_bytes().into_owned());
+        let link =
+            pax_get(b"linkpath").or(pending.long_link).or_else(|| header.link_name_bytes().map(|l| l.into_owned()));
         let raw_size = pax_num(b"size", "pax size")?.unwrap_or(raw_size);
         let field = |range: std::ops::Range<usize>, name: &'static str| {
-            parse_numeric(&block[range]).ok_or(ArchiveError::BadField {
-                offset: at,
-                field: name,
-            })
+            parse_numeric(&block[range]).ok_or(ArchiveError::BadField { offset: at, field: name })
         };
         let mode = field(100..108, "mode")? as u32 & 0o7777;
         let uid = match pax_num(b"uid", "pax uid")? {
@@ -355,23 +314,13 @@ impl<R: Read> ArchiveReader<R> {
             None => field(116..124, "gid")?,
         };
         let mtime = match pax_get(b"mtime") {
-            Some(v) => parse_pax_time(&v).ok_or(ArchiveError::BadField {
-                offset: at,
-                field: "pax mtime",
-            })?,
+            Some(v) => parse_pax_time(&v).ok_or(ArchiveError::BadField { offset: at, field: "pax mtime" })?,
             None => field(136..148, "mtime")? as i64,
         };
         let flag = block[156];
         let kind = Kind::from_flag(flag);
         let pad = (BLOCK - raw_size % BLOCK) % BLOCK;
-        self.current = Some(Current {
-            raw_left: raw_size,
-            pad,
-            pos: 0,
-            size: raw_size,
-            sparse: None,
-            segment: 0,
-        });
+        self.current = Some(Current { raw_left: raw_size, pad, pos: 0, size: raw_size, sparse: None, segment: 0 });
 
         let mut size = raw_size;
         if flag == b'S' {
@@ -380,11 +329,7 @@ impl<R: Read> ArchiveReader<R> {
         } else if let Some(major) = pax_get(b"GNU.sparse.major") {
             let minor = pax_get(b"GNU.sparse.minor").unwrap_or_default();
             if major != b"1" || minor != b"0" {
-                let version = format!(
-                    "{}.{}",
-                    String::from_utf8_lossy(&major),
-                    String::from_utf8_lossy(&minor)
-                );
+                let version = format!("{}.{}", String::from_utf8_lossy(&major), String::from_utf8_lossy(&minor));
                 return Err(ArchiveError::UnsupportedSparse(version, at));
             }
             if let Some(name) = pax_get(b"GNU.sparse.name") {
@@ -404,32 +349,16 @@ impl<R: Read> ArchiveReader<R> {
         if let Some(cur) = self.current.as_mut() {
             cur.size = size;
         }
-        Ok(Header {
-            path,
-            kind,
-            mode,
-            uid,
-            gid,
-            mtime,
-            size,
-            link: link.filter(|l| !l.is_empty()),
-        })
+        Ok(Header { path, kind, mode, uid, gid, mtime, size, link: link.filter(|l| !l.is_empty()) })
     }
 
     /// Checks a sparse map against the stored bytes and installs it; returns the real size.
-    fn set_sparse(
-        &mut self,
-        map: Vec<(u64, u64)>,
-        real: u64,
-        at: u64,
-    ) -> Result<u64, ArchiveError> {
+    fn set_sparse(&mut self, map: Vec<(u64, u64)>, real: u64, at: u64) -> Result<u64, ArchiveError> {
         let cur = self.current.as_mut().expect("set by start_entry");
         let mut end = 0u64;
         let mut stored = 0u64;
         for &(off, len) in &map {
-            let seg_end = off
-                .checked_add(len)
-                .ok_or(ArchiveError::BadSparse { offset: at })?;
+            let seg_end = off.checked_add(len).ok_or(ArchiveError::BadSparse { offset: at })?;
             if off < end || seg_end > real {
                 return Err(ArchiveError::BadSparse { offset: at });
             }
@@ -444,25 +373,15 @@ impl<R: Read> ArchiveReader<R> {
     }
 
     /// The old GNU sparse map: four slots in the header, 21 more per extension block.
-    fn gnu_sparse_map(
-        &mut self,
-        block: &[u8; 512],
-        at: u64,
-    ) -> Result<(Vec<(u64, u64)>, u64), ArchiveError> {
+    fn gnu_sparse_map(&mut self, block: &[u8; 512], at: u64) -> Result<(Vec<(u64, u64)>, u64), ArchiveError> {
         let bad = ArchiveError::BadSparse { offset: at };
-        let gnu = tar::Header::from_byte_slice(block)
-            .as_gnu()
-            .ok_or(ArchiveError::BadSparse { offset: at })?;
-        let real = gnu
-            .real_size()
-            .map_err(|_| ArchiveError::BadSparse { offset: at })?;
+        let gnu = tar::Header::from_byte_slice(block).as_gnu().ok_or(ArchiveError::BadSparse { offset: at })?;
+        let real = gnu.real_size().map_err(|_| ArchiveError::BadSparse { offset: at })?;
         let mut map = Vec::new();
         for s in gnu.sparse.iter().filter(|s| !s.is_empty()) {
             map.push((
-                s.offset()
-                    .map_err(|_| ArchiveError::BadSparse { offset: at })?,
-                s.length()
-                    .map_err(|_| ArchiveError::BadSparse { offset: at })?,
+                s.offset().map_err(|_| ArchiveError::BadSparse { offset: at })?,
+                s.length().map_err(|_| ArchiveError::BadSparse { offset: at })?,
             ));
         }
         let mut extended = gnu.is_extended();
@@ -472,9 +391,7 @@ impl<R: Read> ArchiveReader<R> {
             }
             let mut ext = [0u8; BLOCK as usize];
             if self.fill(&mut ext)? < ext.len() {
-                return Err(ArchiveError::Truncated {
-                    offset: self.offset,
-                });
+                return Err(ArchiveError::Truncated { offset: self.offset });
             }
             // An extension block is 21 slots of (offset, length) as 12-byte octal, then the flag.
             for slot in ext[..21 * 24].chunks(24) {
@@ -503,9 +420,7 @@ impl<R: Read> ArchiveReader<R> {
             }
             cur.raw_left -= BLOCK;
             if self.fill(&mut block)? < block.len() {
-                return Err(ArchiveError::Truncated {
-                    offset: self.offset,
-                });
+                return Err(ArchiveError::Truncated { offset: self.offset });
             }
             for &b in &block {
                 if count.is_some_and(|c| numbers.len() as u64 == 2 * c) {
@@ -514,8 +429,7 @@ impl<R: Read> ArchiveReader<R> {
                 match b {
                     b'0'..=b'9' if digits.len() < 20 => digits.push(b),
                     b'\n' => {
-                        let n =
-                            parse_decimal(&digits).ok_or(ArchiveError::BadSparse { offset: at })?;
+                        let n = parse_decimal(&digits).ok_or(ArchiveError::BadSparse { offset: at })?;
                         digits.clear();
                         match count {
                             None if n as usize <= MAX_SPARSE_SEGMENTS => count = Some(n),
@@ -533,26 +447,13 @@ impl<R: Read> ArchiveReader<R> {
     }
 
     /// Reads a metadata entry's contents (and its padding), refusing more than `limit`.
-    fn read_meta(
-        &mut self,
-        size: u64,
-        limit: u64,
-        what: &'static str,
-        at: u64,
-    ) -> Result<Vec<u8>, ArchiveError> {
+    fn read_meta(&mut self, size: u64, limit: u64, what: &'static str, at: u64) -> Result<Vec<u8>, ArchiveError> {
         if size > limit {
-            return Err(ArchiveError::MetadataTooLarge {
-                what,
-                offset: at,
-                size,
-                limit,
-            });
+            return Err(ArchiveError::MetadataTooLarge { what, offset: at, size, limit });
         }
         let mut data = vec![0u8; size as usize];
         if self.fill(&mut data)? < data.len() {
-            return Err(ArchiveError::Truncated {
-                offset: self.offset,
-            });
+            return Err(ArchiveError::Truncated { offset: self.offset });
         }
         self.skip((BLOCK - size % BLOCK) % BLOCK)?;
         Ok(data)
@@ -569,9 +470,7 @@ impl<R: Read> ArchiveReader<R> {
         let copied = io::copy(&mut (&mut self.inner).take(n), &mut io::sink())?;
         self.offset += copied;
         if copied < n {
-            return Err(ArchiveError::Truncated {
-                offset: self.offset,
-            });
+            return Err(ArchiveError::Truncated { offset: self.offset });
         }
         Ok(())
     }
@@ -612,12 +511,7 @@ impl Pending {
     }
 }
 
-fn set_once<T>(
-    slot: &mut Option<T>,
-    value: T,
-    what: &'static str,
-    offset: u64,
-) -> Result<(), ArchiveError> {
+fn set_once<T>(slot: &mut Option<T>, value: T, what: &'static str, offset: u64) -> Result<(), ArchiveError> {
     if slot.is_some() {
         return Err(ArchiveError::DuplicateExtension { what, offset });
     }
@@ -670,10 +564,7 @@ fn parse_numeric(field: &[u8]) -> Option<u64> {
 
 /// An octal field: optional spaces, digits, then NUL or spaces.
 fn parse_octal(field: &[u8]) -> Option<u64> {
-    let s = field
-        .iter()
-        .skip_while(|&&b| b == b' ')
-        .take_while(|&&b| b != 0 && b != b' ');
+    let s = field.iter().skip_while(|&&b| b == b' ').take_while(|&&b| b != 0 && b != b' ');
     let mut v: u64 = 0;
     let mut any = false;
     for &b in s {
@@ -760,8 +651,7 @@ mod tests {
         b.append_data(&mut h, &long, &b"hello"[..]).expect("append");
         let mut l = tar::Header::new_gnu();
         l.set_entry_type(tar::EntryType::Symlink);
-        b.append_link(&mut l, "link", "t/".repeat(80) + "x")
-            .expect("link");
+        b.append_link(&mut l, "link", "t/".repeat(80) + "x").expect("link");
         let bytes = b.into_inner().expect("finish");
         let got = entries_of(&bytes).expect("read");
         assert_eq!(got.len(), 2);
@@ -769,10 +659,7 @@ mod tests {
         assert_eq!(got[0].0.mode, 0o755);
         assert_eq!(got[0].1, b"hello");
         assert_eq!(got[1].0.kind, Kind::Symlink);
-        assert_eq!(
-            got[1].0.link.as_deref(),
-            Some(("t/".repeat(80) + "x").as_bytes())
-        );
+        assert_eq!(got[1].0.link.as_deref(), Some(("t/".repeat(80) + "x").as_bytes()));
     }
 
     #[test]
@@ -796,12 +683,9 @@ mod tests {
 
     #[test]
     fn pax_records_override_the_header() {
-        let records = [
-            pax_record("path", "pax/named/file.bin"),
-            pax_record("linkpath", "target"),
-            pax_record("size", "3"),
-        ]
-        .concat();
+        let records =
+            [pax_record("path", "pax/named/file.bin"), pax_record("linkpath", "target"), pax_record("size", "3")]
+                .concat();
         let mut bytes = header_block(b"PaxHeader", b'x', records.len() as u64).to_vec();
         bytes.extend_from_slice(&records);
         bytes.resize(1024, 0);
@@ -818,27 +702,16 @@ mod tests {
     fn corrupt_headers_are_errors_not_panics() {
         let mut bad = header_block(b"x", b'0', 0);
         bad[0] ^= 1;
-        assert!(matches!(
-            entries_of(&bad),
-            Err(ArchiveError::BadChecksum { offset: 0 })
-        ));
+        assert!(matches!(entries_of(&bad), Err(ArchiveError::BadChecksum { offset: 0 })));
         let short = header_block(b"x", b'0', 100);
-        assert!(matches!(
-            entries_of(&short),
-            Err(ArchiveError::Truncated { .. })
-        ));
-        assert!(matches!(
-            entries_of(&short[..300]),
-            Err(ArchiveError::Truncated { .. })
-        ));
+        assert!(matches!(entries_of(&short), Err(ArchiveError::Truncated { .. })));
+        assert!(matches!(entries_of(&short[..300]), Err(ArchiveError::Truncated { .. })));
         let mut pax = header_block(b"p", b'x', 12).to_vec();
         pax.extend_from_slice(b"99 path=x\n\0\0");
         pax.resize(2048, 0);
         assert!(matches!(entries_of(&pax), Err(ArchiveError::BadPax { .. })));
         assert!(entries_of(
-            b"garbage that is no tar archive whatsoever, repeated until it is long enough"
-                .repeat(10)
-                .as_slice()
+            b"garbage that is no tar archive whatsoever, repeated until it is long enough".repeat(10).as_slice()
         )
         .is_err());
     }
@@ -849,10 +722,7 @@ mod tests {
         assert_eq!(parse_octal(b"  755 \0"), Some(0o755));
         assert_eq!(parse_octal(b"12389\0"), None);
         assert_eq!(parse_numeric(b"\0\0\0\0\0\0\0\0"), Some(0));
-        assert_eq!(
-            parse_numeric(&[0x80, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0]),
-            Some(2 << 32)
-        );
+        assert_eq!(parse_numeric(&[0x80, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0]), Some(2 << 32));
         assert_eq!(parse_numeric(&[0xff, 0xff]), None);
         assert_eq!(parse_decimal(b"123"), Some(123));
         assert_eq!(parse_decimal(b"99999999999999999999"), None);

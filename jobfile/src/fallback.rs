@@ -19,11 +19,7 @@ pub const FALLBACK_TAIL: usize = 48 << 10;
 /// Builds the fallback archive from the status and the tail of the output,
 /// shortening the tail until the stream fits `min(capacity, FALLBACK_MAX)`.
 /// Returns the stream and how many output bytes it kept.
-pub fn build(
-    status_json: &[u8],
-    output_tail: &[u8],
-    capacity: u64,
-) -> io::Result<(Vec<u8>, usize)> {
+pub fn build(status_json: &[u8], output_tail: &[u8], capacity: u64) -> io::Result<(Vec<u8>, usize)> {
     let budget = capacity.min(FALLBACK_MAX);
     let mut keep = output_tail.len().min(FALLBACK_TAIL);
     loop {

@@ -54,10 +54,7 @@ pub enum ImageError {
     #[error("cannot read {path}")]
     Read { path: PathBuf, source: io::Error },
     #[error("{path} is not a valid image manifest")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    Parse { path: PathBuf, source: toml::de::Error },
     #[error("{path} names {file}, which is missing from the image")]
     MissingFile { path: PathBuf, file: String },
     #[error("{path} names {file:?}, which is not a plain file name")]
@@ -68,34 +65,16 @@ impl ImageManifest {
     /// Reads `dir/image.toml` and checks that the files it names are there.
     pub fn load(dir: &Path) -> Result<Self, ImageError> {
         let path = dir.join(MANIFEST);
-        let text = fs::read_to_string(&path).map_err(|source| ImageError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let text = fs::read_to_string(&path).map_err(|source| ImageError::Read { path: path.clone(), source })?;
         let manifest: ImageManifest =
-            toml::from_str(&text).map_err(|source| ImageError::Parse {
-                path: path.clone(),
-                source,
-            })?;
-        for file in [
-            Some(&manifest.kernel),
-            Some(&manifest.initrd),
-            manifest.root_disk.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
+            toml::from_str(&text).map_err(|source| ImageError::Parse { path: path.clone(), source })?;
+        for file in [Some(&manifest.kernel), Some(&manifest.initrd), manifest.root_disk.as_ref()].into_iter().flatten()
         {
             if file.is_empty() || file.contains('/') || file.starts_with('.') {
-                return Err(ImageError::BadFileName {
-                    path: path.clone(),
-                    file: file.clone(),
-                });
+                return Err(ImageError::BadFileName { path: path.clone(), file: file.clone() });
             }
             if !dir.join(file).is_file() {
-                return Err(ImageError::MissingFile {
-                    path: path.clone(),
-                    file: file.clone(),
-                });
+                return Err(ImageError::MissingFile { path: path.clone(), file: file.clone() });
             }
         }
         Ok(manifest)
@@ -141,9 +120,6 @@ mod tests {
         let mut evil = sample();
         evil.kernel = "../../etc/shadow".into();
         fs::write(dir.path().join(MANIFEST), evil.to_toml()).expect("write");
-        assert!(matches!(
-            ImageManifest::load(dir.path()),
-            Err(ImageError::BadFileName { .. })
-        ));
+        assert!(matches!(ImageManifest::load(dir.path()), Err(ImageError::BadFileName { .. })));
     }
 }

@@ -42,16 +42,9 @@ pub fn read_job<R: Read>(input: R, memlimit: u64) -> Result<ArchiveReader<XzRead
 /// kept except control characters, which are escaped like everything else.
 pub fn escape(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
-        Ok(s) => s
-            .chars()
-            .map(|c| {
-                if c.is_control() {
-                    c.escape_default().to_string()
-                } else {
-                    c.to_string()
-                }
-            })
-            .collect(),
+        Ok(s) => {
+            s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+        }
         Err(_) => bytes.escape_ascii().to_string(),
     }
 }

@@ -98,10 +98,7 @@ pub fn check_name(name: &str) -> Result<(), NameError> {
     if len > MAX_NAME_LEN {
         return Err(NameError::NameTooLong(len));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
         return Err(NameError::BadChar(c));
     }
     match name.chars().next() {
@@ -112,10 +109,7 @@ pub fn check_name(name: &str) -> Result<(), NameError> {
 
 /// Checks an image number as written: 1 to 9 ASCII digits.
 pub fn check_image(image: &str) -> Result<(), NameError> {
-    if image.is_empty()
-        || image.len() > MAX_IMAGE_DIGITS
-        || !image.bytes().all(|b| b.is_ascii_digit())
-    {
+    if image.is_empty() || image.len() > MAX_IMAGE_DIGITS || !image.bytes().all(|b| b.is_ascii_digit()) {
         return Err(NameError::BadImage(image.to_owned()));
     }
     Ok(())
@@ -126,11 +120,7 @@ impl JobName {
     pub fn new(name: &str, image: &str) -> Result<Self, NameError> {
         check_name(name)?;
         check_image(image)?;
-        Ok(JobName {
-            name: name.to_owned(),
-            image: image.to_owned(),
-            stage: Stage::Input,
-        })
+        Ok(JobName { name: name.to_owned(), image: image.to_owned(), stage: Stage::Input })
     }
 
     /// Parses a file name that may be at either stage.
@@ -147,11 +137,7 @@ impl JobName {
         let image = &marker[1..];
         check_image(image)?;
         check_name(name)?;
-        Ok(JobName {
-            name: name.to_owned(),
-            image: image.to_owned(),
-            stage,
-        })
+        Ok(JobName { name: name.to_owned(), image: image.to_owned(), stage })
     }
 
     /// Parses an OS file name; anything not UTF-8 is refused.
@@ -193,10 +179,7 @@ impl JobName {
 
     /// The same job at another stage: only the `i`/`d` letter changes.
     pub fn at(&self, stage: Stage) -> JobName {
-        JobName {
-            stage,
-            ..self.clone()
-        }
+        JobName { stage, ..self.clone() }
     }
 
     /// `<name>_i<image>.tar.xz`
@@ -218,13 +201,7 @@ impl JobName {
 
 impl fmt::Display for JobName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}_{}{}{SUFFIX}",
-            self.name,
-            self.stage.letter(),
-            self.image
-        )
+        write!(f, "{}_{}{}{SUFFIX}", self.name, self.stage.letter(), self.image)
     }
 }
 
@@ -240,21 +217,12 @@ mod tests {
             ("hello_d100.tar.xz", "hello", "100", Stage::Done),
             ("a_i1.tar.xz", "a", "1", Stage::Input),
             ("my.job-2_x_i007.tar.xz", "my.job-2_x", "007", Stage::Input),
-            (
-                "name_i5_i123456789.tar.xz",
-                "name_i5",
-                "123456789",
-                Stage::Input,
-            ),
+            ("name_i5_i123456789.tar.xz", "name_i5", "123456789", Stage::Input),
             ("_lead_i3.tar.xz", "_lead", "3", Stage::Input),
         ];
         for (file, name, image, stage) in table {
             let job = JobName::parse(file).unwrap_or_else(|e| panic!("{file}: {e}"));
-            assert_eq!(
-                (job.name(), job.image(), job.stage()),
-                (name, image, stage),
-                "{file}"
-            );
+            assert_eq!((job.name(), job.image(), job.stage()), (name, image, stage), "{file}");
             assert_eq!(job.to_string(), file, "round trip of {file}");
         }
     }
@@ -267,10 +235,7 @@ mod tests {
             ("hello.tar.xz", NameError::NoImage),
             ("hello_x100.tar.xz", NameError::NoImage),
             ("hello_i.tar.xz", NameError::BadImage(String::new())),
-            (
-                "hello_i1234567890.tar.xz",
-                NameError::BadImage("1234567890".into()),
-            ),
+            ("hello_i1234567890.tar.xz", NameError::BadImage("1234567890".into())),
             ("hello_i12a.tar.xz", NameError::BadImage("12a".into())),
             ("hello_i+1.tar.xz", NameError::BadImage("+1".into())),
             ("_i100.tar.xz", NameError::EmptyName),
@@ -284,10 +249,7 @@ mod tests {
         for (file, want) in table {
             assert_eq!(JobName::parse(file), Err(want), "{file:?}");
         }
-        assert_eq!(
-            JobName::parse_input("a_d1.tar.xz"),
-            Err(NameError::NotInput)
-        );
+        assert_eq!(JobName::parse_input("a_d1.tar.xz"), Err(NameError::NotInput));
         assert_eq!(JobName::parse_done("a_i1.tar.xz"), Err(NameError::NotDone));
     }
 
@@ -295,35 +257,17 @@ mod tests {
     fn a_hundred_characters_is_the_limit() {
         let name = "x".repeat(100);
         assert!(JobName::new(&name, "1").is_ok());
-        assert_eq!(
-            JobName::new(&format!("{name}y"), "1"),
-            Err(NameError::NameTooLong(101))
-        );
+        assert_eq!(JobName::new(&format!("{name}y"), "1"), Err(NameError::NameTooLong(101)));
     }
 
     #[test]
     fn classify_leaves_uploads_in_progress_alone() {
-        for name in [
-            ".hello_i1.tar.xz",
-            "hello_i1.tar.xz.part",
-            "hello_i1.tar.xz.tmp",
-            ".",
-            "..",
-        ] {
+        for name in [".hello_i1.tar.xz", "hello_i1.tar.xz.part", "hello_i1.tar.xz.tmp", ".", ".."] {
             assert_eq!(classify(OsStr::new(name)), Entry::InProgress, "{name}");
         }
-        assert!(matches!(
-            classify(OsStr::new("hello_i1.tar.xz")),
-            Entry::Job(_)
-        ));
-        assert_eq!(
-            classify(OsStr::from_bytes(b"bad\xff_i1.tar.xz")),
-            Entry::Invalid(NameError::NotUtf8)
-        );
-        assert_eq!(
-            classify(OsStr::new("notes.txt")),
-            Entry::Invalid(NameError::NoSuffix)
-        );
+        assert!(matches!(classify(OsStr::new("hello_i1.tar.xz")), Entry::Job(_)));
+        assert_eq!(classify(OsStr::from_bytes(b"bad\xff_i1.tar.xz")), Entry::Invalid(NameError::NotUtf8));
+        assert_eq!(classify(OsStr::new("notes.txt")), Entry::Invalid(NameError::NoSuffix));
     }
 
     #[test]
@@ -331,11 +275,6 @@ mod tests {
         let job = JobName::parse("x_i_i42.tar.xz").expect("valid");
         assert_eq!(job.done_file_name(), "x_i_d42.tar.xz");
         assert_eq!(job.done_with_extension("log"), "x_i_d42.log");
-        assert_eq!(
-            JobName::parse(&job.done_file_name())
-                .expect("valid")
-                .input_file_name(),
-            "x_i_i42.tar.xz"
-        );
+        assert_eq!(JobName::parse(&job.done_file_name()).expect("valid").input_file_name(), "x_i_i42.tar.xz");
     }
 }

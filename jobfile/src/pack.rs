@@ -52,37 +52,18 @@ pub enum PackError {
 }
 
 /// Packs `dir` into `out`, failing with [`PackError::TooLarge`] past `capacity` bytes.
-pub fn pack_dir<W: Write>(
-    dir: &Path,
-    out: W,
-    capacity: u64,
-    opts: &PackOptions,
-) -> Result<(PackReport, W), PackError> {
-    let limited = Limited {
-        inner: out,
-        limit: capacity,
-        total: 0,
-    };
+pub fn pack_dir<W: Write>(dir: &Path, out: W, capacity: u64, opts: &PackOptions) -> Result<(PackReport, W), PackError> {
+    let limited = Limited { inner: out, limit: capacity, total: 0 };
     let xz = XzEncoder::new_stream(limited, encoder(opts.encode)?);
-    let mut packer = Packer {
-        tar: tar::Builder::new(xz),
-        opts,
-        report: PackReport::default(),
-        links: HashMap::new(),
-    };
+    let mut packer = Packer { tar: tar::Builder::new(xz), opts, report: PackReport::default(), links: HashMap::new() };
     packer.tar.follow_symlinks(false);
     packer.walk(dir, Path::new(""))?;
-    let Packer {
-        tar, mut report, ..
-    } = packer;
+    let Packer { tar, mut report, .. } = packer;
     let xz = tar.into_inner().map_err(PackError::Write)?;
     let mut limited = xz.finish().map_err(PackError::Write)?;
     limited.flush().map_err(PackError::Write)?;
     if limited.total > capacity {
-        return Err(PackError::TooLarge {
-            needed: limited.total,
-            capacity,
-        });
+        return Err(PackError::TooLarge { needed: limited.total, capacity });
     }
     report.compressed_len = limited.total;
     Ok((report, limited.inner))
@@ -95,13 +76,7 @@ pub fn pack_dir<W: Write>(
 pub fn pack_onto(dir: &Path, file: &mut File, opts: &PackOptions) -> Result<PackReport, PackError> {
     let capacity = zero::capacity(file).map_err(PackError::Write)?;
     file.seek(SeekFrom::Start(0)).map_err(PackError::Write)?;
-    let packed = pack_dir(
-        dir,
-        BufWriter::with_capacity(1 << 20, &mut *file),
-        capacity,
-        opts,
-    )
-    .map(|(report, _)| report);
+    let packed = pack_dir(dir, BufWriter::with_capacity(1 << 20, &mut *file), capacity, opts).map(|(report, _)| report);
     match packed {
         Ok(report) => {
             zero::zero_range(file, report.compressed_len, capacity).map_err(PackError::Write)?;
@@ -160,13 +135,7 @@ impl<W: Write> Packer<'_, W> {
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         if rel.as_os_str().is_empty() {
             // Named first entries, in the order given; then the rest, sorted.
-            let firsts: Vec<OsString> = self
-                .opts
-                .first
-                .iter()
-                .filter(|f| names.contains(f))
-                .cloned()
-                .collect();
+            let firsts: Vec<OsString> = self.opts.first.iter().filter(|f| names.contains(f)).cloned().collect();
             names.retain(|n| !firsts.contains(n));
             names.splice(0..0, firsts);
         }
@@ -186,17 +155,13 @@ impl<W: Write> Packer<'_, W> {
                 // A trailing slash, as GNU tar writes directory names.
                 let mut dir_name = arc.clone().into_os_string();
                 dir_name.push("/");
-                self.tar
-                    .append_data(&mut header, &dir_name, io::empty())
-                    .map_err(write)?;
+                self.tar.append_data(&mut header, &dir_name, io::empty()).map_err(write)?;
                 self.report.entries += 1;
                 self.walk(&path, &arc)?;
             } else if ft.is_symlink() {
                 let target = fs::read_link(&path).map_err(read_err(&path))?;
                 header.set_size(0);
-                self.tar
-                    .append_link(&mut header, &arc, &target)
-                    .map_err(write)?;
+                self.tar.append_link(&mut header, &arc, &target).map_err(write)?;
                 self.report.entries += 1;
             } else if ft.is_file() {
                 if meta.nlink() > 1 {
@@ -204,9 +169,7 @@ impl<W: Write> Packer<'_, W> {
                         header.set_entry_type(tar::EntryType::Link);
                         header.set_size(0);
                         let first = first.clone();
-                        self.tar
-                            .append_link(&mut header, &arc, &first)
-                            .map_err(write)?;
+                        self.tar.append_link(&mut header, &arc, &first).map_err(write)?;
                         self.report.entries += 1;
                         continue;
                     }
@@ -217,16 +180,10 @@ impl<W: Write> Packer<'_, W> {
                     .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
                     .open(&path)
                     .map_err(read_err(&path))?;
-                let data = Exact {
-                    inner: file,
-                    left: meta.len(),
-                };
+                let data = Exact { inner: file, left: meta.len() };
                 self.tar
                     .append_data(&mut header, &arc, data)
-                    .map_err(|e| PackError::Read {
-                        path: path.clone(),
-                        source: e,
-                    })?;
+                    .map_err(|e| PackError::Read { path: path.clone(), source: e })?;
                 self.report.entries += 1;
             } else {
                 let why = if ft.is_socket() {
@@ -236,9 +193,7 @@ impl<W: Write> Packer<'_, W> {
                 } else {
                     "device node"
                 };
-                self.report
-                    .skipped
-                    .push((escape(arc.as_os_str().as_bytes()), why));
+                self.report.skipped.push((escape(arc.as_os_str().as_bytes()), why));
             }
         }
         Ok(())

@@ -98,10 +98,7 @@ impl JobStatus {
 
 /// Formats a time as RFC 3339 in UTC, to the second (`2026-11-24T06:15:00Z`).
 pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -113,12 +110,7 @@ pub fn rfc3339(t: SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 #[cfg(test)]
@@ -150,11 +142,8 @@ mod tests {
         };
         let back: JobStatus = serde_json::from_slice(&st.to_json()).expect("parse");
         assert_eq!(back, st);
-        assert!(String::from_utf8(st.to_json())
-            .expect("utf8")
-            .contains("\"result\": \"timed_out\""));
-        let partial: JobStatus =
-            serde_json::from_str(r#"{"result":"ok","exit_code":0,"extra":1}"#).expect("parse");
+        assert!(String::from_utf8(st.to_json()).expect("utf8").contains("\"result\": \"timed_out\""));
+        let partial: JobStatus = serde_json::from_str(r#"{"result":"ok","exit_code":0,"extra":1}"#).expect("parse");
         assert_eq!((partial.result, partial.exit_code), (Outcome::Ok, Some(0)));
     }
 }

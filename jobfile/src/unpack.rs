@@ -40,12 +40,7 @@ pub struct UnpackOptions {
 
 impl Default for UnpackOptions {
     fn default() -> Self {
-        UnpackOptions {
-            max_entries: 1_000_000,
-            max_bytes: 64 << 30,
-            preserve_owner: false,
-            keep_special_bits: false,
-        }
+        UnpackOptions { max_entries: 1_000_000, max_bytes: 64 << 30, preserve_owner: false, keep_special_bits: false }
     }
 }
 
@@ -117,29 +112,13 @@ pub fn unpack<R: Read>(
     target: &Path,
     opts: &UnpackOptions,
 ) -> Result<UnpackReport, UnpackError> {
-    let root = openat(
-        AT_FDCWD,
-        target,
-        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| UnpackError::OpenTarget {
-        path: target.to_owned(),
-        source: e.into(),
-    })?;
-    let mut u = Unpacker {
-        root,
-        opts,
-        report: UnpackReport::default(),
-        dirs: Vec::new(),
-        entries: 0,
-    };
+    let root = openat(AT_FDCWD, target, OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| UnpackError::OpenTarget { path: target.to_owned(), source: e.into() })?;
+    let mut u = Unpacker { root, opts, report: UnpackReport::default(), dirs: Vec::new(), entries: 0 };
     while let Some(header) = archive.next_entry()? {
         u.entries += 1;
         if u.entries > opts.max_entries {
-            return Err(UnpackError::TooManyEntries {
-                limit: opts.max_entries,
-            });
+            return Err(UnpackError::TooManyEntries { limit: opts.max_entries });
         }
         match u.entry(&header, archive) {
             Ok(()) => {}
@@ -211,11 +190,7 @@ struct Unpacker<'a> {
 }
 
 impl Unpacker<'_> {
-    fn entry<R: Read>(
-        &mut self,
-        h: &Header,
-        archive: &mut ArchiveReader<R>,
-    ) -> Result<(), Outcome> {
+    fn entry<R: Read>(&mut self, h: &Header, archive: &mut ArchiveReader<R>) -> Result<(), Outcome> {
         let comps = sanitize(&h.path).map_err(Outcome::Skip)?;
         let Some((last, parents)) = comps.split_last() else {
             return Ok(()); // The archive's own root: the target already exists.
@@ -228,34 +203,26 @@ impl Unpacker<'_> {
                 match mkdirat(&parent, *last, Mode::from_bits_truncate(0o700)) {
                     Ok(()) => {}
                     Err(Errno::EEXIST) => {
-                        let st =
-                            fstatat(&parent, *last, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(fail)?;
+                        let st = fstatat(&parent, *last, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(fail)?;
                         if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
                             return Err(Outcome::Skip(SkipReason::ThroughLink));
                         }
                     }
                     Err(e) => return Err(fail(e)),
                 }
-                self.dirs
-                    .push((comps.iter().map(|c| c.to_vec()).collect(), h.clone()));
+                self.dirs.push((comps.iter().map(|c| c.to_vec()).collect(), h.clone()));
                 self.report.dirs += 1;
             }
             Kind::File => {
                 if self.report.bytes.saturating_add(h.size) > self.opts.max_bytes {
-                    return Err(Outcome::Fail(UnpackError::TooLarge {
-                        limit: self.opts.max_bytes,
-                    }));
+                    return Err(Outcome::Fail(UnpackError::TooLarge { limit: self.opts.max_bytes }));
                 }
                 let parent = self.walk(parents, true).map_err(fail)?;
                 remove_existing(&parent, last).map_err(fail)?;
                 let fd = openat(
                     &parent,
                     *last,
-                    OFlag::O_WRONLY
-                        | OFlag::O_CREAT
-                        | OFlag::O_EXCL
-                        | OFlag::O_NOFOLLOW
-                        | OFlag::O_CLOEXEC,
+                    OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
                     Mode::from_bits_truncate(0o600),
                 )
                 .map_err(fail)?;
@@ -276,14 +243,7 @@ impl Unpacker<'_> {
                 symlinkat(OsStr::from_bytes(target), &parent, *last).map_err(fail)?;
                 if self.opts.preserve_owner {
                     let (uid, gid) = owner(h);
-                    fchownat(
-                        &parent,
-                        *last,
-                        Some(uid),
-                        Some(gid),
-                        AtFlags::AT_SYMLINK_NOFOLLOW,
-                    )
-                    .map_err(fail)?;
+                    fchownat(&parent, *last, Some(uid), Some(gid), AtFlags::AT_SYMLINK_NOFOLLOW).map_err(fail)?;
                 }
                 let t = TimeSpec::new(h.mtime, 0);
                 utimensat(&parent, *last, &t, &t, UtimensatFlags::NoFollowSymlink).map_err(fail)?;
@@ -298,16 +258,12 @@ impl Unpacker<'_> {
                 if target == comps {
                     return Err(Outcome::Skip(SkipReason::HardlinkTarget));
                 }
-                let src = self
-                    .walk(tparents, false)
-                    .map_err(|_| Outcome::Skip(SkipReason::HardlinkTarget))?;
+                let src = self.walk(tparents, false).map_err(|_| Outcome::Skip(SkipReason::HardlinkTarget))?;
                 let parent = self.walk(parents, true).map_err(fail)?;
                 remove_existing(&parent, last).map_err(fail)?;
                 match linkat(&src, *tlast, &parent, *last, AtFlags::empty()) {
                     Ok(()) => self.report.hardlinks += 1,
-                    Err(Errno::ENOENT | Errno::EPERM) => {
-                        return Err(Outcome::Skip(SkipReason::HardlinkTarget))
-                    }
+                    Err(Errno::ENOENT | Errno::EPERM) => return Err(Outcome::Skip(SkipReason::HardlinkTarget)),
                     Err(e) => return Err(fail(e)),
                 }
             }
@@ -321,12 +277,7 @@ impl Unpacker<'_> {
     /// Opens the directory at `comps` below the root without following any
     /// symlink, creating missing directories when asked.
     fn walk(&self, comps: &[&[u8]], create: bool) -> Result<OwnedFd, Errno> {
-        let mut dir = openat(
-            &self.root,
-            ".",
-            OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )?;
+        let mut dir = openat(&self.root, ".", OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())?;
         for comp in comps {
             if create {
                 match mkdirat(&dir, *comp, Mode::from_bits_truncate(0o755)) {
@@ -350,11 +301,7 @@ impl Unpacker<'_> {
             fchown(&fd, Some(uid), Some(gid))?;
         }
         // After chown: chown clears setuid/setgid bits.
-        let bits = if self.opts.keep_special_bits {
-            0o7777
-        } else {
-            0o777
-        };
+        let bits = if self.opts.keep_special_bits { 0o7777 } else { 0o777 };
         fchmod(&fd, Mode::from_bits_truncate(h.mode & bits))?;
         let t = TimeSpec::new(h.mtime, 0);
         futimens(&fd, &t, &t)
@@ -377,10 +324,7 @@ impl Unpacker<'_> {
     fn skip(&mut self, path: &[u8], reason: SkipReason) {
         self.report.skipped_total += 1;
         if self.report.skipped.len() < MAX_LISTED_SKIPS {
-            self.report.skipped.push(Skipped {
-                path: escape(path),
-                reason,
-            });
+            self.report.skipped.push(Skipped { path: escape(path), reason });
         }
     }
 }
@@ -396,19 +340,14 @@ fn classify(e: Errno, path: String) -> Outcome {
         Errno::ELOOP | Errno::ENOTDIR => Outcome::Skip(SkipReason::ThroughLink),
         Errno::ENAMETOOLONG => Outcome::Skip(SkipReason::NameTooLong),
         Errno::EISDIR => Outcome::Skip(SkipReason::DirectoryInTheWay),
-        e => Outcome::Fail(UnpackError::Write {
-            path,
-            source: e.into(),
-        }),
+        e => Outcome::Fail(UnpackError::Write { path, source: e.into() }),
     }
 }
 
 /// A failure while copying an entry's data: the archive's fault (corrupt,
 /// truncated) or the disk's.
 fn data_error(e: io::Error, path: String) -> UnpackError {
-    let from_archive = e
-        .get_ref()
-        .is_some_and(|inner| inner.is::<ArchiveError>() || inner.is::<crate::XzError>());
+    let from_archive = e.get_ref().is_some_and(|inner| inner.is::<ArchiveError>() || inner.is::<crate::XzError>());
     if from_archive {
         return UnpackError::Archive(ArchiveError::from(e));
     }
@@ -433,10 +372,7 @@ pub(crate) fn write_sparse(data: &mut impl Read, file: &mut File, size: u64) -> 
         let want = (size - done).min(buf.len() as u64) as usize;
         let n = data.read(&mut buf[..want])?;
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "entry data ends early",
-            ));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "entry data ends early"));
         }
         if buf[..n].iter().all(|&b| b == 0) {
             file.seek(SeekFrom::Current(n as i64))?;
@@ -494,12 +430,7 @@ mod tests {
             (b"a/../../b", 3, false),
         ];
         for (target, depth, inside) in table {
-            assert_eq!(
-                link_stays_inside(target, depth),
-                inside,
-                "{} at depth {depth}",
-                escape(target)
-            );
+            assert_eq!(link_stays_inside(target, depth), inside, "{} at depth {depth}", escape(target));
         }
     }
 }

@@ -29,10 +29,7 @@ pub enum XzError {
     #[error("the xz stream ends before its end marker (file truncated)")]
     Truncated,
     #[error("cannot set up the xz {what}")]
-    Setup {
-        what: &'static str,
-        source: LzmaError,
-    },
+    Setup { what: &'static str, source: LzmaError },
     #[error("cannot read the compressed input")]
     Read(#[source] io::Error),
 }
@@ -62,10 +59,8 @@ impl<R: Read> XzReader<R> {
     /// A decoder that refuses streams needing more than `memlimit` bytes.
     pub fn new(inner: R, memlimit: u64) -> Result<Self, XzError> {
         // Flags 0: one stream only (no CONCATENATED), so the padding after it is never read as data.
-        let stream = Stream::new_stream_decoder(memlimit, 0).map_err(|source| XzError::Setup {
-            what: "decoder",
-            source,
-        })?;
+        let stream =
+            Stream::new_stream_decoder(memlimit, 0).map_err(|source| XzError::Setup { what: "decoder", source })?;
         Ok(XzReader {
             inner,
             stream,
@@ -91,9 +86,7 @@ impl<R: Read> XzReader<R> {
     fn map_error(&self, e: LzmaError) -> XzError {
         match e {
             LzmaError::Format => XzError::Format,
-            LzmaError::MemLimit => XzError::MemLimit {
-                limit: self.memlimit,
-            },
+            LzmaError::MemLimit => XzError::MemLimit { limit: self.memlimit },
             LzmaError::Options => XzError::Options,
             // Corrupt data, a bad check, or padding where data should be.
             _ => XzError::Corrupt,
@@ -116,15 +109,9 @@ impl<R: Read> XzReader<R> {
                 self.pos = 0;
                 self.eof_in = self.len == 0;
             }
-            let action = if self.eof_in {
-                Action::Finish
-            } else {
-                Action::Run
-            };
+            let action = if self.eof_in { Action::Finish } else { Action::Run };
             let (in_before, out_before) = (self.stream.total_in(), self.stream.total_out());
-            let status = self
-                .stream
-                .process(&self.buf[self.pos..self.len], out, action);
+            let status = self.stream.process(&self.buf[self.pos..self.len], out, action);
             self.pos += (self.stream.total_in() - in_before) as usize;
             let produced = (self.stream.total_out() - out_before) as usize;
             match status {
@@ -149,8 +136,7 @@ impl<R: Read> Read for XzReader<R> {
 
 /// Digs an [`XzError`] out of an `io::Error` that carried it through a `Read`.
 pub fn xz_error_in(e: &io::Error) -> Option<&XzError> {
-    e.get_ref()
-        .and_then(|inner| inner.downcast_ref::<XzError>())
+    e.get_ref().and_then(|inner| inner.downcast_ref::<XzError>())
 }
 
 /// How to compress.
@@ -164,10 +150,7 @@ pub struct EncodeOptions {
 
 impl Default for EncodeOptions {
     fn default() -> Self {
-        EncodeOptions {
-            preset: DEFAULT_PRESET,
-            threads: 1,
-        }
+        EncodeOptions { preset: DEFAULT_PRESET, threads: 1 }
     }
 }
 
@@ -175,18 +158,11 @@ impl Default for EncodeOptions {
 pub fn encoder(opts: EncodeOptions) -> Result<Stream, XzError> {
     let preset = opts.preset.min(9);
     let stream = if opts.threads > 1 {
-        MtStreamBuilder::new()
-            .threads(opts.threads)
-            .preset(preset)
-            .check(Check::Crc64)
-            .encoder()
+        MtStreamBuilder::new().threads(opts.threads).preset(preset).check(Check::Crc64).encoder()
     } else {
         Stream::new_easy_encoder(preset, Check::Crc64)
     };
-    stream.map_err(|source| XzError::Setup {
-        what: "encoder",
-        source,
-    })
+    stream.map_err(|source| XzError::Setup { what: "encoder", source })
 }
 
 #[cfg(test)]
@@ -232,44 +208,23 @@ mod tests {
     #[test]
     fn each_bad_input_has_its_error() {
         let good = compress(b"hello world", EncodeOptions::default());
-        assert!(matches!(
-            decode_all(b"this is not xz at all, not even close", DEFAULT_MEMLIMIT),
-            Err(XzError::Format)
-        ));
-        assert!(matches!(
-            decode_all(&[0u8; 4096], DEFAULT_MEMLIMIT),
-            Err(XzError::Format)
-        ));
-        assert!(matches!(
-            decode_all(&good[..good.len() - 10], DEFAULT_MEMLIMIT),
-            Err(XzError::Truncated)
-        ));
+        assert!(matches!(decode_all(b"this is not xz at all, not even close", DEFAULT_MEMLIMIT), Err(XzError::Format)));
+        assert!(matches!(decode_all(&[0u8; 4096], DEFAULT_MEMLIMIT), Err(XzError::Format)));
+        assert!(matches!(decode_all(&good[..good.len() - 10], DEFAULT_MEMLIMIT), Err(XzError::Truncated)));
         // Truncated, then zero padding: the zeros are read as (bad) stream data.
         let mut padded = good[..good.len() - 12].to_vec();
         padded.resize(4096, 0);
-        assert!(matches!(
-            decode_all(&padded, DEFAULT_MEMLIMIT),
-            Err(XzError::Corrupt)
-        ));
+        assert!(matches!(decode_all(&padded, DEFAULT_MEMLIMIT), Err(XzError::Corrupt)));
         let mut flipped = good.clone();
         let mid = flipped.len() / 2;
         flipped[mid] ^= 0x55;
-        assert!(matches!(
-            decode_all(&flipped, DEFAULT_MEMLIMIT),
-            Err(XzError::Corrupt | XzError::Options)
-        ));
+        assert!(matches!(decode_all(&flipped, DEFAULT_MEMLIMIT), Err(XzError::Corrupt | XzError::Options)));
         assert!(decode_all(&[], DEFAULT_MEMLIMIT).is_err());
     }
 
     #[test]
     fn a_preset_beyond_the_limit_is_refused() {
-        let big = compress(
-            b"x",
-            EncodeOptions {
-                preset: 9,
-                threads: 1,
-            },
-        );
+        let big = compress(b"x", EncodeOptions { preset: 9, threads: 1 });
         assert_eq!(decode_all(&big, DEFAULT_MEMLIMIT).expect("fits"), b"x");
         match decode_all(&big, 16 << 20) {
             Err(XzError::MemLimit { limit }) => assert_eq!(limit, 16 << 20),

@@ -10,28 +10,19 @@ use std::process::Command;
 use jobfile::unpack::SkipReason;
 use jobfile::xz::{EncodeOptions, DEFAULT_MEMLIMIT};
 use jobfile::{
-    fallback, pack_onto, read_job, unpack, ArchiveError, JobStatus, Kind, Outcome, PackError,
-    PackOptions, UnpackError, UnpackOptions, XzError,
+    fallback, pack_onto, read_job, unpack, ArchiveError, JobStatus, Kind, Outcome, PackError, PackOptions, UnpackError,
+    UnpackOptions, XzError,
 };
 use liblzma::write::XzEncoder;
 
 fn run(cmd: &mut Command) -> Vec<u8> {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     out.stdout
 }
 
 fn xz(tar: &[u8]) -> Vec<u8> {
-    let mut enc = XzEncoder::new_stream(
-        Vec::new(),
-        jobfile::xz::encoder(EncodeOptions::default()).expect("encoder"),
-    );
+    let mut enc = XzEncoder::new_stream(Vec::new(), jobfile::xz::encoder(EncodeOptions::default()).expect("encoder"));
     enc.write_all(tar).expect("compress");
     enc.finish().expect("finish")
 }
@@ -55,13 +46,8 @@ fn end(out: &mut Vec<u8>) {
     out.resize(out.len() + 1024, 0);
 }
 
-fn unpack_bytes(
-    xz_bytes: &[u8],
-    target: &Path,
-    opts: &UnpackOptions,
-) -> Result<jobfile::UnpackReport, UnpackError> {
-    let mut archive = read_job(xz_bytes, DEFAULT_MEMLIMIT)
-        .map_err(|e| UnpackError::Archive(ArchiveError::Xz(e)))?;
+fn unpack_bytes(xz_bytes: &[u8], target: &Path, opts: &UnpackOptions) -> Result<jobfile::UnpackReport, UnpackError> {
+    let mut archive = read_job(xz_bytes, DEFAULT_MEMLIMIT).map_err(|e| UnpackError::Archive(ArchiveError::Xz(e)))?;
     unpack(&mut archive, target, opts)
 }
 
@@ -71,12 +57,7 @@ fn tree(dir: &Path) -> Vec<String> {
         for e in fs::read_dir(dir).expect("read_dir") {
             let e = e.expect("entry");
             let ft = e.file_type().expect("type");
-            let rel = e
-                .path()
-                .strip_prefix(base)
-                .expect("below")
-                .display()
-                .to_string();
+            let rel = e.path().strip_prefix(base).expect("below").display().to_string();
             let t = if ft.is_symlink() {
                 "l"
             } else if ft.is_dir() {
@@ -110,26 +91,15 @@ fn sandbox() -> Sandbox {
     fs::create_dir(&target).expect("target");
     fs::write(root.join("sentinel"), "untouched").expect("sentinel");
     fs::create_dir(root.join("outside")).expect("outside");
-    Sandbox {
-        _dir: dir,
-        root,
-        target,
-    }
+    Sandbox { _dir: dir, root, target }
 }
 
 impl Sandbox {
     fn assert_outside_untouched(&self) {
         let mut outside = tree(&self.root);
         outside.retain(|p| !p.starts_with("d target") && !p.contains(" target/"));
-        assert_eq!(
-            outside,
-            ["d outside", "f sentinel"],
-            "something was written outside the target"
-        );
-        assert_eq!(
-            fs::read_to_string(self.root.join("sentinel")).expect("sentinel"),
-            "untouched"
-        );
+        assert_eq!(outside, ["d outside", "f sentinel"], "something was written outside the target");
+        assert_eq!(fs::read_to_string(self.root.join("sentinel")).expect("sentinel"), "untouched");
     }
 }
 
@@ -139,14 +109,9 @@ fn a_job_made_by_hand_with_tar_and_truncate_is_read() {
     let job = dir.path().join("job");
     fs::create_dir_all(job.join("bin")).expect("mkdir");
     fs::write(job.join("bin/construir"), "#!/bin/sh\necho hello\n").expect("script");
-    fs::set_permissions(job.join("bin/construir"), fs::Permissions::from_mode(0o755))
-        .expect("chmod");
+    fs::set_permissions(job.join("bin/construir"), fs::Permissions::from_mode(0o755)).expect("chmod");
     let file = dir.path().join("hello_i100.tar.xz");
-    run(Command::new("tar")
-        .arg("-cJf")
-        .arg(&file)
-        .arg(".")
-        .current_dir(&job));
+    run(Command::new("tar").arg("-cJf").arg(&file).arg(".").current_dir(&job));
     run(Command::new("truncate").args(["--size", "10m"]).arg(&file));
     assert_eq!(fs::metadata(&file).expect("stat").len(), 10 << 20);
 
@@ -164,17 +129,9 @@ fn a_job_made_by_hand_with_tar_and_truncate_is_read() {
     assert_eq!(found, ["./", "./bin/", "./bin/construir"]);
 
     let sb = sandbox();
-    let report = unpack_bytes(
-        &fs::read(&file).expect("read"),
-        &sb.target,
-        &UnpackOptions::default(),
-    )
-    .expect("unpack");
+    let report = unpack_bytes(&fs::read(&file).expect("read"), &sb.target, &UnpackOptions::default()).expect("unpack");
     assert_eq!((report.files, report.dirs, report.skipped_total), (1, 1, 0));
-    assert_eq!(
-        fs::read_to_string(sb.target.join("bin/construir")).expect("script"),
-        "#!/bin/sh\necho hello\n"
-    );
+    assert_eq!(fs::read_to_string(sb.target.join("bin/construir")).expect("script"), "#!/bin/sh\necho hello\n");
 }
 
 fn sample_tree(dir: &Path) {
@@ -182,21 +139,14 @@ fn sample_tree(dir: &Path) {
     fs::create_dir_all(dir.join("empty/nested-empty")).expect("mkdir");
     fs::create_dir_all(dir.join("src/deep/er")).expect("mkdir");
     fs::write(dir.join("bin/construir"), "#!/bin/sh\nexit 0\n").expect("write");
-    fs::set_permissions(dir.join("bin/construir"), fs::Permissions::from_mode(0o755))
-        .expect("chmod");
-    fs::write(
-        dir.join("src/deep/er/file.c"),
-        "int main(void) { return 0; }\n",
-    )
-    .expect("write");
+    fs::set_permissions(dir.join("bin/construir"), fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs::write(dir.join("src/deep/er/file.c"), "int main(void) { return 0; }\n").expect("write");
     symlink("deep/er/file.c", dir.join("src/link-inside")).expect("symlink");
     symlink("../src", dir.join("bin/up-and-back")).expect("symlink");
     symlink("missing-target", dir.join("dangling")).expect("symlink");
     fs::hard_link(dir.join("src/deep/er/file.c"), dir.join("hardlinked.c")).expect("hardlink");
     // 3 MiB of data that compresses, but not to nothing.
-    let big: Vec<u8> = (0..3u32 << 20)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8 & 0x0f)
-        .collect();
+    let big: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8 & 0x0f).collect();
     fs::write(dir.join("big.bin"), &big).expect("write");
     // 256 MiB sparse file with data in the middle and at the end.
     let sparse = File::create(dir.join("sparse.img")).expect("create");
@@ -217,103 +167,49 @@ fn pack_then_unpack_round_trips_links_empty_dirs_large_and_sparse_files() {
     let job_file = work.path().join("roundtrip_i1.tar.xz");
     let file = File::create(&job_file).expect("create");
     file.set_len(16 << 20).expect("size");
-    let mut file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&job_file)
-        .expect("open");
-    let opts = PackOptions {
-        encode: EncodeOptions {
-            preset: 1,
-            threads: 2,
-        },
-        ..Default::default()
-    };
+    let mut file = fs::OpenOptions::new().read(true).write(true).open(&job_file).expect("open");
+    let opts = PackOptions { encode: EncodeOptions { preset: 1, threads: 2 }, ..Default::default() };
     let report = pack_onto(&src, &mut file, &opts).expect("pack");
     assert!(report.compressed_len < 16 << 20);
-    assert_eq!(
-        fs::metadata(&job_file).expect("stat").len(),
-        16 << 20,
-        "the file keeps its size"
-    );
+    assert_eq!(fs::metadata(&job_file).expect("stat").len(), 16 << 20, "the file keeps its size");
 
     // Real tools accept it as it is, padding and all.
     run(Command::new("xz").arg("-t").arg(&job_file));
-    let listing =
-        String::from_utf8(run(Command::new("tar").arg("-tJf").arg(&job_file))).expect("utf8");
+    let listing = String::from_utf8(run(Command::new("tar").arg("-tJf").arg(&job_file))).expect("utf8");
     assert!(listing.lines().any(|l| l == "bin/construir"), "{listing}");
-    assert!(
-        listing.lines().any(|l| l == "empty/nested-empty/"),
-        "{listing}"
-    );
+    assert!(listing.lines().any(|l| l == "empty/nested-empty/"), "{listing}");
 
     let sb = sandbox();
-    let opts = UnpackOptions {
-        preserve_owner: false,
-        ..Default::default()
-    };
-    let report =
-        unpack_bytes(&fs::read(&job_file).expect("read"), &sb.target, &opts).expect("unpack");
+    let opts = UnpackOptions { preserve_owner: false, ..Default::default() };
+    let report = unpack_bytes(&fs::read(&job_file).expect("read"), &sb.target, &opts).expect("unpack");
     assert_eq!(report.skipped, vec![]);
     assert_eq!(tree(&src), tree(&sb.target));
     let t = &sb.target;
-    assert_eq!(
-        fs::read_link(t.join("src/link-inside")).expect("link"),
-        Path::new("deep/er/file.c")
-    );
-    assert_eq!(
-        fs::read_link(t.join("bin/up-and-back")).expect("link"),
-        Path::new("../src")
-    );
-    assert_eq!(
-        fs::read_link(t.join("dangling")).expect("link"),
-        Path::new("missing-target")
-    );
-    assert_eq!(
-        fs::metadata(t.join("bin/construir")).expect("stat").mode() & 0o777,
-        0o755
-    );
-    assert_eq!(
-        fs::read(t.join("big.bin")).expect("read"),
-        fs::read(src.join("big.bin")).expect("read")
-    );
+    assert_eq!(fs::read_link(t.join("src/link-inside")).expect("link"), Path::new("deep/er/file.c"));
+    assert_eq!(fs::read_link(t.join("bin/up-and-back")).expect("link"), Path::new("../src"));
+    assert_eq!(fs::read_link(t.join("dangling")).expect("link"), Path::new("missing-target"));
+    assert_eq!(fs::metadata(t.join("bin/construir")).expect("stat").mode() & 0o777, 0o755);
+    assert_eq!(fs::read(t.join("big.bin")).expect("read"), fs::read(src.join("big.bin")).expect("read"));
     assert_eq!(
         fs::metadata(t.join("hardlinked.c")).expect("stat").ino(),
-        fs::metadata(t.join("src/deep/er/file.c"))
-            .expect("stat")
-            .ino()
+        fs::metadata(t.join("src/deep/er/file.c")).expect("stat").ino()
     );
     let sparse = fs::metadata(t.join("sparse.img")).expect("stat");
     assert_eq!(sparse.len(), 256 << 20);
-    assert!(
-        sparse.blocks() * 512 < 1 << 20,
-        "unpacked sparse file takes {} bytes",
-        sparse.blocks() * 512
-    );
+    assert!(sparse.blocks() * 512 < 1 << 20, "unpacked sparse file takes {} bytes", sparse.blocks() * 512);
     let mut middle = [0u8; 6];
     use std::os::unix::fs::FileExt;
-    File::open(t.join("sparse.img"))
-        .expect("open")
-        .read_exact_at(&mut middle, 128 << 20)
-        .expect("read");
+    File::open(t.join("sparse.img")).expect("open").read_exact_at(&mut middle, 128 << 20).expect("read");
     assert_eq!(&middle, b"middle");
     assert_eq!(
-        fs::metadata(t.join("src/deep/er/file.c"))
-            .expect("stat")
-            .mtime(),
-        fs::metadata(src.join("src/deep/er/file.c"))
-            .expect("stat")
-            .mtime()
+        fs::metadata(t.join("src/deep/er/file.c")).expect("stat").mtime(),
+        fs::metadata(src.join("src/deep/er/file.c")).expect("stat").mtime()
     );
 
     // GNU tar extracts it identically.
     let by_tar = work.path().join("by-tar");
     fs::create_dir(&by_tar).expect("mkdir");
-    run(Command::new("tar")
-        .arg("-xJf")
-        .arg(&job_file)
-        .arg("-C")
-        .arg(&by_tar));
+    run(Command::new("tar").arg("-xJf").arg(&job_file).arg("-C").arg(&by_tar));
     assert_eq!(tree(&by_tar), tree(&src));
 }
 
@@ -326,11 +222,7 @@ fn named_files_are_packed_first() {
         fs::write(src.join(name), name).expect("write");
     }
     let opts = PackOptions {
-        first: vec![
-            "job_status.json".into(),
-            "job_output.txt".into(),
-            "absent".into(),
-        ],
+        first: vec!["job_status.json".into(), "job_output.txt".into(), "absent".into()],
         ..Default::default()
     };
     let (_, packed) = jobfile::pack_dir(&src, Vec::new(), 1 << 20, &opts).expect("pack");
@@ -339,10 +231,7 @@ fn named_files_are_packed_first() {
     while let Some(h) = archive.next_entry().expect("entry") {
         order.push(String::from_utf8(h.path).expect("utf8"));
     }
-    assert_eq!(
-        order,
-        ["job_status.json", "job_output.txt", "a-dir/", "aaa", "zzz"]
-    );
+    assert_eq!(order, ["job_status.json", "job_output.txt", "a-dir/", "aaa", "zzz"]);
 }
 
 #[test]
@@ -366,18 +255,10 @@ fn gnu_and_pax_sparse_archives_from_real_tar_read_correctly() {
             .arg("holes")
             .current_dir(&src));
         let sb = sandbox();
-        let report = unpack_bytes(
-            &fs::read(&file).expect("read"),
-            &sb.target,
-            &UnpackOptions::default(),
-        )
-        .expect(format);
+        let report =
+            unpack_bytes(&fs::read(&file).expect("read"), &sb.target, &UnpackOptions::default()).expect(format);
         assert_eq!(report.files, 1, "{format}");
-        assert_eq!(
-            fs::read(sb.target.join("holes")).expect("read"),
-            want,
-            "{format}"
-        );
+        assert_eq!(fs::read(sb.target.join("holes")).expect("read"), want, "{format}");
     }
 }
 
@@ -409,11 +290,8 @@ fn hostile_entries_are_skipped_reported_and_nothing_lands_outside() {
 
     let sb = sandbox();
     let report = unpack_bytes(&xz(&t), &sb.target, &UnpackOptions::default()).expect("unpack");
-    let reasons: Vec<(String, SkipReason)> = report
-        .skipped
-        .iter()
-        .map(|s| (s.path.clone(), s.reason.clone()))
-        .collect();
+    let reasons: Vec<(String, SkipReason)> =
+        report.skipped.iter().map(|s| (s.path.clone(), s.reason.clone())).collect();
     let want = vec![
         ("/abs-file".to_string(), SkipReason::Absolute),
         ("../outside/dotdot".into(), SkipReason::DotDot),
@@ -437,21 +315,8 @@ fn hostile_entries_are_skipped_reported_and_nothing_lands_outside() {
     assert_eq!(report.skipped_total, want.len() as u64);
     sb.assert_outside_untouched();
     // "x/escaped" is fine: x was refused as a link, so a real directory x holds it.
-    assert_eq!(
-        tree(&sb.target),
-        [
-            "d x",
-            "f fine.txt",
-            "f hard-ok",
-            "f x/escaped",
-            "l inside-link",
-            "l y"
-        ]
-    );
-    assert_eq!(
-        fs::read_to_string(sb.target.join("fine.txt")).expect("read"),
-        "fine"
-    );
+    assert_eq!(tree(&sb.target), ["d x", "f fine.txt", "f hard-ok", "f x/escaped", "l inside-link", "l y"]);
+    assert_eq!(fs::read_to_string(sb.target.join("fine.txt")).expect("read"), "fine");
 }
 
 #[test]
@@ -461,24 +326,14 @@ fn paths_hidden_in_pax_and_gnu_long_names_are_checked_too() {
     raw_entry(&mut t, "PaxHeaders/x", b'x', "", pax);
     raw_entry(&mut t, "innocent", b'0', "", b"x");
     let long = format!("{}/../../outside/long-escape", "d".repeat(120));
-    raw_entry(
-        &mut t,
-        "././@LongLink",
-        b'L',
-        "",
-        format!("{long}\0").as_bytes(),
-    );
+    raw_entry(&mut t, "././@LongLink", b'L', "", format!("{long}\0").as_bytes());
     raw_entry(&mut t, "innocent2", b'0', "", b"x");
     raw_entry(&mut t, "././@LongLink", b'K', "", b"/etc/shadow\0");
     raw_entry(&mut t, "long-link", b'2', "short", b"");
     end(&mut t);
     let sb = sandbox();
     let report = unpack_bytes(&xz(&t), &sb.target, &UnpackOptions::default()).expect("unpack");
-    let reasons: Vec<_> = report
-        .skipped
-        .iter()
-        .map(|s| (s.path.as_str(), s.reason.clone()))
-        .collect();
+    let reasons: Vec<_> = report.skipped.iter().map(|s| (s.path.as_str(), s.reason.clone())).collect();
     assert_eq!(
         reasons,
         [
@@ -505,27 +360,11 @@ fn later_entries_replace_earlier_files_but_never_write_through_them() {
     raw_entry(&mut t, "dir", b'0', "", b"a file where a directory is");
     end(&mut t);
     let report = unpack_bytes(&xz(&t), &sb.target, &UnpackOptions::default()).expect("unpack");
-    assert_eq!(
-        fs::read_to_string(sb.target.join("a")).expect("a"),
-        "second"
-    );
-    assert_eq!(
-        fs::read_to_string(sb.target.join("b")).expect("b"),
-        "replaced"
-    );
+    assert_eq!(fs::read_to_string(sb.target.join("a")).expect("a"), "second");
+    assert_eq!(fs::read_to_string(sb.target.join("b")).expect("b"), "replaced");
     assert!(sb.target.join("dir").is_dir());
-    assert_eq!(
-        report
-            .skipped
-            .iter()
-            .map(|s| s.reason.clone())
-            .collect::<Vec<_>>(),
-        [SkipReason::DirectoryInTheWay]
-    );
-    assert_eq!(
-        fs::read_to_string(sb.root.join("outside/victim")).expect("victim"),
-        "original"
-    );
+    assert_eq!(report.skipped.iter().map(|s| s.reason.clone()).collect::<Vec<_>>(), [SkipReason::DirectoryInTheWay]);
+    assert_eq!(fs::read_to_string(sb.root.join("outside/victim")).expect("victim"), "original");
 }
 
 #[test]
@@ -541,20 +380,11 @@ fn setuid_bits_are_dropped_unless_asked_for() {
     end(&mut t);
     let sb = sandbox();
     unpack_bytes(&xz(&t), &sb.target, &UnpackOptions::default()).expect("unpack");
-    assert_eq!(
-        fs::metadata(sb.target.join("suid")).expect("stat").mode() & 0o7777,
-        0o755
-    );
+    assert_eq!(fs::metadata(sb.target.join("suid")).expect("stat").mode() & 0o7777, 0o755);
     let sb = sandbox();
-    let keep = UnpackOptions {
-        keep_special_bits: true,
-        ..Default::default()
-    };
+    let keep = UnpackOptions { keep_special_bits: true, ..Default::default() };
     unpack_bytes(&xz(&t), &sb.target, &keep).expect("unpack");
-    assert_eq!(
-        fs::metadata(sb.target.join("suid")).expect("stat").mode() & 0o7777,
-        0o4755
-    );
+    assert_eq!(fs::metadata(sb.target.join("suid")).expect("stat").mode() & 0o7777, 0o4755);
 }
 
 #[test]
@@ -566,22 +396,10 @@ fn entry_and_byte_caps_end_the_extraction() {
     end(&mut t);
     let bytes = xz(&t);
     let sb = sandbox();
-    let few = UnpackOptions {
-        max_entries: 10,
-        ..Default::default()
-    };
-    assert!(matches!(
-        unpack_bytes(&bytes, &sb.target, &few),
-        Err(UnpackError::TooManyEntries { limit: 10 })
-    ));
-    let small = UnpackOptions {
-        max_bytes: 5_500,
-        ..Default::default()
-    };
-    assert!(matches!(
-        unpack_bytes(&bytes, &sb.target, &small),
-        Err(UnpackError::TooLarge { limit: 5_500 })
-    ));
+    let few = UnpackOptions { max_entries: 10, ..Default::default() };
+    assert!(matches!(unpack_bytes(&bytes, &sb.target, &few), Err(UnpackError::TooManyEntries { limit: 10 })));
+    let small = UnpackOptions { max_bytes: 5_500, ..Default::default() };
+    assert!(matches!(unpack_bytes(&bytes, &sb.target, &small), Err(UnpackError::TooLarge { limit: 5_500 })));
     sb.assert_outside_untouched();
 }
 
@@ -591,11 +409,7 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
         }
     }
     !crc
@@ -611,12 +425,7 @@ fn a_4_gib_dictionary_header_is_refused_before_any_allocation() {
     // LZMA2 filter (id 0x21, one property byte: the dictionary size), padding, CRC32.
     let hsize = (usize::from(stream[12]) + 1) * 4;
     let header = 12..12 + hsize;
-    let at = stream[header.clone()]
-        .windows(2)
-        .position(|w| w == [0x21, 0x01])
-        .expect("LZMA2 filter")
-        + 12
-        + 2;
+    let at = stream[header.clone()].windows(2).position(|w| w == [0x21, 0x01]).expect("LZMA2 filter") + 12 + 2;
     stream[at] = 40; // 4 GiB - 1, the largest dictionary xz can describe
     let crc = crc32(&stream[12..12 + hsize - 4]);
     stream[12 + hsize - 4..12 + hsize].copy_from_slice(&crc.to_le_bytes());
@@ -630,11 +439,7 @@ fn a_4_gib_dictionary_header_is_refused_before_any_allocation() {
     // `xz -t` agrees that the header is well-formed: only its memory demand is refused.
     let dir = tempfile::tempdir().expect("tempdir");
     fs::write(dir.path().join("big.xz"), &stream).expect("write");
-    let out = Command::new("xz")
-        .args(["-t", "--memlimit=256MiB"])
-        .arg(dir.path().join("big.xz"))
-        .output()
-        .expect("xz");
+    let out = Command::new("xz").args(["-t", "--memlimit=256MiB"]).arg(dir.path().join("big.xz")).output().expect("xz");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("Memory usage limit reached"),
         "{}",
@@ -660,11 +465,7 @@ fn an_archive_that_does_not_fit_says_what_it_needed_and_leaves_no_broken_stream(
     fs::write(src.join("noise"), &noise).expect("write");
     let path = work.path().join("small_i1.tar.xz");
     fs::write(&path, vec![0xEEu8; 64 << 10]).expect("fill with non-zero input");
-    let mut file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .expect("open");
+    let mut file = fs::OpenOptions::new().read(true).write(true).open(&path).expect("open");
     match pack_onto(&src, &mut file, &PackOptions::default()) {
         Err(PackError::TooLarge { needed, capacity }) => {
             assert_eq!(capacity, 64 << 10);
@@ -672,26 +473,11 @@ fn an_archive_that_does_not_fit_says_what_it_needed_and_leaves_no_broken_stream(
         }
         other => panic!("expected TooLarge, got {other:?}"),
     }
-    assert!(
-        fs::read(&path).expect("read").iter().all(|&b| b == 0),
-        "no input byte and no partial stream survive"
-    );
+    assert!(fs::read(&path).expect("read").iter().all(|&b| b == 0), "no input byte and no partial stream survive");
 
     // The fallback always fits, with as much of the output's end as it can.
-    let status = JobStatus {
-        result: Outcome::OutputTooLarge,
-        needed_bytes: Some(600_000),
-        ..Default::default()
-    };
-    let output: Vec<u8> = (0..200_000)
-        .map(|i| {
-            if i % 50 == 49 {
-                b'\n'
-            } else {
-                noise[i] % 26 + b'a'
-            }
-        })
-        .collect();
+    let status = JobStatus { result: Outcome::OutputTooLarge, needed_bytes: Some(600_000), ..Default::default() };
+    let output: Vec<u8> = (0..200_000).map(|i| if i % 50 == 49 { b'\n' } else { noise[i] % 26 + b'a' }).collect();
     let (stream, kept) = fallback::build(&status.to_json(), &output, 64 << 10).expect("fallback");
     assert!(stream.len() <= 64 << 10);
     assert!(kept > 16 << 10, "kept only {kept} bytes of output");
@@ -718,16 +504,9 @@ fn the_fallback_fits_even_incompressible_output() {
             (x >> 56) as u8
         })
         .collect();
-    let status = JobStatus {
-        message: Some("m".repeat(2000)),
-        ..Default::default()
-    };
+    let status = JobStatus { message: Some("m".repeat(2000)), ..Default::default() };
     let (stream, kept) = fallback::build(&status.to_json(), &noise, 64 << 10).expect("fallback");
-    assert!(
-        stream.len() <= 64 << 10 && kept > 0,
-        "{} bytes, kept {kept}",
-        stream.len()
-    );
+    assert!(stream.len() <= 64 << 10 && kept > 0, "{} bytes, kept {kept}", stream.len());
 }
 
 #[test]
@@ -745,22 +524,9 @@ fn corrupt_and_non_xz_job_files_give_clear_errors() {
     let mut cut = good[..good.len() / 2].to_vec();
     cut.resize(64 << 10, 0);
     let err = unpack_bytes(&cut, &sb.target, &UnpackOptions::default()).expect_err("truncated");
-    assert!(
-        matches!(
-            err,
-            UnpackError::Archive(ArchiveError::Xz(XzError::Corrupt | XzError::Truncated))
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, UnpackError::Archive(ArchiveError::Xz(XzError::Corrupt | XzError::Truncated))), "{err:?}");
     // Valid xz holding something that is not tar.
-    let err = unpack_bytes(&xz(&[0x41u8; 4096]), &sb.target, &UnpackOptions::default())
-        .expect_err("not tar");
-    assert!(
-        matches!(
-            err,
-            UnpackError::Archive(ArchiveError::BadChecksum { offset: 0 })
-        ),
-        "{err:?}"
-    );
+    let err = unpack_bytes(&xz(&[0x41u8; 4096]), &sb.target, &UnpackOptions::default()).expect_err("not tar");
+    assert!(matches!(err, UnpackError::Archive(ArchiveError::BadChecksum { offset: 0 })), "{err:?}");
     sb.assert_outside_untouched();
 }

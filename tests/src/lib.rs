@@ -14,16 +14,8 @@ use std::time::{Duration, Instant};
 pub fn bin(name: &str) -> PathBuf {
     let me = std::env::current_exe().expect("test executable path");
     // target/<triple>/<profile>/deps/<test> -> target/<triple>/<profile>/<name>
-    let path = me
-        .parent()
-        .and_then(Path::parent)
-        .expect("target layout")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace` (scripts/test does)",
-        path.display()
-    );
+    let path = me.parent().and_then(Path::parent).expect("target layout").join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace` (scripts/test does)", path.display());
     path
 }
 
@@ -31,10 +23,7 @@ pub fn bin(name: &str) -> PathBuf {
 pub fn images() -> &'static Path {
     static IMAGES: OnceLock<PathBuf> = OnceLock::new();
     IMAGES.get_or_init(|| {
-        let target = bin("construir-host")
-            .parent()
-            .expect("profile dir")
-            .join("e2e-images");
+        let target = bin("construir-host").parent().expect("profile dir").join("e2e-images");
         let out = target.join("i0");
         let status = Command::new(bin("image-builder"))
             .args(["mini", "--force", "--out"])
@@ -45,6 +34,43 @@ pub fn images() -> &'static Path {
             .expect("run image-builder");
         assert!(status.success(), "image-builder mini failed");
         target
+    })
+}
+
+/// The directory our e2e images live in (beside the binaries).
+pub fn images_dir() -> PathBuf {
+    bin("construir-host").parent().expect("profile dir").join("e2e-images")
+}
+
+/// Where debootstrap keeps packages between the e2e builds.
+pub fn deb_cache() -> PathBuf {
+    bin("construir-host").parent().expect("profile dir").join("e2e-debs")
+}
+
+/// Builds a bookworm image with `image-builder debootstrap` into `out`.
+pub fn build_debian(out: &Path) -> (Output, Duration) {
+    let start = Instant::now();
+    let out = Command::new(bin("image-builder"))
+        .args(["debootstrap", "--force", "--suite", "bookworm", "--out"])
+        .arg(out)
+        .arg("--init")
+        .arg(bin("construir-init"))
+        .arg("--cache")
+        .arg(deb_cache())
+        .output()
+        .expect("run image-builder");
+    (out, start.elapsed())
+}
+
+/// The images directory holding `i100`, a Debian bookworm image, built once per test run.
+pub fn debian_images() -> &'static Path {
+    static IMAGES: OnceLock<PathBuf> = OnceLock::new();
+    IMAGES.get_or_init(|| {
+        let dir = images_dir().join("debian");
+        let (out, took) = build_debian(&dir.join("i100"));
+        assert!(out.status.success(), "image-builder debootstrap failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        eprintln!("built the bookworm image in {:.0} s", took.as_secs_f64());
+        dir
     })
 }
 
@@ -74,42 +100,23 @@ impl Queue {
         let root = tempfile::tempdir().expect("tempdir");
         let queue = root.path().join("queue");
         fs::create_dir(&queue).expect("mkdir queue");
-        Queue {
-            done: root.path().join("done"),
-            failed: root.path().join("failed"),
-            queue,
-            root,
-        }
+        Queue { done: root.path().join("done"), failed: root.path().join("failed"), queue, root }
     }
 
     /// Makes `<file_name>` by hand: `job/bin/construir` with `script`, any
     /// extra files, `tar -cJf`, `truncate --size`, then moved into the queue.
-    pub fn add_job(
-        &self,
-        file_name: &str,
-        script: &str,
-        size: &str,
-        extra: &[(&str, &[u8])],
-    ) -> PathBuf {
+    pub fn add_job(&self, file_name: &str, script: &str, size: &str, extra: &[(&str, &[u8])]) -> PathBuf {
         let dir = self.root.path().join(format!("src-{file_name}"));
         fs::create_dir_all(dir.join("bin")).expect("mkdir");
         fs::write(dir.join("bin/construir"), script).expect("write script");
-        fs::set_permissions(dir.join("bin/construir"), fs::Permissions::from_mode(0o755))
-            .expect("chmod");
+        fs::set_permissions(dir.join("bin/construir"), fs::Permissions::from_mode(0o755)).expect("chmod");
         for (path, data) in extra {
             let p = dir.join(path);
             fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
             fs::write(p, data).expect("write");
         }
         let staged = self.root.path().join(file_name);
-        sh(
-            &format!(
-                "tar -cJf '{}' . && truncate --size {size} '{}'",
-                staged.display(),
-                staged.display()
-            ),
-            &dir,
-        );
+        sh(&format!("tar -cJf '{}' . && truncate --size {size} '{}'", staged.display(), staged.display()), &dir);
         let queued = self.queue.join(file_name);
         fs::rename(&staged, &queued).expect("into the queue");
         queued
@@ -117,14 +124,17 @@ impl Queue {
 
     /// `construir-host run QUEUE --once` with TCG and small VMs, plus `extra`.
     pub fn run(&self, extra: &[&str]) -> HostRun {
+        self.run_with_images(images(), extra)
+    }
+
+    /// The same, on the images in `images`.
+    pub fn run_with_images(&self, images: &Path, extra: &[&str]) -> HostRun {
         let start = Instant::now();
         let out = Command::new(bin("construir-host"))
             .arg("run")
             .arg(&self.queue)
-            .args([
-                "--once", "--accel", "tcg", "--memory", "1G", "--cpus", "1", "--images",
-            ])
-            .arg(images())
+            .args(["--once", "--accel", "tcg", "--memory", "1G", "--cpus", "1", "--images"])
+            .arg(images)
             .args(extra)
             .output()
             .expect("run construir-host");
@@ -133,10 +143,7 @@ impl Queue {
             elapsed: start.elapsed(),
             success: out.status.success(),
         };
-        assert!(
-            no_qemu_left(self.root.path()),
-            "a QEMU process outlived the host run"
-        );
+        assert!(no_qemu_left(self.root.path()), "a QEMU process outlived the host run");
         run
     }
 
@@ -161,45 +168,24 @@ impl Queue {
 
 /// `construir-host job <cmd> FILE` and its stdout.
 pub fn job_tool(cmd: &str, file: &Path) -> Output {
-    Command::new(bin("construir-host"))
-        .args(["job", cmd])
-        .arg(file)
-        .output()
-        .expect("run construir-host job")
+    Command::new(bin("construir-host")).args(["job", cmd]).arg(file).output().expect("run construir-host job")
 }
 
 pub fn job_log(file: &Path) -> Vec<u8> {
     let out = job_tool("log", file);
-    assert!(
-        out.status.success(),
-        "job log: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "job log: {}", String::from_utf8_lossy(&out.stderr));
     out.stdout
 }
 
 pub fn job_status(file: &Path) -> serde_json::Value {
     let out = job_tool("status", file);
-    assert!(
-        out.status.success(),
-        "job status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "job status: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("status is JSON")
 }
 
 pub fn sh(script: &str, cwd: &Path) -> String {
-    let out = Command::new("sh")
-        .arg("-ec")
-        .arg(script)
-        .current_dir(cwd)
-        .output()
-        .expect("sh");
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("sh").arg("-ec").arg(script).current_dir(cwd).output().expect("sh");
+    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

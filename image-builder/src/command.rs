@@ -1,0 +1,127 @@
+//! Running the tools an image needs (debootstrap, chroot, mkfs, qemu-img):
+//! a deadline, the child killed on drop, and the end of its output in the error.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+/// Lines of output kept for an error message.
+const TAIL_LINES: usize = 30;
+
+#[derive(Debug, Error)]
+pub enum CommandError {
+    #[error("cannot start {program} (is it installed?)")]
+    Spawn { program: String, source: std::io::Error },
+    #[error("{what} failed ({status}); its last output:\n{tail}")]
+    Failed { what: String, status: std::process::ExitStatus, tail: String },
+    #[error("{what} did not finish within {} s; its last output:\n{tail}", limit.as_secs())]
+    Timeout { what: String, limit: Duration, tail: String },
+}
+
+/// Runs `cmd` to completion within `limit`. Returns all of its stdout;
+/// `progress` sees every line of stdout and stderr as it comes.
+pub fn run(
+    cmd: &mut Command,
+    what: &str,
+    limit: Duration,
+    mut progress: impl FnMut(&str),
+) -> Result<String, CommandError> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| CommandError::Spawn { program, source })?;
+    let (tx, rx) = mpsc::channel::<(bool, String)>();
+    let out = child.stdout.take().expect("piped");
+    let err = child.stderr.take().expect("piped");
+    let tx2 = tx.clone();
+    thread::spawn(move || BufReader::new(out).lines().map_while(Result::ok).for_each(|l| drop(tx.send((true, l)))));
+    thread::spawn(move || BufReader::new(err).lines().map_while(Result::ok).for_each(|l| drop(tx2.send((false, l)))));
+
+    let start = Instant::now();
+    let mut stdout = String::new();
+    let mut tail: VecDeque<String> = VecDeque::new();
+    let tail_text = |tail: &VecDeque<String>| tail.iter().cloned().collect::<Vec<_>>().join("\n");
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok((is_stdout, line)) => {
+                progress(&line);
+                if is_stdout {
+                    stdout.push_str(&line);
+                    stdout.push('\n');
+                }
+                if tail.len() == TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(CommandError::Timeout { what: what.to_owned(), limit, tail: tail_text(&tail) });
+        }
+    }
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(|source| CommandError::Spawn { program: what.to_owned(), source })? {
+            break st;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(CommandError::Timeout { what: what.to_owned(), limit, tail: tail_text(&tail) });
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    if !status.success() {
+        return Err(CommandError::Failed { what: what.to_owned(), status, tail: tail_text(&tail) });
+    }
+    Ok(stdout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_status_and_deadline() {
+        let out = run(
+            Command::new("sh").args(["-c", "echo one; echo two >&2; echo three"]),
+            "test",
+            Duration::from_secs(10),
+            |_| {},
+        )
+        .expect("runs");
+        assert_eq!(out, "one\nthree\n");
+        match run(
+            Command::new("sh").args(["-c", "echo why >&2; exit 4"]),
+            "failing step",
+            Duration::from_secs(10),
+            |_| {},
+        ) {
+            Err(CommandError::Failed { what, tail, .. }) => {
+                assert_eq!((what.as_str(), tail.as_str()), ("failing step", "why"))
+            }
+            other => panic!("{other:?}"),
+        }
+        let start = Instant::now();
+        assert!(matches!(
+            run(Command::new("sleep").arg("30"), "slow", Duration::from_millis(300), |_| {}),
+            Err(CommandError::Timeout { .. })
+        ));
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(matches!(
+            run(&mut Command::new("/nonexistent/tool"), "x", Duration::from_secs(1), |_| {}),
+            Err(CommandError::Spawn { .. })
+        ));
+    }
+}

@@ -1,0 +1,231 @@
+//! `image-builder debootstrap`: a Debian base image. debootstrap minbase
+//! with a kernel and build tools, construir-init as `/usr/sbin/construir-init`,
+//! config/guest/ baked in, a small Debian initramfs, apt caches and docs
+//! dropped, the root as ext4 (via `mkfs.ext4 -d`) in qcow2, and an
+//! `image.toml` listing every package with its version.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use jobfile::image::{ImageManifest, Package};
+use jobfile::status::rfc3339;
+
+use crate::output::Staging;
+use crate::{command, ext4, mini, say, sources};
+
+include!(concat!(env!("OUT_DIR"), "/guest_files.rs"));
+
+/// Packages every Debian image has, besides what `--include` adds.
+pub const BASE_PACKAGES: &[&str] = &["linux-image-amd64", "build-essential", "bzip2", "xz-utils"];
+
+#[derive(Debug, Clone)]
+pub struct DebootstrapOptions {
+    pub out: PathBuf,
+    pub suite: String,
+    pub include: Vec<String>,
+    pub mirror: Option<String>,
+    pub size: u64,
+    pub init: Option<PathBuf>,
+    /// Where debootstrap keeps downloaded packages between builds.
+    pub cache: Option<PathBuf>,
+    pub force: bool,
+}
+
+/// Removes the build root on every exit path.
+struct RootDir(PathBuf);
+
+impl Drop for RootDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
+    let started = Instant::now();
+    if !nix_is_root() {
+        bail!("image-builder debootstrap needs root (debootstrap and chroot do): run it as root or with sudo");
+    }
+    let init = mini::find_init(opts.init.as_deref())?;
+    let mirror =
+        match &opts.mirror {
+            Some(m) => m.clone(),
+            None => sources::mirror_for(&sources::system_sources(Path::new("/etc/apt")), &opts.suite).with_context(
+                || format!("no apt source on this machine serves {:?}; give the mirror with --mirror URL", opts.suite),
+            )?,
+        };
+    let mut packages: Vec<String> = BASE_PACKAGES.iter().map(|s| s.to_string()).collect();
+    for p in &opts.include {
+        if !p.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:".contains(c)) || p.is_empty() {
+            bail!("--include {p:?} is not a Debian package name");
+        }
+        if !packages.contains(p) {
+            packages.push(p.clone());
+        }
+    }
+    let staging = Staging::new(&opts.out, opts.force)?;
+    let root = RootDir(staging.dir.with_extension("rootfs"));
+    let _ = fs::remove_dir_all(&root.0);
+    let r = &root.0;
+
+    say!("step 1/7: debootstrap {} (minbase + {}) from {mirror}", opts.suite, packages.join(","));
+    let mut cmd = Command::new("debootstrap");
+    cmd.args(["--variant=minbase", "--components=main"]).arg(format!("--include={}", packages.join(",")));
+    if let Some(cache) = &opts.cache {
+        fs::create_dir_all(cache).with_context(|| format!("cannot create {}", cache.display()))?;
+        cmd.arg(format!("--cache-dir={}", std::path::absolute(cache)?.display()));
+    }
+    cmd.arg(&opts.suite).arg(r).arg(&mirror).env("LC_ALL", "C").env("DEBIAN_FRONTEND", "noninteractive");
+    let mut last = Instant::now();
+    command::run(&mut cmd, "debootstrap", Duration::from_secs(60 * 60), |line| {
+        // One line in a while, so a long download shows it is alive.
+        if line.starts_with("I: Retrieving")
+            || line.starts_with("I: Validating")
+            || line.starts_with("I: Extracting")
+            || line.starts_with("I: Configuring")
+            || line.starts_with("I: Unpacking")
+        {
+            if last.elapsed() > Duration::from_secs(10) {
+                say!("  {line}");
+                last = Instant::now();
+            }
+        } else if line.starts_with("I: Base system installed") || line.starts_with("E:") || line.starts_with("W:") {
+            say!("  {line}");
+        }
+    })?;
+
+    say!("step 2/7: installing construir-init and config/guest ({} files)", GUEST_FILES.len());
+    install(
+        r,
+        "usr/sbin/construir-init",
+        &fs::read(&init).with_context(|| format!("cannot read {}", init.display()))?,
+        0o755,
+    )?;
+    for (path, data, mode) in GUEST_FILES {
+        install(r, path, data, *mode)?;
+    }
+    fs::create_dir_all(r.join("job")).context("cannot create /job")?;
+
+    let kernel_version = installed_kernel(r)?;
+    say!("step 3/7: a small initramfs for kernel {kernel_version}");
+    command::run(
+        Command::new("chroot").arg(r).args(["update-initramfs", "-u", "-k", &kernel_version]).env("LC_ALL", "C"),
+        "update-initramfs",
+        Duration::from_secs(20 * 60),
+        |_| {},
+    )?;
+
+    say!("step 4/7: listing packages");
+    let listing = command::run(
+        Command::new("chroot").arg(r).args(["dpkg-query", "-W", "-f", "${Package}\\t${Version}\\n"]),
+        "dpkg-query",
+        Duration::from_secs(120),
+        |_| {},
+    )?;
+    let mut installed: Vec<Package> = listing
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(name, version)| Package { name: name.to_owned(), version: version.to_owned() })
+        .collect();
+    installed.sort_by(|a, b| a.name.cmp(&b.name));
+
+    say!("step 5/7: exporting the kernel and initramfs, dropping apt lists, caches and docs");
+    fs::copy(r.join(format!("boot/vmlinuz-{kernel_version}")), staging.dir.join("vmlinuz"))
+        .context("cannot copy the kernel")?;
+    fs::copy(r.join(format!("boot/initrd.img-{kernel_version}")), staging.dir.join("initrd.img"))
+        .context("cannot copy the initramfs")?;
+    for dir in [
+        "var/lib/apt/lists",
+        "var/cache/apt",
+        "var/cache/debconf",
+        "usr/share/doc",
+        "usr/share/man",
+        "usr/share/info",
+        "var/log",
+        "tmp",
+    ] {
+        empty_dir(&r.join(dir)).with_context(|| format!("cannot clean /{dir}"))?;
+    }
+    // Re-create what apt needs to run at all in a job.
+    fs::create_dir_all(r.join("var/lib/apt/lists/partial"))?;
+    fs::create_dir_all(r.join("var/cache/apt/archives/partial"))?;
+    fs::set_permissions(r.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+
+    say!("step 6/7: root disk: ext4 of {} bytes (mkfs.ext4 -d), as qcow2", opts.size);
+    ext4::make_root_disk(
+        r,
+        &staging.dir.join("root.raw"),
+        &staging.dir.join("root.qcow2"),
+        opts.size,
+        "construir-root",
+    )?;
+
+    say!("step 7/7: image.toml");
+    let manifest = ImageManifest {
+        kind: "debootstrap".into(),
+        description: format!("construir Debian {} image: minbase + {}", opts.suite, packages.join(", ")),
+        builder_version: env!("CARGO_PKG_VERSION").into(),
+        created: rfc3339(std::time::SystemTime::now()),
+        kernel_version,
+        kernel: "vmlinuz".into(),
+        initrd: "initrd.img".into(),
+        root_disk: Some("root.qcow2".into()),
+        cmdline: "root=/dev/vda rootfstype=ext4 rw init=/usr/sbin/construir-init".into(),
+        job_device: "/dev/vdb".into(),
+        suite: Some(opts.suite.clone()),
+        packages: installed,
+        sha256: Default::default(),
+    };
+    let out = staging.finish(manifest)?;
+    say!("image ready at {} in {:.0} s", out.display(), started.elapsed().as_secs_f64());
+    Ok(out)
+}
+
+fn install(root: &Path, rel: &str, data: &[u8], mode: u32) -> Result<()> {
+    let path = root.join(rel);
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let _ = fs::remove_file(&path);
+    fs::write(&path, data).with_context(|| format!("cannot write {}", path.display()))?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot chmod {}", path.display()))?;
+    Ok(())
+}
+
+/// The one kernel debootstrap installed (`/boot/vmlinuz-<version>`).
+fn installed_kernel(root: &Path) -> Result<String> {
+    let mut versions: Vec<String> = fs::read_dir(root.join("boot"))
+        .context("the image has no /boot")?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("vmlinuz-")).map(str::to_owned))
+        .collect();
+    versions.sort();
+    versions.pop().context("no kernel in the image's /boot (is linux-image-amd64 installed?)")
+}
+
+fn empty_dir(dir: &Path) -> std::io::Result<()> {
+    match fs::read_dir(dir) {
+        Ok(entries) => {
+            for e in entries {
+                let p = e?.path();
+                if p.symlink_metadata()?.is_dir() {
+                    fs::remove_dir_all(&p)?;
+                } else {
+                    fs::remove_file(&p)?;
+                }
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}

@@ -1,0 +1,128 @@
+//! Debian base images made by `image-builder debootstrap`, and real builds in them.
+
+use std::fs;
+use std::process::Command;
+
+use construir_e2e::{bin, build_debian, debian_images, job_log, job_status, sh, Queue};
+use jobfile::image::ImageManifest;
+
+#[test]
+fn the_manifest_is_complete_and_two_builds_list_the_same_packages() {
+    let first = ImageManifest::load(&debian_images().join("i100")).expect("image.toml");
+    assert_eq!((first.kind.as_str(), first.suite.as_deref()), ("debootstrap", Some("bookworm")));
+    assert_eq!((first.root_disk.as_deref(), first.job_device.as_str()), (Some("root.qcow2"), "/dev/vdb"));
+    assert!(
+        first.cmdline.contains("root=/dev/vda") && first.cmdline.contains("init=/usr/sbin/construir-init"),
+        "{}",
+        first.cmdline
+    );
+    assert_eq!(first.builder_version, env!("CARGO_PKG_VERSION"));
+    assert!(first.created.ends_with('Z') && first.created.len() == 20, "{}", first.created);
+    assert_eq!(first.sha256.keys().collect::<Vec<_>>(), ["initrd.img", "root.qcow2", "vmlinuz"]);
+    let names: Vec<&str> = first.packages.iter().map(|p| p.name.as_str()).collect();
+    for want in ["build-essential", "bzip2", "xz-utils", "gcc", "make", "libc6-dev", "linux-image-amd64"] {
+        assert!(names.contains(&want), "{want} missing from the package list");
+    }
+    let kernel_pkg = format!("linux-image-{}", first.kernel_version);
+    assert!(names.contains(&kernel_pkg.as_str()), "{kernel_pkg} missing: kernel_version does not match the packages");
+    assert!(first.packages.iter().all(|p| !p.version.is_empty()));
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (out, took) = build_debian(&tmp.path().join("i100"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("second bookworm build: {:.0} s", took.as_secs_f64());
+    let second = ImageManifest::load(&tmp.path().join("i100")).expect("image.toml");
+    assert_eq!(first.packages, second.packages, "two builds of bookworm list different packages");
+    // Step by step progress, and nothing half-built left beside the image.
+    let log = String::from_utf8_lossy(&out.stderr);
+    for step in 1..=7 {
+        assert!(log.contains(&format!("step {step}/7")), "{log}");
+    }
+    let left: Vec<_> = fs::read_dir(tmp.path()).expect("ls").map(|e| e.expect("e").file_name()).collect();
+    assert_eq!(left, ["i100"]);
+}
+
+#[test]
+fn a_c_program_builds_with_make_and_comes_back_with_its_output() {
+    let q = Queue::new();
+    let makefile =
+        b"hello: hello.c\n\tcc -O2 -Wall -o hello hello.c\n\nhello.out: hello\n\t./hello construir > hello.out\n";
+    let source = b"#include <stdio.h>\nint main(int argc, char **argv) {\n    long sum = 0;\n    for (int i = 1; i <= 1000; i++) sum += i;\n    printf(\"hello, %s: sum %ld\\n\", argc > 1 ? argv[1] : \"nobody\", sum);\n    return 0;\n}\n";
+    q.add_job(
+        "cbuild_i100.tar.xz",
+        "#!/bin/sh\nset -e\ncd src\nmake hello.out\ncat hello.out\n",
+        "10m",
+        &[("src/Makefile", makefile), ("src/hello.c", source)],
+    );
+    let run = q.run_with_images(debian_images(), &["--timeout", "10m"]);
+    assert!(run.success, "{}", run.log);
+    let result = q.done("cbuild_d100.tar.xz");
+    assert_eq!(job_status(&result)["result"], "ok", "{}", String::from_utf8_lossy(&job_log(&result)));
+    let log = String::from_utf8(job_log(&result)).expect("utf8");
+    assert!(log.contains("cc -O2 -Wall -o hello hello.c"), "{log}");
+    assert!(log.ends_with("hello, construir: sum 500500\n"), "{log}");
+    let out = q.root.path().join("out");
+    let unpacked =
+        Command::new(bin("construir-host")).args(["job", "unpack"]).arg(&result).arg(&out).status().expect("unpack");
+    assert!(unpacked.success());
+    assert_eq!(fs::read_to_string(out.join("src/hello.out")).expect("hello.out"), "hello, construir: sum 500500\n");
+    let file = sh(&format!("file '{}'", out.join("src/hello").display()), q.root.path());
+    assert!(file.contains("ELF 64-bit") && file.contains("x86-64"), "{file}");
+    // The binary built in the VM runs here too.
+    assert_eq!(sh(&format!("'{}' host", out.join("src/hello").display()), q.root.path()), "hello, host: sum 500500\n");
+}
+
+#[test]
+fn writes_outside_job_are_gone_for_the_next_job_and_a_job_has_room_to_build() {
+    let q = Queue::new();
+    q.add_job("writer_i100.tar.xz", "#!/bin/sh\nset -e\necho '#!/bin/sh' > /usr/local/bin/x\nchmod +x /usr/local/bin/x\necho wrote /usr/local/bin/x\n", "1m", &[]);
+    q.add_job(
+        "reader_i100.tar.xz",
+        "#!/bin/sh\nif [ -e /usr/local/bin/x ]; then echo x is there; else echo x is gone; fi\ndf -B1 --output=avail /job | tail -n 1\n",
+        "1m",
+        &[],
+    );
+    let run = q.run_with_images(debian_images(), &["--timeout", "10m"]);
+    assert!(run.success, "{}", run.log);
+    let writer = q.done("writer_d100.tar.xz");
+    assert_eq!(
+        (job_status(&writer)["result"].as_str(), String::from_utf8(job_log(&writer)).expect("utf8").as_str()),
+        (Some("ok"), "wrote /usr/local/bin/x\n")
+    );
+    // The writer was queued first and ran first: its claim comes before the reader's.
+    assert!(run.log.find("writer_i100.tar.xz: claimed") < run.log.find("reader_i100.tar.xz: claimed"), "{}", run.log);
+    let reader = String::from_utf8(job_log(&q.done("reader_d100.tar.xz"))).expect("utf8");
+    let mut lines = reader.lines();
+    assert_eq!(lines.next(), Some("x is gone"), "{reader}");
+    let free: u64 = lines.next().expect("df").trim().parse().expect("bytes");
+    assert!(free >= 2 << 30, "a job sees only {free} bytes free");
+}
+
+#[test]
+fn verify_boots_an_image_and_refuses_a_damaged_one() {
+    let image = debian_images().join("i100");
+    let out =
+        Command::new(bin("image-builder")).args(["verify", "--accel", "tcg"]).arg(&image).output().expect("verify");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}{}", stdout, String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("the smoke job ran (ok) and came back"), "{stdout}");
+    assert!(stdout.contains("construir-verify: running as 0 on"), "{stdout}");
+
+    // A copy with a changed kernel: verify says which file and stops before booting.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let copy = tmp.path().join("i100");
+    fs::create_dir(&copy).expect("mkdir");
+    for f in ["image.toml", "initrd.img", "root.qcow2"] {
+        std::os::unix::fs::symlink(image.join(f), copy.join(f)).expect("symlink");
+    }
+    let mut kernel = fs::read(image.join("vmlinuz")).expect("kernel");
+    let last = kernel.len() - 1;
+    kernel[last] ^= 0xff;
+    fs::write(copy.join("vmlinuz"), kernel).expect("write");
+    let out =
+        Command::new(bin("image-builder")).args(["verify", "--accel", "tcg"]).arg(&copy).output().expect("verify");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vmlinuz does not match image.toml"), "{err}");
+    assert!(!err.contains("booting"), "{err}");
+}
