@@ -102,3 +102,24 @@ fn mini_refuses_a_dynamic_init_and_a_missing_kernel() {
     assert!(!nokernel.status.success());
     assert!(!out.exists(), "no image is left after a failure");
 }
+
+#[test]
+fn debootstrap_says_clearly_that_it_needs_root() {
+    // Run as nobody: the binary must be reachable, so copy it somewhere world-readable.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let copy = tmp.path().join("image-builder");
+    fs::copy(env!("CARGO_BIN_EXE_image-builder"), &copy).expect("copy");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&copy)
+        .args(["debootstrap", "--out"])
+        .arg(tmp.path().join("i100"))
+        .output()
+        .expect("setpriv (util-linux)");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs root") && err.lines().count() == 1, "{err}");
+    assert!(!tmp.path().join("i100").exists());
+}
