@@ -40,5 +40,10 @@ ensure_packages() {
         want+=(qemu-system-x86 "qemu-utils=$ver")
     fi
     if [ ${#want[@]} -gt 0 ]; then apt_install "${want[@]}"; fi
+    # When the host runs as root, QEMU runs as this unprivileged user.
+    if [ "$(id -u)" = 0 ] && ! id construir >/dev/null 2>&1; then
+        say "useradd construir (the unprivileged user QEMU runs as)"
+        useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin construir
+    fi
     command -v cargo >/dev/null || die "cargo is missing: install Rust (https://rustup.rs) first"
 }

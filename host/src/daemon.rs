@@ -2,10 +2,10 @@
 //! refuse bad input, recover after a crash, stop cleanly on a signal.
 
 use std::collections::HashSet;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::os::fd::AsFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
@@ -16,7 +16,8 @@ use jobfile::image::ImageManifest;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
-use crate::queue::{self, Candidate, Dirs};
+use crate::jail;
+use crate::queue::{self, Candidate, Dirs, Rules};
 use crate::worker::{self, Ending, Limits};
 
 #[derive(Debug, Clone)]
@@ -26,8 +27,11 @@ pub struct RunOptions {
     pub workers: usize,
     pub limits: Limits,
     pub rescan: Duration,
-    pub min_size: u64,
-    pub max_size: u64,
+    pub rules: Rules,
+    /// A job whose host died this many times while running it goes to failed/.
+    pub max_attempts: u32,
+    /// After SIGTERM, how long running jobs may go on before they are stopped and requeued.
+    pub stop_timeout: Duration,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -41,17 +45,17 @@ pub struct Summary {
 pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     let dirs = &opts.dirs;
     dirs.create_all()?;
-    recover(dirs, &opts.limits.host_id)?;
+    if let Some(id) = opts.limits.identity {
+        jail::check_reachable(&dirs.work, id)?;
+    }
+    let mut summary = Summary::default();
+    recover(opts, &mut summary)?;
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).context("cannot set up inotify")?;
-    inotify
-        .add_watch(
-            &dirs.queue,
-            AddWatchFlags::IN_CLOSE_WRITE
-                | AddWatchFlags::IN_MOVED_TO
-                | AddWatchFlags::IN_CREATE
-                | AddWatchFlags::IN_ATTRIB,
-        )
-        .with_context(|| format!("cannot watch {}", dirs.queue.display()))?;
+    let events = AddWatchFlags::IN_CLOSE_WRITE
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_CREATE
+        | AddWatchFlags::IN_ATTRIB;
+    inotify.add_watch(&dirs.queue, events).with_context(|| format!("cannot watch {}", dirs.queue.display()))?;
     log::info!(
         "watching {} with {} worker(s), {} acceleration, timeout {} s{}",
         dirs.queue.display(),
@@ -61,29 +65,41 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         if opts.once { ", until the queue is empty" } else { "" }
     );
 
+    // Workers see `kill`, set only once the stop bound has passed.
+    let kill = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel::<(OsString, std::io::Result<Ending>)>();
     let mut running: HashSet<OsString> = HashSet::new();
-    let mut summary = Summary::default();
     let mut dirty = true;
     let mut last_scan = Instant::now();
-    let mut stopping = false;
+    let mut stopping: Option<Instant> = None;
     loop {
-        if stop.load(Ordering::Relaxed) && !stopping {
-            stopping = true;
-            log::info!("stopping: no more claims; {} running job(s) go back to the queue", running.len());
+        if stop.load(Ordering::Relaxed) && stopping.is_none() {
+            stopping = Some(Instant::now());
+            log::info!(
+                "stopping: no more claims; {} running job(s) may finish within {} s, then go back to the queue",
+                running.len(),
+                opts.stop_timeout.as_secs()
+            );
+        }
+        if stopping.is_some_and(|t| t.elapsed() >= opts.stop_timeout) && !kill.swap(true, Ordering::Relaxed) {
+            log::info!("stop bound reached: stopping {} VM(s)", running.len());
         }
         let mut waiting = 0;
-        if !stopping && (dirty || last_scan.elapsed() >= opts.rescan) {
+        if stopping.is_none() && (dirty || last_scan.elapsed() >= opts.rescan) {
             dirty = false;
             last_scan = Instant::now();
-            let found = queue::scan(&dirs.queue, opts.min_size, opts.max_size)
+            let found = queue::scan(&dirs.queue, opts.rules)
                 .with_context(|| format!("cannot read {}", dirs.queue.display()))?;
             for candidate in found {
                 match candidate {
                     Candidate::Refuse { file_name, reason } => refuse(dirs, &file_name, &reason, &mut summary),
+                    Candidate::Settling { .. } => {
+                        waiting += 1;
+                        dirty = true; // look again soon
+                    }
                     Candidate::Job { file_name, job, .. } => {
                         if let Err(e) = ImageManifest::load(&dirs.images.join(format!("i{}", job.image()))) {
-                            let reason = format!("unknown image i{}: {}", job.image(), crate::worker::chain(&e));
+                            let reason = format!("unknown image i{}: {}", job.image(), worker::chain(&e));
                             refuse(dirs, &file_name, &reason, &mut summary);
                             continue;
                         }
@@ -101,16 +117,16 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
                         }
                         log::info!("job {}: claimed", job.input_file_name());
                         running.insert(file_name.clone());
-                        let (dirs, limits, tx, stop) = (dirs.clone(), opts.limits.clone(), tx.clone(), stop.clone());
+                        let (dirs, limits, tx, kill) = (dirs.clone(), opts.limits.clone(), tx.clone(), kill.clone());
                         thread::spawn(move || {
-                            let ending = worker::run(&dirs, &limits, &file_name, &job, &stop);
+                            let ending = worker::run(&dirs, &limits, &file_name, &job, &kill);
                             let _ = tx.send((file_name, ending));
                         });
                     }
                 }
             }
         }
-        if running.is_empty() && (stopping || (opts.once && waiting == 0 && !dirty)) {
+        if running.is_empty() && (stopping.is_some() || (opts.once && waiting == 0 && !dirty)) {
             break;
         }
         // Sleep until the queue changes, a job ends, or it is time to rescan.
@@ -122,14 +138,16 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         while let Ok((file_name, ending)) = rx.try_recv() {
             running.remove(&file_name);
             dirty = true;
-            let label = file_name.to_string_lossy();
+            let label = jobfile::escape(file_name.as_encoded_bytes());
             match ending {
                 Ok(Ending::Done { path, verdict }) => {
                     summary.done += 1;
+                    forget_attempts(dirs, &file_name);
                     log::info!("job {label}: done: {verdict} -> {}", path.display());
                 }
                 Ok(Ending::Failed { path, reason }) => {
                     summary.failed += 1;
+                    forget_attempts(dirs, &file_name);
                     log::warn!("job {label}: failed: {reason} -> {}", path.display());
                 }
                 Ok(Ending::Requeued) => summary.requeued += 1,
@@ -150,41 +168,71 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     Ok(summary)
 }
 
-fn refuse(dirs: &Dirs, file_name: &OsString, reason: &str, summary: &mut Summary) {
+fn refuse(dirs: &Dirs, file_name: &OsStr, reason: &str, summary: &mut Summary) {
     let label = jobfile::escape(file_name.as_encoded_bytes());
     match queue::fail(dirs, &dirs.queue.join(file_name), reason, None) {
         Ok(path) => {
             summary.refused += 1;
-            log::warn!("job {label}: refused: {reason} -> {}", path.display());
+            log::warn!("job {label}: refused: {reason} -> {}", jobfile::escape(path.as_os_str().as_encoded_bytes()));
         }
         Err(e) => log::error!("job {label}: cannot move to {}: {e}", dirs.failed.display()),
     }
 }
 
-/// Jobs this host had claimed when it last stopped go back to the queue;
-/// working copies it left are removed.
-fn recover(dirs: &Dirs, host_id: &str) -> Result<()> {
+/// Where the count of interrupted runs of a job is kept: beside the claim
+/// directories, shared by every host, so it survives the job moving around.
+fn attempts_file(dirs: &Dirs, file_name: &OsStr) -> PathBuf {
+    let mut name = file_name.to_owned();
+    name.push(".attempts");
+    dirs.running.parent().unwrap_or(&dirs.running).join(".attempts").join(name)
+}
+
+fn forget_attempts(dirs: &Dirs, file_name: &OsStr) {
+    let _ = fs::remove_file(attempts_file(dirs, file_name));
+}
+
+/// Jobs this host had claimed when it last stopped (it crashed, or was
+/// killed): each goes back to the queue with one more attempt counted, or
+/// to failed/ once it has used them all. Working copies it left are removed.
+fn recover(opts: &RunOptions, summary: &mut Summary) -> Result<()> {
+    let dirs = &opts.dirs;
     for entry in fs::read_dir(&dirs.running).with_context(|| format!("cannot read {}", dirs.running.display()))? {
         let name = entry?.file_name();
         if name.as_encoded_bytes().starts_with(b".") {
             continue;
         }
         let label = jobfile::escape(name.as_encoded_bytes());
+        let counter = attempts_file(dirs, &name);
+        let attempts = fs::read_to_string(&counter).ok().and_then(|t| t.trim().parse::<u32>().ok()).unwrap_or(0) + 1;
+        if attempts >= opts.max_attempts {
+            let reason = format!(
+                "the host stopped {attempts} times while running this job (crashed or was killed); not trying again"
+            );
+            queue::fail(dirs, &dirs.running.join(&name), &reason, None)?;
+            forget_attempts(dirs, &name);
+            summary.failed += 1;
+            log::warn!("job {label}: {reason} -> {}", dirs.failed.display());
+            continue;
+        }
+        if let Some(parent) = counter.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        queue::write_durable(&counter, format!("{attempts}\n").as_bytes())?;
         match queue::requeue(dirs, &name) {
-            Ok(()) => log::info!("job {label}: unfinished at the last stop; back in the queue"),
+            Ok(()) => log::info!("job {label}: unfinished at the last stop (attempt {attempts}); back in the queue"),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 let reason = "a job of the same name was queued again while this one was unfinished";
-                let _ = queue::fail(dirs, &dirs.running.join(&name), reason, None);
+                queue::fail(dirs, &dirs.running.join(&name), reason, None)?;
                 log::warn!("job {label}: {reason}; moved to {}", dirs.failed.display());
             }
             Err(e) => return Err(e).with_context(|| format!("cannot requeue {label}")),
         }
     }
-    let prefix = format!("{host_id}.");
+    let prefix = format!("{}.", opts.limits.host_id);
     for entry in fs::read_dir(&dirs.work)? {
         let entry = entry?;
         if entry.file_name().to_string_lossy().starts_with(&prefix) {
-            let _ = fs::remove_file(entry.path());
+            let _ = fs::remove_dir_all(entry.path()).or_else(|_| fs::remove_file(entry.path()));
         }
     }
     Ok(())
@@ -194,7 +242,7 @@ fn recover(dirs: &Dirs, host_id: &str) -> Result<()> {
 pub fn default_host_id() -> String {
     let name = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
     let id: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).collect();
-    if id.is_empty() || id.starts_with('.') {
+    if id.is_empty() || id.starts_with('.') || id.starts_with('-') {
         "host".to_owned()
     } else {
         id
@@ -202,13 +250,13 @@ pub fn default_host_id() -> String {
 }
 
 /// Default directories: siblings of the queue.
-pub fn sibling(queue: &Path, name: &str) -> std::path::PathBuf {
+pub fn sibling(queue: &Path, name: &str) -> PathBuf {
     let abs = std::path::absolute(queue).unwrap_or_else(|_| queue.to_owned());
     abs.parent().unwrap_or(Path::new("/")).join(name)
 }
 
 /// The kernel of the first usable image, for the KVM probe.
-pub fn any_kernel(images: &Path) -> Option<std::path::PathBuf> {
+pub fn any_kernel(images: &Path) -> Option<PathBuf> {
     let mut dirs: Vec<_> = fs::read_dir(images).ok()?.filter_map(|e| e.ok().map(|e| e.path())).collect();
     dirs.sort();
     dirs.iter().find_map(|d| ImageManifest::load(d).ok().map(|m| d.join(m.kernel)))

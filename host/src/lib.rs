@@ -3,6 +3,7 @@
 
 pub mod console;
 pub mod daemon;
+pub mod jail;
 pub mod job;
 pub mod kvm;
 pub mod logger;

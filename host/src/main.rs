@@ -11,10 +11,10 @@ use clap::{Parser, Subcommand};
 use construir_host::daemon::{self, RunOptions};
 use construir_host::job::{self, PackRequest};
 use construir_host::qemu::Accel;
-use construir_host::queue::Dirs;
+use construir_host::queue::{Dirs, Rules};
 use construir_host::units::{human_size, parse_duration, parse_size};
 use construir_host::worker::Limits;
-use construir_host::{kvm, logger};
+use construir_host::{jail, kvm, logger};
 
 #[derive(Parser)]
 #[command(name = "construir-host", version, about = "Build strangers' jobs in throwaway QEMU VMs")]
@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the jobs dropped into QUEUE, each in a throwaway VM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Make and read job files (for people who submit jobs).
     #[command(subcommand)]
     Job(JobCommand),
@@ -92,12 +92,27 @@ struct RunArgs {
     /// Largest job file accepted.
     #[arg(long, default_value = "64G", value_parser = parse_size_arg)]
     max_size: u64,
+    /// A job file must be unchanged this long before it is claimed (it may still be being written).
+    #[arg(long, default_value = "2s", value_parser = parse_duration_arg)]
+    settle: Duration,
+    /// Give up on a job (to failed/) after the host died this many times while running it.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    max_attempts: u32,
+    /// After SIGTERM or SIGINT, how long running jobs may go on before they are stopped and requeued.
+    #[arg(long, default_value = "60s", value_parser = parse_duration_arg)]
+    stop_timeout: Duration,
     /// How often to rescan the queue besides watching it.
     #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
     rescan: Duration,
-    /// QEMU binary.
+    /// QEMU binary (7.2 or newer).
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
+    /// Unprivileged user QEMU runs as when the host runs as root.
+    #[arg(long, value_name = "USER", default_value = "construir")]
+    qemu_user: String,
+    /// End a job whose VM prints nothing on its console for this long [default: no limit].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    silence_timeout: Option<Duration>,
     /// Log debug lines too.
     #[arg(short, long)]
     verbose: bool,
@@ -149,7 +164,7 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run(args) => run_queue(args),
+        Command::Run(args) => run_queue(*args),
         Command::Job(cmd) => run_job(cmd),
     }
 }
@@ -174,7 +189,22 @@ fn run_queue(a: RunArgs) -> Result<()> {
         AccelChoice::Tcg => Accel::Tcg,
         AccelChoice::Auto => detect_accel(&a.qemu, &dirs),
     };
+    let (major, minor) =
+        construir_host::qemu::version(&a.qemu).with_context(|| format!("cannot run {}", a.qemu.display()))?;
+    if (major, minor) < (7, 2) {
+        bail!("{} is QEMU {major}.{minor}; construir needs 7.2 or newer", a.qemu.display());
+    }
+    let identity = if jail::running_as_root() {
+        let id = jail::lookup(&a.qemu_user, Path::new("/etc/passwd"))?;
+        log::info!("QEMU {major}.{minor} runs as {} (uid {}, gid {}), jailed", a.qemu_user, id.uid, id.gid);
+        Some(id)
+    } else {
+        log::info!("QEMU {major}.{minor} runs as this (unprivileged) user, jailed");
+        None
+    };
     let limits = Limits {
+        identity,
+        silence: a.silence_timeout,
         timeout: a.timeout,
         grace: a.grace,
         memory_mib: (a.memory >> 20).max(128),
@@ -195,8 +225,9 @@ fn run_queue(a: RunArgs) -> Result<()> {
         workers: a.workers as usize,
         limits,
         rescan: a.rescan,
-        min_size: jobfile::MIN_JOB_SIZE,
-        max_size: a.max_size,
+        rules: Rules { min_size: jobfile::MIN_JOB_SIZE, max_size: a.max_size, settle: a.settle },
+        max_attempts: a.max_attempts,
+        stop_timeout: a.stop_timeout,
     };
     daemon::run(&opts, stop)?;
     Ok(())

@@ -1,12 +1,15 @@
-//! One QEMU run: the command line, the process (in its own process group,
-//! killed with the host), the console capture, and the deadline.
+//! One QEMU run: the command line, the jailed process (see `jail`), the
+//! console capture, the deadline and the silence limit.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -16,9 +19,17 @@ use nix::unistd::Pid;
 use thiserror::Error;
 
 use crate::console::ConsoleLog;
+use crate::jail::{self, Identity};
 
 /// Most QEMU stderr kept for error messages.
 const MAX_STDERR: usize = 16 << 10;
+
+/// Descriptor numbers the files have inside QEMU.
+const FD_KERNEL: i32 = 3;
+const FD_INITRD: i32 = 4;
+const FD_ROOT: i32 = 5;
+const FD_JOB_RW: i32 = 6;
+const FD_JOB_RO: i32 = 7;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -50,90 +61,110 @@ pub struct VmSpec {
     /// The job's working copy, raw.
     pub job_disk: PathBuf,
     pub networking: bool,
-    /// Where QEMU may put temporary files (the snapshot overlay).
+    /// QEMU's own directory, for temporary files (the snapshot overlay).
     pub tmpdir: PathBuf,
+    /// Shown by `ps` (`-name`): which job this VM is.
+    pub name: String,
+    /// Who QEMU runs as, when the host is root.
+    pub identity: Option<Identity>,
+    /// Largest file QEMU may write.
+    pub file_size_limit: u64,
 }
 
 impl VmSpec {
+    /// QEMU's arguments. Files are passed as descriptors the host opened
+    /// (`/proc/self/fd/N`, fd sets), so no path of ours is on the command
+    /// line: nothing to inject options into, and an unprivileged QEMU needs
+    /// no access to the images or the queue.
     pub fn args(&self) -> Vec<OsString> {
-        let mut a: Vec<OsString> = Vec::new();
-        let mut push = |items: &[&OsStr]| a.extend(items.iter().map(|&i| i.to_owned()));
-        let s = |text: &'static str| OsStr::new(text);
-        push(&[
-            s("-nodefaults"),
-            s("-no-user-config"),
-            s("-display"),
-            s("none"),
-            s("-no-reboot"),
-            s("-monitor"),
-            s("none"),
-        ]);
-        let machine = format!("q35,accel={},usb=off,vmport=off", self.accel.name());
-        push(&[s("-machine"), machine.as_ref(), s("-cpu"), s(if self.accel == Accel::Kvm { "host" } else { "max" })]);
-        let (memory, cpus) = (format!("{}M", self.memory_mib), self.cpus.to_string());
-        push(&[s("-m"), memory.as_ref(), s("-smp"), cpus.as_ref()]);
-        push(&[s("-sandbox"), s("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")]);
-        push(&[s("-chardev"), s("stdio,id=console,signal=off"), s("-serial"), s("chardev:console")]);
-        push(&[s("-nic"), s(if self.networking { "user,model=virtio-net-pci" } else { "none" })]);
-        push(&[
-            s("-kernel"),
-            self.kernel.as_os_str(),
-            s("-initrd"),
-            self.initrd.as_os_str(),
-            s("-append"),
-            self.cmdline.as_ref(),
-        ]);
-        if let Some(root) = &self.root_disk {
-            push(&[
-                s("-drive"),
-                &drive("root", root, "format=qcow2,snapshot=on"),
-                s("-device"),
-                s("virtio-blk-pci,drive=root"),
-            ]);
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+        push(&["-name", &format!("guest={},process={}", self.name, self.name)]);
+        push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-monitor", "none"]);
+        let machine = format!("q35,accel={},usb=off,vmport=off,smbus=off,sata=off,graphics=off", self.accel.name());
+        push(&["-machine", &machine, "-cpu", if self.accel == Accel::Kvm { "host" } else { "max" }]);
+        push(&["-m", &format!("{}M", self.memory_mib), "-smp", &self.cpus.to_string()]);
+        push(&["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+        // A guest kernel panic makes QEMU exit with a failure instead of looking like a power-off.
+        push(&["-device", "pvpanic-pci", "-action", "panic=exit-failure"]);
+        push(&["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]);
+        push(&["-nic", if self.networking { "user,model=virtio-net-pci" } else { "none" }]);
+        push(&["-kernel", &format!("/proc/self/fd/{FD_KERNEL}"), "-initrd", &format!("/proc/self/fd/{FD_INITRD}")]);
+        push(&["-append", &self.cmdline]);
+        if self.root_disk.is_some() {
+            push(&["-add-fd", &format!("fd={FD_ROOT},set=1")]);
+            push(&["-drive", "if=none,id=root,file=/dev/fdset/1,format=qcow2,snapshot=on"]);
+            push(&["-device", "virtio-blk-pci,drive=root"]);
         }
-        let job =
-            drive("job", &self.job_disk, "format=raw,discard=unmap,detect-zeroes=unmap,werror=report,rerror=report");
-        push(&[s("-drive"), &job, s("-device"), s("virtio-blk-pci,drive=job")]);
-        a
+        push(&["-add-fd", &format!("fd={FD_JOB_RW},set=2"), "-add-fd", &format!("fd={FD_JOB_RO},set=2")]);
+        push(&[
+            "-drive",
+            "if=none,id=job,file=/dev/fdset/2,format=raw,discard=unmap,detect-zeroes=unmap,werror=report,rerror=report",
+        ]);
+        push(&["-device", "virtio-blk-pci,drive=job"]);
+        a.into_iter().map(OsString::from).collect()
     }
-}
 
-/// A `-drive` value whose file name cannot inject options: QEMU reads a
-/// doubled comma as a literal one.
-fn drive(id: &str, file: &Path, opts: &str) -> OsString {
-    let name = file.as_os_str().to_string_lossy().replace(',', ",,");
-    format!("if=none,id={id},file={name},{opts}").into()
+    /// Opens every file QEMU needs, as (file, descriptor number in QEMU).
+    fn open_files(&self) -> io::Result<Vec<(File, i32)>> {
+        let open = |path: &Path, write: bool| {
+            OpenOptions::new()
+                .read(true)
+                .write(write)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))
+        };
+        let mut files = vec![(open(&self.kernel, false)?, FD_KERNEL), (open(&self.initrd, false)?, FD_INITRD)];
+        if let Some(root) = &self.root_disk {
+            files.push((open(root, false)?, FD_ROOT));
+        }
+        files.push((open(&self.job_disk, true)?, FD_JOB_RW));
+        files.push((open(&self.job_disk, false)?, FD_JOB_RO));
+        Ok(files)
+    }
 }
 
 #[derive(Debug, Error)]
 pub enum QemuError {
+    #[error("cannot open the VM's files")]
+    Open(#[source] io::Error),
     #[error("cannot start {qemu}")]
     Spawn { qemu: PathBuf, source: io::Error },
     #[error("cannot wait for QEMU")]
     Wait(#[source] io::Error),
 }
 
+/// Why the host ended a VM itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// Past the job's timeout plus grace.
+    Deadline,
+    /// No console output for the silence limit.
+    Silence,
+    /// The host is stopping.
+    Stop,
+}
+
 /// How a VM run ended.
 #[derive(Debug)]
 pub struct VmRun {
-    /// QEMU's own exit, `None` when we killed it.
+    /// QEMU's own exit, `None` when the host ended it.
     pub status: Option<ExitStatus>,
-    pub killed_at_deadline: bool,
-    pub stopped: bool,
+    pub cut: Option<Cut>,
     pub elapsed: Duration,
     pub console: ConsoleLog,
     pub stderr: String,
 }
 
-/// Kills the whole process group of a child on drop, and reaps it.
-struct Guard(Option<Child>);
+/// Kills the whole session of a child on drop, and reaps it.
+struct Guard(Child);
 
 impl Guard {
     fn kill(&mut self) {
-        if let Some(child) = self.0.as_mut() {
-            let _ = kill(Pid::from_raw(-(child.id() as i32)), Signal::SIGKILL);
-            let _ = child.wait();
-        }
+        let _ = kill(Pid::from_raw(-(self.0.id() as i32)), Signal::SIGKILL);
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -143,63 +174,71 @@ impl Drop for Guard {
     }
 }
 
-/// Boots the VM and waits for it to power off, to `deadline`, or to `stop`.
-pub fn run(
-    spec: &VmSpec,
-    deadline: Duration,
-    console_limit: usize,
-    stop: &Arc<AtomicBool>,
-) -> Result<VmRun, QemuError> {
+/// When to end a VM from the outside.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub deadline: Duration,
+    pub silence: Option<Duration>,
+    pub console_limit: usize,
+}
+
+/// Boots the VM and waits for it to power off, or ends it at its deadline,
+/// after too long a silence, or when `stop` is set.
+pub fn run(spec: &VmSpec, bounds: Bounds, stop: &Arc<AtomicBool>) -> Result<VmRun, QemuError> {
+    let files = spec.open_files().map_err(QemuError::Open)?;
+    let fds: Vec<(i32, i32)> = files.iter().map(|(f, n)| (f.as_raw_fd(), *n)).collect();
+    let (identity, limits) = (spec.identity, jail::Limits { file_size: spec.file_size_limit, open_files: 1024 });
     let mut cmd = Command::new(&spec.qemu);
     cmd.args(spec.args())
         .env_clear()
         .env("TMPDIR", &spec.tmpdir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    // SAFETY: prctl is async-signal-safe; it only changes this (child) process.
+        .stderr(Stdio::piped());
+    // SAFETY: `enter` only makes async-signal-safe syscalls on values prepared above.
     unsafe {
-        cmd.pre_exec(|| {
-            // QEMU dies with the host.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || jail::enter(identity, limits, &fds));
     }
     let start = Instant::now();
     let mut child = cmd.spawn().map_err(|source| QemuError::Spawn { qemu: spec.qemu.clone(), source })?;
+    drop(files); // QEMU holds its own copies now
     let stdout = child.stdout.take().expect("stdout was piped");
     let stderr = child.stderr.take().expect("stderr was piped");
-    let mut guard = Guard(Some(child));
+    let mut guard = Guard(child);
+    let last_output = Arc::new(AtomicU64::new(0));
+    let seen = last_output.clone();
     let console = thread::spawn(move || {
-        let mut log = ConsoleLog::new(console_limit);
+        let mut log = ConsoleLog::new(bounds.console_limit);
         let mut out = stdout;
         let mut buf = vec![0u8; 64 << 10];
         loop {
             match out.read(&mut buf) {
                 Ok(0) | Err(_) => break,
-                Ok(n) => log.push(&buf[..n]),
+                Ok(n) => {
+                    log.push(&buf[..n]);
+                    seen.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+                }
             }
         }
         log
     });
     let errors = capture(stderr, MAX_STDERR);
 
-    let (mut status, mut killed_at_deadline, mut stopped) = (None, false, false);
+    let (mut status, mut cut) = (None, None);
     loop {
-        let child = guard.0.as_mut().expect("held until the end");
-        if let Some(st) = child.try_wait().map_err(QemuError::Wait)? {
+        if let Some(st) = guard.0.try_wait().map_err(QemuError::Wait)? {
             status = Some(st);
             break;
         }
-        if start.elapsed() >= deadline {
-            killed_at_deadline = true;
-            break;
+        let quiet = start.elapsed().saturating_sub(Duration::from_millis(last_output.load(Ordering::Relaxed)));
+        if start.elapsed() >= bounds.deadline {
+            cut = Some(Cut::Deadline);
+        } else if bounds.silence.is_some_and(|s| quiet >= s) {
+            cut = Some(Cut::Silence);
+        } else if stop.load(Ordering::Relaxed) {
+            cut = Some(Cut::Stop);
         }
-        if stop.load(Ordering::Relaxed) {
-            stopped = true;
+        if cut.is_some() {
             break;
         }
         thread::sleep(Duration::from_millis(50));
@@ -208,7 +247,7 @@ pub fn run(
     let elapsed = start.elapsed();
     let console = console.join().unwrap_or_else(|_| ConsoleLog::new(0));
     let stderr = errors.join().unwrap_or_default();
-    Ok(VmRun { status, killed_at_deadline, stopped, elapsed, console, stderr })
+    Ok(VmRun { status, cut, elapsed, console, stderr })
 }
 
 fn capture(mut pipe: impl Read + Send + 'static, limit: usize) -> JoinHandle<String> {
@@ -228,37 +267,70 @@ fn capture(mut pipe: impl Read + Send + 'static, limit: usize) -> JoinHandle<Str
     })
 }
 
+/// QEMU's version, as (major, minor), from `--version`.
+pub fn version(qemu: &Path) -> io::Result<(u32, u32)> {
+    let out = Command::new(qemu).arg("--version").env_clear().stdin(Stdio::null()).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_version(&text).ok_or_else(|| io::Error::other(format!("cannot read a version from {:?}", text.trim())))
+}
+
+fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let rest = text.split("version ").nth(1)?;
+    let mut parts = rest.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn file_names_cannot_add_drive_options() {
-        let d = drive("job", Path::new("/q/evil,format=qcow2,file=/etc/shadow"), "format=raw");
-        assert_eq!(d, "if=none,id=job,file=/q/evil,,format=qcow2,,file=/etc/shadow,format=raw");
-    }
-
-    #[test]
-    fn no_network_unless_asked() {
-        let spec = VmSpec {
+    fn spec() -> VmSpec {
+        VmSpec {
             qemu: "qemu-system-x86_64".into(),
             accel: Accel::Tcg,
             memory_mib: 512,
             cpus: 1,
-            kernel: "k".into(),
+            kernel: "/images/i0,file=/etc/shadow/vmlinuz".into(),
             initrd: "i".into(),
             cmdline: "console=ttyS0".into(),
-            root_disk: None,
-            job_disk: "j".into(),
+            root_disk: Some("/q/evil,format=raw".into()),
+            job_disk: "/queue/j,snapshot=off".into(),
             networking: false,
             tmpdir: "/tmp".into(),
-        };
-        let args: Vec<String> = spec.args().iter().map(|a| a.to_string_lossy().into_owned()).collect();
+            name: "host.job_i0.tar.xz".into(),
+            identity: None,
+            file_size_limit: 1 << 30,
+        }
+    }
+
+    #[test]
+    fn no_path_reaches_the_command_line() {
+        let joined: Vec<String> = spec().args().iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        let joined = joined.join(" ");
+        for path in ["/images", "/etc/shadow", "/q/evil", "/queue/j"] {
+            assert!(!joined.contains(path), "{path} on the command line: {joined}");
+        }
+        assert!(joined.contains("-kernel /proc/self/fd/3"), "{joined}");
+        assert!(joined.contains("file=/dev/fdset/1,format=qcow2,snapshot=on"), "{joined}");
+    }
+
+    #[test]
+    fn no_network_unless_asked_and_the_sandbox_is_on() {
+        let args: Vec<String> = spec().args().iter().map(|a| a.to_string_lossy().into_owned()).collect();
         let nic = args.iter().position(|a| a == "-nic").expect("-nic");
         assert_eq!(args[nic + 1], "none");
-        assert!(args.contains(&"-nodefaults".to_owned()) && args.contains(&"-no-reboot".to_owned()));
-        assert!(args.iter().any(|a| a.starts_with("on,obsolete=deny")));
-        let with_net = VmSpec { networking: true, ..spec };
+        for flag in ["-nodefaults", "-no-reboot", "-no-user-config"] {
+            assert!(args.iter().any(|a| a == flag), "{flag}");
+        }
+        assert!(args.iter().any(|a| a == "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"));
+        let with_net = VmSpec { networking: true, ..spec() };
         assert!(with_net.args().iter().any(|a| a == "user,model=virtio-net-pci"));
+    }
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\n"), Some((7, 2)));
+        assert_eq!(parse_version("QEMU emulator version 10.0.2\n"), Some((10, 0)));
+        assert_eq!(parse_version("nonsense"), None);
     }
 }

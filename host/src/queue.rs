@@ -7,7 +7,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use jobfile::name::{classify, Entry};
@@ -38,12 +38,34 @@ impl Dirs {
 /// A queue entry and what to do with it.
 #[derive(Debug)]
 pub enum Candidate {
-    Job { file_name: OsString, job: JobName, size: u64 },
-    Refuse { file_name: OsString, reason: String },
+    Job {
+        file_name: OsString,
+        job: JobName,
+        size: u64,
+    },
+    Refuse {
+        file_name: OsString,
+        reason: String,
+    },
+    /// Changed within the settle time: perhaps still being written; look again soon.
+    Settling {
+        file_name: OsString,
+    },
+}
+
+/// What `scan` accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    pub min_size: u64,
+    pub max_size: u64,
+    /// A file must be unchanged this long before it is claimed.
+    pub settle: std::time::Duration,
 }
 
 /// Lists what the queue holds now, oldest first. Uploads in progress are left out.
-pub fn scan(queue: &Path, min_size: u64, max_size: u64) -> io::Result<Vec<Candidate>> {
+pub fn scan(queue: &Path, rules: Rules) -> io::Result<Vec<Candidate>> {
+    let Rules { min_size, max_size, settle } = rules;
+    let now = std::time::SystemTime::now();
     let mut found = Vec::new();
     for entry in fs::read_dir(queue)? {
         let entry = entry?;
@@ -75,6 +97,13 @@ pub fn scan(queue: &Path, min_size: u64, max_size: u64) -> io::Result<Vec<Candid
                 file_name,
                 reason: format!("{} bytes is larger than this host accepts ({max_size} bytes)", meta.len()),
             },
+            Entry::Job(_) if meta.nlink() > 1 => Candidate::Refuse {
+                file_name,
+                reason: format!("hardlinked ({} names): a job file must have exactly one name", meta.nlink()),
+            },
+            Entry::Job(_) if meta.modified().is_ok_and(|m| now.duration_since(m).map_or(true, |age| age < settle)) => {
+                Candidate::Settling { file_name }
+            }
             Entry::Job(job) => Candidate::Job { file_name, job, size: meta.len() },
         };
         found.push((meta.mtime(), meta.mtime_nsec(), candidate));
@@ -85,7 +114,9 @@ pub fn scan(queue: &Path, min_size: u64, max_size: u64) -> io::Result<Vec<Candid
 
 fn name_of(c: &Candidate) -> &OsStr {
     match c {
-        Candidate::Job { file_name, .. } | Candidate::Refuse { file_name, .. } => file_name,
+        Candidate::Job { file_name, .. } | Candidate::Refuse { file_name, .. } | Candidate::Settling { file_name } => {
+            file_name
+        }
     }
 }
 
@@ -141,8 +172,13 @@ pub fn requeue(dirs: &Dirs, file_name: &OsStr) -> io::Result<()> {
 /// Copies a job file to its working copy, keeping holes, with the size
 /// rounded up to whole 512-byte sectors (a disk cannot end mid-sector).
 pub fn working_copy(from: &Path, to: &Path) -> io::Result<u64> {
-    let mut src = File::open(from)?;
-    let len = src.metadata()?.len();
+    // Never through a link: the claimed file must still be the one regular file we scanned.
+    let mut src = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(from)?;
+    let meta = src.metadata()?;
+    if !meta.file_type().is_file() || meta.nlink() != 1 {
+        return Err(io::Error::other(format!("{} is no longer a regular file with one name", from.display())));
+    }
+    let len = meta.len();
     let mut dst = OpenOptions::new().write(true).create(true).truncate(true).open(to)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;
@@ -295,12 +331,14 @@ mod tests {
         fs::write(d.queue.join("x_i1.tar.xz.part"), &big).expect("write");
         fs::create_dir(d.queue.join("dir_i1.tar.xz")).expect("mkdir");
         std::os::unix::fs::symlink("/etc/passwd", d.queue.join("link_i1.tar.xz")).expect("symlink");
-        let found = scan(&d.queue, 65_536, 1 << 30).expect("scan");
+        let rules = Rules { min_size: 65_536, max_size: 1 << 30, settle: std::time::Duration::ZERO };
+        let found = scan(&d.queue, rules).expect("scan");
         let mut jobs = Vec::new();
         let mut refused = Vec::new();
         for c in found {
             match c {
                 Candidate::Job { file_name, .. } => jobs.push(file_name),
+                Candidate::Settling { .. } => panic!("nothing settles with a zero settle time"),
                 Candidate::Refuse { file_name, reason } => {
                     refused.push(format!("{}: {reason}", file_name.to_string_lossy()))
                 }

@@ -6,6 +6,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{self, Read};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -15,7 +16,8 @@ use jobfile::image::ImageManifest;
 use jobfile::xz::DEFAULT_MEMLIMIT;
 use jobfile::{path_is, JobName, JobStatus};
 
-use crate::qemu::{self, Accel, VmSpec};
+use crate::jail::Identity;
+use crate::qemu::{self, Accel, Bounds, Cut, VmSpec};
 use crate::queue::{self, Dirs};
 
 /// Largest job_status.json the host reads from a result.
@@ -33,6 +35,10 @@ pub struct Limits {
     pub accel: Accel,
     pub qemu: PathBuf,
     pub host_id: String,
+    /// Who QEMU runs as (when the host is root).
+    pub identity: Option<Identity>,
+    /// End a VM that prints nothing on its console for this long.
+    pub silence: Option<Duration>,
 }
 
 /// How a job ended, for the host's log.
@@ -58,7 +64,11 @@ pub fn run(
         Ok(m) => m,
         Err(e) => return fail(dirs, &claimed, &format!("unknown image i{}: {}", job.image(), chain(&e)), None),
     };
-    let work = dirs.work.join(format!("{}.{label}", limits.host_id));
+    // The job's own directory: the working copy and QEMU's temporary files, QEMU's alone.
+    let job_dir = dirs.work.join(format!("{}.{label}", limits.host_id));
+    let _cleanup = RemoveDir(job_dir.clone());
+    make_private_dir(&job_dir, limits.identity)?;
+    let work = job_dir.join("disk");
     let size = queue::working_copy(&claimed, &work)?;
     let cmdline = format!(
         "console=ttyS0 panic=-1 quiet loglevel=3 {} construir.job={} construir.timeout={} construir.name={} construir.image={} construir.console={}",
@@ -69,6 +79,8 @@ pub fn run(
         job.image(),
         limits.console_limit
     );
+    let root_disk = manifest.root_disk.as_ref().map(|r| image_dir.join(r));
+    let root_size = root_disk.as_deref().and_then(qcow2_virtual_size).unwrap_or(0);
     let spec = VmSpec {
         qemu: limits.qemu.clone(),
         accel: limits.accel,
@@ -77,51 +89,64 @@ pub fn run(
         kernel: image_dir.join(&manifest.kernel),
         initrd: image_dir.join(&manifest.initrd),
         cmdline,
-        root_disk: manifest.root_disk.as_ref().map(|r| image_dir.join(r)),
+        root_disk,
         job_disk: work.clone(),
         networking: limits.networking,
-        tmpdir: dirs.work.clone(),
+        tmpdir: job_dir.clone(),
+        name: format!("construir.{}.{}", limits.host_id, job.input_file_name()),
+        identity: limits.identity,
+        // The job disk never grows; the snapshot overlay grows at most to the root disk's size.
+        file_size_limit: size.max(root_size) + (1 << 30),
     };
     log::info!(
-        "job {label}: booting image i{} ({}, {} MiB, {} CPUs, job disk {} bytes)",
+        "job {label}: booting image i{} ({}, {} MiB, {} CPUs, job disk {} bytes{})",
         job.image(),
         limits.accel.name(),
         limits.memory_mib,
         limits.cpus,
-        size
+        size,
+        match limits.identity {
+            Some(id) => format!(", QEMU as uid {}", id.uid),
+            None => String::new(),
+        }
     );
     let started = Instant::now();
-    let vm = match qemu::run(&spec, limits.timeout + limits.grace, limits.console_limit, stop) {
-        Ok(vm) => vm,
-        Err(e) => {
-            let _ = fs::remove_file(&work);
-            return fail(dirs, &claimed, &format!("cannot run QEMU: {}", chain(&e)), None);
-        }
+    let bounds = Bounds {
+        deadline: limits.timeout + limits.grace,
+        silence: limits.silence,
+        console_limit: limits.console_limit,
     };
-    if vm.stopped {
-        let _ = fs::remove_file(&work);
+    let vm = match qemu::run(&spec, bounds, stop) {
+        Ok(vm) => vm,
+        Err(e) => return fail(dirs, &claimed, &format!("cannot run QEMU: {}", chain(&e)), None),
+    };
+    if vm.cut == Some(Cut::Stop) {
         queue::requeue(dirs, file_name)?;
         log::info!("job {label}: VM stopped because the host is stopping; back in the queue");
         return Ok(Ending::Requeued);
     }
-    let how = match (&vm.status, vm.killed_at_deadline) {
-        (_, true) => format!(
-            "VM killed after {:.1} s: past the job timeout ({} s) plus grace ({} s)",
-            vm.elapsed.as_secs_f64(),
+    let secs = vm.elapsed.as_secs_f64();
+    let how = match (vm.cut, &vm.status) {
+        (Some(Cut::Deadline), _) => format!(
+            "VM killed after {secs:.1} s: past the job timeout ({} s) plus grace ({} s)",
             limits.timeout.as_secs(),
             limits.grace.as_secs()
         ),
-        (Some(st), _) if st.success() => {
-            format!("VM powered off after {:.1} s", vm.elapsed.as_secs_f64())
+        (Some(Cut::Silence), _) => format!(
+            "VM killed after {secs:.1} s: no console output for {} s",
+            limits.silence.map_or(0, |s| s.as_secs())
+        ),
+        (_, Some(st)) if st.success() => format!("VM powered off after {secs:.1} s"),
+        // pvpanic with -action panic=exit-failure: QEMU exits 1 when the guest kernel panics.
+        (_, Some(st)) if st.code() == Some(1) && vm.stderr.is_empty() => {
+            format!("the guest kernel panicked after {secs:.1} s")
         }
-        (Some(st), _) => {
-            format!("QEMU exited with {st} after {:.1} s{}", vm.elapsed.as_secs_f64(), stderr_note(&vm.stderr))
-        }
-        (None, _) => "QEMU ended".to_owned(),
+        (_, Some(st)) => format!("QEMU exited with {st} after {secs:.1} s{}", stderr_note(&vm.stderr)),
+        (_, None) => "QEMU ended".to_owned(),
     };
     log::info!("job {label}: {how}; {} bytes of console output", vm.console.received());
 
-    let status = if vm.killed_at_deadline { None } else { read_status(&work) };
+    let status = if vm.cut.is_some() { None } else { read_status(&work) };
     match status {
         Some(st) => {
             let verdict = verdict(&st, &how, started.elapsed());
@@ -146,12 +171,37 @@ pub fn run(
             }
         }
         None => {
-            let _ = fs::remove_file(&work);
             let reason = format!("no result: {how}; the job disk holds no job_status.json");
             let log = vm.console.finish(&format!("failed: {reason}"));
             fail(dirs, &claimed, &reason, Some(&log))
         }
     }
+}
+
+/// Creates the job's directory, mode 0700, owned by QEMU's user when there is one.
+fn make_private_dir(dir: &Path, identity: Option<Identity>) -> io::Result<()> {
+    let _ = fs::remove_dir_all(dir);
+    fs::DirBuilder::new().mode(0o700).create(dir)?;
+    if let Some(id) = identity {
+        std::os::unix::fs::chown(dir, Some(id.uid), Some(id.gid))?;
+    }
+    Ok(())
+}
+
+/// Removes a directory tree when dropped.
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A qcow2 image's virtual size (big-endian u64 at byte 24 of its header).
+fn qcow2_virtual_size(path: &Path) -> Option<u64> {
+    let mut header = [0u8; 32];
+    File::open(path).ok()?.read_exact(&mut header).ok()?;
+    (&header[..4] == b"QFI\xfb").then(|| u64::from_be_bytes(header[24..32].try_into().expect("8 bytes")))
 }
 
 fn fail(dirs: &Dirs, claimed: &Path, reason: &str, log: Option<&[u8]>) -> io::Result<Ending> {

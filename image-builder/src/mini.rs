@@ -16,8 +16,9 @@ use crate::kernel::Kernel;
 use crate::output::{is_static_elf, Staging};
 use crate::say;
 
-/// Modules the guest needs to see its job disk (q35, virtio-blk over PCI).
-pub const MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
+/// Modules the guest needs to see its job disk (q35, virtio-blk over PCI);
+/// pvpanic-pci tells QEMU when the guest kernel panics.
+pub const MODULES: &[&str] = &["virtio_pci", "virtio_blk", "pvpanic_pci"];
 
 #[derive(Debug, Clone)]
 pub struct MiniOptions {

@@ -77,6 +77,8 @@ pub fn debian_images() -> &'static Path {
 /// A queue with its sibling directories in a temporary directory.
 pub struct Queue {
     pub root: tempfile::TempDir,
+    /// This queue's `--host-id`: names its VMs, so a test can find them.
+    pub host_id: String,
     pub queue: PathBuf,
     pub done: PathBuf,
     pub failed: PathBuf,
@@ -98,9 +100,12 @@ impl Default for Queue {
 impl Queue {
     pub fn new() -> Self {
         let root = tempfile::tempdir().expect("tempdir");
+        // QEMU runs as an unprivileged user and keeps its snapshot overlay under work/.
+        fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
         let queue = root.path().join("queue");
         fs::create_dir(&queue).expect("mkdir queue");
-        Queue { done: root.path().join("done"), failed: root.path().join("failed"), queue, root }
+        let host_id = root.path().file_name().expect("name").to_string_lossy().trim_start_matches('.').to_owned();
+        Queue { done: root.path().join("done"), failed: root.path().join("failed"), queue, root, host_id }
     }
 
     /// Makes `<file_name>` by hand: `job/bin/construir` with `script`, any
@@ -116,7 +121,11 @@ impl Queue {
             fs::write(p, data).expect("write");
         }
         let staged = self.root.path().join(file_name);
-        sh(&format!("tar -cJf '{}' . && truncate --size {size} '{}'", staged.display(), staged.display()), &dir);
+        // Finished a minute ago, as far as the host's settle time is concerned.
+        sh(
+            &format!("tar -cJf '{0}' . && truncate --size {size} '{0}' && touch -d '-1 min' '{0}'", staged.display()),
+            &dir,
+        );
         let queued = self.queue.join(file_name);
         fs::rename(&staged, &queued).expect("into the queue");
         queued
@@ -133,7 +142,7 @@ impl Queue {
         let out = Command::new(bin("construir-host"))
             .arg("run")
             .arg(&self.queue)
-            .args(["--once", "--accel", "tcg", "--memory", "1G", "--cpus", "1", "--images"])
+            .args(["--once", "--accel", "tcg", "--memory", "1G", "--cpus", "1", "--host-id", &self.host_id, "--images"])
             .arg(images)
             .args(extra)
             .output()
@@ -143,7 +152,7 @@ impl Queue {
             elapsed: start.elapsed(),
             success: out.status.success(),
         };
-        assert!(no_qemu_left(self.root.path()), "a QEMU process outlived the host run");
+        assert!(qemu_pids(&self.host_id).is_empty(), "a QEMU process outlived the host run");
         run
     }
 
@@ -189,14 +198,17 @@ pub fn sh(script: &str, cwd: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// True when no process has `dir` on its command line (no QEMU left behind).
-pub fn no_qemu_left(dir: &Path) -> bool {
-    let needle = dir.as_os_str().as_encoded_bytes();
-    let Ok(procs) = fs::read_dir("/proc") else {
-        return true;
-    };
-    !procs.filter_map(|e| e.ok()).any(|e| {
-        fs::read(e.path().join("cmdline"))
-            .is_ok_and(|c| c.starts_with(b"qemu") && c.windows(needle.len()).any(|w| w == needle))
-    })
+/// QEMU processes of the host with this id (they are named `construir.<host-id>.<job>`).
+pub fn qemu_pids(host_id: &str) -> Vec<u32> {
+    let needle = format!("construir.{host_id}.");
+    let Ok(procs) = fs::read_dir("/proc") else { return Vec::new() };
+    procs
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()).map(|pid| (pid, e.path())))
+        .filter(|(_, p)| {
+            fs::read(p.join("cmdline"))
+                .is_ok_and(|c| c.starts_with(b"qemu") && c.windows(needle.len()).any(|w| w == needle.as_bytes()))
+        })
+        .map(|(pid, _)| pid)
+        .collect()
 }
