@@ -156,6 +156,29 @@ impl Queue {
         run
     }
 
+    /// Starts `construir-host run QUEUE` (not --once) in the background; its log goes to `<root>/host-<tag>.log`.
+    pub fn spawn(&self, tag: &str, host_id: &str, extra: &[&str]) -> std::process::Child {
+        let log = fs::File::create(self.log_path(tag)).expect("host log");
+        Command::new(bin("construir-host"))
+            .arg("run")
+            .arg(&self.queue)
+            .args(["--accel", "tcg", "--memory", "1G", "--cpus", "1", "--host-id", host_id, "--images"])
+            .arg(images())
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start construir-host")
+    }
+
+    pub fn log_path(&self, tag: &str) -> PathBuf {
+        self.root.path().join(format!("host-{tag}.log"))
+    }
+
+    pub fn log(&self, tag: &str) -> String {
+        fs::read_to_string(self.log_path(tag)).unwrap_or_default()
+    }
+
     pub fn done(&self, file_name: &str) -> PathBuf {
         self.done.join(file_name)
     }
@@ -211,4 +234,30 @@ pub fn qemu_pids(host_id: &str) -> Vec<u32> {
         })
         .map(|(pid, _)| pid)
         .collect()
+}
+
+/// Polls `cond` every 100 ms until it holds or `limit` passes; returns whether it held.
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cond()
+}
+
+/// One `Name:\tvalue` line of /proc/<pid>/status.
+pub fn proc_status(pid: u32, field: &str) -> String {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.trim().to_owned()))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Sends `sig` to a child process.
+pub fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: kill on a pid we own; no memory involved.
+    unsafe { libc::kill(child.id() as i32, sig) };
 }
