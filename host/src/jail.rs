@@ -103,7 +103,12 @@ fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> 
 ///
 /// # Safety
 /// Only call between fork and exec (from `Command::pre_exec`).
-pub unsafe fn enter(identity: Option<Identity>, limits: Limits, fds: &[(i32, i32)]) -> io::Result<()> {
+pub unsafe fn enter(
+    identity: Option<Identity>,
+    limits: Limits,
+    fds: &[(i32, i32)],
+    cgroup: Option<&std::ffi::CString>,
+) -> io::Result<()> {
     // SAFETY (whole function): each call is a plain syscall on values that
     // were prepared before the fork; nothing allocates.
     unsafe {
@@ -126,6 +131,10 @@ pub unsafe fn enter(identity: Option<Identity>, limits: Limits, fds: &[(i32, i32
         for (&moved, &(_, to)) in high.iter().zip(fds) {
             // dup2 leaves the new descriptor without close-on-exec.
             check(libc::dup2(moved, to))?;
+        }
+        if let Some(procs) = cgroup {
+            // While still root: the group's files belong to root.
+            crate::cgroup::join(procs)?;
         }
         if let Some(id) = identity {
             check(libc::setgroups(0, std::ptr::null()))?;

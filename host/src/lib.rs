@@ -1,6 +1,7 @@
 //! construir-host: runs queued jobs in throwaway QEMU VMs, and the
 //! submitter's `job` tools.
 
+pub mod cgroup;
 pub mod console;
 pub mod daemon;
 pub mod jail;

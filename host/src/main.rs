@@ -14,7 +14,7 @@ use construir_host::qemu::Accel;
 use construir_host::queue::{Dirs, Rules};
 use construir_host::units::{human_size, parse_duration, parse_size};
 use construir_host::worker::Limits;
-use construir_host::{jail, kvm, logger};
+use construir_host::{cgroup, jail, kvm, logger};
 
 #[derive(Parser)]
 #[command(name = "construir-host", version, about = "Build strangers' jobs in throwaway QEMU VMs")]
@@ -202,7 +202,22 @@ fn run_queue(a: RunArgs) -> Result<()> {
         log::info!("QEMU {major}.{minor} runs as this (unprivileged) user, jailed");
         None
     };
+    let cgroups = if jail::running_as_root() {
+        match cgroup::detect(Path::new("/sys/fs/cgroup")) {
+            Ok(parent) => {
+                log::info!("each VM gets a cgroup v2 group with memory, pids and CPU limits");
+                Some(parent)
+            }
+            Err(why) => {
+                log::info!("no writable cgroup v2 here ({why}): VMs run without cgroup limits");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let limits = Limits {
+        cgroups,
         identity,
         silence: a.silence_timeout,
         timeout: a.timeout,

@@ -69,6 +69,8 @@ pub struct VmSpec {
     pub identity: Option<Identity>,
     /// Largest file QEMU may write.
     pub file_size_limit: u64,
+    /// The VM's cgroup (`.../cgroup.procs`), where there is one.
+    pub cgroup_procs: Option<std::ffi::CString>,
 }
 
 impl VmSpec {
@@ -197,7 +199,8 @@ pub fn run(spec: &VmSpec, bounds: Bounds, stop: &Arc<AtomicBool>) -> Result<VmRu
         .stderr(Stdio::piped());
     // SAFETY: `enter` only makes async-signal-safe syscalls on values prepared above.
     unsafe {
-        cmd.pre_exec(move || jail::enter(identity, limits, &fds));
+        let cgroup = spec.cgroup_procs.clone();
+        cmd.pre_exec(move || jail::enter(identity, limits, &fds, cgroup.as_ref()));
     }
     let start = Instant::now();
     let mut child = cmd.spawn().map_err(|source| QemuError::Spawn { qemu: spec.qemu.clone(), source })?;
@@ -300,6 +303,7 @@ mod tests {
             name: "host.job_i0.tar.xz".into(),
             identity: None,
             file_size_limit: 1 << 30,
+            cgroup_procs: None,
         }
     }
 

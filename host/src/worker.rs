@@ -16,6 +16,7 @@ use jobfile::image::ImageManifest;
 use jobfile::xz::DEFAULT_MEMLIMIT;
 use jobfile::{path_is, JobName, JobStatus};
 
+use crate::cgroup;
 use crate::jail::Identity;
 use crate::qemu::{self, Accel, Bounds, Cut, VmSpec};
 use crate::queue::{self, Dirs};
@@ -39,6 +40,8 @@ pub struct Limits {
     pub identity: Option<Identity>,
     /// End a VM that prints nothing on its console for this long.
     pub silence: Option<Duration>,
+    /// Where each VM gets a cgroup of its own (cgroup v2, writable).
+    pub cgroups: Option<cgroup::Parent>,
 }
 
 /// How a job ended, for the host's log.
@@ -81,7 +84,16 @@ pub fn run(
     );
     let root_disk = manifest.root_disk.as_ref().map(|r| image_dir.join(r));
     let root_size = root_disk.as_deref().and_then(qcow2_virtual_size).unwrap_or(0);
+    // Guest memory plus room for QEMU itself (TCG's translation cache among it).
+    let group = match &limits.cgroups {
+        Some(parent) => {
+            let name = format!("{}.{label}", limits.host_id);
+            Some(parent.create(&name, (limits.memory_mib + 1024) << 20, 1024, limits.cpus)?)
+        }
+        None => None,
+    };
     let spec = VmSpec {
+        cgroup_procs: group.as_ref().map(|g| g.procs.clone()),
         qemu: limits.qemu.clone(),
         accel: limits.accel,
         memory_mib: limits.memory_mib,

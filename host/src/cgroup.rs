@@ -1,0 +1,144 @@
+//! One cgroup v2 group per VM, where the unified hierarchy is writable:
+//! memory, pids and CPU limits, and the whole group killed at the end.
+//! On hosts without it (cgroup v1 or hybrid, read-only) VMs run without, and
+//! the host says so at start.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Controllers each VM's group needs.
+const CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+
+/// `<base>/construir`, with the controllers enabled for its children.
+#[derive(Debug, Clone)]
+pub struct Parent {
+    path: PathBuf,
+}
+
+/// Finds a writable cgroup v2 hierarchy at `base` (normally `/sys/fs/cgroup`)
+/// with the memory, pids and cpu controllers, and prepares `base/construir`.
+pub fn detect(base: &Path) -> Result<Parent, String> {
+    let controllers = fs::read_to_string(base.join("cgroup.controllers"))
+        .map_err(|_| format!("{} is not a cgroup v2 hierarchy", base.display()))?;
+    let have: Vec<&str> = controllers.split_whitespace().collect();
+    if let Some(missing) = CONTROLLERS.iter().find(|c| !have.contains(c)) {
+        return Err(format!("the {missing} controller is not available in {}", base.display()));
+    }
+    let enable = CONTROLLERS.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(" ");
+    let path = base.join("construir");
+    let setup = || -> io::Result<()> {
+        fs::write(base.join("cgroup.subtree_control"), &enable)?;
+        match fs::create_dir(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        fs::write(path.join("cgroup.subtree_control"), &enable)
+    };
+    setup().map_err(|e| format!("cannot set up {}: {e}", path.display()))?;
+    Ok(Parent { path })
+}
+
+/// One VM's group; killed and removed on drop.
+#[derive(Debug)]
+pub struct Group {
+    path: PathBuf,
+    /// `<group>/cgroup.procs`, ready for the child to write itself into before exec.
+    pub procs: CString,
+}
+
+impl Parent {
+    /// Creates the group `name` with its limits.
+    pub fn create(&self, name: &str, memory_bytes: u64, max_pids: u64, cpus: u32) -> io::Result<Group> {
+        let path = self.path.join(name);
+        let _ = fs::remove_dir(&path); // a stale group from a crash
+        fs::create_dir(&path)?;
+        let group = Group { procs: CString::new(path.join("cgroup.procs").as_os_str().as_bytes())?, path };
+        fs::write(group.path.join("memory.max"), memory_bytes.to_string())?;
+        // No swap: memory.max is the limit.
+        if group.path.join("memory.swap.max").exists() {
+            fs::write(group.path.join("memory.swap.max"), "0")?;
+        }
+        fs::write(group.path.join("pids.max"), max_pids.to_string())?;
+        fs::write(group.path.join("cpu.max"), format!("{} 100000", u64::from(cpus) * 100_000))?;
+        Ok(group)
+    }
+}
+
+impl Group {
+    /// Kills every process in the group.
+    pub fn kill(&self) {
+        if fs::write(self.path.join("cgroup.kill"), "1").is_err() {
+            // Kernels before 5.14 have no cgroup.kill.
+            for pid in fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default().split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: kill on a pid read from the group; no memory involved.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.kill();
+        // The group can be removed once its processes are gone, which takes a moment after the kill.
+        for _ in 0..50 {
+            if fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// Joins the calling process to a group. Runs between fork and exec, so
+/// only raw syscalls on a path prepared before the fork.
+///
+/// # Safety
+/// Only call between fork and exec.
+pub unsafe fn join(procs: &CString) -> io::Result<()> {
+    // SAFETY: open/write/close with a NUL-terminated path and a static buffer.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+        libc::close(fd);
+        if written != 1 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_and_writes_limits_in_a_cgroup_v2_tree() {
+        let base = tempfile::tempdir().expect("tempdir");
+        assert!(detect(base.path()).is_err(), "no cgroup.controllers: not v2");
+        fs::write(base.path().join("cgroup.controllers"), "cpuset cpu io memory pids\n").expect("write");
+        let parent = detect(base.path()).expect("detect");
+        assert_eq!(fs::read_to_string(base.path().join("cgroup.subtree_control")).expect("read"), "+memory +pids +cpu");
+        assert_eq!(fs::read_to_string(base.path().join("construir/cgroup.subtree_control")).expect("read"), "+memory +pids +cpu");
+        let group = parent.create("host.job_i0.tar.xz", 3 << 30, 1024, 2).expect("create");
+        let dir = base.path().join("construir/host.job_i0.tar.xz");
+        assert_eq!(fs::read_to_string(dir.join("memory.max")).expect("read"), (3u64 << 30).to_string());
+        assert_eq!(fs::read_to_string(dir.join("pids.max")).expect("read"), "1024");
+        assert_eq!(fs::read_to_string(dir.join("cpu.max")).expect("read"), "200000 100000");
+        assert_eq!(group.procs.to_str().expect("utf8"), dir.join("cgroup.procs").to_str().expect("utf8"));
+        group.kill();
+        assert_eq!(fs::read_to_string(dir.join("cgroup.kill")).expect("read"), "1");
+
+        fs::write(base.path().join("cgroup.controllers"), "cpu io\n").expect("write");
+        assert!(detect(base.path()).expect_err("no memory controller").contains("memory"));
+    }
+}
