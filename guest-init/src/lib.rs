@@ -19,7 +19,7 @@ use std::time::SystemTime;
 
 use jobfile::status::rfc3339;
 use jobfile::xz::{EncodeOptions, DEFAULT_MEMLIMIT};
-use jobfile::{fallback, JobStatus, Outcome, PackError, PackOptions, UnpackOptions};
+use jobfile::{error_chain, fallback, JobStatus, Outcome, PackError, PackOptions, UnpackOptions};
 
 use crate::runner::{KillScope, RunConfig};
 use crate::settings::Settings;
@@ -243,17 +243,6 @@ fn read_tail(path: &Path, max: u64) -> Vec<u8> {
         }
     }
     tail
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// PID 1's stdio must reach the console even if the kernel could not open

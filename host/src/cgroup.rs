@@ -128,7 +128,10 @@ mod tests {
         fs::write(base.path().join("cgroup.controllers"), "cpuset cpu io memory pids\n").expect("write");
         let parent = detect(base.path()).expect("detect");
         assert_eq!(fs::read_to_string(base.path().join("cgroup.subtree_control")).expect("read"), "+memory +pids +cpu");
-        assert_eq!(fs::read_to_string(base.path().join("construir/cgroup.subtree_control")).expect("read"), "+memory +pids +cpu");
+        assert_eq!(
+            fs::read_to_string(base.path().join("construir/cgroup.subtree_control")).expect("read"),
+            "+memory +pids +cpu"
+        );
         let group = parent.create("host.job_i0.tar.xz", 3 << 30, 1024, 2).expect("create");
         let dir = base.path().join("construir/host.job_i0.tar.xz");
         assert_eq!(fs::read_to_string(dir.join("memory.max")).expect("read"), (3u64 << 30).to_string());

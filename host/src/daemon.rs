@@ -99,7 +99,7 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
                     }
                     Candidate::Job { file_name, job, .. } => {
                         if let Err(e) = ImageManifest::load(&dirs.images.join(format!("i{}", job.image()))) {
-                            let reason = format!("unknown image i{}: {}", job.image(), worker::chain(&e));
+                            let reason = format!("unknown image i{}: {}", job.image(), jobfile::error_chain(&e));
                             refuse(dirs, &file_name, &reason, &mut summary);
                             continue;
                         }

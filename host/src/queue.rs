@@ -215,13 +215,21 @@ fn seek_data(f: &File, from: u64) -> Option<u64> {
 
 /// Length of the file without its trailing zero bytes, rounded up to 4 (xz
 /// streams are whole 4-byte units, and an xz stream never ends in zeros).
+/// Holes are skipped with SEEK_DATA/SEEK_HOLE, so a huge padded file costs
+/// only its data.
 pub fn trimmed_len(path: &Path) -> io::Result<u64> {
     let f = File::open(path)?;
     let len = f.metadata()?.len();
-    let mut end = len;
+    // The end of the last data segment: nothing after it but a hole.
+    let mut end = 0u64;
+    let mut pos = 0u64;
+    while let Some(data) = seek_data(&f, pos).filter(|&d| d < len) {
+        let hole = seek_hole(&f, data).unwrap_or(len).min(len);
+        end = hole;
+        pos = hole;
+    }
     let mut buf = vec![0u8; 1 << 20];
     while end > 0 {
-        // Jump over holes from the end: find the last data region start.
         let start = end.saturating_sub(buf.len() as u64);
         let n = (end - start) as usize;
         f.read_exact_at(&mut buf[..n], start)?;
@@ -231,6 +239,13 @@ pub fn trimmed_len(path: &Path) -> io::Result<u64> {
         end = start;
     }
     Ok(0)
+}
+
+fn seek_hole(f: &File, from: u64) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on an open descriptor; no memory involved.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), from as libc::off_t, libc::SEEK_HOLE) };
+    (r >= 0).then_some(r as u64)
 }
 
 /// Delivers a finished working copy as `done/<name>_d<N>.tar.xz` with its
@@ -381,6 +396,9 @@ mod tests {
         let copy = fs::read(&dst).expect("read");
         assert_eq!(&copy[..4], b"head");
         assert_eq!(&copy[200_000..200_005], b"tail!");
+        assert_eq!(trimmed_len(&dst).expect("trim"), 200_008);
+        // A large hole after the data costs nothing and changes nothing.
+        OpenOptions::new().write(true).open(&dst).expect("open").set_len(64 << 30).expect("grow");
         assert_eq!(trimmed_len(&dst).expect("trim"), 200_008);
     }
 

@@ -65,7 +65,9 @@ pub fn run(
     let image_dir = dirs.images.join(format!("i{}", job.image()));
     let manifest = match ImageManifest::load(&image_dir) {
         Ok(m) => m,
-        Err(e) => return fail(dirs, &claimed, &format!("unknown image i{}: {}", job.image(), chain(&e)), None),
+        Err(e) => {
+            return fail(dirs, &claimed, &format!("unknown image i{}: {}", job.image(), jobfile::error_chain(&e)), None)
+        }
     };
     // The job's own directory: the working copy and QEMU's temporary files, QEMU's alone.
     let job_dir = dirs.work.join(format!("{}.{label}", limits.host_id));
@@ -130,7 +132,7 @@ pub fn run(
     };
     let vm = match qemu::run(&spec, bounds, stop) {
         Ok(vm) => vm,
-        Err(e) => return fail(dirs, &claimed, &format!("cannot run QEMU: {}", chain(&e)), None),
+        Err(e) => return fail(dirs, &claimed, &format!("cannot run QEMU: {}", jobfile::error_chain(&e)), None),
     };
     if vm.cut == Some(Cut::Stop) {
         queue::requeue(dirs, file_name)?;
@@ -260,15 +262,4 @@ fn stderr_note(stderr: &str) -> String {
     } else {
         format!(": {}", stderr.lines().last().unwrap_or_default())
     }
-}
-
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

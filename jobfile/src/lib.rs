@@ -49,6 +49,18 @@ pub fn escape(bytes: &[u8]) -> String {
     }
 }
 
+/// An error and its sources on one line, `outer: inner: innermost`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// True when an archive path names `want` (`./bin/construir` names `bin/construir`).
 pub fn path_is(path: &[u8], want: &str) -> bool {
     unpack::sanitize(path).is_ok_and(|comps| comps.join(&b'/') == want.as_bytes())
