@@ -126,3 +126,24 @@ fn verify_boots_an_image_and_refuses_a_damaged_one() {
     assert!(err.contains("vmlinuz does not match image.toml"), "{err}");
     assert!(!err.contains("booting"), "{err}");
 }
+
+#[test]
+fn a_job_that_fills_the_root_disk_still_comes_back_with_its_status() {
+    let q = Queue::new();
+    let script = "#!/bin/sh\necho filling the disk\nfallocate -l $(df -B1 --output=avail / | tail -n 1) /fill || true\nfallocate -l 1G /fill2 || true\ndf -B1 --output=avail / | tail -n 1 > /dev/console\nexit 0\n";
+    q.add_job("filler_i100.tar.xz", script, "1m", &[]);
+    let run = q.run_with_images(debian_images(), &["--timeout", "10m"]);
+    assert!(run.success, "{}", run.log);
+    let result = q.done("filler_d100.tar.xz");
+    let status = job_status(&result);
+    assert_eq!((status["result"].as_str(), status["exit_code"].as_i64()), (Some("ok"), Some(0)), "{status}");
+    assert!(String::from_utf8(job_log(&result)).expect("utf8").starts_with("filling the disk\n"));
+    // The next job on the image has its room back.
+    let q2 = Queue::new();
+    q2.add_job("after_i100.tar.xz", "#!/bin/sh\ndf -B1 --output=avail /job | tail -n 1\n", "1m", &[]);
+    let run = q2.run_with_images(debian_images(), &["--timeout", "10m"]);
+    assert!(run.success, "{}", run.log);
+    let free: u64 =
+        String::from_utf8(job_log(&q2.done("after_d100.tar.xz"))).expect("utf8").trim().parse().expect("bytes");
+    assert!(free >= 2 << 30, "{free}");
+}

@@ -264,3 +264,40 @@ fn hostile_guests_end_in_a_verdict_and_the_host_holds() {
     assert!(String::from_utf8_lossy(&esc_log).contains("done escaping"));
     assert_eq!(Queue::list(&q.queue), Vec::<String>::new());
 }
+
+#[test]
+fn a_job_cannot_forge_or_hide_its_status() {
+    let q = Queue::new();
+    // A fake status in /job, and a status name that is a link: the real status (from init's memory) wins.
+    q.add_job(
+        "forger_i0.tar.xz",
+        "#!/bin/sh\necho '{\"result\":\"ok\",\"exit_code\":0}' > job_status.json\nexit 5\n",
+        "1m",
+        &[],
+    );
+    q.add_job("hider_i0.tar.xz", "#!/bin/sh\nln -s /etc/passwd job_status.json\nexit 6\n", "1m", &[]);
+    let run = q.run(&[]);
+    assert!(run.success, "{}", run.log);
+    for (name, code) in [("forger", 5), ("hider", 6)] {
+        let result = q.done(&format!("{name}_d0.tar.xz"));
+        let status = job_status(&result);
+        assert_eq!(
+            (status["result"].as_str(), status["exit_code"].as_i64()),
+            (Some("failed"), Some(code)),
+            "{name}: {status}"
+        );
+        let listing = String::from_utf8(construir_e2e::job_tool("list", &result).stdout).expect("utf8");
+        assert_eq!(listing.matches("job_status.json").count(), 1, "{listing}");
+    }
+}
+
+#[test]
+fn a_silent_vm_is_ended_after_the_silence_timeout() {
+    let q = Queue::new();
+    q.add_job("quiet_i0.tar.xz", "#!/bin/sh\nsleep 120\n", "1m", &[]);
+    let run = q.run(&["--silence-timeout", "8s", "--timeout", "10m"]);
+    assert!(run.success, "{}", run.log);
+    assert!(run.elapsed < Duration::from_secs(60), "{:?}", run.elapsed);
+    let reason = fs::read_to_string(q.failed.join("quiet_i0.tar.xz.reason")).expect("reason");
+    assert!(reason.contains("no console output for 8 s"), "{reason}");
+}

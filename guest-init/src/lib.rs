@@ -178,13 +178,10 @@ fn run(settings: &Settings, paths: &Paths, script: &Path, kill_scope: KillScope,
     }
 }
 
-/// Writes the status into `/job` and packs `/job` onto the disk; when it does
-/// not fit, writes the fallback archive instead.
+/// Packs `/job` onto the disk with the status as its first entry (given from
+/// memory: it never depends on the job's free space or on what the job left
+/// at that name); when it does not fit, writes the fallback archive instead.
 fn pack(disk: &mut File, settings: &Settings, paths: &Paths, status: &mut JobStatus) {
-    let status_path = paths.job_dir.join(jobfile::STATUS_FILE);
-    if let Err(e) = fs::write(&status_path, status.to_json()) {
-        say!("cannot write {}: {e}", status_path.display());
-    }
     let threads = match settings.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         n => n,
@@ -192,7 +189,8 @@ fn pack(disk: &mut File, settings: &Settings, paths: &Paths, status: &mut JobSta
     let opts = PackOptions {
         encode: EncodeOptions { preset: settings.xz_preset, threads },
         exclude: None,
-        first: vec![jobfile::STATUS_FILE.into(), jobfile::OUTPUT_FILE.into()],
+        prepend: vec![(jobfile::STATUS_FILE.into(), status.to_json())],
+        first: vec![jobfile::OUTPUT_FILE.into()],
     };
     match jobfile::pack_onto(&paths.job_dir, disk, &opts) {
         Ok(report) => say!(

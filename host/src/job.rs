@@ -135,6 +135,7 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
         let opts = PackOptions {
             encode: EncodeOptions { preset: req.preset, threads },
             exclude: Some((tmp_meta.dev(), tmp_meta.ino())),
+            prepend: Vec::new(),
             first: Vec::new(),
         };
         let (report, buffered) = jobfile::pack_dir(dir, BufWriter::new(&file), size, &opts).map_err(|e| match e {

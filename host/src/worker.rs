@@ -230,7 +230,7 @@ pub fn read_status(path: &Path) -> Option<JobStatus> {
     let file = File::open(path).ok()?;
     let mut archive = jobfile::read_job(file, DEFAULT_MEMLIMIT).ok()?;
     let h = archive.next_entry().ok()??;
-    if !path_is(&h.path, jobfile::STATUS_FILE) || h.size > MAX_STATUS {
+    if h.kind != jobfile::Kind::File || !path_is(&h.path, jobfile::STATUS_FILE) || h.size > MAX_STATUS {
         return None;
     }
     let mut raw = Vec::new();

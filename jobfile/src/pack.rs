@@ -24,8 +24,12 @@ pub struct PackOptions {
     pub encode: EncodeOptions,
     /// A file (device, inode) to leave out: the archive being written, when it is inside the tree.
     pub exclude: Option<(u64, u64)>,
-    /// Top-level names packed before everything else, in this order (the
-    /// status first, so a reader finds it without decoding the whole result).
+    /// Files given in memory, packed before everything else in this order
+    /// (the status first, so a reader finds it without decoding the whole
+    /// result). A top-level entry of the same name in the tree is left out:
+    /// these never depend on the tree, its free space, or what a job put there.
+    pub prepend: Vec<(OsString, Vec<u8>)>,
+    /// Top-level names of the tree packed next, before the sorted rest.
     pub first: Vec<OsString>,
 }
 
@@ -57,6 +61,14 @@ pub fn pack_dir<W: Write>(dir: &Path, out: W, capacity: u64, opts: &PackOptions)
     let xz = XzEncoder::new_stream(limited, encoder(opts.encode)?);
     let mut packer = Packer { tar: tar::Builder::new(xz), opts, report: PackReport::default(), links: HashMap::new() };
     packer.tar.follow_symlinks(false);
+    for (name, data) in &opts.prepend {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_mtime(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()));
+        packer.tar.append_data(&mut header, name, &data[..]).map_err(PackError::Write)?;
+        packer.report.entries += 1;
+    }
     packer.walk(dir, Path::new(""))?;
     let Packer { tar, mut report, .. } = packer;
     let xz = tar.into_inner().map_err(PackError::Write)?;
@@ -134,6 +146,7 @@ impl<W: Write> Packer<'_, W> {
             .map_err(read_err(dir))?;
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         if rel.as_os_str().is_empty() {
+            names.retain(|n| !self.opts.prepend.iter().any(|(p, _)| p == n));
             // Named first entries, in the order given; then the rest, sorted.
             let firsts: Vec<OsString> = self.opts.first.iter().filter(|f| names.contains(f)).cloned().collect();
             names.retain(|n| !firsts.contains(n));

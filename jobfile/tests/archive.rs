@@ -221,14 +221,21 @@ fn named_files_are_packed_first() {
     for name in ["aaa", "job_output.txt", "job_status.json", "zzz"] {
         fs::write(src.join(name), name).expect("write");
     }
+    // The tree's own job_status.json (a job may plant one) gives way to the one given in memory.
     let opts = PackOptions {
-        first: vec!["job_status.json".into(), "job_output.txt".into(), "absent".into()],
+        prepend: vec![("job_status.json".into(), b"{\"result\":\"ok\"}".to_vec())],
+        first: vec!["job_output.txt".into(), "absent".into()],
         ..Default::default()
     };
     let (_, packed) = jobfile::pack_dir(&src, Vec::new(), 1 << 20, &opts).expect("pack");
     let mut archive = read_job(&packed[..], DEFAULT_MEMLIMIT).expect("xz");
     let mut order = Vec::new();
     while let Some(h) = archive.next_entry().expect("entry") {
+        if h.path == b"job_status.json" {
+            let mut body = String::new();
+            archive.data().read_to_string(&mut body).expect("read");
+            assert_eq!(body, "{\"result\":\"ok\"}");
+        }
         order.push(String::from_utf8(h.path).expect("utf8"));
     }
     assert_eq!(order, ["job_status.json", "job_output.txt", "a-dir/", "aaa", "zzz"]);
