@@ -301,3 +301,30 @@ fn a_silent_vm_is_ended_after_the_silence_timeout() {
     let reason = fs::read_to_string(q.failed.join("quiet_i0.tar.xz.reason")).expect("reason");
     assert!(reason.contains("no console output for 8 s"), "{reason}");
 }
+
+#[test]
+fn the_host_keeps_flat_memory_while_a_guest_floods_it() {
+    let q = Queue::new();
+    let flood = "#!/bin/sh\ni=0\nwhile [ $i -lt 100000 ]; do printf '\\033[2J%s\\r\\n' \"$i flooding the console with escapes and text\"; i=$((i+1)); done\n";
+    q.add_job("flood_i0.tar.xz", flood, "4m", &[]);
+    q.add_job("other_i0.tar.xz", "#!/bin/sh\necho unaffected\n", "1m", &[]);
+    let host_id = format!("{}-mem", q.host_id);
+    let mut host = q.spawn("mem", &host_id, &["--once", "--workers", "2", "--log-limit", "1M", "--timeout", "5m"]);
+    let mut peak_kib = 0u64;
+    while host.try_wait().expect("wait").is_none() {
+        if let Ok(rss) = fs::read_to_string(format!("/proc/{}/status", host.id())) {
+            let kib = rss
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok());
+            peak_kib = peak_kib.max(kib.unwrap_or(0));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = fs::read(q.done("flood_d0.log")).expect("log");
+    assert!(log.len() <= (1 << 20) + 1024, "log of {} bytes", log.len());
+    assert!(!log.contains(&0x1b));
+    assert_eq!(String::from_utf8(job_log(&q.done("other_d0.tar.xz"))).expect("utf8"), "unaffected\n");
+    eprintln!("host peak resident memory: {peak_kib} KiB");
+    assert!(peak_kib > 0 && peak_kib < 64 << 10, "the host's memory grew to {peak_kib} KiB");
+}
