@@ -149,7 +149,7 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
         file.set_len(size).map_err(write_err)?;
         file.sync_all().map_err(write_err)?;
         fs::rename(&tmp, &path).map_err(|source| JobToolError::Write { path: path.clone(), source })?;
-        sync_dir(&req.out).map_err(|source| JobToolError::Write { path: req.out.clone(), source })?;
+        crate::queue::sync_dirs(&[&req.out]).map_err(|source| JobToolError::Write { path: req.out.clone(), source })?;
         Ok(report.compressed_len)
     })();
     match result {
@@ -159,11 +159,6 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
             Err(e)
         }
     }
-}
-
-/// fsyncs a directory, so a rename in it is durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir })?.sync_all()
 }
 
 fn open_archive(path: &Path) -> Result<jobfile::ArchiveReader<jobfile::XzReader<File>>, JobToolError> {

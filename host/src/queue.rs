@@ -292,9 +292,10 @@ pub fn write_durable(path: &Path, data: &[u8]) -> io::Result<()> {
     sync_dirs(&[dir])
 }
 
+/// fsyncs directories, so renames in them are durable (an empty path is `.`).
 pub fn sync_dirs(dirs: &[&Path]) -> io::Result<()> {
     for d in dirs {
-        File::open(d)?.sync_all()?;
+        File::open(if d.as_os_str().is_empty() { Path::new(".") } else { d })?.sync_all()?;
     }
     Ok(())
 }
