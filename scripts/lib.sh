@@ -40,10 +40,7 @@ ensure_packages() {
         want+=(qemu-system-x86 "qemu-utils=$ver")
     fi
     if [ ${#want[@]} -gt 0 ]; then apt_install "${want[@]}"; fi
-    # When the host runs as root, QEMU runs as this unprivileged user.
-    if [ "$(id -u)" = 0 ] && ! id construir >/dev/null 2>&1; then
-        say "useradd construir (the unprivileged user QEMU runs as)"
-        useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin construir
-    fi
+    # A root host runs each VM as its own uid from --vm-ids (no accounts to
+    # create); the host checks at start that no account or group is in the range.
     command -v cargo >/dev/null || die "cargo is missing: install Rust (https://rustup.rs) first"
 }

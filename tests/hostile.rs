@@ -7,12 +7,15 @@ use std::time::Duration;
 
 use construir_e2e::{job_log, job_status, proc_status, qemu_pids, signal, wait_for, Queue};
 
-fn user_id(name: &str) -> (String, String) {
-    let passwd = fs::read_to_string("/etc/passwd").expect("passwd");
-    let line =
-        passwd.lines().find(|l| l.starts_with(&format!("{name}:"))).expect("user exists (scripts/test creates it)");
-    let f: Vec<&str> = line.split(':').collect();
-    (f[2].to_owned(), f[3].to_owned())
+/// The default range VMs' uids come from (`--vm-ids`).
+const VM_IDS: std::ops::RangeInclusive<u32> = 1_879_048_192..=1_879_048_447;
+
+fn uid_of(pid: u32) -> u32 {
+    proc_status(pid, "Uid").split_whitespace().next().expect("uid").parse().expect("number")
+}
+
+fn ns(pid: &str, kind: &str) -> std::path::PathBuf {
+    fs::read_link(format!("/proc/{pid}/ns/{kind}")).expect("ns link")
 }
 
 #[test]
@@ -27,9 +30,10 @@ fn qemu_runs_unprivileged_without_groups_capabilities_or_new_privileges() {
         q.log("jail")
     );
     let pid = qemu_pids(&host_id)[0];
-    let (uid, gid) = user_id("construir");
+    let uid = uid_of(pid);
+    assert!(VM_IDS.contains(&uid), "uid {uid} is from the VM range");
     assert_eq!(proc_status(pid, "Uid"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
-    assert_eq!(proc_status(pid, "Gid"), format!("{gid}\t{gid}\t{gid}\t{gid}"));
+    assert_eq!(proc_status(pid, "Gid"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
     assert_eq!(proc_status(pid, "Groups"), "");
     assert_eq!(proc_status(pid, "NoNewPrivs"), "1");
     assert_eq!(proc_status(pid, "Seccomp"), "2");
@@ -41,14 +45,40 @@ fn qemu_runs_unprivileged_without_groups_capabilities_or_new_privileges() {
     }
     let environ = fs::read(format!("/proc/{pid}/environ")).expect("environ");
     let vars: Vec<&[u8]> = environ.split(|&b| b == 0).filter(|v| !v.is_empty()).collect();
-    assert_eq!(vars.len(), 1, "only TMPDIR: {:?}", String::from_utf8_lossy(&environ));
-    assert!(vars[0].starts_with(b"TMPDIR="));
+    assert_eq!(vars, [&b"TMPDIR=/tmp"[..]], "only TMPDIR, its own /tmp");
     let limits = fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
     let core = limits.lines().find(|l| l.starts_with("Max core file size")).expect("core line");
     assert!(core.split_whitespace().nth(4) == Some("0"), "{core}");
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
     let fields: Vec<&str> = stat.rsplit(") ").next().expect("fields").split(' ').collect();
-    assert_eq!(fields[3], pid.to_string(), "QEMU leads its own session (sid)");
+    // QEMU is PID 1 of its own pid namespace, under a keeper that leads its own session.
+    assert_eq!(fields[3], fields[1], "QEMU's session is its keeper's, not the host's");
+    assert_eq!(proc_status(pid, "NSpid").split_whitespace().last(), Some("1"), "PID 1 of its namespace");
+    for kind in ["mnt", "pid", "ipc", "uts", "net"] {
+        assert_ne!(ns(&pid.to_string(), kind), ns("self", kind), "QEMU has its own {kind} namespace");
+    }
+    // Its root holds only what QEMU reads: binaries, libraries, firmware, devices, its /proc and /tmp.
+    let mut top: Vec<String> = fs::read_dir(format!("/proc/{pid}/root/"))
+        .expect("QEMU's root")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    for name in &top {
+        assert!(
+            ["dev", "lib", "lib64", "proc", "tmp", "usr"].contains(&name.as_str()),
+            "{name} in QEMU's root: {top:?}"
+        );
+    }
+    let mut devs: Vec<String> = fs::read_dir(format!("/proc/{pid}/root/dev"))
+        .expect("dev")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    devs.sort();
+    assert_eq!(devs, ["null", "urandom"], "TCG: no /dev/kvm");
+    assert!(!std::path::Path::new(&format!("/proc/{pid}/root/etc")).exists());
+    assert!(!std::path::Path::new(&format!("/proc/{pid}/root/usr/share/qemu/../../../etc/passwd")).exists());
+    let log = q.log("jail");
+    assert!(log.contains("namespaces mnt,pid,ipc,uts,net (empty); minimal root on"), "{log}");
     // Files are passed as descriptors: no path of ours on its command line.
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
     assert!(!cmdline
@@ -156,6 +186,9 @@ fn hostile_queue_entries_are_refused_without_touching_what_they_point_to() {
     use std::os::unix::ffi::OsStrExt;
     fs::write(q.queue.join(std::ffi::OsStr::from_bytes(b"invalid\xff\xfe_i0.tar.xz")), vec![0u8; 70_000])
         .expect("invalid utf-8");
+    // Files that would look host-written if they kept their names in failed/.
+    fs::write(q.queue.join("victim_i0.tar.xz.log"), b"a forged log").expect("write");
+    fs::write(q.queue.join("victim_i0.tar.xz.reason"), b"a forged reason").expect("write");
     // A job whose size is not a multiple of 512 still runs.
     let odd = q.add_job("odd_i0.tar.xz", "#!/bin/sh\necho odd size\n", "100001", &[]);
     assert_eq!(fs::metadata(&odd).expect("stat").len(), 100_001);
@@ -171,22 +204,40 @@ fn hostile_queue_entries_are_refused_without_touching_what_they_point_to() {
     assert!(run.success, "{}", run.log);
     assert!(!run.log.contains('\x1b'), "an escape sequence reached the host's log");
     assert_eq!(fs::read(&outside).expect("precious"), vec![7u8; 100_000]);
-    let reason = |name: &str| {
-        fs::read_to_string(q.failed.join(format!("{name}.reason"))).unwrap_or_else(|e| panic!("{name}: {e}"))
+    // Refused entries are in failed/ under names the host chose, their own name inside the .reason.
+    let reasons: Vec<(std::path::PathBuf, String)> = fs::read_dir(&q.failed)
+        .expect("ls")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "reason"))
+        .map(|p| (p.clone(), fs::read_to_string(&p).expect("reason")))
+        .collect();
+    let refused = |shown: &str| {
+        let (path, text) = reasons
+            .iter()
+            .find(|(_, t)| t.lines().any(|l| l == format!("original name: {shown}")))
+            .unwrap_or_else(|| panic!("no refusal of {shown}: {reasons:?}"));
+        let name = path.file_name().expect("name").to_string_lossy();
+        assert!(name.starts_with("refused."), "{name}");
+        (path.with_extension(""), text.clone())
     };
-    assert!(reason("hardlink_i0.tar.xz").contains("hardlinked"));
+    let reason =
+        |name: &str| fs::read_to_string(q.failed.join(format!("{name}.reason"))).unwrap_or_else(|_| refused(name).1);
+    for forged in ["victim_i0.tar.xz.log", "victim_i0.tar.xz.reason"] {
+        assert!(!q.failed.join(forged).exists(), "{forged} kept its name in failed/");
+        let (moved, why) = refused(forged);
+        assert!(why.starts_with("bad job file name"), "{why}");
+        assert!(fs::read(moved).expect("moved").starts_with(b"a forged"));
+    }
+    assert!(refused("hardlink_i0.tar.xz").1.contains("hardlinked"));
     assert!(reason("symlink_i0.tar.xz").contains("a symlink"));
     assert!(reason("fifo_i0.tar.xz").contains("not a regular file"));
     assert!(reason("sock_i0.tar.xz").contains("not a regular file"));
     assert!(reason("empty_i0.tar.xz").contains("0 bytes is too small"));
     assert!(reason("huge_i0.tar.xz").contains("larger than this host accepts"));
-    assert!(reason("esc\x1b[31mred_i0.tar.xz").contains("bad job file name"));
-    assert!(fs::read_dir(&q.failed).expect("ls").any(|e| e
-        .expect("e")
-        .file_name()
-        .to_string_lossy()
-        .contains("invalid")));
-    assert!(fs::symlink_metadata(q.failed.join("symlink_i0.tar.xz")).expect("moved").file_type().is_symlink());
+    assert!(refused("esc\\x1b[31mred_i0.tar.xz").1.contains("bad job file name"));
+    assert!(refused("invalid\\xff\\xfe_i0.tar.xz").1.contains("bad job file name"));
+    assert!(fs::symlink_metadata(refused("symlink_i0.tar.xz").0).expect("moved").file_type().is_symlink());
+    assert!(reasons.iter().all(|(_, t)| !t.contains('\x1b')), "no escape sequence reaches a .reason file");
     assert_eq!(String::from_utf8(job_log(&q.done("odd_d0.tar.xz"))).expect("utf8"), "odd size\n");
     assert_eq!(fs::read(q.done("taken_d0.tar.xz")).expect("kept"), b"an earlier result");
     assert!(reason("taken_d0.tar.xz").contains("already exists"), "the second result is kept in failed/");
@@ -330,4 +381,64 @@ fn the_host_keeps_flat_memory_while_a_guest_floods_it() {
     assert_eq!(String::from_utf8(job_log(&q.done("other_d0.tar.xz"))).expect("utf8"), "unaffected\n");
     eprintln!("host peak resident memory: {peak_kib} KiB");
     assert!(peak_kib > 0 && peak_kib < 64 << 10, "the host's memory grew to {peak_kib} KiB");
+}
+
+#[test]
+fn each_vm_has_its_own_uid_and_an_escaped_qemu_reaches_neither_the_host_nor_the_other_vm() {
+    use std::os::unix::process::CommandExt;
+    let q = Queue::new();
+    // World-searchable, as an operator's directories may be: the job directories themselves must hold.
+    fs::set_permissions(q.root.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    q.add_job("first_i0.tar.xz", "#!/bin/sh\necho first\nsleep 60\n", "1m", &[]);
+    q.add_job("second_i0.tar.xz", "#!/bin/sh\necho second\nsleep 60\n", "1m", &[]);
+    let host_id = format!("{}-two", q.host_id);
+    let mut host = q.spawn("two", &host_id, &["--workers", "2", "--stop-timeout", "1s"]);
+    assert!(wait_for(Duration::from_secs(60), || qemu_pids(&host_id).len() == 2), "{}", q.log("two"));
+    let pids = qemu_pids(&host_id);
+    let (a, b) = (pids[0], pids[1]);
+    let (ua, ub) = (uid_of(a), uid_of(b));
+    assert_ne!(ua, ub, "two live VMs never share a uid");
+    assert!(VM_IDS.contains(&ua) && VM_IDS.contains(&ub));
+
+    let work = q.root.path().join("work");
+    let running = q.root.path().join("running").join(&host_id);
+    let job_dirs: Vec<std::path::PathBuf> =
+        fs::read_dir(&work).expect("work").filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    assert_eq!(job_dirs.len(), 2, "{job_dirs:?}");
+    let shadow_before = fs::read("/etc/shadow").expect("shadow");
+    // Each attempt runs as VM a's uid and gid, on the host, while both VMs run.
+    let attempts = [
+        ("plant a link in its own job directory", format!("ln -s /etc/shadow '{}/disk2'", job_dirs[0].display())),
+        ("plant a link in the other job's directory", format!("ln -s /etc/shadow '{}/disk2'", job_dirs[1].display())),
+        (
+            "swap a working copy for a link",
+            format!("mv -f '{0}/disk' '{0}/x' || rm -f '{0}/disk'", job_dirs[1].display()),
+        ),
+        ("plant a future job's directory", format!("ln -s /etc '{}/{host_id}.third_i0.tar.xz'", work.display())),
+        ("read a working copy", format!("cat '{}/disk'", job_dirs[0].display())),
+        ("read a claimed job file", format!("cat '{}/first_i0.tar.xz'", running.display())),
+        ("signal the other VM", format!("kill -0 {b}")),
+        ("read the other VM's environment", format!("cat /proc/{b}/environ")),
+        ("read the other VM's memory map", format!("cat /proc/{b}/maps")),
+    ];
+    for (what, script) in &attempts {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .uid(ua)
+            .gid(ua)
+            .current_dir("/")
+            .output()
+            .expect("run as the VM's uid");
+        assert!(!out.status.success(), "an escaped QEMU could {what}: {script}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("ermission denied") || err.contains("not permitted"), "{what}: {err}");
+    }
+    assert!(job_dirs.iter().all(|d| d.join("disk").exists() && !d.join("disk2").exists()));
+    assert!(!work.join(format!("{host_id}.third_i0.tar.xz")).exists());
+    assert_eq!(fs::read("/etc/shadow").expect("shadow"), shadow_before);
+
+    signal(&host, libc::SIGTERM);
+    assert!(host.wait().expect("host exits").success(), "{}", q.log("two"));
+    assert_eq!(Queue::list(&q.queue), ["first_i0.tar.xz", "second_i0.tar.xz"], "{}", q.log("two"));
 }

@@ -26,10 +26,14 @@ use crate::settings::Settings;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Logs one line to the console.
+/// Logs one line to the console. Never panics: a console that cannot be
+/// written to must not take PID 1 down (eprintln! would panic).
 #[macro_export]
 macro_rules! say {
-    ($($arg:tt)*) => { eprintln!("construir-init: {}", format_args!($($arg)*)) };
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "construir-init: {}", format_args!($($arg)*));
+    }};
 }
 
 /// The paths init works with; tests point them elsewhere.
@@ -73,6 +77,9 @@ pub fn run_job_disk(paths: &Paths, kill_scope: KillScope) -> JobStatus {
     for w in warnings {
         say!("{w}");
     }
+    if let (Some(deadline), KillScope::Everything) = (settings.deadline, kill_scope) {
+        power::watchdog(deadline);
+    }
     let mut status = JobStatus {
         init_version: VERSION.to_owned(),
         image: settings.image.clone(),
@@ -114,8 +121,14 @@ fn unpack(disk: &mut File, job_dir: &Path, status: &mut JobStatus) -> Result<(),
     disk.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
     let mut archive = jobfile::read_job(BufReader::with_capacity(1 << 20, &mut *disk), DEFAULT_MEMLIMIT)
         .map_err(|e| e.to_string())?;
-    let opts =
-        UnpackOptions { preserve_owner: true, keep_special_bits: true, max_entries: 10_000_000, max_bytes: u64::MAX };
+    // The job's own modes, exactly: it is the submitter's tree, unpacked as root in a throwaway VM.
+    let opts = UnpackOptions {
+        preserve_owner: true,
+        keep_special_bits: true,
+        max_entries: 10_000_000,
+        max_bytes: u64::MAX,
+        umask: 0,
+    };
     let report = jobfile::unpack(&mut archive, job_dir, &opts).map_err(|e| error_chain(&e))?;
     say!("unpacked {} files, {} directories, {} links", report.files, report.dirs, report.symlinks + report.hardlinks);
     for s in &report.skipped {

@@ -9,8 +9,9 @@ fn main() {
         eprintln!("construir-init {VERSION}: the init of construir's job VMs; it only runs as PID 1 (kernel init= or an initramfs /init)");
         std::process::exit(2);
     }
-    let paths = Paths::default();
+    // The very first act: the host takes this line as the sign that the VM booted.
     say!("version {VERSION} starting");
+    let paths = Paths::default();
     let result = std::panic::catch_unwind(|| {
         setup_system(&paths);
         run_job_disk(&paths, KillScope::Everything)

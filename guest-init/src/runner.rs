@@ -91,7 +91,8 @@ pub fn run_job(cfg: &RunConfig, console: Box<dyn Write + Send>) -> io::Result<Ru
         if status.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
             timed_out = true;
             kill_all(cfg.kill_scope, pid, Signal::SIGKILL);
-            status = Some(wait_for(pid)?);
+            // A process stuck in D state never dies: after the wait, go on without it.
+            status = Some(wait_for(pid, REAP_WAIT)?.unwrap_or(WaitStatus::Signaled(pid, Signal::SIGKILL, false)));
         } else if status.is_none() {
             thread::sleep(Duration::from_millis(10));
         }
@@ -146,11 +147,17 @@ fn reap_one() -> io::Result<Option<(Pid, WaitStatus)>> {
     }
 }
 
-fn wait_for(pid: Pid) -> io::Result<WaitStatus> {
+/// How long PID 1 waits for killed processes to be reaped before going on without them.
+const REAP_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits for `pid` to end, at most `limit`; `None` if it did not.
+fn wait_for(pid: Pid, limit: Duration) -> io::Result<Option<WaitStatus>> {
+    let until = Instant::now() + limit;
     loop {
-        match waitpid(pid, None) {
-            Ok(st) if matches!(st, WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => return Ok(st),
-            Ok(_) | Err(Errno::EINTR) => continue,
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(st) if matches!(st, WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => return Ok(Some(st)),
+            Ok(_) | Err(Errno::EINTR) if Instant::now() < until => thread::sleep(Duration::from_millis(10)),
+            Ok(_) | Err(Errno::EINTR) => return Ok(None),
             Err(e) => return Err(e.into()),
         }
     }
@@ -178,10 +185,13 @@ fn stop_leftovers(scope: KillScope, job: Pid) -> u32 {
         }
     }
     kill_all(scope, job, Signal::SIGKILL);
+    // Bounded too: what is stuck in D state is left behind, and packing goes on.
+    let until = Instant::now() + REAP_WAIT;
     loop {
-        match waitpid(None, None) {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
             Err(Errno::EINTR) => continue,
-            Err(_) => return reaped,
+            Ok(WaitStatus::StillAlive) if Instant::now() < until => thread::sleep(Duration::from_millis(10)),
+            Err(_) | Ok(WaitStatus::StillAlive) => return reaped,
             Ok(_) => reaped += 1,
         }
     }

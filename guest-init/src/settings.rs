@@ -10,6 +10,9 @@ pub struct Settings {
     pub job_device: PathBuf,
     /// `construir.timeout=` (seconds): how long the job script may run.
     pub timeout: Option<Duration>,
+    /// `construir.deadline=` (seconds from boot): PID 1's own watchdog powers
+    /// the VM off then, whatever is stuck (the job timeout plus a margin).
+    pub deadline: Option<Duration>,
     /// `construir.xz=`: compression preset for the result.
     pub xz_preset: u32,
     /// `construir.threads=`: compression threads (0: one per CPU).
@@ -28,6 +31,7 @@ impl Default for Settings {
         Settings {
             job_device: PathBuf::from("/dev/vdb"),
             timeout: None,
+            deadline: None,
             xz_preset: jobfile::xz::DEFAULT_PRESET,
             threads: 0,
             name: None,
@@ -56,6 +60,7 @@ impl Settings {
                     true
                 }
                 "timeout" => num(value).map(|n| s.timeout = (n > 0).then(|| Duration::from_secs(n))).is_some(),
+                "deadline" => num(value).map(|n| s.deadline = (n > 0).then(|| Duration::from_secs(n))).is_some(),
                 "xz" => num(value).filter(|&n| n <= 9).map(|n| s.xz_preset = n as u32).is_some(),
                 "threads" => num(value).filter(|&n| n <= 256).map(|n| s.threads = n as u32).is_some(),
                 "wait" => num(value).map(|n| s.device_wait = Duration::from_secs(n)).is_some(),
@@ -85,7 +90,7 @@ mod tests {
     #[test]
     fn reads_every_setting_and_ignores_the_rest() {
         let (s, warnings) = Settings::from_cmdline(
-            "console=ttyS0 quiet construir.job=/dev/vda construir.timeout=20 construir.xz=3 \
+            "console=ttyS0 quiet construir.job=/dev/vda construir.timeout=20 construir.deadline=95 construir.xz=3 \
              construir.threads=2 construir.name=hello construir.image=100 construir.wait=5 construir.console=1000",
         );
         assert_eq!(
@@ -93,6 +98,7 @@ mod tests {
             Settings {
                 job_device: "/dev/vda".into(),
                 timeout: Some(Duration::from_secs(20)),
+                deadline: Some(Duration::from_secs(95)),
                 xz_preset: 3,
                 threads: 2,
                 name: Some("hello".into()),

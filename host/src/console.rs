@@ -1,8 +1,11 @@
 //! The VM's console as the host keeps it: the first part and the last part
-//! of it within a fixed budget, control characters removed, because it is
-//! written by a guest that may be hostile and read in people's terminals.
+//! of it within a fixed budget, through the one sanitizer (`jobfile::text`),
+//! because it is written by a guest that may be hostile and read in people's
+//! terminals.
 
 use std::collections::VecDeque;
+
+use jobfile::text::{Mode, Sanitizer};
 
 /// Longest line kept whole; longer lines are cut into pieces of this size.
 const MAX_LINE: usize = 4096;
@@ -18,6 +21,7 @@ pub struct ConsoleLog {
     /// Bytes received from the guest, before cleaning.
     received: u64,
     line: Vec<u8>,
+    sanitizer: Sanitizer,
 }
 
 impl ConsoleLog {
@@ -32,6 +36,7 @@ impl ConsoleLog {
             dropped: 0,
             received: 0,
             line: Vec::new(),
+            sanitizer: Sanitizer::new(Mode::Lines),
         }
     }
 
@@ -46,7 +51,9 @@ impl ConsoleLog {
             self.line.push(b);
             if b == b'\n' || self.line.len() >= MAX_LINE {
                 let line = std::mem::take(&mut self.line);
-                self.keep(&clean(&line));
+                let mut text = String::with_capacity(line.len());
+                self.sanitizer.push(&line, &mut text);
+                self.keep(text.as_bytes());
             }
         }
     }
@@ -70,9 +77,12 @@ impl ConsoleLog {
 
     /// The kept text, with a note where the middle was dropped, then `verdict`.
     pub fn finish(mut self, verdict: &str) -> Vec<u8> {
-        if !self.line.is_empty() {
-            let line = std::mem::take(&mut self.line);
-            self.keep(&clean(&line));
+        let line = std::mem::take(&mut self.line);
+        let mut text = String::new();
+        self.sanitizer.push(&line, &mut text);
+        self.sanitizer.finish(&mut text);
+        if !text.is_empty() {
+            self.keep(text.as_bytes());
             self.keep(b"\n");
         }
         let mut out = self.head;
@@ -95,30 +105,20 @@ impl ConsoleLog {
     }
 }
 
-/// Valid UTF-8 without control characters (except tab and the newline that ends a line).
-fn clean(line: &[u8]) -> Vec<u8> {
-    let text = String::from_utf8_lossy(line);
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '\n' | '\t' => out.push(c),
-            c if c.is_control() => {}
-            c => out.push(c),
-        }
-    }
-    out.into_bytes()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn control_sequences_are_removed() {
+    fn control_sequences_are_neutralized() {
         let mut log = ConsoleLog::new(1 << 20);
-        log.push(b"plain\r\n\x1b[2J\x1b]0;title\x07cleared\xc2\x9b31mC1\n\xff\xfebytes\n");
+        log.push(b"plain\r\n\x1b[2J\x1b]0;title\x07cleared\xc2\x9b31mC1\n\xff\xfebytes\n\xe2\x80");
+        log.push(b"\xaesplit\n"); // U+202E, cut across two reads
         let out = String::from_utf8(log.finish("ok")).expect("utf8");
-        assert_eq!(out, "plain\n[2J]0;titlecleared31mC1\n\u{fffd}\u{fffd}bytes\nconstruir-host: verdict: ok\n");
+        assert_eq!(
+            out,
+            "plain\n\\x1b[2J\\x1b]0;title\\x07cleared\\u{9b}31mC1\n\\xff\\xfebytes\n\\u{202e}split\nconstruir-host: verdict: ok\n"
+        );
         assert!(!out.bytes().any(|b| b == 0x1b || b == 0x07 || b == b'\r'));
     }
 

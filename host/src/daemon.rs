@@ -16,7 +16,6 @@ use jobfile::image::ImageManifest;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
-use crate::jail;
 use crate::queue::{self, Candidate, Dirs, Rules};
 use crate::worker::{self, Ending, Limits};
 
@@ -45,9 +44,6 @@ pub struct Summary {
 pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     let dirs = &opts.dirs;
     dirs.create_all()?;
-    if let Some(id) = opts.limits.identity {
-        jail::check_reachable(&dirs.work, id)?;
-    }
     let mut summary = Summary::default();
     recover(opts, &mut summary)?;
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).context("cannot set up inotify")?;
@@ -71,6 +67,7 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     let mut running: HashSet<OsString> = HashSet::new();
     let mut dirty = true;
     let mut last_scan = Instant::now();
+    let mut seen = queue::Seen::default();
     let mut stopping: Option<Instant> = None;
     loop {
         if stop.load(Ordering::Relaxed) && stopping.is_none() {
@@ -88,19 +85,21 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         if stopping.is_none() && (dirty || last_scan.elapsed() >= opts.rescan) {
             dirty = false;
             last_scan = Instant::now();
-            let found = queue::scan(&dirs.queue, opts.rules)
+            let found = queue::scan(&dirs.queue, opts.rules, &mut seen)
                 .with_context(|| format!("cannot read {}", dirs.queue.display()))?;
             for candidate in found {
                 match candidate {
-                    Candidate::Refuse { file_name, reason } => refuse(dirs, &file_name, &reason, &mut summary),
+                    Candidate::Refuse { file_name, reason } => {
+                        refuse(dirs, &opts.limits.host_id, &file_name, &reason, &mut summary)
+                    }
                     Candidate::Settling { .. } => {
                         waiting += 1;
                         dirty = true; // look again soon
                     }
-                    Candidate::Job { file_name, job, .. } => {
+                    Candidate::Job { file_name, job, scanned } => {
                         if let Err(e) = ImageManifest::load(&dirs.images.join(format!("i{}", job.image()))) {
                             let reason = format!("unknown image i{}: {}", job.image(), jobfile::error_chain(&e));
-                            refuse(dirs, &file_name, &reason, &mut summary);
+                            refuse(dirs, &opts.limits.host_id, &file_name, &reason, &mut summary);
                             continue;
                         }
                         if running.len() >= opts.workers {
@@ -119,7 +118,7 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
                         running.insert(file_name.clone());
                         let (dirs, limits, tx, kill) = (dirs.clone(), opts.limits.clone(), tx.clone(), kill.clone());
                         thread::spawn(move || {
-                            let ending = worker::run(&dirs, &limits, &file_name, &job, &kill);
+                            let ending = worker::run(&dirs, &limits, &file_name, &job, &scanned, &kill);
                             let _ = tx.send((file_name, ending));
                         });
                     }
@@ -138,16 +137,16 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         while let Ok((file_name, ending)) = rx.try_recv() {
             running.remove(&file_name);
             dirty = true;
-            let label = jobfile::escape(file_name.as_encoded_bytes());
+            let label = jobfile::sanitize(file_name.as_encoded_bytes());
             match ending {
                 Ok(Ending::Done { path, verdict }) => {
                     summary.done += 1;
-                    forget_attempts(dirs, &file_name);
+                    queue::forget_counters(dirs, &file_name);
                     log::info!("job {label}: done: {verdict} -> {}", path.display());
                 }
                 Ok(Ending::Failed { path, reason }) => {
                     summary.failed += 1;
-                    forget_attempts(dirs, &file_name);
+                    queue::forget_counters(dirs, &file_name);
                     log::warn!("job {label}: failed: {reason} -> {}", path.display());
                 }
                 Ok(Ending::Requeued) => summary.requeued += 1,
@@ -168,27 +167,15 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     Ok(summary)
 }
 
-fn refuse(dirs: &Dirs, file_name: &OsStr, reason: &str, summary: &mut Summary) {
-    let label = jobfile::escape(file_name.as_encoded_bytes());
-    match queue::fail(dirs, &dirs.queue.join(file_name), reason, None) {
+fn refuse(dirs: &Dirs, host_id: &str, file_name: &OsStr, reason: &str, summary: &mut Summary) {
+    let label = jobfile::sanitize(file_name.as_encoded_bytes());
+    match queue::refuse(dirs, host_id, file_name, reason) {
         Ok(path) => {
             summary.refused += 1;
-            log::warn!("job {label}: refused: {reason} -> {}", jobfile::escape(path.as_os_str().as_encoded_bytes()));
+            log::warn!("job {label}: refused: {reason} -> {}", path.display());
         }
         Err(e) => log::error!("job {label}: cannot move to {}: {e}", dirs.failed.display()),
     }
-}
-
-/// Where the count of interrupted runs of a job is kept: beside the claim
-/// directories, shared by every host, so it survives the job moving around.
-fn attempts_file(dirs: &Dirs, file_name: &OsStr) -> PathBuf {
-    let mut name = file_name.to_owned();
-    name.push(".attempts");
-    dirs.running.parent().unwrap_or(&dirs.running).join(".attempts").join(name)
-}
-
-fn forget_attempts(dirs: &Dirs, file_name: &OsStr) {
-    let _ = fs::remove_file(attempts_file(dirs, file_name));
 }
 
 /// Jobs this host had claimed when it last stopped (it crashed, or was
@@ -201,23 +188,19 @@ fn recover(opts: &RunOptions, summary: &mut Summary) -> Result<()> {
         if name.as_encoded_bytes().starts_with(b".") {
             continue;
         }
-        let label = jobfile::escape(name.as_encoded_bytes());
-        let counter = attempts_file(dirs, &name);
-        let attempts = fs::read_to_string(&counter).ok().and_then(|t| t.trim().parse::<u32>().ok()).unwrap_or(0) + 1;
+        let label = jobfile::sanitize(name.as_encoded_bytes());
+        let attempts = queue::read_counter(dirs, &name, "attempts") + 1;
         if attempts >= opts.max_attempts {
             let reason = format!(
                 "the host stopped {attempts} times while running this job (crashed or was killed); not trying again"
             );
             queue::fail(dirs, &dirs.running.join(&name), &reason, None)?;
-            forget_attempts(dirs, &name);
+            queue::forget_counters(dirs, &name);
             summary.failed += 1;
             log::warn!("job {label}: {reason} -> {}", dirs.failed.display());
             continue;
         }
-        if let Some(parent) = counter.parent() {
-            fs::create_dir_all(parent)?;
-        }
-        queue::write_durable(&counter, format!("{attempts}\n").as_bytes())?;
+        queue::write_counter(dirs, &name, "attempts", attempts)?;
         match queue::requeue(dirs, &name) {
             Ok(()) => log::info!("job {label}: unfinished at the last stop (attempt {attempts}); back in the queue"),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {

@@ -8,10 +8,13 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, IsTerminal, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use jobfile::text::{Mode, Sanitizer};
 use jobfile::xz::{EncodeOptions, DEFAULT_MEMLIMIT};
 use jobfile::{
-    escape, path_is, ArchiveError, JobName, NameError, PackError, PackOptions, UnpackError, UnpackOptions, UnpackReport,
+    path_is, sanitize, ArchiveError, JobName, NameError, PackError, PackOptions, ReadLimits, UnpackError,
+    UnpackOptions, UnpackReport,
 };
 use thiserror::Error;
 
@@ -19,6 +22,20 @@ use crate::units::human_size;
 
 /// Largest `job_status.json` we read.
 const MAX_STATUS: u64 = 1 << 20;
+
+/// What reading a result for its status may cost: it is the first entry.
+pub const STATUS_LIMITS: ReadLimits =
+    ReadLimits { max_bytes: 16 << 20, max_time: Some(Duration::from_secs(10)), ..ReadLimits::UNBOUNDED };
+
+/// What `job log`, `job list` and `job unpack` may read by default: bytes
+/// the archive produces (holes of sparse files included), and time.
+pub fn default_limits(command: &str) -> ReadLimits {
+    match command {
+        "log" => ReadLimits::new(1 << 30, Duration::from_secs(600)),
+        "list" => ReadLimits::new(64 << 30, Duration::from_secs(600)),
+        _ => ReadLimits::new(64 << 30, Duration::from_secs(3600)),
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum JobToolError {
@@ -149,7 +166,7 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
         file.set_len(size).map_err(write_err)?;
         file.sync_all().map_err(write_err)?;
         fs::rename(&tmp, &path).map_err(|source| JobToolError::Write { path: path.clone(), source })?;
-        crate::queue::sync_dirs(&[&req.out]).map_err(|source| JobToolError::Write { path: req.out.clone(), source })?;
+        crate::files::sync_dirs(&[&req.out]).map_err(|source| JobToolError::Write { path: req.out.clone(), source })?;
         Ok(report.compressed_len)
     })();
     match result {
@@ -161,9 +178,13 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
     }
 }
 
-fn open_archive(path: &Path) -> Result<jobfile::ArchiveReader<jobfile::XzReader<File>>, JobToolError> {
+fn open_archive(
+    path: &Path,
+    limits: ReadLimits,
+) -> Result<jobfile::ArchiveReader<jobfile::XzReader<File>>, JobToolError> {
     let file = File::open(path).map_err(|source| JobToolError::Open { path: path.to_owned(), source })?;
     jobfile::read_job(file, DEFAULT_MEMLIMIT)
+        .map(|archive| archive.with_limits(limits))
         .map_err(|e| JobToolError::Read { path: path.to_owned(), source: ArchiveError::Xz(e) })
 }
 
@@ -173,9 +194,10 @@ fn copy_member(
     member: &'static str,
     out: &mut dyn Write,
     limit: Option<u64>,
+    limits: ReadLimits,
 ) -> Result<u64, JobToolError> {
     let read_err = |source| JobToolError::Read { path: path.to_owned(), source };
-    let mut archive = open_archive(path)?;
+    let mut archive = open_archive(path, limits)?;
     while let Some(h) = archive.next_entry().map_err(read_err)? {
         if h.kind != jobfile::Kind::File || !path_is(&h.path, member) {
             continue;
@@ -192,33 +214,54 @@ fn copy_member(
     Err(JobToolError::Missing { path: path.to_owned(), member })
 }
 
-/// `job log`: the job's output. On a terminal, control characters other than
-/// newline and tab are shown escaped, so hostile output cannot drive the terminal.
-pub fn log(path: &Path) -> Result<(), JobToolError> {
+/// `job log`: the job's output. On a terminal it goes through the one
+/// sanitizer (newlines and tabs kept), so hostile output cannot drive the
+/// terminal; into a pipe or file it is passed on byte for byte.
+pub fn log(path: &Path, limits: ReadLimits) -> Result<(), JobToolError> {
     let stdout = io::stdout();
     let tty = stdout.is_terminal();
     let mut lock = stdout.lock();
-    let mut out: Box<dyn Write> = if tty { Box::new(TerminalSafe { inner: &mut lock }) } else { Box::new(&mut lock) };
-    copy_member(path, jobfile::OUTPUT_FILE, &mut out, None)?;
-    out.flush().map_err(JobToolError::Stdout)
+    let mut out: Box<dyn Write> = if tty {
+        Box::new(TerminalSafe { inner: &mut lock, sanitizer: Sanitizer::new(Mode::Lines) })
+    } else {
+        Box::new(&mut lock)
+    };
+    copy_member(path, jobfile::OUTPUT_FILE, &mut out, None, limits)?;
+    drop(out); // a terminal's sanitizer writes what it held back
+    lock.flush().map_err(JobToolError::Stdout)
 }
 
-/// `job status`: the status record, re-serialized (so strings are escaped).
+/// `job status`: the status record, re-serialized with every key and string
+/// through the one sanitizer (JSON escaping alone lets C1 and bidi through).
 pub fn status(path: &Path) -> Result<serde_json::Value, JobToolError> {
     let mut raw = Vec::new();
-    copy_member(path, jobfile::STATUS_FILE, &mut raw, Some(MAX_STATUS))?;
-    serde_json::from_slice(&raw).map_err(|source| JobToolError::BadStatus { path: path.to_owned(), source })
+    copy_member(path, jobfile::STATUS_FILE, &mut raw, Some(MAX_STATUS), STATUS_LIMITS)?;
+    let value =
+        serde_json::from_slice(&raw).map_err(|source| JobToolError::BadStatus { path: path.to_owned(), source })?;
+    Ok(sanitize_json(value))
+}
+
+fn sanitize_json(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => Value::String(sanitize(s.as_bytes())),
+        Value::Array(items) => Value::Array(items.into_iter().map(sanitize_json).collect()),
+        Value::Object(map) => {
+            Value::Object(map.into_iter().map(|(k, v)| (sanitize(k.as_bytes()), sanitize_json(v))).collect())
+        }
+        other => other,
+    }
 }
 
 /// `job list`: one line per entry, like `tar -tv`, paths escaped.
-pub fn list(path: &Path, out: &mut dyn Write) -> Result<u64, JobToolError> {
+pub fn list(path: &Path, out: &mut dyn Write, limits: ReadLimits) -> Result<u64, JobToolError> {
     let read_err = |source| JobToolError::Read { path: path.to_owned(), source };
-    let mut archive = open_archive(path)?;
+    let mut archive = open_archive(path, limits)?;
     let mut n = 0;
     while let Some(h) = archive.next_entry().map_err(read_err)? {
         let link = match (&h.link, h.kind) {
-            (Some(l), jobfile::Kind::Symlink) => format!(" -> {}", escape(l)),
-            (Some(l), jobfile::Kind::Hardlink) => format!(" link to {}", escape(l)),
+            (Some(l), jobfile::Kind::Symlink) => format!(" -> {}", sanitize(l)),
+            (Some(l), jobfile::Kind::Hardlink) => format!(" link to {}", sanitize(l)),
             _ => String::new(),
         };
         writeln!(
@@ -229,7 +272,7 @@ pub fn list(path: &Path, out: &mut dyn Write) -> Result<u64, JobToolError> {
             h.uid,
             h.gid,
             h.size,
-            escape(&h.path)
+            sanitize(&h.path)
         )
         .map_err(JobToolError::Stdout)?;
         n += 1;
@@ -238,8 +281,9 @@ pub fn list(path: &Path, out: &mut dyn Write) -> Result<u64, JobToolError> {
     Ok(n)
 }
 
-/// `job unpack`: safe extraction into a new or empty directory.
-pub fn unpack(path: &Path, dir: &Path) -> Result<UnpackReport, JobToolError> {
+/// `job unpack`: safe extraction into a new or empty directory, modes
+/// through the user's umask, as any file the user creates.
+pub fn unpack(path: &Path, dir: &Path, limits: ReadLimits) -> Result<UnpackReport, JobToolError> {
     match fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
@@ -251,13 +295,26 @@ pub fn unpack(path: &Path, dir: &Path) -> Result<UnpackReport, JobToolError> {
         }
         Err(source) => return Err(JobToolError::Open { path: dir.to_owned(), source }),
     }
-    let mut archive = open_archive(path)?;
-    let opts = UnpackOptions { preserve_owner: false, keep_special_bits: false, ..UnpackOptions::default() };
+    let mut archive = open_archive(path, limits)?;
+    let opts = UnpackOptions {
+        preserve_owner: false,
+        keep_special_bits: false,
+        umask: current_umask(),
+        ..UnpackOptions::default()
+    };
     jobfile::unpack(&mut archive, dir, &opts).map_err(|source| JobToolError::Unpack {
         path: path.to_owned(),
         dir: dir.to_owned(),
         source,
     })
+}
+
+/// This process's umask (read by setting it, then setting it back).
+fn current_umask() -> u32 {
+    use nix::sys::stat::{umask, Mode};
+    let old = umask(Mode::from_bits_truncate(0o022));
+    umask(old);
+    old.bits()
 }
 
 fn mode_string(mode: u32) -> String {
@@ -275,27 +332,30 @@ fn mode_string(mode: u32) -> String {
     bits.iter().map(|&(bit, c)| if mode & bit != 0 { c } else { '-' }).collect()
 }
 
-/// Escapes control bytes (except newline and tab) on the way to a terminal.
-struct TerminalSafe<W> {
+/// Sanitizes text on its way to a terminal, piece by piece.
+struct TerminalSafe<W: Write> {
     inner: W,
+    sanitizer: Sanitizer,
 }
 
 impl<W: Write> Write for TerminalSafe<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut clean = Vec::with_capacity(buf.len());
-        for &b in buf {
-            match b {
-                b'\n' | b'\t' => clean.push(b),
-                0..=0x1f | 0x7f => clean.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
-                _ => clean.push(b),
-            }
-        }
-        self.inner.write_all(&clean)?;
+        let mut clean = String::with_capacity(buf.len());
+        self.sanitizer.push(buf, &mut clean);
+        self.inner.write_all(clean.as_bytes())?;
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+impl<W: Write> Drop for TerminalSafe<W> {
+    fn drop(&mut self) {
+        let mut rest = String::new();
+        self.sanitizer.finish(&mut rest);
+        let _ = self.inner.write_all(rest.as_bytes());
     }
 }
 
@@ -306,8 +366,11 @@ mod tests {
     #[test]
     fn terminal_output_has_no_escape_sequences() {
         let mut out = Vec::new();
-        TerminalSafe { inner: &mut out }.write_all(b"ok\t\x1b[2Jcleared\r\n\x07").expect("write");
-        assert_eq!(out, b"ok\t\\x1b[2Jcleared\\x0d\n\\x07");
+        let mut term = TerminalSafe { inner: &mut out, sanitizer: Sanitizer::new(Mode::Lines) };
+        term.write_all(b"ok\t\x1b[2Jcleared\r\n\x07\xe2\x80").expect("write");
+        term.write_all(b"\xaeend\r").expect("write");
+        drop(term);
+        assert_eq!(String::from_utf8(out).expect("utf8"), "ok\t\\x1b[2Jcleared\n\\x07\\u{202e}end\\r");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod cgroup;
 pub mod console;
 pub mod daemon;
+pub mod files;
 pub mod jail;
 pub mod job;
 pub mod kvm;

@@ -1,4 +1,4 @@
-//! One line per event to stderr: time, level, message. Job lines name the job.
+//! One line per event to stderr: time, level, message (sanitized). Job lines name the job.
 
 use std::io::Write;
 use std::time::SystemTime;
@@ -13,7 +13,9 @@ impl log::Log for Logger {
     fn log(&self, record: &log::Record) {
         if self.enabled(record.metadata()) {
             let now = jobfile::status::rfc3339(SystemTime::now());
-            let _ = writeln!(std::io::stderr().lock(), "{now} {:<5} {}", record.level(), record.args());
+            // Every line through the one sanitizer: messages quote names and text from strangers.
+            let message = jobfile::sanitize(record.args().to_string().as_bytes());
+            let _ = writeln!(std::io::stderr().lock(), "{now} {:<5} {message}", record.level());
         }
     }
 

@@ -9,8 +9,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use construir_host::daemon::{self, RunOptions};
+use construir_host::jail::{IdPool, IdRange, JailRoot};
 use construir_host::job::{self, PackRequest};
-use construir_host::qemu::Accel;
+use construir_host::qemu::{Accel, Confiner};
 use construir_host::queue::{Dirs, Rules};
 use construir_host::units::{human_size, parse_duration, parse_size};
 use construir_host::worker::Limits;
@@ -107,9 +108,17 @@ struct RunArgs {
     /// QEMU binary (7.2 or newer).
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
-    /// Unprivileged user QEMU runs as when the host runs as root.
-    #[arg(long, value_name = "USER", default_value = "construir")]
-    qemu_user: String,
+    /// When the host runs as root, each VM runs as its own uid and gid from
+    /// FIRST:COUNT (no two live VMs share one; the range must hold no
+    /// account or group). The default lies above systemd's container ranges.
+    #[arg(long, value_name = "FIRST:COUNT", default_value_t = IdRange::DEFAULT)]
+    vm_ids: IdRange,
+    /// Where the locks that hold each VM's uid live (shared by every host on this machine).
+    #[arg(long, value_name = "DIR", default_value = IdPool::LOCK_DIR)]
+    vm_id_locks: PathBuf,
+    /// End a VM whose init has not said it started within this; its job goes back once.
+    #[arg(long, default_value = "2m", value_parser = parse_duration_arg)]
+    boot_timeout: Duration,
     /// End a job whose VM prints nothing on its console for this long [default: no limit].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
     silence_timeout: Option<Duration>,
@@ -144,14 +153,52 @@ enum JobCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Print the job's output (job_output.txt) from a result file.
-    Log { file: PathBuf },
-    /// Print the job's status (job_status.json) from a result file.
+    /// Print the job's output (job_output.txt) from a result file (escaped on a terminal).
+    Log {
+        file: PathBuf,
+        #[command(flatten)]
+        bounds: ReadBounds,
+    },
+    /// Print the job's status (job_status.json) from a result file (reads at most 16 MiB, 10 s).
     Status { file: PathBuf },
     /// List the entries of a job or result file.
-    List { file: PathBuf },
+    List {
+        file: PathBuf,
+        #[command(flatten)]
+        bounds: ReadBounds,
+    },
     /// Extract a result file safely into DIR (new or empty).
-    Unpack { file: PathBuf, dir: PathBuf },
+    Unpack {
+        file: PathBuf,
+        dir: PathBuf,
+        #[command(flatten)]
+        bounds: ReadBounds,
+    },
+}
+
+/// How much reading a result (a stranger's archive) may cost.
+#[derive(clap::Args)]
+struct ReadBounds {
+    /// Stop after the archive produces this many bytes, sparse holes included
+    /// [default: 1G for log, 64G for list and unpack].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    max_bytes: Option<u64>,
+    /// Stop after this long [default: 10m for log and list, 1h for unpack].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    max_time: Option<Duration>,
+}
+
+impl ReadBounds {
+    fn limits(&self, command: &str) -> jobfile::ReadLimits {
+        let mut limits = job::default_limits(command);
+        if let Some(b) = self.max_bytes {
+            limits.max_bytes = b;
+        }
+        if self.max_time.is_some() {
+            limits.max_time = self.max_time;
+        }
+        limits
+    }
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -184,30 +231,33 @@ fn run_queue(a: RunArgs) -> Result<()> {
         work: a.work.unwrap_or_else(|| daemon::sibling(&queue, "work")),
         queue,
     };
-    let accel = match a.accel {
-        AccelChoice::Kvm => Accel::Kvm,
-        AccelChoice::Tcg => Accel::Tcg,
-        AccelChoice::Auto => detect_accel(&a.qemu, &dirs),
-    };
     let (major, minor) =
         construir_host::qemu::version(&a.qemu).with_context(|| format!("cannot run {}", a.qemu.display()))?;
     if (major, minor) < (7, 2) {
         bail!("{} is QEMU {major}.{minor}; construir needs 7.2 or newer", a.qemu.display());
     }
-    let identity = if jail::running_as_root() {
-        let id = jail::lookup(&a.qemu_user, Path::new("/etc/passwd"))?;
-        log::info!("QEMU {major}.{minor} runs as {} (uid {}, gid {}), jailed", a.qemu_user, id.uid, id.gid);
-        Some(id)
+    let root = jail::running_as_root();
+    let confiner = if root {
+        if a.workers > a.vm_ids.count {
+            bail!(
+                "--workers {} needs at least as many VM uids; --vm-ids {} has {}",
+                a.workers,
+                a.vm_ids,
+                a.vm_ids.count
+            );
+        }
+        jail::check_range(a.vm_ids, Path::new("/etc/passwd"), Path::new("/etc/group"))?;
+        Confiner {
+            ids: Some(IdPool::new(a.vm_ids, &a.vm_id_locks)?),
+            root: Some(JailRoot::discover(&a.qemu)?),
+            landlock_abi: jail::landlock_abi(),
+        }
     } else {
-        log::info!("QEMU {major}.{minor} runs as this (unprivileged) user, jailed");
-        None
+        Confiner { ids: None, root: None, landlock_abi: 0 }
     };
-    let cgroups = if jail::running_as_root() {
+    let cgroups = if root {
         match cgroup::detect(Path::new("/sys/fs/cgroup")) {
-            Ok(parent) => {
-                log::info!("each VM gets a cgroup v2 group with memory, pids and CPU limits");
-                Some(parent)
-            }
+            Ok(parent) => Some(parent),
             Err(why) => {
                 log::info!("no writable cgroup v2 here ({why}): VMs run without cgroup limits");
                 None
@@ -216,10 +266,17 @@ fn run_queue(a: RunArgs) -> Result<()> {
     } else {
         None
     };
+    log::info!("{}", layers(major, minor, a.vm_ids, &confiner, cgroups.is_some(), a.enable_networking));
+    let accel = match a.accel {
+        AccelChoice::Kvm => Accel::Kvm,
+        AccelChoice::Tcg => Accel::Tcg,
+        AccelChoice::Auto => detect_accel(&a.qemu, &dirs, &confiner),
+    };
     let limits = Limits {
         cgroups,
-        identity,
+        confiner,
         silence: a.silence_timeout,
+        boot: a.boot_timeout,
         timeout: a.timeout,
         grace: a.grace,
         memory_mib: (a.memory >> 20).max(128),
@@ -248,14 +305,32 @@ fn run_queue(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// One line naming each confinement layer and whether it is on.
+fn layers(major: u32, minor: u32, ids: IdRange, c: &Confiner, cgroups: bool, networking: bool) -> String {
+    let on_off = |on: bool| if on { "on" } else { "off" };
+    let jailed = c.root.is_some();
+    format!(
+        "QEMU {major}.{minor} jail: uid {}; namespaces {}; minimal root {}; seccomp on (QEMU -sandbox); no_new_privs on; cgroup v2 {}; Landlock {}",
+        if c.ids.is_some() { format!("one per VM from {}-{}", ids.first, ids.last()) } else { "this (unprivileged) user's".into() },
+        if jailed { format!("mnt,pid,ipc,uts{}", if networking { " (network: user-mode NIC)" } else { ",net (empty)" }) } else { "off (needs root)".into() },
+        if jailed { "on" } else { "off (needs root)" },
+        on_off(cgroups),
+        match c.landlock_abi {
+            0 if jailed => "off (this kernel has none)".to_owned(),
+            0 => "off (needs root)".to_owned(),
+            abi => format!("on (ABI {abi})"),
+        }
+    )
+}
+
 /// KVM if it boots a real kernel here, else TCG (with the reason logged).
-fn detect_accel(qemu: &Path, dirs: &Dirs) -> Accel {
+fn detect_accel(qemu: &Path, dirs: &Dirs, confiner: &Confiner) -> Accel {
     let Some(kernel) = daemon::any_kernel(&dirs.images) else {
         log::warn!("no image in {} to test KVM with: using TCG (restart after adding images)", dirs.images.display());
         return Accel::Tcg;
     };
     let _ = std::fs::create_dir_all(&dirs.work);
-    if kvm::kvm_works(qemu, &kernel, Duration::from_secs(15), &dirs.work.join(".accel-probe")) {
+    if kvm::kvm_works(qemu, &kernel, Duration::from_secs(15), &dirs.work, confiner) {
         Accel::Kvm
     } else {
         log::info!("KVM does not run guests here (no usable /dev/kvm, or a test boot hung): using TCG, which is slower and not a security boundary");
@@ -277,16 +352,16 @@ fn run_job(cmd: JobCommand) -> Result<()> {
             );
             println!("{}", packed.path.display());
         }
-        JobCommand::Log { file } => job::log(&file)?,
+        JobCommand::Log { file, bounds } => job::log(&file, bounds.limits("log"))?,
         JobCommand::Status { file } => {
             let status = job::status(&file)?;
             println!("{}", serde_json::to_string_pretty(&status)?);
         }
-        JobCommand::List { file } => {
-            job::list(&file, &mut std::io::stdout().lock())?;
+        JobCommand::List { file, bounds } => {
+            job::list(&file, &mut std::io::stdout().lock(), bounds.limits("list"))?;
         }
-        JobCommand::Unpack { file, dir } => {
-            let report = job::unpack(&file, &dir)?;
+        JobCommand::Unpack { file, dir, bounds } => {
+            let report = job::unpack(&file, &dir, bounds.limits("unpack"))?;
             for s in &report.skipped {
                 eprintln!("construir-host: skipped {}: {}", s.path, s.reason);
             }

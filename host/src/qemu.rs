@@ -1,11 +1,11 @@
 //! One QEMU run: the command line, the jailed process (see `jail`), the
-//! console capture, the deadline and the silence limit.
+//! console capture, and the deadlines: boot, silence, job.
 
 use std::ffi::OsString;
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -15,11 +15,12 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use thiserror::Error;
 
 use crate::console::ConsoleLog;
-use crate::jail::{self, Identity};
+use crate::jail::{self, Identity, JailRoot, Plan};
 
 /// Most QEMU stderr kept for error messages.
 const MAX_STDERR: usize = 16 << 10;
@@ -46,27 +47,26 @@ impl Accel {
     }
 }
 
-/// Everything one VM boot needs.
-#[derive(Debug, Clone)]
+/// Everything one VM boot needs. Files are open already: QEMU gets them as
+/// descriptors and never a path of ours.
+#[derive(Debug)]
 pub struct VmSpec {
     pub qemu: PathBuf,
     pub accel: Accel,
     pub memory_mib: u64,
     pub cpus: u32,
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
+    pub kernel: File,
+    pub initrd: Option<File>,
     pub cmdline: String,
     /// Booted as a discarded snapshot (`snapshot=on`), if the image has one.
-    pub root_disk: Option<PathBuf>,
-    /// The job's working copy, raw.
-    pub job_disk: PathBuf,
+    pub root_disk: Option<File>,
+    /// The job's working copy, raw, read-write.
+    pub job_disk: Option<File>,
     pub networking: bool,
-    /// QEMU's own directory, for temporary files (the snapshot overlay).
+    /// QEMU's TMPDIR, for the snapshot overlay (as QEMU sees it).
     pub tmpdir: PathBuf,
     /// Shown by `ps` (`-name`): which job this VM is.
     pub name: String,
-    /// Who QEMU runs as, when the host is root.
-    pub identity: Option<Identity>,
     /// Largest file QEMU may write.
     pub file_size_limit: u64,
     /// The VM's cgroup (`.../cgroup.procs`), where there is one.
@@ -76,8 +76,8 @@ pub struct VmSpec {
 impl VmSpec {
     /// QEMU's arguments. Files are passed as descriptors the host opened
     /// (`/proc/self/fd/N`, fd sets), so no path of ours is on the command
-    /// line: nothing to inject options into, and an unprivileged QEMU needs
-    /// no access to the images or the queue.
+    /// line: nothing to inject options into, and QEMU needs no access to
+    /// the images or the queue.
     pub fn args(&self) -> Vec<OsString> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
@@ -91,46 +91,148 @@ impl VmSpec {
         push(&["-device", "pvpanic-pci", "-action", "panic=exit-failure"]);
         push(&["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]);
         push(&["-nic", if self.networking { "user,model=virtio-net-pci" } else { "none" }]);
-        push(&["-kernel", &format!("/proc/self/fd/{FD_KERNEL}"), "-initrd", &format!("/proc/self/fd/{FD_INITRD}")]);
+        push(&["-kernel", &format!("/proc/self/fd/{FD_KERNEL}")]);
+        if self.initrd.is_some() {
+            push(&["-initrd", &format!("/proc/self/fd/{FD_INITRD}")]);
+        }
         push(&["-append", &self.cmdline]);
         if self.root_disk.is_some() {
             push(&["-add-fd", &format!("fd={FD_ROOT},set=1")]);
             push(&["-drive", "if=none,id=root,file=/dev/fdset/1,format=qcow2,snapshot=on"]);
             push(&["-device", "virtio-blk-pci,drive=root"]);
         }
-        push(&["-add-fd", &format!("fd={FD_JOB_RW},set=2"), "-add-fd", &format!("fd={FD_JOB_RO},set=2")]);
-        push(&[
-            "-drive",
-            "if=none,id=job,file=/dev/fdset/2,format=raw,discard=unmap,detect-zeroes=unmap,werror=report,rerror=report",
-        ]);
-        push(&["-device", "virtio-blk-pci,drive=job"]);
+        if self.job_disk.is_some() {
+            push(&["-add-fd", &format!("fd={FD_JOB_RW},set=2"), "-add-fd", &format!("fd={FD_JOB_RO},set=2")]);
+            push(&[
+                "-drive",
+                "if=none,id=job,file=/dev/fdset/2,format=raw,discard=unmap,detect-zeroes=unmap,werror=report,rerror=report",
+            ]);
+            push(&["-device", "virtio-blk-pci,drive=job"]);
+        }
         a.into_iter().map(OsString::from).collect()
     }
 
-    /// Opens every file QEMU needs, as (file, descriptor number in QEMU).
-    fn open_files(&self) -> io::Result<Vec<(File, i32)>> {
-        let open = |path: &Path, write: bool| {
-            OpenOptions::new()
-                .read(true)
-                .write(write)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(path)
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))
-        };
-        let mut files = vec![(open(&self.kernel, false)?, FD_KERNEL), (open(&self.initrd, false)?, FD_INITRD)];
-        if let Some(root) = &self.root_disk {
-            files.push((open(root, false)?, FD_ROOT));
+    /// (descriptor, number in QEMU) for each file, and the numbers QEMU reopens through /proc/self/fd.
+    fn descriptors(&self) -> io::Result<(Vec<(i32, i32)>, Vec<i32>, Option<File>)> {
+        let mut fds = vec![(self.kernel.as_raw_fd(), FD_KERNEL)];
+        let mut reopened = vec![FD_KERNEL];
+        if let Some(f) = &self.initrd {
+            fds.push((f.as_raw_fd(), FD_INITRD));
+            reopened.push(FD_INITRD);
         }
-        files.push((open(&self.job_disk, true)?, FD_JOB_RW));
-        files.push((open(&self.job_disk, false)?, FD_JOB_RO));
-        Ok(files)
+        if let Some(f) = &self.root_disk {
+            fds.push((f.as_raw_fd(), FD_ROOT));
+        }
+        let mut read_only = None;
+        if let Some(f) = &self.job_disk {
+            // A read-only descriptor of the same open file, for QEMU's read-only probes of the fd set.
+            let ro = File::open(format!("/proc/self/fd/{}", f.as_raw_fd()))?;
+            fds.push((f.as_raw_fd(), FD_JOB_RW));
+            fds.push((ro.as_raw_fd(), FD_JOB_RO));
+            read_only = Some(ro);
+        }
+        Ok((fds, reopened, read_only))
+    }
+}
+
+/// How QEMU is confined besides what every QEMU gets.
+#[derive(Debug, Clone, Copy)]
+pub enum Confinement<'a> {
+    /// As this (unprivileged) host's own user, no namespaces.
+    Plain,
+    /// Its own uid, namespaces and minimal root, built in `dir` (see `VmDir`).
+    Jailed { identity: Identity, root: &'a JailRoot, dir: &'a Path, landlock_abi: u32 },
+}
+
+/// A VM's own directory under `work/`: root's and 0700, so nothing QEMU
+/// does can plant or swap a file in it. It holds the working copy (`disk`),
+/// `scratch/` (QEMU's only writable directory: the snapshot overlay), and
+/// `root/` (where its minimal root is mounted, in its own namespace).
+/// Removed when dropped.
+#[derive(Debug)]
+pub struct VmDir {
+    pub path: PathBuf,
+    pub fd: OwnedFd,
+}
+
+impl VmDir {
+    /// Creates `path` afresh; `scratch/` belongs to `owner` when there is one.
+    pub fn create(path: &Path, owner: Option<Identity>) -> io::Result<Self> {
+        if fs::symlink_metadata(path).is_ok() {
+            fs::remove_dir_all(path)?;
+        }
+        fs::DirBuilder::new().mode(0o700).create(path)?;
+        let fd = crate::files::open_dir(path)?;
+        let dir = VmDir { path: path.to_owned(), fd };
+        fs::DirBuilder::new().mode(0o700).create(path.join("scratch"))?;
+        fs::DirBuilder::new().mode(0o755).create(path.join("root"))?;
+        if let Some(id) = owner {
+            std::os::unix::fs::chown(path.join("scratch"), Some(id.uid), Some(id.gid))?;
+        }
+        Ok(dir)
+    }
+}
+
+impl Drop for VmDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// What every VM of this host is confined with: a uid pool and a minimal
+/// root when the host is root, and Landlock where the kernel has it.
+#[derive(Debug, Clone, Default)]
+pub struct Confiner {
+    pub ids: Option<Arc<jail::IdPool>>,
+    pub root: Option<JailRoot>,
+    /// Landlock ABI version (0: the kernel has none).
+    pub landlock_abi: u32,
+}
+
+/// One VM's uid and directory, held for the VM's life.
+#[derive(Debug)]
+pub struct Prepared {
+    pub lease: Option<jail::IdLease>,
+    pub dir: VmDir,
+}
+
+impl Confiner {
+    /// Takes a uid for one VM and makes its directory at `path`.
+    pub fn prepare(&self, path: &Path) -> Result<Prepared, QemuError> {
+        let lease = self.ids.as_ref().map(|p| p.acquire()).transpose().map_err(QemuError::Jail)?;
+        let dir = VmDir::create(path, lease.as_ref().map(|l| l.id)).map_err(QemuError::Open)?;
+        Ok(Prepared { lease, dir })
+    }
+}
+
+impl Prepared {
+    pub fn confinement<'a>(&'a self, confiner: &'a Confiner) -> Confinement<'a> {
+        match (&self.lease, &confiner.root) {
+            (Some(lease), Some(root)) => Confinement::Jailed {
+                identity: lease.id,
+                root,
+                dir: &self.dir.path,
+                landlock_abi: confiner.landlock_abi,
+            },
+            _ => Confinement::Plain,
+        }
+    }
+
+    /// QEMU's TMPDIR as QEMU sees it.
+    pub fn tmpdir(&self, confiner: &Confiner) -> PathBuf {
+        match self.confinement(confiner) {
+            Confinement::Jailed { .. } => PathBuf::from("/tmp"),
+            Confinement::Plain => self.dir.path.join("scratch"),
+        }
     }
 }
 
 #[derive(Debug, Error)]
 pub enum QemuError {
-    #[error("cannot open the VM's files")]
+    #[error("cannot prepare the VM's descriptors")]
     Open(#[source] io::Error),
+    #[error("cannot prepare QEMU's jail")]
+    Jail(#[source] crate::jail::JailError),
     #[error("cannot start {qemu}")]
     Spawn { qemu: PathBuf, source: io::Error },
     #[error("cannot wait for QEMU")]
@@ -144,6 +246,8 @@ pub enum Cut {
     Deadline,
     /// No console output for the silence limit.
     Silence,
+    /// construir-init did not say it started within the boot limit.
+    NoBoot,
     /// The host is stopping.
     Stop,
 }
@@ -157,22 +261,46 @@ pub struct VmRun {
     pub elapsed: Duration,
     pub console: ConsoleLog,
     pub stderr: String,
+    /// Whether construir-init said it started.
+    pub booted: bool,
 }
 
-/// Kills the whole session of a child on drop, and reaps it.
-struct Guard(Child);
+/// What construir-init prints as its very first act; the host's sign that the VM booted.
+pub const BOOT_MARKER: &[u8] = b"construir-init: version ";
+
+/// Owns QEMU's process: kills its whole group and reaps it on drop. The
+/// group is signalled only while QEMU is unreaped (an exited but unreaped
+/// leader keeps its pid and group id from being reused).
+struct Guard {
+    child: Child,
+    reaped: Option<ExitStatus>,
+}
 
 impl Guard {
-    fn kill(&mut self) {
-        let _ = kill(Pid::from_raw(-(self.0.id() as i32)), Signal::SIGKILL);
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+    /// Whether QEMU has exited, without reaping it.
+    fn exited(&self) -> io::Result<bool> {
+        let pid = Pid::from_raw(self.child.id() as i32);
+        match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT) {
+            Ok(WaitStatus::StillAlive) => Ok(false),
+            Ok(_) => Ok(true),
+            Err(nix::errno::Errno::ECHILD) => Ok(self.reaped.is_some()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Kills the group (while QEMU is unreaped), then reaps QEMU.
+    fn end(&mut self) -> Option<ExitStatus> {
+        if self.reaped.is_none() {
+            let _ = kill(Pid::from_raw(-(self.child.id() as i32)), Signal::SIGKILL);
+            self.reaped = self.child.wait().ok();
+        }
+        self.reaped
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        self.kill();
+        self.end();
     }
 }
 
@@ -181,15 +309,25 @@ impl Drop for Guard {
 pub struct Bounds {
     pub deadline: Duration,
     pub silence: Option<Duration>,
+    /// construir-init must say it started within this.
+    pub boot: Option<Duration>,
     pub console_limit: usize,
 }
 
 /// Boots the VM and waits for it to power off, or ends it at its deadline,
-/// after too long a silence, or when `stop` is set.
-pub fn run(spec: &VmSpec, bounds: Bounds, stop: &Arc<AtomicBool>) -> Result<VmRun, QemuError> {
-    let files = spec.open_files().map_err(QemuError::Open)?;
-    let fds: Vec<(i32, i32)> = files.iter().map(|(f, n)| (f.as_raw_fd(), *n)).collect();
-    let (identity, limits) = (spec.identity, jail::Limits { file_size: spec.file_size_limit, open_files: 1024 });
+/// after too long a silence, when it does not boot in time, or when `stop` is set.
+pub fn run(spec: &VmSpec, confinement: Confinement, bounds: Bounds, stop: &AtomicBool) -> Result<VmRun, QemuError> {
+    let (fds, reopened, read_only) = spec.descriptors().map_err(QemuError::Open)?;
+    let limits = jail::Limits { file_size: spec.file_size_limit, open_files: 1024 };
+    let kvm = spec.accel == Accel::Kvm;
+    let mut plan = match confinement {
+        Confinement::Plain => Plan::plain(limits, fds),
+        Confinement::Jailed { identity, root, dir, landlock_abi } => {
+            Plan::jailed(identity, limits, fds, reopened, root, dir, kvm, spec.networking, landlock_abi)
+                .map_err(QemuError::Jail)?
+        }
+    };
+    plan.cgroup = spec.cgroup_procs.clone();
     let mut cmd = Command::new(&spec.qemu);
     cmd.args(spec.args())
         .env_clear()
@@ -197,29 +335,39 @@ pub fn run(spec: &VmSpec, bounds: Bounds, stop: &Arc<AtomicBool>) -> Result<VmRu
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: `enter` only makes async-signal-safe syscalls on values prepared above.
+    // SAFETY: `enter` only makes async-signal-safe syscalls on the plan, built above.
     unsafe {
-        let cgroup = spec.cgroup_procs.clone();
-        cmd.pre_exec(move || jail::enter(identity, limits, &fds, cgroup.as_ref()));
+        cmd.pre_exec(move || jail::enter(&plan));
     }
     let start = Instant::now();
     let mut child = cmd.spawn().map_err(|source| QemuError::Spawn { qemu: spec.qemu.clone(), source })?;
-    drop(files); // QEMU holds its own copies now
+    drop(read_only); // QEMU holds its own copy now
     let stdout = child.stdout.take().expect("stdout was piped");
     let stderr = child.stderr.take().expect("stderr was piped");
-    let mut guard = Guard(child);
+    let mut guard = Guard { child, reaped: None };
     let last_output = Arc::new(AtomicU64::new(0));
-    let seen = last_output.clone();
+    let booted = Arc::new(AtomicBool::new(false));
+    let (seen, saw_boot) = (last_output.clone(), booted.clone());
     let console = thread::spawn(move || {
         let mut log = ConsoleLog::new(bounds.console_limit);
         let mut out = stdout;
         let mut buf = vec![0u8; 64 << 10];
+        // The end of the previous read, so a marker split across two reads is still seen.
+        let mut carry: Vec<u8> = Vec::new();
         loop {
             match out.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     log.push(&buf[..n]);
                     seen.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    if !saw_boot.load(Ordering::Relaxed) {
+                        carry.extend_from_slice(&buf[..n]);
+                        if carry.windows(BOOT_MARKER.len()).any(|w| w == BOOT_MARKER) {
+                            saw_boot.store(true, Ordering::Relaxed);
+                        }
+                        let keep = carry.len().saturating_sub(BOOT_MARKER.len());
+                        carry.drain(..keep);
+                    }
                 }
             }
         }
@@ -227,15 +375,16 @@ pub fn run(spec: &VmSpec, bounds: Bounds, stop: &Arc<AtomicBool>) -> Result<VmRu
     });
     let errors = capture(stderr, MAX_STDERR);
 
-    let (mut status, mut cut) = (None, None);
+    let mut cut = None;
     loop {
-        if let Some(st) = guard.0.try_wait().map_err(QemuError::Wait)? {
-            status = Some(st);
+        if guard.exited().map_err(QemuError::Wait)? {
             break;
         }
         let quiet = start.elapsed().saturating_sub(Duration::from_millis(last_output.load(Ordering::Relaxed)));
         if start.elapsed() >= bounds.deadline {
             cut = Some(Cut::Deadline);
+        } else if bounds.boot.is_some_and(|b| start.elapsed() >= b) && !booted.load(Ordering::Relaxed) {
+            cut = Some(Cut::NoBoot);
         } else if bounds.silence.is_some_and(|s| quiet >= s) {
             cut = Some(Cut::Silence);
         } else if stop.load(Ordering::Relaxed) {
@@ -246,11 +395,12 @@ pub fn run(spec: &VmSpec, bounds: Bounds, stop: &Arc<AtomicBool>) -> Result<VmRu
         }
         thread::sleep(Duration::from_millis(50));
     }
-    guard.kill();
+    let status = guard.end();
     let elapsed = start.elapsed();
     let console = console.join().unwrap_or_else(|_| ConsoleLog::new(0));
     let stderr = errors.join().unwrap_or_default();
-    Ok(VmRun { status, cut, elapsed, console, stderr })
+    let status = if cut.is_some() { None } else { status };
+    Ok(VmRun { status, cut, elapsed, console, stderr, booted: booted.load(Ordering::Relaxed) })
 }
 
 fn capture(mut pipe: impl Read + Send + 'static, limit: usize) -> JoinHandle<String> {
@@ -266,7 +416,7 @@ fn capture(mut pipe: impl Read + Send + 'static, limit: usize) -> JoinHandle<Str
                 }
             }
         }
-        String::from_utf8_lossy(&kept).trim().to_owned()
+        jobfile::text::sanitize_lines(&kept).trim().to_owned()
     })
 }
 
@@ -288,20 +438,20 @@ mod tests {
     use super::*;
 
     fn spec() -> VmSpec {
+        let null = || File::open("/dev/null").expect("open");
         VmSpec {
             qemu: "qemu-system-x86_64".into(),
             accel: Accel::Tcg,
             memory_mib: 512,
             cpus: 1,
-            kernel: "/images/i0,file=/etc/shadow/vmlinuz".into(),
-            initrd: "i".into(),
+            kernel: null(),
+            initrd: Some(null()),
             cmdline: "console=ttyS0".into(),
-            root_disk: Some("/q/evil,format=raw".into()),
-            job_disk: "/queue/j,snapshot=off".into(),
+            root_disk: Some(null()),
+            job_disk: Some(null()),
             networking: false,
             tmpdir: "/tmp".into(),
             name: "host.job_i0.tar.xz".into(),
-            identity: None,
             file_size_limit: 1 << 30,
             cgroup_procs: None,
         }
@@ -311,9 +461,7 @@ mod tests {
     fn no_path_reaches_the_command_line() {
         let joined: Vec<String> = spec().args().iter().map(|a| a.to_string_lossy().into_owned()).collect();
         let joined = joined.join(" ");
-        for path in ["/images", "/etc/shadow", "/q/evil", "/queue/j"] {
-            assert!(!joined.contains(path), "{path} on the command line: {joined}");
-        }
+        assert!(!joined.contains("/dev/null"), "{joined}");
         assert!(joined.contains("-kernel /proc/self/fd/3"), "{joined}");
         assert!(joined.contains("file=/dev/fdset/1,format=qcow2,snapshot=on"), "{joined}");
     }

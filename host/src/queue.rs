@@ -1,17 +1,27 @@
 //! The queue's directories and every move between them. A job file is
 //! always in exactly one place: `queue/`, `running/<host>/`, `done/` or
 //! `failed/`; each move is one `rename(2)` followed by an fsync of the
-//! directories, so a crash leaves it in one of them.
+//! directories, so a crash leaves it in one of them. Names in `failed/` and
+//! staging names in `done/` are the host's own, so nothing a queue writer
+//! drops in can sit there looking host-written.
 
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use jobfile::name::{classify, Entry};
-use jobfile::JobName;
+use jobfile::{sanitize, JobName};
+use nix::fcntl::AtFlags;
+use nix::sys::stat::fstatat;
+use nix::unistd::{unlinkat, UnlinkatFlags};
+
+use crate::files::{self, create_new_at, open_dir, rename_noreplace, rename_noreplace_at, sync_dirs, write_durable};
 
 /// The directories a host works with.
 #[derive(Debug, Clone)]
@@ -41,7 +51,7 @@ pub enum Candidate {
     Job {
         file_name: OsString,
         job: JobName,
-        size: u64,
+        scanned: Scanned,
     },
     Refuse {
         file_name: OsString,
@@ -51,6 +61,39 @@ pub enum Candidate {
     Settling {
         file_name: OsString,
     },
+}
+
+/// What the scan saw of a job file; after the claim the file must still be this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scanned {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime: (i64, i64),
+}
+
+impl Scanned {
+    fn of(meta: &fs::Metadata) -> Self {
+        Scanned { dev: meta.dev(), ino: meta.ino(), size: meta.len(), mtime: (meta.mtime(), meta.mtime_nsec()) }
+    }
+}
+
+/// When each queue entry was first seen as it is now: a file settles once
+/// it has been unchanged for the settle time, counted from the host's own
+/// clock, so an mtime in the future (or a clock that jumps) cannot hold it
+/// back for ever.
+#[derive(Debug, Default)]
+pub struct Seen(HashMap<OsString, (Scanned, Instant)>);
+
+impl Seen {
+    /// Whether `file_name` is unchanged since the host first saw it so, at least `settle` ago.
+    fn unchanged_for(&mut self, file_name: &OsStr, now: Scanned, settle: Duration) -> bool {
+        let entry = self.0.entry(file_name.to_owned()).or_insert((now, Instant::now()));
+        if entry.0 != now {
+            *entry = (now, Instant::now());
+        }
+        entry.1.elapsed() >= settle
+    }
 }
 
 /// What `scan` accepts.
@@ -63,16 +106,18 @@ pub struct Rules {
 }
 
 /// Lists what the queue holds now, oldest first. Uploads in progress are left out.
-pub fn scan(queue: &Path, rules: Rules) -> io::Result<Vec<Candidate>> {
+pub fn scan(queue: &Path, rules: Rules, seen: &mut Seen) -> io::Result<Vec<Candidate>> {
     let Rules { min_size, max_size, settle } = rules;
-    let now = std::time::SystemTime::now();
+    let now = SystemTime::now();
     let mut found = Vec::new();
+    let mut present = std::collections::HashSet::new();
     for entry in fs::read_dir(queue)? {
         let entry = entry?;
         let file_name = entry.file_name();
         let Ok(meta) = fs::symlink_metadata(entry.path()) else {
             continue;
         };
+        present.insert(file_name.clone());
         let candidate = match classify(&file_name) {
             Entry::InProgress => continue,
             Entry::Invalid(e) => Candidate::Refuse { file_name, reason: format!("bad job file name: {e}") },
@@ -101,15 +146,23 @@ pub fn scan(queue: &Path, rules: Rules) -> io::Result<Vec<Candidate>> {
                 file_name,
                 reason: format!("hardlinked ({} names): a job file must have exactly one name", meta.nlink()),
             },
-            Entry::Job(_) if meta.modified().is_ok_and(|m| now.duration_since(m).map_or(true, |age| age < settle)) => {
+            Entry::Job(_)
+                if !old_enough(&meta, now, settle) && !seen.unchanged_for(&file_name, Scanned::of(&meta), settle) =>
+            {
                 Candidate::Settling { file_name }
             }
-            Entry::Job(job) => Candidate::Job { file_name, job, size: meta.len() },
+            Entry::Job(job) => Candidate::Job { file_name, job, scanned: Scanned::of(&meta) },
         };
         found.push((meta.mtime(), meta.mtime_nsec(), candidate));
     }
+    seen.0.retain(|name, _| present.contains(name));
     found.sort_by(|a, b| (a.0, a.1, name_of(&a.2)).cmp(&(b.0, b.1, name_of(&b.2))));
     Ok(found.into_iter().map(|(_, _, c)| c).collect())
+}
+
+/// An mtime at least `settle` in the past.
+fn old_enough(meta: &fs::Metadata, now: SystemTime, settle: Duration) -> bool {
+    meta.modified().is_ok_and(|m| now.duration_since(m).is_ok_and(|age| age >= settle))
 }
 
 fn name_of(c: &Candidate) -> &OsStr {
@@ -133,17 +186,54 @@ pub fn claim(dirs: &Dirs, file_name: &OsStr) -> io::Result<bool> {
     }
 }
 
-/// Moves `from` into `failed/` under its own name (or a numbered one if that
-/// is taken) and writes `<name>.reason` beside it.
+/// A name no other host and no other attempt of this host uses:
+/// `<host>.<pid>.<nanoseconds>.<n>`.
+pub fn unique_tag(host_id: &str) -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{host_id}.{}.{nanos}.{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Moves a claimed job `from` (a valid job name) into `failed/` under its
+/// own name (or a numbered one if that is taken) and writes
+/// `<name>.reason`, and the console log as `<name>.log` if there is one.
 pub fn fail(dirs: &Dirs, from: &Path, reason: &str, log: Option<&[u8]>) -> io::Result<PathBuf> {
-    let file_name = from.file_name().unwrap_or(OsStr::new("unnamed")).to_owned();
-    let mut target = dirs.failed.join(&file_name);
+    fail_as(dirs, from, from.file_name().unwrap_or(OsStr::new("unnamed")), reason, log)
+}
+
+/// `fail`, under `name` (a valid job or result name) rather than `from`'s own.
+pub fn fail_as(dirs: &Dirs, from: &Path, name: &OsStr, reason: &str, log: Option<&[u8]>) -> io::Result<PathBuf> {
+    let target = move_into_failed(dirs, from, name)?;
+    write_beside(&target, "reason", format!("{}\n", sanitize(reason.as_bytes())).as_bytes())?;
+    if let Some(log) = log {
+        write_beside(&target, "log", log)?;
+    }
+    sync_dirs(&[from.parent().unwrap_or(Path::new(".")), &dirs.failed])?;
+    Ok(target)
+}
+
+/// Moves a refused queue entry into `failed/` under a name the host chooses
+/// (`refused.<tag>`); the name it came with is inside the `.reason`,
+/// sanitized. So a file dropped into the queue as `victim_i1.tar.xz.log`
+/// never becomes a log in `failed/`.
+pub fn refuse(dirs: &Dirs, host_id: &str, file_name: &OsStr, reason: &str) -> io::Result<PathBuf> {
+    let from = dirs.queue.join(file_name);
+    let target = move_into_failed(dirs, &from, &OsString::from(format!("refused.{}", unique_tag(host_id))))?;
+    let text = format!("{}\noriginal name: {}\n", sanitize(reason.as_bytes()), sanitize(file_name.as_encoded_bytes()));
+    write_beside(&target, "reason", text.as_bytes())?;
+    sync_dirs(&[&dirs.queue, &dirs.failed])?;
+    Ok(target)
+}
+
+/// Renames `from` into `failed/` as `name`, or `name.1`, `name.2`... if taken; never replaces.
+fn move_into_failed(dirs: &Dirs, from: &Path, name: &OsStr) -> io::Result<PathBuf> {
+    let mut target = dirs.failed.join(name);
     let mut n = 1;
     loop {
         match rename_noreplace(from, &target) {
-            Ok(()) => break,
+            Ok(()) => return Ok(target),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                let mut numbered = file_name.clone();
+                let mut numbered = name.to_owned();
                 numbered.push(format!(".{n}"));
                 target = dirs.failed.join(numbered);
                 n += 1;
@@ -151,16 +241,13 @@ pub fn fail(dirs: &Dirs, from: &Path, reason: &str, log: Option<&[u8]>) -> io::R
             Err(e) => return Err(e),
         }
     }
-    let mut reason_name = target.file_name().expect("has a name").to_owned();
-    reason_name.push(".reason");
-    write_durable(&dirs.failed.join(reason_name), format!("{reason}\n").as_bytes())?;
-    if let Some(log) = log {
-        let mut log_name = target.file_name().expect("has a name").to_owned();
-        log_name.push(".log");
-        write_durable(&dirs.failed.join(log_name), log)?;
-    }
-    sync_dirs(&[from.parent().unwrap_or(Path::new(".")), &dirs.failed])?;
-    Ok(target)
+}
+
+/// Writes `<target>.<ext>` durably.
+fn write_beside(target: &Path, ext: &str, data: &[u8]) -> io::Result<()> {
+    let mut name = target.file_name().expect("has a name").to_owned();
+    name.push(format!(".{ext}"));
+    write_durable(&target.with_file_name(name), data)
 }
 
 /// Puts a claimed job back in the queue (the host is stopping).
@@ -169,158 +256,163 @@ pub fn requeue(dirs: &Dirs, file_name: &OsStr) -> io::Result<()> {
     sync_dirs(&[&dirs.running, &dirs.queue])
 }
 
-/// Copies a job file to its working copy, keeping holes, with the size
-/// rounded up to whole 512-byte sectors (a disk cannot end mid-sector).
-pub fn working_copy(from: &Path, to: &Path) -> io::Result<u64> {
-    // Never through a link: the claimed file must still be the one regular file we scanned.
-    let mut src = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(from)?;
+/// Where the counts of a job's interrupted runs are kept: beside the claim
+/// directories, shared by every host, so they survive the job moving around.
+/// `kind` is `attempts` (the host died while running it) or `noboot` (its VM
+/// did not boot).
+pub fn counter_file(dirs: &Dirs, file_name: &OsStr, kind: &str) -> PathBuf {
+    let mut name = file_name.to_owned();
+    name.push(format!(".{kind}"));
+    dirs.running.parent().unwrap_or(&dirs.running).join(".attempts").join(name)
+}
+
+/// Reads a counter (0 when there is none).
+pub fn read_counter(dirs: &Dirs, file_name: &OsStr, kind: &str) -> u32 {
+    fs::read_to_string(counter_file(dirs, file_name, kind)).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Writes a counter durably.
+pub fn write_counter(dirs: &Dirs, file_name: &OsStr, kind: &str, value: u32) -> io::Result<()> {
+    let path = counter_file(dirs, file_name, kind);
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    write_durable(&path, format!("{value}\n").as_bytes())
+}
+
+/// Forgets a job's counters (it has ended).
+pub fn forget_counters(dirs: &Dirs, file_name: &OsStr) {
+    for kind in ["attempts", "noboot"] {
+        let _ = fs::remove_file(counter_file(dirs, file_name, kind));
+    }
+}
+
+/// Records that a job's VM did not boot; true when this is the first time
+/// in a row (the job gets another try, not counted as an attempt).
+pub fn note_no_boot(dirs: &Dirs, file_name: &OsStr) -> io::Result<bool> {
+    let seen = read_counter(dirs, file_name, "noboot");
+    write_counter(dirs, file_name, "noboot", seen + 1)?;
+    Ok(seen == 0)
+}
+
+/// The job's VM booted: earlier boot failures no longer count.
+pub fn forget_no_boot(dirs: &Dirs, file_name: &OsStr) {
+    let _ = fs::remove_file(counter_file(dirs, file_name, "noboot"));
+}
+
+/// Takes a claimed job out of its submitter's hands and makes the working
+/// copy: the claimed file must still be the one the scan saw (same inode,
+/// size and mtime, one name, regular); on a root host it becomes root's,
+/// mode 0600; at most the scanned size is copied, into `disk_name` created
+/// new in `job_dir` (no link followed, nothing replaced). Returns the copy,
+/// its size rounded up to whole 512-byte sectors (a disk cannot end mid-sector).
+pub fn take_claimed(
+    claimed: &Path,
+    scanned: &Scanned,
+    job_dir: &impl AsFd,
+    disk_name: &OsStr,
+) -> io::Result<(File, u64)> {
+    let src = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(claimed)?;
     let meta = src.metadata()?;
-    if !meta.file_type().is_file() || meta.nlink() != 1 {
-        return Err(io::Error::other(format!("{} is no longer a regular file with one name", from.display())));
+    if !meta.file_type().is_file() || meta.nlink() != 1 || Scanned::of(&meta) != *scanned {
+        return Err(io::Error::other(format!(
+            "{} changed after it was scanned (it must stay one regular file of {} bytes, unchanged, once queued)",
+            claimed.display(),
+            scanned.size
+        )));
     }
-    let len = meta.len();
-    let mut dst = OpenOptions::new().write(true).create(true).truncate(true).open(to)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0u64;
-    while pos < len {
-        // Skip holes: the padding of a job file usually is one.
-        let data = match seek_data(&src, pos) {
-            Some(d) if d < len => d,
-            _ => break,
-        };
-        src.seek(SeekFrom::Start(data))?;
-        dst.seek(SeekFrom::Start(data))?;
-        let want = (len - data).min(buf.len() as u64) as usize;
-        let n = src.read(&mut buf[..want])?;
-        if n == 0 {
-            break;
-        }
-        if buf[..n].iter().any(|&b| b != 0) {
-            dst.write_all(&buf[..n])?;
-        }
-        pos = data + n as u64;
+    if crate::jail::running_as_root() {
+        // A submitter keeps no say over a claimed file: not its owner, no permissions.
+        nix::unistd::fchown(&src, Some(nix::unistd::Uid::from_raw(0)), Some(nix::unistd::Gid::from_raw(0)))?;
     }
-    let size = len.div_ceil(512) * 512;
+    src.set_permissions(fs::Permissions::from_mode(0o600))?;
+    let dst = create_new_at(job_dir, disk_name, 0o600)?;
+    files::copy_sparse(&src, &dst, scanned.size)?;
+    let size = scanned.size.div_ceil(512) * 512;
     dst.set_len(size)?;
     dst.sync_all()?;
-    Ok(size)
+    Ok((dst, size))
 }
 
-fn seek_data(f: &File, from: u64) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: lseek on an open descriptor; no memory involved.
-    let r = unsafe { libc::lseek(f.as_raw_fd(), from as libc::off_t, libc::SEEK_DATA) };
-    (r >= 0).then_some(r as u64)
+/// How a delivery ended.
+#[derive(Debug)]
+pub enum Delivery {
+    /// The result is `done/<name>_d<N>.tar.xz`, its log beside it.
+    Done(PathBuf),
+    /// A result or log of that name is already there: ours is kept at `staged` (in `done/`, a dot-name).
+    Taken { staged: PathBuf },
 }
 
-/// Length of the file without its trailing zero bytes, rounded up to 4 (xz
-/// streams are whole 4-byte units, and an xz stream never ends in zeros).
-/// Holes are skipped with SEEK_DATA/SEEK_HOLE, so a huge padded file costs
-/// only its data.
-pub fn trimmed_len(path: &Path) -> io::Result<u64> {
-    let f = File::open(path)?;
-    let len = f.metadata()?.len();
-    // The end of the last data segment: nothing after it but a hole.
-    let mut end = 0u64;
-    let mut pos = 0u64;
-    while let Some(data) = seek_data(&f, pos).filter(|&d| d < len) {
-        let hole = seek_hole(&f, data).unwrap_or(len).min(len);
-        end = hole;
-        pos = hole;
-    }
-    let mut buf = vec![0u8; 1 << 20];
-    while end > 0 {
-        let start = end.saturating_sub(buf.len() as u64);
-        let n = (end - start) as usize;
-        f.read_exact_at(&mut buf[..n], start)?;
-        if let Some(p) = buf[..n].iter().rposition(|&b| b != 0) {
-            return Ok((start + p as u64 + 1).div_ceil(4) * 4);
+/// Delivers a finished working copy (`disk_name` in `job_dir`, open as
+/// `disk`) as `done/<name>_d<N>.tar.xz` with its log beside it: trimmed of
+/// its zero padding and never longer than `limit` (the claimed size), staged
+/// under a name unique to this host and attempt (`tag`), then the result and
+/// its log land without replacing anything: the result first (its name
+/// decides who delivered), then the log; if a log of that name is already
+/// there the result is taken back, so no result is paired with another's log.
+#[allow(clippy::too_many_arguments)]
+pub fn deliver(
+    dirs: &Dirs,
+    job_dir: &impl AsFd,
+    disk_name: &OsStr,
+    disk: &File,
+    limit: u64,
+    job: &JobName,
+    log: &[u8],
+    tag: &str,
+) -> io::Result<Delivery> {
+    let keep = files::trimmed_len(disk)?.min(limit);
+    disk.set_len(keep)?;
+    disk.set_permissions(fs::Permissions::from_mode(0o644))?;
+    disk.sync_all()?;
+    let done = open_dir(&dirs.done)?;
+    let staged = OsString::from(format!(".{}.{tag}.tmp", job.done_file_name()));
+    match rename_noreplace_at(job_dir, disk_name, &done, &staged) {
+        Ok(()) => {
+            let st = fstatat(&done, staged.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)?;
+            if st.st_ino != disk.metadata()?.ino() {
+                return Err(io::Error::other("the working copy was replaced before delivery"));
+            }
         }
-        end = start;
-    }
-    Ok(0)
-}
-
-fn seek_hole(f: &File, from: u64) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: lseek on an open descriptor; no memory involved.
-    let r = unsafe { libc::lseek(f.as_raw_fd(), from as libc::off_t, libc::SEEK_HOLE) };
-    (r >= 0).then_some(r as u64)
-}
-
-/// Delivers a finished working copy as `done/<name>_d<N>.tar.xz` with its
-/// log beside it. Never replaces an existing result: then it fails with `AlreadyExists`.
-pub fn deliver(dirs: &Dirs, work: &Path, job: &JobName, log: &[u8]) -> io::Result<PathBuf> {
-    let trimmed = trimmed_len(work)?;
-    let f = OpenOptions::new().write(true).open(work)?;
-    f.set_len(trimmed)?;
-    f.sync_all()?;
-    let target = dirs.done.join(job.done_file_name());
-    if target.symlink_metadata().is_ok() {
-        return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} already exists", target.display())));
-    }
-    // Into done/ under a dot-name first (a copy if work/ is on another filesystem), then the final name.
-    let staged = dirs.done.join(format!(".{}.tmp", job.done_file_name()));
-    if let Err(e) = fs::rename(work, &staged) {
-        if e.raw_os_error() != Some(libc::EXDEV) {
-            return Err(e);
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            // work/ is on another filesystem: copy from our descriptor, never from a path.
+            let copy = create_new_at(&done, &staged, 0o644)?;
+            files::copy_sparse(disk, &copy, keep)?;
+            copy.set_len(keep)?;
+            copy.sync_all()?;
         }
-        fs::copy(work, &staged)?;
-        File::open(&staged)?.sync_all()?;
-        fs::remove_file(work)?;
+        Err(e) => return Err(e),
     }
-    write_durable(&dirs.done.join(job.done_with_extension("log")), log)?;
-    if let Err(e) = rename_noreplace(&staged, &target) {
-        let _ = fs::rename(&staged, work);
-        return Err(e);
-    }
-    sync_dirs(&[&dirs.done])?;
-    Ok(target)
-}
-
-/// Writes a whole file under a dot-name, fsyncs it, renames it into place.
-pub fn write_durable(path: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp_name = OsString::from(".");
-    tmp_name.push(path.file_name().unwrap_or(OsStr::new("file")));
-    tmp_name.push(".tmp");
-    let tmp = dir.join(tmp_name);
-    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
-    sync_dirs(&[dir])
-}
-
-/// fsyncs directories, so renames in them are durable (an empty path is `.`).
-pub fn sync_dirs(dirs: &[&Path]) -> io::Result<()> {
-    for d in dirs {
-        File::open(if d.as_os_str().is_empty() { Path::new(".") } else { d })?.sync_all()?;
-    }
-    Ok(())
-}
-
-/// `rename(2)` that refuses to replace an existing target (`RENAME_NOREPLACE`).
-pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+    let staged_log = OsString::from(format!(".{}.{tag}.tmp", job.done_with_extension("log")));
+    let mut log_file = create_new_at(&done, &staged_log, 0o644)?;
+    log_file.write_all(log)?;
+    log_file.sync_all()?;
+    let (target, log_target) = (OsString::from(job.done_file_name()), OsString::from(job.done_with_extension("log")));
+    let taken = |done: &std::os::fd::OwnedFd| {
+        let _ = unlinkat(done, staged_log.as_os_str(), UnlinkatFlags::NoRemoveDir);
+        Ok(Delivery::Taken { staged: dirs.done.join(&staged) })
     };
-    let (from_c, to_c) = (c(from)?, c(to)?);
-    // SAFETY: both strings are NUL-terminated and live across the call.
-    let r = unsafe {
-        libc::renameat2(libc::AT_FDCWD, from_c.as_ptr(), libc::AT_FDCWD, to_c.as_ptr(), libc::RENAME_NOREPLACE)
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+    match rename_noreplace_at(&done, &staged, &done, &target) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return taken(&done),
+        Err(e) => return Err(e),
     }
+    match rename_noreplace_at(&done, &staged_log, &done, &log_target) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            rename_noreplace_at(&done, &target, &done, &staged)?;
+            return taken(&done);
+        }
+        Err(e) => return Err(e),
+    }
+    File::from(done).sync_all()?;
+    Ok(Delivery::Done(dirs.done.join(target)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     fn dirs(root: &Path) -> Dirs {
         let d = Dirs {
@@ -335,6 +427,8 @@ mod tests {
         d
     }
 
+    const RULES: Rules = Rules { min_size: 65_536, max_size: 1 << 30, settle: Duration::ZERO };
+
     #[test]
     fn scan_classifies_and_claim_moves_once() {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -347,13 +441,15 @@ mod tests {
         fs::write(d.queue.join("x_i1.tar.xz.part"), &big).expect("write");
         fs::create_dir(d.queue.join("dir_i1.tar.xz")).expect("mkdir");
         std::os::unix::fs::symlink("/etc/passwd", d.queue.join("link_i1.tar.xz")).expect("symlink");
-        let rules = Rules { min_size: 65_536, max_size: 1 << 30, settle: std::time::Duration::ZERO };
-        let found = scan(&d.queue, rules).expect("scan");
+        let found = scan(&d.queue, RULES, &mut Seen::default()).expect("scan");
         let mut jobs = Vec::new();
         let mut refused = Vec::new();
         for c in found {
             match c {
-                Candidate::Job { file_name, .. } => jobs.push(file_name),
+                Candidate::Job { file_name, scanned, .. } => {
+                    assert_eq!(scanned.size, 70_000);
+                    jobs.push(file_name)
+                }
                 Candidate::Settling { .. } => panic!("nothing settles with a zero settle time"),
                 Candidate::Refuse { file_name, reason } => {
                     refused.push(format!("{}: {reason}", file_name.to_string_lossy()))
@@ -371,53 +467,141 @@ mod tests {
         assert!(claim(&d, OsStr::new("good_i1.tar.xz")).expect("claim"));
         assert!(!claim(&d, OsStr::new("good_i1.tar.xz")).expect("second claim"), "a job is claimed once");
         assert!(d.running.join("good_i1.tar.xz").exists());
+    }
 
-        let failed = fail(&d, &d.queue.join("bad name_i1.tar.xz"), "bad job file name", None).expect("fail");
-        assert_eq!(failed, d.failed.join("bad name_i1.tar.xz"));
-        assert_eq!(
-            fs::read_to_string(d.failed.join("bad name_i1.tar.xz.reason")).expect("reason"),
-            "bad job file name\n"
-        );
+    #[test]
+    fn refused_entries_get_host_chosen_names_with_the_original_inside() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let d = dirs(tmp.path());
+        // Names a queue writer might use to plant host-looking files in failed/.
+        for name in ["victim_i1.tar.xz.log", "victim_i1.tar.xz.reason", "evil\x1b[2J_i1.tar.xz"] {
+            let name = name.replace("\\x1b", "\x1b");
+            fs::write(d.queue.join(&name), b"planted").expect("write");
+            let target = refuse(&d, "hostA", OsStr::new(&name), "bad job file name").expect("refuse");
+            let chosen = target.file_name().expect("name").to_string_lossy().into_owned();
+            assert!(chosen.starts_with("refused.hostA."), "{chosen}");
+            assert_eq!(fs::read(&target).expect("moved"), b"planted");
+            let reason = fs::read_to_string(target.with_file_name(format!("{chosen}.reason"))).expect("reason");
+            assert_eq!(reason, format!("bad job file name\noriginal name: {}\n", sanitize(name.as_bytes())));
+            assert!(!reason.contains('\x1b'));
+        }
+        assert!(!d.failed.join("victim_i1.tar.xz.log").exists());
+        assert!(!d.failed.join("victim_i1.tar.xz.reason").exists());
         // The symlink is moved as a link, never followed.
-        fail(&d, &d.queue.join("link_i1.tar.xz"), "a symlink", None).expect("fail");
-        assert!(fs::symlink_metadata(d.failed.join("link_i1.tar.xz")).expect("moved").file_type().is_symlink());
+        std::os::unix::fs::symlink("/etc/passwd", d.queue.join("link_i1.tar.xz")).expect("symlink");
+        let moved = refuse(&d, "hostA", OsStr::new("link_i1.tar.xz"), "a symlink").expect("refuse");
+        assert!(fs::symlink_metadata(moved).expect("moved").file_type().is_symlink());
         assert!(Path::new("/etc/passwd").exists());
     }
 
     #[test]
-    fn working_copy_keeps_data_and_rounds_to_sectors_and_trim_finds_the_end() {
+    fn a_file_dated_in_the_future_still_settles() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let src = tmp.path().join("src");
-        let f = File::create(&src).expect("create");
-        f.write_all_at(b"head", 0).expect("write");
-        f.write_all_at(b"tail!", 200_000).expect("write");
-        f.set_len(300_001).expect("len");
-        let dst = tmp.path().join("dst");
-        assert_eq!(working_copy(&src, &dst).expect("copy"), 300_032);
-        let copy = fs::read(&dst).expect("read");
-        assert_eq!(&copy[..4], b"head");
-        assert_eq!(&copy[200_000..200_005], b"tail!");
-        assert_eq!(trimmed_len(&dst).expect("trim"), 200_008);
-        // A large hole after the data costs nothing and changes nothing.
-        OpenOptions::new().write(true).open(&dst).expect("open").set_len(64 << 30).expect("grow");
-        assert_eq!(trimmed_len(&dst).expect("trim"), 200_008);
+        let d = dirs(tmp.path());
+        let path = d.queue.join("future_i1.tar.xz");
+        fs::write(&path, vec![0u8; 70_000]).expect("write");
+        let future = SystemTime::now() + Duration::from_secs(365 * 24 * 3600);
+        File::options().write(true).open(&path).expect("open").set_modified(future).expect("set mtime");
+        let rules = Rules { settle: Duration::from_millis(300), ..RULES };
+        let mut seen = Seen::default();
+        let first = scan(&d.queue, rules, &mut seen).expect("scan");
+        assert!(matches!(first[..], [Candidate::Settling { .. }]), "{first:?}");
+        std::thread::sleep(Duration::from_millis(400));
+        let later = scan(&d.queue, rules, &mut seen).expect("scan");
+        assert!(matches!(later[..], [Candidate::Job { .. }]), "{later:?}");
+        // A change starts the count again.
+        fs::write(&path, vec![1u8; 70_001]).expect("rewrite");
+        File::options().write(true).open(&path).expect("open").set_modified(future).expect("set mtime");
+        let changed = scan(&d.queue, rules, &mut seen).expect("scan");
+        assert!(matches!(changed[..], [Candidate::Settling { .. }]), "{changed:?}");
+    }
+
+    fn claimed_job(d: &Dirs, data: &[u8]) -> (PathBuf, Scanned) {
+        let path = d.running.join("j_i1.tar.xz");
+        fs::write(&path, data).expect("write");
+        let meta = fs::symlink_metadata(&path).expect("stat");
+        (path, Scanned::of(&meta))
     }
 
     #[test]
-    fn deliver_never_replaces_a_result() {
+    fn a_claimed_file_that_grew_or_changed_is_not_taken_and_at_most_its_size_is_copied() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let d = dirs(tmp.path());
+        let job_dir = open_dir(&d.work).expect("work");
+        let (path, scanned) = claimed_job(&d, b"job bytes");
+        // Grown through a descriptor the submitter kept: refused, nothing copied.
+        let held = OpenOptions::new().write(true).open(&path).expect("open");
+        held.write_all_at(b"more", 9).expect("grow");
+        let e = take_claimed(&path, &scanned, &job_dir, OsStr::new("disk")).expect_err("changed");
+        assert!(e.to_string().contains("changed after it was scanned"), "{e}");
+        assert!(!d.work.join("disk").exists());
+        // Unchanged: taken, 0600, copied and rounded to a sector.
+        let (path, scanned) = claimed_job(&d, b"job bytes");
+        let (copy, size) = take_claimed(&path, &scanned, &job_dir, OsStr::new("disk")).expect("take");
+        assert_eq!(size, 512);
+        assert_eq!(fs::metadata(&path).expect("stat").permissions().mode() & 0o777, 0o600);
+        let mut head = [0u8; 9];
+        copy.read_exact_at(&mut head, 0).expect("read");
+        assert_eq!(&head, b"job bytes");
+        // The working copy is never created through a planted link, nor over an existing file.
+        std::os::unix::fs::symlink("/etc/passwd", d.work.join("disk2")).expect("symlink");
+        assert!(take_claimed(&path, &scanned, &job_dir, OsStr::new("disk2")).is_err());
+        assert!(take_claimed(&path, &scanned, &job_dir, OsStr::new("disk")).is_err());
+    }
+
+    #[test]
+    fn deliver_trims_caps_at_the_claimed_size_and_never_replaces() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let d = dirs(tmp.path());
         let job = JobName::parse("j_i1.tar.xz").expect("name");
-        let work = d.work.join("w");
-        fs::write(&work, b"data!\0\0\0\0\0\0\0\0\0").expect("write");
-        let out = deliver(&d, &work, &job, b"log\n").expect("deliver");
+        let work = open_dir(&d.work).expect("work");
+        let disk = create_new_at(&work, OsStr::new("disk"), 0o600).expect("create");
+        disk.write_all_at(b"data!\0\0\0\0\0\0\0\0\0", 0).expect("write");
+        let out = match deliver(&d, &work, OsStr::new("disk"), &disk, 1 << 20, &job, b"log\n", "h.1").expect("deliver")
+        {
+            Delivery::Done(path) => path,
+            other => panic!("{other:?}"),
+        };
         // Trailing zeros go, up to a whole 4-byte unit.
         assert_eq!(fs::read(&out).expect("read"), b"data!\0\0\0");
         assert_eq!(fs::read(d.done.join("j_d1.log")).expect("log"), b"log\n");
-        fs::write(&work, b"second").expect("write");
-        let e = deliver(&d, &work, &job, b"log2\n").expect_err("exists");
-        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+
+        // A second result of the same name is kept aside, and the first result and log stay as they were.
+        let disk = create_new_at(&work, OsStr::new("disk"), 0o600).expect("create");
+        disk.write_all_at(b"second", 0).expect("write");
+        match deliver(&d, &work, OsStr::new("disk"), &disk, 1 << 20, &job, b"log2\n", "h.2").expect("deliver") {
+            Delivery::Taken { staged } => assert_eq!(fs::read(staged).expect("kept"), b"second\0\0"),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(fs::read(&out).expect("read"), b"data!\0\0\0");
-        assert!(work.exists(), "the second result is not lost");
+        assert_eq!(fs::read(d.done.join("j_d1.log")).expect("log"), b"log\n");
+
+        // A log already there (no result): the result is taken back, not paired with it.
+        fs::remove_file(&out).expect("rm");
+        let disk = create_new_at(&work, OsStr::new("disk"), 0o600).expect("create");
+        disk.write_all_at(b"third", 0).expect("write");
+        assert!(matches!(
+            deliver(&d, &work, OsStr::new("disk"), &disk, 1 << 20, &job, b"log3\n", "h.3").expect("deliver"),
+            Delivery::Taken { .. }
+        ));
+        assert!(!out.exists());
+        assert_eq!(fs::read(d.done.join("j_d1.log")).expect("log"), b"log\n");
+
+        // A working copy grown past the claimed size is cut back to it.
+        fs::remove_file(d.done.join("j_d1.log")).expect("rm");
+        let disk = create_new_at(&work, OsStr::new("disk"), 0o600).expect("create");
+        disk.write_all_at(&[7u8; 4096], 0).expect("write");
+        let out = match deliver(&d, &work, OsStr::new("disk"), &disk, 1024, &job, b"log\n", "h.4").expect("deliver") {
+            Delivery::Done(path) => path,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(fs::metadata(out).expect("stat").len(), 1024);
+        let leftovers: Vec<_> = fs::read_dir(&d.done)
+            .expect("ls")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert_eq!(leftovers.len(), 2, "the two results kept aside, no staged logs: {leftovers:?}");
     }
 }

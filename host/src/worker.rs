@@ -3,10 +3,10 @@
 //! (after its result is durable), `failed/`, or back in `queue/` when the
 //! host is stopping.
 
-use std::ffi::OsString;
-use std::fs::{self, File};
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -17,9 +17,9 @@ use jobfile::xz::DEFAULT_MEMLIMIT;
 use jobfile::{path_is, JobName, JobStatus};
 
 use crate::cgroup;
-use crate::jail::Identity;
-use crate::qemu::{self, Accel, Bounds, Cut, VmSpec};
-use crate::queue::{self, Dirs};
+use crate::files::{self, ReadAt};
+use crate::qemu::{self, Accel, Bounds, Confinement, Confiner, Cut, VmSpec};
+use crate::queue::{self, Delivery, Dirs, Scanned};
 
 /// Largest job_status.json the host reads from a result.
 const MAX_STATUS: u64 = 64 << 10;
@@ -36,10 +36,12 @@ pub struct Limits {
     pub accel: Accel,
     pub qemu: PathBuf,
     pub host_id: String,
-    /// Who QEMU runs as (when the host is root).
-    pub identity: Option<Identity>,
+    /// Each VM's uid, namespaces, minimal root and Landlock.
+    pub confiner: Confiner,
     /// End a VM that prints nothing on its console for this long.
     pub silence: Option<Duration>,
+    /// End a VM whose init has not said it started within this.
+    pub boot: Duration,
     /// Where each VM gets a cgroup of its own (cgroup v2, writable).
     pub cgroups: Option<cgroup::Parent>,
 }
@@ -52,12 +54,16 @@ pub enum Ending {
     Requeued,
 }
 
-/// Runs a claimed job (`running/<file_name>`) to its end.
+/// The working copy's name in the VM's directory.
+const DISK: &str = "disk";
+
+/// Runs a claimed job (`running/<file_name>`, as the scan saw it) to its end.
 pub fn run(
     dirs: &Dirs,
     limits: &Limits,
     file_name: &OsString,
     job: &JobName,
+    scanned: &Scanned,
     stop: &Arc<AtomicBool>,
 ) -> io::Result<Ending> {
     let label = job.input_file_name();
@@ -69,23 +75,46 @@ pub fn run(
             return fail(dirs, &claimed, &format!("unknown image i{}: {}", job.image(), jobfile::error_chain(&e)), None)
         }
     };
-    // The job's own directory: the working copy and QEMU's temporary files, QEMU's alone.
-    let job_dir = dirs.work.join(format!("{}.{label}", limits.host_id));
-    let _cleanup = RemoveDir(job_dir.clone());
-    make_private_dir(&job_dir, limits.identity)?;
-    let work = job_dir.join("disk");
-    let size = queue::working_copy(&claimed, &work)?;
+    let prepared = match limits.confiner.prepare(&dirs.work.join(format!("{}.{label}", limits.host_id))) {
+        Ok(p) => p,
+        Err(e) => {
+            log::error!("job {label}: cannot prepare its VM: {}; back in the queue", jobfile::error_chain(&e));
+            queue::requeue(dirs, file_name)?;
+            return Ok(Ending::Requeued);
+        }
+    };
+    let (disk, size) = match queue::take_claimed(&claimed, scanned, &prepared.dir.fd, OsStr::new(DISK)) {
+        Ok(taken) => taken,
+        Err(e) => return fail(dirs, &claimed, &format!("cannot take the claimed job file: {e}"), None),
+    };
     let cmdline = format!(
-        "console=ttyS0 panic=-1 quiet loglevel=3 {} construir.job={} construir.timeout={} construir.name={} construir.image={} construir.console={}",
+        "console=ttyS0 panic=-1 quiet loglevel=3 {} construir.job={} construir.timeout={} construir.deadline={} construir.name={} construir.image={} construir.console={}",
         manifest.cmdline,
         manifest.job_device,
         limits.timeout.as_secs(),
+        // The guest's own watchdog: after the job's timeout and packing, before the host's kill.
+        (limits.timeout + limits.grace * 3 / 4).as_secs(),
         job.name(),
         job.image(),
         limits.console_limit
     );
-    let root_disk = manifest.root_disk.as_ref().map(|r| image_dir.join(r));
-    let root_size = root_disk.as_deref().and_then(qcow2_virtual_size).unwrap_or(0);
+    let open = |name: &str| {
+        let path = image_dir.join(name);
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))
+    };
+    let files = (|| -> io::Result<_> {
+        let root = manifest.root_disk.as_deref().map(open).transpose()?;
+        Ok((open(&manifest.kernel)?, open(&manifest.initrd)?, root))
+    })();
+    let (kernel, initrd, root_disk) = match files {
+        Ok(f) => f,
+        Err(e) => return fail(dirs, &claimed, &format!("image i{} is incomplete: {e}", job.image()), None),
+    };
+    let root_size = root_disk.as_ref().and_then(qcow2_virtual_size).unwrap_or(0);
     // Guest memory plus room for QEMU itself (TCG's translation cache among it).
     let group = match &limits.cgroups {
         Some(parent) => {
@@ -94,21 +123,21 @@ pub fn run(
         }
         None => None,
     };
+    let jailed = matches!(prepared.confinement(&limits.confiner), Confinement::Jailed { .. });
     let spec = VmSpec {
         cgroup_procs: group.as_ref().map(|g| g.procs.clone()),
-        qemu: limits.qemu.clone(),
+        qemu: limits.confiner.root.as_ref().map_or_else(|| limits.qemu.clone(), |r| r.qemu.clone()),
         accel: limits.accel,
         memory_mib: limits.memory_mib,
         cpus: limits.cpus,
-        kernel: image_dir.join(&manifest.kernel),
-        initrd: image_dir.join(&manifest.initrd),
+        kernel,
+        initrd: Some(initrd),
         cmdline,
         root_disk,
-        job_disk: work.clone(),
+        job_disk: Some(disk.try_clone()?),
         networking: limits.networking,
-        tmpdir: job_dir.clone(),
+        tmpdir: prepared.tmpdir(&limits.confiner),
         name: format!("construir.{}.{}", limits.host_id, job.input_file_name()),
-        identity: limits.identity,
         // The job disk never grows; the snapshot overlay grows at most to the root disk's size.
         file_size_limit: size.max(root_size) + (1 << 30),
     };
@@ -119,8 +148,9 @@ pub fn run(
         limits.memory_mib,
         limits.cpus,
         size,
-        match limits.identity {
-            Some(id) => format!(", QEMU as uid {}", id.uid),
+        match &prepared.lease {
+            Some(l) if jailed => format!(", QEMU as uid {} in its own namespaces and root", l.id.uid),
+            Some(l) => format!(", QEMU as uid {}", l.id.uid),
             None => String::new(),
         }
     );
@@ -128,17 +158,23 @@ pub fn run(
     let bounds = Bounds {
         deadline: limits.timeout + limits.grace,
         silence: limits.silence,
+        boot: Some(limits.boot),
         console_limit: limits.console_limit,
     };
-    let vm = match qemu::run(&spec, bounds, stop) {
+    let vm = match qemu::run(&spec, prepared.confinement(&limits.confiner), bounds, stop) {
         Ok(vm) => vm,
         Err(e) => return fail(dirs, &claimed, &format!("cannot run QEMU: {}", jobfile::error_chain(&e)), None),
     };
+    drop(spec); // QEMU is gone: nothing else holds the working copy now
     if vm.cut == Some(Cut::Stop) {
         queue::requeue(dirs, file_name)?;
         log::info!("job {label}: VM stopped because the host is stopping; back in the queue");
         return Ok(Ending::Requeued);
     }
+    if vm.cut == Some(Cut::NoBoot) {
+        return no_boot(dirs, file_name, &label, limits.boot, vm);
+    }
+    queue::forget_no_boot(dirs, file_name);
     let secs = vm.elapsed.as_secs_f64();
     let how = match (vm.cut, &vm.status) {
         (Some(Cut::Deadline), _) => format!(
@@ -160,28 +196,28 @@ pub fn run(
     };
     log::info!("job {label}: {how}; {} bytes of console output", vm.console.received());
 
-    let status = if vm.cut.is_some() { None } else { read_status(&work) };
+    let status = if vm.cut.is_some() { None } else { read_status(&disk) };
     match status {
         Some(st) => {
             let verdict = verdict(&st, &how, started.elapsed());
             let log = vm.console.finish(&verdict);
-            match queue::deliver(dirs, &work, job, &log) {
-                Ok(path) => {
+            let tag = queue::unique_tag(&limits.host_id);
+            match queue::deliver(dirs, &prepared.dir.fd, OsStr::new(DISK), &disk, scanned.size, job, &log, &tag)? {
+                Delivery::Done(path) => {
                     fs::remove_file(&claimed)?;
-                    queue::sync_dirs(&[&dirs.running])?;
+                    files::sync_dirs(&[&dirs.running])?;
                     Ok(Ending::Done { path, verdict })
                 }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                Delivery::Taken { staged } => {
                     // Keep both: the result goes to failed/ in place of the input, which is no longer needed.
-                    let reason =
-                        format!("done/{} already exists; this result was not delivered there", job.done_file_name());
-                    let kept = dirs.work.join(job.done_file_name());
-                    fs::rename(&work, &kept)?;
-                    let path = queue::fail(dirs, &kept, &reason, Some(&log))?;
+                    let reason = format!(
+                        "done/{} (or its log) already exists; this result was not delivered there",
+                        job.done_file_name()
+                    );
+                    let path = queue::fail_as(dirs, &staged, OsStr::new(&job.done_file_name()), &reason, Some(&log))?;
                     fs::remove_file(&claimed)?;
                     Ok(Ending::Failed { path, reason })
                 }
-                Err(e) => Err(e),
             }
         }
         None => {
@@ -192,29 +228,30 @@ pub fn run(
     }
 }
 
-/// Creates the job's directory, mode 0700, owned by QEMU's user when there is one.
-fn make_private_dir(dir: &Path, identity: Option<Identity>) -> io::Result<()> {
-    let _ = fs::remove_dir_all(dir);
-    fs::DirBuilder::new().mode(0o700).create(dir)?;
-    if let Some(id) = identity {
-        std::os::unix::fs::chown(dir, Some(id.uid), Some(id.gid))?;
+/// A VM whose init never said it started: back in the queue once, without
+/// counting against the job; the second time in a row, to failed/ with the console.
+fn no_boot(dirs: &Dirs, file_name: &OsStr, label: &str, limit: Duration, vm: qemu::VmRun) -> io::Result<Ending> {
+    if queue::note_no_boot(dirs, file_name)? {
+        log::warn!(
+            "job {label}: the VM did not boot within {} s; killed, and the job goes back to the queue once",
+            limit.as_secs()
+        );
+        queue::requeue(dirs, file_name)?;
+        return Ok(Ending::Requeued);
     }
-    Ok(())
-}
-
-/// Removes a directory tree when dropped.
-struct RemoveDir(PathBuf);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
+    queue::forget_no_boot(dirs, file_name);
+    let reason = format!(
+        "the VM did not boot within {} s, twice in a row (construir-init never said it started); the image or this host is broken",
+        limit.as_secs()
+    );
+    let log = vm.console.finish(&format!("failed: {reason}"));
+    fail(dirs, &dirs.running.join(file_name), &reason, Some(&log))
 }
 
 /// A qcow2 image's virtual size (big-endian u64 at byte 24 of its header).
-fn qcow2_virtual_size(path: &Path) -> Option<u64> {
+fn qcow2_virtual_size(file: &File) -> Option<u64> {
     let mut header = [0u8; 32];
-    File::open(path).ok()?.read_exact(&mut header).ok()?;
+    file.read_exact_at(&mut header, 0).ok()?;
     (&header[..4] == b"QFI\xfb").then(|| u64::from_be_bytes(header[24..32].try_into().expect("8 bytes")))
 }
 
@@ -226,9 +263,9 @@ fn fail(dirs: &Dirs, claimed: &Path, reason: &str, log: Option<&[u8]>) -> io::Re
 /// The status, if the disk starts with a result archive whose first entry is
 /// `job_status.json` (construir-init always puts it first). Read with
 /// bounds: the guest may have written anything.
-pub fn read_status(path: &Path) -> Option<JobStatus> {
-    let file = File::open(path).ok()?;
-    let mut archive = jobfile::read_job(file, DEFAULT_MEMLIMIT).ok()?;
+pub fn read_status(disk: &File) -> Option<JobStatus> {
+    let mut archive =
+        jobfile::read_job(ReadAt::new(disk), DEFAULT_MEMLIMIT).ok()?.with_limits(crate::job::STATUS_LIMITS);
     let h = archive.next_entry().ok()??;
     if h.kind != jobfile::Kind::File || !path_is(&h.path, jobfile::STATUS_FILE) || h.size > MAX_STATUS {
         return None;
@@ -251,7 +288,7 @@ fn verdict(st: &JobStatus, how: &str, total: Duration) -> String {
     }
     v.push_str(&format!("; {how}; {:.1} s from claim to result", total.as_secs_f64()));
     if let Some(m) = &st.message {
-        v.push_str(&format!("; {}", jobfile::escape(m.as_bytes())));
+        v.push_str(&format!("; {}", jobfile::sanitize(m.as_bytes())));
     }
     v
 }
@@ -260,6 +297,6 @@ fn stderr_note(stderr: &str) -> String {
     if stderr.is_empty() {
         String::new()
     } else {
-        format!(": {}", stderr.lines().last().unwrap_or_default())
+        format!(": {}", jobfile::sanitize(stderr.lines().last().unwrap_or_default().as_bytes()))
     }
 }

@@ -8,6 +8,7 @@
 //! (path, linkpath, size, mtime, uid, gid, sparse 1.0).
 
 use std::io::{self, Read};
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -23,6 +24,31 @@ const MAX_SPARSE_SEGMENTS: usize = 1 << 16;
 /// After the end-of-archive blocks, how much more we read to reach the end of
 /// the xz stream (and so check it) before giving up on the rest.
 const MAX_TRAILER: u64 = 16 << 20;
+
+/// Most extension headers (GNU long name or link, pax, pax global) before one entry.
+const MAX_EXTENSIONS_PER_ENTRY: u32 = 8;
+
+/// What reading one archive may cost. Every reader of a guest's result sets
+/// these; a hostile archive then ends in an error, never in hours or gigabytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimits {
+    /// Most bytes the archive may produce: tar stream read plus the holes
+    /// made up for sparse entries (a sparse entry can declare 2^62 bytes).
+    pub max_bytes: u64,
+    /// Most extension headers in the whole archive (each costs a parse).
+    pub max_extensions: u64,
+    /// How long reading may take, from when the limits were set.
+    pub max_time: Option<Duration>,
+}
+
+impl ReadLimits {
+    /// No bound on bytes or time (the guest reading its own job), still bounded in extensions.
+    pub const UNBOUNDED: ReadLimits = ReadLimits { max_bytes: u64::MAX, max_extensions: 1 << 24, max_time: None };
+
+    pub fn new(max_bytes: u64, max_time: Duration) -> Self {
+        ReadLimits { max_bytes, max_time: Some(max_time), ..Self::UNBOUNDED }
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum ArchiveError {
@@ -46,6 +72,14 @@ pub enum ArchiveError {
     BadSparse { offset: u64 },
     #[error("unsupported sparse format {0} at byte {1} (GNU old sparse and pax 1.0 are supported)")]
     UnsupportedSparse(String, u64),
+    #[error("more than {limit} {what} at byte {offset}")]
+    TooManyExtensions { what: &'static str, offset: u64, limit: u64 },
+    #[error("the archive produces more than {limit} bytes (the reader's limit) at byte {offset}")]
+    TooMuchData { offset: u64, limit: u64 },
+    #[error("reading the archive took longer than {} s (the reader's limit), at byte {offset}", limit.as_secs())]
+    TooSlow { offset: u64, limit: Duration },
+    #[error("entry at byte {offset} declares a size that does not fit in 64 bits once framed")]
+    SizeOverflow { offset: u64 },
 }
 
 impl From<io::Error> for ArchiveError {
@@ -156,11 +190,63 @@ pub struct ArchiveReader<R> {
     offset: u64,
     current: Option<Current>,
     ended: bool,
+    limits: ReadLimits,
+    deadline: Option<Instant>,
+    /// Hole bytes made up so far for sparse entries.
+    holes: u64,
+    extensions: u64,
 }
 
 impl<R: Read> ArchiveReader<R> {
     pub fn new(inner: R) -> Self {
-        ArchiveReader { inner, offset: 0, current: None, ended: false }
+        ArchiveReader {
+            inner,
+            offset: 0,
+            current: None,
+            ended: false,
+            limits: ReadLimits::UNBOUNDED,
+            deadline: None,
+            holes: 0,
+            extensions: 0,
+        }
+    }
+
+    /// Bounds the rest of the reading; the time limit counts from now.
+    pub fn with_limits(mut self, limits: ReadLimits) -> Self {
+        self.deadline = limits.max_time.map(|t| Instant::now() + t);
+        self.limits = limits;
+        self
+    }
+
+    /// Errors once the archive has produced too much or taken too long.
+    fn check_limits(&self) -> Result<(), ArchiveError> {
+        if self.offset.saturating_add(self.holes) > self.limits.max_bytes {
+            return Err(ArchiveError::TooMuchData { offset: self.offset, limit: self.limits.max_bytes });
+        }
+        if let (Some(deadline), Some(limit)) = (self.deadline, self.limits.max_time) {
+            if Instant::now() > deadline {
+                return Err(ArchiveError::TooSlow { offset: self.offset, limit });
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts one extension header against both limits.
+    fn count_extension(&mut self, before_entry: &mut u32, what: &'static str, at: u64) -> Result<(), ArchiveError> {
+        *before_entry += 1;
+        self.extensions += 1;
+        if *before_entry > MAX_EXTENSIONS_PER_ENTRY {
+            let limit = u64::from(MAX_EXTENSIONS_PER_ENTRY);
+            return Err(ArchiveError::TooManyExtensions {
+                what: "extension headers before one entry",
+                offset: at,
+                limit,
+            });
+        }
+        if self.extensions > self.limits.max_extensions {
+            return Err(ArchiveError::TooManyExtensions { what, offset: at, limit: self.limits.max_extensions });
+        }
+        Ok(())
     }
 
     /// The next entry's header, or `None` at the end of the archive. Whatever
@@ -171,6 +257,7 @@ impl<R: Read> ArchiveReader<R> {
             return Ok(None);
         }
         let mut pending = Pending::default();
+        let mut extensions = 0u32;
         loop {
             let at = self.offset;
             let mut block = [0u8; BLOCK as usize];
@@ -195,6 +282,9 @@ impl<R: Read> ArchiveReader<R> {
             let flag = block[156];
             let raw_size =
                 parse_numeric(&block[124..136]).ok_or(ArchiveError::BadField { offset: at, field: "size" })?;
+            if matches!(flag, b'L' | b'K' | b'x' | b'X' | b'g') {
+                self.count_extension(&mut extensions, "extension headers in the archive", at)?;
+            }
             match flag {
                 b'L' => {
                     let name = self.read_meta(raw_size, MAX_LONG_NAME, "GNU long name", at)?;
@@ -239,6 +329,8 @@ impl<R: Read> ArchiveReader<R> {
                         let hole = (off - cur.pos).min(buf.len() as u64) as usize;
                         buf[..hole].fill(0);
                         cur.pos += hole as u64;
+                        self.holes += hole as u64;
+                        self.check_limits()?;
                         return Ok(hole);
                     }
                     None => None,
@@ -265,6 +357,8 @@ impl<R: Read> ArchiveReader<R> {
                 let hole = (cur.size - cur.pos).min(buf.len() as u64) as usize;
                 buf[..hole].fill(0);
                 cur.pos += hole as u64;
+                self.holes += hole as u64;
+                self.check_limits()?;
                 Ok(hole)
             }
         }
@@ -279,8 +373,17 @@ impl<R: Read> ArchiveReader<R> {
     /// the xz check of the whole stream is verified), at most 16 MiB more.
     pub fn finish(mut self) -> Result<R, ArchiveError> {
         while self.next_entry()?.is_some() {}
-        let mut trailer = (&mut self.inner).take(MAX_TRAILER);
-        io::copy(&mut trailer, &mut io::sink())?;
+        let mut buf = [0u8; 16 << 10];
+        let mut left = MAX_TRAILER;
+        while left > 0 {
+            let n = self.inner.read(&mut buf[..left.min(16 << 10) as usize])?;
+            if n == 0 {
+                break;
+            }
+            left -= n as u64;
+            self.offset += n as u64;
+            self.check_limits()?;
+        }
         Ok(self.inner)
     }
 
@@ -320,6 +423,9 @@ impl<R: Read> ArchiveReader<R> {
         let flag = block[156];
         let kind = Kind::from_flag(flag);
         let pad = (BLOCK - raw_size % BLOCK) % BLOCK;
+        if raw_size.checked_add(pad).is_none() {
+            return Err(ArchiveError::SizeOverflow { offset: at });
+        }
         self.current = Some(Current { raw_left: raw_size, pad, pos: 0, size: raw_size, sparse: None, segment: 0 });
 
         let mut size = raw_size;
@@ -329,7 +435,7 @@ impl<R: Read> ArchiveReader<R> {
         } else if let Some(major) = pax_get(b"GNU.sparse.major") {
             let minor = pax_get(b"GNU.sparse.minor").unwrap_or_default();
             if major != b"1" || minor != b"0" {
-                let version = format!("{}.{}", String::from_utf8_lossy(&major), String::from_utf8_lossy(&minor));
+                let version = crate::text::sanitize_capped(&[&major[..], b".", &minor[..]].concat(), 64);
                 return Err(ArchiveError::UnsupportedSparse(version, at));
             }
             if let Some(name) = pax_get(b"GNU.sparse.name") {
@@ -363,7 +469,7 @@ impl<R: Read> ArchiveReader<R> {
                 return Err(ArchiveError::BadSparse { offset: at });
             }
             end = seg_end;
-            stored += len;
+            stored = stored.checked_add(len).ok_or(ArchiveError::BadSparse { offset: at })?;
         }
         if stored != cur.raw_left {
             return Err(ArchiveError::BadSparse { offset: at });
@@ -461,16 +567,22 @@ impl<R: Read> ArchiveReader<R> {
 
     fn skip_current(&mut self) -> Result<(), ArchiveError> {
         if let Some(cur) = self.current.take() {
-            self.skip(cur.raw_left + cur.pad)?;
+            let n = cur.raw_left.checked_add(cur.pad).ok_or(ArchiveError::SizeOverflow { offset: self.offset })?;
+            self.skip(n)?;
         }
         Ok(())
     }
 
-    fn skip(&mut self, n: u64) -> Result<(), ArchiveError> {
-        let copied = io::copy(&mut (&mut self.inner).take(n), &mut io::sink())?;
-        self.offset += copied;
-        if copied < n {
-            return Err(ArchiveError::Truncated { offset: self.offset });
+    /// Reads past `n` bytes, within the limits.
+    fn skip(&mut self, mut n: u64) -> Result<(), ArchiveError> {
+        let mut buf = [0u8; 16 << 10];
+        while n > 0 {
+            let want = n.min(buf.len() as u64) as usize;
+            let got = self.fill(&mut buf[..want])?;
+            if got < want {
+                return Err(ArchiveError::Truncated { offset: self.offset });
+            }
+            n -= got as u64;
         }
         Ok(())
     }
@@ -487,6 +599,7 @@ impl<R: Read> ArchiveReader<R> {
             }
         }
         self.offset += n as u64;
+        self.check_limits()?;
         Ok(n)
     }
 }
@@ -714,6 +827,83 @@ mod tests {
             b"garbage that is no tar archive whatsoever, repeated until it is long enough".repeat(10).as_slice()
         )
         .is_err());
+    }
+
+    fn pax_entry(kind: u8, records: &[u8]) -> Vec<u8> {
+        let mut bytes = header_block(b"PaxHeader", kind, records.len() as u64).to_vec();
+        bytes.extend_from_slice(records);
+        bytes.resize(bytes.len().div_ceil(512) * 512, 0);
+        bytes
+    }
+
+    fn read_all(bytes: &[u8], limits: ReadLimits) -> Result<u64, ArchiveError> {
+        let mut r = ArchiveReader::new(bytes).with_limits(limits);
+        let mut total = 0;
+        while r.next_entry()?.is_some() {
+            total += io::copy(&mut r.data(), &mut io::sink()).map_err(ArchiveError::from)?;
+        }
+        Ok(total)
+    }
+
+    #[test]
+    fn a_flood_of_pax_global_headers_stops_at_the_per_entry_limit() {
+        let one = pax_entry(b'g', &pax_record("comment", "x"));
+        let flood = one.repeat(100_000); // 100 MB of headers in a few KB of xz
+        match read_all(&flood, ReadLimits::UNBOUNDED) {
+            Err(ArchiveError::TooManyExtensions { limit: 8, offset, .. }) => assert_eq!(offset, 8 * 1024),
+            other => panic!("{other:?}"),
+        }
+        // Within the per-entry limit, the total across entries still counts.
+        let mut many = Vec::new();
+        for _ in 0..50 {
+            many.extend_from_slice(&one);
+            many.extend_from_slice(&header_block(b"f", b'0', 0));
+        }
+        let limits = ReadLimits { max_extensions: 10, ..ReadLimits::UNBOUNDED };
+        assert!(matches!(read_all(&many, limits), Err(ArchiveError::TooManyExtensions { limit: 10, .. })));
+    }
+
+    #[test]
+    fn a_sparse_entry_declaring_2_pow_62_bytes_stops_at_the_byte_limit() {
+        let records = [
+            pax_record("GNU.sparse.major", "1"),
+            pax_record("GNU.sparse.minor", "0"),
+            pax_record("GNU.sparse.realsize", &(1u64 << 62).to_string()),
+        ]
+        .concat();
+        let mut bytes = pax_entry(b'x', &records);
+        // The data: a map with no segments ("0\n"), padded to a block.
+        bytes.extend_from_slice(&header_block(b"huge", b'0', 512));
+        let mut map = b"0\n".to_vec();
+        map.resize(512, 0);
+        bytes.extend_from_slice(&map);
+        bytes.resize(bytes.len() + 1024, 0);
+        let limits = ReadLimits { max_bytes: 8 << 20, ..ReadLimits::UNBOUNDED };
+        assert!(matches!(read_all(&bytes, limits), Err(ArchiveError::TooMuchData { limit, .. }) if limit == 8 << 20));
+    }
+
+    #[test]
+    fn a_pax_size_near_u64_max_is_an_error_not_an_overflow() {
+        for size in [u64::MAX, u64::MAX - 1, u64::MAX - 511, u64::MAX - 512] {
+            let mut bytes = pax_entry(b'x', &pax_record("size", &size.to_string()));
+            bytes.extend_from_slice(&header_block(b"big", b'0', 0));
+            bytes.resize(bytes.len() + 4096, 0);
+            let got = read_all(&bytes, ReadLimits::UNBOUNDED);
+            assert!(
+                matches!(got, Err(ArchiveError::SizeOverflow { .. } | ArchiveError::Truncated { .. })),
+                "{size}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn reading_stops_at_the_time_limit() {
+        let mut bytes = header_block(b"f", b'0', 1 << 20).to_vec();
+        bytes.resize(bytes.len() + (1 << 20) + 1024, 0);
+        let limits = ReadLimits::new(u64::MAX, Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(matches!(read_all(&bytes, limits), Err(ArchiveError::TooSlow { .. })));
+        assert_eq!(read_all(&bytes, ReadLimits::new(u64::MAX, Duration::from_secs(60))).expect("in time"), 1 << 20);
     }
 
     #[test]

@@ -11,16 +11,18 @@ pub mod image;
 pub mod name;
 pub mod pack;
 pub mod status;
+pub mod text;
 pub mod unpack;
 pub mod xz;
 pub mod zero;
 
 use std::io::Read;
 
-pub use entries::{ArchiveError, ArchiveReader, Header, Kind};
+pub use entries::{ArchiveError, ArchiveReader, Header, Kind, ReadLimits};
 pub use name::{JobName, NameError, Stage};
 pub use pack::{pack_dir, pack_onto, PackError, PackOptions, PackReport};
 pub use status::{JobStatus, Outcome};
+pub use text::sanitize;
 pub use unpack::{unpack, UnpackError, UnpackOptions, UnpackReport};
 pub use xz::{EncodeOptions, XzError, XzReader};
 
@@ -38,17 +40,6 @@ pub fn read_job<R: Read>(input: R, memlimit: u64) -> Result<ArchiveReader<XzRead
     Ok(ArchiveReader::new(XzReader::new(input, memlimit)?))
 }
 
-/// Makes a name from an archive (or a console) safe to print: valid UTF-8 is
-/// kept except control characters, which are escaped like everything else.
-pub fn escape(bytes: &[u8]) -> String {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => {
-            s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
-        }
-        Err(_) => bytes.escape_ascii().to_string(),
-    }
-}
-
 /// An error and its sources on one line, `outer: inner: innermost`.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -63,5 +54,5 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// True when an archive path names `want` (`./bin/construir` names `bin/construir`).
 pub fn path_is(path: &[u8], want: &str) -> bool {
-    unpack::sanitize(path).is_ok_and(|comps| comps.join(&b'/') == want.as_bytes())
+    unpack::split_path(path).is_ok_and(|comps| comps.join(&b'/') == want.as_bytes())
 }

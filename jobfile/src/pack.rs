@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use liblzma::write::XzEncoder;
 use thiserror::Error;
 
+use crate::text::sanitize_capped;
 use crate::xz::{encoder, EncodeOptions, XzError};
-use crate::{escape, zero};
+use crate::zero;
 
 #[derive(Debug, Clone, Default)]
 pub struct PackOptions {
@@ -206,7 +207,9 @@ impl<W: Write> Packer<'_, W> {
                 } else {
                     "device node"
                 };
-                self.report.skipped.push((escape(arc.as_os_str().as_bytes()), why));
+                self.report
+                    .skipped
+                    .push((sanitize_capped(arc.as_os_str().as_bytes(), crate::text::SHOWN_PATH_MAX), why));
             }
         }
         Ok(())

@@ -21,7 +21,7 @@ use nix::unistd::{fchown, fchownat, linkat, symlinkat, unlinkat, Gid, Uid, Unlin
 use thiserror::Error;
 
 use crate::entries::{ArchiveError, ArchiveReader, Header, Kind};
-use crate::escape;
+use crate::text::{sanitize_capped, SHOWN_PATH_MAX};
 
 /// Most skipped entries a report lists one by one (the rest are only counted).
 const MAX_LISTED_SKIPS: usize = 100;
@@ -36,11 +36,19 @@ pub struct UnpackOptions {
     pub preserve_owner: bool,
     /// Keep setuid, setgid and sticky bits (off: they are dropped).
     pub keep_special_bits: bool,
+    /// Permission bits taken away from every mode the archive gives (the user's umask).
+    pub umask: u32,
 }
 
 impl Default for UnpackOptions {
     fn default() -> Self {
-        UnpackOptions { max_entries: 1_000_000, max_bytes: 64 << 30, preserve_owner: false, keep_special_bits: false }
+        UnpackOptions {
+            max_entries: 1_000_000,
+            max_bytes: 64 << 30,
+            preserve_owner: false,
+            keep_special_bits: false,
+            umask: 0o022,
+        }
     }
 }
 
@@ -57,6 +65,8 @@ pub enum SkipReason {
     LinkOutside,
     #[error("hardlink target is outside the directory or not in the archive")]
     HardlinkTarget,
+    #[error("hardlink target is not a regular file")]
+    HardlinkToNonFile,
     #[error("a parent is a symlink or not a directory")]
     ThroughLink,
     #[error("a directory is in the way")]
@@ -132,7 +142,7 @@ pub fn unpack<R: Read>(
 
 /// Splits an archive path into components, refusing anything that could leave the target.
 /// `./a//b/.` gives `[a, b]`; the archive's root (`./`) gives `[]`.
-pub fn sanitize(path: &[u8]) -> Result<Vec<&[u8]>, SkipReason> {
+pub fn split_path(path: &[u8]) -> Result<Vec<&[u8]>, SkipReason> {
     if path.starts_with(b"/") {
         return Err(SkipReason::Absolute);
     }
@@ -191,11 +201,11 @@ struct Unpacker<'a> {
 
 impl Unpacker<'_> {
     fn entry<R: Read>(&mut self, h: &Header, archive: &mut ArchiveReader<R>) -> Result<(), Outcome> {
-        let comps = sanitize(&h.path).map_err(Outcome::Skip)?;
+        let comps = split_path(&h.path).map_err(Outcome::Skip)?;
         let Some((last, parents)) = comps.split_last() else {
             return Ok(()); // The archive's own root: the target already exists.
         };
-        let shown = || escape(&h.path);
+        let shown = || sanitize_capped(&h.path, SHOWN_PATH_MAX);
         let fail = |e: Errno| classify(e, shown());
         match h.kind {
             Kind::Dir => {
@@ -250,7 +260,7 @@ impl Unpacker<'_> {
                 self.report.symlinks += 1;
             }
             Kind::Hardlink => {
-                let target = sanitize(h.link.as_deref().unwrap_or_default())
+                let target = split_path(h.link.as_deref().unwrap_or_default())
                     .map_err(|_| Outcome::Skip(SkipReason::HardlinkTarget))?;
                 let Some((tlast, tparents)) = target.split_last() else {
                     return Err(Outcome::Skip(SkipReason::HardlinkTarget));
@@ -259,6 +269,13 @@ impl Unpacker<'_> {
                     return Err(Outcome::Skip(SkipReason::HardlinkTarget));
                 }
                 let src = self.walk(tparents, false).map_err(|_| Outcome::Skip(SkipReason::HardlinkTarget))?;
+                // Only regular files: a link to a symlink would re-create that symlink at
+                // another depth, where its relative target may lead outside the directory.
+                let st = fstatat(&src, *tlast, AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .map_err(|_| Outcome::Skip(SkipReason::HardlinkTarget))?;
+                if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+                    return Err(Outcome::Skip(SkipReason::HardlinkToNonFile));
+                }
                 let parent = self.walk(parents, true).map_err(fail)?;
                 remove_existing(&parent, last).map_err(fail)?;
                 match linkat(&src, *tlast, &parent, *last, AtFlags::empty()) {
@@ -302,7 +319,7 @@ impl Unpacker<'_> {
         }
         // After chown: chown clears setuid/setgid bits.
         let bits = if self.opts.keep_special_bits { 0o7777 } else { 0o777 };
-        fchmod(&fd, Mode::from_bits_truncate(h.mode & bits))?;
+        fchmod(&fd, Mode::from_bits_truncate(h.mode & bits & !self.opts.umask))?;
         let t = TimeSpec::new(h.mtime, 0);
         futimens(&fd, &t, &t)
     }
@@ -324,7 +341,7 @@ impl Unpacker<'_> {
     fn skip(&mut self, path: &[u8], reason: SkipReason) {
         self.report.skipped_total += 1;
         if self.report.skipped.len() < MAX_LISTED_SKIPS {
-            self.report.skipped.push(Skipped { path: escape(path), reason });
+            self.report.skipped.push(Skipped { path: sanitize_capped(path, SHOWN_PATH_MAX), reason });
         }
     }
 }
@@ -388,9 +405,10 @@ pub(crate) fn write_sparse(data: &mut impl Read, file: &mut File, size: u64) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::text::sanitize;
 
     #[test]
-    fn sanitize_table() {
+    fn split_path_table() {
         let ok: [(&[u8], &[&[u8]]); 5] = [
             (b"a/b/c", &[b"a", b"b", b"c"]),
             (b"./a//b/./", &[b"a", b"b"]),
@@ -399,7 +417,7 @@ mod tests {
             (b"...", &[b"..."]),
         ];
         for (path, want) in ok {
-            assert_eq!(sanitize(path).as_deref(), Ok(want), "{}", escape(path));
+            assert_eq!(split_path(path).as_deref(), Ok(want), "{}", sanitize(path));
         }
         let bad: [(&[u8], SkipReason); 4] = [
             (b"/etc/passwd", SkipReason::Absolute),
@@ -408,7 +426,7 @@ mod tests {
             (b"a\0b", SkipReason::Nul),
         ];
         for (path, want) in bad {
-            assert_eq!(sanitize(path), Err(want), "{}", escape(path));
+            assert_eq!(split_path(path), Err(want), "{}", sanitize(path));
         }
     }
 
@@ -430,7 +448,7 @@ mod tests {
             (b"a/../../b", 3, false),
         ];
         for (target, depth, inside) in table {
-            assert_eq!(link_stays_inside(target, depth), inside, "{} at depth {depth}", escape(target));
+            assert_eq!(link_stays_inside(target, depth), inside, "{} at depth {depth}", sanitize(target));
         }
     }
 }

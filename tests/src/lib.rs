@@ -99,9 +99,8 @@ impl Default for Queue {
 
 impl Queue {
     pub fn new() -> Self {
+        // Private (0700), as tempdir makes it: a jailed QEMU needs no path to anything here.
         let root = tempfile::tempdir().expect("tempdir");
-        // QEMU runs as an unprivileged user and keeps its snapshot overlay under work/.
-        fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
         let queue = root.path().join("queue");
         fs::create_dir(&queue).expect("mkdir queue");
         let host_id = root.path().file_name().expect("name").to_string_lossy().trim_start_matches('.').to_owned();
@@ -221,7 +220,8 @@ pub fn sh(script: &str, cwd: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// QEMU processes of the host with this id (they are named `construir.<host-id>.<job>`).
+/// QEMU processes of the host with this id (they are named `construir.<host-id>.<job>`;
+/// their first argument is QEMU's binary, by its full path when jailed).
 pub fn qemu_pids(host_id: &str) -> Vec<u32> {
     let needle = format!("construir.{host_id}.");
     let Ok(procs) = fs::read_dir("/proc") else { return Vec::new() };
@@ -229,8 +229,11 @@ pub fn qemu_pids(host_id: &str) -> Vec<u32> {
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()).map(|pid| (pid, e.path())))
         .filter(|(_, p)| {
-            fs::read(p.join("cmdline"))
-                .is_ok_and(|c| c.starts_with(b"qemu") && c.windows(needle.len()).any(|w| w == needle.as_bytes()))
+            fs::read(p.join("cmdline")).is_ok_and(|c| {
+                let argv0 = c.split(|&b| b == 0).next().unwrap_or_default();
+                let program = argv0.rsplit(|&b| b == b'/').next().unwrap_or_default();
+                program.starts_with(b"qemu") && c.windows(needle.len()).any(|w| w == needle.as_bytes())
+            })
         })
         .map(|(pid, _)| pid)
         .collect()
