@@ -5,7 +5,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use construir_e2e::{job_log, job_status, proc_status, qemu_pids, signal, wait_for, Queue};
+use construir_e2e::{job_log, job_status, never_booting_images, proc_status, qemu_pids, signal, wait_for, Queue};
 
 /// The default range VMs' uids come from (`--vm-ids`).
 const VM_IDS: std::ops::RangeInclusive<u32> = 1_879_048_192..=1_879_048_447;
@@ -23,7 +23,21 @@ fn qemu_runs_unprivileged_without_groups_capabilities_or_new_privileges() {
     let q = Queue::new();
     q.add_job("jailed_i0.tar.xz", "#!/bin/sh\necho sleeping\nsleep 60\n", "1m", &[]);
     let host_id = format!("{}-jail", q.host_id);
-    let mut host = q.spawn("jail", &host_id, &["--stop-timeout", "2s"]);
+    // The host inherits descriptor 9 (no close-on-exec), as from a careless parent: QEMU must not.
+    let marker = q.root.path().join("inherited-marker");
+    fs::write(&marker, b"not for QEMU").expect("marker");
+    let inherited = fs::File::open(&marker).expect("open marker");
+    let mut cmd = q.host_command("jail", &host_id, &["--stop-timeout", "2s"]);
+    {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let fd = inherited.as_raw_fd();
+        // SAFETY: dup2 between fork and exec; it leaves the new descriptor without close-on-exec.
+        unsafe {
+            cmd.pre_exec(move || if libc::dup2(fd, 9) < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
+        }
+    }
+    let mut host = cmd.spawn().expect("host");
     assert!(
         wait_for(Duration::from_secs(30), || !qemu_pids(&host_id).is_empty()),
         "no QEMU started: {}",
@@ -32,6 +46,14 @@ fn qemu_runs_unprivileged_without_groups_capabilities_or_new_privileges() {
     let pid = qemu_pids(&host_id)[0];
     let uid = uid_of(pid);
     assert!(VM_IDS.contains(&uid), "uid {uid} is from the VM range");
+    let fds_of = |pid: u32| -> Vec<std::path::PathBuf> {
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("fds")
+            .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+            .collect()
+    };
+    assert!(fds_of(host.id()).contains(&marker), "the host holds the inherited descriptor");
+    assert!(!fds_of(pid).contains(&marker), "an inherited descriptor reached QEMU: {:?}", fds_of(pid));
     assert_eq!(proc_status(pid, "Uid"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
     assert_eq!(proc_status(pid, "Gid"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
     assert_eq!(proc_status(pid, "Groups"), "");
@@ -205,23 +227,8 @@ fn hostile_queue_entries_are_refused_without_touching_what_they_point_to() {
     assert!(!run.log.contains('\x1b'), "an escape sequence reached the host's log");
     assert_eq!(fs::read(&outside).expect("precious"), vec![7u8; 100_000]);
     // Refused entries are in failed/ under names the host chose, their own name inside the .reason.
-    let reasons: Vec<(std::path::PathBuf, String)> = fs::read_dir(&q.failed)
-        .expect("ls")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "reason"))
-        .map(|p| (p.clone(), fs::read_to_string(&p).expect("reason")))
-        .collect();
-    let refused = |shown: &str| {
-        let (path, text) = reasons
-            .iter()
-            .find(|(_, t)| t.lines().any(|l| l == format!("original name: {shown}")))
-            .unwrap_or_else(|| panic!("no refusal of {shown}: {reasons:?}"));
-        let name = path.file_name().expect("name").to_string_lossy();
-        assert!(name.starts_with("refused."), "{name}");
-        (path.with_extension(""), text.clone())
-    };
-    let reason =
-        |name: &str| fs::read_to_string(q.failed.join(format!("{name}.reason"))).unwrap_or_else(|_| refused(name).1);
+    let refused = |shown: &str| q.refusal(shown);
+    let reason = |name: &str| q.reason(name);
     for forged in ["victim_i0.tar.xz.log", "victim_i0.tar.xz.reason"] {
         assert!(!q.failed.join(forged).exists(), "{forged} kept its name in failed/");
         let (moved, why) = refused(forged);
@@ -237,7 +244,12 @@ fn hostile_queue_entries_are_refused_without_touching_what_they_point_to() {
     assert!(refused("esc\\x1b[31mred_i0.tar.xz").1.contains("bad job file name"));
     assert!(refused("invalid\\xff\\xfe_i0.tar.xz").1.contains("bad job file name"));
     assert!(fs::symlink_metadata(refused("symlink_i0.tar.xz").0).expect("moved").file_type().is_symlink());
-    assert!(reasons.iter().all(|(_, t)| !t.contains('\x1b')), "no escape sequence reaches a .reason file");
+    for entry in fs::read_dir(&q.failed).expect("ls") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|x| x == "reason") {
+            assert!(!fs::read_to_string(&path).expect("reason").contains('\x1b'), "an escape in {}", path.display());
+        }
+    }
     assert_eq!(String::from_utf8(job_log(&q.done("odd_d0.tar.xz"))).expect("utf8"), "odd size\n");
     assert_eq!(fs::read(q.done("taken_d0.tar.xz")).expect("kept"), b"an earlier result");
     assert!(reason("taken_d0.tar.xz").contains("already exists"), "the second result is kept in failed/");
@@ -441,4 +453,104 @@ fn each_vm_has_its_own_uid_and_an_escaped_qemu_reaches_neither_the_host_nor_the_
     signal(&host, libc::SIGTERM);
     assert!(host.wait().expect("host exits").success(), "{}", q.log("two"));
     assert_eq!(Queue::list(&q.queue), ["first_i0.tar.xz", "second_i0.tar.xz"], "{}", q.log("two"));
+}
+
+#[test]
+fn a_vm_that_never_boots_is_killed_at_the_boot_deadline_retried_once_then_failed_with_its_console() {
+    let q = Queue::new();
+    let images = never_booting_images(q.root.path());
+    q.add_job("stuck_i0.tar.xz", "#!/bin/sh\necho never runs\n", "1m", &[]);
+    let run = q.run_with_images(&images, &["--boot-timeout", "8s"]);
+    assert!(run.success, "{}", run.log);
+    assert_eq!(run.log.matches("job stuck_i0.tar.xz: booting image").count(), 2, "{}", run.log);
+    assert!(
+        run.log.contains("the VM did not boot within 8 s; killed, and the job goes back to the queue once"),
+        "{}",
+        run.log
+    );
+    let reason = fs::read_to_string(q.failed.join("stuck_i0.tar.xz.reason")).expect("reason");
+    assert!(reason.contains("the VM did not boot within 8 s, twice in a row"), "{reason}");
+    let log = fs::read_to_string(q.failed.join("stuck_i0.tar.xz.log")).expect("console log");
+    assert!(log.contains("verdict: failed: the VM did not boot within 8 s"), "{log}");
+    // The boot failures did not count as attempts, and nothing of them is left behind.
+    assert!(Queue::list(&q.root.path().join("running/.attempts")).is_empty());
+    assert!(Queue::list(&q.queue).is_empty() && Queue::list(&q.done).is_empty());
+}
+
+#[test]
+fn pid_1s_watchdog_ends_a_vm_whose_packing_outlives_the_deadline_and_no_half_result_is_delivered() {
+    let q = Queue::new();
+    // 64 MB of noise takes xz far longer to pack under TCG (over 30 s) than the watchdog allows.
+    q.add_job(
+        "slowpack_i0.tar.xz",
+        "#!/bin/sh\nhead -c 64000000 /dev/urandom > /job/noise\necho made noise\n",
+        "96m",
+        &[],
+    );
+    // The guest's watchdog: timeout + half the grace = 25 s after its kernel started (some 3 s
+    // after QEMU did, under TCG); the host would kill at 40 s after QEMU started.
+    let run = q.run(&["--timeout", "10s", "--grace", "30s"]);
+    assert!(run.success, "{}", run.log);
+    let reason = fs::read_to_string(q.failed.join("slowpack_i0.tar.xz.reason")).expect("reason");
+    assert!(reason.contains("the guest kernel panicked"), "{reason}");
+    assert!(reason.contains("without a clean power-off the job disk is not read"), "{reason}");
+    let log = fs::read_to_string(q.failed.join("slowpack_i0.tar.xz.log")).expect("console log");
+    assert!(log.contains("construir-init: watchdog: 25 s since boot"), "{log}");
+    assert!(Queue::list(&q.done).is_empty(), "a half-packed result is never delivered");
+}
+
+#[test]
+fn a_job_file_dated_in_the_future_still_settles_and_once_ends() {
+    let q = Queue::new();
+    let job = q.add_job("future_i0.tar.xz", "#!/bin/sh\necho from the future\n", "1m", &[]);
+    construir_e2e::sh(&format!("touch -d '+1 year' '{}'", job.display()), q.root.path());
+    let run = q.run(&["--settle", "2s"]);
+    assert!(run.success, "{}", run.log);
+    assert_eq!(String::from_utf8(job_log(&q.done("future_d0.tar.xz"))).expect("utf8"), "from the future\n");
+}
+
+#[test]
+fn the_kvm_probe_is_jailed_and_dies_with_a_killed_host() {
+    if fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        eprintln!("no usable /dev/kvm: the host runs no KVM probe here, so there is nothing to kill");
+        return;
+    }
+    let q = Queue::new();
+    let probe_pids = || {
+        fs::read_dir("/proc")
+            .expect("proc")
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+            .filter(|pid| {
+                fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.windows(19).any(|w| w == b"construir.kvm-probe"))
+            })
+            .collect::<Vec<u32>>()
+    };
+    // --accel auto (the default): with no answer cached in this fresh work/, the host probes KVM first.
+    let host_id = format!("{}-probe", q.host_id);
+    let log = fs::File::create(q.log_path("probe")).expect("log");
+    let mut host = std::process::Command::new(construir_e2e::bin("construir-host"))
+        .arg("run")
+        .arg(&q.queue)
+        .args(["--host-id", &host_id, "--images"])
+        .arg(construir_e2e::images())
+        .stderr(log)
+        .spawn()
+        .expect("host");
+    if !wait_for(Duration::from_secs(20), || !probe_pids().is_empty()) {
+        // KVM works here: the probe booted and ended before it could be seen.
+        let _ = host.kill();
+        let _ = host.wait();
+        assert!(q.log("probe").contains("kvm acceleration"), "no probe seen and no KVM: {}", q.log("probe"));
+        return;
+    }
+    let pid = probe_pids()[0];
+    assert!(VM_IDS.contains(&uid_of(pid)), "the probe runs as a VM uid");
+    assert_eq!(proc_status(pid, "NoNewPrivs"), "1");
+    assert_ne!(ns(&pid.to_string(), "mnt"), ns("self", "mnt"), "in its own mount namespace");
+    assert_ne!(ns(&pid.to_string(), "pid"), ns("self", "pid"), "in its own pid namespace");
+    signal(&host, libc::SIGKILL);
+    let _ = host.wait();
+    assert!(wait_for(Duration::from_secs(5), || probe_pids().is_empty()), "the KVM probe outlived its host");
 }

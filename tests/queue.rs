@@ -117,15 +117,13 @@ fn bad_names_unknown_images_and_bad_files_are_refused_without_booting() {
     assert_eq!(Queue::list(&q.queue), ["upload_i0.tar.xz.part"]);
     assert!(q.queue.join(".partial_i0.tar.xz").exists());
     assert_eq!(Queue::list(&q.done), Vec::<String>::new());
-    let reason = |name: &str| {
-        fs::read_to_string(q.failed.join(format!("{name}.reason"))).unwrap_or_else(|e| panic!("{name}.reason: {e}"))
-    };
+    let reason = |name: &str| q.reason(name);
     assert!(reason("bad name_i0.tar.xz").contains("bad job file name: job name contains ' '"));
     assert!(reason("noimage_i7.tar.xz").contains("unknown image i7"));
     assert!(reason("tiny_i0.tar.xz").contains("9 bytes is too small"));
     assert!(reason("adir_i0.tar.xz").contains("a directory"));
     assert!(reason("notes.txt").contains("does not end in .tar.xz"));
-    assert!(q.failed.join("adir_i0.tar.xz").is_dir(), "moved, not deleted");
+    assert!(q.refusal("adir_i0.tar.xz").0.is_dir(), "moved, not deleted");
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use jobfile::unpack::link_stays_inside;
-use jobfile::{ArchiveReader, UnpackOptions};
+use jobfile::{ArchiveReader, ReadLimits, UnpackOptions};
 use libfuzzer_sys::fuzz_target;
 
 fn sandbox() -> PathBuf {
@@ -33,7 +33,8 @@ fuzz_target!(|data: &[u8]| {
     let target = root.join("target");
     fs::create_dir_all(&target).expect("sandbox");
     let opts = UnpackOptions { max_entries: 1000, max_bytes: 16 << 20, preserve_owner: false, keep_special_bits: false, umask: 0o022 };
-    let _ = jobfile::unpack(&mut ArchiveReader::new(data), &target, &opts);
+    let limits = ReadLimits { max_bytes: 32 << 20, max_extensions: 64, max_time: None };
+    let _ = jobfile::unpack(&mut ArchiveReader::new(data).with_limits(limits), &target, &opts);
     let names: Vec<_> = fs::read_dir(&root).expect("sandbox").map(|e| e.expect("entry").file_name()).collect();
     assert_eq!(names, ["target"], "something was written outside the target");
     check_links(&target, 0);

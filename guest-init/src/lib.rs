@@ -1,6 +1,6 @@
 //! construir-init: PID 1 of the job VM.
 //!
-//! An ordered checklist (DESIGN.md, "Inside the VM"): mount, read settings,
+//! An ordered checklist (docs/DESIGN.md, "Inside the VM"): mount, read settings,
 //! unpack the job disk into `/job`, run `bin/construir`, write
 //! `job_status.json`, pack `/job` back onto the disk within its size. Every
 //! step that fails is logged and turned into a status; the caller powers off

@@ -1,8 +1,12 @@
 //! Leaving the VM: sync, then power off. If the kernel refuses, reboot
 //! (the host runs QEMU with -no-reboot, so that ends it too); if that fails
 //! as well, exiting makes the kernel panic, which the host sees as an exit.
-//! And the watchdog: PID 1's own deadline, which powers off whatever is
+//! And the watchdog: PID 1's own deadline, which ends the VM whatever is
 //! stuck (a process in D state, a pack that hangs, a sync that never ends).
+//! It does not power off: a clean power-off is init's word that the result
+//! is packed and synced, and the host reads a result only after one. The
+//! watchdog ends PID 1 instead; the kernel panics, the pvpanic device makes
+//! QEMU exit with a failure, and the host reports that no result came back.
 
 use std::sync::mpsc;
 use std::thread;
@@ -38,17 +42,19 @@ fn bounded_sync() {
     }
 }
 
-/// Powers the VM off `after` the VM booted (uptime), whatever the rest of init is doing.
+/// Ends the VM `after` it booted (uptime), whatever the rest of init is doing.
 pub fn watchdog(after: Duration) {
     let boot = uptime().unwrap_or_default();
     let left = after.saturating_sub(boot);
     let started = Instant::now();
+    say!("watchdog armed: the VM ends {} s after boot at the latest", after.as_secs());
     let spawned = thread::Builder::new().name("watchdog".into()).spawn(move || {
         while started.elapsed() < left {
-            thread::sleep((left - started.elapsed()).min(Duration::from_secs(1)));
+            thread::sleep(left.saturating_sub(started.elapsed()).min(Duration::from_secs(1)));
         }
-        say!("watchdog: {} s since boot and the VM is still up; powering off now", after.as_secs());
-        power_off()
+        say!("watchdog: {} s since boot and the VM is still up; ending it without a result", after.as_secs());
+        // SAFETY: _exit ends the process at once; PID 1 exiting panics the kernel, by design here.
+        unsafe { libc::_exit(1) }
     });
     if let Err(e) = spawned {
         say!("cannot start the watchdog: {e}");

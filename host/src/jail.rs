@@ -11,7 +11,8 @@
 //!   namespace when networking is off;
 //! - a root holding only what QEMU reads after exec (`JailRoot`): its
 //!   binary and libraries, the accelerator modules and firmware, read-only;
-//!   `/dev/null`, `/dev/urandom`, `/dev/kvm` when used; its own `/proc`;
+//!   `/dev/null`, `/dev/urandom`, a `/dev/kvm` node of its own (its uid's,
+//!   0600) when KVM is used; its own `/proc`;
 //!   and its private scratch directory as `/tmp` for the snapshot overlay;
 //! - where the kernel has Landlock, file access restricted to that root.
 //!
@@ -371,6 +372,12 @@ enum Step {
         writable: bool,
         device: bool,
     },
+    /// A character device node of this VM's own (mode 0600, owned by its uid): `/dev/kvm`.
+    Node {
+        path: CString,
+        rdev: libc::dev_t,
+        owner: Identity,
+    },
     Proc(CString),
 }
 
@@ -445,9 +452,7 @@ impl Plan {
             steps.push(Step::Bind { src: c(path)?, dst: c(&inside(path))?, writable: false, device: false });
         }
         mkdirs(Path::new("/dev"), &mut steps)?;
-        let devices: &[&str] =
-            if kvm { &["/dev/null", "/dev/urandom", "/dev/kvm"] } else { &["/dev/null", "/dev/urandom"] };
-        for dev in devices {
+        for dev in ["/dev/null", "/dev/urandom"] {
             steps.push(Step::Touch(c(&inside(Path::new(dev)))?));
             steps.push(Step::Bind {
                 src: c(Path::new(dev))?,
@@ -455,6 +460,14 @@ impl Plan {
                 writable: true,
                 device: true,
             });
+        }
+        if kvm {
+            // The host's node is root:kvm 0660, and the VM's uid has no groups: it gets a node of its own.
+            use std::os::unix::fs::MetadataExt;
+            let kvm_dev = Path::new("/dev/kvm");
+            let rdev =
+                fs::metadata(kvm_dev).map_err(|source| JailError::Read { path: kvm_dev.to_owned(), source })?.rdev();
+            steps.push(Step::Node { path: c(&inside(kvm_dev))?, rdev, owner: identity });
         }
         mkdirs(Path::new("/tmp"), &mut steps)?;
         steps.push(Step::Bind {
@@ -610,11 +623,12 @@ unsafe fn build_root(ns: &Namespaces) -> io::Result<()> {
     unsafe {
         // Nothing mounted here propagates back to the host.
         check(libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()))?;
+        // Not nodev: the VM's own /dev/kvm node lives on it (nothing else is a device there).
         check(libc::mount(
             c"tmpfs".as_ptr(),
             ns.new_root.as_ptr(),
             c"tmpfs".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            libc::MS_NOSUID | libc::MS_NOEXEC,
             c"mode=0755,size=1m,nr_inodes=4096".as_ptr().cast(),
         ))?;
         for step in &ns.steps {
@@ -646,6 +660,10 @@ unsafe fn build_root(ns: &Namespaces) -> io::Result<()> {
                     }
                     check(libc::mount(null, dst.as_ptr(), null, flags, std::ptr::null()))?;
                 }
+                Step::Node { path, rdev, owner } => {
+                    check(libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o600, *rdev))?;
+                    check(libc::chown(path.as_ptr(), owner.uid, owner.gid))?;
+                }
                 Step::Proc(dir) => {
                     // This namespace's own processes only: QEMU itself.
                     check(libc::mount(
@@ -668,7 +686,7 @@ unsafe fn build_root(ns: &Namespaces) -> io::Result<()> {
             null,
             c"/".as_ptr(),
             null,
-            libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NOEXEC,
             std::ptr::null(),
         ))?;
     }

@@ -112,8 +112,8 @@ impl VmSpec {
         a.into_iter().map(OsString::from).collect()
     }
 
-    /// (descriptor, number in QEMU) for each file, and the numbers QEMU reopens through /proc/self/fd.
-    fn descriptors(&self) -> io::Result<(Vec<(i32, i32)>, Vec<i32>, Option<File>)> {
+    /// Each file's (descriptor, number in QEMU).
+    fn descriptors(&self) -> io::Result<Descriptors> {
         let mut fds = vec![(self.kernel.as_raw_fd(), FD_KERNEL)];
         let mut reopened = vec![FD_KERNEL];
         if let Some(f) = &self.initrd {
@@ -131,8 +131,17 @@ impl VmSpec {
             fds.push((ro.as_raw_fd(), FD_JOB_RO));
             read_only = Some(ro);
         }
-        Ok((fds, reopened, read_only))
+        Ok(Descriptors { fds, reopened, read_only })
     }
+}
+
+/// What QEMU is given, as the jail moves it: (descriptor, number in QEMU).
+struct Descriptors {
+    fds: Vec<(i32, i32)>,
+    /// Numbers QEMU reopens through /proc/self/fd (kernel, initrd): Landlock must allow them.
+    reopened: Vec<i32>,
+    /// The read-only twin of the job disk's descriptor, held until QEMU has its copy.
+    read_only: Option<File>,
 }
 
 /// How QEMU is confined besides what every QEMU gets.
@@ -317,7 +326,7 @@ pub struct Bounds {
 /// Boots the VM and waits for it to power off, or ends it at its deadline,
 /// after too long a silence, when it does not boot in time, or when `stop` is set.
 pub fn run(spec: &VmSpec, confinement: Confinement, bounds: Bounds, stop: &AtomicBool) -> Result<VmRun, QemuError> {
-    let (fds, reopened, read_only) = spec.descriptors().map_err(QemuError::Open)?;
+    let Descriptors { fds, reopened, read_only } = spec.descriptors().map_err(QemuError::Open)?;
     let limits = jail::Limits { file_size: spec.file_size_limit, open_files: 1024 };
     let kvm = spec.accel == Accel::Kvm;
     let mut plan = match confinement {

@@ -93,7 +93,8 @@ pub fn run(
         manifest.job_device,
         limits.timeout.as_secs(),
         // The guest's own watchdog: after the job's timeout and packing, before the host's kill.
-        (limits.timeout + limits.grace * 3 / 4).as_secs(),
+        // (Half the grace: the guest counts from its kernel's start, after the firmware.)
+        (limits.timeout + limits.grace / 2).as_secs(),
         job.name(),
         job.image(),
         limits.console_limit
@@ -196,7 +197,11 @@ pub fn run(
     };
     log::info!("job {label}: {how}; {} bytes of console output", vm.console.received());
 
-    let status = if vm.cut.is_some() { None } else { read_status(&disk) };
+    // Only a clean power-off means init packed and synced the result: after a
+    // panic, a kill or a crash the disk may hold half a result whose status
+    // (packed first) still reads well.
+    let powered_off = vm.cut.is_none() && vm.status.is_some_and(|st| st.success());
+    let status = if powered_off { read_status(&disk) } else { None };
     match status {
         Some(st) => {
             let verdict = verdict(&st, &how, started.elapsed());
@@ -221,7 +226,11 @@ pub fn run(
             }
         }
         None => {
-            let reason = format!("no result: {how}; the job disk holds no job_status.json");
+            let reason = if powered_off {
+                format!("no result: {how}; the job disk holds no job_status.json")
+            } else {
+                format!("no result: {how}; without a clean power-off the job disk is not read")
+            };
             let log = vm.console.finish(&format!("failed: {reason}"));
             fail(dirs, &claimed, &reason, Some(&log))
         }

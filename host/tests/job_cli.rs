@@ -194,3 +194,150 @@ fn a_job_that_has_not_run_and_broken_files_give_one_line_errors() {
     sh("tar -cJf ../badjson_d1.tar.xz job_status.json", &r);
     assert!(err(&host(&["job", "status", "badjson_d1.tar.xz"], tmp.path())).contains("not valid JSON"));
 }
+
+/// One ustar header block, by hand: hostile archives are made byte by byte.
+fn tar_block(name: &[u8], flag: u8, size: u64, link: &[u8]) -> Vec<u8> {
+    let mut b = vec![0u8; 512];
+    b[..name.len()].copy_from_slice(name);
+    b[100..108].copy_from_slice(b"0000644\0");
+    b[108..116].copy_from_slice(b"0000000\0");
+    b[116..124].copy_from_slice(b"0000000\0");
+    b[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+    b[136..148].copy_from_slice(b"00000000000\0");
+    b[156] = flag;
+    b[157..157 + link.len()].copy_from_slice(link);
+    b[257..263].copy_from_slice(b"ustar\0");
+    b[263..265].copy_from_slice(b"00");
+    b[148..156].copy_from_slice(b"        ");
+    let sum: u32 = b.iter().map(|&x| u32::from(x)).sum();
+    b[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    b
+}
+
+fn pax_record(key: &str, value: &str) -> Vec<u8> {
+    let body = format!(" {key}={value}\n");
+    let mut len = body.len() + 1;
+    while format!("{len}{body}").len() != len {
+        len += 1;
+    }
+    format!("{len}{body}").into_bytes()
+}
+
+/// A pax header (`x` or `g`) with its records, padded to whole blocks.
+fn pax(flag: u8, records: &[u8]) -> Vec<u8> {
+    let mut out = tar_block(b"PaxHeader", flag, records.len() as u64, b"");
+    out.extend_from_slice(records);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+/// Compresses `tar` with the real xz into `path`.
+fn xz_file(tar: &[u8], path: &Path) {
+    use std::io::Write;
+    let mut child = Command::new("xz")
+        .args(["-0", "-c"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("xz");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let data = tar.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data).expect("feed xz"));
+    let out = child.wait_with_output().expect("xz output");
+    writer.join().expect("writer");
+    assert!(out.status.success());
+    fs::write(path, out.stdout).expect("write");
+}
+
+#[test]
+fn job_status_stops_a_flood_of_pax_global_headers_with_a_clear_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // 20 MB of global headers in a few KB of xz; today's reader gives up after 8.
+    let mut tar = pax(b'g', &pax_record("comment", "flood")).repeat(20_000);
+    tar.extend_from_slice(&tar_block(b"job_status.json", b'0', 2, b""));
+    tar.extend_from_slice(b"{}");
+    tar.resize(tar.len().div_ceil(512) * 512 + 1024, 0);
+    let file = tmp.path().join("flood_d1.tar.xz");
+    xz_file(&tar, &file);
+    assert!(fs::metadata(&file).expect("stat").len() < 64 << 10);
+    for cmd in ["status", "log", "list"] {
+        let e = err(&host(&["job", cmd, "flood_d1.tar.xz"], tmp.path()));
+        assert!(e.contains("more than 8 extension headers before one entry at byte 8192"), "{cmd}: {e}");
+    }
+}
+
+#[test]
+fn job_log_of_a_sparse_entry_declaring_2_pow_62_bytes_stops_at_its_byte_limit() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let records = [
+        pax_record("GNU.sparse.major", "1"),
+        pax_record("GNU.sparse.minor", "0"),
+        pax_record("GNU.sparse.name", "job_output.txt"),
+        pax_record("GNU.sparse.realsize", &(1u64 << 62).to_string()),
+    ]
+    .concat();
+    let mut tar = pax(b'x', &records);
+    tar.extend_from_slice(&tar_block(b"GNUSparseFile.0/job_output.txt", b'0', 512, b""));
+    let mut map = b"0\n".to_vec();
+    map.resize(512, 0);
+    tar.extend_from_slice(&map);
+    tar.resize(tar.len() + 1024, 0);
+    xz_file(&tar, &tmp.path().join("sparse_d1.tar.xz"));
+    let out = host(&["job", "log", "sparse_d1.tar.xz", "--max-bytes", "1M"], tmp.path());
+    let e = err(&out);
+    assert!(e.contains("produces more than 1048576 bytes"), "{e}");
+    assert!(out.stdout.len() <= 1 << 20, "{} bytes written", out.stdout.len());
+    // The default bound (1 GiB) holds too, without any option.
+    let e = err(&host(&["job", "log", "sparse_d1.tar.xz", "--max-time", "1h"], tmp.path()));
+    assert!(e.contains("produces more than 1073741824 bytes") || e.contains("cannot write"), "{e}");
+}
+
+#[test]
+fn job_unpack_refuses_a_hardlink_to_a_symlink_and_applies_the_umask() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // d/l -> ../target stays inside; a hardlink to it at the top would lead outside.
+    sh(
+        "mkdir -p src/d && cd src && ln -s ../target d/l && ln -P d/l l2 && printf x > wide && chmod 0777 wide \
+         && tar -cJf ../links_d1.tar.xz d d/l l2 wide",
+        tmp.path(),
+    );
+    let list = ok(&host(&["job", "list", "links_d1.tar.xz"], tmp.path()));
+    assert!(list.contains("l2 link to d/l"), "the archive holds the attack: {list}");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("umask 027 && exec '{}' job unpack links_d1.tar.xz out", env!("CARGO_BIN_EXE_construir-host")))
+        .current_dir(tmp.path())
+        .output()
+        .expect("unpack");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("skipped l2: hardlink target is not a regular file"), "{stderr}");
+    assert!(fs::symlink_metadata(tmp.path().join("out/l2")).is_err(), "no link leading outside DIR");
+    assert_eq!(fs::read_link(tmp.path().join("out/d/l")).expect("link"), Path::new("../target"));
+    let mode = fs::metadata(tmp.path().join("out/wide")).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o750, "0777 in the archive, through umask 027");
+}
+
+#[test]
+fn job_list_and_status_show_hostile_text_escaped() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Raw C1 and bidi characters, and C0 ones as JSON escapes (raw C0 is not valid JSON).
+    let status = "{\"result\":\"ok\",\"message\":\"\u{9b}31mred \u{202e}txt.exe \\u001b]0;title\\u0007\"}";
+    let evil = "evil\u{1b}[2J\u{202e}gpj.sh";
+    let mut tar = tar_block(b"job_status.json", b'0', status.len() as u64, b"");
+    tar.extend_from_slice(status.as_bytes());
+    tar.resize(tar.len().div_ceil(512) * 512, 0);
+    tar.extend_from_slice(&tar_block(evil.as_bytes(), b'0', 0, b""));
+    tar.extend_from_slice(&tar_block(b"bad\xff\x9bname", b'0', 0, b""));
+    tar.resize(tar.len() + 1024, 0);
+    xz_file(&tar, &tmp.path().join("text_d1.tar.xz"));
+    let hidden = |s: &str| s.chars().any(|c| matches!(c as u32, 0..=8 | 0x0b..=0x1f | 0x7f..=0x9f | 0x202a..=0x202e));
+    let list = ok(&host(&["job", "list", "text_d1.tar.xz"], tmp.path()));
+    assert!(!hidden(&list), "{list:?}");
+    assert!(list.contains("evil\\x1b[2J\\u{202e}gpj.sh"), "{list}");
+    assert!(list.contains("bad\\xff\\x9bname"), "{list}");
+    let shown = ok(&host(&["job", "status", "text_d1.tar.xz"], tmp.path()));
+    assert!(!hidden(&shown), "{shown:?}");
+    let v: serde_json::Value = serde_json::from_str(&shown).expect("json");
+    assert_eq!(v["message"], "\\u{9b}31mred \\u{202e}txt.exe \\x1b]0;title\\x07");
+}

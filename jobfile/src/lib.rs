@@ -3,7 +3,7 @@
 //! A job file is `<name>_i<image>.tar.xz`: one xz stream holding a tar
 //! archive, then zero bytes up to the file's length, which is the job's
 //! output capacity. This crate names, reads, safely unpacks and packs such
-//! files; see `DESIGN.md` for the contract.
+//! files; see `docs/DESIGN.md` for the contract.
 
 pub mod entries;
 pub mod fallback;

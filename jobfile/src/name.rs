@@ -1,6 +1,6 @@
 //! Job file names: `<name>_i<image>.tar.xz` in the queue, `<name>_d<image>.tar.xz` when done.
 //!
-//! The rules are DESIGN.md's. Parsing never trusts the input: every refusal says
+//! The rules are docs/DESIGN.md's. Parsing never trusts the input: every refusal says
 //! which rule was broken, and the names it accepts are always safe as a single
 //! path component on any filesystem we care about.
 

@@ -1,7 +1,7 @@
 //! The end-to-end harness: our binaries as built by cargo, a mini image
 //! built once per test run by our own image-builder, and queues in
 //! temporary directories. Jobs are made by hand with tar and truncate, the
-//! way DESIGN.md says any submitter may make them.
+//! way docs/DESIGN.md says any submitter may make them.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -35,6 +35,28 @@ pub fn images() -> &'static Path {
         assert!(status.success(), "image-builder mini failed");
         target
     })
+}
+
+/// An images directory in `root` whose `i0` never boots: the mini image's
+/// kernel with an initramfs whose /init only sleeps, saying nothing.
+pub fn never_booting_images(root: &Path) -> PathBuf {
+    let dir = root.join("never-boots");
+    let i0 = dir.join("i0");
+    fs::create_dir_all(i0.join("initrd/bin")).expect("mkdir");
+    for file in ["vmlinuz", "image.toml"] {
+        fs::copy(images().join("i0").join(file), i0.join(file)).expect("copy");
+    }
+    fs::copy("/bin/busybox", i0.join("initrd/bin/busybox")).expect("busybox (busybox-static)");
+    fs::write(
+        i0.join("initrd/init"),
+        "#!/bin/busybox sh
+/bin/busybox sleep 100000
+",
+    )
+    .expect("init");
+    fs::set_permissions(i0.join("initrd/init"), fs::Permissions::from_mode(0o755)).expect("chmod");
+    sh("find . | cpio -o -H newc --quiet > ../initrd.img", &i0.join("initrd"));
+    dir
 }
 
 /// The directory our e2e images live in (beside the binaries).
@@ -157,17 +179,21 @@ impl Queue {
 
     /// Starts `construir-host run QUEUE` (not --once) in the background; its log goes to `<root>/host-<tag>.log`.
     pub fn spawn(&self, tag: &str, host_id: &str, extra: &[&str]) -> std::process::Child {
+        self.host_command(tag, host_id, extra).spawn().expect("start construir-host")
+    }
+
+    /// The command `spawn` runs, for a test that needs to change how the host starts.
+    pub fn host_command(&self, tag: &str, host_id: &str, extra: &[&str]) -> Command {
         let log = fs::File::create(self.log_path(tag)).expect("host log");
-        Command::new(bin("construir-host"))
-            .arg("run")
+        let mut cmd = Command::new(bin("construir-host"));
+        cmd.arg("run")
             .arg(&self.queue)
             .args(["--accel", "tcg", "--memory", "1G", "--cpus", "1", "--host-id", host_id, "--images"])
             .arg(images())
             .args(extra)
             .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start construir-host")
+            .stderr(log);
+        cmd
     }
 
     pub fn log_path(&self, tag: &str) -> PathBuf {
@@ -176,6 +202,29 @@ impl Queue {
 
     pub fn log(&self, tag: &str) -> String {
         fs::read_to_string(self.log_path(tag)).unwrap_or_default()
+    }
+
+    /// A refused queue entry in failed/: its path (a name the host chose,
+    /// `refused.…`) and its `.reason`, found by the sanitized name it came with.
+    pub fn refusal(&self, shown_name: &str) -> (PathBuf, String) {
+        let wanted = format!("original name: {shown_name}");
+        for entry in fs::read_dir(&self.failed).expect("failed/") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|x| x == "reason") {
+                let text = fs::read_to_string(&path).expect("reason");
+                if text.lines().any(|l| l == wanted) {
+                    let name = path.file_name().expect("name").to_string_lossy().into_owned();
+                    assert!(name.starts_with("refused."), "{name}");
+                    return (path.with_extension(""), text);
+                }
+            }
+        }
+        panic!("no refusal of {shown_name} in {}: {:?}", self.failed.display(), Self::list(&self.failed))
+    }
+
+    /// The `.reason` of a job in failed/ under its own name, or of a refused entry of that name.
+    pub fn reason(&self, name: &str) -> String {
+        fs::read_to_string(self.failed.join(format!("{name}.reason"))).unwrap_or_else(|_| self.refusal(name).1)
     }
 
     pub fn done(&self, file_name: &str) -> PathBuf {
