@@ -211,10 +211,16 @@ fn recover(opts: &RunOptions, summary: &mut Summary) -> Result<()> {
             Err(e) => return Err(e).with_context(|| format!("cannot requeue {label}")),
         }
     }
+    // This host's VM directories, and KVM probes' left by a host killed while probing.
     let prefix = format!("{}.", opts.limits.host_id);
     for entry in fs::read_dir(&dirs.work)? {
         let entry = entry?;
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let dead_probe = name
+            .strip_prefix(".kvm-probe.")
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        if name.starts_with(&prefix) || dead_probe {
             let _ = fs::remove_dir_all(entry.path()).or_else(|_| fs::remove_file(entry.path()));
         }
     }

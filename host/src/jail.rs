@@ -13,7 +13,7 @@
 //!   binary and libraries, the accelerator modules and firmware, read-only;
 //!   `/dev/null`, `/dev/urandom`, a `/dev/kvm` node of its own (its uid's,
 //!   0600) when KVM is used; its own `/proc`;
-//!   and its private scratch directory as `/tmp` for the snapshot overlay;
+//!   and its private scratch directory as `/var/tmp` for the snapshot overlay;
 //! - where the kernel has Landlock, file access restricted to that root.
 //!
 //! A pid namespace only applies to children, so the forked child unshares,
@@ -404,7 +404,11 @@ struct Namespaces {
 }
 
 /// The paths the child's Landlock rules name, inside the new root.
-const TMP: &CStr = c"/tmp";
+const TMP: &CStr = c"/var/tmp";
+
+/// Where a jailed QEMU finds its scratch directory (its TMPDIR). Not `/tmp`:
+/// QEMU puts snapshot overlays in `/var/tmp` when TMPDIR is `/tmp`.
+pub const SCRATCH: &str = "/var/tmp";
 const ROOT: &CStr = c"/";
 const DEVICES: [&CStr; 3] = [c"/dev/null", c"/dev/urandom", c"/dev/kvm"];
 
@@ -415,7 +419,7 @@ impl Plan {
     }
 
     /// A plan for a jailed QEMU: `job_dir/root` (an empty directory) becomes
-    /// its root, `job_dir/scratch` (owned by `identity`) its `/tmp`.
+    /// its root, `job_dir/scratch` (owned by `identity`) its `/var/tmp`.
     #[allow(clippy::too_many_arguments)]
     pub fn jailed(
         identity: Identity,
@@ -469,10 +473,10 @@ impl Plan {
                 fs::metadata(kvm_dev).map_err(|source| JailError::Read { path: kvm_dev.to_owned(), source })?.rdev();
             steps.push(Step::Node { path: c(&inside(kvm_dev))?, rdev, owner: identity });
         }
-        mkdirs(Path::new("/tmp"), &mut steps)?;
+        mkdirs(Path::new(SCRATCH), &mut steps)?;
         steps.push(Step::Bind {
             src: c(&job_dir.join("scratch"))?,
-            dst: c(&inside(Path::new("/tmp")))?,
+            dst: c(&inside(Path::new(SCRATCH)))?,
             writable: true,
             device: false,
         });
@@ -694,7 +698,7 @@ unsafe fn build_root(ns: &Namespaces) -> io::Result<()> {
 }
 
 /// Landlock: reads beneath the (minimal, read-only) root, writes only in
-/// `/tmp` and to the devices, and reads of the files QEMU reopens through
+/// `/var/tmp` and to the devices, and reads of the files QEMU reopens through
 /// `/proc/self/fd` (its kernel and initrd, which live outside the root).
 ///
 /// # Safety

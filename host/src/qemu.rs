@@ -230,7 +230,7 @@ impl Prepared {
     /// QEMU's TMPDIR as QEMU sees it.
     pub fn tmpdir(&self, confiner: &Confiner) -> PathBuf {
         match self.confinement(confiner) {
-            Confinement::Jailed { .. } => PathBuf::from("/tmp"),
+            Confinement::Jailed { .. } => PathBuf::from(jail::SCRATCH),
             Confinement::Plain => self.dir.path.join("scratch"),
         }
     }

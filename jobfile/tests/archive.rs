@@ -354,6 +354,43 @@ fn paths_hidden_in_pax_and_gnu_long_names_are_checked_too() {
 }
 
 #[test]
+fn skip_reports_hold_a_bounded_excerpt_of_each_path() {
+    // 100 skipped entries, each with a 1 MiB escaping pax path of control bytes (4 MiB once escaped):
+    // listed whole, that is 400 MB of report from a few KB of xz.
+    let mut t = Vec::new();
+    let path = format!("/{}", "\x1b".repeat((1 << 20) - 64)); // within the 1 MiB pax header cap
+    let record = {
+        let body = format!(" path={path}\n");
+        let mut len = body.len() + 1;
+        while format!("{len}{body}").len() != len {
+            len += 1;
+        }
+        format!("{len}{body}")
+    };
+    for i in 0..100 {
+        raw_entry(&mut t, "PaxHeaders/x", b'x', "", record.as_bytes());
+        raw_entry(&mut t, &format!("f{i}"), b'0', "", b"x");
+    }
+    end(&mut t);
+    let compressed = xz(&t);
+    assert!(compressed.len() < 64 << 10, "{} bytes of xz", compressed.len());
+    let sb = sandbox();
+    let report = unpack_bytes(&compressed, &sb.target, &UnpackOptions::default()).expect("unpack");
+    assert_eq!(report.skipped_total, 100);
+    for s in &report.skipped {
+        assert_eq!(s.reason, SkipReason::Absolute);
+        assert!(s.path.len() < 4 * 512 + 64, "{} bytes kept for one skipped path", s.path.len());
+        assert!(
+            s.path.ends_with(&format!("... ({} more bytes)", path.len() - 512)),
+            "{}",
+            &s.path[s.path.len() - 40..]
+        );
+        assert!(!s.path.contains('\x1b'));
+    }
+    sb.assert_outside_untouched();
+}
+
+#[test]
 fn later_entries_replace_earlier_files_but_never_write_through_them() {
     let sb = sandbox();
     fs::write(sb.root.join("outside/victim"), "original").expect("victim");
