@@ -186,11 +186,16 @@ fn stop_leftovers(scope: KillScope, job: Pid) -> u32 {
     }
     kill_all(scope, job, Signal::SIGKILL);
     // Bounded too: what is stuck in D state is left behind, and packing goes on.
+    // SIGKILL again whenever nothing is left to reap: a fork bomb's children
+    // born after the last kill would otherwise live on.
     let until = Instant::now() + REAP_WAIT;
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
             Err(Errno::EINTR) => continue,
-            Ok(WaitStatus::StillAlive) if Instant::now() < until => thread::sleep(Duration::from_millis(10)),
+            Ok(WaitStatus::StillAlive) if Instant::now() < until => {
+                kill_all(scope, job, Signal::SIGKILL);
+                thread::sleep(Duration::from_millis(10));
+            }
             Err(_) | Ok(WaitStatus::StillAlive) => return reaped,
             Ok(_) => reaped += 1,
         }

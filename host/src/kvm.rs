@@ -67,5 +67,14 @@ fn boot_probe(
     let vm = qemu::run(&spec, prepared.confinement(confiner), bounds, &AtomicBool::new(false))?;
     let console = vm.console.finish("");
     // No root disk: a kernel that really booted panics, saying so.
-    Ok(vm.cut.is_none() && console.windows(12).any(|w| w == b"Kernel panic"))
+    let booted = vm.cut.is_none() && console.windows(12).any(|w| w == b"Kernel panic");
+    if !booted {
+        let why = match vm.cut {
+            Some(_) => format!("no kernel panic within {} s (the boot hung)", limit.as_secs()),
+            None if !vm.stderr.is_empty() => format!("QEMU said: {}", vm.stderr.lines().last().unwrap_or_default()),
+            None => "QEMU ended before the kernel got anywhere".to_owned(),
+        };
+        log::info!("KVM probe: {why}");
+    }
+    Ok(booted)
 }
