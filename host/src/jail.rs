@@ -30,7 +30,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
@@ -61,8 +61,8 @@ pub enum JailError {
     LockDir { path: PathBuf, source: io::Error },
     #[error("every uid of the VM range {first}-{last} is in use (by this host's VMs, another host's, or a process still running as one)")]
     Exhausted { first: u32, last: u32 },
-    #[error("cannot run {ldd} to find what {qemu} needs")]
-    Ldd { ldd: &'static str, qemu: PathBuf, source: io::Error },
+    #[error("cannot run {command} to find what {qemu} needs")]
+    Discover { command: &'static str, qemu: PathBuf, source: io::Error },
     #[error("cannot find {what} for {qemu}")]
     Missing { what: String, qemu: PathBuf },
     #[error("path {path} has a NUL byte")]
@@ -198,8 +198,6 @@ impl IdPool {
     }
 }
 
-use std::os::unix::fs::DirBuilderExt;
-
 /// Real uids of the processes running now.
 fn uids_in_use() -> BTreeSet<u32> {
     let Ok(procs) = fs::read_dir("/proc") else { return BTreeSet::new() };
@@ -249,11 +247,11 @@ impl JailRoot {
             binds.extend(libraries(object, &qemu)?);
         }
         // QEMU's own list of firmware directories (`-L help`), and wherever their links point.
-        let out = Command::new(&qemu).args(["-L", "help"]).env_clear().output().map_err(|source| JailError::Ldd {
-            ldd: "qemu -L help",
-            qemu: qemu.clone(),
-            source,
-        })?;
+        let out = Command::new(&qemu)
+            .args(["-L", "help"])
+            .env_clear()
+            .output()
+            .map_err(|source| JailError::Discover { command: "qemu -L help", qemu: qemu.clone(), source })?;
         let data: Vec<PathBuf> =
             String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| fs::canonicalize(l.trim()).ok()).collect();
         if data.is_empty() {
@@ -291,8 +289,8 @@ fn which(program: &Path) -> Option<PathBuf> {
 /// The shared objects `object` loads, as paths, from `ldd`.
 fn libraries(object: &Path, qemu: &Path) -> Result<Vec<PathBuf>, JailError> {
     const LDD: &str = "ldd";
-    let out = Command::new(LDD).arg(object).env_clear().output().map_err(|source| JailError::Ldd {
-        ldd: LDD,
+    let out = Command::new(LDD).arg(object).env_clear().output().map_err(|source| JailError::Discover {
+        command: LDD,
         qemu: qemu.to_owned(),
         source,
     })?;

@@ -25,16 +25,16 @@ pub enum Mode {
 
 /// Sanitizes a whole byte string for one line of display.
 pub fn sanitize(bytes: &[u8]) -> String {
-    let mut s = Sanitizer::new(Mode::Line);
-    let mut out = String::with_capacity(bytes.len());
-    s.push(bytes, &mut out);
-    s.finish(&mut out);
-    out
+    whole(bytes, Mode::Line)
 }
 
 /// Sanitizes multi-line text (newlines and tabs kept).
 pub fn sanitize_lines(bytes: &[u8]) -> String {
-    let mut s = Sanitizer::new(Mode::Lines);
+    whole(bytes, Mode::Lines)
+}
+
+fn whole(bytes: &[u8], mode: Mode) -> String {
+    let mut s = Sanitizer::new(mode);
     let mut out = String::with_capacity(bytes.len());
     s.push(bytes, &mut out);
     s.finish(&mut out);
