@@ -300,7 +300,7 @@ fn hostile_guests_end_in_a_verdict_and_the_host_holds() {
     for (name, script) in jobs {
         q.add_job(&format!("{name}_i0.tar.xz"), script, "8m", &[]);
     }
-    let run = q.run(&["--workers", "2", "--timeout", "40s", "--grace", "60s"]);
+    let run = q.run(&["--workers", "2", "--timeout", "40s", "--grace", "80s"]);
     assert!(run.success, "{}", run.log);
     let reason = |name: &str| {
         fs::read_to_string(q.failed.join(format!("{name}_i0.tar.xz.reason")))

@@ -83,26 +83,25 @@ pub fn run_job(cfg: &RunConfig, console: Box<dyn Write + Send>) -> io::Result<Ru
     let mut status = None;
     let mut timed_out = false;
     while status.is_none() {
-        match reap_one()? {
-            Some((p, st)) if p == pid => status = Some(st),
-            Some(_) => continue, // an orphan the job left: reaped, nothing more
-            None => {}
-        }
+        // Every orphan that has ended is reaped at once: a fork bomb's zombies hold its PIDs.
+        status = reap_all().into_iter().find_map(|(p, st)| (p == pid).then_some(st));
         if status.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
             timed_out = true;
-            kill_all(cfg.kill_scope, pid, Signal::SIGKILL);
-            // A process stuck in D state never dies: after the wait, go on without it.
-            status = Some(wait_for(pid, REAP_WAIT)?.unwrap_or(WaitStatus::Signaled(pid, Signal::SIGKILL, false)));
-        } else if status.is_none() {
+            break;
+        }
+        if status.is_none() {
             thread::sleep(Duration::from_millis(10));
         }
     }
     let ended = SystemTime::now();
     let duration = clock.elapsed();
-    let leftovers = stop_leftovers(cfg.kill_scope, pid);
+    // A job that timed out gets no polite SIGTERM: everything is killed now.
+    let polite = if timed_out { Duration::ZERO } else { Duration::from_secs(2) };
+    let (leftovers, job_status) = stop_everything(cfg.kill_scope, pid, polite);
+    // A process stuck in D state never dies: after the wait, go on without it.
+    let status = status.or(job_status).unwrap_or(WaitStatus::Signaled(pid, Signal::SIGKILL, false));
     let output_bytes = copier.recv_timeout(Duration::from_secs(5)).unwrap_or(0);
 
-    let status = status.expect("the loop ends only with a status");
     let (exit_code, signal) = match status {
         WaitStatus::Exited(_, code) => (Some(code), None),
         WaitStatus::Signaled(_, sig, _) => (None, Some(sig as i32)),
@@ -137,31 +136,33 @@ fn is_executable(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// Reaps one exited child, if any, without blocking.
-fn reap_one() -> io::Result<Option<(Pid, WaitStatus)>> {
-    match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-        Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => Ok(None),
-        Ok(st) => Ok(st.pid().map(|p| (p, st))),
-        Err(Errno::EINTR) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// How long PID 1 waits for killed processes to be reaped before going on without them.
-const REAP_WAIT: Duration = Duration::from_secs(10);
-
-/// Waits for `pid` to end, at most `limit`; `None` if it did not.
-fn wait_for(pid: Pid, limit: Duration) -> io::Result<Option<WaitStatus>> {
-    let until = Instant::now() + limit;
+/// Reaps every child that has ended, without blocking.
+fn reap_all() -> Vec<(Pid, WaitStatus)> {
+    let mut reaped = Vec::new();
     loop {
-        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-            Ok(st) if matches!(st, WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => return Ok(Some(st)),
-            Ok(_) | Err(Errno::EINTR) if Instant::now() < until => thread::sleep(Duration::from_millis(10)),
-            Ok(_) | Err(Errno::EINTR) => return Ok(None),
-            Err(e) => return Err(e.into()),
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Err(Errno::EINTR) => continue,
+            Ok(WaitStatus::StillAlive) | Err(_) => return reaped,
+            Ok(st) => {
+                if let Some(p) = st.pid() {
+                    reaped.push((p, st));
+                }
+            }
         }
     }
 }
+
+/// Whether any child is left (ended or not).
+fn has_children() -> bool {
+    // SAFETY: siginfo_t is plain data; all-zero is a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid with WNOHANG|WNOWAIT only inspects and reaps nothing; it writes `info`, which outlives the call.
+    let r = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) };
+    !(r < 0 && Errno::last() == Errno::ECHILD)
+}
+
+/// How long PID 1 keeps killing and reaping before going on without what is left.
+const REAP_WAIT: Duration = Duration::from_secs(10);
 
 fn kill_all(scope: KillScope, job: Pid, sig: Signal) {
     let _ = match scope {
@@ -170,35 +171,40 @@ fn kill_all(scope: KillScope, job: Pid, sig: Signal) {
     };
 }
 
-/// After the script: SIGTERM to what it left running, a moment to exit,
-/// SIGKILL to the rest, and reap everything. Returns how many were reaped.
-fn stop_leftovers(scope: KillScope, job: Pid) -> u32 {
-    let mut reaped = 0;
-    kill_all(scope, job, Signal::SIGTERM);
-    let until = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < until {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Err(Errno::ECHILD) => return reaped,
-            Ok(WaitStatus::StillAlive) => thread::sleep(Duration::from_millis(10)),
-            Ok(_) => reaped += 1,
-            Err(_) => {}
+/// After the script (or at its timeout): SIGTERM and `polite` for what is
+/// left to exit, then SIGKILL, again and again while reaping (a fork bomb's
+/// children born after one kill die at the next), until nothing is left or
+/// `REAP_WAIT` has passed: what is stuck in D state is left behind, and
+/// packing goes on. Returns how many processes other than the script were
+/// reaped, and the script's own status if it was among them.
+fn stop_everything(scope: KillScope, job: Pid, polite: Duration) -> (u32, Option<WaitStatus>) {
+    let mut leftovers = 0;
+    let mut job_status = None;
+    let mut count = |reaped: Vec<(Pid, WaitStatus)>| {
+        for (p, st) in reaped {
+            if p == job {
+                job_status = Some(st);
+            } else {
+                leftovers += 1;
+            }
+        }
+    };
+    if !polite.is_zero() {
+        kill_all(scope, job, Signal::SIGTERM);
+        let until = Instant::now() + polite;
+        while Instant::now() < until && has_children() {
+            count(reap_all());
+            thread::sleep(Duration::from_millis(10));
         }
     }
-    kill_all(scope, job, Signal::SIGKILL);
-    // Bounded too: what is stuck in D state is left behind, and packing goes on.
-    // SIGKILL again whenever nothing is left to reap: a fork bomb's children
-    // born after the last kill would otherwise live on.
     let until = Instant::now() + REAP_WAIT;
     loop {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Err(Errno::EINTR) => continue,
-            Ok(WaitStatus::StillAlive) if Instant::now() < until => {
-                kill_all(scope, job, Signal::SIGKILL);
-                thread::sleep(Duration::from_millis(10));
-            }
-            Err(_) | Ok(WaitStatus::StillAlive) => return reaped,
-            Ok(_) => reaped += 1,
+        kill_all(scope, job, Signal::SIGKILL);
+        count(reap_all());
+        if !has_children() || Instant::now() >= until {
+            return (leftovers, job_status);
         }
+        thread::sleep(Duration::from_millis(10));
     }
 }
 

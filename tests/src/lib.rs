@@ -253,14 +253,29 @@ pub fn job_tool(cmd: &str, file: &Path) -> Output {
 
 pub fn job_log(file: &Path) -> Vec<u8> {
     let out = job_tool("log", file);
-    assert!(out.status.success(), "job log: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "job log: {}{}", String::from_utf8_lossy(&out.stderr), why_not_done(file));
     out.stdout
 }
 
 pub fn job_status(file: &Path) -> serde_json::Value {
     let out = job_tool("status", file);
-    assert!(out.status.success(), "job status: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "job status: {}{}", String::from_utf8_lossy(&out.stderr), why_not_done(file));
     serde_json::from_slice(&out.stdout).expect("status is JSON")
+}
+
+/// When a result expected in done/ is missing, the reason and log its job left in failed/, for the panic message.
+fn why_not_done(file: &Path) -> String {
+    let (Some(dir), Some(name)) = (file.parent(), file.file_name().and_then(|n| n.to_str())) else {
+        return String::new();
+    };
+    if file.exists() || dir.file_name().is_none_or(|d| d != "done") {
+        return String::new();
+    }
+    let Some(at) = name.rfind("_d") else { return String::new() };
+    let queued = format!("{}_i{}", &name[..at], &name[at + 2..]);
+    let failed = dir.with_file_name("failed");
+    let read = |ext: &str| fs::read_to_string(failed.join(format!("{queued}.{ext}"))).unwrap_or_default();
+    format!("\nfailed/{queued}.reason:\n{}\nfailed/{queued}.log:\n{}", read("reason"), read("log"))
 }
 
 pub fn sh(script: &str, cwd: &Path) -> String {
