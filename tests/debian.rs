@@ -11,11 +11,17 @@ fn the_manifest_is_complete_and_two_builds_list_the_same_packages() {
     let first = ImageManifest::load(&debian_images().join("i100")).expect("image.toml");
     assert_eq!((first.kind.as_str(), first.suite.as_deref()), ("debootstrap", Some("bookworm")));
     assert_eq!((first.root_disk.as_deref(), first.job_device.as_str()), (Some("root.qcow2"), "/dev/vdb"));
-    assert!(
-        first.cmdline.contains("root=/dev/vda") && first.cmdline.contains("init=/usr/sbin/construir-init"),
-        "{}",
-        first.cmdline
-    );
+    // Our own initramfs: construir-init is its /init and switches to the root named here.
+    assert_eq!(first.cmdline, "root=/dev/vda rootfstype=ext4 rootflags=noatime");
+    let initrd = first_initrd_listing(&debian_images().join("i100/initrd.img"));
+    assert!(initrd.contains(&"init".to_owned()), "{initrd:?}");
+    let modules: Vec<&str> =
+        initrd.iter().filter_map(|p| p.rsplit('/').next()).filter(|n| n.ends_with(".ko")).collect();
+    for want in ["virtio_blk.ko", "ext4.ko", "jbd2.ko", "crc32c_generic.ko", "pvpanic-pci.ko"] {
+        assert!(modules.contains(&want), "{want} missing from the initramfs: {modules:?}");
+    }
+    assert!(modules.len() < 20, "more than the root disk needs: {modules:?}");
+    assert!(!initrd.iter().any(|p| p.contains("udev") || p.ends_with("bin/sh")), "{initrd:?}");
     assert_eq!(first.builder_version, env!("CARGO_PKG_VERSION"));
     assert!(first.created.ends_with('Z') && first.created.len() == 20, "{}", first.created);
     assert_eq!(first.sha256.keys().collect::<Vec<_>>(), ["initrd.img", "root.qcow2", "vmlinuz"]);
@@ -40,6 +46,35 @@ fn the_manifest_is_complete_and_two_builds_list_the_same_packages() {
     }
     let left: Vec<_> = fs::read_dir(tmp.path()).expect("ls").map(|e| e.expect("e").file_name()).collect();
     assert_eq!(left, ["i100"]);
+}
+
+fn first_initrd_listing(initrd: &std::path::Path) -> Vec<String> {
+    sh(&format!("cpio -it --quiet < '{}'", initrd.display()), std::path::Path::new("/"))
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_job_runs_on_the_root_disk_after_init_switched_to_it_and_the_initramfs_is_gone() {
+    let q = Queue::new();
+    q.add_job(
+        "boot_i100.tar.xz",
+        "#!/bin/sh
+awk '$2 == \"/\" { print \"root:\", $1, $3 }' /proc/mounts
+         for p in /init /newroot /etc/construir/modules; do [ -e $p ] && echo \"left: $p\"; done
+         grep -c '^ext4 ' /proc/modules | sed 's/^/ext4 loaded: /'
+echo pid1: $(cat /proc/1/comm)
+",
+        "1m",
+        &[],
+    );
+    let run = q.run_with_images(debian_images(), &["--timeout", "5m"]);
+    assert!(run.success, "{}", run.log);
+    let result = q.done("boot_d100.tar.xz");
+    assert_eq!(job_status(&result)["result"], "ok");
+    let log = String::from_utf8(job_log(&result)).expect("utf8");
+    assert_eq!(log, "root: /dev/vda ext4\next4 loaded: 1\npid1: init\n");
 }
 
 #[test]

@@ -9,6 +9,7 @@
 pub mod device;
 pub mod mounts;
 pub mod power;
+pub mod root;
 pub mod runner;
 pub mod settings;
 
@@ -50,12 +51,29 @@ impl Default for Paths {
     }
 }
 
-/// Boot-time setup that only makes sense as PID 1.
-pub fn setup_system(paths: &Paths) {
+/// Boot-time setup that only makes sense as PID 1. In an initramfs whose
+/// command line names a `root=` (the Debian images), this loads the root
+/// disk's modules and switches to it. An error is fatal: there is no system
+/// to run the job in, and the job disk is left as it is.
+pub fn setup_system(paths: &Paths) -> Result<(), String> {
     for failure in mounts::mount_all() {
         say!("{failure}");
     }
     console_on_stdio();
+    for failure in device::load_modules(&paths.module_list) {
+        say!("{failure}");
+    }
+    let cmdline = fs::read_to_string(&paths.cmdline).unwrap_or_default();
+    if let Some(spec) = root::RootSpec::from_cmdline(&cmdline) {
+        if root::in_initramfs() {
+            let spec = spec.map_err(|e| e.to_string())?;
+            let (settings, _) = Settings::from_cmdline(&cmdline);
+            root::switch_root(&spec, settings.device_wait).map_err(|e| e.to_string())?;
+            for failure in mounts::mount_all() {
+                say!("{failure}");
+            }
+        }
+    }
     if let Err(e) = mounts::remount_root_rw() {
         say!("cannot remount / read-write: {e}");
     }
@@ -65,9 +83,7 @@ pub fn setup_system(paths: &Paths) {
     if let Err(e) = loopback_up() {
         say!("cannot bring up lo: {e}");
     }
-    for failure in device::load_modules(&paths.module_list) {
-        say!("{failure}");
-    }
+    Ok(())
 }
 
 /// Steps 2 to 6: settings, unpack, run, status, pack. Returns the final status.
@@ -212,12 +228,17 @@ fn pack(disk: &mut File, settings: &Settings, paths: &Paths, status: &mut JobSta
             report.compressed_len,
             status.result.as_str()
         ),
-        Err(PackError::TooLarge { needed, capacity }) => {
-            say!("/job needs {needed} bytes packed, the job file holds {capacity}: writing the status and the end of the output");
+        Err(PackError::TooLarge { needed, capacity, estimated }) => {
+            let about = if estimated { "about " } else { "" };
+            say!("/job needs {about}{needed} bytes packed, the job file holds {capacity}: writing the status and the end of the output");
             status.result = Outcome::OutputTooLarge;
             status.needed_bytes = Some(needed);
             status.capacity_bytes = Some(capacity);
-            status.message = Some(format!("the packed /job needs {needed} bytes; the job file holds {capacity}"));
+            status.needed_bytes_estimated = estimated;
+            status.message = Some(format!(
+                "the packed /job needs {about}{needed} bytes{}; the job file holds {capacity}",
+                if estimated { " (estimated: packing stopped once it could not fit)" } else { "" }
+            ));
             finish_with_fallback(disk, status, &paths.job_dir);
         }
         Err(e) => {

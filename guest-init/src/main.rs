@@ -13,11 +13,13 @@ fn main() {
     say!("version {VERSION} starting");
     let paths = Paths::default();
     let result = std::panic::catch_unwind(|| {
-        setup_system(&paths);
-        run_job_disk(&paths, KillScope::Everything)
+        setup_system(&paths)?;
+        Ok::<_, String>(run_job_disk(&paths, KillScope::Everything))
     });
     match result {
-        Ok(status) => say!("result {}; powering off", status.result.as_str()),
+        Ok(Ok(status)) => say!("result {}; powering off", status.result.as_str()),
+        // The job disk is left untouched: the host reports that no result came back, with this line.
+        Ok(Err(e)) => say!("cannot set up the VM: {e}; powering off without running the job"),
         Err(_) => say!("internal error (panic); powering off"),
     }
     power::power_off()

@@ -98,7 +98,7 @@ impl VmSpec {
         push(&["-append", &self.cmdline]);
         if self.root_disk.is_some() {
             push(&["-add-fd", &format!("fd={FD_ROOT},set=1")]);
-            push(&["-drive", "if=none,id=root,file=/dev/fdset/1,format=qcow2,snapshot=on"]);
+            push(&["-drive", "if=none,id=root,file=/dev/fdset/1,format=qcow2,snapshot=on,cache=unsafe"]);
             push(&["-device", "virtio-blk-pci,drive=root"]);
         }
         if self.job_disk.is_some() {

@@ -1,8 +1,10 @@
 //! `image-builder debootstrap`: a Debian base image. debootstrap minbase
 //! with a kernel and build tools, construir-init as `/usr/sbin/construir-init`,
-//! config/guest/ baked in, a small Debian initramfs, apt caches and docs
-//! dropped, the root as ext4 (via `mkfs.ext4 -d`) in qcow2, and an
-//! `image.toml` listing every package with its version.
+//! config/guest/ baked in, apt caches and docs dropped, the root as ext4 (via
+//! `mkfs.ext4 -d`) in qcow2, and an `image.toml` listing every package with
+//! its version. The initramfs is ours, not Debian's: construir-init as
+//! `/init` and exactly the modules the root disk needs; init mounts the root
+//! and switches to it (no udev, no shell scripts).
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -14,10 +16,26 @@ use anyhow::{bail, Context, Result};
 use jobfile::image::{ImageManifest, Package};
 use jobfile::status::rfc3339;
 
+use std::io::BufWriter;
+
+use crate::initramfs::Cpio;
+use crate::kernel::Kernel;
 use crate::output::Staging;
 use crate::{command, ext4, mini, say, sources};
 
 include!(concat!(env!("OUT_DIR"), "/guest_files.rs"));
+
+/// Modules the initramfs loads for the root disk, besides the job disk's
+/// (`mini::MODULES`); their dependencies, hard and soft, come from the
+/// image's own `modules.dep`, `modules.softdep` and `modules.alias`.
+pub const ROOT_MODULES: &[&str] = &["ext4"];
+
+/// Where init mounts the root disk before switching to it (`guest-init/src/root.rs`).
+const ROOT_MOUNT: &str = "newroot";
+
+/// The root's mount options: the root disk is a discarded snapshot, so
+/// nothing is worth an access-time write.
+pub const ROOT_FLAGS: &str = "noatime";
 
 /// Packages every Debian image has, besides what `--include` adds.
 pub const BASE_PACKAGES: &[&str] = &["linux-image-amd64", "build-essential", "bzip2", "xz-utils"];
@@ -110,13 +128,30 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
     fs::create_dir_all(r.join("job")).context("cannot create /job")?;
 
     let kernel_version = installed_kernel(r)?;
-    say!("step 3/7: a small initramfs for kernel {kernel_version}");
-    command::run(
-        Command::new("chroot").arg(r).args(["update-initramfs", "-u", "-k", &kernel_version]).env("LC_ALL", "C"),
-        "update-initramfs",
-        Duration::from_secs(20 * 60),
-        |_| {},
-    )?;
+    say!("step 3/7: the initramfs: construir-init as /init and the root disk's modules (kernel {kernel_version})");
+    let kernel = Kernel {
+        image: r.join(format!("boot/vmlinuz-{kernel_version}")),
+        version: kernel_version.clone(),
+        modules: r.join(format!("lib/modules/{kernel_version}")),
+    };
+    let wanted: Vec<&str> = mini::MODULES.iter().chain(ROOT_MODULES).copied().collect();
+    let modules = kernel.resolve_modules(&wanted).context("cannot resolve the root disk's modules")?;
+    say!(
+        "  modules: {}",
+        modules.iter().map(|m| m.file_name().unwrap_or_default().to_string_lossy()).collect::<Vec<_>>().join(" ")
+    );
+    let initrd = staging.dir.join("initrd.img");
+    let file = fs::File::create(&initrd).with_context(|| format!("cannot create {}", initrd.display()))?;
+    let mut cpio = Cpio::new(BufWriter::new(file));
+    mini::write_init(&mut cpio, &init, &modules, r).context("cannot write the initramfs")?;
+    cpio.dir(ROOT_MOUNT, 0o755).context("cannot write the initramfs")?;
+    cpio.finish().context("cannot write the initramfs")?;
+    // Debian's own initramfs (made when the kernel package was installed) is never booted.
+    for entry in fs::read_dir(r.join("boot")).context("the image has no /boot")?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with("initrd.img") {
+            fs::remove_file(entry.path()).with_context(|| format!("cannot remove {}", entry.path().display()))?;
+        }
+    }
 
     say!("step 4/7: listing packages");
     let listing = command::run(
@@ -132,11 +167,9 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
         .collect();
     installed.sort_by(|a, b| a.name.cmp(&b.name));
 
-    say!("step 5/7: exporting the kernel and initramfs, dropping apt lists, caches and docs");
+    say!("step 5/7: exporting the kernel, dropping apt lists, caches and docs");
     fs::copy(r.join(format!("boot/vmlinuz-{kernel_version}")), staging.dir.join("vmlinuz"))
         .context("cannot copy the kernel")?;
-    fs::copy(r.join(format!("boot/initrd.img-{kernel_version}")), staging.dir.join("initrd.img"))
-        .context("cannot copy the initramfs")?;
     for dir in [
         "var/lib/apt/lists",
         "var/cache/apt",
@@ -173,7 +206,7 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
         kernel: "vmlinuz".into(),
         initrd: "initrd.img".into(),
         root_disk: Some("root.qcow2".into()),
-        cmdline: "root=/dev/vda rootfstype=ext4 rw init=/usr/sbin/construir-init".into(),
+        cmdline: format!("root=/dev/vda rootfstype=ext4 rootflags={ROOT_FLAGS}"),
         job_device: "/dev/vdb".into(),
         suite: Some(opts.suite.clone()),
         packages: installed,

@@ -69,6 +69,8 @@ impl Kernel {
             .collect();
         let by_file: HashMap<&str, &str> =
             deps.iter().map(|(name, (file, _))| (file.as_str(), name.as_str())).collect();
+        let soft = Soft::read(&self.modules);
+        let tree = Tree { deps: &deps, by_file: &by_file, soft: &soft };
         let mut order = Vec::new();
         for name in wanted {
             let name = name.replace('-', "_");
@@ -78,32 +80,83 @@ impl Kernel {
                 }
                 return Err(KernelError::UnknownModule { name, dep: dep_path });
             }
-            visit(&name, &deps, &by_file, &mut order);
+            tree.visit(&name, &mut order);
         }
         Ok(order.into_iter().map(|file| self.modules.join(file)).collect())
     }
 }
 
-/// Depth first: a module's dependencies before the module.
-fn visit(
-    name: &str,
-    deps: &HashMap<String, (String, Vec<String>)>,
-    by_file: &HashMap<&str, &str>,
-    order: &mut Vec<String>,
-) {
-    let Some((file, needs)) = deps.get(name) else {
-        return;
-    };
-    if order.contains(file) {
-        return;
-    }
-    for dep in needs {
-        if let Some(dep_name) = by_file.get(dep.as_str()) {
-            visit(dep_name, deps, by_file, order);
+/// What `modprobe` would also load: `modules.softdep`'s `pre:` modules (e.g.
+/// ext4 needs `crypto-crc32c`, which nothing else loads without a modprobe),
+/// with names found through `modules.alias`.
+#[derive(Default)]
+struct Soft {
+    pre: HashMap<String, Vec<String>>,
+    aliases: HashMap<String, Vec<String>>,
+}
+
+impl Soft {
+    fn read(modules: &Path) -> Soft {
+        let mut soft = Soft::default();
+        for line in fs::read_to_string(modules.join("modules.softdep")).unwrap_or_default().lines() {
+            let mut words = line.split_whitespace();
+            if words.next() != Some("softdep") {
+                continue;
+            }
+            let Some(module) = words.next() else { continue };
+            let mut in_pre = false;
+            for w in words {
+                match w {
+                    "pre:" => in_pre = true,
+                    "post:" => in_pre = false,
+                    dep if in_pre => soft.pre.entry(module.replace('-', "_")).or_default().push(dep.to_owned()),
+                    _ => {}
+                }
+            }
         }
+        for line in fs::read_to_string(modules.join("modules.alias")).unwrap_or_default().lines() {
+            let mut words = line.split_whitespace();
+            if let (Some("alias"), Some(alias), Some(module)) = (words.next(), words.next(), words.next()) {
+                soft.aliases.entry(alias.to_owned()).or_default().push(module.replace('-', "_"));
+            }
+        }
+        soft
     }
-    if !order.contains(file) {
-        order.push(file.clone());
+}
+
+struct Tree<'a> {
+    deps: &'a HashMap<String, (String, Vec<String>)>,
+    by_file: &'a HashMap<&'a str, &'a str>,
+    soft: &'a Soft,
+}
+
+impl Tree<'_> {
+    /// Depth first: a module's soft and hard dependencies before the module.
+    fn visit(&self, name: &str, order: &mut Vec<String>) {
+        let Some((file, needs)) = self.deps.get(name) else {
+            return;
+        };
+        if order.contains(file) {
+            return;
+        }
+        for pre in self.soft.pre.get(name).into_iter().flatten() {
+            let plain = pre.replace('-', "_");
+            if self.deps.contains_key(&plain) {
+                self.visit(&plain, order);
+            } else {
+                for module in self.soft.aliases.get(pre.as_str()).into_iter().flatten() {
+                    self.visit(module, order);
+                }
+            }
+        }
+        for dep in needs {
+            if let Some(dep_name) = self.by_file.get(dep.as_str()) {
+                self.visit(dep_name, order);
+            }
+        }
+        if !order.contains(file) {
+            order.push(file.clone());
+        }
     }
 }
 
@@ -177,6 +230,27 @@ mod tests {
         let got = k.resolve_modules(&["virtio_pci", "virtio-blk", "ext4"]).expect("resolve");
         let names: Vec<String> = got.iter().map(|p| module_name(&p.to_string_lossy())).collect();
         assert_eq!(names, ["virtio_pci_legacy_dev", "virtio_ring", "virtio", "virtio_pci", "virtio_blk"]);
+        // Soft dependencies come first, found by name or through an alias.
+        fs::write(
+            dir.path().join("modules.dep"),
+            "kernel/fs/jbd2/jbd2.ko:\nkernel/crypto/crc32c_generic.ko:\nkernel/arch/crc32c-intel.ko:\nkernel/lib/crc16.ko:\n\
+             kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/jbd2/jbd2.ko\n",
+        )
+        .expect("write");
+        fs::write(dir.path().join("modules.builtin"), "").expect("write");
+        fs::write(
+            dir.path().join("modules.softdep"),
+            "# comment\nsoftdep ext4 pre: crypto-crc32c\nsoftdep jbd2 pre: crc16 post: x\n",
+        )
+        .expect("write");
+        fs::write(
+            dir.path().join("modules.alias"),
+            "alias crypto-crc32c crc32c_intel\nalias crypto-crc32c crc32c_generic\n",
+        )
+        .expect("write");
+        let got = k.resolve_modules(&["ext4"]).expect("resolve");
+        let names: Vec<String> = got.iter().map(|p| module_name(&p.to_string_lossy())).collect();
+        assert_eq!(names, ["crc32c_intel", "crc32c_generic", "crc16", "jbd2", "ext4"]);
         assert!(matches!(k.resolve_modules(&["nope"]), Err(KernelError::UnknownModule { .. })));
     }
 }

@@ -77,30 +77,16 @@ fn write_root<W: std::io::Write>(
     busybox: &Path,
     modules: &[PathBuf],
 ) -> std::io::Result<()> {
-    for dir in
-        ["dev", "proc", "sys", "run", "tmp", "job", "root", "etc/construir", "bin", "sbin", "usr/bin", "usr/sbin"]
-    {
-        cpio.dir(dir, if dir == "tmp" { 0o1777 } else { 0o755 })?;
+    for dir in ["job", "root", "etc/construir", "bin", "sbin", "usr/bin", "usr/sbin"] {
+        cpio.dir(dir, 0o755)?;
     }
-    // The kernel opens /dev/console for PID 1 before devtmpfs is mounted.
-    cpio.char_device("dev/console", 0o600, 5, 1)?;
-    cpio.char_device("dev/null", 0o666, 1, 3)?;
-    cpio.copy("init", 0o755, init)?;
+    write_init(cpio, init, modules, Path::new("/"))?;
     cpio.copy("bin/busybox", 0o755, busybox)?;
     for applet in busybox_applets(busybox)? {
         if applet != "bin/busybox" && applet != "init" && applet != "linuxrc" {
             cpio.symlink(&applet, "/bin/busybox")?;
         }
     }
-    let mut list = String::new();
-    for module in modules {
-        let rel = module.strip_prefix("/").unwrap_or(module).to_string_lossy().into_owned();
-        cpio.copy(&rel, 0o644, module)?;
-        list.push('/');
-        list.push_str(&rel);
-        list.push('\n');
-    }
-    cpio.file(MODULE_LIST, 0o644, list.as_bytes())?;
     cpio.file("etc/hostname", 0o644, b"construir\n")?;
     cpio.file(
         "etc/passwd",
@@ -109,6 +95,35 @@ fn write_root<W: std::io::Write>(
     )?;
     cpio.file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")?;
     Ok(())
+}
+
+/// What every initramfs of ours holds: the mount points, the two device
+/// nodes the kernel needs before devtmpfs, construir-init as `/init`, and the
+/// modules (files under `modules_root`, e.g. a Debian root being built) with
+/// the list init loads them from, in order.
+pub fn write_init<W: std::io::Write>(
+    cpio: &mut Cpio<W>,
+    init: &Path,
+    modules: &[PathBuf],
+    modules_root: &Path,
+) -> std::io::Result<()> {
+    for dir in ["dev", "proc", "sys", "run", "tmp"] {
+        cpio.dir(dir, if dir == "tmp" { 0o1777 } else { 0o755 })?;
+    }
+    // The kernel opens /dev/console for PID 1 before devtmpfs is mounted.
+    cpio.char_device("dev/console", 0o600, 5, 1)?;
+    cpio.char_device("dev/null", 0o666, 1, 3)?;
+    cpio.copy("init", 0o755, init)?;
+    let mut list = String::new();
+    for module in modules {
+        let inside = module.strip_prefix(modules_root).unwrap_or(module);
+        let rel = inside.strip_prefix("/").unwrap_or(inside).to_string_lossy().into_owned();
+        cpio.copy(&rel, 0o644, module)?;
+        list.push('/');
+        list.push_str(&rel);
+        list.push('\n');
+    }
+    cpio.file(MODULE_LIST, 0o644, list.as_bytes())
 }
 
 fn busybox_applets(busybox: &Path) -> std::io::Result<Vec<String>> {
