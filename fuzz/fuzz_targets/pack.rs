@@ -96,7 +96,7 @@ fuzz_target!(|data: &[u8]| {
             }
             assert_eq!(describe(&dst), want);
         }
-        Err(PackError::TooLarge { needed, capacity }) => assert!(needed > capacity),
+        Err(PackError::TooLarge { needed, capacity, .. }) => assert!(needed > capacity),
         Err(e) => panic!("packing a tree we built failed: {e}"),
     }
 });

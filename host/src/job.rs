@@ -53,8 +53,8 @@ pub enum JobToolError {
     BadImage { image: String, source: NameError },
     #[error("--size {size} is below the minimum of 64 KiB (the job file must hold at least the fallback result)")]
     SizeTooSmall { size: u64 },
-    #[error("the packed job needs {needed} bytes ({}), more than --size {size} ({}); use a larger --size", human_size(*needed), human_size(*size))]
-    TooLarge { needed: u64, size: u64 },
+    #[error("the packed job needs {}{needed} bytes ({}), more than --size {size} ({}); use a larger --size", if *estimated { "about " } else { "" }, human_size(*needed), human_size(*size))]
+    TooLarge { needed: u64, size: u64, estimated: bool },
     #[error("{path} already exists (use --force to replace it)")]
     Exists { path: PathBuf },
     #[error("cannot pack {dir}")]
@@ -156,7 +156,7 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
             first: Vec::new(),
         };
         let (report, buffered) = jobfile::pack_dir(dir, BufWriter::new(&file), size, &opts).map_err(|e| match e {
-            PackError::TooLarge { needed, .. } => JobToolError::TooLarge { needed, size },
+            PackError::TooLarge { needed, estimated, .. } => JobToolError::TooLarge { needed, size, estimated },
             source => JobToolError::Pack { dir: dir.clone(), source },
         })?;
         drop(buffered);

@@ -2,9 +2,15 @@
 //!
 //! Symlinks are stored as links, never followed; sockets, FIFOs and devices
 //! are skipped and reported; entries go in sorted order. The output goes
-//! through a writer that stops writing at the budget but keeps counting, so a
-//! result that does not fit reports exactly how many bytes it needed.
+//! through a writer that stops writing at the budget and counts a little
+//! further (to twice the budget plus 1 MiB, which evens out the encoder's
+//! lag), then stops the compression: the bytes needed are exact if the tree
+//! ended by then, else estimated from how much of the tree it took to get
+//! there (a cheap walk counts the tree first). The same walk sizes the encoder: a small tree gets a dictionary
+//! no larger than itself, which saves allocating and clearing the preset's
+//! full one (tens of MiB).
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{self, File};
@@ -12,12 +18,13 @@ use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use liblzma::write::XzEncoder;
 use thiserror::Error;
 
 use crate::text::sanitize_capped;
-use crate::xz::{encoder, EncodeOptions, XzError};
+use crate::xz::{sized_encoder, EncodeOptions, XzError};
 use crate::zero;
 
 #[derive(Debug, Clone, Default)]
@@ -46,8 +53,10 @@ pub struct PackReport {
 
 #[derive(Debug, Error)]
 pub enum PackError {
-    #[error("the packed archive needs {needed} bytes but only {capacity} are available")]
-    TooLarge { needed: u64, capacity: u64 },
+    /// When `estimated`, compression stopped well past the budget and the
+    /// rest of the tree is assumed to pack as well as its start.
+    #[error("the packed archive needs {}{needed} bytes but only {capacity} are available", if *estimated { "about " } else { "" })]
+    TooLarge { needed: u64, capacity: u64, estimated: bool },
     #[error("cannot read {path}")]
     Read { path: PathBuf, source: io::Error },
     #[error("cannot write the archive")]
@@ -56,30 +65,88 @@ pub enum PackError {
     Xz(#[from] XzError),
 }
 
-/// Packs `dir` into `out`, failing with [`PackError::TooLarge`] past `capacity` bytes.
+/// Packs `dir` into `out`, failing with [`PackError::TooLarge`] as soon as
+/// the output passes `capacity` bytes.
 pub fn pack_dir<W: Write>(dir: &Path, out: W, capacity: u64, opts: &PackOptions) -> Result<(PackReport, W), PackError> {
-    let limited = Limited { inner: out, limit: capacity, total: 0 };
-    let xz = XzEncoder::new_stream(limited, encoder(opts.encode)?);
-    let mut packer = Packer { tar: tar::Builder::new(xz), opts, report: PackReport::default(), links: HashMap::new() };
+    let prepended: u64 = opts.prepend.iter().map(|(_, data)| tar_size(data.len() as u64)).sum();
+    let input = prepended.saturating_add(tree_size(dir, opts.exclude)).saturating_add(1024);
+    let out_total = Rc::new(Cell::new(0u64));
+    let in_total = Rc::new(Cell::new(0u64));
+    let stop_at = capacity.saturating_mul(2).saturating_add(1 << 20);
+    let limited = Limited { inner: out, limit: capacity, stop_at, total: out_total.clone() };
+    let (stream, in_flight) = sized_encoder(opts.encode, input, capacity)?;
+    let xz = XzEncoder::new_stream(limited, stream);
+    let counted = Counted { inner: xz, total: in_total.clone() };
+    let mut packer =
+        Packer { tar: tar::Builder::new(counted), opts, report: PackReport::default(), links: HashMap::new() };
     packer.tar.follow_symlinks(false);
-    for (name, data) in &opts.prepend {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        header.set_mtime(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()));
-        packer.tar.append_data(&mut header, name, &data[..]).map_err(PackError::Write)?;
-        packer.report.entries += 1;
+    let too_large = |fed: u64| {
+        let out = out_total.get();
+        // The part of the tree compressed so far (what was fed, less what
+        // the encoder's threads still hold) predicts the rest.
+        let compressed = fed.saturating_sub(in_flight).max(1);
+        let estimate = (out as f64 * input as f64 / compressed as f64) as u64;
+        PackError::TooLarge { needed: estimate.max(out), capacity, estimated: true }
+    };
+    let walked = (|| {
+        for (name, data) in &opts.prepend {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_mtime(
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            );
+            packer.tar.append_data(&mut header, name, &data[..]).map_err(PackError::Write)?;
+            packer.report.entries += 1;
+        }
+        packer.walk(dir, Path::new(""))
+    })();
+    if out_total.get() > stop_at {
+        return Err(too_large(in_total.get()));
     }
-    packer.walk(dir, Path::new(""))?;
+    walked?;
     let Packer { tar, mut report, .. } = packer;
-    let xz = tar.into_inner().map_err(PackError::Write)?;
-    let mut limited = xz.finish().map_err(PackError::Write)?;
-    limited.flush().map_err(PackError::Write)?;
-    if limited.total > capacity {
-        return Err(PackError::TooLarge { needed: limited.total, capacity });
-    }
-    report.compressed_len = limited.total;
+    let finished = tar.into_inner().and_then(|counted| counted.inner.finish()).and_then(|mut limited| {
+        limited.flush()?;
+        Ok(limited)
+    });
+    let limited = match finished {
+        Ok(_) if out_total.get() > capacity => {
+            return Err(PackError::TooLarge { needed: out_total.get(), capacity, estimated: false })
+        }
+        Ok(l) => l,
+        Err(_) if out_total.get() > stop_at => return Err(too_large(in_total.get())),
+        Err(e) => return Err(PackError::Write(e)),
+    };
+    report.compressed_len = out_total.get();
     Ok((report, limited.inner))
+}
+
+/// Bytes a tar of `dir` takes before compression (headers and padded data),
+/// from a walk that only stats; what cannot be read counts as nothing here
+/// and is reported by the pack itself.
+fn tree_size(dir: &Path, exclude: Option<(u64, u64)>) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    let mut total = 0u64;
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        if exclude == Some((meta.dev(), meta.ino())) {
+            continue;
+        }
+        total = total.saturating_add(if meta.is_dir() {
+            512 + tree_size(&entry.path(), exclude)
+        } else if meta.is_file() {
+            tar_size(meta.len())
+        } else {
+            512
+        });
+    }
+    total
+}
+
+/// A file's header and its data padded to 512 bytes (long names add more; this is an estimate).
+fn tar_size(len: u64) -> u64 {
+    512 + len.div_ceil(512).saturating_mul(512)
 }
 
 /// Packs `dir` onto the start of `file` (a job file or the job disk) within
@@ -103,21 +170,46 @@ pub fn pack_onto(dir: &Path, file: &mut File, opts: &PackOptions) -> Result<Pack
     }
 }
 
-/// Passes writes through up to `limit` bytes, then only counts them.
+/// Passes writes through up to `limit` bytes, then only counts them; the
+/// write that passes `stop_at` fails, which stops the compression feeding it.
 struct Limited<W> {
     inner: W,
     limit: u64,
-    total: u64,
+    stop_at: u64,
+    total: Rc<Cell<u64>>,
 }
 
 impl<W: Write> Write for Limited<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let room = self.limit.saturating_sub(self.total).min(buf.len() as u64) as usize;
+        let before = self.total.get();
+        let total = before + buf.len() as u64;
+        self.total.set(total);
+        if total > self.stop_at {
+            return Err(io::Error::new(io::ErrorKind::StorageFull, "the packed archive does not fit"));
+        }
+        let room = self.limit.saturating_sub(before).min(buf.len() as u64) as usize;
         if room > 0 {
             self.inner.write_all(&buf[..room])?;
         }
-        self.total += buf.len() as u64;
         Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Counts the bytes written through it (the tar, before compression).
+struct Counted<W> {
+    inner: W,
+    total: Rc<Cell<u64>>,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.total.set(self.total.get() + n as u64);
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -59,6 +59,10 @@ pub struct JobStatus {
     /// For `output_too_large`: bytes the packed `/job` needed, and what the file held.
     pub needed_bytes: Option<u64>,
     pub capacity_bytes: Option<u64>,
+    /// Whether `needed_bytes` is an estimate: packing stops soon after the
+    /// result is known not to fit, and the rest of `/job` is assumed to pack
+    /// as well as what was packed.
+    pub needed_bytes_estimated: bool,
     /// Entries of the job archive that were not unpacked, with why.
     pub skipped_entries: Vec<String>,
     /// A human-readable explanation when something went wrong.
@@ -82,6 +86,7 @@ impl Default for JobStatus {
             killed_leftovers: None,
             needed_bytes: None,
             capacity_bytes: None,
+            needed_bytes_estimated: false,
             skipped_entries: Vec::new(),
             message: None,
         }

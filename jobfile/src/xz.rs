@@ -7,7 +7,7 @@
 
 use std::io::{self, Read};
 
-use liblzma::stream::{Action, Check, Error as LzmaError, MtStreamBuilder, Status, Stream};
+use liblzma::stream::{Action, Check, Error as LzmaError, Filters, LzmaOptions, MtStreamBuilder, Status, Stream};
 use thiserror::Error;
 
 /// Default decoder memory limit: enough for every preset (`-9` needs 65 MiB),
@@ -163,6 +163,52 @@ pub fn encoder(opts: EncodeOptions) -> Result<Stream, XzError> {
         Stream::new_easy_encoder(preset, Check::Crc64)
     };
     stream.map_err(|source| XzError::Setup { what: "encoder", source })
+}
+
+/// An encoder for about `input` bytes whose output must fit in `capacity`.
+/// The dictionary is at most the input's size (rounded up to a power of two,
+/// at least 64 KiB): a larger one cannot help, and costs its memory and the
+/// time to clear it. With threads, blocks are at most half the capacity (at
+/// least 1 MiB), so output starts early enough to tell that it will not fit.
+/// Also returns how much input the encoder may hold before its output shows
+/// it (a block per thread; nothing to speak of single-threaded).
+pub fn sized_encoder(opts: EncodeOptions, input: u64, capacity: u64) -> Result<(Stream, u64), XzError> {
+    let setup = |source| XzError::Setup { what: "encoder", source };
+    let preset = opts.preset.min(9);
+    let mut lzma = LzmaOptions::new_preset(preset).map_err(setup)?;
+    let full = lzma_dict_size(preset);
+    let dict = input.clamp(64 << 10, u64::from(full)).next_power_of_two().min(u64::from(full)) as u32;
+    lzma.dict_size(dict);
+    let mut filters = Filters::new();
+    filters.lzma2(&lzma);
+    if opts.threads > 1 {
+        // xz's own default block: three dictionaries (at least 1 MiB).
+        let block = (3 * u64::from(dict)).max(1 << 20).min((capacity / 2).max(1 << 20));
+        let stream = MtStreamBuilder::new()
+            .threads(opts.threads)
+            .filters(filters)
+            .block_size(block)
+            .check(Check::Crc64)
+            .encoder()
+            .map_err(setup)?;
+        Ok((stream, block * u64::from(opts.threads)))
+    } else {
+        Ok((Stream::new_stream_encoder(&filters, Check::Crc64).map_err(setup)?, 0))
+    }
+}
+
+/// The dictionary size of an xz preset (`xz --help`'s table).
+fn lzma_dict_size(preset: u32) -> u32 {
+    match preset {
+        0 => 256 << 10,
+        1 => 1 << 20,
+        2 => 2 << 20,
+        3 | 4 => 4 << 20,
+        5 | 6 => 8 << 20,
+        7 => 16 << 20,
+        8 => 32 << 20,
+        _ => 64 << 20,
+    }
 }
 
 #[cfg(test)]

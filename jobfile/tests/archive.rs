@@ -511,7 +511,8 @@ fn an_archive_that_does_not_fit_says_what_it_needed_and_leaves_no_broken_stream(
     fs::write(&path, vec![0xEEu8; 64 << 10]).expect("fill with non-zero input");
     let mut file = fs::OpenOptions::new().read(true).write(true).open(&path).expect("open");
     match pack_onto(&src, &mut file, &PackOptions::default()) {
-        Err(PackError::TooLarge { needed, capacity }) => {
+        // The tree ends within the counting bound (twice the budget plus 1 MiB): the figure is exact.
+        Err(PackError::TooLarge { needed, capacity, estimated: false }) => {
             assert_eq!(capacity, 64 << 10);
             assert!(needed > 512 << 10, "needed {needed}");
         }
@@ -573,4 +574,40 @@ fn corrupt_and_non_xz_job_files_give_clear_errors() {
     let err = unpack_bytes(&xz(&[0x41u8; 4096]), &sb.target, &UnpackOptions::default()).expect_err("not tar");
     assert!(matches!(err, UnpackError::Archive(ArchiveError::BadChecksum { offset: 0 })), "{err:?}");
     sb.assert_outside_untouched();
+}
+
+#[test]
+fn a_tree_far_too_large_stops_packing_early_with_an_estimate() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    // 8 files of 1 MiB of noise: 8 MiB that will not compress, for a 64 KiB file.
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    for i in 0..8 {
+        let noise: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        fs::write(src.join(format!("noise{i}")), &noise).expect("write");
+    }
+    let path = work.path().join("small_i1.tar.xz");
+    fs::write(&path, vec![0u8; 64 << 10]).expect("write");
+    let mut file = fs::OpenOptions::new().read(true).write(true).open(&path).expect("open");
+    for threads in [1, 2] {
+        let opts = PackOptions { encode: EncodeOptions { preset: 6, threads }, ..Default::default() };
+        match pack_onto(&src, &mut file, &opts) {
+            Err(PackError::TooLarge { needed, capacity, estimated: true }) => {
+                assert_eq!(capacity, 64 << 10);
+                let real = 8u64 << 20;
+                assert!(needed.abs_diff(real) < real / 4, "{threads} thread(s): estimated {needed} for about {real}");
+            }
+            other => panic!("expected an estimated TooLarge, got {other:?}"),
+        }
+    }
+    let err = PackError::TooLarge { needed: 9_000_000, capacity: 65_536, estimated: true };
+    assert_eq!(err.to_string(), "the packed archive needs about 9000000 bytes but only 65536 are available");
 }
