@@ -147,6 +147,48 @@ fn three_jobs_with_two_workers_all_finish_and_two_run_at_once() {
 }
 
 #[test]
+fn renamed_in_jobs_are_claimed_at_once_in_arrival_order_and_files_written_in_place_settle() {
+    let q = Queue::new();
+    let staging = q.root.path().join("staging");
+    fs::create_dir(&staging).expect("mkdir");
+    for name in ["zulu", "mike", "alpha", "inplace"] {
+        let queued = q.add_job(&format!("{name}_i0.tar.xz"), &format!("#!/bin/sh\necho {name}\n"), "1m", &[]);
+        let staged = staging.join(format!("{name}_i0.tar.xz"));
+        fs::rename(&queued, &staged).expect("out of the queue");
+        sh(&format!("touch '{}'", staged.display()), q.root.path()); // written just now
+    }
+    // An hour's settle: only a rename into the queue can be claimed within this test.
+    let mut host = q.spawn("order", &q.host_id, &["--workers", "1", "--settle", "1h"]);
+    assert!(
+        construir_e2e::wait_for(Duration::from_secs(30), || q.log("order").contains("watching")),
+        "{}",
+        q.log("order")
+    );
+    for name in ["zulu", "mike", "alpha"] {
+        fs::rename(staging.join(format!("{name}_i0.tar.xz")), q.queue.join(format!("{name}_i0.tar.xz"))).expect("mv");
+    }
+    // Written in place (a copy, not a rename): it must wait for the settle time.
+    fs::copy(staging.join("inplace_i0.tar.xz"), q.queue.join("inplace_i0.tar.xz")).expect("cp");
+    let all_done = construir_e2e::wait_for(Duration::from_secs(240), || {
+        ["zulu", "mike", "alpha"].iter().all(|n| q.done(&format!("{n}_d0.tar.xz")).exists())
+    });
+    construir_e2e::signal(&host, libc::SIGTERM);
+    let status = host.wait().expect("wait");
+    let log = q.log("order");
+    assert!(all_done && status.success(), "{log}");
+    let claims: Vec<&str> = log.lines().filter_map(|l| l.split("job ").nth(1)?.strip_suffix(": claimed")).collect();
+    assert_eq!(claims, ["zulu_i0.tar.xz", "mike_i0.tar.xz", "alpha_i0.tar.xz"], "{log}");
+    for name in ["zulu", "mike", "alpha"] {
+        assert_eq!(
+            String::from_utf8(job_log(&q.done(&format!("{name}_d0.tar.xz")))).expect("utf8"),
+            format!("{name}\n")
+        );
+    }
+    assert_eq!(Queue::list(&q.queue), ["inplace_i0.tar.xz"], "a file written in place waits to settle: {log}");
+    assert_eq!(Queue::list(&q.failed), Vec::<String>::new(), "nothing is refused while it is written: {log}");
+}
+
+#[test]
 fn a_flood_of_output_keeps_the_host_log_within_its_cap() {
     let q = Queue::new();
     let script = "#!/bin/sh\nyes 'a line of flood output, forty-odd bytes' | head -c 20971520\necho END\n";

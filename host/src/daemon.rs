@@ -16,7 +16,8 @@ use jobfile::image::ImageManifest;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
-use crate::queue::{self, Candidate, Dirs, Rules};
+use crate::pending::{Pending, Refusal};
+use crate::queue::{self, Dirs, Rules};
 use crate::worker::{self, Ending, Limits};
 
 #[derive(Debug, Clone)]
@@ -50,7 +51,9 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     let events = AddWatchFlags::IN_CLOSE_WRITE
         | AddWatchFlags::IN_MOVED_TO
         | AddWatchFlags::IN_CREATE
-        | AddWatchFlags::IN_ATTRIB;
+        | AddWatchFlags::IN_ATTRIB
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_DELETE;
     inotify.add_watch(&dirs.queue, events).with_context(|| format!("cannot watch {}", dirs.queue.display()))?;
     log::info!(
         "watching {} with {} worker(s), {} acceleration, timeout {} s{}",
@@ -65,9 +68,11 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     let kill = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel::<(OsString, std::io::Result<Ending>)>();
     let mut running: HashSet<OsString> = HashSet::new();
-    let mut dirty = true;
+    let mut pending = Pending::new(opts.rules);
+    let mut refused: Vec<Refusal> = Vec::new();
+    // The watch is set before the first scan: nothing that arrives in between is missed.
+    let mut rescan_due = true;
     let mut last_scan = Instant::now();
-    let mut seen = queue::Seen::default();
     let mut stopping: Option<Instant> = None;
     loop {
         if stop.load(Ordering::Relaxed) && stopping.is_none() {
@@ -81,62 +86,74 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         if stopping.is_some_and(|t| t.elapsed() >= opts.stop_timeout) && !kill.swap(true, Ordering::Relaxed) {
             log::info!("stop bound reached: stopping {} VM(s)", running.len());
         }
-        let mut waiting = 0;
-        if stopping.is_none() && (dirty || last_scan.elapsed() >= opts.rescan) {
-            dirty = false;
+        if rescan_due || last_scan.elapsed() >= opts.rescan {
+            rescan_due = false;
             last_scan = Instant::now();
-            let found = queue::scan(&dirs.queue, opts.rules, &mut seen)
+            pending
+                .rescan(&dirs.queue, &mut refused)
                 .with_context(|| format!("cannot read {}", dirs.queue.display()))?;
-            for candidate in found {
-                match candidate {
-                    Candidate::Refuse { file_name, reason } => {
-                        refuse(dirs, &opts.limits.host_id, &file_name, &reason, &mut summary)
-                    }
-                    Candidate::Settling { .. } => {
-                        waiting += 1;
-                        dirty = true; // look again soon
-                    }
-                    Candidate::Job { file_name, job, scanned } => {
-                        if let Err(e) = ImageManifest::load(&dirs.images.join(format!("i{}", job.image()))) {
-                            let reason = format!("unknown image i{}: {}", job.image(), jobfile::error_chain(&e));
-                            refuse(dirs, &opts.limits.host_id, &file_name, &reason, &mut summary);
-                            continue;
-                        }
-                        if running.len() >= opts.workers {
-                            waiting += 1;
-                            continue;
-                        }
-                        match queue::claim(dirs, &file_name) {
-                            Ok(true) => {}
-                            Ok(false) => continue, // another host took it
-                            Err(e) => {
-                                log::error!("job {}: cannot claim: {e}", job.input_file_name());
-                                continue;
-                            }
-                        }
-                        log::info!("job {}: claimed", job.input_file_name());
-                        running.insert(file_name.clone());
-                        let (dirs, limits, tx, kill) = (dirs.clone(), opts.limits.clone(), tx.clone(), kill.clone());
-                        thread::spawn(move || {
-                            let ending = worker::run(&dirs, &limits, &file_name, &job, &scanned, &kill);
-                            let _ = tx.send((file_name, ending));
-                        });
-                    }
+        }
+        let next_settle = pending.settle(&dirs.queue, &mut refused);
+        while stopping.is_none() && running.len() < opts.workers {
+            let Some(ready) = pending.next_ready(&dirs.queue, &mut refused) else { break };
+            let job = ready.job;
+            if let Err(e) = ImageManifest::load(&dirs.images.join(format!("i{}", job.image()))) {
+                let reason = format!("unknown image i{}: {}", job.image(), jobfile::error_chain(&e));
+                refused.push(Refusal { file_name: ready.file_name, reason });
+                continue;
+            }
+            match queue::claim(dirs, &ready.file_name) {
+                Ok(true) => {}
+                Ok(false) => continue, // another host took it
+                Err(e) => {
+                    log::error!("job {}: cannot claim: {e}; looking again at the next rescan", job.input_file_name());
+                    continue;
                 }
             }
+            log::info!("job {}: claimed", job.input_file_name());
+            let file_name = ready.file_name;
+            running.insert(file_name.clone());
+            let (dirs, limits, tx, kill, scanned) =
+                (dirs.clone(), opts.limits.clone(), tx.clone(), kill.clone(), ready.scanned);
+            thread::spawn(move || {
+                let ending = worker::run(&dirs, &limits, &file_name, &job, &scanned, &kill);
+                let _ = tx.send((file_name, ending));
+            });
         }
-        if running.is_empty() && (stopping.is_some() || (opts.once && waiting == 0 && !dirty)) {
+        for r in refused.drain(..) {
+            refuse(dirs, &opts.limits.host_id, &r.file_name, &r.reason, &mut summary);
+        }
+        if running.is_empty() && (stopping.is_some() || (opts.once && pending.is_empty())) {
             break;
         }
-        // Sleep until the queue changes, a job ends, or it is time to rescan.
+        // Sleep until the queue changes, a job ends, an entry may have settled, or it is time to rescan.
+        let wait = next_settle.unwrap_or(Duration::MAX).min(opts.rescan.saturating_sub(last_scan.elapsed()));
+        let wait_ms = wait.as_millis().clamp(1, if running.is_empty() { 1000 } else { 100 }) as u16;
         let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
-        let _ = poll(&mut fds, PollTimeout::from(200u16));
-        if let Ok(events) = inotify.read_events() {
-            dirty |= !events.is_empty();
+        let _ = poll(&mut fds, PollTimeout::from(wait_ms));
+        while let Ok(events) = inotify.read_events() {
+            if events.is_empty() {
+                break;
+            }
+            for event in events {
+                if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                    // Events were lost: read the directory again.
+                    rescan_due = true;
+                    continue;
+                }
+                let Some(name) = event.name else { continue };
+                if event.mask.intersects(AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_DELETE) {
+                    pending.gone(&name);
+                } else if event.mask.contains(AddWatchFlags::IN_MOVED_TO) {
+                    pending.arrived(&dirs.queue, &name, true, &mut refused);
+                } else if event.mask.contains(AddWatchFlags::IN_CREATE) {
+                    pending.arrived(&dirs.queue, &name, false, &mut refused);
+                }
+                // IN_CLOSE_WRITE and IN_ATTRIB wake the loop; settle() sees the change.
+            }
         }
         while let Ok((file_name, ending)) = rx.try_recv() {
             running.remove(&file_name);
-            dirty = true;
             let label = jobfile::sanitize(file_name.as_encoded_bytes());
             match ending {
                 Ok(Ending::Done { path, verdict }) => {

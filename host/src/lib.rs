@@ -9,6 +9,7 @@ pub mod jail;
 pub mod job;
 pub mod kvm;
 pub mod logger;
+pub mod pending;
 pub mod qemu;
 pub mod queue;
 pub mod units;

@@ -5,7 +5,6 @@
 //! staging names in `done/` are the host's own, so nothing a queue writer
 //! drops in can sit there looking host-written.
 
-use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -13,9 +12,8 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
-use jobfile::name::{classify, Entry};
 use jobfile::{sanitize, JobName};
 use nix::fcntl::AtFlags;
 use nix::sys::stat::fstatat;
@@ -45,24 +43,6 @@ impl Dirs {
     }
 }
 
-/// A queue entry and what to do with it.
-#[derive(Debug)]
-pub enum Candidate {
-    Job {
-        file_name: OsString,
-        job: JobName,
-        scanned: Scanned,
-    },
-    Refuse {
-        file_name: OsString,
-        reason: String,
-    },
-    /// Changed within the settle time: perhaps still being written; look again soon.
-    Settling {
-        file_name: OsString,
-    },
-}
-
 /// What the scan saw of a job file; after the claim the file must still be this.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Scanned {
@@ -73,104 +53,18 @@ pub struct Scanned {
 }
 
 impl Scanned {
-    fn of(meta: &fs::Metadata) -> Self {
+    pub(crate) fn of(meta: &fs::Metadata) -> Self {
         Scanned { dev: meta.dev(), ino: meta.ino(), size: meta.len(), mtime: (meta.mtime(), meta.mtime_nsec()) }
     }
 }
 
-/// When each queue entry was first seen as it is now: a file settles once
-/// it has been unchanged for the settle time, counted from the host's own
-/// clock, so an mtime in the future (or a clock that jumps) cannot hold it
-/// back for ever.
-#[derive(Debug, Default)]
-pub struct Seen(HashMap<OsString, (Scanned, Instant)>);
-
-impl Seen {
-    /// Whether `file_name` is unchanged since the host first saw it so, at least `settle` ago.
-    fn unchanged_for(&mut self, file_name: &OsStr, now: Scanned, settle: Duration) -> bool {
-        let entry = self.0.entry(file_name.to_owned()).or_insert((now, Instant::now()));
-        if entry.0 != now {
-            *entry = (now, Instant::now());
-        }
-        entry.1.elapsed() >= settle
-    }
-}
-
-/// What `scan` accepts.
+/// Which queue entries a host takes (see `pending`).
 #[derive(Debug, Clone, Copy)]
 pub struct Rules {
     pub min_size: u64,
     pub max_size: u64,
     /// A file must be unchanged this long before it is claimed.
     pub settle: std::time::Duration,
-}
-
-/// Lists what the queue holds now, oldest first. Uploads in progress are left out.
-pub fn scan(queue: &Path, rules: Rules, seen: &mut Seen) -> io::Result<Vec<Candidate>> {
-    let Rules { min_size, max_size, settle } = rules;
-    let now = SystemTime::now();
-    let mut found = Vec::new();
-    let mut present = std::collections::HashSet::new();
-    for entry in fs::read_dir(queue)? {
-        let entry = entry?;
-        let file_name = entry.file_name();
-        let Ok(meta) = fs::symlink_metadata(entry.path()) else {
-            continue;
-        };
-        present.insert(file_name.clone());
-        let candidate = match classify(&file_name) {
-            Entry::InProgress => continue,
-            Entry::Invalid(e) => Candidate::Refuse { file_name, reason: format!("bad job file name: {e}") },
-            Entry::Job(_) if !meta.file_type().is_file() => {
-                let what = if meta.file_type().is_symlink() {
-                    "a symlink"
-                } else if meta.is_dir() {
-                    "a directory"
-                } else {
-                    "not a regular file"
-                };
-                Candidate::Refuse { file_name, reason: format!("{what}: a job must be a regular file") }
-            }
-            Entry::Job(_) if meta.len() < min_size => Candidate::Refuse {
-                file_name,
-                reason: format!(
-                    "{} bytes is too small: a job file must be at least {min_size} bytes (truncate --size)",
-                    meta.len()
-                ),
-            },
-            Entry::Job(_) if meta.len() > max_size => Candidate::Refuse {
-                file_name,
-                reason: format!("{} bytes is larger than this host accepts ({max_size} bytes)", meta.len()),
-            },
-            Entry::Job(_) if meta.nlink() > 1 => Candidate::Refuse {
-                file_name,
-                reason: format!("hardlinked ({} names): a job file must have exactly one name", meta.nlink()),
-            },
-            Entry::Job(_)
-                if !old_enough(&meta, now, settle) && !seen.unchanged_for(&file_name, Scanned::of(&meta), settle) =>
-            {
-                Candidate::Settling { file_name }
-            }
-            Entry::Job(job) => Candidate::Job { file_name, job, scanned: Scanned::of(&meta) },
-        };
-        found.push((meta.mtime(), meta.mtime_nsec(), candidate));
-    }
-    seen.0.retain(|name, _| present.contains(name));
-    found.sort_by(|a, b| (a.0, a.1, name_of(&a.2)).cmp(&(b.0, b.1, name_of(&b.2))));
-    Ok(found.into_iter().map(|(_, _, c)| c).collect())
-}
-
-/// An mtime at least `settle` in the past.
-fn old_enough(meta: &fs::Metadata, now: SystemTime, settle: Duration) -> bool {
-    meta.modified().is_ok_and(|m| now.duration_since(m).is_ok_and(|age| age >= settle))
-}
-
-fn name_of(c: &Candidate) -> &OsStr {
-    match c {
-        Candidate::Job { file_name, .. } | Candidate::Refuse { file_name, .. } | Candidate::Settling { file_name } => {
-            file_name
-        }
-    }
 }
 
 /// Claims a job: `rename(queue/x, running/x)`. Another host may win the race;
@@ -427,43 +321,11 @@ mod tests {
         d
     }
 
-    const RULES: Rules = Rules { min_size: 65_536, max_size: 1 << 30, settle: Duration::ZERO };
-
     #[test]
-    fn scan_classifies_and_claim_moves_once() {
+    fn a_job_is_claimed_once() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let d = dirs(tmp.path());
-        let big = vec![0u8; 70_000];
-        fs::write(d.queue.join("good_i1.tar.xz"), &big).expect("write");
-        fs::write(d.queue.join("small_i1.tar.xz"), b"tiny").expect("write");
-        fs::write(d.queue.join("bad name_i1.tar.xz"), &big).expect("write");
-        fs::write(d.queue.join(".uploading_i1.tar.xz"), &big).expect("write");
-        fs::write(d.queue.join("x_i1.tar.xz.part"), &big).expect("write");
-        fs::create_dir(d.queue.join("dir_i1.tar.xz")).expect("mkdir");
-        std::os::unix::fs::symlink("/etc/passwd", d.queue.join("link_i1.tar.xz")).expect("symlink");
-        let found = scan(&d.queue, RULES, &mut Seen::default()).expect("scan");
-        let mut jobs = Vec::new();
-        let mut refused = Vec::new();
-        for c in found {
-            match c {
-                Candidate::Job { file_name, scanned, .. } => {
-                    assert_eq!(scanned.size, 70_000);
-                    jobs.push(file_name)
-                }
-                Candidate::Settling { .. } => panic!("nothing settles with a zero settle time"),
-                Candidate::Refuse { file_name, reason } => {
-                    refused.push(format!("{}: {reason}", file_name.to_string_lossy()))
-                }
-            }
-        }
-        assert_eq!(jobs, ["good_i1.tar.xz"]);
-        refused.sort();
-        assert_eq!(refused.len(), 4, "{refused:?}");
-        assert!(refused[0].starts_with("bad name_i1.tar.xz: bad job file name"), "{refused:?}");
-        assert!(refused[1].starts_with("dir_i1.tar.xz: a directory"), "{refused:?}");
-        assert!(refused[2].starts_with("link_i1.tar.xz: a symlink"), "{refused:?}");
-        assert!(refused[3].starts_with("small_i1.tar.xz: 4 bytes is too small"), "{refused:?}");
-
+        fs::write(d.queue.join("good_i1.tar.xz"), vec![0u8; 70_000]).expect("write");
         assert!(claim(&d, OsStr::new("good_i1.tar.xz")).expect("claim"));
         assert!(!claim(&d, OsStr::new("good_i1.tar.xz")).expect("second claim"), "a job is claimed once");
         assert!(d.running.join("good_i1.tar.xz").exists());
@@ -492,28 +354,6 @@ mod tests {
         let moved = refuse(&d, "hostA", OsStr::new("link_i1.tar.xz"), "a symlink").expect("refuse");
         assert!(fs::symlink_metadata(moved).expect("moved").file_type().is_symlink());
         assert!(Path::new("/etc/passwd").exists());
-    }
-
-    #[test]
-    fn a_file_dated_in_the_future_still_settles() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let d = dirs(tmp.path());
-        let path = d.queue.join("future_i1.tar.xz");
-        fs::write(&path, vec![0u8; 70_000]).expect("write");
-        let future = SystemTime::now() + Duration::from_secs(365 * 24 * 3600);
-        File::options().write(true).open(&path).expect("open").set_modified(future).expect("set mtime");
-        let rules = Rules { settle: Duration::from_millis(300), ..RULES };
-        let mut seen = Seen::default();
-        let first = scan(&d.queue, rules, &mut seen).expect("scan");
-        assert!(matches!(first[..], [Candidate::Settling { .. }]), "{first:?}");
-        std::thread::sleep(Duration::from_millis(400));
-        let later = scan(&d.queue, rules, &mut seen).expect("scan");
-        assert!(matches!(later[..], [Candidate::Job { .. }]), "{later:?}");
-        // A change starts the count again.
-        fs::write(&path, vec![1u8; 70_001]).expect("rewrite");
-        File::options().write(true).open(&path).expect("open").set_modified(future).expect("set mtime");
-        let changed = scan(&d.queue, rules, &mut seen).expect("scan");
-        assert!(matches!(changed[..], [Candidate::Settling { .. }]), "{changed:?}");
     }
 
     fn claimed_job(d: &Dirs, data: &[u8]) -> (PathBuf, Scanned) {
