@@ -135,10 +135,18 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
         modules: r.join(format!("lib/modules/{kernel_version}")),
     };
     let wanted: Vec<&str> = mini::MODULES.iter().chain(ROOT_MODULES).copied().collect();
-    let modules = kernel.resolve_modules(&wanted).context("cannot resolve the root disk's modules")?;
+    let modules = kernel.resolve_module_groups(&wanted).context("cannot resolve the root disk's modules")?;
     say!(
         "  modules: {}",
-        modules.iter().map(|m| m.file_name().unwrap_or_default().to_string_lossy()).collect::<Vec<_>>().join(" ")
+        modules
+            .iter()
+            .map(|g| g
+                .iter()
+                .map(|m| m.file_name().unwrap_or_default().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" "))
+            .collect::<Vec<_>>()
+            .join(" | ")
     );
     let initrd = staging.dir.join("initrd.img");
     let file = fs::File::create(&initrd).with_context(|| format!("cannot create {}", initrd.display()))?;

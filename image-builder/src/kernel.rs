@@ -55,6 +55,12 @@ impl Kernel {
     /// The module files to load for `wanted`, dependencies first, each once.
     /// Modules built into the kernel need no file and are left out.
     pub fn resolve_modules(&self, wanted: &[&str]) -> Result<Vec<PathBuf>, KernelError> {
+        Ok(self.resolve_module_groups(wanted)?.into_iter().flatten().collect())
+    }
+
+    /// The same, as groups that share no module: each group in load order,
+    /// and the groups free to load at the same time.
+    pub fn resolve_module_groups(&self, wanted: &[&str]) -> Result<Vec<Vec<PathBuf>>, KernelError> {
         let dep_path = self.modules.join("modules.dep");
         let dep_text =
             fs::read_to_string(&dep_path).map_err(|source| KernelError::Read { path: dep_path.clone(), source })?;
@@ -71,7 +77,7 @@ impl Kernel {
             deps.iter().map(|(name, (file, _))| (file.as_str(), name.as_str())).collect();
         let soft = Soft::read(&self.modules);
         let tree = Tree { deps: &deps, by_file: &by_file, soft: &soft };
-        let mut order = Vec::new();
+        let mut groups: Vec<Vec<String>> = Vec::new();
         for name in wanted {
             let name = name.replace('-', "_");
             if !deps.contains_key(&name) {
@@ -80,9 +86,27 @@ impl Kernel {
                 }
                 return Err(KernelError::UnknownModule { name, dep: dep_path });
             }
+            let mut order = Vec::new();
             tree.visit(&name, &mut order);
+            // Groups sharing a module with this one become one, loaded in turn.
+            let mut merged = Vec::new();
+            let mut rest = Vec::new();
+            for group in groups {
+                if group.iter().any(|m| order.contains(m)) {
+                    merged.extend(group);
+                } else {
+                    rest.push(group);
+                }
+            }
+            for m in order {
+                if !merged.contains(&m) {
+                    merged.push(m);
+                }
+            }
+            rest.push(merged);
+            groups = rest;
         }
-        Ok(order.into_iter().map(|file| self.modules.join(file)).collect())
+        Ok(groups.into_iter().map(|g| g.into_iter().map(|file| self.modules.join(file)).collect()).collect())
     }
 }
 
@@ -251,6 +275,18 @@ mod tests {
         let got = k.resolve_modules(&["ext4"]).expect("resolve");
         let names: Vec<String> = got.iter().map(|p| module_name(&p.to_string_lossy())).collect();
         assert_eq!(names, ["crc32c_intel", "crc32c_generic", "crc16", "jbd2", "ext4"]);
+        // Modules that share nothing load side by side; those that share a dependency, in turn.
+        fs::write(
+            dir.path().join("modules.dep"),
+            "kernel/v/virtio.ko:\nkernel/v/virtio_pci.ko: kernel/v/virtio.ko\nkernel/v/virtio_blk.ko: kernel/v/virtio.ko\n\
+             kernel/p/pvpanic.ko:\nkernel/lib/crc16.ko:\nkernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko\n",
+        )
+        .expect("write");
+        fs::write(dir.path().join("modules.softdep"), "").expect("write");
+        let groups = k.resolve_module_groups(&["virtio_pci", "pvpanic", "virtio_blk", "ext4"]).expect("resolve");
+        let names: Vec<Vec<String>> =
+            groups.iter().map(|g| g.iter().map(|p| module_name(&p.to_string_lossy())).collect()).collect();
+        assert_eq!(names, [vec!["pvpanic"], vec!["virtio", "virtio_pci", "virtio_blk"], vec!["crc16", "ext4"]]);
         assert!(matches!(k.resolve_modules(&["nope"]), Err(KernelError::UnknownModule { .. })));
     }
 }

@@ -35,10 +35,15 @@ pub fn build(opts: &MiniOptions) -> Result<PathBuf> {
     let init = find_init(opts.init.as_deref())?;
     say!("init {}", init.display());
     check_static(&opts.busybox, "busybox (install busybox-static)")?;
-    let modules = kernel.resolve_modules(MODULES)?;
+    let modules = kernel.resolve_module_groups(MODULES)?;
     say!(
         "modules: {}",
-        modules.iter().map(|m| m.file_name().unwrap_or_default().to_string_lossy()).collect::<Vec<_>>().join(" ")
+        modules
+            .iter()
+            .flatten()
+            .map(|m| m.file_name().unwrap_or_default().to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
     );
 
     let staging = Staging::new(&opts.out, opts.force)?;
@@ -75,7 +80,7 @@ fn write_root<W: std::io::Write>(
     cpio: &mut Cpio<W>,
     init: &Path,
     busybox: &Path,
-    modules: &[PathBuf],
+    modules: &[Vec<PathBuf>],
 ) -> std::io::Result<()> {
     for dir in ["job", "root", "etc/construir", "bin", "sbin", "usr/bin", "usr/sbin"] {
         cpio.dir(dir, 0o755)?;
@@ -100,11 +105,12 @@ fn write_root<W: std::io::Write>(
 /// What every initramfs of ours holds: the mount points, the two device
 /// nodes the kernel needs before devtmpfs, construir-init as `/init`, and the
 /// modules (files under `modules_root`, e.g. a Debian root being built) with
-/// the list init loads them from, in order.
+/// the list init loads them from: groups in load order, separated by blank
+/// lines, which init loads side by side.
 pub fn write_init<W: std::io::Write>(
     cpio: &mut Cpio<W>,
     init: &Path,
-    modules: &[PathBuf],
+    modules: &[Vec<PathBuf>],
     modules_root: &Path,
 ) -> std::io::Result<()> {
     for dir in ["dev", "proc", "sys", "run", "tmp"] {
@@ -115,13 +121,18 @@ pub fn write_init<W: std::io::Write>(
     cpio.char_device("dev/null", 0o666, 1, 3)?;
     cpio.copy("init", 0o755, init)?;
     let mut list = String::new();
-    for module in modules {
-        let inside = module.strip_prefix(modules_root).unwrap_or(module);
-        let rel = inside.strip_prefix("/").unwrap_or(inside).to_string_lossy().into_owned();
-        cpio.copy(&rel, 0o644, module)?;
-        list.push('/');
-        list.push_str(&rel);
-        list.push('\n');
+    for group in modules {
+        if !list.is_empty() {
+            list.push('\n');
+        }
+        for module in group {
+            let inside = module.strip_prefix(modules_root).unwrap_or(module);
+            let rel = inside.strip_prefix("/").unwrap_or(inside).to_string_lossy().into_owned();
+            cpio.copy(&rel, 0o644, module)?;
+            list.push('/');
+            list.push_str(&rel);
+            list.push('\n');
+        }
     }
     cpio.file(MODULE_LIST, 0o644, list.as_bytes())
 }
