@@ -277,4 +277,25 @@ mod tests {
             other => panic!("expected MemLimit, got {other:?}"),
         }
     }
+
+    #[test]
+    fn a_small_input_gets_a_dictionary_no_larger_than_itself() {
+        let data: Vec<u8> = (0..30_000u32).map(|i| (i % 97) as u8).collect();
+        for threads in [1, 2] {
+            let (stream, _) =
+                sized_encoder(EncodeOptions { preset: 9, threads }, data.len() as u64, 1 << 20).expect("encoder");
+            let mut enc = XzEncoder::new_stream(Vec::new(), stream);
+            enc.write_all(&data).expect("compress");
+            let small = enc.finish().expect("finish");
+            // Preset 9's own 64 MiB dictionary needs about 65 MiB to decode; this one fits in 1 MiB.
+            assert_eq!(decode_all(&small, 1 << 20).expect("a 64 KiB dictionary"), data);
+        }
+        // A large input keeps the preset's dictionary.
+        let (stream, held) = sized_encoder(EncodeOptions { preset: 6, threads: 2 }, 1 << 30, 1 << 30).expect("encoder");
+        let mut enc = XzEncoder::new_stream(Vec::new(), stream);
+        enc.write_all(b"x").expect("compress");
+        let big = enc.finish().expect("finish");
+        assert!(matches!(decode_all(&big, 4 << 20), Err(XzError::MemLimit { .. })));
+        assert_eq!(held, 2 * 24 << 20, "two threads hold a block of three 8 MiB dictionaries each");
+    }
 }
