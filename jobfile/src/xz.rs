@@ -296,6 +296,6 @@ mod tests {
         enc.write_all(b"x").expect("compress");
         let big = enc.finish().expect("finish");
         assert!(matches!(decode_all(&big, 4 << 20), Err(XzError::MemLimit { .. })));
-        assert_eq!(held, 2 * 24 << 20, "two threads hold a block of three 8 MiB dictionaries each");
+        assert_eq!(held, 2 * (24 << 20), "two threads hold a block of three 8 MiB dictionaries each");
     }
 }
