@@ -24,7 +24,7 @@ fn the_manifest_is_complete_and_two_builds_list_the_same_packages() {
     assert!(!initrd.iter().any(|p| p.contains("udev") || p.ends_with("bin/sh")), "{initrd:?}");
     assert_eq!(first.builder_version, env!("CARGO_PKG_VERSION"));
     assert!(first.created.ends_with('Z') && first.created.len() == 20, "{}", first.created);
-    assert_eq!(first.sha256.keys().collect::<Vec<_>>(), ["initrd.img", "root.qcow2", "vmlinuz"]);
+    assert_eq!(first.sha256.keys().collect::<Vec<_>>(), ["initrd.img", "root.qcow2", "vmlinux"]);
     let names: Vec<&str> = first.packages.iter().map(|p| p.name.as_str()).collect();
     for want in ["build-essential", "bzip2", "xz-utils", "gcc", "make", "libc6-dev", "linux-image-amd64"] {
         assert!(names.contains(&want), "{want} missing from the package list");
@@ -150,15 +150,15 @@ fn verify_boots_an_image_and_refuses_a_damaged_one() {
     for f in ["image.toml", "initrd.img", "root.qcow2"] {
         std::os::unix::fs::symlink(image.join(f), copy.join(f)).expect("symlink");
     }
-    let mut kernel = fs::read(image.join("vmlinuz")).expect("kernel");
+    let mut kernel = fs::read(image.join("vmlinux")).expect("kernel");
     let last = kernel.len() - 1;
     kernel[last] ^= 0xff;
-    fs::write(copy.join("vmlinuz"), kernel).expect("write");
+    fs::write(copy.join("vmlinux"), kernel).expect("write");
     let out =
         Command::new(bin("image-builder")).args(["verify", "--accel", "tcg"]).arg(&copy).output().expect("verify");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("vmlinuz does not match image.toml"), "{err}");
+    assert!(err.contains("vmlinux does not match image.toml"), "{err}");
     assert!(!err.contains("booting"), "{err}");
 }
 

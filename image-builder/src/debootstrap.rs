@@ -176,8 +176,9 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
     installed.sort_by(|a, b| a.name.cmp(&b.name));
 
     say!("step 5/7: exporting the kernel, dropping apt lists, caches and docs");
-    fs::copy(r.join(format!("boot/vmlinuz-{kernel_version}")), staging.dir.join("vmlinuz"))
-        .context("cannot copy the kernel")?;
+    let (kernel_file, pvh) =
+        crate::kernel::install_kernel(&kernel.image, &staging.dir).context("cannot copy the kernel")?;
+    say!("  kernel file {kernel_file}{}", if pvh { " (uncompressed, booted through its PVH entry)" } else { "" });
     for dir in [
         "var/lib/apt/lists",
         "var/cache/apt",
@@ -211,7 +212,7 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
         builder_version: env!("CARGO_PKG_VERSION").into(),
         created: rfc3339(std::time::SystemTime::now()),
         kernel_version,
-        kernel: "vmlinuz".into(),
+        kernel: kernel_file.into(),
         initrd: "initrd.img".into(),
         root_disk: Some("root.qcow2".into()),
         cmdline: format!("root=/dev/vda rootfstype=ext4 rootflags={ROOT_FLAGS}"),

@@ -47,8 +47,9 @@ pub fn build(opts: &MiniOptions) -> Result<PathBuf> {
     );
 
     let staging = Staging::new(&opts.out, opts.force)?;
-    fs::copy(&kernel.image, staging.dir.join("vmlinuz"))
+    let (kernel_file, pvh) = crate::kernel::install_kernel(&kernel.image, &staging.dir)
         .with_context(|| format!("cannot copy {}", kernel.image.display()))?;
+    say!("kernel file {kernel_file}{}", if pvh { " (uncompressed, booted through its PVH entry)" } else { "" });
     let initrd = staging.dir.join("initrd.img");
     let file = fs::File::create(&initrd).with_context(|| format!("cannot create {}", initrd.display()))?;
     let mut cpio = Cpio::new(BufWriter::new(file));
@@ -62,7 +63,7 @@ pub fn build(opts: &MiniOptions) -> Result<PathBuf> {
         builder_version: env!("CARGO_PKG_VERSION").into(),
         created: rfc3339(std::time::SystemTime::now()),
         kernel_version: kernel.version.clone(),
-        kernel: "vmlinuz".into(),
+        kernel: kernel_file.into(),
         initrd: "initrd.img".into(),
         root_disk: None,
         cmdline: "rdinit=/init".into(),

@@ -43,7 +43,8 @@ pub fn never_booting_images(root: &Path) -> PathBuf {
     let dir = root.join("never-boots");
     let i0 = dir.join("i0");
     fs::create_dir_all(i0.join("initrd/bin")).expect("mkdir");
-    for file in ["vmlinuz", "image.toml"] {
+    let kernel = jobfile::image::ImageManifest::load(&images().join("i0")).expect("i0").kernel;
+    for file in [kernel.as_str(), "image.toml"] {
         fs::copy(images().join("i0").join(file), i0.join(file)).expect("copy");
     }
     fs::copy("/bin/busybox", i0.join("initrd/bin/busybox")).expect("busybox (busybox-static)");
