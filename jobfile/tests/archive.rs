@@ -491,21 +491,26 @@ fn a_4_gib_dictionary_header_is_refused_before_any_allocation() {
     );
 }
 
-#[test]
-fn an_archive_that_does_not_fit_says_what_it_needed_and_leaves_no_broken_stream() {
-    let work = tempfile::tempdir().expect("tempdir");
-    let src = work.path().join("src");
-    fs::create_dir(&src).expect("mkdir");
-    // 512 KiB of incompressible bytes (xorshift).
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let noise: Vec<u8> = (0..512 << 10)
+/// `len` incompressible bytes (xorshift from `seed`, which must not be 0).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             x as u8
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn an_archive_that_does_not_fit_says_what_it_needed_and_leaves_no_broken_stream() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let src = work.path().join("src");
+    fs::create_dir(&src).expect("mkdir");
+    // 512 KiB of incompressible bytes.
+    let noise = noise(512 << 10, 0x9E37_79B9_7F4A_7C15);
     fs::write(src.join("noise"), &noise).expect("write");
     let path = work.path().join("small_i1.tar.xz");
     fs::write(&path, vec![0xEEu8; 64 << 10]).expect("fill with non-zero input");
@@ -582,17 +587,8 @@ fn a_tree_far_too_large_stops_packing_early_with_an_estimate() {
     let src = work.path().join("src");
     fs::create_dir_all(&src).expect("mkdir");
     // 8 files of 1 MiB of noise: 8 MiB that will not compress, for a 64 KiB file.
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
     for i in 0..8 {
-        let noise: Vec<u8> = (0..1 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        fs::write(src.join(format!("noise{i}")), &noise).expect("write");
+        fs::write(src.join(format!("noise{i}")), noise(1 << 20, 0x2545_F491_4F6C_DD1D + i)).expect("write");
     }
     let path = work.path().join("small_i1.tar.xz");
     fs::write(&path, vec![0u8; 64 << 10]).expect("write");
