@@ -5,7 +5,6 @@
 //! the disk `/` (switch_root's steps). Init then carries on as PID 1 of the
 //! real root: the same process, no second exec.
 
-use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -162,7 +161,8 @@ fn remove_tree(dir: &Path, dev: u64) {
     for entry in entries.flatten() {
         let path = entry.path();
         let Ok(meta) = fs::symlink_metadata(&path) else { continue };
-        if meta.dev() != dev || path.file_name() == Some(OsStr::new(&NEW_ROOT[1..])) && dir == Path::new("/") {
+        // The mounted root disk and the moved mounts are other filesystems: never entered.
+        if meta.dev() != dev {
             continue;
         }
         if meta.is_dir() {
