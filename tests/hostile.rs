@@ -170,6 +170,39 @@ fn a_job_whose_host_keeps_dying_goes_to_failed_after_its_attempts() {
 }
 
 #[test]
+fn a_host_killed_between_delivering_a_result_and_ending_the_claim_does_not_run_the_job_again() {
+    use std::os::unix::fs::MetadataExt;
+    let q = Queue::new();
+    let host_id = q.host_id.clone();
+    let running = q.root.path().join("running").join(&host_id);
+    fs::create_dir_all(&running).expect("mkdir");
+    let file = q.add_job("once_i0.tar.xz", "#!/bin/sh\necho must not run twice\n", "1m", &[]);
+    fs::rename(&file, running.join("once_i0.tar.xz")).expect("as if claimed");
+    // As the host leaves it when killed right after the result landed: the
+    // result in done/, its log still staged, the delivery noted beside the claim.
+    fs::create_dir_all(&q.done).expect("mkdir");
+    fs::write(q.done.join("once_d0.tar.xz"), b"the result").expect("result");
+    let staged_log = format!(".once_d0.log.{host_id}.1.2.0.tmp");
+    fs::write(q.done.join(&staged_log), b"the log\n").expect("log");
+    let ino = fs::metadata(q.done.join("once_d0.tar.xz")).expect("stat").ino();
+    fs::write(
+        running.join(".delivering.once_i0.tar.xz"),
+        format!("{ino}\n.once_d0.tar.xz.{host_id}.1.2.0.tmp\n{staged_log}\n"),
+    )
+    .expect("note");
+    let run = q.run(&[]);
+    assert!(run.success, "{}", run.log);
+    assert!(!run.log.contains("booting"), "the job ran again: {}", run.log);
+    assert!(run.log.contains("before the last stop and has landed now; the job is not run again"), "{}", run.log);
+    assert_eq!(fs::read(q.done.join("once_d0.tar.xz")).expect("result"), b"the result");
+    assert_eq!(fs::read(q.done.join("once_d0.log")).expect("log"), b"the log\n");
+    assert_eq!(fs::read_dir(&running).expect("ls").count(), 0, "claim and note are gone");
+    assert!(!q.done.join(&staged_log).exists(), "the staged log landed");
+    assert_eq!(Queue::list(&q.queue), Vec::<String>::new());
+    assert_eq!(Queue::list(&q.done), ["once_d0.log", "once_d0.tar.xz"]);
+}
+
+#[test]
 fn two_hosts_on_one_queue_run_every_job_exactly_once() {
     let q = Queue::new();
     for i in 1..=4 {

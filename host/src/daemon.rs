@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use jobfile::image::ImageManifest;
+use jobfile::JobName;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
@@ -154,24 +155,7 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         }
         while let Ok((file_name, ending)) = rx.try_recv() {
             running.remove(&file_name);
-            let label = jobfile::sanitize(file_name.as_encoded_bytes());
-            match ending {
-                Ok(Ending::Done { path, verdict }) => {
-                    summary.done += 1;
-                    queue::forget_counters(dirs, &file_name);
-                    log::info!("job {label}: done: {verdict} -> {}", path.display());
-                }
-                Ok(Ending::Failed { path, reason }) => {
-                    summary.failed += 1;
-                    queue::forget_counters(dirs, &file_name);
-                    log::warn!("job {label}: failed: {reason} -> {}", path.display());
-                }
-                Ok(Ending::Requeued) => summary.requeued += 1,
-                Err(e) => log::error!(
-                    "job {label}: {e}; it stays in {} and is retried at the next start",
-                    dirs.running.display()
-                ),
-            }
+            tally(dirs, &mut summary, &file_name, ending);
         }
     }
     log::info!(
@@ -195,17 +179,61 @@ fn refuse(dirs: &Dirs, host_id: &str, file_name: &OsStr, reason: &str, summary: 
     }
 }
 
+/// Counts and logs how a job ended.
+fn tally(dirs: &Dirs, summary: &mut Summary, file_name: &OsStr, ending: std::io::Result<Ending>) {
+    let label = jobfile::sanitize(file_name.as_encoded_bytes());
+    match ending {
+        Ok(Ending::Done { path, verdict }) => {
+            summary.done += 1;
+            queue::forget_counters(dirs, file_name);
+            log::info!("job {label}: done: {verdict} -> {}", path.display());
+        }
+        Ok(Ending::Failed { path, reason }) => {
+            summary.failed += 1;
+            queue::forget_counters(dirs, file_name);
+            log::warn!("job {label}: failed: {reason} -> {}", path.display());
+        }
+        Ok(Ending::Requeued) => summary.requeued += 1,
+        Err(e) => {
+            log::error!("job {label}: {e}; it stays in {} and is retried at the next start", dirs.running.display())
+        }
+    }
+}
+
 /// Jobs this host had claimed when it last stopped (it crashed, or was
 /// killed): each goes back to the queue with one more attempt counted, or
 /// to failed/ once it has used them all. Working copies it left are removed.
 fn recover(opts: &RunOptions, summary: &mut Summary) -> Result<()> {
     let dirs = &opts.dirs;
+    queue::drop_orphan_notes(dirs).with_context(|| format!("cannot read {}", dirs.running.display()))?;
     for entry in fs::read_dir(&dirs.running).with_context(|| format!("cannot read {}", dirs.running.display()))? {
         let name = entry?.file_name();
         if name.as_encoded_bytes().starts_with(b".") {
             continue;
         }
         let label = jobfile::sanitize(name.as_encoded_bytes());
+        if let Some(job) = name.to_str().and_then(|n| JobName::parse(n).ok()) {
+            // A result staged before the stop means the job ran: finish its delivery, never run it again.
+            let resumed = queue::resume_delivery(dirs, &name, &job)
+                .with_context(|| format!("cannot finish the delivery of {label}"))?;
+            let ending = match resumed {
+                None => None,
+                Some(queue::Resumed::Landed(d)) => {
+                    let verdict =
+                        "its result was staged before the last stop and has landed now; the job is not run again"
+                            .to_owned();
+                    Some(worker::end_delivered(dirs, &name, &job, d, verdict))
+                }
+                Some(queue::Resumed::Ended) => Some(queue::finish_claim(dirs, &name).map(|()| Ending::Done {
+                    path: dirs.done.join(job.done_file_name()),
+                    verdict: "its result was delivered before the last stop; the job is not run again".to_owned(),
+                })),
+            };
+            if let Some(ending) = ending {
+                tally(dirs, summary, &name, ending);
+                continue;
+            }
+        }
         let attempts = queue::read_counter(dirs, &name, "attempts") + 1;
         if attempts >= opts.max_attempts {
             let reason = format!(

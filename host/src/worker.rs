@@ -4,7 +4,7 @@
 //! host is stopping.
 
 use std::ffi::{OsStr, OsString};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -17,7 +17,7 @@ use jobfile::xz::DEFAULT_MEMLIMIT;
 use jobfile::{path_is, JobName, JobStatus};
 
 use crate::cgroup;
-use crate::files::{self, ReadAt};
+use crate::files::ReadAt;
 use crate::qemu::{self, Accel, Bounds, Confinement, Confiner, Cut, VmSpec};
 use crate::queue::{self, Delivery, Dirs, Scanned};
 
@@ -68,6 +68,8 @@ pub fn run(
 ) -> io::Result<Ending> {
     let label = job.input_file_name();
     let claimed = dirs.running.join(file_name);
+    // A note left by an earlier claim of the same name must not speak for this one.
+    queue::drop_delivery_note(dirs, file_name)?;
     let image_dir = dirs.images.join(format!("i{}", job.image()));
     let manifest = match ImageManifest::load(&image_dir) {
         Ok(m) => m,
@@ -207,23 +209,10 @@ pub fn run(
             let verdict = verdict(&st, &how, started.elapsed());
             let log = vm.console.finish(&verdict);
             let tag = queue::unique_tag(&limits.host_id);
-            match queue::deliver(dirs, &prepared.dir.fd, OsStr::new(DISK), &disk, scanned.size, job, &log, &tag)? {
-                Delivery::Done(path) => {
-                    fs::remove_file(&claimed)?;
-                    files::sync_dirs(&[&dirs.running])?;
-                    Ok(Ending::Done { path, verdict })
-                }
-                Delivery::Taken { staged } => {
-                    // Keep both: the result goes to failed/ in place of the input, which is no longer needed.
-                    let reason = format!(
-                        "done/{} (or its log) already exists; this result was not delivered there",
-                        job.done_file_name()
-                    );
-                    let path = queue::fail_as(dirs, &staged, OsStr::new(&job.done_file_name()), &reason, Some(&log))?;
-                    fs::remove_file(&claimed)?;
-                    Ok(Ending::Failed { path, reason })
-                }
-            }
+            let staged = queue::stage(dirs, &prepared.dir.fd, OsStr::new(DISK), &disk, scanned.size, job, &log, &tag)?;
+            queue::note_delivery(dirs, file_name, &staged)?;
+            let delivery = queue::land(dirs, job, &staged)?;
+            end_delivered(dirs, file_name, job, delivery, verdict)
         }
         None => {
             let reason = if powered_off {
@@ -235,6 +224,31 @@ pub fn run(
             fail(dirs, &claimed, &reason, Some(&log))
         }
     }
+}
+
+/// Ends a claim whose result was staged and landed (or found taken): the
+/// claim and its delivery note go. A result that found `done/<name>` taken
+/// goes to failed/ in place of the input, with its log, so both are kept.
+pub fn end_delivered(
+    dirs: &Dirs,
+    file_name: &OsStr,
+    job: &JobName,
+    delivery: Delivery,
+    verdict: String,
+) -> io::Result<Ending> {
+    let ending = match delivery {
+        Delivery::Done(path) => Ending::Done { path, verdict },
+        Delivery::Taken { staged, log } => {
+            let reason = format!(
+                "done/{} (or its log) already exists; this result was not delivered there",
+                job.done_file_name()
+            );
+            let path = queue::fail_as(dirs, &staged, OsStr::new(&job.done_file_name()), &reason, Some(&log))?;
+            Ending::Failed { path, reason }
+        }
+    };
+    queue::finish_claim(dirs, file_name)?;
+    Ok(ending)
 }
 
 /// A VM whose init never said it started: back in the queue once, without
