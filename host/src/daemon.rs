@@ -3,7 +3,6 @@
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
-use std::fs;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,14 +11,14 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use jobfile::image::ImageManifest;
-use jobfile::JobName;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
+use crate::image::Image;
 use crate::pending::{Pending, Refusal};
+use crate::queue::Ending;
 use crate::queue::{self, Dirs, Rules};
-use crate::worker::{self, Ending, Limits};
+use crate::worker::{self, Limits};
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -47,7 +46,9 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     let dirs = &opts.dirs;
     dirs.create_all()?;
     let mut summary = Summary::default();
-    recover(opts, &mut summary)?;
+    queue::recover(dirs, &opts.limits.host_id, opts.max_attempts, |name, ending| {
+        tally(dirs, &mut summary, name, ending)
+    })?;
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).context("cannot set up inotify")?;
     let events = AddWatchFlags::IN_CLOSE_WRITE
         | AddWatchFlags::IN_MOVED_TO
@@ -98,7 +99,7 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         while stopping.is_none() && running.len() < opts.workers {
             let Some(ready) = pending.next_ready(&dirs.queue, &mut refused) else { break };
             let job = ready.job;
-            if let Err(e) = ImageManifest::load(&dirs.images.join(format!("i{}", job.image()))) {
+            if let Err(e) = Image::load(&dirs.images, job.image()) {
                 let reason = format!("unknown image i{}: {}", job.image(), jobfile::error_chain(&e));
                 refused.push(Refusal { file_name: ready.file_name, reason });
                 continue;
@@ -200,78 +201,6 @@ fn tally(dirs: &Dirs, summary: &mut Summary, file_name: &OsStr, ending: std::io:
     }
 }
 
-/// Jobs this host had claimed when it last stopped (it crashed, or was
-/// killed): each goes back to the queue with one more attempt counted, or
-/// to failed/ once it has used them all. Working copies it left are removed.
-fn recover(opts: &RunOptions, summary: &mut Summary) -> Result<()> {
-    let dirs = &opts.dirs;
-    queue::drop_orphan_notes(dirs).with_context(|| format!("cannot read {}", dirs.running.display()))?;
-    for entry in fs::read_dir(&dirs.running).with_context(|| format!("cannot read {}", dirs.running.display()))? {
-        let name = entry?.file_name();
-        if name.as_encoded_bytes().starts_with(b".") {
-            continue;
-        }
-        let label = jobfile::sanitize(name.as_encoded_bytes());
-        if let Some(job) = name.to_str().and_then(|n| JobName::parse(n).ok()) {
-            // A result staged before the stop means the job ran: finish its delivery, never run it again.
-            let resumed = queue::resume_delivery(dirs, &name, &job)
-                .with_context(|| format!("cannot finish the delivery of {label}"))?;
-            let ending = match resumed {
-                None => None,
-                Some(queue::Resumed::Landed(d)) => {
-                    let verdict =
-                        "its result was staged before the last stop and has landed now; the job is not run again"
-                            .to_owned();
-                    Some(worker::end_delivered(dirs, &name, &job, d, verdict))
-                }
-                Some(queue::Resumed::Ended) => Some(queue::finish_claim(dirs, &name).map(|()| Ending::Done {
-                    path: dirs.done.join(job.done_file_name()),
-                    verdict: "its result was delivered before the last stop; the job is not run again".to_owned(),
-                })),
-            };
-            if let Some(ending) = ending {
-                tally(dirs, summary, &name, ending);
-                continue;
-            }
-        }
-        let attempts = queue::read_counter(dirs, &name, "attempts") + 1;
-        if attempts >= opts.max_attempts {
-            let reason = format!(
-                "the host stopped {attempts} times while running this job (crashed or was killed); not trying again"
-            );
-            queue::fail(dirs, &dirs.running.join(&name), &reason, None)?;
-            queue::forget_counters(dirs, &name);
-            summary.failed += 1;
-            log::warn!("job {label}: {reason} -> {}", dirs.failed.display());
-            continue;
-        }
-        queue::write_counter(dirs, &name, "attempts", attempts)?;
-        match queue::requeue(dirs, &name) {
-            Ok(()) => log::info!("job {label}: unfinished at the last stop (attempt {attempts}); back in the queue"),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let reason = "a job of the same name was queued again while this one was unfinished";
-                queue::fail(dirs, &dirs.running.join(&name), reason, None)?;
-                log::warn!("job {label}: {reason}; moved to {}", dirs.failed.display());
-            }
-            Err(e) => return Err(e).with_context(|| format!("cannot requeue {label}")),
-        }
-    }
-    // This host's VM directories, and KVM probes' left by a host killed while probing.
-    let prefix = format!("{}.", opts.limits.host_id);
-    for entry in fs::read_dir(&dirs.work)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let dead_probe = name
-            .strip_prefix(".kvm-probe.")
-            .and_then(|pid| pid.parse::<u32>().ok())
-            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
-        if name.starts_with(&prefix) || dead_probe {
-            let _ = fs::remove_dir_all(entry.path()).or_else(|_| fs::remove_file(entry.path()));
-        }
-    }
-    Ok(())
-}
-
 /// This machine's host id: its hostname, reduced to safe characters.
 pub fn default_host_id() -> String {
     let name = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
@@ -287,11 +216,4 @@ pub fn default_host_id() -> String {
 pub fn sibling(queue: &Path, name: &str) -> PathBuf {
     let abs = std::path::absolute(queue).unwrap_or_else(|_| queue.to_owned());
     abs.parent().unwrap_or(Path::new("/")).join(name)
-}
-
-/// The kernel of the first usable image, for the KVM probe.
-pub fn any_kernel(images: &Path) -> Option<PathBuf> {
-    let mut dirs: Vec<_> = fs::read_dir(images).ok()?.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    dirs.sort();
-    dirs.iter().find_map(|d| ImageManifest::load(d).ok().map(|m| d.join(m.kernel)))
 }

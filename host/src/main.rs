@@ -10,12 +10,12 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use construir_host::daemon::{self, RunOptions};
 use construir_host::jail::{IdPool, IdRange, JailRoot};
-use construir_host::job::{self, PackRequest};
 use construir_host::qemu::{Accel, Confiner};
 use construir_host::queue::{Dirs, Rules};
-use construir_host::units::{human_size, parse_duration, parse_size};
+use construir_host::tools::{self, PackRequest};
 use construir_host::worker::Limits;
 use construir_host::{cgroup, jail, kvm, logger};
+use jobfile::units::{duration_arg, human_size, size_arg};
 
 #[derive(Parser)]
 #[command(name = "construir-host", version, about = "Build strangers' jobs in throwaway QEMU VMs")]
@@ -67,13 +67,13 @@ struct RunArgs {
     #[arg(long, value_name = "DIR")]
     work: Option<PathBuf>,
     /// How long a job script may run: 3h, 90m, 20s.
-    #[arg(long, default_value = "3h", value_parser = parse_duration_arg)]
+    #[arg(long, default_value = "3h", value_parser = duration_arg)]
     timeout: Duration,
     /// Time allowed beyond --timeout for booting and packing before the VM is killed.
-    #[arg(long, default_value = "2m", value_parser = parse_duration_arg)]
+    #[arg(long, default_value = "2m", value_parser = duration_arg)]
     grace: Duration,
     /// Memory of each VM.
-    #[arg(long, default_value = "2G", value_parser = parse_size_arg)]
+    #[arg(long, default_value = "2G", value_parser = size_arg)]
     memory: u64,
     /// CPUs of each VM.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -88,22 +88,22 @@ struct RunArgs {
     #[arg(long)]
     host_id: Option<String>,
     /// Most console output kept in each job's .log.
-    #[arg(long, default_value = "2M", value_parser = parse_size_arg)]
+    #[arg(long, default_value = "2M", value_parser = size_arg)]
     log_limit: u64,
     /// Largest job file accepted.
-    #[arg(long, default_value = "64G", value_parser = parse_size_arg)]
+    #[arg(long, default_value = "64G", value_parser = size_arg)]
     max_size: u64,
     /// A job file must be unchanged this long before it is claimed (it may still be being written).
-    #[arg(long, default_value = "2s", value_parser = parse_duration_arg)]
+    #[arg(long, default_value = "2s", value_parser = duration_arg)]
     settle: Duration,
     /// Give up on a job (to failed/) after the host died this many times while running it.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     max_attempts: u32,
     /// After SIGTERM or SIGINT, how long running jobs may go on before they are stopped and requeued.
-    #[arg(long, default_value = "60s", value_parser = parse_duration_arg)]
+    #[arg(long, default_value = "60s", value_parser = duration_arg)]
     stop_timeout: Duration,
     /// How often to rescan the queue besides watching it.
-    #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
+    #[arg(long, default_value = "5s", value_parser = duration_arg)]
     rescan: Duration,
     /// QEMU binary (7.2 or newer).
     #[arg(long, default_value = "qemu-system-x86_64")]
@@ -117,10 +117,10 @@ struct RunArgs {
     #[arg(long, value_name = "DIR", default_value = IdPool::LOCK_DIR)]
     vm_id_locks: PathBuf,
     /// End a VM whose init has not said it started within this; its job goes back once.
-    #[arg(long, default_value = "2m", value_parser = parse_duration_arg)]
+    #[arg(long, default_value = "2m", value_parser = duration_arg)]
     boot_timeout: Duration,
     /// End a job whose VM prints nothing on its console for this long [default: no limit].
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
     silence_timeout: Option<Duration>,
     /// Log debug lines too.
     #[arg(short, long)]
@@ -138,7 +138,7 @@ enum JobCommand {
         image: String,
         /// File size, which is also how much output the job may return: 10M, 500K, 1G
         /// (powers of 1024; rounded up to 512 bytes; at least 64K).
-        #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+        #[arg(long, value_name = "SIZE", value_parser = size_arg)]
         size: u64,
         /// Job name [default: DIR's name].
         #[arg(long)]
@@ -181,16 +181,16 @@ enum JobCommand {
 struct ReadBounds {
     /// Stop after the archive produces this many bytes, sparse holes included
     /// [default: 1G for log, 64G for list and unpack].
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
     max_bytes: Option<u64>,
     /// Stop after this long [default: 10m for log and list, 1h for unpack].
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
     max_time: Option<Duration>,
 }
 
 impl ReadBounds {
     fn limits(&self, command: &str) -> jobfile::ReadLimits {
-        let mut limits = job::default_limits(command);
+        let mut limits = tools::default_limits(command);
         if let Some(b) = self.max_bytes {
             limits.max_bytes = b;
         }
@@ -199,14 +199,6 @@ impl ReadBounds {
         }
         limits
     }
-}
-
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
-}
-
-fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -325,7 +317,7 @@ fn layers(major: u32, minor: u32, ids: IdRange, c: &Confiner, cgroups: bool, net
 
 /// KVM if it boots a real kernel here, else TCG (with the reason logged).
 fn detect_accel(qemu: &Path, dirs: &Dirs, confiner: &Confiner) -> Accel {
-    let Some(kernel) = daemon::any_kernel(&dirs.images) else {
+    let Some(kernel) = construir_host::image::any_kernel(&dirs.images) else {
         log::warn!("no image in {} to test KVM with: using TCG (restart after adding images)", dirs.images.display());
         return Accel::Tcg;
     };
@@ -341,7 +333,7 @@ fn detect_accel(qemu: &Path, dirs: &Dirs, confiner: &Confiner) -> Accel {
 fn run_job(cmd: JobCommand) -> Result<()> {
     match cmd {
         JobCommand::Pack { dir, image, size, name, out, xz_preset, force } => {
-            let packed = job::pack(&PackRequest { dir, image, size, name, out, preset: xz_preset, force })?;
+            let packed = tools::pack(&PackRequest { dir, image, size, name, out, preset: xz_preset, force })?;
             for w in &packed.warnings {
                 eprintln!("construir-host: warning: {w}");
             }
@@ -352,16 +344,16 @@ fn run_job(cmd: JobCommand) -> Result<()> {
             );
             println!("{}", packed.path.display());
         }
-        JobCommand::Log { file, bounds } => job::log(&file, bounds.limits("log"))?,
+        JobCommand::Log { file, bounds } => tools::log(&file, bounds.limits("log"))?,
         JobCommand::Status { file } => {
-            let status = job::status(&file)?;
+            let status = tools::status(&file)?;
             println!("{}", serde_json::to_string_pretty(&status)?);
         }
         JobCommand::List { file, bounds } => {
-            job::list(&file, &mut std::io::stdout().lock(), bounds.limits("list"))?;
+            tools::list(&file, &mut std::io::stdout().lock(), bounds.limits("list"))?;
         }
         JobCommand::Unpack { file, dir, bounds } => {
-            let report = job::unpack(&file, &dir, bounds.limits("unpack"))?;
+            let report = tools::unpack(&file, &dir, bounds.limits("unpack"))?;
             for s in &report.skipped {
                 eprintln!("construir-host: skipped {}: {}", s.path, s.reason);
             }

@@ -4,22 +4,21 @@
 //! host is stopping.
 
 use std::ffi::{OsStr, OsString};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use jobfile::image::ImageManifest;
 use jobfile::xz::DEFAULT_MEMLIMIT;
 use jobfile::{path_is, JobName, JobStatus};
 
 use crate::cgroup;
 use crate::files::ReadAt;
+use crate::image::{self, BootFiles, Image};
 use crate::qemu::{self, Accel, Bounds, Confinement, Confiner, Cut, VmSpec};
-use crate::queue::{self, Delivery, Dirs, Scanned};
+use crate::queue::{self, Dirs, Ending, Scanned};
 
 /// Largest job_status.json the host reads from a result.
 const MAX_STATUS: u64 = 64 << 10;
@@ -46,14 +45,6 @@ pub struct Limits {
     pub cgroups: Option<cgroup::Parent>,
 }
 
-/// How a job ended, for the host's log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ending {
-    Done { path: PathBuf, verdict: String },
-    Failed { path: PathBuf, reason: String },
-    Requeued,
-}
-
 /// The working copy's name in the VM's directory.
 const DISK: &str = "disk";
 
@@ -70,13 +61,13 @@ pub fn run(
     let claimed = dirs.running.join(file_name);
     // A note left by an earlier claim of the same name must not speak for this one.
     queue::drop_delivery_note(dirs, file_name)?;
-    let image_dir = dirs.images.join(format!("i{}", job.image()));
-    let manifest = match ImageManifest::load(&image_dir) {
-        Ok(m) => m,
+    let image = match Image::load(&dirs.images, job.image()) {
+        Ok(image) => image,
         Err(e) => {
             return fail(dirs, &claimed, &format!("unknown image i{}: {}", job.image(), jobfile::error_chain(&e)), None)
         }
     };
+    let manifest = &image.manifest;
     let prepared = match limits.confiner.prepare(&dirs.work.join(format!("{}.{label}", limits.host_id))) {
         Ok(p) => p,
         Err(e) => {
@@ -101,23 +92,11 @@ pub fn run(
         job.image(),
         limits.console_limit
     );
-    let open = |name: &str| {
-        let path = image_dir.join(name);
-        OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))
-    };
-    let files = (|| -> io::Result<_> {
-        let root = manifest.root_disk.as_deref().map(open).transpose()?;
-        Ok((open(&manifest.kernel)?, open(&manifest.initrd)?, root))
-    })();
-    let (kernel, initrd, root_disk) = match files {
+    let BootFiles { kernel, initrd, root_disk } = match image.open() {
         Ok(f) => f,
         Err(e) => return fail(dirs, &claimed, &format!("image i{} is incomplete: {e}", job.image()), None),
     };
-    let root_size = root_disk.as_ref().and_then(qcow2_virtual_size).unwrap_or(0);
+    let root_size = root_disk.as_ref().and_then(image::qcow2_virtual_size).unwrap_or(0);
     // Guest memory plus room for QEMU itself (TCG's translation cache among it).
     let group = match &limits.cgroups {
         Some(parent) => {
@@ -212,7 +191,7 @@ pub fn run(
             let staged = queue::stage(dirs, &prepared.dir.fd, OsStr::new(DISK), &disk, scanned.size, job, &log, &tag)?;
             queue::note_delivery(dirs, file_name, &staged)?;
             let delivery = queue::land(dirs, job, &staged)?;
-            end_delivered(dirs, file_name, job, delivery, verdict)
+            queue::end_delivered(dirs, file_name, job, delivery, verdict)
         }
         None => {
             let reason = if powered_off {
@@ -224,31 +203,6 @@ pub fn run(
             fail(dirs, &claimed, &reason, Some(&log))
         }
     }
-}
-
-/// Ends a claim whose result was staged and landed (or found taken): the
-/// claim and its delivery note go. A result that found `done/<name>` taken
-/// goes to failed/ in place of the input, with its log, so both are kept.
-pub fn end_delivered(
-    dirs: &Dirs,
-    file_name: &OsStr,
-    job: &JobName,
-    delivery: Delivery,
-    verdict: String,
-) -> io::Result<Ending> {
-    let ending = match delivery {
-        Delivery::Done(path) => Ending::Done { path, verdict },
-        Delivery::Taken { staged, log } => {
-            let reason = format!(
-                "done/{} (or its log) already exists; this result was not delivered there",
-                job.done_file_name()
-            );
-            let path = queue::fail_as(dirs, &staged, OsStr::new(&job.done_file_name()), &reason, Some(&log))?;
-            Ending::Failed { path, reason }
-        }
-    };
-    queue::finish_claim(dirs, file_name)?;
-    Ok(ending)
 }
 
 /// A VM whose init never said it started: back in the queue once, without
@@ -271,13 +225,6 @@ fn no_boot(dirs: &Dirs, file_name: &OsStr, label: &str, limit: Duration, vm: qem
     fail(dirs, &dirs.running.join(file_name), &reason, Some(&log))
 }
 
-/// A qcow2 image's virtual size (big-endian u64 at byte 24 of its header).
-fn qcow2_virtual_size(file: &File) -> Option<u64> {
-    let mut header = [0u8; 32];
-    file.read_exact_at(&mut header, 0).ok()?;
-    (&header[..4] == b"QFI\xfb").then(|| u64::from_be_bytes(header[24..32].try_into().expect("8 bytes")))
-}
-
 fn fail(dirs: &Dirs, claimed: &Path, reason: &str, log: Option<&[u8]>) -> io::Result<Ending> {
     let path = queue::fail(dirs, claimed, reason, log)?;
     Ok(Ending::Failed { path, reason: reason.to_owned() })
@@ -288,7 +235,7 @@ fn fail(dirs: &Dirs, claimed: &Path, reason: &str, log: Option<&[u8]>) -> io::Re
 /// bounds: the guest may have written anything.
 pub fn read_status(disk: &File) -> Option<JobStatus> {
     let mut archive =
-        jobfile::read_job(ReadAt::new(disk), DEFAULT_MEMLIMIT).ok()?.with_limits(crate::job::STATUS_LIMITS);
+        jobfile::read_job(ReadAt::new(disk), DEFAULT_MEMLIMIT).ok()?.with_limits(crate::tools::STATUS_LIMITS);
     let h = archive.next_entry().ok()??;
     if h.kind != jobfile::Kind::File || !path_is(&h.path, jobfile::STATUS_FILE) || h.size > MAX_STATUS {
         return None;

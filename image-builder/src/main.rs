@@ -54,7 +54,7 @@ enum Command {
         #[arg(long, value_name = "URL")]
         mirror: Option<String>,
         /// Size of the root filesystem (room for jobs to build in; sparse).
-        #[arg(long, default_value = "20G", value_parser = parse_size_arg)]
+        #[arg(long, default_value = "20G", value_parser = jobfile::units::size_arg)]
         size: u64,
         /// construir-init to install [default: the one beside this program].
         #[arg(long, value_name = "PATH")]
@@ -81,22 +81,6 @@ enum Command {
         #[arg(long, default_value = "auto")]
         accel: String,
     },
-}
-
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (n, unit) = t.split_at(split);
-    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a size (e.g. 20G)"))?;
-    let shift = match unit.to_ascii_uppercase().as_str() {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => return Err(format!("{s:?} is not a size (e.g. 20G)")),
-    };
-    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -2,12 +2,11 @@
 //! and summed, then renamed into place, so `--out` never holds half an image.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::{self, Read};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use jobfile::image::{ImageManifest, MANIFEST};
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -51,7 +50,7 @@ impl Staging {
         names.sort_by_key(|e| e.file_name());
         for entry in names {
             let name = entry.file_name().to_string_lossy().into_owned();
-            sums.insert(name, sha256_file(&entry.path()).map_err(io_err(&entry.path()))?);
+            sums.insert(name, jobfile::image::sha256_file(&entry.path()).map_err(io_err(&entry.path()))?);
         }
         manifest.sha256 = sums;
         let manifest_path = self.dir.join(MANIFEST);
@@ -73,19 +72,6 @@ impl Drop for Staging {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-pub fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match f.read(&mut buf)? {
-            0 => break,
-            n => h.update(&buf[..n]),
-        }
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// True when an ELF file has no program interpreter (is statically linked).

@@ -15,7 +15,6 @@ use jobfile::image::ImageManifest;
 use jobfile::xz::{EncodeOptions, DEFAULT_MEMLIMIT};
 use jobfile::{path_is, JobStatus, Outcome, PackOptions};
 
-use crate::output::sha256_file;
 use crate::say;
 
 /// The smoke job: proves the script ran, where, and that /job is writable.
@@ -41,12 +40,7 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
     let image = std::path::absolute(&opts.image)?;
     let manifest = ImageManifest::load(&image).with_context(|| format!("{} is not an image", image.display()))?;
     say!("checking {} files against image.toml", manifest.sha256.len());
-    for (file, want) in &manifest.sha256 {
-        let got = sha256_file(&image.join(file)).with_context(|| format!("cannot read {file}"))?;
-        if &got != want {
-            bail!("{file} does not match image.toml (sha256 {got}, expected {want}): the image was changed or damaged");
-        }
-    }
+    manifest.verify_files(&image)?;
     let host = match &opts.host {
         Some(h) => h.clone(),
         None => std::env::current_exe()?.with_file_name("construir-host"),

@@ -5,23 +5,24 @@
 //! output capacity. This crate names, reads, safely unpacks and packs such
 //! files; see `docs/DESIGN.md` for the contract.
 
-pub mod entries;
 pub mod fallback;
 pub mod image;
 pub mod name;
 pub mod pack;
 pub mod status;
+pub mod tar_reader;
 pub mod text;
+pub mod units;
 pub mod unpack;
 pub mod xz;
 pub mod zero;
 
 use std::io::Read;
 
-pub use entries::{ArchiveError, ArchiveReader, Header, Kind, ReadLimits};
 pub use name::{JobName, NameError, Stage};
 pub use pack::{pack_dir, pack_onto, PackError, PackOptions, PackReport};
 pub use status::{JobStatus, Outcome};
+pub use tar_reader::{ArchiveError, ArchiveReader, Header, Kind, ReadLimits};
 pub use text::sanitize;
 pub use unpack::{unpack, UnpackError, UnpackOptions, UnpackReport};
 pub use xz::{EncodeOptions, XzError, XzReader};

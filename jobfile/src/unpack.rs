@@ -20,7 +20,7 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{fchown, fchownat, linkat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags};
 use thiserror::Error;
 
-use crate::entries::{ArchiveError, ArchiveReader, Header, Kind};
+use crate::tar_reader::{ArchiveError, ArchiveReader, Header, Kind};
 use crate::text::{sanitize_capped, SHOWN_PATH_MAX};
 
 /// Most skipped entries a report lists one by one (the rest are only counted).

@@ -83,6 +83,16 @@ pub fn human_size(bytes: u64) -> String {
     }
 }
 
+/// `parse_size` for clap's `value_parser`.
+pub fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+/// `parse_duration` for clap's `value_parser`.
+pub fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

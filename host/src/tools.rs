@@ -18,7 +18,7 @@ use jobfile::{
 };
 use thiserror::Error;
 
-use crate::units::human_size;
+use jobfile::units::human_size;
 
 /// Largest `job_status.json` we read.
 const MAX_STATUS: u64 = 1 << 20;
