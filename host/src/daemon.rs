@@ -15,6 +15,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use crate::image::Image;
+use crate::metrics;
 use crate::pending::{Pending, Refusal};
 use crate::queue::Ending;
 use crate::queue::{self, Dirs, Rules};
@@ -32,7 +33,12 @@ pub struct RunOptions {
     pub max_attempts: u32,
     /// After SIGTERM, how long running jobs may go on before they are stopped and requeued.
     pub stop_timeout: Duration,
+    /// Where to write Prometheus metrics (node_exporter's textfile collector).
+    pub metrics_file: Option<PathBuf>,
 }
+
+/// How often the metrics file is rewritten.
+const METRICS_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Summary {
@@ -46,6 +52,18 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     let dirs = &opts.dirs;
     dirs.create_all()?;
     let mut summary = Summary::default();
+    // Before anything else in running/<host-id>/: no second host of this id may recover our claims.
+    let info = queue::HostInfo {
+        pid: std::process::id(),
+        started: jobfile::status::rfc3339(std::time::SystemTime::now()),
+        workers: opts.workers,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let _held = queue::hold_host(dirs, &info)?;
+    if opts.metrics_file.is_some() {
+        metrics::init(&opts.limits.host_id);
+    }
+    let mut metrics_written: Option<Instant> = None;
     queue::recover(dirs, &opts.limits.host_id, opts.max_attempts, |name, ending| {
         tally(dirs, &mut summary, name, ending)
     })?;
@@ -101,7 +119,7 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
             let job = ready.job;
             if let Err(e) = Image::load(&dirs.images, job.image()) {
                 let reason = format!("unknown image i{}: {}", job.image(), jobfile::error_chain(&e));
-                refused.push(Refusal { file_name: ready.file_name, reason });
+                refused.push(Refusal { file_name: ready.file_name, kind: "unknown_image", reason });
                 continue;
             }
             match queue::claim(dirs, &ready.file_name) {
@@ -123,9 +141,21 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
             });
         }
         for r in refused.drain(..) {
+            metrics::refused(r.kind);
             refuse(dirs, &opts.limits.host_id, &r.file_name, &r.reason, &mut summary);
         }
-        if running.is_empty() && (stopping.is_some() || (opts.once && pending.is_empty())) {
+        let ending = running.is_empty() && (stopping.is_some() || (opts.once && pending.is_empty()));
+        if let Some(path) = &opts.metrics_file {
+            if ending || metrics_written.is_none_or(|t| t.elapsed() >= METRICS_EVERY) {
+                metrics::set_queue_depth(pending.len());
+                metrics::set_running(running.len());
+                if let Err(e) = metrics::write_file(path) {
+                    log::warn!("cannot write metrics to {}: {e}", path.display());
+                }
+                metrics_written = Some(Instant::now());
+            }
+        }
+        if ending {
             break;
         }
         // Sleep until the queue changes, a job ends, an entry may have settled, or it is time to rescan.

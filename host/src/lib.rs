@@ -2,6 +2,7 @@
 //! submitter's `job` tools.
 
 pub mod cgroup;
+pub mod config;
 pub mod console;
 pub mod daemon;
 pub mod files;
@@ -9,6 +10,7 @@ pub mod image;
 pub mod jail;
 pub mod kvm;
 pub mod logger;
+pub mod metrics;
 pub mod pending;
 pub mod qemu;
 pub mod queue;

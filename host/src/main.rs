@@ -1,5 +1,6 @@
 //! `construir-host`: parse the command line, run, print the error chain once.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -7,14 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use construir_host::daemon::{self, RunOptions};
 use construir_host::jail::{IdPool, IdRange, JailRoot};
+use construir_host::logger::LogFormat;
 use construir_host::qemu::{Accel, Confiner};
 use construir_host::queue::{Dirs, Rules};
 use construir_host::tools::{self, PackRequest};
 use construir_host::worker::Limits;
-use construir_host::{cgroup, jail, kvm, logger};
+use construir_host::{cgroup, config, jail, kvm, logger};
 use jobfile::units::{duration_arg, human_size, size_arg};
 
 #[derive(Parser)]
@@ -27,6 +29,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the jobs dropped into QUEUE, each in a throwaway VM.
+    ///
+    /// Every option can also be set in /etc/construir/host.toml (or --config
+    /// FILE), keyed by its long name: `timeout = "3h"`, `workers = 2`,
+    /// `enable-networking = false`, `queue = "/srv/construir/queue"`.
+    /// Options given here override the file.
+    #[command(args_override_self = true)]
     Run(Box<RunArgs>),
     /// Make and read job files (for people who submit jobs).
     #[command(subcommand)]
@@ -43,8 +51,14 @@ enum AccelChoice {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// The queue directory: drop <name>_i<image>.tar.xz files here.
-    queue: PathBuf,
+    /// The queue directory: drop <name>_i<image>.tar.xz files here [default: `queue` in the config file].
+    queue: Option<PathBuf>,
+    /// Read options from FILE [default: /etc/construir/host.toml, when it exists].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the options in effect (the config file and the command line together), as host.toml, and exit.
+    #[arg(long)]
+    show_config: bool,
     /// Handle every job now in the queue, then exit.
     #[arg(long)]
     once: bool,
@@ -122,6 +136,14 @@ struct RunArgs {
     /// End a job whose VM prints nothing on its console for this long [default: no limit].
     #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
     silence_timeout: Option<Duration>,
+    /// Write Prometheus metrics to FILE (text format, replaced atomically every
+    /// few seconds), for node_exporter's textfile collector [default: none].
+    #[arg(long, value_name = "FILE")]
+    metrics_file: Option<PathBuf>,
+    /// Log lines as text, in the journal's form (priority, no time of ours), or as JSON;
+    /// auto picks journal when stderr is systemd's journal, text otherwise.
+    #[arg(long, value_enum, default_value_t = LogFormat::Auto)]
+    log_format: LogFormat,
     /// Log debug lines too.
     #[arg(short, long)]
     verbose: bool,
@@ -201,20 +223,83 @@ impl ReadBounds {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, argv: &[OsString]) -> Result<()> {
     match cli.command {
-        Command::Run(args) => run_queue(*args),
+        Command::Run(args) => {
+            let (args, matches) = with_config(*args, argv)?;
+            if args.show_config {
+                print!("{}", show_config(&args, &matches));
+                return Ok(());
+            }
+            run_queue(args)
+        }
         Command::Job(cmd) => run_job(cmd),
     }
 }
 
+/// `run`'s clap command, as the config file is checked against.
+fn run_command() -> clap::Command {
+    Cli::command().find_subcommand("run").expect("run is a subcommand").clone()
+}
+
+/// The `run` options with the config file's in front of the command line's
+/// (the last of each wins), and the matches they came from.
+fn with_config(args: RunArgs, argv: &[OsString]) -> Result<(RunArgs, ArgMatches)> {
+    let mut file = config::FileArgs::default();
+    if let Some(path) = config::choose(args.config.as_deref()) {
+        file = config::load(&path, &run_command())?;
+    }
+    let at = argv.iter().position(|a| a == "run").context("no `run` on the command line")?;
+    let mut merged = argv[..=at].to_vec();
+    merged.extend(file.flags);
+    merged.extend_from_slice(&argv[at + 1..]);
+    let matches = Cli::command().try_get_matches_from(&merged).unwrap_or_else(|e| e.exit());
+    let run = matches.subcommand_matches("run").expect("run").clone();
+    let Command::Run(mut args) = Cli::from_arg_matches(&matches)?.command else { unreachable!("parsed as run") };
+    args.queue = args.queue.or(file.queue);
+    Ok((*args, run))
+}
+
+/// The options in effect, as a host.toml would set them.
+fn show_config(args: &RunArgs, matches: &ArgMatches) -> String {
+    let mut out = String::new();
+    match &args.queue {
+        Some(q) => out.push_str(&format!("queue = {}\n", toml_string(&q.to_string_lossy()))),
+        None => out.push_str("# queue = (not set)\n"),
+    }
+    for arg in run_command().get_arguments() {
+        let (Some(long), id) = (arg.get_long(), arg.get_id().as_str()) else { continue };
+        if matches!(long, "config" | "show-config" | "help" | "version") {
+            continue;
+        }
+        if matches!(arg.get_action(), clap::ArgAction::SetTrue) {
+            out.push_str(&format!("{long} = {}\n", matches.get_flag(id)));
+        } else if let Some(raw) = matches.get_raw(id).and_then(|mut v| v.next()) {
+            out.push_str(&format!("{long} = {}\n", toml_string(&raw.to_string_lossy())));
+        } else {
+            out.push_str(&format!("# {long} = (not set)\n"));
+        }
+    }
+    out
+}
+
+/// A value as TOML: whole numbers bare, anything else a string.
+fn toml_string(s: &str) -> String {
+    match s.parse::<i64>() {
+        Ok(n) => n.to_string(),
+        Err(_) => toml::Value::String(s.to_owned()).to_string(),
+    }
+}
+
 fn run_queue(a: RunArgs) -> Result<()> {
-    logger::init(a.verbose);
+    logger::init(a.verbose, a.log_format);
+    let Some(queue) = a.queue else {
+        bail!("no queue: give QUEUE, or set `queue` in {}", config::DEFAULT_PATH);
+    };
     let host_id = a.host_id.unwrap_or_else(daemon::default_host_id);
     if jobfile::name::check_name(&host_id).is_err() {
         bail!("--host-id {host_id:?}: use letters, digits, '.', '_' and '-'");
     }
-    let queue = a.queue;
     let dirs = Dirs {
         running: a.running.unwrap_or_else(|| daemon::sibling(&queue, "running")).join(&host_id),
         done: a.done.unwrap_or_else(|| daemon::sibling(&queue, "done")),
@@ -292,6 +377,7 @@ fn run_queue(a: RunArgs) -> Result<()> {
         rules: Rules { min_size: jobfile::MIN_JOB_SIZE, max_size: a.max_size, settle: a.settle },
         max_attempts: a.max_attempts,
         stop_timeout: a.stop_timeout,
+        metrics_file: a.metrics_file,
     };
     daemon::run(&opts, stop)?;
     Ok(())
@@ -378,7 +464,8 @@ fn run_job(cmd: JobCommand) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    match run(Cli::parse_from(&argv), &argv) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();

@@ -33,6 +33,8 @@ use crate::queue::{Rules, Scanned};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub file_name: OsString,
+    /// One word for metrics: `bad_name`, `not_a_file`, `too_small`, `too_large`, `hardlinked`, `unknown_image`.
+    pub kind: &'static str,
     pub reason: String,
 }
 
@@ -96,13 +98,15 @@ impl Pending {
         }
         match classify(file_name) {
             Entry::InProgress => {}
-            Entry::Invalid(e) => {
-                refused.push(Refusal { file_name: file_name.to_owned(), reason: format!("bad job file name: {e}") })
-            }
+            Entry::Invalid(e) => refused.push(Refusal {
+                file_name: file_name.to_owned(),
+                kind: "bad_name",
+                reason: format!("bad job file name: {e}"),
+            }),
             Entry::Job(_) => {
                 let Ok(meta) = fs::symlink_metadata(queue.join(file_name)) else { return };
-                if let Some(reason) = not_a_file(&meta) {
-                    refused.push(Refusal { file_name: file_name.to_owned(), reason });
+                if let Some((kind, reason)) = not_a_file(&meta) {
+                    refused.push(Refusal { file_name: file_name.to_owned(), kind, reason });
                     return;
                 }
                 let state = if renamed_in || old_enough(&meta, self.rules.settle) {
@@ -172,8 +176,8 @@ impl Pending {
                 gone.push(name.clone());
                 continue;
             };
-            if let Some(reason) = not_a_file(&meta) {
-                refused.push(Refusal { file_name: name.clone(), reason });
+            if let Some((kind, reason)) = not_a_file(&meta) {
+                refused.push(Refusal { file_name: name.clone(), kind, reason });
                 gone.push(name.clone());
                 continue;
             }
@@ -184,8 +188,8 @@ impl Pending {
             } else if since.elapsed() >= settle || old_enough(&meta, settle) {
                 item.state = State::Complete;
                 self.settling -= 1;
-                if let Some(reason) = self.rules.judge(&meta) {
-                    refused.push(Refusal { file_name: name.clone(), reason });
+                if let Some((kind, reason)) = self.rules.judge(&meta) {
+                    refused.push(Refusal { file_name: name.clone(), kind, reason });
                     gone.push(name.clone());
                 }
             } else {
@@ -213,8 +217,8 @@ impl Pending {
             gone.push(name.clone());
             let Ok(meta) = fs::symlink_metadata(queue.join(name)) else { continue };
             let Entry::Job(job) = classify(name) else { continue };
-            if let Some(reason) = not_a_file(&meta).or_else(|| self.rules.judge(&meta)) {
-                refused.push(Refusal { file_name: name.clone(), reason });
+            if let Some((kind, reason)) = not_a_file(&meta).or_else(|| self.rules.judge(&meta)) {
+                refused.push(Refusal { file_name: name.clone(), kind, reason });
                 continue;
             }
             ready = Some(Ready { file_name: name.clone(), job, scanned: Scanned::of(&meta) });
@@ -229,17 +233,23 @@ impl Pending {
 
 impl Rules {
     /// Why a settled regular file is not a job file this host takes, if it is not.
-    fn judge(&self, meta: &fs::Metadata) -> Option<String> {
+    fn judge(&self, meta: &fs::Metadata) -> Option<(&'static str, String)> {
         if meta.len() < self.min_size {
-            Some(format!(
-                "{} bytes is too small: a job file must be at least {} bytes (truncate --size)",
-                meta.len(),
-                self.min_size
+            Some((
+                "too_small",
+                format!(
+                    "{} bytes is too small: a job file must be at least {} bytes (truncate --size)",
+                    meta.len(),
+                    self.min_size
+                ),
             ))
         } else if meta.len() > self.max_size {
-            Some(format!("{} bytes is larger than this host accepts ({} bytes)", meta.len(), self.max_size))
+            Some((
+                "too_large",
+                format!("{} bytes is larger than this host accepts ({} bytes)", meta.len(), self.max_size),
+            ))
         } else if meta.nlink() > 1 {
-            Some(format!("hardlinked ({} names): a job file must have exactly one name", meta.nlink()))
+            Some(("hardlinked", format!("hardlinked ({} names): a job file must have exactly one name", meta.nlink())))
         } else {
             None
         }
@@ -247,7 +257,7 @@ impl Rules {
 }
 
 /// Why an entry is not a regular file, if it is not.
-fn not_a_file(meta: &fs::Metadata) -> Option<String> {
+fn not_a_file(meta: &fs::Metadata) -> Option<(&'static str, String)> {
     let ft = meta.file_type();
     if ft.is_file() {
         return None;
@@ -259,7 +269,7 @@ fn not_a_file(meta: &fs::Metadata) -> Option<String> {
     } else {
         "not a regular file"
     };
-    Some(format!("{what}: a job must be a regular file"))
+    Some(("not_a_file", format!("{what}: a job must be a regular file")))
 }
 
 /// An mtime at least `settle` in the past.

@@ -270,8 +270,8 @@ pub struct VmRun {
     pub elapsed: Duration,
     pub console: ConsoleLog,
     pub stderr: String,
-    /// Whether construir-init said it started.
-    pub booted: bool,
+    /// When construir-init said it started, counted from QEMU's start.
+    pub booted: Option<Duration>,
 }
 
 /// What construir-init prints as its very first act; the host's sign that the VM booted.
@@ -355,7 +355,8 @@ pub fn run(spec: &VmSpec, confinement: Confinement, bounds: Bounds, stop: &Atomi
     let stderr = child.stderr.take().expect("stderr was piped");
     let mut guard = Guard { child, reaped: None };
     let last_output = Arc::new(AtomicU64::new(0));
-    let booted = Arc::new(AtomicBool::new(false));
+    // Milliseconds from QEMU's start to init's first line, plus one; 0 until then.
+    let booted = Arc::new(AtomicU64::new(0));
     let (seen, saw_boot) = (last_output.clone(), booted.clone());
     let console = thread::spawn(move || {
         let mut log = ConsoleLog::new(bounds.console_limit);
@@ -369,10 +370,10 @@ pub fn run(spec: &VmSpec, confinement: Confinement, bounds: Bounds, stop: &Atomi
                 Ok(n) => {
                     log.push(&buf[..n]);
                     seen.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-                    if !saw_boot.load(Ordering::Relaxed) {
+                    if saw_boot.load(Ordering::Relaxed) == 0 {
                         carry.extend_from_slice(&buf[..n]);
                         if carry.windows(BOOT_MARKER.len()).any(|w| w == BOOT_MARKER) {
-                            saw_boot.store(true, Ordering::Relaxed);
+                            saw_boot.store(start.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
                         }
                         let keep = carry.len().saturating_sub(BOOT_MARKER.len());
                         carry.drain(..keep);
@@ -392,7 +393,7 @@ pub fn run(spec: &VmSpec, confinement: Confinement, bounds: Bounds, stop: &Atomi
         let quiet = start.elapsed().saturating_sub(Duration::from_millis(last_output.load(Ordering::Relaxed)));
         if start.elapsed() >= bounds.deadline {
             cut = Some(Cut::Deadline);
-        } else if bounds.boot.is_some_and(|b| start.elapsed() >= b) && !booted.load(Ordering::Relaxed) {
+        } else if bounds.boot.is_some_and(|b| start.elapsed() >= b) && booted.load(Ordering::Relaxed) == 0 {
             cut = Some(Cut::NoBoot);
         } else if bounds.silence.is_some_and(|s| quiet >= s) {
             cut = Some(Cut::Silence);
@@ -409,7 +410,8 @@ pub fn run(spec: &VmSpec, confinement: Confinement, bounds: Bounds, stop: &Atomi
     let console = console.join().unwrap_or_else(|_| ConsoleLog::new(0));
     let stderr = errors.join().unwrap_or_default();
     let status = if cut.is_some() { None } else { status };
-    Ok(VmRun { status, cut, elapsed, console, stderr, booted: booted.load(Ordering::Relaxed) })
+    let booted = booted.load(Ordering::Relaxed).checked_sub(1).map(Duration::from_millis);
+    Ok(VmRun { status, cut, elapsed, console, stderr, booted })
 }
 
 fn capture(mut pipe: impl Read + Send + 'static, limit: usize) -> JoinHandle<String> {

@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use jobfile::xz::DEFAULT_MEMLIMIT;
 use jobfile::{path_is, JobName, JobStatus};
 
-use crate::cgroup;
 use crate::files::ReadAt;
 use crate::image::{self, BootFiles, Image};
 use crate::qemu::{self, Accel, Bounds, Confinement, Confiner, Cut, VmSpec};
 use crate::queue::{self, Dirs, Ending, Scanned};
+use crate::{cgroup, metrics};
 
 /// Largest job_status.json the host reads from a result.
 const MAX_STATUS: u64 = 64 << 10;
@@ -64,7 +64,14 @@ pub fn run(
     let image = match Image::load(&dirs.images, job.image()) {
         Ok(image) => image,
         Err(e) => {
-            return fail(dirs, &claimed, &format!("unknown image i{}: {}", job.image(), jobfile::error_chain(&e)), None)
+            return fail(
+                dirs,
+                job,
+                "unknown_image",
+                &claimed,
+                &format!("unknown image i{}: {}", job.image(), jobfile::error_chain(&e)),
+                None,
+            )
         }
     };
     let manifest = &image.manifest;
@@ -78,7 +85,9 @@ pub fn run(
     };
     let (disk, size) = match queue::take_claimed(&claimed, scanned, &prepared.dir.fd, OsStr::new(DISK)) {
         Ok(taken) => taken,
-        Err(e) => return fail(dirs, &claimed, &format!("cannot take the claimed job file: {e}"), None),
+        Err(e) => {
+            return fail(dirs, job, "not_taken", &claimed, &format!("cannot take the claimed job file: {e}"), None)
+        }
     };
     let cmdline = format!(
         "console=ttyS0 panic=-1 quiet loglevel=3 {} construir.job={} construir.timeout={} construir.deadline={} construir.name={} construir.image={} construir.console={}",
@@ -94,7 +103,16 @@ pub fn run(
     );
     let BootFiles { kernel, initrd, root_disk } = match image.open() {
         Ok(f) => f,
-        Err(e) => return fail(dirs, &claimed, &format!("image i{} is incomplete: {e}", job.image()), None),
+        Err(e) => {
+            return fail(
+                dirs,
+                job,
+                "image_incomplete",
+                &claimed,
+                &format!("image i{} is incomplete: {e}", job.image()),
+                None,
+            )
+        }
     };
     let root_size = root_disk.as_ref().and_then(image::qcow2_virtual_size).unwrap_or(0);
     // Guest memory plus room for QEMU itself (TCG's translation cache among it).
@@ -145,16 +163,36 @@ pub fn run(
     };
     let vm = match qemu::run(&spec, prepared.confinement(&limits.confiner), bounds, stop) {
         Ok(vm) => vm,
-        Err(e) => return fail(dirs, &claimed, &format!("cannot run QEMU: {}", jobfile::error_chain(&e)), None),
+        Err(e) => {
+            return fail(
+                dirs,
+                job,
+                "qemu_error",
+                &claimed,
+                &format!("cannot run QEMU: {}", jobfile::error_chain(&e)),
+                None,
+            )
+        }
     };
     drop(spec); // QEMU is gone: nothing else holds the working copy now
+    if let Some(took) = vm.booted {
+        metrics::observe_boot(job.image(), took);
+    }
+    if let Some(cut) = vm.cut {
+        metrics::vm_killed(match cut {
+            Cut::Deadline => "deadline",
+            Cut::Silence => "silence",
+            Cut::NoBoot => "no_boot",
+            Cut::Stop => "stop",
+        });
+    }
     if vm.cut == Some(Cut::Stop) {
         queue::requeue(dirs, file_name)?;
         log::info!("job {label}: VM stopped because the host is stopping; back in the queue");
         return Ok(Ending::Requeued);
     }
     if vm.cut == Some(Cut::NoBoot) {
-        return no_boot(dirs, file_name, &label, limits.boot, vm);
+        return no_boot(dirs, file_name, job, limits.boot, vm);
     }
     queue::forget_no_boot(dirs, file_name);
     let secs = vm.elapsed.as_secs_f64();
@@ -191,6 +229,10 @@ pub fn run(
             let staged = queue::stage(dirs, &prepared.dir.fd, OsStr::new(DISK), &disk, scanned.size, job, &log, &tag)?;
             queue::note_delivery(dirs, file_name, &staged)?;
             let delivery = queue::land(dirs, job, &staged)?;
+            metrics::job_finished(st.result.as_str(), job.image());
+            if let Some(secs) = st.duration_secs {
+                metrics::observe_run(job.image(), secs);
+            }
             queue::end_delivered(dirs, file_name, job, delivery, verdict)
         }
         None => {
@@ -200,14 +242,15 @@ pub fn run(
                 format!("no result: {how}; without a clean power-off the job disk is not read")
             };
             let log = vm.console.finish(&format!("failed: {reason}"));
-            fail(dirs, &claimed, &reason, Some(&log))
+            fail(dirs, job, "no_result", &claimed, &reason, Some(&log))
         }
     }
 }
 
 /// A VM whose init never said it started: back in the queue once, without
 /// counting against the job; the second time in a row, to failed/ with the console.
-fn no_boot(dirs: &Dirs, file_name: &OsStr, label: &str, limit: Duration, vm: qemu::VmRun) -> io::Result<Ending> {
+fn no_boot(dirs: &Dirs, file_name: &OsStr, job: &JobName, limit: Duration, vm: qemu::VmRun) -> io::Result<Ending> {
+    let label = job.input_file_name();
     if queue::note_no_boot(dirs, file_name)? {
         log::warn!(
             "job {label}: the VM did not boot within {} s; killed, and the job goes back to the queue once",
@@ -222,11 +265,20 @@ fn no_boot(dirs: &Dirs, file_name: &OsStr, label: &str, limit: Duration, vm: qem
         limit.as_secs()
     );
     let log = vm.console.finish(&format!("failed: {reason}"));
-    fail(dirs, &dirs.running.join(file_name), &reason, Some(&log))
+    fail(dirs, job, "no_boot", &dirs.running.join(file_name), &reason, Some(&log))
 }
 
-fn fail(dirs: &Dirs, claimed: &Path, reason: &str, log: Option<&[u8]>) -> io::Result<Ending> {
+/// Sends a claimed job to failed/ without a result; `result` is the word metrics count it under.
+fn fail(
+    dirs: &Dirs,
+    job: &JobName,
+    result: &str,
+    claimed: &Path,
+    reason: &str,
+    log: Option<&[u8]>,
+) -> io::Result<Ending> {
     let path = queue::fail(dirs, claimed, reason, log)?;
+    metrics::job_finished(result, job.image());
     Ok(Ending::Failed { path, reason: reason.to_owned() })
 }
 

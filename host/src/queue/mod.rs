@@ -7,7 +7,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self};
+use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -198,6 +198,60 @@ pub fn take_claimed(
     Ok((dst, size))
 }
 
+/// The file in `running/<host-id>/` that a running host holds locked: it
+/// says the host is alive (to `status`, and to a second host started with
+/// the same id, which refuses to start), and what it is.
+pub const HOST_FILE: &str = ".host";
+
+/// What a running host says of itself in its `HOST_FILE`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostInfo {
+    pub pid: u32,
+    /// RFC 3339, UTC.
+    pub started: String,
+    pub workers: usize,
+    pub version: String,
+}
+
+/// Takes this host's place in `running/<host-id>/`: an exclusive lock on
+/// its `HOST_FILE`, held while the returned lock lives. Fails when another
+/// live host has the same id.
+pub fn hold_host(dirs: &Dirs, info: &HostInfo) -> io::Result<nix::fcntl::Flock<File>> {
+    let path = dirs.running.join(HOST_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)?;
+    let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        io::Error::other(format!(
+            "another host with the same host id holds {} ({e}); give each host its own --host-id",
+            path.display()
+        ))
+    })?;
+    lock.set_len(0)?;
+    (&*lock).write_all(serde_json::to_string(info).expect("serializes").as_bytes())?;
+    Ok(lock)
+}
+
+/// Whether the host whose claims are in `host_dir` (a `running/<host-id>/`)
+/// is alive, and what it said of itself. A directory without a `HOST_FILE`
+/// (left by an older host, or never used) counts as not alive.
+pub fn host_state(host_dir: &Path) -> (bool, Option<HostInfo>) {
+    let Ok(file) =
+        OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(host_dir.join(HOST_FILE))
+    else {
+        return (false, None);
+    };
+    let info = fs::read_to_string(host_dir.join(HOST_FILE)).ok().and_then(|t| serde_json::from_str(&t).ok());
+    // A shared lock is refused only while the host holds its exclusive one.
+    let alive = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock).is_err();
+    (alive, info)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +269,20 @@ mod tests {
         };
         d.create_all().expect("dirs");
         d
+    }
+
+    #[test]
+    fn a_host_holds_its_place_and_a_second_host_of_the_same_id_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let d = dirs(tmp.path());
+        assert_eq!(host_state(&d.running), (false, None));
+        let info = HostInfo { pid: 42, started: "2026-11-30T00:00:00Z".into(), workers: 2, version: "0.1.0".into() };
+        let held = hold_host(&d, &info).expect("first");
+        let e = hold_host(&d, &info).expect_err("second");
+        assert!(e.to_string().contains("another host with the same host id"), "{e}");
+        assert_eq!(host_state(&d.running), (true, Some(info.clone())));
+        drop(held);
+        assert_eq!(host_state(&d.running), (false, Some(info)), "a host that has gone leaves its file unlocked");
     }
 
     #[test]
