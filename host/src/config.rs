@@ -37,6 +37,14 @@ pub struct FileArgs {
     pub queue: Option<PathBuf>,
 }
 
+impl FileArgs {
+    /// The value the file gives `key` (a long option's name), if any.
+    pub fn value(&self, key: &str) -> Option<&OsStr> {
+        let flag = format!("--{key}");
+        self.flags.windows(2).rev().find(|w| w[0] == flag.as_str()).map(|w| w[1].as_os_str())
+    }
+}
+
 /// Keys that are `run` options but make no sense in a file.
 const NOT_IN_FILE: &[&str] = &["config", "show-config", "help", "version"];
 

@@ -14,5 +14,6 @@ pub mod metrics;
 pub mod pending;
 pub mod qemu;
 pub mod queue;
+pub mod status;
 pub mod tools;
 pub mod worker;

@@ -14,6 +14,7 @@ use construir_host::jail::{IdPool, IdRange, JailRoot};
 use construir_host::logger::LogFormat;
 use construir_host::qemu::{Accel, Confiner};
 use construir_host::queue::{Dirs, Rules};
+use construir_host::status::StatusDirs;
 use construir_host::tools::{self, PackRequest};
 use construir_host::worker::Limits;
 use construir_host::{cgroup, config, jail, kvm, logger};
@@ -36,6 +37,20 @@ enum Command {
     /// Options given here override the file.
     #[command(args_override_self = true)]
     Run(Box<RunArgs>),
+    /// What is happening now: jobs waiting, running, stuck, and recent results.
+    ///
+    /// Read from the directories alone: it works beside running hosts, for a
+    /// queue that several hosts share, and after a host has died.
+    Status {
+        #[command(flatten)]
+        at: QueueArgs,
+        /// How many recent results to show.
+        #[arg(long, default_value_t = 10)]
+        recent: usize,
+        /// Print JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make and read job files (for people who submit jobs).
     #[command(subcommand)]
     Job(JobCommand),
@@ -65,21 +80,8 @@ struct RunArgs {
     /// Jobs run at the same time.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     workers: u32,
-    /// Base images (i<N>/image.toml) [default: QUEUE/../images].
-    #[arg(long, value_name = "DIR")]
-    images: Option<PathBuf>,
-    /// Results [default: QUEUE/../done].
-    #[arg(long, value_name = "DIR")]
-    done: Option<PathBuf>,
-    /// Refused and broken jobs, each with a .reason [default: QUEUE/../failed].
-    #[arg(long, value_name = "DIR")]
-    failed: Option<PathBuf>,
-    /// Claimed jobs; this host uses RUNNING/<host-id> [default: QUEUE/../running].
-    #[arg(long, value_name = "DIR")]
-    running: Option<PathBuf>,
-    /// Working copies and QEMU's temporary files, on local disk [default: QUEUE/../work].
-    #[arg(long, value_name = "DIR")]
-    work: Option<PathBuf>,
+    #[command(flatten)]
+    dirs: DirArgs,
     /// How long a job script may run: 3h, 90m, 20s.
     #[arg(long, default_value = "3h", value_parser = duration_arg)]
     timeout: Duration,
@@ -147,6 +149,80 @@ struct RunArgs {
     /// Log debug lines too.
     #[arg(short, long)]
     verbose: bool,
+}
+
+/// The directories beside the queue.
+#[derive(clap::Args, Clone, Default)]
+struct DirArgs {
+    /// Base images (i<N>/image.toml) [default: QUEUE/../images].
+    #[arg(long, value_name = "DIR")]
+    images: Option<PathBuf>,
+    /// Results [default: QUEUE/../done].
+    #[arg(long, value_name = "DIR")]
+    done: Option<PathBuf>,
+    /// Refused and broken jobs, each with a .reason [default: QUEUE/../failed].
+    #[arg(long, value_name = "DIR")]
+    failed: Option<PathBuf>,
+    /// Claimed jobs; this host uses RUNNING/<host-id> [default: QUEUE/../running].
+    #[arg(long, value_name = "DIR")]
+    running: Option<PathBuf>,
+    /// Working copies and QEMU's temporary files, on local disk [default: QUEUE/../work].
+    #[arg(long, value_name = "DIR")]
+    work: Option<PathBuf>,
+}
+
+impl DirArgs {
+    /// Fills what is unset from the config file's values.
+    fn or_file(mut self, file: &config::FileArgs) -> DirArgs {
+        let pick = |flag: &str| file.value(flag).map(PathBuf::from);
+        self.images = self.images.or_else(|| pick("images"));
+        self.done = self.done.or_else(|| pick("done"));
+        self.failed = self.failed.or_else(|| pick("failed"));
+        self.running = self.running.or_else(|| pick("running"));
+        self.work = self.work.or_else(|| pick("work"));
+        self
+    }
+
+    /// The directories, defaults beside `queue`; `running` is the parent of every host's.
+    fn resolve(self, queue: PathBuf) -> (Dirs, PathBuf) {
+        let running = self.running.unwrap_or_else(|| daemon::sibling(&queue, "running"));
+        let dirs = Dirs {
+            running: running.clone(),
+            done: self.done.unwrap_or_else(|| daemon::sibling(&queue, "done")),
+            failed: self.failed.unwrap_or_else(|| daemon::sibling(&queue, "failed")),
+            images: self.images.unwrap_or_else(|| daemon::sibling(&queue, "images")),
+            work: self.work.unwrap_or_else(|| daemon::sibling(&queue, "work")),
+            queue,
+        };
+        (dirs, running)
+    }
+}
+
+/// Where `status` and `doctor` find the queue: QUEUE, or the config file.
+#[derive(clap::Args)]
+struct QueueArgs {
+    /// The queue directory [default: `queue` in the config file].
+    queue: Option<PathBuf>,
+    /// Read the directories from FILE [default: /etc/construir/host.toml, when it exists].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    dirs: DirArgs,
+}
+
+impl QueueArgs {
+    /// The directories as `run` with the same config file would use them, and the file's flags.
+    fn resolve(self) -> Result<(Dirs, PathBuf, config::FileArgs)> {
+        let file = match config::choose(self.config.as_deref()) {
+            Some(path) => config::load(&path, &run_command())?,
+            None => config::FileArgs::default(),
+        };
+        let Some(queue) = self.queue.or_else(|| file.queue.clone()) else {
+            bail!("no queue: give QUEUE, or set `queue` in {}", config::DEFAULT_PATH);
+        };
+        let (dirs, running) = self.dirs.or_file(&file).resolve(queue);
+        Ok((dirs, running, file))
+    }
 }
 
 #[derive(Subcommand)]
@@ -233,6 +309,19 @@ fn run(cli: Cli, argv: &[OsString]) -> Result<()> {
             }
             run_queue(args)
         }
+        Command::Status { at, recent, json } => {
+            let (dirs, running, _) = at.resolve()?;
+            let status = construir_host::status::gather(
+                &StatusDirs { queue: dirs.queue, running, done: dirs.done, failed: dirs.failed },
+                recent,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", construir_host::status::render(&status));
+            }
+            Ok(())
+        }
         Command::Job(cmd) => run_job(cmd),
     }
 }
@@ -300,14 +389,8 @@ fn run_queue(a: RunArgs) -> Result<()> {
     if jobfile::name::check_name(&host_id).is_err() {
         bail!("--host-id {host_id:?}: use letters, digits, '.', '_' and '-'");
     }
-    let dirs = Dirs {
-        running: a.running.unwrap_or_else(|| daemon::sibling(&queue, "running")).join(&host_id),
-        done: a.done.unwrap_or_else(|| daemon::sibling(&queue, "done")),
-        failed: a.failed.unwrap_or_else(|| daemon::sibling(&queue, "failed")),
-        images: a.images.unwrap_or_else(|| daemon::sibling(&queue, "images")),
-        work: a.work.unwrap_or_else(|| daemon::sibling(&queue, "work")),
-        queue,
-    };
+    let (mut dirs, _) = a.dirs.resolve(queue);
+    dirs.running = dirs.running.join(&host_id);
     let (major, minor) =
         construir_host::qemu::version(&a.qemu).with_context(|| format!("cannot run {}", a.qemu.display()))?;
     if (major, minor) < (7, 2) {

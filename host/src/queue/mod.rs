@@ -23,7 +23,7 @@ pub use delivery::{
     drop_delivery_note, end_delivered, finish_claim, land, note_delivery, resume_delivery, stage, Delivery, Resumed,
     Staged,
 };
-pub use recovery::{forget_counters, forget_no_boot, note_no_boot, recover};
+pub use recovery::{forget_counters, forget_no_boot, note_no_boot, read_counter, recover};
 
 use crate::files::{self, create_new_at, rename_noreplace, sync_dirs, write_durable};
 
