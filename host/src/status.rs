@@ -122,7 +122,7 @@ pub fn gather(d: &StatusDirs, recent: usize) -> io::Result<Status> {
                 })
             })
             .collect();
-        claims.sort_by(|a, b| b.elapsed_secs.cmp(&a.elapsed_secs));
+        claims.sort_by_key(|c| std::cmp::Reverse(c.elapsed_secs));
         if alive || info.is_some() || !claims.is_empty() {
             hosts.push(Host { id: jobfile::sanitize(id.as_bytes()), alive, info });
         }
@@ -148,7 +148,7 @@ pub fn gather(d: &StatusDirs, recent: usize) -> io::Result<Status> {
             finished.push((meta.ctime(), outcome, entry.path()));
         }
     }
-    finished.sort_by(|a, b| b.0.cmp(&a.0));
+    finished.sort_by_key(|f| std::cmp::Reverse(f.0));
     let recent = finished
         .into_iter()
         .take(recent)
