@@ -73,19 +73,14 @@ fn status_and_metrics_follow_real_jobs_through_a_host_kill_and_a_restart() {
     assert_eq!(s["stuck"][0]["host"], host_id.as_str());
     assert_eq!(s["hosts"][0]["alive"], false);
     let text = construir_e2e::sh(
-        &format!(
-            "{} status {} --config /dev/null",
-            bin("construir-host").display(),
-            q.queue.display()
-        ),
+        &format!("{} status {} --config /dev/null", bin("construir-host").display(), q.queue.display()),
         q.root.path(),
     );
     assert!(text.contains("stuck: 1 (their host is not running"), "{text}");
     assert!(text.contains(&format!("{host_id:<20} gone")), "{text}");
 
     // Restarted: everything finishes; the results and their verdicts are listed.
-    let mut again =
-        q.spawn("again", &host_id, &["--once", "--metrics-file", metrics.to_str().expect("utf8")]);
+    let mut again = q.spawn("again", &host_id, &["--once", "--metrics-file", metrics.to_str().expect("utf8")]);
     assert!(again.wait().expect("host").success(), "{}", q.log("again"));
     let s = status(&q);
     assert_eq!(s["waiting"]["count"], 0, "{s}");
@@ -97,8 +92,10 @@ fn status_and_metrics_follow_real_jobs_through_a_host_kill_and_a_restart() {
         assert!(r["verdict"].as_str().is_some_and(|v| v.starts_with("ok (exit code 0)")), "{r}");
     }
     assert!(
-        recent.iter().any(|r| r["outcome"] == "failed"
-            && r["verdict"].as_str().is_some_and(|v| v.starts_with("bad job file name"))),
+        recent
+            .iter()
+            .any(|r| r["outcome"] == "failed"
+                && r["verdict"].as_str().is_some_and(|v| v.starts_with("bad job file name"))),
         "{s}"
     );
     assert_eq!(String::from_utf8(job_log(&q.done("first_d0.tar.xz"))).expect("utf8"), "first done\n");
@@ -112,4 +109,62 @@ fn status_and_metrics_follow_real_jobs_through_a_host_kill_and_a_restart() {
     assert_eq!(boots, Some(2.0), "{text}");
     let runs = metric(&text, &format!("construir_job_run_seconds_sum{{{h},image=\"0\"}}")).expect("runs");
     assert!(runs >= 6.0, "the first job slept 6 s: {text}");
+}
+
+fn doctor(q: &Queue, images: &std::path::Path, extra: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(bin("construir-host"))
+        .arg("doctor")
+        .arg(&q.queue)
+        .args(["--config", "/dev/null", "--accel", "tcg", "--images"])
+        .arg(images)
+        .args(extra)
+        .output()
+        .expect("doctor");
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), String::from_utf8(out.stdout).expect("utf8"))
+}
+
+#[test]
+fn doctor_passes_a_sound_host_and_names_each_failure_with_its_fix() {
+    let q = Queue::new();
+    let (passed, text) = doctor(&q, construir_e2e::images(), &[]);
+    assert!(passed, "{text}");
+    for line in [
+        "ok    qemu       qemu-system-x86_64 is QEMU",
+        "ok    image      i0: mini, kernel ",
+        "ok    dirs ",
+        "ok    space      work: ",
+    ] {
+        assert!(text.lines().any(|l| l.starts_with(line)), "no {line:?} in:\n{text}");
+    }
+    assert!(text.contains("checksums match"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("warn  kvm        not used (accel = tcg)")), "{text}");
+    assert!(text.ends_with("warning(s)\n") && text.contains("ready to run"), "{text}");
+
+    // A damaged image: one byte of its initrd changed.
+    let images = q.root.path().join("images");
+    fs::create_dir_all(images.join("i0")).expect("mkdir");
+    for entry in fs::read_dir(construir_e2e::images().join("i0")).expect("ls") {
+        let entry = entry.expect("entry");
+        fs::copy(entry.path(), images.join("i0").join(entry.file_name())).expect("copy");
+    }
+    let initrd = images.join("i0/initrd.img");
+    let mut bytes = fs::read(&initrd).expect("read");
+    bytes[100] ^= 1;
+    fs::write(&initrd, bytes).expect("write");
+    let (passed, text) = doctor(&q, &images, &[]);
+    assert!(!passed, "{text}");
+    assert!(text.contains("FAIL  image      i0: ") && text.contains("initrd.img does not match image.toml"), "{text}");
+    assert!(text.contains("fix: rebuild it with image-builder"), "{text}");
+    assert!(text.contains("1 problem(s) stop `construir-host run`"), "{text}");
+
+    // No QEMU; a uid range holding an account; no queue directory.
+    let (passed, text) = doctor(&q, construir_e2e::images(), &["--qemu", "/nonexistent/qemu"]);
+    assert!(!passed && text.contains("FAIL  qemu       cannot run /nonexistent/qemu"), "{text}");
+    assert!(text.contains("fix: apt-get install qemu-system-x86 qemu-utils"), "{text}");
+    let (passed, text) = doctor(&q, construir_e2e::images(), &["--vm-ids", "65530:10"]);
+    assert!(!passed && text.contains("FAIL  vm uids") && text.contains("lies inside the VM uid range"), "{text}");
+    fs::remove_dir(&q.queue).expect("rmdir");
+    let (passed, text) = doctor(&q, construir_e2e::images(), &[]);
+    assert!(!passed && text.contains("FAIL  dirs") && text.contains("does not exist"), "{text}");
 }

@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod config;
 pub mod console;
 pub mod daemon;
+pub mod doctor;
 pub mod files;
 pub mod image;
 pub mod jail;

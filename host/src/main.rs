@@ -37,6 +37,11 @@ enum Command {
     /// Options given here override the file.
     #[command(args_override_self = true)]
     Run(Box<RunArgs>),
+    /// Check every requirement of `run` as configured, one line each with the fix; exits 1 when one blocks.
+    ///
+    /// Takes the same options (and config file) as `run`.
+    #[command(args_override_self = true)]
+    Doctor(Box<RunArgs>),
     /// What is happening now: jobs waiting, running, stuck, and recent results.
     ///
     /// Read from the directories alone: it works beside running hosts, for a
@@ -299,15 +304,19 @@ impl ReadBounds {
     }
 }
 
-fn run(cli: Cli, argv: &[OsString]) -> Result<()> {
+fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => {
-            let (args, matches) = with_config(*args, argv)?;
+            let (args, matches, _) = with_config(&args, argv, "run")?;
             if args.show_config {
                 print!("{}", show_config(&args, &matches));
-                return Ok(());
+                return Ok(ExitCode::SUCCESS);
             }
-            run_queue(args)
+            run_queue(args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Doctor(args) => {
+            let (args, _, file) = with_config(&args, argv, "doctor")?;
+            doctor(args, file)
         }
         Command::Status { at, recent, json } => {
             let (dirs, running, _) = at.resolve()?;
@@ -320,9 +329,9 @@ fn run(cli: Cli, argv: &[OsString]) -> Result<()> {
             } else {
                 print!("{}", construir_host::status::render(&status));
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Job(cmd) => run_job(cmd),
+        Command::Job(cmd) => run_job(cmd).map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -331,22 +340,26 @@ fn run_command() -> clap::Command {
     Cli::command().find_subcommand("run").expect("run is a subcommand").clone()
 }
 
-/// The `run` options with the config file's in front of the command line's
-/// (the last of each wins), and the matches they came from.
-fn with_config(args: RunArgs, argv: &[OsString]) -> Result<(RunArgs, ArgMatches)> {
+/// The `run` options (for `run` or `doctor`, named `sub`) with the config
+/// file's in front of the command line's (the last of each wins), the
+/// matches they came from, and the file read.
+fn with_config(args: &RunArgs, argv: &[OsString], sub: &str) -> Result<(RunArgs, ArgMatches, Option<PathBuf>)> {
     let mut file = config::FileArgs::default();
-    if let Some(path) = config::choose(args.config.as_deref()) {
-        file = config::load(&path, &run_command())?;
+    let path = config::choose(args.config.as_deref());
+    if let Some(path) = &path {
+        file = config::load(path, &run_command())?;
     }
-    let at = argv.iter().position(|a| a == "run").context("no `run` on the command line")?;
+    let at = argv.iter().position(|a| a == sub).with_context(|| format!("no `{sub}` on the command line"))?;
     let mut merged = argv[..=at].to_vec();
     merged.extend(file.flags);
     merged.extend_from_slice(&argv[at + 1..]);
     let matches = Cli::command().try_get_matches_from(&merged).unwrap_or_else(|e| e.exit());
-    let run = matches.subcommand_matches("run").expect("run").clone();
-    let Command::Run(mut args) = Cli::from_arg_matches(&matches)?.command else { unreachable!("parsed as run") };
+    let sub_matches = matches.subcommand_matches(sub).expect("parsed as the same subcommand").clone();
+    let (Command::Run(mut args) | Command::Doctor(mut args)) = Cli::from_arg_matches(&matches)?.command else {
+        unreachable!("parsed as run or doctor")
+    };
     args.queue = args.queue.or(file.queue);
-    Ok((*args, run))
+    Ok((*args, sub_matches, path))
 }
 
 /// The options in effect, as a host.toml would set them.
@@ -382,14 +395,14 @@ fn toml_string(s: &str) -> String {
 
 fn run_queue(a: RunArgs) -> Result<()> {
     logger::init(a.verbose, a.log_format);
-    let Some(queue) = a.queue else {
+    let Some(queue) = a.queue.clone() else {
         bail!("no queue: give QUEUE, or set `queue` in {}", config::DEFAULT_PATH);
     };
-    let host_id = a.host_id.unwrap_or_else(daemon::default_host_id);
+    let host_id = a.host_id.clone().unwrap_or_else(daemon::default_host_id);
     if jobfile::name::check_name(&host_id).is_err() {
         bail!("--host-id {host_id:?}: use letters, digits, '.', '_' and '-'");
     }
-    let (mut dirs, _) = a.dirs.resolve(queue);
+    let (mut dirs, _) = a.dirs.clone().resolve(queue);
     dirs.running = dirs.running.join(&host_id);
     let (major, minor) =
         construir_host::qemu::version(&a.qemu).with_context(|| format!("cannot run {}", a.qemu.display()))?;
@@ -397,24 +410,7 @@ fn run_queue(a: RunArgs) -> Result<()> {
         bail!("{} is QEMU {major}.{minor}; construir needs 7.2 or newer", a.qemu.display());
     }
     let root = jail::running_as_root();
-    let confiner = if root {
-        if a.workers > a.vm_ids.count {
-            bail!(
-                "--workers {} needs at least as many VM uids; --vm-ids {} has {}",
-                a.workers,
-                a.vm_ids,
-                a.vm_ids.count
-            );
-        }
-        jail::check_range(a.vm_ids, Path::new("/etc/passwd"), Path::new("/etc/group"))?;
-        Confiner {
-            ids: Some(IdPool::new(a.vm_ids, &a.vm_id_locks)?),
-            root: Some(JailRoot::discover(&a.qemu)?),
-            landlock_abi: jail::landlock_abi(),
-        }
-    } else {
-        Confiner { ids: None, root: None, landlock_abi: 0 }
-    };
+    let confiner = confiner(&a, root)?;
     let cgroups = if root {
         match cgroup::detect(Path::new("/sys/fs/cgroup")) {
             Ok(parent) => Some(parent),
@@ -464,6 +460,129 @@ fn run_queue(a: RunArgs) -> Result<()> {
     };
     daemon::run(&opts, stop)?;
     Ok(())
+}
+
+/// What each VM is confined by: its own uid, namespaces and root when the host is root.
+fn confiner(a: &RunArgs, root: bool) -> Result<Confiner> {
+    if !root {
+        return Ok(Confiner { ids: None, root: None, landlock_abi: 0 });
+    }
+    if a.workers > a.vm_ids.count {
+        bail!("--workers {} needs at least as many VM uids; --vm-ids {} has {}", a.workers, a.vm_ids, a.vm_ids.count);
+    }
+    jail::check_range(a.vm_ids, Path::new("/etc/passwd"), Path::new("/etc/group"))?;
+    Ok(Confiner {
+        ids: Some(IdPool::new(a.vm_ids, &a.vm_id_locks)?),
+        root: Some(JailRoot::discover(&a.qemu)?),
+        landlock_abi: jail::landlock_abi(),
+    })
+}
+
+/// `construir-host doctor`: prints one line per requirement; fails when one blocks `run`.
+fn doctor(a: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode> {
+    use construir_host::doctor::{self, Check, Level, Setup};
+    let mut checks: Vec<Check> = Vec::new();
+    checks.push(match &config_file {
+        Some(path) => Check {
+            level: Level::Ok,
+            what: "config",
+            detail: format!("{} read, every key valid", path.display()),
+            fix: None,
+        },
+        None => Check {
+            level: Level::Ok,
+            what: "config",
+            detail: format!("no {} (defaults and flags only)", config::DEFAULT_PATH),
+            fix: None,
+        },
+    });
+    let Some(queue) = a.queue.clone() else {
+        bail!("no queue: give QUEUE, or set `queue` in {}", config::DEFAULT_PATH);
+    };
+    let host_id = a.host_id.clone().unwrap_or_else(daemon::default_host_id);
+    let (mut dirs, _) = a.dirs.clone().resolve(queue);
+    dirs.running = dirs.running.join(&host_id);
+    let root = jail::running_as_root();
+    let setup = Setup {
+        qemu: a.qemu.clone(),
+        dirs: dirs.clone(),
+        workers: a.workers,
+        vm_ids: a.vm_ids,
+        vm_id_locks: a.vm_id_locks.clone(),
+        passwd: PathBuf::from("/etc/passwd"),
+        group: PathBuf::from("/etc/group"),
+        cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+        min_free: 1 << 30,
+    };
+    let qemu_check = doctor::qemu(&setup);
+    let qemu_ok = qemu_check.level == Level::Ok;
+    checks.push(qemu_check);
+    checks.push(doctor::vm_ids(&setup, root));
+    checks.push(doctor::directories(&setup));
+    checks.extend(doctor::images(&setup));
+    checks.push(kvm_check(&a, &dirs, root, qemu_ok));
+    checks.push(doctor::cgroups(&setup, root));
+    checks.push(doctor::landlock());
+    checks.extend(doctor::free_space(&setup));
+    for c in &checks {
+        println!("{c}");
+    }
+    let worst = checks.iter().map(|c| c.level).max().unwrap_or(Level::Ok);
+    let (fails, warns) = (
+        checks.iter().filter(|c| c.level == Level::Fail).count(),
+        checks.iter().filter(|c| c.level == Level::Warn).count(),
+    );
+    Ok(if worst == Level::Fail {
+        println!("{fails} problem(s) stop `construir-host run` as configured; {warns} warning(s)");
+        ExitCode::FAILURE
+    } else {
+        println!("ready to run; {warns} warning(s)");
+        ExitCode::SUCCESS
+    })
+}
+
+/// Whether VMs get KVM, as `run` would decide it.
+fn kvm_check(a: &RunArgs, dirs: &Dirs, root: bool, qemu_ok: bool) -> construir_host::doctor::Check {
+    use construir_host::doctor::{Check, Level};
+    let check =
+        |level, detail: String, fix: Option<&str>| Check { level, what: "kvm", detail, fix: fix.map(str::to_owned) };
+    let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
+    match (a.accel, dev) {
+        (AccelChoice::Tcg, _) => check(
+            Level::Warn,
+            "not used (accel = tcg): VMs are slower, and TCG is no security boundary".into(),
+            Some("accel = \"auto\" uses KVM where it works"),
+        ),
+        (AccelChoice::Kvm, Err(e)) => check(
+            Level::Fail,
+            format!("accel = kvm, but /dev/kvm cannot be opened: {e}"),
+            Some("load kvm_intel or kvm_amd (and enable virtualization in firmware), or use accel = \"auto\""),
+        ),
+        (AccelChoice::Kvm, Ok(_)) => check(Level::Ok, "accel = kvm; /dev/kvm opens".into(), None),
+        (AccelChoice::Auto, Err(e)) => check(
+            Level::Warn,
+            format!("/dev/kvm cannot be opened ({e}): jobs run under TCG, slower and no security boundary"),
+            Some("load kvm_intel or kvm_amd; in a VM, enable nested virtualization"),
+        ),
+        (AccelChoice::Auto, Ok(_)) if !qemu_ok => {
+            check(Level::Warn, "not probed: QEMU is missing".into(), Some("fix qemu first"))
+        }
+        (AccelChoice::Auto, Ok(_)) => {
+            let Some(kernel) = construir_host::image::any_kernel(&dirs.images) else {
+                return check(Level::Warn, "not probed: no image to boot".into(), Some("build an image first"));
+            };
+            let confiner = match confiner(a, root) {
+                Ok(c) => c,
+                Err(e) => return check(Level::Warn, format!("not probed: {e:#}"), Some("fix the vm uids first")),
+            };
+            let _ = std::fs::create_dir_all(&dirs.work);
+            if kvm::kvm_works(&a.qemu, &kernel, Duration::from_secs(15), &dirs.work, &confiner) {
+                check(Level::Ok, "a test VM booted with KVM".into(), None)
+            } else {
+                check(Level::Warn, "/dev/kvm opens but a test VM did not boot with it (nested virtualization off?): jobs run under TCG, slower and no security boundary".into(), Some("enable nested virtualization for this machine, or run on bare metal"))
+            }
+        }
+    }
 }
 
 /// One line naming each confinement layer and whether it is on.
@@ -549,7 +668,7 @@ fn run_job(cmd: JobCommand) -> Result<()> {
 fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
     match run(Cli::parse_from(&argv), &argv) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
             eprintln!("construir-host: error: {}", chain.join(": "));
