@@ -18,28 +18,59 @@ pub struct Parent {
     path: PathBuf,
 }
 
-/// Finds a writable cgroup v2 hierarchy at `base` (normally `/sys/fs/cgroup`)
-/// with the memory, pids and cpu controllers, and prepares `base/construir`.
-pub fn detect(base: &Path) -> Result<Parent, String> {
-    let controllers = fs::read_to_string(base.join("cgroup.controllers"))
-        .map_err(|_| format!("{} is not a cgroup v2 hierarchy", base.display()))?;
+/// Finds a writable cgroup v2 hierarchy mounted at `mount` (normally
+/// `/sys/fs/cgroup`) with the memory, pids and cpu controllers, and prepares
+/// the parent of the VMs' groups there. `own` is this process's cgroup
+/// (`0::<path>` in `/proc/self/cgroup`):
+/// - the root (`/`, a host started outside systemd): the parent is
+///   `<mount>/construir`;
+/// - anything else (a systemd service with `Delegate=yes`): the service's
+///   own cgroup is the parent. cgroup v2 lets a group with processes of its
+///   own hand no controller to its children, so the host first moves itself
+///   into the leaf `<own>/host`, then enables the controllers in `<own>`.
+pub fn detect(mount: &Path, own: &str) -> Result<Parent, String> {
+    let controllers = fs::read_to_string(mount.join("cgroup.controllers"))
+        .map_err(|_| format!("{} is not a cgroup v2 hierarchy", mount.display()))?;
     let have: Vec<&str> = controllers.split_whitespace().collect();
     if let Some(missing) = CONTROLLERS.iter().find(|c| !have.contains(c)) {
-        return Err(format!("the {missing} controller is not available in {}", base.display()));
+        return Err(format!("the {missing} controller is not available in {}", mount.display()));
     }
     let enable = CONTROLLERS.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(" ");
-    let path = base.join("construir");
-    let setup = || -> io::Result<()> {
-        fs::write(base.join("cgroup.subtree_control"), &enable)?;
-        match fs::create_dir(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-        fs::write(path.join("cgroup.subtree_control"), &enable)
+    let own = own.trim_matches('/');
+    let mkdir = |path: &Path| match fs::create_dir(path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
     };
-    setup().map_err(|e| format!("cannot set up {}: {e}", path.display()))?;
+    let (path, setup): (PathBuf, Box<dyn Fn(&Path) -> io::Result<()>>) = if own.is_empty() {
+        let path = mount.join("construir");
+        let setup = |path: &Path| {
+            fs::write(mount.join("cgroup.subtree_control"), &enable)?;
+            mkdir(path)?;
+            fs::write(path.join("cgroup.subtree_control"), &enable)
+        };
+        (path, Box::new(setup))
+    } else {
+        let path = mount.join(own);
+        let setup = |path: &Path| {
+            let own_controllers = fs::read_to_string(path.join("cgroup.controllers"))?;
+            if let Some(missing) = CONTROLLERS.iter().find(|c| !own_controllers.split_whitespace().any(|h| h == **c)) {
+                return Err(io::Error::other(format!(
+                    "the {missing} controller is not delegated to it (Delegate=yes in the unit)"
+                )));
+            }
+            mkdir(&path.join("host"))?;
+            fs::write(path.join("host/cgroup.procs"), std::process::id().to_string())?;
+            fs::write(path.join("cgroup.subtree_control"), &enable)
+        };
+        (path, Box::new(setup))
+    };
+    setup(&path).map_err(|e| format!("cannot set up {}: {e}", path.display()))?;
     Ok(Parent { path })
+}
+
+/// This process's cgroup v2 path, from `/proc/self/cgroup` (`0::<path>`).
+pub fn own_cgroup(proc_self_cgroup: &str) -> Option<String> {
+    proc_self_cgroup.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned)
 }
 
 /// One VM's group; killed and removed on drop.
@@ -124,9 +155,9 @@ mod tests {
     #[test]
     fn detects_and_writes_limits_in_a_cgroup_v2_tree() {
         let base = tempfile::tempdir().expect("tempdir");
-        assert!(detect(base.path()).is_err(), "no cgroup.controllers: not v2");
+        assert!(detect(base.path(), "/").is_err(), "no cgroup.controllers: not v2");
         fs::write(base.path().join("cgroup.controllers"), "cpuset cpu io memory pids\n").expect("write");
-        let parent = detect(base.path()).expect("detect");
+        let parent = detect(base.path(), "/").expect("detect");
         assert_eq!(fs::read_to_string(base.path().join("cgroup.subtree_control")).expect("read"), "+memory +pids +cpu");
         assert_eq!(
             fs::read_to_string(base.path().join("construir/cgroup.subtree_control")).expect("read"),
@@ -142,6 +173,32 @@ mod tests {
         assert_eq!(fs::read_to_string(dir.join("cgroup.kill")).expect("read"), "1");
 
         fs::write(base.path().join("cgroup.controllers"), "cpu io\n").expect("write");
-        assert!(detect(base.path()).expect_err("no memory controller").contains("memory"));
+        assert!(detect(base.path(), "/").expect_err("no memory controller").contains("memory"));
+    }
+
+    #[test]
+    fn under_a_delegated_service_the_host_moves_to_a_leaf_and_vms_go_beside_it() {
+        let mount = tempfile::tempdir().expect("tempdir");
+        let own = "/system.slice/construir-host.service";
+        assert_eq!(own_cgroup("1:name=systemd:/x\n0::/system.slice/construir-host.service\n").as_deref(), Some(own));
+        let service = mount.path().join("system.slice/construir-host.service");
+        fs::create_dir_all(&service).expect("mkdir");
+        fs::write(mount.path().join("cgroup.controllers"), "cpuset cpu io memory pids\n").expect("write");
+        fs::write(service.join("cgroup.controllers"), "cpu pids\n").expect("write");
+        let e = detect(mount.path(), own).expect_err("memory not delegated");
+        assert!(e.contains("memory controller is not delegated"), "{e}");
+        fs::write(service.join("cgroup.controllers"), "cpu io memory pids\n").expect("write");
+        let parent = detect(mount.path(), own).expect("detect");
+        assert_eq!(
+            fs::read_to_string(service.join("host/cgroup.procs")).expect("read"),
+            std::process::id().to_string()
+        );
+        assert_eq!(fs::read_to_string(service.join("cgroup.subtree_control")).expect("read"), "+memory +pids +cpu");
+        assert!(
+            !mount.path().join("cgroup.subtree_control").exists(),
+            "nothing outside the delegated group is written"
+        );
+        parent.create("h.job_i0.tar.xz", 1 << 30, 64, 1).expect("create");
+        assert!(service.join("h.job_i0.tar.xz/memory.max").exists());
     }
 }

@@ -72,6 +72,8 @@ pub struct Setup {
     pub passwd: PathBuf,
     pub group: PathBuf,
     pub cgroup_root: PathBuf,
+    /// This process's cgroup (`/` outside systemd).
+    pub cgroup_own: String,
     /// Below this much free space in work/ or done/, a failure; below ten times it, a warning.
     pub min_free: u64,
 }
@@ -277,14 +279,32 @@ pub fn cgroups(setup: &Setup, root: bool) -> Check {
             "under systemd, set Delegate=yes in the unit (config/host/construir-host.service does)",
         );
     }
-    if !root || !writable(base) {
+    let own = setup.cgroup_own.trim_matches('/');
+    let parent = if own.is_empty() { base.clone() } else { base.join(own) };
+    if !own.is_empty() {
+        let delegated = fs::read_to_string(parent.join("cgroup.controllers")).unwrap_or_default();
+        let missing: Vec<&str> =
+            ["memory", "pids", "cpu"].into_iter().filter(|c| !delegated.split_whitespace().any(|h| h == *c)).collect();
+        if !missing.is_empty() {
+            return warn(
+                "cgroups",
+                format!(
+                    "{} has no {} for its children: VMs run without cgroup limits",
+                    parent.display(),
+                    missing.join(", ")
+                ),
+                "under systemd, set Delegate=yes in the unit (config/host/construir-host.service does)",
+            );
+        }
+    }
+    if !root || !writable(&parent) {
         return warn(
             "cgroups",
-            format!("{} is not writable here: VMs run without cgroup limits", base.display()),
+            format!("{} is not writable here: VMs run without cgroup limits", parent.display()),
             "run as root, under systemd with Delegate=yes",
         );
     }
-    ok("cgroups", format!("cgroup v2 with memory, pids and cpu at {}", base.display()))
+    ok("cgroups", format!("cgroup v2 with memory, pids and cpu; VM groups under {}", parent.display()))
 }
 
 /// Landlock, as a layer of the jail.
@@ -332,6 +352,7 @@ mod tests {
             passwd: root.join("passwd"),
             group: root.join("group"),
             cgroup_root: root.join("cgroup"),
+            cgroup_own: "/".into(),
             min_free: 1 << 30,
         }
     }
@@ -379,6 +400,12 @@ mod tests {
         assert!(c.level == Level::Warn && c.detail.contains("memory"), "{c}");
         fs::write(s.cgroup_root.join("cgroup.controllers"), "cpuset cpu io memory pids\n").expect("write");
         assert_eq!(cgroups(&s, true).level, Level::Ok);
+        let service = Setup { cgroup_own: "/system.slice/c.service".into(), ..s.clone() };
+        fs::create_dir_all(s.cgroup_root.join("system.slice/c.service")).expect("mkdir");
+        let c = cgroups(&service, true);
+        assert!(c.level == Level::Warn && c.fix.as_deref().is_some_and(|f| f.contains("Delegate=yes")), "{c}");
+        fs::write(s.cgroup_root.join("system.slice/c.service/cgroup.controllers"), "cpu memory pids\n").expect("write");
+        assert_eq!(cgroups(&service, true).level, Level::Ok, "{}", cgroups(&service, true));
 
         let space = free_space(&Setup { min_free: u64::MAX, ..s.clone() });
         assert!(space.iter().all(|c| c.level == Level::Fail && c.detail.contains("free on")), "{space:?}");

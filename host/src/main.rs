@@ -412,7 +412,8 @@ fn run_queue(a: RunArgs) -> Result<()> {
     let root = jail::running_as_root();
     let confiner = confiner(&a, root)?;
     let cgroups = if root {
-        match cgroup::detect(Path::new("/sys/fs/cgroup")) {
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok().and_then(|t| cgroup::own_cgroup(&t));
+        match cgroup::detect(Path::new("/sys/fs/cgroup"), own.as_deref().unwrap_or("/")) {
             Ok(parent) => Some(parent),
             Err(why) => {
                 log::info!("no writable cgroup v2 here ({why}): VMs run without cgroup limits");
@@ -512,6 +513,10 @@ fn doctor(a: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode> {
         passwd: PathBuf::from("/etc/passwd"),
         group: PathBuf::from("/etc/group"),
         cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+        cgroup_own: std::fs::read_to_string("/proc/self/cgroup")
+            .ok()
+            .and_then(|t| cgroup::own_cgroup(&t))
+            .unwrap_or_else(|| "/".into()),
         min_free: 1 << 30,
     };
     let qemu_check = doctor::qemu(&setup);
