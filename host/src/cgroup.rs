@@ -37,35 +37,44 @@ pub fn detect(mount: &Path, own: &str) -> Result<Parent, String> {
     }
     let enable = CONTROLLERS.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(" ");
     let own = own.trim_matches('/');
-    let mkdir = |path: &Path| match fs::create_dir(path) {
-        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
-        _ => Ok(()),
-    };
-    let (path, setup): (PathBuf, Box<dyn Fn(&Path) -> io::Result<()>>) = if own.is_empty() {
+    let (path, setup) = if own.is_empty() {
         let path = mount.join("construir");
-        let setup = |path: &Path| {
-            fs::write(mount.join("cgroup.subtree_control"), &enable)?;
-            mkdir(path)?;
-            fs::write(path.join("cgroup.subtree_control"), &enable)
-        };
-        (path, Box::new(setup))
+        let setup = setup_root(mount, &path, &enable);
+        (path, setup)
     } else {
         let path = mount.join(own);
-        let setup = |path: &Path| {
-            let own_controllers = fs::read_to_string(path.join("cgroup.controllers"))?;
-            if let Some(missing) = CONTROLLERS.iter().find(|c| !own_controllers.split_whitespace().any(|h| h == **c)) {
-                return Err(io::Error::other(format!(
-                    "the {missing} controller is not delegated to it (Delegate=yes in the unit)"
-                )));
-            }
-            mkdir(&path.join("host"))?;
-            fs::write(path.join("host/cgroup.procs"), std::process::id().to_string())?;
-            fs::write(path.join("cgroup.subtree_control"), &enable)
-        };
-        (path, Box::new(setup))
+        let setup = setup_delegated(&path, &enable);
+        (path, setup)
     };
-    setup(&path).map_err(|e| format!("cannot set up {}: {e}", path.display()))?;
+    setup.map_err(|e| format!("cannot set up {}: {e}", path.display()))?;
     Ok(Parent { path })
+}
+
+fn mkdir(path: &Path) -> io::Result<()> {
+    match fs::create_dir(path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// In the root group (exempt from the no-processes rule): `<mount>/construir`.
+fn setup_root(mount: &Path, path: &Path, enable: &str) -> io::Result<()> {
+    fs::write(mount.join("cgroup.subtree_control"), enable)?;
+    mkdir(path)?;
+    fs::write(path.join("cgroup.subtree_control"), enable)
+}
+
+/// In a delegated group: this process into the leaf `host`, then the controllers on.
+fn setup_delegated(path: &Path, enable: &str) -> io::Result<()> {
+    let own_controllers = fs::read_to_string(path.join("cgroup.controllers"))?;
+    if let Some(missing) = CONTROLLERS.iter().find(|c| !own_controllers.split_whitespace().any(|h| h == **c)) {
+        return Err(io::Error::other(format!(
+            "the {missing} controller is not delegated to it (Delegate=yes in the unit)"
+        )));
+    }
+    mkdir(&path.join("host"))?;
+    fs::write(path.join("host/cgroup.procs"), std::process::id().to_string())?;
+    fs::write(path.join("cgroup.subtree_control"), enable)
 }
 
 /// This process's cgroup v2 path, from `/proc/self/cgroup` (`0::<path>`).
