@@ -41,8 +41,17 @@ fn the_manifest_is_complete_and_two_builds_list_the_same_packages() {
     assert_eq!(first.packages, second.packages, "two builds of bookworm list different packages");
     // Step by step progress, and nothing half-built left beside the image.
     let log = String::from_utf8_lossy(&out.stderr);
-    for step in 1..=7 {
-        assert!(log.contains(&format!("step {step}/7")), "{log}");
+    // Each stage in order, with the time since the build began, and each stage's own time.
+    let mut at = 0;
+    for (k, stage) in
+        ["download", "install", "guest files", "initramfs", "packages", "kernel", "mkfs", "qcow2", "manifest"]
+            .iter()
+            .enumerate()
+    {
+        let line = format!("{}/9 {stage}: ", k + 1);
+        let found = log[at..].find(&line).unwrap_or_else(|| panic!("no {line:?} after byte {at} in:\n{log}"));
+        at += found;
+        assert!(log.contains(&format!("  {stage} took ")), "{stage} has no time: {log}");
     }
     let left: Vec<_> = fs::read_dir(tmp.path()).expect("ls").map(|e| e.expect("e").file_name()).collect();
     assert_eq!(left, ["i100"]);

@@ -62,19 +62,8 @@ pub type Found = (String, PathBuf, Result<Image, ImageError>);
 
 /// Every `i<N>` directory under `images` (N: 1 to 9 digits), by number.
 pub fn scan(images: &Path) -> io::Result<Vec<Found>> {
-    let mut found = Vec::new();
-    for entry in fs::read_dir(images)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(number) = name.to_str().and_then(|n| n.strip_prefix('i')) else { continue };
-        let digits = !number.is_empty() && number.len() <= 9 && number.bytes().all(|b| b.is_ascii_digit());
-        if !digits || !entry.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        found.push((number.to_owned(), entry.path(), Image::load(images, number)));
-    }
-    found.sort_by(|(a, _, _), (b, _, _)| (a.len(), a).cmp(&(b.len(), b)));
-    Ok(found)
+    let dirs = jobfile::image::image_dirs(images)?;
+    Ok(dirs.into_iter().map(|(number, dir)| (number.clone(), dir, Image::load(images, &number))).collect())
 }
 
 /// The kernel of the first usable image, for the KVM probe.

@@ -21,6 +21,7 @@ use std::io::BufWriter;
 use crate::initramfs::Cpio;
 use crate::kernel::Kernel;
 use crate::output::Staging;
+use crate::progress::Progress;
 use crate::{command, ext4, mini, say, sources};
 
 include!(concat!(env!("OUT_DIR"), "/guest_files.rs"));
@@ -62,8 +63,11 @@ impl Drop for RootDir {
     }
 }
 
+/// The stages `build` goes through, in order.
+const STAGES: &[&str] =
+    &["download", "install", "guest files", "initramfs", "packages", "kernel", "mkfs", "qcow2", "manifest"];
+
 pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
-    let started = Instant::now();
     if !nix_is_root() {
         bail!("image-builder debootstrap needs root (debootstrap and chroot do): run it as root or with sudo");
     }
@@ -89,7 +93,8 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
     let _ = fs::remove_dir_all(&root.0);
     let r = &root.0;
 
-    say!("step 1/7: debootstrap {} (minbase + {}) from {mirror}", opts.suite, packages.join(","));
+    let mut progress = Progress::new(STAGES);
+    progress.stage("download", format!("debootstrap {} (minbase + {}) from {mirror}", opts.suite, packages.join(",")));
     let mut cmd = Command::new("debootstrap");
     cmd.args(["--variant=minbase", "--components=main"]).arg(format!("--include={}", packages.join(",")));
     if let Some(cache) = &opts.cache {
@@ -98,24 +103,24 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
     }
     cmd.arg(&opts.suite).arg(r).arg(&mirror).env("LC_ALL", "C").env("DEBIAN_FRONTEND", "noninteractive");
     let mut last = Instant::now();
+    let mut installing = false;
     command::run(&mut cmd, "debootstrap", Duration::from_secs(60 * 60), |line| {
-        // One line in a while, so a long download shows it is alive.
-        if line.starts_with("I: Retrieving")
-            || line.starts_with("I: Validating")
-            || line.starts_with("I: Extracting")
-            || line.starts_with("I: Configuring")
-            || line.starts_with("I: Unpacking")
-        {
-            if last.elapsed() > Duration::from_secs(10) {
-                say!("  {line}");
-                last = Instant::now();
-            }
-        } else if line.starts_with("I: Base system installed") || line.starts_with("E:") || line.starts_with("W:") {
-            say!("  {line}");
+        // debootstrap downloads every package first, then unpacks and configures them.
+        if !installing && (line.starts_with("I: Extracting") || line.starts_with("I: Installing")) {
+            installing = true;
+            progress.stage("install", "unpacking and configuring the packages");
+            last = Instant::now();
+        }
+        if line.starts_with("E:") || line.starts_with("W:") || line.starts_with("I: Base system installed") {
+            progress.note(line);
+        } else if line.starts_with("I: ") && last.elapsed() > Duration::from_secs(10) {
+            // One line in a while, so a long stage shows it is alive.
+            progress.note(line);
+            last = Instant::now();
         }
     })?;
 
-    say!("step 2/7: installing construir-init and config/guest ({} files)", GUEST_FILES.len());
+    progress.stage("guest files", format!("construir-init and config/guest ({} files)", GUEST_FILES.len()));
     install(
         r,
         "usr/sbin/construir-init",
@@ -128,7 +133,8 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
     fs::create_dir_all(r.join("job")).context("cannot create /job")?;
 
     let kernel_version = installed_kernel(r)?;
-    say!("step 3/7: the initramfs: construir-init as /init and the root disk's modules (kernel {kernel_version})");
+    progress
+        .stage("initramfs", format!("construir-init as /init and the root disk's modules (kernel {kernel_version})"));
     let kernel = Kernel {
         image: r.join(format!("boot/vmlinuz-{kernel_version}")),
         version: kernel_version.clone(),
@@ -136,8 +142,8 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
     };
     let wanted: Vec<&str> = mini::MODULES.iter().chain(ROOT_MODULES).copied().collect();
     let modules = kernel.resolve_module_groups(&wanted).context("cannot resolve the root disk's modules")?;
-    say!(
-        "  modules: {}",
+    progress.note(format_args!(
+        "modules: {}",
         modules
             .iter()
             .map(|g| g
@@ -147,7 +153,7 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
                 .join(" "))
             .collect::<Vec<_>>()
             .join(" | ")
-    );
+    ));
     let initrd = staging.dir.join("initrd.img");
     let file = fs::File::create(&initrd).with_context(|| format!("cannot create {}", initrd.display()))?;
     let mut cpio = Cpio::new(BufWriter::new(file));
@@ -161,7 +167,7 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
         }
     }
 
-    say!("step 4/7: listing packages");
+    progress.stage("packages", "listing what is installed");
     let listing = command::run(
         Command::new("chroot").arg(r).args(["dpkg-query", "-W", "-f", "${Package}\\t${Version}\\n"]),
         "dpkg-query",
@@ -175,10 +181,13 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
         .collect();
     installed.sort_by(|a, b| a.name.cmp(&b.name));
 
-    say!("step 5/7: exporting the kernel, dropping apt lists, caches and docs");
+    progress.stage("kernel", "exporting the kernel, dropping apt lists, caches and docs");
     let (kernel_file, pvh) =
         crate::kernel::install_kernel(&kernel.image, &staging.dir).context("cannot copy the kernel")?;
-    say!("  kernel file {kernel_file}{}", if pvh { " (uncompressed, booted through its PVH entry)" } else { "" });
+    progress.note(format_args!(
+        "kernel file {kernel_file}{}",
+        if pvh { " (uncompressed, booted through its PVH entry)" } else { "" }
+    ));
     for dir in [
         "var/lib/apt/lists",
         "var/cache/apt",
@@ -196,16 +205,13 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
     fs::create_dir_all(r.join("var/cache/apt/archives/partial"))?;
     fs::set_permissions(r.join("tmp"), fs::Permissions::from_mode(0o1777))?;
 
-    say!("step 6/7: root disk: ext4 of {} bytes (mkfs.ext4 -d), as qcow2", opts.size);
-    ext4::make_root_disk(
-        r,
-        &staging.dir.join("root.raw"),
-        &staging.dir.join("root.qcow2"),
-        opts.size,
-        "construir-root",
-    )?;
+    let raw = staging.dir.join("root.raw");
+    progress.stage("mkfs", format!("ext4 of {} (mkfs.ext4 -d)", jobfile::units::human_size(opts.size)));
+    ext4::make_filesystem(r, &raw, opts.size, "construir-root")?;
+    progress.stage("qcow2", "converting the root disk to qcow2");
+    ext4::to_qcow2(&raw, &staging.dir.join("root.qcow2"))?;
 
-    say!("step 7/7: image.toml");
+    progress.stage("manifest", "image.toml with every file's sha256");
     let manifest = ImageManifest {
         kind: "debootstrap".into(),
         description: format!("construir Debian {} image: minbase + {}", opts.suite, packages.join(", ")),
@@ -222,7 +228,8 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
         sha256: Default::default(),
     };
     let out = staging.finish(manifest)?;
-    say!("image ready at {} in {:.0} s", out.display(), started.elapsed().as_secs_f64());
+    let took = progress.finish();
+    say!("image ready at {} in {:.0} s", out.display(), took.as_secs_f64());
     Ok(out)
 }
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crate::command::{self, CommandError};
 
-/// Makes `qcow2` holding an ext4 filesystem of `size` bytes with the contents of `root`.
-pub fn make_root_disk(root: &Path, raw: &Path, qcow2: &Path, size: u64, label: &str) -> Result<(), CommandError> {
+/// Makes `raw`, a sparse ext4 filesystem of `size` bytes with the contents of `root`.
+pub fn make_filesystem(root: &Path, raw: &Path, size: u64, label: &str) -> Result<(), CommandError> {
     let io_err = |source| CommandError::Spawn { program: format!("creating {}", raw.display()), source };
     File::create(raw).and_then(|f| f.set_len(size)).map_err(io_err)?;
     command::run(
@@ -22,6 +22,11 @@ pub fn make_root_disk(root: &Path, raw: &Path, qcow2: &Path, size: u64, label: &
         Duration::from_secs(30 * 60),
         |_| {},
     )?;
+    Ok(())
+}
+
+/// Converts `raw` to `qcow2` (unused space costs nothing) and removes `raw`.
+pub fn to_qcow2(raw: &Path, qcow2: &Path) -> Result<(), CommandError> {
     command::run(
         Command::new("qemu-img").args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(raw).arg(qcow2),
         "qemu-img convert",

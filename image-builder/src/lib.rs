@@ -5,8 +5,10 @@ pub mod debootstrap;
 pub mod ext4;
 pub mod initramfs;
 pub mod kernel;
+pub mod list;
 pub mod mini;
 pub mod output;
+pub mod progress;
 pub mod sources;
 pub mod verify;
 

@@ -3,11 +3,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::time::Duration;
 
 use construir_image_builder::debootstrap::{self, DebootstrapOptions};
+use construir_image_builder::list;
 use construir_image_builder::mini::{self, MiniOptions};
 use construir_image_builder::verify::{self, VerifyOptions};
 
@@ -66,6 +67,14 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// List the images in DIR: kind, suite, kernel, size, creation date, and whether each verifies.
+    List {
+        /// The images directory (holding i<N>/).
+        dir: PathBuf,
+        /// Print JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check an image's files against its image.toml, then boot it with a
     /// smoke job and report whether the job ran and came back.
     Verify {
@@ -104,6 +113,14 @@ fn run(cli: Cli) -> Result<()> {
                 report.seconds
             );
             print!("{}", report.output);
+        }
+        Command::List { dir, json } => {
+            let listed = list::list(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&listed)?);
+            } else {
+                print!("{}", list::render(&dir, &listed));
+            }
         }
     }
     Ok(())

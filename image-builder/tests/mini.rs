@@ -127,3 +127,47 @@ fn debootstrap_says_clearly_that_it_needs_root() {
     assert!(err.contains("needs root") && err.lines().count() == 1, "{err}");
     assert!(!tmp.path().join("i100").exists());
 }
+
+#[test]
+fn list_shows_each_image_with_its_kind_size_date_and_whether_it_verifies() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let images = tmp.path().join("images");
+    let good = images.join("i0");
+    let out = builder(&["mini", "--out", good.to_str().expect("utf8")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A copy with one byte of its initrd changed, and a directory with no image.toml.
+    let damaged = images.join("i7");
+    fs::create_dir_all(&damaged).expect("mkdir");
+    for f in ["image.toml", "initrd.img", "vmlinux"] {
+        fs::copy(good.join(f), damaged.join(f)).expect("copy");
+    }
+    let mut bytes = fs::read(damaged.join("initrd.img")).expect("read");
+    bytes[64] ^= 0xff;
+    fs::write(damaged.join("initrd.img"), bytes).expect("write");
+    fs::create_dir_all(images.join("i12")).expect("mkdir");
+    fs::create_dir_all(images.join("not-an-image")).expect("mkdir");
+
+    let out = builder(&["list", images.to_str().expect("utf8")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).expect("utf8");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("IMAGE") && lines[0].contains("VERIFIES"), "{text}");
+    assert_eq!(lines.len(), 4, "header and i0, i7, i12: {text}");
+    let m = ImageManifest::load(&good).expect("manifest");
+    assert!(lines[1].starts_with("i0 ") && lines[1].contains(" mini ") && lines[1].ends_with("  ok"), "{text}");
+    assert!(
+        lines[1].contains(&m.created) && lines[1].contains(&m.kernel_version) && lines[1].contains(" MiB"),
+        "{text}"
+    );
+    assert!(lines[2].starts_with("i7 ") && lines[2].contains("initrd.img does not match image.toml"), "{text}");
+    assert!(lines[3].starts_with("i12 ") && lines[3].contains("cannot read"), "{text}");
+
+    let out = builder(&["list", images.to_str().expect("utf8"), "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json[0]["image"], "i0");
+    assert_eq!(json[0]["verifies"], "ok");
+    let size: u64 = ["initrd.img", "vmlinux"].iter().map(|f| fs::metadata(good.join(f)).expect("stat").len()).sum();
+    assert_eq!(json[0]["bytes"], size);
+    assert_eq!(json[1]["kind"], "mini");
+    assert!(json[2]["kind"].is_null());
+}

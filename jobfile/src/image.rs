@@ -107,6 +107,23 @@ impl ImageManifest {
     }
 }
 
+/// The image directories under `images`: every `i<N>` (N: 1 to 9 digits)
+/// that is a directory, as (N, path), by number.
+pub fn image_dirs(images: &Path) -> io::Result<Vec<(String, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(images)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(number) = name.to_str().and_then(|n| n.strip_prefix('i')) else { continue };
+        let digits = !number.is_empty() && number.len() <= 9 && number.bytes().all(|b| b.is_ascii_digit());
+        if digits && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            found.push((number.to_owned(), entry.path()));
+        }
+    }
+    found.sort_by(|(a, _), (b, _)| (a.len(), a).cmp(&(b.len(), b)));
+    Ok(found)
+}
+
 /// A file's sha256, in lower-case hex.
 pub fn sha256_file(path: &Path) -> io::Result<String> {
     use sha2::{Digest, Sha256};
