@@ -59,6 +59,11 @@ enum Command {
     /// Make and read job files (for people who submit jobs).
     #[command(subcommand)]
     Job(JobCommand),
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell
+    /// (scripts/install puts them where each shell looks).
+    Completions { shell: jobfile::manual::CompletionShell },
+    /// Write this program's man pages (one per subcommand) into DIR.
+    Man { dir: PathBuf },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -332,6 +337,19 @@ fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Job(cmd) => run_job(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Completions { shell } => {
+            use std::io::Write;
+            std::io::stdout().write_all(&jobfile::manual::completions(Cli::command(), shell))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            for page in jobfile::manual::write_man_pages(Cli::command(), &dir)
+                .with_context(|| format!("cannot write man pages into {}", dir.display()))?
+            {
+                println!("{}", page.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

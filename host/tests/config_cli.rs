@@ -105,3 +105,37 @@ fn unknown_keys_bad_values_and_missing_files_are_one_line_errors_naming_them() {
     let err = String::from_utf8(out.stderr).expect("utf8");
     assert!(!out.status.success() && err.contains("no queue: give QUEUE"), "{err}");
 }
+
+#[test]
+fn man_pages_and_completions_come_from_the_command_line_definitions() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = host(&["man", tmp.path().to_str().expect("utf8")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut pages: Vec<String> = fs::read_dir(tmp.path())
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    pages.sort();
+    for want in [
+        "construir-host.1",
+        "construir-host-run.1",
+        "construir-host-doctor.1",
+        "construir-host-status.1",
+        "construir-host-job-pack.1",
+    ] {
+        assert!(pages.contains(&want.to_owned()), "{want} missing: {pages:?}");
+    }
+    let run = fs::read_to_string(tmp.path().join("construir-host-run.1")).expect("page");
+    assert!(run.starts_with(".ie") || run.contains(".TH construir-host-run 1"), "{run}");
+    for option in ["\\-\\-stop\\-timeout", "\\-\\-metrics\\-file", "\\-\\-show\\-config", "/etc/construir/host.toml"] {
+        assert!(run.contains(option), "{option} not in the run page");
+    }
+    for (shell, marker) in
+        [("bash", "complete -F"), ("zsh", "#compdef construir-host"), ("fish", "complete -c construir-host")]
+    {
+        let out = host(&["completions", shell]);
+        let text = String::from_utf8(out.stdout).expect("utf8");
+        assert!(out.status.success() && text.contains(marker), "{shell}: {text}");
+        assert!(text.contains("doctor") && text.contains("status"), "{shell} lacks subcommands");
+    }
+}

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::time::Duration;
 
 use construir_image_builder::debootstrap::{self, DebootstrapOptions};
@@ -90,6 +90,11 @@ enum Command {
         #[arg(long, default_value = "auto")]
         accel: String,
     },
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell
+    /// (scripts/install puts them where each shell looks).
+    Completions { shell: jobfile::manual::CompletionShell },
+    /// Write this program's man pages (one per subcommand) into DIR.
+    Man { dir: PathBuf },
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -113,6 +118,17 @@ fn run(cli: Cli) -> Result<()> {
                 report.seconds
             );
             print!("{}", report.output);
+        }
+        Command::Completions { shell } => {
+            use std::io::Write;
+            std::io::stdout().write_all(&jobfile::manual::completions(Cli::command(), shell))?;
+        }
+        Command::Man { dir } => {
+            for page in jobfile::manual::write_man_pages(Cli::command(), &dir)
+                .with_context(|| format!("cannot write man pages into {}", dir.display()))?
+            {
+                println!("{}", page.display());
+            }
         }
         Command::List { dir, json } => {
             let listed = list::list(&dir).with_context(|| format!("cannot read {}", dir.display()))?;

@@ -7,6 +7,8 @@
 
 pub mod fallback;
 pub mod image;
+#[cfg(feature = "cli")]
+pub mod manual;
 pub mod name;
 pub mod pack;
 pub mod status;
