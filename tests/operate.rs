@@ -72,6 +72,7 @@ fn status_and_metrics_follow_real_jobs_through_a_host_kill_and_a_restart() {
     assert_eq!(s["stuck"][0]["name"], "first_i0.tar.xz", "{s}");
     assert_eq!(s["stuck"][0]["host"], host_id.as_str());
     assert_eq!(s["hosts"][0]["alive"], false);
+    assert!(s["hosts"][0]["stopped"].is_null(), "a killed host did not stop cleanly: {s}");
     let text = construir_e2e::sh(
         &format!("{} status {} --config /dev/null", bin("construir-host").display(), q.queue.display()),
         q.root.path(),
@@ -85,6 +86,9 @@ fn status_and_metrics_follow_real_jobs_through_a_host_kill_and_a_restart() {
     let s = status(&q);
     assert_eq!(s["waiting"]["count"], 0, "{s}");
     assert_eq!(s["stuck"].as_array().map(Vec::len), Some(0), "{s}");
+    assert_eq!(s["hosts"][0]["alive"], false, "{s}");
+    assert!(s["hosts"][0]["stopped"].as_str().is_some_and(|t| t.ends_with('Z')), "a clean stop is noted: {s}");
+    assert_eq!(s["hosts"][0]["pid"], again.id());
     let recent = s["recent"].as_array().expect("recent");
     let done: Vec<_> = recent.iter().filter(|r| r["outcome"] == "done").collect();
     assert_eq!(done.len(), 2, "{s}");

@@ -58,8 +58,9 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         started: jobfile::status::rfc3339(std::time::SystemTime::now()),
         workers: opts.workers,
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        stopped: None,
     };
-    let _held = queue::hold_host(dirs, &info)?;
+    let held = queue::hold_host(dirs, &info)?;
     if opts.metrics_file.is_some() {
         metrics::init(&opts.limits.host_id);
     }
@@ -188,6 +189,10 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
             running.remove(&file_name);
             tally(dirs, &mut summary, &file_name, ending);
         }
+    }
+    let stopped = queue::HostInfo { stopped: Some(jobfile::status::rfc3339(std::time::SystemTime::now())), ..info };
+    if let Err(e) = queue::write_host_info(&held, &stopped) {
+        log::warn!("cannot note the stop in {}: {e}", dirs.running.join(queue::HOST_FILE).display());
     }
     log::info!(
         "finished: {} done, {} failed, {} refused, {} requeued",

@@ -220,11 +220,20 @@ pub fn render(s: &Status) -> String {
     out.push('\n');
     out.push_str(&format!("hosts: {}\n", s.hosts.len()));
     for h in &s.hosts {
-        let state = if h.alive { "running" } else { "gone" };
+        let state = match &h.info {
+            _ if h.alive => "running",
+            Some(HostInfo { stopped: Some(_), .. }) => "stopped",
+            _ => "gone",
+        };
         match &h.info {
             Some(i) => out.push_str(&format!(
-                "  {:<20} {state:<8} pid {}, {} worker(s), since {}, version {}\n",
-                h.id, i.pid, i.workers, i.started, i.version
+                "  {:<20} {state:<8} pid {}, {} worker(s), started {}{}, version {}\n",
+                h.id,
+                i.pid,
+                i.workers,
+                i.started,
+                i.stopped.as_deref().map(|t| format!(", stopped {t}")).unwrap_or_default(),
+                i.version
             )),
             None => out.push_str(&format!("  {:<20} {state}\n", h.id)),
         }

@@ -7,8 +7,9 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -211,6 +212,9 @@ pub struct HostInfo {
     pub started: String,
     pub workers: usize,
     pub version: String,
+    /// RFC 3339: when it stopped cleanly (absent while it runs, or if it died).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
 }
 
 /// Takes this host's place in `running/<host-id>/`: an exclusive lock on
@@ -232,9 +236,15 @@ pub fn hold_host(dirs: &Dirs, info: &HostInfo) -> io::Result<nix::fcntl::Flock<F
             path.display()
         ))
     })?;
-    lock.set_len(0)?;
-    (&*lock).write_all(serde_json::to_string(info).expect("serializes").as_bytes())?;
+    write_host_info(&lock, info)?;
     Ok(lock)
+}
+
+/// Rewrites a held `HOST_FILE` (at a clean stop, with `stopped` set).
+pub fn write_host_info(held: &nix::fcntl::Flock<File>, info: &HostInfo) -> io::Result<()> {
+    held.set_len(0)?;
+    (&**held).write_all_at(serde_json::to_string(info).expect("serializes").as_bytes(), 0)?;
+    Ok(())
 }
 
 /// Whether the host whose claims are in `host_dir` (a `running/<host-id>/`)
@@ -276,7 +286,13 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let d = dirs(tmp.path());
         assert_eq!(host_state(&d.running), (false, None));
-        let info = HostInfo { pid: 42, started: "2026-11-30T00:00:00Z".into(), workers: 2, version: "0.1.0".into() };
+        let info = HostInfo {
+            pid: 42,
+            started: "2026-11-30T00:00:00Z".into(),
+            workers: 2,
+            version: "0.1.0".into(),
+            stopped: None,
+        };
         let held = hold_host(&d, &info).expect("first");
         let e = hold_host(&d, &info).expect_err("second");
         assert!(e.to_string().contains("another host with the same host id"), "{e}");
