@@ -243,7 +243,7 @@ pub fn hold_host(dirs: &Dirs, info: &HostInfo) -> io::Result<nix::fcntl::Flock<F
 /// Rewrites a held `HOST_FILE` (at a clean stop, with `stopped` set).
 pub fn write_host_info(held: &nix::fcntl::Flock<File>, info: &HostInfo) -> io::Result<()> {
     held.set_len(0)?;
-    (&**held).write_all_at(serde_json::to_string(info).expect("serializes").as_bytes(), 0)?;
+    held.write_all_at(serde_json::to_string(info).expect("serializes").as_bytes(), 0)?;
     Ok(())
 }
 
