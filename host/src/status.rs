@@ -152,11 +152,24 @@ pub fn gather(d: &StatusDirs, recent: usize) -> io::Result<Status> {
     let recent = finished
         .into_iter()
         .take(recent)
-        .map(|(ctime, outcome, path)| Finished {
-            time: jobfile::status::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(ctime.max(0) as u64)),
-            outcome,
-            name: jobfile::sanitize(path.file_name().unwrap_or(OsStr::new("")).as_encoded_bytes()),
-            verdict: if outcome == "done" { verdict_of(&path) } else { reason_of(&path) },
+        .map(|(ctime, outcome, path)| {
+            let mut name = jobfile::sanitize(path.file_name().unwrap_or(OsStr::new("")).as_encoded_bytes());
+            let verdict = if outcome == "done" {
+                verdict_of(&path)
+            } else {
+                let (reason, original) = reason_of(&path);
+                // A refused entry is filed under a name the host chose; show the one it came with.
+                if let Some(original) = original.filter(|_| name.starts_with("refused.")) {
+                    name = format!("{original} (as {name})");
+                }
+                reason
+            };
+            Finished {
+                time: jobfile::status::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(ctime.max(0) as u64)),
+                outcome,
+                name,
+                verdict,
+            }
         })
         .collect();
     let queue = std::path::absolute(&d.queue).unwrap_or_else(|_| d.queue.clone());
@@ -179,12 +192,16 @@ fn verdict_of(result: &Path) -> String {
         .map_or_else(|| "(no log)".to_owned(), |v| jobfile::sanitize(v.as_bytes()))
 }
 
-/// The first line of a failed entry's `.reason`.
-fn reason_of(entry: &Path) -> String {
+/// The first line of a failed entry's `.reason`, and the name it came
+/// with when the host refused it (already sanitized when written).
+fn reason_of(entry: &Path) -> (String, Option<String>) {
     let mut name = entry.file_name().unwrap_or_default().to_owned();
     name.push(".reason");
     let text = read_tail(&entry.with_file_name(name), 4096);
-    text.lines().next().map_or_else(|| "(no reason)".to_owned(), |l| jobfile::sanitize(l.as_bytes()))
+    let reason = text.lines().next().map_or_else(|| "(no reason)".to_owned(), |l| jobfile::sanitize(l.as_bytes()));
+    let original =
+        text.lines().find_map(|l| l.strip_prefix("original name: ")).map(|n| jobfile::sanitize(n.as_bytes()));
+    (reason, original)
 }
 
 /// At most the last `max` bytes of a file, as text.
