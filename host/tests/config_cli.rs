@@ -139,3 +139,48 @@ fn man_pages_and_completions_come_from_the_command_line_definitions() {
         assert!(text.contains("doctor") && text.contains("status"), "{shell} lacks subcommands");
     }
 }
+
+/// `run --once` on an empty queue, stderr into `log`, with `env` set.
+fn run_once_logging(dir: &Path, log: &Path, extra: &[&str], env: &[(&str, String)]) -> String {
+    let stderr = fs::File::create(log).expect("log file");
+    let status = Command::new(env!("CARGO_BIN_EXE_construir-host"))
+        .args(["run", "--config", "/dev/null", "--once", "--accel", "tcg", "--host-id", "logtest"])
+        .arg(dir.join("queue"))
+        .args(extra)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stderr(stderr)
+        .status()
+        .expect("run");
+    let text = fs::read_to_string(log).expect("read log");
+    assert!(status.success(), "{text}");
+    text
+}
+
+#[test]
+fn under_the_journal_lines_carry_priorities_and_no_time_and_json_is_one_object_a_line() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    fs::create_dir(tmp.path().join("queue")).expect("mkdir");
+    let log = tmp.path().join("stderr");
+    // Plain: a time of our own first.
+    let text = run_once_logging(tmp.path(), &log, &[], &[]);
+    let last = text.lines().last().expect("a line");
+    assert!(last.starts_with("20") && last.contains("Z INFO  finished: 0 done"), "{text}");
+    // systemd names the stream it connected in JOURNAL_STREAM (device:inode); a file stands in for it here.
+    fs::write(&log, "").expect("create");
+    let meta = fs::metadata(&log).expect("stat");
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let text = run_once_logging(tmp.path(), &log, &[], &[("JOURNAL_STREAM", stream)]);
+    assert!(text.lines().all(|l| l.starts_with("<6>") || l.starts_with("<4>") || l.starts_with("<3>")), "{text}");
+    assert!(text.contains("<6>finished: 0 done, 0 failed, 0 refused, 0 requeued\n"), "{text}");
+    // A JOURNAL_STREAM naming another stream is not the journal.
+    let text = run_once_logging(tmp.path(), &log, &[], &[("JOURNAL_STREAM", "1:2".into())]);
+    assert!(text.lines().all(|l| l.starts_with("20")), "{text}");
+    // JSON for log shippers.
+    let text = run_once_logging(tmp.path(), &log, &["--log-format", "json"], &[]);
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["time"].is_string() && v["level"].is_string() && v["message"].is_string(), "{line}");
+    }
+    assert!(text.contains(r#""message":"finished: 0 done, 0 failed, 0 refused, 0 requeued""#), "{text}");
+}
