@@ -271,16 +271,7 @@ mod tests {
     use std::path::Path;
 
     fn dirs(root: &Path) -> Dirs {
-        let d = Dirs {
-            queue: root.join("queue"),
-            running: root.join("running/host"),
-            done: root.join("done"),
-            failed: root.join("failed"),
-            images: root.join("images"),
-            work: root.join("work"),
-        };
-        d.create_all().expect("dirs");
-        d
+        Dirs::for_test(root)
     }
 
     /// The worker's three steps, for a claim of `job`'s input name.

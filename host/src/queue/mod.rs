@@ -48,6 +48,21 @@ pub struct Dirs {
 }
 
 impl Dirs {
+    /// The usual tree under `root`, created, with `running/host` as this host's.
+    #[cfg(test)]
+    pub(crate) fn for_test(root: &Path) -> Dirs {
+        let d = Dirs {
+            queue: root.join("queue"),
+            running: root.join("running/host"),
+            done: root.join("done"),
+            failed: root.join("failed"),
+            images: root.join("images"),
+            work: root.join("work"),
+        };
+        d.create_all().expect("dirs");
+        d
+    }
+
     /// `running/<host_id>` and the working directory are this host's own.
     pub fn create_all(&self) -> io::Result<()> {
         for d in [&self.queue, &self.running, &self.done, &self.failed, &self.work] {
@@ -269,16 +284,7 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     fn dirs(root: &Path) -> Dirs {
-        let d = Dirs {
-            queue: root.join("queue"),
-            running: root.join("running/host"),
-            done: root.join("done"),
-            failed: root.join("failed"),
-            images: root.join("images"),
-            work: root.join("work"),
-        };
-        d.create_all().expect("dirs");
-        d
+        Dirs::for_test(root)
     }
 
     #[test]
