@@ -5,6 +5,8 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use jobfile::tar_reader::pax_record;
+
 fn host(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_construir-host")).args(args).current_dir(cwd).output().expect("run construir-host")
 }
@@ -212,15 +214,6 @@ fn tar_block(name: &[u8], flag: u8, size: u64, link: &[u8]) -> Vec<u8> {
     let sum: u32 = b.iter().map(|&x| u32::from(x)).sum();
     b[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
     b
-}
-
-fn pax_record(key: &str, value: &str) -> Vec<u8> {
-    let body = format!(" {key}={value}\n");
-    let mut len = body.len() + 1;
-    while format!("{len}{body}").len() != len {
-        len += 1;
-    }
-    format!("{len}{body}").into_bytes()
 }
 
 /// A pax header (`x` or `g`) with its records, padded to whole blocks.

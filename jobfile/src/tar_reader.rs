@@ -729,6 +729,18 @@ fn parse_pax(mut data: &[u8], offset: u64) -> Result<PaxRecords, ArchiveError> {
     Ok(records)
 }
 
+/// One pax extended-header record, `<len> <key>=<value>\n`, whose length
+/// counts its own digits: what this reader parses, for building archives
+/// by hand (tests, fuzz seeds).
+pub fn pax_record(key: &str, value: &str) -> Vec<u8> {
+    let body = format!(" {key}={value}\n");
+    let mut len = body.len() + 1;
+    while format!("{len}{body}").len() != len {
+        len += 1;
+    }
+    format!("{len}{body}").into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -783,15 +795,6 @@ mod tests {
             Err(ArchiveError::MetadataTooLarge { size, .. }) => assert_eq!(size, 10 << 30),
             other => panic!("expected MetadataTooLarge, got {other:?}"),
         }
-    }
-
-    fn pax_record(key: &str, value: &str) -> Vec<u8> {
-        let body = format!(" {key}={value}\n");
-        let mut len = body.len() + 1;
-        while format!("{len}{body}").len() != len {
-            len += 1;
-        }
-        format!("{len}{body}").into_bytes()
     }
 
     #[test]
