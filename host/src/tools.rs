@@ -24,8 +24,7 @@ use jobfile::units::human_size;
 const MAX_STATUS: u64 = 1 << 20;
 
 /// What reading a result for its status may cost: it is the first entry.
-pub const STATUS_LIMITS: ReadLimits =
-    ReadLimits { max_bytes: 16 << 20, max_time: Some(Duration::from_secs(10)), ..ReadLimits::UNBOUNDED };
+pub const STATUS_LIMITS: ReadLimits = jobfile::STATUS_LIMITS;
 
 /// What `job log`, `job list` and `job unpack` may read by default: bytes
 /// the archive produces (holes of sparse files included), and time.

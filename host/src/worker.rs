@@ -5,23 +5,19 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use jobfile::xz::DEFAULT_MEMLIMIT;
-use jobfile::{path_is, JobName, JobStatus};
+use jobfile::{JobName, JobStatus};
 
 use crate::files::ReadAt;
 use crate::image::{self, BootFiles, Image};
 use crate::qemu::{self, Accel, Bounds, Confinement, Confiner, Cut, VmSpec};
 use crate::queue::{self, Dirs, Ending, Scanned};
 use crate::{cgroup, metrics};
-
-/// Largest job_status.json the host reads from a result.
-const MAX_STATUS: u64 = 64 << 10;
 
 /// What every job on this host gets.
 #[derive(Debug, Clone)]
@@ -282,19 +278,9 @@ fn fail(
     Ok(Ending::Failed { path, reason: reason.to_owned() })
 }
 
-/// The status, if the disk starts with a result archive whose first entry is
-/// `job_status.json` (construir-init always puts it first). Read with
-/// bounds: the guest may have written anything.
+/// The status at the start of the working copy (see `jobfile::read_status`).
 pub fn read_status(disk: &File) -> Option<JobStatus> {
-    let mut archive =
-        jobfile::read_job(ReadAt::new(disk), DEFAULT_MEMLIMIT).ok()?.with_limits(crate::tools::STATUS_LIMITS);
-    let h = archive.next_entry().ok()??;
-    if h.kind != jobfile::Kind::File || !path_is(&h.path, jobfile::STATUS_FILE) || h.size > MAX_STATUS {
-        return None;
-    }
-    let mut raw = Vec::new();
-    archive.data().take(MAX_STATUS).read_to_end(&mut raw).ok()?;
-    serde_json::from_slice(&raw).ok()
+    jobfile::read_status(ReadAt::new(disk))
 }
 
 fn verdict(st: &JobStatus, how: &str, total: Duration) -> String {

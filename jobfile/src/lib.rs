@@ -43,6 +43,27 @@ pub fn read_job<R: Read>(input: R, memlimit: u64) -> Result<ArchiveReader<XzRead
     Ok(ArchiveReader::new(XzReader::new(input, memlimit)?))
 }
 
+/// Largest `job_status.json` a result's reader takes.
+pub const MAX_STATUS: u64 = 64 << 10;
+
+/// What reading a result's status may cost: 16 MiB of archive and 10 s.
+pub const STATUS_LIMITS: ReadLimits =
+    ReadLimits { max_bytes: 16 << 20, max_time: Some(std::time::Duration::from_secs(10)), ..ReadLimits::UNBOUNDED };
+
+/// The status of a result whose first entry is `job_status.json`, as
+/// construir-init always packs it; `None` for anything else. Bounded by
+/// `STATUS_LIMITS`: a guest may have written anything.
+pub fn read_status<R: Read>(input: R) -> Option<JobStatus> {
+    let mut archive = read_job(input, xz::DEFAULT_MEMLIMIT).ok()?.with_limits(STATUS_LIMITS);
+    let h = archive.next_entry().ok()??;
+    if h.kind != Kind::File || !path_is(&h.path, STATUS_FILE) || h.size > MAX_STATUS {
+        return None;
+    }
+    let mut raw = Vec::new();
+    archive.data().take(MAX_STATUS).read_to_end(&mut raw).ok()?;
+    serde_json::from_slice(&raw).ok()
+}
+
 /// An error and its sources on one line, `outer: inner: innermost`.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
