@@ -1,0 +1,272 @@
+//! `construir-server`: parse the command line, run, print the error chain once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use construir_server::api::{self, App};
+use construir_server::db::{self, Limits};
+use construir_server::store::Store;
+use construir_server::{auth, follow, rebuild};
+use jobfile::units::{duration_arg, human_size, size_arg};
+
+#[derive(Parser)]
+#[command(
+    name = "construir-server",
+    version,
+    about = "Take construir jobs from accounts over HTTP and put them into a queue"
+)]
+struct Cli {
+    /// The server's database (SQLite; made, and migrated, on first use).
+    #[arg(long, global = true, value_name = "FILE", default_value = "/var/lib/construir/server.db")]
+    db: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API (v1) for the queue QUEUE.
+    Serve(Box<ServeArgs>),
+    /// Manage accounts: each has a token and limits.
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// Print the audit log, newest first.
+    Audit {
+        /// How many entries.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The queue directory build hosts take jobs from; running/, done/, failed/
+    /// and images/ are its siblings, as the hosts have them.
+    queue: PathBuf,
+    /// Where to listen. Loopback by default: put a TLS reverse proxy in front to serve others.
+    #[arg(long, default_value = "127.0.0.1:8765")]
+    listen: SocketAddr,
+    /// The images directory [default: QUEUE/../images].
+    #[arg(long, value_name = "DIR")]
+    images: Option<PathBuf>,
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// How long an upload may send nothing before it is dropped.
+    #[arg(long, default_value = "30s", value_parser = duration_arg)]
+    idle_timeout: Duration,
+    /// How often the database is brought up to what the directories say, and retention applied.
+    #[arg(long, default_value = "2s", value_parser = duration_arg)]
+    follow_every: Duration,
+}
+
+/// Limits: server-wide defaults for `serve`, or one account's for `account limits`.
+#[derive(clap::Args, Clone, Default)]
+struct LimitArgs {
+    /// Largest job file [server default: 1G].
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    max_job_size: Option<u64>,
+    /// Jobs not yet finished at once [server default: 100].
+    #[arg(long, value_name = "N")]
+    max_waiting: Option<u64>,
+    /// Bytes of job files and results held at once [server default: 20G].
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    max_stored: Option<u64>,
+    /// Submissions per hour [server default: 200].
+    #[arg(long, value_name = "N")]
+    max_per_hour: Option<u64>,
+    /// Days after which results and logs are deleted [server default: 30].
+    #[arg(long, value_name = "DAYS")]
+    retention_days: Option<u64>,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_job_bytes: self.max_job_size,
+            max_waiting: self.max_waiting,
+            max_stored_bytes: self.max_stored,
+            max_per_hour: self.max_per_hour,
+            retention_days: self.retention_days,
+        }
+    }
+}
+
+/// What `serve` uses where neither the account nor the command line sets a limit.
+const DEFAULTS: Limits = Limits {
+    max_job_bytes: Some(1 << 30),
+    max_waiting: Some(100),
+    max_stored_bytes: Some(20 << 30),
+    max_per_hour: Some(200),
+    retention_days: Some(30),
+};
+
+#[derive(Subcommand)]
+enum AccountCommand {
+    /// Add an account and print its token (shown this once; only its hash is kept).
+    Add {
+        name: String,
+    },
+    /// List the accounts with their limits.
+    List,
+    /// Refuse the account's requests until it is enabled again.
+    Disable {
+        name: String,
+    },
+    Enable {
+        name: String,
+    },
+    /// Replace the account's token and print the new one.
+    Token {
+        name: String,
+    },
+    /// Remove the account (its job records stay, for the audit).
+    Remove {
+        name: String,
+    },
+    /// Set the account's limits (a limit not given falls back to the server's).
+    Limits {
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(dir) = cli.db.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let conn = db::open(&cli.db)?;
+    match cli.command {
+        Command::Serve(args) => serve(conn, *args),
+        Command::Account(cmd) => account(&conn, cmd),
+        Command::Audit { limit } => {
+            for (time, account, action, detail) in db::audit_log(&conn, limit)? {
+                println!("{time}  {:<16} {action:<18} {detail}", account.unwrap_or_default());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn account(conn: &rusqlite::Connection, cmd: AccountCommand) -> Result<()> {
+    match cmd {
+        AccountCommand::Add { name } => {
+            let secret = auth::new_secret();
+            // The id is known only once the row exists: add, then set the real token's hash.
+            let account = db::add_account(conn, &name, &[])?;
+            let token = auth::token(account.id, &secret);
+            db::set_token(conn, &name, &auth::hash(&token))?;
+            println!("{token}");
+            eprintln!("construir-server: account {name} added; its token is above and is not shown again");
+        }
+        AccountCommand::Token { name } => {
+            let account = db::account_by_name(conn, &name)?.with_context(|| format!("no account named {name:?}"))?;
+            let token = auth::token(account.id, &auth::new_secret());
+            db::set_token(conn, &name, &auth::hash(&token))?;
+            println!("{token}");
+        }
+        AccountCommand::List => {
+            let show = |v: Option<u64>, size: bool| match v {
+                None => "default".to_owned(),
+                Some(v) if size => human_size(v),
+                Some(v) => v.to_string(),
+            };
+            println!(
+                "{:<20} {:<9} {:>10} {:>8} {:>10} {:>9} {:>10}  CREATED",
+                "NAME", "STATE", "JOB SIZE", "WAITING", "STORED", "PER HOUR", "RETENTION"
+            );
+            for a in db::accounts(conn)?.iter().filter(|a| !a.name.starts_with("removed-")) {
+                let l = a.limits;
+                println!(
+                    "{:<20} {:<9} {:>10} {:>8} {:>10} {:>9} {:>10}  {}",
+                    a.name,
+                    if a.disabled { "disabled" } else { "enabled" },
+                    show(l.max_job_bytes, true),
+                    show(l.max_waiting, false),
+                    show(l.max_stored_bytes, true),
+                    show(l.max_per_hour, false),
+                    l.retention_days.map_or("default".to_owned(), |d| format!("{d} days")),
+                    a.created
+                );
+            }
+        }
+        AccountCommand::Disable { name } => db::set_disabled(conn, &name, true)?,
+        AccountCommand::Enable { name } => db::set_disabled(conn, &name, false)?,
+        AccountCommand::Remove { name } => db::remove_account(conn, &name)?,
+        AccountCommand::Limits { name, limits } => db::set_limits(conn, &name, &limits.limits())?,
+    }
+    Ok(())
+}
+
+fn serve(conn: rusqlite::Connection, a: ServeArgs) -> Result<()> {
+    let mut store = Store::beside(&a.queue);
+    if let Some(images) = a.images {
+        store.images = images;
+    }
+    store.create_all()?;
+    if !a.listen.ip().is_loopback() {
+        log::warn!("listening on {} (not loopback): plain HTTP; put a TLS reverse proxy in front", a.listen);
+    }
+    let app = App::new(conn, store, a.limits.limits().or(DEFAULTS), a.idle_timeout);
+    let added = rebuild(&app)?;
+    if added > 0 {
+        log::info!("{added} job(s) found in the directories without a record: recorded");
+    }
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    runtime.block_on(async move {
+        let listener =
+            tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
+        let bound = listener.local_addr()?;
+        eprintln!("construir-server: listening on http://{bound}");
+        tokio::spawn(follow(app.clone(), a.follow_every));
+        let service = api::router(app).into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(listener, service).with_graceful_shutdown(shutdown()).await.context("the server failed")?;
+        log::info!("stopped");
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+struct Logger;
+
+impl log::Log for Logger {
+    fn enabled(&self, meta: &log::Metadata) -> bool {
+        meta.level() <= log::Level::Info
+    }
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) && record.target().starts_with("construir") {
+            let now = jobfile::status::rfc3339(std::time::SystemTime::now());
+            eprintln!("{now} {:<5} {}", record.level(), jobfile::sanitize(record.args().to_string().as_bytes()));
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn main() -> ExitCode {
+    static LOGGER: Logger = Logger;
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(log::LevelFilter::Info);
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("construir-server: error: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
