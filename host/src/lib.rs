@@ -16,5 +16,4 @@ pub mod pending;
 pub mod qemu;
 pub mod queue;
 pub mod status;
-pub mod tools;
 pub mod worker;

@@ -15,9 +15,9 @@ use construir_host::logger::LogFormat;
 use construir_host::qemu::{Accel, Confiner};
 use construir_host::queue::{Dirs, Rules};
 use construir_host::status::StatusDirs;
-use construir_host::tools::{self, PackRequest};
 use construir_host::worker::Limits;
 use construir_host::{cgroup, config, jail, kvm, logger};
+use jobfile::tools::{self, PackRequest};
 use jobfile::units::{duration_arg, human_size, size_arg};
 
 #[derive(Parser)]

@@ -14,6 +14,7 @@ pub mod pack;
 pub mod status;
 pub mod tar_reader;
 pub mod text;
+pub mod tools;
 pub mod units;
 pub mod unpack;
 pub mod xz;

@@ -10,21 +10,18 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use jobfile::text::{Mode, Sanitizer};
-use jobfile::xz::{EncodeOptions, DEFAULT_MEMLIMIT};
-use jobfile::{
+use thiserror::Error;
+
+use crate::text::{Mode, Sanitizer};
+use crate::units::human_size;
+use crate::xz::{EncodeOptions, DEFAULT_MEMLIMIT};
+use crate::{
     path_is, sanitize, ArchiveError, JobName, NameError, PackError, PackOptions, ReadLimits, UnpackError,
     UnpackOptions, UnpackReport,
 };
-use thiserror::Error;
-
-use jobfile::units::human_size;
 
 /// Largest `job_status.json` we read.
 const MAX_STATUS: u64 = 1 << 20;
-
-/// What reading a result for its status may cost: it is the first entry.
-pub const STATUS_LIMITS: ReadLimits = jobfile::STATUS_LIMITS;
 
 /// What `job log`, `job list` and `job unpack` may read by default: bytes
 /// the archive produces (holes of sparse files included), and time.
@@ -110,7 +107,7 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
         return Err(JobToolError::NotADirectory { dir: dir.clone() });
     }
     let mut warnings = Vec::new();
-    match fs::symlink_metadata(dir.join(jobfile::JOB_SCRIPT)) {
+    match fs::symlink_metadata(dir.join(crate::JOB_SCRIPT)) {
         Err(_) => return Err(JobToolError::NoScript { dir: dir.clone() }),
         Ok(m) if m.is_file() && m.permissions().mode() & 0o111 == 0 => {
             warnings.push("bin/construir is not executable; the guest will run it with /bin/sh".to_owned());
@@ -125,10 +122,10 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
             .and_then(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_owned))
             .ok_or_else(|| JobToolError::NoName { dir: dir.clone() })?,
     };
-    jobfile::name::check_name(&name).map_err(|source| JobToolError::BadName { name: name.clone(), source })?;
+    crate::name::check_name(&name).map_err(|source| JobToolError::BadName { name: name.clone(), source })?;
     let job = JobName::new(&name, &req.image)
         .map_err(|source| JobToolError::BadImage { image: req.image.clone(), source })?;
-    if req.size < jobfile::MIN_JOB_SIZE {
+    if req.size < crate::MIN_JOB_SIZE {
         return Err(JobToolError::SizeTooSmall { size: req.size });
     }
     let size = req.size.div_ceil(512) * 512;
@@ -154,7 +151,7 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
             prepend: Vec::new(),
             first: Vec::new(),
         };
-        let (report, buffered) = jobfile::pack_dir(dir, BufWriter::new(&file), size, &opts).map_err(|e| match e {
+        let (report, buffered) = crate::pack_dir(dir, BufWriter::new(&file), size, &opts).map_err(|e| match e {
             PackError::TooLarge { needed, estimated, .. } => JobToolError::TooLarge { needed, size, estimated },
             source => JobToolError::Pack { dir: dir.clone(), source },
         })?;
@@ -165,7 +162,9 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
         file.set_len(size).map_err(write_err)?;
         file.sync_all().map_err(write_err)?;
         fs::rename(&tmp, &path).map_err(|source| JobToolError::Write { path: path.clone(), source })?;
-        crate::files::sync_dirs(&[&req.out]).map_err(|source| JobToolError::Write { path: req.out.clone(), source })?;
+        File::open(&req.out)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| JobToolError::Write { path: req.out.clone(), source })?;
         Ok(report.compressed_len)
     })();
     match result {
@@ -177,12 +176,9 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
     }
 }
 
-fn open_archive(
-    path: &Path,
-    limits: ReadLimits,
-) -> Result<jobfile::ArchiveReader<jobfile::XzReader<File>>, JobToolError> {
+fn open_archive(path: &Path, limits: ReadLimits) -> Result<crate::ArchiveReader<crate::XzReader<File>>, JobToolError> {
     let file = File::open(path).map_err(|source| JobToolError::Open { path: path.to_owned(), source })?;
-    jobfile::read_job(file, DEFAULT_MEMLIMIT)
+    crate::read_job(file, DEFAULT_MEMLIMIT)
         .map(|archive| archive.with_limits(limits))
         .map_err(|e| JobToolError::Read { path: path.to_owned(), source: ArchiveError::Xz(e) })
 }
@@ -198,7 +194,7 @@ fn copy_member(
     let read_err = |source| JobToolError::Read { path: path.to_owned(), source };
     let mut archive = open_archive(path, limits)?;
     while let Some(h) = archive.next_entry().map_err(read_err)? {
-        if h.kind != jobfile::Kind::File || !path_is(&h.path, member) {
+        if h.kind != crate::Kind::File || !path_is(&h.path, member) {
             continue;
         }
         if let Some(limit) = limit.filter(|&l| h.size > l) {
@@ -225,7 +221,7 @@ pub fn log(path: &Path, limits: ReadLimits) -> Result<(), JobToolError> {
     } else {
         Box::new(&mut lock)
     };
-    copy_member(path, jobfile::OUTPUT_FILE, &mut out, None, limits)?;
+    copy_member(path, crate::OUTPUT_FILE, &mut out, None, limits)?;
     drop(out); // a terminal's sanitizer writes what it held back
     lock.flush().map_err(JobToolError::Stdout)
 }
@@ -234,7 +230,7 @@ pub fn log(path: &Path, limits: ReadLimits) -> Result<(), JobToolError> {
 /// through the one sanitizer (JSON escaping alone lets C1 and bidi through).
 pub fn status(path: &Path) -> Result<serde_json::Value, JobToolError> {
     let mut raw = Vec::new();
-    copy_member(path, jobfile::STATUS_FILE, &mut raw, Some(MAX_STATUS), STATUS_LIMITS)?;
+    copy_member(path, crate::STATUS_FILE, &mut raw, Some(MAX_STATUS), crate::STATUS_LIMITS)?;
     let value =
         serde_json::from_slice(&raw).map_err(|source| JobToolError::BadStatus { path: path.to_owned(), source })?;
     Ok(sanitize_json(value))
@@ -259,8 +255,8 @@ pub fn list(path: &Path, out: &mut dyn Write, limits: ReadLimits) -> Result<u64,
     let mut n = 0;
     while let Some(h) = archive.next_entry().map_err(read_err)? {
         let link = match (&h.link, h.kind) {
-            (Some(l), jobfile::Kind::Symlink) => format!(" -> {}", sanitize(l)),
-            (Some(l), jobfile::Kind::Hardlink) => format!(" link to {}", sanitize(l)),
+            (Some(l), crate::Kind::Symlink) => format!(" -> {}", sanitize(l)),
+            (Some(l), crate::Kind::Hardlink) => format!(" link to {}", sanitize(l)),
             _ => String::new(),
         };
         writeln!(
@@ -301,7 +297,7 @@ pub fn unpack(path: &Path, dir: &Path, limits: ReadLimits) -> Result<UnpackRepor
         umask: current_umask(),
         ..UnpackOptions::default()
     };
-    jobfile::unpack(&mut archive, dir, &opts).map_err(|source| JobToolError::Unpack {
+    crate::unpack(&mut archive, dir, &opts).map_err(|source| JobToolError::Unpack {
         path: path.to_owned(),
         dir: dir.to_owned(),
         source,
