@@ -1,0 +1,396 @@
+//! `construir`: the submitter's one program. It packs a job, submits it to a
+//! construir-server, follows it, fetches the result and reads it safely
+//! (the same bounded readers as `construir-host job`).
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use jobfile::tools::{self, PackRequest};
+use jobfile::units::{human_size, size_arg};
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(name = "construir", version, about = "Submit jobs to a construir server, follow them, fetch their results")]
+struct Cli {
+    /// The server [default: $CONSTRUIR_SERVER, then `server` in ~/.config/construir/client.toml, then http://127.0.0.1:8765].
+    #[arg(long, global = true, value_name = "URL")]
+    server: Option<String>,
+    /// Your account's token [default: $CONSTRUIR_TOKEN, then `token` in ~/.config/construir/client.toml].
+    #[arg(long, global = true, value_name = "TOKEN")]
+    token: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pack DIR (which must hold bin/construir) into <name>_i<image>.tar.xz and print its path.
+    Pack {
+        dir: PathBuf,
+        /// Base image number to run on.
+        #[arg(long, value_name = "N")]
+        image: String,
+        /// File size: how much output may come back (10M, 1G; at least 64K).
+        #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+        size: u64,
+        /// Job name [default: DIR's name].
+        #[arg(long)]
+        name: Option<String>,
+        /// Where to write the job file.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out: PathBuf,
+    },
+    /// Submit a job file, or a directory (packed first: give --image and --size); prints the job's id.
+    Submit {
+        /// A job file (<name>_i<image>.tar.xz) or a job directory.
+        path: PathBuf,
+        /// For a directory: the base image number.
+        #[arg(long, value_name = "N")]
+        image: Option<String>,
+        /// For a directory: the job file's size.
+        #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+        size: Option<u64>,
+        /// For a directory: the job name [default: its name].
+        #[arg(long)]
+        name: Option<String>,
+        /// Then wait for it, as `construir wait` does.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Follow a job until it ends: its place in the queue, then its time running, then its verdict.
+    /// Exits 0 when the job's result is ok, 1 when it is anything else.
+    Wait { id: String },
+    /// The job's state (and its job_status.json once it has finished), as JSON.
+    Status { id: String },
+    /// The job's console log (once it has finished).
+    Log {
+        id: String,
+        /// Wait for the job to finish first.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Download the job's result (without its zero padding).
+    Fetch {
+        id: String,
+        /// Where to write it [default: <name>_d<image>.tar.xz here].
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Then extract it safely into DIR (new or empty).
+        #[arg(long, value_name = "DIR")]
+        unpack: Option<PathBuf>,
+    },
+    /// Your jobs, newest first.
+    List,
+    /// Cancel a job that is still waiting.
+    Cancel { id: String },
+    /// Extract a result file safely into DIR (new or empty): never outside it.
+    Unpack { file: PathBuf, dir: PathBuf },
+}
+
+/// `~/.config/construir/client.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientConfig {
+    server: Option<String>,
+    token: Option<String>,
+}
+
+fn config_file() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("construir/client.toml"))
+}
+
+/// Talks to one server as one account.
+struct Client {
+    server: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    fn new(cli_server: Option<String>, cli_token: Option<String>) -> Result<Client> {
+        let file: ClientConfig = match config_file() {
+            Some(path) if path.exists() => {
+                let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("{} is not a valid client config", path.display()))?
+            }
+            _ => ClientConfig::default(),
+        };
+        let server = cli_server
+            .or_else(|| std::env::var("CONSTRUIR_SERVER").ok())
+            .or(file.server)
+            .unwrap_or_else(|| "http://127.0.0.1:8765".to_owned());
+        let token = cli_token.or_else(|| std::env::var("CONSTRUIR_TOKEN").ok()).or(file.token);
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        Ok(Client { server: server.trim_end_matches('/').to_owned(), token, agent })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/v1/{path}", self.server)
+    }
+
+    fn auth(&self) -> Result<String> {
+        let token = self.token.as_deref().context(
+            "no token: give --token, set CONSTRUIR_TOKEN, or put `token = \"...\"` in ~/.config/construir/client.toml",
+        )?;
+        Ok(format!("Bearer {token}"))
+    }
+
+    /// A JSON answer, or the server's error as ours.
+    fn json(&self, mut resp: ureq::http::Response<ureq::Body>) -> Result<Value> {
+        let status = resp.status();
+        let text = resp.body_mut().read_to_string().context("cannot read the server's answer")?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if !status.is_success() {
+            let message = value.get("error").and_then(Value::as_str).map_or_else(|| value.to_string(), str::to_owned);
+            bail!("the server answered {status}: {}", jobfile::sanitize(message.as_bytes()));
+        }
+        Ok(value)
+    }
+
+    fn get(&self, path: &str) -> Result<Value> {
+        let resp = self
+            .agent
+            .get(self.url(path))
+            .header("Authorization", self.auth()?)
+            .call()
+            .with_context(|| format!("cannot reach {}", self.server))?;
+        self.json(resp)
+    }
+
+    fn job(&self, id: &str) -> Result<Value> {
+        self.get(&format!("jobs/{}", checked_id(id)?))
+    }
+
+    fn submit(&self, file: &Path) -> Result<Value> {
+        let file_name = file.file_name().and_then(|n| n.to_str()).context("the job file has no name")?;
+        let job = jobfile::JobName::parse_input(file_name)
+            .with_context(|| format!("{file_name} is not a job file name (<name>_i<image>.tar.xz)"))?;
+        let mut f = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        let len = f.metadata()?.len();
+        let url = format!("{}?name={}&image={}", self.url("jobs"), job.name(), job.image());
+        let resp = self
+            .agent
+            .post(url)
+            .header("Authorization", self.auth()?)
+            .header("Content-Type", "application/x-xz")
+            .header("Content-Length", len.to_string())
+            .send(ureq::SendBody::from_reader(&mut f))
+            .with_context(|| format!("cannot reach {}", self.server))?;
+        self.json(resp)
+    }
+
+    /// Streams a download into `out`.
+    fn download(&self, path: &str, out: &mut dyn Write) -> Result<u64> {
+        let mut resp = self
+            .agent
+            .get(self.url(path))
+            .header("Authorization", self.auth()?)
+            .call()
+            .with_context(|| format!("cannot reach {}", self.server))?;
+        if !resp.status().is_success() {
+            return self.json(resp).map(|_| 0);
+        }
+        Ok(io::copy(&mut resp.body_mut().as_reader(), out)?)
+    }
+}
+
+fn checked_id(id: &str) -> Result<&str> {
+    if id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(id)
+    } else {
+        bail!("{:?} is not a job id (16 hex digits, as `construir submit` printed)", jobfile::sanitize(id.as_bytes()))
+    }
+}
+
+/// One line saying where a job is.
+fn describe(job: &Value) -> String {
+    let place = &job["place"];
+    match job["state"].as_str().unwrap_or("?") {
+        "waiting" => format!("waiting: position {} of {}", place["position"], place["waiting"]),
+        "running" => format!("running on {} for {} s", place["host"].as_str().unwrap_or("?"), place["elapsed_secs"]),
+        "done" => format!("done: {}", place["verdict"].as_str().unwrap_or("?")),
+        "failed" => format!("failed: {}", place["reason"].as_str().unwrap_or("?")),
+        other => other.to_owned(),
+    }
+}
+
+/// Follows a job to its end; true when its result is ok.
+fn wait(client: &Client, id: &str) -> Result<bool> {
+    let mut last = String::new();
+    let started = Instant::now();
+    loop {
+        let job = client.job(id)?;
+        let state = job["state"].as_str().unwrap_or("?").to_owned();
+        // Elapsed time changes every poll: print a running line once a minute at most.
+        let line = describe(&job);
+        let key =
+            if state == "running" { format!("running {}", started.elapsed().as_secs() / 60) } else { line.clone() };
+        if key != last {
+            eprintln!("construir: {id}: {}", jobfile::sanitize(line.as_bytes()));
+            last = key;
+        }
+        match state.as_str() {
+            "done" => return Ok(job["status"]["result"] == "ok"),
+            "failed" | "missing" => return Ok(false),
+            _ => std::thread::sleep(Duration::from_secs(1)),
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let client = || Client::new(cli.server.clone(), cli.token.clone());
+    match cli.command {
+        Command::Pack { dir, image, size, name, out } => {
+            let packed = tools::pack(&PackRequest {
+                dir,
+                image,
+                size,
+                name,
+                out,
+                preset: jobfile::xz::DEFAULT_PRESET,
+                force: false,
+            })?;
+            for w in &packed.warnings {
+                eprintln!("construir: warning: {w}");
+            }
+            println!("{}", packed.path.display());
+        }
+        Command::Submit { path, image, size, name, wait: then_wait } => {
+            let client = client()?;
+            let scratch = tempfile::tempdir()?;
+            let file = if path.is_dir() {
+                let (Some(image), Some(size)) = (image, size) else {
+                    bail!("{} is a directory: give --image N and --size SIZE to pack it", path.display());
+                };
+                let packed = tools::pack(&PackRequest {
+                    dir: path,
+                    image,
+                    size,
+                    name,
+                    out: scratch.path().to_owned(),
+                    preset: jobfile::xz::DEFAULT_PRESET,
+                    force: false,
+                })?;
+                eprintln!(
+                    "construir: packed {} into a {} job file",
+                    human_size(packed.compressed),
+                    human_size(packed.size)
+                );
+                packed.path
+            } else {
+                path
+            };
+            let job = client.submit(&file)?;
+            let id = job["id"].as_str().context("the server gave no id")?.to_owned();
+            println!("{id}");
+            eprintln!("construir: submitted {} as {id}: {}", file.display(), describe(&job));
+            if then_wait {
+                return Ok(if wait(&client, &id)? { ExitCode::SUCCESS } else { ExitCode::from(1) });
+            }
+        }
+        Command::Wait { id } => {
+            return Ok(if wait(&client()?, checked_id(&id)?)? { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+        Command::Status { id } => {
+            println!("{}", serde_json::to_string_pretty(&client()?.job(&id)?)?);
+        }
+        Command::Log { id, follow } => {
+            let client = client()?;
+            if follow {
+                wait(&client, checked_id(&id)?)?;
+            }
+            let mut raw = Vec::new();
+            client.download(&format!("jobs/{}/log", checked_id(&id)?), &mut raw)?;
+            // The console was sanitized by the host; sanitize again: nothing from a VM reaches a terminal raw.
+            io::stdout().write_all(jobfile::text::sanitize_lines(&raw).as_bytes())?;
+        }
+        Command::Fetch { id, out, unpack } => {
+            let client = client()?;
+            let job = client.job(&id)?;
+            let name =
+                jobfile::JobName::new(job["name"].as_str().unwrap_or("job"), job["image"].as_str().unwrap_or("0"))
+                    .map(|j| j.done_file_name())
+                    .unwrap_or_else(|_| format!("{id}.tar.xz"));
+            let out = out.unwrap_or_else(|| PathBuf::from(name));
+            let tmp = out.with_extension("part");
+            let mut f = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+            let n = client.download(&format!("jobs/{}/result", checked_id(&id)?), &mut f);
+            if let Err(e) = n {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+            f.sync_all()?;
+            std::fs::rename(&tmp, &out)?;
+            eprintln!("construir: {} ({}) -> {}", id, human_size(n.unwrap_or(0)), out.display());
+            if let Some(dir) = unpack {
+                unpack_into(&out, &dir)?;
+            }
+            println!("{}", out.display());
+        }
+        Command::List => {
+            let list = client()?.get("jobs")?;
+            for job in list["jobs"].as_array().into_iter().flatten() {
+                println!(
+                    "{}  {:<20}  i{:<4} {}  {}",
+                    job["id"].as_str().unwrap_or("?"),
+                    job["submitted"].as_str().unwrap_or("?"),
+                    job["image"].as_str().unwrap_or("?"),
+                    jobfile::sanitize(job["name"].as_str().unwrap_or("?").as_bytes()),
+                    jobfile::sanitize(describe(job).as_bytes())
+                );
+            }
+        }
+        Command::Cancel { id } => {
+            let client = client()?;
+            let resp = client
+                .agent
+                .post(client.url(&format!("jobs/{}/cancel", checked_id(&id)?)))
+                .header("Authorization", client.auth()?)
+                .send_empty()?;
+            let job = client.json(resp)?;
+            eprintln!("construir: {id}: {}", describe(&job));
+        }
+        Command::Unpack { file, dir } => unpack_into(&file, &dir)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn unpack_into(file: &Path, dir: &Path) -> Result<()> {
+    let report = tools::unpack(file, dir, tools::default_limits("unpack"))?;
+    for s in &report.skipped {
+        eprintln!("construir: skipped {}: {}", s.path, s.reason);
+    }
+    eprintln!(
+        "construir: unpacked {} files, {} directories, {} symlinks ({}) into {}",
+        report.files,
+        report.dirs,
+        report.symlinks,
+        human_size(report.bytes),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("construir: error: {}", chain.join(": "));
+            ExitCode::from(2)
+        }
+    }
+}
