@@ -187,6 +187,8 @@ impl Client {
             .header("Authorization", self.auth()?)
             .header("Content-Type", "application/x-xz")
             .header("Content-Length", len.to_string())
+            // The server may refuse on the headers alone (a limit, a bad name): then no byte of the body is sent.
+            .header("Expect", "100-continue")
             .send(ureq::SendBody::from_reader(&mut f))
             .with_context(|| format!("cannot reach {}", self.server))?;
         self.json(resp)

@@ -1,0 +1,318 @@
+//! The front door end to end: a real construir-server on loopback, a real
+//! build host running real VMs beside it, and the `construir` client.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::Duration;
+
+use construir_e2e::{bin, signal, wait_for, Queue};
+
+/// A server on a free loopback port, killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(q: &Queue, db: &Path, extra: &[&str]) -> Server {
+        let log = q.root.path().join(format!("server-{}.log", rand_u32()));
+        let child = Command::new(bin("construir-server"))
+            .arg("--db")
+            .arg(db)
+            .arg("serve")
+            .arg(&q.queue)
+            .args(["--listen", "127.0.0.1:0", "--follow-every", "1s", "--images"])
+            .arg(construir_e2e::images())
+            .args(extra)
+            .stderr(fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("start construir-server");
+        let mut url = String::new();
+        assert!(
+            wait_for(Duration::from_secs(20), || {
+                url = fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .lines()
+                    .find_map(|l| l.strip_prefix("construir-server: listening on ").map(str::to_owned))
+                    .unwrap_or_default();
+                !url.is_empty()
+            }),
+            "the server did not start: {}",
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+        Server { child, url, log }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn addr(&self) -> String {
+        self.url.trim_start_matches("http://").to_owned()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rand_u32() -> u32 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
+}
+
+fn server_cmd(db: &Path, args: &[&str]) -> Output {
+    Command::new(bin("construir-server")).arg("--db").arg(db).args(args).output().expect("construir-server")
+}
+
+fn add_account(db: &Path, name: &str) -> String {
+    let out = server_cmd(db, &["account", "add", name]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf8").trim().to_owned()
+}
+
+/// `construir` as a submitter runs it, in `cwd`.
+fn client(s: &Server, token: &str, cwd: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin("construir"))
+        .args(["--server", &s.url, "--token", token])
+        .args(args)
+        .current_dir(cwd)
+        .env("HOME", cwd)
+        .output()
+        .expect("construir");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn job_dir(root: &Path, name: &str, script: &str) -> PathBuf {
+    let dir = root.join(name);
+    fs::create_dir_all(dir.join("bin")).expect("mkdir");
+    fs::write(dir.join("bin/construir"), script).expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir.join("bin/construir"), fs::Permissions::from_mode(0o755)).expect("chmod");
+    dir
+}
+
+/// One raw HTTP/1.1 request; the status code and the body.
+fn raw(addr: &str, request: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    s.write_all(request).expect("send");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
+}
+
+fn upload_files(q: &Queue) -> Vec<String> {
+    fs::read_dir(&q.queue)
+        .expect("ls")
+        .map(|e| e.expect("e").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".upload."))
+        .collect()
+}
+
+#[test]
+fn submit_wait_fetch_cancel_and_limits_through_the_server_with_a_real_host() {
+    let q = Queue::new();
+    let db = q.root.path().join("server.db");
+    let alice = add_account(&db, "alice");
+    let bob = add_account(&db, "bob");
+    let s = Server::start(&q, &db, &[]);
+    let work = q.root.path().join("alice-home");
+    fs::create_dir_all(&work).expect("mkdir");
+
+    // Waiting, while no host runs: position in the queue, then cancelled.
+    let dir = job_dir(&work, "early", "#!/bin/sh\necho never runs\n");
+    let (code, id_early, err) =
+        client(&s, &alice, &work, &["submit", dir.to_str().expect("utf8"), "--image", "0", "--size", "1M"]);
+    assert_eq!(code, 0, "{err}");
+    let id_early = id_early.trim().to_owned();
+    assert!(err.contains("waiting: position 1 of 1"), "{err}");
+    let (code, out, _) = client(&s, &alice, &work, &["status", &id_early]);
+    assert_eq!(code, 0);
+    let status: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(status["state"], "waiting");
+    assert_eq!(status["place"]["position"], 1);
+    // Another account's id is no job at all.
+    let (code, _, err) = client(&s, &bob, &work, &["status", &id_early]);
+    assert_eq!(code, 2);
+    assert!(err.contains("404") && err.contains("no such job"), "{err}");
+    let (code, _, err) = client(&s, &bob, &work, &["cancel", &id_early]);
+    assert!(code == 2 && err.contains("404"), "{err}");
+    let (code, _, err) = client(&s, &alice, &work, &["cancel", &id_early]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("failed: cancelled by alice"), "{err}");
+    let (code, _, err) = client(&s, &alice, &work, &["wait", &id_early]);
+    assert_eq!(code, 1, "a cancelled job is not ok: {err}");
+
+    // Run for real: a host beside the server.
+    let mut host = q.spawn("host", &format!("{}-srv", q.host_id), &[]);
+    let dir = job_dir(
+        &work,
+        "hello",
+        "#!/bin/sh\necho hello through the server\nmkdir -p out && echo built > out/artifact\n",
+    );
+    let (code, out, err) =
+        client(&s, &alice, &work, &["submit", dir.to_str().expect("utf8"), "--image", "0", "--size", "2M", "--wait"]);
+    assert_eq!(code, 0, "the job's result is ok: {err}\n{}", q.log("host"));
+    let id = out.trim().to_owned();
+    assert!(err.contains("running on ") && err.contains("done: ok (exit code 0)"), "{err}");
+    let (code, out, _) = client(&s, &alice, &work, &["fetch", &id, "--unpack", "unpacked"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.trim(), "hello_d0.tar.xz");
+    assert_eq!(fs::read_to_string(work.join("unpacked/job_output.txt")).expect("output"), "hello through the server\n");
+    assert_eq!(fs::read_to_string(work.join("unpacked/out/artifact")).expect("artifact"), "built\n");
+    let fetched = fs::read(work.join("hello_d0.tar.xz")).expect("fetched");
+    assert!(fetched.len() < 2 << 20, "the zero padding is not sent: {} bytes", fetched.len());
+    let (_, log, _) = client(&s, &alice, &work, &["log", &id]);
+    assert!(log.contains("hello through the server") && log.contains("construir-host: verdict: ok"), "{log}");
+    let (_, out, _) = client(&s, &alice, &work, &["status", &id]);
+    let status: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(status["status"]["result"], "ok");
+    assert_eq!(status["status"]["exit_code"], 0);
+    // Range requests on the result.
+    let (code, body) = raw(&s.addr(), format!("GET /v1/jobs/{id}/result HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nRange: bytes=1-4\r\nConnection: close\r\n\r\n").as_bytes());
+    assert_eq!((code, body.as_bytes()), (206, &b"7zXZ"[..]));
+    let (code, _) = raw(&s.addr(), format!("GET /v1/jobs/{id}/result HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nRange: bytes=99999999-\r\nConnection: close\r\n\r\n").as_bytes());
+    assert_eq!(code, 416);
+    // A failing job: the client's exit code follows the result.
+    let dir = job_dir(&work, "fails", "#!/bin/sh\necho about to fail\nexit 3\n");
+    let (code, _, err) =
+        client(&s, &alice, &work, &["submit", dir.to_str().expect("utf8"), "--image", "0", "--size", "1M", "--wait"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("done: failed (exit code 3)"), "{err}");
+    let (_, list, _) = client(&s, &alice, &work, &["list"]);
+    assert_eq!(list.lines().count(), 3, "{list}");
+    let (_, list, _) = client(&s, &bob, &work, &["list"]);
+    assert_eq!(list, "", "bob sees none of alice's jobs");
+
+    // Limits: each a clear 4xx saying what and by how much.
+    let out = server_cmd(&db, &["account", "limits", "bob", "--max-job-size", "100K", "--max-waiting", "1"]);
+    assert!(out.status.success());
+    let dir = job_dir(&work, "big", "#!/bin/sh\ntrue\n");
+    let (code, _, err) =
+        client(&s, &bob, &work, &["submit", dir.to_str().expect("utf8"), "--image", "0", "--size", "1M"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("413") && err.contains("larger than the 102400 bytes allowed"), "{err}");
+    signal(&host, libc::SIGSTOP); // keep bob's first job waiting
+    let (code, _, err) =
+        client(&s, &bob, &work, &["submit", dir.to_str().expect("utf8"), "--image", "0", "--size", "64K"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) =
+        client(&s, &bob, &work, &["submit", dir.to_str().expect("utf8"), "--image", "0", "--size", "64K"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("429") && err.contains("1 of your jobs are not finished; the limit is 1"), "{err}");
+    signal(&host, libc::SIGCONT);
+    let carol = add_account(&db, "carol");
+    assert!(server_cmd(&db, &["account", "limits", "carol", "--max-job-size", "100K"]).status.success());
+    let (code, body) = raw(&s.addr(), format!("POST /v1/jobs?name=x&image=0 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {carol}\r\nContent-Length: 5000000\r\nConnection: close\r\n\r\n").as_bytes());
+    assert_eq!(code, 413, "refused before the upload, on its declared length: {body}");
+    assert!(body.contains("\"over_by\":4897600"), "{body}");
+    // Not a job file; an unknown image; a bad name.
+    let (code, body) = raw(&s.addr(), format!("POST /v1/jobs?name=x&image=0 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nContent-Length: 70000\r\nConnection: close\r\n\r\n{}", "a".repeat(70000)).as_bytes());
+    assert!(code == 400 && body.contains("does not start with an xz stream"), "{code} {body}");
+    let (code, body) = raw(&s.addr(), format!("POST /v1/jobs?name=x&image=7 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes());
+    assert!(code == 400 && body.contains("no image i7"), "{code} {body}");
+    let (code, body) = raw(&s.addr(), format!("POST /v1/jobs?name=../x&image=0 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes());
+    assert!(code == 400 && body.contains("bad job name"), "{code} {body}");
+    // An upload cut off half way leaves no file behind.
+    {
+        let mut sock = TcpStream::connect(s.addr()).expect("connect");
+        sock.write_all(format!("POST /v1/jobs?name=cut&image=0 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nContent-Length: 200000\r\n\r\n").as_bytes()).expect("send");
+        sock.write_all(&[0xfd, b'7', b'z', b'X', b'Z', 0]).expect("send");
+        sock.write_all(&[0u8; 50_000]).expect("send");
+        assert!(wait_for(Duration::from_secs(10), || !upload_files(&q).is_empty()), "the upload never began");
+    }
+    assert!(wait_for(Duration::from_secs(10), || upload_files(&q).is_empty()), "{:?}", upload_files(&q));
+
+    // Bad tokens: refused, logged, and after ten a minute the address waits.
+    for i in 0..10 {
+        let (code, _) = raw(
+            &s.addr(),
+            format!(
+                "GET /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer cst1.1.{:064x}\r\nConnection: close\r\n\r\n",
+                i
+            )
+            .as_bytes(),
+        );
+        assert_eq!(code, 401);
+    }
+    let (code, body) = raw(
+        &s.addr(),
+        format!("GET /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    );
+    assert_eq!(code, 429, "even a good token waits after ten failures from the address: {body}");
+    assert!(s.log().contains("refused a request from 127.0.0.1: bad token"), "{}", s.log());
+    let (code, _) = raw(&s.addr(), b"GET /v1/jobs/../../etc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(code == 404 || code == 400 || code == 429, "{code}");
+
+    let _ = host.kill();
+    let _ = host.wait();
+}
+
+#[test]
+fn a_restart_loses_nothing_the_database_is_rebuilt_from_the_directories_and_retention_deletes_old_results() {
+    let q = Queue::new();
+    let db = q.root.path().join("server.db");
+    let alice = add_account(&db, "alice");
+    let work = q.root.path().join("home");
+    fs::create_dir_all(&work).expect("mkdir");
+    let s = Server::start(&q, &db, &[]);
+    let dir = job_dir(&work, "kept", "#!/bin/sh\necho kept across restarts\n");
+    let (code, id, err) =
+        client(&s, &alice, &work, &["submit", dir.to_str().expect("utf8"), "--image", "0", "--size", "1M"]);
+    assert_eq!(code, 0, "{err}");
+    let id = id.trim().to_owned();
+    drop(s);
+
+    // The server is down while a host runs the job; a new server finds it done.
+    let run = q.run(&[]);
+    assert!(run.success, "{}", run.log);
+    let s = Server::start(&q, &db, &[]);
+    let (code, _, err) = client(&s, &alice, &work, &["wait", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("done: ok"), "{err}");
+    drop(s);
+
+    // The database is lost: accounts come back from a backup of that table alone here,
+    // and the jobs from the directories.
+    fs::remove_file(&db).expect("rm");
+    for ext in ["-wal", "-shm"] {
+        let _ = fs::remove_file(q.root.path().join(format!("server.db{ext}")));
+    }
+    let alice = add_account(&db, "alice");
+    let s = Server::start(&q, &db, &[]);
+    assert!(s.log().contains("1 job(s) found in the directories without a record"), "{}", s.log());
+    let (_, list, _) = client(&s, &alice, &work, &["list"]);
+    assert!(list.starts_with(&id) && list.contains("done: ok"), "{list}");
+    let (code, _, _) = client(&s, &alice, &work, &["fetch", &id, "--unpack", "again"]);
+    assert_eq!(code, 0);
+    assert_eq!(fs::read_to_string(work.join("again/job_output.txt")).expect("out"), "kept across restarts\n");
+
+    // Retention of 0 days: the next sweep deletes the result and its log, and says so.
+    let out = server_cmd(&db, &["account", "limits", "alice", "--retention-days", "0"]);
+    assert!(out.status.success());
+    assert!(
+        wait_for(Duration::from_secs(15), || !q.done.join(format!("alice.{id}.kept_d0.tar.xz")).exists()),
+        "{}",
+        s.log()
+    );
+    assert!(!q.done.join(format!("alice.{id}.kept_d0.log")).exists());
+    let (_, out, _) = client(&s, &alice, &work, &["status", &id]);
+    let status: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert!(status["deleted"].is_string(), "{status}");
+    let audit = String::from_utf8(server_cmd(&db, &["audit"]).stdout).expect("utf8");
+    assert!(audit.contains("retention_deleted") && audit.contains("rebuilt"), "{audit}");
+}
