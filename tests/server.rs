@@ -316,3 +316,62 @@ fn a_restart_loses_nothing_the_database_is_rebuilt_from_the_directories_and_rete
     let audit = String::from_utf8(server_cmd(&db, &["audit"]).stdout).expect("utf8");
     assert!(audit.contains("retention_deleted") && audit.contains("rebuilt"), "{audit}");
 }
+
+#[test]
+fn a_running_job_is_followed_live_and_cancelled_within_seconds() {
+    let q = Queue::new();
+    let db = q.root.path().join("server.db");
+    let alice = add_account(&db, "alice");
+    let s = Server::start(&q, &db, &[]);
+    let work = q.root.path().join("home");
+    fs::create_dir_all(&work).expect("mkdir");
+    let mut host = q.spawn("host", &format!("{}-live", q.host_id), &[]);
+
+    // The live console while it runs: the first step is there, the second not yet.
+    let dir = job_dir(&work, "steps", "#!/bin/sh\necho step one\nsleep 12\necho step two\n");
+    let (code, id, err) =
+        client(&s, &alice, &work, &["submit", dir.to_str().expect("utf8"), "--image", "0", "--size", "1M"]);
+    assert_eq!(code, 0, "{err}");
+    let id = id.trim().to_owned();
+    let mut live = String::new();
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            live = client(&s, &alice, &work, &["log", &id]).1;
+            live.contains("step one")
+        }),
+        "no live console: {live}\n{}",
+        q.log("host")
+    );
+    assert!(!live.contains("step two") && !live.contains("construir-host: verdict"), "{live}");
+    // Following prints the rest as it comes, then the end of the log.
+    let (code, followed, err) = client(&s, &alice, &work, &["log", &id, "--follow"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(followed.contains("step two") && followed.contains("construir-host: verdict: ok"), "{followed}");
+
+    // Cancelled while it runs: its VM stops within seconds, it lands in failed/ with its partial log.
+    let dir = job_dir(&work, "long", "#!/bin/sh\necho started sleeping\nsleep 600\necho never\n");
+    let (code, id, _) =
+        client(&s, &alice, &work, &["submit", dir.to_str().expect("utf8"), "--image", "0", "--size", "1M"]);
+    assert_eq!(code, 0);
+    let id = id.trim().to_owned();
+    assert!(
+        wait_for(Duration::from_secs(60), || client(&s, &alice, &work, &["log", &id]).1.contains("started sleeping")),
+        "{}",
+        q.log("host")
+    );
+    let asked = std::time::Instant::now();
+    let (code, _, err) = client(&s, &alice, &work, &["cancel", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("cancel requested"), "{err}");
+    let (code, _, err) = client(&s, &alice, &work, &["wait", &id]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("failed: cancelled at its submitter's request"), "{err}");
+    assert!(asked.elapsed() < Duration::from_secs(20), "took {:?}", asked.elapsed());
+    let (_, log, _) = client(&s, &alice, &work, &["log", &id]);
+    assert!(log.contains("started sleeping") && !log.contains("never"), "{log}");
+    assert!(log.contains("construir-host: verdict: failed: cancelled"), "{log}");
+    let running = q.root.path().join("running");
+    assert!(!running.join(".cancel").join(format!("alice.{id}.long_i0.tar.xz")).exists(), "the request is cleared");
+    signal(&host, libc::SIGTERM);
+    assert!(host.wait().expect("host").success(), "{}", q.log("host"));
+}

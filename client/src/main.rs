@@ -68,10 +68,10 @@ enum Command {
     Wait { id: String },
     /// The job's state (and its job_status.json once it has finished), as JSON.
     Status { id: String },
-    /// The job's console log (once it has finished).
+    /// The job's console log: as far as it has got while it runs, whole once it has finished.
     Log {
         id: String,
-        /// Wait for the job to finish first.
+        /// Keep printing the console as it arrives until the job ends.
         #[arg(long)]
         follow: bool,
     },
@@ -87,7 +87,7 @@ enum Command {
     },
     /// Your jobs, newest first.
     List,
-    /// Cancel a job that is still waiting.
+    /// Cancel a job: a waiting one leaves the queue, a running one's VM is stopped within seconds.
     Cancel { id: String },
     /// Extract a result file safely into DIR (new or empty): never outside it.
     Unpack { file: PathBuf, dir: PathBuf },
@@ -196,12 +196,19 @@ impl Client {
 
     /// Streams a download into `out`.
     fn download(&self, path: &str, out: &mut dyn Write) -> Result<u64> {
-        let mut resp = self
-            .agent
-            .get(self.url(path))
-            .header("Authorization", self.auth()?)
-            .call()
-            .with_context(|| format!("cannot reach {}", self.server))?;
+        self.download_from(path, 0, out)
+    }
+
+    /// Streams a download from byte `from` on into `out` (nothing when there is nothing past it).
+    fn download_from(&self, path: &str, from: u64, out: &mut dyn Write) -> Result<u64> {
+        let mut req = self.agent.get(self.url(path)).header("Authorization", self.auth()?);
+        if from > 0 {
+            req = req.header("Range", format!("bytes={from}-"));
+        }
+        let mut resp = req.call().with_context(|| format!("cannot reach {}", self.server))?;
+        if resp.status() == 416 {
+            return Ok(0);
+        }
         if !resp.status().is_success() {
             return self.json(resp).map(|_| 0);
         }
@@ -311,13 +318,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Log { id, follow } => {
             let client = client()?;
-            if follow {
-                wait(&client, checked_id(&id)?)?;
+            let id = checked_id(&id)?;
+            let mut shown: u64 = 0;
+            loop {
+                let state =
+                    if follow { client.job(id)?["state"].as_str().unwrap_or("?").to_owned() } else { String::new() };
+                if !follow || state == "running" || state == "done" || state == "failed" {
+                    // What has not been shown yet: the live console while it runs, the whole log at the end.
+                    let mut raw = Vec::new();
+                    match client.download_from(&format!("jobs/{id}/log"), shown, &mut raw) {
+                        Ok(n) => {
+                            shown += n;
+                            // Sanitized by the host; again here: nothing from a VM reaches a terminal raw.
+                            io::stdout().write_all(jobfile::text::sanitize_lines(&raw).as_bytes())?;
+                            io::stdout().flush()?;
+                        }
+                        Err(e) if !follow => return Err(e),
+                        Err(_) => {}
+                    }
+                }
+                if !follow || state == "done" || state == "failed" || state == "missing" {
+                    break;
+                }
+                std::thread::sleep(Duration::from_secs(1));
             }
-            let mut raw = Vec::new();
-            client.download(&format!("jobs/{}/log", checked_id(&id)?), &mut raw)?;
-            // The console was sanitized by the host; sanitize again: nothing from a VM reaches a terminal raw.
-            io::stdout().write_all(jobfile::text::sanitize_lines(&raw).as_bytes())?;
         }
         Command::Fetch { id, out, unpack } => {
             let client = client()?;
@@ -363,7 +387,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .header("Authorization", client.auth()?)
                 .send_empty()?;
             let job = client.json(resp)?;
-            eprintln!("construir: {id}: {}", describe(&job));
+            match job["cancel"].as_str() {
+                Some(note) => eprintln!("construir: {id}: cancel {note}"),
+                None => eprintln!("construir: {id}: {}", describe(&job)),
+            }
         }
         Command::Unpack { file, dir } => unpack_into(&file, &dir)?,
     }

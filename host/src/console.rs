@@ -22,6 +22,8 @@ pub struct ConsoleLog {
     received: u64,
     line: Vec<u8>,
     sanitizer: Sanitizer,
+    /// Gets what goes into the head as it arrives.
+    live: Option<std::fs::File>,
 }
 
 impl ConsoleLog {
@@ -37,7 +39,14 @@ impl ConsoleLog {
             received: 0,
             line: Vec::new(),
             sanitizer: Sanitizer::new(Mode::Lines),
+            live: None,
         }
+    }
+
+    /// Also writes the kept start of the console to `file` as it arrives;
+    /// once that part is full, one line says the rest comes with the result.
+    pub fn write_live_to(&mut self, file: std::fs::File) {
+        self.live = Some(file);
     }
 
     pub fn received(&self) -> u64 {
@@ -62,6 +71,20 @@ impl ConsoleLog {
         let room = self.head_max.saturating_sub(self.head.len());
         let (to_head, rest) = text.split_at(room.min(text.len()));
         self.head.extend_from_slice(to_head);
+        if let Some(live) = &mut self.live {
+            use std::io::Write;
+            let full = !rest.is_empty();
+            let written = live.write_all(to_head).and_then(|()| {
+                if full {
+                    live.write_all(b"\n[construir-host: the live console stops here; the rest comes with the result]\n")
+                } else {
+                    Ok(())
+                }
+            });
+            if full || written.is_err() {
+                self.live = None;
+            }
+        }
         for &b in rest {
             if self.tail.len() == self.tail_max {
                 self.tail.pop_front();
@@ -134,6 +157,27 @@ mod tests {
         assert!(out.starts_with("line 0\nline 1\n"));
         assert!(out.contains("bytes of console output dropped here]"));
         assert!(out.ends_with("line 99999\nconstruir-host: verdict: failed: reasons\n"), "{}", &out[out.len() - 100..]);
+    }
+
+    #[test]
+    fn the_live_copy_gets_the_kept_start_as_it_arrives_then_says_where_the_rest_is() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("live");
+        let mut log = ConsoleLog::new(400);
+        log.write_live_to(std::fs::File::create(&path).expect("create"));
+        log.push(b"booting\n\x1b[2Jcleared\n");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "booting\n\\x1b[2Jcleared\n", "sanitized, at once");
+        for i in 0..100 {
+            log.push(format!("line {i}\n").as_bytes());
+        }
+        let live = std::fs::read_to_string(&path).expect("read");
+        assert!(live.starts_with("booting\n") && live.len() < 400, "{live}");
+        assert!(
+            live.ends_with("[construir-host: the live console stops here; the rest comes with the result]\n"),
+            "{live}"
+        );
+        log.push(b"more\n");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), live, "nothing after the note");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! `construir-host run`: watch the queue, claim jobs as workers come free,
 //! refuse bad input, recover after a crash, stop cleanly on a signal.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
+use std::fs;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -88,7 +89,8 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     // Workers see `kill`, set only once the stop bound has passed.
     let kill = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel::<(OsString, std::io::Result<Ending>)>();
-    let mut running: HashSet<OsString> = HashSet::new();
+    // Each running job, with the flag that stops it when its submitter cancels it.
+    let mut running: HashMap<OsString, Arc<AtomicBool>> = HashMap::new();
     let mut pending = Pending::new(opts.rules);
     let mut refused: Vec<Refusal> = Vec::new();
     // The watch is set before the first scan: nothing that arrives in between is missed.
@@ -133,11 +135,12 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
             }
             log::info!("job {}: claimed", job.input_file_name());
             let file_name = ready.file_name;
-            running.insert(file_name.clone());
+            let cancel = Arc::new(AtomicBool::new(false));
+            running.insert(file_name.clone(), cancel.clone());
             let (dirs, limits, tx, kill, scanned) =
                 (dirs.clone(), opts.limits.clone(), tx.clone(), kill.clone(), ready.scanned);
             thread::spawn(move || {
-                let ending = worker::run(&dirs, &limits, &file_name, &job, &scanned, &kill);
+                let ending = worker::run(&dirs, &limits, &file_name, &job, &scanned, &kill, &cancel);
                 let _ = tx.send((file_name, ending));
             });
         }
@@ -185,8 +188,18 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
                 // IN_CLOSE_WRITE and IN_ATTRIB wake the loop; settle() sees the change.
             }
         }
+        for (file_name, cancel) in &running {
+            if !cancel.load(Ordering::Relaxed) && queue::cancel_request(dirs, file_name).exists() {
+                log::info!(
+                    "job {}: cancel requested; stopping its VM",
+                    jobfile::sanitize(file_name.as_encoded_bytes())
+                );
+                cancel.store(true, Ordering::Relaxed);
+            }
+        }
         while let Ok((file_name, ending)) = rx.try_recv() {
             running.remove(&file_name);
+            let _ = fs::remove_file(queue::cancel_request(dirs, &file_name));
             tally(dirs, &mut summary, &file_name, ending);
         }
     }

@@ -62,9 +62,11 @@ fn boot_probe(
         name: "construir.kvm-probe".into(),
         file_size_limit: 1 << 20,
         cgroup_procs: None,
+        live_console: None,
     };
     let bounds = Bounds { deadline: limit, silence: None, boot: None, console_limit: 64 << 10 };
-    let vm = qemu::run(&spec, prepared.confinement(confiner), bounds, &AtomicBool::new(false))?;
+    let never = AtomicBool::new(false);
+    let vm = qemu::run(&spec, prepared.confinement(confiner), bounds, &never, &never)?;
     let console = vm.console.finish("");
     // No root disk: a kernel that really booted panics, saying so.
     let booted = vm.cut.is_none() && console.windows(12).any(|w| w == b"Kernel panic");

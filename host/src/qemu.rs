@@ -71,6 +71,9 @@ pub struct VmSpec {
     pub file_size_limit: u64,
     /// The VM's cgroup (`.../cgroup.procs`), where there is one.
     pub cgroup_procs: Option<std::ffi::CString>,
+    /// Where the console goes as it arrives (sanitized, the first part of
+    /// the log's budget), so people can follow a running job.
+    pub live_console: Option<File>,
 }
 
 impl VmSpec {
@@ -259,6 +262,8 @@ pub enum Cut {
     NoBoot,
     /// The host is stopping.
     Stop,
+    /// The job's submitter asked for it to stop (`running/.cancel/<name>`).
+    Cancel,
 }
 
 /// How a VM run ended.
@@ -325,7 +330,13 @@ pub struct Bounds {
 
 /// Boots the VM and waits for it to power off, or ends it at its deadline,
 /// after too long a silence, when it does not boot in time, or when `stop` is set.
-pub fn run(spec: &VmSpec, confinement: Confinement, bounds: Bounds, stop: &AtomicBool) -> Result<VmRun, QemuError> {
+pub fn run(
+    spec: &VmSpec,
+    confinement: Confinement,
+    bounds: Bounds,
+    stop: &AtomicBool,
+    cancel: &AtomicBool,
+) -> Result<VmRun, QemuError> {
     let Descriptors { fds, reopened, read_only } = spec.descriptors().map_err(QemuError::Open)?;
     let limits = jail::Limits { file_size: spec.file_size_limit, open_files: 1024 };
     let kvm = spec.accel == Accel::Kvm;
@@ -358,8 +369,12 @@ pub fn run(spec: &VmSpec, confinement: Confinement, bounds: Bounds, stop: &Atomi
     // Milliseconds from QEMU's start to init's first line, plus one; 0 until then.
     let booted = Arc::new(AtomicU64::new(0));
     let (seen, saw_boot) = (last_output.clone(), booted.clone());
+    let live = spec.live_console.as_ref().and_then(|f| f.try_clone().ok());
     let console = thread::spawn(move || {
         let mut log = ConsoleLog::new(bounds.console_limit);
+        if let Some(file) = live {
+            log.write_live_to(file);
+        }
         let mut out = stdout;
         let mut buf = vec![0u8; 64 << 10];
         // The end of the previous read, so a marker split across two reads is still seen.
@@ -399,6 +414,8 @@ pub fn run(spec: &VmSpec, confinement: Confinement, bounds: Bounds, stop: &Atomi
             cut = Some(Cut::Silence);
         } else if stop.load(Ordering::Relaxed) {
             cut = Some(Cut::Stop);
+        } else if cancel.load(Ordering::Relaxed) {
+            cut = Some(Cut::Cancel);
         }
         if cut.is_some() {
             break;
@@ -465,6 +482,7 @@ mod tests {
             name: "host.job_i0.tar.xz".into(),
             file_size_limit: 1 << 30,
             cgroup_procs: None,
+            live_console: None,
         }
     }
 

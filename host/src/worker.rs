@@ -4,8 +4,9 @@
 //! host is stopping.
 
 use std::ffi::{OsStr, OsString};
-use std::fs::File;
+use std::fs::{self, File};
 use std::io::{self};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -52,6 +53,7 @@ pub fn run(
     job: &JobName,
     scanned: &Scanned,
     stop: &Arc<AtomicBool>,
+    cancel: &AtomicBool,
 ) -> io::Result<Ending> {
     let label = job.input_file_name();
     let claimed = dirs.running.join(file_name);
@@ -136,6 +138,7 @@ pub fn run(
         name: format!("construir.{}.{}", limits.host_id, job.input_file_name()),
         // The job disk never grows; the snapshot overlay grows at most to the root disk's size.
         file_size_limit: size.max(root_size) + (1 << 30),
+        live_console: create_live_console(dirs, file_name),
     };
     log::info!(
         "job {label}: booting image i{} ({}, {} MiB, {} CPUs, job disk {} bytes{})",
@@ -157,7 +160,9 @@ pub fn run(
         boot: Some(limits.boot),
         console_limit: limits.console_limit,
     };
-    let vm = match qemu::run(&spec, prepared.confinement(&limits.confiner), bounds, stop) {
+    let vm = qemu::run(&spec, prepared.confinement(&limits.confiner), bounds, stop, cancel);
+    let _ = fs::remove_file(queue::live_console(dirs, file_name));
+    let vm = match vm {
         Ok(vm) => vm,
         Err(e) => {
             return fail(
@@ -180,12 +185,19 @@ pub fn run(
             Cut::Silence => "silence",
             Cut::NoBoot => "no_boot",
             Cut::Stop => "stop",
+            Cut::Cancel => "cancel",
         });
     }
     if vm.cut == Some(Cut::Stop) {
         queue::requeue(dirs, file_name)?;
         log::info!("job {label}: VM stopped because the host is stopping; back in the queue");
         return Ok(Ending::Requeued);
+    }
+    if vm.cut == Some(Cut::Cancel) {
+        let reason = format!("cancelled at its submitter's request after {:.1} s", vm.elapsed.as_secs_f64());
+        log::info!("job {label}: {reason}");
+        let log = vm.console.finish(&format!("failed: {reason}"));
+        return fail(dirs, job, "cancelled", &claimed, &reason, Some(&log));
     }
     if vm.cut == Some(Cut::NoBoot) {
         return no_boot(dirs, file_name, job, limits.boot, vm);
@@ -276,6 +288,20 @@ fn fail(
     let path = queue::fail(dirs, claimed, reason, log)?;
     metrics::job_finished(result, job.image());
     Ok(Ending::Failed { path, reason: reason.to_owned() })
+}
+
+/// The file the console goes to as it arrives (see `queue::live_console`);
+/// none if it cannot be made (the job still runs, and its log still lands).
+fn create_live_console(dirs: &Dirs, file_name: &OsStr) -> Option<File> {
+    let path = queue::live_console(dirs, file_name);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o644)
+        .open(&path);
+    file.map_err(|e| log::warn!("cannot write the live console to {}: {e}", path.display())).ok()
 }
 
 /// The status at the start of the working copy (see `jobfile::read_status`).

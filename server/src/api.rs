@@ -475,10 +475,13 @@ async fn cancel(
             }
         }
         Place::Running { host, .. } => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("the job is running on {host}; this server cannot stop a running job yet"),
-            ));
+            app.store.request_cancel(&job.file_name).map_err(ApiError::internal)?;
+            let _ = db::audit(&app.db(), Some(&account.name), "cancel_requested", &id);
+            let place = app.refresh(&job);
+            let mut out = job_json(&job, &place);
+            out["cancel"] =
+                json!(format!("requested: {host} stops the VM within seconds; the job then ends in failed"));
+            return Ok(Json(out));
         }
         other => {
             return Err(ApiError::new(StatusCode::CONFLICT, format!("the job is {}: nothing to cancel", other.name())));

@@ -147,12 +147,24 @@ impl Store {
             .collect()
     }
 
-    /// The console log of a finished job, if there is one.
+    /// The console log: the whole log of a finished job, or the live
+    /// console a host writes while it runs the job.
     pub fn log_path(&self, file_name: &str) -> Option<PathBuf> {
         let job = JobName::parse(file_name).ok()?;
-        [self.done.join(job.done_with_extension("log")), self.failed.join(format!("{file_name}.log"))]
-            .into_iter()
-            .find(|p| p.is_file())
+        let finished = [self.done.join(job.done_with_extension("log")), self.failed.join(format!("{file_name}.log"))];
+        if let Some(p) = finished.into_iter().find(|p| p.is_file()) {
+            return Some(p);
+        }
+        let hosts = fs::read_dir(&self.running).ok()?;
+        hosts.flatten().map(|h| h.path().join(format!(".console.{file_name}"))).find(|p| p.is_file())
+    }
+
+    /// Asks whichever host runs `file_name` to stop it (`running/.cancel/<name>`).
+    pub fn request_cancel(&self, file_name: &str) -> io::Result<()> {
+        let dir = self.running.join(".cancel");
+        fs::create_dir_all(&dir)?;
+        fs::write(dir.join(file_name), b"")?;
+        File::open(&dir)?.sync_all()
     }
 
     /// The result of a finished job.

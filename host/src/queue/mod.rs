@@ -214,6 +214,22 @@ pub fn take_claimed(
     Ok((dst, size))
 }
 
+/// Where a running job's console is written as it arrives:
+/// `running/<host-id>/.console.<file name>` (removed when the job ends; its
+/// whole log then lands beside the result).
+pub fn live_console(dirs: &Dirs, file_name: &OsStr) -> PathBuf {
+    let mut name = OsString::from(".console.");
+    name.push(file_name);
+    dirs.running.join(name)
+}
+
+/// A request to stop a running job: a file `running/.cancel/<file name>`,
+/// shared by every host on the queue; whichever host runs the job stops its
+/// VM and sends the job to failed/.
+pub fn cancel_request(dirs: &Dirs, file_name: &OsStr) -> PathBuf {
+    dirs.running.parent().unwrap_or(&dirs.running).join(".cancel").join(file_name)
+}
+
 /// The file in `running/<host-id>/` that a running host holds locked: it
 /// says the host is alive (to `status`, and to a second host started with
 /// the same id, which refuses to start), and what it is.

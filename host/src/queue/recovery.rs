@@ -70,6 +70,12 @@ pub fn recover(
 ) -> io::Result<()> {
     let in_dir = |e: io::Error| io::Error::new(e.kind(), format!("cannot read {}: {e}", dirs.running.display()));
     delivery::drop_orphan_notes(dirs).map_err(in_dir)?;
+    // Live consoles of the runs that were cut short: their jobs start again.
+    for entry in fs::read_dir(&dirs.running).map_err(in_dir)?.flatten() {
+        if entry.file_name().as_encoded_bytes().starts_with(b".console.") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
     for entry in fs::read_dir(&dirs.running).map_err(in_dir)? {
         let name = entry?.file_name();
         if name.as_encoded_bytes().starts_with(b".") {
