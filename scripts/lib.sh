@@ -29,6 +29,7 @@ ensure_packages() {
     command -v mkfs.ext4 >/dev/null || want+=(e2fsprogs)
     command -v debootstrap >/dev/null || want+=(debootstrap)
     command -v systemd-analyze >/dev/null || want+=(systemd)
+    command -v chromium >/dev/null || want+=(chromium fonts-dejavu-core)
     [ -x /bin/busybox ] && file -L /bin/busybox | grep -q 'statically linked' || want+=(busybox-static)
     compgen -G '/boot/vmlinuz-*' >/dev/null || want+=(linux-image-amd64)
     if ! command -v qemu-system-x86_64 >/dev/null; then

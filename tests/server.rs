@@ -375,3 +375,82 @@ fn a_running_job_is_followed_live_and_cancelled_within_seconds() {
     signal(&host, libc::SIGTERM);
     assert!(host.wait().expect("host").success(), "{}", q.log("host"));
 }
+
+/// Headless Chromium, as a person's browser: `--dump-dom` or `--screenshot=FILE` of `url`.
+fn chromium(url: &str, scratch: &Path, extra: &[&str]) -> String {
+    let profile = tempfile::tempdir_in(scratch).expect("profile");
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1100,420",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(extra)
+        .arg(url)
+        .current_dir(scratch)
+        .output()
+        .expect("chromium (Debian package chromium; scripts/test installs it)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_accounts_page_shows_its_jobs_in_a_real_browser() {
+    let q = Queue::new();
+    let db = q.root.path().join("server.db");
+    let alice = add_account(&db, "alice");
+    let bob = add_account(&db, "bob");
+    let s = Server::start(&q, &db, &[]);
+    let work = q.root.path().join("home");
+    fs::create_dir_all(&work).expect("mkdir");
+    let submit = |token: &str, name: &str, script: &str| {
+        let dir = job_dir(&work, name, script);
+        let (code, id, err) =
+            client(&s, token, &work, &["submit", dir.to_str().expect("utf8"), "--image", "0", "--size", "1M"]);
+        assert_eq!(code, 0, "{err}");
+        id.trim().to_owned()
+    };
+    let built = submit(&alice, "built", "#!/bin/sh\necho built fine\n");
+    let broke = submit(&alice, "broke", "#!/bin/sh\nexit 4\n");
+    let run = q.run(&[]);
+    assert!(run.success, "{}", run.log);
+    let waiting = submit(&alice, "later", "#!/bin/sh\ntrue\n");
+    submit(&bob, "bobsjob", "#!/bin/sh\ntrue\n");
+
+    let link = client(&s, &alice, &work, &["page"]).1.trim().to_owned();
+    assert!(link.starts_with(&format!("{}/page/login/", s.url)), "{link}");
+    let dom = chromium(&link, q.root.path(), &["--dump-dom"]);
+    for want in [
+        "alice <small>3 job(s)</small>",
+        &format!("<code>{built}</code>"),
+        &format!("<code>{broke}</code>"),
+        &format!("<code>{waiting}</code>"),
+        "ok (exit code 0)",
+        "failed (exit code 4)",
+        "position 1 of 2",
+        &format!(r#"<a href="/page/jobs/{built}/result">result</a>"#),
+    ] {
+        assert!(dom.contains(want), "{want:?} not on the page:\n{dom}");
+    }
+    assert!(!dom.contains("bobsjob"), "another account's job is on alice's page");
+    // A link works once.
+    let again = chromium(&link, q.root.path(), &["--dump-dom"]);
+    assert!(again.contains("This link has been used or has expired") && !again.contains(&built), "{again}");
+
+    // A screenshot for people to look at, kept with the test's artifacts.
+    let artifacts = bin("construir-server").parent().expect("dir").join("test-artifacts");
+    fs::create_dir_all(&artifacts).expect("mkdir");
+    let shot = artifacts.join("server-page.png");
+    let _ = fs::remove_file(&shot);
+    let link = client(&s, &alice, &work, &["page"]).1.trim().to_owned();
+    chromium(&link, q.root.path(), &[&format!("--screenshot={}", shot.display())]);
+    let png = fs::read(&shot).expect("screenshot");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{} bytes", png.len());
+}

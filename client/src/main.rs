@@ -89,6 +89,8 @@ enum Command {
     List,
     /// Cancel a job: a waiting one leaves the queue, a running one's VM is stopped within seconds.
     Cancel { id: String },
+    /// Print a link to your page on the server (it works once, within five minutes).
+    Page,
     /// Extract a result file safely into DIR (new or empty): never outside it.
     Unpack { file: PathBuf, dir: PathBuf },
 }
@@ -391,6 +393,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(note) => eprintln!("construir: {id}: cancel {note}"),
                 None => eprintln!("construir: {id}: {}", describe(&job)),
             }
+        }
+        Command::Page => {
+            let client = client()?;
+            let resp =
+                client.agent.post(client.url("page-link")).header("Authorization", client.auth()?).send_empty()?;
+            let link = client.json(resp)?;
+            println!("{}{}", client.server, link["path"].as_str().context("the server gave no link")?);
         }
         Command::Unpack { file, dir } => unpack_into(&file, &dir)?,
     }

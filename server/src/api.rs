@@ -34,6 +34,8 @@ pub struct App {
     pub idle_timeout: Duration,
     /// Failed authentications per client address, in the current minute.
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    /// The page's login links and sessions.
+    pub sessions: crate::page::Sessions,
 }
 
 /// Failed authentications a client may make in a minute before it is refused outright.
@@ -41,7 +43,14 @@ const MAX_FAILURES_PER_MINUTE: u32 = 10;
 
 impl App {
     pub fn new(db: Connection, store: Store, defaults: Limits, idle_timeout: Duration) -> Arc<App> {
-        Arc::new(App { db: Mutex::new(db), store, defaults, idle_timeout, failures: Mutex::new(HashMap::new()) })
+        Arc::new(App {
+            db: Mutex::new(db),
+            store,
+            defaults,
+            idle_timeout,
+            failures: Mutex::new(HashMap::new()),
+            sessions: crate::page::Sessions::default(),
+        })
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -110,11 +119,15 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}/log", get(log_of))
         .route("/v1/jobs/{id}/result", get(result_of))
         .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/v1/page-link", post(crate::page::page_link))
+        .route("/page", get(crate::page::page))
+        .route("/page/login/{secret}", get(crate::page::login))
+        .route("/page/jobs/{id}/{what}", get(crate::page::page_file))
         .with_state(app)
 }
 
 /// The account a request's bearer token names, after checking it.
-fn authenticate(app: &App, headers: &HeaderMap, peer: IpAddr) -> ApiResult<Account> {
+pub fn authenticate(app: &App, headers: &HeaderMap, peer: IpAddr) -> ApiResult<Account> {
     {
         let failures = app.failures.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((n, since)) = failures.get(&peer) {
@@ -407,7 +420,7 @@ async fn result_of(
 }
 
 /// A file, whole or the one byte range asked for (`Range: bytes=a-b`, `a-`, `-n`).
-async fn serve_file(path: &std::path::Path, headers: &HeaderMap, content_type: &str) -> ApiResult<Response> {
+pub async fn serve_file(path: &std::path::Path, headers: &HeaderMap, content_type: &str) -> ApiResult<Response> {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let mut file = tokio::fs::File::open(path).await.map_err(ApiError::internal)?;
     let len = file.metadata().await.map_err(ApiError::internal)?.len();

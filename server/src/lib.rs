@@ -6,6 +6,7 @@
 pub mod api;
 pub mod auth;
 pub mod db;
+pub mod page;
 pub mod store;
 
 use std::fs;
