@@ -454,3 +454,85 @@ fn the_accounts_page_shows_its_jobs_in_a_real_browser() {
     let png = fs::read(&shot).expect("screenshot");
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{} bytes", png.len());
 }
+
+#[test]
+fn hostile_clients_are_cut_off_and_leave_nothing_behind() {
+    let q = Queue::new();
+    let db = q.root.path().join("server.db");
+    let alice = add_account(&db, "alice");
+    let s = Server::start(&q, &db, &["--idle-timeout", "2s"]);
+    let (code, body) = raw(
+        &s.addr(),
+        format!("GET /v1/whoami HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    );
+    assert!(code == 200 && body.contains(r#""account":"alice""#) && body.contains(r#""max_waiting":100"#), "{body}");
+
+    // A stalled upload: cut off after the idle timeout, its partial file removed.
+    let mut sock = TcpStream::connect(s.addr()).expect("connect");
+    sock.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    sock.write_all(format!("POST /v1/jobs?name=slow&image=0 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n").as_bytes()).expect("send");
+    sock.write_all(b"\xfd7zXZ\0").expect("send");
+    assert!(wait_for(Duration::from_secs(5), || !upload_files(&q).is_empty()), "the upload never began");
+    let mut answer = String::new();
+    let _ = sock.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408") && answer.contains("sent nothing for 2 s"), "{answer}");
+    assert!(upload_files(&q).is_empty(), "{:?}", upload_files(&q));
+
+    // Eight uploads at once: each its own id and file.
+    let work = q.root.path().join("home");
+    fs::create_dir_all(&work).expect("mkdir");
+    let dir = job_dir(&work, "same", "#!/bin/sh\ntrue\n");
+    let ids: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                scope.spawn(|| {
+                    let (code, id, err) = client(
+                        &s,
+                        &alice,
+                        &work,
+                        &["submit", dir.to_str().expect("utf8"), "--image", "0", "--size", "1M"],
+                    );
+                    assert_eq!(code, 0, "{err}");
+                    id.trim().to_owned()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 8, "{ids:?}");
+    let queued = fs::read_dir(&q.queue)
+        .expect("ls")
+        .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().contains(".same_i0")))
+        .count();
+    assert_eq!(queued, 8);
+
+    // Oversized headers, path-like ids, junk: refused, and the server stays up.
+    let many: String = (0..200).map(|i| format!("X-Junk-{i}: {}\r\n", "y".repeat(100))).collect();
+    let (code, _) = raw(&s.addr(), format!("GET /v1/jobs HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes());
+    assert!(code == 431 || code == 400 || code == 0, "{code}");
+    for path in [
+        "/v1/jobs/..%2F..%2Fetc%2Fpasswd",
+        "/v1/jobs/%2e%2e",
+        "/v1/jobs/0123456789abcdeg/log",
+        "/v1/jobs/0123456789abcdef/result",
+    ] {
+        let (code, _) = raw(
+            &s.addr(),
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+        assert_eq!(code, 404, "{path}");
+    }
+    let (code, _) = raw(&s.addr(), b"\x16\x03\x01garbage\r\n\r\n");
+    assert!(code == 400 || code == 0, "{code}");
+    let (code, _) = raw(
+        &s.addr(),
+        format!("GET /v1/whoami HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    );
+    assert_eq!(code, 200, "the server is still up");
+}
