@@ -52,7 +52,7 @@ impl Server {
     }
 
     fn addr(&self) -> String {
-        self.url.trim_start_matches("http://").to_owned()
+        self.url.trim_start_matches("http://").trim_start_matches("https://").to_owned()
     }
 }
 
@@ -535,4 +535,55 @@ fn hostile_clients_are_cut_off_and_leave_nothing_behind() {
             .as_bytes(),
     );
     assert_eq!(code, 200, "the server is still up");
+}
+
+#[test]
+fn tls_with_certificate_and_key_files_serves_the_client_and_refuses_plain_http() {
+    let q = Queue::new();
+    let db = q.root.path().join("server.db");
+    let alice = add_account(&db, "alice");
+    // A CA of our own and a server certificate it signed, as an operator's would be.
+    let (cert, key, ca) = (q.root.path().join("cert.pem"), q.root.path().join("key.pem"), q.root.path().join("ca.pem"));
+    fs::write(
+        q.root.path().join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext");
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    construir_e2e::sh(
+        &format!(
+            "openssl req -x509 {ec} -days 1 -subj /CN=test-ca -keyout ca.key -out ca.pem 2>&1 \
+             && openssl req {ec} -subj /CN=localhost -keyout key.pem -out leaf.csr 2>&1 \
+             && openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile ext.cnf -out cert.pem 2>&1"
+        ),
+        q.root.path(),
+    );
+    let s =
+        Server::start(&q, &db, &["--tls-cert", cert.to_str().expect("utf8"), "--tls-key", key.to_str().expect("utf8")]);
+    assert!(s.url.starts_with("https://127.0.0.1:"), "{}", s.url);
+    let work = q.root.path().join("home");
+    fs::create_dir_all(&work).expect("mkdir");
+    let dir = job_dir(&work, "secure", "#!/bin/sh\ntrue\n");
+    let ca = ca.to_str().expect("utf8");
+    let (code, id, err) = client(
+        &s,
+        &alice,
+        &work,
+        &["--ca-cert", ca, "submit", dir.to_str().expect("utf8"), "--image", "0", "--size", "1M"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = client(&s, &alice, &work, &["--ca-cert", ca, "status", id.trim()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(r#""state": "waiting""#), "{out}");
+    // Without trusting the certificate the client refuses the server.
+    let (code, _, err) = client(&s, &alice, &work, &["status", id.trim()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("cannot reach"), "{err}");
+    // Plain HTTP on the TLS port gets no answer a client could take for one.
+    let (code, _) = raw(
+        &s.addr(),
+        format!("GET /v1/whoami HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    );
+    assert_ne!(code, 200);
 }

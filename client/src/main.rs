@@ -24,6 +24,10 @@ struct Cli {
     /// Your account's token [default: $CONSTRUIR_TOKEN, then `token` in ~/.config/construir/client.toml].
     #[arg(long, global = true, value_name = "TOKEN")]
     token: Option<String>,
+    /// Trust this certificate (PEM) for an https server, instead of the usual roots
+    /// [default: $CONSTRUIR_CA_CERT, then `ca_cert` in ~/.config/construir/client.toml].
+    #[arg(long, global = true, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -101,6 +105,7 @@ enum Command {
 struct ClientConfig {
     server: Option<String>,
     token: Option<String>,
+    ca_cert: Option<PathBuf>,
 }
 
 fn config_file() -> Option<PathBuf> {
@@ -118,7 +123,7 @@ struct Client {
 }
 
 impl Client {
-    fn new(cli_server: Option<String>, cli_token: Option<String>) -> Result<Client> {
+    fn new(cli_server: Option<String>, cli_token: Option<String>, cli_ca: Option<PathBuf>) -> Result<Client> {
         let file: ClientConfig = match config_file() {
             Some(path) if path.exists() => {
                 let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -131,11 +136,24 @@ impl Client {
             .or(file.server)
             .unwrap_or_else(|| "http://127.0.0.1:8765".to_owned());
         let token = cli_token.or_else(|| std::env::var("CONSTRUIR_TOKEN").ok()).or(file.token);
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(10)))
-            .build()
-            .into();
+        let ca = cli_ca.or_else(|| std::env::var_os("CONSTRUIR_CA_CERT").map(PathBuf::from)).or(file.ca_cert);
+        let mut config =
+            ureq::Agent::config_builder().http_status_as_error(false).timeout_connect(Some(Duration::from_secs(10)));
+        if let Some(ca) = ca {
+            let pem = std::fs::read(&ca).with_context(|| format!("cannot read {}", ca.display()))?;
+            let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                    _ => None,
+                })
+                .collect();
+            if certs.is_empty() {
+                bail!("{} holds no PEM certificate", ca.display());
+            }
+            let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build();
+            config = config.tls_config(tls);
+        }
+        let agent: ureq::Agent = config.build().into();
         Ok(Client { server: server.trim_end_matches('/').to_owned(), token, agent })
     }
 
@@ -262,7 +280,7 @@ fn wait(client: &Client, id: &str) -> Result<bool> {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let client = || Client::new(cli.server.clone(), cli.token.clone());
+    let client = || Client::new(cli.server.clone(), cli.token.clone(), cli.ca_cert.clone());
     match cli.command {
         Command::Pack { dir, image, size, name, out } => {
             let packed = tools::pack(&PackRequest {

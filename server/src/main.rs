@@ -47,9 +47,16 @@ struct ServeArgs {
     /// The queue directory build hosts take jobs from; running/, done/, failed/
     /// and images/ are its siblings, as the hosts have them.
     queue: PathBuf,
-    /// Where to listen. Loopback by default: put a TLS reverse proxy in front to serve others.
+    /// Where to listen. Loopback by default: to serve others, give --tls-cert and
+    /// --tls-key, or put a TLS reverse proxy in front.
     #[arg(long, default_value = "127.0.0.1:8765")]
     listen: SocketAddr,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// The images directory [default: QUEUE/../images].
     #[arg(long, value_name = "DIR")]
     images: Option<PathBuf>,
@@ -208,8 +215,9 @@ fn serve(conn: rusqlite::Connection, a: ServeArgs) -> Result<()> {
         store.images = images;
     }
     store.create_all()?;
-    if !a.listen.ip().is_loopback() {
-        log::warn!("listening on {} (not loopback): plain HTTP; put a TLS reverse proxy in front", a.listen);
+    let tls = a.tls_cert.clone().zip(a.tls_key.clone());
+    if !a.listen.ip().is_loopback() && tls.is_none() {
+        log::warn!("listening on {} (not loopback) with plain HTTP: tokens cross the network in clear; give --tls-cert and --tls-key, or put a TLS reverse proxy in front", a.listen);
     }
     let app = App::new(conn, store, a.limits.limits().or(DEFAULTS), a.idle_timeout);
     let added = rebuild(&app)?;
@@ -220,12 +228,37 @@ fn serve(conn: rusqlite::Connection, a: ServeArgs) -> Result<()> {
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     runtime.block_on(async move {
         let listener =
-            tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
+            std::net::TcpListener::bind(a.listen).with_context(|| format!("cannot listen on {}", a.listen))?;
+        listener.set_nonblocking(true)?;
         let bound = listener.local_addr()?;
-        eprintln!("construir-server: listening on http://{bound}");
         tokio::spawn(follow(app.clone(), a.follow_every));
         let service = api::router(app).into_make_service_with_connect_info::<SocketAddr>();
-        axum::serve(listener, service).with_graceful_shutdown(shutdown()).await.context("the server failed")?;
+        match tls {
+            Some((cert, key)) => {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let config =
+                    axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key).await.with_context(|| {
+                        format!("cannot load the TLS certificate {} and key {}", cert.display(), key.display())
+                    })?;
+                let handle = axum_server::Handle::new();
+                let stopper = handle.clone();
+                tokio::spawn(async move {
+                    shutdown().await;
+                    stopper.graceful_shutdown(Some(Duration::from_secs(10)));
+                });
+                eprintln!("construir-server: listening on https://{bound}");
+                axum_server::from_tcp_rustls(listener, config)?
+                    .handle(handle)
+                    .serve(service)
+                    .await
+                    .context("the server failed")?;
+            }
+            None => {
+                eprintln!("construir-server: listening on http://{bound}");
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                axum::serve(listener, service).with_graceful_shutdown(shutdown()).await.context("the server failed")?;
+            }
+        }
         log::info!("stopped");
         anyhow::Ok(())
     })
