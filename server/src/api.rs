@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path as UrlPath, Query, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -164,12 +165,7 @@ pub fn authenticate(app: &App, headers: &HeaderMap, peer: IpAddr) -> ApiResult<A
     }
 }
 
-async fn whoami(
-    State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> ApiResult<Json<serde_json::Value>> {
-    let account = authenticate(&app, &headers, peer.ip())?;
+async fn whoami(State(app): State<Arc<App>>, Authed(account): Authed) -> ApiResult<Json<serde_json::Value>> {
     Ok(Json(json!({ "account": account.name, "limits": account.limits.or(app.defaults) })))
 }
 
@@ -192,12 +188,11 @@ impl Drop for UploadGuard {
 
 async fn submit(
     State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Authed(account): Authed,
     Query(q): Query<SubmitQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let account = authenticate(&app, &headers, peer.ip())?;
     let limits = account.limits.or(app.defaults);
     let job_name = jobfile::JobName::new(&q.name, &q.image)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad job name or image: {e}")))?;
@@ -347,12 +342,7 @@ fn job_json(j: &JobRecord, place: &Place) -> serde_json::Value {
     })
 }
 
-async fn list(
-    State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> ApiResult<Json<serde_json::Value>> {
-    let account = authenticate(&app, &headers, peer.ip())?;
+async fn list(State(app): State<Arc<App>>, Authed(account): Authed) -> ApiResult<Json<serde_json::Value>> {
     let jobs = db::jobs_of(&app.db(), account.id).map_err(ApiError::internal)?;
     let out: Vec<_> = jobs.iter().map(|j| job_json(j, &app.refresh(j))).collect();
     Ok(Json(json!({ "jobs": out })))
@@ -366,14 +356,36 @@ fn own_job(app: &App, account: &Account, id: &str) -> ApiResult<JobRecord> {
     db::job(&app.db(), account.id, id).map_err(ApiError::internal)?.ok_or_else(ApiError::not_found)
 }
 
-async fn show(
-    State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    UrlPath(id): UrlPath<String>,
-    headers: HeaderMap,
-) -> ApiResult<Json<serde_json::Value>> {
-    let account = authenticate(&app, &headers, peer.ip())?;
-    let job = own_job(&app, &account, &id)?;
+/// A request's authenticated account (see `authenticate`).
+pub struct Authed(pub Account);
+
+impl FromRequestParts<Arc<App>> for Authed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> ApiResult<Self> {
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+        authenticate(app, &parts.headers, peer).map(Authed)
+    }
+}
+
+/// The authenticated account and its job named in the path (`/v1/jobs/{id}/...`).
+pub struct OwnJob {
+    pub account: Account,
+    pub job: JobRecord,
+}
+
+impl FromRequestParts<Arc<App>> for OwnJob {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> ApiResult<Self> {
+        let Authed(account) = Authed::from_request_parts(parts, app).await?;
+        let UrlPath(id) = UrlPath::<String>::from_request_parts(parts, app).await.map_err(|_| ApiError::not_found())?;
+        let job = own_job(app, &account, &id)?;
+        Ok(OwnJob { account, job })
+    }
+}
+
+async fn show(State(app): State<Arc<App>>, OwnJob { job, .. }: OwnJob) -> ApiResult<Json<serde_json::Value>> {
     let place = app.refresh(&job);
     let mut out = job_json(&job, &place);
     if let Some(result) = app.store.result_path(&job.file_name) {
@@ -390,14 +402,7 @@ fn jobfile_status(result: &std::path::Path) -> Option<serde_json::Value> {
     serde_json::to_value(status).ok()
 }
 
-async fn log_of(
-    State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    UrlPath(id): UrlPath<String>,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
-    let account = authenticate(&app, &headers, peer.ip())?;
-    let job = own_job(&app, &account, &id)?;
+async fn log_of(State(app): State<Arc<App>>, OwnJob { job, .. }: OwnJob, headers: HeaderMap) -> ApiResult<Response> {
     let path = app
         .store
         .log_path(&job.file_name)
@@ -405,14 +410,7 @@ async fn log_of(
     serve_file(&path, &headers, "text/plain; charset=utf-8").await
 }
 
-async fn result_of(
-    State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    UrlPath(id): UrlPath<String>,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
-    let account = authenticate(&app, &headers, peer.ip())?;
-    let job = own_job(&app, &account, &id)?;
+async fn result_of(State(app): State<Arc<App>>, OwnJob { job, .. }: OwnJob, headers: HeaderMap) -> ApiResult<Response> {
     let path = app.store.result_path(&job.file_name).ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, "no result: the job has not finished, failed, or its result was deleted")
     })?;
@@ -469,14 +467,8 @@ pub fn parse_range(value: &str, len: u64) -> Option<(u64, u64)> {
     (start < end && start < len).then_some((start, end))
 }
 
-async fn cancel(
-    State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    UrlPath(id): UrlPath<String>,
-    headers: HeaderMap,
-) -> ApiResult<Json<serde_json::Value>> {
-    let account = authenticate(&app, &headers, peer.ip())?;
-    let job = own_job(&app, &account, &id)?;
+async fn cancel(State(app): State<Arc<App>>, OwnJob { account, job }: OwnJob) -> ApiResult<Json<serde_json::Value>> {
+    let id = job.id.clone();
     let reason = format!("cancelled by {} at {}", account.name, db::now());
     match app.refresh(&job) {
         Place::Waiting { .. } => {

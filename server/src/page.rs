@@ -6,17 +6,16 @@
 
 use std::collections::HashMap;
 use std::fmt::Write;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, Path as UrlPath, State};
+use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::api::{ApiError, App};
+use crate::api::{ApiError, App, Authed};
 use crate::auth;
 use crate::db::{self, Account};
 use crate::store::Place;
@@ -58,10 +57,8 @@ impl Sessions {
 /// `POST /v1/page-link`: a one-time link to the account's page.
 pub async fn page_link(
     State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Authed(account): Authed,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let account = crate::api::authenticate(&app, &headers, peer.ip())?;
     let secret = Sessions::issue(&app.sessions.links, account.id, LINK_LIFE);
     Ok(Json(json!({ "path": format!("/page/login/{secret}"), "expires_in_secs": LINK_LIFE.as_secs() })))
 }
