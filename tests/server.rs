@@ -196,6 +196,17 @@ fn submit_wait_fetch_cancel_and_limits_through_the_server_with_a_real_host() {
     assert_eq!(list.lines().count(), 3, "{list}");
     let (_, list, _) = client(&s, &bob, &work, &["list"]);
     assert_eq!(list, "", "bob sees none of alice's jobs");
+    // The audit log has the submission and each change of state the server saw.
+    let audit = String::from_utf8(server_cmd(&db, &["audit", "--limit", "500"]).stdout).expect("utf8");
+    let has = |words: &[&str]| {
+        audit.lines().any(|l| {
+            let l: Vec<&str> = l.split_whitespace().collect();
+            l.windows(words.len()).any(|w| w == words)
+        })
+    };
+    assert!(has(&["alice", "submitted", &id, &format!("alice.{id}.hello_i0.tar.xz")]), "{audit}");
+    assert!(has(&["state", &id, "running", "->", "done"]), "{audit}");
+    assert!(has(&["alice", "cancelled", &id_early]), "{audit}");
 
     // Limits: each a clear 4xx saying what and by how much.
     let out = server_cmd(&db, &["account", "limits", "bob", "--max-job-size", "100K", "--max-waiting", "1"]);
@@ -277,10 +288,18 @@ fn a_restart_loses_nothing_the_database_is_rebuilt_from_the_directories_and_rete
     let id = id.trim().to_owned();
     drop(s);
 
-    // The server is down while a host runs the job; a new server finds it done.
+    // The server is down while a host runs the job; a new server finds it done, and
+    // removes the upload a killed server left half-written.
     let run = q.run(&[]);
     assert!(run.success, "{}", run.log);
+    fs::write(q.queue.join(".upload.00000000deadbeef.part"), b"\xfd7zXZ\0half").expect("write");
     let s = Server::start(&q, &db, &[]);
+    assert!(upload_files(&q).is_empty(), "{:?}", upload_files(&q));
+    assert!(
+        wait_for(Duration::from_secs(5), || s.log().contains("removed 1 unfinished upload(s) left by the last run")),
+        "{}",
+        s.log()
+    );
     let (code, _, err) = client(&s, &alice, &work, &["wait", &id]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("done: ok"), "{err}");

@@ -68,8 +68,15 @@ impl App {
         };
         // A finished job whose files retention removed keeps its last state.
         if !(place == Place::Missing && job.deleted.is_some()) {
-            if let Err(e) = db::update_state(&self.db(), &job.id, place.name(), verdict, bytes) {
-                log::error!("cannot record job {}: {e}", job.id);
+            let db = self.db();
+            // Read again under the lock: two requests must not both log the same change.
+            let before = db::state_of(&db, &job.id).ok().flatten();
+            if before.as_deref() != Some(place.name()) {
+                if let Err(e) = db::update_state(&db, &job.id, place.name(), verdict, bytes) {
+                    log::error!("cannot record job {}: {e}", job.id);
+                }
+                let change = format!("{} {} -> {}", job.id, before.as_deref().unwrap_or("?"), place.name());
+                let _ = db::audit(&db, None, "state", &change);
             }
         }
         place

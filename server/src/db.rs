@@ -347,6 +347,11 @@ pub fn update_state(
     Ok(())
 }
 
+/// A job's recorded state.
+pub fn state_of(conn: &Connection, id: &str) -> Result<Option<String>, DbError> {
+    Ok(conn.query_row("SELECT state FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?)
+}
+
 pub fn mark_deleted(conn: &Connection, id: &str) -> Result<(), DbError> {
     conn.execute("UPDATE jobs SET deleted = ?1 WHERE id = ?2", params![now(), id])?;
     Ok(())

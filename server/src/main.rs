@@ -215,6 +215,11 @@ fn serve(conn: rusqlite::Connection, a: ServeArgs) -> Result<()> {
         store.images = images;
     }
     store.create_all()?;
+    // Uploads a killed server left half-written: no job was recorded for them.
+    let stale = store.remove_stale_uploads()?;
+    if stale > 0 {
+        log::info!("removed {stale} unfinished upload(s) left by the last run");
+    }
     let tls = a.tls_cert.clone().zip(a.tls_key.clone());
     if !a.listen.ip().is_loopback() && tls.is_none() {
         log::warn!("listening on {} (not loopback) with plain HTTP: tokens cross the network in clear; give --tls-cert and --tls-key, or put a TLS reverse proxy in front", a.listen);

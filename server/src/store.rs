@@ -91,6 +91,20 @@ impl Store {
         self.queue.join(format!(".upload.{id}.part"))
     }
 
+    /// Removes `.upload.*.part` files (at start, when no upload is under way).
+    pub fn remove_stale_uploads(&self) -> io::Result<usize> {
+        let mut n = 0;
+        for e in fs::read_dir(&self.queue)?.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".upload.") && name.ends_with(".part") {
+                fs::remove_file(e.path())?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Renames a finished upload into the queue under `file_name`, never replacing anything.
     pub fn enqueue(&self, upload: &Path, file_name: &str) -> io::Result<()> {
         rename_noreplace(upload, &self.queue.join(file_name))?;
