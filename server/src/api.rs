@@ -208,7 +208,11 @@ async fn submit(
     }
     // Limits that do not depend on this upload's bytes.
     let mine = db::jobs_of(&app.db(), account.id).map_err(ApiError::internal)?;
-    let waiting = mine.iter().filter(|j| !app.refresh(j).is_final() && j.deleted.is_none()).count() as u64;
+    // Two stats a job (done/ or failed/ has it), not a walk of the queue for each.
+    let unfinished = |j: &&JobRecord| {
+        j.deleted.is_none() && j.state != "done" && j.state != "failed" && !app.store.finished(&j.file_name)
+    };
+    let waiting = mine.iter().filter(unfinished).count() as u64;
     if let Some(max) = limits.max_waiting {
         if waiting + 1 > max {
             return Err(ApiError::limit(

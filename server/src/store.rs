@@ -149,6 +149,14 @@ impl Store {
         Place::Missing
     }
 
+    /// Whether the job has ended (its result in `done/`, or it in `failed/`): two stats.
+    pub fn finished(&self, file_name: &str) -> bool {
+        let Ok(job) = JobName::parse(file_name) else { return false };
+        self.done.join(job.done_file_name()).exists()
+            || fs::symlink_metadata(self.failed.join(file_name)).is_ok()
+            || fs::symlink_metadata(self.failed.join(job.done_file_name())).is_ok()
+    }
+
     /// Job files waiting in the queue: (ctime, ctime ns, name).
     fn waiting(&self) -> Vec<(i64, i64, String)> {
         let Ok(rd) = fs::read_dir(&self.queue) else { return Vec::new() };
