@@ -1,5 +1,6 @@
-//! construir-host: runs queued jobs in throwaway QEMU VMs, and the
-//! submitter's `job` tools.
+//! construir-host: runs queued jobs in throwaway QEMU VMs; says what is
+//! happening (`status`), what is wrong (`doctor`) and how it went (metrics).
+//! The submitter's `job` commands are `jobfile::tools`.
 
 pub mod cgroup;
 pub mod config;
