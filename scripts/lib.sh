@@ -30,6 +30,7 @@ ensure_packages() {
     command -v debootstrap >/dev/null || want+=(debootstrap)
     command -v systemd-analyze >/dev/null || want+=(systemd)
     command -v chromium >/dev/null || want+=(chromium fonts-dejavu-core)
+    command -v openssl >/dev/null || want+=(openssl)
     [ -x /bin/busybox ] && file -L /bin/busybox | grep -q 'statically linked' || want+=(busybox-static)
     compgen -G '/boot/vmlinuz-*' >/dev/null || want+=(linux-image-amd64)
     if ! command -v qemu-system-x86_64 >/dev/null; then
