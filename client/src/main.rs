@@ -35,21 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Pack DIR (which must hold bin/construir) into <name>_i<image>.tar.xz and print its path.
-    Pack {
-        dir: PathBuf,
-        /// Base image number to run on.
-        #[arg(long, value_name = "N")]
-        image: String,
-        /// File size: how much output may come back (10M, 1G; at least 64K).
-        #[arg(long, value_name = "SIZE", value_parser = size_arg)]
-        size: u64,
-        /// Job name [default: DIR's name].
-        #[arg(long)]
-        name: Option<String>,
-        /// Where to write the job file.
-        #[arg(long, value_name = "DIR", default_value = ".")]
-        out: PathBuf,
-    },
+    Pack(PackRequest),
     /// Submit a job file, or a directory (packed first: give --image and --size); prints the job's id.
     Submit {
         /// A job file (<name>_i<image>.tar.xz) or a job directory.
@@ -282,16 +268,8 @@ fn wait(client: &Client, id: &str) -> Result<bool> {
 fn run(cli: Cli) -> Result<ExitCode> {
     let client = || Client::new(cli.server.clone(), cli.token.clone(), cli.ca_cert.clone());
     match cli.command {
-        Command::Pack { dir, image, size, name, out } => {
-            let packed = tools::pack(&PackRequest {
-                dir,
-                image,
-                size,
-                name,
-                out,
-                preset: jobfile::xz::DEFAULT_PRESET,
-                force: false,
-            })?;
+        Command::Pack(request) => {
+            let packed = tools::pack(&request)?;
             for w in &packed.warnings {
                 eprintln!("construir: warning: {w}");
             }

@@ -238,29 +238,7 @@ impl QueueArgs {
 #[derive(Subcommand)]
 enum JobCommand {
     /// Pack DIR (which must hold bin/construir) into <name>_i<image>.tar.xz and print its path.
-    Pack {
-        /// The job directory.
-        dir: PathBuf,
-        /// Base image number to run on (images/i<N>).
-        #[arg(long, value_name = "N")]
-        image: String,
-        /// File size, which is also how much output the job may return: 10M, 500K, 1G
-        /// (powers of 1024; rounded up to 512 bytes; at least 64K).
-        #[arg(long, value_name = "SIZE", value_parser = size_arg)]
-        size: u64,
-        /// Job name [default: DIR's name].
-        #[arg(long)]
-        name: Option<String>,
-        /// Directory to write the job file into.
-        #[arg(long, value_name = "DIR", default_value = ".")]
-        out: PathBuf,
-        /// xz preset, 0 (fastest) to 9 (smallest).
-        #[arg(long, default_value_t = jobfile::xz::DEFAULT_PRESET, value_parser = clap::value_parser!(u32).range(0..=9))]
-        xz_preset: u32,
-        /// Replace an existing job file of the same name.
-        #[arg(long)]
-        force: bool,
-    },
+    Pack(PackRequest),
     /// Print the job's output (job_output.txt) from a result file (escaped on a terminal).
     Log {
         file: PathBuf,
@@ -643,8 +621,8 @@ fn detect_accel(qemu: &Path, dirs: &Dirs, confiner: &Confiner) -> Accel {
 
 fn run_job(cmd: JobCommand) -> Result<()> {
     match cmd {
-        JobCommand::Pack { dir, image, size, name, out, xz_preset, force } => {
-            let packed = tools::pack(&PackRequest { dir, image, size, name, out, preset: xz_preset, force })?;
+        JobCommand::Pack(request) => {
+            let packed = tools::pack(&request)?;
             for w in &packed.warnings {
                 eprintln!("construir-host: warning: {w}");
             }

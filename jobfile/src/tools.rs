@@ -75,15 +75,31 @@ pub enum JobToolError {
     Stdout(#[source] io::Error),
 }
 
-/// What `job pack` needs.
+/// What `job pack` needs; also the command-line options of every program
+/// that packs (`construir-host job pack`, `construir pack`).
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct PackRequest {
+    /// The job directory (it must hold bin/construir).
     pub dir: PathBuf,
+    /// Base image number to run on (images/i<N>).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
     pub image: String,
+    /// File size, which is also how much output the job may return: 10M, 500K, 1G
+    /// (powers of 1024; rounded up to 512 bytes; at least 64K).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "SIZE", value_parser = crate::units::size_arg))]
     pub size: u64,
+    /// Job name [default: DIR's name].
+    #[cfg_attr(feature = "cli", arg(long))]
     pub name: Option<String>,
+    /// Directory to write the job file into.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DIR", default_value = "."))]
     pub out: PathBuf,
+    /// xz preset, 0 (fastest) to 9 (smallest).
+    #[cfg_attr(feature = "cli", arg(long = "xz-preset", default_value_t = crate::xz::DEFAULT_PRESET, value_parser = clap::value_parser!(u32).range(0..=9)))]
     pub preset: u32,
+    /// Replace an existing job file of the same name.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub force: bool,
 }
 
