@@ -123,7 +123,7 @@ impl ConsoleLog {
         if !out.is_empty() && !out.ends_with(b"\n") {
             out.push(b'\n');
         }
-        out.extend_from_slice(format!("construir-host: verdict: {verdict}\n").as_bytes());
+        out.extend_from_slice(format!("{}{verdict}\n", jobfile::tools::VERDICT_PREFIX).as_bytes());
         out
     }
 }

@@ -180,16 +180,12 @@ fn in_dir(dir: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("cannot read {}: {e}", dir.display()))
 }
 
-/// The last `construir-host: verdict:` line of a result's log.
+/// The verdict the host ended a result's log with.
 fn verdict_of(result: &Path) -> String {
     let log = result.with_file_name(
         result.file_name().unwrap_or_default().to_string_lossy().trim_end_matches(".tar.xz").to_owned() + ".log",
     );
-    let tail = read_tail(&log, 8192);
-    tail.lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("construir-host: verdict: "))
-        .map_or_else(|| "(no log)".to_owned(), |v| jobfile::sanitize(v.as_bytes()))
+    jobfile::tools::log_verdict(&log).unwrap_or_else(|| "(no log)".to_owned())
 }
 
 /// The first line of a failed entry's `.reason`, and the name it came

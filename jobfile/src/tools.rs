@@ -75,6 +75,22 @@ pub enum JobToolError {
     Stdout(#[source] io::Error),
 }
 
+/// How the host's console log of a job ends: this, then its verdict.
+pub const VERDICT_PREFIX: &str = "construir-host: verdict: ";
+
+/// The verdict a host ended a job's console log with (read from the last
+/// 8 KiB of `log`, sanitized); `None` without a log or a verdict.
+pub fn log_verdict(log: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(log).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(8192))).ok()?;
+    let mut tail = Vec::new();
+    f.take(8192).read_to_end(&mut tail).ok()?;
+    let tail = String::from_utf8_lossy(&tail);
+    tail.lines().rev().find_map(|l| l.strip_prefix(VERDICT_PREFIX)).map(|v| sanitize(v.as_bytes()))
+}
+
 /// What `job pack` needs; also the command-line options of every program
 /// that packs (`construir-host job pack`, `construir pack`).
 #[derive(Debug, Clone)]

@@ -136,7 +136,8 @@ impl Store {
         }
         let done = self.done.join(job.done_file_name());
         if let Ok(meta) = fs::metadata(&done) {
-            let verdict = last_verdict(&self.done.join(job.done_with_extension("log")));
+            let verdict = jobfile::tools::log_verdict(&self.done.join(job.done_with_extension("log")))
+                .unwrap_or_else(|| "(no log)".to_owned());
             return Place::Done { verdict, result_bytes: meta.len() };
         }
         for candidate in [file_name.to_owned(), job.done_file_name()] {
@@ -239,30 +240,11 @@ impl Store {
     }
 }
 
-/// The verdict line a host ends its `.log` with.
-fn last_verdict(log: &Path) -> String {
-    let tail = read_tail(log, 8192);
-    tail.lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("construir-host: verdict: "))
-        .map_or_else(|| "(no log)".to_owned(), |v| jobfile::sanitize(v.as_bytes()))
-}
-
 fn read_head(path: &Path, max: u64) -> String {
     let mut buf = Vec::new();
     if let Ok(f) = File::open(path) {
         let _ = f.take(max).read_to_end(&mut buf);
     }
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
-fn read_tail(path: &Path, max: u64) -> String {
-    use std::io::{Seek, SeekFrom};
-    let Ok(mut f) = File::open(path) else { return String::new() };
-    let len = f.metadata().map_or(0, |m| m.len());
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
-    let mut buf = Vec::new();
-    let _ = f.take(max).read_to_end(&mut buf);
     String::from_utf8_lossy(&buf).into_owned()
 }
 
