@@ -16,5 +16,6 @@ pub mod metrics;
 pub mod pending;
 pub mod qemu;
 pub mod queue;
+pub mod remote;
 pub mod status;
 pub mod worker;

@@ -37,6 +37,15 @@ enum Command {
     /// Options given here override the file.
     #[command(args_override_self = true)]
     Run(Box<RunArgs>),
+    /// Run one job file in a throwaway VM and write its result beside it, for
+    /// schedulers (Slurm, HTCondor, Nomad, CI runners) that bring their own queue.
+    ///
+    /// Exits 0 when the job's script exited 0; 1 when the job ran and failed,
+    /// timed out or was refused (the reason is printed, and left in
+    /// <file>.reason beside the result); 2 when it could not be run at all.
+    /// Takes `run`'s VM options (--images, --timeout, --memory, --cpus, ...).
+    #[command(name = "run-one", args_override_self = true)]
+    RunOne(Box<RunOneArgs>),
     /// Check every requirement of `run` as configured, one line each with the fix; exits 1 when one blocks.
     ///
     /// Takes the same options (and config file) as `run`.
@@ -159,6 +168,33 @@ struct RunArgs {
     /// Log debug lines too.
     #[arg(short, long)]
     verbose: bool,
+    /// Take jobs from this construir-server (http(s)://HOST:PORT) instead of a
+    /// shared queue. QUEUE is then this host's private spool, filled by the
+    /// host alone; images the server offers and the host lacks are fetched
+    /// into --images, each verified against the server's checksums.
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
+    /// The host account's token, in FILE [default: $CONSTRUIR_HOST_TOKEN].
+    #[arg(long, value_name = "FILE", requires = "server")]
+    token_file: Option<PathBuf>,
+    /// Trust this CA certificate (PEM) for the server's TLS certificate.
+    #[arg(long, value_name = "FILE", requires = "server")]
+    ca_cert: Option<PathBuf>,
+    /// With --server: how often to ask for work while there is room.
+    #[arg(long, default_value = "1s", value_parser = duration_arg)]
+    poll: Duration,
+}
+
+/// `run-one`: one job file through the same machinery, without a queue.
+#[derive(clap::Args)]
+struct RunOneArgs {
+    /// The job file, <name>_i<image>.tar.xz (left as it is; the VM gets a copy).
+    file: PathBuf,
+    /// Where to write the result (<name>_d<image>.tar.xz) and its .log [default: beside FILE].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 /// The directories beside the queue.
@@ -301,6 +337,10 @@ fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
             let (args, _, file) = with_config(&args, argv, "doctor")?;
             doctor(args, file)
         }
+        Command::RunOne(args) => Ok(run_one(*args).unwrap_or_else(|e| {
+            eprintln!("construir-host: error: {e:#}");
+            ExitCode::from(2)
+        })),
         Command::Status { at, recent, json } => {
             let (dirs, running, _) = at.resolve()?;
             let status = construir_host::status::gather(
@@ -400,13 +440,143 @@ fn run_queue(a: RunArgs) -> Result<()> {
     }
     let (mut dirs, _) = a.dirs.clone().resolve(queue);
     dirs.running = dirs.running.join(&host_id);
+    let remote = match &a.server {
+        Some(server) => {
+            if a.once {
+                bail!("--once runs a local queue until it is empty; a host of a server runs until stopped");
+            }
+            let token = match &a.token_file {
+                Some(f) => std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?,
+                None => std::env::var("CONSTRUIR_HOST_TOKEN")
+                    .context("no token: give --token-file FILE, or set CONSTRUIR_HOST_TOKEN")?,
+            };
+            let remote = construir_host::remote::Remote {
+                server: server.clone(),
+                token: token.trim().to_owned(),
+                ca_cert: a.ca_cert.clone(),
+                poll: a.poll,
+            };
+            // Before anything needs an image (the KVM test boots one's kernel).
+            let api = construir_host::remote::Api::new(&remote)?;
+            match construir_host::remote::fetch_images(&api, &dirs.images) {
+                Ok(_) => {}
+                Err(e) => log::warn!("cannot fetch the server's images now: {e:#}; trying again later"),
+            }
+            Some(remote)
+        }
+        None => None,
+    };
+    let (opts, stop) = prepare(&a, dirs, host_id)?;
+    match remote {
+        Some(remote) => {
+            let opts = RunOptions { rules: Rules { settle: Duration::ZERO, ..opts.rules }, ..opts };
+            construir_host::remote::run(&opts, &remote, stop)?;
+        }
+        None => {
+            daemon::run(&opts, stop)?;
+        }
+    }
+    Ok(())
+}
+
+/// `run-one`: a private spool with the one job in it, run by the daemon
+/// until it is empty; then the result and log go beside the job file.
+fn run_one(args: RunOneArgs) -> Result<ExitCode> {
+    use construir_host::remote::move_file;
+    let a = args.run;
+    logger::init(a.verbose, a.log_format);
+    if a.queue.is_some() || a.server.is_some() || a.once {
+        bail!("run-one takes the job FILE alone: no QUEUE, --server or --once");
+    }
+    let name = args.file.file_name().and_then(|n| n.to_str()).context("FILE has no file name")?;
+    let job = jobfile::JobName::parse(name).with_context(|| format!("{name}: not a job file name"))?;
+    let meta = std::fs::metadata(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a file", args.file.display());
+    }
+    let out = match args.out.clone() {
+        Some(dir) => dir,
+        None => args.file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_owned(),
+    };
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let result_path = out.join(job.done_file_name());
+    if result_path.exists() {
+        bail!("{} exists already: move it away first", result_path.display());
+    }
+    let images = a.dirs.images.clone().context("give --images DIR: where the base images (i<N>/image.toml) are")?;
+    let base = a.dirs.work.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
+    let spool = nix::unistd::mkdtemp(&base.join("construir-run-one.XXXXXX"))
+        .with_context(|| format!("cannot make a spool in {}", base.display()))?;
+    let host_id = a.host_id.clone().unwrap_or_else(daemon::default_host_id);
+    let dirs = Dirs {
+        queue: spool.join("queue"),
+        running: spool.join("running").join(&host_id),
+        done: spool.join("done"),
+        failed: spool.join("failed"),
+        images,
+        work: spool.join("work"),
+    };
+    let outcome = (|| -> Result<ExitCode> {
+        dirs.create_all()?;
+        // A copy: the VM writes its result over its disk, and FILE stays as it was.
+        let staged = dirs.work.join(".incoming");
+        std::fs::copy(&args.file, &staged).with_context(|| format!("cannot copy {}", args.file.display()))?;
+        std::fs::rename(&staged, dirs.queue.join(name))?;
+        let (opts, stop) = prepare(&a, dirs.clone(), host_id.clone())?;
+        let opts = RunOptions { once: true, workers: 1, rules: Rules { settle: Duration::ZERO, ..opts.rules }, ..opts };
+        daemon::run(&opts, stop)?;
+        let result = dirs.done.join(job.done_file_name());
+        if result.exists() {
+            let log = dirs.done.join(job.done_with_extension("log"));
+            let verdict = tools::log_verdict(&log).unwrap_or_else(|| "(no verdict)".to_owned());
+            move_file(&log, &out.join(job.done_with_extension("log")))?;
+            move_file(&result, &result_path)?;
+            println!("{}", result_path.display());
+            eprintln!("construir-host: {name}: {verdict}");
+            return Ok(if verdict.starts_with("ok") { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+        // Failed or refused: the reason (and log, if any) beside where the result would be.
+        let reason = std::fs::read_dir(&dirs.failed)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "reason"))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_else(|| "ended without a result or a reason".to_owned());
+        let reason = jobfile::sanitize(reason.trim().as_bytes());
+        std::fs::write(out.join(format!("{name}.reason")), format!("{reason}\n"))?;
+        if let Some(log) = std::fs::read_dir(&dirs.failed)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "log"))
+        {
+            move_file(&log, &out.join(format!("{name}.log")))?;
+        }
+        eprintln!("construir-host: {name}: failed: {reason}");
+        Ok(ExitCode::from(1))
+    })();
+    if let Err(e) = std::fs::remove_dir_all(&spool) {
+        log::warn!("cannot remove the spool {}: {e}", spool.display());
+    }
+    match outcome {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            eprintln!("construir-host: error: {e:#}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+/// Everything `run` needs besides the directories: QEMU checked, the VMs'
+/// confinement, cgroups, the accelerator, limits, and the stop flag.
+fn prepare(a: &RunArgs, dirs: Dirs, host_id: String) -> Result<(RunOptions, Arc<AtomicBool>)> {
     let (major, minor) =
         construir_host::qemu::version(&a.qemu).with_context(|| format!("cannot run {}", a.qemu.display()))?;
     if (major, minor) < (7, 2) {
         bail!("{} is QEMU {major}.{minor}; construir needs 7.2 or newer", a.qemu.display());
     }
     let root = jail::running_as_root();
-    let confiner = confiner(&a, root)?;
+    let confiner = confiner(a, root)?;
     let cgroups = if root {
         let own = std::fs::read_to_string("/proc/self/cgroup").ok().and_then(|t| cgroup::own_cgroup(&t));
         match cgroup::detect(Path::new("/sys/fs/cgroup"), own.as_deref().unwrap_or("/")) {
@@ -437,7 +607,7 @@ fn run_queue(a: RunArgs) -> Result<()> {
         networking: a.enable_networking,
         console_limit: usize::try_from(a.log_limit).unwrap_or(usize::MAX).max(4096),
         accel,
-        qemu: a.qemu,
+        qemu: a.qemu.clone(),
         host_id,
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -453,10 +623,9 @@ fn run_queue(a: RunArgs) -> Result<()> {
         rules: Rules { min_size: jobfile::MIN_JOB_SIZE, max_size: a.max_size, settle: a.settle },
         max_attempts: a.max_attempts,
         stop_timeout: a.stop_timeout,
-        metrics_file: a.metrics_file,
+        metrics_file: a.metrics_file.clone(),
     };
-    daemon::run(&opts, stop)?;
-    Ok(())
+    Ok((opts, stop))
 }
 
 /// What each VM is confined by: its own uid, namespaces and root when the host is root.

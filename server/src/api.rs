@@ -16,18 +16,18 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
-use rusqlite::Connection;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
 use crate::auth;
-use crate::db::{self, Account, JobRecord, Limits};
+use crate::db::{self, Account, JobRecord, Kind, Limits};
+use crate::sql::Database;
 use crate::store::{Place, Store, XZ_MAGIC};
 
 /// Everything a request handler reaches.
 pub struct App {
-    pub db: Mutex<Connection>,
+    pub db: Database,
     pub store: Store,
     /// Limits for accounts that set none of their own.
     pub defaults: Limits,
@@ -37,25 +37,34 @@ pub struct App {
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
     /// The page's login links and sessions.
     pub sessions: crate::page::Sessions,
+    /// How remote build hosts are handed jobs.
+    pub farm: crate::farm::Settings,
 }
 
 /// Failed authentications a client may make in a minute before it is refused outright.
 const MAX_FAILURES_PER_MINUTE: u32 = 10;
 
 impl App {
-    pub fn new(db: Connection, store: Store, defaults: Limits, idle_timeout: Duration) -> Arc<App> {
+    pub fn new(
+        db: Database,
+        store: Store,
+        defaults: Limits,
+        idle_timeout: Duration,
+        farm: crate::farm::Settings,
+    ) -> Arc<App> {
         Arc::new(App {
-            db: Mutex::new(db),
+            db,
             store,
             defaults,
             idle_timeout,
             failures: Mutex::new(HashMap::new()),
             sessions: crate::page::Sessions::default(),
+            farm,
         })
     }
 
-    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.db.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    pub(crate) fn db(&self) -> &Database {
+        &self.db
     }
 
     /// Brings a job's record up to what the directories say; returns where it is.
@@ -68,15 +77,9 @@ impl App {
         };
         // A finished job whose files retention removed keeps its last state.
         if !(place == Place::Missing && job.deleted.is_some()) {
-            let db = self.db();
-            // Read again under the lock: two requests must not both log the same change.
-            let before = db::state_of(&db, &job.id).ok().flatten();
-            if before.as_deref() != Some(place.name()) {
-                if let Err(e) = db::update_state(&db, &job.id, place.name(), verdict, bytes) {
-                    log::error!("cannot record job {}: {e}", job.id);
-                }
-                let change = format!("{} {} -> {}", job.id, before.as_deref().unwrap_or("?"), place.name());
-                let _ = db::audit(&db, None, "state", &change);
+            // One transaction reads, changes and audits: two requests never both log the same change.
+            if let Err(e) = db::update_state(self.db(), &job.id, place.name(), verdict, bytes) {
+                log::error!("cannot record job {}: {e}", job.id);
             }
         }
         place
@@ -90,7 +93,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError { status, body: json!({ "error": message.into() }) }
     }
 
@@ -101,11 +104,11 @@ impl ApiError {
         }
     }
 
-    fn not_found() -> ApiError {
+    pub(crate) fn not_found() -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "no such job")
     }
 
-    fn internal(e: impl std::fmt::Display) -> ApiError {
+    pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
         log::error!("internal error: {e}");
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error; the server's log says more")
     }
@@ -117,7 +120,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -128,6 +131,15 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}/result", get(result_of))
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/page-link", post(crate::page::page_link))
+        .route("/v1/hosts", get(crate::farm::hosts))
+        .route("/v1/host/lease", post(crate::farm::lease))
+        .route("/v1/host/images", get(crate::farm::images))
+        .route("/v1/host/images/{image}/{file}", get(crate::farm::image_file))
+        .route("/v1/host/jobs/{id}/file", get(crate::farm::job_file))
+        .route("/v1/host/jobs/{id}/renew", post(crate::farm::renew))
+        .route("/v1/host/jobs/{id}/done", post(crate::farm::done))
+        .route("/v1/host/jobs/{id}/failed", post(crate::farm::failed))
+        .route("/v1/host/jobs/{id}/release", post(crate::farm::release))
         .route("/page", get(crate::page::page))
         .route("/page/login/{secret}", get(crate::page::login))
         .route("/page/jobs/{id}/{what}", get(crate::page::page_file))
@@ -154,7 +166,7 @@ pub fn authenticate(app: &App, headers: &HeaderMap, peer: IpAddr) -> ApiResult<A
         .map(str::trim);
     let account = token.and_then(|t| {
         let id = auth::account_of(t)?;
-        let account = db::account_by_id(&app.db(), id).ok()??;
+        let account = db::account_by_id(app.db(), id).ok()??;
         (auth::matches(t, &account.token_hash) && !account.disabled).then_some(account)
     });
     match account {
@@ -207,7 +219,7 @@ async fn submit(
         return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("no image i{} on this server", job_name.image())));
     }
     // Limits that do not depend on this upload's bytes.
-    let mine = db::jobs_of(&app.db(), account.id).map_err(ApiError::internal)?;
+    let mine = db::jobs_of(app.db(), account.id).map_err(ApiError::internal)?;
     // Two stats a job (done/ or failed/ has it), not a walk of the queue for each.
     let unfinished = |j: &&JobRecord| {
         j.deleted.is_none() && j.state != "done" && j.state != "failed" && !app.store.finished(&j.file_name)
@@ -225,7 +237,7 @@ async fn submit(
         }
     }
     if let Some(max) = limits.max_per_hour {
-        let n = db::submitted_since(&app.db(), account.id, db::unix_now() - 3600).map_err(ApiError::internal)?;
+        let n = db::submitted_since(app.db(), account.id, db::unix_now() - 3600).map_err(ApiError::internal)?;
         if n + 1 > max {
             return Err(ApiError::limit(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -326,35 +338,43 @@ async fn submit(
         verdict: None,
         result_bytes: None,
         deleted: None,
+        host: None,
+        attempts: 0,
     };
-    db::insert_job(&app.db(), &record).map_err(ApiError::internal)?;
+    db::insert_job(app.db(), &record).map_err(ApiError::internal)?;
     if let Err(e) = app.store.enqueue(&upload, &record.file_name) {
-        let _ = app.db().execute("DELETE FROM jobs WHERE id = ?1", [&record.id]);
+        let _ = db::delete_job(app.db(), &record.id);
         return Err(ApiError::internal(e));
     }
     guard.0 = None;
-    let _ =
-        db::audit(&app.db(), Some(&account.name), "submitted", &format!("{id} {} ({size} bytes)", record.file_name));
+    let _ = db::audit(app.db(), Some(&account.name), "submitted", &format!("{id} {} ({size} bytes)", record.file_name));
     log::info!("account {}: job {id} submitted as {} ({size} bytes)", account.name, record.file_name);
     let place = app.store.locate(&record.file_name);
     Ok((StatusCode::CREATED, Json(job_json(&record, &place))).into_response())
 }
 
 fn job_json(j: &JobRecord, place: &Place) -> serde_json::Value {
+    let state = place.name();
+    let mut place = serde_json::to_value(place).unwrap_or_default();
+    if let (Some(host), Some(at)) = (&j.host, place.get_mut("host")) {
+        // A farm job's file sits in running/.farm; its host is the lease's.
+        *at = json!(host);
+    }
     json!({
         "id": j.id,
         "name": j.name,
         "image": j.image,
         "size": j.size,
         "submitted": j.submitted,
-        "state": place.name(),
+        "state": state,
         "place": place,
         "deleted": j.deleted,
+        "attempts": j.attempts,
     })
 }
 
 async fn list(State(app): State<Arc<App>>, Authed(account): Authed) -> ApiResult<Json<serde_json::Value>> {
-    let jobs = db::jobs_of(&app.db(), account.id).map_err(ApiError::internal)?;
+    let jobs = db::jobs_of(app.db(), account.id).map_err(ApiError::internal)?;
     let out: Vec<_> = jobs.iter().map(|j| job_json(j, &app.refresh(j))).collect();
     Ok(Json(json!({ "jobs": out })))
 }
@@ -364,7 +384,7 @@ fn own_job(app: &App, account: &Account, id: &str) -> ApiResult<JobRecord> {
     if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::not_found());
     }
-    db::job(&app.db(), account.id, id).map_err(ApiError::internal)?.ok_or_else(ApiError::not_found)
+    db::job(app.db(), account.id, id).map_err(ApiError::internal)?.ok_or_else(ApiError::not_found)
 }
 
 /// A request's authenticated account (see `authenticate`).
@@ -374,8 +394,44 @@ impl FromRequestParts<Arc<App>> for Authed {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> ApiResult<Self> {
+        let account = AnyAccount::from_request_parts(parts, app).await?.0;
+        if account.kind == Kind::Host {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "this is a build host's token: it takes work, and cannot submit or read jobs",
+            ));
+        }
+        Ok(Authed(account))
+    }
+}
+
+/// A request's authenticated account, of either kind.
+pub struct AnyAccount(pub Account);
+
+impl FromRequestParts<Arc<App>> for AnyAccount {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> ApiResult<Self> {
         let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
-        authenticate(app, &parts.headers, peer).map(Authed)
+        authenticate(app, &parts.headers, peer).map(AnyAccount)
+    }
+}
+
+/// A request from a build host's account.
+pub struct HostAuthed(pub Account);
+
+impl FromRequestParts<Arc<App>> for HostAuthed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> ApiResult<Self> {
+        let account = AnyAccount::from_request_parts(parts, app).await?.0;
+        if account.kind != Kind::Host {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "only build hosts take work: make a host account with `construir-server account add NAME --host`",
+            ));
+        }
+        Ok(HostAuthed(account))
     }
 }
 
@@ -492,7 +548,7 @@ async fn cancel(State(app): State<Arc<App>>, OwnJob { account, job }: OwnJob) ->
         }
         Place::Running { host, .. } => {
             app.store.request_cancel(&job.file_name).map_err(ApiError::internal)?;
-            let _ = db::audit(&app.db(), Some(&account.name), "cancel_requested", &id);
+            let _ = db::audit(app.db(), Some(&account.name), "cancel_requested", &id);
             let place = app.refresh(&job);
             let mut out = job_json(&job, &place);
             out["cancel"] =
@@ -503,7 +559,7 @@ async fn cancel(State(app): State<Arc<App>>, OwnJob { account, job }: OwnJob) ->
             return Err(ApiError::new(StatusCode::CONFLICT, format!("the job is {}: nothing to cancel", other.name())));
         }
     }
-    let _ = db::audit(&app.db(), Some(&account.name), "cancelled", &id);
+    let _ = db::audit(app.db(), Some(&account.name), "cancelled", &id);
     let place = app.refresh(&job);
     Ok(Json(job_json(&job, &place)))
 }

@@ -1,22 +1,26 @@
-//! The server's state in SQLite: accounts (with the hash of their token and
-//! their limits), job records (who, when, image, sizes, state changes,
-//! verdict) and an audit log. The queue's directories stay the truth for
-//! job files; a job's record follows what the directories say
-//! (`rebuild` makes the records agree with them).
+//! The server's state in its database (SQLite, or PostgreSQL for a farm
+//! that runs one): accounts (with the hash of their token, their kind and
+//! limits), job records (who, when, image, sizes, state changes, verdict,
+//! and the lease of the remote host running it), the remote hosts, and an
+//! audit log. Job files stay in the queue's directories; a job's state
+//! follows what they say (`rebuild` makes the records agree with them),
+//! while leases, which hand a job to exactly one remote host, are decided
+//! here, each in one transaction.
 
-use std::path::Path;
 use std::time::SystemTime;
 
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use thiserror::Error;
+
+use crate::params;
+use crate::sql::{Database, Row, SqlError, Tx};
 
 #[derive(Debug, Error)]
 pub enum DbError {
     #[error("cannot open the database {path}")]
-    Open { path: String, source: rusqlite::Error },
+    Open { path: String, source: SqlError },
     #[error("database error")]
-    Sql(#[from] rusqlite::Error),
+    Sql(#[from] SqlError),
     #[error("no account named {0:?}")]
     NoAccount(String),
     #[error("an account named {0:?} exists already")]
@@ -25,8 +29,16 @@ pub enum DbError {
     BadAccountName(String),
 }
 
-/// The schema, one migration per entry; `PRAGMA user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[r#"
+impl From<rusqlite::Error> for DbError {
+    fn from(e: rusqlite::Error) -> DbError {
+        DbError::Sql(SqlError::Sqlite(e))
+    }
+}
+
+/// The schema, one migration per entry, written for SQLite (PostgreSQL gets
+/// the same tables in its types; see `sql::postgres_ddl`).
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE accounts (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -62,7 +74,28 @@ CREATE TABLE audit (
     action TEXT NOT NULL,
     detail TEXT NOT NULL
 );
-"#];
+"#,
+    // The farm: host accounts, leases with their fencing sequence, remote hosts.
+    r#"
+ALTER TABLE accounts ADD COLUMN kind TEXT NOT NULL DEFAULT 'submitter';
+ALTER TABLE jobs ADD COLUMN lease_host TEXT;
+ALTER TABLE jobs ADD COLUMN lease_seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN lease_expires_ms INTEGER;
+ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN delivered_seq INTEGER;
+ALTER TABLE jobs ADD COLUMN delivered_as TEXT;
+CREATE INDEX jobs_by_lease ON jobs(lease_host, lease_expires_ms);
+CREATE INDEX jobs_by_submission ON jobs(submitted_unix, id);
+CREATE TABLE hosts (
+    account_id INTEGER NOT NULL PRIMARY KEY REFERENCES accounts(id),
+    last_seen TEXT NOT NULL,
+    last_seen_unix INTEGER NOT NULL,
+    images TEXT NOT NULL,
+    capacity INTEGER NOT NULL,
+    version TEXT NOT NULL
+);
+"#,
+];
 
 /// An account's limits; `None` means the server-wide default.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -87,6 +120,25 @@ impl Limits {
     }
 }
 
+/// What a token lets its holder do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Submits jobs and reads its own.
+    Submitter,
+    /// A build host: takes work, never submits or reads jobs.
+    Host,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Submitter => "submitter",
+            Kind::Host => "host",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Account {
     pub id: i64,
@@ -96,6 +148,7 @@ pub struct Account {
     pub disabled: bool,
     pub created: String,
     pub limits: Limits,
+    pub kind: Kind,
 }
 
 /// A job as the database records it.
@@ -118,6 +171,10 @@ pub struct JobRecord {
     pub result_bytes: Option<u64>,
     /// When retention deleted its result and log.
     pub deleted: Option<String>,
+    /// The remote host that holds its lease now.
+    pub host: Option<String>,
+    /// Times a remote host was handed it.
+    pub attempts: u64,
 }
 
 pub fn now() -> String {
@@ -128,21 +185,42 @@ pub fn unix_now() -> i64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
-/// Opens (creating) the database at `path` and applies the migrations it lacks.
-pub fn open(path: &Path) -> Result<Connection, DbError> {
-    let conn = Connection::open(path).map_err(|source| DbError::Open { path: path.display().to_string(), source })?;
+pub fn unix_ms() -> i64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Opens the database `spec` (an SQLite file, created when missing, or a
+/// `postgresql://` URL) and applies the migrations it lacks.
+pub fn open(spec: &str) -> Result<Database, DbError> {
+    let opened = if crate::sql::is_postgres(spec) {
+        Database::postgres(spec)
+    } else {
+        open_sqlite(spec).map_err(SqlError::from)
+    };
+    let db = opened.map_err(|source| DbError::Open { path: redact(spec), source })?;
+    db.migrate(MIGRATIONS).map_err(|source| DbError::Open { path: redact(spec), source })?;
+    Ok(db)
+}
+
+fn open_sqlite(path: &str) -> rusqlite::Result<Database> {
+    let conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
-    let applied: usize = conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
-        let tx = conn.unchecked_transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-        tx.commit()?;
+    Ok(Database::sqlite(conn))
+}
+
+/// A database URL without its password, for messages.
+fn redact(spec: &str) -> String {
+    match (spec.find("://"), spec.find('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let user = &spec[s + 3..at];
+            let user = user.split(':').next().unwrap_or("");
+            format!("{}{user}{}", &spec[..s + 3], &spec[at..])
+        }
+        _ => spec.to_owned(),
     }
-    Ok(conn)
 }
 
 fn check_account_name(name: &str) -> Result<(), DbError> {
@@ -156,14 +234,14 @@ fn check_account_name(name: &str) -> Result<(), DbError> {
     }
 }
 
-fn account_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Account> {
-    let opt = |i: usize| r.get::<_, Option<i64>>(i).map(|v| v.map(|v| v as u64));
+fn account_from_row(r: &Row) -> Result<Account, SqlError> {
+    let opt = |i: usize| r.opt_int(i).map(|v| v.map(|v| v as u64));
     Ok(Account {
-        id: r.get(0)?,
-        name: r.get(1)?,
-        token_hash: r.get(2)?,
-        disabled: r.get::<_, i64>(3)? != 0,
-        created: r.get(4)?,
+        id: r.int(0)?,
+        name: r.text(1)?,
+        token_hash: r.bytes(2)?,
+        disabled: r.int(3)? != 0,
+        created: r.text(4)?,
         limits: Limits {
             max_job_bytes: opt(5)?,
             max_waiting: opt(6)?,
@@ -171,84 +249,106 @@ fn account_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Account> {
             max_per_hour: opt(8)?,
             retention_days: opt(9)?,
         },
+        kind: if r.text(10)? == "host" { Kind::Host } else { Kind::Submitter },
     })
 }
 
 const ACCOUNT_COLUMNS: &str =
-    "id, name, token_hash, disabled, created, max_job_bytes, max_waiting, max_stored_bytes, max_per_hour, retention_days";
+    "id, name, token_hash, disabled, created, max_job_bytes, max_waiting, max_stored_bytes, max_per_hour, retention_days, kind";
 
-pub fn add_account(conn: &Connection, name: &str, token_hash: &[u8]) -> Result<Account, DbError> {
+pub fn add_account(db: &Database, name: &str, kind: Kind, token_hash: &[u8]) -> Result<Account, DbError> {
     check_account_name(name)?;
-    if account_by_name(conn, name)?.is_some() {
-        return Err(DbError::AccountExists(name.to_owned()));
-    }
-    conn.execute(
-        "INSERT INTO accounts (name, token_hash, created) VALUES (?1, ?2, ?3)",
-        params![name, token_hash, now()],
-    )?;
-    audit(conn, Some(name), "account_added", "")?;
-    account_by_name(conn, name)?.ok_or_else(|| DbError::NoAccount(name.to_owned()))
+    db.tx(|tx| {
+        if tx.query_opt("SELECT id FROM accounts WHERE name = ?1", params![name])?.is_some() {
+            return Err(DbError::AccountExists(name.to_owned()));
+        }
+        tx.execute(
+            "INSERT INTO accounts (name, token_hash, created, kind) VALUES (?1, ?2, ?3, ?4)",
+            params![name, token_hash, now(), kind.name()],
+        )?;
+        audit_in(tx, Some(name), if kind == Kind::Host { "host_account_added" } else { "account_added" }, "")
+    })?;
+    account_by_name(db, name)?.ok_or_else(|| DbError::NoAccount(name.to_owned()))
 }
 
-pub fn account_by_name(conn: &Connection, name: &str) -> Result<Option<Account>, DbError> {
-    Ok(conn
-        .query_row(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = ?1"), [name], account_from_row)
-        .optional()?)
+pub fn account_by_name(db: &Database, name: &str) -> Result<Option<Account>, DbError> {
+    let row = db.query_opt(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = ?1"), params![name])?;
+    Ok(row.as_ref().map(account_from_row).transpose()?)
 }
 
-pub fn account_by_id(conn: &Connection, id: i64) -> Result<Option<Account>, DbError> {
-    Ok(conn
-        .query_row(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?1"), [id], account_from_row)
-        .optional()?)
+pub fn account_by_id(db: &Database, id: i64) -> Result<Option<Account>, DbError> {
+    let row = db.query_opt(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?1"), params![id])?;
+    Ok(row.as_ref().map(account_from_row).transpose()?)
 }
 
-pub fn accounts(conn: &Connection) -> Result<Vec<Account>, DbError> {
-    let mut stmt = conn.prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY name"))?;
-    let rows = stmt.query_map([], account_from_row)?.collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+pub fn accounts(db: &Database) -> Result<Vec<Account>, DbError> {
+    let rows = db.query(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY name"), &[])?;
+    Ok(rows.iter().map(account_from_row).collect::<Result<_, _>>()?)
 }
 
-pub fn set_disabled(conn: &Connection, name: &str, disabled: bool) -> Result<(), DbError> {
-    let n = conn.execute("UPDATE accounts SET disabled = ?1 WHERE name = ?2", params![disabled as i64, name])?;
-    if n == 0 {
-        return Err(DbError::NoAccount(name.to_owned()));
-    }
-    audit(conn, Some(name), if disabled { "account_disabled" } else { "account_enabled" }, "")
+fn update_account(
+    db: &Database,
+    name: &str,
+    sql: &str,
+    params: &[crate::sql::Value],
+    action: &str,
+    detail: &str,
+) -> Result<(), DbError> {
+    db.tx(|tx| {
+        if tx.execute(sql, params)? == 0 {
+            return Err(DbError::NoAccount(name.to_owned()));
+        }
+        audit_in(tx, Some(name), action, detail)
+    })
 }
 
-pub fn set_token(conn: &Connection, name: &str, token_hash: &[u8]) -> Result<(), DbError> {
-    let n = conn.execute("UPDATE accounts SET token_hash = ?1 WHERE name = ?2", params![token_hash, name])?;
-    if n == 0 {
-        return Err(DbError::NoAccount(name.to_owned()));
-    }
-    audit(conn, Some(name), "token_replaced", "")
+pub fn set_disabled(db: &Database, name: &str, disabled: bool) -> Result<(), DbError> {
+    let action = if disabled { "account_disabled" } else { "account_enabled" };
+    update_account(db, name, "UPDATE accounts SET disabled = ?1 WHERE name = ?2", params![disabled, name], action, "")
+}
+
+pub fn set_token(db: &Database, name: &str, token_hash: &[u8]) -> Result<(), DbError> {
+    update_account(
+        db,
+        name,
+        "UPDATE accounts SET token_hash = ?1 WHERE name = ?2",
+        params![token_hash, name],
+        "token_replaced",
+        "",
+    )
 }
 
 /// Removes an account; its job records stay (with their files) for the audit.
-pub fn remove_account(conn: &Connection, name: &str) -> Result<(), DbError> {
-    let account = account_by_name(conn, name)?.ok_or_else(|| DbError::NoAccount(name.to_owned()))?;
+pub fn remove_account(db: &Database, name: &str) -> Result<(), DbError> {
+    let account = account_by_name(db, name)?.ok_or_else(|| DbError::NoAccount(name.to_owned()))?;
     // The records keep their account id; the name is free again only for a new account.
-    conn.execute(
-        "UPDATE accounts SET disabled = 1, name = ?1, token_hash = x'' WHERE id = ?2",
-        params![format!("removed-{}-{}", account.id, name), account.id],
-    )?;
-    audit(conn, Some(name), "account_removed", "")
+    update_account(
+        db,
+        name,
+        "UPDATE accounts SET disabled = 1, name = ?1, token_hash = ?2 WHERE id = ?3",
+        params![format!("removed-{}-{}", account.id, name), &b""[..], account.id],
+        "account_removed",
+        "",
+    )
 }
 
-pub fn set_limits(conn: &Connection, name: &str, l: &Limits) -> Result<(), DbError> {
-    let v = |x: Option<u64>| x.map(|x| x as i64);
-    let n = conn.execute(
+pub fn set_limits(db: &Database, name: &str, l: &Limits) -> Result<(), DbError> {
+    update_account(
+        db,
+        name,
         "UPDATE accounts SET max_job_bytes = ?1, max_waiting = ?2, max_stored_bytes = ?3, max_per_hour = ?4, retention_days = ?5 WHERE name = ?6",
-        params![v(l.max_job_bytes), v(l.max_waiting), v(l.max_stored_bytes), v(l.max_per_hour), v(l.retention_days), name],
-    )?;
-    if n == 0 {
-        return Err(DbError::NoAccount(name.to_owned()));
-    }
-    audit(conn, Some(name), "limits_set", &serde_json::to_string(l).unwrap_or_default())
+        params![l.max_job_bytes, l.max_waiting, l.max_stored_bytes, l.max_per_hour, l.retention_days, name],
+        "limits_set",
+        &serde_json::to_string(l).unwrap_or_default(),
+    )
 }
 
-pub fn audit(conn: &Connection, account: Option<&str>, action: &str, detail: &str) -> Result<(), DbError> {
-    conn.execute(
+pub fn audit(db: &Database, account: Option<&str>, action: &str, detail: &str) -> Result<(), DbError> {
+    db.tx(|tx| audit_in(tx, account, action, detail))
+}
+
+fn audit_in(tx: &mut Tx<'_>, account: Option<&str>, action: &str, detail: &str) -> Result<(), DbError> {
+    tx.execute(
         "INSERT INTO audit (time, account, action, detail) VALUES (?1, ?2, ?3, ?4)",
         params![now(), account, action, jobfile::sanitize(detail.as_bytes())],
     )?;
@@ -259,111 +359,368 @@ pub fn audit(conn: &Connection, account: Option<&str>, action: &str, detail: &st
 pub type AuditEntry = (String, Option<String>, String, String);
 
 /// The audit log, newest first.
-pub fn audit_log(conn: &Connection, limit: usize) -> Result<Vec<AuditEntry>, DbError> {
-    let mut stmt = conn.prepare("SELECT time, account, action, detail FROM audit ORDER BY id DESC LIMIT ?1")?;
-    let rows = stmt.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+pub fn audit_log(db: &Database, limit: usize) -> Result<Vec<AuditEntry>, DbError> {
+    let rows =
+        db.query("SELECT time, account, action, detail FROM audit ORDER BY id DESC LIMIT ?1", params![limit as i64])?;
+    Ok(rows
+        .iter()
+        .map(|r| Ok((r.text(0)?, r.opt_text(1)?, r.text(2)?, r.text(3)?)))
+        .collect::<Result<_, SqlError>>()?)
 }
 
-fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
+fn job_from_row(r: &Row) -> Result<JobRecord, SqlError> {
     Ok(JobRecord {
-        id: r.get(0)?,
-        account_id: r.get(1)?,
-        name: r.get(2)?,
-        image: r.get(3)?,
-        file_name: r.get(4)?,
-        size: r.get::<_, i64>(5)? as u64,
-        submitted: r.get(6)?,
-        submitted_unix: r.get(7)?,
-        state: r.get(8)?,
-        updated: r.get(9)?,
-        verdict: r.get(10)?,
-        result_bytes: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
-        deleted: r.get(12)?,
+        id: r.text(0)?,
+        account_id: r.int(1)?,
+        name: r.text(2)?,
+        image: r.text(3)?,
+        file_name: r.text(4)?,
+        size: r.int(5)? as u64,
+        submitted: r.text(6)?,
+        submitted_unix: r.int(7)?,
+        state: r.text(8)?,
+        updated: r.text(9)?,
+        verdict: r.opt_text(10)?,
+        result_bytes: r.opt_int(11)?.map(|v| v as u64),
+        deleted: r.opt_text(12)?,
+        host: r.opt_text(13)?,
+        attempts: r.int(14)? as u64,
     })
 }
 
-const JOB_COLUMNS: &str =
-    "id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted";
+const JOB_COLUMNS: &str = "id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, lease_host, attempts";
 
-pub fn insert_job(conn: &Connection, j: &JobRecord) -> Result<(), DbError> {
-    conn.execute(
-        &format!("INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+pub fn insert_job(db: &Database, j: &JobRecord) -> Result<(), DbError> {
+    db.execute(
+        "INSERT INTO jobs (id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         params![
-            j.id,
+            &j.id,
             j.account_id,
-            j.name,
-            j.image,
-            j.file_name,
-            j.size as i64,
-            j.submitted,
+            &j.name,
+            &j.image,
+            &j.file_name,
+            j.size,
+            &j.submitted,
             j.submitted_unix,
-            j.state,
-            j.updated,
-            j.verdict,
-            j.result_bytes.map(|v| v as i64),
-            j.deleted
+            &j.state,
+            &j.updated,
+            j.verdict.clone(),
+            j.result_bytes,
+            j.deleted.clone()
         ],
     )?;
     Ok(())
 }
 
+pub fn delete_job(db: &Database, id: &str) -> Result<(), DbError> {
+    db.execute("DELETE FROM jobs WHERE id = ?1", params![id])?;
+    Ok(())
+}
+
 /// A job of `account_id`: another account's id is the same as no job.
-pub fn job(conn: &Connection, account_id: i64, id: &str) -> Result<Option<JobRecord>, DbError> {
-    Ok(conn
-        .query_row(
-            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1 AND account_id = ?2"),
-            params![id, account_id],
-            job_from_row,
-        )
-        .optional()?)
+pub fn job(db: &Database, account_id: i64, id: &str) -> Result<Option<JobRecord>, DbError> {
+    let row = db.query_opt(
+        &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1 AND account_id = ?2"),
+        params![id, account_id],
+    )?;
+    Ok(row.as_ref().map(job_from_row).transpose()?)
 }
 
-pub fn jobs_of(conn: &Connection, account_id: i64) -> Result<Vec<JobRecord>, DbError> {
-    let mut stmt = conn
-        .prepare(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE account_id = ?1 ORDER BY submitted_unix DESC, id"))?;
-    let rows = stmt.query_map([account_id], job_from_row)?.collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+/// A job by its file name in the queue's directories.
+pub fn job_by_file(db: &Database, file_name: &str) -> Result<Option<JobRecord>, DbError> {
+    let row = db.query_opt(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE file_name = ?1"), params![file_name])?;
+    Ok(row.as_ref().map(job_from_row).transpose()?)
 }
 
-pub fn all_jobs(conn: &Connection) -> Result<Vec<JobRecord>, DbError> {
-    let mut stmt = conn.prepare(&format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY submitted_unix, id"))?;
-    let rows = stmt.query_map([], job_from_row)?.collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+pub fn jobs_of(db: &Database, account_id: i64) -> Result<Vec<JobRecord>, DbError> {
+    let rows = db.query(
+        &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE account_id = ?1 ORDER BY submitted_unix DESC, id"),
+        params![account_id],
+    )?;
+    Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
 }
 
-/// Records a job's state as the directories show it.
+pub fn all_jobs(db: &Database) -> Result<Vec<JobRecord>, DbError> {
+    let rows = db.query(&format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY submitted_unix, id"), &[])?;
+    Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+}
+
+/// Records a job's state as the directories show it, and audits the change;
+/// nothing when the record says so already. Returns the state it had.
 pub fn update_state(
-    conn: &Connection,
+    db: &Database,
     id: &str,
     state: &str,
     verdict: Option<&str>,
     result_bytes: Option<u64>,
-) -> Result<(), DbError> {
-    conn.execute(
-        "UPDATE jobs SET state = ?1, updated = ?2, verdict = COALESCE(?3, verdict), result_bytes = COALESCE(?4, result_bytes) WHERE id = ?5 AND (state != ?1 OR verdict IS NOT ?3)",
-        params![state, now(), verdict, result_bytes.map(|v| v as i64), id],
-    )?;
-    Ok(())
+) -> Result<Option<String>, DbError> {
+    db.tx(|tx| {
+        let before = tx.query_opt("SELECT state FROM jobs WHERE id = ?1", params![id])?.map(|r| r.text(0)).transpose()?;
+        let changed = tx.execute(
+            "UPDATE jobs SET state = ?1, updated = ?2, verdict = COALESCE(?3, verdict), result_bytes = COALESCE(?4, result_bytes) WHERE id = ?5 AND (state != ?1 OR verdict IS DISTINCT FROM ?3)",
+            params![state, now(), verdict, result_bytes, id],
+        )?;
+        if changed > 0 && before.as_deref() != Some(state) {
+            let change = format!("{id} {} -> {state}", before.as_deref().unwrap_or("?"));
+            audit_in(tx, None, "state", &change)?;
+        }
+        Ok(before)
+    })
 }
 
 /// A job's recorded state.
-pub fn state_of(conn: &Connection, id: &str) -> Result<Option<String>, DbError> {
-    Ok(conn.query_row("SELECT state FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?)
+pub fn state_of(db: &Database, id: &str) -> Result<Option<String>, DbError> {
+    Ok(db.query_opt("SELECT state FROM jobs WHERE id = ?1", params![id])?.map(|r| r.text(0)).transpose()?)
 }
 
-pub fn mark_deleted(conn: &Connection, id: &str) -> Result<(), DbError> {
-    conn.execute("UPDATE jobs SET deleted = ?1 WHERE id = ?2", params![now(), id])?;
+pub fn mark_deleted(db: &Database, id: &str) -> Result<(), DbError> {
+    db.execute("UPDATE jobs SET deleted = ?1 WHERE id = ?2", params![now(), id])?;
     Ok(())
 }
 
 /// Jobs the account submitted since `since_unix`.
-pub fn submitted_since(conn: &Connection, account_id: i64, since_unix: i64) -> Result<u64, DbError> {
-    Ok(conn.query_row(
+pub fn submitted_since(db: &Database, account_id: i64, since_unix: i64) -> Result<u64, DbError> {
+    let row = db.query_opt(
         "SELECT COUNT(*) FROM jobs WHERE account_id = ?1 AND submitted_unix >= ?2",
         params![account_id, since_unix],
-        |r| r.get::<_, i64>(0),
-    )? as u64)
+    )?;
+    Ok(row.map(|r| r.int(0)).transpose()?.unwrap_or(0) as u64)
+}
+
+// ---- The farm: remote hosts and their leases ----
+
+/// A job handed to a remote host until `expires_ms`; `seq` fences it: only
+/// the holder of the newest lease of a job may renew it or deliver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Lease {
+    pub id: String,
+    pub file_name: String,
+    pub size: u64,
+    pub seq: u64,
+    pub attempt: u64,
+    pub expires_ms: i64,
+}
+
+/// A remote host as it last said: its images, how many VMs it runs at once.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostRecord {
+    pub name: String,
+    pub last_seen: String,
+    #[serde(skip)]
+    pub last_seen_unix: i64,
+    pub images: serde_json::Value,
+    pub capacity: u64,
+    pub version: String,
+    pub disabled: bool,
+}
+
+/// Records that host `account_id` called, with what it has.
+pub fn host_seen(db: &Database, account_id: i64, images: &str, capacity: u64, version: &str) -> Result<(), DbError> {
+    db.execute(
+        "INSERT INTO hosts (account_id, last_seen, last_seen_unix, images, capacity, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (account_id) DO UPDATE SET last_seen = excluded.last_seen, last_seen_unix = excluded.last_seen_unix,
+         images = excluded.images, capacity = excluded.capacity, version = excluded.version",
+        params![account_id, now(), unix_now(), images, capacity, version],
+    )?;
+    Ok(())
+}
+
+pub fn hosts(db: &Database) -> Result<Vec<HostRecord>, DbError> {
+    let rows = db.query(
+        "SELECT a.name, h.last_seen, h.last_seen_unix, h.images, h.capacity, h.version, a.disabled
+         FROM hosts h JOIN accounts a ON a.id = h.account_id ORDER BY a.name",
+        &[],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            Ok(HostRecord {
+                name: r.text(0)?,
+                last_seen: r.text(1)?,
+                last_seen_unix: r.int(2)?,
+                images: serde_json::from_str(&r.text(3)?).unwrap_or(serde_json::Value::Null),
+                capacity: r.int(4)? as u64,
+                version: r.text(5)?,
+                disabled: r.int(6)? != 0,
+            })
+        })
+        .collect::<Result<_, SqlError>>()?)
+}
+
+/// Jobs leased now: (host, job record).
+pub fn leased_jobs(db: &Database) -> Result<Vec<JobRecord>, DbError> {
+    let rows =
+        db.query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE lease_host IS NOT NULL ORDER BY lease_host, id"), &[])?;
+    Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+}
+
+/// Hands `host` the oldest job for one of `images` that `waiting` says is
+/// in the queue, in one transaction (rows another server holds are skipped).
+pub fn lease_next(
+    db: &Database,
+    host: &str,
+    images: &[String],
+    lease_ms: i64,
+    waiting: impl Fn(&str) -> bool,
+) -> Result<Option<Lease>, DbError> {
+    if images.is_empty() {
+        return Ok(None);
+    }
+    db.tx(|tx| {
+        let marks: Vec<String> = (0..images.len()).map(|i| format!("?{}", i + 1)).collect();
+        let sql = format!(
+            "SELECT id, file_name, size, lease_seq, attempts FROM jobs
+             WHERE lease_host IS NULL AND delivered_seq IS NULL AND deleted IS NULL
+               AND state NOT IN ('done', 'failed') AND image IN ({})
+             ORDER BY submitted_unix, id LIMIT 64{}",
+            marks.join(", "),
+            tx.skip_locked()
+        );
+        let params: Vec<crate::sql::Value> = images.iter().map(|i| i.as_str().into()).collect();
+        for r in tx.query(&sql, &params)? {
+            let file_name = r.text(1)?;
+            if !waiting(&file_name) {
+                continue;
+            }
+            let (id, seq, attempt) = (r.text(0)?, r.int(3)? as u64 + 1, r.int(4)? as u64 + 1);
+            let expires_ms = unix_ms() + lease_ms;
+            tx.execute(
+                "UPDATE jobs SET lease_host = ?1, lease_seq = ?2, lease_expires_ms = ?3, attempts = ?4 WHERE id = ?5",
+                params![host, seq, expires_ms, attempt, &id],
+            )?;
+            audit_in(tx, Some(host), "leased", &format!("{id} lease {seq}, attempt {attempt}"))?;
+            return Ok(Some(Lease { id, file_name, size: r.int(2)? as u64, seq, attempt, expires_ms }));
+        }
+        Ok(None)
+    })
+}
+
+/// Takes back a lease whose job turned out not to be in the queue after all
+/// (a local host claimed it, or its submitter cancelled it): no attempt counted.
+pub fn unlease(db: &Database, lease: &Lease) -> Result<(), DbError> {
+    db.execute(
+        "UPDATE jobs SET lease_host = NULL, lease_expires_ms = NULL, attempts = attempts - 1 WHERE id = ?1 AND lease_seq = ?2 AND lease_host IS NOT NULL",
+        params![&lease.id, lease.seq],
+    )?;
+    Ok(())
+}
+
+/// The lease `seq` of job `id` as `host` holds it, unexpired, and the job's file name.
+pub fn live_lease(db: &Database, id: &str, host: &str, seq: u64) -> Result<Option<String>, DbError> {
+    let row = db.query_opt(
+        "SELECT file_name FROM jobs WHERE id = ?1 AND lease_host = ?2 AND lease_seq = ?3 AND lease_expires_ms > ?4",
+        params![id, host, seq, unix_ms()],
+    )?;
+    Ok(row.map(|r| r.text(0)).transpose()?)
+}
+
+/// Extends a live lease; `false` when it is expired or superseded.
+pub fn renew(db: &Database, id: &str, host: &str, seq: u64, lease_ms: i64) -> Result<bool, DbError> {
+    let now = unix_ms();
+    let n = db.execute(
+        "UPDATE jobs SET lease_expires_ms = ?1 WHERE id = ?2 AND lease_host = ?3 AND lease_seq = ?4 AND lease_expires_ms > ?5",
+        params![now + lease_ms, id, host, seq, now],
+    )?;
+    Ok(n == 1)
+}
+
+/// Ends a live lease with the job delivered (`done`) or failed, or given
+/// back (`released`, not counted as an attempt). Exactly one caller can
+/// succeed for a job: `false` for every expired or superseded lease.
+pub fn end_lease(db: &Database, id: &str, host: &str, seq: u64, how: &str, verdict: &str) -> Result<bool, DbError> {
+    db.tx(|tx| {
+        let now = unix_ms();
+        let n = if how == "released" {
+            tx.execute(
+                "UPDATE jobs SET lease_host = NULL, lease_expires_ms = NULL, attempts = attempts - 1 WHERE id = ?1 AND lease_host = ?2 AND lease_seq = ?3 AND lease_expires_ms > ?4",
+                params![id, host, seq, now],
+            )?
+        } else {
+            tx.execute(
+                "UPDATE jobs SET lease_host = NULL, lease_expires_ms = NULL, delivered_seq = ?1, delivered_as = ?2, verdict = ?3 WHERE id = ?4 AND lease_host = ?5 AND lease_seq = ?1 AND lease_expires_ms > ?6",
+                params![seq, how, verdict, id, host, now],
+            )?
+        };
+        if n == 1 {
+            audit_in(tx, Some(host), how, &format!("{id} lease {seq}: {verdict}"))?;
+        }
+        Ok(n == 1)
+    })
+}
+
+/// A delivery the database has accepted: which lease, done or failed, and the verdict or reason.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    pub seq: u64,
+    pub how: String,
+    pub verdict: String,
+}
+
+/// What the database says of a job's farm side, for putting its files right after a crash.
+pub fn farm_state(db: &Database, file_name: &str) -> Result<Option<(JobRecord, Option<Delivered>)>, DbError> {
+    let Some(row) = db.query_opt(
+        &format!("SELECT {JOB_COLUMNS}, delivered_seq, delivered_as FROM jobs WHERE file_name = ?1"),
+        params![file_name],
+    )?
+    else {
+        return Ok(None);
+    };
+    let job = job_from_row(&row)?;
+    let delivered = match (row.opt_int(15)?, row.opt_text(16)?) {
+        (Some(seq), Some(how)) => {
+            Some(Delivered { seq: seq as u64, how, verdict: job.verdict.clone().unwrap_or_default() })
+        }
+        _ => None,
+    };
+    Ok(Some((job, delivered)))
+}
+
+/// Ends the leases that ran out (hosts killed or cut off): each job goes
+/// back to the queue, or to failed/ after `max_attempts`. Returns the ended
+/// leases, with whether the job failed; the caller moves the files.
+pub fn expire_leases(db: &Database, max_attempts: u64) -> Result<Vec<(JobRecord, bool)>, DbError> {
+    db.tx(|tx| {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE lease_host IS NOT NULL AND lease_expires_ms <= ?1 ORDER BY id{}",
+            tx.skip_locked()
+        );
+        let expired = tx.query(&sql, params![unix_ms()])?.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
+        let mut out = Vec::new();
+        for job in expired {
+            let host = job.host.clone().unwrap_or_default();
+            let give_up = job.attempts >= max_attempts;
+            if give_up {
+                let reason = lease_reason(&job, &host, max_attempts);
+                tx.execute(
+                    "UPDATE jobs SET lease_host = NULL, lease_expires_ms = NULL, delivered_seq = lease_seq, delivered_as = 'failed', verdict = ?1 WHERE id = ?2",
+                    params![reason, &job.id],
+                )?;
+            } else {
+                tx.execute("UPDATE jobs SET lease_host = NULL, lease_expires_ms = NULL WHERE id = ?1", params![&job.id])?;
+            }
+            let what = if give_up { "failed" } else { "back in the queue" };
+            audit_in(tx, Some(&host), "lease_expired", &format!("{} attempt {}: {what}", job.id, job.attempts))?;
+            out.push((job, give_up));
+        }
+        Ok(out)
+    })
+}
+
+/// Why a job whose hosts kept losing it failed.
+pub fn lease_reason(job: &JobRecord, host: &str, max_attempts: u64) -> String {
+    format!(
+        "lost: the host running it stopped answering {} time(s) (the limit is {max_attempts}; last host {host}, its lease ran out)",
+        job.attempts
+    )
+}
+
+/// Gives every live lease at least `lease_ms` more: after a server restart,
+/// hosts could not renew while it was down.
+pub fn extend_leases(db: &Database, lease_ms: i64) -> Result<u64, DbError> {
+    Ok(db.execute(
+        "UPDATE jobs SET lease_expires_ms = ?1 WHERE lease_host IS NOT NULL AND lease_expires_ms < ?1",
+        params![unix_ms() + lease_ms],
+    )?)
 }
 
 #[cfg(test)]
@@ -373,11 +730,14 @@ mod tests {
     #[test]
     fn accounts_are_added_found_limited_disabled_and_removed() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let conn = open(&tmp.path().join("s.db")).expect("open");
-        let a = add_account(&conn, "alice", b"hash").expect("add");
-        assert!(matches!(add_account(&conn, "alice", b"x"), Err(DbError::AccountExists(_))));
+        let conn = open(&tmp.path().join("s.db").to_string_lossy()).expect("open");
+        let a = add_account(&conn, "alice", Kind::Submitter, b"hash").expect("add");
+        assert!(matches!(add_account(&conn, "alice", Kind::Submitter, b"x"), Err(DbError::AccountExists(_))));
         for bad in ["", "Alice", "1abc", "a b", &"a".repeat(33)] {
-            assert!(matches!(add_account(&conn, bad, b"x"), Err(DbError::BadAccountName(_))), "{bad:?}");
+            assert!(
+                matches!(add_account(&conn, bad, Kind::Submitter, b"x"), Err(DbError::BadAccountName(_))),
+                "{bad:?}"
+            );
         }
         let limits = Limits { max_waiting: Some(3), ..Limits::default() };
         set_limits(&conn, "alice", &limits).expect("limits");
@@ -386,12 +746,12 @@ mod tests {
         assert!(account_by_name(&conn, "alice").expect("get").expect("some").disabled);
         remove_account(&conn, "alice").expect("remove");
         assert!(account_by_name(&conn, "alice").expect("get").is_none());
-        add_account(&conn, "alice", b"new").expect("the name is free again");
+        add_account(&conn, "alice", Kind::Submitter, b"new").expect("the name is free again");
         let actions: Vec<String> = audit_log(&conn, 10).expect("audit").into_iter().map(|r| r.2).collect();
         assert_eq!(actions, ["account_added", "account_removed", "account_disabled", "limits_set", "account_added"]);
         // Reopening applies no migration twice.
         drop(conn);
-        let conn = open(&tmp.path().join("s.db")).expect("reopen");
+        let conn = open(&tmp.path().join("s.db").to_string_lossy()).expect("reopen");
         assert_eq!(accounts(&conn).expect("list").len(), 2);
     }
 }

@@ -6,7 +6,9 @@
 pub mod api;
 pub mod auth;
 pub mod db;
+pub mod farm;
 pub mod page;
+pub mod sql;
 pub mod store;
 
 use std::fs;
@@ -20,13 +22,13 @@ use db::JobRecord;
 /// from a backup), and every record's state is read again. Returns how many
 /// records were added.
 pub fn rebuild(app: &App) -> Result<usize, db::DbError> {
-    let accounts = db::accounts(&app.db.lock().unwrap_or_else(|p| p.into_inner()))?;
+    let accounts = db::accounts(&app.db)?;
     let mut added = 0;
     for account in accounts.iter().filter(|a| !a.name.starts_with("removed-")) {
         for file_name in app.store.files_with_prefix(&format!("{}.", account.name)) {
             let Some(id) = file_name.split('.').nth(1).filter(|id| id.len() == 16) else { continue };
-            let conn = app.db.lock().unwrap_or_else(|p| p.into_inner());
-            if db::job(&conn, account.id, id)?.is_some() {
+            let conn = &app.db;
+            if db::job(conn, account.id, id)?.is_some() {
                 continue;
             }
             let Ok(job) = jobfile::JobName::parse(&file_name) else { continue };
@@ -37,7 +39,7 @@ pub fn rebuild(app: &App) -> Result<usize, db::DbError> {
             let name = job.name().splitn(3, '.').nth(2).unwrap_or(job.name()).to_owned();
             let now = db::now();
             db::insert_job(
-                &conn,
+                conn,
                 &JobRecord {
                     id: id.to_owned(),
                     account_id: account.id,
@@ -52,13 +54,15 @@ pub fn rebuild(app: &App) -> Result<usize, db::DbError> {
                     verdict: None,
                     result_bytes: None,
                     deleted: None,
+                    host: None,
+                    attempts: 0,
                 },
             )?;
-            db::audit(&conn, Some(&account.name), "rebuilt", &format!("{id} {file_name}"))?;
+            db::audit(conn, Some(&account.name), "rebuilt", &format!("{id} {file_name}"))?;
             added += 1;
         }
     }
-    let jobs = db::all_jobs(&app.db.lock().unwrap_or_else(|p| p.into_inner()))?;
+    let jobs = db::all_jobs(&app.db)?;
     for job in &jobs {
         app.refresh(job);
     }
@@ -68,10 +72,9 @@ pub fn rebuild(app: &App) -> Result<usize, db::DbError> {
 /// Deletes the results and logs of finished jobs older than their account's
 /// retention, and records it. Returns how many jobs it cleared.
 pub fn sweep_retention(app: &App) -> Result<usize, db::DbError> {
-    let conn = app.db.lock().unwrap_or_else(|p| p.into_inner());
-    let accounts = db::accounts(&conn)?;
-    let jobs = db::all_jobs(&conn)?;
-    drop(conn);
+    let conn = &app.db;
+    let accounts = db::accounts(conn)?;
+    let jobs = db::all_jobs(conn)?;
     let mut cleared = 0;
     for job in jobs.iter().filter(|j| j.deleted.is_none() && (j.state == "done" || j.state == "failed")) {
         let Some(account) = accounts.iter().find(|a| a.id == job.account_id) else { continue };
@@ -89,9 +92,9 @@ pub fn sweep_retention(app: &App) -> Result<usize, db::DbError> {
         ] {
             let _ = fs::remove_file(path);
         }
-        let conn = app.db.lock().unwrap_or_else(|p| p.into_inner());
-        db::mark_deleted(&conn, &job.id)?;
-        db::audit(&conn, Some(&account.name), "retention_deleted", &format!("{} after {days} day(s)", job.id))?;
+        let conn = &app.db;
+        db::mark_deleted(conn, &job.id)?;
+        db::audit(conn, Some(&account.name), "retention_deleted", &format!("{} after {days} day(s)", job.id))?;
         cleared += 1;
     }
     Ok(cleared)

@@ -9,8 +9,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use construir_server::api::{self, App};
 use construir_server::db::{self, Limits};
+use construir_server::sql::Database;
 use construir_server::store::Store;
-use construir_server::{auth, follow, rebuild};
+use construir_server::{auth, farm, follow, rebuild};
 use jobfile::units::{duration_arg, human_size, size_arg};
 
 #[derive(Parser)]
@@ -20,9 +21,17 @@ use jobfile::units::{duration_arg, human_size, size_arg};
     about = "Take construir jobs from accounts over HTTP and put them into a queue"
 )]
 struct Cli {
-    /// The server's database (SQLite; made, and migrated, on first use).
-    #[arg(long, global = true, value_name = "FILE", default_value = "/var/lib/construir/server.db")]
-    db: PathBuf,
+    /// The server's database: an SQLite file (made, and migrated, on first use), or
+    /// PostgreSQL as postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME (the environment
+    /// keeps a password off the command line).
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE|URL",
+        env = "CONSTRUIR_SERVER_DB",
+        default_value = "/var/lib/construir/server.db"
+    )]
+    db: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -68,6 +77,13 @@ struct ServeArgs {
     /// How often the database is brought up to what the directories say, and retention applied.
     #[arg(long, default_value = "2s", value_parser = duration_arg)]
     follow_every: Duration,
+    /// How long a remote build host's lease lasts without renewal; when it
+    /// runs out the job goes back to the queue (hosts renew every third of it).
+    #[arg(long, default_value = "30s", value_parser = duration_arg)]
+    lease: Duration,
+    /// A job whose remote hosts lost it this many times fails, with the reason.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+    max_attempts: u64,
 }
 
 /// Limits: server-wide defaults for `serve`, or one account's for `account limits`.
@@ -116,6 +132,10 @@ enum AccountCommand {
     /// Add an account and print its token (shown this once; only its hash is kept).
     Add {
         name: String,
+        /// A build host's account: it takes work from the server (construir-host run
+        /// --server), and cannot submit or read jobs.
+        #[arg(long)]
+        host: bool,
     },
     /// List the accounts with their limits.
     List,
@@ -143,8 +163,10 @@ enum AccountCommand {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    if let Some(dir) = cli.db.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    if !construir_server::sql::is_postgres(&cli.db) {
+        if let Some(dir) = std::path::Path::new(&cli.db).parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
     }
     let conn = db::open(&cli.db)?;
     match cli.command {
@@ -159,16 +181,20 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn account(conn: &rusqlite::Connection, cmd: AccountCommand) -> Result<()> {
+fn account(conn: &Database, cmd: AccountCommand) -> Result<()> {
     match cmd {
-        AccountCommand::Add { name } => {
+        AccountCommand::Add { name, host } => {
             let secret = auth::new_secret();
             // The id is known only once the row exists: add, then set the real token's hash.
-            let account = db::add_account(conn, &name, &[])?;
+            let kind = if host { db::Kind::Host } else { db::Kind::Submitter };
+            let account = db::add_account(conn, &name, kind, &[])?;
             let token = auth::token(account.id, &secret);
             db::set_token(conn, &name, &auth::hash(&token))?;
             println!("{token}");
-            eprintln!("construir-server: account {name} added; its token is above and is not shown again");
+            eprintln!(
+                "construir-server: {} account {name} added; its token is above and is not shown again",
+                kind.name()
+            );
         }
         AccountCommand::Token { name } => {
             let account = db::account_by_name(conn, &name)?.with_context(|| format!("no account named {name:?}"))?;
@@ -183,14 +209,15 @@ fn account(conn: &rusqlite::Connection, cmd: AccountCommand) -> Result<()> {
                 Some(v) => v.to_string(),
             };
             println!(
-                "{:<20} {:<9} {:>10} {:>8} {:>10} {:>9} {:>10}  CREATED",
-                "NAME", "STATE", "JOB SIZE", "WAITING", "STORED", "PER HOUR", "RETENTION"
+                "{:<20} {:<9} {:<9} {:>10} {:>8} {:>10} {:>9} {:>10}  CREATED",
+                "NAME", "KIND", "STATE", "JOB SIZE", "WAITING", "STORED", "PER HOUR", "RETENTION"
             );
             for a in db::accounts(conn)?.iter().filter(|a| !a.name.starts_with("removed-")) {
                 let l = a.limits;
                 println!(
-                    "{:<20} {:<9} {:>10} {:>8} {:>10} {:>9} {:>10}  {}",
+                    "{:<20} {:<9} {:<9} {:>10} {:>8} {:>10} {:>9} {:>10}  {}",
                     a.name,
+                    a.kind.name(),
                     if a.disabled { "disabled" } else { "enabled" },
                     show(l.max_job_bytes, true),
                     show(l.max_waiting, false),
@@ -209,7 +236,7 @@ fn account(conn: &rusqlite::Connection, cmd: AccountCommand) -> Result<()> {
     Ok(())
 }
 
-fn serve(conn: rusqlite::Connection, a: ServeArgs) -> Result<()> {
+fn serve(conn: Database, a: ServeArgs) -> Result<()> {
     let mut store = Store::beside(&a.queue);
     if let Some(images) = a.images {
         store.images = images;
@@ -224,7 +251,14 @@ fn serve(conn: rusqlite::Connection, a: ServeArgs) -> Result<()> {
     if !a.listen.ip().is_loopback() && tls.is_none() {
         log::warn!("listening on {} (not loopback) with plain HTTP: tokens cross the network in clear; give --tls-cert and --tls-key, or put a TLS reverse proxy in front", a.listen);
     }
-    let app = App::new(conn, store, a.limits.limits().or(DEFAULTS), a.idle_timeout);
+    let farm = farm::Settings { lease: a.lease, max_attempts: a.max_attempts };
+    // Hosts could not renew while the server was down: every lease gets a full term.
+    let extended = db::extend_leases(&conn, farm.lease.as_millis() as i64)?;
+    if extended > 0 {
+        log::info!("{extended} lease(s) of remote hosts given a full term again after the restart");
+    }
+    let app = App::new(conn, store, a.limits.limits().or(DEFAULTS), a.idle_timeout, farm);
+    farm::reconcile(&app)?;
     let added = rebuild(&app)?;
     if added > 0 {
         log::info!("{added} job(s) found in the directories without a record: recorded");
@@ -237,6 +271,10 @@ fn serve(conn: rusqlite::Connection, a: ServeArgs) -> Result<()> {
         listener.set_nonblocking(true)?;
         let bound = listener.local_addr()?;
         tokio::spawn(follow(app.clone(), a.follow_every));
+        tokio::spawn(farm::keep_sweeping(
+            app.clone(),
+            (a.lease / 10).clamp(Duration::from_millis(200), Duration::from_secs(2)),
+        ));
         let service = api::router(app).into_make_service_with_connect_info::<SocketAddr>();
         match tls {
             Some((cert, key)) => {

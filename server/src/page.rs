@@ -85,7 +85,7 @@ fn session_account(app: &App, headers: &HeaderMap) -> Option<Account> {
     let cookies = headers.get(header::COOKIE)?.to_str().ok()?;
     let secret = cookies.split(';').find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")))?;
     let id = app.sessions.account_of_session(secret)?;
-    db::account_by_id(&app.db.lock().unwrap_or_else(|p| p.into_inner()), id).ok()?.filter(|a| !a.disabled)
+    db::account_by_id(&app.db, id).ok()?.filter(|a| !a.disabled)
 }
 
 /// `GET /page`: the account's jobs.
@@ -100,7 +100,7 @@ pub async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         )
             .into_response();
     };
-    let jobs = db::jobs_of(&app.db.lock().unwrap_or_else(|p| p.into_inner()), account.id).unwrap_or_default();
+    let jobs = db::jobs_of(&app.db, account.id).unwrap_or_default();
     let mut rows = String::new();
     for job in &jobs {
         let place = app.refresh(job);
@@ -148,7 +148,7 @@ pub async fn page_file(
     let Some(account) = session_account(&app, &headers) else {
         return StatusCode::UNAUTHORIZED.into_response();
     };
-    let job = match db::job(&app.db.lock().unwrap_or_else(|p| p.into_inner()), account.id, &id) {
+    let job = match db::job(&app.db, account.id, &id) {
         Ok(Some(job)) => job,
         _ => return StatusCode::NOT_FOUND.into_response(),
     };

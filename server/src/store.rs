@@ -240,6 +240,58 @@ impl Store {
     }
 }
 
+/// Where jobs leased to remote hosts wait on the server: `running/.farm/`
+/// (a name no host id can take, so no local host ever recovers them).
+pub const FARM_DIR: &str = ".farm";
+
+impl Store {
+    pub fn farm_dir(&self) -> PathBuf {
+        self.running.join(FARM_DIR)
+    }
+
+    /// A leased job's file on the server.
+    pub fn leased(&self, file_name: &str) -> PathBuf {
+        self.farm_dir().join(file_name)
+    }
+
+    /// The console a remote host sends while it runs the job.
+    pub fn farm_console(&self, file_name: &str) -> PathBuf {
+        self.farm_dir().join(format!(".console.{file_name}"))
+    }
+
+    /// Moves a job file between the server's directories, never replacing
+    /// one; `Ok(false)` when it is not at `from` (another server moved it).
+    pub fn move_job(&self, from: &Path, to: &Path) -> io::Result<bool> {
+        match rename_noreplace(from, to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        for dir in [from.parent(), to.parent()].into_iter().flatten() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(true)
+    }
+
+    /// Whether a cancel was asked for `file_name` (see `request_cancel`).
+    pub fn cancel_requested(&self, file_name: &str) -> bool {
+        self.running.join(".cancel").join(file_name).exists()
+    }
+
+    pub fn forget_cancel(&self, file_name: &str) {
+        let _ = fs::remove_file(self.running.join(".cancel").join(file_name));
+    }
+
+    /// Puts `failed/<file_name>.reason` beside a failed job.
+    pub fn write_reason(&self, file_name: &str, reason: &str) -> io::Result<()> {
+        fs::write(
+            self.failed.join(format!("{file_name}.reason")),
+            format!("{}\n", jobfile::sanitize(reason.as_bytes())),
+        )?;
+        File::open(&self.failed)?.sync_all()
+    }
+}
+
 fn read_head(path: &Path, max: u64) -> String {
     let mut buf = Vec::new();
     if let Ok(f) = File::open(path) {
@@ -248,7 +300,7 @@ fn read_head(path: &Path, max: u64) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     nix::fcntl::renameat2(
         nix::fcntl::AT_FDCWD,
         from,

@@ -1,0 +1,758 @@
+//! A build host that takes its jobs from a construir-server (`run --server`).
+//!
+//! The host keeps a private spool: a queue of its own that the ordinary
+//! daemon runs, unchanged (same jail, same VMs, same verdicts). Beside it
+//! a pump talks to the server: it takes a job under a lease when the host
+//! has room, puts the job file into the spool, renews the lease while the
+//! job runs (sending the console as it grows), and delivers the result or
+//! the failure when the daemon has put it in `done/` or `failed/`. A lease
+//! the server no longer honours (it ran out while this host was cut off or
+//! frozen, and another host has the job) stops the job's VM here; its
+//! result is dropped, and would be refused.
+//!
+//! The host also fetches the images the server offers that it lacks, and
+//! installs one only when every file matches the server's checksums.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File};
+use std::io::{self, Read, Seek};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use jobfile::image::{sha256_file, ImageManifest, MANIFEST};
+use jobfile::JobName;
+use serde_json::{json, Value};
+
+use crate::daemon::{self, RunOptions, Summary};
+use crate::queue::{self, Dirs};
+
+/// Where and as whom the host takes work.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    /// `http(s)://host:port`.
+    pub server: String,
+    /// A host account's token.
+    pub token: String,
+    /// Trust this CA for the server's TLS certificate (beside the system's).
+    pub ca_cert: Option<PathBuf>,
+    /// How often to ask for work while the host has room.
+    pub poll: Duration,
+}
+
+/// The server's API, as a host uses it.
+pub struct Api {
+    base: String,
+    auth: String,
+    agent: ureq::Agent,
+}
+
+/// An answer: the status and the JSON body (or the text, as a JSON string).
+type Answer = (u16, Value);
+
+impl Api {
+    pub fn new(remote: &Remote) -> Result<Api> {
+        let mut config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .timeout_global(Some(Duration::from_secs(3600)));
+        if let Some(ca) = &remote.ca_cert {
+            let pem = fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+            let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                    _ => None,
+                })
+                .collect();
+            if certs.is_empty() {
+                bail!("{} holds no PEM certificate", ca.display());
+            }
+            config = config.tls_config(
+                ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build(),
+            );
+        }
+        let agent: ureq::Agent = config.build().into();
+        Ok(Api {
+            base: remote.server.trim_end_matches('/').to_owned(),
+            auth: format!("Bearer {}", remote.token),
+            agent,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/v1/{path}", self.base)
+    }
+
+    fn answer(resp: ureq::http::Response<ureq::Body>) -> Result<Answer> {
+        let status = resp.status().as_u16();
+        let text = resp.into_body().read_to_string().context("cannot read the server's answer")?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+    }
+
+    pub fn get_json(&self, path: &str) -> Result<Answer> {
+        let resp = self.agent.get(self.url(path)).header("Authorization", &self.auth).call();
+        Api::answer(resp.with_context(|| format!("cannot reach {}", self.base))?)
+    }
+
+    pub fn post_json(&self, path: &str, body: &Value) -> Result<Answer> {
+        let resp = self
+            .agent
+            .post(self.url(path))
+            .header("Authorization", &self.auth)
+            .header("Content-Type", "application/json")
+            .send(body.to_string().as_bytes());
+        Api::answer(resp.with_context(|| format!("cannot reach {}", self.base))?)
+    }
+
+    fn post_bytes(&self, path: &str, body: &[u8]) -> Result<Answer> {
+        let resp = self.agent.post(self.url(path)).header("Authorization", &self.auth).send(body);
+        Api::answer(resp.with_context(|| format!("cannot reach {}", self.base))?)
+    }
+
+    fn post_reader(&self, path: &str, len: u64, body: impl Read) -> Result<Answer> {
+        let mut body = body;
+        let resp = self
+            .agent
+            .post(self.url(path))
+            .header("Authorization", &self.auth)
+            .header("Content-Length", len.to_string())
+            .header("Content-Type", "application/octet-stream")
+            .send(ureq::SendBody::from_reader(&mut body));
+        Api::answer(resp.with_context(|| format!("cannot reach {}", self.base))?)
+    }
+
+    /// Writes what `path` answers into `to`, at most `max` bytes. The status,
+    /// and the error body when it is not 200.
+    fn download(&self, path: &str, to: &Path, max: u64) -> Result<Answer> {
+        let resp = self.agent.get(self.url(path)).header("Authorization", &self.auth).call();
+        let resp = resp.with_context(|| format!("cannot reach {}", self.base))?;
+        if resp.status().as_u16() != 200 {
+            return Api::answer(resp);
+        }
+        let mut out = File::create(to).with_context(|| format!("cannot create {}", to.display()))?;
+        let mut body = resp.into_body().into_with_config().limit(max.saturating_add(1)).reader();
+        let n = io::copy(&mut body, &mut out).with_context(|| format!("cannot download {path}"))?;
+        if n > max {
+            bail!("{path}: the server sent more than the {max} bytes it announced");
+        }
+        out.sync_all()?;
+        Ok((200, Value::Null))
+    }
+}
+
+/// What went wrong in an answer, for a log line.
+fn why(answer: &Answer) -> String {
+    let text = answer.1.get("error").and_then(Value::as_str).map_or_else(|| answer.1.to_string(), str::to_owned);
+    format!("{}: {}", answer.0, jobfile::sanitize(text.as_bytes()))
+}
+
+/// The images in `images`, each as the server names it, with the sha256 of its `image.toml`.
+pub fn local_images(images: &Path) -> Vec<(String, String)> {
+    let Ok(dirs) = jobfile::image::image_dirs(images) else { return Vec::new() };
+    dirs.into_iter()
+        .filter(|(_, dir)| ImageManifest::load(dir).is_ok())
+        .filter_map(|(n, dir)| Some((n, sha256_file(&dir.join(MANIFEST)).ok()?)))
+        .collect()
+}
+
+/// Fetches every image the server offers that `images` lacks. An image is
+/// installed only when `image.toml` has the server's checksum and every file
+/// the one `image.toml` names; otherwise it is refused, and nothing of it
+/// kept. Returns the images installed.
+pub fn fetch_images(api: &Api, images: &Path) -> Result<Vec<String>> {
+    let answer = api.get_json("host/images")?;
+    if answer.0 != 200 {
+        bail!("the server would not list its images ({})", why(&answer));
+    }
+    fs::create_dir_all(images).with_context(|| format!("cannot create {}", images.display()))?;
+    let have = local_images(images);
+    let mut installed = Vec::new();
+    for offered in answer.1["images"].as_array().into_iter().flatten() {
+        let (Some(name), Some(checksum)) = (offered["name"].as_str(), offered["checksum"].as_str()) else { continue };
+        if name.is_empty() || name.len() > 9 || !name.bytes().all(|b| b.is_ascii_digit()) {
+            log::warn!("the server offers an image named {:?}: ignored", jobfile::sanitize(name.as_bytes()));
+            continue;
+        }
+        match have.iter().find(|(n, _)| n == name) {
+            Some((_, c)) if c == checksum => continue,
+            Some(_) => {
+                log::warn!(
+                    "image i{name} here differs from the server's (another image.toml): this host gets no i{name} jobs until they agree"
+                );
+                continue;
+            }
+            None => {}
+        }
+        if images.join(format!("i{name}")).exists() {
+            log::warn!(
+                "{} exists but holds no valid image: not fetching over it",
+                images.join(format!("i{name}")).display()
+            );
+            continue;
+        }
+        match fetch_image(api, images, name, checksum, offered) {
+            Ok(()) => {
+                log::info!("image i{name}: fetched from the server, every checksum verified");
+                installed.push(name.to_owned());
+            }
+            Err(e) => log::error!("image i{name} refused: {e:#}"),
+        }
+    }
+    Ok(installed)
+}
+
+fn fetch_image(api: &Api, images: &Path, name: &str, checksum: &str, offered: &Value) -> Result<()> {
+    let tmp = images.join(format!(".fetch.i{name}.{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let result = (|| -> Result<()> {
+        let files = offered["files"].as_array().context("the server listed no files")?;
+        for f in files {
+            let file = f["name"].as_str().context("a file without a name")?;
+            if file.is_empty() || file.contains('/') || file.starts_with('.') {
+                bail!(
+                    "the server names a file {:?}, which is not a plain file name",
+                    jobfile::sanitize(file.as_bytes())
+                );
+            }
+            let size = f["size"].as_u64().context("a file without a size")?;
+            let answer = api.download(&format!("host/images/{name}/{file}"), &tmp.join(file), size)?;
+            if answer.0 != 200 {
+                bail!("cannot download {file} ({})", why(&answer));
+            }
+        }
+        let got = sha256_file(&tmp.join(MANIFEST)).context("no image.toml came")?;
+        if !got.eq_ignore_ascii_case(checksum) {
+            bail!("image.toml has sha256 {got}, the server said {checksum}: changed on the way");
+        }
+        let manifest = ImageManifest::load(&tmp)?;
+        manifest.verify_files(&tmp)?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            fs::rename(&tmp, images.join(format!("i{name}")))
+                .with_context(|| format!("cannot install {}", images.join(format!("i{name}")).display()))?;
+            File::open(images)?.sync_all()?;
+            Ok(())
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// A job this host holds a lease on.
+#[derive(Debug)]
+struct Held {
+    id: String,
+    seq: u64,
+    file_name: String,
+    lease: Duration,
+    renewed: Instant,
+    console_sent: u64,
+    /// The server no longer honours the lease: drop whatever comes of the job.
+    lost: bool,
+    /// When the job was first seen nowhere in the spool.
+    vanished: Option<Instant>,
+    /// When delivery last failed for want of the server.
+    retry_at: Option<Instant>,
+    /// Deliveries tried and failed so far (the wait between them doubles).
+    retries: u32,
+}
+
+/// Empties the spool of jobs a previous run held: their leases ran out, or
+/// will, and the server hands them out again.
+fn clear_spool(dirs: &Dirs) -> io::Result<usize> {
+    let mut n = 0;
+    for dir in [&dirs.queue, &dirs.running, &dirs.done, &dirs.failed] {
+        let Ok(rd) = fs::read_dir(dir) else { continue };
+        for e in rd.flatten() {
+            if e.file_name() == OsStr::new(queue::HOST_FILE) || e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            fs::remove_file(e.path())?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Runs the host against the server until `stop`: the daemon on the spool,
+/// and the pump beside it.
+pub fn run(opts: &RunOptions, remote: &Remote, stop: Arc<AtomicBool>) -> Result<Summary> {
+    let dirs = &opts.dirs;
+    dirs.create_all()?;
+    // One host per spool: the lock the daemon takes, taken first, so that clearing the spool
+    // can never touch another running host's jobs.
+    let spool_lock = File::open(&dirs.queue)?;
+    let _held = nix::fcntl::Flock::lock(spool_lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| e)
+        .with_context(|| format!("another construir-host runs the spool {} already", dirs.queue.display()))?;
+    let cleared = clear_spool(dirs)?;
+    if cleared > 0 {
+        log::info!("cleared {cleared} file(s) a previous run left in the spool; the server hands those jobs out again");
+    }
+    let api = Arc::new(Api::new(remote)?);
+    let pump_done = Arc::new(AtomicBool::new(false));
+    let pump = {
+        let (api, dirs, stop, done) = (api.clone(), dirs.clone(), stop.clone(), pump_done.clone());
+        let (capacity, host_id, remote) = (opts.workers as u64, opts.limits.host_id.clone(), remote.clone());
+        let rules = opts.rules;
+        thread::Builder::new().name("pump".into()).spawn(move || {
+            let mut pump = Pump { api, dirs, host_id, capacity, remote, rules, held: HashMap::new() };
+            pump.run(&stop, &done);
+        })?
+    };
+    let images = {
+        let (api, images, stop) = (api.clone(), dirs.images.clone(), stop.clone());
+        thread::Builder::new().name("images".into()).spawn(move || {
+            let mut last = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(500));
+                if last.elapsed() >= IMAGE_CHECK_EVERY {
+                    last = Instant::now();
+                    if let Err(e) = fetch_images(&api, &images) {
+                        log::warn!("cannot check the server's images: {e:#}");
+                    }
+                }
+            }
+        })?
+    };
+    let summary = daemon::run(opts, stop.clone());
+    stop.store(true, Ordering::Relaxed);
+    pump_done.store(true, Ordering::Relaxed);
+    let _ = pump.join();
+    let _ = images.join();
+    summary
+}
+
+/// How often a running host looks for new images on the server.
+const IMAGE_CHECK_EVERY: Duration = Duration::from_secs(60);
+
+struct Pump {
+    api: Arc<Api>,
+    dirs: Dirs,
+    host_id: String,
+    capacity: u64,
+    remote: Remote,
+    rules: queue::Rules,
+    held: HashMap<String, Held>,
+}
+
+/// Where a held job is in the spool.
+enum Local {
+    Waiting,
+    Running,
+    Done { result: PathBuf, log: PathBuf },
+    Failed { reason: String, log: Option<PathBuf>, file: PathBuf },
+    Nowhere,
+}
+
+impl Pump {
+    fn run(&mut self, stop: &AtomicBool, daemon_done: &AtomicBool) {
+        let mut asked: Option<Instant> = None;
+        let mut stopping_noted = false;
+        loop {
+            let stopping = stop.load(Ordering::Relaxed);
+            let finished = daemon_done.load(Ordering::Relaxed);
+            self.deliver_all(finished);
+            self.renew_all();
+            if stopping {
+                if !stopping_noted {
+                    stopping_noted = true;
+                    self.release_waiting();
+                }
+                if finished {
+                    self.final_pass();
+                    return;
+                }
+            } else if (self.held.len() as u64) < self.capacity && asked.is_none_or(|t| t.elapsed() >= self.remote.poll)
+            {
+                asked = Some(Instant::now());
+                match self.take_one() {
+                    Ok(true) => asked = None, // there may be more: ask again at once
+                    Ok(false) => {}
+                    Err(e) => log::warn!("cannot get work from {}: {e:#}", self.remote.server),
+                }
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Asks the server for a job and puts it in the spool; `Ok(true)` when one came.
+    fn take_one(&mut self) -> Result<bool> {
+        let images: Vec<Value> = local_images(&self.dirs.images)
+            .into_iter()
+            .map(|(name, checksum)| json!({ "name": name, "checksum": checksum }))
+            .collect();
+        let body = json!({
+            "images": images,
+            "capacity": self.capacity,
+            "running": self.held.len(),
+            "version": env!("CARGO_PKG_VERSION"),
+        });
+        let answer = self.api.post_json("host/lease", &body)?;
+        if answer.0 != 200 {
+            bail!("the server refused ({})", why(&answer));
+        }
+        let lease = &answer.1["lease"];
+        if lease.is_null() {
+            return Ok(false);
+        }
+        let (Some(id), Some(seq), Some(file_name), Some(size), Some(lease_ms)) = (
+            lease["id"].as_str(),
+            lease["seq"].as_u64(),
+            lease["file_name"].as_str(),
+            lease["size"].as_u64(),
+            lease["lease_ms"].as_u64(),
+        ) else {
+            bail!("the server's lease is malformed: {lease}");
+        };
+        let Ok(job) = JobName::parse(file_name) else { bail!("the server sent a job named {file_name:?}") };
+        let held = Held {
+            id: id.to_owned(),
+            seq,
+            file_name: job.input_file_name(),
+            lease: Duration::from_millis(lease_ms),
+            renewed: Instant::now(),
+            console_sent: 0,
+            lost: false,
+            vanished: None,
+            retry_at: None,
+            retries: 0,
+        };
+        log::info!(
+            "job {}: leased from the server (id {id}, lease {seq}, attempt {})",
+            held.file_name,
+            lease["attempt"]
+        );
+        // Checked here as the daemon would, so that the reason goes back to the server.
+        if size < self.rules.min_size || size > self.rules.max_size {
+            let reason = format!(
+                "refused by host {}: {size} bytes is outside this host's {}..={} bytes",
+                self.host_id, self.rules.min_size, self.rules.max_size
+            );
+            self.report_failed(&held, &reason, None);
+            return Ok(true);
+        }
+        let partial = self.dirs.work.join(format!(".fetch.{}", held.file_name));
+        fs::create_dir_all(&self.dirs.work)?;
+        let answer = self.api.download(&format!("host/jobs/{id}/file?seq={seq}"), &partial, size)?;
+        if answer.0 != 200 {
+            let _ = fs::remove_file(&partial);
+            bail!("cannot download job {id} ({})", why(&answer));
+        }
+        // Renamed in whole: the daemon never sees a file being written.
+        fs::rename(&partial, self.dirs.queue.join(&held.file_name))
+            .with_context(|| format!("cannot put {} into {}", held.file_name, self.dirs.queue.display()))?;
+        self.held.insert(held.id.clone(), held);
+        Ok(true)
+    }
+
+    fn locate(&self, file_name: &str) -> Local {
+        let name = OsStr::new(file_name);
+        if self.dirs.queue.join(name).exists() {
+            return Local::Waiting;
+        }
+        if self.dirs.running.join(name).exists() {
+            return Local::Running;
+        }
+        let Ok(job) = JobName::parse(file_name) else { return Local::Nowhere };
+        let (result, log) =
+            (self.dirs.done.join(job.done_file_name()), self.dirs.done.join(job.done_with_extension("log")));
+        if result.exists() {
+            return Local::Done { result, log };
+        }
+        for candidate in [file_name.to_owned(), job.done_file_name()] {
+            let file = self.dirs.failed.join(&candidate);
+            if fs::symlink_metadata(&file).is_ok() {
+                let reason = fs::read(self.dirs.failed.join(format!("{candidate}.reason"))).unwrap_or_default();
+                let reason = jobfile::sanitize(&reason).lines().next().unwrap_or("").to_owned();
+                let log = Some(self.dirs.failed.join(format!("{candidate}.log"))).filter(|p| p.exists());
+                return Local::Failed { reason, log, file };
+            }
+        }
+        Local::Nowhere
+    }
+
+    /// Delivers every held job the daemon has finished.
+    fn deliver_all(&mut self, daemon_finished: bool) {
+        let ids: Vec<String> = self.held.keys().cloned().collect();
+        for id in ids {
+            let Some(held) = self.held.get(&id) else { continue };
+            if held.retry_at.is_some_and(|t| Instant::now() < t) {
+                continue;
+            }
+            match self.locate(&held.file_name) {
+                Local::Waiting | Local::Running => {
+                    if let Some(h) = self.held.get_mut(&id) {
+                        h.vanished = None;
+                    }
+                }
+                Local::Done { result, log } => {
+                    let (lost, name) = (held.lost, held.file_name.clone());
+                    if lost {
+                        log::warn!("job {name}: finished, but its lease was lost: result dropped");
+                    }
+                    if lost || self.report_done(&id, &result, &log) {
+                        remove_all(&[result, log]);
+                        self.held.remove(&id);
+                    }
+                }
+                Local::Failed { reason, log, file } => {
+                    let h = clone_held(held);
+                    if h.lost {
+                        log::warn!("job {}: ended, but its lease was lost: nothing to report", h.file_name);
+                    }
+                    if h.lost || self.report_failed(&h, &reason, log.as_deref()) {
+                        let mut files = vec![file.clone(), with_suffix(&file, ".reason")];
+                        files.extend(log);
+                        remove_all(&files);
+                        self.held.remove(&id);
+                    }
+                }
+                Local::Nowhere => {
+                    // Gone from the spool without an ending (the daemon refused it under another name,
+                    // or someone removed it): the server hands it out again.
+                    let since = self.held.get_mut(&id).map(|h| *h.vanished.get_or_insert_with(Instant::now));
+                    if daemon_finished || since.is_some_and(|t| t.elapsed() >= Duration::from_secs(5)) {
+                        if let Some(h) = self.held.remove(&id) {
+                            log::warn!("job {}: gone from the spool without an ending; giving it back", h.file_name);
+                            self.release(&h);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the log, then the result; `true` when the job needs no more
+    /// from this host (delivered, or refused for good).
+    fn report_done(&mut self, id: &str, result: &Path, log: &Path) -> bool {
+        let Some(h) = self.held.get(id) else { return true };
+        let (seq, name) = (h.seq, h.file_name.clone());
+        let sent = (|| -> Result<Answer> {
+            let mut log_file = File::open(log).with_context(|| format!("cannot open {}", log.display()))?;
+            let result_file = File::open(result).with_context(|| format!("cannot open {}", result.display()))?;
+            let log_len = log_file.seek(io::SeekFrom::End(0))?;
+            log_file.rewind()?;
+            let result_len = result_file.metadata()?.len();
+            self.api.post_reader(
+                &format!("host/jobs/{id}/done?seq={seq}&log_bytes={log_len}"),
+                log_len + result_len,
+                log_file.chain(result_file),
+            )
+        })();
+        self.settle(id, &name, "result", sent)
+    }
+
+    /// Sends the log (if any) and the reason; `true` when the job needs no more from this host.
+    fn report_failed(&mut self, held: &Held, reason: &str, log: Option<&Path>) -> bool {
+        let sent = (|| -> Result<Answer> {
+            let log_bytes = match log {
+                Some(p) => fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+                None => Vec::new(),
+            };
+            let mut body = log_bytes.clone();
+            body.extend_from_slice(reason.as_bytes());
+            let path = format!("host/jobs/{}/failed?seq={}&log_bytes={}", held.id, held.seq, log_bytes.len());
+            self.api.post_bytes(&path, &body)
+        })();
+        self.settle(&held.id, &held.file_name, "failure", sent)
+    }
+
+    /// What a delivery's answer means: done with the job, or try again later.
+    fn settle(&mut self, id: &str, name: &str, what: &str, sent: Result<Answer>) -> bool {
+        match sent {
+            Ok((200, v)) => {
+                let verdict = v.get("verdict").or(v.get("reason")).and_then(Value::as_str).unwrap_or("");
+                log::info!("job {name}: {what} delivered to the server ({})", jobfile::sanitize(verdict.as_bytes()));
+                true
+            }
+            Ok(answer) if answer.0 == 409 => {
+                log::warn!("job {name}: the server refused the {what}: {}", why(&answer));
+                true
+            }
+            // Refused for good (not a lease matter, not the server's passing trouble): say so, once.
+            Ok(answer) if (400..500).contains(&answer.0) && ![408, 429].contains(&answer.0) && what != "failure" => {
+                log::error!("job {name}: the server refused the {what} ({}); reporting the job failed", why(&answer));
+                let Some(h) = self.held.get(id).map(clone_held) else { return true };
+                let reason = format!("the server refused the {what} from host {}: {}", self.host_id, why(&answer));
+                self.report_failed(&h, &reason, None)
+            }
+            Ok(answer) => {
+                log::warn!("job {name}: cannot deliver the {what} ({}); trying again", why(&answer));
+                self.retry_later(id);
+                false
+            }
+            Err(e) => {
+                log::warn!("job {name}: cannot deliver the {what}: {e:#}; trying again");
+                self.retry_later(id);
+                false
+            }
+        }
+    }
+
+    fn retry_later(&mut self, id: &str) {
+        if let Some(h) = self.held.get_mut(id) {
+            h.retries += 1;
+            let wait = Duration::from_secs(1 << h.retries.min(6)).min(Duration::from_secs(60));
+            h.retry_at = Some(Instant::now() + wait);
+        }
+    }
+
+    /// Renews each lease about every third of its term (at least every 2 s,
+    /// so that the console follows closely), with the console that is new.
+    fn renew_all(&mut self) {
+        let cancel_dirs = &self.dirs;
+        for h in self.held.values_mut().filter(|h| !h.lost) {
+            let every = (h.lease / 3).min(Duration::from_secs(2));
+            if h.renewed.elapsed() < every {
+                continue;
+            }
+            let console = queue::live_console(cancel_dirs, OsStr::new(&h.file_name));
+            let chunk = read_from(&console, h.console_sent, 256 << 10);
+            let path = format!("host/jobs/{}/renew?seq={}&offset={}", h.id, h.seq, h.console_sent);
+            match self.api.post_bytes(&path, &chunk) {
+                Ok((200, v)) => {
+                    h.renewed = Instant::now();
+                    h.console_sent += chunk.len() as u64;
+                    if let Some(ms) = v["lease_ms"].as_u64() {
+                        h.lease = Duration::from_millis(ms);
+                    }
+                    if v["cancel"].as_bool() == Some(true) {
+                        request_cancel(cancel_dirs, &h.file_name, "its submitter cancelled it");
+                    }
+                }
+                Ok(answer) if answer.0 == 409 => {
+                    log::warn!("job {}: lease lost ({}); stopping it here", h.file_name, why(&answer));
+                    h.lost = true;
+                    request_cancel(cancel_dirs, &h.file_name, "its lease was lost");
+                    // Not yet claimed by the daemon: take it out of the spool.
+                    let _ = fs::remove_file(cancel_dirs.queue.join(&h.file_name));
+                }
+                Ok(answer) => log::warn!("job {}: cannot renew its lease ({})", h.file_name, why(&answer)),
+                Err(e) => log::warn!("job {}: cannot renew its lease: {e:#}", h.file_name),
+            }
+        }
+    }
+
+    /// Gives back the jobs the daemon has not started, when the host stops.
+    fn release_waiting(&mut self) {
+        let waiting: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, h)| self.dirs.queue.join(&h.file_name).exists())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in waiting {
+            let Some(h) = self.held.get(&id) else { continue };
+            // Out of the spool first: if the daemon claimed it just now, it runs and is delivered.
+            if fs::remove_file(self.dirs.queue.join(&h.file_name)).is_ok() {
+                if let Some(h) = self.held.remove(&id) {
+                    self.release(&h);
+                }
+            }
+        }
+    }
+
+    /// After the daemon stopped: deliver what finished, give back the rest.
+    fn final_pass(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.held.is_empty() && Instant::now() < deadline {
+            let ids: Vec<String> = self.held.keys().cloned().collect();
+            for id in ids {
+                let Some(h) = self.held.get(&id) else { continue };
+                if let Local::Waiting = self.locate(&h.file_name) {
+                    let _ = fs::remove_file(self.dirs.queue.join(&h.file_name));
+                    if let Some(h) = self.held.remove(&id) {
+                        self.release(&h);
+                    }
+                }
+            }
+            self.deliver_all(true);
+            if !self.held.is_empty() {
+                thread::sleep(Duration::from_millis(500));
+            }
+        }
+        for h in self.held.values() {
+            log::warn!("job {}: left undelivered; the server hands it out again when its lease runs out", h.file_name);
+        }
+    }
+
+    fn release(&self, h: &Held) {
+        match self.api.post_bytes(&format!("host/jobs/{}/release?seq={}", h.id, h.seq), b"") {
+            Ok((200, _)) => log::info!("job {}: given back to the server", h.file_name),
+            Ok(answer) => log::warn!("job {}: the server would not take it back ({})", h.file_name, why(&answer)),
+            Err(e) => log::warn!("job {}: cannot give it back: {e:#}; its lease runs out instead", h.file_name),
+        }
+    }
+}
+
+fn clone_held(h: &Held) -> Held {
+    Held {
+        id: h.id.clone(),
+        seq: h.seq,
+        file_name: h.file_name.clone(),
+        lease: h.lease,
+        renewed: h.renewed,
+        console_sent: h.console_sent,
+        lost: h.lost,
+        vanished: h.vanished,
+        retry_at: h.retry_at,
+        retries: h.retries,
+    }
+}
+
+fn request_cancel(dirs: &Dirs, file_name: &str, why: &str) {
+    let path = queue::cancel_request(dirs, OsStr::new(file_name));
+    if path.exists() {
+        return;
+    }
+    let made = path.parent().map_or(Ok(()), fs::create_dir_all).and_then(|()| fs::write(&path, why.as_bytes()));
+    if let Err(e) = made {
+        log::error!("job {file_name}: cannot ask for it to stop ({}): {e}", path.display());
+    }
+}
+
+/// Up to `max` bytes of `path` from `offset` (nothing when it is not there).
+fn read_from(path: &Path, offset: u64, max: usize) -> Vec<u8> {
+    let Ok(mut f) = File::open(path) else { return Vec::new() };
+    if f.seek(io::SeekFrom::Start(offset)).is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(max as u64).read_to_end(&mut buf);
+    buf
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = OsString::from(path.as_os_str());
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+fn remove_all(paths: &[PathBuf]) {
+    for p in paths {
+        let _ = fs::remove_file(p);
+    }
+}
+
+/// Moves a file, copying it when `to` is on another filesystem.
+pub fn move_file(from: &Path, to: &Path) -> io::Result<()> {
+    match fs::rename(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            fs::copy(from, to)?;
+            File::open(to)?.sync_all()?;
+            fs::remove_file(from)
+        }
+        Err(e) => Err(e),
+    }
+}
