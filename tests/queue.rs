@@ -350,3 +350,63 @@ fn a_root_disk_that_never_appears_ends_the_vm_with_the_reason_and_the_job_disk_u
     );
     assert!(!log.contains("ran anyway"), "{log}");
 }
+
+/// `construir-host run-one FILE`: one job without a queue, its result
+/// beside the file, the exit code following the job.
+#[test]
+fn run_one_runs_a_single_job_file_and_exits_as_the_job_did() {
+    use std::process::Command;
+    let q = Queue::new();
+    let jobs = q.root.path().join("jobs");
+    fs::create_dir_all(&jobs).expect("mkdir");
+    let out = q.root.path().join("out");
+    let mut files = Vec::new();
+    for (name, script) in
+        [("good", "#!/bin/sh\necho \"good job on $(hostname)\"\n"), ("bad", "#!/bin/sh\necho failing\nexit 3\n")]
+    {
+        let file = format!("{name}_i0.tar.xz");
+        let queued = q.add_job(&file, script, "1M", &[]);
+        fs::rename(&queued, jobs.join(&file)).expect("out of the queue");
+        files.push(jobs.join(&file));
+    }
+    let run_one = |file: &std::path::Path, extra: &[&str]| {
+        Command::new(construir_e2e::bin("construir-host"))
+            .arg("run-one")
+            .arg(file)
+            .args(["--accel", "tcg", "--memory", "1G", "--cpus", "1", "--host-id", &q.host_id, "--images"])
+            .arg(construir_e2e::images())
+            .args(extra)
+            .output()
+            .expect("run-one")
+    };
+    let before = fs::read(&files[0]).expect("read");
+    let good = run_one(&files[0], &[]);
+    assert_eq!(good.status.code(), Some(0), "{}", String::from_utf8_lossy(&good.stderr));
+    assert_eq!(String::from_utf8_lossy(&good.stdout).trim(), jobs.join("good_d0.tar.xz").display().to_string());
+    assert!(String::from_utf8_lossy(&good.stderr).contains("good_i0.tar.xz: ok (exit code 0)"));
+    assert_eq!(fs::read(&files[0]).expect("read"), before, "the job file is left as it was");
+    assert_eq!(String::from_utf8(job_log(&jobs.join("good_d0.tar.xz"))).expect("utf8"), "good job on construir\n");
+    assert!(fs::read_to_string(jobs.join("good_d0.log")).expect("log").contains("verdict: ok (exit code 0)"));
+
+    let bad = run_one(&files[1], &["--out", out.to_str().expect("utf8")]);
+    assert_eq!(bad.status.code(), Some(1), "{}", String::from_utf8_lossy(&bad.stderr));
+    let status = job_status(&out.join("bad_d0.tar.xz"));
+    assert_eq!((status["result"].as_str(), status["exit_code"].as_i64()), (Some("failed"), Some(3)));
+    assert!(String::from_utf8(job_log(&out.join("bad_d0.tar.xz"))).expect("utf8").contains("failing"));
+
+    // A result in the way, a bad name, a missing file: it could not run (2), and says why.
+    let again = run_one(&files[0], &[]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("exists already"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    fs::write(jobs.join("no-image-number.tar.xz"), b"x").expect("write");
+    let misnamed = run_one(&jobs.join("no-image-number.tar.xz"), &[]);
+    assert_eq!(misnamed.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&misnamed.stderr).contains("not a job file name"));
+    assert_eq!(run_one(&jobs.join("missing_i0.tar.xz"), &[]).status.code(), Some(2));
+    // No spool left behind.
+    assert!(construir_e2e::qemu_pids(&q.host_id).is_empty());
+}

@@ -175,10 +175,10 @@ struct RunArgs {
     #[arg(long, value_name = "URL")]
     server: Option<String>,
     /// The host account's token, in FILE [default: $CONSTRUIR_HOST_TOKEN].
-    #[arg(long, value_name = "FILE", requires = "server")]
+    #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
     /// Trust this CA certificate (PEM) for the server's TLS certificate.
-    #[arg(long, value_name = "FILE", requires = "server")]
+    #[arg(long, value_name = "FILE")]
     ca_cert: Option<PathBuf>,
     /// With --server: how often to ask for work while there is room.
     #[arg(long, default_value = "1s", value_parser = duration_arg)]
@@ -463,6 +463,9 @@ fn run_queue(a: RunArgs) -> Result<()> {
                 Err(e) => log::warn!("cannot fetch the server's images now: {e:#}; trying again later"),
             }
             Some(remote)
+        }
+        None if a.token_file.is_some() || a.ca_cert.is_some() => {
+            bail!("--token-file and --ca-cert are for a host of a server: give --server URL too")
         }
         None => None,
     };

@@ -106,7 +106,11 @@ pub async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         let place = app.refresh(job);
         let (detail, class) = match &place {
             Place::Waiting { position, waiting } => (format!("position {position} of {waiting}"), "waiting"),
-            Place::Running { host, elapsed_secs } => (format!("on {host} for {elapsed_secs} s"), "running"),
+            Place::Running { host, elapsed_secs } => {
+                // A farm job's file waits in running/.farm; its host is the lease's.
+                let host = job.host.as_deref().unwrap_or(host);
+                (format!("on {host} for {elapsed_secs} s"), "running")
+            }
             Place::Done { verdict, .. } => (verdict.clone(), if verdict.starts_with("ok") { "ok" } else { "bad" }),
             Place::Failed { reason } => (reason.clone(), "bad"),
             Place::Missing => (String::new(), "bad"),
@@ -129,10 +133,37 @@ pub async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
             escape(&detail),
         );
     }
+    let mut hosts = String::new();
+    for h in crate::farm::hosts_view(&app, &account).unwrap_or_default() {
+        let images: Vec<String> = h["images"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["name"].as_str().map(|n| format!("i{n}")))
+            .collect();
+        let _ = write!(
+            hosts,
+            "<tr><td>{}</td><td>{} s ago</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(h["name"].as_str().unwrap_or_default()),
+            h["seen_secs_ago"],
+            escape(&images.join(" ")),
+            h["capacity"],
+            h["running"],
+        );
+    }
+    let hosts = if hosts.is_empty() {
+        String::new()
+    } else {
+        format!(
+            r#"<h2>Build hosts</h2>
+<table><thead><tr><th>host</th><th>last seen</th><th>images</th><th>capacity</th><th>running</th></tr></thead>
+<tbody>{hosts}</tbody></table>"#
+        )
+    };
     let body = format!(
         r#"<h1>{} <small>{} job(s)</small></h1>
 <table><thead><tr><th>id</th><th>name</th><th>image</th><th>submitted</th><th>state</th><th>verdict</th><th></th></tr></thead>
-<tbody>{rows}</tbody></table>"#,
+<tbody>{rows}</tbody></table>{hosts}"#,
         escape(&account.name),
         jobs.len()
     );

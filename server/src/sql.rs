@@ -128,7 +128,7 @@ pub struct Database {
 
 enum Inner {
     Sqlite(Mutex<rusqlite::Connection>),
-    Postgres { client: Mutex<postgres::Client>, config: postgres::Config },
+    Postgres { client: Mutex<postgres::Client>, config: Box<postgres::Config> },
 }
 
 /// A transaction; it commits when the closure given to [`Database::tx`] returns `Ok`.
@@ -152,7 +152,7 @@ impl Database {
     pub fn postgres(url: &str) -> Result<Database, SqlError> {
         let config: postgres::Config = url.parse()?;
         let client = blocking(|| config.connect(postgres::NoTls))?;
-        Ok(Database { inner: Inner::Postgres { client: Mutex::new(client), config } })
+        Ok(Database { inner: Inner::Postgres { client: Mutex::new(client), config: Box::new(config) } })
     }
 
     pub fn backend(&self) -> Backend {

@@ -329,3 +329,62 @@ pub fn signal(child: &std::process::Child, sig: i32) {
     // SAFETY: kill on a pid we own; no memory involved.
     unsafe { libc::kill(child.id() as i32, sig) };
 }
+
+/// A private PostgreSQL cluster (Debian's package, as scripts/test installs
+/// it) on a free loopback port, its data in a directory of its own; stopped
+/// and removed when dropped. Its one database is `construir`.
+pub struct Postgres {
+    dir: PathBuf,
+    bin: PathBuf,
+    pub url: String,
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        let bin = fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).find(|b| b.join("initdb").exists()))
+            .expect("PostgreSQL is not installed (scripts/test installs Debian's postgresql package)");
+        // PostgreSQL will not run as root: the cluster belongs to the postgres account, in a
+        // directory that account can reach (a test's own temporary directory is private to root).
+        let dir = PathBuf::from(sh("mktemp -d /tmp/construir-pg.XXXXXX", Path::new("/")).trim());
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let data = dir.join("data");
+        let as_postgres = |args: &[&str]| {
+            let out = Command::new("runuser").args(["-u", "postgres", "--"]).args(args).output().expect("runuser");
+            assert!(
+                out.status.success(),
+                "{args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        sh(&format!("chown postgres: '{}'", dir.display()), Path::new("/"));
+        let tool = |name: &str| bin.join(name).to_string_lossy().into_owned();
+        let data_s = data.to_string_lossy().into_owned();
+        as_postgres(&[&tool("initdb"), "-D", &data_s, "-U", "postgres", "--auth=trust", "--no-sync"]);
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories='{}' -c fsync=off",
+            dir.display()
+        );
+        let log = dir.join("log").to_string_lossy().into_owned();
+        as_postgres(&[&tool("pg_ctl"), "-D", &data_s, "-l", &log, "-o", &options, "-w", "start"]);
+        let pg = Postgres { dir, bin: bin.clone(), url: format!("postgresql://postgres@127.0.0.1:{port}/construir") };
+        as_postgres(&[&tool("createdb"), "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "construir"]);
+        pg
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
