@@ -547,6 +547,8 @@ async fn cancel(State(app): State<Arc<App>>, OwnJob { account, job }: OwnJob) ->
             }
         }
         Place::Running { host, .. } => {
+            // A farm job's host is its lease's (its file waits in running/.farm).
+            let host = job.host.clone().unwrap_or(host);
             app.store.request_cancel(&job.file_name).map_err(ApiError::internal)?;
             let _ = db::audit(app.db(), Some(&account.name), "cancel_requested", &id);
             let place = app.refresh(&job);

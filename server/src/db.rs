@@ -754,4 +754,70 @@ mod tests {
         let conn = open(&tmp.path().join("s.db").to_string_lossy()).expect("reopen");
         assert_eq!(accounts(&conn).expect("list").len(), 2);
     }
+
+    #[test]
+    fn a_lease_is_fenced_expires_back_to_the_queue_and_fails_past_the_attempt_limit() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let db = open(&tmp.path().join("s.db").to_string_lossy()).expect("open");
+        let alice = add_account(&db, "alice", Kind::Submitter, b"a").expect("add");
+        let now = now();
+        let job = JobRecord {
+            id: "0123456789abcdef".into(),
+            account_id: alice.id,
+            name: "j".into(),
+            image: "0".into(),
+            file_name: "alice.0123456789abcdef.j_i0.tar.xz".into(),
+            size: 1 << 20,
+            submitted: now.clone(),
+            submitted_unix: unix_now(),
+            state: "waiting".into(),
+            updated: now,
+            verdict: None,
+            result_bytes: None,
+            deleted: None,
+            host: None,
+            attempts: 0,
+        };
+        insert_job(&db, &job).expect("insert");
+        let images = ["0".to_owned()];
+        assert_eq!(lease_next(&db, "h1", &["7".to_owned()], 60_000, |_| true).expect("lease"), None, "no such image");
+        assert_eq!(lease_next(&db, "h1", &images, 60_000, |_| false).expect("lease"), None, "not in the queue");
+        let first = lease_next(&db, "h1", &images, 60_000, |_| true).expect("lease").expect("a job");
+        assert_eq!((first.seq, first.attempt), (1, 1));
+        assert_eq!(lease_next(&db, "h2", &images, 60_000, |_| true).expect("lease"), None, "leased already");
+        assert!(renew(&db, &job.id, "h1", 1, 60_000).expect("renew"));
+        assert!(!renew(&db, &job.id, "h2", 1, 60_000).expect("renew"), "another host");
+        assert!(!renew(&db, &job.id, "h1", 2, 60_000).expect("renew"), "another lease");
+        // Run out: back to the queue, the attempt counted; the old lease is fenced off.
+        db.execute("UPDATE jobs SET lease_expires_ms = 0", &[]).expect("expire");
+        assert!(!renew(&db, &job.id, "h1", 1, 60_000).expect("renew"), "expired");
+        let expired = expire_leases(&db, 2).expect("expire");
+        assert_eq!(expired.len(), 1);
+        assert!(!expired[0].1, "one attempt of two: back in the queue");
+        let second = lease_next(&db, "h2", &images, 60_000, |_| true).expect("lease").expect("again");
+        assert_eq!((second.seq, second.attempt), (2, 2));
+        assert!(!end_lease(&db, &job.id, "h1", 1, "done", "ok").expect("end"), "the first host's late delivery");
+        assert!(end_lease(&db, &job.id, "h2", 2, "done", "ok").expect("end"));
+        assert!(!end_lease(&db, &job.id, "h2", 2, "done", "ok").expect("end"), "delivered once");
+        let (_, delivered) = farm_state(&db, &job.file_name).expect("state").expect("job");
+        assert_eq!(delivered.map(|d| (d.seq, d.how)), Some((2, "done".to_owned())));
+        assert_eq!(
+            lease_next(&db, "h1", &images, 60_000, |_| true).expect("lease"),
+            None,
+            "delivered jobs stay delivered"
+        );
+
+        // Past the attempt limit, a lost job fails with the reason.
+        let mut other = job.clone();
+        other.id = "fedcba9876543210".into();
+        other.file_name = "alice.fedcba9876543210.k_i0.tar.xz".into();
+        insert_job(&db, &other).expect("insert");
+        lease_next(&db, "h1", &images, 60_000, |_| true).expect("lease").expect("a job");
+        db.execute("UPDATE jobs SET lease_expires_ms = 0", &[]).expect("expire");
+        let expired = expire_leases(&db, 1).expect("expire");
+        assert!(expired[0].1, "the limit reached");
+        let (record, delivered) = farm_state(&db, &other.file_name).expect("state").expect("job");
+        assert_eq!(delivered.map(|d| d.how), Some("failed".to_owned()));
+        assert!(record.verdict.unwrap_or_default().contains("last host h1"));
+    }
 }
