@@ -31,6 +31,8 @@ struct Farm {
     images: PathBuf,
     server: Option<Child>,
     port: u16,
+    /// A second server process on the same database and directories (PostgreSQL only).
+    second: Option<(Child, u16)>,
     lease: &'static str,
     submitter: String,
     hosts: Vec<(String, Option<Child>)>,
@@ -66,6 +68,7 @@ impl Farm {
             images,
             server: None,
             port: 0,
+            second: None,
             lease,
             submitter: String::new(),
             hosts: Vec::new(),
@@ -122,6 +125,13 @@ impl Farm {
         self.server = Some(child);
     }
 
+    fn kill_second(&mut self) {
+        if let Some((mut c, _)) = self.second.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     fn kill_server(&mut self) {
         if let Some(mut c) = self.server.take() {
             let _ = c.kill();
@@ -143,6 +153,12 @@ impl Farm {
 
     /// Starts remote host `i` (0: hosta, 1: hostb) with `images` as its images directory.
     fn start_host(&mut self, i: usize, images: &Path) {
+        let url = self.url();
+        self.start_host_of(i, images, &url);
+    }
+
+    /// The same, taking work from the server at `url`.
+    fn start_host_of(&mut self, i: usize, images: &Path, url: &str) {
         let name = self.hosts[i].0.clone();
         let dir = self.host_dir(&name);
         fs::create_dir_all(&dir).expect("mkdir");
@@ -150,7 +166,7 @@ impl Farm {
         let child = Command::new(bin("construir-host"))
             .arg("run")
             .arg(dir.join("spool"))
-            .args(["--server", &self.url(), "--token-file"])
+            .args(["--server", url, "--token-file"])
             .arg(self.root.path().join(format!("{name}.token")))
             .args(["--accel", "tcg", "--memory", "1G", "--cpus", "1", "--host-id", &name])
             .arg("--images")
@@ -288,6 +304,7 @@ impl Drop for Farm {
             self.stop_host(i, libc::SIGKILL);
         }
         self.kill_server();
+        self.kill_second();
         for (name, _) in &self.hosts {
             for pid in qemu_pids(name) {
                 // SAFETY: kill on a pid found by name; no memory involved.
@@ -304,6 +321,8 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
 /// Twenty jobs through two hosts, one of which starts without images and
 /// fetches them: each job is done exactly once, by one host or the other,
 /// and the tampered image is refused (its job waits, and no host takes it).
+/// On PostgreSQL each host talks to its own server process, the two sharing
+/// the database and the directories.
 fn twenty_jobs_over_two_hosts(db: Db) {
     let _serial = lock();
     let mut farm = Farm::new(db, "6s");
@@ -317,7 +336,14 @@ fn twenty_jobs_over_two_hosts(db: Db) {
     );
     let hostb_images = farm.root.path().join("hostb-images"); // empty: hostb fetches from the server
     farm.start_host(0, &hosta_images);
-    farm.start_host(1, &hostb_images);
+    if db == Db::Postgres {
+        // Two server processes share the database and the directories; each host talks to one.
+        farm.start_second_server();
+        let second = format!("http://127.0.0.1:{}", farm.second.as_ref().expect("second").1);
+        farm.start_host_of(1, &hostb_images, &second);
+    } else {
+        farm.start_host(1, &hostb_images);
+    }
 
     let tampered = farm.submit("needs-i7", "7", "#!/bin/sh\necho must never run\n");
     let ids: Vec<(String, String)> = (0..20)
@@ -340,6 +366,10 @@ fn twenty_jobs_over_two_hosts(db: Db) {
     let by = |host: &str| farm.server_log().matches(&format!("delivered by host {host} ")).count();
     assert_eq!(by("hosta") + by("hostb"), 20, "{}", farm.server_log());
     assert!(by("hosta") > 0 && by("hostb") > 0, "both hosts ran jobs: hosta {}, hostb {}", by("hosta"), by("hostb"));
+    if db == Db::Postgres {
+        let second = fs::read_to_string(farm.root.path().join("server2.log")).expect("server2.log");
+        assert!(second.contains("delivered by host hostb "), "the second server took hostb's results:\n{second}");
+    }
 
     // hostb fetched i0 and verified it; both hosts refused the tampered i7.
     let b = farm.host_log("hostb");
@@ -404,6 +434,15 @@ fn killed_and_frozen_hosts(db: Db) {
     let slow = "#!/bin/sh\necho started\nsleep 6\necho \"finished by $(hostname)\"\n";
     let killed = farm.submit("killed", "0", slow);
     farm.wait_running_on(&killed, "hosta");
+    // The console follows through the server while the job runs.
+    let live = || farm.api(&farm.submitter, "GET", &format!("/v1/jobs/{killed}/log"), b"");
+    assert!(
+        wait_for(Duration::from_secs(60), || live().1.as_str().is_some_and(|l| l.contains("started"))),
+        "{:?}{}",
+        live(),
+        farm.logs(&killed)
+    );
+    assert_eq!(farm.state(&killed), "running");
     farm.stop_host(0, libc::SIGKILL);
     farm.start_host(1, &images);
     farm.wait_state(&killed, "done", Duration::from_secs(120));

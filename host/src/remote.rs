@@ -312,13 +312,15 @@ pub fn run(opts: &RunOptions, remote: &Remote, stop: Arc<AtomicBool>) -> Result<
     let images = {
         let (api, images, stop) = (api.clone(), dirs.images.clone(), stop.clone());
         thread::Builder::new().name("images".into()).spawn(move || {
-            let mut last = Instant::now();
+            // Soon after a failed check (the server may have been down at start), else every minute.
+            let mut next = Instant::now() + IMAGE_CHECK_EVERY;
             while !stop.load(Ordering::Relaxed) {
                 thread::sleep(Duration::from_millis(500));
-                if last.elapsed() >= IMAGE_CHECK_EVERY {
-                    last = Instant::now();
+                if Instant::now() >= next {
+                    next = Instant::now() + IMAGE_CHECK_EVERY;
                     if let Err(e) = fetch_images(&api, &images) {
                         log::warn!("cannot check the server's images: {e:#}");
+                        next = Instant::now() + Duration::from_secs(5);
                     }
                 }
             }
@@ -357,6 +359,7 @@ enum Local {
 impl Pump {
     fn run(&mut self, stop: &AtomicBool, daemon_done: &AtomicBool) {
         let mut asked: Option<Instant> = None;
+        let mut failures: u32 = 0;
         let mut stopping_noted = false;
         loop {
             let stopping = stop.load(Ordering::Relaxed);
@@ -376,9 +379,20 @@ impl Pump {
             {
                 asked = Some(Instant::now());
                 match self.take_one() {
-                    Ok(true) => asked = None, // there may be more: ask again at once
-                    Ok(false) => {}
-                    Err(e) => log::warn!("cannot get work from {}: {e:#}", self.remote.server),
+                    Ok(true) => {
+                        asked = None; // there may be more: ask again at once
+                        failures = 0;
+                    }
+                    Ok(false) => failures = 0,
+                    Err(e) => {
+                        // Said once per streak, then every tenth time; and asked less often.
+                        if failures % 10 == 0 {
+                            log::warn!("cannot get work from {}: {e:#}", self.remote.server);
+                        }
+                        failures += 1;
+                        let wait = self.remote.poll * failures.min(10);
+                        asked = Some(Instant::now() + wait - self.remote.poll);
+                    }
                 }
             }
             thread::sleep(Duration::from_millis(100));

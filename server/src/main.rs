@@ -243,7 +243,7 @@ fn serve(conn: Database, a: ServeArgs) -> Result<()> {
     }
     store.create_all()?;
     // Uploads a killed server left half-written: no job was recorded for them.
-    let stale = store.remove_stale_uploads()?;
+    let stale = store.remove_stale_uploads(a.idle_timeout * 2)?;
     if stale > 0 {
         log::info!("removed {stale} unfinished upload(s) left by the last run");
     }

@@ -91,13 +91,16 @@ impl Store {
         self.queue.join(format!(".upload.{id}.part"))
     }
 
-    /// Removes `.upload.*.part` files (at start, when no upload is under way).
-    pub fn remove_stale_uploads(&self) -> io::Result<usize> {
+    /// Removes `.upload.*.part` files unchanged for `idle` (at start: another
+    /// server sharing the store may be receiving an upload; one idle that long
+    /// has been cut off).
+    pub fn remove_stale_uploads(&self, idle: std::time::Duration) -> io::Result<usize> {
         let mut n = 0;
         for e in fs::read_dir(&self.queue)?.flatten() {
             let name = e.file_name();
             let name = name.to_string_lossy();
-            if name.starts_with(".upload.") && name.ends_with(".part") {
+            let quiet = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+            if name.starts_with(".upload.") && name.ends_with(".part") && quiet.is_some_and(|q| q >= idle) {
                 fs::remove_file(e.path())?;
                 n += 1;
             }
