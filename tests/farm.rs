@@ -94,15 +94,32 @@ impl Farm {
         String::from_utf8(out.stdout).expect("utf8").trim().to_owned()
     }
 
+    /// Every server's log.
     fn server_log(&self) -> String {
-        fs::read_to_string(self.root.path().join("server.log")).unwrap_or_default()
+        ["server.log", "server2.log"]
+            .iter()
+            .map(|n| fs::read_to_string(self.root.path().join(n)).unwrap_or_default())
+            .collect()
     }
 
     /// Starts the server (again, on the same port after the first time).
     fn start_server(&mut self) {
-        let listen = format!("127.0.0.1:{}", self.port);
-        let log =
-            fs::OpenOptions::new().create(true).append(true).open(self.root.path().join("server.log")).expect("log");
+        let (child, port) = self.spawn_server("server.log", self.port);
+        self.port = port;
+        self.server = Some(child);
+    }
+
+    /// Starts a second server process sharing the first one's database and directories.
+    fn start_second_server(&mut self) {
+        let served = self.spawn_server("server2.log", 0);
+        self.second = Some(served);
+    }
+
+    fn spawn_server(&self, log_name: &str, port: u16) -> (Child, u16) {
+        let listen = format!("127.0.0.1:{port}");
+        let path = self.root.path().join(log_name);
+        let read = || fs::read_to_string(&path).unwrap_or_default();
+        let log = fs::OpenOptions::new().create(true).append(true).open(&path).expect("log");
         let child = Command::new(bin("construir-server"))
             .args(["--db", &self.db, "serve"])
             .arg(&self.queue)
@@ -112,17 +129,12 @@ impl Farm {
             .spawn()
             .expect("start construir-server");
         let starts = |log: &str| log.matches("listening on http://").count();
-        let before = starts(&self.server_log());
-        assert!(
-            wait_for(Duration::from_secs(30), || starts(&self.server_log()) > before),
-            "the server did not start: {}",
-            self.server_log()
-        );
-        let log = self.server_log();
+        let before = starts(&read());
+        assert!(wait_for(Duration::from_secs(30), || starts(&read()) > before), "the server did not start: {}", read());
+        let log = read();
         let url =
             log.lines().rev().find_map(|l| l.strip_prefix("construir-server: listening on http://")).expect("url");
-        self.port = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
-        self.server = Some(child);
+        (child, url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port"))
     }
 
     fn kill_second(&mut self) {

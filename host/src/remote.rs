@@ -386,7 +386,7 @@ impl Pump {
                     Ok(false) => failures = 0,
                     Err(e) => {
                         // Said once per streak, then every tenth time; and asked less often.
-                        if failures % 10 == 0 {
+                        if failures.is_multiple_of(10) {
                             log::warn!("cannot get work from {}: {e:#}", self.remote.server);
                         }
                         failures += 1;
