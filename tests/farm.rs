@@ -338,12 +338,17 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
 fn twenty_jobs_over_two_hosts(db: Db) {
     let _serial = lock();
     let mut farm = Farm::new(db, "6s");
+    // hosta has i0, and the server's tampered i7 as well: it must not offer that one.
     let hosta_images = farm.root.path().join("hosta-images");
+    fs::create_dir_all(&hosta_images).expect("mkdir");
+    let i0 = construir_e2e::images().join("i0");
     sh(
-        &format!("cp -a '{}' '{}/i0'", construir_e2e::images().join("i0").display(), {
-            fs::create_dir_all(&hosta_images).expect("mkdir");
+        &format!(
+            "cp -a '{}' '{2}/i0' && cp -a '{}' '{2}/i7'",
+            i0.display(),
+            farm.images.join("i7").display(),
             hosta_images.display()
-        }),
+        ),
         farm.root.path(),
     );
     let hostb_images = farm.root.path().join("hostb-images"); // empty: hostb fetches from the server
@@ -395,6 +400,8 @@ fn twenty_jobs_over_two_hosts(db: Db) {
         .to_string_lossy()
         .starts_with(".fetch")));
     assert_eq!(farm.state(&tampered), "waiting", "no host has i7 as the server has it");
+    let a = farm.host_log("hosta");
+    assert!(a.contains("image i7 is not offered to the server") && a.contains("does not match image.toml"), "{a}");
 
     // The hosts as the API shows them: last seen, images, capacity, what each runs now.
     let (code, hosts) = farm.api(&farm.submitter, "GET", "/v1/hosts", b"");

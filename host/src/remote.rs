@@ -19,7 +19,7 @@ use std::fs::{self, File};
 use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -157,6 +157,52 @@ pub fn local_images(images: &Path) -> Vec<(String, String)> {
         .filter(|(_, dir)| ImageManifest::load(dir).is_ok())
         .filter_map(|(n, dir)| Some((n, sha256_file(&dir.join(MANIFEST)).ok()?)))
         .collect()
+}
+
+/// The images in `images` whose every file matches their `image.toml`: the
+/// only ones a host tells the server it has. A mismatch is logged.
+/// An image unchanged since its last check (the same files, sizes and times)
+/// is not hashed again.
+pub fn verified_images(images: &Path) -> Vec<(String, String)> {
+    type Seen = HashMap<PathBuf, Vec<(OsString, u64, std::time::SystemTime)>>;
+    static VERIFIED: Mutex<Option<Seen>> = Mutex::new(None);
+    let fingerprint = |dir: &Path| -> Vec<(OsString, u64, std::time::SystemTime)> {
+        let mut v: Vec<_> = fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                Some((e.file_name(), m.len(), m.modified().ok()?))
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let Ok(dirs) = jobfile::image::image_dirs(images) else { return Vec::new() };
+    let mut out = Vec::new();
+    for (n, dir) in dirs {
+        let print = fingerprint(&dir);
+        let known = VERIFIED.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|m| m.get(&dir).cloned());
+        let checked = if known.as_ref() == Some(&print) {
+            Ok(())
+        } else {
+            ImageManifest::load(&dir).and_then(|m| m.verify_files(&dir))
+        };
+        if checked.is_ok() {
+            VERIFIED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert_with(HashMap::new)
+                .insert(dir.clone(), print);
+        }
+        match (checked, sha256_file(&dir.join(MANIFEST))) {
+            (Ok(()), Ok(checksum)) => out.push((n, checksum)),
+            (Err(e), _) => log::error!("image i{n} is not offered to the server: {}", jobfile::error_chain(&e)),
+            (_, Err(e)) => log::error!("image i{n} is not offered to the server: {e}"),
+        }
+    }
+    out
 }
 
 /// Fetches every image the server offers that `images` lacks. An image is
@@ -299,18 +345,20 @@ pub fn run(opts: &RunOptions, remote: &Remote, stop: Arc<AtomicBool>) -> Result<
         log::info!("cleared {cleared} file(s) a previous run left in the spool; the server hands those jobs out again");
     }
     let api = Arc::new(Api::new(remote)?);
+    // Verified in full before the server hears of them, and again at every check.
+    let verified = Arc::new(Mutex::new(verified_images(&dirs.images)));
     let pump_done = Arc::new(AtomicBool::new(false));
     let pump = {
         let (api, dirs, stop, done) = (api.clone(), dirs.clone(), stop.clone(), pump_done.clone());
         let (capacity, host_id, remote) = (opts.workers as u64, opts.limits.host_id.clone(), remote.clone());
-        let rules = opts.rules;
+        let (rules, images) = (opts.rules, verified.clone());
         thread::Builder::new().name("pump".into()).spawn(move || {
-            let mut pump = Pump { api, dirs, host_id, capacity, remote, rules, held: HashMap::new() };
+            let mut pump = Pump { api, dirs, host_id, capacity, remote, rules, images, held: HashMap::new() };
             pump.run(&stop, &done);
         })?
     };
     let images = {
-        let (api, images, stop) = (api.clone(), dirs.images.clone(), stop.clone());
+        let (api, images, stop, verified) = (api.clone(), dirs.images.clone(), stop.clone(), verified.clone());
         thread::Builder::new().name("images".into()).spawn(move || {
             // Soon after a failed check (the server may have been down at start), else every minute.
             let mut next = Instant::now() + IMAGE_CHECK_EVERY;
@@ -322,6 +370,8 @@ pub fn run(opts: &RunOptions, remote: &Remote, stop: Arc<AtomicBool>) -> Result<
                         log::warn!("cannot check the server's images: {e:#}");
                         next = Instant::now() + Duration::from_secs(5);
                     }
+                    let now_verified = verified_images(&images);
+                    *verified.lock().unwrap_or_else(|p| p.into_inner()) = now_verified;
                 }
             }
         })?
@@ -344,6 +394,8 @@ struct Pump {
     capacity: u64,
     remote: Remote,
     rules: queue::Rules,
+    /// The images verified here, as (number, checksum of image.toml).
+    images: Arc<Mutex<Vec<(String, String)>>>,
     held: HashMap<String, Held>,
 }
 
@@ -401,10 +453,9 @@ impl Pump {
 
     /// Asks the server for a job and puts it in the spool; `Ok(true)` when one came.
     fn take_one(&mut self) -> Result<bool> {
-        let images: Vec<Value> = local_images(&self.dirs.images)
-            .into_iter()
-            .map(|(name, checksum)| json!({ "name": name, "checksum": checksum }))
-            .collect();
+        let verified = self.images.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let images: Vec<Value> =
+            verified.into_iter().map(|(name, checksum)| json!({ "name": name, "checksum": checksum })).collect();
         let body = json!({
             "images": images,
             "capacity": self.capacity,
