@@ -407,6 +407,9 @@ fn run_one_runs_a_single_job_file_and_exits_as_the_job_did() {
     assert_eq!(misnamed.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&misnamed.stderr).contains("not a job file name"));
     assert_eq!(run_one(&jobs.join("missing_i0.tar.xz"), &[]).status.code(), Some(2));
+    let configured = run_one(&files[1], &["--config", "/dev/null"]);
+    assert_eq!(configured.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&configured.stderr).contains("reads no config file"));
     // No spool left behind.
     assert!(construir_e2e::qemu_pids(&q.host_id).is_empty());
 }

@@ -43,7 +43,8 @@ enum Command {
     /// Exits 0 when the job's script exited 0; 1 when the job ran and failed,
     /// timed out or was refused (the reason is printed, and left in
     /// <file>.reason beside the result); 2 when it could not be run at all.
-    /// Takes `run`'s VM options (--images, --timeout, --memory, --cpus, ...).
+    /// Takes `run`'s VM options (--images, --timeout, --memory, --cpus, ...), on the
+    /// command line only: it reads no config file.
     #[command(name = "run-one", args_override_self = true)]
     RunOne(Box<RunOneArgs>),
     /// Check every requirement of `run` as configured, one line each with the fix; exits 1 when one blocks.
@@ -490,6 +491,9 @@ fn run_one(args: RunOneArgs) -> Result<ExitCode> {
     logger::init(a.verbose, a.log_format);
     if a.queue.is_some() || a.server.is_some() || a.once {
         bail!("run-one takes the job FILE alone: no QUEUE, --server or --once");
+    }
+    if a.config.is_some() || a.show_config {
+        bail!("run-one reads no config file: give its options on the command line");
     }
     let name = args.file.file_name().and_then(|n| n.to_str()).context("FILE has no file name")?;
     let job = jobfile::JobName::parse(name).with_context(|| format!("{name}: not a job file name"))?;

@@ -525,6 +525,15 @@ pub fn host_seen(db: &Database, account_id: i64, images: &str, capacity: u64, ve
     Ok(())
 }
 
+/// Records that host `account_id` was heard from (a renewal), keeping what it said last.
+pub fn host_touch(db: &Database, account_id: i64) -> Result<(), DbError> {
+    db.execute(
+        "UPDATE hosts SET last_seen = ?1, last_seen_unix = ?2 WHERE account_id = ?3",
+        params![now(), unix_now(), account_id],
+    )?;
+    Ok(())
+}
+
 pub fn hosts(db: &Database) -> Result<Vec<HostRecord>, DbError> {
     let rows = db.query(
         "SELECT a.name, h.last_seen, h.last_seen_unix, h.images, h.capacity, h.version, a.disabled

@@ -219,6 +219,8 @@ pub async fn renew(
     if !db::renew(app.db(), &id, &host.name, q.seq, app.farm.lease_ms()).map_err(ApiError::internal)? {
         return Err(lease_lost());
     }
+    // A busy host asks for no work; its renewals say it is alive.
+    db::host_touch(app.db(), host.id).map_err(ApiError::internal)?;
     let file_name = live(&app, &id, &host.name, q.seq)?;
     if !body.is_empty() && q.offset < MAX_CONSOLE {
         use std::os::unix::fs::FileExt;
