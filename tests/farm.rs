@@ -416,6 +416,17 @@ fn twenty_jobs_over_two_hosts(db: Db) {
             h["images"].as_array().expect("images").iter().filter_map(|i| i["name"].as_str()).collect();
         assert_eq!(images, ["0"], "{h}");
     }
+    // As `construir hosts` prints them.
+    let out = Command::new(bin("construir"))
+        .args(["--server", &farm.url(), "--token", &farm.submitter, "hosts"])
+        .output()
+        .expect("construir hosts");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for h in ["hosta", "hostb"] {
+        let line = text.lines().find(|l| l.starts_with(h)).unwrap_or_else(|| panic!("no {h} in:\n{text}"));
+        assert!(line.ends_with("       1       0  i0"), "{line:?}");
+    }
+
     // And as the page shows them.
     let (_, link) = farm.api(&farm.submitter, "POST", "/v1/page-link", b"");
     let login = farm.http("GET", link["path"].as_str().expect("path"), "", b"");

@@ -77,6 +77,8 @@ enum Command {
     },
     /// Your jobs, newest first.
     List,
+    /// The build hosts that take work from the server: last seen, images, capacity, jobs running now.
+    Hosts,
     /// Cancel a job: a waiting one leaves the queue, a running one's VM is stopped within seconds.
     Cancel { id: String },
     /// Print a link to your page on the server (it works once, within five minutes).
@@ -374,6 +376,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     job["image"].as_str().unwrap_or("?"),
                     jobfile::sanitize(job["name"].as_str().unwrap_or("?").as_bytes()),
                     jobfile::sanitize(describe(job).as_bytes())
+                );
+            }
+        }
+        Command::Hosts => {
+            let list = client()?.get("hosts")?;
+            let hosts = list["hosts"].as_array().cloned().unwrap_or_default();
+            if hosts.is_empty() {
+                eprintln!("construir: no build host has taken work from this server yet");
+            }
+            println!("{:<20} {:>10} {:>8} {:>7}  IMAGES", "HOST", "SEEN", "CAPACITY", "RUNNING");
+            for h in &hosts {
+                let images: Vec<String> = h["images"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| i["name"].as_str().map(|n| format!("i{n}")))
+                    .collect();
+                println!(
+                    "{:<20} {:>8} s {:>8} {:>7}  {}",
+                    jobfile::sanitize(h["name"].as_str().unwrap_or("?").as_bytes()),
+                    h["seen_secs_ago"].to_string(),
+                    h["capacity"].to_string(),
+                    h["running"].to_string(),
+                    jobfile::sanitize(images.join(" ").as_bytes())
                 );
             }
         }
