@@ -128,18 +128,7 @@ impl Client {
         let mut config =
             ureq::Agent::config_builder().http_status_as_error(false).timeout_connect(Some(Duration::from_secs(10)));
         if let Some(ca) = ca {
-            let pem = std::fs::read(&ca).with_context(|| format!("cannot read {}", ca.display()))?;
-            let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
-                .filter_map(|item| match item {
-                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
-                    _ => None,
-                })
-                .collect();
-            if certs.is_empty() {
-                bail!("{} holds no PEM certificate", ca.display());
-            }
-            let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build();
-            config = config.tls_config(tls);
+            config = config.tls_config(jobfile::http::trusting(&ca)?);
         }
         let agent: ureq::Agent = config.build().into();
         Ok(Client { server: server.trim_end_matches('/').to_owned(), token, agent })

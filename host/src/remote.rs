@@ -61,19 +61,7 @@ impl Api {
             .timeout_connect(Some(Duration::from_secs(10)))
             .timeout_global(Some(Duration::from_secs(3600)));
         if let Some(ca) = &remote.ca_cert {
-            let pem = fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
-            let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
-                .filter_map(|item| match item {
-                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
-                    _ => None,
-                })
-                .collect();
-            if certs.is_empty() {
-                bail!("{} holds no PEM certificate", ca.display());
-            }
-            config = config.tls_config(
-                ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build(),
-            );
+            config = config.tls_config(jobfile::http::trusting(ca)?);
         }
         let agent: ureq::Agent = config.build().into();
         Ok(Api {
@@ -294,7 +282,7 @@ fn fetch_image(api: &Api, images: &Path, name: &str, checksum: &str, offered: &V
 }
 
 /// A job this host holds a lease on.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Held {
     id: String,
     seq: u64,
@@ -571,7 +559,7 @@ impl Pump {
                     }
                 }
                 Local::Failed { reason, log, file } => {
-                    let h = clone_held(held);
+                    let h = held.clone();
                     if h.lost {
                         log::warn!("job {}: ended, but its lease was lost: nothing to report", h.file_name);
                     }
@@ -647,7 +635,7 @@ impl Pump {
             // Refused for good (not a lease matter, not the server's passing trouble): say so, once.
             Ok(answer) if (400..500).contains(&answer.0) && ![408, 429].contains(&answer.0) && what != "failure" => {
                 log::error!("job {name}: the server refused the {what} ({}); reporting the job failed", why(&answer));
-                let Some(h) = self.held.get(id).map(clone_held) else { return true };
+                let Some(h) = self.held.get(id).cloned() else { return true };
                 let reason = format!("the server refused the {what} from host {}: {}", self.host_id, why(&answer));
                 self.report_failed(&h, &reason, None)
             }
@@ -757,21 +745,6 @@ impl Pump {
             Ok(answer) => log::warn!("job {}: the server would not take it back ({})", h.file_name, why(&answer)),
             Err(e) => log::warn!("job {}: cannot give it back: {e:#}; its lease runs out instead", h.file_name),
         }
-    }
-}
-
-fn clone_held(h: &Held) -> Held {
-    Held {
-        id: h.id.clone(),
-        seq: h.seq,
-        file_name: h.file_name.clone(),
-        lease: h.lease,
-        renewed: h.renewed,
-        console_sent: h.console_sent,
-        lost: h.lost,
-        vanished: h.vanished,
-        retry_at: h.retry_at,
-        retries: h.retries,
     }
 }
 

@@ -6,6 +6,8 @@
 //! files; see `docs/DESIGN.md` for the contract.
 
 pub mod fallback;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod image;
 #[cfg(feature = "cli")]
 pub mod manual;

@@ -69,7 +69,11 @@ impl App {
 
     /// Brings a job's record up to what the directories say; returns where it is.
     pub fn refresh(&self, job: &JobRecord) -> Place {
-        let place = self.store.locate(&job.file_name);
+        let mut place = self.store.locate(&job.file_name);
+        if let (Place::Running { host, .. }, Some(lease_host)) = (&mut place, &job.host) {
+            // A farm job's file waits in running/.farm; its host is the lease's.
+            host.clone_from(lease_host);
+        }
         let (verdict, bytes) = match &place {
             Place::Done { verdict, result_bytes } => (Some(verdict.as_str()), Some(*result_bytes)),
             Place::Failed { reason } => (Some(reason.as_str()), None),
@@ -354,19 +358,13 @@ async fn submit(
 }
 
 fn job_json(j: &JobRecord, place: &Place) -> serde_json::Value {
-    let state = place.name();
-    let mut place = serde_json::to_value(place).unwrap_or_default();
-    if let (Some(host), Some(at)) = (&j.host, place.get_mut("host")) {
-        // A farm job's file sits in running/.farm; its host is the lease's.
-        *at = json!(host);
-    }
     json!({
         "id": j.id,
         "name": j.name,
         "image": j.image,
         "size": j.size,
         "submitted": j.submitted,
-        "state": state,
+        "state": place.name(),
         "place": place,
         "deleted": j.deleted,
         "attempts": j.attempts,
@@ -547,8 +545,6 @@ async fn cancel(State(app): State<Arc<App>>, OwnJob { account, job }: OwnJob) ->
             }
         }
         Place::Running { host, .. } => {
-            // A farm job's host is its lease's (its file waits in running/.farm).
-            let host = job.host.clone().unwrap_or(host);
             app.store.request_cancel(&job.file_name).map_err(ApiError::internal)?;
             let _ = db::audit(app.db(), Some(&account.name), "cancel_requested", &id);
             let place = app.refresh(&job);

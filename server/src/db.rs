@@ -623,14 +623,19 @@ pub fn live_lease(db: &Database, id: &str, host: &str, seq: u64) -> Result<Optio
     Ok(row.map(|r| r.text(0)).transpose()?)
 }
 
-/// Extends a live lease; `false` when it is expired or superseded.
-pub fn renew(db: &Database, id: &str, host: &str, seq: u64, lease_ms: i64) -> Result<bool, DbError> {
-    let now = unix_ms();
-    let n = db.execute(
-        "UPDATE jobs SET lease_expires_ms = ?1 WHERE id = ?2 AND lease_host = ?3 AND lease_seq = ?4 AND lease_expires_ms > ?5",
-        params![now + lease_ms, id, host, seq, now],
-    )?;
-    Ok(n == 1)
+/// Extends a live lease; the job's file name, or `None` when the lease is expired or superseded.
+pub fn renew(db: &Database, id: &str, host: &str, seq: u64, lease_ms: i64) -> Result<Option<String>, DbError> {
+    db.tx(|tx| {
+        let now = unix_ms();
+        let n = tx.execute(
+            "UPDATE jobs SET lease_expires_ms = ?1 WHERE id = ?2 AND lease_host = ?3 AND lease_seq = ?4 AND lease_expires_ms > ?5",
+            params![now + lease_ms, id, host, seq, now],
+        )?;
+        if n != 1 {
+            return Ok(None);
+        }
+        Ok(tx.query_opt("SELECT file_name FROM jobs WHERE id = ?1", params![id])?.map(|r| r.text(0)).transpose()?)
+    })
 }
 
 /// Ends a live lease with the job delivered (`done`) or failed, or given
@@ -667,9 +672,22 @@ pub struct Delivered {
 
 /// What the database says of a job's farm side, for putting its files right after a crash.
 pub fn farm_state(db: &Database, file_name: &str) -> Result<Option<(JobRecord, Option<Delivered>)>, DbError> {
+    farm_state_where(db, "file_name", file_name)
+}
+
+/// `farm_state`, of the job with this id.
+pub fn farm_state_by_id(db: &Database, id: &str) -> Result<Option<(JobRecord, Option<Delivered>)>, DbError> {
+    farm_state_where(db, "id", id)
+}
+
+fn farm_state_where(
+    db: &Database,
+    column: &'static str,
+    value: &str,
+) -> Result<Option<(JobRecord, Option<Delivered>)>, DbError> {
     let Some(row) = db.query_opt(
-        &format!("SELECT {JOB_COLUMNS}, delivered_seq, delivered_as FROM jobs WHERE file_name = ?1"),
-        params![file_name],
+        &format!("SELECT {JOB_COLUMNS}, delivered_seq, delivered_as FROM jobs WHERE {column} = ?1"),
+        params![value],
     )?
     else {
         return Ok(None);
@@ -794,12 +812,12 @@ mod tests {
         let first = lease_next(&db, "h1", &images, 60_000, |_| true).expect("lease").expect("a job");
         assert_eq!((first.seq, first.attempt), (1, 1));
         assert_eq!(lease_next(&db, "h2", &images, 60_000, |_| true).expect("lease"), None, "leased already");
-        assert!(renew(&db, &job.id, "h1", 1, 60_000).expect("renew"));
-        assert!(!renew(&db, &job.id, "h2", 1, 60_000).expect("renew"), "another host");
-        assert!(!renew(&db, &job.id, "h1", 2, 60_000).expect("renew"), "another lease");
+        assert_eq!(renew(&db, &job.id, "h1", 1, 60_000).expect("renew").as_deref(), Some(job.file_name.as_str()));
+        assert!(renew(&db, &job.id, "h2", 1, 60_000).expect("renew").is_none(), "another host");
+        assert!(renew(&db, &job.id, "h1", 2, 60_000).expect("renew").is_none(), "another lease");
         // Run out: back to the queue, the attempt counted; the old lease is fenced off.
         db.execute("UPDATE jobs SET lease_expires_ms = 0", &[]).expect("expire");
-        assert!(!renew(&db, &job.id, "h1", 1, 60_000).expect("renew"), "expired");
+        assert!(renew(&db, &job.id, "h1", 1, 60_000).expect("renew").is_none(), "expired");
         let expired = expire_leases(&db, 2).expect("expire");
         assert_eq!(expired.len(), 1);
         assert!(!expired[0].1, "one attempt of two: back in the queue");

@@ -216,12 +216,10 @@ pub async fn renew(
     Query(q): Query<SeqQuery>,
     body: axum::body::Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
-    if !db::renew(app.db(), &id, &host.name, q.seq, app.farm.lease_ms()).map_err(ApiError::internal)? {
-        return Err(lease_lost());
-    }
+    let renewed = db::renew(app.db(), &id, &host.name, q.seq, app.farm.lease_ms()).map_err(ApiError::internal)?;
+    let file_name = renewed.ok_or_else(lease_lost)?;
     // A busy host asks for no work; its renewals say it is alive.
     db::host_touch(app.db(), host.id).map_err(ApiError::internal)?;
-    let file_name = live(&app, &id, &host.name, q.seq)?;
     if !body.is_empty() && q.offset < MAX_CONSOLE {
         use std::os::unix::fs::FileExt;
         let path = app.store.farm_console(&file_name);
@@ -317,15 +315,8 @@ pub async fn done(
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "the result is empty"));
     }
     let verdict = jobfile::tools::log_verdict(&log).unwrap_or_else(|| "(no verdict in the log)".to_owned());
-    if !db::end_lease(app.db(), &id, &host.name, q.seq, "done", &verdict).map_err(ApiError::internal)? {
-        return Err(lease_lost());
-    }
-    parts.1 = true;
-    land(&app.store, &file_name, &id, q.seq, "done", &verdict).map_err(ApiError::internal)?;
+    accept(&app, &host.name, &id, q.seq, &file_name, "done", &verdict, &mut parts)?;
     log::info!("job {id} delivered by host {} (lease {}): {verdict}", host.name, q.seq);
-    if let Ok(Some(job)) = db::job_by_file(app.db(), &file_name) {
-        app.refresh(&job);
-    }
     Ok(Json(json!({ "delivered": true, "verdict": verdict })))
 }
 
@@ -346,17 +337,34 @@ pub async fn failed(
     let reason = jobfile::sanitize(&reason);
     let reason = reason.lines().next().unwrap_or("").trim().to_owned();
     let reason = if reason.is_empty() { format!("failed on host {}", host.name) } else { reason };
-    if !db::end_lease(app.db(), &id, &host.name, q.seq, "failed", &reason).map_err(ApiError::internal)? {
+    let _ = fs::remove_file(&reason_part);
+    accept(&app, &host.name, &id, q.seq, &file_name, "failed", &reason, &mut parts)?;
+    log::info!("job {id} failed on host {} (lease {}): {reason}", host.name, q.seq);
+    Ok(Json(json!({ "delivered": true, "reason": reason })))
+}
+
+/// Ends the live lease with the delivery (`how`: done or failed), or refuses
+/// it; then keeps the staged parts and lands them.
+#[allow(clippy::too_many_arguments)]
+fn accept(
+    app: &App,
+    host: &str,
+    id: &str,
+    seq: u64,
+    file_name: &str,
+    how: &str,
+    verdict: &str,
+    parts: &mut Parts,
+) -> ApiResult<()> {
+    if !db::end_lease(app.db(), id, host, seq, how, verdict).map_err(ApiError::internal)? {
         return Err(lease_lost());
     }
     parts.1 = true;
-    let _ = fs::remove_file(&reason_part);
-    land(&app.store, &file_name, &id, q.seq, "failed", &reason).map_err(ApiError::internal)?;
-    log::info!("job {id} failed on host {} (lease {}): {reason}", host.name, q.seq);
-    if let Ok(Some(job)) = db::job_by_file(app.db(), &file_name) {
+    land(&app.store, file_name, id, seq, how, verdict).map_err(ApiError::internal)?;
+    if let Ok(Some(job)) = db::job_by_file(app.db(), file_name) {
         app.refresh(&job);
     }
-    Ok(Json(json!({ "delivered": true, "reason": reason })))
+    Ok(())
 }
 
 /// `POST /v1/host/jobs/{id}/release?seq=N`: the host gives the job back
@@ -476,7 +484,8 @@ pub fn reconcile(app: &App) -> Result<(), db::DbError> {
             };
             let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok())
                 >= Some(Duration::from_secs(60));
-            let delivered = all_with_id(app, id)?.and_then(|(job, d)| d.filter(|d| d.seq == seq).map(|d| (job, d)));
+            let delivered =
+                db::farm_state_by_id(app.db(), id)?.and_then(|(job, d)| d.filter(|d| d.seq == seq).map(|d| (job, d)));
             match delivered {
                 Some((job, d)) if job.host.is_none() => {
                     if let Err(e) = land(store, &job.file_name, id, d.seq, &d.how, &d.verdict) {
@@ -492,14 +501,6 @@ pub fn reconcile(app: &App) -> Result<(), db::DbError> {
         }
     }
     Ok(())
-}
-
-fn all_with_id(app: &App, id: &str) -> Result<Option<(db::JobRecord, Option<db::Delivered>)>, db::DbError> {
-    let file = db::all_jobs(app.db())?.into_iter().find(|j| j.id == id).map(|j| j.file_name);
-    match file {
-        Some(f) => db::farm_state(app.db(), &f),
-        None => Ok(None),
-    }
 }
 
 /// `GET /v1/host/images`: what the server offers, with checksums.

@@ -106,11 +106,7 @@ pub async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         let place = app.refresh(job);
         let (detail, class) = match &place {
             Place::Waiting { position, waiting } => (format!("position {position} of {waiting}"), "waiting"),
-            Place::Running { host, elapsed_secs } => {
-                // A farm job's file waits in running/.farm; its host is the lease's.
-                let host = job.host.as_deref().unwrap_or(host);
-                (format!("on {host} for {elapsed_secs} s"), "running")
-            }
+            Place::Running { host, elapsed_secs } => (format!("on {host} for {elapsed_secs} s"), "running"),
             Place::Done { verdict, .. } => (verdict.clone(), if verdict.starts_with("ok") { "ok" } else { "bad" }),
             Place::Failed { reason } => (reason.clone(), "bad"),
             Place::Missing => (String::new(), "bad"),
