@@ -260,6 +260,32 @@ fn job_status_stops_a_flood_of_pax_global_headers_with_a_clear_error() {
 }
 
 #[test]
+fn job_status_gives_up_on_a_result_of_megabyte_pax_global_headers_at_the_metadata_bound() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // 300 MiB of global headers, each within the per-header limit, one between
+    // entries: about 1 MiB of xz (finding 13 of issue 17).
+    let one = pax(b'g', &pax_record("comment", &"g".repeat((1 << 20) - 64)));
+    let mut tar = Vec::with_capacity(301 << 20);
+    for _ in 0..300 {
+        tar.extend_from_slice(&one);
+        tar.extend_from_slice(&tar_block(b"f", b'0', 0, b""));
+    }
+    tar.resize(tar.len() + 1024, 0);
+    let file = tmp.path().join("globals_d1.tar.xz");
+    xz_file(&tar, &file);
+    drop(tar);
+    assert!(fs::metadata(&file).expect("stat").len() < 2 << 20);
+    // status reads 16 MiB of archive at most, whatever it holds; log and list
+    // read far more, but no more than 16 MiB of headers.
+    let e = err(&host(&["job", "status", "globals_d1.tar.xz"], tmp.path()));
+    assert!(e.contains("produces more than 16777216 bytes"), "status: {e}");
+    for cmd in ["log", "list"] {
+        let e = err(&host(&["job", cmd, "globals_d1.tar.xz"], tmp.path()));
+        assert!(e.contains("more than 16777216 bytes of extension headers in the archive"), "{cmd}: {e}");
+    }
+}
+
+#[test]
 fn job_log_of_a_sparse_entry_declaring_2_pow_62_bytes_stops_at_its_byte_limit() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let records = [

@@ -50,8 +50,7 @@ pub fn read_job<R: Read>(input: R, memlimit: u64) -> Result<ArchiveReader<XzRead
 pub const MAX_STATUS: u64 = 64 << 10;
 
 /// What reading a result's status may cost: 16 MiB of archive and 10 s.
-pub const STATUS_LIMITS: ReadLimits =
-    ReadLimits { max_bytes: 16 << 20, max_time: Some(std::time::Duration::from_secs(10)), ..ReadLimits::UNBOUNDED };
+pub const STATUS_LIMITS: ReadLimits = ReadLimits::new(16 << 20, std::time::Duration::from_secs(10));
 
 /// The status of a result whose first entry is `job_status.json`, as
 /// construir-init always packs it; `None` for anything else. Bounded by

@@ -37,16 +37,26 @@ pub struct ReadLimits {
     pub max_bytes: u64,
     /// Most extension headers in the whole archive (each costs a parse).
     pub max_extensions: u64,
+    /// Most bytes of extension headers (pax records, pax globals, GNU long
+    /// names) in the whole archive: a megabyte of xz can hold hundreds of
+    /// megabytes of records, and reading them must not take seconds.
+    pub max_meta_bytes: u64,
     /// How long reading may take, from when the limits were set.
     pub max_time: Option<Duration>,
 }
 
 impl ReadLimits {
     /// No bound on bytes or time (the guest reading its own job), still bounded in extensions.
-    pub const UNBOUNDED: ReadLimits = ReadLimits { max_bytes: u64::MAX, max_extensions: 1 << 24, max_time: None };
+    pub const UNBOUNDED: ReadLimits =
+        ReadLimits { max_bytes: u64::MAX, max_extensions: 1 << 24, max_meta_bytes: 256 << 20, max_time: None };
 
-    pub fn new(max_bytes: u64, max_time: Duration) -> Self {
-        ReadLimits { max_bytes, max_time: Some(max_time), ..Self::UNBOUNDED }
+    /// Most extension-header bytes a bounded reader (of a guest's result) reads:
+    /// far more than real archives carry (a path a file), little enough to parse
+    /// in a small fraction of a second.
+    pub const RESULT_META_BYTES: u64 = 16 << 20;
+
+    pub const fn new(max_bytes: u64, max_time: Duration) -> Self {
+        ReadLimits { max_bytes, max_time: Some(max_time), max_meta_bytes: Self::RESULT_META_BYTES, ..Self::UNBOUNDED }
     }
 }
 
@@ -72,6 +82,8 @@ pub enum ArchiveError {
     BadSparse { offset: u64 },
     #[error("unsupported sparse format {0} at byte {1} (GNU old sparse and pax 1.0 are supported)")]
     UnsupportedSparse(String, u64),
+    #[error("more than {limit} bytes of extension headers in the archive (the reader's limit) at byte {offset}")]
+    TooMuchMetadata { offset: u64, limit: u64 },
     #[error("more than {limit} {what} at byte {offset}")]
     TooManyExtensions { what: &'static str, offset: u64, limit: u64 },
     #[error("the archive produces more than {limit} bytes (the reader's limit) at byte {offset}")]
@@ -195,6 +207,8 @@ pub struct ArchiveReader<R> {
     /// Hole bytes made up so far for sparse entries.
     holes: u64,
     extensions: u64,
+    /// Bytes of extension headers read so far.
+    meta_bytes: u64,
 }
 
 impl<R: Read> ArchiveReader<R> {
@@ -208,6 +222,7 @@ impl<R: Read> ArchiveReader<R> {
             deadline: None,
             holes: 0,
             extensions: 0,
+            meta_bytes: 0,
         }
     }
 
@@ -557,6 +572,10 @@ impl<R: Read> ArchiveReader<R> {
         if size > limit {
             return Err(ArchiveError::MetadataTooLarge { what, offset: at, size, limit });
         }
+        self.meta_bytes = self.meta_bytes.saturating_add(size);
+        if self.meta_bytes > self.limits.max_meta_bytes {
+            return Err(ArchiveError::TooMuchMetadata { offset: at, limit: self.limits.max_meta_bytes });
+        }
         let mut data = vec![0u8; size as usize];
         if self.fill(&mut data)? < data.len() {
             return Err(ArchiveError::Truncated { offset: self.offset });
@@ -864,6 +883,29 @@ mod tests {
         }
         let limits = ReadLimits { max_extensions: 10, ..ReadLimits::UNBOUNDED };
         assert!(matches!(read_all(&many, limits), Err(ArchiveError::TooManyExtensions { limit: 10, .. })));
+    }
+
+    #[test]
+    fn pax_global_headers_stop_at_the_metadata_limit_long_before_the_archive_ends() {
+        // One global header of 1 MiB between entries, 64 times: 64 MiB of records,
+        // within every per-header and per-entry limit.
+        let record = pax_record("comment", &"x".repeat((1 << 20) - 64));
+        let one = pax_entry(b'g', &record);
+        let mut bytes = Vec::new();
+        for _ in 0..64 {
+            bytes.extend_from_slice(&one);
+            bytes.extend_from_slice(&header_block(b"f", b'0', 0));
+        }
+        bytes.resize(bytes.len() + 1024, 0);
+        let limits = ReadLimits::new(u64::MAX, Duration::from_secs(3600));
+        match read_all(&bytes, limits) {
+            Err(ArchiveError::TooMuchMetadata { offset, limit }) => {
+                assert_eq!(limit, ReadLimits::RESULT_META_BYTES);
+                assert!(offset <= limit + (2 << 20), "read {offset} bytes before stopping");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(read_all(&bytes, ReadLimits::UNBOUNDED).is_ok(), "64 MiB is within the guest's own bound");
     }
 
     #[test]
