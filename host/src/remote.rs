@@ -10,6 +10,12 @@
 //! frozen, and another host has the job) stops the job's VM here; its
 //! result is dropped, and would be refused.
 //!
+//! Renewals run on a thread of their own (`renew_loop`), beside the pump's
+//! transfers: however long a download or a delivery takes over a slow link,
+//! every other lease this host holds is renewed on time, and the lease of
+//! the job being moved too (the server also renews a lease while its own
+//! transfer moves).
+//!
 //! The host also fetches the images the server offers that it lacks, and
 //! installs one only when every file matches the server's checksums.
 
@@ -281,17 +287,97 @@ fn fetch_image(api: &Api, images: &Path, name: &str, checksum: &str, offered: &V
     }
 }
 
-/// A job this host holds a lease on.
+/// A lease as the renewer keeps it alive.
+#[derive(Debug, Clone)]
+struct Lease {
+    seq: u64,
+    file_name: String,
+    /// Its term, as the server last said.
+    term: Duration,
+    renewed: Instant,
+    /// Console bytes the server has.
+    console_sent: u64,
+    /// The server no longer honours the lease: drop whatever comes of the job.
+    lost: bool,
+    /// Its result or failure is being delivered: a refusal of a renewal now
+    /// means the delivery ended the lease, and the delivery's answer decides.
+    delivering: bool,
+}
+
+/// The leases this host holds, by job id: the pump adds and removes them,
+/// the renewer keeps them alive. Never held across a request to the server.
+#[derive(Default)]
+struct Leases(Mutex<HashMap<String, Lease>>);
+
+impl Leases {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lost(&self, id: &str) -> bool {
+        self.lock().get(id).is_some_and(|l| l.lost)
+    }
+
+    fn set_delivering(&self, id: &str, on: bool) {
+        if let Some(l) = self.lock().get_mut(id) {
+            l.delivering = on;
+        }
+    }
+}
+
+/// Renews every lease in `leases` about every third of its term (at least
+/// every 2 s, so that the console follows closely), with the console that is
+/// new, until `done`. Runs on its own thread: nothing the pump does waits on it,
+/// and it waits on nothing the pump does.
+fn renew_loop(api: &Api, dirs: &Dirs, leases: &Leases, done: &AtomicBool) {
+    while !done.load(Ordering::Relaxed) {
+        let due: Vec<(String, Lease)> = leases
+            .lock()
+            .iter()
+            .filter(|(_, l)| !l.lost && l.renewed.elapsed() >= (l.term / 3).min(Duration::from_secs(2)))
+            .map(|(id, l)| (id.clone(), l.clone()))
+            .collect();
+        for (id, l) in due {
+            let console = queue::live_console(dirs, OsStr::new(&l.file_name));
+            let chunk = read_from(&console, l.console_sent, 256 << 10);
+            let path = format!("host/jobs/{id}/renew?seq={}&offset={}", l.seq, l.console_sent);
+            let answer = api.post_bytes(&path, &chunk);
+            let mut map = leases.lock();
+            let Some(held) = map.get_mut(&id).filter(|h| h.seq == l.seq) else { continue };
+            match answer {
+                Ok((200, v)) => {
+                    held.renewed = Instant::now();
+                    held.console_sent = l.console_sent + chunk.len() as u64;
+                    if let Some(ms) = v["lease_ms"].as_u64() {
+                        held.term = Duration::from_millis(ms);
+                    }
+                    if v["cancel"].as_bool() == Some(true) {
+                        request_cancel(dirs, &l.file_name, "its submitter cancelled it");
+                    }
+                }
+                Ok(answer) if answer.0 == 409 && held.delivering => {}
+                Ok(answer) if answer.0 == 409 => {
+                    log::warn!("job {}: lease lost ({}); stopping it here", l.file_name, why(&answer));
+                    held.lost = true;
+                    drop(map);
+                    request_cancel(dirs, &l.file_name, "its lease was lost");
+                    // Not yet claimed by the daemon: take it out of the spool.
+                    let _ = fs::remove_file(dirs.queue.join(&l.file_name));
+                }
+                Ok(answer) => log::warn!("job {}: cannot renew its lease ({})", l.file_name, why(&answer)),
+                Err(e) => log::warn!("job {}: cannot renew its lease: {e:#}", l.file_name),
+            }
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A job this host holds a lease on, as the pump follows it.
 #[derive(Debug, Clone)]
 struct Held {
     id: String,
     seq: u64,
     file_name: String,
-    lease: Duration,
-    renewed: Instant,
-    console_sent: u64,
-    /// The server no longer honours the lease: drop whatever comes of the job.
-    lost: bool,
     /// When the job was first seen nowhere in the spool.
     vanished: Option<Instant>,
     /// When delivery last failed for want of the server.
@@ -336,12 +422,18 @@ pub fn run(opts: &RunOptions, remote: &Remote, stop: Arc<AtomicBool>) -> Result<
     // Verified in full before the server hears of them, and again at every check.
     let verified = Arc::new(Mutex::new(verified_images(&dirs.images)));
     let pump_done = Arc::new(AtomicBool::new(false));
+    let leases = Arc::new(Leases::default());
+    let renewals_done = Arc::new(AtomicBool::new(false));
+    let renewer = {
+        let (api, dirs, leases, done) = (api.clone(), dirs.clone(), leases.clone(), renewals_done.clone());
+        thread::Builder::new().name("renew".into()).spawn(move || renew_loop(&api, &dirs, &leases, &done))?
+    };
     let pump = {
         let (api, dirs, stop, done) = (api.clone(), dirs.clone(), stop.clone(), pump_done.clone());
         let (capacity, host_id, remote) = (opts.workers as u64, opts.limits.host_id.clone(), remote.clone());
-        let (rules, images) = (opts.rules, verified.clone());
+        let (rules, images, leases) = (opts.rules, verified.clone(), leases.clone());
         thread::Builder::new().name("pump".into()).spawn(move || {
-            let mut pump = Pump { api, dirs, host_id, capacity, remote, rules, images, held: HashMap::new() };
+            let mut pump = Pump { api, dirs, host_id, capacity, remote, rules, images, leases, held: HashMap::new() };
             pump.run(&stop, &done);
         })?
     };
@@ -368,6 +460,8 @@ pub fn run(opts: &RunOptions, remote: &Remote, stop: Arc<AtomicBool>) -> Result<
     stop.store(true, Ordering::Relaxed);
     pump_done.store(true, Ordering::Relaxed);
     let _ = pump.join();
+    renewals_done.store(true, Ordering::Relaxed);
+    let _ = renewer.join();
     let _ = images.join();
     summary
 }
@@ -384,6 +478,8 @@ struct Pump {
     rules: queue::Rules,
     /// The images verified here, as (number, checksum of image.toml).
     images: Arc<Mutex<Vec<(String, String)>>>,
+    /// What the renewer keeps alive.
+    leases: Arc<Leases>,
     held: HashMap<String, Held>,
 }
 
@@ -405,7 +501,6 @@ impl Pump {
             let stopping = stop.load(Ordering::Relaxed);
             let finished = daemon_done.load(Ordering::Relaxed);
             self.deliver_all(finished);
-            self.renew_all();
             if stopping {
                 if !stopping_noted {
                     stopping_noted = true;
@@ -472,10 +567,6 @@ impl Pump {
             id: id.to_owned(),
             seq,
             file_name: job.input_file_name(),
-            lease: Duration::from_millis(lease_ms),
-            renewed: Instant::now(),
-            console_sent: 0,
-            lost: false,
             vanished: None,
             retry_at: None,
             retries: 0,
@@ -496,16 +587,49 @@ impl Pump {
         }
         let partial = self.dirs.work.join(format!(".fetch.{}", held.file_name));
         fs::create_dir_all(&self.dirs.work)?;
-        let answer = self.api.download(&format!("host/jobs/{id}/file?seq={seq}"), &partial, size)?;
-        if answer.0 != 200 {
+        // Renewed from now on, the download included.
+        self.track(&held, Duration::from_millis(lease_ms));
+        let fetched = self.api.download(&format!("host/jobs/{id}/file?seq={seq}"), &partial, size);
+        let failed = match &fetched {
+            Ok(answer) if answer.0 == 200 => None,
+            Ok(answer) => Some(format!("cannot download job {id} ({})", why(answer))),
+            Err(e) => Some(format!("cannot download job {id}: {e:#}")),
+        };
+        if let Some(why) = failed {
             let _ = fs::remove_file(&partial);
-            bail!("cannot download job {id} ({})", why(&answer));
+            self.leases.lock().remove(id);
+            bail!("{why}");
+        }
+        if self.leases.lost(id) {
+            let _ = fs::remove_file(&partial);
+            self.leases.lock().remove(id);
+            bail!("job {id}: the lease was lost while it downloaded");
         }
         // Renamed in whole: the daemon never sees a file being written.
         fs::rename(&partial, self.dirs.queue.join(&held.file_name))
             .with_context(|| format!("cannot put {} into {}", held.file_name, self.dirs.queue.display()))?;
         self.held.insert(held.id.clone(), held);
         Ok(true)
+    }
+
+    /// Hands a lease to the renewer.
+    fn track(&self, held: &Held, term: Duration) {
+        let lease = Lease {
+            seq: held.seq,
+            file_name: held.file_name.clone(),
+            term,
+            renewed: Instant::now(),
+            console_sent: 0,
+            lost: false,
+            delivering: false,
+        };
+        self.leases.lock().insert(held.id.clone(), lease);
+    }
+
+    /// Done with a job: the pump and the renewer forget it.
+    fn forget(&mut self, id: &str) -> Option<Held> {
+        self.leases.lock().remove(id);
+        self.held.remove(id)
     }
 
     fn locate(&self, file_name: &str) -> Local {
@@ -549,25 +673,26 @@ impl Pump {
                     }
                 }
                 Local::Done { result, log } => {
-                    let (lost, name) = (held.lost, held.file_name.clone());
+                    let (lost, name) = (self.leases.lost(&id), held.file_name.clone());
                     if lost {
                         log::warn!("job {name}: finished, but its lease was lost: result dropped");
                     }
                     if lost || self.report_done(&id, &result, &log) {
                         remove_all(&[result, log]);
-                        self.held.remove(&id);
+                        self.forget(&id);
                     }
                 }
                 Local::Failed { reason, log, file } => {
                     let h = held.clone();
-                    if h.lost {
+                    let lost = self.leases.lost(&id);
+                    if lost {
                         log::warn!("job {}: ended, but its lease was lost: nothing to report", h.file_name);
                     }
-                    if h.lost || self.report_failed(&h, &reason, log.as_deref()) {
+                    if lost || self.report_failed(&h, &reason, log.as_deref()) {
                         let mut files = vec![file.clone(), with_suffix(&file, ".reason")];
                         files.extend(log);
                         remove_all(&files);
-                        self.held.remove(&id);
+                        self.forget(&id);
                     }
                 }
                 Local::Nowhere => {
@@ -575,7 +700,7 @@ impl Pump {
                     // or someone removed it): the server hands it out again.
                     let since = self.held.get_mut(&id).map(|h| *h.vanished.get_or_insert_with(Instant::now));
                     if daemon_finished || since.is_some_and(|t| t.elapsed() >= Duration::from_secs(5)) {
-                        if let Some(h) = self.held.remove(&id) {
+                        if let Some(h) = self.forget(&id) {
                             log::warn!("job {}: gone from the spool without an ending; giving it back", h.file_name);
                             self.release(&h);
                         }
@@ -590,6 +715,7 @@ impl Pump {
     fn report_done(&mut self, id: &str, result: &Path, log: &Path) -> bool {
         let Some(h) = self.held.get(id) else { return true };
         let (seq, name) = (h.seq, h.file_name.clone());
+        self.leases.set_delivering(id, true);
         let sent = (|| -> Result<Answer> {
             let mut log_file = File::open(log).with_context(|| format!("cannot open {}", log.display()))?;
             let result_file = File::open(result).with_context(|| format!("cannot open {}", result.display()))?;
@@ -602,11 +728,13 @@ impl Pump {
                 log_file.chain(result_file),
             )
         })();
+        self.leases.set_delivering(id, false);
         self.settle(id, &name, "result", sent)
     }
 
     /// Sends the log (if any) and the reason; `true` when the job needs no more from this host.
     fn report_failed(&mut self, held: &Held, reason: &str, log: Option<&Path>) -> bool {
+        self.leases.set_delivering(&held.id, true);
         let sent = (|| -> Result<Answer> {
             let log_bytes = match log {
                 Some(p) => fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
@@ -617,6 +745,7 @@ impl Pump {
             let path = format!("host/jobs/{}/failed?seq={}&log_bytes={}", held.id, held.seq, log_bytes.len());
             self.api.post_bytes(&path, &body)
         })();
+        self.leases.set_delivering(&held.id, false);
         self.settle(&held.id, &held.file_name, "failure", sent)
     }
 
@@ -660,42 +789,6 @@ impl Pump {
         }
     }
 
-    /// Renews each lease about every third of its term (at least every 2 s,
-    /// so that the console follows closely), with the console that is new.
-    fn renew_all(&mut self) {
-        let cancel_dirs = &self.dirs;
-        for h in self.held.values_mut().filter(|h| !h.lost) {
-            let every = (h.lease / 3).min(Duration::from_secs(2));
-            if h.renewed.elapsed() < every {
-                continue;
-            }
-            let console = queue::live_console(cancel_dirs, OsStr::new(&h.file_name));
-            let chunk = read_from(&console, h.console_sent, 256 << 10);
-            let path = format!("host/jobs/{}/renew?seq={}&offset={}", h.id, h.seq, h.console_sent);
-            match self.api.post_bytes(&path, &chunk) {
-                Ok((200, v)) => {
-                    h.renewed = Instant::now();
-                    h.console_sent += chunk.len() as u64;
-                    if let Some(ms) = v["lease_ms"].as_u64() {
-                        h.lease = Duration::from_millis(ms);
-                    }
-                    if v["cancel"].as_bool() == Some(true) {
-                        request_cancel(cancel_dirs, &h.file_name, "its submitter cancelled it");
-                    }
-                }
-                Ok(answer) if answer.0 == 409 => {
-                    log::warn!("job {}: lease lost ({}); stopping it here", h.file_name, why(&answer));
-                    h.lost = true;
-                    request_cancel(cancel_dirs, &h.file_name, "its lease was lost");
-                    // Not yet claimed by the daemon: take it out of the spool.
-                    let _ = fs::remove_file(cancel_dirs.queue.join(&h.file_name));
-                }
-                Ok(answer) => log::warn!("job {}: cannot renew its lease ({})", h.file_name, why(&answer)),
-                Err(e) => log::warn!("job {}: cannot renew its lease: {e:#}", h.file_name),
-            }
-        }
-    }
-
     /// Gives back the jobs the daemon has not started, when the host stops.
     fn release_waiting(&mut self) {
         let waiting: Vec<String> = self
@@ -708,7 +801,7 @@ impl Pump {
             let Some(h) = self.held.get(&id) else { continue };
             // Out of the spool first: if the daemon claimed it just now, it runs and is delivered.
             if fs::remove_file(self.dirs.queue.join(&h.file_name)).is_ok() {
-                if let Some(h) = self.held.remove(&id) {
+                if let Some(h) = self.forget(&id) {
                     self.release(&h);
                 }
             }
@@ -724,7 +817,7 @@ impl Pump {
                 let Some(h) = self.held.get(&id) else { continue };
                 if let Local::Waiting = self.locate(&h.file_name) {
                     let _ = fs::remove_file(self.dirs.queue.join(&h.file_name));
-                    if let Some(h) = self.held.remove(&id) {
+                    if let Some(h) = self.forget(&id) {
                         self.release(&h);
                     }
                 }
