@@ -21,8 +21,15 @@ struct Cli {
     /// The server [default: $CONSTRUIR_SERVER, then `server` in ~/.config/construir/client.toml, then http://127.0.0.1:8765].
     #[arg(long, global = true, value_name = "URL")]
     server: Option<String>,
-    /// Your account's token [default: $CONSTRUIR_TOKEN, then `token` in ~/.config/construir/client.toml].
-    #[arg(long, global = true, value_name = "TOKEN")]
+    /// A file holding your account's token [default: $CONSTRUIR_TOKEN_FILE, then
+    /// $CONSTRUIR_TOKEN, then `token` in ~/.config/construir/client.toml]. Keep it 0600.
+    /// (`--token TOKEN` works too, but every user of the machine can read a command line.)
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Your account's token. Avoid it: a command line is visible to every user
+    /// of the machine (ps) and stays in shell history; prefer --token-file,
+    /// $CONSTRUIR_TOKEN or the config file.
+    #[arg(long, global = true, value_name = "TOKEN", hide = true)]
     token: Option<String>,
     /// Trust this certificate (PEM) for an https server, instead of the usual roots
     /// [default: $CONSTRUIR_CA_CERT, then `ca_cert` in ~/.config/construir/client.toml].
@@ -111,7 +118,12 @@ struct Client {
 }
 
 impl Client {
-    fn new(cli_server: Option<String>, cli_token: Option<String>, cli_ca: Option<PathBuf>) -> Result<Client> {
+    fn new(
+        cli_server: Option<String>,
+        cli_token: Option<String>,
+        cli_token_file: Option<PathBuf>,
+        cli_ca: Option<PathBuf>,
+    ) -> Result<Client> {
         let file: ClientConfig = match config_file() {
             Some(path) if path.exists() => {
                 let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -123,7 +135,14 @@ impl Client {
             .or_else(|| std::env::var("CONSTRUIR_SERVER").ok())
             .or(file.server)
             .unwrap_or_else(|| "http://127.0.0.1:8765".to_owned());
-        let token = cli_token.or_else(|| std::env::var("CONSTRUIR_TOKEN").ok()).or(file.token);
+        let token = match cli_token {
+            Some(t) => Some(t),
+            None => {
+                read_token_file(cli_token_file.or_else(|| std::env::var_os("CONSTRUIR_TOKEN_FILE").map(PathBuf::from)))?
+                    .or_else(|| std::env::var("CONSTRUIR_TOKEN").ok())
+                    .or(file.token)
+            }
+        };
         let ca = cli_ca.or_else(|| std::env::var_os("CONSTRUIR_CA_CERT").map(PathBuf::from)).or(file.ca_cert);
         let mut config =
             ureq::Agent::config_builder().http_status_as_error(false).timeout_connect(Some(Duration::from_secs(10)));
@@ -140,7 +159,7 @@ impl Client {
 
     fn auth(&self) -> Result<String> {
         let token = self.token.as_deref().context(
-            "no token: give --token, set CONSTRUIR_TOKEN, or put `token = \"...\"` in ~/.config/construir/client.toml",
+            "no token: give --token-file FILE, set CONSTRUIR_TOKEN_FILE or CONSTRUIR_TOKEN, or put `token = \"...\"` in ~/.config/construir/client.toml",
         )?;
         Ok(format!("Bearer {token}"))
     }
@@ -213,6 +232,27 @@ impl Client {
     }
 }
 
+/// The token in `path` (its first line, trimmed), when a path is given.
+fn read_token_file(path: Option<PathBuf>) -> Result<Option<String>> {
+    let Some(path) = path else { return Ok(None) };
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    if token.is_empty() {
+        bail!("the token file {} is empty", path.display());
+    }
+    Ok(Some(token))
+}
+
+/// A value from the server as text for a person: strings as they are, anything
+/// else as JSON, and all of it through the one sanitizer.
+fn shown(v: &Value) -> String {
+    match v {
+        Value::String(s) => jobfile::sanitize(s.as_bytes()),
+        other => jobfile::sanitize(other.to_string().as_bytes()),
+    }
+}
+
 fn checked_id(id: &str) -> Result<&str> {
     if id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(id)
@@ -221,15 +261,15 @@ fn checked_id(id: &str) -> Result<&str> {
     }
 }
 
-/// One line saying where a job is.
+/// One line saying where a job is, sanitized.
 fn describe(job: &Value) -> String {
     let place = &job["place"];
     match job["state"].as_str().unwrap_or("?") {
-        "waiting" => format!("waiting: position {} of {}", place["position"], place["waiting"]),
-        "running" => format!("running on {} for {} s", place["host"].as_str().unwrap_or("?"), place["elapsed_secs"]),
-        "done" => format!("done: {}", place["verdict"].as_str().unwrap_or("?")),
-        "failed" => format!("failed: {}", place["reason"].as_str().unwrap_or("?")),
-        other => other.to_owned(),
+        "waiting" => format!("waiting: position {} of {}", shown(&place["position"]), shown(&place["waiting"])),
+        "running" => format!("running on {} for {} s", shown(&place["host"]), shown(&place["elapsed_secs"])),
+        "done" => format!("done: {}", shown(&place["verdict"])),
+        "failed" => format!("failed: {}", shown(&place["reason"])),
+        other => jobfile::sanitize(other.as_bytes()),
     }
 }
 
@@ -245,7 +285,7 @@ fn wait(client: &Client, id: &str) -> Result<bool> {
         let key =
             if state == "running" { format!("running {}", started.elapsed().as_secs() / 60) } else { line.clone() };
         if key != last {
-            eprintln!("construir: {id}: {}", jobfile::sanitize(line.as_bytes()));
+            eprintln!("construir: {id}: {line}");
             last = key;
         }
         match state.as_str() {
@@ -257,7 +297,7 @@ fn wait(client: &Client, id: &str) -> Result<bool> {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let client = || Client::new(cli.server.clone(), cli.token.clone(), cli.ca_cert.clone());
+    let client = || Client::new(cli.server.clone(), cli.token.clone(), cli.token_file.clone(), cli.ca_cert.clone());
     match cli.command {
         Command::Pack(request) => {
             let packed = tools::pack(&request)?;
@@ -292,7 +332,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 path
             };
             let job = client.submit(&file)?;
-            let id = job["id"].as_str().context("the server gave no id")?.to_owned();
+            let id = checked_id(job["id"].as_str().context("the server gave no id")?)?.to_owned();
             println!("{id}");
             eprintln!("construir: submitted {} as {id}: {}", file.display(), describe(&job));
             if then_wait {
@@ -303,7 +343,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             return Ok(if wait(&client()?, checked_id(&id)?)? { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
         Command::Status { id } => {
-            println!("{}", serde_json::to_string_pretty(&client()?.job(&id)?)?);
+            // Every key and string through the one sanitizer: job_status.json is the guest's writing.
+            println!("{}", serde_json::to_string_pretty(&tools::sanitize_json(client()?.job(&id)?))?);
         }
         Command::Log { id, follow } => {
             let client = client()?;
@@ -360,11 +401,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for job in list["jobs"].as_array().into_iter().flatten() {
                 println!(
                     "{}  {:<20}  i{:<4} {}  {}",
-                    job["id"].as_str().unwrap_or("?"),
-                    job["submitted"].as_str().unwrap_or("?"),
-                    job["image"].as_str().unwrap_or("?"),
-                    jobfile::sanitize(job["name"].as_str().unwrap_or("?").as_bytes()),
-                    jobfile::sanitize(describe(job).as_bytes())
+                    shown(&job["id"]),
+                    shown(&job["submitted"]),
+                    shown(&job["image"]),
+                    shown(&job["name"]),
+                    describe(job)
                 );
             }
         }
@@ -376,19 +417,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             println!("{:<20} {:>10} {:>8} {:>7}  IMAGES", "HOST", "SEEN", "CAPACITY", "RUNNING");
             for h in &hosts {
-                let images: Vec<String> = h["images"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|i| i["name"].as_str().map(|n| format!("i{n}")))
-                    .collect();
+                let images: Vec<String> =
+                    h["images"].as_array().into_iter().flatten().map(|i| format!("i{}", shown(&i["name"]))).collect();
                 println!(
                     "{:<20} {:>8} s {:>8} {:>7}  {}",
-                    jobfile::sanitize(h["name"].as_str().unwrap_or("?").as_bytes()),
-                    h["seen_secs_ago"].to_string(),
-                    h["capacity"].to_string(),
-                    h["running"].to_string(),
-                    jobfile::sanitize(images.join(" ").as_bytes())
+                    shown(&h["name"]),
+                    shown(&h["seen_secs_ago"]),
+                    shown(&h["capacity"]),
+                    shown(&h["running"]),
+                    images.join(" ")
                 );
             }
         }
@@ -401,7 +438,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .send_empty()?;
             let job = client.json(resp)?;
             match job["cancel"].as_str() {
-                Some(note) => eprintln!("construir: {id}: cancel {note}"),
+                Some(note) => eprintln!("construir: {id}: cancel {}", jobfile::sanitize(note.as_bytes())),
                 None => eprintln!("construir: {id}: {}", describe(&job)),
             }
         }
@@ -410,7 +447,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let resp =
                 client.agent.post(client.url("page-link")).header("Authorization", client.auth()?).send_empty()?;
             let link = client.json(resp)?;
-            println!("{}{}", client.server, link["path"].as_str().context("the server gave no link")?);
+            let path = link["path"].as_str().context("the server gave no link")?;
+            println!("{}{}", client.server, jobfile::sanitize(path.as_bytes()));
         }
         Command::Unpack { file, dir } => unpack_into(&file, &dir)?,
     }

@@ -268,7 +268,9 @@ pub fn status(path: &Path) -> Result<serde_json::Value, JobToolError> {
     Ok(sanitize_json(value))
 }
 
-fn sanitize_json(value: serde_json::Value) -> serde_json::Value {
+/// Every key and string of a JSON value, through the one sanitizer: what a
+/// guest or a server wrote reaches a terminal escaped, whatever the format.
+pub fn sanitize_json(value: serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
     match value {
         Value::String(s) => Value::String(sanitize(s.as_bytes())),
