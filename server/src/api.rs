@@ -2,10 +2,9 @@
 //! <token>`; an account sees and touches only its own jobs (another's id is
 //! a 404, as if it did not exist).
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -20,10 +19,26 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
-use crate::auth;
+use crate::auth::{self, Failure};
 use crate::db::{self, Account, JobRecord, Kind, Limits};
+use crate::quota::{self, Refusal, UploadRules};
 use crate::sql::Database;
 use crate::store::{Place, Store, XZ_MAGIC};
+
+/// How the server treats uploads and the clients that send them.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Limits for accounts that set none of their own.
+    pub defaults: Limits,
+    /// How long an upload may go without sending a byte.
+    pub idle_timeout: Duration,
+    /// How long a whole upload may take, however steadily it trickles.
+    pub upload_timeout: Duration,
+    /// Uploads under way per account, and the disk's reserve.
+    pub uploads: UploadRules,
+    /// Whether clients reach the server over TLS (the page's cookie is then `Secure`).
+    pub tls: bool,
+}
 
 /// Everything a request handler reaches.
 pub struct App {
@@ -33,31 +48,27 @@ pub struct App {
     pub defaults: Limits,
     /// How long an upload may go without sending a byte.
     pub idle_timeout: Duration,
-    /// Failed authentications per client address, in the current minute.
-    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    pub settings: Settings,
+    /// Failed authentications per client.
+    failures: auth::Failures,
     /// The page's login links and sessions.
     pub sessions: crate::page::Sessions,
     /// How remote build hosts are handed jobs.
     pub farm: crate::farm::Settings,
 }
 
-/// Failed authentications a client may make in a minute before it is refused outright.
+/// Failed authentications a client may make in a minute before its failures are answered 429.
 const MAX_FAILURES_PER_MINUTE: u32 = 10;
 
 impl App {
-    pub fn new(
-        db: Database,
-        store: Store,
-        defaults: Limits,
-        idle_timeout: Duration,
-        farm: crate::farm::Settings,
-    ) -> Arc<App> {
+    pub fn new(db: Database, store: Store, settings: Settings, farm: crate::farm::Settings) -> Arc<App> {
         Arc::new(App {
             db,
             store,
-            defaults,
-            idle_timeout,
-            failures: Mutex::new(HashMap::new()),
+            defaults: settings.defaults,
+            idle_timeout: settings.idle_timeout,
+            settings,
+            failures: auth::Failures::new(MAX_FAILURES_PER_MINUTE, Duration::from_secs(60)),
             sessions: crate::page::Sessions::default(),
             farm,
         })
@@ -67,23 +78,33 @@ impl App {
         &self.db
     }
 
-    /// Brings a job's record up to what the directories say; returns where it is.
-    pub fn refresh(&self, job: &JobRecord) -> Place {
-        let mut place = self.store.locate(&job.file_name);
+    /// Where a job is, as the directories say (only the server's own file counts).
+    pub fn locate(&self, job: &JobRecord) -> Place {
+        let mut place = self.store.locate(&job.file_name, job.file_id);
         if let (Place::Running { host, .. }, Some(lease_host)) = (&mut place, &job.host) {
             // A farm job's file waits in running/.farm; its host is the lease's.
             host.clone_from(lease_host);
         }
+        place
+    }
+
+    /// Brings a job's record up to what the directories say; returns where it is.
+    pub fn refresh(&self, job: &JobRecord) -> Place {
+        let place = self.locate(job);
         let (verdict, bytes) = match &place {
             Place::Done { verdict, result_bytes } => (Some(verdict.as_str()), Some(*result_bytes)),
             Place::Failed { reason } => (Some(reason.as_str()), None),
             _ => (None, None),
         };
+        if place.is_final() {
+            // A cancel that came too late has nothing left to stop.
+            self.store.forget_cancel(&job.file_name);
+        }
         // A finished job whose files retention removed keeps its last state.
         if !(place == Place::Missing && job.deleted.is_some()) {
             // One transaction reads, changes and audits: two requests never both log the same change.
             if let Err(e) = db::update_state(self.db(), &job.id, place.name(), verdict, bytes) {
-                log::error!("cannot record job {}: {e}", job.id);
+                log::error!("cannot record job {}: {}", job.id, jobfile::error_chain(&e));
             }
         }
         place
@@ -101,20 +122,22 @@ impl ApiError {
         ApiError { status, body: json!({ "error": message.into() }) }
     }
 
-    fn limit(status: StatusCode, limit: &str, allowed: u64, would_be: u64, message: String) -> ApiError {
-        ApiError {
-            status,
-            body: json!({ "error": message, "limit": limit, "allowed": allowed, "requested": would_be, "over_by": would_be.saturating_sub(allowed) }),
-        }
-    }
-
     pub(crate) fn not_found() -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "no such job")
     }
 
-    pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
-        log::error!("internal error: {e}");
+    pub(crate) fn internal(e: impl std::error::Error) -> ApiError {
+        log::error!("internal error: {}", jobfile::error_chain(&e));
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error; the server's log says more")
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> ApiError {
+        let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+        let mut body = serde_json::to_value(&r).unwrap_or_else(|_| json!({ "error": r.message }));
+        body["over_by"] = json!(r.requested.saturating_sub(r.allowed));
+        ApiError { status, body }
     }
 }
 
@@ -127,6 +150,7 @@ impl IntoResponse for ApiError {
 pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 pub fn router(app: Arc<App>) -> Router {
+    use axum::extract::DefaultBodyLimit;
     Router::new()
         .route("/v1/whoami", get(whoami))
         .route("/v1/jobs", post(submit).get(list))
@@ -136,56 +160,57 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/page-link", post(crate::page::page_link))
         .route("/v1/hosts", get(crate::farm::hosts))
-        .route("/v1/host/lease", post(crate::farm::lease))
+        .route("/v1/host/lease", post(crate::farm::lease).layer(DefaultBodyLimit::max(crate::farm::MAX_LEASE_BODY)))
         .route("/v1/host/images", get(crate::farm::images))
         .route("/v1/host/images/{image}/{file}", get(crate::farm::image_file))
         .route("/v1/host/jobs/{id}/file", get(crate::farm::job_file))
-        .route("/v1/host/jobs/{id}/renew", post(crate::farm::renew))
+        .route(
+            "/v1/host/jobs/{id}/renew",
+            post(crate::farm::renew).layer(DefaultBodyLimit::max(crate::farm::MAX_RENEW_BODY)),
+        )
         .route("/v1/host/jobs/{id}/done", post(crate::farm::done))
         .route("/v1/host/jobs/{id}/failed", post(crate::farm::failed))
         .route("/v1/host/jobs/{id}/release", post(crate::farm::release))
         .route("/page", get(crate::page::page))
+        .route("/page/login", post(crate::page::confirm_login).layer(DefaultBodyLimit::max(4096)))
         .route("/page/login/{secret}", get(crate::page::login))
         .route("/page/jobs/{id}/{what}", get(crate::page::page_file))
+        .layer(axum::middleware::map_response(crate::page::security_headers))
         .with_state(app)
 }
 
-/// The account a request's bearer token names, after checking it.
+/// The account a request's bearer token names, after checking it. Only a
+/// token that fails counts against the client (`auth::Failures`), and a
+/// token that verifies is never refused, whatever else came from its address.
 pub fn authenticate(app: &App, headers: &HeaderMap, peer: IpAddr) -> ApiResult<Account> {
-    {
-        let failures = app.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((n, since)) = failures.get(&peer) {
-            if *n >= MAX_FAILURES_PER_MINUTE && since.elapsed() < Duration::from_secs(60) {
-                return Err(ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too many failed authentications; wait a minute",
-                ));
-            }
-        }
-    }
-    let token = headers
+    let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "a valid token is needed: Authorization: Bearer <token>");
+    let Some(token) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let account = token.and_then(|t| {
-        let id = auth::account_of(t)?;
-        let account = db::account_by_id(app.db(), id).ok()??;
-        (auth::matches(t, &account.token_hash) && !account.disabled).then_some(account)
-    });
-    match account {
-        Some(a) => Ok(a),
-        None => {
-            let mut failures = app.failures.lock().unwrap_or_else(|p| p.into_inner());
-            let entry = failures.entry(peer).or_insert((0, Instant::now()));
-            if entry.1.elapsed() >= Duration::from_secs(60) {
-                *entry = (0, Instant::now());
+        .map(str::trim)
+    else {
+        // No token is no attempt: nothing to count, nothing to guess.
+        return Err(refused());
+    };
+    let account = auth::account_of(token).and_then(|id| db::account_by_id(app.db(), id).ok().flatten());
+    if let Some(a) = account.filter(|a| auth::matches(token, &a.token_hash) && !a.disabled) {
+        return Ok(a);
+    }
+    match app.failures.record(peer, Instant::now()) {
+        Failure::First => log::warn!("refused a request from {peer}: bad token"),
+        Failure::Again(_) => log::warn!("refused a request from {peer}: bad token"),
+        Failure::TooMany(n) => {
+            if n == MAX_FAILURES_PER_MINUTE + 1 {
+                log::warn!("{peer}: more than {MAX_FAILURES_PER_MINUTE} bad tokens this minute; answering 429, not logging each");
             }
-            entry.0 += 1;
-            log::warn!("refused a request from {peer}: {}", if token.is_some() { "bad token" } else { "no token" });
-            Err(ApiError::new(StatusCode::UNAUTHORIZED, "a valid token is needed: Authorization: Bearer <token>"))
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many failed authentications from your address; wait a minute (valid tokens are not affected)",
+            ));
         }
     }
+    Err(refused())
 }
 
 async fn whoami(State(app): State<Arc<App>>, Authed(account): Authed) -> ApiResult<Json<serde_json::Value>> {
@@ -198,16 +223,31 @@ struct SubmitQuery {
     image: String,
 }
 
-/// Removes a half-written upload however the handler ends (error, or a client that went away).
-struct UploadGuard(Option<PathBuf>);
+/// Removes a half-written upload and its reservation however the handler
+/// ends (an error, or a client that went away).
+struct UploadGuard<'a> {
+    app: &'a App,
+    path: Option<PathBuf>,
+    id: String,
+}
 
-impl Drop for UploadGuard {
+impl Drop for UploadGuard<'_> {
     fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
+        if let Some(p) = self.path.take() {
             let _ = std::fs::remove_file(p);
+            if let Err(e) = db::drop_upload(self.app.db(), &self.id) {
+                log::error!(
+                    "job {}: cannot drop the reservation of a broken upload: {}",
+                    self.id,
+                    jobfile::error_chain(&e)
+                );
+            }
         }
     }
 }
+
+/// How often, in bytes received, an upload checks the disk's reserve again.
+const DISK_CHECK_EVERY: u64 = 8 << 20;
 
 async fn submit(
     State(app): State<Arc<App>>,
@@ -222,78 +262,67 @@ async fn submit(
     if !app.store.has_image(job_name.image()) {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("no image i{} on this server", job_name.image())));
     }
-    // Limits that do not depend on this upload's bytes.
-    let mine = db::jobs_of(app.db(), account.id).map_err(ApiError::internal)?;
-    // Two stats a job (done/ or failed/ has it), not a walk of the queue for each.
-    let unfinished = |j: &&JobRecord| {
-        j.deleted.is_none() && j.state != "done" && j.state != "failed" && !app.store.finished(&j.file_name)
-    };
-    let waiting = mine.iter().filter(unfinished).count() as u64;
-    if let Some(max) = limits.max_waiting {
-        if waiting + 1 > max {
-            return Err(ApiError::limit(
-                StatusCode::TOO_MANY_REQUESTS,
-                "max_waiting",
-                max,
-                waiting + 1,
-                format!("{waiting} of your jobs are not finished; the limit is {max}"),
-            ));
-        }
-    }
-    if let Some(max) = limits.max_per_hour {
-        let n = db::submitted_since(app.db(), account.id, db::unix_now() - 3600).map_err(ApiError::internal)?;
-        if n + 1 > max {
-            return Err(ApiError::limit(
-                StatusCode::TOO_MANY_REQUESTS,
-                "max_per_hour",
-                max,
-                n + 1,
-                format!("you submitted {n} jobs in the last hour; the limit is {max}"),
-            ));
-        }
-    }
-    let stored: u64 = mine.iter().filter(|j| j.deleted.is_none()).map(|j| j.size).sum();
-    let max_job = limits.max_job_bytes.unwrap_or(u64::MAX);
-    let room = limits.max_stored_bytes.map_or(u64::MAX, |m| m.saturating_sub(stored));
-    let allowed = max_job.min(room);
-    let too_large = |size: u64| {
-        if size > max_job {
-            ApiError::limit(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "max_job_bytes",
-                max_job,
-                size,
-                format!("the job file is larger than the {max_job} bytes allowed"),
-            )
-        } else {
-            let max = limits.max_stored_bytes.unwrap_or(u64::MAX);
-            ApiError::limit(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "max_stored_bytes",
-                max,
-                stored + size,
-                format!("your jobs would hold {} bytes; the limit is {max}", stored + size),
-            )
-        }
-    };
-    // Checked before the upload (its declared length) and during it (what arrives).
-    if let Some(len) =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
-    {
-        if len > allowed {
-            return Err(too_large(len));
-        }
-    }
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let id = auth::new_job_id();
+    // The queue name carries the account and the id, so no two accounts' names collide.
+    let prefix = format!("{}.{id}.", account.name);
+    let name_part: String = format!("{prefix}{}", job_name.name()).chars().take(jobfile::name::MAX_NAME_LEN).collect();
+    let queued = jobfile::JobName::new(&name_part, job_name.image())
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad job name: {e}")))?;
+    let now = db::now();
+    let mut record = JobRecord {
+        id: id.clone(),
+        account_id: account.id,
+        name: job_name.name().to_owned(),
+        image: job_name.image().to_owned(),
+        file_name: queued.input_file_name(),
+        size: 0,
+        submitted: now.clone(),
+        submitted_unix: db::unix_now(),
+        state: db::UPLOADING.into(),
+        updated: now,
+        verdict: None,
+        result_bytes: None,
+        deleted: None,
+        host: None,
+        attempts: 0,
+        file_id: None,
+    };
+    // The part file first, then its reservation: a reservation whose part is gone died with its server.
     let upload = app.store.upload_path(&id);
-    let mut guard = UploadGuard(Some(upload.clone()));
-    let mut file =
-        tokio::fs::OpenOptions::new().write(true).create_new(true).open(&upload).await.map_err(ApiError::internal)?;
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o640)
+        .open(&upload)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut guard = UploadGuard { app: &app, path: Some(upload.clone()), id: id.clone() };
+    let free = app.store.free_bytes().map_err(ApiError::internal)?;
+    // Every limit is checked and the bytes reserved in one transaction, before a byte of the body is
+    // read (with Expect: 100-continue, before it is sent).
+    let reserved = db::reserve_upload(
+        app.db(),
+        &record,
+        |f| app.store.finished(f),
+        |usage| quota::admit(usage, &limits, &app.settings.uploads, declared, free),
+    )
+    .map_err(ApiError::internal)??;
     let mut stream = body.into_data_stream();
     let mut size: u64 = 0;
+    let mut checked_disk: u64 = 0;
     let mut head: Vec<u8> = Vec::with_capacity(XZ_MAGIC.len());
+    let deadline = tokio::time::Instant::now() + app.settings.upload_timeout;
     loop {
-        let chunk = match tokio::time::timeout(app.idle_timeout, stream.next()).await {
+        let wait = app.idle_timeout.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let chunk = match tokio::time::timeout(wait, stream.next()).await {
+            Err(_) if tokio::time::Instant::now() >= deadline => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the upload took longer than the {} s allowed", app.settings.upload_timeout.as_secs()),
+                ))
+            }
             Err(_) => {
                 return Err(ApiError::new(
                     StatusCode::REQUEST_TIMEOUT,
@@ -307,8 +336,22 @@ async fn submit(
             Ok(Some(Ok(chunk))) => chunk,
         };
         size += chunk.len() as u64;
-        if size > allowed {
-            return Err(too_large(size));
+        if size > reserved {
+            let max_job = limits.max_job_bytes.unwrap_or(u64::MAX);
+            return Err(if size > max_job {
+                quota::too_large_job(max_job, size)
+            } else {
+                let max = limits.max_stored_bytes.unwrap_or(u64::MAX);
+                quota::too_much_stored(max, max.saturating_sub(reserved).saturating_add(size))
+            }
+            .into());
+        }
+        if size - checked_disk >= DISK_CHECK_EVERY {
+            checked_disk = size;
+            let free = app.store.free_bytes().map_err(ApiError::internal)?;
+            if free < app.settings.uploads.min_free {
+                return Err(quota::disk_full(free, 0, size, app.settings.uploads.min_free).into());
+            }
         }
         if head.len() < XZ_MAGIC.len() {
             head.extend(chunk.iter().take(XZ_MAGIC.len() - head.len()));
@@ -322,38 +365,20 @@ async fn submit(
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "not a job file: it does not start with an xz stream"));
     }
     file.sync_all().await.map_err(ApiError::internal)?;
+    let ino = crate::store::FileId::of(&file.metadata().await.map_err(ApiError::internal)?);
     drop(file);
-    // The queue name carries the account and the id, so no two accounts' names collide.
-    let prefix = format!("{}.{id}.", account.name);
-    let name_part: String = format!("{prefix}{}", job_name.name()).chars().take(jobfile::name::MAX_NAME_LEN).collect();
-    let queued = jobfile::JobName::new(&name_part, job_name.image()).map_err(ApiError::internal)?;
-    let now = db::now();
-    let record = JobRecord {
-        id: id.clone(),
-        account_id: account.id,
-        name: job_name.name().to_owned(),
-        image: job_name.image().to_owned(),
-        file_name: queued.input_file_name(),
-        size,
-        submitted: now.clone(),
-        submitted_unix: db::unix_now(),
-        state: "waiting".into(),
-        updated: now,
-        verdict: None,
-        result_bytes: None,
-        deleted: None,
-        host: None,
-        attempts: 0,
-    };
-    db::insert_job(app.db(), &record).map_err(ApiError::internal)?;
-    if let Err(e) = app.store.enqueue(&upload, &record.file_name) {
-        let _ = db::delete_job(app.db(), &record.id);
-        return Err(ApiError::internal(e));
+    app.store.enqueue(&upload, &record.file_name).map_err(ApiError::internal)?;
+    // In the queue now: a failure from here on removes it from there.
+    guard.path = Some(app.store.queue.join(&record.file_name));
+    if !db::finish_upload(app.db(), &id, size, ino).map_err(ApiError::internal)? {
+        return Err(ApiError::internal(std::io::Error::other(format!("job {id}: its reservation vanished"))));
     }
-    guard.0 = None;
+    guard.path = None;
+    record.size = size;
+    record.file_id = Some(ino);
     let _ = db::audit(app.db(), Some(&account.name), "submitted", &format!("{id} {} ({size} bytes)", record.file_name));
     log::info!("account {}: job {id} submitted as {} ({size} bytes)", account.name, record.file_name);
-    let place = app.store.locate(&record.file_name);
+    let place = app.locate(&record);
     Ok((StatusCode::CREATED, Json(job_json(&record, &place))).into_response())
 }
 
@@ -379,7 +404,7 @@ async fn list(State(app): State<Arc<App>>, Authed(account): Authed) -> ApiResult
 
 /// The account's job `id`; any other account's, or none, is a 404.
 fn own_job(app: &App, account: &Account, id: &str) -> ApiResult<JobRecord> {
-    if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !auth::is_job_id(id) {
         return Err(ApiError::not_found());
     }
     db::job(app.db(), account.id, id).map_err(ApiError::internal)?.ok_or_else(ApiError::not_found)
@@ -463,7 +488,7 @@ async fn show(State(app): State<Arc<App>>, OwnJob { job, .. }: OwnJob) -> ApiRes
 }
 
 fn jobfile_status(result: &std::path::Path) -> Option<serde_json::Value> {
-    let status = jobfile::read_status(std::fs::File::open(result).ok()?)?;
+    let status = jobfile::read_status(crate::store::open_regular(result, None).ok()?)?;
     serde_json::to_value(status).ok()
 }
 
@@ -472,20 +497,31 @@ async fn log_of(State(app): State<Arc<App>>, OwnJob { job, .. }: OwnJob, headers
         .store
         .log_path(&job.file_name)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no log yet: the job has not finished"))?;
-    serve_file(&path, &headers, "text/plain; charset=utf-8").await
+    serve_file(&path, None, &headers, "text/plain; charset=utf-8").await
 }
 
 async fn result_of(State(app): State<Arc<App>>, OwnJob { job, .. }: OwnJob, headers: HeaderMap) -> ApiResult<Response> {
     let path = app.store.result_path(&job.file_name).ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, "no result: the job has not finished, failed, or its result was deleted")
     })?;
-    serve_file(&path, &headers, "application/x-xz").await
+    serve_file(&path, None, &headers, "application/x-xz").await
 }
 
-/// A file, whole or the one byte range asked for (`Range: bytes=a-b`, `a-`, `-n`).
-pub async fn serve_file(path: &std::path::Path, headers: &HeaderMap, content_type: &str) -> ApiResult<Response> {
+/// A file, whole or the one byte range asked for (`Range: bytes=a-b`, `a-`,
+/// `-n`). Only a regular file with one name, never through a link, and the
+/// inode `ino` when given (`store::open_regular`).
+pub async fn serve_file(
+    path: &std::path::Path,
+    ino: Option<crate::store::FileId>,
+    headers: &HeaderMap,
+    content_type: &str,
+) -> ApiResult<Response> {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    let mut file = tokio::fs::File::open(path).await.map_err(ApiError::internal)?;
+    let opened = crate::store::open_regular(path, ino).map_err(|e| {
+        log::warn!("not serving {}: {e}", path.display());
+        ApiError::new(StatusCode::NOT_FOUND, "no such file")
+    })?;
+    let mut file = tokio::fs::File::from_std(opened);
     let len = file.metadata().await.map_err(ApiError::internal)?.len();
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let (start, end, status) = match range {
@@ -545,7 +581,13 @@ async fn cancel(State(app): State<Arc<App>>, OwnJob { account, job }: OwnJob) ->
             }
         }
         Place::Running { host, .. } => {
-            app.store.request_cancel(&job.file_name).map_err(ApiError::internal)?;
+            if !app.store.request_cancel(&job.file_name).map_err(ApiError::internal)? {
+                let place = app.refresh(&job);
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("the job ended as it was being cancelled: it is {}", place.name()),
+                ));
+            }
             let _ = db::audit(app.db(), Some(&account.name), "cancel_requested", &id);
             let place = app.refresh(&job);
             let mut out = job_json(&job, &place);

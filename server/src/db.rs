@@ -14,6 +14,7 @@ use thiserror::Error;
 
 use crate::params;
 use crate::sql::{Database, Row, SqlError, Tx};
+use crate::store::FileId;
 
 #[derive(Debug, Error)]
 pub enum DbError {
@@ -95,7 +96,20 @@ CREATE TABLE hosts (
     version TEXT NOT NULL
 );
 "#,
+    // The inode of the job file the server wrote (a file of the job's name with
+    // another inode is not the job's); each delivery's own staging tag; uploads
+    // under way hold their reservation as a row in state 'uploading'.
+    r#"
+ALTER TABLE jobs ADD COLUMN file_ino INTEGER;
+ALTER TABLE jobs ADD COLUMN file_birth INTEGER;
+ALTER TABLE jobs ADD COLUMN delivered_part TEXT;
+CREATE INDEX jobs_by_state ON jobs(state);
+"#,
 ];
+
+/// The state of a job whose upload is under way: its row holds the bytes
+/// reserved for it, and nothing else sees it (no list, no lease, no refresh).
+pub const UPLOADING: &str = "uploading";
 
 /// An account's limits; `None` means the server-wide default.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -175,6 +189,10 @@ pub struct JobRecord {
     pub host: Option<String>,
     /// Times a remote host was handed it.
     pub attempts: u64,
+    /// The inode of the job file the server wrote (none for records made
+    /// before it was kept).
+    #[serde(skip)]
+    pub file_id: Option<FileId>,
 }
 
 pub fn now() -> String {
@@ -385,14 +403,15 @@ fn job_from_row(r: &Row) -> Result<JobRecord, SqlError> {
         deleted: r.opt_text(12)?,
         host: r.opt_text(13)?,
         attempts: r.int(14)? as u64,
+        file_id: r.opt_int(15)?.map(|ino| FileId { ino: ino as u64, birth_ns: r.opt_int(16).ok().flatten() }),
     })
 }
 
-const JOB_COLUMNS: &str = "id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, lease_host, attempts";
+const JOB_COLUMNS: &str = "id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, lease_host, attempts, file_ino, file_birth";
 
 pub fn insert_job(db: &Database, j: &JobRecord) -> Result<(), DbError> {
     db.execute(
-        "INSERT INTO jobs (id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        "INSERT INTO jobs (id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, file_ino, file_birth) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         params![
             &j.id,
             j.account_id,
@@ -406,7 +425,9 @@ pub fn insert_job(db: &Database, j: &JobRecord) -> Result<(), DbError> {
             &j.updated,
             j.verdict.clone(),
             j.result_bytes,
-            j.deleted.clone()
+            j.deleted.clone(),
+            j.file_id.map(|f| f.ino),
+            j.file_id.and_then(|f| f.birth_ns)
         ],
     )?;
     Ok(())
@@ -420,28 +441,36 @@ pub fn delete_job(db: &Database, id: &str) -> Result<(), DbError> {
 /// A job of `account_id`: another account's id is the same as no job.
 pub fn job(db: &Database, account_id: i64, id: &str) -> Result<Option<JobRecord>, DbError> {
     let row = db.query_opt(
-        &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1 AND account_id = ?2"),
-        params![id, account_id],
+        &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1 AND account_id = ?2 AND state != ?3"),
+        params![id, account_id, UPLOADING],
     )?;
     Ok(row.as_ref().map(job_from_row).transpose()?)
 }
 
 /// A job by its file name in the queue's directories.
 pub fn job_by_file(db: &Database, file_name: &str) -> Result<Option<JobRecord>, DbError> {
-    let row = db.query_opt(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE file_name = ?1"), params![file_name])?;
+    let row = db.query_opt(
+        &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE file_name = ?1 AND state != ?2"),
+        params![file_name, UPLOADING],
+    )?;
     Ok(row.as_ref().map(job_from_row).transpose()?)
 }
 
 pub fn jobs_of(db: &Database, account_id: i64) -> Result<Vec<JobRecord>, DbError> {
     let rows = db.query(
-        &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE account_id = ?1 ORDER BY submitted_unix DESC, id"),
-        params![account_id],
+        &format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE account_id = ?1 AND state != ?2 ORDER BY submitted_unix DESC, id"
+        ),
+        params![account_id, UPLOADING],
     )?;
     Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
 }
 
 pub fn all_jobs(db: &Database) -> Result<Vec<JobRecord>, DbError> {
-    let rows = db.query(&format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY submitted_unix, id"), &[])?;
+    let rows = db.query(
+        &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE state != ?1 ORDER BY submitted_unix, id"),
+        params![UPLOADING],
+    )?;
     Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
 }
 
@@ -457,8 +486,8 @@ pub fn update_state(
     db.tx(|tx| {
         let before = tx.query_opt("SELECT state FROM jobs WHERE id = ?1", params![id])?.map(|r| r.text(0)).transpose()?;
         let changed = tx.execute(
-            "UPDATE jobs SET state = ?1, updated = ?2, verdict = COALESCE(?3, verdict), result_bytes = COALESCE(?4, result_bytes) WHERE id = ?5 AND (state != ?1 OR verdict IS DISTINCT FROM ?3)",
-            params![state, now(), verdict, result_bytes, id],
+            "UPDATE jobs SET state = ?1, updated = ?2, verdict = COALESCE(?3, verdict), result_bytes = COALESCE(?4, result_bytes) WHERE id = ?5 AND state != ?6 AND (state != ?1 OR verdict IS DISTINCT FROM ?3)",
+            params![state, now(), verdict, result_bytes, id, UPLOADING],
         )?;
         if changed > 0 && before.as_deref() != Some(state) {
             let change = format!("{id} {} -> {state}", before.as_deref().unwrap_or("?"));
@@ -478,13 +507,107 @@ pub fn mark_deleted(db: &Database, id: &str) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Jobs the account submitted since `since_unix`.
-pub fn submitted_since(db: &Database, account_id: i64, since_unix: i64) -> Result<u64, DbError> {
-    let row = db.query_opt(
-        "SELECT COUNT(*) FROM jobs WHERE account_id = ?1 AND submitted_unix >= ?2",
-        params![account_id, since_unix],
-    )?;
-    Ok(row.map(|r| r.int(0)).transpose()?.unwrap_or(0) as u64)
+/// What an account holds and does at the moment an upload starts, every
+/// upload under way included.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Jobs not finished (uploads under way included).
+    pub unfinished: u64,
+    /// Jobs submitted in the last hour (uploads under way included).
+    pub last_hour: u64,
+    /// Bytes its jobs hold (uploads under way: what they reserved).
+    pub stored_bytes: u64,
+    /// Its uploads under way.
+    pub uploads: u64,
+    /// Bytes every account's uploads under way reserved, server-wide.
+    pub reserved_everywhere: u64,
+}
+
+/// Takes an upload's reservation: counts the account's usage and inserts
+/// `record` (state `uploading`, `size` what `decide` allows it) in one
+/// transaction that holds the account's row, so that uploads started
+/// together are counted one after another, by every server sharing the
+/// database. `finished` says from the directories whether a job has ended.
+/// `decide` turns the usage into the bytes to reserve, or the refusal.
+pub fn reserve_upload<R>(
+    db: &Database,
+    record: &JobRecord,
+    finished: impl Fn(&str) -> bool,
+    decide: impl FnOnce(&Usage) -> Result<u64, R>,
+) -> Result<Result<u64, R>, DbError> {
+    db.tx(|tx| {
+        let lock = format!("SELECT id FROM accounts WHERE id = ?1{}", tx.for_update());
+        tx.query_opt(&lock, params![record.account_id])?.ok_or_else(|| DbError::NoAccount(record.account_id.to_string()))?;
+        let hour_ago = unix_now() - 3600;
+        let mut usage = Usage::default();
+        let rows = tx.query(
+            "SELECT file_name, state, size, submitted_unix FROM jobs WHERE account_id = ?1 AND deleted IS NULL",
+            params![record.account_id],
+        )?;
+        for r in rows {
+            let (file_name, state, size) = (r.text(0)?, r.text(1)?, r.int(2)? as u64);
+            let uploading = state == UPLOADING;
+            usage.uploads += u64::from(uploading);
+            usage.stored_bytes += size;
+            usage.last_hour += u64::from(r.int(3)? >= hour_ago);
+            usage.unfinished += u64::from(uploading || (state != "done" && state != "failed" && !finished(&file_name)));
+        }
+        let everywhere = tx.query_opt(
+            "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM jobs WHERE state = ?1",
+            params![UPLOADING],
+        )?;
+        usage.reserved_everywhere = everywhere.map(|r| r.int(0)).transpose()?.unwrap_or(0) as u64;
+        let bytes = match decide(&usage) {
+            Ok(bytes) => bytes,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        let mut reserved = record.clone();
+        reserved.state = UPLOADING.to_owned();
+        reserved.size = bytes;
+        tx.execute(
+            "INSERT INTO jobs (id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                &reserved.id,
+                reserved.account_id,
+                &reserved.name,
+                &reserved.image,
+                &reserved.file_name,
+                reserved.size,
+                &reserved.submitted,
+                reserved.submitted_unix,
+                &reserved.state,
+                &reserved.updated
+            ],
+        )?;
+        Ok(Ok(bytes))
+    })
+}
+
+/// Ends an upload: its record takes the real size and the inode of the file
+/// the server wrote, and becomes an ordinary waiting job. `false` when the
+/// reservation is gone (removed as stale).
+pub fn finish_upload(db: &Database, id: &str, size: u64, file: FileId) -> Result<bool, DbError> {
+    Ok(db.execute(
+        "UPDATE jobs SET size = ?1, file_ino = ?2, file_birth = ?6, state = 'waiting', updated = ?3 WHERE id = ?4 AND state = ?5",
+        params![size, file.ino, now(), id, UPLOADING, file.birth_ns],
+    )? == 1)
+}
+
+/// Drops an upload's reservation (it was refused, broke off, or died with a server).
+pub fn drop_upload(db: &Database, id: &str) -> Result<(), DbError> {
+    db.execute("DELETE FROM jobs WHERE id = ?1 AND state = ?2", params![id, UPLOADING])?;
+    Ok(())
+}
+
+/// The uploads under way, as (id, file name), for the sweep of dead ones.
+pub fn uploads(db: &Database) -> Result<Vec<(String, String)>, DbError> {
+    let rows = db.query("SELECT id, file_name FROM jobs WHERE state = ?1", params![UPLOADING])?;
+    Ok(rows.iter().map(|r| Ok((r.text(0)?, r.text(1)?))).collect::<Result<_, SqlError>>()?)
+}
+
+/// Whether a job of this file name is recorded (uploads under way included).
+pub fn file_recorded(db: &Database, file_name: &str) -> Result<bool, DbError> {
+    Ok(db.query_opt("SELECT id FROM jobs WHERE file_name = ?1", params![file_name])?.is_some())
 }
 
 // ---- The farm: remote hosts and their leases ----
@@ -499,6 +622,9 @@ pub struct Lease {
     pub seq: u64,
     pub attempt: u64,
     pub expires_ms: i64,
+    /// The job file the server wrote.
+    #[serde(skip)]
+    pub ino: Option<FileId>,
 }
 
 /// A remote host as it last said: its images, how many VMs it runs at once.
@@ -570,7 +696,7 @@ pub fn lease_next(
     host: &str,
     images: &[String],
     lease_ms: i64,
-    waiting: impl Fn(&str) -> bool,
+    waiting: impl Fn(&str, Option<FileId>) -> bool,
 ) -> Result<Option<Lease>, DbError> {
     if images.is_empty() {
         return Ok(None);
@@ -578,9 +704,9 @@ pub fn lease_next(
     db.tx(|tx| {
         let marks: Vec<String> = (0..images.len()).map(|i| format!("?{}", i + 1)).collect();
         let sql = format!(
-            "SELECT id, file_name, size, lease_seq, attempts FROM jobs
+            "SELECT id, file_name, size, lease_seq, attempts, file_ino, file_birth FROM jobs
              WHERE lease_host IS NULL AND delivered_seq IS NULL AND deleted IS NULL
-               AND state NOT IN ('done', 'failed') AND image IN ({})
+               AND state NOT IN ('done', 'failed', 'uploading') AND image IN ({})
              ORDER BY submitted_unix, id LIMIT 64{}",
             marks.join(", "),
             tx.skip_locked()
@@ -588,7 +714,8 @@ pub fn lease_next(
         let params: Vec<crate::sql::Value> = images.iter().map(|i| i.as_str().into()).collect();
         for r in tx.query(&sql, &params)? {
             let file_name = r.text(1)?;
-            if !waiting(&file_name) {
+            let ino = r.opt_int(5)?.map(|v| FileId { ino: v as u64, birth_ns: r.opt_int(6).ok().flatten() });
+            if !waiting(&file_name, ino) {
                 continue;
             }
             let (id, seq, attempt) = (r.text(0)?, r.int(3)? as u64 + 1, r.int(4)? as u64 + 1);
@@ -598,7 +725,7 @@ pub fn lease_next(
                 params![host, seq, expires_ms, attempt, &id],
             )?;
             audit_in(tx, Some(host), "leased", &format!("{id} lease {seq}, attempt {attempt}"))?;
-            return Ok(Some(Lease { id, file_name, size: r.int(2)? as u64, seq, attempt, expires_ms }));
+            return Ok(Some(Lease { id, file_name, size: r.int(2)? as u64, seq, attempt, expires_ms, ino }));
         }
         Ok(None)
     })
@@ -614,13 +741,16 @@ pub fn unlease(db: &Database, lease: &Lease) -> Result<(), DbError> {
     Ok(())
 }
 
-/// The lease `seq` of job `id` as `host` holds it, unexpired, and the job's file name.
-pub fn live_lease(db: &Database, id: &str, host: &str, seq: u64) -> Result<Option<String>, DbError> {
+/// The lease `seq` of job `id` as `host` holds it, unexpired: the job's file name and inode.
+pub fn live_lease(db: &Database, id: &str, host: &str, seq: u64) -> Result<Option<(String, Option<FileId>)>, DbError> {
     let row = db.query_opt(
-        "SELECT file_name FROM jobs WHERE id = ?1 AND lease_host = ?2 AND lease_seq = ?3 AND lease_expires_ms > ?4",
+        "SELECT file_name, file_ino, file_birth FROM jobs WHERE id = ?1 AND lease_host = ?2 AND lease_seq = ?3 AND lease_expires_ms > ?4",
         params![id, host, seq, unix_ms()],
     )?;
-    Ok(row.map(|r| r.text(0)).transpose()?)
+    let file = |r: &Row| -> Result<Option<FileId>, SqlError> {
+        Ok(r.opt_int(1)?.map(|v| FileId { ino: v as u64, birth_ns: r.opt_int(2).ok().flatten() }))
+    };
+    Ok(row.map(|r| Ok::<_, SqlError>((r.text(0)?, file(&r)?))).transpose()?)
 }
 
 /// Extends a live lease; the job's file name, or `None` when the lease is expired or superseded.
@@ -641,7 +771,15 @@ pub fn renew(db: &Database, id: &str, host: &str, seq: u64, lease_ms: i64) -> Re
 /// Ends a live lease with the job delivered (`done`) or failed, or given
 /// back (`released`, not counted as an attempt). Exactly one caller can
 /// succeed for a job: `false` for every expired or superseded lease.
-pub fn end_lease(db: &Database, id: &str, host: &str, seq: u64, how: &str, verdict: &str) -> Result<bool, DbError> {
+pub fn end_lease(
+    db: &Database,
+    id: &str,
+    host: &str,
+    seq: u64,
+    how: &str,
+    verdict: &str,
+    part: &str,
+) -> Result<bool, DbError> {
     db.tx(|tx| {
         let now = unix_ms();
         let n = if how == "released" {
@@ -651,8 +789,8 @@ pub fn end_lease(db: &Database, id: &str, host: &str, seq: u64, how: &str, verdi
             )?
         } else {
             tx.execute(
-                "UPDATE jobs SET lease_host = NULL, lease_expires_ms = NULL, delivered_seq = ?1, delivered_as = ?2, verdict = ?3 WHERE id = ?4 AND lease_host = ?5 AND lease_seq = ?1 AND lease_expires_ms > ?6",
-                params![seq, how, verdict, id, host, now],
+                "UPDATE jobs SET lease_host = NULL, lease_expires_ms = NULL, delivered_seq = ?1, delivered_as = ?2, verdict = ?3, delivered_part = ?7 WHERE id = ?4 AND lease_host = ?5 AND lease_seq = ?1 AND lease_expires_ms > ?6",
+                params![seq, how, verdict, id, host, now, part],
             )?
         };
         if n == 1 {
@@ -668,6 +806,8 @@ pub struct Delivered {
     pub seq: u64,
     pub how: String,
     pub verdict: String,
+    /// The staging tag of the accepted delivery's parts.
+    pub part: String,
 }
 
 /// What the database says of a job's farm side, for putting its files right after a crash.
@@ -686,17 +826,20 @@ fn farm_state_where(
     value: &str,
 ) -> Result<Option<(JobRecord, Option<Delivered>)>, DbError> {
     let Some(row) = db.query_opt(
-        &format!("SELECT {JOB_COLUMNS}, delivered_seq, delivered_as FROM jobs WHERE {column} = ?1"),
+        &format!("SELECT {JOB_COLUMNS}, delivered_seq, delivered_as, delivered_part FROM jobs WHERE {column} = ?1"),
         params![value],
     )?
     else {
         return Ok(None);
     };
     let job = job_from_row(&row)?;
-    let delivered = match (row.opt_int(15)?, row.opt_text(16)?) {
-        (Some(seq), Some(how)) => {
-            Some(Delivered { seq: seq as u64, how, verdict: job.verdict.clone().unwrap_or_default() })
-        }
+    let delivered = match (row.opt_int(17)?, row.opt_text(18)?) {
+        (Some(seq), Some(how)) => Some(Delivered {
+            seq: seq as u64,
+            how,
+            verdict: job.verdict.clone().unwrap_or_default(),
+            part: row.opt_text(19)?.unwrap_or_default(),
+        }),
         _ => None,
     };
     Ok(Some((job, delivered)))
@@ -804,14 +947,19 @@ mod tests {
             deleted: None,
             host: None,
             attempts: 0,
+            file_id: None,
         };
         insert_job(&db, &job).expect("insert");
         let images = ["0".to_owned()];
-        assert_eq!(lease_next(&db, "h1", &["7".to_owned()], 60_000, |_| true).expect("lease"), None, "no such image");
-        assert_eq!(lease_next(&db, "h1", &images, 60_000, |_| false).expect("lease"), None, "not in the queue");
-        let first = lease_next(&db, "h1", &images, 60_000, |_| true).expect("lease").expect("a job");
+        assert_eq!(
+            lease_next(&db, "h1", &["7".to_owned()], 60_000, |_, _| true).expect("lease"),
+            None,
+            "no such image"
+        );
+        assert_eq!(lease_next(&db, "h1", &images, 60_000, |_, _| false).expect("lease"), None, "not in the queue");
+        let first = lease_next(&db, "h1", &images, 60_000, |_, _| true).expect("lease").expect("a job");
         assert_eq!((first.seq, first.attempt), (1, 1));
-        assert_eq!(lease_next(&db, "h2", &images, 60_000, |_| true).expect("lease"), None, "leased already");
+        assert_eq!(lease_next(&db, "h2", &images, 60_000, |_, _| true).expect("lease"), None, "leased already");
         assert_eq!(renew(&db, &job.id, "h1", 1, 60_000).expect("renew").as_deref(), Some(job.file_name.as_str()));
         assert!(renew(&db, &job.id, "h2", 1, 60_000).expect("renew").is_none(), "another host");
         assert!(renew(&db, &job.id, "h1", 2, 60_000).expect("renew").is_none(), "another lease");
@@ -821,15 +969,15 @@ mod tests {
         let expired = expire_leases(&db, 2).expect("expire");
         assert_eq!(expired.len(), 1);
         assert!(!expired[0].1, "one attempt of two: back in the queue");
-        let second = lease_next(&db, "h2", &images, 60_000, |_| true).expect("lease").expect("again");
+        let second = lease_next(&db, "h2", &images, 60_000, |_, _| true).expect("lease").expect("again");
         assert_eq!((second.seq, second.attempt), (2, 2));
-        assert!(!end_lease(&db, &job.id, "h1", 1, "done", "ok").expect("end"), "the first host's late delivery");
-        assert!(end_lease(&db, &job.id, "h2", 2, "done", "ok").expect("end"));
-        assert!(!end_lease(&db, &job.id, "h2", 2, "done", "ok").expect("end"), "delivered once");
+        assert!(!end_lease(&db, &job.id, "h1", 1, "done", "ok", "t").expect("end"), "the first host's late delivery");
+        assert!(end_lease(&db, &job.id, "h2", 2, "done", "ok", "t").expect("end"));
+        assert!(!end_lease(&db, &job.id, "h2", 2, "done", "ok", "t").expect("end"), "delivered once");
         let (_, delivered) = farm_state(&db, &job.file_name).expect("state").expect("job");
         assert_eq!(delivered.map(|d| (d.seq, d.how)), Some((2, "done".to_owned())));
         assert_eq!(
-            lease_next(&db, "h1", &images, 60_000, |_| true).expect("lease"),
+            lease_next(&db, "h1", &images, 60_000, |_, _| true).expect("lease"),
             None,
             "delivered jobs stay delivered"
         );
@@ -839,7 +987,7 @@ mod tests {
         other.id = "fedcba9876543210".into();
         other.file_name = "alice.fedcba9876543210.k_i0.tar.xz".into();
         insert_job(&db, &other).expect("insert");
-        lease_next(&db, "h1", &images, 60_000, |_| true).expect("lease").expect("a job");
+        lease_next(&db, "h1", &images, 60_000, |_, _| true).expect("lease").expect("a job");
         db.execute("UPDATE jobs SET lease_expires_ms = 0", &[]).expect("expire");
         let expired = expire_leases(&db, 1).expect("expire");
         assert!(expired[0].1, "the limit reached");

@@ -104,10 +104,46 @@ pub fn offered_images(store: &Store) -> Vec<Offered> {
     out
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct HostImage {
     pub name: String,
     pub checksum: String,
+}
+
+/// Most images a host may say it has.
+pub const MAX_HOST_IMAGES: usize = 64;
+
+/// Most bytes of a lease request's body (a full list of images is about 6 KiB).
+pub const MAX_LEASE_BODY: usize = 64 << 10;
+
+/// Most bytes of a renewal's body: the console a host sends with it (it sends 256 KiB at most).
+pub const MAX_RENEW_BODY: usize = 1 << 20;
+
+impl LeaseRequest {
+    /// Checks what a host says of itself: an image is a number of 1 to 9
+    /// digits with a sha256 in lowercase hex, at most `MAX_HOST_IMAGES` of
+    /// them, and the version is short printable text. What passes is what
+    /// the server stores and shows to submitters.
+    pub fn check(&self) -> Result<(), String> {
+        if self.images.len() > MAX_HOST_IMAGES {
+            return Err(format!("{} images listed; a host may list at most {MAX_HOST_IMAGES}", self.images.len()));
+        }
+        for i in &self.images {
+            if i.name.is_empty() || i.name.len() > 9 || !i.name.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!(
+                    "{:?} is not an image number",
+                    jobfile::text::sanitize_capped(i.name.as_bytes(), 32)
+                ));
+            }
+            if i.checksum.len() != 64 || !i.checksum.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+                return Err(format!("image i{}: the checksum is not a sha256 in lowercase hex", i.name));
+            }
+        }
+        if self.version.len() > 64 || !self.version.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the version is not up to 64 printable ASCII characters".to_owned());
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,6 +162,7 @@ pub async fn lease(
     HostAuthed(host): HostAuthed,
     Json(req): Json<LeaseRequest>,
 ) -> ApiResult<Json<serde_json::Value>> {
+    req.check().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad lease request: {e}")))?;
     let offered = offered_images(&app.store);
     // Only images the host has exactly as the server has them.
     let usable: Vec<String> = req
@@ -134,28 +171,29 @@ pub async fn lease(
         .filter(|i| offered.iter().any(|o| o.name == i.name && o.checksum == i.checksum))
         .map(|i| i.name.clone())
         .collect();
-    let images = serde_json::to_string(
-        &req.images.iter().map(|i| json!({"name": i.name, "checksum": i.checksum})).collect::<Vec<_>>(),
-    )
-    .unwrap_or_default();
-    let version: String = jobfile::sanitize(req.version.as_bytes()).chars().take(64).collect();
-    db::host_seen(app.db(), host.id, &images, req.capacity.min(1024), &version).map_err(ApiError::internal)?;
+    let images = serde_json::to_string(&req.images).unwrap_or_default();
+    db::host_seen(app.db(), host.id, &images, req.capacity.min(1024), &req.version).map_err(ApiError::internal)?;
     if req.running >= req.capacity {
         return Ok(Json(json!({ "lease": null })));
     }
     // A job that another server, a local host or its submitter moved first is skipped.
     for _ in 0..8 {
         let store = app.store.clone();
+        // Only the file the server wrote: never a link, a second name or another inode planted in its place.
         let leased =
-            db::lease_next(app.db(), &host.name, &usable, app.farm.lease_ms(), |f| store.queue.join(f).exists())
+            db::lease_next(app.db(), &host.name, &usable, app.farm.lease_ms(), |f, ino| store.waiting_own(f, ino))
                 .map_err(ApiError::internal)?;
         let Some(lease) = leased else { return Ok(Json(json!({ "lease": null }))) };
         fs::create_dir_all(app.store.farm_dir()).map_err(ApiError::internal)?;
-        let moved = app
-            .store
-            .move_job(&app.store.queue.join(&lease.file_name), &app.store.leased(&lease.file_name))
-            .map_err(ApiError::internal)?;
-        if !moved {
+        let (queued, leased_path) = (app.store.queue.join(&lease.file_name), app.store.leased(&lease.file_name));
+        let moved = app.store.move_job(&queued, &leased_path).map_err(ApiError::internal)?;
+        // Swapped between the check and the move: back where it was, and not handed out.
+        let swapped = moved && !fs::symlink_metadata(&leased_path).is_ok_and(|m| crate::store::is_own(&m, lease.ino));
+        if swapped {
+            log::warn!("job {}: a file not written by the server took its place in the queue; not leased", lease.id);
+            let _ = app.store.move_job(&leased_path, &queued);
+        }
+        if !moved || swapped {
             db::unlease(app.db(), &lease).map_err(ApiError::internal)?;
             continue;
         }
@@ -183,9 +221,46 @@ pub struct SeqQuery {
     log_bytes: u64,
 }
 
-/// The job file of a live lease of `host`, or the refusal a late host gets.
-fn live(app: &App, id: &str, host: &str, seq: u64) -> ApiResult<String> {
+/// The job file (name and inode) of a live lease of `host`, or the refusal a late host gets.
+fn live(app: &App, id: &str, host: &str, seq: u64) -> ApiResult<(String, Option<crate::store::FileId>)> {
+    if !crate::auth::is_job_id(id) {
+        return Err(ApiError::not_found());
+    }
     db::live_lease(app.db(), id, host, seq).map_err(ApiError::internal)?.ok_or_else(lease_lost)
+}
+
+/// Keeps a lease alive while its own transfer moves: renews it at most
+/// every third of its term, from the transfer's progress. A long download
+/// or delivery over a slow link never outlives the lease it serves.
+pub struct KeepAlive {
+    app: Arc<App>,
+    id: String,
+    host: String,
+    seq: u64,
+    every: Duration,
+    last: std::time::Instant,
+}
+
+impl KeepAlive {
+    fn new(app: &Arc<App>, id: &str, host: &str, seq: u64) -> KeepAlive {
+        let every = app.farm.lease / 3;
+        KeepAlive { app: app.clone(), id: id.into(), host: host.into(), seq, every, last: std::time::Instant::now() }
+    }
+
+    /// Renews when due; `false` once the lease is lost (expired or taken over).
+    fn progress(&mut self) -> bool {
+        if self.last.elapsed() < self.every {
+            return true;
+        }
+        self.last = std::time::Instant::now();
+        match db::renew(self.app.db(), &self.id, &self.host, self.seq, self.app.farm.lease_ms()) {
+            Ok(renewed) => renewed.is_some(),
+            Err(e) => {
+                log::error!("job {}: cannot renew its lease during a transfer: {}", self.id, jobfile::error_chain(&e));
+                true
+            }
+        }
+    }
 }
 
 fn lease_lost() -> ApiError {
@@ -203,8 +278,15 @@ pub async fn job_file(
     Query(q): Query<SeqQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let file_name = live(&app, &id, &host.name, q.seq)?;
-    crate::api::serve_file(&app.store.leased(&file_name), &headers, "application/x-xz").await
+    let (file_name, ino) = live(&app, &id, &host.name, q.seq)?;
+    let mut keep = KeepAlive::new(&app, &id, &host.name, q.seq);
+    let response = crate::api::serve_file(&app.store.leased(&file_name), ino, &headers, "application/x-xz").await?;
+    let (parts, body) = response.into_parts();
+    let body = body.into_data_stream().map(move |chunk| {
+        keep.progress();
+        chunk
+    });
+    Ok(Response::from_parts(parts, Body::from_stream(body)))
 }
 
 /// `POST /v1/host/jobs/{id}/renew?seq=N&offset=K`, the console from byte K
@@ -231,9 +313,11 @@ pub async fn renew(
     Ok(Json(json!({ "lease_ms": app.farm.lease_ms(), "cancel": app.store.cancel_requested(&file_name) })))
 }
 
-/// Staged parts of a delivery: `done/.farm.<id>.<seq>.{log,result}.part`.
-fn part(store: &Store, id: &str, seq: u64, what: &str) -> PathBuf {
-    store.done.join(format!(".farm.{id}.{seq}.{what}.part"))
+/// Staged parts of a delivery: `done/.farm.<id>.<seq>.<tag>.{log,result}.part`,
+/// the tag new for every request, so that two deliveries on one lease
+/// never write the same file.
+fn part(store: &Store, id: &str, seq: u64, tag: &str, what: &str) -> PathBuf {
+    store.done.join(format!(".farm.{id}.{seq}.{tag}.{what}.part"))
 }
 
 /// Removes staged parts however a delivery ends, unless kept.
@@ -251,6 +335,8 @@ impl Drop for Parts {
 
 /// Writes the body: its first `first_len` bytes to `first`, the rest to
 /// `second` (at most `max_second` bytes), each synced. Returns the second's length.
+/// Both are created new (`O_EXCL`): nothing another request staged is ever
+/// written. The lease is kept alive while bytes come (`keep`).
 async fn receive(
     app: &App,
     body: Body,
@@ -258,22 +344,28 @@ async fn receive(
     first_len: u64,
     second: &Path,
     max_second: u64,
+    keep: &mut KeepAlive,
 ) -> ApiResult<u64> {
     let mut open = tokio::fs::OpenOptions::new();
-    open.write(true).create(true).truncate(true);
+    open.write(true).create_new(true).mode(0o640);
     let mut a = open.open(first).await.map_err(ApiError::internal)?;
     let mut b = open.open(second).await.map_err(ApiError::internal)?;
     let mut stream = body.into_data_stream();
     let (mut got, mut second_len) = (0u64, 0u64);
+    let deadline = tokio::time::Instant::now() + app.settings.upload_timeout;
     loop {
-        let chunk = match tokio::time::timeout(app.idle_timeout, stream.next()).await {
-            Err(_) => return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "the upload stalled")),
+        let wait = app.idle_timeout.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let chunk = match tokio::time::timeout(wait, stream.next()).await {
+            Err(_) => return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "the upload stalled or took too long")),
             Ok(None) => break,
             Ok(Some(Err(e))) => {
                 return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("the upload broke off: {e}")))
             }
             Ok(Some(Ok(c))) => c,
         };
+        if !keep.progress() {
+            return Err(lease_lost());
+        }
         let mut chunk = &chunk[..];
         if got < first_len {
             let n = ((first_len - got) as usize).min(chunk.len());
@@ -306,16 +398,21 @@ pub async fn done(
     Query(q): Query<SeqQuery>,
     body: Body,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let file_name = live(&app, &id, &host.name, q.seq)?;
-    let size = fs::metadata(app.store.leased(&file_name)).map_err(ApiError::internal)?.len();
-    let (log, result) = (part(&app.store, &id, q.seq, "log"), part(&app.store, &id, q.seq, "result"));
+    let (file_name, ino) = live(&app, &id, &host.name, q.seq)?;
+    let size = crate::store::open_regular(&app.store.leased(&file_name), ino)
+        .and_then(|f| f.metadata())
+        .map_err(ApiError::internal)?
+        .len();
+    let tag = crate::auth::new_job_id();
+    let (log, result) = (part(&app.store, &id, q.seq, &tag, "log"), part(&app.store, &id, q.seq, &tag, "result"));
     let mut parts = Parts(vec![log.clone(), result.clone()], false);
-    let got = receive(&app, body, &log, q.log_bytes.min(MAX_CONSOLE * 2), &result, size).await?;
+    let mut keep = KeepAlive::new(&app, &id, &host.name, q.seq);
+    let got = receive(&app, body, &log, q.log_bytes.min(MAX_CONSOLE * 2), &result, size, &mut keep).await?;
     if got == 0 {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "the result is empty"));
     }
     let verdict = jobfile::tools::log_verdict(&log).unwrap_or_else(|| "(no verdict in the log)".to_owned());
-    accept(&app, &host.name, &id, q.seq, &file_name, "done", &verdict, &mut parts)?;
+    accept(&app, &host.name, &id, q.seq, &tag, &file_name, "done", &verdict, &mut parts)?;
     log::info!("job {id} delivered by host {} (lease {}): {verdict}", host.name, q.seq);
     Ok(Json(json!({ "delivered": true, "verdict": verdict })))
 }
@@ -329,16 +426,18 @@ pub async fn failed(
     Query(q): Query<SeqQuery>,
     body: Body,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let file_name = live(&app, &id, &host.name, q.seq)?;
-    let (log, reason_part) = (part(&app.store, &id, q.seq, "log"), part(&app.store, &id, q.seq, "reason"));
+    let (file_name, _) = live(&app, &id, &host.name, q.seq)?;
+    let tag = crate::auth::new_job_id();
+    let (log, reason_part) = (part(&app.store, &id, q.seq, &tag, "log"), part(&app.store, &id, q.seq, &tag, "reason"));
     let mut parts = Parts(vec![log.clone(), reason_part.clone()], false);
-    receive(&app, body, &log, q.log_bytes.min(MAX_CONSOLE * 2), &reason_part, 64 << 10).await?;
+    let mut keep = KeepAlive::new(&app, &id, &host.name, q.seq);
+    receive(&app, body, &log, q.log_bytes.min(MAX_CONSOLE * 2), &reason_part, 64 << 10, &mut keep).await?;
     let reason = fs::read(&reason_part).map_err(ApiError::internal)?;
     let reason = jobfile::sanitize(&reason);
     let reason = reason.lines().next().unwrap_or("").trim().to_owned();
     let reason = if reason.is_empty() { format!("failed on host {}", host.name) } else { reason };
     let _ = fs::remove_file(&reason_part);
-    accept(&app, &host.name, &id, q.seq, &file_name, "failed", &reason, &mut parts)?;
+    accept(&app, &host.name, &id, q.seq, &tag, &file_name, "failed", &reason, &mut parts)?;
     log::info!("job {id} failed on host {} (lease {}): {reason}", host.name, q.seq);
     Ok(Json(json!({ "delivered": true, "reason": reason })))
 }
@@ -351,16 +450,17 @@ fn accept(
     host: &str,
     id: &str,
     seq: u64,
+    tag: &str,
     file_name: &str,
     how: &str,
     verdict: &str,
     parts: &mut Parts,
 ) -> ApiResult<()> {
-    if !db::end_lease(app.db(), id, host, seq, how, verdict).map_err(ApiError::internal)? {
+    if !db::end_lease(app.db(), id, host, seq, how, verdict, tag).map_err(ApiError::internal)? {
         return Err(lease_lost());
     }
     parts.1 = true;
-    land(&app.store, file_name, id, seq, how, verdict).map_err(ApiError::internal)?;
+    land(&app.store, file_name, id, seq, tag, how, verdict).map_err(ApiError::internal)?;
     if let Ok(Some(job)) = db::job_by_file(app.db(), file_name) {
         app.refresh(&job);
     }
@@ -375,8 +475,8 @@ pub async fn release(
     UrlPath(id): UrlPath<String>,
     Query(q): Query<SeqQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let file_name = live(&app, &id, &host.name, q.seq)?;
-    if !db::end_lease(app.db(), &id, &host.name, q.seq, "released", "").map_err(ApiError::internal)? {
+    let (file_name, _) = live(&app, &id, &host.name, q.seq)?;
+    if !db::end_lease(app.db(), &id, &host.name, q.seq, "released", "", "").map_err(ApiError::internal)? {
         return Err(lease_lost());
     }
     app.store.move_job(&app.store.leased(&file_name), &app.store.queue.join(&file_name)).map_err(ApiError::internal)?;
@@ -388,7 +488,7 @@ pub async fn release(
 /// Puts the files of an accepted delivery in place: the staged log and
 /// result into `done/`, or the job into `failed/` with its reason. Safe to
 /// repeat, and to race with itself: each step is a rename that only one wins.
-fn land(store: &Store, file_name: &str, id: &str, seq: u64, how: &str, verdict: &str) -> io::Result<()> {
+fn land(store: &Store, file_name: &str, id: &str, seq: u64, tag: &str, how: &str, verdict: &str) -> io::Result<()> {
     let job = jobfile::JobName::parse(file_name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let leased = store.leased(file_name);
     let place = |from: &Path, to: &Path| match crate::store::rename_noreplace(from, to) {
@@ -399,12 +499,12 @@ fn land(store: &Store, file_name: &str, id: &str, seq: u64, how: &str, verdict: 
     };
     if how == "done" {
         // The log first: a result in done/ is how everyone sees that a job ended.
-        place(&part(store, id, seq, "log"), &store.done.join(job.done_with_extension("log")))?;
-        place(&part(store, id, seq, "result"), &store.done.join(job.done_file_name()))?;
+        place(&part(store, id, seq, tag, "log"), &store.done.join(job.done_with_extension("log")))?;
+        place(&part(store, id, seq, tag, "result"), &store.done.join(job.done_file_name()))?;
         fs::File::open(&store.done)?.sync_all()?;
         let _ = fs::remove_file(&leased);
     } else {
-        place(&part(store, id, seq, "log"), &store.failed.join(format!("{file_name}.log")))?;
+        place(&part(store, id, seq, tag, "log"), &store.failed.join(format!("{file_name}.log")))?;
         if !store.failed.join(format!("{file_name}.reason")).exists() {
             store.write_reason(file_name, verdict)?;
         }
@@ -424,7 +524,7 @@ pub fn sweep(app: &App) -> Result<(), db::DbError> {
         let moved = if gave_up {
             let reason = db::lease_reason(&job, &host, app.farm.max_attempts);
             log::warn!("job {}: the lease of host {host} ran out; {reason}", job.id);
-            land(&app.store, &job.file_name, &job.id, 0, "failed", &reason).map(|()| true)
+            land(&app.store, &job.file_name, &job.id, 0, "", "failed", &reason).map(|()| true)
         } else {
             log::warn!(
                 "job {}: the lease of host {host} ran out (attempt {} of {}); back in the queue",
@@ -460,10 +560,10 @@ pub fn reconcile(app: &App) -> Result<(), db::DbError> {
                 continue;
             }
             let done = match delivered {
-                Some(d) => land(store, &name, &job.id, d.seq, &d.how, &d.verdict),
+                Some(d) => land(store, &name, &job.id, d.seq, &d.part, &d.how, &d.verdict),
                 None if job.attempts >= app.farm.max_attempts => {
                     let reason = db::lease_reason(&job, "(unknown)", app.farm.max_attempts);
-                    land(store, &name, &job.id, 0, "failed", &reason)
+                    land(store, &name, &job.id, 0, "", "failed", &reason)
                 }
                 None => store.move_job(&e.path(), &store.queue.join(&name)).map(|_| ()),
             };
@@ -479,16 +579,21 @@ pub fn reconcile(app: &App) -> Result<(), db::DbError> {
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(rest) = name.strip_prefix(".farm.") else { continue };
             let mut bits = rest.split('.');
-            let (Some(id), Some(seq)) = (bits.next(), bits.next().and_then(|s| s.parse::<u64>().ok())) else {
+            let (Some(id), Some(seq), Some(tag)) =
+                (bits.next(), bits.next().and_then(|s| s.parse::<u64>().ok()), bits.next())
+            else {
                 continue;
             };
+            if !crate::auth::is_job_id(id) {
+                continue;
+            }
             let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok())
                 >= Some(Duration::from_secs(60));
-            let delivered =
-                db::farm_state_by_id(app.db(), id)?.and_then(|(job, d)| d.filter(|d| d.seq == seq).map(|d| (job, d)));
+            let delivered = db::farm_state_by_id(app.db(), id)?
+                .and_then(|(job, d)| d.filter(|d| d.seq == seq && d.part == tag).map(|d| (job, d)));
             match delivered {
                 Some((job, d)) if job.host.is_none() => {
-                    if let Err(e) = land(store, &job.file_name, id, d.seq, &d.how, &d.verdict) {
+                    if let Err(e) = land(store, &job.file_name, id, d.seq, &d.part, &d.how, &d.verdict) {
                         log::error!("job {id}: cannot land its delivery: {e}");
                     }
                 }
@@ -522,6 +627,7 @@ pub async fn image_file(
     }
     crate::api::serve_file(
         &app.store.images.join(format!("i{image}")).join(&file),
+        None,
         &headers,
         "application/octet-stream",
     )
@@ -547,15 +653,31 @@ pub fn hosts_view(app: &App, account: &db::Account) -> Result<Vec<serde_json::Va
                 .filter(|j| account.kind == Kind::Submitter && j.account_id == account.id)
                 .map(|j| json!({"id": j.id, "name": j.name}))
                 .collect();
+            // What a host said is shown to every submitter: only what passes `LeaseRequest::check`.
+            let images: Vec<HostImage> = serde_json::from_value::<Vec<HostImage>>(h.images.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .take(MAX_HOST_IMAGES)
+                .filter(|i| {
+                    LeaseRequest { images: vec![i.clone()], capacity: 0, running: 0, version: String::new() }
+                        .check()
+                        .is_ok()
+                })
+                .collect();
+            let version = if h.version.len() <= 64 && h.version.bytes().all(|b| b.is_ascii_graphic()) {
+                h.version.clone()
+            } else {
+                String::new()
+            };
             json!({
                 "name": h.name,
                 "last_seen": h.last_seen,
                 "seen_secs_ago": (now - h.last_seen_unix).max(0),
-                "images": h.images,
+                "images": images,
                 "capacity": h.capacity,
                 "running": running.len(),
                 "your_jobs": own,
-                "version": h.version,
+                "version": version,
                 "disabled": h.disabled,
             })
         })

@@ -7,66 +7,67 @@ pub mod api;
 pub mod auth;
 pub mod db;
 pub mod farm;
+pub mod listen;
 pub mod page;
+pub mod quota;
 pub mod sql;
 pub mod store;
 
 use std::fs;
 use std::sync::Arc;
+use std::time::Duration;
 
 use api::App;
-use db::JobRecord;
 
-/// Makes the database agree with the directories: every job file of a
-/// known account that has no record gets one (a database lost or restored
-/// from a backup), and every record's state is read again. Returns how many
-/// records were added.
-pub fn rebuild(app: &App) -> Result<usize, db::DbError> {
-    let accounts = db::accounts(&app.db)?;
-    let mut added = 0;
-    for account in accounts.iter().filter(|a| !a.name.starts_with("removed-")) {
-        for file_name in app.store.files_with_prefix(&format!("{}.", account.name)) {
-            let Some(id) = file_name.split('.').nth(1).filter(|id| id.len() == 16) else { continue };
-            let conn = &app.db;
-            if db::job(conn, account.id, id)?.is_some() {
-                continue;
-            }
-            let Ok(job) = jobfile::JobName::parse(&file_name) else { continue };
-            let meta = fs::metadata(app.store.queue.join(&file_name))
-                .or_else(|_| fs::metadata(app.store.done.join(job.done_file_name())))
-                .or_else(|_| fs::metadata(app.store.failed.join(&file_name)))
-                .ok();
-            let name = job.name().splitn(3, '.').nth(2).unwrap_or(job.name()).to_owned();
-            let now = db::now();
-            db::insert_job(
-                conn,
-                &JobRecord {
-                    id: id.to_owned(),
-                    account_id: account.id,
-                    name,
-                    image: job.image().to_owned(),
-                    file_name: file_name.clone(),
-                    size: meta.as_ref().map_or(0, |m| m.len()),
-                    submitted: now.clone(),
-                    submitted_unix: db::unix_now(),
-                    state: "unknown".into(),
-                    updated: now,
-                    verdict: None,
-                    result_bytes: None,
-                    deleted: None,
-                    host: None,
-                    attempts: 0,
-                },
-            )?;
-            db::audit(conn, Some(&account.name), "rebuilt", &format!("{id} {file_name}"))?;
-            added += 1;
-        }
-    }
-    let jobs = db::all_jobs(&app.db)?;
-    for job in &jobs {
+/// Makes the records agree with the directories: every job's state is read
+/// again, and reservations of uploads that died with their server are
+/// dropped. A job that cannot be brought up to date is logged and skipped;
+/// nothing here stops the server. Records come only from the server's own
+/// uploads: a file in the directories is never taken for an account's by
+/// its name.
+pub fn rebuild(app: &App) -> Result<(), db::DbError> {
+    for job in &db::all_jobs(&app.db)? {
         app.refresh(job);
     }
-    Ok(added)
+    sweep_uploads(app)
+}
+
+/// Drops the reservations of uploads whose part file is gone or has been
+/// idle for twice `--idle-timeout` (another server sharing the database may
+/// be receiving the others). An upload whose file reached the queue before
+/// its server died becomes the job it was.
+pub fn sweep_uploads(app: &App) -> Result<(), db::DbError> {
+    let idle = app.idle_timeout * 2;
+    for (id, file_name) in db::uploads(&app.db)? {
+        let part = app.store.upload_path(&id);
+        let quiet = fs::symlink_metadata(&part).ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+        if quiet.is_some_and(|q| q < idle) {
+            continue;
+        }
+        let queued = fs::symlink_metadata(app.store.queue.join(&file_name)).ok().filter(|m| store::is_own(m, None));
+        if let Some(meta) = queued.filter(|_| quiet.is_none()) {
+            if db::finish_upload(&app.db, &id, meta.len(), store::FileId::of(&meta))? {
+                log::info!("job {id}: its upload had reached the queue when its server stopped; waiting");
+            }
+            continue;
+        }
+        let _ = fs::remove_file(&part);
+        db::drop_upload(&app.db, &id)?;
+        log::info!("job {id}: dropped the reservation of an upload that was cut off");
+    }
+    Ok(())
+}
+
+/// How many job files in the directories carry a server-style name but no
+/// record: said at start, since the server never takes them for anyone's.
+pub fn unrecorded(app: &App) -> Result<usize, db::DbError> {
+    let mut n = 0;
+    for name in app.store.server_style_names() {
+        if !db::file_recorded(&app.db, &name)? {
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Deletes the results and logs of finished jobs older than their account's
@@ -83,6 +84,7 @@ pub fn sweep_retention(app: &App) -> Result<usize, db::DbError> {
             continue;
         }
         let Ok(name) = jobfile::JobName::parse(&job.file_name) else { continue };
+        // Only the files that are this job's: no link, no second name.
         for path in [
             app.store.done.join(name.done_file_name()),
             app.store.done.join(name.done_with_extension("log")),
@@ -90,7 +92,9 @@ pub fn sweep_retention(app: &App) -> Result<usize, db::DbError> {
             app.store.failed.join(format!("{}.reason", job.file_name)),
             app.store.failed.join(format!("{}.log", job.file_name)),
         ] {
-            let _ = fs::remove_file(path);
+            if fs::symlink_metadata(&path).is_ok_and(|m| store::is_own(&m, None)) {
+                let _ = fs::remove_file(path);
+            }
         }
         let conn = &app.db;
         db::mark_deleted(conn, &job.id)?;
@@ -101,18 +105,18 @@ pub fn sweep_retention(app: &App) -> Result<usize, db::DbError> {
 }
 
 /// Follows the directories and applies retention every `every`, for ever.
-pub async fn follow(app: Arc<App>, every: std::time::Duration) {
+pub async fn follow(app: Arc<App>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
         let app = app.clone();
         let _ = tokio::task::spawn_blocking(move || {
             if let Err(e) = rebuild(&app) {
-                log::error!("cannot follow the queue: {e}");
+                log::error!("cannot follow the queue: {}", jobfile::error_chain(&e));
             }
             match sweep_retention(&app) {
                 Ok(0) => {}
                 Ok(n) => log::info!("retention: deleted the results and logs of {n} job(s)"),
-                Err(e) => log::error!("retention: {e}"),
+                Err(e) => log::error!("retention: {}", jobfile::error_chain(&e)),
             }
         })
         .await;

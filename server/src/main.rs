@@ -9,9 +9,11 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use construir_server::api::{self, App};
 use construir_server::db::{self, Limits};
+use construir_server::listen::{self, Bounds};
+use construir_server::quota::UploadRules;
 use construir_server::sql::Database;
 use construir_server::store::Store;
-use construir_server::{auth, farm, follow, rebuild};
+use construir_server::{auth, farm, follow, rebuild, unrecorded};
 use jobfile::units::{duration_arg, human_size, size_arg};
 
 #[derive(Parser)]
@@ -74,6 +76,28 @@ struct ServeArgs {
     /// How long an upload may send nothing before it is dropped.
     #[arg(long, default_value = "30s", value_parser = duration_arg)]
     idle_timeout: Duration,
+    /// How long a whole upload (a job, or a host's delivery) may take, however
+    /// steadily it trickles.
+    #[arg(long, default_value = "1h", value_parser = duration_arg)]
+    upload_timeout: Duration,
+    /// Uploads one account may have under way at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    max_uploads: u64,
+    /// Free space the queue's filesystem keeps: an upload that would leave less
+    /// (counting what uploads under way reserved) is refused with 507.
+    #[arg(long, value_name = "SIZE", default_value = "2G", value_parser = size_arg)]
+    min_free: u64,
+    /// Connections open at once, from everyone; more are closed at once.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections: u64,
+    /// Connections open at once from one client address (behind a reverse
+    /// proxy every client has the proxy's: raise it, or let the proxy bound them).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections_per_address: u64,
+    /// How long a client may take to send a request's header (and to finish a
+    /// TLS handshake); a connection that has not by then is closed.
+    #[arg(long, default_value = "10s", value_parser = duration_arg)]
+    header_timeout: Duration,
     /// How often the database is brought up to what the directories say, and retention applied.
     #[arg(long, default_value = "2s", value_parser = duration_arg)]
     follow_every: Duration,
@@ -163,9 +187,20 @@ enum AccountCommand {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // What the server writes (job files, reasons, staged results) is for it and
+    // its group; the database, which holds token hashes, for it alone.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
     if !construir_server::sql::is_postgres(&cli.db) {
-        if let Some(dir) = std::path::Path::new(&cli.db).parent().filter(|d| !d.as_os_str().is_empty()) {
+        let path = std::path::Path::new(&cli.db);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        // SQLite gives its -wal and -shm files the database file's mode.
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
         }
     }
     let conn = db::open(&cli.db)?;
@@ -257,12 +292,29 @@ fn serve(conn: Database, a: ServeArgs) -> Result<()> {
     if extended > 0 {
         log::info!("{extended} lease(s) of remote hosts given a full term again after the restart");
     }
-    let app = App::new(conn, store, a.limits.limits().or(DEFAULTS), a.idle_timeout, farm);
+    let settings = api::Settings {
+        defaults: a.limits.limits().or(DEFAULTS),
+        idle_timeout: a.idle_timeout,
+        upload_timeout: a.upload_timeout,
+        uploads: UploadRules { max_uploads: a.max_uploads, min_free: a.min_free },
+        tls: tls.is_some(),
+    };
+    let app = App::new(conn, store, settings, farm);
     farm::reconcile(&app)?;
-    let added = rebuild(&app)?;
-    if added > 0 {
-        log::info!("{added} job(s) found in the directories without a record: recorded");
+    rebuild(&app)?;
+    let strangers = unrecorded(&app)?;
+    if strangers > 0 {
+        log::warn!("{strangers} job file(s) in the directories have a server-style name but no record: they are no account's (the server takes ownership from its database only; restore it from a backup to recover them)");
     }
+    let tls = match &tls {
+        Some((cert, key)) => Some(listen::tls_config(cert, key)?),
+        None => None,
+    };
+    let bounds = Bounds {
+        max_connections: a.max_connections as usize,
+        max_per_address: a.max_connections_per_address as usize,
+        header_timeout: a.header_timeout,
+    };
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     runtime.block_on(async move {
@@ -275,33 +327,12 @@ fn serve(conn: Database, a: ServeArgs) -> Result<()> {
             app.clone(),
             (a.lease / 10).clamp(Duration::from_millis(200), Duration::from_secs(2)),
         ));
-        let service = api::router(app).into_make_service_with_connect_info::<SocketAddr>();
-        match tls {
-            Some((cert, key)) => {
-                let _ = rustls::crypto::ring::default_provider().install_default();
-                let config =
-                    axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key).await.with_context(|| {
-                        format!("cannot load the TLS certificate {} and key {}", cert.display(), key.display())
-                    })?;
-                let handle = axum_server::Handle::new();
-                let stopper = handle.clone();
-                tokio::spawn(async move {
-                    shutdown().await;
-                    stopper.graceful_shutdown(Some(Duration::from_secs(10)));
-                });
-                eprintln!("construir-server: listening on https://{bound}");
-                axum_server::from_tcp_rustls(listener, config)?
-                    .handle(handle)
-                    .serve(service)
-                    .await
-                    .context("the server failed")?;
-            }
-            None => {
-                eprintln!("construir-server: listening on http://{bound}");
-                let listener = tokio::net::TcpListener::from_std(listener)?;
-                axum::serve(listener, service).with_graceful_shutdown(shutdown()).await.context("the server failed")?;
-            }
-        }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        eprintln!("construir-server: listening on {scheme}://{bound}");
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        listen::serve(listener, tls, api::router(app), bounds, shutdown(), Duration::from_secs(10))
+            .await
+            .context("the server failed")?;
         log::info!("stopped");
         anyhow::Ok(())
     })

@@ -1,8 +1,14 @@
 //! The account's page: its jobs, their states and verdicts, links to logs
 //! and results. Server-rendered HTML, no script. A browser cannot send a
 //! bearer token, so `POST /v1/page-link` (with the token) gives a link that
-//! works once, within five minutes, and trades itself for a session cookie
-//! (HttpOnly, SameSite=Strict) that the page and its links use.
+//! works once, within five minutes. Opening it shows which account it signs
+//! in to and asks to confirm; only that same-origin form trades the link
+//! for a session cookie (HttpOnly, SameSite=Strict, Secure under TLS). So a
+//! link someone else made cannot sign a browser into their account unseen.
+//!
+//! Links and sessions are bound to the token they were made with: a new
+//! token (`account token`), a disabled or removed account ends them all.
+//! Both tables are bounded, per account and in all.
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -24,34 +30,74 @@ use crate::store::Place;
 const LINK_LIFE: Duration = Duration::from_secs(300);
 const SESSION_LIFE: Duration = Duration::from_secs(12 * 3600);
 const COOKIE: &str = "construir_session";
+/// Live links and sessions one account may hold (the oldest go first).
+const PER_ACCOUNT: usize = 8;
+/// Live links, and sessions, in all.
+const IN_ALL: usize = 10_000;
 
-/// Login links not yet used, and live sessions: secret to (account id, expiry).
+/// A login link or a session: whose, made with which token, until when.
+#[derive(Debug, Clone)]
+struct Grant {
+    account: i64,
+    token_hash: Vec<u8>,
+    until: Instant,
+}
+
+/// Login links not yet used, and live sessions, by their secret.
 #[derive(Default)]
 pub struct Sessions {
-    links: Mutex<HashMap<String, (i64, Instant)>>,
-    sessions: Mutex<HashMap<String, (i64, Instant)>>,
+    links: Mutex<HashMap<String, Grant>>,
+    sessions: Mutex<HashMap<String, Grant>>,
 }
 
 impl Sessions {
-    fn issue(map: &Mutex<HashMap<String, (i64, Instant)>>, account: i64, life: Duration) -> String {
-        let secret = auth::new_secret();
+    /// A new secret for `account`, or `None` when the table is full of live entries.
+    fn issue(map: &Mutex<HashMap<String, Grant>>, account: &Account, life: Duration) -> Option<String> {
+        let now = Instant::now();
         let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
-        m.retain(|_, (_, until)| *until > Instant::now());
-        m.insert(secret.clone(), (account, Instant::now() + life));
-        secret
+        m.retain(|_, g| g.until > now);
+        let mut mine: Vec<(Instant, String)> =
+            m.iter().filter(|(_, g)| g.account == account.id).map(|(k, g)| (g.until, k.clone())).collect();
+        mine.sort();
+        while mine.len() >= PER_ACCOUNT {
+            let (_, oldest) = mine.remove(0);
+            m.remove(&oldest);
+        }
+        if m.len() >= IN_ALL {
+            return None;
+        }
+        let secret = auth::new_secret();
+        m.insert(
+            secret.clone(),
+            Grant { account: account.id, token_hash: account.token_hash.clone(), until: now + life },
+        );
+        Some(secret)
     }
 
-    /// The account a session cookie belongs to, if it is live.
-    fn account_of_session(&self, secret: &str) -> Option<i64> {
-        let m = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(secret).filter(|(_, until)| *until > Instant::now()).map(|(a, _)| *a)
+    fn live(map: &Mutex<HashMap<String, Grant>>, secret: &str) -> Option<Grant> {
+        let m = map.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(secret).filter(|g| g.until > Instant::now()).cloned()
     }
 
     /// Uses up a login link.
-    fn redeem(&self, secret: &str) -> Option<i64> {
+    fn redeem(&self, secret: &str) -> Option<Grant> {
         let mut m = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        m.remove(secret).filter(|(_, until)| *until > Instant::now()).map(|(a, _)| a)
+        m.remove(secret).filter(|g| g.until > Instant::now())
     }
+
+    /// Entries held now: (links, sessions).
+    pub fn held(&self) -> (usize, usize) {
+        let n = |m: &Mutex<HashMap<String, Grant>>| m.lock().unwrap_or_else(|p| p.into_inner()).len();
+        (n(&self.links), n(&self.sessions))
+    }
+}
+
+/// The account a grant was made for, while the account is enabled and its
+/// token is still the one the grant was made with.
+fn still_valid(app: &App, grant: &Grant) -> Option<Account> {
+    let account = db::account_by_id(&app.db, grant.account).ok()??;
+    (!account.disabled && bool::from(subtle::ConstantTimeEq::ct_eq(&account.token_hash[..], &grant.token_hash[..])))
+        .then_some(account)
 }
 
 /// `POST /v1/page-link`: a one-time link to the account's page.
@@ -59,34 +105,113 @@ pub async fn page_link(
     State(app): State<Arc<App>>,
     Authed(account): Authed,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let secret = Sessions::issue(&app.sessions.links, account.id, LINK_LIFE);
+    let secret = Sessions::issue(&app.sessions.links, &account, LINK_LIFE).ok_or_else(|| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many login links are live; try again in a few minutes")
+    })?;
     Ok(Json(json!({ "path": format!("/page/login/{secret}"), "expires_in_secs": LINK_LIFE.as_secs() })))
 }
 
-/// `GET /page/login/<secret>`: trades a link for a session and goes to the page.
-pub async fn login(State(app): State<Arc<App>>, UrlPath(secret): UrlPath<String>) -> Response {
-    let Some(account) = app.sessions.redeem(&secret) else {
-        return (
-            StatusCode::NOT_FOUND,
-            Html(page_shell(
-                "construir",
-                "<p>This link has been used or has expired. Ask for a new one: <code>construir page</code>.</p>",
-            )),
-        )
-            .into_response();
+fn link_gone() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Html(page_shell(
+            "construir",
+            "<p>This link has been used or has expired. Ask for a new one: <code>construir page</code>.</p>",
+        )),
+    )
+        .into_response()
+}
+
+/// `GET /page/login/<secret>`: says which account the link signs in to, and
+/// asks to confirm. Nothing is signed in, and the link is not used up, until then.
+pub async fn login(State(app): State<Arc<App>>, UrlPath(secret): UrlPath<String>, headers: HeaderMap) -> Response {
+    let Some(account) = Sessions::live(&app.sessions.links, &secret).and_then(|g| still_valid(&app, &g)) else {
+        return link_gone();
     };
-    let session = Sessions::issue(&app.sessions.sessions, account, SESSION_LIFE);
-    let cookie =
-        format!("{COOKIE}={session}; Path=/page; HttpOnly; SameSite=Strict; Max-Age={}", SESSION_LIFE.as_secs());
+    let now_signed_in = session_account(&app, &headers)
+        .filter(|a| a.id != account.id)
+        .map(|a| format!("<p>This browser is signed in as <b>{}</b> now; confirming switches it.</p>", escape(&a.name)))
+        .unwrap_or_default();
+    let body = format!(
+        r#"<h1>Sign in as <b>{name}</b>?</h1>
+<p>This link was made by <code>construir page</code> for the account <b>{name}</b>. Confirm only if you ran that
+command yourself just now: a link someone else sends you would show you their account, and what you do there is theirs to see.</p>
+{now_signed_in}<form method="post" action="/page/login"><input type="hidden" name="link" value="{secret}">
+<button type="submit">Sign in as {name}</button></form>"#,
+        name = escape(&account.name),
+        secret = escape(&secret),
+    );
+    Html(page_shell("construir: sign in", &body)).into_response()
+}
+
+#[derive(serde::Deserialize)]
+pub struct LoginForm {
+    link: String,
+}
+
+/// Whether a request comes from a page of this server itself (a form on
+/// it), as the browser says: `Sec-Fetch-Site`, else `Origin` against `Host`.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = get("sec-fetch-site") {
+        return site == "same-origin";
+    }
+    match (get("origin"), get("host")) {
+        (Some(origin), Some(host)) => origin.split_once("://").is_some_and(|(_, rest)| rest == host),
+        // No browser sends a cross-site form without either header.
+        (None, _) => true,
+        _ => false,
+    }
+}
+
+/// `POST /page/login`: the confirmation; trades the link for a session.
+pub async fn confirm_login(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    axum::Form(form): axum::Form<LoginForm>,
+) -> Response {
+    if !same_origin(&headers) {
+        return (StatusCode::FORBIDDEN, Html(page_shell("construir", "<p>Sign in from the link's own page.</p>")))
+            .into_response();
+    }
+    let Some(account) = app.sessions.redeem(&form.link).and_then(|g| still_valid(&app, &g)) else {
+        return link_gone();
+    };
+    let Some(session) = Sessions::issue(&app.sessions.sessions, &account, SESSION_LIFE) else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many sessions are live; try again later").into_response();
+    };
+    let secure = if app.settings.tls { "; Secure" } else { "" };
+    let cookie = format!(
+        "{COOKIE}={session}; Path=/page; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
+        SESSION_LIFE.as_secs()
+    );
     (StatusCode::SEE_OTHER, [(header::SET_COOKIE, cookie), (header::LOCATION, "/page".to_owned())]).into_response()
 }
 
 fn session_account(app: &App, headers: &HeaderMap) -> Option<Account> {
     let cookies = headers.get(header::COOKIE)?.to_str().ok()?;
     let secret = cookies.split(';').find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")))?;
-    let id = app.sessions.account_of_session(secret)?;
-    db::account_by_id(&app.db, id).ok()?.filter(|a| !a.disabled)
+    still_valid(app, &Sessions::live(&app.sessions.sessions, secret)?)
 }
+
+/// The headers every answer carries: nothing is framed, sniffed, cached or
+/// sent on as a referrer; the page's policy allows its own styles and forms only.
+pub async fn security_headers(mut response: Response) -> Response {
+    let h = response.headers_mut();
+    let set = |h: &mut HeaderMap, name: &'static str, value: &'static str| {
+        h.insert(name, axum::http::HeaderValue::from_static(value));
+    };
+    set(h, "content-security-policy", CSP);
+    set(h, "x-content-type-options", "nosniff");
+    set(h, "x-frame-options", "DENY");
+    set(h, "referrer-policy", "no-referrer");
+    set(h, "cache-control", "no-store");
+    response
+}
+
+/// The page's Content-Security-Policy, sent as a header on every answer.
+pub const CSP: &str =
+    "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// `GET /page`: the account's jobs.
 pub async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
@@ -185,7 +310,7 @@ pub async fn page_file(
         _ => (None, ""),
     };
     match path {
-        Some(p) => crate::api::serve_file(&p, &headers, kind).await.into_response(),
+        Some(p) => crate::api::serve_file(&p, None, &headers, kind).await.into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
     }
 }
@@ -210,7 +335,7 @@ fn page_shell(title: &str, body: &str) -> String {
     format!(
         r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; base-uri 'none'">
 <title>{}</title>
 <style>
 body {{ font: 15px/1.4 sans-serif; margin: 2em; color: #222; }}
@@ -221,6 +346,7 @@ tr.ok td:nth-child(5) {{ color: #176117; }}
 tr.bad td:nth-child(5) {{ color: #a31515; }}
 tr.running td:nth-child(5), tr.waiting td:nth-child(5) {{ color: #1d4f91; }}
 code {{ font-size: 90%; }}
+button {{ font: inherit; padding: .4em 1em; margin-top: 1em; }}
 </style></head>
 <body>{body}</body></html>
 "#,
@@ -240,15 +366,49 @@ mod tests {
         );
     }
 
+    fn account(id: i64, hash: &[u8]) -> Account {
+        Account {
+            id,
+            name: format!("a{id}"),
+            token_hash: hash.to_vec(),
+            disabled: false,
+            created: String::new(),
+            limits: Default::default(),
+            kind: crate::db::Kind::Submitter,
+        }
+    }
+
     #[test]
-    fn a_link_works_once_and_sessions_expire() {
+    fn a_link_works_once_sessions_expire_and_each_account_holds_a_bounded_few() {
         let s = Sessions::default();
-        let link = Sessions::issue(&s.links, 7, LINK_LIFE);
-        assert_eq!(s.redeem(&link), Some(7));
-        assert_eq!(s.redeem(&link), None, "used up");
-        let session = Sessions::issue(&s.sessions, 7, Duration::ZERO);
-        assert_eq!(s.account_of_session(&session), None, "expired");
-        let session = Sessions::issue(&s.sessions, 7, SESSION_LIFE);
-        assert_eq!(s.account_of_session(&session), Some(7));
+        let a = account(7, b"h");
+        let link = Sessions::issue(&s.links, &a, LINK_LIFE).expect("room");
+        assert_eq!(s.redeem(&link).map(|g| g.account), Some(7));
+        assert!(s.redeem(&link).is_none(), "used up");
+        let session = Sessions::issue(&s.sessions, &a, Duration::ZERO).expect("room");
+        assert!(Sessions::live(&s.sessions, &session).is_none(), "expired");
+        let session = Sessions::issue(&s.sessions, &a, SESSION_LIFE).expect("room");
+        assert_eq!(Sessions::live(&s.sessions, &session).map(|g| g.token_hash), Some(b"h".to_vec()));
+        for _ in 0..100 {
+            Sessions::issue(&s.links, &a, LINK_LIFE).expect("room");
+        }
+        assert_eq!(s.held().0, PER_ACCOUNT, "the oldest links go first");
+    }
+
+    #[test]
+    fn only_a_same_origin_form_may_sign_in() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, axum::http::HeaderValue::from_static(v));
+            }
+            m
+        };
+        assert!(same_origin(&h(&[("sec-fetch-site", "same-origin")])));
+        assert!(!same_origin(&h(&[("sec-fetch-site", "cross-site")])));
+        assert!(!same_origin(&h(&[("sec-fetch-site", "same-site")])));
+        assert!(same_origin(&h(&[("origin", "http://127.0.0.1:8765"), ("host", "127.0.0.1:8765")])));
+        assert!(!same_origin(&h(&[("origin", "https://evil.example"), ("host", "127.0.0.1:8765")])));
+        assert!(!same_origin(&h(&[("origin", "null"), ("host", "127.0.0.1:8765")])));
     }
 }

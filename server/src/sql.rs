@@ -288,6 +288,16 @@ impl Tx<'_> {
         Ok(self.query(sql, params)?.into_iter().next())
     }
 
+    /// `FOR UPDATE` where the database has row locks (PostgreSQL): the rows
+    /// read are held until the transaction ends. Nothing in SQLite, whose
+    /// transactions hold the whole database.
+    pub fn for_update(&self) -> &'static str {
+        match self.backend() {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE",
+        }
+    }
+
     /// `FOR UPDATE SKIP LOCKED` where the database has row locks (PostgreSQL);
     /// nothing in SQLite, where the transaction holds the whole database.
     pub fn skip_locked(&self) -> &'static str {

@@ -2,10 +2,17 @@
 //! into `queue/` (uploaded under a hidden name, then renamed in) and reads
 //! where each has got to from `queue/`, `running/<host>/`, `done/` and
 //! `failed/`, exactly as build hosts leave them.
+//!
+//! Anyone who may write into `queue/` can plant names there, links among
+//! them. So the server never follows a link, reads or serves only regular
+//! files with one name (`open_regular`), and takes a job file for a job's
+//! only when it is the inode the server itself wrote (hosts move job files
+//! by `rename`, which keeps it). Ownership comes from the database alone,
+//! never from a file's name.
 
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -86,6 +93,12 @@ impl Store {
         jobfile::image::ImageManifest::load(&self.images.join(format!("i{image}"))).is_ok()
     }
 
+    /// Bytes free for the server on the queue's filesystem.
+    pub fn free_bytes(&self) -> io::Result<u64> {
+        let st = nix::sys::statvfs::statvfs(&self.queue).map_err(io::Error::from)?;
+        Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+    }
+
     /// Where the hidden upload of job `id` is written.
     pub fn upload_path(&self, id: &str) -> PathBuf {
         self.queue.join(format!(".upload.{id}.part"))
@@ -114,10 +127,12 @@ impl Store {
         File::open(&self.queue)?.sync_all()
     }
 
-    /// Where `file_name` (a job's input name) is now.
-    pub fn locate(&self, file_name: &str) -> Place {
+    /// Where `file_name` (a job's input name) is now. `ino` is the inode the
+    /// server wrote (recorded at upload): a file of that name with another
+    /// inode, a link or a file with several names is not the job's.
+    pub fn locate(&self, file_name: &str, ino: Option<FileId>) -> Place {
         let Ok(job) = JobName::parse(file_name) else { return Place::Missing };
-        if let Ok(meta) = fs::symlink_metadata(self.queue.join(file_name)) {
+        if let Some(meta) = fs::symlink_metadata(self.queue.join(file_name)).ok().filter(|m| is_own(m, ino)) {
             let mine = (meta.ctime(), meta.ctime_nsec(), file_name.to_owned());
             let (mut ahead, mut waiting) = (0, 0);
             for (ctime, nsec, name) in self.waiting() {
@@ -128,37 +143,55 @@ impl Store {
             }
             return Place::Waiting { position: ahead + 1, waiting };
         }
-        if let Ok(hosts) = fs::read_dir(&self.running) {
-            for host in hosts.flatten() {
-                if let Ok(meta) = fs::symlink_metadata(host.path().join(file_name)) {
-                    let claimed = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(meta.ctime().max(0) as u64);
-                    let elapsed_secs = SystemTime::now().duration_since(claimed).unwrap_or_default().as_secs();
-                    return Place::Running { host: host.file_name().to_string_lossy().into_owned(), elapsed_secs };
-                }
+        for (host, dir) in self.host_dirs() {
+            if let Some(meta) = fs::symlink_metadata(dir.join(file_name)).ok().filter(|m| is_own(m, ino)) {
+                let claimed = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(meta.ctime().max(0) as u64);
+                let elapsed_secs = SystemTime::now().duration_since(claimed).unwrap_or_default().as_secs();
+                return Place::Running { host, elapsed_secs };
             }
         }
         let done = self.done.join(job.done_file_name());
-        if let Ok(meta) = fs::metadata(&done) {
+        if let Some(meta) = fs::symlink_metadata(&done).ok().filter(|m| is_own(m, None)) {
             let verdict = jobfile::tools::log_verdict(&self.done.join(job.done_with_extension("log")))
                 .unwrap_or_else(|| "(no log)".to_owned());
             return Place::Done { verdict, result_bytes: meta.len() };
         }
-        for candidate in [file_name.to_owned(), job.done_file_name()] {
-            if fs::symlink_metadata(self.failed.join(&candidate)).is_ok() {
-                let reason = read_head(&self.failed.join(format!("{candidate}.reason")), 4096);
-                let reason = reason.lines().next().unwrap_or("(no reason)");
-                return Place::Failed { reason: jobfile::sanitize(reason.as_bytes()) };
+        // The job file itself (the server's inode), or a failed result a host kept.
+        for (candidate, ino) in [(file_name.to_owned(), ino), (job.done_file_name(), None)] {
+            if fs::symlink_metadata(self.failed.join(&candidate)).is_ok_and(|m| is_own(&m, ino)) {
+                let reason = read_reason(&self.failed.join(format!("{candidate}.reason")));
+                return Place::Failed { reason: reason.unwrap_or_else(|| "(no reason)".to_owned()) };
             }
         }
         Place::Missing
     }
 
-    /// Whether the job has ended (its result in `done/`, or it in `failed/`): two stats.
+    /// Whether `queue/<file_name>` is the job file the server wrote (inode
+    /// `ino`), waiting: the only file a remote host may be handed.
+    pub fn waiting_own(&self, file_name: &str, ino: Option<FileId>) -> bool {
+        fs::symlink_metadata(self.queue.join(file_name)).is_ok_and(|m| is_own(&m, ino))
+    }
+
+    /// The hosts' directories in `running/`, as (host id, path): real
+    /// directories only, and none of the dot-names the contract keeps for
+    /// itself (`.cancel`), but `.farm`, where remote hosts' jobs wait.
+    fn host_dirs(&self) -> Vec<(String, PathBuf)> {
+        let Ok(rd) = fs::read_dir(&self.running) else { return Vec::new() };
+        rd.flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                (!name.starts_with('.') || name == FARM_DIR).then(|| (name, e.path()))
+            })
+            .collect()
+    }
+
+    /// Whether the job has ended (its result in `done/`, or it in `failed/`): three stats.
     pub fn finished(&self, file_name: &str) -> bool {
         let Ok(job) = JobName::parse(file_name) else { return false };
-        self.done.join(job.done_file_name()).exists()
-            || fs::symlink_metadata(self.failed.join(file_name)).is_ok()
-            || fs::symlink_metadata(self.failed.join(job.done_file_name())).is_ok()
+        [self.done.join(job.done_file_name()), self.failed.join(file_name), self.failed.join(job.done_file_name())]
+            .iter()
+            .any(|p| fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file()))
     }
 
     /// Job files waiting in the queue: (ctime, ctime ns, name).
@@ -177,26 +210,33 @@ impl Store {
     /// console a host writes while it runs the job.
     pub fn log_path(&self, file_name: &str) -> Option<PathBuf> {
         let job = JobName::parse(file_name).ok()?;
+        let regular = |p: &PathBuf| fs::symlink_metadata(p).is_ok_and(|m| is_own(&m, None));
         let finished = [self.done.join(job.done_with_extension("log")), self.failed.join(format!("{file_name}.log"))];
-        if let Some(p) = finished.into_iter().find(|p| p.is_file()) {
+        if let Some(p) = finished.into_iter().find(regular) {
             return Some(p);
         }
-        let hosts = fs::read_dir(&self.running).ok()?;
-        hosts.flatten().map(|h| h.path().join(format!(".console.{file_name}"))).find(|p| p.is_file())
+        self.host_dirs().into_iter().map(|(_, dir)| dir.join(format!(".console.{file_name}"))).find(regular)
     }
 
     /// Asks whichever host runs `file_name` to stop it (`running/.cancel/<name>`).
-    pub fn request_cancel(&self, file_name: &str) -> io::Result<()> {
+    /// A job that ended meanwhile has nothing to stop: `Ok(false)`, and no
+    /// request is left behind.
+    pub fn request_cancel(&self, file_name: &str) -> io::Result<bool> {
         let dir = self.running.join(".cancel");
         fs::create_dir_all(&dir)?;
         fs::write(dir.join(file_name), b"")?;
-        File::open(&dir)?.sync_all()
+        File::open(&dir)?.sync_all()?;
+        if self.finished(file_name) {
+            self.forget_cancel(file_name);
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// The result of a finished job.
     pub fn result_path(&self, file_name: &str) -> Option<PathBuf> {
         let job = JobName::parse(file_name).ok()?;
-        Some(self.done.join(job.done_file_name())).filter(|p| p.is_file())
+        Some(self.done.join(job.done_file_name())).filter(|p| fs::symlink_metadata(p).is_ok_and(|m| is_own(&m, None)))
     }
 
     /// Takes a waiting job out of the queue into `failed/` with `reason`.
@@ -217,26 +257,25 @@ impl Store {
         Ok(true)
     }
 
-    /// Every job file in the directories whose name starts with `prefix`
-    /// (the server's own names start with the account's), as input names.
-    pub fn files_with_prefix(&self, prefix: &str) -> Vec<String> {
-        let mut out = Vec::new();
+    /// The names of job files in the directories that look like the
+    /// server's own (`<account>.<16 hex>.<name>`), as input names: for
+    /// saying at start how many have no record (the server takes ownership
+    /// from its database only, never from a name).
+    pub fn server_style_names(&self) -> Vec<String> {
         let mut dirs = vec![self.queue.clone(), self.done.clone(), self.failed.clone()];
-        if let Ok(hosts) = fs::read_dir(&self.running) {
-            dirs.extend(hosts.flatten().map(|h| h.path()));
-        }
-        for dir in dirs {
-            let Ok(rd) = fs::read_dir(&dir) else { continue };
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if !name.starts_with(prefix) {
-                    continue;
-                }
-                if let Ok(job) = JobName::parse(&name) {
-                    out.push(job.input_file_name());
-                }
-            }
-        }
+        dirs.extend(self.host_dirs().into_iter().map(|(_, d)| d));
+        let mut out: Vec<String> = dirs
+            .iter()
+            .filter_map(|d| fs::read_dir(d).ok())
+            .flat_map(|rd| rd.flatten())
+            .filter_map(|e| JobName::parse(&e.file_name().into_string().ok()?).ok())
+            .filter(|job| {
+                let mut parts = job.name().splitn(3, '.');
+                let (_, id) = (parts.next(), parts.next());
+                id.is_some_and(crate::auth::is_job_id) && parts.next().is_some()
+            })
+            .map(|job| job.input_file_name())
+            .collect();
         out.sort();
         out.dedup();
         out
@@ -295,12 +334,66 @@ impl Store {
     }
 }
 
-fn read_head(path: &Path, max: u64) -> String {
-    let mut buf = Vec::new();
-    if let Ok(f) = File::open(path) {
-        let _ = f.take(max).read_to_end(&mut buf);
+/// Which file a job's is: its inode and its birth time. A rename keeps both;
+/// a file made in its place may get the freed inode number again, but not
+/// its birth time (where the filesystem keeps one: ext4, xfs, btrfs, tmpfs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    pub ino: u64,
+    /// Nanoseconds since the epoch; `None` where the filesystem keeps no birth time.
+    pub birth_ns: Option<i64>,
+}
+
+impl FileId {
+    pub fn of(meta: &fs::Metadata) -> FileId {
+        let birth_ns = meta
+            .created()
+            .ok()
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .and_then(|d| i64::try_from(d.as_nanos()).ok());
+        FileId { ino: meta.ino(), birth_ns }
     }
-    String::from_utf8_lossy(&buf).into_owned()
+
+    /// Whether `meta` is this file (a birth time is compared where both have one).
+    pub fn is(&self, meta: &fs::Metadata) -> bool {
+        let other = FileId::of(meta);
+        other.ino == self.ino
+            && (self.birth_ns.is_none() || other.birth_ns.is_none() || other.birth_ns == self.birth_ns)
+    }
+}
+
+/// Whether `meta` (from `lstat`) is a file the server may take as a job's:
+/// a regular file with one name and, when known, the file the server wrote.
+pub fn is_own(meta: &fs::Metadata, id: Option<FileId>) -> bool {
+    meta.file_type().is_file() && meta.nlink() == 1 && id.is_none_or(|i| i.is(meta))
+}
+
+/// Opens a file the server reads or serves: never through a link, never a
+/// FIFO or device (opened without blocking, then checked on the descriptor),
+/// only a regular file with one name, and the file `id` when given.
+pub fn open_regular(path: &Path, id: Option<FileId>) -> io::Result<File> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    if !is_own(&file.metadata()?, id) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} is not a file the server wrote or a host delivered (a link, a second name, or another inode)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(file)
+}
+
+/// The first line of a `.reason` file, sanitized; the one reader of reasons.
+pub fn read_reason(path: &Path) -> Option<String> {
+    let mut buf = Vec::new();
+    open_regular(path, None).ok()?.take(4096).read_to_end(&mut buf).ok()?;
+    let text = jobfile::text::sanitize_lines(&buf);
+    Some(text.lines().next().unwrap_or("").trim().to_owned()).filter(|r| !r.is_empty())
 }
 
 pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
@@ -324,14 +417,22 @@ mod tests {
         let s = Store::beside(&tmp.path().join("queue"));
         s.create_all().expect("dirs");
         let name = "alice.0123456789abcdef.hello_i0.tar.xz";
-        assert_eq!(s.locate(name), Place::Missing);
+        assert_eq!(s.locate(name, None), Place::Missing);
         fs::write(s.queue.join("other_i0.tar.xz"), b"x").expect("write");
         std::thread::sleep(std::time::Duration::from_millis(20));
         fs::write(s.queue.join(name), b"x").expect("write");
-        assert_eq!(s.locate(name), Place::Waiting { position: 2, waiting: 2 });
+        let ino = FileId::of(&fs::metadata(s.queue.join(name)).expect("stat"));
+        assert_eq!(s.locate(name, Some(ino)), Place::Waiting { position: 2, waiting: 2 });
+        let other = FileId { ino: ino.ino + 1, ..ino };
+        assert_eq!(s.locate(name, Some(other)), Place::Missing, "another inode is not the job's");
         fs::create_dir_all(s.running.join("build1")).expect("mkdir");
+        fs::create_dir_all(s.running.join(".cancel")).expect("mkdir");
+        fs::write(s.running.join(".cancel").join(name), b"").expect("a cancel request");
+        assert_eq!(s.locate(name, Some(ino)), Place::Waiting { position: 2, waiting: 2 }, "not running on .cancel");
         fs::rename(s.queue.join(name), s.running.join("build1").join(name)).expect("claim");
-        assert!(matches!(s.locate(name), Place::Running { ref host, .. } if host == "build1"));
+        assert!(matches!(s.locate(name, Some(ino)), Place::Running { ref host, .. } if host == "build1"));
+        std::os::unix::fs::symlink(s.running.join("build1"), s.running.join("linked")).expect("symlink");
+        assert!(matches!(s.locate(name, Some(ino)), Place::Running { ref host, .. } if host == "build1"));
         fs::remove_file(s.running.join("build1").join(name)).expect("rm");
         fs::write(s.done.join("alice.0123456789abcdef.hello_d0.tar.xz"), b"result").expect("write");
         fs::write(
@@ -339,14 +440,50 @@ mod tests {
             "hi\nconstruir-host: verdict: ok (exit code 0)\n",
         )
         .expect("write");
-        assert_eq!(s.locate(name), Place::Done { verdict: "ok (exit code 0)".into(), result_bytes: 6 });
+        assert_eq!(s.locate(name, Some(ino)), Place::Done { verdict: "ok (exit code 0)".into(), result_bytes: 6 });
         assert!(s.result_path(name).is_some() && s.log_path(name).is_some());
-        assert_eq!(s.files_with_prefix("alice."), [name]);
+        assert_eq!(s.server_style_names(), [name]);
 
         let waiting = "alice.1111111111111111.w_i0.tar.xz";
         fs::write(s.queue.join(waiting), b"x").expect("write");
         assert!(s.cancel_waiting(waiting, "cancelled by alice").expect("cancel"));
-        assert_eq!(s.locate(waiting), Place::Failed { reason: "cancelled by alice".into() });
+        assert_eq!(s.locate(waiting, None), Place::Failed { reason: "cancelled by alice".into() });
         assert!(!s.cancel_waiting(waiting, "again").expect("cancel"), "no longer waiting");
+    }
+
+    #[test]
+    fn links_second_names_fifos_and_other_inodes_are_never_opened_or_taken_for_a_job() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let s = Store::beside(&tmp.path().join("queue"));
+        s.create_all().expect("dirs");
+        let secret = tmp.path().join("secret");
+        fs::write(&secret, b"root only").expect("write");
+        let name = "alice.0123456789abcdef.pwn_i0.tar.xz";
+        std::os::unix::fs::symlink(&secret, s.queue.join(name)).expect("symlink");
+        assert_eq!(s.locate(name, None), Place::Missing);
+        assert!(!s.waiting_own(name, None));
+        assert!(open_regular(&s.queue.join(name), None).is_err());
+        fs::remove_file(s.queue.join(name)).expect("rm");
+        fs::hard_link(&secret, s.queue.join(name)).expect("link");
+        assert!(!s.waiting_own(name, None), "a second name");
+        assert!(open_regular(&s.queue.join(name), None).is_err());
+        fs::remove_file(s.queue.join(name)).expect("rm");
+        nix::unistd::mkfifo(&s.queue.join(name), nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("fifo");
+        assert!(open_regular(&s.queue.join(name), None).is_err(), "a FIFO, opened without blocking");
+        fs::remove_file(s.queue.join(name)).expect("rm");
+        fs::write(s.queue.join(name), b"mine").expect("write");
+        let id = FileId::of(&fs::metadata(s.queue.join(name)).expect("stat"));
+        let other = FileId { ino: id.ino + 1, ..id };
+        assert!(s.waiting_own(name, Some(id)) && !s.waiting_own(name, Some(other)));
+        assert!(open_regular(&s.queue.join(name), Some(id)).is_ok());
+        assert!(open_regular(&s.queue.join(name), Some(other)).is_err());
+        // Removed and made again: the inode number may come back, the birth time does not.
+        fs::remove_file(s.queue.join(name)).expect("rm");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        fs::write(s.queue.join(name), b"theirs").expect("write");
+        let again = FileId::of(&fs::metadata(s.queue.join(name)).expect("stat"));
+        if again.birth_ns.is_some() {
+            assert!(!s.waiting_own(name, Some(id)), "a file made in the job's place");
+        }
     }
 }

@@ -10,6 +10,9 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod browser;
+pub mod server;
+
 /// One of our binaries, from the same cargo build as this test.
 pub fn bin(name: &str) -> PathBuf {
     let me = std::env::current_exe().expect("test executable path");
