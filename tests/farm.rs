@@ -34,6 +34,8 @@ struct Farm {
     /// A second server process on the same database and directories (PostgreSQL only).
     second: Option<(Child, u16)>,
     lease: &'static str,
+    /// More options for every server this farm starts.
+    server_args: Vec<String>,
     submitter: String,
     hosts: Vec<(String, Option<Child>)>,
 }
@@ -70,6 +72,7 @@ impl Farm {
             port: 0,
             second: None,
             lease,
+            server_args: Vec::new(),
             submitter: String::new(),
             hosts: Vec::new(),
         };
@@ -125,6 +128,7 @@ impl Farm {
             .arg(&self.queue)
             .args(["--listen", &listen, "--follow-every", "1s", "--lease", self.lease, "--images"])
             .arg(&self.images)
+            .args(&self.server_args)
             .stderr(log)
             .spawn()
             .expect("start construir-server");
@@ -171,6 +175,11 @@ impl Farm {
 
     /// The same, taking work from the server at `url`.
     fn start_host_of(&mut self, i: usize, images: &Path, url: &str) {
+        self.start_host_with(i, images, url, &[]);
+    }
+
+    /// The same, with more options for the host.
+    fn start_host_with(&mut self, i: usize, images: &Path, url: &str, extra: &[&str]) {
         let name = self.hosts[i].0.clone();
         let dir = self.host_dir(&name);
         fs::create_dir_all(&dir).expect("mkdir");
@@ -183,6 +192,7 @@ impl Farm {
             .args(["--accel", "tcg", "--memory", "1G", "--cpus", "1", "--host-id", &name])
             .arg("--images")
             .arg(images)
+            .args(extra)
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
@@ -201,8 +211,13 @@ impl Farm {
         }
     }
 
-    /// Submits a job printing `message` (then sleeping `sleep` seconds) for image `image`; its id.
+    /// Submits a 1 MiB job running `script` for image `image`; its id.
     fn submit(&self, name: &str, image: &str, script: &str) -> String {
+        self.submit_sized(name, image, script, "1M")
+    }
+
+    /// Submits a job of `size` running `script` for image `image`; its id.
+    fn submit_sized(&self, name: &str, image: &str, script: &str, size: &str) -> String {
         let dir = self.root.path().join("src").join(name);
         fs::create_dir_all(dir.join("bin")).expect("mkdir");
         fs::write(dir.join("bin/construir"), script).expect("script");
@@ -210,7 +225,7 @@ impl Farm {
         let out = Command::new(bin("construir"))
             .args(["--server", &self.url(), "--token", &self.submitter, "submit"])
             .arg(&dir)
-            .args(["--image", image, "--size", "1M"])
+            .args(["--image", image, "--size", size])
             .current_dir(self.root.path())
             .env("HOME", self.root.path())
             .output()
@@ -429,7 +444,13 @@ fn twenty_jobs_over_two_hosts(db: Db) {
 
     // And as the page shows them.
     let (_, link) = farm.api(&farm.submitter, "POST", "/v1/page-link", b"");
-    let login = farm.http("GET", link["path"].as_str().expect("path"), "", b"");
+    let secret = link["path"].as_str().expect("path").rsplit('/').next().expect("secret").to_owned();
+    let login = farm.http(
+        "POST",
+        "/page/login",
+        "Content-Type: application/x-www-form-urlencoded\r\nSec-Fetch-Site: same-origin\r\n",
+        format!("link={secret}").as_bytes(),
+    );
     let cookie = login
         .lines()
         .find_map(|l| {
@@ -544,6 +565,249 @@ fn server_restart(db: Db) {
         assert_eq!(farm.deliveries(id), 1, "{id}\n{}", farm.audit());
     }
     assert_eq!(farm.results().len(), 6, "{:?}", farm.results());
+}
+
+/// A loopback proxy that moves at most `rate` bytes a second each way on
+/// each connection: a slow link between a host and the server. It stops
+/// when dropped; it counts the bytes it moved toward the client.
+struct Throttle {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    to_client: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Throttle {
+    fn start(server_port: u16, rate: u64) -> Throttle {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("addr").port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let to_client = Arc::new(AtomicU64::new(0));
+        let (stop2, counted) = (stop.clone(), to_client.clone());
+        std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", server_port)) else { continue };
+                client.set_nonblocking(false).expect("blocking");
+                for (from, to, count) in [
+                    (client.try_clone().expect("clone"), server.try_clone().expect("clone"), None),
+                    (server, client, Some(counted.clone())),
+                ] {
+                    let stop = stop2.clone();
+                    std::thread::spawn(move || pump_slowly(from, to, rate, &stop, count.as_deref()));
+                }
+            }
+        });
+        Throttle { port, stop, to_client }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Copies `from` to `to` at `rate` bytes a second at most, in pieces of a tenth of it.
+fn pump_slowly(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    rate: u64,
+    stop: &std::sync::atomic::AtomicBool,
+    count: Option<&std::sync::atomic::AtomicU64>,
+) {
+    let mut buf = vec![0u8; (rate / 10).max(1) as usize];
+    let _ = from.set_read_timeout(Some(Duration::from_secs(1)));
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                if let Some(c) = count {
+                    c.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_secs_f64(n as f64 / rate as f64));
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+/// A job that takes longer to download and to deliver than its lease lasts,
+/// over a slow link, while another job runs on the same host: both are
+/// delivered once, neither goes back to the queue (finding 5 of issue 17).
+fn slow_link_short_lease(db: Db) {
+    let _serial = lock();
+    let mut farm = Farm::new(db, "3s");
+    // Only i0 here: fetching the tampered i7 over this link would take minutes.
+    fs::remove_dir_all(farm.images.join("i7")).expect("rm i7");
+    // 64 KiB/s: the 1 MiB job file takes 16 s to come, its 600 KiB result 10 s to go back.
+    let link = Throttle::start(farm.port, 64 << 10);
+    let images = construir_e2e::images().to_path_buf();
+    farm.start_host_with(0, &images, &link.url(), &["--workers", "2"]);
+    let other = farm.submit("beside", "0", "#!/bin/sh\necho started beside\nsleep 25\necho beside done\n");
+    farm.wait_running_on(&other, "hosta");
+    let started = std::time::Instant::now();
+    let big = farm.submit_sized(
+        "big",
+        "0",
+        "#!/bin/sh\ndd if=/dev/urandom of=noise.bin bs=1024 count=600 2>/dev/null\necho made the noise\n",
+        "1M",
+    );
+    farm.wait_running_on(&big, "hosta");
+    let downloaded = started.elapsed();
+    for id in [&other, &big] {
+        farm.wait_state(id, "done", Duration::from_secs(300));
+    }
+    assert!(downloaded >= Duration::from_secs(9), "the link was not slow: the job came in {downloaded:?}");
+    assert!(link.to_client.load(std::sync::atomic::Ordering::Relaxed) >= 1 << 20, "the job file went through the link");
+    for (id, name, said) in [(&other, "beside", "beside done"), (&big, "big", "made the noise")] {
+        let job = farm.job(id);
+        assert!(job["place"]["verdict"].as_str().unwrap_or_default().starts_with("ok (exit code 0)"), "{job}");
+        assert_eq!(job["attempts"], 1, "{id} went back to the queue: {job}{}", farm.logs(id));
+        assert_eq!(farm.deliveries(id), 1);
+        assert!(farm.output(id, name).contains(said), "{}", farm.output(id, name));
+    }
+    let result = farm.root.path().join("srv/done").join(format!("alice.{big}.big_d0.tar.xz"));
+    assert!(fs::metadata(&result).expect("result").len() > 500 << 10, "the result came back whole");
+    assert!(!farm.audit().contains("lease_expired"), "{}", farm.audit());
+    assert!(!farm.host_log("hosta").contains("lease lost"), "{}", farm.host_log("hosta"));
+}
+
+/// Clients sending bad tokens, half headers, stalled uploads and floods of
+/// connections at the server while hosts renew leases and a submitter
+/// submits: no lease is lost and every job is delivered once. Every abuser
+/// is bounded in count and time and stops by itself.
+fn abuse_run(db: Db) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _serial = lock();
+    let mut farm = Farm::new(db, "4s");
+    farm.server_args = ["--header-timeout", "3s", "--idle-timeout", "4s"].map(String::from).to_vec();
+    farm.kill_server();
+    farm.start_server();
+    let mallory = farm.account(&["mallory"]);
+    let images = construir_e2e::images().to_path_buf();
+    farm.start_host(0, &images);
+    farm.start_host(1, &images);
+    let stop = AtomicBool::new(false);
+    let addr = format!("127.0.0.1:{}", farm.port);
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let going = || !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline;
+    let (ids, bad_tokens) = std::thread::scope(|scope| {
+        // Bad tokens, from the very address the hosts and the submitter use.
+        let bad = scope.spawn(|| {
+            let mut n = 0;
+            while going() && n < 3000 {
+                let head = format!("GET /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer cst1.1.{n:064x}\r\nConnection: close\r\n\r\n");
+                if let Ok(mut s) = TcpStream::connect(&addr) {
+                    let _ = s.write_all(head.as_bytes());
+                    let _ = s.read(&mut [0u8; 64]);
+                }
+                n += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            n
+        });
+        // Half headers from another address, thirty held at a time.
+        scope.spawn(|| {
+            let mut held = std::collections::VecDeque::new();
+            for _ in 0..600 {
+                if !going() {
+                    break;
+                }
+                if let Ok(mut s) = construir_e2e::server::connect_from("127.0.0.2", &addr) {
+                    let _ = s.write_all(b"POST /v1/host/lease HTTP/1.1\r\nHost: x\r\nAuthoriz");
+                    held.push_back(s);
+                }
+                if held.len() > 30 {
+                    held.pop_front();
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        // Stalled uploads by an account of its own, as many as it may have.
+        scope.spawn(|| {
+            for _ in 0..60 {
+                if !going() {
+                    break;
+                }
+                let head = format!("POST /v1/jobs?name=stall&image=0 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {mallory}\r\nContent-Length: 500000\r\nConnection: close\r\n\r\n");
+                let socks: Vec<TcpStream> = (0..4)
+                    .filter_map(|_| construir_e2e::server::connect_from("127.0.0.3", &addr).ok())
+                    .map(|mut s| {
+                        let _ = s.write_all(head.as_bytes());
+                        let _ = s.write_all(b"\xfd7zXZ\0");
+                        s
+                    })
+                    .collect();
+                std::thread::sleep(Duration::from_secs(5));
+                drop(socks);
+            }
+        });
+        // A flood of idle connections from one more address, past its cap.
+        scope.spawn(|| {
+            let mut flood = Vec::new();
+            for _ in 0..100 {
+                if let Ok(s) = construir_e2e::server::connect_from("127.0.0.4", &addr) {
+                    flood.push(s);
+                }
+            }
+            while going() {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let ids: Vec<(String, String)> = (0..6)
+            .map(|i| {
+                let name = format!("a{i}");
+                let id = farm.submit(&name, "0", &format!("#!/bin/sh\nsleep 3\necho \"{name} held\"\n"));
+                (id, name)
+            })
+            .collect();
+        for (id, _) in &ids {
+            farm.wait_state(id, "done", Duration::from_secs(200));
+        }
+        stop.store(true, Ordering::Relaxed);
+        (ids, bad.join().expect("thread"))
+    });
+    for (id, name) in &ids {
+        let job = farm.job(id);
+        assert_eq!(job["attempts"], 1, "{job}{}", farm.logs(id));
+        assert_eq!(farm.deliveries(id), 1);
+        assert!(farm.output(id, name).contains(&format!("{name} held")));
+    }
+    assert!(!farm.audit().contains("lease_expired"), "{}", farm.audit());
+    for h in ["hosta", "hostb"] {
+        let log = farm.host_log(h);
+        assert!(!log.contains("lease lost") && !log.contains("cannot renew"), "{h}:\n{log}");
+    }
+    let log = farm.server_log();
+    assert!(bad_tokens > 100, "{bad_tokens} bad tokens sent");
+    assert!(log.contains("bad tokens this minute; answering 429"), "{log}");
+    assert!(log.contains("connections from this address, the limit"), "{log}");
+    assert!(log.contains("its upload did not finish; removed it and its reservation"), "{log}");
+}
+
+#[test]
+fn sqlite_a_job_slower_to_move_than_its_lease_and_another_beside_it_are_each_delivered_once_none_requeued() {
+    slow_link_short_lease(Db::Sqlite);
+}
+
+#[test]
+fn postgres_abuse_from_every_side_loses_no_lease_and_delivers_every_job_once() {
+    abuse_run(Db::Postgres);
 }
 
 #[test]

@@ -350,8 +350,11 @@ fn the_accounts_page_shows_its_jobs_in_a_real_browser() {
     assert!(dom.contains("Sign in as <b>alice</b>?") && !dom.contains(&built), "{dom}");
     browser.open(&format!("{}/page", s.url));
     assert!(browser.dom().contains("Not signed in"), "the link alone signed the browser in");
-    // A person clicks the button.
+    // A person reads what it asks (a screenshot is kept with the test's artifacts), and clicks.
+    let artifacts = bin("construir-server").parent().expect("dir").join("test-artifacts");
+    fs::create_dir_all(&artifacts).expect("mkdir");
     browser.open(&link);
+    browser.screenshot(&artifacts.join("server-sign-in.png"));
     browser.click_and_wait("button");
     let dom = browser.dom();
     for want in [
@@ -368,8 +371,6 @@ fn the_accounts_page_shows_its_jobs_in_a_real_browser() {
     }
     assert!(!dom.contains("bobsjob"), "another account's job is on alice's page");
     // A screenshot for people to look at, kept with the test's artifacts.
-    let artifacts = bin("construir-server").parent().expect("dir").join("test-artifacts");
-    fs::create_dir_all(&artifacts).expect("mkdir");
     let shot = artifacts.join("server-page.png");
     let _ = fs::remove_file(&shot);
     browser.screenshot(&shot);

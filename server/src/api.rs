@@ -234,6 +234,7 @@ struct UploadGuard<'a> {
 impl Drop for UploadGuard<'_> {
     fn drop(&mut self) {
         if let Some(p) = self.path.take() {
+            log::info!("job {}: its upload did not finish; removed it and its reservation", self.id);
             let _ = std::fs::remove_file(p);
             if let Err(e) = db::drop_upload(self.app.db(), &self.id) {
                 log::error!(

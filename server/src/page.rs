@@ -151,7 +151,7 @@ pub struct LoginForm {
 
 /// Whether a request comes from a page of this server itself (a form on
 /// it), as the browser says: `Sec-Fetch-Site`, else `Origin` against `Host`.
-fn same_origin(headers: &HeaderMap) -> bool {
+pub fn same_origin(headers: &HeaderMap) -> bool {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if let Some(site) = get("sec-fetch-site") {
         return site == "same-origin";
