@@ -31,6 +31,8 @@ ensure_packages() {
     command -v systemd-analyze >/dev/null || want+=(systemd)
     command -v chromium >/dev/null || want+=(chromium fonts-dejavu-core)
     command -v openssl >/dev/null || want+=(openssl)
+    # The TLS test signs in to the page with curl.
+    command -v curl >/dev/null || want+=(curl)
     # The farm's tests run the server against PostgreSQL too (a private cluster each).
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || want+=(postgresql)
     [ -x /bin/busybox ] && file -L /bin/busybox | grep -q 'statically linked' || want+=(busybox-static)

@@ -521,4 +521,19 @@ fn tls_with_certificate_and_key_files_serves_the_client_and_refuses_plain_http()
             .as_bytes(),
     );
     assert_ne!(code, 200);
+    // Under TLS the page's session cookie is Secure (curl with the token in a header file,
+    // never on its command line).
+    let (_, link, _) = client(&s, &alice, &work, &["--ca-cert", ca, "page"]);
+    let secret = link.trim().rsplit('/').next().expect("secret").to_owned();
+    let auth = q.root.path().join("form");
+    fs::write(&auth, format!("link={secret}")).expect("write");
+    let headers = construir_e2e::sh(
+        &format!(
+            "curl -sS -o /dev/null -D - --cacert {ca} -H 'Sec-Fetch-Site: same-origin' --data-binary @form {}/page/login",
+            s.url
+        ),
+        q.root.path(),
+    );
+    let cookie = headers.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).unwrap_or_default();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("; Secure"), "{headers}");
 }
