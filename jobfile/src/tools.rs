@@ -82,8 +82,14 @@ pub const VERDICT_PREFIX: &str = "construir-host: verdict: ";
 /// 8 KiB of `log`, sanitized); `None` without a log or a verdict.
 pub fn log_verdict(log: &Path) -> Option<String> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut f = File::open(log).ok()?;
-    let len = f.metadata().ok()?.len();
+    use std::os::unix::fs::OpenOptionsExt;
+    // Never through a link, never blocking on a FIFO: only a regular file is a log.
+    let mut f = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(log).ok()?;
+    let meta = f.metadata().ok()?;
+    if !meta.file_type().is_file() {
+        return None;
+    }
+    let len = meta.len();
     f.seek(SeekFrom::Start(len.saturating_sub(8192))).ok()?;
     let mut tail = Vec::new();
     f.take(8192).read_to_end(&mut tail).ok()?;

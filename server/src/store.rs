@@ -477,6 +477,13 @@ mod tests {
         assert!(s.waiting_own(name, Some(id)) && !s.waiting_own(name, Some(other)));
         assert!(open_regular(&s.queue.join(name), Some(id)).is_ok());
         assert!(open_regular(&s.queue.join(name), Some(other)).is_err());
+        // A log in done/ that is a link: its target's verdict is never read.
+        fs::write(&secret, "construir-host: verdict: the secret\n").expect("write");
+        let done = "bob.0123456789abcdef.d_i0.tar.xz";
+        fs::write(s.done.join("bob.0123456789abcdef.d_d0.tar.xz"), b"result").expect("write");
+        std::os::unix::fs::symlink(&secret, s.done.join("bob.0123456789abcdef.d_d0.log")).expect("symlink");
+        assert_eq!(s.locate(done, None), Place::Done { verdict: "(no log)".into(), result_bytes: 6 });
+        assert!(s.log_path(done).is_none());
         // Removed and made again: the inode number may come back, the birth time does not.
         fs::remove_file(s.queue.join(name)).expect("rm");
         std::thread::sleep(std::time::Duration::from_millis(5));
