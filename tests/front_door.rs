@@ -597,4 +597,21 @@ fn the_database_its_journal_and_stored_job_files_are_not_readable_by_others() {
     let help = std::process::Command::new(construir_e2e::bin("construir")).arg("--help").output().expect("help");
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("--token-file") && !help.contains("--token <TOKEN>"), "{help}");
+    // A token file others can read works, with a warning; a private one without.
+    let token_file = q.root.path().join("token");
+    fs::write(&token_file, format!("{alice}\n")).expect("write");
+    for (mode, warned) in [(0o644, true), (0o600, false)] {
+        fs::set_permissions(&token_file, fs::Permissions::from_mode(mode)).expect("chmod");
+        let out = std::process::Command::new(construir_e2e::bin("construir"))
+            .args(["--server", &s.url, "--token-file"])
+            .arg(&token_file)
+            .arg("list")
+            .env("HOME", q.root.path())
+            .output()
+            .expect("construir");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert_eq!(err.contains("others on this machine can read it"), warned, "{mode:o}: {err}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&id), "the token file's token was used");
+    }
 }

@@ -127,7 +127,12 @@ impl Client {
         let file: ClientConfig = match config_file() {
             Some(path) if path.exists() => {
                 let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-                toml::from_str(&text).with_context(|| format!("{} is not a valid client config", path.display()))?
+                let config: ClientConfig = toml::from_str(&text)
+                    .with_context(|| format!("{} is not a valid client config", path.display()))?;
+                if config.token.is_some() {
+                    warn_if_readable(&path);
+                }
+                config
             }
             _ => ClientConfig::default(),
         };
@@ -232,9 +237,25 @@ impl Client {
     }
 }
 
+/// Says so when a file holding a token can be read by others than its owner.
+fn warn_if_readable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            eprintln!(
+                "construir: warning: {} holds a token and is mode {mode:03o}: others on this machine can read it (chmod 600 {})",
+                path.display(),
+                path.display()
+            );
+        }
+    }
+}
+
 /// The token in `path` (its first line, trimmed), when a path is given.
 fn read_token_file(path: Option<PathBuf>) -> Result<Option<String>> {
     let Some(path) = path else { return Ok(None) };
+    warn_if_readable(&path);
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("cannot read the token file {}", path.display()))?;
     let token = text.lines().next().unwrap_or("").trim().to_owned();
