@@ -280,15 +280,26 @@ fn read_tail(path: &Path, max: u64) -> Vec<u8> {
 /// PID 1's stdio must reach the console even if the kernel could not open
 /// /dev/console for us (an initramfs without the node).
 fn console_on_stdio() {
-    use std::os::fd::AsRawFd;
     if nix::fcntl::fcntl(io::stderr(), nix::fcntl::FcntlArg::F_GETFD).is_ok() {
         return;
     }
-    if let Ok(console) = fs::OpenOptions::new().read(true).write(true).open("/dev/console") {
-        for fd in 0..3 {
-            // SAFETY: dup2 onto the standard descriptors; `console` stays open for the call.
-            unsafe { libc::dup2(console.as_raw_fd(), fd) };
-        }
+    let Ok(console) = fs::OpenOptions::new().read(true).write(true).open("/dev/console") else { return };
+    let failed: Vec<&str> = [
+        ("stdin", nix::unistd::dup2_stdin(&console)),
+        ("stdout", nix::unistd::dup2_stdout(&console)),
+        ("stderr", nix::unistd::dup2_stderr(&console)),
+    ]
+    .into_iter()
+    .filter_map(|(name, r)| r.is_err().then_some(name))
+    .collect();
+    if !failed.is_empty() {
+        // With no console on stdio, the kernel's log is the one place left to say so.
+        let _ = fs::OpenOptions::new().write(true).open("/dev/kmsg").and_then(|mut k| {
+            io::Write::write_all(
+                &mut k,
+                format!("construir-init: cannot put the console on {}\n", failed.join(", ")).as_bytes(),
+            )
+        });
     }
 }
 

@@ -115,8 +115,8 @@ impl Group {
             // Kernels before 5.14 have no cgroup.kill.
             for pid in fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default().split_whitespace() {
                 if let Ok(pid) = pid.parse::<i32>() {
-                    // SAFETY: kill on a pid read from the group; no memory involved.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    // Gone already is as good as killed.
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
                 }
             }
         }

@@ -3,10 +3,8 @@
 //! (the KVM probe, when it runs, is a jailed QEMU like any other and leaves
 //! only its cached answer in `work/`).
 
-use std::ffi::CString;
 use std::fmt;
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::image;
@@ -320,9 +318,8 @@ pub fn landlock() -> Check {
 }
 
 fn writable(path: &Path) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return false };
-    // SAFETY: access(2) reads the NUL-terminated path we own.
-    unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+    use nix::unistd::AccessFlags;
+    nix::unistd::access(path, AccessFlags::W_OK | AccessFlags::X_OK).is_ok()
 }
 
 fn free_bytes(path: &Path) -> Option<u64> {

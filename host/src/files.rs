@@ -7,7 +7,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -68,10 +68,10 @@ pub fn sync_dirs(dirs: &[&Path]) -> io::Result<()> {
     Ok(())
 }
 
-fn seek(f: &File, from: u64, whence: libc::c_int) -> Option<u64> {
-    // SAFETY: lseek on an open descriptor; no memory involved.
-    let r = unsafe { libc::lseek(f.as_raw_fd(), from as libc::off_t, whence) };
-    (r >= 0).then_some(r as u64)
+/// The next data (or hole) at or after `from`; `None` past the end or where the filesystem cannot say.
+fn seek(f: &File, from: u64, whence: nix::unistd::Whence) -> Option<u64> {
+    let r = nix::unistd::lseek(f, libc::off_t::try_from(from).ok()?, whence).ok()?;
+    u64::try_from(r).ok()
 }
 
 /// Copies the first `len` bytes of `src` to the same offsets of `dst`,
@@ -81,7 +81,7 @@ pub fn copy_sparse(src: &File, dst: &File, len: u64) -> io::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;
     while pos < len {
-        let data = match seek(src, pos, libc::SEEK_DATA) {
+        let data = match seek(src, pos, nix::unistd::Whence::SeekData) {
             Some(d) if d < len => d,
             _ => break,
         };
@@ -107,8 +107,8 @@ pub fn trimmed_len(f: &File) -> io::Result<u64> {
     // The end of the last data segment: nothing after it but a hole.
     let mut end = 0u64;
     let mut pos = 0u64;
-    while let Some(data) = seek(f, pos, libc::SEEK_DATA).filter(|&d| d < len) {
-        let hole = seek(f, data, libc::SEEK_HOLE).unwrap_or(len).min(len);
+    while let Some(data) = seek(f, pos, nix::unistd::Whence::SeekData).filter(|&d| d < len) {
+        let hole = seek(f, data, nix::unistd::Whence::SeekHole).unwrap_or(len).min(len);
         end = hole;
         pos = hole;
     }

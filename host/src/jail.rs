@@ -28,7 +28,6 @@ use std::collections::BTreeSet;
 use std::ffi::{CStr, CString};
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -153,7 +152,7 @@ pub struct IdPool {
 #[derive(Debug)]
 pub struct IdLease {
     pub id: Identity,
-    _lock: File,
+    _lock: nix::fcntl::Flock<File>,
 }
 
 impl IdPool {
@@ -188,8 +187,7 @@ impl IdPool {
             else {
                 continue;
             };
-            // SAFETY: flock on a descriptor we own; no memory involved.
-            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            if let Ok(lock) = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
                 *next = (offset + 1) % self.range.count;
                 return Ok(IdLease { id: Identity { uid, gid: uid }, _lock: lock });
             }
@@ -755,8 +753,7 @@ unsafe fn restrict_files(ns: &Namespaces) -> io::Result<()> {
 
 /// Whether this process is root (and so must drop privileges for QEMU).
 pub fn running_as_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 #[cfg(test)]

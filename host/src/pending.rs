@@ -352,18 +352,19 @@ mod tests {
         fs::write(&path, vec![0u8; 70_000]).expect("write");
         let future = SystemTime::now() + Duration::from_secs(365 * 24 * 3600);
         File::options().write(true).open(&path).expect("open").set_modified(future).expect("set mtime");
-        let rules = Rules { settle: Duration::from_millis(300), ..RULES };
+        // Wide margins: each "still settling" below holds unless this thread stalls for 2 s.
+        let rules = Rules { settle: Duration::from_secs(2), ..RULES };
         let mut p = Pending::new(rules);
         let mut refused = Vec::new();
         p.rescan(q, &mut refused).expect("scan");
         assert!(p.settle(q, &mut refused).is_some());
         assert!(p.next_ready(q, &mut refused).is_none(), "still settling");
-        std::thread::sleep(Duration::from_millis(400));
+        std::thread::sleep(Duration::from_millis(2100));
         fs::write(&path, vec![1u8; 70_001]).expect("rewrite");
         File::options().write(true).open(&path).expect("open").set_modified(future).expect("set mtime");
         assert!(p.settle(q, &mut refused).is_some(), "changed: the count starts again");
         assert!(p.next_ready(q, &mut refused).is_none());
-        std::thread::sleep(Duration::from_millis(400));
+        std::thread::sleep(Duration::from_millis(2100));
         assert_eq!(p.settle(q, &mut refused), None);
         assert_eq!(p.next_ready(q, &mut refused).expect("settled").scanned.size, 70_001);
         assert!(refused.is_empty(), "{refused:?}");

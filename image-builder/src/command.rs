@@ -23,6 +23,19 @@ pub enum CommandError {
     Timeout { what: String, limit: Duration, tail: String },
 }
 
+/// A child that is killed and reaped when dropped, however `run` ends
+/// (a timeout, an error, a panic in `progress`), unless it was reaped first.
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Runs `cmd` to completion within `limit`. Returns all of its stdout;
 /// `progress` sees every line of stdout and stderr as it comes.
 pub fn run(
@@ -32,12 +45,14 @@ pub fn run(
     mut progress: impl FnMut(&str),
 ) -> Result<String, CommandError> {
     let program = cmd.get_program().to_string_lossy().into_owned();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| CommandError::Spawn { program, source })?;
+    let mut guard = Guard(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| CommandError::Spawn { program, source })?,
+    );
+    let child = &mut guard.0;
     let (tx, rx) = mpsc::channel::<(bool, String)>();
     let out = child.stdout.take().expect("piped");
     let err = child.stderr.take().expect("piped");
@@ -66,8 +81,6 @@ pub fn run(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
         if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
             return Err(CommandError::Timeout { what: what.to_owned(), limit, tail: tail_text(&tail) });
         }
     }
@@ -76,8 +89,6 @@ pub fn run(
             break st;
         }
         if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
             return Err(CommandError::Timeout { what: what.to_owned(), limit, tail: tail_text(&tail) });
         }
         thread::sleep(Duration::from_millis(20));
@@ -123,5 +134,21 @@ mod tests {
             run(&mut Command::new("/nonexistent/tool"), "x", Duration::from_secs(1), |_| {}),
             Err(CommandError::Spawn { .. })
         ));
+    }
+
+    #[test]
+    fn a_child_is_killed_when_run_ends_early_even_by_a_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pidfile = dir.path().join("pid");
+        let script = format!("echo $$ > {}; echo go; exec sleep 60", pidfile.display());
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run(Command::new("sh").args(["-c", &script]), "panicky", Duration::from_secs(30), |line| {
+                assert_ne!(line, "go", "the caller's progress callback gives up");
+            })
+        }));
+        assert!(outcome.is_err(), "the callback panicked");
+        let pid: i32 = std::fs::read_to_string(&pidfile).expect("pid").trim().parse().expect("a pid");
+        let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err();
+        assert!(gone, "process {pid} outlived run()");
     }
 }

@@ -275,6 +275,5 @@ fn empty_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 fn nix_is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }

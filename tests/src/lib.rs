@@ -13,6 +13,40 @@ use std::time::{Duration, Instant};
 pub mod browser;
 pub mod server;
 
+/// A process a test started, killed and reaped when dropped unless it ended
+/// first: a failing assert never leaves a host running behind the test.
+pub struct Spawned(pub std::process::Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Says, where a person sees it, that `test` did not run and why: straight to
+/// standard error, past the test harness's capture (which would hide it in a
+/// passing test). `scripts/test` counts these lines as skipped.
+pub fn skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("construir-e2e: skipped: {test}: {why}\n").as_bytes());
+}
+
 /// One of our binaries, from the same cargo build as this test.
 pub fn bin(name: &str) -> PathBuf {
     let me = std::env::current_exe().expect("test executable path");
@@ -182,8 +216,8 @@ impl Queue {
     }
 
     /// Starts `construir-host run QUEUE` (not --once) in the background; its log goes to `<root>/host-<tag>.log`.
-    pub fn spawn(&self, tag: &str, host_id: &str, extra: &[&str]) -> std::process::Child {
-        self.host_command(tag, host_id, extra).spawn().expect("start construir-host")
+    pub fn spawn(&self, tag: &str, host_id: &str, extra: &[&str]) -> Spawned {
+        Spawned(self.host_command(tag, host_id, extra).spawn().expect("start construir-host"))
     }
 
     /// The command `spawn` runs, for a test that needs to change how the host starts.
