@@ -44,10 +44,6 @@ pub struct Settings {
 pub struct App {
     pub db: Database,
     pub store: Store,
-    /// Limits for accounts that set none of their own.
-    pub defaults: Limits,
-    /// How long an upload may go without sending a byte.
-    pub idle_timeout: Duration,
     pub settings: Settings,
     /// Failed authentications per client.
     failures: auth::Failures,
@@ -65,8 +61,6 @@ impl App {
         Arc::new(App {
             db,
             store,
-            defaults: settings.defaults,
-            idle_timeout: settings.idle_timeout,
             settings,
             failures: auth::Failures::new(MAX_FAILURES_PER_MINUTE, Duration::from_secs(60)),
             sessions: crate::page::Sessions::default(),
@@ -214,7 +208,7 @@ pub fn authenticate(app: &App, headers: &HeaderMap, peer: IpAddr) -> ApiResult<A
 }
 
 async fn whoami(State(app): State<Arc<App>>, Authed(account): Authed) -> ApiResult<Json<serde_json::Value>> {
-    Ok(Json(json!({ "account": account.name, "limits": account.limits.or(app.defaults) })))
+    Ok(Json(json!({ "account": account.name, "limits": account.limits.or(app.settings.defaults) })))
 }
 
 #[derive(Deserialize)]
@@ -257,7 +251,7 @@ async fn submit(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let limits = account.limits.or(app.defaults);
+    let limits = account.limits.or(app.settings.defaults);
     let job_name = jobfile::JobName::new(&q.name, &q.image)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad job name or image: {e}")))?;
     if !app.store.has_image(job_name.image()) {
@@ -316,7 +310,7 @@ async fn submit(
     let mut head: Vec<u8> = Vec::with_capacity(XZ_MAGIC.len());
     let deadline = tokio::time::Instant::now() + app.settings.upload_timeout;
     loop {
-        let wait = app.idle_timeout.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let wait = app.settings.idle_timeout.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
         let chunk = match tokio::time::timeout(wait, stream.next()).await {
             Err(_) if tokio::time::Instant::now() >= deadline => {
                 return Err(ApiError::new(
@@ -327,7 +321,7 @@ async fn submit(
             Err(_) => {
                 return Err(ApiError::new(
                     StatusCode::REQUEST_TIMEOUT,
-                    format!("the upload sent nothing for {} s", app.idle_timeout.as_secs()),
+                    format!("the upload sent nothing for {} s", app.settings.idle_timeout.as_secs()),
                 ))
             }
             Ok(None) => break,

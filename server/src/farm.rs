@@ -354,7 +354,7 @@ async fn receive(
     let (mut got, mut second_len) = (0u64, 0u64);
     let deadline = tokio::time::Instant::now() + app.settings.upload_timeout;
     loop {
-        let wait = app.idle_timeout.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let wait = app.settings.idle_timeout.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
         let chunk = match tokio::time::timeout(wait, stream.next()).await {
             Err(_) => return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "the upload stalled or took too long")),
             Ok(None) => break,

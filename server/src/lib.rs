@@ -37,7 +37,7 @@ pub fn rebuild(app: &App) -> Result<(), db::DbError> {
 /// be receiving the others). An upload whose file reached the queue before
 /// its server died becomes the job it was.
 pub fn sweep_uploads(app: &App) -> Result<(), db::DbError> {
-    let idle = app.idle_timeout * 2;
+    let idle = app.settings.idle_timeout * 2;
     for (id, file_name) in db::uploads(&app.db)? {
         let part = app.store.upload_path(&id);
         let quiet = fs::symlink_metadata(&part).ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
@@ -79,7 +79,7 @@ pub fn sweep_retention(app: &App) -> Result<usize, db::DbError> {
     let mut cleared = 0;
     for job in jobs.iter().filter(|j| j.deleted.is_none() && (j.state == "done" || j.state == "failed")) {
         let Some(account) = accounts.iter().find(|a| a.id == job.account_id) else { continue };
-        let Some(days) = account.limits.or(app.defaults).retention_days else { continue };
+        let Some(days) = account.limits.or(app.settings.defaults).retention_days else { continue };
         if db::unix_now() - job.submitted_unix < (days as i64) * 86_400 {
             continue;
         }
