@@ -119,6 +119,23 @@ pub const MAX_LEASE_BODY: usize = 64 << 10;
 /// Most bytes of a renewal's body: the console a host sends with it (it sends 256 KiB at most).
 pub const MAX_RENEW_BODY: usize = 1 << 20;
 
+impl HostImage {
+    /// An image as a host may name it: a number of 1 to 9 digits with a sha256 in lowercase hex.
+    pub fn check(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.len() > 9 || !self.name.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!(
+                "{:?} is not an image number",
+                jobfile::text::sanitize_capped(self.name.as_bytes(), 32)
+            ));
+        }
+        if self.checksum.len() != 64 || !self.checksum.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(format!("image i{}: the checksum is not a sha256 in lowercase hex", self.name));
+        }
+        Ok(())
+    }
+}
+
 impl LeaseRequest {
     /// Checks what a host says of itself: an image is a number of 1 to 9
     /// digits with a sha256 in lowercase hex, at most `MAX_HOST_IMAGES` of
@@ -129,15 +146,7 @@ impl LeaseRequest {
             return Err(format!("{} images listed; a host may list at most {MAX_HOST_IMAGES}", self.images.len()));
         }
         for i in &self.images {
-            if i.name.is_empty() || i.name.len() > 9 || !i.name.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(format!(
-                    "{:?} is not an image number",
-                    jobfile::text::sanitize_capped(i.name.as_bytes(), 32)
-                ));
-            }
-            if i.checksum.len() != 64 || !i.checksum.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-                return Err(format!("image i{}: the checksum is not a sha256 in lowercase hex", i.name));
-            }
+            i.check()?;
         }
         if self.version.len() > 64 || !self.version.bytes().all(|b| b.is_ascii_graphic()) {
             return Err("the version is not up to 64 printable ASCII characters".to_owned());
@@ -653,16 +662,12 @@ pub fn hosts_view(app: &App, account: &db::Account) -> Result<Vec<serde_json::Va
                 .filter(|j| account.kind == Kind::Submitter && j.account_id == account.id)
                 .map(|j| json!({"id": j.id, "name": j.name}))
                 .collect();
-            // What a host said is shown to every submitter: only what passes `LeaseRequest::check`.
+            // What a host said is shown to every submitter: only what passes `HostImage::check`.
             let images: Vec<HostImage> = serde_json::from_value::<Vec<HostImage>>(h.images.clone())
                 .unwrap_or_default()
                 .into_iter()
                 .take(MAX_HOST_IMAGES)
-                .filter(|i| {
-                    LeaseRequest { images: vec![i.clone()], capacity: 0, running: 0, version: String::new() }
-                        .check()
-                        .is_ok()
-                })
+                .filter(|i| i.check().is_ok())
                 .collect();
             let version = if h.version.len() <= 64 && h.version.bytes().all(|b| b.is_ascii_graphic()) {
                 h.version.clone()
