@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
@@ -261,7 +261,4 @@ pub fn default_host_id() -> String {
 }
 
 /// Default directories: siblings of the queue.
-pub fn sibling(queue: &Path, name: &str) -> PathBuf {
-    let abs = std::path::absolute(queue).unwrap_or_else(|_| queue.to_owned());
-    abs.parent().unwrap_or(Path::new("/")).join(name)
-}
+pub use jobfile::layout::sibling;

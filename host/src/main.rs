@@ -544,13 +544,13 @@ fn run_one(args: RunOneArgs) -> Result<ExitCode> {
             return Ok(if verdict.starts_with("ok") { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
         // Failed or refused: the reason (and log, if any) beside where the result would be.
+        // The one job of this private queue failed: its entry is whatever has a .reason beside it.
         let reason = std::fs::read_dir(&dirs.failed)?
             .flatten()
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|x| x == "reason"))
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .unwrap_or_else(|| "ended without a result or a reason".to_owned());
-        let reason = jobfile::sanitize(reason.trim().as_bytes());
+            .and_then(|p| jobfile::layout::read_reason(&p.with_extension("")))
+            .map_or_else(|| "ended without a result or a reason".to_owned(), |r| r.why);
         std::fs::write(out.join(format!("{name}.reason")), format!("{reason}\n"))?;
         if let Some(log) = std::fs::read_dir(&dirs.failed)?
             .flatten()

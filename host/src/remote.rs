@@ -649,8 +649,8 @@ impl Pump {
         for candidate in [file_name.to_owned(), job.done_file_name()] {
             let file = self.dirs.failed.join(&candidate);
             if fs::symlink_metadata(&file).is_ok() {
-                let reason = fs::read(self.dirs.failed.join(format!("{candidate}.reason"))).unwrap_or_default();
-                let reason = jobfile::sanitize(&reason).lines().next().unwrap_or("").to_owned();
+                // No reason: the server says "failed on host <id>".
+                let reason = jobfile::layout::read_reason(&file).map(|r| r.why).unwrap_or_default();
                 let log = Some(self.dirs.failed.join(format!("{candidate}.log"))).filter(|p| p.exists());
                 return Local::Failed { reason, log, file };
             }

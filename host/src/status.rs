@@ -189,26 +189,12 @@ fn verdict_of(result: &Path) -> String {
 }
 
 /// The first line of a failed entry's `.reason`, and the name it came
-/// with when the host refused it (already sanitized when written).
-fn reason_of(entry: &Path) -> (String, Option<String>) {
-    let mut name = entry.file_name().unwrap_or_default().to_owned();
-    name.push(".reason");
-    let text = read_tail(&entry.with_file_name(name), 4096);
-    let reason = text.lines().next().map_or_else(|| "(no reason)".to_owned(), |l| jobfile::sanitize(l.as_bytes()));
-    let original =
-        text.lines().find_map(|l| l.strip_prefix("original name: ")).map(|n| jobfile::sanitize(n.as_bytes()));
-    (reason, original)
-}
-
-/// At most the last `max` bytes of a file, as text.
-fn read_tail(path: &Path, max: u64) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = fs::File::open(path) else { return String::new() };
-    let len = f.metadata().map_or(0, |m| m.len());
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
-    let mut buf = Vec::new();
-    let _ = f.take(max).read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).into_owned()
+/// with when the host refused it.
+pub fn reason_of(entry: &Path) -> (String, Option<String>) {
+    match jobfile::layout::read_reason(entry) {
+        Some(r) => (r.why, r.original),
+        None => ("(no reason)".to_owned(), None),
+    }
 }
 
 /// `1h 02m`, `3m 10s`, `12s`.

@@ -9,6 +9,7 @@ pub mod fallback;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod image;
+pub mod layout;
 #[cfg(feature = "cli")]
 pub mod manual;
 pub mod name;

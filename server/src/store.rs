@@ -11,11 +11,12 @@
 //! never from a file's name.
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use jobfile::layout;
 use jobfile::name::{classify, Entry};
 use jobfile::JobName;
 use serde::Serialize;
@@ -69,15 +70,8 @@ impl Place {
 impl Store {
     /// Beside `queue`, as build hosts default them.
     pub fn beside(queue: &Path) -> Store {
-        let queue = std::path::absolute(queue).unwrap_or_else(|_| queue.to_owned());
-        let sibling = |n: &str| queue.parent().unwrap_or(Path::new("/")).join(n);
-        Store {
-            running: sibling("running"),
-            done: sibling("done"),
-            failed: sibling("failed"),
-            images: sibling("images"),
-            queue,
-        }
+        let b = jobfile::layout::Beside::queue(queue);
+        Store { queue: b.queue, running: b.running, done: b.done, failed: b.failed, images: b.images }
     }
 
     pub fn create_all(&self) -> io::Result<()> {
@@ -159,8 +153,8 @@ impl Store {
         // The job file itself (the server's inode), or a failed result a host kept.
         for (candidate, ino) in [(file_name.to_owned(), ino), (job.done_file_name(), None)] {
             if fs::symlink_metadata(self.failed.join(&candidate)).is_ok_and(|m| is_own(&m, ino)) {
-                let reason = read_reason(&self.failed.join(format!("{candidate}.reason")));
-                return Place::Failed { reason: reason.unwrap_or_else(|| "(no reason)".to_owned()) };
+                let reason = layout::read_reason(&self.failed.join(&candidate));
+                return Place::Failed { reason: reason.map_or_else(|| "(no reason)".to_owned(), |r| r.why) };
             }
         }
         Place::Missing
@@ -215,14 +209,14 @@ impl Store {
         if let Some(p) = finished.into_iter().find(regular) {
             return Some(p);
         }
-        self.host_dirs().into_iter().map(|(_, dir)| dir.join(format!(".console.{file_name}"))).find(regular)
+        self.host_dirs().into_iter().map(|(_, dir)| layout::live_console(&dir, file_name.as_ref())).find(regular)
     }
 
     /// Asks whichever host runs `file_name` to stop it (`running/.cancel/<name>`).
     /// A job that ended meanwhile has nothing to stop: `Ok(false)`, and no
     /// request is left behind.
     pub fn request_cancel(&self, file_name: &str) -> io::Result<bool> {
-        let dir = self.running.join(".cancel");
+        let dir = layout::cancel_dir(&self.running);
         fs::create_dir_all(&dir)?;
         fs::write(dir.join(file_name), b"")?;
         File::open(&dir)?.sync_all()?;
@@ -298,7 +292,7 @@ impl Store {
 
     /// The console a remote host sends while it runs the job.
     pub fn farm_console(&self, file_name: &str) -> PathBuf {
-        self.farm_dir().join(format!(".console.{file_name}"))
+        layout::live_console(&self.farm_dir(), file_name.as_ref())
     }
 
     /// Moves a job file between the server's directories, never replacing
@@ -317,11 +311,11 @@ impl Store {
 
     /// Whether a cancel was asked for `file_name` (see `request_cancel`).
     pub fn cancel_requested(&self, file_name: &str) -> bool {
-        self.running.join(".cancel").join(file_name).exists()
+        layout::cancel_request(&self.running, file_name.as_ref()).exists()
     }
 
     pub fn forget_cancel(&self, file_name: &str) {
-        let _ = fs::remove_file(self.running.join(".cancel").join(file_name));
+        let _ = fs::remove_file(layout::cancel_request(&self.running, file_name.as_ref()));
     }
 
     /// Puts `failed/<file_name>.reason` beside a failed job.
@@ -386,14 +380,6 @@ pub fn open_regular(path: &Path, id: Option<FileId>) -> io::Result<File> {
         ));
     }
     Ok(file)
-}
-
-/// The first line of a `.reason` file, sanitized; the one reader of reasons.
-pub fn read_reason(path: &Path) -> Option<String> {
-    let mut buf = Vec::new();
-    open_regular(path, None).ok()?.take(4096).read_to_end(&mut buf).ok()?;
-    let text = jobfile::text::sanitize_lines(&buf);
-    Some(text.lines().next().unwrap_or("").trim().to_owned()).filter(|r| !r.is_empty())
 }
 
 pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {

@@ -218,16 +218,14 @@ pub fn take_claimed(
 /// `running/<host-id>/.console.<file name>` (removed when the job ends; its
 /// whole log then lands beside the result).
 pub fn live_console(dirs: &Dirs, file_name: &OsStr) -> PathBuf {
-    let mut name = OsString::from(".console.");
-    name.push(file_name);
-    dirs.running.join(name)
+    jobfile::layout::live_console(&dirs.running, file_name)
 }
 
 /// A request to stop a running job: a file `running/.cancel/<file name>`,
 /// shared by every host on the queue; whichever host runs the job stops its
 /// VM and sends the job to failed/.
 pub fn cancel_request(dirs: &Dirs, file_name: &OsStr) -> PathBuf {
-    dirs.running.parent().unwrap_or(&dirs.running).join(".cancel").join(file_name)
+    jobfile::layout::cancel_request(dirs.running.parent().unwrap_or(&dirs.running), file_name)
 }
 
 /// The file in `running/<host-id>/` that a running host holds locked: it

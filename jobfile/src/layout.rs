@@ -1,0 +1,176 @@
+//! The queue-directory contract, in one place: the directories beside a
+//! queue, and the files the host, `status`, `run-one`, the remote host and
+//! the server leave for each other in them (a failed job's reason, a cancel
+//! request, a running job's live console).
+//!
+//! ```text
+//! queue/                      job files waiting (<name>_i<image>.tar.xz)
+//! running/<host-id>/          claimed by that host; .console.<file> while it runs
+//! running/.cancel/<file>      a request to stop <file>, whichever host runs it
+//! done/<name>_d<image>.tar.xz a result, with <name>_d<image>.log
+//! failed/<file>               a failed job, with <file>.reason (first line: why;
+//!                             a refused one also "original name: ...") and maybe <file>.log
+//! images/i<N>/                the base images
+//! ```
+
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// The directories beside a queue, as every part defaults them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Beside {
+    pub queue: PathBuf,
+    /// The parent of every host's `running/<host-id>/`.
+    pub running: PathBuf,
+    pub done: PathBuf,
+    pub failed: PathBuf,
+    pub images: PathBuf,
+}
+
+impl Beside {
+    /// `running/`, `done/`, `failed/` and `images/` as siblings of `queue`
+    /// (made absolute, so that a relative queue names the same directories).
+    pub fn queue(queue: &Path) -> Beside {
+        let queue = std::path::absolute(queue).unwrap_or_else(|_| queue.to_owned());
+        Beside {
+            running: sibling(&queue, "running"),
+            done: sibling(&queue, "done"),
+            failed: sibling(&queue, "failed"),
+            images: sibling(&queue, "images"),
+            queue,
+        }
+    }
+}
+
+/// The directory `name` beside `queue`.
+pub fn sibling(queue: &Path, name: &str) -> PathBuf {
+    let abs = std::path::absolute(queue).unwrap_or_else(|_| queue.to_owned());
+    abs.parent().unwrap_or(Path::new("/")).join(name)
+}
+
+/// Where cancel requests are: `running/.cancel/`, shared by every host on the queue.
+pub fn cancel_dir(running: &Path) -> PathBuf {
+    running.join(".cancel")
+}
+
+/// A request to stop the running job `file_name`: an empty file in
+/// `running/.cancel/`; whichever host runs the job stops its VM and sends
+/// the job to `failed/`. `running` is the parent of the hosts' directories.
+pub fn cancel_request(running: &Path, file_name: &OsStr) -> PathBuf {
+    cancel_dir(running).join(file_name)
+}
+
+/// Where a running job's console is written as it arrives:
+/// `running/<host-id>/.console.<file name>` (removed when the job ends; its
+/// whole log then lands beside the result).
+pub fn live_console(host_dir: &Path, file_name: &OsStr) -> PathBuf {
+    let mut name = OsString::from(".console.");
+    name.push(file_name);
+    host_dir.join(name)
+}
+
+/// The file beside `entry` with `.<what>` appended to its name (`reason`, `log`).
+pub fn beside_entry(entry: &Path, what: &str) -> PathBuf {
+    let mut name = entry.file_name().unwrap_or_default().to_owned();
+    name.push(".");
+    name.push(what);
+    entry.with_file_name(name)
+}
+
+/// Most bytes of a `.reason` that are read: the reason and the original name
+/// are its first lines, and whatever follows is not read.
+pub const REASON_READ: u64 = 4096;
+
+/// What a failed job's `.reason` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reason {
+    /// Its first line, sanitized and trimmed; never empty.
+    pub why: String,
+    /// The name a refused entry came into the queue with, sanitized.
+    pub original: Option<String>,
+}
+
+/// Reads the `.reason` beside the failed entry `entry`: only a regular file
+/// with one name (never through a link, never a FIFO or device), its first
+/// `REASON_READ` bytes. `None` when there is none, it cannot be read, or its
+/// first line is empty; each caller says what stands in for it.
+pub fn read_reason(entry: &Path) -> Option<Reason> {
+    let path = beside_entry(entry, "reason");
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.file_type().is_file() || meta.nlink() != 1 {
+        return None;
+    }
+    let mut buf = Vec::new();
+    file.take(REASON_READ).read_to_end(&mut buf).ok()?;
+    let text = crate::text::sanitize_lines(&buf);
+    let why = text.lines().next().unwrap_or("").trim().to_owned();
+    let original = text.lines().find_map(|l| l.strip_prefix("original name: ")).map(|n| n.trim().to_owned());
+    (!why.is_empty()).then_some(Reason { why, original })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_directories_beside_a_queue_are_its_siblings_however_it_is_named() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let b = Beside::queue(&tmp.path().join("q"));
+        assert_eq!(b.running, tmp.path().join("running"));
+        assert_eq!(b.done, tmp.path().join("done"));
+        assert_eq!(b.failed, tmp.path().join("failed"));
+        assert_eq!(b.images, tmp.path().join("images"));
+        assert_eq!(sibling(Path::new("/srv/q"), "done"), Path::new("/srv/done"));
+        assert!(Beside::queue(Path::new("relative/q")).done.is_absolute());
+        assert_eq!(
+            cancel_request(&b.running, OsStr::new("a_i0.tar.xz")),
+            tmp.path().join("running/.cancel/a_i0.tar.xz")
+        );
+        assert_eq!(
+            live_console(&b.running.join("h1"), OsStr::new("a_i0.tar.xz")),
+            b.running.join("h1/.console.a_i0.tar.xz")
+        );
+    }
+
+    #[test]
+    fn a_reason_is_its_first_line_sanitized_with_the_original_name_of_a_refused_entry() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let entry = tmp.path().join("refused.x");
+        assert_eq!(read_reason(&entry), None, "no file");
+        fs::write(beside_entry(&entry, "reason"), "  not a job file \x1b[2J\noriginal name: evil\x1b]0;x\x07\n")
+            .expect("w");
+        let r = read_reason(&entry).expect("a reason");
+        assert!(r.why.starts_with("not a job file ") && !r.why.contains('\x1b'), "{:?}", r.why);
+        assert!(r.original.as_deref().is_some_and(|o| o.starts_with("evil") && !o.contains('\x1b')));
+        fs::write(beside_entry(&entry, "reason"), "\nsecond line\n").expect("w");
+        assert_eq!(read_reason(&entry), None, "an empty first line is no reason");
+        // Past the first 4 KiB nothing is read.
+        let long = "x".repeat(REASON_READ as usize + 100);
+        fs::write(beside_entry(&entry, "reason"), &long).expect("w");
+        assert_eq!(read_reason(&entry).expect("reason").why.len(), REASON_READ as usize);
+    }
+
+    #[test]
+    fn a_reason_is_never_read_through_a_link_or_a_second_name() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let secret = tmp.path().join("secret");
+        fs::write(&secret, "the secret\n").expect("w");
+        let a = tmp.path().join("a");
+        std::os::unix::fs::symlink(&secret, beside_entry(&a, "reason")).expect("symlink");
+        assert_eq!(read_reason(&a), None);
+        let b = tmp.path().join("b");
+        fs::hard_link(&secret, beside_entry(&b, "reason")).expect("link");
+        assert_eq!(read_reason(&b), None);
+        let c = tmp.path().join("c");
+        nix::unistd::mkfifo(&beside_entry(&c, "reason"), nix::sys::stat::Mode::S_IRWXU).expect("fifo");
+        assert_eq!(read_reason(&c), None, "a FIFO neither blocks nor reads");
+    }
+}
