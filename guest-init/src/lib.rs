@@ -11,7 +11,6 @@ pub mod mounts;
 pub mod power;
 pub mod root;
 pub mod runner;
-pub mod settings;
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
@@ -23,7 +22,7 @@ use jobfile::xz::{EncodeOptions, DEFAULT_MEMLIMIT};
 use jobfile::{error_chain, fallback, JobStatus, Outcome, PackError, PackOptions, UnpackOptions};
 
 use crate::runner::{KillScope, RunConfig};
-use crate::settings::Settings;
+use jobfile::cmdline::Settings;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

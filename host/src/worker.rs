@@ -87,18 +87,18 @@ pub fn run(
             return fail(dirs, job, "not_taken", &claimed, &format!("cannot take the claimed job file: {e}"), None)
         }
     };
-    let cmdline = format!(
-        "console=ttyS0 panic=-1 quiet loglevel=3 {} construir.job={} construir.timeout={} construir.deadline={} construir.name={} construir.image={} construir.console={}",
-        manifest.cmdline,
-        manifest.job_device,
-        limits.timeout.as_secs(),
+    let guest = jobfile::cmdline::Settings {
+        job_device: manifest.job_device.clone().into(),
+        timeout: Some(limits.timeout),
         // The guest's own watchdog: after the job's timeout and packing, before the host's kill.
         // (Half the grace: the guest counts from its kernel's start, after the firmware.)
-        (limits.timeout + limits.grace / 2).as_secs(),
-        job.name(),
-        job.image(),
-        limits.console_limit
-    );
+        deadline: Some(limits.timeout + limits.grace / 2),
+        name: Some(job.name().to_owned()),
+        image: Some(job.image().to_owned()),
+        console_max: limits.console_limit as u64,
+        ..Default::default()
+    };
+    let cmdline = format!("console=ttyS0 panic=-1 quiet loglevel=3 {} {}", manifest.cmdline, guest.to_cmdline());
     let BootFiles { kernel, initrd, root_disk } = match image.open() {
         Ok(f) => f,
         Err(e) => {

@@ -1,9 +1,11 @@
-//! Settings from the kernel command line (`construir.*=`), with defaults.
+//! The kernel command line between host and guest: the `construir.*=`
+//! words the host writes (`to_cmdline`) and `construir-init` reads
+//! (`from_cmdline`), one type for both, with the guest's defaults.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// What the host asked for on the kernel command line.
+/// What the host asks of the guest on the kernel command line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     /// `construir.job=`: the job disk.
@@ -32,7 +34,7 @@ impl Default for Settings {
             job_device: PathBuf::from("/dev/vdb"),
             timeout: None,
             deadline: None,
-            xz_preset: jobfile::xz::DEFAULT_PRESET,
+            xz_preset: crate::xz::DEFAULT_PRESET,
             threads: 0,
             name: None,
             image: None,
@@ -43,6 +45,41 @@ impl Default for Settings {
 }
 
 impl Settings {
+    /// The `construir.*` words, space-separated: the job disk always, every
+    /// other setting where it differs from the default (so an older guest
+    /// is told nothing it does not need). Names and images are job names'
+    /// parts, without spaces; `from_cmdline` gives back these settings.
+    pub fn to_cmdline(&self) -> String {
+        let d = Settings::default();
+        let mut words = vec![format!("construir.job={}", self.job_device.display())];
+        let secs = |t: Option<Duration>| t.map_or(0, |t| t.as_secs());
+        if self.timeout.is_some() {
+            words.push(format!("construir.timeout={}", secs(self.timeout)));
+        }
+        if self.deadline.is_some() {
+            words.push(format!("construir.deadline={}", secs(self.deadline)));
+        }
+        if self.xz_preset != d.xz_preset {
+            words.push(format!("construir.xz={}", self.xz_preset));
+        }
+        if self.threads != d.threads {
+            words.push(format!("construir.threads={}", self.threads));
+        }
+        if let Some(name) = &self.name {
+            words.push(format!("construir.name={name}"));
+        }
+        if let Some(image) = &self.image {
+            words.push(format!("construir.image={image}"));
+        }
+        if self.device_wait != d.device_wait {
+            words.push(format!("construir.wait={}", self.device_wait.as_secs()));
+        }
+        if self.console_max != d.console_max {
+            words.push(format!("construir.console={}", self.console_max));
+        }
+        words.join(" ")
+    }
+
     /// Reads the `construir.*` words of a kernel command line. Unknown or
     /// malformed ones are reported and otherwise ignored: PID 1 must go on.
     pub fn from_cmdline(cmdline: &str) -> (Settings, Vec<String>) {
@@ -65,11 +102,11 @@ impl Settings {
                 "threads" => num(value).filter(|&n| n <= 256).map(|n| s.threads = n as u32).is_some(),
                 "wait" => num(value).map(|n| s.device_wait = Duration::from_secs(n)).is_some(),
                 "console" => num(value).map(|n| s.console_max = n).is_some(),
-                "name" if jobfile::name::check_name(value).is_ok() => {
+                "name" if crate::name::check_name(value).is_ok() => {
                     s.name = Some(value.to_owned());
                     true
                 }
-                "image" if jobfile::name::check_image(value).is_ok() => {
+                "image" if crate::name::check_image(value).is_ok() => {
                     s.image = Some(value.to_owned());
                     true
                 }
@@ -108,6 +145,30 @@ mod tests {
             }
         );
         assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn what_the_host_writes_the_guest_reads_back() {
+        let every = Settings {
+            job_device: "/dev/vdc".into(),
+            timeout: Some(Duration::from_secs(3600)),
+            deadline: Some(Duration::from_secs(3700)),
+            xz_preset: 2,
+            threads: 4,
+            name: Some("hello-world.1".into()),
+            image: Some("100".into()),
+            device_wait: Duration::from_secs(7),
+            console_max: 123_456,
+        };
+        let defaults = Settings::default();
+        let some = Settings { timeout: Some(Duration::from_secs(5)), name: Some("x".into()), ..Settings::default() };
+        for s in [every, defaults, some] {
+            let line = format!("console=ttyS0 quiet {} panic=-1", s.to_cmdline());
+            let (back, warnings) = Settings::from_cmdline(&line);
+            assert_eq!(back, s, "{line}");
+            assert!(warnings.is_empty(), "{line}: {warnings:?}");
+        }
+        assert_eq!(Settings::default().to_cmdline(), "construir.job=/dev/vdb", "defaults are not repeated");
     }
 
     #[test]
