@@ -80,3 +80,104 @@ fn boot_probe(
     }
     Ok(booted)
 }
+
+/// What the host was asked to use (`--accel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    /// KVM where it really runs guests, TCG otherwise.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// The accelerator decision, with why: one for `run` and `doctor`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// `--accel tcg`.
+    TcgChosen,
+    /// `--accel kvm`: used as asked; `Err` says why `/dev/kvm` will not open.
+    KvmChosen(Result<(), String>),
+    /// Auto, and `/dev/kvm` will not open: TCG.
+    NoDevice(String),
+    /// Auto, and the probe could not be made (no image, no QEMU, no jail): TCG.
+    NotProbed(String),
+    /// Auto, and a test VM did not boot with KVM: TCG.
+    ProbeFailed,
+    /// Auto, and a test VM booted with KVM.
+    ProbeBooted,
+}
+
+impl Decision {
+    /// What VMs run with.
+    pub fn accel(&self) -> Accel {
+        match self {
+            Decision::KvmChosen(_) | Decision::ProbeBooted => Accel::Kvm,
+            _ => Accel::Tcg,
+        }
+    }
+}
+
+/// Decides the accelerator: asked for, or (auto) probed by booting a kernel
+/// from `images` with KVM. `confiner` is the probe VM's jail, or why there is none.
+pub fn decide(
+    choice: Choice,
+    qemu: &Path,
+    images: &Path,
+    work: &Path,
+    confiner: impl FnOnce() -> Result<Confiner, String>,
+) -> Decision {
+    let device = || OpenOptions::new().read(true).write(true).open("/dev/kvm").map(drop).map_err(|e| e.to_string());
+    match choice {
+        Choice::Tcg => Decision::TcgChosen,
+        Choice::Kvm => Decision::KvmChosen(device()),
+        Choice::Auto => {
+            if let Err(e) = device() {
+                return Decision::NoDevice(e);
+            }
+            let Some(kernel) = crate::image::any_kernel(images) else {
+                return Decision::NotProbed(format!("no image in {} to boot", images.display()));
+            };
+            let confiner = match confiner() {
+                Ok(c) => c,
+                Err(e) => return Decision::NotProbed(e),
+            };
+            let _ = fs::create_dir_all(work);
+            if kvm_works(qemu, &kernel, Duration::from_secs(15), work, &confiner) {
+                Decision::ProbeBooted
+            } else {
+                Decision::ProbeFailed
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod decision_tests {
+    use super::*;
+
+    #[test]
+    fn the_decision_names_its_accelerator_and_why() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (qemu, images, work) = (Path::new("/nonexistent/qemu"), tmp.path().join("images"), tmp.path().join("work"));
+        let no_jail = || -> Result<Confiner, String> { panic!("no probe is made without an image") };
+        assert_eq!(decide(Choice::Tcg, qemu, &images, &work, no_jail), Decision::TcgChosen);
+        let forced = decide(Choice::Kvm, qemu, &images, &work, no_jail);
+        assert!(matches!(forced, Decision::KvmChosen(_)), "{forced:?}");
+        assert_eq!(forced.accel(), Accel::Kvm, "asked for KVM, KVM it is (the VM fails if it cannot have it)");
+        // Auto with no image to boot: never KVM untested.
+        let auto = decide(Choice::Auto, qemu, &images, &work, no_jail);
+        assert!(matches!(&auto, Decision::NoDevice(_) | Decision::NotProbed(_)), "{auto:?}");
+        if let Decision::NotProbed(why) = &auto {
+            assert!(why.contains("no image in"), "{why}");
+        }
+        assert_eq!(auto.accel(), Accel::Tcg);
+        for (d, accel) in [
+            (Decision::ProbeBooted, Accel::Kvm),
+            (Decision::ProbeFailed, Accel::Tcg),
+            (Decision::NoDevice("x".into()), Accel::Tcg),
+            (Decision::KvmChosen(Err("x".into())), Accel::Kvm),
+        ] {
+            assert_eq!(d.accel(), accel, "{d:?}");
+        }
+    }
+}

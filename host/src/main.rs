@@ -12,7 +12,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use construir_host::daemon::{self, RunOptions};
 use construir_host::jail::{IdPool, IdRange, JailRoot};
 use construir_host::logger::LogFormat;
-use construir_host::qemu::{Accel, Confiner};
+use construir_host::qemu::Confiner;
 use construir_host::queue::{Dirs, Rules};
 use construir_host::status::StatusDirs;
 use construir_host::worker::Limits;
@@ -597,11 +597,17 @@ fn prepare(a: &RunArgs, dirs: Dirs, host_id: String) -> Result<(RunOptions, Arc<
         None
     };
     log::info!("{}", layers(major, minor, a.vm_ids, &confiner, cgroups.is_some(), a.enable_networking));
-    let accel = match a.accel {
-        AccelChoice::Kvm => Accel::Kvm,
-        AccelChoice::Tcg => Accel::Tcg,
-        AccelChoice::Auto => detect_accel(&a.qemu, &dirs, &confiner),
-    };
+    let decision = kvm::decide(a.accel.into(), &a.qemu, &dirs.images, &dirs.work, || Ok(confiner.clone()));
+    match &decision {
+        kvm::Decision::NotProbed(why) => {
+            log::warn!("KVM not tested ({why}): using TCG (restart after adding images)")
+        }
+        kvm::Decision::NoDevice(_) | kvm::Decision::ProbeFailed => log::info!(
+            "KVM does not run guests here (no usable /dev/kvm, or a test boot hung): using TCG, which is slower and not a security boundary"
+        ),
+        _ => {}
+    }
+    let accel = decision.accel();
     let limits = Limits {
         cgroups,
         confiner,
@@ -718,46 +724,47 @@ fn doctor(a: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode> {
     })
 }
 
-/// Whether VMs get KVM, as `run` would decide it.
+/// Whether VMs get KVM, as `run` decides it (`kvm::decide`).
 fn kvm_check(a: &RunArgs, dirs: &Dirs, root: bool, qemu_ok: bool) -> construir_host::doctor::Check {
     use construir_host::doctor::{Check, Level};
+    use kvm::Decision;
     let check =
         |level, detail: String, fix: Option<&str>| Check { level, what: "kvm", detail, fix: fix.map(str::to_owned) };
-    let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
-    match (a.accel, dev) {
-        (AccelChoice::Tcg, _) => check(
+    let confiner = || {
+        if !qemu_ok {
+            return Err("QEMU is missing".to_owned());
+        }
+        confiner(a, root).map_err(|e| format!("{e:#}"))
+    };
+    match kvm::decide(a.accel.into(), &a.qemu, &dirs.images, &dirs.work, confiner) {
+        Decision::TcgChosen => check(
             Level::Warn,
             "not used (accel = tcg): VMs are slower, and TCG is no security boundary".into(),
             Some("accel = \"auto\" uses KVM where it works"),
         ),
-        (AccelChoice::Kvm, Err(e)) => check(
+        Decision::KvmChosen(Err(e)) => check(
             Level::Fail,
             format!("accel = kvm, but /dev/kvm cannot be opened: {e}"),
             Some("load kvm_intel or kvm_amd (and enable virtualization in firmware), or use accel = \"auto\""),
         ),
-        (AccelChoice::Kvm, Ok(_)) => check(Level::Ok, "accel = kvm; /dev/kvm opens".into(), None),
-        (AccelChoice::Auto, Err(e)) => check(
+        Decision::KvmChosen(Ok(())) => check(Level::Ok, "accel = kvm; /dev/kvm opens".into(), None),
+        Decision::NoDevice(e) => check(
             Level::Warn,
             format!("/dev/kvm cannot be opened ({e}): jobs run under TCG, slower and no security boundary"),
             Some("load kvm_intel or kvm_amd; in a VM, enable nested virtualization"),
         ),
-        (AccelChoice::Auto, Ok(_)) if !qemu_ok => {
-            check(Level::Warn, "not probed: QEMU is missing".into(), Some("fix qemu first"))
-        }
-        (AccelChoice::Auto, Ok(_)) => {
-            let Some(kernel) = construir_host::image::any_kernel(&dirs.images) else {
-                return check(Level::Warn, "not probed: no image to boot".into(), Some("build an image first"));
-            };
-            let confiner = match confiner(a, root) {
-                Ok(c) => c,
-                Err(e) => return check(Level::Warn, format!("not probed: {e:#}"), Some("fix the vm uids first")),
-            };
-            let _ = std::fs::create_dir_all(&dirs.work);
-            if kvm::kvm_works(&a.qemu, &kernel, Duration::from_secs(15), &dirs.work, &confiner) {
-                check(Level::Ok, "a test VM booted with KVM".into(), None)
-            } else {
-                check(Level::Warn, "/dev/kvm opens but a test VM did not boot with it (nested virtualization off?): jobs run under TCG, slower and no security boundary".into(), Some("enable nested virtualization for this machine, or run on bare metal"))
-            }
+        Decision::NotProbed(why) => check(Level::Warn, format!("not probed: {why}"), Some("build an image, and fix what doctor says above")),
+        Decision::ProbeBooted => check(Level::Ok, "a test VM booted with KVM".into(), None),
+        Decision::ProbeFailed => check(Level::Warn, "/dev/kvm opens but a test VM did not boot with it (nested virtualization off?): jobs run under TCG, slower and no security boundary".into(), Some("enable nested virtualization for this machine, or run on bare metal")),
+    }
+}
+
+impl From<AccelChoice> for kvm::Choice {
+    fn from(c: AccelChoice) -> kvm::Choice {
+        match c {
+            AccelChoice::Auto => kvm::Choice::Auto,
+            AccelChoice::Kvm => kvm::Choice::Kvm,
+            AccelChoice::Tcg => kvm::Choice::Tcg,
         }
     }
 }
@@ -778,21 +785,6 @@ fn layers(major: u32, minor: u32, ids: IdRange, c: &Confiner, cgroups: bool, net
             abi => format!("on (ABI {abi})"),
         }
     )
-}
-
-/// KVM if it boots a real kernel here, else TCG (with the reason logged).
-fn detect_accel(qemu: &Path, dirs: &Dirs, confiner: &Confiner) -> Accel {
-    let Some(kernel) = construir_host::image::any_kernel(&dirs.images) else {
-        log::warn!("no image in {} to test KVM with: using TCG (restart after adding images)", dirs.images.display());
-        return Accel::Tcg;
-    };
-    let _ = std::fs::create_dir_all(&dirs.work);
-    if kvm::kvm_works(qemu, &kernel, Duration::from_secs(15), &dirs.work, confiner) {
-        Accel::Kvm
-    } else {
-        log::info!("KVM does not run guests here (no usable /dev/kvm, or a test boot hung): using TCG, which is slower and not a security boundary");
-        Accel::Tcg
-    }
 }
 
 fn run_job(cmd: JobCommand) -> Result<()> {
