@@ -287,6 +287,61 @@ fn fetch_image(api: &Api, images: &Path, name: &str, checksum: &str, offered: &V
     }
 }
 
+/// What the host does with the server's answer to a renewal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Renewal {
+    /// 200: renewed (with the term and whether the submitter cancelled).
+    Renewed,
+    /// 409 while the result is being delivered: the delivery ended the
+    /// lease, and the delivery's answer decides.
+    EndedByDelivery,
+    /// 409 otherwise: the lease ran out or went to another host; stop the job here.
+    Lost,
+    /// Anything else: the server's passing trouble; renew again soon.
+    Failed,
+}
+
+fn renewal(status: u16, delivering: bool) -> Renewal {
+    match status {
+        200 => Renewal::Renewed,
+        409 if delivering => Renewal::EndedByDelivery,
+        409 => Renewal::Lost,
+        _ => Renewal::Failed,
+    }
+}
+
+/// What is being delivered: a result, or the reason a job failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivering {
+    Result,
+    Failure,
+}
+
+/// What the host does with the server's answer to a delivery (no answer at all: it tries again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settlement {
+    /// 200: delivered; the job is done with here.
+    Accepted,
+    /// 409: the lease is gone (ran out, or the job went elsewhere); drop the job.
+    LeaseGone,
+    /// Another 4xx for a result (not 408 or 429): refused for good; report
+    /// the job failed instead, once.
+    RefusedForGood,
+    /// 5xx, 408, 429, anything unforeseen, or a refused failure report: try again later.
+    TryAgain,
+}
+
+fn settlement(status: u16, what: Delivering) -> Settlement {
+    match status {
+        200 => Settlement::Accepted,
+        409 => Settlement::LeaseGone,
+        s if (400..500).contains(&s) && ![408, 429].contains(&s) && what == Delivering::Result => {
+            Settlement::RefusedForGood
+        }
+        _ => Settlement::TryAgain,
+    }
+}
+
 /// A lease as the renewer keeps it alive.
 #[derive(Debug, Clone)]
 struct Lease {
@@ -344,8 +399,8 @@ fn renew_loop(api: &Api, dirs: &Dirs, leases: &Leases, done: &AtomicBool) {
             let answer = api.post_bytes(&path, &chunk);
             let mut map = leases.lock();
             let Some(held) = map.get_mut(&id).filter(|h| h.seq == l.seq) else { continue };
-            match answer {
-                Ok((200, v)) => {
+            match answer.as_ref().map(|a| (renewal(a.0, held.delivering), a)) {
+                Ok((Renewal::Renewed, (_, v))) => {
                     held.renewed = Instant::now();
                     held.console_sent = l.console_sent + chunk.len() as u64;
                     if let Some(ms) = v["lease_ms"].as_u64() {
@@ -355,16 +410,18 @@ fn renew_loop(api: &Api, dirs: &Dirs, leases: &Leases, done: &AtomicBool) {
                         request_cancel(dirs, &l.file_name, "its submitter cancelled it");
                     }
                 }
-                Ok(answer) if answer.0 == 409 && held.delivering => {}
-                Ok(answer) if answer.0 == 409 => {
-                    log::warn!("job {}: lease lost ({}); stopping it here", l.file_name, why(&answer));
+                Ok((Renewal::EndedByDelivery, _)) => {}
+                Ok((Renewal::Lost, answer)) => {
+                    log::warn!("job {}: lease lost ({}); stopping it here", l.file_name, why(answer));
                     held.lost = true;
                     drop(map);
                     request_cancel(dirs, &l.file_name, "its lease was lost");
                     // Not yet claimed by the daemon: take it out of the spool.
                     let _ = fs::remove_file(dirs.queue.join(&l.file_name));
                 }
-                Ok(answer) => log::warn!("job {}: cannot renew its lease ({})", l.file_name, why(&answer)),
+                Ok((Renewal::Failed, answer)) => {
+                    log::warn!("job {}: cannot renew its lease ({})", l.file_name, why(answer))
+                }
                 Err(e) => log::warn!("job {}: cannot renew its lease: {e:#}", l.file_name),
             }
         }
@@ -751,24 +808,24 @@ impl Pump {
 
     /// What a delivery's answer means: done with the job, or try again later.
     fn settle(&mut self, id: &str, name: &str, what: &str, sent: Result<Answer>) -> bool {
-        match sent {
-            Ok((200, v)) => {
+        let of = if what == "failure" { Delivering::Failure } else { Delivering::Result };
+        match sent.map(|a| (settlement(a.0, of), a)) {
+            Ok((Settlement::Accepted, (_, v))) => {
                 let verdict = v.get("verdict").or(v.get("reason")).and_then(Value::as_str).unwrap_or("");
                 log::info!("job {name}: {what} delivered to the server ({})", jobfile::sanitize(verdict.as_bytes()));
                 true
             }
-            Ok(answer) if answer.0 == 409 => {
+            Ok((Settlement::LeaseGone, answer)) => {
                 log::warn!("job {name}: the server refused the {what}: {}", why(&answer));
                 true
             }
-            // Refused for good (not a lease matter, not the server's passing trouble): say so, once.
-            Ok(answer) if (400..500).contains(&answer.0) && ![408, 429].contains(&answer.0) && what != "failure" => {
+            Ok((Settlement::RefusedForGood, answer)) => {
                 log::error!("job {name}: the server refused the {what} ({}); reporting the job failed", why(&answer));
                 let Some(h) = self.held.get(id).cloned() else { return true };
                 let reason = format!("the server refused the {what} from host {}: {}", self.host_id, why(&answer));
                 self.report_failed(&h, &reason, None)
             }
-            Ok(answer) => {
+            Ok((Settlement::TryAgain, answer)) => {
                 log::warn!("job {name}: cannot deliver the {what} ({}); trying again", why(&answer));
                 self.retry_later(id);
                 false
@@ -885,5 +942,52 @@ pub fn move_file(from: &Path, to: &Path) -> io::Result<()> {
             fs::remove_file(from)
         }
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_renewals_answer_maps_to_what_the_host_does() {
+        let table = [
+            (200, false, Renewal::Renewed),
+            (200, true, Renewal::Renewed),
+            (409, true, Renewal::EndedByDelivery),
+            (409, false, Renewal::Lost),
+            (401, false, Renewal::Failed),
+            (404, false, Renewal::Failed),
+            (429, false, Renewal::Failed),
+            (500, false, Renewal::Failed),
+            (503, true, Renewal::Failed),
+        ];
+        for (status, delivering, want) in table {
+            assert_eq!(renewal(status, delivering), want, "{status}, delivering {delivering}");
+        }
+    }
+
+    #[test]
+    fn a_deliverys_answer_maps_to_what_the_host_does() {
+        use Delivering::{Failure, Result};
+        let table = [
+            (200, Result, Settlement::Accepted),
+            (200, Failure, Settlement::Accepted),
+            (409, Result, Settlement::LeaseGone),
+            (409, Failure, Settlement::LeaseGone),
+            (400, Result, Settlement::RefusedForGood),
+            (413, Result, Settlement::RefusedForGood),
+            (404, Result, Settlement::RefusedForGood),
+            // A refused failure report is not turned into another failure report.
+            (400, Failure, Settlement::TryAgain),
+            (408, Result, Settlement::TryAgain),
+            (429, Result, Settlement::TryAgain),
+            (500, Result, Settlement::TryAgain),
+            (502, Failure, Settlement::TryAgain),
+            (302, Result, Settlement::TryAgain),
+        ];
+        for (status, what, want) in table {
+            assert_eq!(settlement(status, what), want, "{status} for a {what:?}");
+        }
     }
 }
