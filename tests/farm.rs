@@ -230,7 +230,12 @@ impl Farm {
             .env("HOME", self.root.path())
             .output()
             .expect("construir submit");
-        assert!(out.status.success(), "submit: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "submit: {}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.server_log()
+        );
         String::from_utf8(out.stdout).expect("utf8").lines().next().expect("an id").trim().to_owned()
     }
 
