@@ -80,6 +80,13 @@ pub fn beside_entry(entry: &Path, what: &str) -> PathBuf {
     entry.with_file_name(name)
 }
 
+/// Opens a file in the queue's directories for reading: never through a
+/// link, and without blocking on a FIFO; the caller checks what it opened
+/// on the descriptor.
+pub fn open_unfollowed(path: &Path) -> std::io::Result<fs::File> {
+    fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)
+}
+
 /// Most bytes of a `.reason` that are read: the reason and the original name
 /// are its first lines, and whatever follows is not read.
 pub const REASON_READ: u64 = 4096;
@@ -98,12 +105,7 @@ pub struct Reason {
 /// `REASON_READ` bytes. `None` when there is none, it cannot be read, or its
 /// first line is empty; each caller says what stands in for it.
 pub fn read_reason(entry: &Path) -> Option<Reason> {
-    let path = beside_entry(entry, "reason");
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .ok()?;
+    let file = open_unfollowed(&beside_entry(entry, "reason")).ok()?;
     let meta = file.metadata().ok()?;
     if !meta.file_type().is_file() || meta.nlink() != 1 {
         return None;

@@ -12,7 +12,7 @@
 
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -366,10 +366,7 @@ pub fn is_own(meta: &fs::Metadata, id: Option<FileId>) -> bool {
 /// FIFO or device (opened without blocking, then checked on the descriptor),
 /// only a regular file with one name, and the file `id` when given.
 pub fn open_regular(path: &Path, id: Option<FileId>) -> io::Result<File> {
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)?;
+    let file = layout::open_unfollowed(path)?;
     if !is_own(&file.metadata()?, id) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
