@@ -122,6 +122,9 @@ impl Farm {
         let listen = format!("127.0.0.1:{port}");
         let path = self.root.path().join(log_name);
         let read = || fs::read_to_string(&path).unwrap_or_default();
+        let starts = |log: &str| log.matches("listening on http://").count();
+        // Counted before the start: a quick server may say it listens before a count made after.
+        let before = starts(&read());
         let log = fs::OpenOptions::new().create(true).append(true).open(&path).expect("log");
         let child = Command::new(bin("construir-server"))
             .args(["--db", &self.db, "serve"])
@@ -132,8 +135,6 @@ impl Farm {
             .stderr(log)
             .spawn()
             .expect("start construir-server");
-        let starts = |log: &str| log.matches("listening on http://").count();
-        let before = starts(&read());
         assert!(wait_for(Duration::from_secs(30), || starts(&read()) > before), "the server did not start: {}", read());
         let log = read();
         let url =
