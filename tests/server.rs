@@ -537,3 +537,67 @@ fn tls_with_certificate_and_key_files_serves_the_client_and_refuses_plain_http()
     let cookie = headers.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).unwrap_or_default();
     assert!(cookie.contains("HttpOnly") && cookie.contains("; Secure"), "{headers}");
 }
+
+#[test]
+fn the_api_schema_is_served_to_anyone_is_the_one_in_docs_and_names_every_route() {
+    use construir_e2e::server::{api, http};
+    let q = Queue::new();
+    let db = q.root.path().join("server.db");
+    let alice = add_account(&db, "alice");
+    let s = Server::start(&q, &db, &[]);
+    let kept =
+        fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json")).expect("docs/openapi.json");
+    let served = http(&s.addr(), "GET", "/v1/openapi.json", &[], b"");
+    assert_eq!(served.code, 200, "{served:?}");
+    assert_eq!(served.header("content-type").as_deref(), Some("application/json"));
+    assert!(served.body == kept, "the served schema is not docs/openapi.json");
+    let printed = server_cmd(&db, &["openapi"]);
+    assert!(printed.status.success() && String::from_utf8_lossy(&printed.stdout) == kept, "{printed:?}");
+
+    let doc: serde_json::Value = serde_json::from_str(&kept).expect("the schema is JSON");
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().expect("paths");
+    // Every operation it names is there, asks for a token, and refuses without one as it says.
+    let mut operations = 0;
+    for (path, ops) in paths {
+        for (method, op) in ops.as_object().expect("operations") {
+            let concrete =
+                path.replace("{id}", "0123456789abcdef").replace("{image}", "0").replace("{file}", "image.toml");
+            let answer = http(&s.addr(), &method.to_uppercase(), &concrete, &[], b"");
+            assert_eq!(answer.code, 401, "{method} {path}: {answer:?}");
+            let error: wire::ErrorBody = serde_json::from_str(&answer.body).expect("an error body");
+            assert!(error.error.contains("token"), "{method} {path}: {error:?}");
+            assert_eq!(op["security"][0]["bearer"], serde_json::json!([]), "{method} {path}");
+            assert_eq!(
+                op["responses"]["401"]["content"]["application/json"]["schema"]["$ref"],
+                "#/components/schemas/ErrorBody",
+                "{method} {path}"
+            );
+            operations += 1;
+        }
+    }
+    assert_eq!(operations, 17, "{:?}", paths.keys().collect::<Vec<_>>());
+    // Every /v1 route the router serves is in it (the schema itself aside).
+    let router = include_str!("../server/src/http/mod.rs");
+    let routes: Vec<&str> = router
+        .split(".route(")
+        .skip(1)
+        .filter_map(|r| r.trim_start().strip_prefix('"')?.split('"').next())
+        .filter(|r| r.starts_with("/v1/") && *r != "/v1/openapi.json")
+        .collect();
+    assert_eq!(routes.len(), paths.len(), "{routes:?}");
+    for r in &routes {
+        assert!(paths.contains_key(*r), "{r} is served but not in the schema");
+    }
+    // What the server answers reads as the types the schema names.
+    let who: wire::Whoami =
+        serde_json::from_str(&api(&s.addr(), &alice, "GET", "/v1/whoami", b"").body).expect("whoami");
+    assert_eq!(who.account, "alice");
+    assert_eq!(who.limits.max_waiting, Some(100));
+    let list: wire::JobList = serde_json::from_str(&api(&s.addr(), &alice, "GET", "/v1/jobs", b"").body).expect("jobs");
+    assert!(list.jobs.is_empty());
+    let schemas = doc["components"]["schemas"].as_object().expect("schemas");
+    for name in ["Job", "Place", "LeaseRequest", "LeaseAnswer", "Renewed", "Delivered", "HostList", "ErrorBody"] {
+        assert!(schemas.contains_key(name), "no schema for {name}");
+    }
+}

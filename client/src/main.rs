@@ -12,8 +12,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use jobfile::tools::{self, PackRequest};
 use jobfile::units::{human_size, size_arg};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::Value;
 
 #[derive(Parser)]
 #[command(name = "construir", version, about = "Submit jobs to a construir server, follow them, fetch their results")]
@@ -169,19 +169,23 @@ impl Client {
         Ok(format!("Bearer {token}"))
     }
 
-    /// A JSON answer, or the server's error as ours.
-    fn json(&self, mut resp: ureq::http::Response<ureq::Body>) -> Result<Value> {
+    /// The answer as the API's type `T`, or the server's error as ours.
+    fn json<T: DeserializeOwned>(&self, mut resp: ureq::http::Response<ureq::Body>) -> Result<T> {
         let status = resp.status();
         let text = resp.body_mut().read_to_string().context("cannot read the server's answer")?;
-        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if !status.is_success() {
-            let message = value.get("error").and_then(Value::as_str).map_or_else(|| value.to_string(), str::to_owned);
+            let message = serde_json::from_str::<wire::ErrorBody>(&text).map_or(text, |e| e.error);
             bail!("the server answered {status}: {}", jobfile::sanitize(message.as_bytes()));
         }
-        Ok(value)
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "the server's answer is not what this client understands: {}",
+                jobfile::text::sanitize_capped(text.as_bytes(), 200)
+            )
+        })
     }
 
-    fn get(&self, path: &str) -> Result<Value> {
+    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let resp = self
             .agent
             .get(self.url(path))
@@ -191,11 +195,11 @@ impl Client {
         self.json(resp)
     }
 
-    fn job(&self, id: &str) -> Result<Value> {
+    fn job(&self, id: &str) -> Result<wire::Job> {
         self.get(&format!("jobs/{}", checked_id(id)?))
     }
 
-    fn submit(&self, file: &Path) -> Result<Value> {
+    fn submit(&self, file: &Path) -> Result<wire::Job> {
         let file_name = file.file_name().and_then(|n| n.to_str()).context("the job file has no name")?;
         let job = jobfile::JobName::parse_input(file_name)
             .with_context(|| format!("{file_name} is not a job file name (<name>_i<image>.tar.xz)"))?;
@@ -231,7 +235,7 @@ impl Client {
             return Ok(0);
         }
         if !resp.status().is_success() {
-            return self.json(resp).map(|_| 0);
+            return self.json::<serde::de::IgnoredAny>(resp).map(|_| 0);
         }
         Ok(io::copy(&mut resp.body_mut().as_reader(), out)?)
     }
@@ -265,13 +269,9 @@ fn read_token_file(path: Option<PathBuf>) -> Result<Option<String>> {
     Ok(Some(token))
 }
 
-/// A value from the server as text for a person: strings as they are, anything
-/// else as JSON, and all of it through the one sanitizer.
-fn shown(v: &Value) -> String {
-    match v {
-        Value::String(s) => jobfile::sanitize(s.as_bytes()),
-        other => jobfile::sanitize(other.to_string().as_bytes()),
-    }
+/// Text from the server as a person sees it: through the one sanitizer.
+fn shown(text: &str) -> String {
+    jobfile::sanitize(text.as_bytes())
 }
 
 fn checked_id(id: &str) -> Result<&str> {
@@ -283,15 +283,8 @@ fn checked_id(id: &str) -> Result<&str> {
 }
 
 /// One line saying where a job is, sanitized.
-fn describe(job: &Value) -> String {
-    let place = &job["place"];
-    match job["state"].as_str().unwrap_or("?") {
-        "waiting" => format!("waiting: position {} of {}", shown(&place["position"]), shown(&place["waiting"])),
-        "running" => format!("running on {} for {} s", shown(&place["host"]), shown(&place["elapsed_secs"])),
-        "done" => format!("done: {}", shown(&place["verdict"])),
-        "failed" => format!("failed: {}", shown(&place["reason"])),
-        other => jobfile::sanitize(other.as_bytes()),
-    }
+fn describe(job: &wire::Job) -> String {
+    shown(&job.place.describe())
 }
 
 /// Follows a job to its end; true when its result is ok.
@@ -300,18 +293,20 @@ fn wait(client: &Client, id: &str) -> Result<bool> {
     let started = Instant::now();
     loop {
         let job = client.job(id)?;
-        let state = job["state"].as_str().unwrap_or("?").to_owned();
         // Elapsed time changes every poll: print a running line once a minute at most.
         let line = describe(&job);
-        let key =
-            if state == "running" { format!("running {}", started.elapsed().as_secs() / 60) } else { line.clone() };
+        let key = if matches!(job.place, wire::Place::Running { .. }) {
+            format!("running {}", started.elapsed().as_secs() / 60)
+        } else {
+            line.clone()
+        };
         if key != last {
             eprintln!("construir: {id}: {line}");
             last = key;
         }
-        match state.as_str() {
-            "done" => return Ok(job["status"]["result"] == "ok"),
-            "failed" | "missing" => return Ok(false),
+        match job.place {
+            wire::Place::Done { .. } => return Ok(job.status.is_some_and(|s| s.result == jobfile::Outcome::Ok)),
+            wire::Place::Failed { .. } | wire::Place::Missing => return Ok(false),
             _ => std::thread::sleep(Duration::from_secs(1)),
         }
     }
@@ -353,7 +348,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 path
             };
             let job = client.submit(&file)?;
-            let id = checked_id(job["id"].as_str().context("the server gave no id")?)?.to_owned();
+            let id = checked_id(&job.id)?.to_owned();
             println!("{id}");
             eprintln!("construir: submitted {} as {id}: {}", file.display(), describe(&job));
             if then_wait {
@@ -365,15 +360,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Status { id } => {
             // Every key and string through the one sanitizer: job_status.json is the guest's writing.
-            println!("{}", serde_json::to_string_pretty(&tools::sanitize_json(client()?.job(&id)?))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&tools::sanitize_json(serde_json::to_value(client()?.job(&id)?)?))?
+            );
         }
         Command::Log { id, follow } => {
             let client = client()?;
             let id = checked_id(&id)?;
             let mut shown: u64 = 0;
             loop {
-                let state =
-                    if follow { client.job(id)?["state"].as_str().unwrap_or("?").to_owned() } else { String::new() };
+                let state = if follow { client.job(id)?.place.name() } else { "" };
                 if !follow || state == "running" || state == "done" || state == "failed" {
                     // What has not been shown yet: the live console while it runs, the whole log at the end.
                     let mut raw = Vec::new();
@@ -397,10 +394,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Fetch { id, out, unpack } => {
             let client = client()?;
             let job = client.job(&id)?;
-            let name =
-                jobfile::JobName::new(job["name"].as_str().unwrap_or("job"), job["image"].as_str().unwrap_or("0"))
-                    .map(|j| j.done_file_name())
-                    .unwrap_or_else(|_| format!("{id}.tar.xz"));
+            let name = jobfile::JobName::new(&job.name, &job.image)
+                .map(|j| j.done_file_name())
+                .unwrap_or_else(|_| format!("{id}.tar.xz"));
             let out = out.unwrap_or_else(|| PathBuf::from(name));
             let tmp = out.with_extension("part");
             let mut f = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
@@ -418,35 +414,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", out.display());
         }
         Command::List => {
-            let list = client()?.get("jobs")?;
-            for job in list["jobs"].as_array().into_iter().flatten() {
+            let list: wire::JobList = client()?.get("jobs")?;
+            for job in &list.jobs {
                 println!(
                     "{}  {:<20}  i{:<4} {}  {}",
-                    shown(&job["id"]),
-                    shown(&job["submitted"]),
-                    shown(&job["image"]),
-                    shown(&job["name"]),
+                    shown(&job.id),
+                    shown(&job.submitted),
+                    shown(&job.image),
+                    shown(&job.name),
                     describe(job)
                 );
             }
         }
         Command::Hosts => {
-            let list = client()?.get("hosts")?;
-            let hosts = list["hosts"].as_array().cloned().unwrap_or_default();
+            let wire::HostList { hosts } = client()?.get("hosts")?;
             if hosts.is_empty() {
                 eprintln!("construir: no build host has taken work from this server yet");
             }
             println!("{:<20} {:>10} {:>8} {:>7}  IMAGES", "HOST", "SEEN", "CAPACITY", "RUNNING");
             for h in &hosts {
-                let images: Vec<String> =
-                    h["images"].as_array().into_iter().flatten().map(|i| format!("i{}", shown(&i["name"]))).collect();
                 println!(
                     "{:<20} {:>8} s {:>8} {:>7}  {}",
-                    shown(&h["name"]),
-                    shown(&h["seen_secs_ago"]),
-                    shown(&h["capacity"]),
-                    shown(&h["running"]),
-                    images.join(" ")
+                    shown(&h.name),
+                    h.seen_secs_ago,
+                    h.capacity,
+                    h.running,
+                    shown(&h.image_names())
                 );
             }
         }
@@ -457,9 +450,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .post(client.url(&format!("jobs/{}/cancel", checked_id(&id)?)))
                 .header("Authorization", client.auth()?)
                 .send_empty()?;
-            let job = client.json(resp)?;
-            match job["cancel"].as_str() {
-                Some(note) => eprintln!("construir: {id}: cancel {}", jobfile::sanitize(note.as_bytes())),
+            let job: wire::Job = client.json(resp)?;
+            match &job.cancel {
+                Some(note) => eprintln!("construir: {id}: cancel {}", shown(note)),
                 None => eprintln!("construir: {id}: {}", describe(&job)),
             }
         }
@@ -467,9 +460,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let client = client()?;
             let resp =
                 client.agent.post(client.url("page-link")).header("Authorization", client.auth()?).send_empty()?;
-            let link = client.json(resp)?;
-            let path = link["path"].as_str().context("the server gave no link")?;
-            println!("{}{}", client.server, jobfile::sanitize(path.as_bytes()));
+            let link: wire::PageLink = client.json(resp)?;
+            println!("{}{}", client.server, shown(&link.path));
         }
         Command::Unpack { file, dir } => unpack_into(&file, &dir)?,
     }

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use jobfile::image::{sha256_file, ImageManifest, MANIFEST};
 use jobfile::JobName;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::daemon::{self, RunOptions, Summary};
 use crate::queue::{self, Dirs};
@@ -92,13 +92,14 @@ impl Api {
         Api::answer(resp.with_context(|| format!("cannot reach {}", self.base))?)
     }
 
-    pub fn post_json(&self, path: &str, body: &Value) -> Result<Answer> {
+    pub fn post_json(&self, path: &str, body: &impl serde::Serialize) -> Result<Answer> {
+        let body = serde_json::to_vec(body).context("cannot write the request")?;
         let resp = self
             .agent
             .post(self.url(path))
             .header("Authorization", &self.auth)
             .header("Content-Type", "application/json")
-            .send(body.to_string().as_bytes());
+            .send(&body[..]);
         Api::answer(resp.with_context(|| format!("cannot reach {}", self.base))?)
     }
 
@@ -140,8 +141,19 @@ impl Api {
 
 /// What went wrong in an answer, for a log line.
 fn why(answer: &Answer) -> String {
-    let text = answer.1.get("error").and_then(Value::as_str).map_or_else(|| answer.1.to_string(), str::to_owned);
+    let text =
+        serde_json::from_value::<wire::ErrorBody>(answer.1.clone()).map_or_else(|_| answer.1.to_string(), |e| e.error);
     format!("{}: {}", answer.0, jobfile::sanitize(text.as_bytes()))
+}
+
+/// A successful answer's body as the API's type `T`.
+fn decode<T: serde::de::DeserializeOwned>(answer: &Answer) -> Result<T> {
+    serde_json::from_value(answer.1.clone()).with_context(|| {
+        format!(
+            "the server's answer is not what this host understands: {}",
+            jobfile::text::sanitize_capped(answer.1.to_string().as_bytes(), 200)
+        )
+    })
 }
 
 /// The images in `images`, each as the server names it, with the sha256 of its `image.toml`.
@@ -211,8 +223,9 @@ pub fn fetch_images(api: &Api, images: &Path) -> Result<Vec<String>> {
     fs::create_dir_all(images).with_context(|| format!("cannot create {}", images.display()))?;
     let have = local_images(images);
     let mut installed = Vec::new();
-    for offered in answer.1["images"].as_array().into_iter().flatten() {
-        let (Some(name), Some(checksum)) = (offered["name"].as_str(), offered["checksum"].as_str()) else { continue };
+    let list: wire::ImageList = decode(&answer)?;
+    for offered in &list.images {
+        let (name, checksum) = (offered.name.as_str(), offered.checksum.as_str());
         if name.is_empty() || name.len() > 9 || !name.bytes().all(|b| b.is_ascii_digit()) {
             log::warn!("the server offers an image named {:?}: ignored", jobfile::sanitize(name.as_bytes()));
             continue;
@@ -245,21 +258,23 @@ pub fn fetch_images(api: &Api, images: &Path) -> Result<Vec<String>> {
     Ok(installed)
 }
 
-fn fetch_image(api: &Api, images: &Path, name: &str, checksum: &str, offered: &Value) -> Result<()> {
+fn fetch_image(api: &Api, images: &Path, name: &str, checksum: &str, offered: &wire::OfferedImage) -> Result<()> {
     let tmp = images.join(format!(".fetch.i{name}.{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let result = (|| -> Result<()> {
-        let files = offered["files"].as_array().context("the server listed no files")?;
-        for f in files {
-            let file = f["name"].as_str().context("a file without a name")?;
+        if offered.files.is_empty() {
+            bail!("the server listed no files");
+        }
+        for f in &offered.files {
+            let file = f.name.as_str();
             if file.is_empty() || file.contains('/') || file.starts_with('.') {
                 bail!(
                     "the server names a file {:?}, which is not a plain file name",
                     jobfile::sanitize(file.as_bytes())
                 );
             }
-            let size = f["size"].as_u64().context("a file without a size")?;
+            let size = f.size;
             let answer = api.download(&format!("host/images/{name}/{file}"), &tmp.join(file), size)?;
             if answer.0 != 200 {
                 bail!("cannot download {file} ({})", why(&answer));
@@ -400,14 +415,17 @@ fn renew_loop(api: &Api, dirs: &Dirs, leases: &Leases, done: &AtomicBool) {
             let mut map = leases.lock();
             let Some(held) = map.get_mut(&id).filter(|h| h.seq == l.seq) else { continue };
             match answer.as_ref().map(|a| (renewal(a.0, held.delivering), a)) {
-                Ok((Renewal::Renewed, (_, v))) => {
+                Ok((Renewal::Renewed, answer)) => {
                     held.renewed = Instant::now();
                     held.console_sent = l.console_sent + chunk.len() as u64;
-                    if let Some(ms) = v["lease_ms"].as_u64() {
-                        held.term = Duration::from_millis(ms);
-                    }
-                    if v["cancel"].as_bool() == Some(true) {
-                        request_cancel(dirs, &l.file_name, "its submitter cancelled it");
+                    match decode::<wire::Renewed>(answer) {
+                        Ok(renewed) => {
+                            held.term = Duration::from_millis(renewed.lease_ms);
+                            if renewed.cancel {
+                                request_cancel(dirs, &l.file_name, "its submitter cancelled it");
+                            }
+                        }
+                        Err(e) => log::warn!("job {}: renewed, but {e:#}", l.file_name),
                     }
                 }
                 Ok((Renewal::EndedByDelivery, _)) => {}
@@ -594,32 +612,22 @@ impl Pump {
     /// Asks the server for a job and puts it in the spool; `Ok(true)` when one came.
     fn take_one(&mut self) -> Result<bool> {
         let verified = self.images.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let images: Vec<Value> =
-            verified.into_iter().map(|(name, checksum)| json!({ "name": name, "checksum": checksum })).collect();
-        let body = json!({
-            "images": images,
-            "capacity": self.capacity,
-            "running": self.held.len(),
-            "version": env!("CARGO_PKG_VERSION"),
-        });
+        let body = wire::LeaseRequest {
+            images: verified.into_iter().map(|(name, checksum)| wire::HostImage { name, checksum }).collect(),
+            capacity: self.capacity,
+            running: self.held.len() as u64,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
         let answer = self.api.post_json("host/lease", &body)?;
         if answer.0 != 200 {
             bail!("the server refused ({})", why(&answer));
         }
-        let lease = &answer.1["lease"];
-        if lease.is_null() {
-            return Ok(false);
-        }
-        let (Some(id), Some(seq), Some(file_name), Some(size), Some(lease_ms)) = (
-            lease["id"].as_str(),
-            lease["seq"].as_u64(),
-            lease["file_name"].as_str(),
-            lease["size"].as_u64(),
-            lease["lease_ms"].as_u64(),
-        ) else {
-            bail!("the server's lease is malformed: {lease}");
+        let Some(lease) = decode::<wire::LeaseAnswer>(&answer)?.lease else { return Ok(false) };
+        let wire::Lease { id, seq, file_name, size, lease_ms, attempt } = lease;
+        let id = id.as_str();
+        let Ok(job) = JobName::parse(&file_name) else {
+            bail!("the server sent a job named {:?}", jobfile::sanitize(file_name.as_bytes()))
         };
-        let Ok(job) = JobName::parse(file_name) else { bail!("the server sent a job named {file_name:?}") };
         let held = Held {
             id: id.to_owned(),
             seq,
@@ -629,9 +637,9 @@ impl Pump {
             retries: 0,
         };
         log::info!(
-            "job {}: leased from the server (id {id}, lease {seq}, attempt {})",
+            "job {}: leased from the server (id {}, lease {seq}, attempt {attempt})",
             held.file_name,
-            lease["attempt"]
+            jobfile::sanitize(id.as_bytes())
         );
         // Checked here as the daemon would, so that the reason goes back to the server.
         if size < self.rules.min_size || size > self.rules.max_size {

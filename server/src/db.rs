@@ -112,27 +112,7 @@ CREATE INDEX jobs_by_state ON jobs(state);
 pub const UPLOADING: &str = "uploading";
 
 /// An account's limits; `None` means the server-wide default.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Limits {
-    pub max_job_bytes: Option<u64>,
-    pub max_waiting: Option<u64>,
-    pub max_stored_bytes: Option<u64>,
-    pub max_per_hour: Option<u64>,
-    pub retention_days: Option<u64>,
-}
-
-impl Limits {
-    /// Each limit of `self`, or `defaults`' where `self` has none.
-    pub fn or(self, defaults: Limits) -> Limits {
-        Limits {
-            max_job_bytes: self.max_job_bytes.or(defaults.max_job_bytes),
-            max_waiting: self.max_waiting.or(defaults.max_waiting),
-            max_stored_bytes: self.max_stored_bytes.or(defaults.max_stored_bytes),
-            max_per_hour: self.max_per_hour.or(defaults.max_per_hour),
-            retention_days: self.retention_days.or(defaults.retention_days),
-        }
-    }
-}
+pub use wire::Limits;
 
 /// What a token lets its holder do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -586,11 +566,22 @@ pub fn reserve_upload<R>(
 /// Ends an upload: its record takes the real size and the inode of the file
 /// the server wrote, and becomes an ordinary waiting job. `false` when the
 /// reservation is gone (removed as stale).
+/// `true` also when the reservation was finished already with this same
+/// file: the follow loop, seeing the part gone and the file in the queue
+/// between the upload's rename and this, takes it for an upload whose
+/// server died there and finishes it itself (`sweep_uploads`).
 pub fn finish_upload(db: &Database, id: &str, size: u64, file: FileId) -> Result<bool, DbError> {
-    Ok(db.execute(
-        "UPDATE jobs SET size = ?1, file_ino = ?2, file_birth = ?6, state = 'waiting', updated = ?3 WHERE id = ?4 AND state = ?5",
-        params![size, file.ino, now(), id, UPLOADING, file.birth_ns],
-    )? == 1)
+    db.tx(|tx| {
+        let finished = tx.execute(
+            "UPDATE jobs SET size = ?1, file_ino = ?2, file_birth = ?6, state = 'waiting', updated = ?3 WHERE id = ?4 AND state = ?5",
+            params![size, file.ino, now(), id, UPLOADING, file.birth_ns],
+        )? == 1;
+        if finished {
+            return Ok(true);
+        }
+        let row = tx.query_opt("SELECT file_ino FROM jobs WHERE id = ?1 AND state != ?2", params![id, UPLOADING])?;
+        Ok(row.map(|r| r.opt_int(0)).transpose()?.flatten() == Some(file.ino as i64))
+    })
 }
 
 /// Drops an upload's reservation (it was refused, broke off, or died with a server).
@@ -923,6 +914,47 @@ mod tests {
         drop(conn);
         let conn = open(&tmp.path().join("s.db").to_string_lossy()).expect("reopen");
         assert_eq!(accounts(&conn).expect("list").len(), 2);
+    }
+
+    #[test]
+    fn an_upload_finished_by_the_follow_loop_first_is_still_the_uploads_own() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let db = open(&tmp.path().join("s.db").to_string_lossy()).expect("open");
+        let alice = add_account(&db, "alice", Kind::Submitter, b"a").expect("add");
+        let now = now();
+        let record = |id: &str| JobRecord {
+            id: id.into(),
+            account_id: alice.id,
+            name: "j".into(),
+            image: "0".into(),
+            file_name: format!("alice.{id}.j_i0.tar.xz"),
+            size: 1 << 20,
+            submitted: now.clone(),
+            submitted_unix: unix_now(),
+            state: UPLOADING.into(),
+            updated: now.clone(),
+            verdict: None,
+            result_bytes: None,
+            deleted: None,
+            host: None,
+            attempts: 0,
+            file_id: None,
+        };
+        let file = FileId { ino: 41, birth_ns: Some(7) };
+        for id in ["0123456789abcdef", "1123456789abcdef"] {
+            reserve_upload(&db, &record(id), |_| false, |_| Ok::<u64, ()>(1 << 20))
+                .expect("reserve")
+                .expect("admitted");
+        }
+        // The follow loop finishes it first (the part gone, the file in the queue) ...
+        assert!(finish_upload(&db, "0123456789abcdef", 1 << 20, file).expect("by the loop"));
+        // ... and the upload's own finish then agrees, for the same file only.
+        assert!(finish_upload(&db, "0123456789abcdef", 1 << 20, file).expect("by the upload"));
+        assert!(!finish_upload(&db, "0123456789abcdef", 1 << 20, FileId { ino: 42, birth_ns: Some(7) }).expect("other"));
+        assert_eq!(state_of(&db, "0123456789abcdef").expect("state").as_deref(), Some("waiting"));
+        // A reservation dropped as cut off is gone for good.
+        drop_upload(&db, "1123456789abcdef").expect("drop");
+        assert!(!finish_upload(&db, "1123456789abcdef", 1 << 20, file).expect("dropped"));
     }
 
     #[test]

@@ -3,13 +3,25 @@
 //! queue's directories stay the contract: build hosts run unchanged beside
 //! it, and the server's database follows what the directories say.
 
-pub mod api;
+//!
+//! Modules, each depending only on those above it:
+//! - `sql`, `db`: the database; `store`: the queue's directories;
+//!   `auth`, `quota`, `sessions`: tokens, limits, the page's sessions;
+//! - `lease`: handing a job to one remote host and ending its lease;
+//! - `app`: the state every handler reaches;
+//! - `http`: the router, the extractors and the handlers by resource
+//!   (`jobs`, `hosts`, `page`); `openapi`: the schema made from them;
+//!   `listen`: the accept loop.
+
+pub mod app;
 pub mod auth;
 pub mod db;
-pub mod farm;
+pub mod http;
+pub mod lease;
 pub mod listen;
-pub mod page;
+pub mod openapi;
 pub mod quota;
+pub mod sessions;
 pub mod sql;
 pub mod store;
 
@@ -17,7 +29,7 @@ use std::fs;
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::App;
+use app::App;
 
 /// Makes the records agree with the directories: every job's state is read
 /// again, and reservations of uploads that died with their server are
@@ -102,6 +114,37 @@ pub fn sweep_retention(app: &App) -> Result<usize, db::DbError> {
         cleared += 1;
     }
     Ok(cleared)
+}
+
+/// Ends the leases that ran out and puts right what a crash left
+/// (`lease::sweep`); the jobs it moved get their records brought up to date.
+pub fn sweep_leases(app: &App) -> Result<(), db::DbError> {
+    for job in lease::sweep(&app.db, &app.store, &app.farm)? {
+        app.refresh(&job);
+    }
+    Ok(())
+}
+
+/// Finishes what a crash left between the database and the directories (`lease::reconcile`).
+pub fn reconcile_leases(app: &App) -> Result<(), db::DbError> {
+    for job in lease::reconcile(&app.db, &app.store, &app.farm)? {
+        app.refresh(&job);
+    }
+    Ok(())
+}
+
+/// Runs `sweep_leases` every `every`, for ever.
+pub async fn keep_sweeping(app: Arc<App>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let app = app.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = sweep_leases(&app) {
+                log::error!("cannot sweep the leases: {}", jobfile::error_chain(&e));
+            }
+        })
+        .await;
+    }
 }
 
 /// Follows the directories and applies retention every `every`, for ever.

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use construir_server::api::{self, App};
+use construir_server::app::{self, App};
 use construir_server::db::{self, Limits};
 use construir_server::listen::{self, Bounds};
 use construir_server::quota::UploadRules;
 use construir_server::sql::Database;
 use construir_server::store::Store;
-use construir_server::{auth, farm, follow, rebuild, unrecorded};
+use construir_server::{auth, follow, http, keep_sweeping, lease, rebuild, reconcile_leases, unrecorded};
 use jobfile::units::{duration_arg, human_size, size_arg};
 
 #[derive(Parser)]
@@ -51,6 +51,8 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// Print the API's schema (OpenAPI 3.1, JSON), as `GET /v1/openapi.json` serves it.
+    Openapi,
 }
 
 #[derive(clap::Args)]
@@ -190,6 +192,11 @@ fn run(cli: Cli) -> Result<()> {
     // What the server writes (job files, reasons, staged results) is for it and
     // its group; the database, which holds token hashes, for it alone.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
+    if let Command::Openapi = cli.command {
+        // Needs no database.
+        print!("{}", construir_server::openapi::document());
+        return Ok(());
+    }
     if !construir_server::sql::is_postgres(&cli.db) {
         let path = std::path::Path::new(&cli.db);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -213,6 +220,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Openapi => unreachable!("answered before the database is opened"),
     }
 }
 
@@ -286,13 +294,13 @@ fn serve(conn: Database, a: ServeArgs) -> Result<()> {
     if !a.listen.ip().is_loopback() && tls.is_none() {
         log::warn!("listening on {} (not loopback) with plain HTTP: tokens cross the network in clear; give --tls-cert and --tls-key, or put a TLS reverse proxy in front", a.listen);
     }
-    let farm = farm::Settings { lease: a.lease, max_attempts: a.max_attempts };
+    let farm = lease::Settings { lease: a.lease, max_attempts: a.max_attempts };
     // Hosts could not renew while the server was down: every lease gets a full term.
     let extended = db::extend_leases(&conn, farm.lease.as_millis() as i64)?;
     if extended > 0 {
         log::info!("{extended} lease(s) of remote hosts given a full term again after the restart");
     }
-    let settings = api::Settings {
+    let settings = app::Settings {
         defaults: a.limits.limits().or(DEFAULTS),
         idle_timeout: a.idle_timeout,
         upload_timeout: a.upload_timeout,
@@ -300,7 +308,7 @@ fn serve(conn: Database, a: ServeArgs) -> Result<()> {
         tls: tls.is_some(),
     };
     let app = App::new(conn, store, settings, farm);
-    farm::reconcile(&app)?;
+    reconcile_leases(&app)?;
     rebuild(&app)?;
     let strangers = unrecorded(&app)?;
     if strangers > 0 {
@@ -323,14 +331,14 @@ fn serve(conn: Database, a: ServeArgs) -> Result<()> {
         listener.set_nonblocking(true)?;
         let bound = listener.local_addr()?;
         tokio::spawn(follow(app.clone(), a.follow_every));
-        tokio::spawn(farm::keep_sweeping(
+        tokio::spawn(keep_sweeping(
             app.clone(),
             (a.lease / 10).clamp(Duration::from_millis(200), Duration::from_secs(2)),
         ));
         let scheme = if tls.is_some() { "https" } else { "http" };
         eprintln!("construir-server: listening on {scheme}://{bound}");
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        listen::serve(listener, tls, api::router(app), bounds, shutdown(), Duration::from_secs(10))
+        listen::serve(listener, tls, http::router(app), bounds, shutdown(), Duration::from_secs(10))
             .await
             .context("the server failed")?;
         log::info!("stopped");

@@ -19,7 +19,6 @@ use std::time::SystemTime;
 use jobfile::layout;
 use jobfile::name::{classify, Entry};
 use jobfile::JobName;
-use serde::Serialize;
 
 /// The directories the server shares with build hosts.
 #[derive(Debug, Clone)]
@@ -35,37 +34,7 @@ pub struct Store {
 pub const XZ_MAGIC: &[u8] = b"\xfd7zXZ\0";
 
 /// Where a job is, as the directories say.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum Place {
-    /// In `queue/`; `position` 1 is next.
-    Waiting { position: usize, waiting: usize },
-    /// Claimed by `host`, `elapsed_secs` ago.
-    Running { host: String, elapsed_secs: u64 },
-    /// A result in `done/`.
-    Done { verdict: String, result_bytes: u64 },
-    /// In `failed/`, with the first line of its reason.
-    Failed { reason: String },
-    /// In none of them (deleted by hand, or not yet renamed in).
-    Missing,
-}
-
-impl Place {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Place::Waiting { .. } => "waiting",
-            Place::Running { .. } => "running",
-            Place::Done { .. } => "done",
-            Place::Failed { .. } => "failed",
-            Place::Missing => "missing",
-        }
-    }
-
-    /// Whether the job can change no more.
-    pub fn is_final(&self) -> bool {
-        matches!(self, Place::Done { .. } | Place::Failed { .. })
-    }
-}
+pub use wire::Place;
 
 impl Store {
     /// Beside `queue`, as build hosts default them.

@@ -6,109 +6,35 @@
 //! for a session cookie (HttpOnly, SameSite=Strict, Secure under TLS). So a
 //! link someone else made cannot sign a browser into their account unseen.
 //!
-//! Links and sessions are bound to the token they were made with: a new
-//! token (`account token`), a disabled or removed account ends them all.
-//! Both tables are bounded, per account and in all.
+//! The links and sessions themselves are `crate::sessions`'.
 
-use std::collections::HashMap;
 use std::fmt::Write;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
-use crate::api::{ApiError, App, Authed};
-use crate::auth;
+use super::{ApiError, Authed};
+use crate::app::App;
 use crate::db::{self, Account};
+use crate::sessions::{still_valid, Sessions, COOKIE, LINK_LIFE, SESSION_LIFE};
 use crate::store::Place;
 
-/// How long a login link works, and a session lasts.
-const LINK_LIFE: Duration = Duration::from_secs(300);
-const SESSION_LIFE: Duration = Duration::from_secs(12 * 3600);
-const COOKIE: &str = "construir_session";
-/// Live links and sessions one account may hold (the oldest go first).
-const PER_ACCOUNT: usize = 8;
-/// Live links, and sessions, in all.
-const IN_ALL: usize = 10_000;
-
-/// A login link or a session: whose, made with which token, until when.
-#[derive(Debug, Clone)]
-struct Grant {
-    account: i64,
-    token_hash: Vec<u8>,
-    until: Instant,
-}
-
-/// Login links not yet used, and live sessions, by their secret.
-#[derive(Default)]
-pub struct Sessions {
-    links: Mutex<HashMap<String, Grant>>,
-    sessions: Mutex<HashMap<String, Grant>>,
-}
-
-impl Sessions {
-    /// A new secret for `account`, or `None` when the table is full of live entries.
-    fn issue(map: &Mutex<HashMap<String, Grant>>, account: &Account, life: Duration) -> Option<String> {
-        let now = Instant::now();
-        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
-        m.retain(|_, g| g.until > now);
-        let mut mine: Vec<(Instant, String)> =
-            m.iter().filter(|(_, g)| g.account == account.id).map(|(k, g)| (g.until, k.clone())).collect();
-        mine.sort();
-        while mine.len() >= PER_ACCOUNT {
-            let (_, oldest) = mine.remove(0);
-            m.remove(&oldest);
-        }
-        if m.len() >= IN_ALL {
-            return None;
-        }
-        let secret = auth::new_secret();
-        m.insert(
-            secret.clone(),
-            Grant { account: account.id, token_hash: account.token_hash.clone(), until: now + life },
-        );
-        Some(secret)
-    }
-
-    fn live(map: &Mutex<HashMap<String, Grant>>, secret: &str) -> Option<Grant> {
-        let m = map.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(secret).filter(|g| g.until > Instant::now()).cloned()
-    }
-
-    /// Uses up a login link.
-    fn redeem(&self, secret: &str) -> Option<Grant> {
-        let mut m = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        m.remove(secret).filter(|g| g.until > Instant::now())
-    }
-
-    /// Entries held now: (links, sessions).
-    pub fn held(&self) -> (usize, usize) {
-        let n = |m: &Mutex<HashMap<String, Grant>>| m.lock().unwrap_or_else(|p| p.into_inner()).len();
-        (n(&self.links), n(&self.sessions))
-    }
-}
-
-/// The account a grant was made for, while the account is enabled and its
-/// token is still the one the grant was made with.
-fn still_valid(app: &App, grant: &Grant) -> Option<Account> {
-    let account = db::account_by_id(&app.db, grant.account).ok()??;
-    (!account.disabled && bool::from(subtle::ConstantTimeEq::ct_eq(&account.token_hash[..], &grant.token_hash[..])))
-        .then_some(account)
-}
-
 /// `POST /v1/page-link`: a one-time link to the account's page.
-pub async fn page_link(
-    State(app): State<Arc<App>>,
-    Authed(account): Authed,
-) -> Result<Json<serde_json::Value>, ApiError> {
+#[utoipa::path(
+    post,
+    path = "/v1/page-link",
+    tag = "submitters",
+    responses((status = 200, description = "a one-time path that logs a browser into the page", body = wire::PageLink), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "a build host's token", body = wire::ErrorBody), (status = 503, description = "too many login links are live", body = wire::ErrorBody)),
+    security(("bearer" = []))
+)]
+pub async fn page_link(State(app): State<Arc<App>>, Authed(account): Authed) -> Result<Json<wire::PageLink>, ApiError> {
     let secret = Sessions::issue(&app.sessions.links, &account, LINK_LIFE).ok_or_else(|| {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many login links are live; try again in a few minutes")
     })?;
-    Ok(Json(json!({ "path": format!("/page/login/{secret}"), "expires_in_secs": LINK_LIFE.as_secs() })))
+    Ok(Json(wire::PageLink { path: format!("/page/login/{secret}"), expires_in_secs: LINK_LIFE.as_secs() }))
 }
 
 fn link_gone() -> Response {
@@ -125,7 +51,7 @@ fn link_gone() -> Response {
 /// `GET /page/login/<secret>`: says which account the link signs in to, and
 /// asks to confirm. Nothing is signed in, and the link is not used up, until then.
 pub async fn login(State(app): State<Arc<App>>, UrlPath(secret): UrlPath<String>, headers: HeaderMap) -> Response {
-    let Some(account) = Sessions::live(&app.sessions.links, &secret).and_then(|g| still_valid(&app, &g)) else {
+    let Some(account) = Sessions::live(&app.sessions.links, &secret).and_then(|g| still_valid(&app.db, &g)) else {
         return link_gone();
     };
     let now_signed_in = session_account(&app, &headers)
@@ -174,7 +100,7 @@ pub async fn confirm_login(
         return (StatusCode::FORBIDDEN, Html(page_shell("construir", "<p>Sign in from the link's own page.</p>")))
             .into_response();
     }
-    let Some(account) = app.sessions.redeem(&form.link).and_then(|g| still_valid(&app, &g)) else {
+    let Some(account) = app.sessions.redeem(&form.link).and_then(|g| still_valid(&app.db, &g)) else {
         return link_gone();
     };
     let Some(session) = Sessions::issue(&app.sessions.sessions, &account, SESSION_LIFE) else {
@@ -191,27 +117,8 @@ pub async fn confirm_login(
 fn session_account(app: &App, headers: &HeaderMap) -> Option<Account> {
     let cookies = headers.get(header::COOKIE)?.to_str().ok()?;
     let secret = cookies.split(';').find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")))?;
-    still_valid(app, &Sessions::live(&app.sessions.sessions, secret)?)
+    still_valid(&app.db, &Sessions::live(&app.sessions.sessions, secret)?)
 }
-
-/// The headers every answer carries: nothing is framed, sniffed, cached or
-/// sent on as a referrer; the page's policy allows its own styles and forms only.
-pub async fn security_headers(mut response: Response) -> Response {
-    let h = response.headers_mut();
-    let set = |h: &mut HeaderMap, name: &'static str, value: &'static str| {
-        h.insert(name, axum::http::HeaderValue::from_static(value));
-    };
-    set(h, "content-security-policy", CSP);
-    set(h, "x-content-type-options", "nosniff");
-    set(h, "x-frame-options", "DENY");
-    set(h, "referrer-policy", "no-referrer");
-    set(h, "cache-control", "no-store");
-    response
-}
-
-/// The page's Content-Security-Policy, sent as a header on every answer.
-pub const CSP: &str =
-    "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// `GET /page`: the account's jobs.
 pub async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
@@ -255,21 +162,15 @@ pub async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         );
     }
     let mut hosts = String::new();
-    for h in crate::farm::hosts_view(&app, &account).unwrap_or_default() {
-        let images: Vec<String> = h["images"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|i| i["name"].as_str().map(|n| format!("i{n}")))
-            .collect();
+    for h in super::hosts::hosts_view(&app, &account).unwrap_or_default() {
         let _ = write!(
             hosts,
             "<tr><td>{}</td><td>{} s ago</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            escape(h["name"].as_str().unwrap_or_default()),
-            h["seen_secs_ago"],
-            escape(&images.join(" ")),
-            h["capacity"],
-            h["running"],
+            escape(&h.name),
+            h.seen_secs_ago,
+            escape(&h.image_names()),
+            h.capacity,
+            h.running,
         );
     }
     let hosts = if hosts.is_empty() {
@@ -310,7 +211,7 @@ pub async fn page_file(
         _ => (None, ""),
     };
     match path {
-        Some(p) => crate::api::serve_file(&p, None, &headers, kind).await.into_response(),
+        Some(p) => super::serve_file(&p, None, &headers, kind).await.into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
     }
 }
@@ -364,35 +265,6 @@ mod tests {
             escape(r#"<script>alert("x")</script> & 'y'"#),
             "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;"
         );
-    }
-
-    fn account(id: i64, hash: &[u8]) -> Account {
-        Account {
-            id,
-            name: format!("a{id}"),
-            token_hash: hash.to_vec(),
-            disabled: false,
-            created: String::new(),
-            limits: Default::default(),
-            kind: crate::db::Kind::Submitter,
-        }
-    }
-
-    #[test]
-    fn a_link_works_once_sessions_expire_and_each_account_holds_a_bounded_few() {
-        let s = Sessions::default();
-        let a = account(7, b"h");
-        let link = Sessions::issue(&s.links, &a, LINK_LIFE).expect("room");
-        assert_eq!(s.redeem(&link).map(|g| g.account), Some(7));
-        assert!(s.redeem(&link).is_none(), "used up");
-        let session = Sessions::issue(&s.sessions, &a, Duration::ZERO).expect("room");
-        assert!(Sessions::live(&s.sessions, &session).is_none(), "expired");
-        let session = Sessions::issue(&s.sessions, &a, SESSION_LIFE).expect("room");
-        assert_eq!(Sessions::live(&s.sessions, &session).map(|g| g.token_hash), Some(b"h".to_vec()));
-        for _ in 0..100 {
-            Sessions::issue(&s.links, &a, LINK_LIFE).expect("room");
-        }
-        assert_eq!(s.held().0, PER_ACCOUNT, "the oldest links go first");
     }
 
     #[test]

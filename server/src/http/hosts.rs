@@ -1,22 +1,9 @@
-//! The farm: build hosts on other machines take jobs from the server.
-//!
-//! A host account asks for work (`POST /v1/host/lease`) saying which images
-//! it has and how many VMs it runs; the server hands it the oldest waiting
-//! job for one of them under a lease, decided in one database transaction,
-//! and moves the job file to `running/.farm/`. The host renews the lease
-//! while the VM runs (sending the console as it goes) and then delivers the
-//! result (`done`) or the reason it failed (`failed`). Every lease carries
-//! its sequence number, the fencing token: renewals and deliveries under an
-//! expired or superseded lease are refused, so a job is delivered once. A
-//! lease that runs out puts the job back in the queue, its attempt counted,
-//! and after the attempt limit into `failed/` with the reason.
-//!
-//! Files follow the database: a delivery is staged in `done/` under a
-//! hidden name, accepted in the database, then landed. `reconcile` finishes
-//! whatever a crash interrupted, from what the database says.
+//! The build hosts' half of the API (`/v1/host/...`): take a job under a
+//! lease, fetch it and the images, renew, deliver or give it back; and
+//! `GET /v1/hosts`, the hosts as a submitter sees them. What a lease is and
+//! how it ends is `crate::lease`'s.
 
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,91 +14,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
-use serde::Deserialize;
-use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
-use crate::api::{AnyAccount, ApiError, ApiResult, App, HostAuthed};
+use super::{AnyAccount, ApiError, ApiResult, HostAuthed};
+use crate::app::App;
 use crate::db::{self, Kind};
-use crate::store::Store;
-
-/// How the server hands jobs to remote hosts.
-#[derive(Debug, Clone, Copy)]
-pub struct Settings {
-    /// How long a lease lasts without renewal.
-    pub lease: Duration,
-    /// A job whose leases ran out this many times fails.
-    pub max_attempts: u64,
-}
-
-impl Default for Settings {
-    fn default() -> Settings {
-        Settings { lease: Duration::from_secs(30), max_attempts: 3 }
-    }
-}
-
-impl Settings {
-    fn lease_ms(&self) -> i64 {
-        self.lease.as_millis() as i64
-    }
-}
-
-/// Most console bytes the server keeps of a running farm job.
-const MAX_CONSOLE: u64 = 16 << 20;
-
-/// An image as the server offers it: its number, the sha256 of its
-/// `image.toml` (which holds the sha256 of every other file), and the files.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Offered {
-    pub name: String,
-    pub checksum: String,
-    pub files: Vec<OfferedFile>,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct OfferedFile {
-    pub name: String,
-    pub size: u64,
-    pub sha256: String,
-}
-
-/// The images in the server's images directory, each with its checksum.
-pub fn offered_images(store: &Store) -> Vec<Offered> {
-    let Ok(rd) = fs::read_dir(&store.images) else { return Vec::new() };
-    let mut out = Vec::new();
-    for e in rd.flatten() {
-        let dir_name = e.file_name().to_string_lossy().into_owned();
-        let Some(number) =
-            dir_name.strip_prefix('i').filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        let dir = e.path();
-        let Ok(manifest) = jobfile::image::ImageManifest::load(&dir) else { continue };
-        let Ok(checksum) = jobfile::image::sha256_file(&dir.join(jobfile::image::MANIFEST)) else { continue };
-        let mut files = vec![OfferedFile {
-            name: jobfile::image::MANIFEST.to_owned(),
-            size: fs::metadata(dir.join(jobfile::image::MANIFEST)).map_or(0, |m| m.len()),
-            sha256: checksum.clone(),
-        }];
-        for (name, sha256) in &manifest.sha256 {
-            let size = fs::metadata(dir.join(name)).map_or(0, |m| m.len());
-            files.push(OfferedFile { name: name.clone(), size, sha256: sha256.clone() });
-        }
-        out.push(Offered { name: number.to_owned(), checksum, files });
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    out
-}
-
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-pub struct HostImage {
-    pub name: String,
-    pub checksum: String,
-}
-
-/// Most images a host may say it has.
-pub const MAX_HOST_IMAGES: usize = 64;
+use crate::lease::{land, offered_images, part, MAX_CONSOLE};
+use wire::{HostImage, LeaseRequest, SeqQuery, MAX_HOST_IMAGES};
 
 /// Most bytes of a lease request's body (a full list of images is about 6 KiB).
 pub const MAX_LEASE_BODY: usize = 64 << 10;
@@ -119,58 +28,20 @@ pub const MAX_LEASE_BODY: usize = 64 << 10;
 /// Most bytes of a renewal's body: the console a host sends with it (it sends 256 KiB at most).
 pub const MAX_RENEW_BODY: usize = 1 << 20;
 
-impl HostImage {
-    /// An image as a host may name it: a number of 1 to 9 digits with a sha256 in lowercase hex.
-    pub fn check(&self) -> Result<(), String> {
-        if self.name.is_empty() || self.name.len() > 9 || !self.name.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(format!(
-                "{:?} is not an image number",
-                jobfile::text::sanitize_capped(self.name.as_bytes(), 32)
-            ));
-        }
-        if self.checksum.len() != 64 || !self.checksum.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            return Err(format!("image i{}: the checksum is not a sha256 in lowercase hex", self.name));
-        }
-        Ok(())
-    }
-}
-
-impl LeaseRequest {
-    /// Checks what a host says of itself: an image is a number of 1 to 9
-    /// digits with a sha256 in lowercase hex, at most `MAX_HOST_IMAGES` of
-    /// them, and the version is short printable text. What passes is what
-    /// the server stores and shows to submitters.
-    pub fn check(&self) -> Result<(), String> {
-        if self.images.len() > MAX_HOST_IMAGES {
-            return Err(format!("{} images listed; a host may list at most {MAX_HOST_IMAGES}", self.images.len()));
-        }
-        for i in &self.images {
-            i.check()?;
-        }
-        if self.version.len() > 64 || !self.version.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err("the version is not up to 64 printable ASCII characters".to_owned());
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug, Deserialize)]
-pub struct LeaseRequest {
-    pub images: Vec<HostImage>,
-    pub capacity: u64,
-    /// Jobs the host holds now (the server hands one more only below capacity).
-    pub running: u64,
-    #[serde(default)]
-    pub version: String,
-}
-
 /// `POST /v1/host/lease`: record the host, and hand it a job when it has room.
+#[utoipa::path(
+    post,
+    path = "/v1/host/lease",
+    tag = "build hosts",
+    request_body(content = wire::LeaseRequest),
+    responses((status = 200, description = "a job under a lease, or none for now", body = wire::LeaseAnswer), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "not a build host's token", body = wire::ErrorBody), (status = 400, description = "what the host said of itself did not pass the checks", body = wire::ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn lease(
     State(app): State<Arc<App>>,
     HostAuthed(host): HostAuthed,
     Json(req): Json<LeaseRequest>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<wire::LeaseAnswer>> {
     req.check().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad lease request: {e}")))?;
     let offered = offered_images(&app.store);
     // Only images the host has exactly as the server has them.
@@ -183,7 +54,7 @@ pub async fn lease(
     let images = serde_json::to_string(&req.images).unwrap_or_default();
     db::host_seen(app.db(), host.id, &images, req.capacity.min(1024), &req.version).map_err(ApiError::internal)?;
     if req.running >= req.capacity {
-        return Ok(Json(json!({ "lease": null })));
+        return Ok(Json(wire::LeaseAnswer { lease: None }));
     }
     // A job that another server, a local host or its submitter moved first is skipped.
     for _ in 0..8 {
@@ -192,7 +63,7 @@ pub async fn lease(
         let leased =
             db::lease_next(app.db(), &host.name, &usable, app.farm.lease_ms(), |f, ino| store.waiting_own(f, ino))
                 .map_err(ApiError::internal)?;
-        let Some(lease) = leased else { return Ok(Json(json!({ "lease": null }))) };
+        let Some(lease) = leased else { return Ok(Json(wire::LeaseAnswer { lease: None })) };
         fs::create_dir_all(app.store.farm_dir()).map_err(ApiError::internal)?;
         let (queued, leased_path) = (app.store.queue.join(&lease.file_name), app.store.leased(&lease.file_name));
         let moved = app.store.move_job(&queued, &leased_path).map_err(ApiError::internal)?;
@@ -207,27 +78,18 @@ pub async fn lease(
             continue;
         }
         log::info!("job {} leased to host {} (lease {}, attempt {})", lease.id, host.name, lease.seq, lease.attempt);
-        return Ok(Json(json!({
-            "lease": {
-                "id": lease.id,
-                "file_name": lease.file_name,
-                "size": lease.size,
-                "seq": lease.seq,
-                "attempt": lease.attempt,
-                "lease_ms": app.farm.lease_ms(),
-            }
-        })));
+        return Ok(Json(wire::LeaseAnswer {
+            lease: Some(wire::Lease {
+                id: lease.id,
+                file_name: lease.file_name,
+                size: lease.size,
+                seq: lease.seq,
+                attempt: lease.attempt,
+                lease_ms: app.farm.lease_ms() as u64,
+            }),
+        }));
     }
-    Ok(Json(json!({ "lease": null })))
-}
-
-#[derive(Debug, Deserialize)]
-pub struct SeqQuery {
-    seq: u64,
-    #[serde(default)]
-    offset: u64,
-    #[serde(default)]
-    log_bytes: u64,
+    Ok(Json(wire::LeaseAnswer { lease: None }))
 }
 
 /// The job file (name and inode) of a live lease of `host`, or the refusal a late host gets.
@@ -280,6 +142,14 @@ fn lease_lost() -> ApiError {
 }
 
 /// `GET /v1/host/jobs/{id}/file?seq=N`: the job file, to the lease's holder.
+#[utoipa::path(
+    get,
+    path = "/v1/host/jobs/{id}/file",
+    tag = "build hosts",
+    params(("id" = String, Path, description = "the job id, 16 hex digits"), wire::SeqQuery),
+    responses((status = 200, description = "the job file", content_type = "application/x-xz"), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "not a build host's token", body = wire::ErrorBody), (status = 404, description = "no such job", body = wire::ErrorBody), (status = 409, description = "the lease ran out or was given to another host", body = wire::ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn job_file(
     State(app): State<Arc<App>>,
     HostAuthed(host): HostAuthed,
@@ -289,7 +159,7 @@ pub async fn job_file(
 ) -> ApiResult<Response> {
     let (file_name, ino) = live(&app, &id, &host.name, q.seq)?;
     let mut keep = KeepAlive::new(&app, &id, &host.name, q.seq);
-    let response = crate::api::serve_file(&app.store.leased(&file_name), ino, &headers, "application/x-xz").await?;
+    let response = super::serve_file(&app.store.leased(&file_name), ino, &headers, "application/x-xz").await?;
     let (parts, body) = response.into_parts();
     let body = body.into_data_stream().map(move |chunk| {
         keep.progress();
@@ -300,13 +170,22 @@ pub async fn job_file(
 
 /// `POST /v1/host/jobs/{id}/renew?seq=N&offset=K`, the console from byte K
 /// as the body: extends the lease, says whether the submitter cancelled.
+#[utoipa::path(
+    post,
+    path = "/v1/host/jobs/{id}/renew",
+    tag = "build hosts",
+    params(("id" = String, Path, description = "the job id, 16 hex digits"), wire::SeqQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the console from byte `offset` on (at most 1 MiB)"),
+    responses((status = 200, description = "the lease is extended", body = wire::Renewed), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "not a build host's token", body = wire::ErrorBody), (status = 404, description = "no such job", body = wire::ErrorBody), (status = 409, description = "the lease ran out or was given to another host", body = wire::ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn renew(
     State(app): State<Arc<App>>,
     HostAuthed(host): HostAuthed,
     UrlPath(id): UrlPath<String>,
     Query(q): Query<SeqQuery>,
     body: axum::body::Bytes,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<wire::Renewed>> {
     let renewed = db::renew(app.db(), &id, &host.name, q.seq, app.farm.lease_ms()).map_err(ApiError::internal)?;
     let file_name = renewed.ok_or_else(lease_lost)?;
     // A busy host asks for no work; its renewals say it is alive.
@@ -319,14 +198,7 @@ pub async fn renew(
             fs::OpenOptions::new().create(true).write(true).truncate(false).open(&path).map_err(ApiError::internal)?;
         f.write_all_at(&body[..keep], q.offset).map_err(ApiError::internal)?;
     }
-    Ok(Json(json!({ "lease_ms": app.farm.lease_ms(), "cancel": app.store.cancel_requested(&file_name) })))
-}
-
-/// Staged parts of a delivery: `done/.farm.<id>.<seq>.<tag>.{log,result}.part`,
-/// the tag new for every request, so that two deliveries on one lease
-/// never write the same file.
-fn part(store: &Store, id: &str, seq: u64, tag: &str, what: &str) -> PathBuf {
-    store.done.join(format!(".farm.{id}.{seq}.{tag}.{what}.part"))
+    Ok(Json(wire::Renewed { lease_ms: app.farm.lease_ms() as u64, cancel: app.store.cancel_requested(&file_name) }))
 }
 
 /// Removes staged parts however a delivery ends, unless kept.
@@ -400,13 +272,22 @@ async fn receive(
 
 /// `POST /v1/host/jobs/{id}/done?seq=N&log_bytes=L`: the console log (L
 /// bytes) then the result. Accepted once, under the live lease only.
+#[utoipa::path(
+    post,
+    path = "/v1/host/jobs/{id}/done",
+    tag = "build hosts",
+    params(("id" = String, Path, description = "the job id, 16 hex digits"), wire::SeqQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "`log_bytes` bytes of console log, then the result"),
+    responses((status = 200, description = "delivered, once", body = wire::Delivered), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "not a build host's token", body = wire::ErrorBody), (status = 404, description = "no such job", body = wire::ErrorBody), (status = 409, description = "the lease ran out or was given to another host", body = wire::ErrorBody), (status = 400, description = "the body ended inside the log, or the result is empty", body = wire::ErrorBody), (status = 413, description = "more than the job's size came back", body = wire::ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn done(
     State(app): State<Arc<App>>,
     HostAuthed(host): HostAuthed,
     UrlPath(id): UrlPath<String>,
     Query(q): Query<SeqQuery>,
     body: Body,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<wire::Delivered>> {
     let (file_name, ino) = live(&app, &id, &host.name, q.seq)?;
     let size = crate::store::open_regular(&app.store.leased(&file_name), ino)
         .and_then(|f| f.metadata())
@@ -423,18 +304,27 @@ pub async fn done(
     let verdict = jobfile::tools::log_verdict(&log).unwrap_or_else(|| "(no verdict in the log)".to_owned());
     accept(&app, &host.name, &id, q.seq, &tag, &file_name, "done", &verdict, &mut parts)?;
     log::info!("job {id} delivered by host {} (lease {}): {verdict}", host.name, q.seq);
-    Ok(Json(json!({ "delivered": true, "verdict": verdict })))
+    Ok(Json(wire::Delivered { delivered: true, verdict: Some(verdict), reason: None }))
 }
 
 /// `POST /v1/host/jobs/{id}/failed?seq=N&log_bytes=L`: the console log (L
 /// bytes, maybe none) then the reason, in text.
+#[utoipa::path(
+    post,
+    path = "/v1/host/jobs/{id}/failed",
+    tag = "build hosts",
+    params(("id" = String, Path, description = "the job id, 16 hex digits"), wire::SeqQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "`log_bytes` bytes of console log, then the reason in text"),
+    responses((status = 200, description = "the failure is recorded, once", body = wire::Delivered), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "not a build host's token", body = wire::ErrorBody), (status = 404, description = "no such job", body = wire::ErrorBody), (status = 409, description = "the lease ran out or was given to another host", body = wire::ErrorBody), (status = 400, description = "the body ended inside the log", body = wire::ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn failed(
     State(app): State<Arc<App>>,
     HostAuthed(host): HostAuthed,
     UrlPath(id): UrlPath<String>,
     Query(q): Query<SeqQuery>,
     body: Body,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<wire::Delivered>> {
     let (file_name, _) = live(&app, &id, &host.name, q.seq)?;
     let tag = crate::auth::new_job_id();
     let (log, reason_part) = (part(&app.store, &id, q.seq, &tag, "log"), part(&app.store, &id, q.seq, &tag, "reason"));
@@ -448,7 +338,7 @@ pub async fn failed(
     let _ = fs::remove_file(&reason_part);
     accept(&app, &host.name, &id, q.seq, &tag, &file_name, "failed", &reason, &mut parts)?;
     log::info!("job {id} failed on host {} (lease {}): {reason}", host.name, q.seq);
-    Ok(Json(json!({ "delivered": true, "reason": reason })))
+    Ok(Json(wire::Delivered { delivered: true, verdict: None, reason: Some(reason) }))
 }
 
 /// Ends the live lease with the delivery (`how`: done or failed), or refuses
@@ -478,12 +368,20 @@ fn accept(
 
 /// `POST /v1/host/jobs/{id}/release?seq=N`: the host gives the job back
 /// unrun (it is stopping); no attempt is counted.
+#[utoipa::path(
+    post,
+    path = "/v1/host/jobs/{id}/release",
+    tag = "build hosts",
+    params(("id" = String, Path, description = "the job id, 16 hex digits"), wire::SeqQuery),
+    responses((status = 200, description = "the job waits again; no attempt is counted", body = wire::Released), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "not a build host's token", body = wire::ErrorBody), (status = 404, description = "no such job", body = wire::ErrorBody), (status = 409, description = "the lease ran out or was given to another host", body = wire::ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn release(
     State(app): State<Arc<App>>,
     HostAuthed(host): HostAuthed,
     UrlPath(id): UrlPath<String>,
     Query(q): Query<SeqQuery>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<wire::Released>> {
     let (file_name, _) = live(&app, &id, &host.name, q.seq)?;
     if !db::end_lease(app.db(), &id, &host.name, q.seq, "released", "", "").map_err(ApiError::internal)? {
         return Err(lease_lost());
@@ -491,138 +389,30 @@ pub async fn release(
     app.store.move_job(&app.store.leased(&file_name), &app.store.queue.join(&file_name)).map_err(ApiError::internal)?;
     let _ = fs::remove_file(app.store.farm_console(&file_name));
     log::info!("job {id} given back by host {} (lease {}): waiting again", host.name, q.seq);
-    Ok(Json(json!({ "released": true })))
-}
-
-/// Puts the files of an accepted delivery in place: the staged log and
-/// result into `done/`, or the job into `failed/` with its reason. Safe to
-/// repeat, and to race with itself: each step is a rename that only one wins.
-fn land(store: &Store, file_name: &str, id: &str, seq: u64, tag: &str, how: &str, verdict: &str) -> io::Result<()> {
-    let job = jobfile::JobName::parse(file_name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let leased = store.leased(file_name);
-    let place = |from: &Path, to: &Path| match crate::store::rename_noreplace(from, to) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => fs::remove_file(from),
-        Err(e) => Err(e),
-    };
-    if how == "done" {
-        // The log first: a result in done/ is how everyone sees that a job ended.
-        place(&part(store, id, seq, tag, "log"), &store.done.join(job.done_with_extension("log")))?;
-        place(&part(store, id, seq, tag, "result"), &store.done.join(job.done_file_name()))?;
-        fs::File::open(&store.done)?.sync_all()?;
-        let _ = fs::remove_file(&leased);
-    } else {
-        place(&part(store, id, seq, tag, "log"), &store.failed.join(format!("{file_name}.log")))?;
-        if !store.failed.join(format!("{file_name}.reason")).exists() {
-            store.write_reason(file_name, verdict)?;
-        }
-        store.move_job(&leased, &store.failed.join(file_name))?;
-    }
-    let _ = fs::remove_file(store.farm_console(file_name));
-    store.forget_cancel(file_name);
-    Ok(())
-}
-
-/// Ends the leases that ran out and moves their files; then finishes
-/// whatever a crash left between the database and the directories.
-pub fn sweep(app: &App) -> Result<(), db::DbError> {
-    for (job, gave_up) in db::expire_leases(app.db(), app.farm.max_attempts)? {
-        let host = job.host.clone().unwrap_or_default();
-        let leased = app.store.leased(&job.file_name);
-        let moved = if gave_up {
-            let reason = db::lease_reason(&job, &host, app.farm.max_attempts);
-            log::warn!("job {}: the lease of host {host} ran out; {reason}", job.id);
-            land(&app.store, &job.file_name, &job.id, 0, "", "failed", &reason).map(|()| true)
-        } else {
-            log::warn!(
-                "job {}: the lease of host {host} ran out (attempt {} of {}); back in the queue",
-                job.id,
-                job.attempts,
-                app.farm.max_attempts
-            );
-            let _ = fs::remove_file(app.store.farm_console(&job.file_name));
-            app.store.move_job(&leased, &app.store.queue.join(&job.file_name))
-        };
-        if let Err(e) = moved {
-            log::error!("job {}: cannot move {}: {e}", job.id, leased.display());
-        }
-        app.refresh(&job);
-    }
-    reconcile(app)
-}
-
-/// Makes `running/.farm/` and the staged deliveries agree with the
-/// database: a delivered job's files are landed, a job no lease holds goes
-/// back to the queue (or to failed/ past the attempt limit), and staged
-/// parts no delivery will use are removed once they are a minute old.
-pub fn reconcile(app: &App) -> Result<(), db::DbError> {
-    let store = &app.store;
-    if let Ok(rd) = fs::read_dir(store.farm_dir()) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') {
-                continue;
-            }
-            let Some((job, delivered)) = db::farm_state(app.db(), &name)? else { continue };
-            if job.host.is_some() {
-                continue;
-            }
-            let done = match delivered {
-                Some(d) => land(store, &name, &job.id, d.seq, &d.part, &d.how, &d.verdict),
-                None if job.attempts >= app.farm.max_attempts => {
-                    let reason = db::lease_reason(&job, "(unknown)", app.farm.max_attempts);
-                    land(store, &name, &job.id, 0, "", "failed", &reason)
-                }
-                None => store.move_job(&e.path(), &store.queue.join(&name)).map(|_| ()),
-            };
-            match done {
-                Ok(()) => log::info!("job {}: finished what a crash left in {}", job.id, e.path().display()),
-                Err(e) => log::error!("job {}: cannot put its files right: {e}", job.id),
-            }
-            app.refresh(&job);
-        }
-    }
-    if let Ok(rd) = fs::read_dir(&store.done) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(rest) = name.strip_prefix(".farm.") else { continue };
-            let mut bits = rest.split('.');
-            let (Some(id), Some(seq), Some(tag)) =
-                (bits.next(), bits.next().and_then(|s| s.parse::<u64>().ok()), bits.next())
-            else {
-                continue;
-            };
-            if !crate::auth::is_job_id(id) {
-                continue;
-            }
-            let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok())
-                >= Some(Duration::from_secs(60));
-            let delivered = db::farm_state_by_id(app.db(), id)?
-                .and_then(|(job, d)| d.filter(|d| d.seq == seq && d.part == tag).map(|d| (job, d)));
-            match delivered {
-                Some((job, d)) if job.host.is_none() => {
-                    if let Err(e) = land(store, &job.file_name, id, d.seq, &d.part, &d.how, &d.verdict) {
-                        log::error!("job {id}: cannot land its delivery: {e}");
-                    }
-                }
-                Some(_) => {}
-                None if old => {
-                    let _ = fs::remove_file(e.path());
-                }
-                None => {}
-            }
-        }
-    }
-    Ok(())
+    Ok(Json(wire::Released { released: true }))
 }
 
 /// `GET /v1/host/images`: what the server offers, with checksums.
-pub async fn images(State(app): State<Arc<App>>, HostAuthed(_): HostAuthed) -> Json<serde_json::Value> {
-    Json(json!({ "images": offered_images(&app.store) }))
+#[utoipa::path(
+    get,
+    path = "/v1/host/images",
+    tag = "build hosts",
+    responses((status = 200, description = "the images the server offers", body = wire::ImageList), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "not a build host's token", body = wire::ErrorBody)),
+    security(("bearer" = []))
+)]
+pub async fn images(State(app): State<Arc<App>>, HostAuthed(_): HostAuthed) -> Json<wire::ImageList> {
+    Json(wire::ImageList { images: offered_images(&app.store) })
 }
 
 /// `GET /v1/host/images/{image}/{file}`: one file of an offered image.
+#[utoipa::path(
+    get,
+    path = "/v1/host/images/{image}/{file}",
+    tag = "build hosts",
+    params(("image" = String, Path, description = "the image number"), ("file" = String, Path, description = "a file the image's listing names")),
+    responses((status = 200, description = "the file; `Range` is honoured", content_type = "application/octet-stream"), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "not a build host's token", body = wire::ErrorBody), (status = 404, description = "no such image or file", body = wire::ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn image_file(
     State(app): State<Arc<App>>,
     HostAuthed(_): HostAuthed,
@@ -634,7 +424,7 @@ pub async fn image_file(
     if !known {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "no such image file"));
     }
-    crate::api::serve_file(
+    super::serve_file(
         &app.store.images.join(format!("i{image}")).join(&file),
         None,
         &headers,
@@ -645,12 +435,19 @@ pub async fn image_file(
 
 /// `GET /v1/hosts`: the remote hosts, when each was last seen, its images
 /// and capacity, and what it runs now (job ids only of the caller's own jobs).
+#[utoipa::path(
+    get,
+    path = "/v1/hosts",
+    tag = "submitters",
+    responses((status = 200, description = "the build hosts; job ids only of the caller's own jobs", body = wire::HostList), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn hosts(State(app): State<Arc<App>>, AnyAccount(account): AnyAccount) -> ApiResult<Response> {
-    Ok(Json(json!({ "hosts": hosts_view(&app, &account).map_err(ApiError::internal)? })).into_response())
+    Ok(Json(wire::HostList { hosts: hosts_view(&app, &account).map_err(ApiError::internal)? }).into_response())
 }
 
 /// The hosts as `account` may see them.
-pub fn hosts_view(app: &App, account: &db::Account) -> Result<Vec<serde_json::Value>, db::DbError> {
+pub fn hosts_view(app: &App, account: &db::Account) -> Result<Vec<wire::HostView>, db::DbError> {
     let leased = db::leased_jobs(app.db())?;
     let now = db::unix_now();
     Ok(db::hosts(app.db())?
@@ -660,7 +457,7 @@ pub fn hosts_view(app: &App, account: &db::Account) -> Result<Vec<serde_json::Va
             let own: Vec<_> = running
                 .iter()
                 .filter(|j| account.kind == Kind::Submitter && j.account_id == account.id)
-                .map(|j| json!({"id": j.id, "name": j.name}))
+                .map(|j| wire::JobRef { id: j.id.clone(), name: j.name.clone() })
                 .collect();
             // What a host said is shown to every submitter: only what passes `HostImage::check`.
             let images: Vec<HostImage> = serde_json::from_value::<Vec<HostImage>>(h.images.clone())
@@ -674,31 +471,17 @@ pub fn hosts_view(app: &App, account: &db::Account) -> Result<Vec<serde_json::Va
             } else {
                 String::new()
             };
-            json!({
-                "name": h.name,
-                "last_seen": h.last_seen,
-                "seen_secs_ago": (now - h.last_seen_unix).max(0),
-                "images": images,
-                "capacity": h.capacity,
-                "running": running.len(),
-                "your_jobs": own,
-                "version": version,
-                "disabled": h.disabled,
-            })
-        })
-        .collect())
-}
-
-/// Runs `sweep` every `every`, for ever.
-pub async fn keep_sweeping(app: Arc<App>, every: Duration) {
-    loop {
-        tokio::time::sleep(every).await;
-        let app = app.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Err(e) = sweep(&app) {
-                log::error!("cannot sweep the leases: {e}");
+            wire::HostView {
+                name: h.name,
+                last_seen: h.last_seen,
+                seen_secs_ago: (now - h.last_seen_unix).max(0),
+                images,
+                capacity: h.capacity,
+                running: running.len(),
+                your_jobs: own,
+                version,
+                disabled: h.disabled,
             }
         })
-        .await;
-    }
+        .collect())
 }

@@ -1,0 +1,93 @@
+//! The state every request handler reaches: the database, the queue's
+//! directories, the server's settings, the failed authentications, the
+//! page's sessions, and how leases are handed out. It also brings a job's
+//! record up to what the directories say (`refresh`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth;
+use crate::db::{self, JobRecord, Limits};
+use crate::quota::UploadRules;
+use crate::sql::Database;
+use crate::store::{Place, Store};
+
+/// How the server treats uploads and the clients that send them.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Limits for accounts that set none of their own.
+    pub defaults: Limits,
+    /// How long an upload may go without sending a byte.
+    pub idle_timeout: Duration,
+    /// How long a whole upload may take, however steadily it trickles.
+    pub upload_timeout: Duration,
+    /// Uploads under way per account, and the disk's reserve.
+    pub uploads: UploadRules,
+    /// Whether clients reach the server over TLS (the page's cookie is then `Secure`).
+    pub tls: bool,
+}
+
+/// Everything a request handler reaches.
+pub struct App {
+    pub db: Database,
+    pub store: Store,
+    pub settings: Settings,
+    /// Failed authentications per client.
+    pub(crate) failures: auth::Failures,
+    /// The page's login links and sessions.
+    pub sessions: crate::sessions::Sessions,
+    /// How remote build hosts are handed jobs.
+    pub farm: crate::lease::Settings,
+}
+
+/// Failed authentications a client may make in a minute before its failures are answered 429.
+pub(crate) const MAX_FAILURES_PER_MINUTE: u32 = 10;
+
+impl App {
+    pub fn new(db: Database, store: Store, settings: Settings, farm: crate::lease::Settings) -> Arc<App> {
+        Arc::new(App {
+            db,
+            store,
+            settings,
+            failures: auth::Failures::new(MAX_FAILURES_PER_MINUTE, Duration::from_secs(60)),
+            sessions: crate::sessions::Sessions::default(),
+            farm,
+        })
+    }
+
+    pub(crate) fn db(&self) -> &Database {
+        &self.db
+    }
+
+    /// Where a job is, as the directories say (only the server's own file counts).
+    pub fn locate(&self, job: &JobRecord) -> Place {
+        let mut place = self.store.locate(&job.file_name, job.file_id);
+        if let (Place::Running { host, .. }, Some(lease_host)) = (&mut place, &job.host) {
+            // A farm job's file waits in running/.farm; its host is the lease's.
+            host.clone_from(lease_host);
+        }
+        place
+    }
+
+    /// Brings a job's record up to what the directories say; returns where it is.
+    pub fn refresh(&self, job: &JobRecord) -> Place {
+        let place = self.locate(job);
+        let (verdict, bytes) = match &place {
+            Place::Done { verdict, result_bytes } => (Some(verdict.as_str()), Some(*result_bytes)),
+            Place::Failed { reason } => (Some(reason.as_str()), None),
+            _ => (None, None),
+        };
+        if place.is_final() {
+            // A cancel that came too late has nothing left to stop.
+            self.store.forget_cancel(&job.file_name);
+        }
+        // A finished job whose files retention removed keeps its last state.
+        if !(place == Place::Missing && job.deleted.is_some()) {
+            // One transaction reads, changes and audits: two requests never both log the same change.
+            if let Err(e) = db::update_state(self.db(), &job.id, place.name(), verdict, bytes) {
+                log::error!("cannot record job {}: {}", job.id, jobfile::error_chain(&e));
+            }
+        }
+        place
+    }
+}

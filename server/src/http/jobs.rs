@@ -1,0 +1,335 @@
+//! A submitter's jobs (`/v1/jobs`, `/v1/whoami`): submit, list, show, the
+//! log and the result, cancel.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use super::{serve_file, ApiError, ApiResult, Authed, OwnJob};
+use crate::app::App;
+use crate::auth;
+use crate::db::{self, JobRecord};
+use crate::quota;
+use crate::store::{Place, XZ_MAGIC};
+
+#[utoipa::path(
+    get,
+    path = "/v1/whoami",
+    tag = "submitters",
+    responses((status = 200, description = "the account and the limits that apply to it", body = wire::Whoami), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "a build host's token", body = wire::ErrorBody)),
+    security(("bearer" = []))
+)]
+pub(crate) async fn whoami(State(app): State<Arc<App>>, Authed(account): Authed) -> ApiResult<Json<wire::Whoami>> {
+    Ok(Json(wire::Whoami { account: account.name, limits: account.limits.or(app.settings.defaults) }))
+}
+
+use wire::SubmitQuery;
+
+/// Removes a half-written upload and its reservation however the handler
+/// ends (an error, or a client that went away).
+struct UploadGuard<'a> {
+    app: &'a App,
+    path: Option<PathBuf>,
+    id: String,
+}
+
+impl Drop for UploadGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.path.take() {
+            log::info!("job {}: its upload did not finish; removed it and its reservation", self.id);
+            let _ = std::fs::remove_file(p);
+            if let Err(e) = db::drop_upload(self.app.db(), &self.id) {
+                log::error!(
+                    "job {}: cannot drop the reservation of a broken upload: {}",
+                    self.id,
+                    jobfile::error_chain(&e)
+                );
+            }
+        }
+    }
+}
+
+/// How often, in bytes received, an upload checks the disk's reserve again.
+const DISK_CHECK_EVERY: u64 = 8 << 20;
+
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    tag = "submitters",
+    params(wire::SubmitQuery),
+    request_body(content = Vec<u8>, content_type = "application/x-xz", description = "the job file: a tar.xz padded with zeros to the size wanted back"),
+    responses((status = 201, description = "queued", body = wire::Job), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "a build host's token", body = wire::ErrorBody), (status = 400, description = "not a job file, or a bad name or image", body = wire::ErrorBody), (status = 413, description = "over the account's max_job_bytes", body = wire::ErrorBody), (status = 429, description = "a limit of the account", body = wire::ErrorBody), (status = 507, description = "the server's disk keeps its reserve", body = wire::ErrorBody)),
+    security(("bearer" = []))
+)]
+pub(crate) async fn submit(
+    State(app): State<Arc<App>>,
+    Authed(account): Authed,
+    Query(q): Query<SubmitQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let limits = account.limits.or(app.settings.defaults);
+    let job_name = jobfile::JobName::new(&q.name, &q.image)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad job name or image: {e}")))?;
+    if !app.store.has_image(job_name.image()) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("no image i{} on this server", job_name.image())));
+    }
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let id = auth::new_job_id();
+    // The queue name carries the account and the id, so no two accounts' names collide.
+    let prefix = format!("{}.{id}.", account.name);
+    let name_part: String = format!("{prefix}{}", job_name.name()).chars().take(jobfile::name::MAX_NAME_LEN).collect();
+    let queued = jobfile::JobName::new(&name_part, job_name.image())
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad job name: {e}")))?;
+    let now = db::now();
+    let mut record = JobRecord {
+        id: id.clone(),
+        account_id: account.id,
+        name: job_name.name().to_owned(),
+        image: job_name.image().to_owned(),
+        file_name: queued.input_file_name(),
+        size: 0,
+        submitted: now.clone(),
+        submitted_unix: db::unix_now(),
+        state: db::UPLOADING.into(),
+        updated: now,
+        verdict: None,
+        result_bytes: None,
+        deleted: None,
+        host: None,
+        attempts: 0,
+        file_id: None,
+    };
+    // The part file first, then its reservation: a reservation whose part is gone died with its server.
+    let upload = app.store.upload_path(&id);
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o640)
+        .open(&upload)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut guard = UploadGuard { app: &app, path: Some(upload.clone()), id: id.clone() };
+    let free = app.store.free_bytes().map_err(ApiError::internal)?;
+    // Every limit is checked and the bytes reserved in one transaction, before a byte of the body is
+    // read (with Expect: 100-continue, before it is sent).
+    let reserved = db::reserve_upload(
+        app.db(),
+        &record,
+        |f| app.store.finished(f),
+        |usage| quota::admit(usage, &limits, &app.settings.uploads, declared, free),
+    )
+    .map_err(ApiError::internal)??;
+    let mut stream = body.into_data_stream();
+    let mut size: u64 = 0;
+    let mut checked_disk: u64 = 0;
+    let mut head: Vec<u8> = Vec::with_capacity(XZ_MAGIC.len());
+    let deadline = tokio::time::Instant::now() + app.settings.upload_timeout;
+    loop {
+        let wait = app.settings.idle_timeout.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let chunk = match tokio::time::timeout(wait, stream.next()).await {
+            Err(_) if tokio::time::Instant::now() >= deadline => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the upload took longer than the {} s allowed", app.settings.upload_timeout.as_secs()),
+                ))
+            }
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the upload sent nothing for {} s", app.settings.idle_timeout.as_secs()),
+                ))
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("the upload broke off: {e}")))
+            }
+            Ok(Some(Ok(chunk))) => chunk,
+        };
+        size += chunk.len() as u64;
+        if size > reserved {
+            let max_job = limits.max_job_bytes.unwrap_or(u64::MAX);
+            return Err(if size > max_job {
+                quota::too_large_job(max_job, size)
+            } else {
+                let max = limits.max_stored_bytes.unwrap_or(u64::MAX);
+                quota::too_much_stored(max, max.saturating_sub(reserved).saturating_add(size))
+            }
+            .into());
+        }
+        if size - checked_disk >= DISK_CHECK_EVERY {
+            checked_disk = size;
+            let free = app.store.free_bytes().map_err(ApiError::internal)?;
+            if free < app.settings.uploads.min_free {
+                return Err(quota::disk_full(free, 0, size, app.settings.uploads.min_free).into());
+            }
+        }
+        if head.len() < XZ_MAGIC.len() {
+            head.extend(chunk.iter().take(XZ_MAGIC.len() - head.len()));
+        }
+        file.write_all(&chunk).await.map_err(ApiError::internal)?;
+    }
+    if size < jobfile::MIN_JOB_SIZE {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("{size} bytes is too small: a job file is at least {} bytes (its size is how much output may come back)", jobfile::MIN_JOB_SIZE)));
+    }
+    if head != XZ_MAGIC {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "not a job file: it does not start with an xz stream"));
+    }
+    file.sync_all().await.map_err(ApiError::internal)?;
+    let ino = crate::store::FileId::of(&file.metadata().await.map_err(ApiError::internal)?);
+    drop(file);
+    app.store.enqueue(&upload, &record.file_name).map_err(ApiError::internal)?;
+    // In the queue now: a failure from here on removes it from there.
+    guard.path = Some(app.store.queue.join(&record.file_name));
+    if !db::finish_upload(app.db(), &id, size, ino).map_err(ApiError::internal)? {
+        return Err(ApiError::internal(std::io::Error::other(format!("job {id}: its reservation vanished"))));
+    }
+    guard.path = None;
+    record.size = size;
+    record.file_id = Some(ino);
+    let _ = db::audit(app.db(), Some(&account.name), "submitted", &format!("{id} {} ({size} bytes)", record.file_name));
+    log::info!("account {}: job {id} submitted as {} ({size} bytes)", account.name, record.file_name);
+    let place = app.locate(&record);
+    Ok((StatusCode::CREATED, Json(job_json(&record, &place))).into_response())
+}
+
+/// A job as its submitter sees it, at `place`.
+fn job_json(j: &JobRecord, place: &Place) -> wire::Job {
+    wire::Job {
+        id: j.id.clone(),
+        name: j.name.clone(),
+        image: j.image.clone(),
+        size: j.size,
+        submitted: j.submitted.clone(),
+        state: place.name().to_owned(),
+        place: place.clone(),
+        deleted: j.deleted.clone(),
+        attempts: j.attempts,
+        status: None,
+        cancel: None,
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "submitters",
+    responses((status = 200, description = "the account's jobs", body = wire::JobList), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "a build host's token", body = wire::ErrorBody)),
+    security(("bearer" = []))
+)]
+pub(crate) async fn list(State(app): State<Arc<App>>, Authed(account): Authed) -> ApiResult<Json<wire::JobList>> {
+    let jobs = db::jobs_of(app.db(), account.id).map_err(ApiError::internal)?;
+    Ok(Json(wire::JobList { jobs: jobs.iter().map(|j| job_json(j, &app.refresh(j))).collect() }))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "submitters",
+    params(("id" = String, Path, description = "the job id, 16 hex digits")),
+    responses((status = 200, description = "where the job is, and its status once it has a result", body = wire::Job), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "a build host's token", body = wire::ErrorBody), (status = 404, description = "no such job of this account", body = wire::ErrorBody)),
+    security(("bearer" = []))
+)]
+pub(crate) async fn show(State(app): State<Arc<App>>, OwnJob { job, .. }: OwnJob) -> ApiResult<Json<wire::Job>> {
+    let place = app.refresh(&job);
+    let mut out = job_json(&job, &place);
+    if let Some(result) = app.store.result_path(&job.file_name) {
+        // The status, read with the same bounds as the host's own reader.
+        out.status = tokio::task::spawn_blocking(move || jobfile_status(&result)).await.ok().flatten();
+    }
+    Ok(Json(out))
+}
+
+fn jobfile_status(result: &std::path::Path) -> Option<jobfile::JobStatus> {
+    jobfile::read_status(crate::store::open_regular(result, None).ok()?)
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/log",
+    tag = "submitters",
+    params(("id" = String, Path, description = "the job id, 16 hex digits")),
+    responses((status = 200, description = "the console log, sanitized (the live console while it runs); `Range` is honoured", content_type = "text/plain"), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "a build host's token", body = wire::ErrorBody), (status = 404, description = "no log yet", body = wire::ErrorBody)),
+    security(("bearer" = []))
+)]
+pub(crate) async fn log_of(
+    State(app): State<Arc<App>>,
+    OwnJob { job, .. }: OwnJob,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let path = app
+        .store
+        .log_path(&job.file_name)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no log yet: the job has not finished"))?;
+    serve_file(&path, None, &headers, "text/plain; charset=utf-8").await
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/result",
+    tag = "submitters",
+    params(("id" = String, Path, description = "the job id, 16 hex digits")),
+    responses((status = 200, description = "the result: the job file as the VM left it; `Range` is honoured", content_type = "application/x-xz"), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "a build host's token", body = wire::ErrorBody), (status = 404, description = "no result", body = wire::ErrorBody)),
+    security(("bearer" = []))
+)]
+pub(crate) async fn result_of(
+    State(app): State<Arc<App>>,
+    OwnJob { job, .. }: OwnJob,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let path = app.store.result_path(&job.file_name).ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, "no result: the job has not finished, failed, or its result was deleted")
+    })?;
+    serve_file(&path, None, &headers, "application/x-xz").await
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/cancel",
+    tag = "submitters",
+    params(("id" = String, Path, description = "the job id, 16 hex digits")),
+    responses((status = 200, description = "cancelled, or (running) the host was asked to stop it", body = wire::Job), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "a build host's token", body = wire::ErrorBody), (status = 404, description = "no such job of this account", body = wire::ErrorBody), (status = 409, description = "the job has ended, or ended as it was being cancelled", body = wire::ErrorBody)),
+    security(("bearer" = []))
+)]
+pub(crate) async fn cancel(State(app): State<Arc<App>>, OwnJob { account, job }: OwnJob) -> ApiResult<Json<wire::Job>> {
+    let id = job.id.clone();
+    let reason = format!("cancelled by {} at {}", account.name, db::now());
+    match app.refresh(&job) {
+        Place::Waiting { .. } => {
+            if !app.store.cancel_waiting(&job.file_name, &reason).map_err(ApiError::internal)? {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "a build host claimed the job as it was being cancelled; it is running now",
+                ));
+            }
+        }
+        Place::Running { host, .. } => {
+            if !app.store.request_cancel(&job.file_name).map_err(ApiError::internal)? {
+                let place = app.refresh(&job);
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("the job ended as it was being cancelled: it is {}", place.name()),
+                ));
+            }
+            let _ = db::audit(app.db(), Some(&account.name), "cancel_requested", &id);
+            let place = app.refresh(&job);
+            let mut out = job_json(&job, &place);
+            out.cancel = Some(format!("requested: {host} stops the VM within seconds; the job then ends in failed"));
+            return Ok(Json(out));
+        }
+        other => {
+            return Err(ApiError::new(StatusCode::CONFLICT, format!("the job is {}: nothing to cancel", other.name())));
+        }
+    }
+    let _ = db::audit(app.db(), Some(&account.name), "cancelled", &id);
+    let place = app.refresh(&job);
+    Ok(Json(job_json(&job, &place)))
+}

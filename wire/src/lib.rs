@@ -1,0 +1,534 @@
+//! What construir's parts say to each other over HTTP: every request and
+//! response body of API version 1, as one set of serde types that the
+//! server writes and the build hosts, the client and the page read. The
+//! API's OpenAPI schema (served by the server) is made from these same types, so a
+//! third-party client can be written from it.
+//!
+//! Two parts of the API:
+//! - submitters (`/v1/jobs`, `/v1/whoami`, `/v1/hosts`, `/v1/page-link`):
+//!   submit, follow, fetch and cancel their own jobs;
+//! - build hosts (`/v1/host/...`): take a job under a lease, renew it,
+//!   deliver the result or give the job back.
+//!
+//! Fields only ever get added; a reader ignores what it does not know.
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+/// Every error the API answers: what went wrong, in words meant for a
+/// person. A refusal by a limit also names the limit and the amounts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+    /// The limit that refused an upload (`max_job_bytes`, `max_waiting`,
+    /// `max_stored_bytes`, `max_per_hour`, `max_uploads`, `min_free`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested: Option<u64>,
+    /// How far `requested` is over `allowed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub over_by: Option<u64>,
+}
+
+impl ErrorBody {
+    pub fn new(error: impl Into<String>) -> ErrorBody {
+        ErrorBody { error: error.into(), limit: None, allowed: None, requested: None, over_by: None }
+    }
+}
+
+/// An account's limits; an absent one is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Limits {
+    pub max_job_bytes: Option<u64>,
+    pub max_waiting: Option<u64>,
+    pub max_stored_bytes: Option<u64>,
+    pub max_per_hour: Option<u64>,
+    pub retention_days: Option<u64>,
+}
+
+impl Limits {
+    /// Each limit of `self`, or `defaults`' where `self` has none.
+    pub fn or(self, defaults: Limits) -> Limits {
+        Limits {
+            max_job_bytes: self.max_job_bytes.or(defaults.max_job_bytes),
+            max_waiting: self.max_waiting.or(defaults.max_waiting),
+            max_stored_bytes: self.max_stored_bytes.or(defaults.max_stored_bytes),
+            max_per_hour: self.max_per_hour.or(defaults.max_per_hour),
+            retention_days: self.retention_days.or(defaults.retention_days),
+        }
+    }
+}
+
+/// `GET /v1/whoami`: the account a token names, and the limits that apply to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Whoami {
+    pub account: String,
+    pub limits: Limits,
+}
+
+/// `POST /v1/jobs?name=N&image=I`: the job file is the body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SubmitQuery {
+    /// The job's name: what its file is called before `_i<image>`.
+    pub name: String,
+    /// The image number it runs on.
+    pub image: String,
+}
+
+/// Where a job is now, as the server's directories say.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Place {
+    /// Waiting in the queue; `position` 1 is next.
+    Waiting { position: usize, waiting: usize },
+    /// Running on `host`, for `elapsed_secs`.
+    Running { host: String, elapsed_secs: u64 },
+    /// Finished with a result; `verdict` is the log's last line.
+    Done { verdict: String, result_bytes: u64 },
+    /// Failed, with the first line of its reason.
+    Failed { reason: String },
+    /// In none of the directories (removed by hand, or between two of them).
+    Missing,
+}
+
+impl Place {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Place::Waiting { .. } => "waiting",
+            Place::Running { .. } => "running",
+            Place::Done { .. } => "done",
+            Place::Failed { .. } => "failed",
+            Place::Missing => "missing",
+        }
+    }
+
+    /// Whether the job can change no more.
+    pub fn is_final(&self) -> bool {
+        matches!(self, Place::Done { .. } | Place::Failed { .. })
+    }
+
+    /// One line for a person: `waiting: position 1 of 3`, `running on h1 for 4 s`, ...
+    pub fn describe(&self) -> String {
+        match self {
+            Place::Waiting { position, waiting } => format!("waiting: position {position} of {waiting}"),
+            Place::Running { host, elapsed_secs } => format!("running on {host} for {elapsed_secs} s"),
+            Place::Done { verdict, .. } => format!("done: {verdict}"),
+            Place::Failed { reason } => format!("failed: {reason}"),
+            Place::Missing => "missing".to_owned(),
+        }
+    }
+}
+
+/// A job as its submitter sees it (`POST /v1/jobs`, `GET /v1/jobs/{id}`,
+/// `POST /v1/jobs/{id}/cancel`, and each of `GET /v1/jobs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Job {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    /// Bytes of the job file, which is also the most its result may take.
+    pub size: u64,
+    /// When it was submitted (RFC 3339, UTC).
+    pub submitted: String,
+    /// `place`'s state, repeated for readers that want only that.
+    pub state: String,
+    pub place: Place,
+    /// When retention removed its result and log (RFC 3339, UTC).
+    pub deleted: Option<String>,
+    /// Times a build host was handed it.
+    pub attempts: u64,
+    /// What the job's own `status.json` says, once it has a result
+    /// (`GET /v1/jobs/{id}` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub status: Option<jobfile::JobStatus>,
+    /// What a cancel of a running job did (`POST /v1/jobs/{id}/cancel` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel: Option<String>,
+}
+
+/// `GET /v1/jobs`: the account's jobs, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<Job>,
+}
+
+/// `POST /v1/page-link`: a one-time path that logs a browser into the page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PageLink {
+    /// Append to the server's address; it works once.
+    pub path: String,
+    pub expires_in_secs: u64,
+}
+
+/// An image as a build host has it: its number and the checksum of its manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostImage {
+    pub name: String,
+    pub checksum: String,
+}
+
+/// Most images a host may say it has.
+pub const MAX_HOST_IMAGES: usize = 64;
+
+impl HostImage {
+    /// An image as a host may name it: a number of 1 to 9 digits with a sha256 in lowercase hex.
+    pub fn check(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.len() > 9 || !self.name.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!(
+                "{:?} is not an image number",
+                jobfile::text::sanitize_capped(self.name.as_bytes(), 32)
+            ));
+        }
+        if self.checksum.len() != 64 || !self.checksum.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(format!("image i{}: the checksum is not a sha256 in lowercase hex", self.name));
+        }
+        Ok(())
+    }
+}
+
+/// One of the submitter's own jobs on a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JobRef {
+    pub id: String,
+    pub name: String,
+}
+
+/// A build host as a submitter sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostView {
+    pub name: String,
+    /// When it last asked for work or renewed a lease (RFC 3339, UTC).
+    pub last_seen: String,
+    pub seen_secs_ago: i64,
+    /// The images it has that passed the server's checks.
+    pub images: Vec<HostImage>,
+    /// Jobs it runs at once.
+    pub capacity: u64,
+    /// Jobs it holds now.
+    pub running: usize,
+    /// Which of those are the asking account's.
+    pub your_jobs: Vec<JobRef>,
+    pub version: String,
+    pub disabled: bool,
+}
+
+impl HostView {
+    /// Its images as a person reads them: `i0 i1` (empty for none).
+    pub fn image_names(&self) -> String {
+        self.images.iter().map(|i| format!("i{}", i.name)).collect::<Vec<_>>().join(" ")
+    }
+}
+
+/// `GET /v1/hosts`: the build hosts the server knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostList {
+    pub hosts: Vec<HostView>,
+}
+
+/// `POST /v1/host/lease`: what a build host says of itself when it asks for work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LeaseRequest {
+    /// The images it has, each verified against the server's checksum.
+    pub images: Vec<HostImage>,
+    /// Jobs it runs at once.
+    pub capacity: u64,
+    /// Jobs it holds now (the server hands one more only below capacity).
+    pub running: u64,
+    /// Its `construir-host` version.
+    #[serde(default)]
+    pub version: String,
+}
+
+impl LeaseRequest {
+    /// Checks what a host says of itself: an image is a number of 1 to 9
+    /// digits with a sha256 in lowercase hex, at most `MAX_HOST_IMAGES` of
+    /// them, and the version is short printable text. What passes is what
+    /// the server stores and shows to submitters.
+    pub fn check(&self) -> Result<(), String> {
+        if self.images.len() > MAX_HOST_IMAGES {
+            return Err(format!("{} images listed; a host may list at most {MAX_HOST_IMAGES}", self.images.len()));
+        }
+        for i in &self.images {
+            i.check()?;
+        }
+        if self.version.len() > 64 || !self.version.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the version is not up to 64 printable ASCII characters".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// A job handed to a build host. Every later request about it names `seq`,
+/// the lease's fencing number: a host whose lease ran out or was given to
+/// another is refused (409).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Lease {
+    pub id: String,
+    /// The job file's name, `<name>_i<image>.tar.xz`.
+    pub file_name: String,
+    pub size: u64,
+    pub seq: u64,
+    /// Which time this job is handed out (1 the first).
+    pub attempt: u64,
+    /// How long the lease lasts unless renewed.
+    pub lease_ms: u64,
+}
+
+/// The answer to `POST /v1/host/lease`: a job, or none for now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LeaseAnswer {
+    pub lease: Option<Lease>,
+}
+
+/// The query of every request under a lease (`/v1/host/jobs/{id}/...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SeqQuery {
+    /// The lease's fencing number.
+    pub seq: u64,
+    /// Renew: the byte of the console the body starts at.
+    #[serde(default)]
+    pub offset: u64,
+    /// Done and failed: how many bytes of the body are the console log.
+    #[serde(default)]
+    pub log_bytes: u64,
+}
+
+/// The answer to `POST /v1/host/jobs/{id}/renew`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Renewed {
+    /// The lease's term from now.
+    pub lease_ms: u64,
+    /// Whether the submitter asked for the job to be stopped.
+    pub cancel: bool,
+}
+
+/// The answer to `POST /v1/host/jobs/{id}/done` and `.../failed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Delivered {
+    pub delivered: bool,
+    /// Done: the verdict the server read from the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
+    /// Failed: the reason as the server recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The answer to `POST /v1/host/jobs/{id}/release`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Released {
+    pub released: bool,
+}
+
+/// One file of an offered image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct OfferedFile {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// An image the server offers to build hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct OfferedImage {
+    pub name: String,
+    /// The sha256 of its manifest: what a host reports once it has it.
+    pub checksum: String,
+    pub files: Vec<OfferedFile>,
+}
+
+/// `GET /v1/host/images`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ImageList {
+    pub images: Vec<OfferedImage>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::DeserializeOwned;
+    use serde_json::json;
+
+    /// `value` as JSON is `expected`, and reads back as itself.
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(
+        value: T,
+        expected: serde_json::Value,
+    ) {
+        let written = serde_json::to_value(&value).expect("serialize");
+        assert_eq!(written, expected);
+        let read: T = serde_json::from_value(written).expect("deserialize");
+        assert_eq!(read, value);
+    }
+
+    fn job(place: Place) -> Job {
+        Job {
+            id: "j1".into(),
+            name: "hello".into(),
+            image: "0".into(),
+            size: 65536,
+            submitted: "2026-12-03T10:00:00Z".into(),
+            state: place.name().into(),
+            place,
+            deleted: None,
+            attempts: 1,
+            status: None,
+            cancel: None,
+        }
+    }
+
+    #[test]
+    fn submitter_types_round_trip_as_documented() {
+        round_trip(ErrorBody::new("no such job"), json!({"error": "no such job"}));
+        round_trip(
+            ErrorBody {
+                error: "too big".into(),
+                limit: Some("max_job_bytes".into()),
+                allowed: Some(10),
+                requested: Some(12),
+                over_by: Some(2),
+            },
+            json!({"error": "too big", "limit": "max_job_bytes", "allowed": 10, "requested": 12, "over_by": 2}),
+        );
+        round_trip(
+            Whoami { account: "alice".into(), limits: Limits { max_waiting: Some(3), ..Limits::default() } },
+            json!({"account": "alice", "limits": {"max_job_bytes": null, "max_waiting": 3, "max_stored_bytes": null,
+                "max_per_hour": null, "retention_days": null}}),
+        );
+        let waiting = job(Place::Waiting { position: 1, waiting: 2 });
+        round_trip(
+            waiting.clone(),
+            json!({"id": "j1", "name": "hello", "image": "0", "size": 65536, "submitted": "2026-12-03T10:00:00Z",
+                "state": "waiting", "place": {"state": "waiting", "position": 1, "waiting": 2}, "deleted": null,
+                "attempts": 1}),
+        );
+        let mut done = job(Place::Done { verdict: "ok".into(), result_bytes: 300 });
+        done.status =
+            Some(jobfile::JobStatus { result: jobfile::Outcome::Ok, exit_code: Some(0), ..Default::default() });
+        let written = serde_json::to_value(&done).expect("serialize");
+        assert_eq!(written["place"], json!({"state": "done", "verdict": "ok", "result_bytes": 300}));
+        assert_eq!(written["status"]["result"], "ok");
+        assert_eq!(serde_json::from_value::<Job>(written).expect("deserialize"), done);
+        let mut cancelled = job(Place::Running { host: "h1".into(), elapsed_secs: 4 });
+        cancelled.cancel = Some("requested".into());
+        let written = serde_json::to_value(&cancelled).expect("serialize");
+        assert_eq!(written["cancel"], "requested");
+        assert_eq!(written["place"], json!({"state": "running", "host": "h1", "elapsed_secs": 4}));
+        round_trip(
+            JobList { jobs: vec![waiting] },
+            serde_json::to_value(JobList { jobs: vec![job(Place::Waiting { position: 1, waiting: 2 })] })
+                .expect("serialize"),
+        );
+        round_trip(
+            PageLink { path: "/page/login/x".into(), expires_in_secs: 600 },
+            json!({"path": "/page/login/x", "expires_in_secs": 600}),
+        );
+        for (place, expected) in [
+            (Place::Failed { reason: "timed out".into() }, json!({"state": "failed", "reason": "timed out"})),
+            (Place::Missing, json!({"state": "missing"})),
+        ] {
+            round_trip(place, expected);
+        }
+        let host = HostView {
+            name: "h1".into(),
+            last_seen: "2026-12-03T10:00:00Z".into(),
+            seen_secs_ago: 2,
+            images: vec![HostImage { name: "0".into(), checksum: "a".repeat(64) }],
+            capacity: 2,
+            running: 1,
+            your_jobs: vec![JobRef { id: "j1".into(), name: "hello".into() }],
+            version: "0.1.0".into(),
+            disabled: false,
+        };
+        assert_eq!(host.image_names(), "i0");
+        round_trip(
+            HostList { hosts: vec![host] },
+            json!({"hosts": [{"name": "h1", "last_seen": "2026-12-03T10:00:00Z", "seen_secs_ago": 2,
+                "images": [{"name": "0", "checksum": "a".repeat(64)}], "capacity": 2, "running": 1,
+                "your_jobs": [{"id": "j1", "name": "hello"}], "version": "0.1.0", "disabled": false}]}),
+        );
+    }
+
+    #[test]
+    fn host_types_round_trip_as_documented() {
+        round_trip(
+            LeaseRequest {
+                images: vec![HostImage { name: "1".into(), checksum: "b".repeat(64) }],
+                capacity: 2,
+                running: 0,
+                version: "0.1.0".into(),
+            },
+            json!({"images": [{"name": "1", "checksum": "b".repeat(64)}], "capacity": 2, "running": 0,
+                "version": "0.1.0"}),
+        );
+        // A host from before versions were sent is still understood.
+        let old: LeaseRequest =
+            serde_json::from_value(json!({"images": [], "capacity": 1, "running": 0})).expect("old");
+        assert_eq!(old.version, "");
+        round_trip(LeaseAnswer { lease: None }, json!({"lease": null}));
+        round_trip(
+            LeaseAnswer {
+                lease: Some(Lease {
+                    id: "j1".into(),
+                    file_name: "hello_i0.tar.xz".into(),
+                    size: 65536,
+                    seq: 7,
+                    attempt: 1,
+                    lease_ms: 30000,
+                }),
+            },
+            json!({"lease": {"id": "j1", "file_name": "hello_i0.tar.xz", "size": 65536, "seq": 7, "attempt": 1,
+                "lease_ms": 30000}}),
+        );
+        round_trip(Renewed { lease_ms: 30000, cancel: true }, json!({"lease_ms": 30000, "cancel": true}));
+        round_trip(
+            Delivered { delivered: true, verdict: Some("ok".into()), reason: None },
+            json!({"delivered": true, "verdict": "ok"}),
+        );
+        round_trip(
+            Delivered { delivered: true, verdict: None, reason: Some("timed out".into()) },
+            json!({"delivered": true, "reason": "timed out"}),
+        );
+        round_trip(Released { released: true }, json!({"released": true}));
+        round_trip(
+            ImageList {
+                images: vec![OfferedImage {
+                    name: "0".into(),
+                    checksum: "c".repeat(64),
+                    files: vec![OfferedFile { name: "manifest.json".into(), size: 10, sha256: "d".repeat(64) }],
+                }],
+            },
+            json!({"images": [{"name": "0", "checksum": "c".repeat(64),
+                "files": [{"name": "manifest.json", "size": 10, "sha256": "d".repeat(64)}]}]}),
+        );
+        let q: SeqQuery = serde_json::from_value(json!({"seq": 3})).expect("seq only");
+        assert_eq!(q, SeqQuery { seq: 3, offset: 0, log_bytes: 0 });
+    }
+
+    #[test]
+    fn what_a_host_says_of_itself_is_checked() {
+        let good = HostImage { name: "12".into(), checksum: "0".repeat(64) };
+        assert_eq!(good.check(), Ok(()));
+        let named = |name: &str| HostImage { name: name.into(), ..good.clone() };
+        assert!(named("").check().is_err());
+        assert!(named("1234567890").check().is_err());
+        assert_eq!(named("x\u{1b}").check(), Err("\"x\\\\x1b\" is not an image number".to_owned()));
+        let upper = HostImage { checksum: "A".repeat(64), ..good.clone() };
+        assert_eq!(upper.check(), Err("image i12: the checksum is not a sha256 in lowercase hex".to_owned()));
+        let many = LeaseRequest {
+            images: vec![good.clone(); MAX_HOST_IMAGES + 1],
+            capacity: 1,
+            running: 0,
+            version: String::new(),
+        };
+        assert!(many.check().expect_err("too many").contains("at most 64"));
+        let version = LeaseRequest { images: vec![good], capacity: 1, running: 0, version: "1 0".into() };
+        assert!(version.check().is_err());
+    }
+}
