@@ -1,23 +1,5 @@
-//! A build host that takes its jobs from a construir-server (`run --server`).
-//!
-//! The host keeps a private spool: a queue of its own that the ordinary
-//! daemon runs, unchanged (same jail, same VMs, same verdicts). Beside it
-//! a pump talks to the server: it takes a job under a lease when the host
-//! has room, puts the job file into the spool, renews the lease while the
-//! job runs (sending the console as it grows), and delivers the result or
-//! the failure when the daemon has put it in `done/` or `failed/`. A lease
-//! the server no longer honours (it ran out while this host was cut off or
-//! frozen, and another host has the job) stops the job's VM here; its
-//! result is dropped, and would be refused.
-//!
-//! Renewals run on a thread of their own (`renew_loop`), beside the pump's
-//! transfers: however long a download or a delivery takes over a slow link,
-//! every other lease this host holds is renewed on time, and the lease of
-//! the job being moved too (the server also renews a lease while its own
-//! transfer moves).
-//!
-//! The host also fetches the images the server offers that it lacks, and
-//! installs one only when every file matches the server's checksums.
+//! The pump: takes jobs under leases into the spool, renews the leases on
+//! a thread of its own, and delivers what the daemon finished.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -30,365 +12,45 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use jobfile::image::{sha256_file, ImageManifest, MANIFEST};
 use jobfile::JobName;
 use serde_json::Value;
 
+use super::*;
 use crate::daemon::{self, RunOptions, Summary};
 use crate::queue::{self, Dirs};
 
-/// Where and as whom the host takes work.
-#[derive(Debug, Clone)]
-pub struct Remote {
-    /// `http(s)://host:port`.
-    pub server: String,
-    /// A host account's token.
-    pub token: String,
-    /// Trust this CA for the server's TLS certificate (beside the system's).
-    pub ca_cert: Option<PathBuf>,
-    /// How often to ask for work while the host has room.
-    pub poll: Duration,
-}
-
-/// The server's API, as a host uses it.
-pub struct Api {
-    base: String,
-    auth: String,
-    agent: ureq::Agent,
-}
-
-/// An answer: the status and the JSON body (or the text, as a JSON string).
-type Answer = (u16, Value);
-
-impl Api {
-    pub fn new(remote: &Remote) -> Result<Api> {
-        let mut config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(10)))
-            .timeout_global(Some(Duration::from_secs(3600)));
-        if let Some(ca) = &remote.ca_cert {
-            config = config.tls_config(jobfile::http::trusting(ca)?);
-        }
-        let agent: ureq::Agent = config.build().into();
-        Ok(Api {
-            base: remote.server.trim_end_matches('/').to_owned(),
-            auth: format!("Bearer {}", remote.token),
-            agent,
-        })
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}/v1/{path}", self.base)
-    }
-
-    fn answer(resp: ureq::http::Response<ureq::Body>) -> Result<Answer> {
-        let status = resp.status().as_u16();
-        let text = resp.into_body().read_to_string().context("cannot read the server's answer")?;
-        Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
-    }
-
-    pub fn get_json(&self, path: &str) -> Result<Answer> {
-        let resp = self.agent.get(self.url(path)).header("Authorization", &self.auth).call();
-        Api::answer(resp.with_context(|| format!("cannot reach {}", self.base))?)
-    }
-
-    pub fn post_json(&self, path: &str, body: &impl serde::Serialize) -> Result<Answer> {
-        let body = serde_json::to_vec(body).context("cannot write the request")?;
-        let resp = self
-            .agent
-            .post(self.url(path))
-            .header("Authorization", &self.auth)
-            .header("Content-Type", "application/json")
-            .send(&body[..]);
-        Api::answer(resp.with_context(|| format!("cannot reach {}", self.base))?)
-    }
-
-    fn post_bytes(&self, path: &str, body: &[u8]) -> Result<Answer> {
-        let resp = self.agent.post(self.url(path)).header("Authorization", &self.auth).send(body);
-        Api::answer(resp.with_context(|| format!("cannot reach {}", self.base))?)
-    }
-
-    fn post_reader(&self, path: &str, len: u64, body: impl Read) -> Result<Answer> {
-        let mut body = body;
-        let resp = self
-            .agent
-            .post(self.url(path))
-            .header("Authorization", &self.auth)
-            .header("Content-Length", len.to_string())
-            .header("Content-Type", "application/octet-stream")
-            .send(ureq::SendBody::from_reader(&mut body));
-        Api::answer(resp.with_context(|| format!("cannot reach {}", self.base))?)
-    }
-
-    /// Writes what `path` answers into `to`, at most `max` bytes. The status,
-    /// and the error body when it is not 200.
-    fn download(&self, path: &str, to: &Path, max: u64) -> Result<Answer> {
-        let resp = self.agent.get(self.url(path)).header("Authorization", &self.auth).call();
-        let resp = resp.with_context(|| format!("cannot reach {}", self.base))?;
-        if resp.status().as_u16() != 200 {
-            return Api::answer(resp);
-        }
-        let mut out = File::create(to).with_context(|| format!("cannot create {}", to.display()))?;
-        let mut body = resp.into_body().into_with_config().limit(max.saturating_add(1)).reader();
-        let n = io::copy(&mut body, &mut out).with_context(|| format!("cannot download {path}"))?;
-        if n > max {
-            bail!("{path}: the server sent more than the {max} bytes it announced");
-        }
-        out.sync_all()?;
-        Ok((200, Value::Null))
-    }
-}
-
-/// What went wrong in an answer, for a log line.
-fn why(answer: &Answer) -> String {
-    let text =
-        serde_json::from_value::<wire::ErrorBody>(answer.1.clone()).map_or_else(|_| answer.1.to_string(), |e| e.error);
-    format!("{}: {}", answer.0, jobfile::sanitize(text.as_bytes()))
-}
-
-/// A successful answer's body as the API's type `T`.
-fn decode<T: serde::de::DeserializeOwned>(answer: &Answer) -> Result<T> {
-    serde_json::from_value(answer.1.clone()).with_context(|| {
-        format!(
-            "the server's answer is not what this host understands: {}",
-            jobfile::text::sanitize_capped(answer.1.to_string().as_bytes(), 200)
-        )
-    })
-}
-
-/// The images in `images`, each as the server names it, with the sha256 of its `image.toml`.
-pub fn local_images(images: &Path) -> Vec<(String, String)> {
-    let Ok(dirs) = jobfile::image::image_dirs(images) else { return Vec::new() };
-    dirs.into_iter()
-        .filter(|(_, dir)| ImageManifest::load(dir).is_ok())
-        .filter_map(|(n, dir)| Some((n, sha256_file(&dir.join(MANIFEST)).ok()?)))
-        .collect()
-}
-
-/// The images in `images` whose every file matches their `image.toml`: the
-/// only ones a host tells the server it has. A mismatch is logged.
-/// An image unchanged since its last check (the same files, sizes and times)
-/// is not hashed again.
-pub fn verified_images(images: &Path) -> Vec<(String, String)> {
-    type Seen = HashMap<PathBuf, Vec<(OsString, u64, std::time::SystemTime)>>;
-    static VERIFIED: Mutex<Option<Seen>> = Mutex::new(None);
-    let fingerprint = |dir: &Path| -> Vec<(OsString, u64, std::time::SystemTime)> {
-        let mut v: Vec<_> = fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let m = e.metadata().ok()?;
-                Some((e.file_name(), m.len(), m.modified().ok()?))
-            })
-            .collect();
-        v.sort();
-        v
-    };
-    let Ok(dirs) = jobfile::image::image_dirs(images) else { return Vec::new() };
-    let mut out = Vec::new();
-    for (n, dir) in dirs {
-        let print = fingerprint(&dir);
-        let known = VERIFIED.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|m| m.get(&dir).cloned());
-        let checked = if known.as_ref() == Some(&print) {
-            Ok(())
-        } else {
-            ImageManifest::load(&dir).and_then(|m| m.verify_files(&dir))
-        };
-        if checked.is_ok() {
-            VERIFIED
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_or_insert_with(HashMap::new)
-                .insert(dir.clone(), print);
-        }
-        match (checked, sha256_file(&dir.join(MANIFEST))) {
-            (Ok(()), Ok(checksum)) => out.push((n, checksum)),
-            (Err(e), _) => log::error!("image i{n} is not offered to the server: {}", jobfile::error_chain(&e)),
-            (_, Err(e)) => log::error!("image i{n} is not offered to the server: {e}"),
-        }
-    }
-    out
-}
-
-/// Fetches every image the server offers that `images` lacks. An image is
-/// installed only when `image.toml` has the server's checksum and every file
-/// the one `image.toml` names; otherwise it is refused, and nothing of it
-/// kept. Returns the images installed.
-pub fn fetch_images(api: &Api, images: &Path) -> Result<Vec<String>> {
-    let answer = api.get_json("host/images")?;
-    if answer.0 != 200 {
-        bail!("the server would not list its images ({})", why(&answer));
-    }
-    fs::create_dir_all(images).with_context(|| format!("cannot create {}", images.display()))?;
-    let have = local_images(images);
-    let mut installed = Vec::new();
-    let list: wire::ImageList = decode(&answer)?;
-    for offered in &list.images {
-        let (name, checksum) = (offered.name.as_str(), offered.checksum.as_str());
-        if name.is_empty() || name.len() > 9 || !name.bytes().all(|b| b.is_ascii_digit()) {
-            log::warn!("the server offers an image named {:?}: ignored", jobfile::sanitize(name.as_bytes()));
-            continue;
-        }
-        match have.iter().find(|(n, _)| n == name) {
-            Some((_, c)) if c == checksum => continue,
-            Some(_) => {
-                log::warn!(
-                    "image i{name} here differs from the server's (another image.toml): this host gets no i{name} jobs until they agree"
-                );
-                continue;
-            }
-            None => {}
-        }
-        if images.join(format!("i{name}")).exists() {
-            log::warn!(
-                "{} exists but holds no valid image: not fetching over it",
-                images.join(format!("i{name}")).display()
-            );
-            continue;
-        }
-        match fetch_image(api, images, name, checksum, offered) {
-            Ok(()) => {
-                log::info!("image i{name}: fetched from the server, every checksum verified");
-                installed.push(name.to_owned());
-            }
-            Err(e) => log::error!("image i{name} refused: {e:#}"),
-        }
-    }
-    Ok(installed)
-}
-
-fn fetch_image(api: &Api, images: &Path, name: &str, checksum: &str, offered: &wire::OfferedImage) -> Result<()> {
-    let tmp = images.join(format!(".fetch.i{name}.{}", std::process::id()));
-    let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let result = (|| -> Result<()> {
-        if offered.files.is_empty() {
-            bail!("the server listed no files");
-        }
-        for f in &offered.files {
-            let file = f.name.as_str();
-            if file.is_empty() || file.contains('/') || file.starts_with('.') {
-                bail!(
-                    "the server names a file {:?}, which is not a plain file name",
-                    jobfile::sanitize(file.as_bytes())
-                );
-            }
-            let size = f.size;
-            let answer = api.download(&format!("host/images/{name}/{file}"), &tmp.join(file), size)?;
-            if answer.0 != 200 {
-                bail!("cannot download {file} ({})", why(&answer));
-            }
-        }
-        let got = sha256_file(&tmp.join(MANIFEST)).context("no image.toml came")?;
-        if !got.eq_ignore_ascii_case(checksum) {
-            bail!("image.toml has sha256 {got}, the server said {checksum}: changed on the way");
-        }
-        let manifest = ImageManifest::load(&tmp)?;
-        manifest.verify_files(&tmp)?;
-        Ok(())
-    })();
-    match result {
-        Ok(()) => {
-            fs::rename(&tmp, images.join(format!("i{name}")))
-                .with_context(|| format!("cannot install {}", images.join(format!("i{name}")).display()))?;
-            File::open(images)?.sync_all()?;
-            Ok(())
-        }
-        Err(e) => {
-            let _ = fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
-}
-
-/// What the host does with the server's answer to a renewal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Renewal {
-    /// 200: renewed (with the term and whether the submitter cancelled).
-    Renewed,
-    /// 409 while the result is being delivered: the delivery ended the
-    /// lease, and the delivery's answer decides.
-    EndedByDelivery,
-    /// 409 otherwise: the lease ran out or went to another host; stop the job here.
-    Lost,
-    /// Anything else: the server's passing trouble; renew again soon.
-    Failed,
-}
-
-fn renewal(status: u16, delivering: bool) -> Renewal {
-    match status {
-        200 => Renewal::Renewed,
-        409 if delivering => Renewal::EndedByDelivery,
-        409 => Renewal::Lost,
-        _ => Renewal::Failed,
-    }
-}
-
-/// What is being delivered: a result, or the reason a job failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Delivering {
-    Result,
-    Failure,
-}
-
-/// What the host does with the server's answer to a delivery (no answer at all: it tries again).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Settlement {
-    /// 200: delivered; the job is done with here.
-    Accepted,
-    /// 409: the lease is gone (ran out, or the job went elsewhere); drop the job.
-    LeaseGone,
-    /// Another 4xx for a result (not 408 or 429): refused for good; report
-    /// the job failed instead, once.
-    RefusedForGood,
-    /// 5xx, 408, 429, anything unforeseen, or a refused failure report: try again later.
-    TryAgain,
-}
-
-fn settlement(status: u16, what: Delivering) -> Settlement {
-    match status {
-        200 => Settlement::Accepted,
-        409 => Settlement::LeaseGone,
-        s if (400..500).contains(&s) && ![408, 429].contains(&s) && what == Delivering::Result => {
-            Settlement::RefusedForGood
-        }
-        _ => Settlement::TryAgain,
-    }
-}
-
 /// A lease as the renewer keeps it alive.
 #[derive(Debug, Clone)]
-struct Lease {
-    seq: u64,
-    file_name: String,
+pub(crate) struct Lease {
+    pub(crate) seq: u64,
+    pub(crate) file_name: String,
     /// Its term, as the server last said.
-    term: Duration,
-    renewed: Instant,
+    pub(crate) term: Duration,
+    pub(crate) renewed: Instant,
     /// Console bytes the server has.
-    console_sent: u64,
+    pub(crate) console_sent: u64,
     /// The server no longer honours the lease: drop whatever comes of the job.
-    lost: bool,
+    pub(crate) lost: bool,
     /// Its result or failure is being delivered: a refusal of a renewal now
     /// means the delivery ended the lease, and the delivery's answer decides.
-    delivering: bool,
+    pub(crate) delivering: bool,
 }
 
 /// The leases this host holds, by job id: the pump adds and removes them,
 /// the renewer keeps them alive. Never held across a request to the server.
 #[derive(Default)]
-struct Leases(Mutex<HashMap<String, Lease>>);
+pub(crate) struct Leases(Mutex<HashMap<String, Lease>>);
 
 impl Leases {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lost(&self, id: &str) -> bool {
+    pub(crate) fn lost(&self, id: &str) -> bool {
         self.lock().get(id).is_some_and(|l| l.lost)
     }
 
-    fn set_delivering(&self, id: &str, on: bool) {
+    pub(crate) fn set_delivering(&self, id: &str, on: bool) {
         if let Some(l) = self.lock().get_mut(id) {
             l.delivering = on;
         }
@@ -399,7 +61,7 @@ impl Leases {
 /// every 2 s, so that the console follows closely), with the console that is
 /// new, until `done`. Runs on its own thread: nothing the pump does waits on it,
 /// and it waits on nothing the pump does.
-fn renew_loop(api: &Api, dirs: &Dirs, leases: &Leases, done: &AtomicBool) {
+pub(crate) fn renew_loop(api: &Api, dirs: &Dirs, leases: &Leases, done: &AtomicBool) {
     while !done.load(Ordering::Relaxed) {
         let due: Vec<(String, Lease)> = leases
             .lock()
@@ -449,21 +111,21 @@ fn renew_loop(api: &Api, dirs: &Dirs, leases: &Leases, done: &AtomicBool) {
 
 /// A job this host holds a lease on, as the pump follows it.
 #[derive(Debug, Clone)]
-struct Held {
-    id: String,
-    seq: u64,
-    file_name: String,
+pub(crate) struct Held {
+    pub(crate) id: String,
+    pub(crate) seq: u64,
+    pub(crate) file_name: String,
     /// When the job was first seen nowhere in the spool.
-    vanished: Option<Instant>,
+    pub(crate) vanished: Option<Instant>,
     /// When delivery last failed for want of the server.
-    retry_at: Option<Instant>,
+    pub(crate) retry_at: Option<Instant>,
     /// Deliveries tried and failed so far (the wait between them doubles).
-    retries: u32,
+    pub(crate) retries: u32,
 }
 
 /// Empties the spool of jobs a previous run held: their leases ran out, or
 /// will, and the server hands them out again.
-fn clear_spool(dirs: &Dirs) -> io::Result<usize> {
+pub(crate) fn clear_spool(dirs: &Dirs) -> io::Result<usize> {
     let mut n = 0;
     for dir in [&dirs.queue, &dirs.running, &dirs.done, &dirs.failed] {
         let Ok(rd) = fs::read_dir(dir) else { continue };
@@ -542,24 +204,24 @@ pub fn run(opts: &RunOptions, remote: &Remote, stop: Arc<AtomicBool>) -> Result<
 }
 
 /// How often a running host looks for new images on the server.
-const IMAGE_CHECK_EVERY: Duration = Duration::from_secs(60);
+pub(crate) const IMAGE_CHECK_EVERY: Duration = Duration::from_secs(60);
 
-struct Pump {
-    api: Arc<Api>,
-    dirs: Dirs,
-    host_id: String,
-    capacity: u64,
-    remote: Remote,
-    rules: queue::Rules,
+pub(crate) struct Pump {
+    pub(crate) api: Arc<Api>,
+    pub(crate) dirs: Dirs,
+    pub(crate) host_id: String,
+    pub(crate) capacity: u64,
+    pub(crate) remote: Remote,
+    pub(crate) rules: queue::Rules,
     /// The images verified here, as (number, checksum of image.toml).
-    images: Arc<Mutex<Vec<(String, String)>>>,
+    pub(crate) images: Arc<Mutex<Vec<(String, String)>>>,
     /// What the renewer keeps alive.
-    leases: Arc<Leases>,
-    held: HashMap<String, Held>,
+    pub(crate) leases: Arc<Leases>,
+    pub(crate) held: HashMap<String, Held>,
 }
 
 /// Where a held job is in the spool.
-enum Local {
+pub(crate) enum Local {
     Waiting,
     Running,
     Done { result: PathBuf, log: PathBuf },
@@ -568,7 +230,7 @@ enum Local {
 }
 
 impl Pump {
-    fn run(&mut self, stop: &AtomicBool, daemon_done: &AtomicBool) {
+    pub(crate) fn run(&mut self, stop: &AtomicBool, daemon_done: &AtomicBool) {
         let mut asked: Option<Instant> = None;
         let mut failures: u32 = 0;
         let mut stopping_noted = false;
@@ -610,7 +272,7 @@ impl Pump {
     }
 
     /// Asks the server for a job and puts it in the spool; `Ok(true)` when one came.
-    fn take_one(&mut self) -> Result<bool> {
+    pub(crate) fn take_one(&mut self) -> Result<bool> {
         let verified = self.images.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let body = wire::LeaseRequest {
             images: verified.into_iter().map(|(name, checksum)| wire::HostImage { name, checksum }).collect(),
@@ -678,7 +340,7 @@ impl Pump {
     }
 
     /// Hands a lease to the renewer.
-    fn track(&self, held: &Held, term: Duration) {
+    pub(crate) fn track(&self, held: &Held, term: Duration) {
         let lease = Lease {
             seq: held.seq,
             file_name: held.file_name.clone(),
@@ -692,12 +354,12 @@ impl Pump {
     }
 
     /// Done with a job: the pump and the renewer forget it.
-    fn forget(&mut self, id: &str) -> Option<Held> {
+    pub(crate) fn forget(&mut self, id: &str) -> Option<Held> {
         self.leases.lock().remove(id);
         self.held.remove(id)
     }
 
-    fn locate(&self, file_name: &str) -> Local {
+    pub(crate) fn locate(&self, file_name: &str) -> Local {
         let name = OsStr::new(file_name);
         if self.dirs.queue.join(name).exists() {
             return Local::Waiting;
@@ -724,7 +386,7 @@ impl Pump {
     }
 
     /// Delivers every held job the daemon has finished.
-    fn deliver_all(&mut self, daemon_finished: bool) {
+    pub(crate) fn deliver_all(&mut self, daemon_finished: bool) {
         let ids: Vec<String> = self.held.keys().cloned().collect();
         for id in ids {
             let Some(held) = self.held.get(&id) else { continue };
@@ -777,7 +439,7 @@ impl Pump {
 
     /// Sends the log, then the result; `true` when the job needs no more
     /// from this host (delivered, or refused for good).
-    fn report_done(&mut self, id: &str, result: &Path, log: &Path) -> bool {
+    pub(crate) fn report_done(&mut self, id: &str, result: &Path, log: &Path) -> bool {
         let Some(h) = self.held.get(id) else { return true };
         let (seq, name) = (h.seq, h.file_name.clone());
         self.leases.set_delivering(id, true);
@@ -798,7 +460,7 @@ impl Pump {
     }
 
     /// Sends the log (if any) and the reason; `true` when the job needs no more from this host.
-    fn report_failed(&mut self, held: &Held, reason: &str, log: Option<&Path>) -> bool {
+    pub(crate) fn report_failed(&mut self, held: &Held, reason: &str, log: Option<&Path>) -> bool {
         self.leases.set_delivering(&held.id, true);
         let sent = (|| -> Result<Answer> {
             let log_bytes = match log {
@@ -815,7 +477,7 @@ impl Pump {
     }
 
     /// What a delivery's answer means: done with the job, or try again later.
-    fn settle(&mut self, id: &str, name: &str, what: &str, sent: Result<Answer>) -> bool {
+    pub(crate) fn settle(&mut self, id: &str, name: &str, what: &str, sent: Result<Answer>) -> bool {
         let of = if what == "failure" { Delivering::Failure } else { Delivering::Result };
         match sent.map(|a| (settlement(a.0, of), a)) {
             Ok((Settlement::Accepted, (_, v))) => {
@@ -846,7 +508,7 @@ impl Pump {
         }
     }
 
-    fn retry_later(&mut self, id: &str) {
+    pub(crate) fn retry_later(&mut self, id: &str) {
         if let Some(h) = self.held.get_mut(id) {
             h.retries += 1;
             let wait = Duration::from_secs(1 << h.retries.min(6)).min(Duration::from_secs(60));
@@ -855,7 +517,7 @@ impl Pump {
     }
 
     /// Gives back the jobs the daemon has not started, when the host stops.
-    fn release_waiting(&mut self) {
+    pub(crate) fn release_waiting(&mut self) {
         let waiting: Vec<String> = self
             .held
             .iter()
@@ -874,7 +536,7 @@ impl Pump {
     }
 
     /// After the daemon stopped: deliver what finished, give back the rest.
-    fn final_pass(&mut self) {
+    pub(crate) fn final_pass(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.held.is_empty() && Instant::now() < deadline {
             let ids: Vec<String> = self.held.keys().cloned().collect();
@@ -897,7 +559,7 @@ impl Pump {
         }
     }
 
-    fn release(&self, h: &Held) {
+    pub(crate) fn release(&self, h: &Held) {
         match self.api.post_bytes(&format!("host/jobs/{}/release?seq={}", h.id, h.seq), b"") {
             Ok((200, _)) => log::info!("job {}: given back to the server", h.file_name),
             Ok(answer) => log::warn!("job {}: the server would not take it back ({})", h.file_name, why(&answer)),
@@ -906,7 +568,7 @@ impl Pump {
     }
 }
 
-fn request_cancel(dirs: &Dirs, file_name: &str, why: &str) {
+pub(crate) fn request_cancel(dirs: &Dirs, file_name: &str, why: &str) {
     let path = queue::cancel_request(dirs, OsStr::new(file_name));
     if path.exists() {
         return;
@@ -918,7 +580,7 @@ fn request_cancel(dirs: &Dirs, file_name: &str, why: &str) {
 }
 
 /// Up to `max` bytes of `path` from `offset` (nothing when it is not there).
-fn read_from(path: &Path, offset: u64, max: usize) -> Vec<u8> {
+pub(crate) fn read_from(path: &Path, offset: u64, max: usize) -> Vec<u8> {
     let Ok(mut f) = File::open(path) else { return Vec::new() };
     if f.seek(io::SeekFrom::Start(offset)).is_err() {
         return Vec::new();
@@ -928,13 +590,13 @@ fn read_from(path: &Path, offset: u64, max: usize) -> Vec<u8> {
     buf
 }
 
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut s = OsString::from(path.as_os_str());
     s.push(suffix);
     PathBuf::from(s)
 }
 
-fn remove_all(paths: &[PathBuf]) {
+pub(crate) fn remove_all(paths: &[PathBuf]) {
     for p in paths {
         let _ = fs::remove_file(p);
     }
@@ -950,52 +612,5 @@ pub fn move_file(from: &Path, to: &Path) -> io::Result<()> {
             fs::remove_file(from)
         }
         Err(e) => Err(e),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_renewals_answer_maps_to_what_the_host_does() {
-        let table = [
-            (200, false, Renewal::Renewed),
-            (200, true, Renewal::Renewed),
-            (409, true, Renewal::EndedByDelivery),
-            (409, false, Renewal::Lost),
-            (401, false, Renewal::Failed),
-            (404, false, Renewal::Failed),
-            (429, false, Renewal::Failed),
-            (500, false, Renewal::Failed),
-            (503, true, Renewal::Failed),
-        ];
-        for (status, delivering, want) in table {
-            assert_eq!(renewal(status, delivering), want, "{status}, delivering {delivering}");
-        }
-    }
-
-    #[test]
-    fn a_deliverys_answer_maps_to_what_the_host_does() {
-        use Delivering::{Failure, Result};
-        let table = [
-            (200, Result, Settlement::Accepted),
-            (200, Failure, Settlement::Accepted),
-            (409, Result, Settlement::LeaseGone),
-            (409, Failure, Settlement::LeaseGone),
-            (400, Result, Settlement::RefusedForGood),
-            (413, Result, Settlement::RefusedForGood),
-            (404, Result, Settlement::RefusedForGood),
-            // A refused failure report is not turned into another failure report.
-            (400, Failure, Settlement::TryAgain),
-            (408, Result, Settlement::TryAgain),
-            (429, Result, Settlement::TryAgain),
-            (500, Result, Settlement::TryAgain),
-            (502, Failure, Settlement::TryAgain),
-            (302, Result, Settlement::TryAgain),
-        ];
-        for (status, what, want) in table {
-            assert_eq!(settlement(status, what), want, "{status} for a {what:?}");
-        }
     }
 }

@@ -1,0 +1,319 @@
+//! The command line: every subcommand and its flags (clap types).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::*;
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use construir_host::config;
+use construir_host::daemon::{self};
+use construir_host::jail::{IdPool, IdRange};
+use construir_host::logger::LogFormat;
+use construir_host::queue::Dirs;
+use jobfile::tools::{self, PackRequest};
+use jobfile::units::{duration_arg, size_arg};
+
+#[derive(Parser)]
+#[command(name = "construir-host", version, about = "Build strangers' jobs in throwaway QEMU VMs")]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Run the jobs dropped into QUEUE, each in a throwaway VM.
+    ///
+    /// Every option can also be set in /etc/construir/host.toml (or --config
+    /// FILE), keyed by its long name: `timeout = "3h"`, `workers = 2`,
+    /// `enable-networking = false`, `queue = "/srv/construir/queue"`.
+    /// Options given here override the file.
+    #[command(args_override_self = true)]
+    Run(Box<RunArgs>),
+    /// Run one job file in a throwaway VM and write its result beside it, for
+    /// schedulers (Slurm, HTCondor, Nomad, CI runners) that bring their own queue.
+    ///
+    /// Exits 0 when the job's script exited 0; 1 when the job ran and failed,
+    /// timed out or was refused (the reason is printed, and left in
+    /// <file>.reason beside the result); 2 when it could not be run at all.
+    /// Takes `run`'s VM options (--images, --timeout, --memory, --cpus, ...), on the
+    /// command line only: it reads no config file.
+    #[command(name = "run-one", args_override_self = true)]
+    RunOne(Box<RunOneArgs>),
+    /// Check every requirement of `run` as configured, one line each with the fix; exits 1 when one blocks.
+    ///
+    /// Takes the same options (and config file) as `run`.
+    #[command(args_override_self = true)]
+    Doctor(Box<RunArgs>),
+    /// What is happening now: jobs waiting, running, stuck, and recent results.
+    ///
+    /// Read from the directories alone: it works beside running hosts, for a
+    /// queue that several hosts share, and after a host has died.
+    Status {
+        #[command(flatten)]
+        at: QueueArgs,
+        /// How many recent results to show.
+        #[arg(long, default_value_t = 10)]
+        recent: usize,
+        /// Print JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make and read job files (for people who submit jobs).
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell
+    /// (scripts/install puts them where each shell looks).
+    Completions { shell: jobfile::manual::CompletionShell },
+    /// Write this program's man pages (one per subcommand) into DIR.
+    Man { dir: PathBuf },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum AccelChoice {
+    /// KVM where it really runs guests, TCG otherwise.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct RunArgs {
+    /// The queue directory: drop <name>_i<image>.tar.xz files here [default: `queue` in the config file].
+    pub(crate) queue: Option<PathBuf>,
+    /// Read options from FILE [default: /etc/construir/host.toml, when it exists].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    /// Print the options in effect (the config file and the command line together), as host.toml, and exit.
+    #[arg(long)]
+    pub(crate) show_config: bool,
+    /// Handle every job now in the queue, then exit.
+    #[arg(long)]
+    pub(crate) once: bool,
+    /// Jobs run at the same time.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub(crate) workers: u32,
+    #[command(flatten)]
+    pub(crate) dirs: DirArgs,
+    /// How long a job script may run: 3h, 90m, 20s.
+    #[arg(long, default_value = "3h", value_parser = duration_arg)]
+    pub(crate) timeout: Duration,
+    /// Time allowed beyond --timeout for booting and packing before the VM is killed.
+    #[arg(long, default_value = "2m", value_parser = duration_arg)]
+    pub(crate) grace: Duration,
+    /// Memory of each VM.
+    #[arg(long, default_value = "2G", value_parser = size_arg)]
+    pub(crate) memory: u64,
+    /// CPUs of each VM.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub(crate) cpus: u32,
+    /// Accelerator.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    pub(crate) accel: AccelChoice,
+    /// Give VMs a user-mode network (off by default: jobs get no network).
+    #[arg(long)]
+    pub(crate) enable_networking: bool,
+    /// This host's name in RUNNING/ and work files [default: the hostname].
+    #[arg(long)]
+    pub(crate) host_id: Option<String>,
+    /// Most console output kept in each job's .log.
+    #[arg(long, default_value = "2M", value_parser = size_arg)]
+    pub(crate) log_limit: u64,
+    /// Largest job file accepted.
+    #[arg(long, default_value = "64G", value_parser = size_arg)]
+    pub(crate) max_size: u64,
+    /// A job file must be unchanged this long before it is claimed (it may still be being written).
+    #[arg(long, default_value = "2s", value_parser = duration_arg)]
+    pub(crate) settle: Duration,
+    /// Give up on a job (to failed/) after the host died this many times while running it.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub(crate) max_attempts: u32,
+    /// After SIGTERM or SIGINT, how long running jobs may go on before they are stopped and requeued.
+    #[arg(long, default_value = "60s", value_parser = duration_arg)]
+    pub(crate) stop_timeout: Duration,
+    /// How often to rescan the queue besides watching it.
+    #[arg(long, default_value = "5s", value_parser = duration_arg)]
+    pub(crate) rescan: Duration,
+    /// QEMU binary (7.2 or newer).
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub(crate) qemu: PathBuf,
+    /// When the host runs as root, each VM runs as its own uid and gid from
+    /// FIRST:COUNT (no two live VMs share one; the range must hold no
+    /// account or group). The default lies above systemd's container ranges.
+    #[arg(long, value_name = "FIRST:COUNT", default_value_t = IdRange::DEFAULT)]
+    pub(crate) vm_ids: IdRange,
+    /// Where the locks that hold each VM's uid live (shared by every host on this machine).
+    #[arg(long, value_name = "DIR", default_value = IdPool::LOCK_DIR)]
+    pub(crate) vm_id_locks: PathBuf,
+    /// End a VM whose init has not said it started within this; its job goes back once.
+    #[arg(long, default_value = "2m", value_parser = duration_arg)]
+    pub(crate) boot_timeout: Duration,
+    /// End a job whose VM prints nothing on its console for this long [default: no limit].
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+    pub(crate) silence_timeout: Option<Duration>,
+    /// Write Prometheus metrics to FILE (text format, replaced atomically every
+    /// few seconds), for node_exporter's textfile collector [default: none].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) metrics_file: Option<PathBuf>,
+    /// Log lines as text, in the journal's form (priority, no time of ours), or as JSON;
+    /// auto picks journal when stderr is systemd's journal, text otherwise.
+    #[arg(long, value_enum, default_value_t = LogFormat::Auto)]
+    pub(crate) log_format: LogFormat,
+    /// Log debug lines too.
+    #[arg(short, long)]
+    pub(crate) verbose: bool,
+    /// Take jobs from this construir-server (http(s)://HOST:PORT) instead of a
+    /// shared queue. QUEUE is then this host's private spool, filled by the
+    /// host alone; images the server offers and the host lacks are fetched
+    /// into --images, each verified against the server's checksums.
+    #[arg(long, value_name = "URL")]
+    pub(crate) server: Option<String>,
+    /// The host account's token, in FILE [default: $CONSTRUIR_HOST_TOKEN].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) token_file: Option<PathBuf>,
+    /// Trust this CA certificate (PEM) for the server's TLS certificate.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) ca_cert: Option<PathBuf>,
+    /// With --server: how often to ask for work while there is room.
+    #[arg(long, default_value = "1s", value_parser = duration_arg)]
+    pub(crate) poll: Duration,
+}
+
+/// `run-one`: one job file through the same machinery, without a queue.
+#[derive(clap::Args)]
+pub(crate) struct RunOneArgs {
+    /// The job file, <name>_i<image>.tar.xz (left as it is; the VM gets a copy).
+    pub(crate) file: PathBuf,
+    /// Where to write the result (<name>_d<image>.tar.xz) and its .log [default: beside FILE].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) out: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) run: RunArgs,
+}
+
+/// The directories beside the queue.
+#[derive(clap::Args, Clone, Default)]
+pub(crate) struct DirArgs {
+    /// Base images (i<N>/image.toml) [default: QUEUE/../images].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) images: Option<PathBuf>,
+    /// Results [default: QUEUE/../done].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) done: Option<PathBuf>,
+    /// Refused and broken jobs, each with a .reason [default: QUEUE/../failed].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) failed: Option<PathBuf>,
+    /// Claimed jobs; this host uses RUNNING/<host-id> [default: QUEUE/../running].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) running: Option<PathBuf>,
+    /// Working copies and QEMU's temporary files, on local disk [default: QUEUE/../work].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) work: Option<PathBuf>,
+}
+
+impl DirArgs {
+    /// Fills what is unset from the config file's values.
+    pub(crate) fn or_file(mut self, file: &config::FileArgs) -> DirArgs {
+        let pick = |flag: &str| file.value(flag).map(PathBuf::from);
+        self.images = self.images.or_else(|| pick("images"));
+        self.done = self.done.or_else(|| pick("done"));
+        self.failed = self.failed.or_else(|| pick("failed"));
+        self.running = self.running.or_else(|| pick("running"));
+        self.work = self.work.or_else(|| pick("work"));
+        self
+    }
+
+    /// The directories, defaults beside `queue`; `running` is the parent of every host's.
+    pub(crate) fn resolve(self, queue: PathBuf) -> (Dirs, PathBuf) {
+        let running = self.running.unwrap_or_else(|| daemon::sibling(&queue, "running"));
+        let dirs = Dirs {
+            running: running.clone(),
+            done: self.done.unwrap_or_else(|| daemon::sibling(&queue, "done")),
+            failed: self.failed.unwrap_or_else(|| daemon::sibling(&queue, "failed")),
+            images: self.images.unwrap_or_else(|| daemon::sibling(&queue, "images")),
+            work: self.work.unwrap_or_else(|| daemon::sibling(&queue, "work")),
+            queue,
+        };
+        (dirs, running)
+    }
+}
+
+/// Where `status` and `doctor` find the queue: QUEUE, or the config file.
+#[derive(clap::Args)]
+pub(crate) struct QueueArgs {
+    /// The queue directory [default: `queue` in the config file].
+    pub(crate) queue: Option<PathBuf>,
+    /// Read the directories from FILE [default: /etc/construir/host.toml, when it exists].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) dirs: DirArgs,
+}
+
+impl QueueArgs {
+    /// The directories as `run` with the same config file would use them, and the file's flags.
+    pub(crate) fn resolve(self) -> Result<(Dirs, PathBuf, config::FileArgs)> {
+        let file = match config::choose(self.config.as_deref()) {
+            Some(path) => config::load(&path, &run_command())?,
+            None => config::FileArgs::default(),
+        };
+        let Some(queue) = self.queue.or_else(|| file.queue.clone()) else {
+            bail!("no queue: give QUEUE, or set `queue` in {}", config::DEFAULT_PATH);
+        };
+        let (dirs, running) = self.dirs.or_file(&file).resolve(queue);
+        Ok((dirs, running, file))
+    }
+}
+
+#[derive(Subcommand)]
+pub(crate) enum JobCommand {
+    /// Pack DIR (which must hold bin/construir) into <name>_i<image>.tar.xz and print its path.
+    Pack(PackRequest),
+    /// Print the job's output (job_output.txt) from a result file (escaped on a terminal).
+    Log {
+        file: PathBuf,
+        #[command(flatten)]
+        bounds: ReadBounds,
+    },
+    /// Print the job's status (job_status.json) from a result file (reads at most 16 MiB, 10 s).
+    Status { file: PathBuf },
+    /// List the entries of a job or result file.
+    List {
+        file: PathBuf,
+        #[command(flatten)]
+        bounds: ReadBounds,
+    },
+    /// Extract a result file safely into DIR (new or empty).
+    Unpack {
+        file: PathBuf,
+        dir: PathBuf,
+        #[command(flatten)]
+        bounds: ReadBounds,
+    },
+}
+
+/// How much reading a result (a stranger's archive) may cost.
+#[derive(clap::Args)]
+pub(crate) struct ReadBounds {
+    /// Stop after the archive produces this many bytes, sparse holes included
+    /// [default: 1G for log, 64G for list and unpack].
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    pub(crate) max_bytes: Option<u64>,
+    /// Stop after this long [default: 10m for log and list, 1h for unpack].
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+    pub(crate) max_time: Option<Duration>,
+}
+
+impl ReadBounds {
+    pub(crate) fn limits(&self, command: &str) -> jobfile::ReadLimits {
+        let mut limits = tools::default_limits(command);
+        if let Some(b) = self.max_bytes {
+            limits.max_bytes = b;
+        }
+        if self.max_time.is_some() {
+            limits.max_time = self.max_time;
+        }
+        limits
+    }
+}

@@ -1,0 +1,53 @@
+//! `construir-host job`: the submitter's tools (pack, inspect, unpack).
+
+use super::*;
+use anyhow::Result;
+use jobfile::tools::{self};
+use jobfile::units::human_size;
+
+pub(crate) fn run_job(cmd: JobCommand) -> Result<()> {
+    match cmd {
+        JobCommand::Pack(request) => {
+            let packed = tools::pack(&request)?;
+            for w in &packed.warnings {
+                eprintln!("construir-host: warning: {w}");
+            }
+            eprintln!(
+                "construir-host: packed {} into a {} job file",
+                human_size(packed.compressed),
+                human_size(packed.size)
+            );
+            println!("{}", packed.path.display());
+        }
+        JobCommand::Log { file, bounds } => tools::log(&file, bounds.limits("log"))?,
+        JobCommand::Status { file } => {
+            let status = tools::status(&file)?;
+            println!("{}", serde_json::to_string_pretty(&status)?);
+        }
+        JobCommand::List { file, bounds } => {
+            tools::list(&file, &mut std::io::stdout().lock(), bounds.limits("list"))?;
+        }
+        JobCommand::Unpack { file, dir, bounds } => {
+            let report = tools::unpack(&file, &dir, bounds.limits("unpack"))?;
+            for s in &report.skipped {
+                eprintln!("construir-host: skipped {}: {}", s.path, s.reason);
+            }
+            if report.skipped_total > report.skipped.len() as u64 {
+                eprintln!(
+                    "construir-host: ... and {} more skipped",
+                    report.skipped_total - report.skipped.len() as u64
+                );
+            }
+            eprintln!(
+                "construir-host: unpacked {} files, {} directories, {} symlinks, {} hardlinks ({}) into {}",
+                report.files,
+                report.dirs,
+                report.symlinks,
+                report.hardlinks,
+                human_size(report.bytes),
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}

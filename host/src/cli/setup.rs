@@ -1,0 +1,170 @@
+//! `construir-host run`: what the daemon needs set up before it starts
+//! (directories, identities, the jail, limits), then the daemon.
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use anyhow::{bail, Context, Result};
+use construir_host::daemon::{self, RunOptions};
+use construir_host::jail::{IdPool, IdRange, JailRoot};
+use construir_host::qemu::Confiner;
+use construir_host::queue::{Dirs, Rules};
+use construir_host::worker::Limits;
+use construir_host::{cgroup, config, jail, kvm, logger};
+
+pub(crate) fn run_queue(a: RunArgs) -> Result<()> {
+    logger::init(a.verbose, a.log_format);
+    let Some(queue) = a.queue.clone() else {
+        bail!("no queue: give QUEUE, or set `queue` in {}", config::DEFAULT_PATH);
+    };
+    let host_id = a.host_id.clone().unwrap_or_else(daemon::default_host_id);
+    if jobfile::name::check_name(&host_id).is_err() {
+        bail!("--host-id {host_id:?}: use letters, digits, '.', '_' and '-'");
+    }
+    let (mut dirs, _) = a.dirs.clone().resolve(queue);
+    dirs.running = dirs.running.join(&host_id);
+    let remote = match &a.server {
+        Some(server) => {
+            if a.once {
+                bail!("--once runs a local queue until it is empty; a host of a server runs until stopped");
+            }
+            let token = match &a.token_file {
+                Some(f) => std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?,
+                None => std::env::var("CONSTRUIR_HOST_TOKEN")
+                    .context("no token: give --token-file FILE, or set CONSTRUIR_HOST_TOKEN")?,
+            };
+            let remote = construir_host::remote::Remote {
+                server: server.clone(),
+                token: token.trim().to_owned(),
+                ca_cert: a.ca_cert.clone(),
+                poll: a.poll,
+            };
+            // Before anything needs an image (the KVM test boots one's kernel).
+            let api = construir_host::remote::Api::new(&remote)?;
+            match construir_host::remote::fetch_images(&api, &dirs.images) {
+                Ok(_) => {}
+                Err(e) => log::warn!("cannot fetch the server's images now: {e:#}; trying again later"),
+            }
+            Some(remote)
+        }
+        None if a.token_file.is_some() || a.ca_cert.is_some() => {
+            bail!("--token-file and --ca-cert are for a host of a server: give --server URL too")
+        }
+        None => None,
+    };
+    let (opts, stop) = prepare(&a, dirs, host_id)?;
+    match remote {
+        Some(remote) => {
+            let opts = RunOptions { rules: Rules { settle: Duration::ZERO, ..opts.rules }, ..opts };
+            construir_host::remote::run(&opts, &remote, stop)?;
+        }
+        None => {
+            daemon::run(&opts, stop)?;
+        }
+    }
+    Ok(())
+}
+
+/// Everything `run` needs besides the directories: QEMU checked, the VMs'
+/// confinement, cgroups, the accelerator, limits, and the stop flag.
+pub(crate) fn prepare(a: &RunArgs, dirs: Dirs, host_id: String) -> Result<(RunOptions, Arc<AtomicBool>)> {
+    let (major, minor) =
+        construir_host::qemu::version(&a.qemu).with_context(|| format!("cannot run {}", a.qemu.display()))?;
+    if (major, minor) < (7, 2) {
+        bail!("{} is QEMU {major}.{minor}; construir needs 7.2 or newer", a.qemu.display());
+    }
+    let root = jail::running_as_root();
+    let confiner = confiner(a, root)?;
+    let cgroups = if root {
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok().and_then(|t| cgroup::own_cgroup(&t));
+        match cgroup::detect(Path::new("/sys/fs/cgroup"), own.as_deref().unwrap_or("/")) {
+            Ok(parent) => Some(parent),
+            Err(why) => {
+                log::info!("no writable cgroup v2 here ({why}): VMs run without cgroup limits");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    log::info!("{}", layers(major, minor, a.vm_ids, &confiner, cgroups.is_some(), a.enable_networking));
+    let decision = kvm::decide(a.accel.into(), &a.qemu, &dirs.images, &dirs.work, || Ok(confiner.clone()));
+    match &decision {
+        kvm::Decision::NotProbed(why) => {
+            log::warn!("KVM not tested ({why}): using TCG (restart after adding images)")
+        }
+        kvm::Decision::NoDevice(_) | kvm::Decision::ProbeFailed => log::info!(
+            "KVM does not run guests here (no usable /dev/kvm, or a test boot hung): using TCG, which is slower and not a security boundary"
+        ),
+        _ => {}
+    }
+    let accel = decision.accel();
+    let limits = Limits {
+        cgroups,
+        confiner,
+        silence: a.silence_timeout,
+        boot: a.boot_timeout,
+        timeout: a.timeout,
+        grace: a.grace,
+        memory_mib: (a.memory >> 20).max(128),
+        cpus: a.cpus,
+        networking: a.enable_networking,
+        console_limit: usize::try_from(a.log_limit).unwrap_or(usize::MAX).max(4096),
+        accel,
+        qemu: a.qemu.clone(),
+        host_id,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
+    }
+    let opts = RunOptions {
+        dirs,
+        once: a.once,
+        workers: a.workers as usize,
+        limits,
+        rescan: a.rescan,
+        rules: Rules { min_size: jobfile::MIN_JOB_SIZE, max_size: a.max_size, settle: a.settle },
+        max_attempts: a.max_attempts,
+        stop_timeout: a.stop_timeout,
+        metrics_file: a.metrics_file.clone(),
+    };
+    Ok((opts, stop))
+}
+
+/// What each VM is confined by: its own uid, namespaces and root when the host is root.
+pub(crate) fn confiner(a: &RunArgs, root: bool) -> Result<Confiner> {
+    if !root {
+        return Ok(Confiner { ids: None, root: None, landlock_abi: 0 });
+    }
+    if a.workers > a.vm_ids.count {
+        bail!("--workers {} needs at least as many VM uids; --vm-ids {} has {}", a.workers, a.vm_ids, a.vm_ids.count);
+    }
+    jail::check_range(a.vm_ids, Path::new("/etc/passwd"), Path::new("/etc/group"))?;
+    Ok(Confiner {
+        ids: Some(IdPool::new(a.vm_ids, &a.vm_id_locks)?),
+        root: Some(JailRoot::discover(&a.qemu)?),
+        landlock_abi: jail::landlock_abi(),
+    })
+}
+
+/// One line naming each confinement layer and whether it is on.
+pub(crate) fn layers(major: u32, minor: u32, ids: IdRange, c: &Confiner, cgroups: bool, networking: bool) -> String {
+    let on_off = |on: bool| if on { "on" } else { "off" };
+    let jailed = c.root.is_some();
+    format!(
+        "QEMU {major}.{minor} jail: uid {}; namespaces {}; minimal root {}; seccomp on (QEMU -sandbox); no_new_privs on; cgroup v2 {}; Landlock {}",
+        if c.ids.is_some() { format!("one per VM from {}-{}", ids.first, ids.last()) } else { "this (unprivileged) user's".into() },
+        if jailed { format!("mnt,pid,ipc,uts{}", if networking { " (network: user-mode NIC)" } else { ",net (empty)" }) } else { "off (needs root)".into() },
+        if jailed { "on" } else { "off (needs root)" },
+        on_off(cgroups),
+        match c.landlock_abi {
+            0 if jailed => "off (this kernel has none)".to_owned(),
+            0 => "off (needs root)".to_owned(),
+            abi => format!("on (ABI {abi})"),
+        }
+    )
+}
