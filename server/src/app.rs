@@ -70,7 +70,7 @@ impl App {
     }
 
     /// Brings a job's record up to what the directories say; returns where it is.
-    pub fn refresh(&self, job: &JobRecord) -> Place {
+    pub async fn refresh(&self, job: &JobRecord) -> Place {
         let place = self.locate(job);
         let (verdict, bytes) = match &place {
             Place::Done { verdict, result_bytes } => (Some(verdict.as_str()), Some(*result_bytes)),
@@ -84,7 +84,7 @@ impl App {
         // A finished job whose files retention removed keeps its last state.
         if !(place == Place::Missing && job.deleted.is_some()) {
             // One transaction reads, changes and audits: two requests never both log the same change.
-            if let Err(e) = db::update_state(self.db(), &job.id, place.name(), verdict, bytes) {
+            if let Err(e) = db::update_state(self.db(), &job.id, place.name(), verdict, bytes).await {
                 log::error!("cannot record job {}: {}", job.id, jobfile::error_chain(&e));
             }
         }

@@ -30,83 +30,6 @@ pub enum DbError {
     BadAccountName(String),
 }
 
-impl From<rusqlite::Error> for DbError {
-    fn from(e: rusqlite::Error) -> DbError {
-        DbError::Sql(SqlError::Sqlite(e))
-    }
-}
-
-/// The schema, one migration per entry, written for SQLite (PostgreSQL gets
-/// the same tables in its types; see `sql::postgres_ddl`).
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE accounts (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    token_hash BLOB NOT NULL,
-    disabled INTEGER NOT NULL DEFAULT 0,
-    created TEXT NOT NULL,
-    max_job_bytes INTEGER,
-    max_waiting INTEGER,
-    max_stored_bytes INTEGER,
-    max_per_hour INTEGER,
-    retention_days INTEGER
-);
-CREATE TABLE jobs (
-    id TEXT PRIMARY KEY,
-    account_id INTEGER NOT NULL REFERENCES accounts(id),
-    name TEXT NOT NULL,
-    image TEXT NOT NULL,
-    file_name TEXT NOT NULL UNIQUE,
-    size INTEGER NOT NULL,
-    submitted TEXT NOT NULL,
-    submitted_unix INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    updated TEXT NOT NULL,
-    verdict TEXT,
-    result_bytes INTEGER,
-    deleted TEXT
-);
-CREATE INDEX jobs_by_account ON jobs(account_id, submitted_unix);
-CREATE TABLE audit (
-    id INTEGER PRIMARY KEY,
-    time TEXT NOT NULL,
-    account TEXT,
-    action TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-"#,
-    // The farm: host accounts, leases with their fencing sequence, remote hosts.
-    r#"
-ALTER TABLE accounts ADD COLUMN kind TEXT NOT NULL DEFAULT 'submitter';
-ALTER TABLE jobs ADD COLUMN lease_host TEXT;
-ALTER TABLE jobs ADD COLUMN lease_seq INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE jobs ADD COLUMN lease_expires_ms INTEGER;
-ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE jobs ADD COLUMN delivered_seq INTEGER;
-ALTER TABLE jobs ADD COLUMN delivered_as TEXT;
-CREATE INDEX jobs_by_lease ON jobs(lease_host, lease_expires_ms);
-CREATE INDEX jobs_by_submission ON jobs(submitted_unix, id);
-CREATE TABLE hosts (
-    account_id INTEGER NOT NULL PRIMARY KEY REFERENCES accounts(id),
-    last_seen TEXT NOT NULL,
-    last_seen_unix INTEGER NOT NULL,
-    images TEXT NOT NULL,
-    capacity INTEGER NOT NULL,
-    version TEXT NOT NULL
-);
-"#,
-    // The inode of the job file the server wrote (a file of the job's name with
-    // another inode is not the job's); each delivery's own staging tag; uploads
-    // under way hold their reservation as a row in state 'uploading'.
-    r#"
-ALTER TABLE jobs ADD COLUMN file_ino INTEGER;
-ALTER TABLE jobs ADD COLUMN file_birth INTEGER;
-ALTER TABLE jobs ADD COLUMN delivered_part TEXT;
-CREATE INDEX jobs_by_state ON jobs(state);
-"#,
-];
-
 /// The state of a job whose upload is under way: its row holds the bytes
 /// reserved for it, and nothing else sees it (no list, no lease, no refresh).
 pub const UPLOADING: &str = "uploading";
@@ -189,24 +112,12 @@ pub fn unix_ms() -> i64 {
 
 /// Opens the database `spec` (an SQLite file, created when missing, or a
 /// `postgresql://` URL) and applies the migrations it lacks.
-pub fn open(spec: &str) -> Result<Database, DbError> {
-    let opened = if crate::sql::is_postgres(spec) {
-        Database::postgres(spec)
-    } else {
-        open_sqlite(spec).map_err(SqlError::from)
-    };
+pub async fn open(spec: &str) -> Result<Database, DbError> {
+    let opened =
+        if crate::sql::is_postgres(spec) { Database::postgres(spec).await } else { Database::sqlite(spec).await };
     let db = opened.map_err(|source| DbError::Open { path: redact(spec), source })?;
-    db.migrate(MIGRATIONS).map_err(|source| DbError::Open { path: redact(spec), source })?;
+    db.migrate().await.map_err(|source| DbError::Open { path: redact(spec), source })?;
     Ok(db)
-}
-
-fn open_sqlite(path: &str) -> rusqlite::Result<Database> {
-    let conn = rusqlite::Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    Ok(Database::sqlite(conn))
 }
 
 /// A database URL without its password, for messages.
@@ -254,37 +165,39 @@ fn account_from_row(r: &Row) -> Result<Account, SqlError> {
 const ACCOUNT_COLUMNS: &str =
     "id, name, token_hash, disabled, created, max_job_bytes, max_waiting, max_stored_bytes, max_per_hour, retention_days, kind";
 
-pub fn add_account(db: &Database, name: &str, kind: Kind, token_hash: &[u8]) -> Result<Account, DbError> {
+pub async fn add_account(db: &Database, name: &str, kind: Kind, token_hash: &[u8]) -> Result<Account, DbError> {
     check_account_name(name)?;
-    db.tx(|tx| {
-        if tx.query_opt("SELECT id FROM accounts WHERE name = ?1", params![name])?.is_some() {
+    db.tx(async |tx| {
+        if tx.query_opt("SELECT id FROM accounts WHERE name = $1", params![name]).await?.is_some() {
             return Err(DbError::AccountExists(name.to_owned()));
         }
         tx.execute(
-            "INSERT INTO accounts (name, token_hash, created, kind) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO accounts (name, token_hash, created, kind) VALUES ($1, $2, $3, $4)",
             params![name, token_hash, now(), kind.name()],
-        )?;
-        audit_in(tx, Some(name), if kind == Kind::Host { "host_account_added" } else { "account_added" }, "")
-    })?;
-    account_by_name(db, name)?.ok_or_else(|| DbError::NoAccount(name.to_owned()))
+        )
+        .await?;
+        audit_in(tx, Some(name), if kind == Kind::Host { "host_account_added" } else { "account_added" }, "").await
+    })
+    .await?;
+    account_by_name(db, name).await?.ok_or_else(|| DbError::NoAccount(name.to_owned()))
 }
 
-pub fn account_by_name(db: &Database, name: &str) -> Result<Option<Account>, DbError> {
-    let row = db.query_opt(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = ?1"), params![name])?;
+pub async fn account_by_name(db: &Database, name: &str) -> Result<Option<Account>, DbError> {
+    let row = db.query_opt(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = $1"), params![name]).await?;
     Ok(row.as_ref().map(account_from_row).transpose()?)
 }
 
-pub fn account_by_id(db: &Database, id: i64) -> Result<Option<Account>, DbError> {
-    let row = db.query_opt(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?1"), params![id])?;
+pub async fn account_by_id(db: &Database, id: i64) -> Result<Option<Account>, DbError> {
+    let row = db.query_opt(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1"), params![id]).await?;
     Ok(row.as_ref().map(account_from_row).transpose()?)
 }
 
-pub fn accounts(db: &Database) -> Result<Vec<Account>, DbError> {
-    let rows = db.query(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY name"), &[])?;
+pub async fn accounts(db: &Database) -> Result<Vec<Account>, DbError> {
+    let rows = db.query(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY name"), &[]).await?;
     Ok(rows.iter().map(account_from_row).collect::<Result<_, _>>()?)
 }
 
-fn update_account(
+async fn update_account(
     db: &Database,
     name: &str,
     sql: &str,
@@ -292,64 +205,69 @@ fn update_account(
     action: &str,
     detail: &str,
 ) -> Result<(), DbError> {
-    db.tx(|tx| {
-        if tx.execute(sql, params)? == 0 {
+    db.tx(async |tx| {
+        if tx.execute(sql, params).await? == 0 {
             return Err(DbError::NoAccount(name.to_owned()));
         }
-        audit_in(tx, Some(name), action, detail)
+        audit_in(tx, Some(name), action, detail).await
     })
+    .await
 }
 
-pub fn set_disabled(db: &Database, name: &str, disabled: bool) -> Result<(), DbError> {
+pub async fn set_disabled(db: &Database, name: &str, disabled: bool) -> Result<(), DbError> {
     let action = if disabled { "account_disabled" } else { "account_enabled" };
-    update_account(db, name, "UPDATE accounts SET disabled = ?1 WHERE name = ?2", params![disabled, name], action, "")
+    update_account(db, name, "UPDATE accounts SET disabled = $1 WHERE name = $2", params![disabled, name], action, "")
+        .await
 }
 
-pub fn set_token(db: &Database, name: &str, token_hash: &[u8]) -> Result<(), DbError> {
+pub async fn set_token(db: &Database, name: &str, token_hash: &[u8]) -> Result<(), DbError> {
     update_account(
         db,
         name,
-        "UPDATE accounts SET token_hash = ?1 WHERE name = ?2",
+        "UPDATE accounts SET token_hash = $1 WHERE name = $2",
         params![token_hash, name],
         "token_replaced",
         "",
     )
+    .await
 }
 
 /// Removes an account; its job records stay (with their files) for the audit.
-pub fn remove_account(db: &Database, name: &str) -> Result<(), DbError> {
-    let account = account_by_name(db, name)?.ok_or_else(|| DbError::NoAccount(name.to_owned()))?;
+pub async fn remove_account(db: &Database, name: &str) -> Result<(), DbError> {
+    let account = account_by_name(db, name).await?.ok_or_else(|| DbError::NoAccount(name.to_owned()))?;
     // The records keep their account id; the name is free again only for a new account.
     update_account(
         db,
         name,
-        "UPDATE accounts SET disabled = 1, name = ?1, token_hash = ?2 WHERE id = ?3",
+        "UPDATE accounts SET disabled = 1, name = $1, token_hash = $2 WHERE id = $3",
         params![format!("removed-{}-{}", account.id, name), &b""[..], account.id],
         "account_removed",
         "",
     )
+    .await
 }
 
-pub fn set_limits(db: &Database, name: &str, l: &Limits) -> Result<(), DbError> {
+pub async fn set_limits(db: &Database, name: &str, l: &Limits) -> Result<(), DbError> {
     update_account(
         db,
         name,
-        "UPDATE accounts SET max_job_bytes = ?1, max_waiting = ?2, max_stored_bytes = ?3, max_per_hour = ?4, retention_days = ?5 WHERE name = ?6",
+        "UPDATE accounts SET max_job_bytes = $1, max_waiting = $2, max_stored_bytes = $3, max_per_hour = $4, retention_days = $5 WHERE name = $6",
         params![l.max_job_bytes, l.max_waiting, l.max_stored_bytes, l.max_per_hour, l.retention_days, name],
         "limits_set",
         &serde_json::to_string(l).unwrap_or_default(),
-    )
+    ).await
 }
 
-pub fn audit(db: &Database, account: Option<&str>, action: &str, detail: &str) -> Result<(), DbError> {
-    db.tx(|tx| audit_in(tx, account, action, detail))
+pub async fn audit(db: &Database, account: Option<&str>, action: &str, detail: &str) -> Result<(), DbError> {
+    db.tx(async |tx| audit_in(tx, account, action, detail).await).await
 }
 
-fn audit_in(tx: &mut Tx<'_>, account: Option<&str>, action: &str, detail: &str) -> Result<(), DbError> {
+async fn audit_in(tx: &mut Tx, account: Option<&str>, action: &str, detail: &str) -> Result<(), DbError> {
     tx.execute(
-        "INSERT INTO audit (time, account, action, detail) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO audit (time, account, action, detail) VALUES ($1, $2, $3, $4)",
         params![now(), account, action, jobfile::sanitize(detail.as_bytes())],
-    )?;
+    )
+    .await?;
     Ok(())
 }
 
@@ -357,9 +275,10 @@ fn audit_in(tx: &mut Tx<'_>, account: Option<&str>, action: &str, detail: &str) 
 pub type AuditEntry = (String, Option<String>, String, String);
 
 /// The audit log, newest first.
-pub fn audit_log(db: &Database, limit: usize) -> Result<Vec<AuditEntry>, DbError> {
-    let rows =
-        db.query("SELECT time, account, action, detail FROM audit ORDER BY id DESC LIMIT ?1", params![limit as i64])?;
+pub async fn audit_log(db: &Database, limit: usize) -> Result<Vec<AuditEntry>, DbError> {
+    let rows = db
+        .query("SELECT time, account, action, detail FROM audit ORDER BY id DESC LIMIT $1", params![limit as i64])
+        .await?;
     Ok(rows
         .iter()
         .map(|r| Ok((r.text(0)?, r.opt_text(1)?, r.text(2)?, r.text(3)?)))
@@ -389,9 +308,9 @@ fn job_from_row(r: &Row) -> Result<JobRecord, SqlError> {
 
 const JOB_COLUMNS: &str = "id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, lease_host, attempts, file_ino, file_birth";
 
-pub fn insert_job(db: &Database, j: &JobRecord) -> Result<(), DbError> {
+pub async fn insert_job(db: &Database, j: &JobRecord) -> Result<(), DbError> {
     db.execute(
-        "INSERT INTO jobs (id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, file_ino, file_birth) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        "INSERT INTO jobs (id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, file_ino, file_birth) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         params![
             &j.id,
             j.account_id,
@@ -409,81 +328,89 @@ pub fn insert_job(db: &Database, j: &JobRecord) -> Result<(), DbError> {
             j.file_id.map(|f| f.ino),
             j.file_id.and_then(|f| f.birth_ns)
         ],
-    )?;
+    ).await?;
     Ok(())
 }
 
-pub fn delete_job(db: &Database, id: &str) -> Result<(), DbError> {
-    db.execute("DELETE FROM jobs WHERE id = ?1", params![id])?;
+pub async fn delete_job(db: &Database, id: &str) -> Result<(), DbError> {
+    db.execute("DELETE FROM jobs WHERE id = $1", params![id]).await?;
     Ok(())
 }
 
 /// A job of `account_id`: another account's id is the same as no job.
-pub fn job(db: &Database, account_id: i64, id: &str) -> Result<Option<JobRecord>, DbError> {
-    let row = db.query_opt(
-        &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1 AND account_id = ?2 AND state != ?3"),
-        params![id, account_id, UPLOADING],
-    )?;
+pub async fn job(db: &Database, account_id: i64, id: &str) -> Result<Option<JobRecord>, DbError> {
+    let row = db
+        .query_opt(
+            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND account_id = $2 AND state != $3"),
+            params![id, account_id, UPLOADING],
+        )
+        .await?;
     Ok(row.as_ref().map(job_from_row).transpose()?)
 }
 
 /// A job by its file name in the queue's directories.
-pub fn job_by_file(db: &Database, file_name: &str) -> Result<Option<JobRecord>, DbError> {
-    let row = db.query_opt(
-        &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE file_name = ?1 AND state != ?2"),
-        params![file_name, UPLOADING],
-    )?;
+pub async fn job_by_file(db: &Database, file_name: &str) -> Result<Option<JobRecord>, DbError> {
+    let row = db
+        .query_opt(
+            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE file_name = $1 AND state != $2"),
+            params![file_name, UPLOADING],
+        )
+        .await?;
     Ok(row.as_ref().map(job_from_row).transpose()?)
 }
 
-pub fn jobs_of(db: &Database, account_id: i64) -> Result<Vec<JobRecord>, DbError> {
-    let rows = db.query(
-        &format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE account_id = ?1 AND state != ?2 ORDER BY submitted_unix DESC, id"
-        ),
-        params![account_id, UPLOADING],
-    )?;
+pub async fn jobs_of(db: &Database, account_id: i64) -> Result<Vec<JobRecord>, DbError> {
+    let rows = db
+        .query(
+            &format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE account_id = $1 AND state != $2 ORDER BY submitted_unix DESC, id"
+            ),
+            params![account_id, UPLOADING],
+        )
+        .await?;
     Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
 }
 
-pub fn all_jobs(db: &Database) -> Result<Vec<JobRecord>, DbError> {
-    let rows = db.query(
-        &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE state != ?1 ORDER BY submitted_unix, id"),
-        params![UPLOADING],
-    )?;
+pub async fn all_jobs(db: &Database) -> Result<Vec<JobRecord>, DbError> {
+    let rows = db
+        .query(
+            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE state != $1 ORDER BY submitted_unix, id"),
+            params![UPLOADING],
+        )
+        .await?;
     Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
 }
 
 /// Records a job's state as the directories show it, and audits the change;
 /// nothing when the record says so already. Returns the state it had.
-pub fn update_state(
+pub async fn update_state(
     db: &Database,
     id: &str,
     state: &str,
     verdict: Option<&str>,
     result_bytes: Option<u64>,
 ) -> Result<Option<String>, DbError> {
-    db.tx(|tx| {
-        let before = tx.query_opt("SELECT state FROM jobs WHERE id = ?1", params![id])?.map(|r| r.text(0)).transpose()?;
+    db.tx(async |tx| {
+        let before = tx.query_opt("SELECT state FROM jobs WHERE id = $1", params![id]).await?.map(|r| r.text(0)).transpose()?;
         let changed = tx.execute(
-            "UPDATE jobs SET state = ?1, updated = ?2, verdict = COALESCE(?3, verdict), result_bytes = COALESCE(?4, result_bytes) WHERE id = ?5 AND state != ?6 AND (state != ?1 OR verdict IS DISTINCT FROM ?3)",
+            "UPDATE jobs SET state = $1, updated = $2, verdict = COALESCE($3, verdict), result_bytes = COALESCE($4, result_bytes) WHERE id = $5 AND state != $6 AND (state != $1 OR verdict IS DISTINCT FROM $3)",
             params![state, now(), verdict, result_bytes, id, UPLOADING],
-        )?;
+        ).await?;
         if changed > 0 && before.as_deref() != Some(state) {
             let change = format!("{id} {} -> {state}", before.as_deref().unwrap_or("?"));
-            audit_in(tx, None, "state", &change)?;
+            audit_in(tx, None, "state", &change).await?;
         }
         Ok(before)
-    })
+    }).await
 }
 
 /// A job's recorded state.
-pub fn state_of(db: &Database, id: &str) -> Result<Option<String>, DbError> {
-    Ok(db.query_opt("SELECT state FROM jobs WHERE id = ?1", params![id])?.map(|r| r.text(0)).transpose()?)
+pub async fn state_of(db: &Database, id: &str) -> Result<Option<String>, DbError> {
+    Ok(db.query_opt("SELECT state FROM jobs WHERE id = $1", params![id]).await?.map(|r| r.text(0)).transpose()?)
 }
 
-pub fn mark_deleted(db: &Database, id: &str) -> Result<(), DbError> {
-    db.execute("UPDATE jobs SET deleted = ?1 WHERE id = ?2", params![now(), id])?;
+pub async fn mark_deleted(db: &Database, id: &str) -> Result<(), DbError> {
+    db.execute("UPDATE jobs SET deleted = $1 WHERE id = $2", params![now(), id]).await?;
     Ok(())
 }
 
@@ -509,21 +436,21 @@ pub struct Usage {
 /// together are counted one after another, by every server sharing the
 /// database. `finished` says from the directories whether a job has ended.
 /// `decide` turns the usage into the bytes to reserve, or the refusal.
-pub fn reserve_upload<R>(
+pub async fn reserve_upload<R>(
     db: &Database,
     record: &JobRecord,
     finished: impl Fn(&str) -> bool,
     decide: impl FnOnce(&Usage) -> Result<u64, R>,
 ) -> Result<Result<u64, R>, DbError> {
-    db.tx(|tx| {
-        let lock = format!("SELECT id FROM accounts WHERE id = ?1{}", tx.for_update());
-        tx.query_opt(&lock, params![record.account_id])?.ok_or_else(|| DbError::NoAccount(record.account_id.to_string()))?;
+    db.tx(async |tx| {
+        let lock = format!("SELECT id FROM accounts WHERE id = $1{}", tx.for_update());
+        tx.query_opt(&lock, params![record.account_id]).await?.ok_or_else(|| DbError::NoAccount(record.account_id.to_string()))?;
         let hour_ago = unix_now() - 3600;
         let mut usage = Usage::default();
         let rows = tx.query(
-            "SELECT file_name, state, size, submitted_unix FROM jobs WHERE account_id = ?1 AND deleted IS NULL",
+            "SELECT file_name, state, size, submitted_unix FROM jobs WHERE account_id = $1 AND deleted IS NULL",
             params![record.account_id],
-        )?;
+        ).await?;
         for r in rows {
             let (file_name, state, size) = (r.text(0)?, r.text(1)?, r.int(2)? as u64);
             let uploading = state == UPLOADING;
@@ -533,9 +460,9 @@ pub fn reserve_upload<R>(
             usage.unfinished += u64::from(uploading || (state != "done" && state != "failed" && !finished(&file_name)));
         }
         let everywhere = tx.query_opt(
-            "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM jobs WHERE state = ?1",
+            "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM jobs WHERE state = $1",
             params![UPLOADING],
-        )?;
+        ).await?;
         usage.reserved_everywhere = everywhere.map(|r| r.int(0)).transpose()?.unwrap_or(0) as u64;
         let bytes = match decide(&usage) {
             Ok(bytes) => bytes,
@@ -545,7 +472,7 @@ pub fn reserve_upload<R>(
         reserved.state = UPLOADING.to_owned();
         reserved.size = bytes;
         tx.execute(
-            "INSERT INTO jobs (id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO jobs (id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             params![
                 &reserved.id,
                 reserved.account_id,
@@ -558,9 +485,9 @@ pub fn reserve_upload<R>(
                 &reserved.state,
                 &reserved.updated
             ],
-        )?;
+        ).await?;
         Ok(Ok(bytes))
-    })
+    }).await
 }
 
 /// Ends an upload: its record takes the real size and the inode of the file
@@ -570,35 +497,35 @@ pub fn reserve_upload<R>(
 /// file: the follow loop, seeing the part gone and the file in the queue
 /// between the upload's rename and this, takes it for an upload whose
 /// server died there and finishes it itself (`sweep_uploads`).
-pub fn finish_upload(db: &Database, id: &str, size: u64, file: FileId) -> Result<bool, DbError> {
-    db.tx(|tx| {
+pub async fn finish_upload(db: &Database, id: &str, size: u64, file: FileId) -> Result<bool, DbError> {
+    db.tx(async |tx| {
         let finished = tx.execute(
-            "UPDATE jobs SET size = ?1, file_ino = ?2, file_birth = ?6, state = 'waiting', updated = ?3 WHERE id = ?4 AND state = ?5",
+            "UPDATE jobs SET size = $1, file_ino = $2, file_birth = $6, state = 'waiting', updated = $3 WHERE id = $4 AND state = $5",
             params![size, file.ino, now(), id, UPLOADING, file.birth_ns],
-        )? == 1;
+        ).await? == 1;
         if finished {
             return Ok(true);
         }
-        let row = tx.query_opt("SELECT file_ino FROM jobs WHERE id = ?1 AND state != ?2", params![id, UPLOADING])?;
+        let row = tx.query_opt("SELECT file_ino FROM jobs WHERE id = $1 AND state != $2", params![id, UPLOADING]).await?;
         Ok(row.map(|r| r.opt_int(0)).transpose()?.flatten() == Some(file.ino as i64))
-    })
+    }).await
 }
 
 /// Drops an upload's reservation (it was refused, broke off, or died with a server).
-pub fn drop_upload(db: &Database, id: &str) -> Result<(), DbError> {
-    db.execute("DELETE FROM jobs WHERE id = ?1 AND state = ?2", params![id, UPLOADING])?;
+pub async fn drop_upload(db: &Database, id: &str) -> Result<(), DbError> {
+    db.execute("DELETE FROM jobs WHERE id = $1 AND state = $2", params![id, UPLOADING]).await?;
     Ok(())
 }
 
 /// The uploads under way, as (id, file name), for the sweep of dead ones.
-pub fn uploads(db: &Database) -> Result<Vec<(String, String)>, DbError> {
-    let rows = db.query("SELECT id, file_name FROM jobs WHERE state = ?1", params![UPLOADING])?;
+pub async fn uploads(db: &Database) -> Result<Vec<(String, String)>, DbError> {
+    let rows = db.query("SELECT id, file_name FROM jobs WHERE state = $1", params![UPLOADING]).await?;
     Ok(rows.iter().map(|r| Ok((r.text(0)?, r.text(1)?))).collect::<Result<_, SqlError>>()?)
 }
 
 /// Whether a job of this file name is recorded (uploads under way included).
-pub fn file_recorded(db: &Database, file_name: &str) -> Result<bool, DbError> {
-    Ok(db.query_opt("SELECT id FROM jobs WHERE file_name = ?1", params![file_name])?.is_some())
+pub async fn file_recorded(db: &Database, file_name: &str) -> Result<bool, DbError> {
+    Ok(db.query_opt("SELECT id FROM jobs WHERE file_name = $1", params![file_name]).await?.is_some())
 }
 
 // ---- The farm: remote hosts and their leases ----
@@ -632,31 +559,40 @@ pub struct HostRecord {
 }
 
 /// Records that host `account_id` called, with what it has.
-pub fn host_seen(db: &Database, account_id: i64, images: &str, capacity: u64, version: &str) -> Result<(), DbError> {
+pub async fn host_seen(
+    db: &Database,
+    account_id: i64,
+    images: &str,
+    capacity: u64,
+    version: &str,
+) -> Result<(), DbError> {
     db.execute(
-        "INSERT INTO hosts (account_id, last_seen, last_seen_unix, images, capacity, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+        "INSERT INTO hosts (account_id, last_seen, last_seen_unix, images, capacity, version) VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (account_id) DO UPDATE SET last_seen = excluded.last_seen, last_seen_unix = excluded.last_seen_unix,
          images = excluded.images, capacity = excluded.capacity, version = excluded.version",
         params![account_id, now(), unix_now(), images, capacity, version],
-    )?;
+    ).await?;
     Ok(())
 }
 
 /// Records that host `account_id` was heard from (a renewal), keeping what it said last.
-pub fn host_touch(db: &Database, account_id: i64) -> Result<(), DbError> {
+pub async fn host_touch(db: &Database, account_id: i64) -> Result<(), DbError> {
     db.execute(
-        "UPDATE hosts SET last_seen = ?1, last_seen_unix = ?2 WHERE account_id = ?3",
+        "UPDATE hosts SET last_seen = $1, last_seen_unix = $2 WHERE account_id = $3",
         params![now(), unix_now(), account_id],
-    )?;
+    )
+    .await?;
     Ok(())
 }
 
-pub fn hosts(db: &Database) -> Result<Vec<HostRecord>, DbError> {
-    let rows = db.query(
-        "SELECT a.name, h.last_seen, h.last_seen_unix, h.images, h.capacity, h.version, a.disabled
+pub async fn hosts(db: &Database) -> Result<Vec<HostRecord>, DbError> {
+    let rows = db
+        .query(
+            "SELECT a.name, h.last_seen, h.last_seen_unix, h.images, h.capacity, h.version, a.disabled
          FROM hosts h JOIN accounts a ON a.id = h.account_id ORDER BY a.name",
-        &[],
-    )?;
+            &[],
+        )
+        .await?;
     Ok(rows
         .iter()
         .map(|r| {
@@ -674,15 +610,16 @@ pub fn hosts(db: &Database) -> Result<Vec<HostRecord>, DbError> {
 }
 
 /// Jobs leased now: (host, job record).
-pub fn leased_jobs(db: &Database) -> Result<Vec<JobRecord>, DbError> {
-    let rows =
-        db.query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE lease_host IS NOT NULL ORDER BY lease_host, id"), &[])?;
+pub async fn leased_jobs(db: &Database) -> Result<Vec<JobRecord>, DbError> {
+    let rows = db
+        .query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE lease_host IS NOT NULL ORDER BY lease_host, id"), &[])
+        .await?;
     Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
 }
 
 /// Hands `host` the oldest job for one of `images` that `waiting` says is
 /// in the queue, in one transaction (rows another server holds are skipped).
-pub fn lease_next(
+pub async fn lease_next(
     db: &Database,
     host: &str,
     images: &[String],
@@ -692,8 +629,8 @@ pub fn lease_next(
     if images.is_empty() {
         return Ok(None);
     }
-    db.tx(|tx| {
-        let marks: Vec<String> = (0..images.len()).map(|i| format!("?{}", i + 1)).collect();
+    db.tx(async |tx| {
+        let marks: Vec<String> = (0..images.len()).map(|i| format!("${}", i + 1)).collect();
         let sql = format!(
             "SELECT id, file_name, size, lease_seq, attempts, file_ino, file_birth FROM jobs
              WHERE lease_host IS NULL AND delivered_seq IS NULL AND deleted IS NULL
@@ -703,7 +640,7 @@ pub fn lease_next(
             tx.skip_locked()
         );
         let params: Vec<crate::sql::Value> = images.iter().map(|i| i.as_str().into()).collect();
-        for r in tx.query(&sql, &params)? {
+        for r in tx.query(&sql, &params).await? {
             let file_name = r.text(1)?;
             let ino = r.opt_int(5)?.map(|v| FileId { ino: v as u64, birth_ns: r.opt_int(6).ok().flatten() });
             if !waiting(&file_name, ino) {
@@ -712,32 +649,39 @@ pub fn lease_next(
             let (id, seq, attempt) = (r.text(0)?, r.int(3)? as u64 + 1, r.int(4)? as u64 + 1);
             let expires_ms = unix_ms() + lease_ms;
             tx.execute(
-                "UPDATE jobs SET lease_host = ?1, lease_seq = ?2, lease_expires_ms = ?3, attempts = ?4 WHERE id = ?5",
+                "UPDATE jobs SET lease_host = $1, lease_seq = $2, lease_expires_ms = $3, attempts = $4 WHERE id = $5",
                 params![host, seq, expires_ms, attempt, &id],
-            )?;
-            audit_in(tx, Some(host), "leased", &format!("{id} lease {seq}, attempt {attempt}"))?;
+            )
+            .await?;
+            audit_in(tx, Some(host), "leased", &format!("{id} lease {seq}, attempt {attempt}")).await?;
             return Ok(Some(Lease { id, file_name, size: r.int(2)? as u64, seq, attempt, expires_ms, ino }));
         }
         Ok(None)
     })
+    .await
 }
 
 /// Takes back a lease whose job turned out not to be in the queue after all
 /// (a local host claimed it, or its submitter cancelled it): no attempt counted.
-pub fn unlease(db: &Database, lease: &Lease) -> Result<(), DbError> {
+pub async fn unlease(db: &Database, lease: &Lease) -> Result<(), DbError> {
     db.execute(
-        "UPDATE jobs SET lease_host = NULL, lease_expires_ms = NULL, attempts = attempts - 1 WHERE id = ?1 AND lease_seq = ?2 AND lease_host IS NOT NULL",
+        "UPDATE jobs SET lease_host = NULL, lease_expires_ms = NULL, attempts = attempts - 1 WHERE id = $1 AND lease_seq = $2 AND lease_host IS NOT NULL",
         params![&lease.id, lease.seq],
-    )?;
+    ).await?;
     Ok(())
 }
 
 /// The lease `seq` of job `id` as `host` holds it, unexpired: the job's file name and inode.
-pub fn live_lease(db: &Database, id: &str, host: &str, seq: u64) -> Result<Option<(String, Option<FileId>)>, DbError> {
+pub async fn live_lease(
+    db: &Database,
+    id: &str,
+    host: &str,
+    seq: u64,
+) -> Result<Option<(String, Option<FileId>)>, DbError> {
     let row = db.query_opt(
-        "SELECT file_name, file_ino, file_birth FROM jobs WHERE id = ?1 AND lease_host = ?2 AND lease_seq = ?3 AND lease_expires_ms > ?4",
+        "SELECT file_name, file_ino, file_birth FROM jobs WHERE id = $1 AND lease_host = $2 AND lease_seq = $3 AND lease_expires_ms > $4",
         params![id, host, seq, unix_ms()],
-    )?;
+    ).await?;
     let file = |r: &Row| -> Result<Option<FileId>, SqlError> {
         Ok(r.opt_int(1)?.map(|v| FileId { ino: v as u64, birth_ns: r.opt_int(2).ok().flatten() }))
     };
@@ -745,24 +689,24 @@ pub fn live_lease(db: &Database, id: &str, host: &str, seq: u64) -> Result<Optio
 }
 
 /// Extends a live lease; the job's file name, or `None` when the lease is expired or superseded.
-pub fn renew(db: &Database, id: &str, host: &str, seq: u64, lease_ms: i64) -> Result<Option<String>, DbError> {
-    db.tx(|tx| {
+pub async fn renew(db: &Database, id: &str, host: &str, seq: u64, lease_ms: i64) -> Result<Option<String>, DbError> {
+    db.tx(async |tx| {
         let now = unix_ms();
         let n = tx.execute(
-            "UPDATE jobs SET lease_expires_ms = ?1 WHERE id = ?2 AND lease_host = ?3 AND lease_seq = ?4 AND lease_expires_ms > ?5",
+            "UPDATE jobs SET lease_expires_ms = $1 WHERE id = $2 AND lease_host = $3 AND lease_seq = $4 AND lease_expires_ms > $5",
             params![now + lease_ms, id, host, seq, now],
-        )?;
+        ).await?;
         if n != 1 {
             return Ok(None);
         }
-        Ok(tx.query_opt("SELECT file_name FROM jobs WHERE id = ?1", params![id])?.map(|r| r.text(0)).transpose()?)
-    })
+        Ok(tx.query_opt("SELECT file_name FROM jobs WHERE id = $1", params![id]).await?.map(|r| r.text(0)).transpose()?)
+    }).await
 }
 
 /// Ends a live lease with the job delivered (`done`) or failed, or given
 /// back (`released`, not counted as an attempt). Exactly one caller can
 /// succeed for a job: `false` for every expired or superseded lease.
-pub fn end_lease(
+pub async fn end_lease(
     db: &Database,
     id: &str,
     host: &str,
@@ -771,24 +715,24 @@ pub fn end_lease(
     verdict: &str,
     part: &str,
 ) -> Result<bool, DbError> {
-    db.tx(|tx| {
+    db.tx(async |tx| {
         let now = unix_ms();
         let n = if how == "released" {
             tx.execute(
-                "UPDATE jobs SET lease_host = NULL, lease_expires_ms = NULL, attempts = attempts - 1 WHERE id = ?1 AND lease_host = ?2 AND lease_seq = ?3 AND lease_expires_ms > ?4",
+                "UPDATE jobs SET lease_host = NULL, lease_expires_ms = NULL, attempts = attempts - 1 WHERE id = $1 AND lease_host = $2 AND lease_seq = $3 AND lease_expires_ms > $4",
                 params![id, host, seq, now],
-            )?
+            ).await?
         } else {
             tx.execute(
-                "UPDATE jobs SET lease_host = NULL, lease_expires_ms = NULL, delivered_seq = ?1, delivered_as = ?2, verdict = ?3, delivered_part = ?7 WHERE id = ?4 AND lease_host = ?5 AND lease_seq = ?1 AND lease_expires_ms > ?6",
+                "UPDATE jobs SET lease_host = NULL, lease_expires_ms = NULL, delivered_seq = $1, delivered_as = $2, verdict = $3, delivered_part = $7 WHERE id = $4 AND lease_host = $5 AND lease_seq = $1 AND lease_expires_ms > $6",
                 params![seq, how, verdict, id, host, now, part],
-            )?
+            ).await?
         };
         if n == 1 {
-            audit_in(tx, Some(host), how, &format!("{id} lease {seq}: {verdict}"))?;
+            audit_in(tx, Some(host), how, &format!("{id} lease {seq}: {verdict}")).await?;
         }
         Ok(n == 1)
-    })
+    }).await
 }
 
 /// A delivery the database has accepted: which lease, done or failed, and the verdict or reason.
@@ -802,24 +746,26 @@ pub struct Delivered {
 }
 
 /// What the database says of a job's farm side, for putting its files right after a crash.
-pub fn farm_state(db: &Database, file_name: &str) -> Result<Option<(JobRecord, Option<Delivered>)>, DbError> {
-    farm_state_where(db, "file_name", file_name)
+pub async fn farm_state(db: &Database, file_name: &str) -> Result<Option<(JobRecord, Option<Delivered>)>, DbError> {
+    farm_state_where(db, "file_name", file_name).await
 }
 
 /// `farm_state`, of the job with this id.
-pub fn farm_state_by_id(db: &Database, id: &str) -> Result<Option<(JobRecord, Option<Delivered>)>, DbError> {
-    farm_state_where(db, "id", id)
+pub async fn farm_state_by_id(db: &Database, id: &str) -> Result<Option<(JobRecord, Option<Delivered>)>, DbError> {
+    farm_state_where(db, "id", id).await
 }
 
-fn farm_state_where(
+async fn farm_state_where(
     db: &Database,
     column: &'static str,
     value: &str,
 ) -> Result<Option<(JobRecord, Option<Delivered>)>, DbError> {
-    let Some(row) = db.query_opt(
-        &format!("SELECT {JOB_COLUMNS}, delivered_seq, delivered_as, delivered_part FROM jobs WHERE {column} = ?1"),
-        params![value],
-    )?
+    let Some(row) = db
+        .query_opt(
+            &format!("SELECT {JOB_COLUMNS}, delivered_seq, delivered_as, delivered_part FROM jobs WHERE {column} = $1"),
+            params![value],
+        )
+        .await?
     else {
         return Ok(None);
     };
@@ -839,13 +785,13 @@ fn farm_state_where(
 /// Ends the leases that ran out (hosts killed or cut off): each job goes
 /// back to the queue, or to failed/ after `max_attempts`. Returns the ended
 /// leases, with whether the job failed; the caller moves the files.
-pub fn expire_leases(db: &Database, max_attempts: u64) -> Result<Vec<(JobRecord, bool)>, DbError> {
-    db.tx(|tx| {
+pub async fn expire_leases(db: &Database, max_attempts: u64) -> Result<Vec<(JobRecord, bool)>, DbError> {
+    db.tx(async |tx| {
         let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE lease_host IS NOT NULL AND lease_expires_ms <= ?1 ORDER BY id{}",
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE lease_host IS NOT NULL AND lease_expires_ms <= $1 ORDER BY id{}",
             tx.skip_locked()
         );
-        let expired = tx.query(&sql, params![unix_ms()])?.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
+        let expired = tx.query(&sql, params![unix_ms()]).await?.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
         let mut out = Vec::new();
         for job in expired {
             let host = job.host.clone().unwrap_or_default();
@@ -853,18 +799,18 @@ pub fn expire_leases(db: &Database, max_attempts: u64) -> Result<Vec<(JobRecord,
             if give_up {
                 let reason = lease_reason(&job, &host, max_attempts);
                 tx.execute(
-                    "UPDATE jobs SET lease_host = NULL, lease_expires_ms = NULL, delivered_seq = lease_seq, delivered_as = 'failed', verdict = ?1 WHERE id = ?2",
+                    "UPDATE jobs SET lease_host = NULL, lease_expires_ms = NULL, delivered_seq = lease_seq, delivered_as = 'failed', verdict = $1 WHERE id = $2",
                     params![reason, &job.id],
-                )?;
+                ).await?;
             } else {
-                tx.execute("UPDATE jobs SET lease_host = NULL, lease_expires_ms = NULL WHERE id = ?1", params![&job.id])?;
+                tx.execute("UPDATE jobs SET lease_host = NULL, lease_expires_ms = NULL WHERE id = $1", params![&job.id]).await?;
             }
             let what = if give_up { "failed" } else { "back in the queue" };
-            audit_in(tx, Some(&host), "lease_expired", &format!("{} attempt {}: {what}", job.id, job.attempts))?;
+            audit_in(tx, Some(&host), "lease_expired", &format!("{} attempt {}: {what}", job.id, job.attempts)).await?;
             out.push((job, give_up));
         }
         Ok(out)
-    })
+    }).await
 }
 
 /// Why a job whose hosts kept losing it failed.
@@ -877,50 +823,52 @@ pub fn lease_reason(job: &JobRecord, host: &str, max_attempts: u64) -> String {
 
 /// Gives every live lease at least `lease_ms` more: after a server restart,
 /// hosts could not renew while it was down.
-pub fn extend_leases(db: &Database, lease_ms: i64) -> Result<u64, DbError> {
-    Ok(db.execute(
-        "UPDATE jobs SET lease_expires_ms = ?1 WHERE lease_host IS NOT NULL AND lease_expires_ms < ?1",
-        params![unix_ms() + lease_ms],
-    )?)
+pub async fn extend_leases(db: &Database, lease_ms: i64) -> Result<u64, DbError> {
+    Ok(db
+        .execute(
+            "UPDATE jobs SET lease_expires_ms = $1 WHERE lease_host IS NOT NULL AND lease_expires_ms < $1",
+            params![unix_ms() + lease_ms],
+        )
+        .await?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn accounts_are_added_found_limited_disabled_and_removed() {
+    #[tokio::test]
+    async fn accounts_are_added_found_limited_disabled_and_removed() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let conn = open(&tmp.path().join("s.db").to_string_lossy()).expect("open");
-        let a = add_account(&conn, "alice", Kind::Submitter, b"hash").expect("add");
-        assert!(matches!(add_account(&conn, "alice", Kind::Submitter, b"x"), Err(DbError::AccountExists(_))));
+        let conn = open(&tmp.path().join("s.db").to_string_lossy()).await.expect("open");
+        let a = add_account(&conn, "alice", Kind::Submitter, b"hash").await.expect("add");
+        assert!(matches!(add_account(&conn, "alice", Kind::Submitter, b"x").await, Err(DbError::AccountExists(_))));
         for bad in ["", "Alice", "1abc", "a b", &"a".repeat(33)] {
             assert!(
-                matches!(add_account(&conn, bad, Kind::Submitter, b"x"), Err(DbError::BadAccountName(_))),
+                matches!(add_account(&conn, bad, Kind::Submitter, b"x").await, Err(DbError::BadAccountName(_))),
                 "{bad:?}"
             );
         }
         let limits = Limits { max_waiting: Some(3), ..Limits::default() };
-        set_limits(&conn, "alice", &limits).expect("limits");
-        assert_eq!(account_by_id(&conn, a.id).expect("get").expect("some").limits, limits);
-        set_disabled(&conn, "alice", true).expect("disable");
-        assert!(account_by_name(&conn, "alice").expect("get").expect("some").disabled);
-        remove_account(&conn, "alice").expect("remove");
-        assert!(account_by_name(&conn, "alice").expect("get").is_none());
-        add_account(&conn, "alice", Kind::Submitter, b"new").expect("the name is free again");
-        let actions: Vec<String> = audit_log(&conn, 10).expect("audit").into_iter().map(|r| r.2).collect();
+        set_limits(&conn, "alice", &limits).await.expect("limits");
+        assert_eq!(account_by_id(&conn, a.id).await.expect("get").expect("some").limits, limits);
+        set_disabled(&conn, "alice", true).await.expect("disable");
+        assert!(account_by_name(&conn, "alice").await.expect("get").expect("some").disabled);
+        remove_account(&conn, "alice").await.expect("remove");
+        assert!(account_by_name(&conn, "alice").await.expect("get").is_none());
+        add_account(&conn, "alice", Kind::Submitter, b"new").await.expect("the name is free again");
+        let actions: Vec<String> = audit_log(&conn, 10).await.expect("audit").into_iter().map(|r| r.2).collect();
         assert_eq!(actions, ["account_added", "account_removed", "account_disabled", "limits_set", "account_added"]);
         // Reopening applies no migration twice.
         drop(conn);
-        let conn = open(&tmp.path().join("s.db").to_string_lossy()).expect("reopen");
-        assert_eq!(accounts(&conn).expect("list").len(), 2);
+        let conn = open(&tmp.path().join("s.db").to_string_lossy()).await.expect("reopen");
+        assert_eq!(accounts(&conn).await.expect("list").len(), 2);
     }
 
-    #[test]
-    fn an_upload_finished_by_the_follow_loop_first_is_still_the_uploads_own() {
+    #[tokio::test]
+    async fn an_upload_finished_by_the_follow_loop_first_is_still_the_uploads_own() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let db = open(&tmp.path().join("s.db").to_string_lossy()).expect("open");
-        let alice = add_account(&db, "alice", Kind::Submitter, b"a").expect("add");
+        let db = open(&tmp.path().join("s.db").to_string_lossy()).await.expect("open");
+        let alice = add_account(&db, "alice", Kind::Submitter, b"a").await.expect("add");
         let now = now();
         let record = |id: &str| JobRecord {
             id: id.into(),
@@ -943,25 +891,28 @@ mod tests {
         let file = FileId { ino: 41, birth_ns: Some(7) };
         for id in ["0123456789abcdef", "1123456789abcdef"] {
             reserve_upload(&db, &record(id), |_| false, |_| Ok::<u64, ()>(1 << 20))
+                .await
                 .expect("reserve")
                 .expect("admitted");
         }
         // The follow loop finishes it first (the part gone, the file in the queue) ...
-        assert!(finish_upload(&db, "0123456789abcdef", 1 << 20, file).expect("by the loop"));
+        assert!(finish_upload(&db, "0123456789abcdef", 1 << 20, file).await.expect("by the loop"));
         // ... and the upload's own finish then agrees, for the same file only.
-        assert!(finish_upload(&db, "0123456789abcdef", 1 << 20, file).expect("by the upload"));
-        assert!(!finish_upload(&db, "0123456789abcdef", 1 << 20, FileId { ino: 42, birth_ns: Some(7) }).expect("other"));
-        assert_eq!(state_of(&db, "0123456789abcdef").expect("state").as_deref(), Some("waiting"));
+        assert!(finish_upload(&db, "0123456789abcdef", 1 << 20, file).await.expect("by the upload"));
+        assert!(!finish_upload(&db, "0123456789abcdef", 1 << 20, FileId { ino: 42, birth_ns: Some(7) })
+            .await
+            .expect("other"));
+        assert_eq!(state_of(&db, "0123456789abcdef").await.expect("state").as_deref(), Some("waiting"));
         // A reservation dropped as cut off is gone for good.
-        drop_upload(&db, "1123456789abcdef").expect("drop");
-        assert!(!finish_upload(&db, "1123456789abcdef", 1 << 20, file).expect("dropped"));
+        drop_upload(&db, "1123456789abcdef").await.expect("drop");
+        assert!(!finish_upload(&db, "1123456789abcdef", 1 << 20, file).await.expect("dropped"));
     }
 
-    #[test]
-    fn a_lease_is_fenced_expires_back_to_the_queue_and_fails_past_the_attempt_limit() {
+    #[tokio::test]
+    async fn a_lease_is_fenced_expires_back_to_the_queue_and_fails_past_the_attempt_limit() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let db = open(&tmp.path().join("s.db").to_string_lossy()).expect("open");
-        let alice = add_account(&db, "alice", Kind::Submitter, b"a").expect("add");
+        let db = open(&tmp.path().join("s.db").to_string_lossy()).await.expect("open");
+        let alice = add_account(&db, "alice", Kind::Submitter, b"a").await.expect("add");
         let now = now();
         let job = JobRecord {
             id: "0123456789abcdef".into(),
@@ -981,35 +932,42 @@ mod tests {
             attempts: 0,
             file_id: None,
         };
-        insert_job(&db, &job).expect("insert");
+        insert_job(&db, &job).await.expect("insert");
         let images = ["0".to_owned()];
         assert_eq!(
-            lease_next(&db, "h1", &["7".to_owned()], 60_000, |_, _| true).expect("lease"),
+            lease_next(&db, "h1", &["7".to_owned()], 60_000, |_, _| true).await.expect("lease"),
             None,
             "no such image"
         );
-        assert_eq!(lease_next(&db, "h1", &images, 60_000, |_, _| false).expect("lease"), None, "not in the queue");
-        let first = lease_next(&db, "h1", &images, 60_000, |_, _| true).expect("lease").expect("a job");
+        assert_eq!(
+            lease_next(&db, "h1", &images, 60_000, |_, _| false).await.expect("lease"),
+            None,
+            "not in the queue"
+        );
+        let first = lease_next(&db, "h1", &images, 60_000, |_, _| true).await.expect("lease").expect("a job");
         assert_eq!((first.seq, first.attempt), (1, 1));
-        assert_eq!(lease_next(&db, "h2", &images, 60_000, |_, _| true).expect("lease"), None, "leased already");
-        assert_eq!(renew(&db, &job.id, "h1", 1, 60_000).expect("renew").as_deref(), Some(job.file_name.as_str()));
-        assert!(renew(&db, &job.id, "h2", 1, 60_000).expect("renew").is_none(), "another host");
-        assert!(renew(&db, &job.id, "h1", 2, 60_000).expect("renew").is_none(), "another lease");
+        assert_eq!(lease_next(&db, "h2", &images, 60_000, |_, _| true).await.expect("lease"), None, "leased already");
+        assert_eq!(renew(&db, &job.id, "h1", 1, 60_000).await.expect("renew").as_deref(), Some(job.file_name.as_str()));
+        assert!(renew(&db, &job.id, "h2", 1, 60_000).await.expect("renew").is_none(), "another host");
+        assert!(renew(&db, &job.id, "h1", 2, 60_000).await.expect("renew").is_none(), "another lease");
         // Run out: back to the queue, the attempt counted; the old lease is fenced off.
-        db.execute("UPDATE jobs SET lease_expires_ms = 0", &[]).expect("expire");
-        assert!(renew(&db, &job.id, "h1", 1, 60_000).expect("renew").is_none(), "expired");
-        let expired = expire_leases(&db, 2).expect("expire");
+        db.execute("UPDATE jobs SET lease_expires_ms = 0", &[]).await.expect("expire");
+        assert!(renew(&db, &job.id, "h1", 1, 60_000).await.expect("renew").is_none(), "expired");
+        let expired = expire_leases(&db, 2).await.expect("expire");
         assert_eq!(expired.len(), 1);
         assert!(!expired[0].1, "one attempt of two: back in the queue");
-        let second = lease_next(&db, "h2", &images, 60_000, |_, _| true).expect("lease").expect("again");
+        let second = lease_next(&db, "h2", &images, 60_000, |_, _| true).await.expect("lease").expect("again");
         assert_eq!((second.seq, second.attempt), (2, 2));
-        assert!(!end_lease(&db, &job.id, "h1", 1, "done", "ok", "t").expect("end"), "the first host's late delivery");
-        assert!(end_lease(&db, &job.id, "h2", 2, "done", "ok", "t").expect("end"));
-        assert!(!end_lease(&db, &job.id, "h2", 2, "done", "ok", "t").expect("end"), "delivered once");
-        let (_, delivered) = farm_state(&db, &job.file_name).expect("state").expect("job");
+        assert!(
+            !end_lease(&db, &job.id, "h1", 1, "done", "ok", "t").await.expect("end"),
+            "the first host's late delivery"
+        );
+        assert!(end_lease(&db, &job.id, "h2", 2, "done", "ok", "t").await.expect("end"));
+        assert!(!end_lease(&db, &job.id, "h2", 2, "done", "ok", "t").await.expect("end"), "delivered once");
+        let (_, delivered) = farm_state(&db, &job.file_name).await.expect("state").expect("job");
         assert_eq!(delivered.map(|d| (d.seq, d.how)), Some((2, "done".to_owned())));
         assert_eq!(
-            lease_next(&db, "h1", &images, 60_000, |_, _| true).expect("lease"),
+            lease_next(&db, "h1", &images, 60_000, |_, _| true).await.expect("lease"),
             None,
             "delivered jobs stay delivered"
         );
@@ -1018,12 +976,12 @@ mod tests {
         let mut other = job.clone();
         other.id = "fedcba9876543210".into();
         other.file_name = "alice.fedcba9876543210.k_i0.tar.xz".into();
-        insert_job(&db, &other).expect("insert");
-        lease_next(&db, "h1", &images, 60_000, |_, _| true).expect("lease").expect("a job");
-        db.execute("UPDATE jobs SET lease_expires_ms = 0", &[]).expect("expire");
-        let expired = expire_leases(&db, 1).expect("expire");
+        insert_job(&db, &other).await.expect("insert");
+        lease_next(&db, "h1", &images, 60_000, |_, _| true).await.expect("lease").expect("a job");
+        db.execute("UPDATE jobs SET lease_expires_ms = 0", &[]).await.expect("expire");
+        let expired = expire_leases(&db, 1).await.expect("expire");
         assert!(expired[0].1, "the limit reached");
-        let (record, delivered) = farm_state(&db, &other.file_name).expect("state").expect("job");
+        let (record, delivered) = farm_state(&db, &other.file_name).await.expect("state").expect("job");
         assert_eq!(delivered.map(|d| d.how), Some("failed".to_owned()));
         assert!(record.verdict.unwrap_or_default().contains("last host h1"));
     }

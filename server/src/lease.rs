@@ -125,9 +125,9 @@ pub fn land(store: &Store, file_name: &str, id: &str, seq: u64, tag: &str, how: 
 /// Ends the leases that ran out and moves their files; then finishes
 /// whatever a crash left between the database and the directories. The
 /// jobs it moved, whose records are to be brought up to date.
-pub fn sweep(db: &Database, store: &Store, settings: &Settings) -> Result<Vec<JobRecord>, DbError> {
+pub async fn sweep(db: &Database, store: &Store, settings: &Settings) -> Result<Vec<JobRecord>, DbError> {
     let mut moved_jobs = Vec::new();
-    for (job, gave_up) in db::expire_leases(db, settings.max_attempts)? {
+    for (job, gave_up) in db::expire_leases(db, settings.max_attempts).await? {
         let host = job.host.clone().unwrap_or_default();
         let leased = store.leased(&job.file_name);
         let moved = if gave_up {
@@ -149,7 +149,7 @@ pub fn sweep(db: &Database, store: &Store, settings: &Settings) -> Result<Vec<Jo
         }
         moved_jobs.push(job);
     }
-    moved_jobs.extend(reconcile(db, store, settings)?);
+    moved_jobs.extend(reconcile(db, store, settings).await?);
     Ok(moved_jobs)
 }
 
@@ -158,7 +158,7 @@ pub fn sweep(db: &Database, store: &Store, settings: &Settings) -> Result<Vec<Jo
 /// back to the queue (or to failed/ past the attempt limit), and staged
 /// parts no delivery will use are removed once they are a minute old. The
 /// jobs it put right, whose records are to be brought up to date.
-pub fn reconcile(db: &Database, store: &Store, settings: &Settings) -> Result<Vec<JobRecord>, DbError> {
+pub async fn reconcile(db: &Database, store: &Store, settings: &Settings) -> Result<Vec<JobRecord>, DbError> {
     let mut put_right = Vec::new();
     if let Ok(rd) = fs::read_dir(store.farm_dir()) {
         for e in rd.flatten() {
@@ -166,7 +166,7 @@ pub fn reconcile(db: &Database, store: &Store, settings: &Settings) -> Result<Ve
             if name.starts_with('.') {
                 continue;
             }
-            let Some((job, delivered)) = db::farm_state(db, &name)? else { continue };
+            let Some((job, delivered)) = db::farm_state(db, &name).await? else { continue };
             if job.host.is_some() {
                 continue;
             }
@@ -200,7 +200,8 @@ pub fn reconcile(db: &Database, store: &Store, settings: &Settings) -> Result<Ve
             }
             let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok())
                 >= Some(Duration::from_secs(60));
-            let delivered = db::farm_state_by_id(db, id)?
+            let delivered = db::farm_state_by_id(db, id)
+                .await?
                 .and_then(|(job, d)| d.filter(|d| d.seq == seq && d.part == tag).map(|d| (job, d)));
             match delivered {
                 Some((job, d)) if job.host.is_none() => {
@@ -233,12 +234,12 @@ mod tests {
         file_name: String,
     }
 
-    fn fixture() -> Fixture {
+    async fn fixture() -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::beside(&dir.path().join("queue"));
         store.create_all().expect("dirs");
-        let db = db::open(&dir.path().join("server.db").to_string_lossy()).expect("db");
-        let alice = db::add_account(&db, "alice", Kind::Submitter, b"h").expect("account");
+        let db = db::open(&dir.path().join("server.db").to_string_lossy()).await.expect("db");
+        let alice = db::add_account(&db, "alice", Kind::Submitter, b"h").await.expect("account");
         let file_name = "alice.0123456789abcdef.hello_i0.tar.xz".to_owned();
         fs::write(store.queue.join(&file_name), b"job").expect("job file");
         let now = db::now();
@@ -260,14 +261,14 @@ mod tests {
             attempts: 0,
             file_id: None,
         };
-        db::insert_job(&db, &job).expect("insert");
+        db::insert_job(&db, &job).await.expect("insert");
         Fixture { _dir: dir, db, store, file_name }
     }
 
     /// Hands the job to `host` for `lease_ms`, and moves its file as the lease handler does.
-    fn lease_to(f: &Fixture, host: &str, lease_ms: i64) -> Lease {
+    async fn lease_to(f: &Fixture, host: &str, lease_ms: i64) -> Lease {
         let lease =
-            db::lease_next(&f.db, host, &["0".to_owned()], lease_ms, |_, _| true).expect("lease").expect("a job");
+            db::lease_next(&f.db, host, &["0".to_owned()], lease_ms, |_, _| true).await.expect("lease").expect("a job");
         fs::create_dir_all(f.store.farm_dir()).expect("farm dir");
         assert!(f.store.move_job(&f.store.queue.join(&f.file_name), &f.store.leased(&f.file_name)).expect("move"));
         lease
@@ -277,13 +278,13 @@ mod tests {
         Settings { lease: Duration::from_secs(30), max_attempts }
     }
 
-    #[test]
-    fn a_delivery_lands_the_log_before_the_result_and_lands_once() {
-        let f = fixture();
-        let lease = lease_to(&f, "h1", 30_000);
+    #[tokio::test]
+    async fn a_delivery_lands_the_log_before_the_result_and_lands_once() {
+        let f = fixture().await;
+        let lease = lease_to(&f, "h1", 30_000).await;
         fs::write(part(&f.store, &lease.id, lease.seq, "t1", "log"), "console\n").expect("log part");
         fs::write(part(&f.store, &lease.id, lease.seq, "t1", "result"), "result").expect("result part");
-        assert!(db::end_lease(&f.db, &lease.id, "h1", lease.seq, "done", "ok", "t1").expect("end"));
+        assert!(db::end_lease(&f.db, &lease.id, "h1", lease.seq, "done", "ok", "t1").await.expect("end"));
         land(&f.store, &f.file_name, &lease.id, lease.seq, "t1", "done", "ok").expect("land");
         let job = jobfile::JobName::parse(&f.file_name).expect("name");
         assert_eq!(fs::read_to_string(f.store.done.join(job.done_file_name())).expect("result"), "result");
@@ -293,46 +294,46 @@ mod tests {
         land(&f.store, &f.file_name, &lease.id, lease.seq, "t1", "done", "ok").expect("land again");
         assert_eq!(fs::read_to_string(f.store.done.join(job.done_file_name())).expect("result"), "result");
         // Nothing is left for the sweep to do.
-        assert!(sweep(&f.db, &f.store, &settings(3)).expect("sweep").is_empty());
+        assert!(sweep(&f.db, &f.store, &settings(3)).await.expect("sweep").is_empty());
     }
 
-    #[test]
-    fn a_lease_that_runs_out_puts_the_job_back_and_past_the_limit_fails_it_with_the_reason() {
-        let f = fixture();
+    #[tokio::test]
+    async fn a_lease_that_runs_out_puts_the_job_back_and_past_the_limit_fails_it_with_the_reason() {
+        let f = fixture().await;
         // Nothing has run out yet.
-        let lease = lease_to(&f, "h1", 60_000);
-        assert!(sweep(&f.db, &f.store, &settings(2)).expect("sweep").is_empty());
+        let lease = lease_to(&f, "h1", 60_000).await;
+        assert!(sweep(&f.db, &f.store, &settings(2)).await.expect("sweep").is_empty());
         assert!(f.store.leased(&f.file_name).exists());
-        assert!(db::end_lease(&f.db, &lease.id, "h1", lease.seq, "released", "", "").expect("release"));
+        assert!(db::end_lease(&f.db, &lease.id, "h1", lease.seq, "released", "", "").await.expect("release"));
         f.store.move_job(&f.store.leased(&f.file_name), &f.store.queue.join(&f.file_name)).expect("back");
 
         // Attempt 1 of 2 runs out: back in the queue, for another host.
-        let first = lease_to(&f, "h1", 0);
+        let first = lease_to(&f, "h1", 0).await;
         assert_eq!(first.attempt, 1);
-        let moved = sweep(&f.db, &f.store, &settings(2)).expect("sweep");
+        let moved = sweep(&f.db, &f.store, &settings(2)).await.expect("sweep");
         assert_eq!(moved.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), [first.id.as_str()]);
         assert!(f.store.queue.join(&f.file_name).exists(), "back in the queue");
         // Its late delivery is refused: the fencing number moved on.
-        assert!(!db::end_lease(&f.db, &first.id, "h1", first.seq, "done", "ok", "t").expect("late"));
+        assert!(!db::end_lease(&f.db, &first.id, "h1", first.seq, "done", "ok", "t").await.expect("late"));
 
         // Attempt 2 of 2 runs out: failed, with the reason, and never handed out again.
-        let second = lease_to(&f, "h2", 0);
+        let second = lease_to(&f, "h2", 0).await;
         assert_eq!((second.attempt, second.seq), (2, first.seq + 1));
-        sweep(&f.db, &f.store, &settings(2)).expect("sweep");
+        sweep(&f.db, &f.store, &settings(2)).await.expect("sweep");
         assert!(f.store.failed.join(&f.file_name).exists(), "in failed/");
         let reason = fs::read_to_string(f.store.failed.join(format!("{}.reason", f.file_name))).expect("reason");
         assert!(reason.contains("h2") && reason.contains('2'), "{reason}");
-        assert!(db::lease_next(&f.db, "h3", &["0".to_owned()], 30_000, |_, _| true).expect("lease").is_none());
+        assert!(db::lease_next(&f.db, "h3", &["0".to_owned()], 30_000, |_, _| true).await.expect("lease").is_none());
     }
 
-    #[test]
-    fn reconcile_finishes_a_delivery_a_crash_interrupted_and_removes_only_old_stray_parts() {
-        let f = fixture();
-        let lease = lease_to(&f, "h1", 30_000);
+    #[tokio::test]
+    async fn reconcile_finishes_a_delivery_a_crash_interrupted_and_removes_only_old_stray_parts() {
+        let f = fixture().await;
+        let lease = lease_to(&f, "h1", 30_000).await;
         fs::write(part(&f.store, &lease.id, lease.seq, "t1", "log"), "console\n").expect("log part");
         fs::write(part(&f.store, &lease.id, lease.seq, "t1", "result"), "result").expect("result part");
         // Accepted in the database, then the server died before landing.
-        assert!(db::end_lease(&f.db, &lease.id, "h1", lease.seq, "done", "ok", "t1").expect("end"));
+        assert!(db::end_lease(&f.db, &lease.id, "h1", lease.seq, "done", "ok", "t1").await.expect("end"));
         // A part of a delivery that was never accepted, one fresh and one an hour old.
         let fresh = part(&f.store, &lease.id, lease.seq, "t2", "result");
         let stale = part(&f.store, &lease.id, lease.seq, "t3", "result");
@@ -341,7 +342,7 @@ mod tests {
         let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
         fs::File::options().write(true).open(&stale).expect("open").set_modified(hour_ago).expect("age");
 
-        let put_right = reconcile(&f.db, &f.store, &settings(3)).expect("reconcile");
+        let put_right = reconcile(&f.db, &f.store, &settings(3)).await.expect("reconcile");
         assert_eq!(put_right.len(), 1);
         let job = jobfile::JobName::parse(&f.file_name).expect("name");
         assert_eq!(fs::read_to_string(f.store.done.join(job.done_file_name())).expect("result"), "result");
@@ -349,16 +350,16 @@ mod tests {
         assert!(fresh.exists(), "a fresh part may still be in use");
         assert!(!stale.exists(), "an old part no delivery uses is removed");
         // Run again: nothing more to do.
-        assert!(reconcile(&f.db, &f.store, &settings(3)).expect("again").is_empty());
+        assert!(reconcile(&f.db, &f.store, &settings(3)).await.expect("again").is_empty());
     }
 
-    #[test]
-    fn a_job_file_no_lease_holds_goes_back_to_the_queue() {
-        let f = fixture();
-        let lease = lease_to(&f, "h1", 30_000);
+    #[tokio::test]
+    async fn a_job_file_no_lease_holds_goes_back_to_the_queue() {
+        let f = fixture().await;
+        let lease = lease_to(&f, "h1", 30_000).await;
         // Given back in the database, but the server died before moving the file.
-        assert!(db::end_lease(&f.db, &lease.id, "h1", lease.seq, "released", "", "").expect("release"));
-        reconcile(&f.db, &f.store, &settings(3)).expect("reconcile");
+        assert!(db::end_lease(&f.db, &lease.id, "h1", lease.seq, "released", "", "").await.expect("release"));
+        reconcile(&f.db, &f.store, &settings(3)).await.expect("reconcile");
         assert!(f.store.queue.join(&f.file_name).exists());
         assert!(!f.store.leased(&f.file_name).exists());
     }

@@ -37,20 +37,20 @@ use app::App;
 /// nothing here stops the server. Records come only from the server's own
 /// uploads: a file in the directories is never taken for an account's by
 /// its name.
-pub fn rebuild(app: &App) -> Result<(), db::DbError> {
-    for job in &db::all_jobs(&app.db)? {
-        app.refresh(job);
+pub async fn rebuild(app: &App) -> Result<(), db::DbError> {
+    for job in &db::all_jobs(&app.db).await? {
+        app.refresh(job).await;
     }
-    sweep_uploads(app)
+    sweep_uploads(app).await
 }
 
 /// Drops the reservations of uploads whose part file is gone or has been
 /// idle for twice `--idle-timeout` (another server sharing the database may
 /// be receiving the others). An upload whose file reached the queue before
 /// its server died becomes the job it was.
-pub fn sweep_uploads(app: &App) -> Result<(), db::DbError> {
+pub async fn sweep_uploads(app: &App) -> Result<(), db::DbError> {
     let idle = app.settings.idle_timeout * 2;
-    for (id, file_name) in db::uploads(&app.db)? {
+    for (id, file_name) in db::uploads(&app.db).await? {
         let part = app.store.upload_path(&id);
         let quiet = fs::symlink_metadata(&part).ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
         if quiet.is_some_and(|q| q < idle) {
@@ -58,13 +58,13 @@ pub fn sweep_uploads(app: &App) -> Result<(), db::DbError> {
         }
         let queued = fs::symlink_metadata(app.store.queue.join(&file_name)).ok().filter(|m| store::is_own(m, None));
         if let Some(meta) = queued.filter(|_| quiet.is_none()) {
-            if db::finish_upload(&app.db, &id, meta.len(), store::FileId::of(&meta))? {
+            if db::finish_upload(&app.db, &id, meta.len(), store::FileId::of(&meta)).await? {
                 log::info!("job {id}: its upload had reached the queue when its server stopped; waiting");
             }
             continue;
         }
         let _ = fs::remove_file(&part);
-        db::drop_upload(&app.db, &id)?;
+        db::drop_upload(&app.db, &id).await?;
         log::info!("job {id}: dropped the reservation of an upload that was cut off");
     }
     Ok(())
@@ -72,10 +72,10 @@ pub fn sweep_uploads(app: &App) -> Result<(), db::DbError> {
 
 /// How many job files in the directories carry a server-style name but no
 /// record: said at start, since the server never takes them for anyone's.
-pub fn unrecorded(app: &App) -> Result<usize, db::DbError> {
+pub async fn unrecorded(app: &App) -> Result<usize, db::DbError> {
     let mut n = 0;
     for name in app.store.server_style_names() {
-        if !db::file_recorded(&app.db, &name)? {
+        if !db::file_recorded(&app.db, &name).await? {
             n += 1;
         }
     }
@@ -84,10 +84,10 @@ pub fn unrecorded(app: &App) -> Result<usize, db::DbError> {
 
 /// Deletes the results and logs of finished jobs older than their account's
 /// retention, and records it. Returns how many jobs it cleared.
-pub fn sweep_retention(app: &App) -> Result<usize, db::DbError> {
+pub async fn sweep_retention(app: &App) -> Result<usize, db::DbError> {
     let conn = &app.db;
-    let accounts = db::accounts(conn)?;
-    let jobs = db::all_jobs(conn)?;
+    let accounts = db::accounts(conn).await?;
+    let jobs = db::all_jobs(conn).await?;
     let mut cleared = 0;
     for job in jobs.iter().filter(|j| j.deleted.is_none() && (j.state == "done" || j.state == "failed")) {
         let Some(account) = accounts.iter().find(|a| a.id == job.account_id) else { continue };
@@ -109,8 +109,8 @@ pub fn sweep_retention(app: &App) -> Result<usize, db::DbError> {
             }
         }
         let conn = &app.db;
-        db::mark_deleted(conn, &job.id)?;
-        db::audit(conn, Some(&account.name), "retention_deleted", &format!("{} after {days} day(s)", job.id))?;
+        db::mark_deleted(conn, &job.id).await?;
+        db::audit(conn, Some(&account.name), "retention_deleted", &format!("{} after {days} day(s)", job.id)).await?;
         cleared += 1;
     }
     Ok(cleared)
@@ -118,17 +118,17 @@ pub fn sweep_retention(app: &App) -> Result<usize, db::DbError> {
 
 /// Ends the leases that ran out and puts right what a crash left
 /// (`lease::sweep`); the jobs it moved get their records brought up to date.
-pub fn sweep_leases(app: &App) -> Result<(), db::DbError> {
-    for job in lease::sweep(&app.db, &app.store, &app.farm)? {
-        app.refresh(&job);
+pub async fn sweep_leases(app: &App) -> Result<(), db::DbError> {
+    for job in lease::sweep(&app.db, &app.store, &app.farm).await? {
+        app.refresh(&job).await;
     }
     Ok(())
 }
 
 /// Finishes what a crash left between the database and the directories (`lease::reconcile`).
-pub fn reconcile_leases(app: &App) -> Result<(), db::DbError> {
-    for job in lease::reconcile(&app.db, &app.store, &app.farm)? {
-        app.refresh(&job);
+pub async fn reconcile_leases(app: &App) -> Result<(), db::DbError> {
+    for job in lease::reconcile(&app.db, &app.store, &app.farm).await? {
+        app.refresh(&job).await;
     }
     Ok(())
 }
@@ -137,13 +137,9 @@ pub fn reconcile_leases(app: &App) -> Result<(), db::DbError> {
 pub async fn keep_sweeping(app: Arc<App>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
-        let app = app.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Err(e) = sweep_leases(&app) {
-                log::error!("cannot sweep the leases: {}", jobfile::error_chain(&e));
-            }
-        })
-        .await;
+        if let Err(e) = sweep_leases(&app).await {
+            log::error!("cannot sweep the leases: {}", jobfile::error_chain(&e));
+        }
     }
 }
 
@@ -151,17 +147,13 @@ pub async fn keep_sweeping(app: Arc<App>, every: Duration) {
 pub async fn follow(app: Arc<App>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
-        let app = app.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Err(e) = rebuild(&app) {
-                log::error!("cannot follow the queue: {}", jobfile::error_chain(&e));
-            }
-            match sweep_retention(&app) {
-                Ok(0) => {}
-                Ok(n) => log::info!("retention: deleted the results and logs of {n} job(s)"),
-                Err(e) => log::error!("retention: {}", jobfile::error_chain(&e)),
-            }
-        })
-        .await;
+        if let Err(e) = rebuild(&app).await {
+            log::error!("cannot follow the queue: {}", jobfile::error_chain(&e));
+        }
+        match sweep_retention(&app).await {
+            Ok(0) => {}
+            Ok(n) => log::info!("retention: deleted the results and logs of {n} job(s)"),
+            Err(e) => log::error!("retention: {}", jobfile::error_chain(&e)),
+        }
     }
 }

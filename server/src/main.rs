@@ -189,6 +189,13 @@ enum AccountCommand {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // One runtime for every command: the database is async (sqlx).
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    runtime.block_on(run_command(cli))
+}
+
+async fn run_command(cli: Cli) -> Result<()> {
     // What the server writes (job files, reasons, staged results) is for it and
     // its group; the database, which holds token hashes, for it alone.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
@@ -210,12 +217,12 @@ fn run(cli: Cli) -> Result<()> {
             Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
         }
     }
-    let conn = db::open(&cli.db)?;
+    let conn = db::open(&cli.db).await?;
     match cli.command {
-        Command::Serve(args) => serve(conn, *args),
-        Command::Account(cmd) => account(&conn, cmd),
+        Command::Serve(args) => serve(conn, *args).await,
+        Command::Account(cmd) => account(&conn, cmd).await,
         Command::Audit { limit } => {
-            for (time, account, action, detail) in db::audit_log(&conn, limit)? {
+            for (time, account, action, detail) in db::audit_log(&conn, limit).await? {
                 println!("{time}  {:<16} {action:<18} {detail}", account.unwrap_or_default());
             }
             Ok(())
@@ -224,15 +231,15 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn account(conn: &Database, cmd: AccountCommand) -> Result<()> {
+async fn account(conn: &Database, cmd: AccountCommand) -> Result<()> {
     match cmd {
         AccountCommand::Add { name, host } => {
             let secret = auth::new_secret();
             // The id is known only once the row exists: add, then set the real token's hash.
             let kind = if host { db::Kind::Host } else { db::Kind::Submitter };
-            let account = db::add_account(conn, &name, kind, &[])?;
+            let account = db::add_account(conn, &name, kind, &[]).await?;
             let token = auth::token(account.id, &secret);
-            db::set_token(conn, &name, &auth::hash(&token))?;
+            db::set_token(conn, &name, &auth::hash(&token)).await?;
             println!("{token}");
             eprintln!(
                 "construir-server: {} account {name} added; its token is above and is not shown again",
@@ -240,9 +247,10 @@ fn account(conn: &Database, cmd: AccountCommand) -> Result<()> {
             );
         }
         AccountCommand::Token { name } => {
-            let account = db::account_by_name(conn, &name)?.with_context(|| format!("no account named {name:?}"))?;
+            let account =
+                db::account_by_name(conn, &name).await?.with_context(|| format!("no account named {name:?}"))?;
             let token = auth::token(account.id, &auth::new_secret());
-            db::set_token(conn, &name, &auth::hash(&token))?;
+            db::set_token(conn, &name, &auth::hash(&token)).await?;
             println!("{token}");
         }
         AccountCommand::List => {
@@ -255,7 +263,7 @@ fn account(conn: &Database, cmd: AccountCommand) -> Result<()> {
                 "{:<20} {:<9} {:<9} {:>10} {:>8} {:>10} {:>9} {:>10}  CREATED",
                 "NAME", "KIND", "STATE", "JOB SIZE", "WAITING", "STORED", "PER HOUR", "RETENTION"
             );
-            for a in db::accounts(conn)?.iter().filter(|a| !a.name.starts_with("removed-")) {
+            for a in db::accounts(conn).await?.iter().filter(|a| !a.name.starts_with("removed-")) {
                 let l = a.limits;
                 println!(
                     "{:<20} {:<9} {:<9} {:>10} {:>8} {:>10} {:>9} {:>10}  {}",
@@ -271,15 +279,15 @@ fn account(conn: &Database, cmd: AccountCommand) -> Result<()> {
                 );
             }
         }
-        AccountCommand::Disable { name } => db::set_disabled(conn, &name, true)?,
-        AccountCommand::Enable { name } => db::set_disabled(conn, &name, false)?,
-        AccountCommand::Remove { name } => db::remove_account(conn, &name)?,
-        AccountCommand::Limits { name, limits } => db::set_limits(conn, &name, &limits.limits())?,
+        AccountCommand::Disable { name } => db::set_disabled(conn, &name, true).await?,
+        AccountCommand::Enable { name } => db::set_disabled(conn, &name, false).await?,
+        AccountCommand::Remove { name } => db::remove_account(conn, &name).await?,
+        AccountCommand::Limits { name, limits } => db::set_limits(conn, &name, &limits.limits()).await?,
     }
     Ok(())
 }
 
-fn serve(conn: Database, a: ServeArgs) -> Result<()> {
+async fn serve(conn: Database, a: ServeArgs) -> Result<()> {
     let mut store = Store::beside(&a.queue);
     if let Some(images) = a.images {
         store.images = images;
@@ -296,7 +304,7 @@ fn serve(conn: Database, a: ServeArgs) -> Result<()> {
     }
     let farm = lease::Settings { lease: a.lease, max_attempts: a.max_attempts };
     // Hosts could not renew while the server was down: every lease gets a full term.
-    let extended = db::extend_leases(&conn, farm.lease.as_millis() as i64)?;
+    let extended = db::extend_leases(&conn, farm.lease.as_millis() as i64).await?;
     if extended > 0 {
         log::info!("{extended} lease(s) of remote hosts given a full term again after the restart");
     }
@@ -308,9 +316,9 @@ fn serve(conn: Database, a: ServeArgs) -> Result<()> {
         tls: tls.is_some(),
     };
     let app = App::new(conn, store, settings, farm);
-    reconcile_leases(&app)?;
-    rebuild(&app)?;
-    let strangers = unrecorded(&app)?;
+    reconcile_leases(&app).await?;
+    rebuild(&app).await?;
+    let strangers = unrecorded(&app).await?;
     if strangers > 0 {
         log::warn!("{strangers} job file(s) in the directories have a server-style name but no record: they are no account's (the server takes ownership from its database only; restore it from a backup to recover them)");
     }
@@ -323,27 +331,19 @@ fn serve(conn: Database, a: ServeArgs) -> Result<()> {
         max_per_address: a.max_connections_per_address as usize,
         header_timeout: a.header_timeout,
     };
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
-    runtime.block_on(async move {
-        let listener =
-            std::net::TcpListener::bind(a.listen).with_context(|| format!("cannot listen on {}", a.listen))?;
-        listener.set_nonblocking(true)?;
-        let bound = listener.local_addr()?;
-        tokio::spawn(follow(app.clone(), a.follow_every));
-        tokio::spawn(keep_sweeping(
-            app.clone(),
-            (a.lease / 10).clamp(Duration::from_millis(200), Duration::from_secs(2)),
-        ));
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        eprintln!("construir-server: listening on {scheme}://{bound}");
-        let listener = tokio::net::TcpListener::from_std(listener)?;
-        listen::serve(listener, tls, http::router(app), bounds, shutdown(), Duration::from_secs(10))
-            .await
-            .context("the server failed")?;
-        log::info!("stopped");
-        anyhow::Ok(())
-    })
+    let listener = std::net::TcpListener::bind(a.listen).with_context(|| format!("cannot listen on {}", a.listen))?;
+    listener.set_nonblocking(true)?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(follow(app.clone(), a.follow_every));
+    tokio::spawn(keep_sweeping(app.clone(), (a.lease / 10).clamp(Duration::from_millis(200), Duration::from_secs(2))));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    eprintln!("construir-server: listening on {scheme}://{bound}");
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    listen::serve(listener, tls, http::router(app), bounds, shutdown(), Duration::from_secs(10))
+        .await
+        .context("the server failed")?;
+    log::info!("stopped");
+    Ok(())
 }
 
 async fn shutdown() {

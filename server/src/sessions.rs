@@ -85,8 +85,8 @@ impl Sessions {
 
 /// The account a grant was made for, while the account is enabled and its
 /// token is still the one the grant was made with.
-pub fn still_valid(db: &Database, grant: &Grant) -> Option<Account> {
-    let account = db::account_by_id(db, grant.account).ok()??;
+pub async fn still_valid(db: &Database, grant: &Grant) -> Option<Account> {
+    let account = db::account_by_id(db, grant.account).await.ok()??;
     (!account.disabled && bool::from(subtle::ConstantTimeEq::ct_eq(&account.token_hash[..], &grant.token_hash[..])))
         .then_some(account)
 }

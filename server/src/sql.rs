@@ -1,69 +1,90 @@
-//! One way to talk to either database: SQLite (embedded, the default) or
-//! PostgreSQL (for farms that run one, and for several server processes
-//! sharing a database). Statements are written once, with `?1`-style
-//! parameters; for PostgreSQL they become `$1`. Values are the four kinds
-//! both databases share: null, 64-bit integer, text and bytes.
+//! One way to talk to either database, over sqlx: SQLite (embedded, the
+//! default) or PostgreSQL (for farms that run one, and for several server
+//! processes sharing a database). A pool of connections of sqlx's `Any`
+//! driver; statements are written once, with `$1`-style parameters, which
+//! both understand. Values are the four kinds both databases share: null,
+//! 64-bit integer, text and bytes. The schema is migrations as files, one
+//! set per backend (`server/migrations/{sqlite,postgres}/`), applied by
+//! sqlx's migrator.
 
-use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::{Migrate, Migrator};
+use sqlx::{Any, AnyPool, Executor};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum SqlError {
     #[error(transparent)]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlx(#[from] sqlx::Error),
     #[error(transparent)]
-    Postgres(#[from] postgres::Error),
+    Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("column {0}: {1}")]
-    Column(usize, &'static str),
+    Column(usize, String),
 }
 
+/// A parameter. Nulls keep their kind: PostgreSQL types every parameter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Value {
-    Null,
-    Int(i64),
-    Text(String),
-    Bytes(Vec<u8>),
+    Int(Option<i64>),
+    Text(Option<String>),
+    Bytes(Option<Vec<u8>>),
 }
 
 impl From<i64> for Value {
     fn from(v: i64) -> Value {
-        Value::Int(v)
+        Value::Int(Some(v))
     }
 }
 impl From<u64> for Value {
     fn from(v: u64) -> Value {
-        Value::Int(v as i64)
+        Value::Int(Some(v as i64))
     }
 }
 impl From<bool> for Value {
     fn from(v: bool) -> Value {
-        Value::Int(v as i64)
+        Value::Int(Some(v as i64))
     }
 }
 impl From<&str> for Value {
     fn from(v: &str) -> Value {
-        Value::Text(v.to_owned())
+        Value::Text(Some(v.to_owned()))
     }
 }
 impl From<String> for Value {
     fn from(v: String) -> Value {
-        Value::Text(v)
+        Value::Text(Some(v))
     }
 }
 impl From<&String> for Value {
     fn from(v: &String) -> Value {
-        Value::Text(v.clone())
+        Value::Text(Some(v.clone()))
     }
 }
 impl From<&[u8]> for Value {
     fn from(v: &[u8]) -> Value {
-        Value::Bytes(v.to_vec())
+        Value::Bytes(Some(v.to_vec()))
     }
 }
-impl<T: Into<Value>> From<Option<T>> for Value {
-    fn from(v: Option<T>) -> Value {
-        v.map_or(Value::Null, Into::into)
+impl From<Option<i64>> for Value {
+    fn from(v: Option<i64>) -> Value {
+        Value::Int(v)
+    }
+}
+impl From<Option<u64>> for Value {
+    fn from(v: Option<u64>) -> Value {
+        Value::Int(v.map(|v| v as i64))
+    }
+}
+impl From<Option<&str>> for Value {
+    fn from(v: Option<&str>) -> Value {
+        Value::Text(v.map(str::to_owned))
+    }
+}
+impl From<Option<String>> for Value {
+    fn from(v: Option<String>) -> Value {
+        Value::Text(v)
     }
 }
 
@@ -73,44 +94,36 @@ macro_rules! params {
     ($($v:expr),* $(,)?) => { &[$($crate::sql::Value::from($v)),*][..] };
 }
 
-/// One row of a result, read by column index.
-#[derive(Debug, Clone)]
-pub struct Row(Vec<Value>);
+/// One row of a result, read by column index and the kind the caller expects.
+pub struct Row(AnyRow);
 
 impl Row {
-    fn at(&self, i: usize) -> Result<&Value, SqlError> {
-        self.0.get(i).ok_or(SqlError::Column(i, "no such column"))
+    fn get<'r, T: sqlx::Decode<'r, Any> + sqlx::Type<Any>>(&'r self, i: usize) -> Result<Option<T>, SqlError> {
+        use sqlx::Row as _;
+        self.0.try_get::<Option<T>, _>(i).map_err(|e| SqlError::Column(i, e.to_string()))
     }
 
     pub fn int(&self, i: usize) -> Result<i64, SqlError> {
-        self.opt_int(i)?.ok_or(SqlError::Column(i, "null where a number was expected"))
+        self.opt_int(i)?.ok_or_else(|| SqlError::Column(i, "null where a number was expected".into()))
     }
 
     pub fn opt_int(&self, i: usize) -> Result<Option<i64>, SqlError> {
-        match self.at(i)? {
-            Value::Null => Ok(None),
-            Value::Int(v) => Ok(Some(*v)),
-            _ => Err(SqlError::Column(i, "not a number")),
-        }
+        self.get::<i64>(i)
     }
 
     pub fn text(&self, i: usize) -> Result<String, SqlError> {
-        self.opt_text(i)?.ok_or(SqlError::Column(i, "null where text was expected"))
+        self.opt_text(i)?.ok_or_else(|| SqlError::Column(i, "null where text was expected".into()))
     }
 
     pub fn opt_text(&self, i: usize) -> Result<Option<String>, SqlError> {
-        match self.at(i)? {
-            Value::Null => Ok(None),
-            Value::Text(v) => Ok(Some(v.clone())),
-            _ => Err(SqlError::Column(i, "not text")),
-        }
+        self.get::<String>(i)
     }
 
     pub fn bytes(&self, i: usize) -> Result<Vec<u8>, SqlError> {
-        match self.at(i)? {
-            Value::Bytes(v) => Ok(v.clone()),
-            Value::Text(v) => Ok(v.as_bytes().to_vec()),
-            _ => Err(SqlError::Column(i, "not bytes")),
+        match self.get::<Vec<u8>>(i) {
+            Ok(v) => Ok(v.unwrap_or_default()),
+            // A blob written as text by an older schema reads as its bytes.
+            Err(_) => Ok(self.text(i)?.into_bytes()),
         }
     }
 }
@@ -121,20 +134,16 @@ pub enum Backend {
     Postgres,
 }
 
-/// An open database.
+/// An open database: a pool of connections to it.
 pub struct Database {
-    inner: Inner,
-}
-
-enum Inner {
-    Sqlite(Mutex<rusqlite::Connection>),
-    Postgres { client: Mutex<postgres::Client>, config: Box<postgres::Config> },
+    pool: AnyPool,
+    backend: Backend,
 }
 
 /// A transaction; it commits when the closure given to [`Database::tx`] returns `Ok`.
-pub enum Tx<'a> {
-    Sqlite(rusqlite::Transaction<'a>),
-    Postgres(postgres::Transaction<'a>),
+pub struct Tx {
+    inner: sqlx::Transaction<'static, Any>,
+    backend: Backend,
 }
 
 /// Whether `spec` names a PostgreSQL database rather than an SQLite file.
@@ -142,157 +151,177 @@ pub fn is_postgres(spec: &str) -> bool {
     spec.starts_with("postgresql://") || spec.starts_with("postgres://")
 }
 
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Connections in the pool: SQLite's writers take turns anyway (WAL lets
+/// readers run beside them); PostgreSQL serves several at once.
+const SQLITE_CONNECTIONS: u32 = 4;
+const POSTGRES_CONNECTIONS: u32 = 8;
+
+/// How long a request waits for a connection before it is an error.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The key of PostgreSQL's advisory lock that servers starting together
+/// take while one of them adopts a database made before sqlx's migrator.
+const ADOPT_LOCK: i64 = 7216373;
+
 impl Database {
-    pub fn sqlite(conn: rusqlite::Connection) -> Database {
-        Database { inner: Inner::Sqlite(Mutex::new(conn)) }
+    /// Opens an SQLite file (made when missing), in WAL mode with full
+    /// sync, foreign keys on, and a busy timeout of 10 s.
+    pub async fn sqlite(path: &str) -> Result<Database, SqlError> {
+        sqlx::any::install_default_drivers();
+        // The path as sqlx reads it: percent-decoded, up to a `?`.
+        let escaped = path.replace('%', "%25").replace('?', "%3F").replace('#', "%23");
+        let pool = AnyPoolOptions::new()
+            .max_connections(SQLITE_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute(
+                        "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;",
+                    )
+                    .await?;
+                    Ok(())
+                })
+            })
+            .connect(&format!("sqlite://{escaped}?mode=rwc"))
+            .await?;
+        Ok(Database { pool, backend: Backend::Sqlite })
     }
 
     /// Connects to PostgreSQL (`postgresql://user@host:port/dbname`, without TLS:
     /// keep it on this machine or a private network).
-    pub fn postgres(url: &str) -> Result<Database, SqlError> {
-        let config: postgres::Config = url.parse()?;
-        let client = blocking(|| config.connect(postgres::NoTls))?;
-        Ok(Database { inner: Inner::Postgres { client: Mutex::new(client), config: Box::new(config) } })
+    pub async fn postgres(url: &str) -> Result<Database, SqlError> {
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(POSTGRES_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect(url)
+            .await?;
+        Ok(Database { pool, backend: Backend::Postgres })
     }
 
     pub fn backend(&self) -> Backend {
-        match self.inner {
-            Inner::Sqlite(_) => Backend::Sqlite,
-            Inner::Postgres { .. } => Backend::Postgres,
-        }
+        self.backend
     }
 
     /// Runs `f` in one transaction: committed when it returns `Ok`, rolled back otherwise.
-    /// SQLite's take the write lock at once, so two never wait on each other's.
-    pub fn tx<R, E: From<SqlError>>(&self, f: impl FnOnce(&mut Tx<'_>) -> Result<R, E>) -> Result<R, E> {
-        match &self.inner {
-            Inner::Sqlite(conn) => {
-                let mut conn = lock(conn);
-                let tx =
-                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(SqlError::from)?;
-                let mut tx = Tx::Sqlite(tx);
-                let out = f(&mut tx)?;
-                let Tx::Sqlite(tx) = tx else { unreachable!() };
-                tx.commit().map_err(SqlError::from)?;
-                Ok(out)
+    /// SQLite's take the write lock at once (`BEGIN IMMEDIATE`), so two never
+    /// deadlock upgrading a read to a write; they wait their turn.
+    pub async fn tx<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        E: From<SqlError>,
+        F: AsyncFnOnce(&mut Tx) -> Result<R, E>,
+    {
+        let inner = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
+        .map_err(SqlError::from)?;
+        let mut tx = Tx { inner, backend: self.backend };
+        let out = f(&mut tx).await?;
+        tx.inner.commit().await.map_err(SqlError::from)?;
+        Ok(out)
+    }
+
+    /// One statement on its own (it is its own transaction); the rows it changed.
+    pub async fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, SqlError> {
+        Ok(bind(sqlx::query(sql), params).execute(&self.pool).await?.rows_affected())
+    }
+
+    /// One query on its own: a consistent read that waits on no writer.
+    pub async fn query(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, SqlError> {
+        Ok(bind(sqlx::query(sql), params).fetch_all(&self.pool).await?.into_iter().map(Row).collect())
+    }
+
+    pub async fn query_opt(&self, sql: &str, params: &[Value]) -> Result<Option<Row>, SqlError> {
+        Ok(bind(sqlx::query(sql), params).fetch_optional(&self.pool).await?.map(Row))
+    }
+
+    /// Applies the migrations not yet applied (`server/migrations/<backend>/`),
+    /// each once, whichever of several servers starting together gets there
+    /// first (sqlx's migrator holds a lock while it works). A database made
+    /// before the migrator, which counted its migrations itself, is adopted
+    /// first: those it applied are recorded as applied.
+    pub async fn migrate(&self) -> Result<(), SqlError> {
+        let migrator = match self.backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        self.adopt(migrator).await?;
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// How many migrations a database from before sqlx's migrator had applied
+    /// (SQLite: `PRAGMA user_version`; PostgreSQL: the `construir_schema` table),
+    /// recorded in the migrator's table when it has none yet.
+    async fn adopt(&self, migrator: &Migrator) -> Result<(), SqlError> {
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(ADOPT_LOCK).execute(&mut *tx).await?;
+        }
+        let known = |table: &str| match self.backend {
+            Backend::Sqlite => format!("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '{table}'"),
+            Backend::Postgres => format!("SELECT CAST(COUNT(*) AS BIGINT) FROM pg_tables WHERE tablename = '{table}'"),
+        };
+        let count = async |tx: &mut sqlx::Transaction<'_, Any>, sql: String| -> Result<i64, SqlError> {
+            Ok(sqlx::query_scalar::<_, i64>(&sql).fetch_one(&mut **tx).await?)
+        };
+        if count(&mut tx, known("_sqlx_migrations")).await? > 0 {
+            return Ok(());
+        }
+        let applied = match self.backend {
+            Backend::Sqlite => count(&mut tx, "PRAGMA user_version".to_owned()).await?,
+            Backend::Postgres if count(&mut tx, known("construir_schema")).await? > 0 => {
+                count(&mut tx, "SELECT MAX(version) FROM construir_schema".to_owned()).await.unwrap_or(0)
             }
-            Inner::Postgres { client, config } => blocking(|| {
-                let mut client = lock(client);
-                if client.is_closed() {
-                    log::warn!("the connection to PostgreSQL was closed; connecting again");
-                    *client = config.connect(postgres::NoTls).map_err(SqlError::from)?;
-                }
-                let tx = client.transaction().map_err(SqlError::from)?;
-                let mut tx = Tx::Postgres(tx);
-                let out = f(&mut tx)?;
-                let Tx::Postgres(tx) = tx else { unreachable!() };
-                tx.commit().map_err(SqlError::from)?;
-                Ok(out)
-            }),
+            Backend::Postgres => 0,
+        };
+        if applied <= 0 {
+            return Ok(());
         }
-    }
-
-    pub fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, SqlError> {
-        self.tx(|tx| tx.execute(sql, params))
-    }
-
-    pub fn query(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, SqlError> {
-        self.tx(|tx| tx.query(sql, params))
-    }
-
-    pub fn query_opt(&self, sql: &str, params: &[Value]) -> Result<Option<Row>, SqlError> {
-        Ok(self.query(sql, params)?.into_iter().next())
-    }
-
-    /// Applies the migrations not yet applied, each once, whichever of
-    /// several servers starting together gets there first.
-    pub fn migrate(&self, migrations: &[&str]) -> Result<(), SqlError> {
-        for (i, sql) in migrations.iter().enumerate() {
-            self.tx(|tx| -> Result<(), SqlError> {
-                let applied = match tx {
-                    Tx::Sqlite(t) => t.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))?,
-                    Tx::Postgres(t) => {
-                        t.execute("SELECT pg_advisory_xact_lock(7216373)", &[])?;
-                        t.batch_execute("CREATE TABLE IF NOT EXISTS construir_schema (version BIGINT NOT NULL)")?;
-                        let rows = t.query("SELECT version FROM construir_schema", &[])?;
-                        match rows.first() {
-                            Some(r) => r.get::<_, i64>(0),
-                            None => {
-                                t.execute("INSERT INTO construir_schema (version) VALUES (0)", &[])?;
-                                0
-                            }
-                        }
-                    }
-                };
-                if applied as usize > i {
-                    return Ok(());
-                }
-                match tx {
-                    Tx::Sqlite(t) => {
-                        t.execute_batch(sql)?;
-                        t.pragma_update(None, "user_version", (i + 1) as i64)?;
-                    }
-                    Tx::Postgres(t) => {
-                        t.batch_execute(&postgres_ddl(sql))?;
-                        t.execute("UPDATE construir_schema SET version = $1", &[&((i + 1) as i64)])?;
-                    }
-                }
-                Ok(())
-            })?;
+        tx.ensure_migrations_table().await?;
+        for m in migrator.iter().filter(|m| m.version <= applied) {
+            sqlx::query(
+                "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES ($1, $2, TRUE, $3, 0)",
+            )
+            .bind(m.version)
+            .bind(m.description.to_string())
+            .bind(m.checksum.to_vec())
+            .execute(&mut *tx)
+            .await?;
         }
+        tx.commit().await?;
+        log::info!("the database's {applied} migration(s) from before sqlx's migrator are recorded as applied");
         Ok(())
     }
 }
 
-impl Tx<'_> {
+impl Tx {
     pub fn backend(&self) -> Backend {
-        match self {
-            Tx::Sqlite(_) => Backend::Sqlite,
-            Tx::Postgres(_) => Backend::Postgres,
-        }
+        self.backend
     }
 
-    pub fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, SqlError> {
-        match self {
-            Tx::Sqlite(t) => {
-                let params: Vec<rusqlite::types::Value> = params.iter().map(to_sqlite).collect();
-                Ok(t.execute(sql, rusqlite::params_from_iter(params))? as u64)
-            }
-            Tx::Postgres(t) => {
-                let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = params.iter().map(|p| p as _).collect();
-                Ok(t.execute(postgres_params(sql).as_str(), &refs)?)
-            }
-        }
+    pub async fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, SqlError> {
+        Ok(bind(sqlx::query(sql), params).execute(&mut *self.inner).await?.rows_affected())
     }
 
-    pub fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, SqlError> {
-        match self {
-            Tx::Sqlite(t) => {
-                let params: Vec<rusqlite::types::Value> = params.iter().map(to_sqlite).collect();
-                let mut stmt = t.prepare(sql)?;
-                let columns = stmt.column_count();
-                let rows = stmt.query_map(rusqlite::params_from_iter(params), |r| {
-                    (0..columns).map(|i| Ok(from_sqlite(r.get_ref(i)?))).collect::<rusqlite::Result<Vec<_>>>().map(Row)
-                })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
-            }
-            Tx::Postgres(t) => {
-                let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = params.iter().map(|p| p as _).collect();
-                let rows = t.query(postgres_params(sql).as_str(), &refs)?;
-                rows.iter().map(from_postgres).collect()
-            }
-        }
+    pub async fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, SqlError> {
+        Ok(bind(sqlx::query(sql), params).fetch_all(&mut *self.inner).await?.into_iter().map(Row).collect())
     }
 
-    pub fn query_opt(&mut self, sql: &str, params: &[Value]) -> Result<Option<Row>, SqlError> {
-        Ok(self.query(sql, params)?.into_iter().next())
+    pub async fn query_opt(&mut self, sql: &str, params: &[Value]) -> Result<Option<Row>, SqlError> {
+        Ok(bind(sqlx::query(sql), params).fetch_optional(&mut *self.inner).await?.map(Row))
     }
 
     /// `FOR UPDATE` where the database has row locks (PostgreSQL): the rows
     /// read are held until the transaction ends. Nothing in SQLite, whose
     /// transactions hold the whole database.
     pub fn for_update(&self) -> &'static str {
-        match self.backend() {
+        match self.backend {
             Backend::Sqlite => "",
             Backend::Postgres => " FOR UPDATE",
         }
@@ -301,124 +330,99 @@ impl Tx<'_> {
     /// `FOR UPDATE SKIP LOCKED` where the database has row locks (PostgreSQL);
     /// nothing in SQLite, where the transaction holds the whole database.
     pub fn skip_locked(&self) -> &'static str {
-        match self.backend() {
+        match self.backend {
             Backend::Sqlite => "",
             Backend::Postgres => " FOR UPDATE SKIP LOCKED",
         }
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+type Query<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
 
-/// Runs blocking database work, also from inside the server's async tasks:
-/// the PostgreSQL client blocks on a runtime of its own.
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
-fn to_sqlite(v: &Value) -> rusqlite::types::Value {
-    use rusqlite::types::Value as V;
-    match v {
-        Value::Null => V::Null,
-        Value::Int(i) => V::Integer(*i),
-        Value::Text(s) => V::Text(s.clone()),
-        Value::Bytes(b) => V::Blob(b.clone()),
-    }
-}
-
-fn from_sqlite(v: rusqlite::types::ValueRef<'_>) -> Value {
-    use rusqlite::types::ValueRef as V;
-    match v {
-        V::Null => Value::Null,
-        V::Integer(i) => Value::Int(i),
-        V::Real(f) => Value::Int(f as i64),
-        V::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
-        V::Blob(b) => Value::Bytes(b.to_vec()),
-    }
-}
-
-fn from_postgres(row: &postgres::Row) -> Result<Row, SqlError> {
-    use postgres::types::Type;
-    let mut out = Vec::with_capacity(row.len());
-    for (i, col) in row.columns().iter().enumerate() {
-        let t = col.type_();
-        let v = if *t == Type::INT8 {
-            row.try_get::<_, Option<i64>>(i)?.map(Value::Int)
-        } else if *t == Type::INT4 {
-            row.try_get::<_, Option<i32>>(i)?.map(|v| Value::Int(v.into()))
-        } else if *t == Type::INT2 {
-            row.try_get::<_, Option<i16>>(i)?.map(|v| Value::Int(v.into()))
-        } else if *t == Type::BOOL {
-            row.try_get::<_, Option<bool>>(i)?.map(|v| Value::Int(v.into()))
-        } else if *t == Type::BYTEA {
-            row.try_get::<_, Option<Vec<u8>>>(i)?.map(Value::Bytes)
-        } else {
-            row.try_get::<_, Option<String>>(i)?.map(Value::Text)
+fn bind<'q>(mut q: Query<'q>, params: &'q [Value]) -> Query<'q> {
+    for p in params {
+        q = match p {
+            Value::Int(v) => q.bind(*v),
+            Value::Text(v) => q.bind(v.as_deref()),
+            Value::Bytes(v) => q.bind(v.as_deref()),
         };
-        out.push(v.unwrap_or(Value::Null));
     }
-    Ok(Row(out))
-}
-
-impl postgres::types::ToSql for Value {
-    fn to_sql(
-        &self,
-        ty: &postgres::types::Type,
-        out: &mut bytes::BytesMut,
-    ) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        use postgres::types::Type;
-        match self {
-            Value::Null => Ok(postgres::types::IsNull::Yes),
-            Value::Int(i) if *ty == Type::INT4 => i32::try_from(*i)?.to_sql(ty, out),
-            Value::Int(i) if *ty == Type::BOOL => (*i != 0).to_sql(ty, out),
-            Value::Int(i) => i.to_sql(ty, out),
-            Value::Text(s) => s.to_sql(ty, out),
-            Value::Bytes(b) => b.to_sql(ty, out),
-        }
-    }
-
-    fn accepts(_: &postgres::types::Type) -> bool {
-        true
-    }
-
-    postgres::types::to_sql_checked!();
-}
-
-/// `?1` parameters as PostgreSQL's `$1`.
-fn postgres_params(sql: &str) -> String {
-    let mut out = String::with_capacity(sql.len());
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '?' && chars.peek().is_some_and(char::is_ascii_digit) {
-            out.push('$');
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// The schema, written for SQLite, in PostgreSQL's types: 64-bit integers,
-/// `BYTEA` for blobs, and identity columns where SQLite numbers rows itself.
-fn postgres_ddl(sql: &str) -> String {
-    sql.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY").replace("INTEGER", "BIGINT").replace("BLOB", "BYTEA")
+    q
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn statements_and_schema_translate_to_postgres() {
-        assert_eq!(postgres_params("a = ?1 AND b = ?12 AND c = '?'"), "a = $1 AND b = $12 AND c = '?'");
-        assert_eq!(
-            postgres_ddl("id INTEGER PRIMARY KEY, n INTEGER NOT NULL, h BLOB, k INTEGER NOT NULL PRIMARY KEY"),
-            "id BIGSERIAL PRIMARY KEY, n BIGINT NOT NULL, h BYTEA, k BIGINT NOT NULL PRIMARY KEY"
-        );
+    const OLD_SCHEMA: [&str; 3] = [
+        include_str!("../migrations/sqlite/0001_accounts_jobs_audit.sql"),
+        include_str!("../migrations/sqlite/0002_farm.sql"),
+        include_str!("../migrations/sqlite/0003_file_identity.sql"),
+    ];
+
+    async fn applied(db: &Database) -> i64 {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&db.pool)
+            .await
+            .expect("count")
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_the_migrator_is_adopted_and_keeps_its_rows() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("old.db").to_string_lossy().into_owned();
+        // As the server before sqlx left it: the schema, counted in user_version, and an account.
+        let old = Database::sqlite(&path).await.expect("open");
+        for sql in OLD_SCHEMA {
+            sqlx::raw_sql(sql).execute(&old.pool).await.expect("old schema");
+        }
+        sqlx::raw_sql("PRAGMA user_version = 3").execute(&old.pool).await.expect("version");
+        old.execute(
+            "INSERT INTO accounts (name, token_hash, created) VALUES ($1, $2, $3)",
+            crate::params!["old", &b"h"[..], "then"],
+        )
+        .await
+        .expect("account");
+        old.pool.close().await;
+
+        let db = crate::db::open(&path).await.expect("adopted");
+        assert_eq!(applied(&db).await, 3);
+        let account = crate::db::account_by_name(&db, "old").await.expect("read").expect("kept");
+        assert_eq!((account.token_hash, account.kind), (b"h".to_vec(), crate::db::Kind::Submitter));
+        db.pool.close().await;
+        // Opened again: nothing to adopt or apply, nothing applied twice.
+        let db = crate::db::open(&path).await.expect("reopened");
+        assert_eq!(applied(&db).await, 3);
+
+        // A new database gets every migration from the migrator itself.
+        let fresh = crate::db::open(&tmp.path().join("new.db").to_string_lossy()).await.expect("new");
+        assert_eq!(applied(&fresh).await, SQLITE_MIGRATIONS.iter().count() as i64);
+    }
+
+    #[tokio::test]
+    async fn nulls_keep_their_kind_and_values_read_back_as_written() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let db = Database::sqlite(&tmp.path().join("a?b#c%d.db").to_string_lossy()).await.expect("an odd name");
+        assert!(tmp.path().join("a?b#c%d.db").is_file(), "the file is named as asked");
+        db.execute("CREATE TABLE t (i INTEGER, s TEXT, b BLOB)", &[]).await.expect("table");
+        let (none_i, none_s): (Option<i64>, Option<&str>) = (None, None);
+        db.execute("INSERT INTO t VALUES ($1, $2, $3)", crate::params![7i64, "x", &b"\x00\xff"[..]])
+            .await
+            .expect("row");
+        db.execute("INSERT INTO t VALUES ($1, $2, NULL)", crate::params![none_i, none_s]).await.expect("nulls");
+        let rows = db.query("SELECT i, s, b FROM t ORDER BY i IS NULL", &[]).await.expect("read");
+        assert_eq!((rows[0].int(0).expect("i"), rows[0].text(1).expect("s")), (7, "x".to_owned()));
+        assert_eq!(rows[0].bytes(2).expect("b"), b"\x00\xff");
+        assert_eq!((rows[1].opt_int(0).expect("i"), rows[1].opt_text(1).expect("s")), (None, None));
+        assert!(rows[1].int(0).is_err(), "a null is not a number");
+        // A transaction that fails leaves nothing.
+        let failed: Result<(), SqlError> = db
+            .tx(async |tx| {
+                tx.execute("INSERT INTO t VALUES (8, 'y', NULL)", &[]).await?;
+                Err(SqlError::Column(0, "on purpose".into()))
+            })
+            .await;
+        assert!(failed.is_err());
+        assert_eq!(db.query("SELECT i FROM t", &[]).await.expect("read").len(), 2);
     }
 }

@@ -52,7 +52,9 @@ pub async fn lease(
         .map(|i| i.name.clone())
         .collect();
     let images = serde_json::to_string(&req.images).unwrap_or_default();
-    db::host_seen(app.db(), host.id, &images, req.capacity.min(1024), &req.version).map_err(ApiError::internal)?;
+    db::host_seen(app.db(), host.id, &images, req.capacity.min(1024), &req.version)
+        .await
+        .map_err(ApiError::internal)?;
     if req.running >= req.capacity {
         return Ok(Json(wire::LeaseAnswer { lease: None }));
     }
@@ -62,6 +64,7 @@ pub async fn lease(
         // Only the file the server wrote: never a link, a second name or another inode planted in its place.
         let leased =
             db::lease_next(app.db(), &host.name, &usable, app.farm.lease_ms(), |f, ino| store.waiting_own(f, ino))
+                .await
                 .map_err(ApiError::internal)?;
         let Some(lease) = leased else { return Ok(Json(wire::LeaseAnswer { lease: None })) };
         fs::create_dir_all(app.store.farm_dir()).map_err(ApiError::internal)?;
@@ -74,7 +77,7 @@ pub async fn lease(
             let _ = app.store.move_job(&leased_path, &queued);
         }
         if !moved || swapped {
-            db::unlease(app.db(), &lease).map_err(ApiError::internal)?;
+            db::unlease(app.db(), &lease).await.map_err(ApiError::internal)?;
             continue;
         }
         log::info!("job {} leased to host {} (lease {}, attempt {})", lease.id, host.name, lease.seq, lease.attempt);
@@ -93,11 +96,11 @@ pub async fn lease(
 }
 
 /// The job file (name and inode) of a live lease of `host`, or the refusal a late host gets.
-fn live(app: &App, id: &str, host: &str, seq: u64) -> ApiResult<(String, Option<crate::store::FileId>)> {
+async fn live(app: &App, id: &str, host: &str, seq: u64) -> ApiResult<(String, Option<crate::store::FileId>)> {
     if !crate::auth::is_job_id(id) {
         return Err(ApiError::not_found());
     }
-    db::live_lease(app.db(), id, host, seq).map_err(ApiError::internal)?.ok_or_else(lease_lost)
+    db::live_lease(app.db(), id, host, seq).await.map_err(ApiError::internal)?.ok_or_else(lease_lost)
 }
 
 /// Keeps a lease alive while its own transfer moves: renews it at most
@@ -118,18 +121,40 @@ impl KeepAlive {
         KeepAlive { app: app.clone(), id: id.into(), host: host.into(), seq, every, last: std::time::Instant::now() }
     }
 
-    /// Renews when due; `false` once the lease is lost (expired or taken over).
-    fn progress(&mut self) -> bool {
+    /// Whether a renewal is due; if so, from now on it is not.
+    fn due(&mut self) -> bool {
         if self.last.elapsed() < self.every {
-            return true;
+            return false;
         }
         self.last = std::time::Instant::now();
-        match db::renew(self.app.db(), &self.id, &self.host, self.seq, self.app.farm.lease_ms()) {
-            Ok(renewed) => renewed.is_some(),
-            Err(e) => {
-                log::error!("job {}: cannot renew its lease during a transfer: {}", self.id, jobfile::error_chain(&e));
-                true
-            }
+        true
+    }
+
+    /// Renews when due; `false` once the lease is lost (expired or taken over).
+    async fn progress(&mut self) -> bool {
+        if !self.due() {
+            return true;
+        }
+        renew_during_transfer(&self.app, &self.id, &self.host, self.seq).await
+    }
+
+    /// Renews when due, without waiting for it: for a transfer whose bytes
+    /// flow through a stream (a download), which must not wait on the database.
+    fn nudge(&mut self) {
+        if self.due() {
+            let (app, id, host, seq) = (self.app.clone(), self.id.clone(), self.host.clone(), self.seq);
+            tokio::spawn(async move { renew_during_transfer(&app, &id, &host, seq).await });
+        }
+    }
+}
+
+/// Renews a lease while its transfer moves; `false` once it is lost.
+async fn renew_during_transfer(app: &App, id: &str, host: &str, seq: u64) -> bool {
+    match db::renew(app.db(), id, host, seq, app.farm.lease_ms()).await {
+        Ok(renewed) => renewed.is_some(),
+        Err(e) => {
+            log::error!("job {id}: cannot renew its lease during a transfer: {}", jobfile::error_chain(&e));
+            true
         }
     }
 }
@@ -157,12 +182,12 @@ pub async fn job_file(
     Query(q): Query<SeqQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let (file_name, ino) = live(&app, &id, &host.name, q.seq)?;
+    let (file_name, ino) = live(&app, &id, &host.name, q.seq).await?;
     let mut keep = KeepAlive::new(&app, &id, &host.name, q.seq);
     let response = super::serve_file(&app.store.leased(&file_name), ino, &headers, "application/x-xz").await?;
     let (parts, body) = response.into_parts();
     let body = body.into_data_stream().map(move |chunk| {
-        keep.progress();
+        keep.nudge();
         chunk
     });
     Ok(Response::from_parts(parts, Body::from_stream(body)))
@@ -186,10 +211,10 @@ pub async fn renew(
     Query(q): Query<SeqQuery>,
     body: axum::body::Bytes,
 ) -> ApiResult<Json<wire::Renewed>> {
-    let renewed = db::renew(app.db(), &id, &host.name, q.seq, app.farm.lease_ms()).map_err(ApiError::internal)?;
+    let renewed = db::renew(app.db(), &id, &host.name, q.seq, app.farm.lease_ms()).await.map_err(ApiError::internal)?;
     let file_name = renewed.ok_or_else(lease_lost)?;
     // A busy host asks for no work; its renewals say it is alive.
-    db::host_touch(app.db(), host.id).map_err(ApiError::internal)?;
+    db::host_touch(app.db(), host.id).await.map_err(ApiError::internal)?;
     if !body.is_empty() && q.offset < MAX_CONSOLE {
         use std::os::unix::fs::FileExt;
         let path = app.store.farm_console(&file_name);
@@ -244,7 +269,7 @@ async fn receive(
             }
             Ok(Some(Ok(c))) => c,
         };
-        if !keep.progress() {
+        if !keep.progress().await {
             return Err(lease_lost());
         }
         let mut chunk = &chunk[..];
@@ -288,7 +313,7 @@ pub async fn done(
     Query(q): Query<SeqQuery>,
     body: Body,
 ) -> ApiResult<Json<wire::Delivered>> {
-    let (file_name, ino) = live(&app, &id, &host.name, q.seq)?;
+    let (file_name, ino) = live(&app, &id, &host.name, q.seq).await?;
     let size = crate::store::open_regular(&app.store.leased(&file_name), ino)
         .and_then(|f| f.metadata())
         .map_err(ApiError::internal)?
@@ -302,7 +327,7 @@ pub async fn done(
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "the result is empty"));
     }
     let verdict = jobfile::tools::log_verdict(&log).unwrap_or_else(|| "(no verdict in the log)".to_owned());
-    accept(&app, &host.name, &id, q.seq, &tag, &file_name, "done", &verdict, &mut parts)?;
+    accept(&app, &host.name, &id, q.seq, &tag, &file_name, "done", &verdict, &mut parts).await?;
     log::info!("job {id} delivered by host {} (lease {}): {verdict}", host.name, q.seq);
     Ok(Json(wire::Delivered { delivered: true, verdict: Some(verdict), reason: None }))
 }
@@ -325,7 +350,7 @@ pub async fn failed(
     Query(q): Query<SeqQuery>,
     body: Body,
 ) -> ApiResult<Json<wire::Delivered>> {
-    let (file_name, _) = live(&app, &id, &host.name, q.seq)?;
+    let (file_name, _) = live(&app, &id, &host.name, q.seq).await?;
     let tag = crate::auth::new_job_id();
     let (log, reason_part) = (part(&app.store, &id, q.seq, &tag, "log"), part(&app.store, &id, q.seq, &tag, "reason"));
     let mut parts = Parts(vec![log.clone(), reason_part.clone()], false);
@@ -336,7 +361,7 @@ pub async fn failed(
     let reason = reason.lines().next().unwrap_or("").trim().to_owned();
     let reason = if reason.is_empty() { format!("failed on host {}", host.name) } else { reason };
     let _ = fs::remove_file(&reason_part);
-    accept(&app, &host.name, &id, q.seq, &tag, &file_name, "failed", &reason, &mut parts)?;
+    accept(&app, &host.name, &id, q.seq, &tag, &file_name, "failed", &reason, &mut parts).await?;
     log::info!("job {id} failed on host {} (lease {}): {reason}", host.name, q.seq);
     Ok(Json(wire::Delivered { delivered: true, verdict: None, reason: Some(reason) }))
 }
@@ -344,7 +369,7 @@ pub async fn failed(
 /// Ends the live lease with the delivery (`how`: done or failed), or refuses
 /// it; then keeps the staged parts and lands them.
 #[allow(clippy::too_many_arguments)]
-fn accept(
+async fn accept(
     app: &App,
     host: &str,
     id: &str,
@@ -355,13 +380,13 @@ fn accept(
     verdict: &str,
     parts: &mut Parts,
 ) -> ApiResult<()> {
-    if !db::end_lease(app.db(), id, host, seq, how, verdict, tag).map_err(ApiError::internal)? {
+    if !db::end_lease(app.db(), id, host, seq, how, verdict, tag).await.map_err(ApiError::internal)? {
         return Err(lease_lost());
     }
     parts.1 = true;
     land(&app.store, file_name, id, seq, tag, how, verdict).map_err(ApiError::internal)?;
-    if let Ok(Some(job)) = db::job_by_file(app.db(), file_name) {
-        app.refresh(&job);
+    if let Ok(Some(job)) = db::job_by_file(app.db(), file_name).await {
+        app.refresh(&job).await;
     }
     Ok(())
 }
@@ -382,8 +407,8 @@ pub async fn release(
     UrlPath(id): UrlPath<String>,
     Query(q): Query<SeqQuery>,
 ) -> ApiResult<Json<wire::Released>> {
-    let (file_name, _) = live(&app, &id, &host.name, q.seq)?;
-    if !db::end_lease(app.db(), &id, &host.name, q.seq, "released", "", "").map_err(ApiError::internal)? {
+    let (file_name, _) = live(&app, &id, &host.name, q.seq).await?;
+    if !db::end_lease(app.db(), &id, &host.name, q.seq, "released", "", "").await.map_err(ApiError::internal)? {
         return Err(lease_lost());
     }
     app.store.move_job(&app.store.leased(&file_name), &app.store.queue.join(&file_name)).map_err(ApiError::internal)?;
@@ -443,14 +468,15 @@ pub async fn image_file(
     security(("bearer" = []))
 )]
 pub async fn hosts(State(app): State<Arc<App>>, AnyAccount(account): AnyAccount) -> ApiResult<Response> {
-    Ok(Json(wire::HostList { hosts: hosts_view(&app, &account).map_err(ApiError::internal)? }).into_response())
+    Ok(Json(wire::HostList { hosts: hosts_view(&app, &account).await.map_err(ApiError::internal)? }).into_response())
 }
 
 /// The hosts as `account` may see them.
-pub fn hosts_view(app: &App, account: &db::Account) -> Result<Vec<wire::HostView>, db::DbError> {
-    let leased = db::leased_jobs(app.db())?;
+pub async fn hosts_view(app: &App, account: &db::Account) -> Result<Vec<wire::HostView>, db::DbError> {
+    let leased = db::leased_jobs(app.db()).await?;
     let now = db::unix_now();
-    Ok(db::hosts(app.db())?
+    Ok(db::hosts(app.db())
+        .await?
         .into_iter()
         .map(|h| {
             let running: Vec<_> = leased.iter().filter(|j| j.host.as_deref() == Some(&h.name)).collect();

@@ -34,24 +34,29 @@ use wire::SubmitQuery;
 
 /// Removes a half-written upload and its reservation however the handler
 /// ends (an error, or a client that went away).
-struct UploadGuard<'a> {
-    app: &'a App,
+struct UploadGuard {
+    app: Arc<App>,
     path: Option<PathBuf>,
     id: String,
 }
 
-impl Drop for UploadGuard<'_> {
+impl Drop for UploadGuard {
     fn drop(&mut self) {
         if let Some(p) = self.path.take() {
             log::info!("job {}: its upload did not finish; removed it and its reservation", self.id);
             let _ = std::fs::remove_file(p);
-            if let Err(e) = db::drop_upload(self.app.db(), &self.id) {
-                log::error!(
-                    "job {}: cannot drop the reservation of a broken upload: {}",
-                    self.id,
-                    jobfile::error_chain(&e)
-                );
-            }
+            // Dropped inside the server's runtime (the request's future); the reservation goes
+            // on a task of its own. Were it lost, the follow loop drops it (`sweep_uploads`).
+            let (app, id) = (self.app.clone(), std::mem::take(&mut self.id));
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+            runtime.spawn(async move {
+                if let Err(e) = db::drop_upload(app.db(), &id).await {
+                    log::error!(
+                        "job {id}: cannot drop the reservation of a broken upload: {}",
+                        jobfile::error_chain(&e)
+                    );
+                }
+            });
         }
     }
 }
@@ -117,7 +122,7 @@ pub(crate) async fn submit(
         .open(&upload)
         .await
         .map_err(ApiError::internal)?;
-    let mut guard = UploadGuard { app: &app, path: Some(upload.clone()), id: id.clone() };
+    let mut guard = UploadGuard { app: app.clone(), path: Some(upload.clone()), id: id.clone() };
     let free = app.store.free_bytes().map_err(ApiError::internal)?;
     // Every limit is checked and the bytes reserved in one transaction, before a byte of the body is
     // read (with Expect: 100-continue, before it is sent).
@@ -127,6 +132,7 @@ pub(crate) async fn submit(
         |f| app.store.finished(f),
         |usage| quota::admit(usage, &limits, &app.settings.uploads, declared, free),
     )
+    .await
     .map_err(ApiError::internal)??;
     let mut stream = body.into_data_stream();
     let mut size: u64 = 0;
@@ -189,13 +195,14 @@ pub(crate) async fn submit(
     app.store.enqueue(&upload, &record.file_name).map_err(ApiError::internal)?;
     // In the queue now: a failure from here on removes it from there.
     guard.path = Some(app.store.queue.join(&record.file_name));
-    if !db::finish_upload(app.db(), &id, size, ino).map_err(ApiError::internal)? {
+    if !db::finish_upload(app.db(), &id, size, ino).await.map_err(ApiError::internal)? {
         return Err(ApiError::internal(std::io::Error::other(format!("job {id}: its reservation vanished"))));
     }
     guard.path = None;
     record.size = size;
     record.file_id = Some(ino);
-    let _ = db::audit(app.db(), Some(&account.name), "submitted", &format!("{id} {} ({size} bytes)", record.file_name));
+    let _ = db::audit(app.db(), Some(&account.name), "submitted", &format!("{id} {} ({size} bytes)", record.file_name))
+        .await;
     log::info!("account {}: job {id} submitted as {} ({size} bytes)", account.name, record.file_name);
     let place = app.locate(&record);
     Ok((StatusCode::CREATED, Json(job_json(&record, &place))).into_response())
@@ -226,8 +233,12 @@ fn job_json(j: &JobRecord, place: &Place) -> wire::Job {
     security(("bearer" = []))
 )]
 pub(crate) async fn list(State(app): State<Arc<App>>, Authed(account): Authed) -> ApiResult<Json<wire::JobList>> {
-    let jobs = db::jobs_of(app.db(), account.id).map_err(ApiError::internal)?;
-    Ok(Json(wire::JobList { jobs: jobs.iter().map(|j| job_json(j, &app.refresh(j))).collect() }))
+    let jobs = db::jobs_of(app.db(), account.id).await.map_err(ApiError::internal)?;
+    let mut out = Vec::with_capacity(jobs.len());
+    for j in &jobs {
+        out.push(job_json(j, &app.refresh(j).await));
+    }
+    Ok(Json(wire::JobList { jobs: out }))
 }
 
 #[utoipa::path(
@@ -239,7 +250,7 @@ pub(crate) async fn list(State(app): State<Arc<App>>, Authed(account): Authed) -
     security(("bearer" = []))
 )]
 pub(crate) async fn show(State(app): State<Arc<App>>, OwnJob { job, .. }: OwnJob) -> ApiResult<Json<wire::Job>> {
-    let place = app.refresh(&job);
+    let place = app.refresh(&job).await;
     let mut out = job_json(&job, &place);
     if let Some(result) = app.store.result_path(&job.file_name) {
         // The status, read with the same bounds as the host's own reader.
@@ -302,7 +313,7 @@ pub(crate) async fn result_of(
 pub(crate) async fn cancel(State(app): State<Arc<App>>, OwnJob { account, job }: OwnJob) -> ApiResult<Json<wire::Job>> {
     let id = job.id.clone();
     let reason = format!("cancelled by {} at {}", account.name, db::now());
-    match app.refresh(&job) {
+    match app.refresh(&job).await {
         Place::Waiting { .. } => {
             if !app.store.cancel_waiting(&job.file_name, &reason).map_err(ApiError::internal)? {
                 return Err(ApiError::new(
@@ -313,14 +324,14 @@ pub(crate) async fn cancel(State(app): State<Arc<App>>, OwnJob { account, job }:
         }
         Place::Running { host, .. } => {
             if !app.store.request_cancel(&job.file_name).map_err(ApiError::internal)? {
-                let place = app.refresh(&job);
+                let place = app.refresh(&job).await;
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     format!("the job ended as it was being cancelled: it is {}", place.name()),
                 ));
             }
-            let _ = db::audit(app.db(), Some(&account.name), "cancel_requested", &id);
-            let place = app.refresh(&job);
+            let _ = db::audit(app.db(), Some(&account.name), "cancel_requested", &id).await;
+            let place = app.refresh(&job).await;
             let mut out = job_json(&job, &place);
             out.cancel = Some(format!("requested: {host} stops the VM within seconds; the job then ends in failed"));
             return Ok(Json(out));
@@ -329,7 +340,7 @@ pub(crate) async fn cancel(State(app): State<Arc<App>>, OwnJob { account, job }:
             return Err(ApiError::new(StatusCode::CONFLICT, format!("the job is {}: nothing to cancel", other.name())));
         }
     }
-    let _ = db::audit(app.db(), Some(&account.name), "cancelled", &id);
-    let place = app.refresh(&job);
+    let _ = db::audit(app.db(), Some(&account.name), "cancelled", &id).await;
+    let place = app.refresh(&job).await;
     Ok(Json(job_json(&job, &place)))
 }

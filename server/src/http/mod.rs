@@ -107,7 +107,7 @@ async fn openapi_json() -> Response {
 /// The account a request's bearer token names, after checking it. Only a
 /// token that fails counts against the client (`auth::Failures`), and a
 /// token that verifies is never refused, whatever else came from its address.
-pub fn authenticate(app: &App, headers: &HeaderMap, peer: IpAddr) -> ApiResult<Account> {
+pub async fn authenticate(app: &App, headers: &HeaderMap, peer: IpAddr) -> ApiResult<Account> {
     let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "a valid token is needed: Authorization: Bearer <token>");
     let Some(token) = headers
         .get(header::AUTHORIZATION)
@@ -118,7 +118,10 @@ pub fn authenticate(app: &App, headers: &HeaderMap, peer: IpAddr) -> ApiResult<A
         // No token is no attempt: nothing to count, nothing to guess.
         return Err(refused());
     };
-    let account = auth::account_of(token).and_then(|id| db::account_by_id(app.db(), id).ok().flatten());
+    let account = match auth::account_of(token) {
+        Some(id) => db::account_by_id(app.db(), id).await.ok().flatten(),
+        None => None,
+    };
     if let Some(a) = account.filter(|a| auth::matches(token, &a.token_hash) && !a.disabled) {
         return Ok(a);
     }
@@ -139,11 +142,11 @@ pub fn authenticate(app: &App, headers: &HeaderMap, peer: IpAddr) -> ApiResult<A
 }
 
 /// The account's job `id`; any other account's, or none, is a 404.
-fn own_job(app: &App, account: &Account, id: &str) -> ApiResult<JobRecord> {
+async fn own_job(app: &App, account: &Account, id: &str) -> ApiResult<JobRecord> {
     if !auth::is_job_id(id) {
         return Err(ApiError::not_found());
     }
-    db::job(app.db(), account.id, id).map_err(ApiError::internal)?.ok_or_else(ApiError::not_found)
+    db::job(app.db(), account.id, id).await.map_err(ApiError::internal)?.ok_or_else(ApiError::not_found)
 }
 
 /// A request's authenticated account (see `authenticate`).
@@ -172,7 +175,7 @@ impl FromRequestParts<Arc<App>> for AnyAccount {
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> ApiResult<Self> {
         let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
-        authenticate(app, &parts.headers, peer).map(AnyAccount)
+        authenticate(app, &parts.headers, peer).await.map(AnyAccount)
     }
 }
 
@@ -206,7 +209,7 @@ impl FromRequestParts<Arc<App>> for OwnJob {
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> ApiResult<Self> {
         let Authed(account) = Authed::from_request_parts(parts, app).await?;
         let UrlPath(id) = UrlPath::<String>::from_request_parts(parts, app).await.map_err(|_| ApiError::not_found())?;
-        let job = own_job(app, &account, &id)?;
+        let job = own_job(app, &account, &id).await?;
         Ok(OwnJob { account, job })
     }
 }

@@ -51,10 +51,16 @@ fn link_gone() -> Response {
 /// `GET /page/login/<secret>`: says which account the link signs in to, and
 /// asks to confirm. Nothing is signed in, and the link is not used up, until then.
 pub async fn login(State(app): State<Arc<App>>, UrlPath(secret): UrlPath<String>, headers: HeaderMap) -> Response {
-    let Some(account) = Sessions::live(&app.sessions.links, &secret).and_then(|g| still_valid(&app.db, &g)) else {
+    let grant = Sessions::live(&app.sessions.links, &secret);
+    let account = match grant {
+        Some(g) => still_valid(&app.db, &g).await,
+        None => None,
+    };
+    let Some(account) = account else {
         return link_gone();
     };
     let now_signed_in = session_account(&app, &headers)
+        .await
         .filter(|a| a.id != account.id)
         .map(|a| format!("<p>This browser is signed in as <b>{}</b> now; confirming switches it.</p>", escape(&a.name)))
         .unwrap_or_default();
@@ -100,7 +106,12 @@ pub async fn confirm_login(
         return (StatusCode::FORBIDDEN, Html(page_shell("construir", "<p>Sign in from the link's own page.</p>")))
             .into_response();
     }
-    let Some(account) = app.sessions.redeem(&form.link).and_then(|g| still_valid(&app.db, &g)) else {
+    let grant = app.sessions.redeem(&form.link);
+    let account = match grant {
+        Some(g) => still_valid(&app.db, &g).await,
+        None => None,
+    };
+    let Some(account) = account else {
         return link_gone();
     };
     let Some(session) = Sessions::issue(&app.sessions.sessions, &account, SESSION_LIFE) else {
@@ -114,15 +125,15 @@ pub async fn confirm_login(
     (StatusCode::SEE_OTHER, [(header::SET_COOKIE, cookie), (header::LOCATION, "/page".to_owned())]).into_response()
 }
 
-fn session_account(app: &App, headers: &HeaderMap) -> Option<Account> {
+async fn session_account(app: &App, headers: &HeaderMap) -> Option<Account> {
     let cookies = headers.get(header::COOKIE)?.to_str().ok()?;
     let secret = cookies.split(';').find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")))?;
-    still_valid(&app.db, &Sessions::live(&app.sessions.sessions, secret)?)
+    still_valid(&app.db, &Sessions::live(&app.sessions.sessions, secret)?).await
 }
 
 /// `GET /page`: the account's jobs.
 pub async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let Some(account) = session_account(&app, &headers) else {
+    let Some(account) = session_account(&app, &headers).await else {
         return (
             StatusCode::UNAUTHORIZED,
             Html(page_shell(
@@ -132,10 +143,10 @@ pub async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         )
             .into_response();
     };
-    let jobs = db::jobs_of(&app.db, account.id).unwrap_or_default();
+    let jobs = db::jobs_of(&app.db, account.id).await.unwrap_or_default();
     let mut rows = String::new();
     for job in &jobs {
-        let place = app.refresh(job);
+        let place = app.refresh(job).await;
         let (detail, class) = match &place {
             Place::Waiting { position, waiting } => (format!("position {position} of {waiting}"), "waiting"),
             Place::Running { host, elapsed_secs } => (format!("on {host} for {elapsed_secs} s"), "running"),
@@ -162,7 +173,7 @@ pub async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         );
     }
     let mut hosts = String::new();
-    for h in super::hosts::hosts_view(&app, &account).unwrap_or_default() {
+    for h in super::hosts::hosts_view(&app, &account).await.unwrap_or_default() {
         let _ = write!(
             hosts,
             "<tr><td>{}</td><td>{} s ago</td><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -198,10 +209,10 @@ pub async fn page_file(
     UrlPath((id, what)): UrlPath<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(account) = session_account(&app, &headers) else {
+    let Some(account) = session_account(&app, &headers).await else {
         return StatusCode::UNAUTHORIZED.into_response();
     };
-    let job = match db::job(&app.db, account.id, &id) {
+    let job = match db::job(&app.db, account.id, &id).await {
         Ok(Some(job)) => job,
         _ => return StatusCode::NOT_FOUND.into_response(),
     };
