@@ -5,13 +5,14 @@
 //! each check is what the server may safely store and show.
 #![no_main]
 
-use construir_server::{api, auth, farm, page};
+use construir_server::http::{self, page};
+use construir_server::auth;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     for len in [0u64, 1, 4096, u64::MAX] {
-        if let Some((start, end)) = api::parse_range(&text, len) {
+        if let Some((start, end)) = http::parse_range(&text, len) {
             assert!(start < end && end <= len, "{text:?} on {len}: {start}..{end}");
         }
     }
@@ -29,9 +30,9 @@ fuzz_target!(|data: &[u8]| {
         assert!(!job.input_file_name().contains('/'));
     }
     // A host's lease request: what passes the check is bounded, plain and printable.
-    if let Ok(req) = serde_json::from_slice::<farm::LeaseRequest>(data) {
+    if let Ok(req) = serde_json::from_slice::<wire::LeaseRequest>(data) {
         if req.check().is_ok() {
-            assert!(req.images.len() <= farm::MAX_HOST_IMAGES);
+            assert!(req.images.len() <= wire::MAX_HOST_IMAGES);
             for i in &req.images {
                 assert!(i.name.bytes().all(|b| b.is_ascii_digit()) && i.checksum.len() == 64);
                 assert_eq!(jobfile::sanitize(i.checksum.as_bytes()), i.checksum);
