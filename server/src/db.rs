@@ -832,6 +832,31 @@ pub async fn extend_leases(db: &Database, lease_ms: i64) -> Result<u64, DbError>
         .await?)
 }
 
+/// A job record as tests make them: `account`'s job `id`, named `name`, on
+/// image 0, in `state`, its file `<account>.<id>.<name>_i0.tar.xz`.
+#[cfg(test)]
+pub(crate) fn test_record(account: &Account, id: &str, name: &str, size: u64, state: &str) -> JobRecord {
+    let now = now();
+    JobRecord {
+        id: id.into(),
+        account_id: account.id,
+        name: name.into(),
+        image: "0".into(),
+        file_name: format!("{}.{id}.{name}_i0.tar.xz", account.name),
+        size,
+        submitted: now.clone(),
+        submitted_unix: unix_now(),
+        state: state.into(),
+        updated: now,
+        verdict: None,
+        result_bytes: None,
+        deleted: None,
+        host: None,
+        attempts: 0,
+        file_id: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -869,25 +894,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let db = open(&tmp.path().join("s.db").to_string_lossy()).await.expect("open");
         let alice = add_account(&db, "alice", Kind::Submitter, b"a").await.expect("add");
-        let now = now();
-        let record = |id: &str| JobRecord {
-            id: id.into(),
-            account_id: alice.id,
-            name: "j".into(),
-            image: "0".into(),
-            file_name: format!("alice.{id}.j_i0.tar.xz"),
-            size: 1 << 20,
-            submitted: now.clone(),
-            submitted_unix: unix_now(),
-            state: UPLOADING.into(),
-            updated: now.clone(),
-            verdict: None,
-            result_bytes: None,
-            deleted: None,
-            host: None,
-            attempts: 0,
-            file_id: None,
-        };
+        let record = |id: &str| test_record(&alice, id, "j", 1 << 20, UPLOADING);
         let file = FileId { ino: 41, birth_ns: Some(7) };
         for id in ["0123456789abcdef", "1123456789abcdef"] {
             reserve_upload(&db, &record(id), |_| false, |_| Ok::<u64, ()>(1 << 20))
@@ -913,25 +920,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let db = open(&tmp.path().join("s.db").to_string_lossy()).await.expect("open");
         let alice = add_account(&db, "alice", Kind::Submitter, b"a").await.expect("add");
-        let now = now();
-        let job = JobRecord {
-            id: "0123456789abcdef".into(),
-            account_id: alice.id,
-            name: "j".into(),
-            image: "0".into(),
-            file_name: "alice.0123456789abcdef.j_i0.tar.xz".into(),
-            size: 1 << 20,
-            submitted: now.clone(),
-            submitted_unix: unix_now(),
-            state: "waiting".into(),
-            updated: now,
-            verdict: None,
-            result_bytes: None,
-            deleted: None,
-            host: None,
-            attempts: 0,
-            file_id: None,
-        };
+        let job = test_record(&alice, "0123456789abcdef", "j", 1 << 20, "waiting");
         insert_job(&db, &job).await.expect("insert");
         let images = ["0".to_owned()];
         assert_eq!(

@@ -240,27 +240,9 @@ mod tests {
         store.create_all().expect("dirs");
         let db = db::open(&dir.path().join("server.db").to_string_lossy()).await.expect("db");
         let alice = db::add_account(&db, "alice", Kind::Submitter, b"h").await.expect("account");
-        let file_name = "alice.0123456789abcdef.hello_i0.tar.xz".to_owned();
+        let job = db::test_record(&alice, "0123456789abcdef", "hello", 3, "waiting");
+        let file_name = job.file_name.clone();
         fs::write(store.queue.join(&file_name), b"job").expect("job file");
-        let now = db::now();
-        let job = JobRecord {
-            id: "0123456789abcdef".into(),
-            account_id: alice.id,
-            name: "hello".into(),
-            image: "0".into(),
-            file_name: file_name.clone(),
-            size: 3,
-            submitted: now.clone(),
-            submitted_unix: db::unix_now(),
-            state: "waiting".into(),
-            updated: now,
-            verdict: None,
-            result_bytes: None,
-            deleted: None,
-            host: None,
-            attempts: 0,
-            file_id: None,
-        };
         db::insert_job(&db, &job).await.expect("insert");
         Fixture { _dir: dir, db, store, file_name }
     }
