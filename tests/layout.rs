@@ -61,3 +61,50 @@ fn a_refused_entry_keeps_the_name_it_came_with_for_every_reader() {
     assert_eq!((why, original), (shared.why, shared.original.clone()));
     assert!(shared.original.is_some_and(|o| o.starts_with("evil") && o.ends_with(".txt") && !o.contains('\x1b')));
 }
+
+/// The server (`Store::locate`) and a remote host (`remote::locate`) say
+/// the same of the same files: both ask `jobfile::layout`.
+#[test]
+fn the_server_and_a_remote_host_locate_a_job_alike() {
+    use construir_host::remote::{self, Local};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = Store::beside(&tmp.path().join("queue"));
+    store.create_all().expect("dirs");
+    let host = construir_host::queue::Dirs::of((*store).clone(), "h1", tmp.path().join("work"));
+    host.create_all().expect("dirs");
+    fs::write(store.queue.join("w_i0.tar.xz"), "j").expect("w");
+    fs::write(host.host_dir.join("r_i0.tar.xz"), "j").expect("w");
+    fs::write(store.done.join("d_d0.tar.xz"), "result").expect("w");
+    fs::write(store.done.join("d_d0.log"), "console\nconstruir-host: job d_i0.tar.xz done: exit 0\n").expect("w");
+    fs::write(store.failed.join("f_i0.tar.xz"), "j").expect("w");
+    fs::write(store.failed.join("f_i0.tar.xz.reason"), "timed out after 10 s\n").expect("w");
+    std::os::unix::fs::symlink(store.queue.join("w_i0.tar.xz"), store.queue.join("link_i0.tar.xz")).expect("link");
+    let cases = [
+        ("w_i0.tar.xz", "waiting"),
+        ("r_i0.tar.xz", "running"),
+        ("d_i0.tar.xz", "done"),
+        ("f_i0.tar.xz", "failed"),
+        ("link_i0.tar.xz", "missing"),
+        ("gone_i0.tar.xz", "missing"),
+    ];
+    for (name, want) in cases {
+        let server = store.locate(name, None);
+        let remote = match remote::locate(&host, name) {
+            Local::Waiting => "waiting",
+            Local::Running => "running",
+            Local::Done { .. } => "done",
+            Local::Failed { .. } => "failed",
+            Local::Nowhere => "missing",
+        };
+        assert_eq!((server.name(), remote), (want, want), "{name}: server {server:?}, remote host {remote}");
+    }
+    assert!(matches!(store.locate("r_i0.tar.xz", None), Place::Running { host, .. } if host == "h1"));
+    assert!(matches!(store.locate("w_i0.tar.xz", None), Place::Waiting { position: 1, waiting: 1 }));
+    assert!(matches!(store.locate("d_i0.tar.xz", None), Place::Done { result_bytes: 6, .. }));
+    match (store.locate("f_i0.tar.xz", None), remote::locate(&host, "f_i0.tar.xz")) {
+        (Place::Failed { reason }, Local::Failed { reason: theirs, .. }) => {
+            assert_eq!((reason.as_str(), theirs.as_str()), ("timed out after 10 s", "timed out after 10 s"))
+        }
+        other => panic!("{other:?}"),
+    }
+}

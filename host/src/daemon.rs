@@ -205,7 +205,7 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     }
     let stopped = queue::HostInfo { stopped: Some(jobfile::status::rfc3339(std::time::SystemTime::now())), ..info };
     if let Err(e) = queue::write_host_info(&held, &stopped) {
-        log::warn!("cannot note the stop in {}: {e}", dirs.running.join(queue::HOST_FILE).display());
+        log::warn!("cannot note the stop in {}: {e}", dirs.host_dir.join(queue::HOST_FILE).display());
     }
     log::info!(
         "finished: {} done, {} failed, {} refused, {} requeued",
@@ -244,7 +244,7 @@ fn tally(dirs: &Dirs, summary: &mut Summary, file_name: &OsStr, ending: std::io:
         }
         Ok(Ending::Requeued) => summary.requeued += 1,
         Err(e) => {
-            log::error!("job {label}: {e}; it stays in {} and is retried at the next start", dirs.running.display())
+            log::error!("job {label}: {e}; it stays in {} and is retried at the next start", dirs.host_dir.display())
         }
     }
 }

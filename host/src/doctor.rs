@@ -142,7 +142,7 @@ pub fn vm_ids(setup: &Setup, root: bool) -> Check {
 pub fn directories(setup: &Setup) -> Check {
     let d = &setup.dirs;
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
-    let running_parent = d.running.parent().unwrap_or(&d.running).to_owned();
+    let running_parent = d.running.clone();
     let mut problems = Vec::new();
     if !d.queue.is_dir() {
         problems.push(format!("the queue {} does not exist", d.queue.display()));
@@ -332,14 +332,7 @@ mod tests {
     use super::*;
 
     fn setup(root: &Path) -> Setup {
-        let dirs = Dirs {
-            queue: root.join("queue"),
-            running: root.join("running/h"),
-            done: root.join("done"),
-            failed: root.join("failed"),
-            images: root.join("images"),
-            work: root.join("work"),
-        };
+        let dirs = Dirs::of(jobfile::layout::Beside::queue(&root.join("queue")), "h", root.join("work"));
         Setup {
             qemu: PathBuf::from("/nonexistent/qemu"),
             dirs,

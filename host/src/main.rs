@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser};
 use cli::*;
-use construir_host::status::StatusDirs;
 
 fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
     match cli.command {
@@ -29,11 +28,8 @@ fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
             ExitCode::from(2)
         })),
         Command::Status { at, recent, json } => {
-            let (dirs, running, _) = at.resolve()?;
-            let status = construir_host::status::gather(
-                &StatusDirs { queue: dirs.queue, running, done: dirs.done, failed: dirs.failed },
-                recent,
-            )?;
+            let (shared, _, _) = at.resolve()?;
+            let status = construir_host::status::gather(&shared, recent)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {

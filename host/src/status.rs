@@ -10,19 +10,11 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use jobfile::layout::Beside;
 use jobfile::name::{classify, Entry};
 use serde::Serialize;
 
 use crate::queue::{self, Dirs, HostInfo};
-
-/// The directories `status` reads (running/ is the parent of every host's).
-#[derive(Debug, Clone)]
-pub struct StatusDirs {
-    pub queue: PathBuf,
-    pub running: PathBuf,
-    pub done: PathBuf,
-    pub failed: PathBuf,
-}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -70,7 +62,7 @@ pub struct Finished {
 }
 
 /// Reads the directories; `recent` results at most.
-pub fn gather(d: &StatusDirs, recent: usize) -> io::Result<Status> {
+pub fn gather(d: &Beside, recent: usize) -> io::Result<Status> {
     let now = SystemTime::now();
     let age = |meta: &fs::Metadata, ctime: bool| {
         let t = if ctime { meta.ctime() } else { meta.mtime() };
@@ -100,14 +92,7 @@ pub fn gather(d: &StatusDirs, recent: usize) -> io::Result<Status> {
             continue; // .attempts
         }
         let (alive, info) = queue::host_state(&host_dir.path());
-        let counters = Dirs {
-            queue: d.queue.clone(),
-            running: host_dir.path(),
-            done: d.done.clone(),
-            failed: d.failed.clone(),
-            images: PathBuf::new(),
-            work: PathBuf::new(),
-        };
+        let counters = Dirs::of(d.clone(), &id, PathBuf::new());
         let mut claims: Vec<_> = fs::read_dir(host_dir.path())?
             .filter_map(|e| e.ok())
             .filter(|e| matches!(classify(&e.file_name()), Entry::Job(_)))

@@ -56,7 +56,7 @@ pub fn run(
     cancel: &AtomicBool,
 ) -> io::Result<Ending> {
     let label = job.input_file_name();
-    let claimed = dirs.running.join(file_name);
+    let claimed = dirs.host_dir.join(file_name);
     // A note left by an earlier claim of the same name must not speak for this one.
     queue::drop_delivery_note(dirs, file_name)?;
     let image = match Image::load(&dirs.images, job.image()) {
@@ -273,7 +273,7 @@ fn no_boot(dirs: &Dirs, file_name: &OsStr, job: &JobName, limit: Duration, vm: q
         limit.as_secs()
     );
     let log = vm.console.finish(&format!("failed: {reason}"));
-    fail(dirs, job, "no_boot", &dirs.running.join(file_name), &reason, Some(&log))
+    fail(dirs, job, "no_boot", &dirs.host_dir.join(file_name), &reason, Some(&log))
 }
 
 /// Sends a claimed job to failed/ without a result; `result` is the word metrics count it under.

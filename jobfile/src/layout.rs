@@ -7,6 +7,8 @@
 //! queue/                      job files waiting (<name>_i<image>.tar.xz)
 //! running/<host-id>/          claimed by that host; .console.<file> while it runs
 //! running/.cancel/<file>      a request to stop <file>, whichever host runs it
+//! running/.attempts/          the hosts' counts of each job's attempts
+//! running/.farm/<file>        a job the server has leased to a remote host
 //! done/<name>_d<image>.tar.xz a result, with <name>_d<image>.log
 //! failed/<file>               a failed job, with <file>.reason (first line: why;
 //!                             a refused one also "original name: ...") and maybe <file>.log
@@ -43,6 +45,90 @@ impl Beside {
             queue,
         }
     }
+
+    /// The hosts' directories in `running/`, as (host id, path), sorted: real
+    /// directories only, none of the dot-names the contract keeps for itself
+    /// (`.cancel`, `.attempts`, `.farm`) and no name that is not UTF-8.
+    pub fn host_dirs(&self) -> Vec<(String, PathBuf)> {
+        let Ok(rd) = fs::read_dir(&self.running) else { return Vec::new() };
+        let mut dirs: Vec<_> = rd
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+            .filter(|(name, _)| !name.starts_with('.'))
+            .collect();
+        dirs.sort();
+        dirs
+    }
+
+    /// Where the job `file_name` (its input name, `<name>_i<image>.tar.xz`)
+    /// is now, looking in `queue/`, each of `hosts` (as `host_dirs` gives
+    /// them), `done/` and `failed/`. A file under the job's input name
+    /// counts only when `is_job` says it is the job's (the server: the inode
+    /// it wrote); a result counts only as a regular file with one name.
+    /// Nothing is followed through a link.
+    pub fn locate(
+        &self,
+        file_name: &str,
+        hosts: &[(String, PathBuf)],
+        is_job: impl Fn(&fs::Metadata) -> bool,
+    ) -> Found {
+        let Ok(job) = crate::JobName::parse(file_name) else { return Found::Missing };
+        let at = |path: &Path| fs::symlink_metadata(path).ok();
+        if let Some(meta) = at(&self.queue.join(file_name)).filter(&is_job) {
+            return Found::Waiting(meta);
+        }
+        for (host, dir) in hosts {
+            if let Some(meta) = at(&dir.join(file_name)).filter(&is_job) {
+                return Found::Running { host: host.clone(), dir: dir.clone(), meta };
+            }
+        }
+        let (result, log) = (self.done.join(job.done_file_name()), self.done.join(job.done_with_extension("log")));
+        if let Some(meta) = at(&result).filter(lone_file) {
+            return Found::Done { result, log, meta };
+        }
+        // The job file itself, or a failed result a host kept.
+        let failed = [(self.failed.join(file_name), true), (self.failed.join(job.done_file_name()), false)];
+        for (file, input) in failed {
+            if at(&file).is_some_and(|m| if input { is_job(&m) } else { lone_file(&m) }) {
+                let log = Some(beside_entry(&file, "log")).filter(|l| at(l).is_some_and(|m| lone_file(&m)));
+                return Found::Failed { reason: read_reason(&file), log, file };
+            }
+        }
+        Found::Missing
+    }
+}
+
+/// Where a job is now, as the queue's directories say (`Beside::locate`).
+#[derive(Debug)]
+pub enum Found {
+    /// In `queue/`.
+    Waiting(fs::Metadata),
+    /// Claimed: in `running/<host>/` (`dir`).
+    Running {
+        host: String,
+        dir: PathBuf,
+        meta: fs::Metadata,
+    },
+    /// Ended with a result in `done/`, and its log beside it.
+    Done {
+        result: PathBuf,
+        log: PathBuf,
+        meta: fs::Metadata,
+    },
+    /// In `failed/`: the job file or a failed result (`file`), with what
+    /// its `.reason` says and its log when it has one.
+    Failed {
+        file: PathBuf,
+        reason: Option<Reason>,
+        log: Option<PathBuf>,
+    },
+    Missing,
+}
+
+/// A regular file with one name: what a result, a log or a reason must be.
+pub fn lone_file(meta: &fs::Metadata) -> bool {
+    meta.file_type().is_file() && meta.nlink() == 1
 }
 
 /// The directory `name` beside `queue`.
@@ -50,6 +136,10 @@ pub fn sibling(queue: &Path, name: &str) -> PathBuf {
     let abs = std::path::absolute(queue).unwrap_or_else(|_| queue.to_owned());
     abs.parent().unwrap_or(Path::new("/")).join(name)
 }
+
+/// Where the server keeps the jobs it has leased to remote hosts:
+/// `running/.farm/` (a dot-name, so no host's recovery takes them).
+pub const FARM: &str = ".farm";
 
 /// Where cancel requests are: `running/.cancel/`, shared by every host on the queue.
 pub fn cancel_dir(running: &Path) -> PathBuf {
@@ -107,7 +197,7 @@ pub struct Reason {
 pub fn read_reason(entry: &Path) -> Option<Reason> {
     let file = open_unfollowed(&beside_entry(entry, "reason")).ok()?;
     let meta = file.metadata().ok()?;
-    if !meta.file_type().is_file() || meta.nlink() != 1 {
+    if !lone_file(&meta) {
         return None;
     }
     let mut buf = Vec::new();
@@ -140,6 +230,48 @@ mod tests {
             live_console(&b.running.join("h1"), OsStr::new("a_i0.tar.xz")),
             b.running.join("h1/.console.a_i0.tar.xz")
         );
+    }
+
+    #[test]
+    fn a_job_is_located_in_exactly_the_directory_its_file_is_in() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let b = Beside::queue(&tmp.path().join("queue"));
+        for d in [&b.queue, &b.running.join("h1"), &b.running.join(".farm"), &b.done, &b.failed] {
+            fs::create_dir_all(d).expect("dir");
+        }
+        let hosts = b.host_dirs();
+        assert_eq!(hosts, vec![("h1".to_owned(), b.running.join("h1"))], "no dot-names");
+        let any = |m: &fs::Metadata| lone_file(m);
+        let is = |name: &str| format!("{:?}", b.locate(name, &hosts, any));
+        fs::write(b.queue.join("w_i0.tar.xz"), "j").expect("w");
+        fs::write(b.running.join("h1/r_i0.tar.xz"), "j").expect("w");
+        fs::write(b.done.join("d_d0.tar.xz"), "result").expect("w");
+        fs::write(b.failed.join("f_i0.tar.xz"), "j").expect("w");
+        fs::write(b.failed.join("f_i0.tar.xz.reason"), "timed out\n").expect("w");
+        fs::write(b.failed.join("f_i0.tar.xz.log"), "console").expect("w");
+        fs::write(b.failed.join("k_d0.tar.xz"), "kept result").expect("w");
+        assert!(is("w_i0.tar.xz").starts_with("Waiting"), "{}", is("w_i0.tar.xz"));
+        assert!(matches!(b.locate("r_i0.tar.xz", &hosts, any), Found::Running { host, .. } if host == "h1"));
+        assert!(matches!(b.locate("d_i0.tar.xz", &hosts, any),
+            Found::Done { result, meta, .. } if result == b.done.join("d_d0.tar.xz") && meta.len() == 6));
+        match b.locate("f_i0.tar.xz", &hosts, any) {
+            Found::Failed { file, reason, log } => {
+                assert_eq!(file, b.failed.join("f_i0.tar.xz"));
+                assert_eq!(reason.map(|r| r.why).as_deref(), Some("timed out"));
+                assert_eq!(log, Some(b.failed.join("f_i0.tar.xz.log")));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(b.locate("k_i0.tar.xz", &hosts, any),
+            Found::Failed { file, reason: None, log: None } if file == b.failed.join("k_d0.tar.xz")));
+        assert!(matches!(b.locate("gone_i0.tar.xz", &hosts, any), Found::Missing));
+        assert!(matches!(b.locate("not a job", &hosts, any), Found::Missing));
+        // What is not the job's is not it: a file `is_job` refuses, a link, a result with a second name.
+        assert!(matches!(b.locate("w_i0.tar.xz", &hosts, |_| false), Found::Missing));
+        std::os::unix::fs::symlink(b.queue.join("w_i0.tar.xz"), b.queue.join("l_i0.tar.xz")).expect("link");
+        assert!(matches!(b.locate("l_i0.tar.xz", &hosts, any), Found::Missing));
+        fs::hard_link(b.done.join("d_d0.tar.xz"), tmp.path().join("second")).expect("link");
+        assert!(matches!(b.locate("d_i0.tar.xz", &hosts, |_| true), Found::Missing));
     }
 
     #[test]

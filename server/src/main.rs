@@ -288,10 +288,8 @@ async fn account(conn: &Database, cmd: AccountCommand) -> Result<()> {
 }
 
 async fn serve(conn: Database, a: ServeArgs) -> Result<()> {
-    let mut store = Store::beside(&a.queue);
-    if let Some(images) = a.images {
-        store.images = images;
-    }
+    let beside = jobfile::layout::Beside::queue(&a.queue);
+    let store = Store::new(jobfile::layout::Beside { images: a.images.unwrap_or(beside.images.clone()), ..beside });
     store.create_all()?;
     // Uploads a killed server left half-written: no job was recorded for them.
     let stale = store.remove_stale_uploads(a.idle_timeout * 2)?;

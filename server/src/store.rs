@@ -16,18 +16,22 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use jobfile::layout;
+use jobfile::layout::{self, Beside, Found};
 use jobfile::name::{classify, Entry};
 use jobfile::JobName;
 
-/// The directories the server shares with build hosts.
+/// The directories the server shares with build hosts (it derefs to the
+/// layout they all use, `jobfile::layout::Beside`), and what the server does in them.
 #[derive(Debug, Clone)]
 pub struct Store {
-    pub queue: PathBuf,
-    pub running: PathBuf,
-    pub done: PathBuf,
-    pub failed: PathBuf,
-    pub images: PathBuf,
+    dirs: Beside,
+}
+
+impl std::ops::Deref for Store {
+    type Target = Beside;
+    fn deref(&self) -> &Beside {
+        &self.dirs
+    }
 }
 
 /// The first bytes of every xz stream.
@@ -39,8 +43,11 @@ pub use wire::Place;
 impl Store {
     /// Beside `queue`, as build hosts default them.
     pub fn beside(queue: &Path) -> Store {
-        let b = jobfile::layout::Beside::queue(queue);
-        Store { queue: b.queue, running: b.running, done: b.done, failed: b.failed, images: b.images }
+        Store::new(Beside::queue(queue))
+    }
+
+    pub fn new(dirs: Beside) -> Store {
+        Store { dirs }
     }
 
     pub fn create_all(&self) -> io::Result<()> {
@@ -94,39 +101,27 @@ impl Store {
     /// server wrote (recorded at upload): a file of that name with another
     /// inode, a link or a file with several names is not the job's.
     pub fn locate(&self, file_name: &str, ino: Option<FileId>) -> Place {
-        let Ok(job) = JobName::parse(file_name) else { return Place::Missing };
-        if let Some(meta) = fs::symlink_metadata(self.queue.join(file_name)).ok().filter(|m| is_own(m, ino)) {
-            let mine = (meta.ctime(), meta.ctime_nsec(), file_name.to_owned());
-            let (mut ahead, mut waiting) = (0, 0);
-            for (ctime, nsec, name) in self.waiting() {
-                waiting += 1;
-                if (ctime, nsec, name.as_str()) < (mine.0, mine.1, mine.2.as_str()) {
-                    ahead += 1;
-                }
+        match self.dirs.locate(file_name, &self.host_dirs(), |m| is_own(m, ino)) {
+            Found::Waiting(meta) => {
+                let mine = (meta.ctime(), meta.ctime_nsec(), file_name);
+                let waiting = self.waiting();
+                let ahead = waiting.iter().filter(|(c, n, name)| (*c, *n, name.as_str()) < mine).count();
+                Place::Waiting { position: ahead + 1, waiting: waiting.len() }
             }
-            return Place::Waiting { position: ahead + 1, waiting };
-        }
-        for (host, dir) in self.host_dirs() {
-            if let Some(meta) = fs::symlink_metadata(dir.join(file_name)).ok().filter(|m| is_own(m, ino)) {
+            Found::Running { host, meta, .. } => {
                 let claimed = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(meta.ctime().max(0) as u64);
                 let elapsed_secs = SystemTime::now().duration_since(claimed).unwrap_or_default().as_secs();
-                return Place::Running { host, elapsed_secs };
+                Place::Running { host, elapsed_secs }
             }
-        }
-        let done = self.done.join(job.done_file_name());
-        if let Some(meta) = fs::symlink_metadata(&done).ok().filter(|m| is_own(m, None)) {
-            let verdict = jobfile::tools::log_verdict(&self.done.join(job.done_with_extension("log")))
-                .unwrap_or_else(|| "(no log)".to_owned());
-            return Place::Done { verdict, result_bytes: meta.len() };
-        }
-        // The job file itself (the server's inode), or a failed result a host kept.
-        for (candidate, ino) in [(file_name.to_owned(), ino), (job.done_file_name(), None)] {
-            if fs::symlink_metadata(self.failed.join(&candidate)).is_ok_and(|m| is_own(&m, ino)) {
-                let reason = layout::read_reason(&self.failed.join(&candidate));
-                return Place::Failed { reason: reason.map_or_else(|| "(no reason)".to_owned(), |r| r.why) };
+            Found::Done { log, meta, .. } => {
+                let verdict = jobfile::tools::log_verdict(&log).unwrap_or_else(|| "(no log)".to_owned());
+                Place::Done { verdict, result_bytes: meta.len() }
             }
+            Found::Failed { reason, .. } => {
+                Place::Failed { reason: reason.map_or_else(|| "(no reason)".to_owned(), |r| r.why) }
+            }
+            Found::Missing => Place::Missing,
         }
-        Place::Missing
     }
 
     /// Whether `queue/<file_name>` is the job file the server wrote (inode
@@ -135,18 +130,14 @@ impl Store {
         fs::symlink_metadata(self.queue.join(file_name)).is_ok_and(|m| is_own(&m, ino))
     }
 
-    /// The hosts' directories in `running/`, as (host id, path): real
-    /// directories only, and none of the dot-names the contract keeps for
-    /// itself (`.cancel`), but `.farm`, where remote hosts' jobs wait.
+    /// The hosts' directories in `running/` (`Beside::host_dirs`) and
+    /// `.farm`, where the jobs leased to remote hosts wait.
     fn host_dirs(&self) -> Vec<(String, PathBuf)> {
-        let Ok(rd) = fs::read_dir(&self.running) else { return Vec::new() };
-        rd.flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                (!name.starts_with('.') || name == FARM_DIR).then(|| (name, e.path()))
-            })
-            .collect()
+        let mut dirs = self.dirs.host_dirs();
+        if fs::symlink_metadata(self.farm_dir()).is_ok_and(|m| m.is_dir()) {
+            dirs.push((FARM_DIR.to_owned(), self.farm_dir()));
+        }
+        dirs
     }
 
     /// Whether the job has ended (its result in `done/`, or it in `failed/`): three stats.
@@ -157,13 +148,15 @@ impl Store {
             .any(|p| fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file()))
     }
 
-    /// Job files waiting in the queue: (ctime, ctime ns, name).
+    /// Job files waiting in the queue, as hosts would take them (regular
+    /// files with one name; a link or a second name is refused, not run):
+    /// (ctime, ctime ns, name).
     fn waiting(&self) -> Vec<(i64, i64, String)> {
         let Ok(rd) = fs::read_dir(&self.queue) else { return Vec::new() };
         rd.flatten()
             .filter(|e| matches!(classify(&e.file_name()), Entry::Job(_)))
             .filter_map(|e| {
-                let meta = e.metadata().ok()?;
+                let meta = e.metadata().ok().filter(layout::lone_file)?;
                 Some((meta.ctime(), meta.ctime_nsec(), e.file_name().to_string_lossy().into_owned()))
             })
             .collect()
@@ -247,7 +240,7 @@ impl Store {
 
 /// Where jobs leased to remote hosts wait on the server: `running/.farm/`
 /// (a name no host id can take, so no local host ever recovers them).
-pub const FARM_DIR: &str = ".farm";
+pub const FARM_DIR: &str = layout::FARM;
 
 impl Store {
     pub fn farm_dir(&self) -> PathBuf {

@@ -10,7 +10,7 @@ use construir_host::config;
 use construir_host::daemon::{self};
 use construir_host::jail::{IdPool, IdRange};
 use construir_host::logger::LogFormat;
-use construir_host::queue::Dirs;
+use jobfile::layout::Beside;
 use jobfile::tools::{self, PackRequest};
 use jobfile::units::{duration_arg, size_arg};
 
@@ -224,18 +224,19 @@ impl DirArgs {
         self
     }
 
-    /// The directories, defaults beside `queue`; `running` is the parent of every host's.
-    pub(crate) fn resolve(self, queue: PathBuf) -> (Dirs, PathBuf) {
-        let running = self.running.unwrap_or_else(|| daemon::sibling(&queue, "running"));
-        let dirs = Dirs {
-            running: running.clone(),
-            done: self.done.unwrap_or_else(|| daemon::sibling(&queue, "done")),
-            failed: self.failed.unwrap_or_else(|| daemon::sibling(&queue, "failed")),
-            images: self.images.unwrap_or_else(|| daemon::sibling(&queue, "images")),
-            work: self.work.unwrap_or_else(|| daemon::sibling(&queue, "work")),
+    /// The shared directories, defaults beside `queue` (`running` is the
+    /// parent of every host's), and the working directory.
+    pub(crate) fn resolve(self, queue: PathBuf) -> (Beside, PathBuf) {
+        let beside = Beside::queue(&queue);
+        let work = self.work.unwrap_or_else(|| daemon::sibling(&queue, "work"));
+        let shared = Beside {
+            running: self.running.unwrap_or(beside.running),
+            done: self.done.unwrap_or(beside.done),
+            failed: self.failed.unwrap_or(beside.failed),
+            images: self.images.unwrap_or(beside.images),
             queue,
         };
-        (dirs, running)
+        (shared, work)
     }
 }
 
@@ -253,7 +254,7 @@ pub(crate) struct QueueArgs {
 
 impl QueueArgs {
     /// The directories as `run` with the same config file would use them, and the file's flags.
-    pub(crate) fn resolve(self) -> Result<(Dirs, PathBuf, config::FileArgs)> {
+    pub(crate) fn resolve(self) -> Result<(Beside, PathBuf, config::FileArgs)> {
         let file = match config::choose(self.config.as_deref()) {
             Some(path) => config::load(&path, &run_command())?,
             None => config::FileArgs::default(),
@@ -261,8 +262,8 @@ impl QueueArgs {
         let Some(queue) = self.queue.or_else(|| file.queue.clone()) else {
             bail!("no queue: give QUEUE, or set `queue` in {}", config::DEFAULT_PATH);
         };
-        let (dirs, running) = self.dirs.or_file(&file).resolve(queue);
-        Ok((dirs, running, file))
+        let (shared, work) = self.dirs.or_file(&file).resolve(queue);
+        Ok((shared, work, file))
     }
 }
 

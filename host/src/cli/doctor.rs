@@ -31,8 +31,8 @@ pub(crate) fn doctor(a: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCod
         bail!("no queue: give QUEUE, or set `queue` in {}", config::DEFAULT_PATH);
     };
     let host_id = a.host_id.clone().unwrap_or_else(daemon::default_host_id);
-    let (mut dirs, _) = a.dirs.clone().resolve(queue);
-    dirs.running = dirs.running.join(&host_id);
+    let (shared, work) = a.dirs.clone().resolve(queue);
+    let dirs = Dirs::of(shared, &host_id, work);
     let root = jail::running_as_root();
     let setup = Setup {
         qemu: a.qemu.clone(),

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use construir_host::daemon::{self, RunOptions};
 use construir_host::logger;
 use construir_host::queue::{Dirs, Rules};
+use jobfile::layout::Beside;
 use jobfile::tools::{self};
 
 /// `run-one`: a private spool with the one job in it, run by the daemon
@@ -44,14 +45,8 @@ pub(crate) fn run_one(args: RunOneArgs) -> Result<ExitCode> {
     let spool = nix::unistd::mkdtemp(&base.join("construir-run-one.XXXXXX"))
         .with_context(|| format!("cannot make a spool in {}", base.display()))?;
     let host_id = a.host_id.clone().unwrap_or_else(daemon::default_host_id);
-    let dirs = Dirs {
-        queue: spool.join("queue"),
-        running: spool.join("running").join(&host_id),
-        done: spool.join("done"),
-        failed: spool.join("failed"),
-        images,
-        work: spool.join("work"),
-    };
+    let shared = Beside { images, ..Beside::queue(&spool.join("queue")) };
+    let dirs = Dirs::of(shared, &host_id, spool.join("work"));
     let outcome = (|| -> Result<ExitCode> {
         dirs.create_all()?;
         // A copy: the VM writes its result over its disk, and FILE stays as it was.

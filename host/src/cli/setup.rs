@@ -24,8 +24,8 @@ pub(crate) fn run_queue(a: RunArgs) -> Result<()> {
     if jobfile::name::check_name(&host_id).is_err() {
         bail!("--host-id {host_id:?}: use letters, digits, '.', '_' and '-'");
     }
-    let (mut dirs, _) = a.dirs.clone().resolve(queue);
-    dirs.running = dirs.running.join(&host_id);
+    let (shared, work) = a.dirs.clone().resolve(queue);
+    let dirs = Dirs::of(shared, &host_id, work);
     let remote = match &a.server {
         Some(server) => {
             if a.once {

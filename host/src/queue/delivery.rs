@@ -148,7 +148,7 @@ fn read_at(dir: &impl AsFd, name: &OsStr) -> io::Result<Vec<u8>> {
 fn delivery_note(dirs: &Dirs, file_name: &OsStr) -> PathBuf {
     let mut name = OsString::from(".delivering.");
     name.push(file_name);
-    dirs.running.join(name)
+    dirs.host_dir.join(name)
 }
 
 /// Records durably that `staged` is the delivery of the claimed `file_name`.
@@ -170,12 +170,12 @@ pub fn noted_delivery(dirs: &Dirs, file_name: &OsStr) -> Option<Staged> {
 
 /// The claim and its delivery note are gone: the job has ended.
 pub fn finish_claim(dirs: &Dirs, file_name: &OsStr) -> io::Result<()> {
-    fs::remove_file(dirs.running.join(file_name))?;
+    fs::remove_file(dirs.host_dir.join(file_name))?;
     match fs::remove_file(delivery_note(dirs, file_name)) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    sync_dirs(&[&dirs.running])
+    sync_dirs(&[&dirs.host_dir])
 }
 
 /// Forgets a delivery note whose staged result is gone (the job runs again).
@@ -226,12 +226,12 @@ pub fn resume_delivery(dirs: &Dirs, file_name: &OsStr, job: &JobName) -> io::Res
 /// removals): dropped, so a later claim of the same name is not taken for
 /// delivered.
 pub fn drop_orphan_notes(dirs: &Dirs) -> io::Result<()> {
-    for entry in fs::read_dir(&dirs.running)? {
+    for entry in fs::read_dir(&dirs.host_dir)? {
         let name = entry?.file_name();
         if let Some(claim) = name.as_encoded_bytes().strip_prefix(b".delivering.") {
             let claim = OsStr::from_bytes(claim);
-            if fs::symlink_metadata(dirs.running.join(claim)).is_err() {
-                fs::remove_file(dirs.running.join(&name))?;
+            if fs::symlink_metadata(dirs.host_dir.join(claim)).is_err() {
+                fs::remove_file(dirs.host_dir.join(&name))?;
             }
         }
     }
@@ -300,7 +300,7 @@ mod tests {
         let work = open_dir(&d.work).expect("work");
         let (result, log) = (d.done.join("j_d1.tar.xz"), d.done.join("j_d1.log"));
         let staged_for = |tag: &str, data: &[u8]| {
-            fs::write(d.running.join(claim), b"input").expect("claim");
+            fs::write(d.host_dir.join(claim), b"input").expect("claim");
             let disk = create_new_at(&work, OsStr::new("disk"), 0o600).expect("create");
             disk.write_all_at(data, 0).expect("write");
             let staged = stage(&d, &work, OsStr::new("disk"), &disk, 1 << 20, &job, b"the log\n", tag).expect("stage");
@@ -317,7 +317,7 @@ mod tests {
             finish_claim(&d, claim).expect("finish");
             assert_eq!(fs::read(&result).expect("result"), expect);
             assert_eq!(fs::read(&log).expect("log"), b"the log\n");
-            assert_eq!(fs::read_dir(&d.running).expect("ls").count(), 0, "claim and note gone");
+            assert_eq!(fs::read_dir(&d.host_dir).expect("ls").count(), 0, "claim and note gone");
             assert_eq!(fs::read_dir(&d.done).expect("ls").count(), 2, "nothing staged is left");
             fs::remove_file(&result).expect("rm");
             fs::remove_file(&log).expect("rm");
@@ -358,12 +358,12 @@ mod tests {
         // No note: an ordinary interrupted job, run again.
         assert!(resume_delivery(&d, OsStr::new("other_i1.tar.xz"), &job).expect("resume").is_none());
         // A forged note cannot name a file outside done/'s dot-names.
-        fs::write(d.running.join(".delivering.j_i1.tar.xz"), "1\n../../etc/passwd\n.x.tmp\n").expect("forge");
+        fs::write(d.host_dir.join(".delivering.j_i1.tar.xz"), "1\n../../etc/passwd\n.x.tmp\n").expect("forge");
         assert!(noted_delivery(&d, claim).is_none());
         // A note whose claim is gone is dropped at start-up.
-        fs::remove_file(d.running.join(claim)).expect("rm");
+        fs::remove_file(d.host_dir.join(claim)).expect("rm");
         drop_orphan_notes(&d).expect("orphans");
-        assert_eq!(fs::read_dir(&d.running).expect("ls").count(), 0);
+        assert_eq!(fs::read_dir(&d.host_dir).expect("ls").count(), 0);
     }
 
     #[test]

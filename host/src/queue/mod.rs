@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
+use jobfile::layout::Beside;
 use jobfile::sanitize;
 
 mod delivery;
@@ -36,36 +37,42 @@ pub enum Ending {
     Requeued,
 }
 
-/// The directories a host works with.
+/// The queue's directories as one host sees them: the shared layout
+/// (`jobfile::layout::Beside`, which it derefs to: `queue`, `running`, `done`,
+/// `failed`, `images`), this host's own `running/<host-id>/`, and its
+/// working directory on local disk.
 #[derive(Debug, Clone)]
 pub struct Dirs {
-    pub queue: PathBuf,
-    pub running: PathBuf,
-    pub done: PathBuf,
-    pub failed: PathBuf,
-    pub images: PathBuf,
+    pub shared: Beside,
+    /// `running/<host-id>/`: this host's claims and its notes about them.
+    pub host_dir: PathBuf,
     pub work: PathBuf,
 }
 
+impl std::ops::Deref for Dirs {
+    type Target = Beside;
+    fn deref(&self) -> &Beside {
+        &self.shared
+    }
+}
+
 impl Dirs {
+    /// Host `host_id` on the directories `shared`.
+    pub fn of(shared: Beside, host_id: &str, work: PathBuf) -> Dirs {
+        Dirs { host_dir: shared.running.join(host_id), shared, work }
+    }
+
     /// The usual tree under `root`, created, with `running/host` as this host's.
     #[cfg(test)]
     pub(crate) fn for_test(root: &Path) -> Dirs {
-        let d = Dirs {
-            queue: root.join("queue"),
-            running: root.join("running/host"),
-            done: root.join("done"),
-            failed: root.join("failed"),
-            images: root.join("images"),
-            work: root.join("work"),
-        };
+        let d = Dirs::of(Beside::queue(&root.join("queue")), "host", root.join("work"));
         d.create_all().expect("dirs");
         d
     }
 
     /// `running/<host_id>` and the working directory are this host's own.
     pub fn create_all(&self) -> io::Result<()> {
-        for d in [&self.queue, &self.running, &self.done, &self.failed, &self.work] {
+        for d in [&self.queue, &self.host_dir, &self.done, &self.failed, &self.work] {
             fs::create_dir_all(d)
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", d.display())))?;
         }
@@ -100,9 +107,9 @@ pub struct Rules {
 /// Claims a job: `rename(queue/x, running/x)`. Another host may win the race;
 /// then this returns `Ok(false)`.
 pub fn claim(dirs: &Dirs, file_name: &OsStr) -> io::Result<bool> {
-    match rename_noreplace(&dirs.queue.join(file_name), &dirs.running.join(file_name)) {
+    match rename_noreplace(&dirs.queue.join(file_name), &dirs.host_dir.join(file_name)) {
         Ok(()) => {
-            sync_dirs(&[&dirs.queue, &dirs.running])?;
+            sync_dirs(&[&dirs.queue, &dirs.host_dir])?;
             Ok(true)
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -176,8 +183,8 @@ fn write_beside(target: &Path, ext: &str, data: &[u8]) -> io::Result<()> {
 
 /// Puts a claimed job back in the queue (the host is stopping).
 pub fn requeue(dirs: &Dirs, file_name: &OsStr) -> io::Result<()> {
-    rename_noreplace(&dirs.running.join(file_name), &dirs.queue.join(file_name))?;
-    sync_dirs(&[&dirs.running, &dirs.queue])
+    rename_noreplace(&dirs.host_dir.join(file_name), &dirs.queue.join(file_name))?;
+    sync_dirs(&[&dirs.host_dir, &dirs.queue])
 }
 
 /// Takes a claimed job out of its submitter's hands and makes the working
@@ -218,14 +225,14 @@ pub fn take_claimed(
 /// `running/<host-id>/.console.<file name>` (removed when the job ends; its
 /// whole log then lands beside the result).
 pub fn live_console(dirs: &Dirs, file_name: &OsStr) -> PathBuf {
-    jobfile::layout::live_console(&dirs.running, file_name)
+    jobfile::layout::live_console(&dirs.host_dir, file_name)
 }
 
 /// A request to stop a running job: a file `running/.cancel/<file name>`,
 /// shared by every host on the queue; whichever host runs the job stops its
 /// VM and sends the job to failed/.
 pub fn cancel_request(dirs: &Dirs, file_name: &OsStr) -> PathBuf {
-    jobfile::layout::cancel_request(dirs.running.parent().unwrap_or(&dirs.running), file_name)
+    jobfile::layout::cancel_request(&dirs.running, file_name)
 }
 
 /// The file in `running/<host-id>/` that a running host holds locked: it
@@ -250,7 +257,7 @@ pub struct HostInfo {
 /// its `HOST_FILE`, held while the returned lock lives. Fails when another
 /// live host has the same id.
 pub fn hold_host(dirs: &Dirs, info: &HostInfo) -> io::Result<nix::fcntl::Flock<File>> {
-    let path = dirs.running.join(HOST_FILE);
+    let path = dirs.host_dir.join(HOST_FILE);
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -305,7 +312,7 @@ mod tests {
     fn a_host_holds_its_place_and_a_second_host_of_the_same_id_is_refused() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let d = dirs(tmp.path());
-        assert_eq!(host_state(&d.running), (false, None));
+        assert_eq!(host_state(&d.host_dir), (false, None));
         let info = HostInfo {
             pid: 42,
             started: "2026-11-30T00:00:00Z".into(),
@@ -316,9 +323,9 @@ mod tests {
         let held = hold_host(&d, &info).expect("first");
         let e = hold_host(&d, &info).expect_err("second");
         assert!(e.to_string().contains("another host with the same host id"), "{e}");
-        assert_eq!(host_state(&d.running), (true, Some(info.clone())));
+        assert_eq!(host_state(&d.host_dir), (true, Some(info.clone())));
         drop(held);
-        assert_eq!(host_state(&d.running), (false, Some(info)), "a host that has gone leaves its file unlocked");
+        assert_eq!(host_state(&d.host_dir), (false, Some(info)), "a host that has gone leaves its file unlocked");
     }
 
     #[test]
@@ -328,7 +335,7 @@ mod tests {
         fs::write(d.queue.join("good_i1.tar.xz"), vec![0u8; 70_000]).expect("write");
         assert!(claim(&d, OsStr::new("good_i1.tar.xz")).expect("claim"));
         assert!(!claim(&d, OsStr::new("good_i1.tar.xz")).expect("second claim"), "a job is claimed once");
-        assert!(d.running.join("good_i1.tar.xz").exists());
+        assert!(d.host_dir.join("good_i1.tar.xz").exists());
     }
 
     #[test]
@@ -357,7 +364,7 @@ mod tests {
     }
 
     fn claimed_job(d: &Dirs, data: &[u8]) -> (PathBuf, Scanned) {
-        let path = d.running.join("j_i1.tar.xz");
+        let path = d.host_dir.join("j_i1.tar.xz");
         fs::write(&path, data).expect("write");
         let meta = fs::symlink_metadata(&path).expect("stat");
         (path, Scanned::of(&meta))

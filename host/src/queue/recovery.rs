@@ -19,7 +19,7 @@ use crate::files::write_durable;
 pub fn counter_file(dirs: &Dirs, file_name: &OsStr, kind: &str) -> PathBuf {
     let mut name = file_name.to_owned();
     name.push(format!(".{kind}"));
-    dirs.running.parent().unwrap_or(&dirs.running).join(".attempts").join(name)
+    dirs.running.join(".attempts").join(name)
 }
 
 /// Reads a counter (0 when there is none).
@@ -68,15 +68,15 @@ pub fn recover(
     max_attempts: u32,
     mut ended: impl FnMut(&OsStr, io::Result<Ending>),
 ) -> io::Result<()> {
-    let in_dir = |e: io::Error| io::Error::new(e.kind(), format!("cannot read {}: {e}", dirs.running.display()));
+    let in_dir = |e: io::Error| io::Error::new(e.kind(), format!("cannot read {}: {e}", dirs.host_dir.display()));
     delivery::drop_orphan_notes(dirs).map_err(in_dir)?;
     // Live consoles of the runs that were cut short: their jobs start again.
-    for entry in fs::read_dir(&dirs.running).map_err(in_dir)?.flatten() {
+    for entry in fs::read_dir(&dirs.host_dir).map_err(in_dir)?.flatten() {
         if entry.file_name().as_encoded_bytes().starts_with(b".console.") {
             let _ = fs::remove_file(entry.path());
         }
     }
-    for entry in fs::read_dir(&dirs.running).map_err(in_dir)? {
+    for entry in fs::read_dir(&dirs.host_dir).map_err(in_dir)? {
         let name = entry?.file_name();
         if name.as_encoded_bytes().starts_with(b".") {
             continue;
@@ -105,7 +105,7 @@ pub fn recover(
             let reason = format!(
                 "the host stopped {attempts} times while running this job (crashed or was killed); not trying again"
             );
-            let path = fail(dirs, &dirs.running.join(&name), &reason, None);
+            let path = fail(dirs, &dirs.host_dir.join(&name), &reason, None);
             ended(&name, path.map(|path| Ending::Failed { path, reason }));
             continue;
         }
@@ -114,7 +114,7 @@ pub fn recover(
             Ok(()) => log::info!("job {label}: unfinished at the last stop (attempt {attempts}); back in the queue"),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 let reason = "a job of the same name was queued again while this one was unfinished".to_owned();
-                let path = fail(dirs, &dirs.running.join(&name), &reason, None);
+                let path = fail(dirs, &dirs.host_dir.join(&name), &reason, None);
                 ended(&name, path.map(|path| Ending::Failed { path, reason }));
             }
             Err(e) => return Err(io::Error::new(e.kind(), format!("cannot requeue {label}: {e}"))),

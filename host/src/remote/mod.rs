@@ -27,7 +27,7 @@ pub use api::Api;
 use api::*;
 use images::*;
 pub use images::{fetch_images, local_images};
-pub use pump::{move_file, run};
+pub use pump::{locate, move_file, run, Local};
 
 use std::path::PathBuf;
 use std::time::Duration;

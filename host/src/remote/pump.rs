@@ -12,6 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use jobfile::layout::{self, Found};
 use jobfile::JobName;
 use serde_json::Value;
 
@@ -127,7 +128,7 @@ pub(crate) struct Held {
 /// will, and the server hands them out again.
 pub(crate) fn clear_spool(dirs: &Dirs) -> io::Result<usize> {
     let mut n = 0;
-    for dir in [&dirs.queue, &dirs.running, &dirs.done, &dirs.failed] {
+    for dir in [&dirs.queue, &dirs.host_dir, &dirs.done, &dirs.failed] {
         let Ok(rd) = fs::read_dir(dir) else { continue };
         for e in rd.flatten() {
             if e.file_name() == OsStr::new(queue::HOST_FILE) || e.file_type().is_ok_and(|t| t.is_dir()) {
@@ -221,12 +222,29 @@ pub(crate) struct Pump {
 }
 
 /// Where a held job is in the spool.
-pub(crate) enum Local {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Local {
     Waiting,
     Running,
     Done { result: PathBuf, log: PathBuf },
     Failed { reason: String, log: Option<PathBuf>, file: PathBuf },
     Nowhere,
+}
+
+/// Where a job this remote host holds is in its own directories
+/// (`Beside::locate`, with this host's `running/<host-id>/` its only host).
+pub fn locate(dirs: &Dirs, file_name: &str) -> Local {
+    let mine = [(String::new(), dirs.host_dir.clone())];
+    match dirs.locate(file_name, &mine, layout::lone_file) {
+        Found::Waiting(_) => Local::Waiting,
+        Found::Running { .. } => Local::Running,
+        Found::Done { result, log, .. } => Local::Done { result, log },
+        // No reason: the server says "failed on host <id>".
+        Found::Failed { file, reason, log } => {
+            Local::Failed { reason: reason.map(|r| r.why).unwrap_or_default(), log, file }
+        }
+        Found::Missing => Local::Nowhere,
+    }
 }
 
 impl Pump {
@@ -360,29 +378,7 @@ impl Pump {
     }
 
     pub(crate) fn locate(&self, file_name: &str) -> Local {
-        let name = OsStr::new(file_name);
-        if self.dirs.queue.join(name).exists() {
-            return Local::Waiting;
-        }
-        if self.dirs.running.join(name).exists() {
-            return Local::Running;
-        }
-        let Ok(job) = JobName::parse(file_name) else { return Local::Nowhere };
-        let (result, log) =
-            (self.dirs.done.join(job.done_file_name()), self.dirs.done.join(job.done_with_extension("log")));
-        if result.exists() {
-            return Local::Done { result, log };
-        }
-        for candidate in [file_name.to_owned(), job.done_file_name()] {
-            let file = self.dirs.failed.join(&candidate);
-            if fs::symlink_metadata(&file).is_ok() {
-                // No reason: the server says "failed on host <id>".
-                let reason = jobfile::layout::read_reason(&file).map(|r| r.why).unwrap_or_default();
-                let log = Some(self.dirs.failed.join(format!("{candidate}.log"))).filter(|p| p.exists());
-                return Local::Failed { reason, log, file };
-            }
-        }
-        Local::Nowhere
+        locate(&self.dirs, file_name)
     }
 
     /// Delivers every held job the daemon has finished.
