@@ -1,0 +1,390 @@
+//! A job's build dependencies, as it declares them: `construir.toml` at the
+//! root of the job (the one file for job options; today it holds only
+//! these), with Debian relations, or a pointer to a Debian source package's
+//! `debian/control` whose `Build-Depends`, `-Arch` and `-Indep` are taken.
+//!
+//! ```toml
+//! packages = ["libssl-dev", "pkg-config (>= 1.8)", "cmake | cmake-mozilla"]
+//! debian-control = "hello/debian/control"
+//! ```
+//!
+//! Everything here is checked against Debian's grammar for relations
+//! (Policy 7.1: names, version relations, architecture restrictions, build
+//! profiles) before any resolver sees it; resolving is Debian's own (apt,
+//! on the host), never ours.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The declaration's path in a job, relative to `/job`.
+pub const DECLARATION: &str = "construir.toml";
+/// Largest `construir.toml` read.
+pub const MAX_DECLARATION: u64 = 64 << 10;
+/// Largest `debian/control` read.
+pub const MAX_CONTROL: u64 = 256 << 10;
+/// Most relations a job may declare (all sources together).
+pub const MAX_RELATIONS: usize = 256;
+/// Longest relation taken (one entry, with its alternatives).
+pub const MAX_RELATION_LEN: usize = 1024;
+
+/// What `construir.toml` says.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Declaration {
+    /// Debian relations, each as one entry of a `Build-Depends` field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<String>,
+    /// A `debian/control` inside the job whose build dependencies are added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debian_control: Option<String>,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DepsError {
+    #[error("{DECLARATION} is not valid: {0}")]
+    Toml(String),
+    #[error("{DECLARATION} is larger than {MAX_DECLARATION} bytes")]
+    DeclarationTooLarge,
+    #[error("debian-control {path:?} is not a path inside the job")]
+    ControlPath { path: String },
+    #[error("{path} is larger than {MAX_CONTROL} bytes")]
+    ControlTooLarge { path: String },
+    #[error("{path} has no Source stanza (its first paragraph must start with `Source:`)")]
+    NoSource { path: String },
+    #[error("{path}, line {line}: {why}")]
+    Control { path: String, line: usize, why: String },
+    #[error("relation {relation:?}: {why}")]
+    Relation { relation: String, why: String },
+    #[error("{count} relations declared; at most {MAX_RELATIONS} are taken")]
+    TooMany { count: usize },
+}
+
+impl Declaration {
+    /// Parses `construir.toml` and checks every relation it holds.
+    pub fn parse(text: &str) -> Result<Declaration, DepsError> {
+        if text.len() as u64 > MAX_DECLARATION {
+            return Err(DepsError::DeclarationTooLarge);
+        }
+        let d: Declaration = toml::from_str(text).map_err(|e| DepsError::Toml(e.message().to_owned()))?;
+        if let Some(path) = &d.debian_control {
+            if crate::unpack::split_path(path.as_bytes()).is_err() || path.is_empty() {
+                return Err(DepsError::ControlPath { path: path.clone() });
+            }
+        }
+        check_count(d.packages.len())?;
+        for r in &d.packages {
+            check_relation(r)?;
+        }
+        Ok(d)
+    }
+
+    /// The file as `job pack --packages` writes it.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a declaration always serializes")
+    }
+
+    /// Whether the job declares anything at all.
+    pub fn is_empty(&self) -> bool {
+        self.packages.is_empty() && self.debian_control.is_none()
+    }
+}
+
+/// Every relation a job needs: those declared in `packages`, then those in
+/// `control` (the text of the file `debian-control` names, at `path`),
+/// each checked; at most `MAX_RELATIONS`.
+pub fn relations(d: &Declaration, control: Option<(&str, &str)>) -> Result<Vec<String>, DepsError> {
+    let mut all = d.packages.iter().map(|r| r.trim().to_owned()).collect::<Vec<_>>();
+    if let Some((path, text)) = control {
+        all.extend(build_depends(path, text)?);
+    }
+    check_count(all.len())?;
+    Ok(all)
+}
+
+fn check_count(count: usize) -> Result<(), DepsError> {
+    if count > MAX_RELATIONS {
+        return Err(DepsError::TooMany { count });
+    }
+    Ok(())
+}
+
+/// The relations in the source stanza's `Build-Depends`, `Build-Depends-Arch`
+/// and `Build-Depends-Indep` of a `debian/control` (deb822: fields folded
+/// over continuation lines, `#` comments dropped), each checked.
+pub fn build_depends(path: &str, text: &str) -> Result<Vec<String>, DepsError> {
+    if text.len() as u64 > MAX_CONTROL {
+        return Err(DepsError::ControlTooLarge { path: path.to_owned() });
+    }
+    let at = |line: usize, why: &str| DepsError::Control { path: path.to_owned(), line, why: why.to_owned() };
+    // The first paragraph only: the source stanza.
+    let mut fields: Vec<(String, String)> = Vec::new();
+    let mut started = false;
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        if line.starts_with('#') {
+            continue;
+        }
+        if line.trim().is_empty() {
+            if started {
+                break;
+            }
+            continue;
+        }
+        started = true;
+        if line.starts_with([' ', '\t']) {
+            let Some((_, value)) = fields.last_mut() else { return Err(at(n, "a continuation line before any field")) };
+            value.push(' ');
+            value.push_str(line.trim());
+            continue;
+        }
+        let Some((name, value)) = line.split_once(':') else { return Err(at(n, "not `Field: value`")) };
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(at(n, "a field name must be printable ASCII without spaces"));
+        }
+        fields.push((name.to_owned(), value.trim().to_owned()));
+    }
+    if !fields.first().is_some_and(|(name, _)| name.eq_ignore_ascii_case("Source")) {
+        return Err(DepsError::NoSource { path: path.to_owned() });
+    }
+    let mut out = Vec::new();
+    for (name, value) in &fields {
+        let wanted = ["Build-Depends", "Build-Depends-Arch", "Build-Depends-Indep"];
+        if !wanted.iter().any(|w| w.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        for relation in value.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+            check_relation(relation)?;
+            out.push(relation.to_owned());
+        }
+    }
+    Ok(out)
+}
+
+/// Checks one relation: alternatives `a | b`, each a package name with an
+/// optional `:arch` qualifier, an optional `(op version)`, an optional
+/// `[arch ...]` restriction and any number of `<profile ...>` lists.
+pub fn check_relation(relation: &str) -> Result<(), DepsError> {
+    let bad = |why: String| DepsError::Relation { relation: relation.to_owned(), why };
+    if relation.len() > MAX_RELATION_LEN {
+        return Err(bad(format!("longer than {MAX_RELATION_LEN} bytes")));
+    }
+    if relation.contains(',') {
+        return Err(bad("one relation per entry: split it at the commas".to_owned()));
+    }
+    for alternative in relation.split('|') {
+        check_alternative(alternative.trim()).map_err(bad)?;
+    }
+    Ok(())
+}
+
+fn check_alternative(text: &str) -> Result<(), String> {
+    let mut rest = text;
+    let name_end = rest.find(|c: char| c.is_whitespace() || "([<:".contains(c)).unwrap_or(rest.len());
+    let (name, tail) = rest.split_at(name_end);
+    check_name(name)?;
+    rest = tail;
+    if let Some(tail) = rest.strip_prefix(':') {
+        let end = tail.find(|c: char| c.is_whitespace() || "([<".contains(c)).unwrap_or(tail.len());
+        let (arch, tail) = tail.split_at(end);
+        check_arch(arch).map_err(|e| format!("architecture qualifier: {e}"))?;
+        rest = tail;
+    }
+    rest = rest.trim_start();
+    if let Some(tail) = rest.strip_prefix('(') {
+        let (inside, tail) = tail.split_once(')').ok_or("`(` without `)`")?;
+        let inside = inside.trim();
+        let op = ["<<", "<=", ">=", ">>", "="].into_iter().find(|op| inside.starts_with(op));
+        let op = op.ok_or_else(|| format!("{inside:?}: a version relation is one of << <= = >= >>"))?;
+        check_version(inside[op.len()..].trim())?;
+        rest = tail.trim_start();
+    }
+    if let Some(tail) = rest.strip_prefix('[') {
+        let (inside, tail) = tail.split_once(']').ok_or("`[` without `]`")?;
+        let archs: Vec<&str> = inside.split_whitespace().collect();
+        if archs.is_empty() {
+            return Err("an empty architecture restriction `[]`".to_owned());
+        }
+        let negated = archs.iter().filter(|a| a.starts_with('!')).count();
+        if negated != 0 && negated != archs.len() {
+            return Err("an architecture restriction is all negated or none".to_owned());
+        }
+        for a in archs {
+            check_arch(a.strip_prefix('!').unwrap_or(a))?;
+        }
+        rest = tail.trim_start();
+    }
+    while let Some(tail) = rest.strip_prefix('<') {
+        let (inside, tail) = tail.split_once('>').ok_or("`<` without `>`")?;
+        let terms: Vec<&str> = inside.split_whitespace().collect();
+        if terms.is_empty() {
+            return Err("an empty build profile `<>`".to_owned());
+        }
+        for t in terms {
+            let p = t.strip_prefix('!').unwrap_or(t);
+            if p.is_empty() || !p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+.-".contains(&b)) {
+                return Err(format!("{t:?} is not a build profile name"));
+            }
+        }
+        rest = tail.trim_start();
+    }
+    if !rest.is_empty() {
+        return Err(format!("unexpected {rest:?}"));
+    }
+    Ok(())
+}
+
+/// A Debian package name: lower-case letters, digits, `+ - .`, at least
+/// two, starting with a letter or digit.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = name.len() >= 2
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b));
+    if ok {
+        Ok(())
+    } else if name.is_empty() {
+        Err("no package name".to_owned())
+    } else {
+        Err(format!("{name:?} is not a Debian package name (lower-case letters, digits, + - ., at least two)"))
+    }
+}
+
+/// A Debian version: `[epoch:]upstream[-revision]`, the upstream part
+/// starting with a digit.
+pub fn check_version(version: &str) -> Result<(), String> {
+    let bad = || format!("{version:?} is not a Debian version");
+    let (epoch, rest) = match version.split_once(':') {
+        Some((e, r)) => (Some(e), r),
+        None => (None, version),
+    };
+    if epoch.is_some_and(|e| e.is_empty() || !e.bytes().all(|b| b.is_ascii_digit())) {
+        return Err(bad());
+    }
+    let upstream = rest.rsplit_once('-').map_or(rest, |(u, revision)| {
+        if revision.is_empty() || !revision.bytes().all(|b| b.is_ascii_alphanumeric() || b"+.~".contains(&b)) {
+            ""
+        } else {
+            u
+        }
+    });
+    let ok = upstream.as_bytes().first().is_some_and(u8::is_ascii_digit)
+        && upstream.bytes().all(|b| b.is_ascii_alphanumeric() || b"+.~-:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(bad())
+    }
+}
+
+fn check_arch(arch: &str) -> Result<(), String> {
+    if !arch.is_empty() && arch.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        Ok(())
+    } else {
+        Err(format!("{arch:?} is not an architecture name"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relations_in_debian_grammar_are_taken_and_others_refused_with_why() {
+        let good = [
+            "libssl-dev",
+            "pkg-config (>= 1.8)",
+            "cmake | cmake-mozilla",
+            "debhelper-compat (= 13)",
+            "libc6-dev (>= 2.36-9+deb12u1) [amd64]",
+            "python3:any",
+            "foo [!i386 !armel] <!nocheck>",
+            "bar <!nocheck> <cross>",
+            "g++ (<< 1:14~)",
+        ];
+        for r in good {
+            assert_eq!(check_relation(r), Ok(()), "{r}");
+        }
+        let bad = [
+            ("", "no package name"),
+            ("Libssl", "not a Debian package name"),
+            ("a", "not a Debian package name"),
+            ("foo (>= )", "not a Debian version"),
+            ("foo (~ 1)", "version relation is one of"),
+            ("foo (>= 1", "without `)`"),
+            ("foo, bar", "one relation per entry"),
+            ("foo [amd64 !i386]", "all negated or none"),
+            ("foo []", "empty architecture"),
+            ("foo <>", "empty build profile"),
+            ("foo; rm -rf /", "not a Debian package name"),
+            ("foo (>= 1) extra", "unexpected"),
+            ("foo | ", "no package name"),
+            ("$(reboot)", "not a Debian package name"),
+        ];
+        for (r, why) in bad {
+            let e = check_relation(r).expect_err(r).to_string();
+            assert!(e.contains(why), "{r:?}: {e}");
+        }
+        assert!(check_relation(&"a".repeat(MAX_RELATION_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn versions_follow_debian_policy() {
+        for v in ["1.0", "2:1.2.3-4", "1.0~rc1-1+deb12u1", "3.0.15-1~deb12u1", "0"] {
+            assert_eq!(check_version(v), Ok(()), "{v}");
+        }
+        for v in ["", "a1.0", ":1.0", "x:1", "1.0-", "1.0-a_b", "-1"] {
+            assert!(check_version(v).is_err(), "{v}");
+        }
+    }
+
+    #[test]
+    fn the_declaration_file_is_checked_and_round_trips() {
+        let d = Declaration::parse("packages = [\"libssl-dev\", \"pkg-config (>= 1.8)\"]\n").expect("parse");
+        assert_eq!(d.packages, ["libssl-dev", "pkg-config (>= 1.8)"]);
+        assert_eq!(Declaration::parse(&d.to_toml()), Ok(d.clone()));
+        assert!(!d.is_empty() && Declaration::default().is_empty());
+        let e = Declaration::parse("packages = [\"BAD\"]").expect_err("bad name").to_string();
+        assert!(e.contains("\"BAD\" is not a Debian package name"), "{e}");
+        let e = Declaration::parse("pakages = []").expect_err("unknown key").to_string();
+        assert!(e.contains("unknown field `pakages`"), "{e}");
+        for path in ["../etc/debian/control", "/etc/control", ""] {
+            let text = format!("debian-control = {path:?}");
+            assert!(matches!(Declaration::parse(&text), Err(DepsError::ControlPath { .. })), "{path}");
+        }
+        let many = format!("packages = [{}]", vec!["\"make\""; MAX_RELATIONS + 1].join(","));
+        assert_eq!(Declaration::parse(&many), Err(DepsError::TooMany { count: MAX_RELATIONS + 1 }));
+        let huge = format!("# {}\n", "x".repeat(MAX_DECLARATION as usize));
+        assert_eq!(Declaration::parse(&huge), Err(DepsError::DeclarationTooLarge));
+    }
+
+    #[test]
+    fn build_dependencies_come_from_the_source_stanza_of_debian_control() {
+        let control = "\
+# a comment
+Source: hello
+Section: devel
+Build-Depends: debhelper-compat (= 13),
+ libssl-dev <!nocheck>,
+# a comment inside the field
+    pkg-config,
+Build-Depends-Indep: python3-sphinx
+Build-Depends-Arch: libfoo-dev [amd64]
+
+Package: hello
+Depends: not-a-build-dependency
+Build-Depends: not-read-either
+";
+        let got = build_depends("debian/control", control).expect("parse");
+        assert_eq!(
+            got,
+            ["debhelper-compat (= 13)", "libssl-dev <!nocheck>", "pkg-config", "python3-sphinx", "libfoo-dev [amd64]"]
+        );
+        let d = Declaration { packages: vec!["make".into()], debian_control: Some("debian/control".into()) };
+        assert_eq!(relations(&d, Some(("debian/control", control))).expect("all").len(), 6);
+        let e = build_depends("c", "Package: x\n").expect_err("no source").to_string();
+        assert!(e.contains("no Source stanza"), "{e}");
+        let e = build_depends("c", "Source: x\nBuild-Depends: ok, Bad!\n").expect_err("bad").to_string();
+        assert!(e.contains("\"Bad!\""), "{e}");
+        let e = build_depends("c", " folded\nSource: x\n").expect_err("bad").to_string();
+        assert!(e.contains("line 1: a continuation line"), "{e}");
+    }
+}
