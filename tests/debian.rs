@@ -4,6 +4,7 @@ use std::fs;
 use std::process::Command;
 
 use construir_e2e::{bin, build_debian, debian_images, job_log, job_status, sh, Queue};
+use jobfile::deps::Resolution;
 use jobfile::image::ImageManifest;
 
 #[test]
@@ -24,7 +25,17 @@ fn the_manifest_is_complete_and_two_builds_list_the_same_packages() {
     assert!(!initrd.iter().any(|p| p.contains("udev") || p.ends_with("bin/sh")), "{initrd:?}");
     assert_eq!(first.builder_version, env!("CARGO_PKG_VERSION"));
     assert!(first.created.ends_with('Z') && first.created.len() == 20, "{}", first.created);
-    assert_eq!(first.sha256.keys().collect::<Vec<_>>(), ["initrd.img", "root.qcow2", "vmlinux"]);
+    assert_eq!(first.sha256.keys().collect::<Vec<_>>(), ["dpkg-status", "initrd.img", "root.qcow2", "vmlinux"]);
+    // What a job's packages are resolved against: the archive it came from and its dpkg state.
+    let archive = first.archive.as_ref().expect("the archive is recorded");
+    assert_eq!((archive.suite.as_str(), archive.architecture.as_str()), ("bookworm", "amd64"));
+    assert_eq!(
+        (archive.components.as_slice(), archive.dpkg_status.as_str()),
+        (["main".to_owned()].as_slice(), "dpkg-status")
+    );
+    assert!(archive.uri.starts_with("http"), "{}", archive.uri);
+    let status = fs::read_to_string(debian_images().join("i100/dpkg-status")).expect("dpkg-status");
+    assert!(status.contains("Package: build-essential\nStatus: install ok installed"), "{}", &status[..200]);
     let names: Vec<&str> = first.packages.iter().map(|p| p.name.as_str()).collect();
     for want in ["build-essential", "bzip2", "xz-utils", "gcc", "make", "libc6-dev", "linux-image-amd64"] {
         assert!(names.contains(&want), "{want} missing from the package list");
@@ -190,4 +201,47 @@ fn a_job_that_fills_the_root_disk_still_comes_back_with_its_status() {
     let free: u64 =
         String::from_utf8(job_log(&q2.done("after_d100.tar.xz"))).expect("utf8").trim().parse().expect("bytes");
     assert!(free >= 2 << 30, "{free}");
+}
+
+/// The resolver on the real archive and the real image: apt under a private
+/// configuration chooses, every `.deb` is pinned to the archive's sha256
+/// and checked when fetched, the second fetch comes from the cache, and
+/// what cannot be had is refused in apt's words.
+#[test]
+fn packages_resolve_against_the_image_and_its_archive_and_are_fetched_verified() {
+    let images = debian_images();
+    let manifest = ImageManifest::load(&images.join("i100")).expect("image.toml");
+    let cache = tempfile::tempdir().expect("tempdir");
+    let resolver = deps::Resolver::new(deps::Settings::new(cache.path()));
+    let relations = ["libssl-dev".to_owned(), "pkg-config (>= 1.8)".to_owned()];
+    let res: Resolution = resolver.resolve("100", &images.join("i100"), &manifest, &relations).expect("resolves");
+    let names: Vec<&str> = res.install.iter().map(|p| p.name.as_str()).collect();
+    for want in ["libssl-dev", "pkgconf"] {
+        assert!(names.contains(&want), "{want} not chosen: {names:?}");
+    }
+    assert!(!names.contains(&"build-essential"), "the image already has it: {names:?}");
+    assert!(res.install.iter().all(|p| p.sha256.len() == 64 && p.filename.starts_with("pool/main/")), "{res:?}");
+    let first = resolver.fetch("100", &manifest, &res).expect("fetch");
+    assert_eq!((first.hits, first.downloaded), (0, res.install.len()));
+    for (p, file) in &first.files {
+        assert_eq!(jobfile::image::sha256_file(file).expect("hash"), p.sha256, "{}", p.name);
+        assert_eq!(fs::metadata(file).expect("meta").len(), p.size);
+    }
+    let again = resolver.fetch("100", &manifest, &res).expect("fetch");
+    assert_eq!((again.hits, again.downloaded), (res.install.len(), 0), "the second fetch is from the cache");
+    // A damaged cache file is found out and fetched again.
+    fs::write(&first.files[0].1, b"not a deb").expect("damage");
+    let mended = resolver.fetch("100", &manifest, &res).expect("fetch");
+    assert_eq!(mended.downloaded, 1);
+    // What cannot be had is refused in apt's words.
+    for (relation, words) in [("libnonexist-dev", "libnonexist-dev"), ("pkg-config (>= 99)", "pkg-config (>= 99)")] {
+        let e = resolver.resolve("100", &images.join("i100"), &manifest, &[relation.to_owned()]).expect_err(relation);
+        let text = jobfile::error_chain(&e);
+        assert!(text.contains("cannot satisfy") && text.contains(words), "{relation}: {text}");
+    }
+    // A mini image has no archive to resolve against.
+    let mut mini = manifest.clone();
+    mini.archive = None;
+    let e = resolver.resolve("0", &images.join("i100"), &mini, &relations).expect_err("no archive");
+    assert!(e.to_string().contains("records no Debian archive"), "{e}");
 }

@@ -56,6 +56,13 @@ enum Command {
         /// For a directory: the job name [default: its name].
         #[arg(long)]
         name: Option<String>,
+        /// For a directory: Debian packages the job needs, as relations (comma-separated or
+        /// repeated), written to its construir.toml.
+        #[arg(long = "packages", value_name = "RELATIONS", value_delimiter = ',')]
+        packages: Vec<String>,
+        /// For a directory: also the build dependencies of this debian/control inside it.
+        #[arg(long, value_name = "PATH")]
+        debian_control: Option<String>,
         /// Then wait for it, as `construir wait` does.
         #[arg(long)]
         wait: bool,
@@ -322,9 +329,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             println!("{}", packed.path.display());
         }
-        Command::Submit { path, image, size, name, wait: then_wait } => {
+        Command::Submit { path, image, size, name, packages, debian_control, wait: then_wait } => {
             let client = client()?;
             let scratch = tempfile::tempdir()?;
+            if !path.is_dir() && (!packages.is_empty() || debian_control.is_some()) {
+                bail!("--packages and --debian-control pack a directory; {} is a job file, which carries its own construir.toml", path.display());
+            }
             let file = if path.is_dir() {
                 let (Some(image), Some(size)) = (image, size) else {
                     bail!("{} is a directory: give --image N and --size SIZE to pack it", path.display());
@@ -337,6 +347,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     out: scratch.path().to_owned(),
                     preset: jobfile::xz::DEFAULT_PRESET,
                     force: false,
+                    packages,
+                    debian_control,
                 })?;
                 eprintln!(
                     "construir: packed {} into a {} job file",

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use jobfile::image::{ImageManifest, Package};
+use jobfile::image::{Archive, ImageManifest, Package, DPKG_STATUS};
 use jobfile::status::rfc3339;
 
 use std::io::BufWriter;
@@ -180,6 +180,17 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
         .map(|(name, version)| Package { name: name.to_owned(), version: version.to_owned() })
         .collect();
     installed.sort_by(|a, b| a.name.cmp(&b.name));
+    // What a job's packages are resolved against: the archive and this state.
+    fs::copy(r.join("var/lib/dpkg/status"), staging.dir.join(DPKG_STATUS))
+        .context("cannot copy /var/lib/dpkg/status")?;
+    let architecture = command::run(
+        Command::new("chroot").arg(r).args(["dpkg", "--print-architecture"]),
+        "dpkg --print-architecture",
+        Duration::from_secs(60),
+        |_| {},
+    )?
+    .trim()
+    .to_owned();
 
     progress.stage("kernel", "exporting the kernel, dropping apt lists, caches and docs");
     let (kernel_file, pvh) =
@@ -225,6 +236,13 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
         job_device: "/dev/vdb".into(),
         suite: Some(opts.suite.clone()),
         packages: installed,
+        archive: Some(Archive {
+            uri: mirror.clone(),
+            suite: opts.suite.clone(),
+            components: vec!["main".into()],
+            architecture,
+            dpkg_status: DPKG_STATUS.into(),
+        }),
         sha256: Default::default(),
     };
     let out = staging.finish(manifest)?;

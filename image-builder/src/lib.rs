@@ -1,6 +1,6 @@
 //! image-builder: makes the base images construir boots (`images/i<N>/`).
 
-pub mod command;
+pub use jobfile::command;
 pub mod debootstrap;
 pub mod ext4;
 pub mod initramfs;

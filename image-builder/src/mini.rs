@@ -70,6 +70,7 @@ pub fn build(opts: &MiniOptions) -> Result<PathBuf> {
         job_device: "/dev/vda".into(),
         suite: None,
         packages: Vec::new(),
+        archive: None,
         sha256: Default::default(),
     };
     let out = staging.finish(manifest)?;

@@ -57,6 +57,100 @@ pub enum DepsError {
     Relation { relation: String, why: String },
     #[error("{count} relations declared; at most {MAX_RELATIONS} are taken")]
     TooMany { count: usize },
+    #[error("cannot read the job archive: {0}")]
+    Archive(String),
+    #[error("debian-control names {path}, which the job archive does not hold as a regular file")]
+    ControlMissing { path: String },
+}
+
+/// What reading a job's declaration may cost: the declaration is its first
+/// file, but the `debian/control` it names may be anywhere in the archive.
+pub const SCAN_LIMITS: crate::ReadLimits = crate::ReadLimits::new(16 << 30, std::time::Duration::from_secs(120));
+
+/// A job's declaration, read from its job file: `construir.toml` must be
+/// the archive's first file (directories before it aside; `job pack` puts
+/// it there), so a job without one costs one entry's read. Returns the
+/// declaration and every relation it comes to, checked; `None` when the
+/// job declares nothing.
+pub fn read_from_job<R: std::io::Read>(input: R) -> Result<Option<(Declaration, Vec<String>)>, DepsError> {
+    use std::io::Read as _;
+    let bad = |e: &dyn std::error::Error| DepsError::Archive(crate::error_chain(e));
+    let mut archive =
+        crate::read_job(input, crate::xz::DEFAULT_MEMLIMIT).map_err(|e| bad(&e))?.with_limits(SCAN_LIMITS);
+    let declaration = loop {
+        let Some(h) = archive.next_entry().map_err(|e| bad(&e))? else { return Ok(None) };
+        match h.kind {
+            crate::Kind::Dir => continue,
+            crate::Kind::File if crate::path_is(&h.path, DECLARATION) => {
+                if h.size > MAX_DECLARATION {
+                    return Err(DepsError::DeclarationTooLarge);
+                }
+                let mut text = String::new();
+                archive.data().take(MAX_DECLARATION).read_to_string(&mut text).map_err(|e| bad(&e))?;
+                break Declaration::parse(&text)?;
+            }
+            _ => return Ok(None),
+        }
+    };
+    let Some(path) = declaration.debian_control.clone() else {
+        let relations = relations(&declaration, None)?;
+        return Ok(Some((declaration, relations)));
+    };
+    while let Some(h) = archive.next_entry().map_err(|e| bad(&e))? {
+        if h.kind == crate::Kind::File && crate::path_is(&h.path, &path) {
+            if h.size > MAX_CONTROL {
+                return Err(DepsError::ControlTooLarge { path });
+            }
+            let mut text = String::new();
+            archive.data().take(MAX_CONTROL).read_to_string(&mut text).map_err(|e| bad(&e))?;
+            let relations = relations(&declaration, Some((&path, &text)))?;
+            return Ok(Some((declaration, relations)));
+        }
+    }
+    Err(DepsError::ControlMissing { path })
+}
+
+/// One package a resolution chose, exactly: what the VM installs and what
+/// `job_status.json` reports.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Pinned {
+    pub name: String,
+    pub version: String,
+    pub architecture: String,
+    /// Its `.deb`'s sha256, from the archive's `Packages` (verified through
+    /// the signed `Release`).
+    pub sha256: String,
+    pub size: u64,
+    /// Its path in the archive (`pool/main/...`).
+    pub filename: String,
+}
+
+/// What a job's relations resolved to, against one image: every package
+/// to install, sorted, and what installing them removes from the image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolution {
+    pub install: Vec<Pinned>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+impl Resolution {
+    /// The layer this resolution makes on the image whose root disk has
+    /// sha256 `image`: a digest of both, so that the same set on the same
+    /// image is the same layer on every host.
+    pub fn layer_key(&self, image: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"construir layer 1\n");
+        h.update(image.as_bytes());
+        for p in &self.install {
+            h.update(format!("\ninstall {} {} {} {}", p.name, p.version, p.architecture, p.sha256));
+        }
+        for r in &self.remove {
+            h.update(format!("\nremove {r}"));
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 impl Declaration {
@@ -386,5 +480,86 @@ Build-Depends: not-read-either
         assert!(e.contains("\"Bad!\""), "{e}");
         let e = build_depends("c", " folded\nSource: x\n").expect_err("bad").to_string();
         assert!(e.contains("line 1: a continuation line"), "{e}");
+    }
+
+    fn pack(
+        dir: &std::path::Path,
+        packages: &[&str],
+        control: Option<&str>,
+    ) -> Result<std::path::PathBuf, crate::tools::JobToolError> {
+        let req = crate::tools::PackRequest {
+            dir: dir.to_owned(),
+            image: "1".into(),
+            size: 1 << 20,
+            name: Some("deps".into()),
+            out: dir.parent().expect("parent").to_owned(),
+            preset: 0,
+            force: true,
+            packages: packages.iter().map(|p| p.to_string()).collect(),
+            debian_control: control.map(str::to_owned),
+        };
+        crate::tools::pack(&req).map(|p| p.path)
+    }
+
+    #[test]
+    fn job_pack_writes_the_declaration_first_and_the_host_reads_it_back() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("job");
+        std::fs::create_dir_all(dir.join("bin")).expect("mkdir");
+        std::fs::create_dir_all(dir.join("src/debian")).expect("mkdir");
+        std::fs::write(dir.join("bin/construir"), "#!/bin/sh\n").expect("w");
+        // Sorted, "a-first" would come before construir.toml: the declaration is put first anyway.
+        std::fs::write(dir.join("a-first"), "x").expect("w");
+        std::fs::write(dir.join("src/debian/control"), "Source: s\nBuild-Depends: debhelper-compat (= 13)\n")
+            .expect("w");
+        let read = |file: &std::path::Path| read_from_job(std::fs::File::open(file).expect("open"));
+
+        let file = pack(&dir, &["libssl-dev", "pkg-config (>= 1.8)"], Some("src/debian/control")).expect("pack");
+        let (d, relations) = read(&file).expect("read").expect("declared");
+        assert_eq!(d.debian_control.as_deref(), Some("src/debian/control"));
+        assert_eq!(relations, ["libssl-dev", "pkg-config (>= 1.8)", "debhelper-compat (= 13)"]);
+
+        // Without flags: nothing declared, nothing read.
+        let file = pack(&dir, &[], None).expect("pack");
+        assert_eq!(read(&file).expect("read"), None);
+
+        // DIR's own construir.toml is checked, put first, and cannot be combined with the flags.
+        std::fs::write(dir.join(DECLARATION), "packages = [\"cmake\"]\n").expect("w");
+        let file = pack(&dir, &[], None).expect("pack");
+        assert_eq!(read(&file).expect("read").expect("declared").1, ["cmake"]);
+        let e = pack(&dir, &["make"], None).expect_err("both");
+        assert!(e.to_string().contains("already has construir.toml"), "{e}");
+        std::fs::write(dir.join(DECLARATION), "packages = [\"Not Valid\"]\n").expect("w");
+        let e = crate::error_chain(&pack(&dir, &[], None).expect_err("bad"));
+        assert!(e.contains("\"Not\" is not a Debian package name"), "{e}");
+        std::fs::remove_file(dir.join(DECLARATION)).expect("rm");
+        let e = crate::error_chain(&pack(&dir, &["libssl-dev; reboot"], None).expect_err("bad"));
+        assert!(e.contains("not a Debian package name"), "{e}");
+        let e = crate::error_chain(&pack(&dir, &[], Some("nothing/debian/control")).expect_err("missing"));
+        assert!(e.contains("nothing/debian/control"), "{e}");
+    }
+
+    #[test]
+    fn a_declaration_that_is_not_the_first_file_is_not_read_and_a_missing_control_is_named() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("t");
+        std::fs::create_dir_all(dir.join("bin")).expect("mkdir");
+        std::fs::write(dir.join("bin/construir"), "#!/bin/sh\n").expect("w");
+        std::fs::write(dir.join(DECLARATION), "debian-control = \"debian/control\"\n").expect("w");
+        let tar = |order: &str, out: &str| {
+            let st = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("tar -cJf {out} {order}"))
+                .current_dir(&dir)
+                .status()
+                .expect("tar");
+            assert!(st.success());
+            dir.join(out)
+        };
+        let later = tar("bin construir.toml", "later.tar.xz");
+        assert_eq!(read_from_job(std::fs::File::open(later).expect("open")).expect("read"), None);
+        let first = tar("construir.toml bin", "first.tar.xz");
+        let e = read_from_job(std::fs::File::open(first).expect("open")).expect_err("no control");
+        assert_eq!(e, DepsError::ControlMissing { path: "debian/control".into() });
     }
 }

@@ -22,6 +22,24 @@ pub struct Package {
     pub version: String,
 }
 
+/// The Debian archive a Debian image was built from, recorded by
+/// `image-builder debootstrap` so that a job's packages are resolved
+/// against the same archive and the image's own installed packages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Archive {
+    /// The mirror, as the building machine's apt sources named it.
+    pub uri: String,
+    pub suite: String,
+    pub components: Vec<String>,
+    /// dpkg's architecture (`amd64`).
+    pub architecture: String,
+    /// The image's `/var/lib/dpkg/status`, a file of the image directory.
+    pub dpkg_status: String,
+}
+
+/// The file name under which a Debian image keeps its dpkg status.
+pub const DPKG_STATUS: &str = "dpkg-status";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageManifest {
     /// `mini` or `debootstrap`.
@@ -44,6 +62,10 @@ pub struct ImageManifest {
     pub suite: Option<String>,
     #[serde(default)]
     pub packages: Vec<Package>,
+    /// Where the image's packages came from (Debian images built since the
+    /// archive was recorded; `None` for mini images and older ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<Archive>,
     /// sha256 of each file of the image, by file name.
     #[serde(default)]
     pub sha256: BTreeMap<String, String>,
@@ -72,7 +94,9 @@ impl ImageManifest {
         let text = fs::read_to_string(&path).map_err(|source| ImageError::Read { path: path.clone(), source })?;
         let manifest: ImageManifest =
             toml::from_str(&text).map_err(|source| ImageError::Parse { path: path.clone(), source })?;
-        for file in [Some(&manifest.kernel), Some(&manifest.initrd), manifest.root_disk.as_ref()].into_iter().flatten()
+        let status = manifest.archive.as_ref().map(|a| &a.dpkg_status);
+        for file in
+            [Some(&manifest.kernel), Some(&manifest.initrd), manifest.root_disk.as_ref(), status].into_iter().flatten()
         {
             if file.is_empty() || file.contains('/') || file.starts_with('.') {
                 return Err(ImageError::BadFileName { path: path.clone(), file: file.clone() });
@@ -158,6 +182,7 @@ mod tests {
             job_device: "/dev/vda".into(),
             suite: None,
             packages: vec![],
+            archive: None,
             sha256: BTreeMap::from([("vmlinuz".into(), "ab".into())]),
         }
     }

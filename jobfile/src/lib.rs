@@ -6,6 +6,7 @@
 //! files; see `docs/DESIGN.md` for the contract.
 
 pub mod cmdline;
+pub mod command;
 pub mod deps;
 pub mod fallback;
 #[cfg(feature = "http")]

@@ -5,7 +5,7 @@
 //! escaped before it reaches a terminal.
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, IsTerminal, Write};
+use std::io::{self, BufWriter, IsTerminal, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -73,6 +73,12 @@ pub enum JobToolError {
     Unpack { path: PathBuf, dir: PathBuf, source: UnpackError },
     #[error("cannot write to standard output")]
     Stdout(#[source] io::Error),
+    #[error("{dir}: the job's dependencies")]
+    Deps { dir: PathBuf, source: crate::deps::DepsError },
+    #[error(
+        "{dir} already has construir.toml: declare the packages there, or leave out --packages and --debian-control"
+    )]
+    DeclarationExists { dir: PathBuf },
 }
 
 /// How the host's console log of a job ends: this, then its verdict.
@@ -123,6 +129,59 @@ pub struct PackRequest {
     /// Replace an existing job file of the same name.
     #[cfg_attr(feature = "cli", arg(long))]
     pub force: bool,
+    /// Debian packages the job needs, as relations: `libssl-dev,pkg-config (>= 1.8),cmake | cmake-mozilla`
+    /// (comma-separated or repeated); written to construir.toml. The host installs them before the job runs.
+    #[cfg_attr(feature = "cli", arg(long = "packages", value_name = "RELATIONS", value_delimiter = ','))]
+    pub packages: Vec<String>,
+    /// Also install the build dependencies of this debian/control inside DIR (Build-Depends, -Arch, -Indep).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "PATH"))]
+    pub debian_control: Option<String>,
+}
+
+impl PackRequest {
+    /// What `pack` writes as `construir.toml`, if anything: from the flags,
+    /// or DIR's own file (checked); never both.
+    fn declaration(&self) -> Result<Option<String>, JobToolError> {
+        let deps_err = |source| JobToolError::Deps { dir: self.dir.clone(), source };
+        let own = self.dir.join(crate::deps::DECLARATION);
+        let has_own = fs::symlink_metadata(&own).is_ok();
+        if self.packages.is_empty() && self.debian_control.is_none() {
+            if !has_own {
+                return Ok(None);
+            }
+            let mut text = String::new();
+            File::open(&own)
+                .and_then(|f| f.take(crate::deps::MAX_DECLARATION + 1).read_to_string(&mut text))
+                .map_err(|source| JobToolError::Open { path: own.clone(), source })?;
+            let d = crate::deps::Declaration::parse(&text).map_err(deps_err)?;
+            self.check_control(&d)?;
+            return Ok(Some(text));
+        }
+        if has_own {
+            return Err(JobToolError::DeclarationExists { dir: self.dir.clone() });
+        }
+        let d = crate::deps::Declaration {
+            packages: self.packages.iter().map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect(),
+            debian_control: self.debian_control.clone(),
+        };
+        let text = d.to_toml();
+        crate::deps::Declaration::parse(&text).map_err(deps_err)?;
+        self.check_control(&d)?;
+        Ok(Some(text))
+    }
+
+    /// The `debian/control` a declaration names is in DIR and says what it must.
+    fn check_control(&self, d: &crate::deps::Declaration) -> Result<(), JobToolError> {
+        let Some(rel) = &d.debian_control else { return Ok(()) };
+        let path = self.dir.join(rel);
+        let mut text = String::new();
+        File::open(&path)
+            .and_then(|f| f.take(crate::deps::MAX_CONTROL + 1).read_to_string(&mut text))
+            .map_err(|source| JobToolError::Open { path: path.clone(), source })?;
+        crate::deps::build_depends(rel, &text)
+            .map(drop)
+            .map_err(|source| JobToolError::Deps { dir: self.dir.clone(), source })
+    }
 }
 
 /// The result of `job pack`.
@@ -167,6 +226,8 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
         return Err(JobToolError::SizeTooSmall { size: req.size });
     }
     let size = req.size.div_ceil(512) * 512;
+    // construir.toml goes first: the host reads it without unpacking the rest.
+    let declaration = req.declaration()?;
 
     let path = req.out.join(job.input_file_name());
     if !req.force && fs::symlink_metadata(&path).is_ok() {
@@ -186,8 +247,18 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
         let opts = PackOptions {
             encode: EncodeOptions { preset: req.preset, threads },
             exclude: Some((tmp_meta.dev(), tmp_meta.ino())),
-            prepend: Vec::new(),
-            first: Vec::new(),
+            prepend: match &declaration {
+                Some(text) if !req.packages.is_empty() || req.debian_control.is_some() => {
+                    vec![(crate::deps::DECLARATION.into(), text.clone().into_bytes())]
+                }
+                _ => Vec::new(),
+            },
+            first: match &declaration {
+                Some(_) if req.packages.is_empty() && req.debian_control.is_none() => {
+                    vec![crate::deps::DECLARATION.into()]
+                }
+                _ => Vec::new(),
+            },
         };
         let (report, buffered) = crate::pack_dir(dir, BufWriter::new(&file), size, &opts).map_err(|e| match e {
             PackError::TooLarge { needed, estimated, .. } => JobToolError::TooLarge { needed, size, estimated },

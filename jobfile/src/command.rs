@@ -1,4 +1,4 @@
-//! Running the tools an image needs (debootstrap, chroot, mkfs, qemu-img):
+//! Running the tools construir drives (debootstrap, chroot, mkfs, qemu-img, apt):
 //! a deadline, the child killed on drop, and the end of its output in the error.
 
 use std::collections::VecDeque;

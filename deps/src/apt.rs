@@ -1,0 +1,292 @@
+//! Debian's own resolver, apt, under a private configuration: its sources,
+//! lists, cache and state live in a directory of ours, the dpkg state it
+//! resolves against is an image's (never the host's), it trusts only the
+//! archive keyring it is given, and it needs no root. The host's own apt
+//! configuration and state are neither read nor touched.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use jobfile::command::{self, CommandError};
+use jobfile::image::Archive;
+use thiserror::Error;
+
+/// How long `apt-get update` may take.
+const UPDATE_LIMIT: Duration = Duration::from_secs(300);
+/// How long resolving or looking up may take.
+const RESOLVE_LIMIT: Duration = Duration::from_secs(120);
+/// How long downloading a job's packages may take.
+const DOWNLOAD_LIMIT: Duration = Duration::from_secs(30 * 60);
+
+#[derive(Debug, Error)]
+pub enum AptError {
+    #[error("cannot prepare apt's directory {path}")]
+    Prepare { path: PathBuf, source: std::io::Error },
+    #[error("cannot read the archive {uri} {suite} (is it reachable, and signed by a key in {keyring}?)")]
+    Update { uri: String, suite: String, keyring: PathBuf, source: Box<CommandError> },
+    #[error("apt cannot satisfy the job's dependencies")]
+    Unsatisfiable { source: Box<CommandError> },
+    #[error("apt-cache cannot show {what}")]
+    Show { what: String, source: Box<CommandError> },
+    #[error("apt's record of {name} {version} has no {field}")]
+    Incomplete { name: String, version: String, field: &'static str },
+    #[error("cannot download packages from the archive")]
+    Download { source: Box<CommandError> },
+}
+
+/// One archive, as apt sees it from our directory `dir`.
+#[derive(Debug, Clone)]
+pub struct Apt {
+    dir: PathBuf,
+    archive: Archive,
+    keyring: PathBuf,
+}
+
+impl Apt {
+    /// apt for `archive` in `dir` (made when missing), trusting `keyring` alone.
+    pub fn new(dir: &Path, archive: &Archive, keyring: &Path) -> Result<Apt, AptError> {
+        let apt = Apt { dir: dir.to_owned(), archive: archive.clone(), keyring: keyring.to_owned() };
+        let prep = |path: PathBuf| move |source| AptError::Prepare { path, source };
+        for sub in ["etc/apt.conf.d", "etc/preferences.d", "lists/partial", "cache/archives/partial", "log"] {
+            let path = dir.join(sub);
+            fs::create_dir_all(&path).map_err(prep(path.clone()))?;
+        }
+        let sources = dir.join("etc/sources.list");
+        let line = format!(
+            "deb [arch={} signed-by={}] {} {} {}\n",
+            archive.architecture,
+            keyring.display(),
+            archive.uri,
+            archive.suite,
+            archive.components.join(" ")
+        );
+        fs::write(&sources, line).map_err(prep(sources.clone()))?;
+        let conf = dir.join("apt.conf");
+        fs::write(&conf, apt.config()).map_err(prep(conf.clone()))?;
+        Ok(apt)
+    }
+
+    /// The whole configuration: every directory apt would read or write is ours.
+    fn config(&self) -> String {
+        let d = self.dir.display();
+        let arch = &self.archive.architecture;
+        format!(
+            "Dir \"{d}/\";\n\
+             Dir::Etc \"{d}/etc/\";\n\
+             Dir::Etc::SourceList \"{d}/etc/sources.list\";\n\
+             Dir::Etc::SourceParts \"{d}/etc/sources.list.d/\";\n\
+             Dir::Etc::Parts \"{d}/etc/apt.conf.d/\";\n\
+             Dir::Etc::PreferencesParts \"{d}/etc/preferences.d/\";\n\
+             Dir::Etc::Trusted \"/nonexistent/trusted.gpg\";\n\
+             Dir::Etc::TrustedParts \"/nonexistent/trusted.gpg.d/\";\n\
+             Dir::State \"{d}/\";\n\
+             Dir::State::Lists \"{d}/lists/\";\n\
+             Dir::Cache \"{d}/cache/\";\n\
+             Dir::Log \"{d}/log/\";\n\
+             APT::Architecture \"{arch}\";\n\
+             APT::Architectures {{ \"{arch}\"; }};\n\
+             APT::Install-Recommends \"false\";\n\
+             APT::Install-Suggests \"false\";\n\
+             APT::Get::Show-Versions \"true\";\n\
+             Acquire::Languages \"none\";\n\
+             Acquire::IndexTargets::deb::Contents-deb::DefaultEnabled \"false\";\n\
+             Debug::NoLocking \"true\";\n"
+        )
+    }
+
+    fn command(&self, program: &str, status: Option<&Path>) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("LC_ALL", "C.UTF-8")
+            .env("APT_CONFIG", self.dir.join("apt.conf"))
+            .current_dir(&self.dir);
+        let status = status.map_or_else(|| self.dir.join("status"), Path::to_owned);
+        cmd.arg("-o").arg(format!("Dir::State::status={}", status.display()));
+        cmd
+    }
+
+    /// Whether the lists are there and younger than `fresh`.
+    pub fn is_fresh(&self, fresh: Duration) -> bool {
+        let stamp = self.dir.join("lists/.updated");
+        fs::metadata(stamp).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|age| age < fresh))
+    }
+
+    /// `apt-get update`: fetches the signed `InRelease` and the indices it
+    /// lists, each checked against it (apt refuses anything unsigned or changed).
+    pub fn update(&self) -> Result<(), AptError> {
+        let empty = self.dir.join("status");
+        if !empty.exists() {
+            fs::write(&empty, "").map_err(|source| AptError::Prepare { path: empty.clone(), source })?;
+        }
+        let mut cmd = self.command("apt-get", None);
+        cmd.args(["-q", "-o", "APT::Update::Error-Mode=any", "update"]);
+        command::run(&mut cmd, "apt-get update", UPDATE_LIMIT, |_| {}).map_err(|source| AptError::Update {
+            uri: self.archive.uri.clone(),
+            suite: self.archive.suite.clone(),
+            keyring: self.keyring.clone(),
+            source: Box::new(source),
+        })?;
+        let stamp = self.dir.join("lists/.updated");
+        fs::write(&stamp, "").map_err(|source| AptError::Prepare { path: stamp, source })
+    }
+
+    /// What `apt-get satisfy` would do to the dpkg state `status` to
+    /// satisfy `relations`: the packages it installs (name, version) and
+    /// those it removes.
+    pub fn satisfy(&self, status: &Path, relations: &[String]) -> Result<Simulated, AptError> {
+        let mut cmd = self.command("apt-get", Some(status));
+        cmd.args(["-s", "-q", "satisfy"]).arg(relations.join(", "));
+        let out = command::run(&mut cmd, "apt-get satisfy", RESOLVE_LIMIT, |_| {})
+            .map_err(|source| AptError::Unsatisfiable { source: Box::new(source) })?;
+        Ok(parse_simulation(&out))
+    }
+
+    /// The archive's record of each (name, version): its sha256, size and path.
+    pub fn show(&self, packages: &[(String, String)]) -> Result<Vec<jobfile::deps::Pinned>, AptError> {
+        if packages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = self.command("apt-cache", None);
+        cmd.arg("show").args(packages.iter().map(|(n, v)| format!("{n}={v}")));
+        let out = command::run(&mut cmd, "apt-cache show", RESOLVE_LIMIT, |_| {}).map_err(|source| AptError::Show {
+            what: format!("{} packages", packages.len()),
+            source: Box::new(source),
+        })?;
+        let records = parse_records(&out);
+        packages
+            .iter()
+            .map(|(name, version)| {
+                let rec = records
+                    .iter()
+                    .find(|r| r.get("Package") == Some(name) && r.get("Version") == Some(version))
+                    .ok_or(AptError::Incomplete { name: name.clone(), version: version.clone(), field: "record" })?;
+                let field = |f: &'static str| {
+                    rec.get(f).cloned().ok_or(AptError::Incomplete {
+                        name: name.clone(),
+                        version: version.clone(),
+                        field: f,
+                    })
+                };
+                let sha256 = field("SHA256")?;
+                let size = field("Size")?;
+                if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(AptError::Incomplete { name: name.clone(), version: version.clone(), field: "SHA256" });
+                }
+                Ok(jobfile::deps::Pinned {
+                    name: name.clone(),
+                    version: version.clone(),
+                    architecture: field("Architecture")?,
+                    sha256: sha256.to_ascii_lowercase(),
+                    size: size.parse().map_err(|_| AptError::Incomplete {
+                        name: name.clone(),
+                        version: version.clone(),
+                        field: "Size",
+                    })?,
+                    filename: field("Filename")?,
+                })
+            })
+            .collect()
+    }
+
+    /// `apt-get download` of each (name, version) into `into` (apt checks
+    /// each against the verified lists; the caller checks again).
+    pub fn download(&self, packages: &[(String, String)], into: &Path) -> Result<(), AptError> {
+        let mut cmd = self.command("apt-get", None);
+        cmd.current_dir(into).args(["-q", "download"]).args(packages.iter().map(|(n, v)| format!("{n}={v}")));
+        command::run(&mut cmd, "apt-get download", DOWNLOAD_LIMIT, |_| {})
+            .map(drop)
+            .map_err(|source| AptError::Download { source: Box::new(source) })
+    }
+}
+
+/// What `apt-get -s` says it would do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Simulated {
+    /// (name, version) installed, or upgraded to.
+    pub install: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+/// The `Inst` and `Remv` lines of `apt-get -s`.
+pub fn parse_simulation(out: &str) -> Simulated {
+    let (mut install, mut remove) = (Vec::new(), Vec::new());
+    for line in out.lines() {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("Inst"), Some(name)) => {
+                // `Inst name [old] (new release [arch])`: the version is the first word in parentheses.
+                let Some(open) = line.find(" (") else { continue };
+                let Some(version) = line[open + 2..].split_whitespace().next() else { continue };
+                install.push((name.to_owned(), version.to_owned()));
+            }
+            (Some("Remv"), Some(name)) => remove.push(name.to_owned()),
+            _ => {}
+        }
+    }
+    install.sort();
+    remove.sort();
+    Simulated { install, remove }
+}
+
+/// deb822 records (`Field: value`, folded lines joined) as maps.
+fn parse_records(text: &str) -> Vec<std::collections::HashMap<String, String>> {
+    let mut out = Vec::new();
+    let mut cur: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let mut last: Option<String> = None;
+    for line in text.lines() {
+        if line.trim().is_empty() {
+            if !cur.is_empty() {
+                out.push(std::mem::take(&mut cur));
+            }
+            last = None;
+        } else if line.starts_with([' ', '\t']) {
+            if let Some(v) = last.as_ref().and_then(|k| cur.get_mut(k)) {
+                v.push('\n');
+                v.push_str(line.trim());
+            }
+        } else if let Some((k, v)) = line.split_once(':') {
+            cur.insert(k.to_owned(), v.trim().to_owned());
+            last = Some(k.to_owned());
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_simulation_says_what_is_installed_upgraded_and_removed() {
+        let out = "\
+NOTE: This is only a simulation!
+Inst libssl3 [3.0.15-1~deb12u1] (3.0.17-1~deb12u2 Debian:12.12/stable [amd64])
+Inst libssl-dev (3.0.17-1~deb12u2 Debian:12.12/stable [amd64])
+Remv old-thing [1.0]
+Conf libssl3 (3.0.17-1~deb12u2 Debian:12.12/stable [amd64])
+";
+        let Simulated { install, remove } = parse_simulation(out);
+        assert_eq!(
+            install,
+            [
+                ("libssl-dev".to_owned(), "3.0.17-1~deb12u2".to_owned()),
+                ("libssl3".to_owned(), "3.0.17-1~deb12u2".to_owned())
+            ]
+        );
+        assert_eq!(remove, ["old-thing"]);
+    }
+
+    #[test]
+    fn records_are_read_field_by_field() {
+        let r = parse_records("Package: a\nVersion: 1\nDescription: x\n more\n\nPackage: b\nSHA256: ff\n");
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].get("Description").map(String::as_str), Some("x\nmore"));
+        assert_eq!(r[1].get("SHA256").map(String::as_str), Some("ff"));
+    }
+}

@@ -1,0 +1,214 @@
+//! A job's build dependencies, resolved and fetched where it is safe to:
+//! on the host (or the server, for a farm), never in the VM. apt resolves
+//! the job's relations against the archive its image was built from and the
+//! image's own installed packages (`apt`); every `.deb` comes from the
+//! archive's indices, verified through its signed `Release`, and is checked
+//! against its sha256 again each time it is used (`cache`).
+
+pub mod apt;
+pub mod cache;
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jobfile::deps::{Pinned, Resolution};
+use jobfile::image::ImageManifest;
+use nix::fcntl::{Flock, FlockArg};
+use thiserror::Error;
+
+pub use apt::{Apt, AptError};
+pub use cache::DebCache;
+
+/// Where Debian keeps its archive keyring (`debian-archive-keyring`).
+pub const DEFAULT_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+/// Most packages one job may have installed.
+pub const DEFAULT_MAX_PACKAGES: usize = 500;
+/// The `.deb` cache's default size.
+pub const DEFAULT_CACHE_BYTES: u64 = 4 << 30;
+/// How old the archive's lists may be before they are fetched again.
+pub const DEFAULT_FRESH: Duration = Duration::from_secs(6 * 3600);
+
+#[derive(Debug, Error)]
+pub enum ResolveError {
+    #[error(
+        "image i{image} records no Debian archive (a mini image, or built before image-builder recorded it): \
+         build the image with image-builder debootstrap to use packages"
+    )]
+    NoArchive { image: String },
+    #[error("the archive keyring {path} is missing (install debian-archive-keyring, or give --archive-keyring)")]
+    NoKeyring { path: PathBuf },
+    #[error("the dependencies come to {count} packages; at most {limit} are installed for one job")]
+    TooMany { count: usize, limit: usize },
+    #[error(transparent)]
+    Apt(#[from] AptError),
+    #[error("cannot use {path}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("the archive served no file with sha256 {sha256} for {name} {version}")]
+    NotServed { name: String, version: String, sha256: String },
+}
+
+/// Where the resolver keeps things, and its limits.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `apt/<archive>/` (lists) and `debs/` (the `.deb` cache).
+    pub cache: PathBuf,
+    pub keyring: PathBuf,
+    pub max_packages: usize,
+    pub cache_bytes: u64,
+    pub fresh: Duration,
+}
+
+impl Settings {
+    pub fn new(cache: &Path) -> Settings {
+        Settings {
+            cache: cache.to_owned(),
+            keyring: PathBuf::from(DEFAULT_KEYRING),
+            max_packages: DEFAULT_MAX_PACKAGES,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+            fresh: DEFAULT_FRESH,
+        }
+    }
+}
+
+/// The `.deb`s of a resolution, checked, in the cache.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// Each package's file, in the resolution's order.
+    pub files: Vec<(Pinned, PathBuf)>,
+    /// How many were already in the cache, and how many were downloaded.
+    pub hits: usize,
+    pub downloaded: usize,
+}
+
+pub struct Resolver {
+    settings: Settings,
+}
+
+impl Resolver {
+    pub fn new(settings: Settings) -> Resolver {
+        Resolver { settings }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// apt for the archive of the image in `image_dir`, its lists fresh,
+    /// and the lock held while they are used.
+    fn apt(&self, image: &str, manifest: &ImageManifest) -> Result<(Apt, Flock<File>), ResolveError> {
+        let archive = manifest.archive.as_ref().ok_or_else(|| ResolveError::NoArchive { image: image.to_owned() })?;
+        if !self.settings.keyring.is_file() {
+            return Err(ResolveError::NoKeyring { path: self.settings.keyring.clone() });
+        }
+        let key = digest(&format!(
+            "{}\n{}\n{}\n{}\n{}",
+            archive.uri,
+            archive.suite,
+            archive.components.join(" "),
+            archive.architecture,
+            self.settings.keyring.display()
+        ));
+        let dir = self.settings.cache.join("apt").join(&key[..16]);
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| ResolveError::Io { path, source }
+        };
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let lock_path = dir.join("lock");
+        let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
+        let lock = Flock::lock(lock, FlockArg::LockExclusive)
+            .map_err(|(_, e)| ResolveError::Io { path: lock_path, source: e.into() })?;
+        let apt = Apt::new(&dir, archive, &self.settings.keyring)?;
+        if !apt.is_fresh(self.settings.fresh) {
+            log::info!("reading the archive {} {} (apt-get update)", archive.uri, archive.suite);
+            apt.update()?;
+        }
+        Ok((apt, lock))
+    }
+
+    /// Resolves `relations` for image `image` (its directory `image_dir`):
+    /// what apt installs onto that image's packages, each pinned to the
+    /// archive's sha256.
+    pub fn resolve(
+        &self,
+        image: &str,
+        image_dir: &Path,
+        manifest: &ImageManifest,
+        relations: &[String],
+    ) -> Result<Resolution, ResolveError> {
+        let (apt, _lock) = self.apt(image, manifest)?;
+        let archive = manifest.archive.as_ref().expect("apt() checked it");
+        let status = image_dir.join(&archive.dpkg_status);
+        let apt::Simulated { install, remove } = apt.satisfy(&status, relations)?;
+        if install.len() > self.settings.max_packages {
+            return Err(ResolveError::TooMany { count: install.len(), limit: self.settings.max_packages });
+        }
+        let mut install = apt.show(&install)?;
+        install.sort();
+        Ok(Resolution { install, remove })
+    }
+
+    /// Every `.deb` of `resolution`, checked against its sha256: from the
+    /// cache, or downloaded from the archive of the image into it. The
+    /// cache is then trimmed to its size, keeping these.
+    pub fn fetch(
+        &self,
+        image: &str,
+        manifest: &ImageManifest,
+        resolution: &Resolution,
+    ) -> Result<Fetched, ResolveError> {
+        let debs = self.settings.cache.join("debs");
+        let cache = DebCache::new(&debs).map_err(|source| ResolveError::Io { path: debs.clone(), source })?;
+        let io = |path: PathBuf| move |source| ResolveError::Io { path, source };
+        let mut found = std::collections::HashMap::new();
+        let mut missing = Vec::new();
+        for p in &resolution.install {
+            match cache.get(&p.sha256, p.size).map_err(io(cache.path(&p.sha256)))? {
+                Some(path) => {
+                    found.insert(p.sha256.clone(), path);
+                }
+                None => missing.push(p),
+            }
+        }
+        let hits = found.len();
+        if !missing.is_empty() {
+            let (apt, _lock) = self.apt(image, manifest)?;
+            let scratch = cache.scratch().map_err(io(debs.clone()))?;
+            let wanted: Vec<(String, String)> = missing.iter().map(|p| (p.name.clone(), p.version.clone())).collect();
+            apt.download(&wanted, scratch.path())?;
+            let by_sha: std::collections::HashMap<&str, &Pinned> =
+                missing.iter().map(|p| (p.sha256.as_str(), *p)).collect();
+            for entry in fs::read_dir(scratch.path()).map_err(io(scratch.path().to_owned()))?.flatten() {
+                let path = entry.path();
+                let sha = jobfile::image::sha256_file(&path).map_err(io(path.clone()))?;
+                if by_sha.contains_key(sha.as_str()) {
+                    if let Some(into) = cache.insert(&path, &sha).map_err(io(path.clone()))? {
+                        found.insert(sha, into);
+                    }
+                }
+            }
+            for p in &missing {
+                if !found.contains_key(&p.sha256) {
+                    return Err(ResolveError::NotServed {
+                        name: p.name.clone(),
+                        version: p.version.clone(),
+                        sha256: p.sha256.clone(),
+                    });
+                }
+            }
+        }
+        let keep: HashSet<String> = resolution.install.iter().map(|p| p.sha256.clone()).collect();
+        if let Err(e) = cache.evict(self.settings.cache_bytes, &keep) {
+            log::warn!("cannot trim the package cache {}: {e}", debs.display());
+        }
+        let files = resolution.install.iter().map(|p| (p.clone(), found[&p.sha256].clone())).collect();
+        Ok(Fetched { files, hits, downloaded: missing.len() })
+    }
+}
+
+fn digest(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
