@@ -245,3 +245,113 @@ fn packages_resolve_against_the_image_and_its_archive_and_are_fetched_verified()
     let e = resolver.resolve("0", &images.join("i100"), &mini, &relations).expect_err("no archive");
     assert!(e.to_string().contains("records no Debian archive"), "{e}");
 }
+
+/// `job pack --packages` into `q`'s queue as `<name>_i<image>.tar.xz`, settled.
+fn pack_with_packages(
+    q: &Queue,
+    name: &str,
+    image: &str,
+    files: &[(&str, &str)],
+    packages: &str,
+) -> std::path::PathBuf {
+    let dir = q.root.path().join(format!("src-{name}"));
+    for (path, text) in files {
+        let p = dir.join(path);
+        fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        fs::write(&p, text).expect("write");
+    }
+    sh("chmod +x bin/construir", &dir);
+    let out = Command::new(bin("construir-host"))
+        .args(["job", "pack"])
+        .arg(&dir)
+        .args(["--image", image, "--size", "8M", "--name", name, "--packages", packages, "--out"])
+        .arg(q.root.path())
+        .output()
+        .expect("job pack");
+    assert!(out.status.success(), "job pack: {}", String::from_utf8_lossy(&out.stderr));
+    let file = format!("{name}_i{image}.tar.xz");
+    let packed = q.root.path().join(&file);
+    sh(&format!("touch -d '-1 min' '{}'", packed.display()), q.root.path());
+    packed
+}
+
+/// On the Debian image, which lacks them: a C program that links OpenSSL
+/// through pkg-config, declaring `libssl-dev, pkg-config`. The host resolves
+/// and fetches them, installs them offline into a layer in a VM of their own,
+/// and the job boots from it; the second time it boots from the same layer
+/// without building it. The VM has no network either time.
+#[test]
+fn declared_packages_are_installed_offline_into_a_layer_that_the_second_run_boots_from() {
+    let q = Queue::new();
+    let script = "#!/bin/sh\nset -e\necho \"network: $(ls /sys/class/net | tr '\\n' ' ')\"\n\
+                  cc -o sslver sslver.c $(pkg-config --cflags --libs openssl)\n./sslver\n";
+    let source = "#include <stdio.h>\n#include <openssl/crypto.h>\n\
+                  int main(void) { printf(\"linked %s\\n\", OpenSSL_version(OPENSSL_VERSION)); return 0; }\n";
+    let packed = pack_with_packages(
+        &q,
+        "ssl",
+        "100",
+        &[("bin/construir", script), ("sslver.c", source)],
+        "libssl-dev,pkg-config (>= 1.8)",
+    );
+    let mut layers = Vec::new();
+    for round in 1..=2 {
+        fs::copy(&packed, q.queue.join("ssl_i100.tar.xz")).expect("into the queue");
+        sh(&format!("touch -d '-1 min' '{}'", q.queue.join("ssl_i100.tar.xz").display()), q.root.path());
+        let run = q.run_with_images(debian_images(), &["--timeout", "10m"]);
+        assert!(run.success, "{}", run.log);
+        let result = q.done("ssl_d100.tar.xz");
+        let console = fs::read_to_string(q.done("ssl_d100.log")).unwrap_or_default();
+        let status = job_status(&result);
+        assert_eq!(status["result"], "ok", "round {round}: {console}");
+        let out = String::from_utf8(job_log(&result)).expect("utf8");
+        assert!(out.contains("network: lo \n"), "round {round}: the VM has a network: {out}");
+        assert!(out.contains("linked OpenSSL 3."), "round {round}: {out}");
+        let packages = status["packages"].as_array().expect("packages listed");
+        let ssl = packages.iter().find(|p| p["name"] == "libssl-dev").expect("libssl-dev listed");
+        assert!(ssl["version"].as_str().is_some_and(|v| v.starts_with("3.")), "{ssl}");
+        assert!(ssl["sha256"].as_str().is_some_and(|s| s.len() == 64), "{ssl}");
+        let layer = status["layer"].as_str().expect("a layer").to_owned();
+        assert!(console.contains(&format!("the root is layer {layer}")), "round {round}: {console}");
+        if round == 1 {
+            assert!(run.log.contains("building layer"), "{}", run.log);
+            assert!(
+                console.contains(&format!("installed {} packages into layer {layer}", packages.len())),
+                "{console}"
+            );
+        } else {
+            assert!(!run.log.contains("building layer"), "the second run built again: {}", run.log);
+            assert!(run.log.contains(&format!("booting from layer {layer}")), "{}", run.log);
+            assert!(!console.contains("into layer"), "{console}");
+        }
+        layers.push(layer);
+        fs::remove_file(&result).expect("rm");
+        fs::remove_file(q.done("ssl_d100.log")).expect("rm");
+    }
+    assert_eq!(layers[0], layers[1], "the same packages on the same image are the same layer");
+}
+
+/// What cannot be installed is refused before any VM boots, to failed/ with
+/// the reason: an unknown package (in apt's words), a relation no version
+/// meets, and packages for an image without an archive (mini).
+#[test]
+fn packages_that_cannot_be_had_are_refused_before_a_vm_boots() {
+    let q = Queue::new();
+    let script = [("bin/construir", "#!/bin/sh\necho ran\n")];
+    let cases = [
+        ("unknown", "100", "libnonexist-dev", "libnonexist-dev"),
+        ("unmet", "100", "pkg-config (>= 99)", "pkg-config (>= 99)"),
+    ];
+    for (name, image, packages, _) in cases {
+        let packed = pack_with_packages(&q, name, image, &script, packages);
+        fs::rename(&packed, q.queue.join(packed.file_name().expect("name"))).expect("into the queue");
+    }
+    let run = q.run_with_images(debian_images(), &["--timeout", "2m"]);
+    assert!(run.success, "{}", run.log);
+    for (name, image, _, words) in cases {
+        let reason = q.reason(&format!("{name}_i{image}.tar.xz"));
+        assert!(reason.starts_with("packages: ") && reason.contains(words), "{name}: {reason}");
+        assert!(reason.contains("cannot satisfy"), "{name}: {reason}");
+    }
+    assert!(!run.log.contains("booting image"), "a VM booted: {}", run.log);
+}

@@ -26,8 +26,8 @@ pub enum AptError {
     Prepare { path: PathBuf, source: std::io::Error },
     #[error("cannot read the archive {uri} {suite} (is it reachable, and signed by a key in {keyring}?)")]
     Update { uri: String, suite: String, keyring: PathBuf, source: Box<CommandError> },
-    #[error("apt cannot satisfy the job's dependencies")]
-    Unsatisfiable { source: Box<CommandError> },
+    #[error("apt cannot satisfy the job's dependencies: {why}")]
+    Unsatisfiable { why: String },
     #[error("apt-cache cannot show {what}")]
     Show { what: String, source: Box<CommandError> },
     #[error("apt's record of {name} {version} has no {field}")]
@@ -140,7 +140,7 @@ impl Apt {
         let mut cmd = self.command("apt-get", Some(status));
         cmd.args(["-s", "-q", "satisfy"]).arg(relations.join(", "));
         let out = command::run(&mut cmd, "apt-get satisfy", RESOLVE_LIMIT, |_| {})
-            .map_err(|source| AptError::Unsatisfiable { source: Box::new(source) })?;
+            .map_err(|e| AptError::Unsatisfiable { why: explain(&e) })?;
         Ok(parse_simulation(&out))
     }
 
@@ -199,6 +199,22 @@ impl Apt {
         command::run(&mut cmd, "apt-get download", DOWNLOAD_LIMIT, |_| {})
             .map(drop)
             .map_err(|source| AptError::Download { source: Box::new(source) })
+    }
+}
+
+/// apt's explanation of why it cannot satisfy, on one line: the lines that
+/// name what is wrong (`... Depends: x but it is not installable`, `E: ...`).
+fn explain(e: &CommandError) -> String {
+    let CommandError::Failed { tail, .. } = e else { return jobfile::error_chain(e) };
+    let lines: Vec<&str> = tail
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.contains("Depends:") || l.contains("Conflicts:") || l.starts_with("E: "))
+        .collect();
+    if lines.is_empty() {
+        tail.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+    } else {
+        lines.join("; ")
     }
 }
 

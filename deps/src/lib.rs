@@ -7,6 +7,7 @@
 
 pub mod apt;
 pub mod cache;
+pub mod disk;
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -82,6 +83,7 @@ pub struct Fetched {
     pub downloaded: usize,
 }
 
+#[derive(Debug)]
 pub struct Resolver {
     settings: Settings,
 }

@@ -8,6 +8,7 @@
 
 pub mod device;
 pub mod mounts;
+pub mod packages;
 pub mod power;
 pub mod root;
 pub mod runner;
@@ -111,6 +112,17 @@ pub fn run_job_disk(paths: &Paths, kill_scope: KillScope) -> JobStatus {
         }
     };
     say!("job disk {} ({} bytes)", settings.job_device.display(), jobfile::zero::capacity(&mut disk).unwrap_or(0));
+    if let Some(device) = &settings.packages {
+        // A layer's build: install, then the status and apt's last words onto the status disk.
+        packages::build_layer(device, settings.device_wait, kill_scope, &mut status);
+        finish_with_fallback(&mut disk, &status, Path::new(packages::WORK));
+        return status;
+    }
+    status.layer = settings.layer.clone();
+    status.packages = packages::installed(Path::new("/")).map(|r| r.install).unwrap_or_default();
+    if let Some(layer) = &status.layer {
+        say!("the root is layer {layer}: {} packages installed for this job", status.packages.len());
+    }
 
     if let Err(e) = unpack(&mut disk, &paths.job_dir, &mut status) {
         say!("bad job archive: {e}");
@@ -120,7 +132,11 @@ pub fn run_job_disk(paths: &Paths, kill_scope: KillScope) -> JobStatus {
         return status;
     }
     let script = paths.job_dir.join(jobfile::JOB_SCRIPT);
-    if fs::metadata(&script).is_err() {
+    if let Some(why) = undeclared(paths, &settings) {
+        say!("{why}");
+        status.result = Outcome::InstallFailed;
+        status.message = Some(why);
+    } else if fs::metadata(&script).is_err() {
         say!("the job has no bin/construir");
         status.result = Outcome::NoJobScript;
         status.message = Some("the job archive has no bin/construir".into());
@@ -129,6 +145,25 @@ pub fn run_job_disk(paths: &Paths, kill_scope: KillScope) -> JobStatus {
     }
     pack(&mut disk, &settings, paths, &mut status);
     status
+}
+
+/// Why the job cannot run for want of its packages: it declares some in
+/// `construir.toml`, but the host did not read that (it reads it only as
+/// the archive's first file), so nothing was installed.
+fn undeclared(paths: &Paths, settings: &Settings) -> Option<String> {
+    if settings.declared {
+        return None;
+    }
+    let text = fs::read_to_string(paths.job_dir.join(jobfile::deps::DECLARATION)).ok()?;
+    match jobfile::deps::Declaration::parse(&text) {
+        Ok(d) if d.is_empty() => None,
+        Ok(_) => Some(format!(
+            "{} declares packages but is not the job archive's first file, so the host did not install them; \
+             pack the job with `job pack` (it puts the file first) or name it first to tar",
+            jobfile::deps::DECLARATION
+        )),
+        Err(e) => Some(format!("{e}; nothing was installed")),
+    }
 }
 
 fn unpack(disk: &mut File, job_dir: &Path, status: &mut JobStatus) -> Result<(), String> {

@@ -99,7 +99,14 @@ impl ConsoleLog {
     }
 
     /// The kept text, with a note where the middle was dropped, then `verdict`.
-    pub fn finish(mut self, verdict: &str) -> Vec<u8> {
+    pub fn finish(self, verdict: &str) -> Vec<u8> {
+        let mut out = self.text();
+        out.extend_from_slice(format!("{}{verdict}\n", jobfile::tools::VERDICT_PREFIX).as_bytes());
+        out
+    }
+
+    /// The kept text, with a note where the middle was dropped, ending in a newline.
+    pub fn text(mut self) -> Vec<u8> {
         let line = std::mem::take(&mut self.line);
         let mut text = String::new();
         self.sanitizer.push(&line, &mut text);
@@ -123,7 +130,6 @@ impl ConsoleLog {
         if !out.is_empty() && !out.ends_with(b"\n") {
             out.push(b'\n');
         }
-        out.extend_from_slice(format!("{}{verdict}\n", jobfile::tools::VERDICT_PREFIX).as_bytes());
         out
     }
 }

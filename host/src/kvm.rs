@@ -56,6 +56,8 @@ fn boot_probe(
         initrd: None,
         cmdline: "console=ttyS0 panic=-1 quiet".into(),
         root_disk: None,
+        layer: None,
+        packages_disk: None,
         job_disk: None,
         networking: false,
         tmpdir: prepared.tmpdir(confiner),

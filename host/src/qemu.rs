@@ -31,6 +31,9 @@ const FD_INITRD: i32 = 4;
 const FD_ROOT: i32 = 5;
 const FD_JOB_RW: i32 = 6;
 const FD_JOB_RO: i32 = 7;
+const FD_LAYER_RW: i32 = 8;
+const FD_LAYER_RO: i32 = 9;
+const FD_PACKAGES: i32 = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -60,6 +63,11 @@ pub struct VmSpec {
     pub cmdline: String,
     /// Booted as a discarded snapshot (`snapshot=on`), if the image has one.
     pub root_disk: Option<File>,
+    /// A layer over the root disk (a qcow2 whose backing is `root_disk`),
+    /// booted instead of it.
+    pub layer: Option<LayerDisk>,
+    /// A layer's build: the package disk, raw, read-only (the guest's third disk).
+    pub packages_disk: Option<File>,
     /// The job's working copy, raw, read-write.
     pub job_disk: Option<File>,
     pub networking: bool,
@@ -74,6 +82,14 @@ pub struct VmSpec {
     /// Where the console goes as it arrives (sanitized, the first part of
     /// the log's budget), so people can follow a running job.
     pub live_console: Option<File>,
+}
+
+/// A layer the VM boots from.
+#[derive(Debug)]
+pub struct LayerDisk {
+    pub file: File,
+    /// Written through (a layer's build), or a discarded snapshot over it (a job).
+    pub write: bool,
 }
 
 impl VmSpec {
@@ -99,10 +115,28 @@ impl VmSpec {
             push(&["-initrd", &format!("/proc/self/fd/{FD_INITRD}")]);
         }
         push(&["-append", &self.cmdline]);
-        if self.root_disk.is_some() {
-            push(&["-add-fd", &format!("fd={FD_ROOT},set=1")]);
-            push(&["-drive", "if=none,id=root,file=/dev/fdset/1,format=qcow2,snapshot=on,cache=unsafe"]);
-            push(&["-device", "virtio-blk-pci,drive=root"]);
+        match (&self.root_disk, &self.layer) {
+            (Some(_), None) => {
+                push(&["-add-fd", &format!("fd={FD_ROOT},set=1")]);
+                push(&["-drive", "if=none,id=root,file=/dev/fdset/1,format=qcow2,snapshot=on,cache=unsafe"]);
+                push(&["-device", "virtio-blk-pci,drive=root"]);
+            }
+            (Some(_), Some(layer)) => {
+                // The layer's own header names its backing by a path of ours: the fd set replaces it.
+                push(&["-add-fd", &format!("fd={FD_ROOT},set=1"), "-add-fd", &format!("fd={FD_LAYER_RW},set=3")]);
+                let how = if layer.write {
+                    push(&["-add-fd", &format!("fd={FD_LAYER_RO},set=3")]);
+                    "cache=writeback"
+                } else {
+                    "snapshot=on,cache=unsafe"
+                };
+                let drive = format!(
+                    "if=none,id=root,file=/dev/fdset/3,format=qcow2,backing.driver=qcow2,backing.file.filename=/dev/fdset/1,{how}"
+                );
+                push(&["-drive", &drive]);
+                push(&["-device", "virtio-blk-pci,drive=root"]);
+            }
+            (None, _) => {}
         }
         if self.job_disk.is_some() {
             push(&["-add-fd", &format!("fd={FD_JOB_RW},set=2"), "-add-fd", &format!("fd={FD_JOB_RO},set=2")]);
@@ -111,6 +145,11 @@ impl VmSpec {
                 "if=none,id=job,file=/dev/fdset/2,format=raw,discard=unmap,detect-zeroes=unmap,werror=report,rerror=report",
             ]);
             push(&["-device", "virtio-blk-pci,drive=job"]);
+        }
+        if self.packages_disk.is_some() {
+            push(&["-add-fd", &format!("fd={FD_PACKAGES},set=4")]);
+            push(&["-drive", "if=none,id=packages,file=/dev/fdset/4,format=raw,read-only=on"]);
+            push(&["-device", "virtio-blk-pci,drive=packages"]);
         }
         a.into_iter().map(OsString::from).collect()
     }
@@ -126,13 +165,24 @@ impl VmSpec {
         if let Some(f) = &self.root_disk {
             fds.push((f.as_raw_fd(), FD_ROOT));
         }
-        let mut read_only = None;
+        let mut read_only = Vec::new();
         if let Some(f) = &self.job_disk {
             // A read-only descriptor of the same open file, for QEMU's read-only probes of the fd set.
             let ro = File::open(format!("/proc/self/fd/{}", f.as_raw_fd()))?;
             fds.push((f.as_raw_fd(), FD_JOB_RW));
             fds.push((ro.as_raw_fd(), FD_JOB_RO));
-            read_only = Some(ro);
+            read_only.push(ro);
+        }
+        if let Some(layer) = &self.layer {
+            fds.push((layer.file.as_raw_fd(), FD_LAYER_RW));
+            if layer.write {
+                let ro = File::open(format!("/proc/self/fd/{}", layer.file.as_raw_fd()))?;
+                fds.push((ro.as_raw_fd(), FD_LAYER_RO));
+                read_only.push(ro);
+            }
+        }
+        if let Some(f) = &self.packages_disk {
+            fds.push((f.as_raw_fd(), FD_PACKAGES));
         }
         Ok(Descriptors { fds, reopened, read_only })
     }
@@ -143,8 +193,8 @@ struct Descriptors {
     fds: Vec<(i32, i32)>,
     /// Numbers QEMU reopens through /proc/self/fd (kernel, initrd): Landlock must allow them.
     reopened: Vec<i32>,
-    /// The read-only twin of the job disk's descriptor, held until QEMU has its copy.
-    read_only: Option<File>,
+    /// The read-only twins of the writable disks' descriptors, held until QEMU has its copies.
+    read_only: Vec<File>,
 }
 
 /// How QEMU is confined besides what every QEMU gets.
@@ -476,6 +526,8 @@ mod tests {
             initrd: Some(null()),
             cmdline: "console=ttyS0".into(),
             root_disk: Some(null()),
+            layer: None,
+            packages_disk: None,
             job_disk: Some(null()),
             networking: false,
             tmpdir: "/tmp".into(),
@@ -493,6 +545,38 @@ mod tests {
         assert!(!joined.contains("/dev/null"), "{joined}");
         assert!(joined.contains("-kernel /proc/self/fd/3"), "{joined}");
         assert!(joined.contains("file=/dev/fdset/1,format=qcow2,snapshot=on"), "{joined}");
+    }
+
+    #[test]
+    fn a_layer_boots_over_its_image_as_a_snapshot_and_is_written_only_when_built() {
+        let null = || File::open("/dev/null").expect("open");
+        let text = |s: &VmSpec| s.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        let job = VmSpec { layer: Some(LayerDisk { file: null(), write: false }), ..spec() };
+        let a = text(&job);
+        assert!(
+            a.contains(
+                "file=/dev/fdset/3,format=qcow2,backing.driver=qcow2,backing.file.filename=/dev/fdset/1,snapshot=on"
+            ),
+            "{a}"
+        );
+        assert!(!a.contains("fd=9,") && !a.contains("id=packages"), "{a}");
+        let build =
+            VmSpec { layer: Some(LayerDisk { file: null(), write: true }), packages_disk: Some(null()), ..spec() };
+        let a = text(&build);
+        assert!(
+            a.contains("backing.file.filename=/dev/fdset/1,cache=writeback")
+                && !a.contains("fdset/3,format=qcow2,snapshot"),
+            "{a}"
+        );
+        assert!(a.contains("-add-fd fd=9,set=3") && a.contains("file=/dev/fdset/4,format=raw,read-only=on"), "{a}");
+        // The disks' order is the guest's vda, vdb, vdc: root, job (status), packages.
+        let (root, job, packages) = (
+            a.find("drive=root").expect("root"),
+            a.find("drive=job").expect("job"),
+            a.find("drive=packages").expect("p"),
+        );
+        assert!(root < job && job < packages, "{a}");
+        assert!(!a.contains("/dev/null"), "{a}");
     }
 
     #[test]

@@ -16,7 +16,9 @@ use jobfile::{JobName, JobStatus};
 
 use crate::files::ReadAt;
 use crate::image::{self, BootFiles, Image};
-use crate::qemu::{self, Accel, Bounds, Confinement, Confiner, Cut, VmSpec};
+use crate::layers::{self, Layer};
+use crate::packages::{self, Packages, Plan};
+use crate::qemu::{self, Accel, Bounds, Confinement, Confiner, Cut, LayerDisk, VmSpec};
 use crate::queue::{self, Dirs, Ending, Scanned};
 use crate::{cgroup, metrics};
 
@@ -40,6 +42,8 @@ pub struct Limits {
     pub boot: Duration,
     /// Where each VM gets a cgroup of its own (cgroup v2, writable).
     pub cgroups: Option<cgroup::Parent>,
+    /// Jobs' packages: resolving, fetching, layers (`None`: jobs that declare packages are refused).
+    pub packages: Option<Arc<Packages>>,
 }
 
 /// The working copy's name in the VM's directory.
@@ -87,8 +91,49 @@ pub fn run(
             return fail(dirs, job, "not_taken", &claimed, &format!("cannot take the claimed job file: {e}"), None)
         }
     };
+    // Its packages: refused here, before any VM, when they cannot be had.
+    let plan = match packages::plan(limits.packages.as_deref(), &image, &disk, &label) {
+        Ok(plan) => plan,
+        Err(why) => return fail(dirs, job, "bad_packages", &claimed, &format!("packages: {why}"), None),
+    };
+    let declared = plan.declared();
+    let started = Instant::now();
+    let (layer, preface) = match plan {
+        Plan::Plain | Plan::Satisfied => (None, Vec::new()),
+        Plan::Layer(layer) => {
+            log::info!(
+                "job {label}: booting from layer {} ({} packages)",
+                layer.record.key,
+                layer.record.install.len()
+            );
+            (Some(layer), Vec::new())
+        }
+        Plan::Build { key, resolution, fetched } => {
+            match build_layer(limits, &prepared, &image, job, &key, &resolution, &fetched, stop, cancel)? {
+                Built::Layer(layer, console) => (Some(layer), console),
+                Built::InstallFailed(result, console) => {
+                    // The job's result is the installation's: its status, apt's last words, its console.
+                    let mut disk = disk;
+                    jobfile::fallback::write_onto(&mut disk, &result)?;
+                    let st = read_status(&disk).unwrap_or_default();
+                    let verdict = verdict(&st, "the job did not run", started.elapsed());
+                    let mut log = console;
+                    log.extend_from_slice(format!("{}{verdict}\n", jobfile::tools::VERDICT_PREFIX).as_bytes());
+                    return deliver(dirs, limits, &prepared, &disk, scanned, job, file_name, &st, &log, verdict);
+                }
+                Built::Broken(reason, log) => return fail(dirs, job, "layer_failed", &claimed, &reason, Some(&log)),
+                Built::Stopped => {
+                    queue::requeue(dirs, file_name)?;
+                    log::info!("job {label}: stopped while its layer was built; back in the queue");
+                    return Ok(Ending::Requeued);
+                }
+            }
+        }
+    };
     let guest = jobfile::cmdline::Settings {
         job_device: manifest.job_device.clone().into(),
+        layer: layer.as_ref().map(|l| l.record.key.clone()),
+        declared,
         timeout: Some(limits.timeout),
         // The guest's own watchdog: after the job's timeout and packing, before the host's kill.
         // (Half the grace: the guest counts from its kernel's start, after the firmware.)
@@ -132,6 +177,11 @@ pub fn run(
         initrd: Some(initrd),
         cmdline,
         root_disk,
+        layer: match &layer {
+            Some(l) => Some(LayerDisk { file: open_layer(l)?, write: false }),
+            None => None,
+        },
+        packages_disk: None,
         job_disk: Some(disk.try_clone()?),
         networking: limits.networking,
         tmpdir: prepared.tmpdir(&limits.confiner),
@@ -153,7 +203,6 @@ pub fn run(
             None => String::new(),
         }
     );
-    let started = Instant::now();
     let bounds = Bounds {
         deadline: limits.timeout + limits.grace,
         silence: limits.silence,
@@ -232,16 +281,9 @@ pub fn run(
     match status {
         Some(st) => {
             let verdict = verdict(&st, &how, started.elapsed());
-            let log = vm.console.finish(&verdict);
-            let tag = queue::unique_tag(&limits.host_id);
-            let staged = queue::stage(dirs, &prepared.dir.fd, OsStr::new(DISK), &disk, scanned.size, job, &log, &tag)?;
-            queue::note_delivery(dirs, file_name, &staged)?;
-            let delivery = queue::land(dirs, job, &staged)?;
-            metrics::job_finished(st.result.as_str(), job.image());
-            if let Some(secs) = st.duration_secs {
-                metrics::observe_run(job.image(), secs);
-            }
-            queue::end_delivered(dirs, file_name, job, delivery, verdict)
+            let mut log = preface;
+            log.extend(vm.console.finish(&verdict));
+            deliver(dirs, limits, &prepared, &disk, scanned, job, file_name, &st, &log, verdict)
         }
         None => {
             let reason = if powered_off {
@@ -253,6 +295,197 @@ pub fn run(
             fail(dirs, job, "no_result", &claimed, &reason, Some(&log))
         }
     }
+}
+
+/// Lands a job's result (the working copy, with `st` as its status) in done/.
+#[allow(clippy::too_many_arguments)]
+fn deliver(
+    dirs: &Dirs,
+    limits: &Limits,
+    prepared: &qemu::Prepared,
+    disk: &File,
+    scanned: &Scanned,
+    job: &JobName,
+    file_name: &OsStr,
+    st: &JobStatus,
+    log: &[u8],
+    verdict: String,
+) -> io::Result<Ending> {
+    let tag = queue::unique_tag(&limits.host_id);
+    let staged = queue::stage(dirs, &prepared.dir.fd, OsStr::new(DISK), disk, scanned.size, job, log, &tag)?;
+    queue::note_delivery(dirs, file_name, &staged)?;
+    let delivery = queue::land(dirs, job, &staged)?;
+    metrics::job_finished(st.result.as_str(), job.image());
+    if let Some(secs) = st.duration_secs {
+        metrics::observe_run(job.image(), secs);
+    }
+    queue::end_delivered(dirs, file_name, job, delivery, verdict)
+}
+
+/// How a layer's build ended.
+enum Built {
+    /// Built and kept; the build's console, for the start of the job's log.
+    Layer(Layer, Vec<u8>),
+    /// apt could not install the packages: the status disk's content (the
+    /// fallback result, status first) and the console, without a verdict.
+    InstallFailed(Vec<u8>, Vec<u8>),
+    /// The build went wrong otherwise: why, and the console.
+    Broken(String, Vec<u8>),
+    /// The host is stopping.
+    Stopped,
+}
+
+/// The status disk of a layer's build: as small as a result can be.
+const STATUS_DISK: u64 = jobfile::fallback::FALLBACK_MAX;
+
+/// Builds the layer `key`: a new overlay on the image's root disk, booted
+/// writable with the packages on a read-only disk and a status disk, in a
+/// VM confined like any job's; kept when construir-init says it installed them.
+#[allow(clippy::too_many_arguments)]
+fn build_layer(
+    limits: &Limits,
+    prepared: &qemu::Prepared,
+    image: &Image,
+    job: &JobName,
+    key: &str,
+    resolution: &jobfile::deps::Resolution,
+    fetched: &deps::Fetched,
+    stop: &Arc<AtomicBool>,
+    cancel: &AtomicBool,
+) -> io::Result<Built> {
+    let label = job.input_file_name();
+    let pk = limits.packages.as_ref().expect("a layer is planned only when the host has packages");
+    let manifest = &image.manifest;
+    let Some(root_name) = &manifest.root_disk else {
+        return Ok(Built::Broken(format!("image i{} has no root disk to build a layer on", image.number), Vec::new()));
+    };
+    let base = packages::base_sha256(image).unwrap_or_default();
+    let staging = pk.layers.staging(key)?;
+    let overlay = staging.path().join(layers::DISK);
+    let made = jobfile::command::run(
+        std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(image.dir.join(root_name))
+            .arg(&overlay),
+        "qemu-img create",
+        Duration::from_secs(60),
+        |_| {},
+    );
+    if let Err(e) = made {
+        return Ok(Built::Broken(
+            format!("cannot create the layer's overlay: {}", jobfile::error_chain(&e)),
+            Vec::new(),
+        ));
+    }
+    // The package disk and the status disk live in the VM's own directory, not in the layer.
+    let scratch = tempfile::Builder::new().prefix(".packages.").tempdir_in(pk.layers.dir())?;
+    let raw = scratch.path().join("packages.raw");
+    if let Err(e) = deps::disk::write(resolution, fetched, scratch.path(), &raw) {
+        return Ok(Built::Broken(format!("cannot write the package disk: {e}"), Vec::new()));
+    }
+    let status_path = scratch.path().join("status");
+    let status_disk = fs::OpenOptions::new().read(true).write(true).create_new(true).open(&status_path)?;
+    status_disk.set_len(STATUS_DISK)?;
+    let guest = jobfile::cmdline::Settings {
+        job_device: manifest.job_device.clone().into(),
+        packages: Some("/dev/vdc".into()),
+        deadline: Some(limits.timeout + limits.grace / 2),
+        name: Some(job.name().to_owned()),
+        image: Some(job.image().to_owned()),
+        console_max: limits.console_limit as u64,
+        ..Default::default()
+    };
+    let BootFiles { kernel, initrd, root_disk } = image.open()?;
+    let root_size = root_disk.as_ref().and_then(image::qcow2_virtual_size).unwrap_or(0);
+    let group = match &limits.cgroups {
+        Some(parent) => {
+            let name = format!("{}.{label}.layer", limits.host_id);
+            Some(parent.create(&name, (limits.memory_mib + 1024) << 20, 1024, limits.cpus)?)
+        }
+        None => None,
+    };
+    let spec = VmSpec {
+        cgroup_procs: group.as_ref().map(|g| g.procs.clone()),
+        qemu: limits.confiner.root.as_ref().map_or_else(|| limits.qemu.clone(), |r| r.qemu.clone()),
+        accel: limits.accel,
+        memory_mib: limits.memory_mib,
+        cpus: limits.cpus,
+        kernel,
+        initrd: Some(initrd),
+        cmdline: format!("console=ttyS0 panic=-1 quiet loglevel=3 {} {}", manifest.cmdline, guest.to_cmdline()),
+        root_disk,
+        layer: Some(LayerDisk { file: fs::OpenOptions::new().read(true).write(true).open(&overlay)?, write: true }),
+        packages_disk: Some(File::open(&raw)?),
+        job_disk: Some(status_disk.try_clone()?),
+        networking: false,
+        tmpdir: prepared.tmpdir(&limits.confiner),
+        name: format!("construir.{}.{label}.layer", limits.host_id),
+        // The overlay grows at most to the root disk's size.
+        file_size_limit: root_size + (1 << 30),
+        live_console: None,
+    };
+    log::info!("job {label}: installing {} packages into layer {key}", resolution.install.len());
+    let bounds = Bounds {
+        deadline: limits.timeout + limits.grace,
+        silence: limits.silence,
+        boot: Some(limits.boot),
+        console_limit: limits.console_limit,
+    };
+    let vm = match qemu::run(&spec, prepared.confinement(&limits.confiner), bounds, stop, cancel) {
+        Ok(vm) => vm,
+        Err(e) => return Ok(Built::Broken(format!("cannot run QEMU: {}", jobfile::error_chain(&e)), Vec::new())),
+    };
+    drop(spec);
+    let secs = vm.elapsed.as_secs_f64();
+    match vm.cut {
+        Some(Cut::Stop) => return Ok(Built::Stopped),
+        Some(cut) => {
+            let why = format!("the layer's build was ended after {secs:.1} s ({cut:?})");
+            let log = vm.console.finish(&format!("failed: {why}"));
+            return Ok(Built::Broken(why, log));
+        }
+        None => {}
+    }
+    let powered_off = vm.status.is_some_and(|st| st.success());
+    let status = if powered_off { read_status(&status_disk) } else { None };
+    match status {
+        Some(st) if st.result == jobfile::Outcome::Ok => {
+            drop(status_disk);
+            let layer = pk.layers.commit(staging, key, &image.number, &base, resolution)?;
+            log::info!("job {label}: layer {key} built in {secs:.1} s ({} bytes)", layer.record.bytes);
+            let note = format!(
+                "[construir-host: installed {} packages into layer {key} in {secs:.1} s; the job boots from it]",
+                resolution.install.len()
+            );
+            let mut log = vm.console.finish(&note);
+            // The verdict line belongs to the job's own run: this one is a note.
+            if let Some(at) = log
+                .windows(jobfile::tools::VERDICT_PREFIX.len())
+                .rposition(|w| w == jobfile::tools::VERDICT_PREFIX.as_bytes())
+            {
+                log.truncate(at);
+                log.extend_from_slice(note.as_bytes());
+                log.push(b'\n');
+            }
+            Ok(Built::Layer(layer, log))
+        }
+        Some(st) => {
+            let mut result = vec![0u8; STATUS_DISK as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&status_disk, &mut result, 0)?;
+            log::info!("job {label}: its packages could not be installed: {}", st.message.as_deref().unwrap_or("?"));
+            Ok(Built::InstallFailed(result, vm.console.text()))
+        }
+        None => {
+            let why = format!("the layer's build gave no status (QEMU: {:?}, after {secs:.1} s)", vm.status);
+            let log = vm.console.finish(&format!("failed: {why}"));
+            Ok(Built::Broken(why, log))
+        }
+    }
+}
+
+/// A layer's overlay, for a job to boot from (read-only; QEMU's snapshot takes the writes).
+fn open_layer(layer: &Layer) -> io::Result<File> {
+    fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(layer.disk())
 }
 
 /// A VM whose init never said it started: back in the queue once, without

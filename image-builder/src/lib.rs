@@ -2,7 +2,7 @@
 
 pub use jobfile::command;
 pub mod debootstrap;
-pub mod ext4;
+pub use jobfile::ext4;
 pub mod initramfs;
 pub mod kernel;
 pub mod list;

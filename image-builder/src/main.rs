@@ -67,10 +67,14 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// List the images in DIR: kind, suite, kernel, size, creation date, and whether each verifies.
+    /// List the images in DIR: kind, suite, kernel, size, creation date, and whether each verifies;
+    /// then the layers hosts built on them (jobs' packages installed once).
     List {
         /// The images directory (holding i<N>/).
         dir: PathBuf,
+        /// The hosts' layers [default: DIR/../cache/layers].
+        #[arg(long, value_name = "DIR")]
+        layers: Option<PathBuf>,
         /// Print JSON, for scripts.
         #[arg(long)]
         json: bool,
@@ -130,12 +134,17 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", page.display());
             }
         }
-        Command::List { dir, json } => {
+        Command::List { dir, layers, json } => {
             let listed = list::list(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
+            let layers = layers.unwrap_or_else(|| jobfile::layout::sibling(&dir, "cache").join("layers"));
+            let layers = list::layers(&layers);
             if json {
-                println!("{}", serde_json::to_string_pretty(&listed)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "images": listed, "layers": layers }))?
+                );
             } else {
-                print!("{}", list::render(&dir, &listed));
+                print!("{}{}", list::render(&dir, &listed), list::render_layers(&layers));
             }
         }
     }

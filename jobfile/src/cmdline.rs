@@ -26,6 +26,14 @@ pub struct Settings {
     pub device_wait: Duration,
     /// `construir.console=` (bytes): how much job output is mirrored to the console.
     pub console_max: u64,
+    /// `construir.packages=`: build a layer: install the packages on this
+    /// disk into the root, write the status onto the job disk, run no job.
+    pub packages: Option<PathBuf>,
+    /// `construir.layer=`: the layer (a 64-hex digest) the job boots from.
+    pub layer: Option<String>,
+    /// `construir.declared=1`: the host read the job's `construir.toml` and
+    /// installed what it declares (so the guest need not refuse the job).
+    pub declared: bool,
 }
 
 impl Default for Settings {
@@ -40,6 +48,9 @@ impl Default for Settings {
             image: None,
             device_wait: Duration::from_secs(30),
             console_max: 4 << 20,
+            packages: None,
+            layer: None,
+            declared: false,
         }
     }
 }
@@ -77,6 +88,15 @@ impl Settings {
         if self.console_max != d.console_max {
             words.push(format!("construir.console={}", self.console_max));
         }
+        if let Some(packages) = &self.packages {
+            words.push(format!("construir.packages={}", packages.display()));
+        }
+        if let Some(layer) = &self.layer {
+            words.push(format!("construir.layer={layer}"));
+        }
+        if self.declared {
+            words.push("construir.declared=1".to_owned());
+        }
         words.join(" ")
     }
 
@@ -102,6 +122,15 @@ impl Settings {
                 "threads" => num(value).filter(|&n| n <= 256).map(|n| s.threads = n as u32).is_some(),
                 "wait" => num(value).map(|n| s.device_wait = Duration::from_secs(n)).is_some(),
                 "console" => num(value).map(|n| s.console_max = n).is_some(),
+                "packages" if value.starts_with('/') => {
+                    s.packages = Some(PathBuf::from(value));
+                    true
+                }
+                "layer" if value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    s.layer = Some(value.to_owned());
+                    true
+                }
+                "declared" => num(value).filter(|&n| n <= 1).map(|n| s.declared = n == 1).is_some(),
                 "name" if crate::name::check_name(value).is_ok() => {
                     s.name = Some(value.to_owned());
                     true
@@ -128,7 +157,9 @@ mod tests {
     fn reads_every_setting_and_ignores_the_rest() {
         let (s, warnings) = Settings::from_cmdline(
             "console=ttyS0 quiet construir.job=/dev/vda construir.timeout=20 construir.deadline=95 construir.xz=3 \
-             construir.threads=2 construir.name=hello construir.image=100 construir.wait=5 construir.console=1000",
+             construir.threads=2 construir.name=hello construir.image=100 construir.wait=5 construir.console=1000 \
+             construir.packages=/dev/vdc construir.layer=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef \
+             construir.declared=1",
         );
         assert_eq!(
             s,
@@ -142,6 +173,9 @@ mod tests {
                 image: Some("100".into()),
                 device_wait: Duration::from_secs(5),
                 console_max: 1000,
+                packages: Some("/dev/vdc".into()),
+                layer: Some("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into()),
+                declared: true,
             }
         );
         assert!(warnings.is_empty(), "{warnings:?}");
@@ -159,6 +193,9 @@ mod tests {
             image: Some("100".into()),
             device_wait: Duration::from_secs(7),
             console_max: 123_456,
+            packages: Some("/dev/vdd".into()),
+            layer: Some("f".repeat(64)),
+            declared: true,
         };
         let defaults = Settings::default();
         let some = Settings { timeout: Some(Duration::from_secs(5)), name: Some("x".into()), ..Settings::default() };
@@ -174,9 +211,10 @@ mod tests {
     #[test]
     fn bad_values_keep_defaults_and_warn() {
         let (s, warnings) = Settings::from_cmdline(
-            "construir.xz=12 construir.timeout=soon construir.job=vdb construir.name=-x construir.bogus=1",
+            "construir.xz=12 construir.timeout=soon construir.job=vdb construir.name=-x construir.bogus=1 \
+             construir.packages=vdc construir.layer=../x construir.declared=yes",
         );
         assert_eq!(s, Settings::default());
-        assert_eq!(warnings.len(), 5, "{warnings:?}");
+        assert_eq!(warnings.len(), 8, "{warnings:?}");
     }
 }

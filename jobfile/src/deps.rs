@@ -22,6 +22,66 @@ pub const DECLARATION: &str = "construir.toml";
 pub const MAX_DECLARATION: u64 = 64 << 10;
 /// Largest `debian/control` read.
 pub const MAX_CONTROL: u64 = 256 << 10;
+/// On the package disk a layer is built from: the resolution, and each
+/// `.deb` as `debs/<sha256>.deb` (written by the host, read by construir-init).
+pub const DISK_RESOLUTION: &str = "packages.json";
+pub const DISK_DEBS: &str = "debs";
+/// In a layer's root: what was installed into it (the resolution).
+pub const LAYER_RECORD: &str = "/etc/construir/packages.json";
+/// In a layer's directory (`cache/layers/<key>/`): the overlay and its record.
+pub const LAYER_DISK: &str = "layer.qcow2";
+pub const LAYER_FILE: &str = "layer.toml";
+
+/// What a layer is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    pub key: String,
+    /// The image it was built on (its number then), and its root disk's sha256.
+    pub image: String,
+    pub base_sha256: String,
+    pub install: Vec<Pinned>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+    /// RFC 3339, UTC.
+    pub created: String,
+    /// The overlay's sha256 and size when it was built.
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// A layer's directory as listed: its record, and when a job last booted
+/// from it (its record's mtime, which the host touches on each use).
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub dir: std::path::PathBuf,
+    pub record: LayerRecord,
+    pub used: std::time::SystemTime,
+}
+
+impl Layer {
+    pub fn disk(&self) -> std::path::PathBuf {
+        self.dir.join(LAYER_DISK)
+    }
+}
+
+/// The layers under `dir` (`cache/layers/`), most recently used first:
+/// records only, nothing hashed; build directories and unreadable records left out.
+pub fn list_layers(dir: &std::path::Path) -> Vec<Layer> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut out: Vec<Layer> = rd
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter_map(|e| {
+            let file = e.path().join(LAYER_FILE);
+            let record = toml::from_str::<LayerRecord>(&std::fs::read_to_string(&file).ok()?).ok()?;
+            let used = std::fs::metadata(&file).and_then(|m| m.modified()).ok()?;
+            Some(Layer { dir: e.path(), record, used })
+        })
+        .collect();
+    out.sort_by_key(|l| std::cmp::Reverse(l.used));
+    out
+}
+
 /// Most relations a job may declare (all sources together).
 pub const MAX_RELATIONS: usize = 256;
 /// Longest relation taken (one entry, with its alternatives).

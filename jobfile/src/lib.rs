@@ -8,6 +8,7 @@
 pub mod cmdline;
 pub mod command;
 pub mod deps;
+pub mod ext4;
 pub mod fallback;
 #[cfg(feature = "http")]
 pub mod http;

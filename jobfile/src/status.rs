@@ -21,6 +21,8 @@ pub enum Outcome {
     NoJobScript,
     /// The job file could not be read or unpacked.
     BadArchive,
+    /// The job's packages could not be installed; its script did not run.
+    InstallFailed,
 }
 
 impl Outcome {
@@ -32,6 +34,7 @@ impl Outcome {
             Outcome::OutputTooLarge => "output_too_large",
             Outcome::NoJobScript => "no_job_script",
             Outcome::BadArchive => "bad_archive",
+            Outcome::InstallFailed => "install_failed",
         }
     }
 }
@@ -67,6 +70,13 @@ pub struct JobStatus {
     pub skipped_entries: Vec<String>,
     /// A human-readable explanation when something went wrong.
     pub message: Option<String>,
+    /// The packages installed for the job (its `construir.toml`), each
+    /// exactly, with its `.deb`'s sha256.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<crate::deps::Pinned>,
+    /// The layer the job booted from (the digest of its image and packages).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer: Option<String>,
 }
 
 impl Default for JobStatus {
@@ -89,6 +99,8 @@ impl Default for JobStatus {
             needed_bytes_estimated: false,
             skipped_entries: Vec::new(),
             message: None,
+            packages: Vec::new(),
+            layer: None,
         }
     }
 }

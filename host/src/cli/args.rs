@@ -178,6 +178,19 @@ pub(crate) struct RunArgs {
     /// With --server: how often to ask for work while there is room.
     #[arg(long, default_value = "1s", value_parser = duration_arg)]
     pub(crate) poll: Duration,
+    /// Where jobs' packages are kept: the archive's lists and the .deb files
+    /// (DIR/packages), and the layers installed from them (DIR/layers) [default: QUEUE/../cache].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) package_cache: Option<PathBuf>,
+    /// Most bytes of .deb files kept; the least recently used go first.
+    #[arg(long, default_value = "4G", value_parser = size_arg)]
+    pub(crate) package_cache_size: u64,
+    /// Most bytes of layers kept; the least recently used go first.
+    #[arg(long, default_value = "20G", value_parser = size_arg)]
+    pub(crate) layer_cache_size: u64,
+    /// The keyring the archive's signed Release is checked against.
+    #[arg(long, value_name = "FILE", default_value = deps::DEFAULT_KEYRING)]
+    pub(crate) archive_keyring: PathBuf,
 }
 
 /// `run-one`: one job file through the same machinery, without a queue.

@@ -10,6 +10,8 @@ use super::*;
 use anyhow::{bail, Context, Result};
 use construir_host::daemon::{self, RunOptions};
 use construir_host::jail::{IdPool, IdRange, JailRoot};
+use construir_host::layers::Layers;
+use construir_host::packages::Packages;
 use construir_host::qemu::Confiner;
 use construir_host::queue::{Dirs, Rules};
 use construir_host::worker::Limits;
@@ -102,7 +104,17 @@ pub(crate) fn prepare(a: &RunArgs, dirs: Dirs, host_id: String) -> Result<(RunOp
         _ => {}
     }
     let accel = decision.accel();
+    let cache = a.package_cache.clone().unwrap_or_else(|| daemon::sibling(&dirs.queue, "cache"));
+    let packages = Packages {
+        resolver: deps::Resolver::new(deps::Settings {
+            keyring: a.archive_keyring.clone(),
+            cache_bytes: a.package_cache_size,
+            ..deps::Settings::new(&cache.join("packages"))
+        }),
+        layers: Layers::new(&cache.join("layers"), a.layer_cache_size),
+    };
     let limits = Limits {
+        packages: Some(Arc::new(packages)),
         cgroups,
         confiner,
         silence: a.silence_timeout,

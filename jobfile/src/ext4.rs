@@ -1,4 +1,4 @@
-//! The root disk: an ext4 filesystem made from a directory with
+//! ext4 disks made from a directory (an image's root, a job's package disk) with
 //! `mkfs.ext4 -d` (no loop mounts, no root needed for this part), then
 //! converted to qcow2 so the unused space costs nothing.
 

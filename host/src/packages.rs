@@ -1,0 +1,104 @@
+//! A job's packages on the host: its `construir.toml` read from the job
+//! file (never trusted further than Debian's grammar), resolved by apt
+//! against its image (`deps`), and the layer that holds them found or
+//! planned. Everything that can refuse a job does so here, before any VM
+//! boots, with the reason the job goes to `failed/` with.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::time::Duration;
+
+use deps::{Fetched, Resolver};
+use jobfile::deps::Resolution;
+
+use crate::files::ReadAt;
+use crate::image::Image;
+use crate::layers::{Layer, Layers};
+
+/// What a host uses to give jobs their packages.
+#[derive(Debug)]
+pub struct Packages {
+    pub resolver: Resolver,
+    pub layers: Layers,
+}
+
+/// What a job's VM boots from.
+#[derive(Debug)]
+pub enum Plan {
+    /// It declares nothing: the image as it is.
+    Plain,
+    /// It declares packages the image already has all of.
+    Satisfied,
+    /// Its layer exists.
+    Layer(Layer),
+    /// Its layer is to be built first, from these files.
+    Build { key: String, resolution: Resolution, fetched: Fetched },
+}
+
+impl Plan {
+    /// Whether the host read the job's declaration (the guest is told).
+    pub fn declared(&self) -> bool {
+        !matches!(self, Plan::Plain)
+    }
+}
+
+/// Build directories older than this were left by a host that died.
+const STALE_BUILD: Duration = Duration::from_secs(24 * 3600);
+
+/// Reads the declaration at the start of the job disk and plans the
+/// packages. `Err` is why the job is refused.
+pub fn plan(packages: Option<&Packages>, image: &Image, disk: &File, label: &str) -> Result<Plan, String> {
+    let declared = jobfile::deps::read_from_job(ReadAt::new(disk)).map_err(|e| jobfile::error_chain(&e))?;
+    let Some((_, relations)) = declared else { return Ok(Plan::Plain) };
+    let Some(packages) = packages else {
+        return Err(format!(
+            "the job declares packages in {}, and this host installs none (its package cache is off)",
+            jobfile::deps::DECLARATION
+        ));
+    };
+    if relations.is_empty() {
+        return Ok(Plan::Satisfied);
+    }
+    let manifest = &image.manifest;
+    let started = std::time::Instant::now();
+    let resolution = packages
+        .resolver
+        .resolve(&image.number, &image.dir, manifest, &relations)
+        .map_err(|e| jobfile::error_chain(&e))?;
+    log::info!(
+        "job {label}: {} relations resolved to {} packages to install{} in {:.1} s",
+        relations.len(),
+        resolution.install.len(),
+        if resolution.remove.is_empty() { String::new() } else { format!(", {} to remove", resolution.remove.len()) },
+        started.elapsed().as_secs_f64()
+    );
+    if resolution.install.is_empty() && resolution.remove.is_empty() {
+        return Ok(Plan::Satisfied);
+    }
+    let base = base_sha256(image).ok_or_else(|| format!("image i{} lists no sha256 of its root disk", image.number))?;
+    let key = resolution.layer_key(&base);
+    let found = packages.layers.find(&key).map_err(|e| format!("cannot read layer {key}: {e}"))?;
+    let keep = HashSet::from([key.clone()]);
+    if let Err(e) = packages.layers.evict(&keep, STALE_BUILD) {
+        log::warn!("cannot trim the layers in {}: {e}", packages.layers.dir().display());
+    }
+    if let Some(layer) = found {
+        packages.layers.touch(&layer);
+        return Ok(Plan::Layer(layer));
+    }
+    let fetched =
+        packages.resolver.fetch(&image.number, manifest, &resolution).map_err(|e| jobfile::error_chain(&e))?;
+    log::info!(
+        "job {label}: {} packages ready ({} from the cache, {} downloaded); building layer {key}",
+        fetched.files.len(),
+        fetched.hits,
+        fetched.downloaded
+    );
+    Ok(Plan::Build { key, resolution, fetched })
+}
+
+/// The image's root disk sha256, as its manifest records it.
+pub fn base_sha256(image: &Image) -> Option<String> {
+    let root = image.manifest.root_disk.as_ref()?;
+    image.manifest.sha256.get(root).cloned()
+}
