@@ -244,6 +244,21 @@ fn packages_resolve_against_the_image_and_its_archive_and_are_fetched_verified()
     mini.archive = None;
     let e = resolver.resolve("0", &images.join("i100"), &mini, &relations).expect_err("no archive");
     assert!(e.to_string().contains("records no Debian archive"), "{e}");
+    // More packages than the limit.
+    let small = deps::Resolver::new(deps::Settings { max_packages: 2, ..deps::Settings::new(cache.path()) });
+    let e = small.resolve("100", &images.join("i100"), &manifest, &relations).expect_err("too many");
+    assert!(e.to_string().contains(&format!("come to {} packages; at most 2", res.install.len())), "{e}");
+    // An archive that cannot be reached (a closed port on loopback): said so, with the archive named.
+    let mut unreachable = manifest.clone();
+    unreachable.archive.as_mut().expect("archive").uri = "http://127.0.0.1:9/debian".into();
+    let e = resolver.resolve("100", &images.join("i100"), &unreachable, &relations).expect_err("unreachable");
+    let text = jobfile::error_chain(&e);
+    assert!(text.contains("cannot read the archive http://127.0.0.1:9/debian bookworm"), "{text}");
+    // A keyring that is not there.
+    let nokey =
+        deps::Resolver::new(deps::Settings { keyring: "/nonexistent.gpg".into(), ..deps::Settings::new(cache.path()) });
+    let e = nokey.resolve("100", &images.join("i100"), &manifest, &relations).expect_err("no keyring");
+    assert!(e.to_string().contains("/nonexistent.gpg is missing"), "{e}");
 }
 
 /// `job pack --packages` into `q`'s queue as `<name>_i<image>.tar.xz`, settled.
@@ -329,6 +344,21 @@ fn declared_packages_are_installed_offline_into_a_layer_that_the_second_run_boot
         fs::remove_file(q.done("ssl_d100.log")).expect("rm");
     }
     assert_eq!(layers[0], layers[1], "the same packages on the same image are the same layer");
+    // status and image-builder list show it.
+    let out = Command::new(bin("construir-host")).arg("status").arg(&q.queue).arg("--json").output().expect("status");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(status["layers"][0]["key"], layers[0].as_str(), "{status}");
+    assert_eq!(status["layers"][0]["image"], "i100");
+    let out = Command::new(bin("image-builder"))
+        .arg("list")
+        .arg(debian_images())
+        .arg("--layers")
+        .arg(q.root.path().join("cache/layers"))
+        .output()
+        .expect("list");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&layers[0][..12]) && text.contains("LAST USED"), "{text}");
+    eprintln!("{text}");
 }
 
 /// What cannot be installed is refused before any VM boots, to failed/ with
@@ -346,12 +376,100 @@ fn packages_that_cannot_be_had_are_refused_before_a_vm_boots() {
         let packed = pack_with_packages(&q, name, image, &script, packages);
         fs::rename(&packed, q.queue.join(packed.file_name().expect("name"))).expect("into the queue");
     }
+    // By hand, with construir.toml first: a name outside Debian's grammar, and a debian/control the archive lacks.
+    let hand = q.root.path().join("hand");
+    fs::create_dir_all(hand.join("bin")).expect("mkdir");
+    fs::write(hand.join("bin/construir"), "#!/bin/sh\necho ran\n").expect("w");
+    for (name, toml) in [
+        ("badname", "packages = [\"libssl-dev; reboot\"]\n"),
+        ("nocontrol", "debian-control = \"src/debian/control\"\n"),
+    ] {
+        fs::write(hand.join("construir.toml"), toml).expect("w");
+        let file = q.root.path().join(format!("{name}_i100.tar.xz"));
+        sh(
+            &format!(
+                "tar -cJf '{0}' construir.toml bin && truncate --size 1M '{0}' && touch -d '-1 min' '{0}'",
+                file.display()
+            ),
+            &hand,
+        );
+        fs::rename(&file, q.queue.join(format!("{name}_i100.tar.xz"))).expect("into the queue");
+    }
     let run = q.run_with_images(debian_images(), &["--timeout", "2m"]);
     assert!(run.success, "{}", run.log);
+    let reason = q.reason("badname_i100.tar.xz");
+    assert!(reason.starts_with("packages: ") && reason.contains("is not a Debian package name"), "{reason}");
+    let reason = q.reason("nocontrol_i100.tar.xz");
+    assert!(
+        reason.contains("debian-control names src/debian/control, which the job archive does not hold"),
+        "{reason}"
+    );
     for (name, image, _, words) in cases {
         let reason = q.reason(&format!("{name}_i{image}.tar.xz"));
         assert!(reason.starts_with("packages: ") && reason.contains(words), "{name}: {reason}");
         assert!(reason.contains("cannot satisfy"), "{name}: {reason}");
     }
     assert!(!run.log.contains("booting image"), "a VM booted: {}", run.log);
+}
+
+/// A Debian source package built with `dpkg-buildpackage` from its own
+/// `Build-Depends` (debhelper, which the image lacks): the job declares only
+/// `debian-control`, and the `.deb` comes back in the result.
+#[test]
+fn a_debian_source_package_builds_from_its_own_build_depends_and_its_deb_comes_back() {
+    let q = Queue::new();
+    let files: &[(&str, &str)] = &[
+        ("bin/construir", "#!/bin/sh\nset -e\ncd hello\ndpkg-buildpackage -us -uc -b\nmkdir -p /job/out\ncp ../*.deb /job/out/\nls /job/out\n"),
+        ("hello/debian/control", "Source: construir-hello\nSection: misc\nPriority: optional\nMaintainer: construir <construir@example.org>\nBuild-Depends: debhelper-compat (= 13)\nStandards-Version: 4.6.2\n\nPackage: construir-hello\nArchitecture: all\nDepends: ${misc:Depends}\nDescription: says hello\n A test package built by construir.\n"),
+        ("hello/debian/changelog", "construir-hello (1.0) unstable; urgency=medium\n\n  * Built in a construir job.\n\n -- construir <construir@example.org>  Thu, 03 Dec 2026 00:00:00 +0000\n"),
+        ("hello/debian/rules", "#!/usr/bin/make -f\n%:\n\tdh $@\n"),
+        ("hello/debian/source/format", "3.0 (native)\n"),
+        ("hello/debian/install", "hello usr/bin\n"),
+        ("hello/hello", "#!/bin/sh\necho hello from construir\n"),
+    ];
+    let dir = q.root.path().join("src-deb");
+    for (path, text) in files {
+        let p = dir.join(path);
+        fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        fs::write(&p, text).expect("write");
+    }
+    sh("chmod +x bin/construir hello/debian/rules hello/hello", &dir);
+    let out = Command::new(bin("construir-host"))
+        .args(["job", "pack"])
+        .arg(&dir)
+        .args(["--image", "100", "--size", "16M", "--name", "deb", "--debian-control", "hello/debian/control", "--out"])
+        .arg(q.root.path())
+        .output()
+        .expect("job pack");
+    assert!(out.status.success(), "job pack: {}", String::from_utf8_lossy(&out.stderr));
+    let packed = q.root.path().join("deb_i100.tar.xz");
+    sh(&format!("touch -d '-1 min' '{}'", packed.display()), q.root.path());
+    fs::rename(&packed, q.queue.join("deb_i100.tar.xz")).expect("into the queue");
+    let run = q.run_with_images(debian_images(), &["--timeout", "15m"]);
+    assert!(run.success, "{}", run.log);
+    let result = q.done("deb_d100.tar.xz");
+    let console = fs::read_to_string(q.done("deb_d100.log")).unwrap_or_default();
+    let status = job_status(&result);
+    assert_eq!(status["result"], "ok", "{console}");
+    let names: Vec<&str> =
+        status["packages"].as_array().expect("packages").iter().filter_map(|p| p["name"].as_str()).collect();
+    assert!(names.contains(&"debhelper"), "{names:?}");
+    let output = String::from_utf8(job_log(&result)).expect("utf8");
+    assert!(output.contains("construir-hello_1.0_all.deb"), "{output}");
+    // The .deb itself came back, and it is a Debian package that says what it is.
+    let unpacked = q.root.path().join("unpacked");
+    let un = Command::new(bin("construir-host"))
+        .args(["job", "unpack"])
+        .arg(&result)
+        .arg(&unpacked)
+        .output()
+        .expect("unpack");
+    assert!(un.status.success(), "{}", String::from_utf8_lossy(&un.stderr));
+    let info = Command::new("dpkg-deb")
+        .arg("--field")
+        .arg(unpacked.join("out/construir-hello_1.0_all.deb"))
+        .arg("Package")
+        .output()
+        .expect("dpkg-deb");
+    assert_eq!(String::from_utf8_lossy(&info.stdout).trim(), "construir-hello");
 }

@@ -28,8 +28,13 @@ fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
             ExitCode::from(2)
         })),
         Command::Status { at, recent, json } => {
-            let (shared, _, _) = at.resolve()?;
-            let status = construir_host::status::gather(&shared, recent)?;
+            let (shared, _, file) = at.resolve()?;
+            let mut status = construir_host::status::gather(&shared, recent)?;
+            let cache = file
+                .value("package-cache")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| jobfile::layout::sibling(&shared.queue, "cache"));
+            status.layers = construir_host::status::layers(&cache.join("layers"));
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {

@@ -25,6 +25,32 @@ pub struct Status {
     /// Claims whose host is not running: they go back to the queue when it starts again.
     pub stuck: Vec<Claim>,
     pub recent: Vec<Finished>,
+    /// The layers jobs' packages were installed into, most recently used first.
+    pub layers: Vec<LayerSummary>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerSummary {
+    pub key: String,
+    pub image: String,
+    pub packages: usize,
+    pub bytes: u64,
+    /// RFC 3339, UTC: when a job last booted from it.
+    pub used: String,
+}
+
+/// The layers under `dir` (`cache/layers/`), for `status`.
+pub fn layers(dir: &Path) -> Vec<LayerSummary> {
+    jobfile::deps::list_layers(dir)
+        .into_iter()
+        .map(|l| LayerSummary {
+            key: l.record.key,
+            image: format!("i{}", jobfile::sanitize(l.record.image.as_bytes())),
+            packages: l.record.install.len(),
+            bytes: l.record.bytes,
+            used: jobfile::status::rfc3339(l.used),
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -158,7 +184,7 @@ pub fn gather(d: &Beside, recent: usize) -> io::Result<Status> {
         })
         .collect();
     let queue = std::path::absolute(&d.queue).unwrap_or_else(|_| d.queue.clone());
-    Ok(Status { queue, waiting, hosts, running, stuck, recent })
+    Ok(Status { queue, waiting, hosts, running, stuck, recent, layers: Vec::new() })
 }
 
 fn in_dir(dir: &Path, e: io::Error) -> io::Error {
@@ -250,6 +276,20 @@ pub fn render(s: &Status) -> String {
     out.push_str(&format!("recent: {}\n", s.recent.len()));
     for f in &s.recent {
         out.push_str(&format!("  {}  {:<6}  {}: {}\n", f.time, f.outcome, f.name, f.verdict));
+    }
+    if !s.layers.is_empty() {
+        let total: u64 = s.layers.iter().map(|l| l.bytes).sum();
+        out.push_str(&format!("layers: {} ({})\n", s.layers.len(), jobfile::units::human_size(total)));
+        for l in &s.layers {
+            out.push_str(&format!(
+                "  {}  {:<6} {:>4} packages {:>10}  last used {}\n",
+                l.key.get(..12).unwrap_or(&l.key),
+                l.image,
+                l.packages,
+                jobfile::units::human_size(l.bytes),
+                l.used
+            ));
+        }
     }
     out
 }
