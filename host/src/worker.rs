@@ -440,7 +440,23 @@ fn build_layer(
     match vm.cut {
         Some(Cut::Stop) => return Ok(Built::Stopped),
         Some(cut) => {
-            let why = format!("the layer's build was ended after {secs:.1} s ({cut:?})");
+            let why = match cut {
+                Cut::Cancel => {
+                    format!("cancelled at its submitter's request after {secs:.1} s, while its packages were installed")
+                }
+                Cut::Deadline => format!(
+                    "installing its packages took longer than the job timeout ({} s) plus grace",
+                    limits.timeout.as_secs()
+                ),
+                Cut::Silence => format!(
+                    "installing its packages printed nothing for {} s",
+                    limits.silence.map_or(0, |s| s.as_secs())
+                ),
+                Cut::NoBoot => {
+                    format!("the VM that installs its packages did not boot within {} s", limits.boot.as_secs())
+                }
+                Cut::Stop => unreachable!("handled above"),
+            };
             let log = vm.console.finish(&format!("failed: {why}"));
             return Ok(Built::Broken(why, log));
         }
