@@ -473,3 +473,35 @@ fn a_debian_source_package_builds_from_its_own_build_depends_and_its_deb_comes_b
         .expect("dpkg-deb");
     assert_eq!(String::from_utf8_lossy(&info.stdout).trim(), "construir-hello");
 }
+
+/// The front door resolves too: a job whose packages cannot be had is
+/// refused at submit with apt's words (422) and nothing reaches the queue;
+/// one whose packages can is taken.
+#[test]
+fn the_server_refuses_at_submit_packages_that_cannot_be_had() {
+    use construir_e2e::server::{add_account, client, job_dir, Server};
+    let q = Queue::new();
+    let db = q.root.path().join("server.db");
+    let token = add_account(&db, "alice");
+    let s = Server::start_with_images(&q, &db, debian_images(), &[]);
+    let dir = job_dir(q.root.path(), "wants", "#!/bin/sh\necho ran\n");
+    let dir = dir.to_string_lossy().into_owned();
+    let (code, _, err) = client(
+        &s,
+        &token,
+        q.root.path(),
+        &["submit", &dir, "--image", "100", "--size", "1M", "--packages", "libnonexist-dev"],
+    );
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("422") && err.contains("libnonexist-dev but it is not installable"), "{err}");
+    assert!(Queue::list(&q.queue).is_empty(), "a refused job reached the queue: {:?}", Queue::list(&q.queue));
+    let (code, out, err) = client(
+        &s,
+        &token,
+        q.root.path(),
+        &["submit", &dir, "--image", "100", "--size", "1M", "--packages", "pkg-config"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim().len(), 16, "an id: {out}");
+    assert_eq!(Queue::list(&q.queue).len(), 1, "{:?}", Queue::list(&q.queue));
+}

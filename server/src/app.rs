@@ -38,13 +38,21 @@ pub struct App {
     pub sessions: crate::sessions::Sessions,
     /// How remote build hosts are handed jobs.
     pub farm: crate::lease::Settings,
+    /// Resolves jobs' packages at submit (`None`: a job that declares any is refused).
+    pub packages: Option<deps::Resolver>,
 }
 
 /// Failed authentications a client may make in a minute before its failures are answered 429.
 pub(crate) const MAX_FAILURES_PER_MINUTE: u32 = 10;
 
 impl App {
-    pub fn new(db: Database, store: Store, settings: Settings, farm: crate::lease::Settings) -> Arc<App> {
+    pub fn new(
+        db: Database,
+        store: Store,
+        settings: Settings,
+        farm: crate::lease::Settings,
+        packages: Option<deps::Resolver>,
+    ) -> Arc<App> {
         Arc::new(App {
             db,
             store,
@@ -52,6 +60,7 @@ impl App {
             failures: auth::Failures::new(MAX_FAILURES_PER_MINUTE, Duration::from_secs(60)),
             sessions: crate::sessions::Sessions::default(),
             farm,
+            packages,
         })
     }
 

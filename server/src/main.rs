@@ -85,6 +85,13 @@ struct ServeArgs {
     /// Uploads one account may have under way at once.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000))]
     max_uploads: u64,
+    /// Where the archive's lists are kept for resolving jobs' packages at submit
+    /// (DIR/packages; the hosts' own cache on this machine may be the same) [default: QUEUE/../cache].
+    #[arg(long, value_name = "DIR")]
+    package_cache: Option<PathBuf>,
+    /// The keyring the archive's signed Release is checked against.
+    #[arg(long, value_name = "FILE", default_value = deps::DEFAULT_KEYRING)]
+    archive_keyring: PathBuf,
     /// Free space the queue's filesystem keeps: an upload that would leave less
     /// (counting what uploads under way reserved) is refused with 507.
     #[arg(long, value_name = "SIZE", default_value = "2G", value_parser = size_arg)]
@@ -313,7 +320,12 @@ async fn serve(conn: Database, a: ServeArgs) -> Result<()> {
         uploads: UploadRules { max_uploads: a.max_uploads, min_free: a.min_free },
         tls: tls.is_some(),
     };
-    let app = App::new(conn, store, settings, farm);
+    let cache = a.package_cache.clone().unwrap_or_else(|| jobfile::layout::sibling(&a.queue, "cache"));
+    let packages = deps::Resolver::new(deps::Settings {
+        keyring: a.archive_keyring.clone(),
+        ..deps::Settings::new(&cache.join("packages"))
+    });
+    let app = App::new(conn, store, settings, farm, Some(packages));
     reconcile_leases(&app).await?;
     rebuild(&app).await?;
     let strangers = unrecorded(&app).await?;

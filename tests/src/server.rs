@@ -19,6 +19,11 @@ pub struct Server {
 
 impl Server {
     pub fn start(q: &Queue, db: &Path, extra: &[&str]) -> Server {
+        Server::start_with_images(q, db, crate::images(), extra)
+    }
+
+    /// The same, serving the images in `images`.
+    pub fn start_with_images(q: &Queue, db: &Path, images: &Path, extra: &[&str]) -> Server {
         let log = q.root.path().join(format!("server-{}.log", rand_u32()));
         let child = Command::new(bin("construir-server"))
             .arg("--db")
@@ -26,7 +31,7 @@ impl Server {
             .arg("serve")
             .arg(&q.queue)
             .args(["--listen", "127.0.0.1:0", "--follow-every", "1s", "--images"])
-            .arg(crate::images())
+            .arg(images)
             .args(extra)
             .stderr(fs::File::create(&log).expect("log"))
             .spawn()

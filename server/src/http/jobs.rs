@@ -192,6 +192,8 @@ pub(crate) async fn submit(
     file.sync_all().await.map_err(ApiError::internal)?;
     let ino = crate::store::FileId::of(&file.metadata().await.map_err(ApiError::internal)?);
     drop(file);
+    // Its packages, resolved now: what cannot be had is refused before anything is stored.
+    resolve_packages(&app, &upload, job_name.image()).await?;
     app.store.enqueue(&upload, &record.file_name).map_err(ApiError::internal)?;
     // In the queue now: a failure from here on removes it from there.
     guard.path = Some(app.store.queue.join(&record.file_name));
@@ -206,6 +208,49 @@ pub(crate) async fn submit(
     log::info!("account {}: job {id} submitted as {} ({size} bytes)", account.name, record.file_name);
     let place = app.locate(&record);
     Ok((StatusCode::CREATED, Json(job_json(&record, &place))).into_response())
+}
+
+/// Reads the declaration at the start of the uploaded job file and resolves
+/// it against the job's image, as a host would: a declaration outside
+/// Debian's grammar is a 400, what apt cannot satisfy (in apt's words) or
+/// too many packages a 422, an image without an archive a 400, and an
+/// archive the server cannot read a 503.
+async fn resolve_packages(app: &Arc<App>, upload: &std::path::Path, image: &str) -> ApiResult<()> {
+    let (upload, image, app) = (upload.to_owned(), image.to_owned(), app.clone());
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&upload).map_err(ApiError::internal)?;
+        let declared = jobfile::deps::read_from_job(file).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("{}: {}", jobfile::deps::DECLARATION, jobfile::error_chain(&e)),
+            )
+        })?;
+        let Some((_, relations)) = declared else { return Ok(()) };
+        let Some(resolver) = &app.packages else {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "this server takes no jobs that declare packages"));
+        };
+        if relations.is_empty() {
+            return Ok(());
+        }
+        let dir = app.store.images.join(format!("i{image}"));
+        let manifest = jobfile::image::ImageManifest::load(&dir).map_err(ApiError::internal)?;
+        match resolver.resolve(&image, &dir, &manifest, &relations) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let status = match &e {
+                    deps::ResolveError::NoArchive { .. } => StatusCode::BAD_REQUEST,
+                    deps::ResolveError::TooMany { .. }
+                    | deps::ResolveError::Apt(deps::AptError::Unsatisfiable { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
+                    deps::ResolveError::Apt(deps::AptError::Update { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                let text = jobfile::error_chain(&e);
+                Err(ApiError::new(status, format!("packages: {}", text.lines().next().unwrap_or(&text))))
+            }
+        }
+    })
+    .await
+    .map_err(ApiError::internal)?
 }
 
 /// A job as its submitter sees it, at `place`.
