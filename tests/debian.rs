@@ -167,7 +167,7 @@ fn verify_boots_an_image_and_refuses_a_damaged_one() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let copy = tmp.path().join("i100");
     fs::create_dir(&copy).expect("mkdir");
-    for f in ["image.toml", "initrd.img", "root.qcow2"] {
+    for f in ["image.toml", "initrd.img", "root.qcow2", "dpkg-status"] {
         std::os::unix::fs::symlink(image.join(f), copy.join(f)).expect("symlink");
     }
     let mut kernel = fs::read(image.join("vmlinux")).expect("kernel");
@@ -503,5 +503,32 @@ fn the_server_refuses_at_submit_packages_that_cannot_be_had() {
     );
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim().len(), 16, "an id: {out}");
-    assert_eq!(Queue::list(&q.queue).len(), 1, "{:?}", Queue::list(&q.queue));
+    let queued = Queue::list(&q.queue);
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    // What the server chose is pinned for the host, which installs exactly that.
+    let pin_path = jobfile::layout::pin_file(&q.root.path().join("running"), queued[0].as_ref());
+    let pin: Resolution = serde_json::from_slice(&fs::read(&pin_path).expect("a pin")).expect("json");
+    assert!(pin.install.iter().any(|p| p.name == "pkg-config"), "{pin:?}");
+    let run = q.run_with_images(debian_images(), &["--timeout", "10m"]);
+    assert!(run.success, "{}", run.log);
+    assert!(run.log.contains(&format!("{} packages pinned by the server at submit", pin.install.len())), "{}", run.log);
+    let done = q.done(&queued[0].replace("_i100.tar.xz", "_d100.tar.xz"));
+    let status = job_status(&done);
+    assert_eq!(status["result"], "ok");
+    let installed: Vec<(String, String, String)> = status["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or("").to_owned(),
+                p["version"].as_str().unwrap_or("").to_owned(),
+                p["sha256"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let pinned: Vec<(String, String, String)> =
+        pin.install.iter().map(|p| (p.name.clone(), p.version.clone(), p.sha256.clone())).collect();
+    assert_eq!(installed, pinned, "the host installed other packages than the server pinned");
+    assert!(!pin_path.exists(), "the pin outlived its job");
 }

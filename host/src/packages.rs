@@ -47,7 +47,13 @@ const STALE_BUILD: Duration = Duration::from_secs(24 * 3600);
 
 /// Reads the declaration at the start of the job disk and plans the
 /// packages. `Err` is why the job is refused.
-pub fn plan(packages: Option<&Packages>, image: &Image, disk: &File, label: &str) -> Result<Plan, String> {
+pub fn plan(
+    packages: Option<&Packages>,
+    image: &Image,
+    disk: &File,
+    label: &str,
+    pinned: Option<Resolution>,
+) -> Result<Plan, String> {
     let declared = jobfile::deps::read_from_job(ReadAt::new(disk)).map_err(|e| jobfile::error_chain(&e))?;
     let Some((_, relations)) = declared else { return Ok(Plan::Plain) };
     let Some(packages) = packages else {
@@ -61,10 +67,17 @@ pub fn plan(packages: Option<&Packages>, image: &Image, disk: &File, label: &str
     }
     let manifest = &image.manifest;
     let started = std::time::Instant::now();
-    let resolution = packages
-        .resolver
-        .resolve(&image.number, &image.dir, manifest, &relations)
-        .map_err(|e| jobfile::error_chain(&e))?;
+    let resolution = match pinned {
+        // The server resolved it at submit: exactly those versions.
+        Some(pinned) => {
+            log::info!("job {label}: {} packages pinned by the server at submit", pinned.install.len());
+            pinned
+        }
+        None => packages
+            .resolver
+            .resolve(&image.number, &image.dir, manifest, &relations)
+            .map_err(|e| jobfile::error_chain(&e))?,
+    };
     log::info!(
         "job {label}: {} relations resolved to {} packages to install{} in {:.1} s",
         relations.len(),

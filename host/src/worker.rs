@@ -92,7 +92,11 @@ pub fn run(
         }
     };
     // Its packages: refused here, before any VM, when they cannot be had.
-    let plan = match packages::plan(limits.packages.as_deref(), &image, &disk, &label) {
+    let pinned = match jobfile::layout::read_pin(&dirs.running, file_name) {
+        Ok(p) => p,
+        Err(why) => return fail(dirs, job, "bad_packages", &claimed, &format!("packages: {why}"), None),
+    };
+    let plan = match packages::plan(limits.packages.as_deref(), &image, &disk, &label, pinned) {
         Ok(plan) => plan,
         Err(why) => return fail(dirs, job, "bad_packages", &claimed, &format!("packages: {why}"), None),
     };

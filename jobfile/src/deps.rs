@@ -195,6 +195,31 @@ pub struct Resolution {
 }
 
 impl Resolution {
+    /// Whether every name, version, digest and path in it is what Debian's
+    /// grammar and the archive allow (it may come from a file another
+    /// program wrote, and its names reach apt's command line in the VM).
+    pub fn check(&self) -> Result<(), String> {
+        for p in &self.install {
+            check_name(&p.name)?;
+            check_version(&p.version)?;
+            if p.sha256.len() != 64 || !p.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!("{}: {:?} is not a sha256", p.name, p.sha256));
+            }
+            if !p.filename.starts_with("pool/") || p.filename.split('/').any(|c| c == ".." || c.is_empty()) {
+                return Err(format!("{}: {:?} is not a path in an archive's pool", p.name, p.filename));
+            }
+            if p.architecture.is_empty()
+                || !p.architecture.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return Err(format!("{}: {:?} is not an architecture", p.name, p.architecture));
+            }
+        }
+        for name in &self.remove {
+            check_name(name)?;
+        }
+        Ok(())
+    }
+
     /// The layer this resolution makes on the image whose root disk has
     /// sha256 `image`: a digest of both, so that the same set on the same
     /// image is the same layer on every host.

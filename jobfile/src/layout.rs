@@ -9,6 +9,7 @@
 //! running/.cancel/<file>      a request to stop <file>, whichever host runs it
 //! running/.attempts/          the hosts' counts of each job's attempts
 //! running/.farm/<file>        a job the server has leased to a remote host
+//! running/.pins/<file>.json   the packages the server resolved for <file> at submit
 //! done/<name>_d<image>.tar.xz a result, with <name>_d<image>.log
 //! failed/<file>               a failed job, with <file>.reason (first line: why;
 //!                             a refused one also "original name: ...") and maybe <file>.log
@@ -140,6 +141,37 @@ pub fn sibling(queue: &Path, name: &str) -> PathBuf {
 /// Where the server keeps the jobs it has leased to remote hosts:
 /// `running/.farm/` (a dot-name, so no host's recovery takes them).
 pub const FARM: &str = ".farm";
+
+/// The packages the server resolved for the job `file_name` at submit,
+/// which a host installs exactly (`running/.pins/<file>.json`; only the
+/// server and hosts write in `running/`).
+pub fn pin_file(running: &Path, file_name: &OsStr) -> PathBuf {
+    let mut name = file_name.to_owned();
+    name.push(".json");
+    running.join(".pins").join(name)
+}
+
+/// Reads a job's pinned packages: a regular file with one name, never
+/// through a link, at most 4 MiB, a valid resolution. `None` when there is
+/// none; `Err` says what is wrong with one that is there.
+pub fn read_pin(running: &Path, file_name: &OsStr) -> Result<Option<crate::deps::Resolution>, String> {
+    let path = pin_file(running, file_name);
+    let file = match open_unfollowed(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let meta = file.metadata().map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !lone_file(&meta) || meta.len() > 4 << 20 {
+        return Err(format!("{} is not a regular file with one name of at most 4 MiB", path.display()));
+    }
+    let mut raw = Vec::new();
+    file.take(4 << 20).read_to_end(&mut raw).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let res: crate::deps::Resolution =
+        serde_json::from_slice(&raw).map_err(|e| format!("{} is not a resolution: {e}", path.display()))?;
+    res.check().map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(Some(res))
+}
 
 /// Where cancel requests are: `running/.cancel/`, shared by every host on the queue.
 pub fn cancel_dir(running: &Path) -> PathBuf {

@@ -91,6 +91,20 @@ impl Store {
         Ok(n)
     }
 
+    /// Pins the packages resolved for the job `file_name` (`running/.pins/`),
+    /// written whole (a temporary name, then a rename) before the job is queued.
+    pub fn pin(&self, file_name: &str, resolution: &jobfile::deps::Resolution) -> io::Result<PathBuf> {
+        let path = layout::pin_file(&self.running, file_name.as_ref());
+        let dir = path.parent().expect("a pin has a directory");
+        fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!(".{file_name}.tmp"));
+        fs::write(&tmp, serde_json::to_vec_pretty(resolution).expect("a Resolution always serializes"))?;
+        File::open(&tmp)?.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        File::open(dir)?.sync_all()?;
+        Ok(path)
+    }
+
     /// Renames a finished upload into the queue under `file_name`, never replacing anything.
     pub fn enqueue(&self, upload: &Path, file_name: &str) -> io::Result<()> {
         rename_noreplace(upload, &self.queue.join(file_name))?;
@@ -210,6 +224,7 @@ impl Store {
         )?;
         File::open(&self.failed)?.sync_all()?;
         File::open(&self.queue)?.sync_all()?;
+        let _ = fs::remove_file(layout::pin_file(&self.running, file_name.as_ref()));
         Ok(true)
     }
 

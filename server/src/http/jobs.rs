@@ -193,8 +193,17 @@ pub(crate) async fn submit(
     let ino = crate::store::FileId::of(&file.metadata().await.map_err(ApiError::internal)?);
     drop(file);
     // Its packages, resolved now: what cannot be had is refused before anything is stored.
-    resolve_packages(&app, &upload, job_name.image()).await?;
-    app.store.enqueue(&upload, &record.file_name).map_err(ApiError::internal)?;
+    // What was chosen is pinned for the host before the job is in the queue.
+    let pin = match resolve_packages(&app, &upload, job_name.image()).await? {
+        Some(resolution) => Some(app.store.pin(&record.file_name, &resolution).map_err(ApiError::internal)?),
+        None => None,
+    };
+    if let Err(e) = app.store.enqueue(&upload, &record.file_name) {
+        if let Some(pin) = pin {
+            let _ = std::fs::remove_file(pin);
+        }
+        return Err(ApiError::internal(e));
+    }
     // In the queue now: a failure from here on removes it from there.
     guard.path = Some(app.store.queue.join(&record.file_name));
     if !db::finish_upload(app.db(), &id, size, ino).await.map_err(ApiError::internal)? {
@@ -215,7 +224,11 @@ pub(crate) async fn submit(
 /// Debian's grammar is a 400, what apt cannot satisfy (in apt's words) or
 /// too many packages a 422, an image without an archive a 400, and an
 /// archive the server cannot read a 503.
-async fn resolve_packages(app: &Arc<App>, upload: &std::path::Path, image: &str) -> ApiResult<()> {
+async fn resolve_packages(
+    app: &Arc<App>,
+    upload: &std::path::Path,
+    image: &str,
+) -> ApiResult<Option<jobfile::deps::Resolution>> {
     let (upload, image, app) = (upload.to_owned(), image.to_owned(), app.clone());
     tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&upload).map_err(ApiError::internal)?;
@@ -225,17 +238,17 @@ async fn resolve_packages(app: &Arc<App>, upload: &std::path::Path, image: &str)
                 format!("{}: {}", jobfile::deps::DECLARATION, jobfile::error_chain(&e)),
             )
         })?;
-        let Some((_, relations)) = declared else { return Ok(()) };
+        let Some((_, relations)) = declared else { return Ok(None) };
         let Some(resolver) = &app.packages else {
             return Err(ApiError::new(StatusCode::BAD_REQUEST, "this server takes no jobs that declare packages"));
         };
         if relations.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let dir = app.store.images.join(format!("i{image}"));
         let manifest = jobfile::image::ImageManifest::load(&dir).map_err(ApiError::internal)?;
         match resolver.resolve(&image, &dir, &manifest, &relations) {
-            Ok(_) => Ok(()),
+            Ok(resolution) => Ok(Some(resolution)),
             Err(e) => {
                 let status = match &e {
                     deps::ResolveError::NoArchive { .. } => StatusCode::BAD_REQUEST,
