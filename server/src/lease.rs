@@ -118,6 +118,7 @@ pub fn land(store: &Store, file_name: &str, id: &str, seq: u64, tag: &str, how: 
         store.move_job(&leased, &store.failed.join(file_name))?;
     }
     let _ = fs::remove_file(store.farm_console(file_name));
+    let _ = fs::remove_file(jobfile::layout::pin_file(&store.running, file_name.as_ref()));
     store.forget_cancel(file_name);
     Ok(())
 }

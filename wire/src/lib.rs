@@ -278,6 +278,12 @@ pub struct Lease {
     pub attempt: u64,
     /// How long the lease lasts unless renewed.
     pub lease_ms: u64,
+    /// The packages the server resolved for the job at submit, which the
+    /// host installs exactly (a `jobfile::deps::Resolution`); none when the
+    /// job declares none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub packages: Option<jobfile::deps::Resolution>,
 }
 
 /// The answer to `POST /v1/host/lease`: a job, or none for now.
@@ -481,10 +487,40 @@ mod tests {
                     seq: 7,
                     attempt: 1,
                     lease_ms: 30000,
+                    packages: None,
                 }),
             },
             json!({"lease": {"id": "j1", "file_name": "hello_i0.tar.xz", "size": 65536, "seq": 7, "attempt": 1,
                 "lease_ms": 30000}}),
+        );
+        // With the packages the server pinned.
+        let pinned = jobfile::deps::Resolution {
+            install: vec![jobfile::deps::Pinned {
+                name: "pkgconf".into(),
+                version: "1.8.1-1".into(),
+                architecture: "amd64".into(),
+                sha256: "a".repeat(64),
+                size: 30000,
+                filename: "pool/main/p/pkgconf/pkgconf_1.8.1-1_amd64.deb".into(),
+            }],
+            remove: vec![],
+        };
+        round_trip(
+            LeaseAnswer {
+                lease: Some(Lease {
+                    id: "j2".into(),
+                    file_name: "ssl_i100.tar.xz".into(),
+                    size: 65536,
+                    seq: 1,
+                    attempt: 1,
+                    lease_ms: 30000,
+                    packages: Some(pinned),
+                }),
+            },
+            json!({"lease": {"id": "j2", "file_name": "ssl_i100.tar.xz", "size": 65536, "seq": 1, "attempt": 1,
+                "lease_ms": 30000, "packages": {"install": [{"name": "pkgconf", "version": "1.8.1-1",
+                "architecture": "amd64", "sha256": "a".repeat(64), "size": 30000,
+                "filename": "pool/main/p/pkgconf/pkgconf_1.8.1-1_amd64.deb"}]}}}),
         );
         round_trip(Renewed { lease_ms: 30000, cancel: true }, json!({"lease_ms": 30000, "cancel": true}));
         round_trip(

@@ -231,6 +231,18 @@ pub enum Local {
     Nowhere,
 }
 
+/// Writes the server's pin for `file_name` into this host's own
+/// `running/.pins/`, whole (a temporary name, then a rename).
+fn pin(dirs: &Dirs, file_name: &str, resolution: &jobfile::deps::Resolution) -> io::Result<()> {
+    let path = jobfile::layout::pin_file(&dirs.running, OsStr::new(file_name));
+    let dir = path.parent().expect("a pin has a directory");
+    fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{file_name}.tmp"));
+    fs::write(&tmp, serde_json::to_vec(resolution).map_err(io::Error::other)?)?;
+    File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, &path)
+}
+
 /// Where a job this remote host holds is in its own directories
 /// (`Beside::locate`, with this host's `running/<host-id>/` its only host).
 pub fn locate(dirs: &Dirs, file_name: &str) -> Local {
@@ -303,7 +315,7 @@ impl Pump {
             bail!("the server refused ({})", why(&answer));
         }
         let Some(lease) = decode::<wire::LeaseAnswer>(&answer)?.lease else { return Ok(false) };
-        let wire::Lease { id, seq, file_name, size, lease_ms, attempt } = lease;
+        let wire::Lease { id, seq, file_name, size, lease_ms, attempt, packages } = lease;
         let id = id.as_str();
         let Ok(job) = JobName::parse(&file_name) else {
             bail!("the server sent a job named {:?}", jobfile::sanitize(file_name.as_bytes()))
@@ -349,6 +361,18 @@ impl Pump {
             let _ = fs::remove_file(&partial);
             self.leases.lock().remove(id);
             bail!("job {id}: the lease was lost while it downloaded");
+        }
+        // The server's pin first, so that the daemon installs exactly those packages.
+        if let Some(resolution) = packages {
+            if let Err(e) = resolution
+                .check()
+                .map_err(io::Error::other)
+                .and_then(|()| pin(&self.dirs, &held.file_name, &resolution))
+            {
+                let _ = fs::remove_file(&partial);
+                self.leases.lock().remove(id);
+                bail!("job {id}: cannot keep the packages the server pinned: {e}");
+            }
         }
         // Renamed in whole: the daemon never sees a file being written.
         fs::rename(&partial, self.dirs.queue.join(&held.file_name))

@@ -81,6 +81,11 @@ pub async fn lease(
             continue;
         }
         log::info!("job {} leased to host {} (lease {}, attempt {})", lease.id, host.name, lease.seq, lease.attempt);
+        // What the server pinned at submit goes with it; a pin the server cannot read is its own fault, logged.
+        let packages = jobfile::layout::read_pin(&app.store.running, lease.file_name.as_ref()).unwrap_or_else(|why| {
+            log::error!("job {}: {why}; the host resolves its packages itself", lease.id);
+            None
+        });
         return Ok(Json(wire::LeaseAnswer {
             lease: Some(wire::Lease {
                 id: lease.id,
@@ -89,6 +94,7 @@ pub async fn lease(
                 seq: lease.seq,
                 attempt: lease.attempt,
                 lease_ms: app.farm.lease_ms() as u64,
+                packages,
             }),
         }));
     }
