@@ -1,5 +1,6 @@
 //! Debian base images made by `image-builder debootstrap`, and real builds in them.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::process::Command;
 
@@ -531,4 +532,61 @@ fn the_server_refuses_at_submit_packages_that_cannot_be_had() {
         pin.install.iter().map(|p| (p.name.clone(), p.version.clone(), p.sha256.clone())).collect();
     assert_eq!(installed, pinned, "the host installed other packages than the server pinned");
     assert!(!pin_path.exists(), "the pin outlived its job");
+}
+
+/// The farm: the server resolves at submit and hands its pin out with the
+/// lease, and a remote build host installs exactly those packages.
+#[test]
+fn a_remote_host_installs_the_packages_the_server_pinned() {
+    use construir_e2e::server::{add_account, client, job_dir, server_cmd, Server};
+    let q = Queue::new();
+    let db = q.root.path().join("server.db");
+    let token = add_account(&db, "alice");
+    let out = server_cmd(&db, &["account", "add", "builder", "--host"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token_file = q.root.path().join("builder.token");
+    fs::write(&token_file, String::from_utf8_lossy(&out.stdout).trim()).expect("token");
+    let s = Server::start_with_images(&q, &db, debian_images(), &[]);
+    let spool = q.root.path().join("builder/spool");
+    fs::create_dir_all(&spool).expect("mkdir");
+    let host_log = q.root.path().join("builder/host.log");
+    let _host = construir_e2e::Spawned(
+        Command::new(bin("construir-host"))
+            .arg("run")
+            .arg(&spool)
+            .args(["--server", &s.url, "--token-file"])
+            .arg(&token_file)
+            .args(["--accel", "tcg", "--memory", "1G", "--cpus", "1", "--host-id", "builder", "--timeout", "10m"])
+            .arg("--images")
+            .arg(debian_images())
+            .stderr(fs::File::create(&host_log).expect("log"))
+            .spawn()
+            .expect("start construir-host"),
+    );
+    let dir = job_dir(q.root.path(), "farmpkg", "#!/bin/sh\nset -e\npkg-config --version\n");
+    let dir = dir.to_string_lossy().into_owned();
+    let args = ["submit", &dir, "--image", "100", "--size", "1M", "--packages", "pkg-config", "--wait"];
+    let (code, out, err) = client(&s, &token, q.root.path(), &args);
+    let log = fs::read_to_string(&host_log).unwrap_or_default();
+    assert_eq!(code, 0, "{err}\nhost:\n{log}\nserver:\n{}", s.log());
+    let id = out.lines().next().unwrap_or_default().trim().to_owned();
+    assert!(log.contains("packages pinned by the server at submit"), "{log}");
+    let result = q.root.path().join("farmpkg_d100.tar.xz");
+    let (code, _, err) = client(&s, &token, q.root.path(), &["fetch", &id, "--out", &result.to_string_lossy()]);
+    assert_eq!(code, 0, "{err}");
+    let status = job_status(&result);
+    assert_eq!(status["result"], "ok");
+    let names: Vec<&str> =
+        status["packages"].as_array().expect("packages").iter().filter_map(|p| p["name"].as_str()).collect();
+    assert!(names.contains(&"pkg-config"), "{names:?}");
+    let output = String::from_utf8(job_log(&result)).expect("utf8");
+    assert!(output.starts_with("1.8"), "pkg-config ran: {output}");
+    assert!(
+        !jobfile::layout::pin_file(&q.root.path().join("running"), OsStr::new("x"))
+            .parent()
+            .expect("dir")
+            .read_dir()
+            .is_ok_and(|mut d| d.next().is_some()),
+        "a pin outlived its job on the server"
+    );
 }
