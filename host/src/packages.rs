@@ -54,7 +54,11 @@ pub fn plan(
     label: &str,
     pinned: Option<Resolution>,
 ) -> Result<Plan, String> {
-    let declared = jobfile::deps::read_from_job(ReadAt::new(disk)).map_err(|e| jobfile::error_chain(&e))?;
+    let declared = match jobfile::deps::read_from_job(ReadAt::new(disk)) {
+        // An archive that cannot be read declares nothing readable: the guest reports it (bad_archive).
+        Err(jobfile::deps::DepsError::Archive(_)) => None,
+        other => other.map_err(|e| jobfile::error_chain(&e))?,
+    };
     let Some((_, relations)) = declared else { return Ok(Plan::Plain) };
     let Some(packages) = packages else {
         return Err(format!(

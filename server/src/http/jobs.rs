@@ -232,12 +232,14 @@ async fn resolve_packages(
     let (upload, image, app) = (upload.to_owned(), image.to_owned(), app.clone());
     tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&upload).map_err(ApiError::internal)?;
-        let declared = jobfile::deps::read_from_job(file).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("{}: {}", jobfile::deps::DECLARATION, jobfile::error_chain(&e)),
-            )
-        })?;
+        let declared = match jobfile::deps::read_from_job(file) {
+            // As before packages: an archive the server cannot read is the host's to report (bad_archive).
+            Err(jobfile::deps::DepsError::Archive(_)) => None,
+            other => other.map_err(|e| {
+                let text = format!("{}: {}", jobfile::deps::DECLARATION, jobfile::error_chain(&e));
+                ApiError::new(StatusCode::BAD_REQUEST, text)
+            })?,
+        };
         let Some((_, relations)) = declared else { return Ok(None) };
         let Some(resolver) = &app.packages else {
             return Err(ApiError::new(StatusCode::BAD_REQUEST, "this server takes no jobs that declare packages"));
