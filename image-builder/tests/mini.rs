@@ -163,7 +163,9 @@ fn list_shows_each_image_with_its_kind_size_date_and_whether_it_verifies() {
     assert!(lines[3].starts_with("i12 ") && lines[3].contains("cannot read"), "{text}");
 
     let out = builder(&["list", images.to_str().expect("utf8"), "--json"]);
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(all["layers"], serde_json::json!([]), "no layers beside these images");
+    let json = &all["images"];
     assert_eq!(json[0]["image"], "i0");
     assert_eq!(json[0]["verifies"], "ok");
     let size: u64 = ["initrd.img", "vmlinux"].iter().map(|f| fs::metadata(good.join(f)).expect("stat").len()).sum();
