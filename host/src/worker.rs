@@ -163,13 +163,7 @@ pub fn run(
     };
     let root_size = root_disk.as_ref().and_then(image::qcow2_virtual_size).unwrap_or(0);
     // Guest memory plus room for QEMU itself (TCG's translation cache among it).
-    let group = match &limits.cgroups {
-        Some(parent) => {
-            let name = format!("{}.{label}", limits.host_id);
-            Some(parent.create(&name, (limits.memory_mib + 1024) << 20, 1024, limits.cpus)?)
-        }
-        None => None,
-    };
+    let group = vm_cgroup(limits, &format!("{}.{label}", limits.host_id))?;
     let jailed = matches!(prepared.confinement(&limits.confiner), Confinement::Jailed { .. });
     let spec = VmSpec {
         cgroup_procs: group.as_ref().map(|g| g.procs.clone()),
@@ -401,13 +395,7 @@ fn build_layer(
     };
     let BootFiles { kernel, initrd, root_disk } = image.open()?;
     let root_size = root_disk.as_ref().and_then(image::qcow2_virtual_size).unwrap_or(0);
-    let group = match &limits.cgroups {
-        Some(parent) => {
-            let name = format!("{}.{label}.layer", limits.host_id);
-            Some(parent.create(&name, (limits.memory_mib + 1024) << 20, 1024, limits.cpus)?)
-        }
-        None => None,
-    };
+    let group = vm_cgroup(limits, &format!("{}.{label}.layer", limits.host_id))?;
     let spec = VmSpec {
         cgroup_procs: group.as_ref().map(|g| g.procs.clone()),
         qemu: limits.confiner.root.as_ref().map_or_else(|| limits.qemu.clone(), |r| r.qemu.clone()),
@@ -500,6 +488,15 @@ fn build_layer(
             let log = vm.console.finish(&format!("failed: {why}"));
             Ok(Built::Broken(why, log))
         }
+    }
+}
+
+/// The VM's own cgroup `name`, where the host has cgroups: guest memory
+/// plus room for QEMU itself (TCG's translation cache among it).
+fn vm_cgroup(limits: &Limits, name: &str) -> io::Result<Option<cgroup::Group>> {
+    match &limits.cgroups {
+        Some(parent) => Ok(Some(parent.create(name, (limits.memory_mib + 1024) << 20, 1024, limits.cpus)?)),
+        None => Ok(None),
     }
 }
 

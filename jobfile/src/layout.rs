@@ -151,6 +151,23 @@ pub fn pin_file(running: &Path, file_name: &OsStr) -> PathBuf {
     running.join(".pins").join(name)
 }
 
+/// Writes the pin for `file_name` whole (a temporary name, then a rename),
+/// for a host to find before the job is in its queue; returns its path.
+pub fn write_pin(running: &Path, file_name: &OsStr, resolution: &crate::deps::Resolution) -> std::io::Result<PathBuf> {
+    let path = pin_file(running, file_name);
+    let dir = path.parent().expect("a pin has a directory");
+    fs::create_dir_all(dir)?;
+    let mut tmp_name = OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
+    fs::write(&tmp, serde_json::to_vec_pretty(resolution).expect("a Resolution always serializes"))?;
+    fs::File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, &path)?;
+    fs::File::open(dir)?.sync_all()?;
+    Ok(path)
+}
+
 /// Reads a job's pinned packages: a regular file with one name, never
 /// through a link, at most 4 MiB, a valid resolution. `None` when there is
 /// none; `Err` says what is wrong with one that is there.

@@ -92,17 +92,9 @@ impl Store {
     }
 
     /// Pins the packages resolved for the job `file_name` (`running/.pins/`),
-    /// written whole (a temporary name, then a rename) before the job is queued.
+    /// before the job is queued.
     pub fn pin(&self, file_name: &str, resolution: &jobfile::deps::Resolution) -> io::Result<PathBuf> {
-        let path = layout::pin_file(&self.running, file_name.as_ref());
-        let dir = path.parent().expect("a pin has a directory");
-        fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(".{file_name}.tmp"));
-        fs::write(&tmp, serde_json::to_vec_pretty(resolution).expect("a Resolution always serializes"))?;
-        File::open(&tmp)?.sync_all()?;
-        fs::rename(&tmp, &path)?;
-        File::open(dir)?.sync_all()?;
-        Ok(path)
+        layout::write_pin(&self.running, file_name.as_ref(), resolution)
     }
 
     /// Renames a finished upload into the queue under `file_name`, never replacing anything.

@@ -231,18 +231,6 @@ pub enum Local {
     Nowhere,
 }
 
-/// Writes the server's pin for `file_name` into this host's own
-/// `running/.pins/`, whole (a temporary name, then a rename).
-fn pin(dirs: &Dirs, file_name: &str, resolution: &jobfile::deps::Resolution) -> io::Result<()> {
-    let path = jobfile::layout::pin_file(&dirs.running, OsStr::new(file_name));
-    let dir = path.parent().expect("a pin has a directory");
-    fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{file_name}.tmp"));
-    fs::write(&tmp, serde_json::to_vec(resolution).map_err(io::Error::other)?)?;
-    File::open(&tmp)?.sync_all()?;
-    fs::rename(&tmp, &path)
-}
-
 /// Where a job this remote host holds is in its own directories
 /// (`Beside::locate`, with this host's `running/<host-id>/` its only host).
 pub fn locate(dirs: &Dirs, file_name: &str) -> Local {
@@ -364,11 +352,9 @@ impl Pump {
         }
         // The server's pin first, so that the daemon installs exactly those packages.
         if let Some(resolution) = packages {
-            if let Err(e) = resolution
-                .check()
-                .map_err(io::Error::other)
-                .and_then(|()| pin(&self.dirs, &held.file_name, &resolution))
-            {
+            if let Err(e) = resolution.check().map_err(io::Error::other).and_then(|()| {
+                jobfile::layout::write_pin(&self.dirs.running, OsStr::new(&held.file_name), &resolution).map(drop)
+            }) {
                 let _ = fs::remove_file(&partial);
                 self.leases.lock().remove(id);
                 bail!("job {id}: cannot keep the packages the server pinned: {e}");
