@@ -214,51 +214,99 @@ fn packages_resolve_against_the_image_and_its_archive_and_are_fetched_verified()
     let manifest = ImageManifest::load(&images.join("i100")).expect("image.toml");
     let cache = tempfile::tempdir().expect("tempdir");
     let resolver = deps::Resolver::new(deps::Settings::new(cache.path()));
+    let never = || false;
     let relations = ["libssl-dev".to_owned(), "pkg-config (>= 1.8)".to_owned()];
-    let res: Resolution = resolver.resolve("100", &images.join("i100"), &manifest, &relations).expect("resolves");
+    let res: Resolution =
+        resolver.resolve("100", &images.join("i100"), &manifest, &relations, &never).expect("resolves");
     let names: Vec<&str> = res.install.iter().map(|p| p.name.as_str()).collect();
     for want in ["libssl-dev", "pkgconf"] {
         assert!(names.contains(&want), "{want} not chosen: {names:?}");
     }
     assert!(!names.contains(&"build-essential"), "the image already has it: {names:?}");
     assert!(res.install.iter().all(|p| p.sha256.len() == 64 && p.filename.starts_with("pool/main/")), "{res:?}");
-    let first = resolver.fetch("100", &manifest, &res).expect("fetch");
+    let first = resolver.fetch("100", &manifest, &res, &never).expect("fetch");
     assert_eq!((first.hits, first.downloaded), (0, res.install.len()));
     for (p, file) in &first.files {
         assert_eq!(jobfile::image::sha256_file(file).expect("hash"), p.sha256, "{}", p.name);
         assert_eq!(fs::metadata(file).expect("meta").len(), p.size);
     }
-    let again = resolver.fetch("100", &manifest, &res).expect("fetch");
+    let again = resolver.fetch("100", &manifest, &res, &never).expect("fetch");
     assert_eq!((again.hits, again.downloaded), (res.install.len(), 0), "the second fetch is from the cache");
     // A damaged cache file is found out and fetched again.
     fs::write(&first.files[0].1, b"not a deb").expect("damage");
-    let mended = resolver.fetch("100", &manifest, &res).expect("fetch");
+    let mended = resolver.fetch("100", &manifest, &res, &never).expect("fetch");
     assert_eq!(mended.downloaded, 1);
+    // Fetching reads no lists: the files are named by the pin. A host with an empty
+    // cache (a remote host given the server's pin) fetches them all without
+    // `apt-get update`, and a pinned version that the archive's newest lists no
+    // longer name is still fetched, by its path and checked by its sha256.
+    let fresh = tempfile::tempdir().expect("tempdir");
+    let pinned_only = deps::Resolver::new(deps::Settings::new(fresh.path()));
+    let mut unlisted = res.clone();
+    unlisted.install[0].version = format!("{}+not.in.the.lists", unlisted.install[0].version);
+    let got = pinned_only.fetch("100", &manifest, &unlisted, &never).expect("fetch by path");
+    assert_eq!((got.hits, got.downloaded), (0, res.install.len()));
+    assert_eq!(jobfile::image::sha256_file(&got.files[0].1).expect("hash"), res.install[0].sha256);
+    let lists = sh("find . -path '*/lists/*' -name '*Packages*' | wc -l", fresh.path());
+    assert_eq!(lists.trim(), "0", "fetching read no lists");
+    // A pin whose hash is not its file's: apt refuses it, nothing enters the cache under that hash.
+    let mut swapped = res.clone();
+    swapped.install[0].sha256 = res.install[1].sha256.clone();
+    let e = deps::Resolver::new(deps::Settings::new(tempfile::tempdir().expect("tempdir").path()))
+        .fetch("100", &manifest, &swapped, &never)
+        .expect_err("wrong hash");
+    let text = jobfile::error_chain(&e);
+    assert!(text.contains("cannot download packages from the archive") && text.contains("Hash Sum mismatch"), "{text}");
+    // A file the archive does not hold: said so, with the archive named.
+    let mut gone = res.clone();
+    gone.install[0].filename = "pool/main/c/construir/construir-does-not-exist_1.0_amd64.deb".into();
+    let e = deps::Resolver::new(deps::Settings::new(tempfile::tempdir().expect("tempdir").path()))
+        .fetch("100", &manifest, &gone, &never)
+        .expect_err("no such file");
+    let text = jobfile::error_chain(&e);
+    let archive = &manifest.archive.as_ref().expect("archive").uri;
+    assert!(text.contains(&format!("from the archive {archive}")) && text.contains("404"), "{text}");
+    // A pin whose path leaves the pool is refused before anything is asked of the archive.
+    let mut outside = res.clone();
+    outside.install[0].filename = "pool/../dists/bookworm/Release.deb".into();
+    let e = resolver.fetch("100", &manifest, &outside, &never).expect_err("outside the pool");
+    assert!(e.to_string().contains("not fit to ask an archive for"), "{e}");
+    // Told to stop (the host is stopping, the job was cancelled): it stops, and says so apart from a failure.
+    let halted = tempfile::tempdir().expect("tempdir");
+    let started = std::time::Instant::now();
+    let e = deps::Resolver::new(deps::Settings::new(halted.path()))
+        .fetch("100", &manifest, &res, &|| true)
+        .expect_err("halted");
+    assert!(e.is_halted(), "{e}");
+    assert!(e.to_string().starts_with("stopped: apt-helper download-file was cut short"), "{e}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
     // What cannot be had is refused in apt's words.
     for (relation, words) in [("libnonexist-dev", "libnonexist-dev"), ("pkg-config (>= 99)", "pkg-config (>= 99)")] {
-        let e = resolver.resolve("100", &images.join("i100"), &manifest, &[relation.to_owned()]).expect_err(relation);
+        let e = resolver
+            .resolve("100", &images.join("i100"), &manifest, &[relation.to_owned()], &never)
+            .expect_err(relation);
         let text = jobfile::error_chain(&e);
         assert!(text.contains("cannot satisfy") && text.contains(words), "{relation}: {text}");
     }
     // A mini image has no archive to resolve against.
     let mut mini = manifest.clone();
     mini.archive = None;
-    let e = resolver.resolve("0", &images.join("i100"), &mini, &relations).expect_err("no archive");
+    let e = resolver.resolve("0", &images.join("i100"), &mini, &relations, &never).expect_err("no archive");
     assert!(e.to_string().contains("records no Debian archive"), "{e}");
     // More packages than the limit.
     let small = deps::Resolver::new(deps::Settings { max_packages: 2, ..deps::Settings::new(cache.path()) });
-    let e = small.resolve("100", &images.join("i100"), &manifest, &relations).expect_err("too many");
+    let e = small.resolve("100", &images.join("i100"), &manifest, &relations, &never).expect_err("too many");
     assert!(e.to_string().contains(&format!("come to {} packages; at most 2", res.install.len())), "{e}");
     // An archive that cannot be reached (a closed port on loopback): said so, with the archive named.
     let mut unreachable = manifest.clone();
     unreachable.archive.as_mut().expect("archive").uri = "http://127.0.0.1:9/debian".into();
-    let e = resolver.resolve("100", &images.join("i100"), &unreachable, &relations).expect_err("unreachable");
+    let e = resolver.resolve("100", &images.join("i100"), &unreachable, &relations, &never).expect_err("unreachable");
     let text = jobfile::error_chain(&e);
     assert!(text.contains("cannot read the archive http://127.0.0.1:9/debian bookworm"), "{text}");
     // A keyring that is not there.
     let nokey =
         deps::Resolver::new(deps::Settings { keyring: "/nonexistent.gpg".into(), ..deps::Settings::new(cache.path()) });
-    let e = nokey.resolve("100", &images.join("i100"), &manifest, &relations).expect_err("no keyring");
+    let e = nokey.resolve("100", &images.join("i100"), &manifest, &relations, &never).expect_err("no keyring");
     assert!(e.to_string().contains("/nonexistent.gpg is missing"), "{e}");
 }
 
@@ -473,6 +521,87 @@ fn a_debian_source_package_builds_from_its_own_build_depends_and_its_deb_comes_b
         .output()
         .expect("dpkg-deb");
     assert_eq!(String::from_utf8_lossy(&info.stdout).trim(), "construir-hello");
+}
+
+/// A download of a job's packages that hangs (an archive that accepts and
+/// never answers, on loopback) ends when the job is cancelled, and when the
+/// host is stopping; neither is taken for the job's fault, and nothing is lost.
+#[test]
+fn a_hanging_download_ends_when_the_job_is_cancelled_or_the_host_stops() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let q = Queue::new();
+    // The archive: connections are taken and held, never answered.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().flatten() {
+            held.push(conn);
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    // The Debian image with that archive recorded (its files linked, its manifest rewritten).
+    let from = debian_images().join("i100");
+    let images = q.root.path().join("images");
+    let to = images.join("i100");
+    fs::create_dir_all(&to).expect("mkdir");
+    for entry in fs::read_dir(&from).expect("image dir").flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_name() != "image.toml" && fs::hard_link(entry.path(), &target).is_err() {
+            fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+    let manifest = ImageManifest::load(&from).expect("image.toml");
+    let real = manifest.archive.as_ref().expect("archive").uri.clone();
+    let toml = fs::read_to_string(from.join("image.toml")).expect("image.toml");
+    let black_hole = format!("http://127.0.0.1:{port}/debian");
+    assert!(toml.contains(&format!("uri = \"{real}\"")));
+    fs::write(to.join("image.toml"), toml.replace(&format!("uri = \"{real}\""), &format!("uri = \"{black_hole}\"")))
+        .expect("write");
+    // Each job's packages pinned as a server pins them, resolved against the real archive.
+    let cache = tempfile::tempdir().expect("tempdir");
+    let resolver = deps::Resolver::new(deps::Settings::new(cache.path()));
+    let resolution = resolver.resolve("100", &from, &manifest, &["pkg-config".to_owned()], &|| false).expect("resolve");
+    let running = q.root.path().join("running");
+    let queue_pinned = |name: &str| {
+        let file = format!("{name}_i100.tar.xz");
+        let packed = pack_with_packages(&q, name, "100", &[("bin/construir", "#!/bin/sh\necho ran\n")], "pkg-config");
+        jobfile::layout::write_pin(&running, file.as_ref(), &resolution).expect("pin");
+        fs::rename(packed, q.queue.join(&file)).expect("into the queue");
+        file
+    };
+    let downloads_under_way =
+        |n: usize| construir_e2e::wait_for(Duration::from_secs(60), || accepted.load(Ordering::SeqCst) >= n);
+
+    // Cancelled by its submitter while its packages download: failed, as cancelled, at once.
+    let file = queue_pinned("cancelled");
+    let mut host = q.spawn_with_images("fetch", &q.host_id, &images, &["--stop-timeout", "2s"]);
+    assert!(downloads_under_way(1), "no download began: {}", q.log("fetch"));
+    let request = jobfile::layout::cancel_request(&running, file.as_ref());
+    fs::create_dir_all(request.parent().expect("dir")).expect("mkdir");
+    fs::write(&request, "").expect("cancel");
+    let refused = construir_e2e::wait_for(Duration::from_secs(30), || q.failed.join(format!("{file}.reason")).exists());
+    assert!(refused, "the cancel did not end the download: {}", q.log("fetch"));
+    let reason = fs::read_to_string(q.failed.join(format!("{file}.reason"))).expect("reason");
+    assert!(reason.contains("cancelled at its submitter's request while its packages were fetched"), "{reason}");
+    assert!(q.failed.join(&file).exists(), "the job file itself is kept");
+
+    // The host told to stop while a download hangs: the job goes back to the queue, unrun and unrefused.
+    let file = queue_pinned("requeued");
+    assert!(downloads_under_way(2), "no second download began: {}", q.log("fetch"));
+    let told = std::time::Instant::now();
+    construir_e2e::signal(&host, libc::SIGTERM);
+    let status = host.wait().expect("wait");
+    let log = q.log("fetch");
+    assert!(status.success(), "{log}");
+    assert!(told.elapsed() < Duration::from_secs(30), "the stop took {:?}: {log}", told.elapsed());
+    assert_eq!(Queue::list(&q.queue), [file.clone()], "{log}");
+    assert!(!q.failed.join(&file).exists(), "{log}");
+    assert!(log.contains("its packages were not all fetched; back in the queue"), "{log}");
 }
 
 /// The front door resolves too: a job whose packages cannot be had is

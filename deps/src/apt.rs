@@ -19,6 +19,9 @@ const UPDATE_LIMIT: Duration = Duration::from_secs(300);
 const RESOLVE_LIMIT: Duration = Duration::from_secs(120);
 /// How long downloading a job's packages may take.
 const DOWNLOAD_LIMIT: Duration = Duration::from_secs(30 * 60);
+/// apt's own downloader, run by scripts "with the same proxy configuration
+/// or acquire system as APT would" (its words): part of the `apt` package.
+const APT_HELPER: &str = "/usr/lib/apt/apt-helper";
 
 #[derive(Debug, Error)]
 pub enum AptError {
@@ -32,8 +35,20 @@ pub enum AptError {
     Show { what: String, source: Box<CommandError> },
     #[error("apt's record of {name} {version} has no {field}")]
     Incomplete { name: String, version: String, field: &'static str },
-    #[error("cannot download packages from the archive")]
-    Download { source: Box<CommandError> },
+    #[error("cannot download packages from the archive {uri}")]
+    Download { uri: String, source: Box<CommandError> },
+    #[error("stopped: {what} was cut short (the host is stopping, or the job was cancelled)")]
+    Halted { what: String },
+}
+
+impl AptError {
+    /// `e` from running `what`, or [`AptError::Halted`] when it was halted.
+    fn from_command(e: CommandError, or: impl FnOnce(Box<CommandError>) -> AptError) -> AptError {
+        match e {
+            CommandError::Halted { what } => AptError::Halted { what },
+            e => or(Box::new(e)),
+        }
+    }
 }
 
 /// One archive, as apt sees it from our directory `dir`.
@@ -116,18 +131,20 @@ impl Apt {
 
     /// `apt-get update`: fetches the signed `InRelease` and the indices it
     /// lists, each checked against it (apt refuses anything unsigned or changed).
-    pub fn update(&self) -> Result<(), AptError> {
+    pub fn update(&self, halt: &dyn Fn() -> bool) -> Result<(), AptError> {
         let empty = self.dir.join("status");
         if !empty.exists() {
             fs::write(&empty, "").map_err(|source| AptError::Prepare { path: empty.clone(), source })?;
         }
         let mut cmd = self.command("apt-get", None);
         cmd.args(["-q", "-o", "APT::Update::Error-Mode=any", "update"]);
-        command::run(&mut cmd, "apt-get update", UPDATE_LIMIT, |_| {}).map_err(|source| AptError::Update {
-            uri: self.archive.uri.clone(),
-            suite: self.archive.suite.clone(),
-            keyring: self.keyring.clone(),
-            source: Box::new(source),
+        command::run_until(&mut cmd, "apt-get update", UPDATE_LIMIT, |_| {}, halt).map_err(|e| {
+            AptError::from_command(e, |source| AptError::Update {
+                uri: self.archive.uri.clone(),
+                suite: self.archive.suite.clone(),
+                keyring: self.keyring.clone(),
+                source,
+            })
         })?;
         let stamp = self.dir.join("lists/.updated");
         fs::write(&stamp, "").map_err(|source| AptError::Prepare { path: stamp, source })
@@ -136,11 +153,14 @@ impl Apt {
     /// What `apt-get satisfy` would do to the dpkg state `status` to
     /// satisfy `relations`: the packages it installs (name, version) and
     /// those it removes.
-    pub fn satisfy(&self, status: &Path, relations: &[String]) -> Result<Simulated, AptError> {
+    pub fn satisfy(&self, status: &Path, relations: &[String], halt: &dyn Fn() -> bool) -> Result<Simulated, AptError> {
         let mut cmd = self.command("apt-get", Some(status));
         cmd.args(["-s", "-q", "satisfy"]).arg(relations.join(", "));
-        let out = command::run(&mut cmd, "apt-get satisfy", RESOLVE_LIMIT, |_| {})
-            .map_err(|e| AptError::Unsatisfiable { why: explain(&e) })?;
+        let out =
+            command::run_until(&mut cmd, "apt-get satisfy", RESOLVE_LIMIT, |_| {}, halt).map_err(|e| match e {
+                CommandError::Halted { what } => AptError::Halted { what },
+                e => AptError::Unsatisfiable { why: explain(&e) },
+            })?;
         Ok(parse_simulation(&out))
     }
 
@@ -191,14 +211,29 @@ impl Apt {
             .collect()
     }
 
-    /// `apt-get download` of each (name, version) into `into` (apt checks
-    /// each against the verified lists; the caller checks again).
-    pub fn download(&self, packages: &[(String, String)], into: &Path) -> Result<(), AptError> {
-        let mut cmd = self.command("apt-get", None);
-        cmd.current_dir(into).args(["-q", "download"]).args(packages.iter().map(|(n, v)| format!("{n}={v}")));
-        command::run(&mut cmd, "apt-get download", DOWNLOAD_LIMIT, |_| {})
-            .map(drop)
-            .map_err(|source| AptError::Download { source: Box::new(source) })
+    /// Downloads each file of the archive (its path there, e.g.
+    /// `pool/main/...`) into `into` as `<sha256>.deb`, with apt's own
+    /// downloader: apt refuses a file whose sha256 is not the one given
+    /// (the caller checks again). No lists are needed, so a version the
+    /// archive still holds is found even when its newest lists no longer name it.
+    pub fn fetch_files(&self, files: &[(&str, &str)], into: &Path, halt: &dyn Fn() -> bool) -> Result<(), AptError> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = self.command(APT_HELPER, None);
+        cmd.current_dir(into).args(["-q", "download-file"]);
+        for (path, sha256) in files {
+            cmd.arg(self.file_uri(path)).arg(format!("{sha256}.deb")).arg(format!("SHA256:{sha256}"));
+        }
+        command::run_until(&mut cmd, "apt-helper download-file", DOWNLOAD_LIMIT, |_| {}, halt).map(drop).map_err(|e| {
+            AptError::from_command(e, |source| AptError::Download { uri: self.archive.uri.clone(), source })
+        })
+    }
+
+    /// Where the archive serves the file at `path` (already checked to be a
+    /// plain relative path under `pool/`).
+    fn file_uri(&self, path: &str) -> String {
+        format!("{}/{path}", self.archive.uri.trim_end_matches('/'))
     }
 }
 

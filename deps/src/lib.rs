@@ -9,7 +9,7 @@ pub mod apt;
 pub mod cache;
 pub mod disk;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -46,8 +46,18 @@ pub enum ResolveError {
     Apt(#[from] AptError),
     #[error("cannot use {path}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("the packages to fetch are not fit to ask an archive for: {why}")]
+    Unfit { why: String },
     #[error("the archive served no file with sha256 {sha256} for {name} {version}")]
     NotServed { name: String, version: String, sha256: String },
+}
+
+impl ResolveError {
+    /// Whether it ended because the caller's `halt` said so, not because of
+    /// the job or the archive.
+    pub fn is_halted(&self) -> bool {
+        matches!(self, ResolveError::Apt(AptError::Halted { .. }))
+    }
 }
 
 /// Where the resolver keeps things, and its limits.
@@ -97,9 +107,15 @@ impl Resolver {
         &self.settings
     }
 
-    /// apt for the archive of the image in `image_dir`, its lists fresh,
-    /// and the lock held while they are used.
-    fn apt(&self, image: &str, manifest: &ImageManifest) -> Result<(Apt, Flock<File>), ResolveError> {
+    /// apt for the archive of the image `image`, with the lock held while
+    /// it is used; its lists made fresh when `lists`.
+    fn apt(
+        &self,
+        image: &str,
+        manifest: &ImageManifest,
+        lists: bool,
+        halt: &dyn Fn() -> bool,
+    ) -> Result<(Apt, Flock<File>), ResolveError> {
         let archive = manifest.archive.as_ref().ok_or_else(|| ResolveError::NoArchive { image: image.to_owned() })?;
         if !self.settings.keyring.is_file() {
             return Err(ResolveError::NoKeyring { path: self.settings.keyring.clone() });
@@ -123,27 +139,28 @@ impl Resolver {
         let lock = Flock::lock(lock, FlockArg::LockExclusive)
             .map_err(|(_, e)| ResolveError::Io { path: lock_path, source: e.into() })?;
         let apt = Apt::new(&dir, archive, &self.settings.keyring)?;
-        if !apt.is_fresh(self.settings.fresh) {
+        if lists && !apt.is_fresh(self.settings.fresh) {
             log::info!("reading the archive {} {} (apt-get update)", archive.uri, archive.suite);
-            apt.update()?;
+            apt.update(halt)?;
         }
         Ok((apt, lock))
     }
 
     /// Resolves `relations` for image `image` (its directory `image_dir`):
     /// what apt installs onto that image's packages, each pinned to the
-    /// archive's sha256.
+    /// archive's sha256. `halt` is asked while apt runs.
     pub fn resolve(
         &self,
         image: &str,
         image_dir: &Path,
         manifest: &ImageManifest,
         relations: &[String],
+        halt: &dyn Fn() -> bool,
     ) -> Result<Resolution, ResolveError> {
-        let (apt, _lock) = self.apt(image, manifest)?;
+        let (apt, _lock) = self.apt(image, manifest, true, halt)?;
         let archive = manifest.archive.as_ref().expect("apt() checked it");
         let status = image_dir.join(&archive.dpkg_status);
-        let apt::Simulated { install, remove } = apt.satisfy(&status, relations)?;
+        let apt::Simulated { install, remove } = apt.satisfy(&status, relations, halt)?;
         if install.len() > self.settings.max_packages {
             return Err(ResolveError::TooMany { count: install.len(), limit: self.settings.max_packages });
         }
@@ -153,18 +170,24 @@ impl Resolver {
     }
 
     /// Every `.deb` of `resolution`, checked against its sha256: from the
-    /// cache, or downloaded from the archive of the image into it. The
-    /// cache is then trimmed to its size, keeping these.
+    /// cache, or downloaded into it from the archive of the image by each
+    /// package's path there (`filename`), so that a pinned version is found
+    /// as long as the archive holds the file, whatever its newest lists say.
+    /// The cache is then trimmed to its size, keeping these. `halt` is
+    /// asked while files download.
     pub fn fetch(
         &self,
         image: &str,
         manifest: &ImageManifest,
         resolution: &Resolution,
+        halt: &dyn Fn() -> bool,
     ) -> Result<Fetched, ResolveError> {
+        // Its paths become URIs and its names reach apt in the VM.
+        resolution.check().map_err(|why| ResolveError::Unfit { why })?;
         let debs = self.settings.cache.join("debs");
         let cache = DebCache::new(&debs).map_err(|source| ResolveError::Io { path: debs.clone(), source })?;
         let io = |path: PathBuf| move |source| ResolveError::Io { path, source };
-        let mut found = std::collections::HashMap::new();
+        let mut found = HashMap::new();
         let mut missing = Vec::new();
         for p in &resolution.install {
             match cache.get(&p.sha256, p.size).map_err(io(cache.path(&p.sha256)))? {
@@ -176,29 +199,26 @@ impl Resolver {
         }
         let hits = found.len();
         if !missing.is_empty() {
-            let (apt, _lock) = self.apt(image, manifest)?;
+            // The files are named by the pin itself: no lists are read, or fetched.
+            let (apt, _lock) = self.apt(image, manifest, false, halt)?;
             let scratch = cache.scratch().map_err(io(debs.clone()))?;
-            let wanted: Vec<(String, String)> = missing.iter().map(|p| (p.name.clone(), p.version.clone())).collect();
-            apt.download(&wanted, scratch.path())?;
-            let by_sha: std::collections::HashMap<&str, &Pinned> =
-                missing.iter().map(|p| (p.sha256.as_str(), *p)).collect();
-            for entry in fs::read_dir(scratch.path()).map_err(io(scratch.path().to_owned()))?.flatten() {
-                let path = entry.path();
-                let sha = jobfile::image::sha256_file(&path).map_err(io(path.clone()))?;
-                if by_sha.contains_key(sha.as_str()) {
-                    if let Some(into) = cache.insert(&path, &sha).map_err(io(path.clone()))? {
-                        found.insert(sha, into);
-                    }
-                }
-            }
+            let wanted: Vec<(&str, &str)> = missing.iter().map(|p| (p.filename.as_str(), p.sha256.as_str())).collect();
+            apt.fetch_files(&wanted, scratch.path(), halt)?;
             for p in &missing {
-                if !found.contains_key(&p.sha256) {
+                let path = scratch.path().join(format!("{}.deb", p.sha256));
+                let taken = match cache.insert(&path, &p.sha256) {
+                    Ok(taken) => taken,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => return Err(ResolveError::Io { path, source: e }),
+                };
+                let Some(into) = taken else {
                     return Err(ResolveError::NotServed {
                         name: p.name.clone(),
                         version: p.version.clone(),
                         sha256: p.sha256.clone(),
                     });
-                }
+                };
+                found.insert(p.sha256.clone(), into);
             }
         }
         let keep: HashSet<String> = resolution.install.iter().map(|p| p.sha256.clone()).collect();

@@ -42,18 +42,45 @@ impl Plan {
     }
 }
 
+/// Why a job has no plan.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NoPlan {
+    /// Its packages cannot be had: why, for its `.reason`.
+    Refused(String),
+    /// `halt` said to stop (the host is stopping, or the job was cancelled)
+    /// while apt worked: nothing is wrong with the job.
+    Halted,
+}
+
+impl From<String> for NoPlan {
+    fn from(why: String) -> NoPlan {
+        NoPlan::Refused(why)
+    }
+}
+
+impl From<deps::ResolveError> for NoPlan {
+    fn from(e: deps::ResolveError) -> NoPlan {
+        if e.is_halted() {
+            NoPlan::Halted
+        } else {
+            NoPlan::Refused(jobfile::error_chain(&e))
+        }
+    }
+}
+
 /// Build directories older than this were left by a host that died.
 const STALE_BUILD: Duration = Duration::from_secs(24 * 3600);
 
 /// Reads the declaration at the start of the job disk and plans the
-/// packages. `Err` is why the job is refused.
+/// packages; `halt` is asked while apt resolves or downloads.
 pub fn plan(
     packages: Option<&Packages>,
     image: &Image,
     disk: &File,
     label: &str,
     pinned: Option<Resolution>,
-) -> Result<Plan, String> {
+    halt: &dyn Fn() -> bool,
+) -> Result<Plan, NoPlan> {
     let declared = match jobfile::deps::read_from_job(ReadAt::new(disk)) {
         // An archive that cannot be read declares nothing readable: the guest reports it (bad_archive).
         Err(jobfile::deps::DepsError::Archive(_)) => None,
@@ -61,10 +88,10 @@ pub fn plan(
     };
     let Some((_, relations)) = declared else { return Ok(Plan::Plain) };
     let Some(packages) = packages else {
-        return Err(format!(
+        return Err(NoPlan::Refused(format!(
             "the job declares packages in {}, and this host installs none (its package cache is off)",
             jobfile::deps::DECLARATION
-        ));
+        )));
     };
     if relations.is_empty() {
         return Ok(Plan::Satisfied);
@@ -77,10 +104,7 @@ pub fn plan(
             log::info!("job {label}: {} packages pinned by the server at submit", pinned.install.len());
             pinned
         }
-        None => packages
-            .resolver
-            .resolve(&image.number, &image.dir, manifest, &relations)
-            .map_err(|e| jobfile::error_chain(&e))?,
+        None => packages.resolver.resolve(&image.number, &image.dir, manifest, &relations, halt)?,
     };
     log::info!(
         "job {label}: {} relations resolved to {} packages to install{} in {:.1} s",
@@ -103,8 +127,7 @@ pub fn plan(
         packages.layers.touch(&layer);
         return Ok(Plan::Layer(layer));
     }
-    let fetched =
-        packages.resolver.fetch(&image.number, manifest, &resolution).map_err(|e| jobfile::error_chain(&e))?;
+    let fetched = packages.resolver.fetch(&image.number, manifest, &resolution, halt)?;
     log::info!(
         "job {label}: {} packages ready ({} from the cache, {} downloaded); building layer {key}",
         fetched.files.len(),

@@ -26,31 +26,12 @@ pub struct Status {
     pub stuck: Vec<Claim>,
     pub recent: Vec<Finished>,
     /// The layers jobs' packages were installed into, most recently used first.
-    pub layers: Vec<LayerSummary>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct LayerSummary {
-    pub key: String,
-    pub image: String,
-    pub packages: usize,
-    pub bytes: u64,
-    /// RFC 3339, UTC: when a job last booted from it.
-    pub used: String,
+    pub layers: Vec<jobfile::deps::LayerSummary>,
 }
 
 /// The layers under `dir` (`cache/layers/`), for `status`.
-pub fn layers(dir: &Path) -> Vec<LayerSummary> {
-    jobfile::deps::list_layers(dir)
-        .into_iter()
-        .map(|l| LayerSummary {
-            key: l.record.key,
-            image: format!("i{}", jobfile::sanitize(l.record.image.as_bytes())),
-            packages: l.record.install.len(),
-            bytes: l.record.bytes,
-            used: jobfile::status::rfc3339(l.used),
-        })
-        .collect()
+pub fn layers(dir: &Path) -> Vec<jobfile::deps::LayerSummary> {
+    jobfile::deps::layer_summaries(dir)
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

@@ -8,7 +8,7 @@ use std::fs::{self, File};
 use std::io::{self};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use jobfile::{JobName, JobStatus};
 use crate::files::ReadAt;
 use crate::image::{self, BootFiles, Image};
 use crate::layers::{self, Layer};
-use crate::packages::{self, Packages, Plan};
+use crate::packages::{self, NoPlan, Packages, Plan};
 use crate::qemu::{self, Accel, Bounds, Confinement, Confiner, Cut, LayerDisk, VmSpec};
 use crate::queue::{self, Dirs, Ending, Scanned};
 use crate::{cgroup, metrics};
@@ -96,9 +96,22 @@ pub fn run(
         Ok(p) => p,
         Err(why) => return fail(dirs, job, "bad_packages", &claimed, &format!("packages: {why}"), None),
     };
-    let plan = match packages::plan(limits.packages.as_deref(), &image, &disk, &label, pinned) {
+    let halt = || stop.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed);
+    let plan = match packages::plan(limits.packages.as_deref(), &image, &disk, &label, pinned, &halt) {
         Ok(plan) => plan,
-        Err(why) => return fail(dirs, job, "bad_packages", &claimed, &format!("packages: {why}"), None),
+        Err(NoPlan::Refused(why)) => {
+            return fail(dirs, job, "bad_packages", &claimed, &format!("packages: {why}"), None)
+        }
+        Err(NoPlan::Halted) if cancel.load(Ordering::Relaxed) => {
+            let reason = "cancelled at its submitter's request while its packages were fetched";
+            log::info!("job {label}: {reason}");
+            return fail(dirs, job, "cancelled", &claimed, reason, None);
+        }
+        Err(NoPlan::Halted) => {
+            queue::requeue(dirs, file_name)?;
+            log::info!("job {label}: the host is stopping; its packages were not all fetched; back in the queue");
+            return Ok(Ending::Requeued);
+        }
     };
     let declared = plan.declared();
     let started = Instant::now();

@@ -6,6 +6,7 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
+use jobfile::deps::LayerSummary;
 use jobfile::image::{image_dirs, ImageManifest};
 use serde::Serialize;
 
@@ -91,35 +92,8 @@ pub fn render(images: &Path, listed: &[Listed]) -> String {
 }
 
 /// One layer, as listed (from its record; `construir-host` checks its sha256 when it uses it).
-#[derive(Debug, Clone, Serialize)]
-pub struct ListedLayer {
-    pub key: String,
-    /// The image it was built on.
-    pub image: String,
-    pub packages: usize,
-    pub bytes: u64,
-    pub created: String,
-    /// RFC 3339, UTC: when a job last booted from it.
-    pub used: String,
-}
-
-/// The layers under `dir` (`cache/layers/`), most recently used first.
-pub fn layers(dir: &Path) -> Vec<ListedLayer> {
-    jobfile::deps::list_layers(dir)
-        .into_iter()
-        .map(|l| ListedLayer {
-            key: l.record.key,
-            image: format!("i{}", l.record.image),
-            packages: l.record.install.len(),
-            bytes: l.record.bytes,
-            created: l.record.created,
-            used: jobfile::status::rfc3339(l.used),
-        })
-        .collect()
-}
-
 /// The layers as a table (nothing when there are none).
-pub fn render_layers(layers: &[ListedLayer]) -> String {
+pub fn render_layers(layers: &[LayerSummary]) -> String {
     if layers.is_empty() {
         return String::new();
     }
@@ -131,10 +105,10 @@ pub fn render_layers(layers: &[ListedLayer]) -> String {
         out.push_str(&format!(
             "{:<14} {:<8} {:>8} {:>10}  {:<20}  {}\n",
             l.key.get(..12).unwrap_or(&l.key),
-            jobfile::sanitize(l.image.as_bytes()),
+            l.image,
             l.packages,
             jobfile::units::human_size(l.bytes),
-            jobfile::sanitize(l.created.as_bytes()),
+            l.created,
             l.used
         ));
     }

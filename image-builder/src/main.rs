@@ -137,7 +137,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::List { dir, layers, json } => {
             let listed = list::list(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
             let layers = layers.unwrap_or_else(|| jobfile::layout::sibling(&dir, "cache").join("layers"));
-            let layers = list::layers(&layers);
+            // From the records; construir-host checks a layer's sha256 when it uses it.
+            let layers = jobfile::deps::layer_summaries(&layers);
             if json {
                 println!(
                     "{}",

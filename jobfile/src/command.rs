@@ -21,6 +21,9 @@ pub enum CommandError {
     Failed { what: String, status: std::process::ExitStatus, tail: String },
     #[error("{what} did not finish within {} s; its last output:\n{tail}", limit.as_secs())]
     Timeout { what: String, limit: Duration, tail: String },
+    /// The caller's `halt` said to give up (the host is stopping, the job was cancelled).
+    #[error("{what} was stopped before it finished")]
+    Halted { what: String },
 }
 
 /// A child that is killed and reaped when dropped, however `run` ends
@@ -38,11 +41,18 @@ impl Drop for Guard {
 
 /// Runs `cmd` to completion within `limit`. Returns all of its stdout;
 /// `progress` sees every line of stdout and stderr as it comes.
-pub fn run(
+pub fn run(cmd: &mut Command, what: &str, limit: Duration, progress: impl FnMut(&str)) -> Result<String, CommandError> {
+    run_until(cmd, what, limit, progress, &|| false)
+}
+
+/// `run`, and the child is killed as soon as `halt` says so (it is asked
+/// about ten times a second): [`CommandError::Halted`].
+pub fn run_until(
     cmd: &mut Command,
     what: &str,
     limit: Duration,
     mut progress: impl FnMut(&str),
+    halt: &dyn Fn() -> bool,
 ) -> Result<String, CommandError> {
     let program = cmd.get_program().to_string_lossy().into_owned();
     let mut guard = Guard(
@@ -80,6 +90,9 @@ pub fn run(
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
+        if halt() {
+            return Err(CommandError::Halted { what: what.to_owned() });
+        }
         if start.elapsed() > limit {
             return Err(CommandError::Timeout { what: what.to_owned(), limit, tail: tail_text(&tail) });
         }
@@ -87,6 +100,9 @@ pub fn run(
     let status = loop {
         if let Some(st) = child.try_wait().map_err(|source| CommandError::Spawn { program: what.to_owned(), source })? {
             break st;
+        }
+        if halt() {
+            return Err(CommandError::Halted { what: what.to_owned() });
         }
         if start.elapsed() > limit {
             return Err(CommandError::Timeout { what: what.to_owned(), limit, tail: tail_text(&tail) });
@@ -134,6 +150,41 @@ mod tests {
             run(&mut Command::new("/nonexistent/tool"), "x", Duration::from_secs(1), |_| {}),
             Err(CommandError::Spawn { .. })
         ));
+    }
+
+    #[test]
+    fn a_halt_kills_the_child_at_once_and_says_so() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pidfile = dir.path().join("pid");
+        let script = format!("echo $$ > {}; exec sleep 60", pidfile.display());
+        let asked = std::cell::Cell::new(0);
+        let start = Instant::now();
+        let halt = || {
+            asked.set(asked.get() + 1);
+            pidfile.exists()
+        };
+        match run_until(
+            Command::new("sh").args(["-c", &script]),
+            "a long download",
+            Duration::from_secs(30),
+            |_| {},
+            &halt,
+        ) {
+            Err(e @ CommandError::Halted { .. }) => {
+                assert_eq!(e.to_string(), "a long download was stopped before it finished")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
+        assert!(asked.get() >= 1);
+        let pid: i32 = std::fs::read_to_string(&pidfile).expect("pid").trim().parse().expect("a pid");
+        assert!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err(),
+            "process {pid} outlived the halt"
+        );
+        // Never asked to halt: it runs to its end.
+        let out = run_until(Command::new("echo").arg("done"), "quick", Duration::from_secs(10), |_| {}, &|| false);
+        assert_eq!(out.expect("runs"), "done\n");
     }
 
     #[test]

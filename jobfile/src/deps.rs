@@ -82,6 +82,36 @@ pub fn list_layers(dir: &std::path::Path) -> Vec<Layer> {
     out
 }
 
+/// A layer as `construir-host status` and `image-builder list` show it,
+/// every text already through the one sanitizer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LayerSummary {
+    pub key: String,
+    /// The image it was built on (`i<number>`).
+    pub image: String,
+    pub packages: usize,
+    pub bytes: u64,
+    /// RFC 3339, UTC.
+    pub created: String,
+    /// RFC 3339, UTC: when a job last booted from it.
+    pub used: String,
+}
+
+/// `list_layers`, summarized.
+pub fn layer_summaries(dir: &std::path::Path) -> Vec<LayerSummary> {
+    list_layers(dir)
+        .into_iter()
+        .map(|l| LayerSummary {
+            key: crate::sanitize(l.record.key.as_bytes()),
+            image: format!("i{}", crate::sanitize(l.record.image.as_bytes())),
+            packages: l.record.install.len(),
+            bytes: l.record.bytes,
+            created: crate::sanitize(l.record.created.as_bytes()),
+            used: crate::status::rfc3339(l.used),
+        })
+        .collect()
+}
+
 /// Most relations a job may declare (all sources together).
 pub const MAX_RELATIONS: usize = 256;
 /// Longest relation taken (one entry, with its alternatives).
@@ -205,7 +235,14 @@ impl Resolution {
             if p.sha256.len() != 64 || !p.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(format!("{}: {:?} is not a sha256", p.name, p.sha256));
             }
-            if !p.filename.starts_with("pool/") || p.filename.split('/').any(|c| c == ".." || c.is_empty()) {
+            // It is fetched as `<archive>/<filename>`: a plain relative path in the
+            // characters Debian's pool uses, nothing a URI would read otherwise.
+            if !p.filename.starts_with("pool/")
+                || !p.filename.ends_with(".deb")
+                || p.filename.len() > 512
+                || p.filename.split('/').any(|c| c == ".." || c == "." || c.is_empty())
+                || !p.filename.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-._~/".contains(&b))
+            {
                 return Err(format!("{}: {:?} is not a path in an archive's pool", p.name, p.filename));
             }
             if p.architecture.is_empty()
@@ -513,6 +550,46 @@ mod tests {
         for v in ["", "a1.0", ":1.0", "x:1", "1.0-", "1.0-a_b", "-1"] {
             assert!(check_version(v).is_err(), "{v}");
         }
+    }
+
+    #[test]
+    fn a_resolution_is_checked_before_its_names_and_paths_are_used() {
+        let good = Pinned {
+            name: "pkgconf".into(),
+            version: "1.8.1-1".into(),
+            architecture: "amd64".into(),
+            sha256: "4e3ce982b5fedc6c6119268435504a64f5ffcc6d93aaecaea902d816eba1215f".into(),
+            size: 25892,
+            filename: "pool/main/p/pkgconf/pkgconf_1.8.1-1_amd64.deb".into(),
+        };
+        let with = |f: &dyn Fn(&mut Pinned)| {
+            let mut p = good.clone();
+            f(&mut p);
+            Resolution { install: vec![p], remove: Vec::new() }.check()
+        };
+        assert_eq!(with(&|_| {}), Ok(()));
+        assert_eq!(with(&|p| p.filename = "pool/main/g/gcc-12/g++-12_12.2.0-14+deb12u1~x_amd64.deb".into()), Ok(()));
+        for bad in [
+            "pool/main/p/../../../etc/passwd.deb",
+            "pool/main/p/./x.deb",
+            "pool//x.deb",
+            "/pool/main/x.deb",
+            "dists/bookworm/Release",
+            "pool/main/x.deb?y=1.deb",
+            "pool/main/x.deb#.deb",
+            "pool/main/x%2F.deb",
+            "pool/main/x y.deb",
+            "pool/main/x.deb\n.deb",
+            "pool/main/x.tar",
+        ] {
+            let got = with(&|p| p.filename = bad.into());
+            assert!(got.as_ref().is_err_and(|e| e.contains("not a path in an archive's pool")), "{bad:?}: {got:?}");
+        }
+        assert!(with(&|p| p.filename = format!("pool/{}.deb", "a".repeat(600))).is_err(), "too long");
+        assert!(with(&|p| p.sha256 = "ABC".into()).is_err());
+        assert!(with(&|p| p.name = "Bad Name".into()).is_err());
+        assert!(with(&|p| p.version = "1.0 ; rm".into()).is_err());
+        assert!(with(&|p| p.architecture = "amd64 all".into()).is_err());
     }
 
     #[test]

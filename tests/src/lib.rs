@@ -220,14 +220,23 @@ impl Queue {
         Spawned(self.host_command(tag, host_id, extra).spawn().expect("start construir-host"))
     }
 
+    /// `spawn`, on the images in `images`.
+    pub fn spawn_with_images(&self, tag: &str, host_id: &str, images: &Path, extra: &[&str]) -> Spawned {
+        Spawned(self.host_command_on(tag, host_id, images, extra).spawn().expect("start construir-host"))
+    }
+
     /// The command `spawn` runs, for a test that needs to change how the host starts.
     pub fn host_command(&self, tag: &str, host_id: &str, extra: &[&str]) -> Command {
+        self.host_command_on(tag, host_id, images(), extra)
+    }
+
+    fn host_command_on(&self, tag: &str, host_id: &str, images: &Path, extra: &[&str]) -> Command {
         let log = fs::File::create(self.log_path(tag)).expect("host log");
         let mut cmd = Command::new(bin("construir-host"));
         cmd.arg("run")
             .arg(&self.queue)
             .args(["--accel", "tcg", "--memory", "1G", "--cpus", "1", "--host-id", host_id, "--images"])
-            .arg(images())
+            .arg(images)
             .args(extra)
             .stdout(std::process::Stdio::null())
             .stderr(log);
