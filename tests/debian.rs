@@ -639,6 +639,13 @@ fn the_server_refuses_at_submit_packages_that_cannot_be_had() {
     let pin_path = jobfile::layout::pin_file(&q.root.path().join("running"), queued[0].as_ref());
     let pin: Resolution = serde_json::from_slice(&fs::read(&pin_path).expect("a pin")).expect("json");
     assert!(pin.install.iter().any(|p| p.name == "pkg-config"), "{pin:?}");
+    // The job's record holds the same pin, and its view shows it to the submitter.
+    let id = out.trim();
+    let (code, shown, err) = client(&s, &token, q.root.path(), &["status", id]);
+    assert_eq!(code, 0, "{err}");
+    let view: serde_json::Value = serde_json::from_str(&shown).expect("status is JSON");
+    let viewed: Resolution = serde_json::from_value(view["packages"].clone()).expect("the view lists the packages");
+    assert_eq!(viewed, pin, "the view shows other packages than the pin");
     let run = q.run_with_images(debian_images(), &["--timeout", "10m"]);
     assert!(run.success, "{}", run.log);
     assert!(run.log.contains(&format!("{} packages pinned by the server at submit", pin.install.len())), "{}", run.log);

@@ -15,6 +15,7 @@ use thiserror::Error;
 use crate::params;
 use crate::sql::{Database, Row, SqlError, Tx};
 use crate::store::FileId;
+use jobfile::deps::Resolution;
 
 #[derive(Debug, Error)]
 pub enum DbError {
@@ -96,6 +97,8 @@ pub struct JobRecord {
     /// before it was kept).
     #[serde(skip)]
     pub file_id: Option<FileId>,
+    /// The packages resolved at submit, which every host installs exactly.
+    pub packages: Option<Resolution>,
 }
 
 pub fn now() -> String {
@@ -303,14 +306,27 @@ fn job_from_row(r: &Row) -> Result<JobRecord, SqlError> {
         host: r.opt_text(13)?,
         attempts: r.int(14)? as u64,
         file_id: r.opt_int(15)?.map(|ino| FileId { ino: ino as u64, birth_ns: r.opt_int(16).ok().flatten() }),
+        packages: packages_from(r, 17)?,
     })
 }
 
-const JOB_COLUMNS: &str = "id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, lease_host, attempts, file_ino, file_birth";
+/// The packages column (`index`) of a row.
+fn packages_from(r: &Row, index: usize) -> Result<Option<Resolution>, SqlError> {
+    r.opt_text(index)?
+        .map(|text| serde_json::from_str(&text).map_err(|e| SqlError::Column(index, format!("not a resolution: {e}"))))
+        .transpose()
+}
+
+/// The packages as the column holds them.
+fn packages_text(packages: Option<&Resolution>) -> Option<String> {
+    packages.map(|p| serde_json::to_string(p).expect("a Resolution always serializes"))
+}
+
+const JOB_COLUMNS: &str = "id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, lease_host, attempts, file_ino, file_birth, packages";
 
 pub async fn insert_job(db: &Database, j: &JobRecord) -> Result<(), DbError> {
     db.execute(
-        "INSERT INTO jobs (id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, file_ino, file_birth) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        "INSERT INTO jobs (id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, file_ino, file_birth, packages) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         params![
             &j.id,
             j.account_id,
@@ -326,7 +342,8 @@ pub async fn insert_job(db: &Database, j: &JobRecord) -> Result<(), DbError> {
             j.result_bytes,
             j.deleted.clone(),
             j.file_id.map(|f| f.ino),
-            j.file_id.and_then(|f| f.birth_ns)
+            j.file_id.and_then(|f| f.birth_ns),
+            packages_text(j.packages.as_ref())
         ],
     ).await?;
     Ok(())
@@ -497,11 +514,18 @@ pub async fn reserve_upload<R>(
 /// file: the follow loop, seeing the part gone and the file in the queue
 /// between the upload's rename and this, takes it for an upload whose
 /// server died there and finishes it itself (`sweep_uploads`).
-pub async fn finish_upload(db: &Database, id: &str, size: u64, file: FileId) -> Result<bool, DbError> {
+pub async fn finish_upload(
+    db: &Database,
+    id: &str,
+    size: u64,
+    file: FileId,
+    packages: Option<&Resolution>,
+) -> Result<bool, DbError> {
+    let packages = packages_text(packages);
     db.tx(async |tx| {
         let finished = tx.execute(
-            "UPDATE jobs SET size = $1, file_ino = $2, file_birth = $6, state = 'waiting', updated = $3 WHERE id = $4 AND state = $5",
-            params![size, file.ino, now(), id, UPLOADING, file.birth_ns],
+            "UPDATE jobs SET size = $1, file_ino = $2, file_birth = $6, packages = $7, state = 'waiting', updated = $3 WHERE id = $4 AND state = $5",
+            params![size, file.ino, now(), id, UPLOADING, file.birth_ns, packages.clone()],
         ).await? == 1;
         if finished {
             return Ok(true);
@@ -543,6 +567,8 @@ pub struct Lease {
     /// The job file the server wrote.
     #[serde(skip)]
     pub ino: Option<FileId>,
+    /// The packages pinned at submit.
+    pub packages: Option<Resolution>,
 }
 
 /// A remote host as it last said: its images, how many VMs it runs at once.
@@ -632,7 +658,7 @@ pub async fn lease_next(
     db.tx(async |tx| {
         let marks: Vec<String> = (0..images.len()).map(|i| format!("${}", i + 1)).collect();
         let sql = format!(
-            "SELECT id, file_name, size, lease_seq, attempts, file_ino, file_birth FROM jobs
+            "SELECT id, file_name, size, lease_seq, attempts, file_ino, file_birth, packages FROM jobs
              WHERE lease_host IS NULL AND delivered_seq IS NULL AND deleted IS NULL
                AND state NOT IN ('done', 'failed', 'uploading') AND image IN ({})
              ORDER BY submitted_unix, id LIMIT 64{}",
@@ -654,7 +680,8 @@ pub async fn lease_next(
             )
             .await?;
             audit_in(tx, Some(host), "leased", &format!("{id} lease {seq}, attempt {attempt}")).await?;
-            return Ok(Some(Lease { id, file_name, size: r.int(2)? as u64, seq, attempt, expires_ms, ino }));
+            let packages = packages_from(&r, 7)?;
+            return Ok(Some(Lease { id, file_name, size: r.int(2)? as u64, seq, attempt, expires_ms, ino, packages }));
         }
         Ok(None)
     })
@@ -770,12 +797,13 @@ async fn farm_state_where(
         return Ok(None);
     };
     let job = job_from_row(&row)?;
-    let delivered = match (row.opt_int(17)?, row.opt_text(18)?) {
+    // The columns after JOB_COLUMNS' 18.
+    let delivered = match (row.opt_int(18)?, row.opt_text(19)?) {
         (Some(seq), Some(how)) => Some(Delivered {
             seq: seq as u64,
             how,
             verdict: job.verdict.clone().unwrap_or_default(),
-            part: row.opt_text(19)?.unwrap_or_default(),
+            part: row.opt_text(20)?.unwrap_or_default(),
         }),
         _ => None,
     };
@@ -854,6 +882,7 @@ pub(crate) fn test_record(account: &Account, id: &str, name: &str, size: u64, st
         host: None,
         attempts: 0,
         file_id: None,
+        packages: None,
     }
 }
 
@@ -903,16 +932,55 @@ mod tests {
                 .expect("admitted");
         }
         // The follow loop finishes it first (the part gone, the file in the queue) ...
-        assert!(finish_upload(&db, "0123456789abcdef", 1 << 20, file).await.expect("by the loop"));
+        assert!(finish_upload(&db, "0123456789abcdef", 1 << 20, file, None).await.expect("by the loop"));
         // ... and the upload's own finish then agrees, for the same file only.
-        assert!(finish_upload(&db, "0123456789abcdef", 1 << 20, file).await.expect("by the upload"));
-        assert!(!finish_upload(&db, "0123456789abcdef", 1 << 20, FileId { ino: 42, birth_ns: Some(7) })
+        assert!(finish_upload(&db, "0123456789abcdef", 1 << 20, file, None).await.expect("by the upload"));
+        assert!(!finish_upload(&db, "0123456789abcdef", 1 << 20, FileId { ino: 42, birth_ns: Some(7) }, None)
             .await
             .expect("other"));
         assert_eq!(state_of(&db, "0123456789abcdef").await.expect("state").as_deref(), Some("waiting"));
         // A reservation dropped as cut off is gone for good.
         drop_upload(&db, "1123456789abcdef").await.expect("drop");
-        assert!(!finish_upload(&db, "1123456789abcdef", 1 << 20, file).await.expect("dropped"));
+        assert!(!finish_upload(&db, "1123456789abcdef", 1 << 20, file, None).await.expect("dropped"));
+    }
+
+    #[tokio::test]
+    async fn the_packages_pinned_at_submit_are_in_the_record_and_go_with_the_lease() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let db = open(&tmp.path().join("s.db").to_string_lossy()).await.expect("open");
+        let alice = add_account(&db, "alice", Kind::Submitter, b"a").await.expect("add");
+        let pinned = Resolution {
+            install: vec![jobfile::deps::Pinned {
+                name: "pkgconf".into(),
+                version: "1.8.1-1".into(),
+                architecture: "amd64".into(),
+                sha256: "c".repeat(64),
+                size: 25892,
+                filename: "pool/main/p/pkgconf/pkgconf_1.8.1-1_amd64.deb".into(),
+            }],
+            remove: vec!["pkg-config".into()],
+        };
+        for (id, packages) in [("0123456789abcdef", Some(&pinned)), ("1123456789abcdef", None)] {
+            reserve_upload(
+                &db,
+                &test_record(&alice, id, "j", 1 << 20, UPLOADING),
+                |_| false,
+                |_| Ok::<u64, ()>(1 << 20),
+            )
+            .await
+            .expect("reserve")
+            .expect("admitted");
+            let file = FileId { ino: 41, birth_ns: None };
+            assert!(finish_upload(&db, id, 1 << 20, file, packages).await.expect("finish"));
+        }
+        let first = job(&db, alice.id, "0123456789abcdef").await.expect("job").expect("some");
+        assert_eq!(first.packages.as_ref(), Some(&pinned));
+        let second = job(&db, alice.id, "1123456789abcdef").await.expect("job").expect("some");
+        assert_eq!(second.packages, None);
+        let lease = lease_next(&db, "h1", &["0".to_owned()], 60_000, |_, _| true).await.expect("lease").expect("one");
+        assert_eq!((lease.id.as_str(), lease.packages.as_ref()), ("0123456789abcdef", Some(&pinned)));
+        let lease = lease_next(&db, "h1", &["0".to_owned()], 60_000, |_, _| true).await.expect("lease").expect("one");
+        assert_eq!((lease.id.as_str(), lease.packages), ("1123456789abcdef", None));
     }
 
     #[tokio::test]

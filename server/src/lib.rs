@@ -58,7 +58,12 @@ pub async fn sweep_uploads(app: &App) -> Result<(), db::DbError> {
         }
         let queued = fs::symlink_metadata(app.store.queue.join(&file_name)).ok().filter(|m| store::is_own(m, None));
         if let Some(meta) = queued.filter(|_| quiet.is_none()) {
-            if db::finish_upload(&app.db, &id, meta.len(), store::FileId::of(&meta)).await? {
+            // What the server pinned before it queued the file is the job's, as the upload would have recorded.
+            let packages = jobfile::layout::read_pin(&app.store.running, file_name.as_ref()).unwrap_or_else(|why| {
+                log::error!("job {id}: {why}");
+                None
+            });
+            if db::finish_upload(&app.db, &id, meta.len(), store::FileId::of(&meta), packages.as_ref()).await? {
                 log::info!("job {id}: its upload had reached the queue when its server stopped; waiting");
             }
             continue;

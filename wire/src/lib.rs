@@ -141,6 +141,13 @@ pub struct Job {
     pub deleted: Option<String>,
     /// Times a build host was handed it.
     pub attempts: u64,
+    /// The packages the server resolved for it at submit, which every host
+    /// installs exactly (a `jobfile::deps::Resolution`: each package's
+    /// name, version, architecture, sha256, size and path in the archive);
+    /// none when the job declares none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub packages: Option<jobfile::deps::Resolution>,
     /// What the job's own `status.json` says, once it has a result
     /// (`GET /v1/jobs/{id}` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -384,6 +391,7 @@ mod tests {
             place,
             deleted: None,
             attempts: 1,
+            packages: None,
             status: None,
             cancel: None,
         }
@@ -421,6 +429,26 @@ mod tests {
         assert_eq!(written["place"], json!({"state": "done", "verdict": "ok", "result_bytes": 300}));
         assert_eq!(written["status"]["result"], "ok");
         assert_eq!(serde_json::from_value::<Job>(written).expect("deserialize"), done);
+        // The packages pinned at submit, as the job's view shows them.
+        let mut pinned = job(Place::Waiting { position: 1, waiting: 1 });
+        pinned.packages = Some(jobfile::deps::Resolution {
+            install: vec![jobfile::deps::Pinned {
+                name: "pkgconf".into(),
+                version: "1.8.1-1".into(),
+                architecture: "amd64".into(),
+                sha256: "b".repeat(64),
+                size: 25892,
+                filename: "pool/main/p/pkgconf/pkgconf_1.8.1-1_amd64.deb".into(),
+            }],
+            remove: vec![],
+        });
+        let written = serde_json::to_value(&pinned).expect("serialize");
+        assert_eq!(
+            written["packages"],
+            json!({"install": [{"name": "pkgconf", "version": "1.8.1-1", "architecture": "amd64",
+                "sha256": "b".repeat(64), "size": 25892, "filename": "pool/main/p/pkgconf/pkgconf_1.8.1-1_amd64.deb"}]})
+        );
+        assert_eq!(serde_json::from_value::<Job>(written).expect("deserialize"), pinned);
         let mut cancelled = job(Place::Running { host: "h1".into(), elapsed_secs: 4 });
         cancelled.cancel = Some("requested".into());
         let written = serde_json::to_value(&cancelled).expect("serialize");

@@ -81,10 +81,13 @@ pub async fn lease(
             continue;
         }
         log::info!("job {} leased to host {} (lease {}, attempt {})", lease.id, host.name, lease.seq, lease.attempt);
-        // What the server pinned at submit goes with it; a pin the server cannot read is its own fault, logged.
-        let packages = jobfile::layout::read_pin(&app.store.running, lease.file_name.as_ref()).unwrap_or_else(|why| {
-            log::error!("job {}: {why}; the host resolves its packages itself", lease.id);
-            None
+        // What the server pinned at submit goes with it, from the job's record (or, for a job
+        // submitted before records kept it, its pin file).
+        let packages = lease.packages.or_else(|| {
+            jobfile::layout::read_pin(&app.store.running, lease.file_name.as_ref()).unwrap_or_else(|why| {
+                log::error!("job {}: {why}; the host resolves its packages itself", lease.id);
+                None
+            })
         });
         return Ok(Json(wire::LeaseAnswer {
             lease: Some(wire::Lease {

@@ -112,6 +112,7 @@ pub(crate) async fn submit(
         host: None,
         attempts: 0,
         file_id: None,
+        packages: None,
     };
     // The part file first, then its reservation: a reservation whose part is gone died with its server.
     let upload = app.store.upload_path(&id);
@@ -194,8 +195,9 @@ pub(crate) async fn submit(
     drop(file);
     // Its packages, resolved now: what cannot be had is refused before anything is stored.
     // What was chosen is pinned for the host before the job is in the queue.
-    let pin = match resolve_packages(&app, &upload, job_name.image()).await? {
-        Some(resolution) => Some(app.store.pin(&record.file_name, &resolution).map_err(ApiError::internal)?),
+    let packages = resolve_packages(&app, &upload, job_name.image()).await?;
+    let pin = match &packages {
+        Some(resolution) => Some(app.store.pin(&record.file_name, resolution).map_err(ApiError::internal)?),
         None => None,
     };
     if let Err(e) = app.store.enqueue(&upload, &record.file_name) {
@@ -206,12 +208,13 @@ pub(crate) async fn submit(
     }
     // In the queue now: a failure from here on removes it from there.
     guard.path = Some(app.store.queue.join(&record.file_name));
-    if !db::finish_upload(app.db(), &id, size, ino).await.map_err(ApiError::internal)? {
+    if !db::finish_upload(app.db(), &id, size, ino, packages.as_ref()).await.map_err(ApiError::internal)? {
         return Err(ApiError::internal(std::io::Error::other(format!("job {id}: its reservation vanished"))));
     }
     guard.path = None;
     record.size = size;
     record.file_id = Some(ino);
+    record.packages = packages;
     let _ = db::audit(app.db(), Some(&account.name), "submitted", &format!("{id} {} ({size} bytes)", record.file_name))
         .await;
     log::info!("account {}: job {id} submitted as {} ({size} bytes)", account.name, record.file_name);
@@ -249,7 +252,7 @@ async fn resolve_packages(
         }
         let dir = app.store.images.join(format!("i{image}"));
         let manifest = jobfile::image::ImageManifest::load(&dir).map_err(ApiError::internal)?;
-        match resolver.resolve(&image, &dir, &manifest, &relations) {
+        match resolver.resolve(&image, &dir, &manifest, &relations, &|| false) {
             Ok(resolution) => Ok(Some(resolution)),
             Err(e) => {
                 let status = match &e {
@@ -280,6 +283,7 @@ fn job_json(j: &JobRecord, place: &Place) -> wire::Job {
         place: place.clone(),
         deleted: j.deleted.clone(),
         attempts: j.attempts,
+        packages: j.packages.clone(),
         status: None,
         cancel: None,
     }
