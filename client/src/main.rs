@@ -63,6 +63,10 @@ enum Command {
         /// For a directory: also the build dependencies of this debian/control inside it.
         #[arg(long, value_name = "PATH")]
         debian_control: Option<String>,
+        /// For a directory: build caches the job uses, each mounted at /cache/NAME and kept for
+        /// your account's next jobs on the same image when it ends ok (comma-separated or repeated).
+        #[arg(long = "cache", value_name = "NAME", value_delimiter = ',')]
+        caches: Vec<String>,
         /// Then wait for it, as `construir wait` does.
         #[arg(long)]
         wait: bool,
@@ -329,11 +333,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             println!("{}", packed.path.display());
         }
-        Command::Submit { path, image, size, name, packages, debian_control, wait: then_wait } => {
+        Command::Submit { path, image, size, name, packages, debian_control, caches, wait: then_wait } => {
             let client = client()?;
             let scratch = tempfile::tempdir()?;
-            if !path.is_dir() && (!packages.is_empty() || debian_control.is_some()) {
-                bail!("--packages and --debian-control pack a directory; {} is a job file, which carries its own construir.toml", path.display());
+            if !path.is_dir() && (!packages.is_empty() || debian_control.is_some() || !caches.is_empty()) {
+                bail!("--packages, --debian-control and --cache pack a directory; {} is a job file, which carries its own construir.toml", path.display());
             }
             let file = if path.is_dir() {
                 let (Some(image), Some(size)) = (image, size) else {
@@ -349,6 +353,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     force: false,
                     packages,
                     debian_control,
+                    caches,
                 })?;
                 eprintln!(
                     "construir: packed {} into a {} job file",

@@ -6,6 +6,7 @@
 //! step that fails is logged and turned into a status; the caller powers off
 //! whatever happens.
 
+pub mod caches;
 pub mod device;
 pub mod mounts;
 pub mod packages;
@@ -141,10 +142,26 @@ pub fn run_job_disk(paths: &Paths, kill_scope: KillScope) -> JobStatus {
         status.result = Outcome::NoJobScript;
         status.message = Some("the job archive has no bin/construir".into());
     } else {
-        run(&settings, paths, &script, kill_scope, &mut status);
+        let given = caches_named(paths, &settings);
+        status.caches = caches::mount_all(&given, settings.device_wait);
+        let names: Vec<String> = given.into_iter().map(|g| g.name).collect();
+        run(&settings, paths, &script, &jobfile::caches::variables(&names), kill_scope, &mut status);
+        caches::unmount_all(&status.caches);
     }
     pack(&mut disk, &settings, paths, &mut status);
     status
+}
+
+/// The caches the job named: as the host gives them, or, when the host did
+/// not read the job's `construir.toml` (not the archive's first file), as
+/// that file names them, none given.
+fn caches_named(paths: &Paths, settings: &Settings) -> Vec<jobfile::caches::Given> {
+    if settings.declared {
+        return settings.caches.clone();
+    }
+    let Ok(text) = fs::read_to_string(paths.job_dir.join(jobfile::deps::DECLARATION)) else { return Vec::new() };
+    let Ok(d) = jobfile::deps::Declaration::parse(&text) else { return Vec::new() };
+    d.caches.into_iter().map(|name| jobfile::caches::Given { name, version: None }).collect()
 }
 
 /// Why the job cannot run for want of its packages: it declares some in
@@ -191,7 +208,14 @@ fn unpack(disk: &mut File, job_dir: &Path, status: &mut JobStatus) -> Result<(),
     Ok(())
 }
 
-fn run(settings: &Settings, paths: &Paths, script: &Path, kill_scope: KillScope, status: &mut JobStatus) {
+fn run(
+    settings: &Settings,
+    paths: &Paths,
+    script: &Path,
+    env: &[(String, String)],
+    kill_scope: KillScope,
+    status: &mut JobStatus,
+) {
     let cfg = RunConfig {
         job_dir: paths.job_dir.clone(),
         script: script.to_owned(),
@@ -200,6 +224,7 @@ fn run(settings: &Settings, paths: &Paths, script: &Path, kill_scope: KillScope,
         job_name: settings.name.clone(),
         kill_scope,
         console_max: settings.console_max,
+        env: env.to_vec(),
     };
     say!(
         "running bin/construir{}",

@@ -96,6 +96,7 @@ pub fn build_layer(device: &Path, wait: std::time::Duration, kill_scope: KillSco
             job_name: status.job.clone(),
             kill_scope,
             console_max: 4 << 20,
+            env: Vec::new(),
         };
         let o = runner::run_job(&cfg, Box::new(io::stderr())).map_err(|e| format!("cannot run apt-get: {e}"))?;
         status.exit_code = o.exit_code;

@@ -40,6 +40,8 @@ pub struct RunConfig {
     pub kill_scope: KillScope,
     /// Bytes of output mirrored to the console before the mirror says it stops.
     pub console_max: u64,
+    /// Set in the job's environment after the fixed variables (its caches').
+    pub env: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -121,6 +123,7 @@ fn command(cfg: &RunConfig, program: &OsStr, args: &[&OsStr], out: &io::PipeWrit
         .env("LANG", "C.UTF-8")
         .env("TERM", "dumb")
         .env("CONSTRUIR_JOB", cfg.job_name.as_deref().unwrap_or("job"))
+        .envs(cfg.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&cfg.job_dir)
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)

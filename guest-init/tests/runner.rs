@@ -36,6 +36,7 @@ fn job(dir: &Path, script: &str, mode: u32, timeout: Option<Duration>) -> (RunOu
         job_name: Some("runner-test".into()),
         kill_scope: KillScope::Group,
         console_max: 1 << 20,
+        env: Vec::new(),
     };
     let console = Console::default();
     let outcome = run_job(&cfg, Box::new(console.clone())).expect("run");

@@ -34,6 +34,9 @@ pub struct Settings {
     /// `construir.declared=1`: the host read the job's `construir.toml` and
     /// installed what it declares (so the guest need not refuse the job).
     pub declared: bool,
+    /// `construir.caches=ccache:3,pip:off`: the build caches the job named,
+    /// in order, each with the version it is given (`crate::caches`).
+    pub caches: Vec<crate::caches::Given>,
 }
 
 impl Default for Settings {
@@ -51,6 +54,7 @@ impl Default for Settings {
             packages: None,
             layer: None,
             declared: false,
+            caches: Vec::new(),
         }
     }
 }
@@ -97,6 +101,9 @@ impl Settings {
         if self.declared {
             words.push("construir.declared=1".to_owned());
         }
+        if !self.caches.is_empty() {
+            words.push(format!("construir.caches={}", crate::caches::to_cmdline(&self.caches)));
+        }
         words.join(" ")
     }
 
@@ -131,6 +138,12 @@ impl Settings {
                     true
                 }
                 "declared" => num(value).filter(|&n| n <= 1).map(|n| s.declared = n == 1).is_some(),
+                "caches" => {
+                    let (given, bad) = crate::caches::from_cmdline(value);
+                    s.caches = given;
+                    warnings.extend(bad);
+                    true
+                }
                 "name" if crate::name::check_name(value).is_ok() => {
                     s.name = Some(value.to_owned());
                     true
@@ -159,7 +172,7 @@ mod tests {
             "console=ttyS0 quiet construir.job=/dev/vda construir.timeout=20 construir.deadline=95 construir.xz=3 \
              construir.threads=2 construir.name=hello construir.image=100 construir.wait=5 construir.console=1000 \
              construir.packages=/dev/vdc construir.layer=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef \
-             construir.declared=1",
+             construir.declared=1 construir.caches=ccache:2,pip:off",
         );
         assert_eq!(
             s,
@@ -176,6 +189,10 @@ mod tests {
                 packages: Some("/dev/vdc".into()),
                 layer: Some("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into()),
                 declared: true,
+                caches: vec![
+                    crate::caches::Given { name: "ccache".into(), version: Some(2) },
+                    crate::caches::Given { name: "pip".into(), version: None },
+                ],
             }
         );
         assert!(warnings.is_empty(), "{warnings:?}");
@@ -196,6 +213,7 @@ mod tests {
             packages: Some("/dev/vdd".into()),
             layer: Some("f".repeat(64)),
             declared: true,
+            caches: vec![crate::caches::Given { name: "cargo".into(), version: Some(0) }],
         };
         let defaults = Settings::default();
         let some = Settings { timeout: Some(Duration::from_secs(5)), name: Some("x".into()), ..Settings::default() };

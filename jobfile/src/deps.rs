@@ -127,6 +127,9 @@ pub struct Declaration {
     /// A `debian/control` inside the job whose build dependencies are added.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub debian_control: Option<String>,
+    /// Build caches the job uses (`crate::caches`), each mounted at `/cache/<name>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caches: Vec<String>,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -149,6 +152,8 @@ pub enum DepsError {
     TooMany { count: usize },
     #[error("cannot read the job archive: {0}")]
     Archive(String),
+    #[error("{0}")]
+    Caches(String),
     #[error("debian-control names {path}, which the job archive does not hold as a regular file")]
     ControlMissing { path: String },
 }
@@ -291,6 +296,7 @@ impl Declaration {
         for r in &d.packages {
             check_relation(r)?;
         }
+        crate::caches::check_names(&d.caches).map_err(DepsError::Caches)?;
         Ok(d)
     }
 
@@ -299,7 +305,7 @@ impl Declaration {
         toml::to_string(self).expect("a declaration always serializes")
     }
 
-    /// Whether the job declares anything at all.
+    /// Whether it declares no packages (it may still name caches).
     pub fn is_empty(&self) -> bool {
         self.packages.is_empty() && self.debian_control.is_none()
     }
@@ -610,6 +616,13 @@ mod tests {
         assert_eq!(Declaration::parse(&many), Err(DepsError::TooMany { count: MAX_RELATIONS + 1 }));
         let huge = format!("# {}\n", "x".repeat(MAX_DECLARATION as usize));
         assert_eq!(Declaration::parse(&huge), Err(DepsError::DeclarationTooLarge));
+        // Caches: named, checked, and no packages needed beside them.
+        let c = Declaration::parse("caches = [\"ccache\", \"cargo\"]\n").expect("caches");
+        assert_eq!((c.caches.as_slice(), c.is_empty()), (["ccache".to_owned(), "cargo".to_owned()].as_slice(), true));
+        assert_eq!(Declaration::parse(&c.to_toml()), Ok(c));
+        for bad in ["caches = [\"../x\"]", "caches = [\"a\", \"a\"]", "caches = [\"UP\"]"] {
+            assert!(matches!(Declaration::parse(bad), Err(DepsError::Caches(_))), "{bad}");
+        }
     }
 
     #[test]
@@ -634,7 +647,11 @@ Build-Depends: not-read-either
             got,
             ["debhelper-compat (= 13)", "libssl-dev <!nocheck>", "pkg-config", "python3-sphinx", "libfoo-dev [amd64]"]
         );
-        let d = Declaration { packages: vec!["make".into()], debian_control: Some("debian/control".into()) };
+        let d = Declaration {
+            packages: vec!["make".into()],
+            debian_control: Some("debian/control".into()),
+            caches: Vec::new(),
+        };
         assert_eq!(relations(&d, Some(("debian/control", control))).expect("all").len(), 6);
         let e = build_depends("c", "Package: x\n").expect_err("no source").to_string();
         assert!(e.contains("no Source stanza"), "{e}");
@@ -659,6 +676,7 @@ Build-Depends: not-read-either
             force: true,
             packages: packages.iter().map(|p| p.to_string()).collect(),
             debian_control: control.map(str::to_owned),
+            caches: Vec::new(),
         };
         crate::tools::pack(&req).map(|p| p.path)
     }
@@ -684,6 +702,25 @@ Build-Depends: not-read-either
         // Without flags: nothing declared, nothing read.
         let file = pack(&dir, &[], None).expect("pack");
         assert_eq!(read(&file).expect("read"), None);
+
+        // Caches alone are a declaration too, written first.
+        let req = crate::tools::PackRequest {
+            dir: dir.clone(),
+            image: "1".into(),
+            size: 1 << 20,
+            name: Some("deps".into()),
+            out: tmp.path().to_owned(),
+            preset: 0,
+            force: true,
+            packages: Vec::new(),
+            debian_control: None,
+            caches: vec!["ccache".into(), " cargo ".into()],
+        };
+        let file = crate::tools::pack(&req).expect("pack").path;
+        let (d, relations) = read(&file).expect("read").expect("declared");
+        assert_eq!((d.caches.as_slice(), relations.len()), (["ccache".to_owned(), "cargo".to_owned()].as_slice(), 0));
+        let bad = crate::tools::PackRequest { caches: vec!["../up".into()], ..req };
+        assert!(crate::error_chain(&crate::tools::pack(&bad).expect_err("bad")).contains("not a cache name"));
 
         // DIR's own construir.toml is checked, put first, and cannot be combined with the flags.
         std::fs::write(dir.join(DECLARATION), "packages = [\"cmake\"]\n").expect("w");

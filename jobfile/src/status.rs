@@ -77,6 +77,10 @@ pub struct JobStatus {
     /// The layer the job booted from (the digest of its image and packages).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layer: Option<String>,
+    /// The build caches the job named: the version each started from, and
+    /// whether it was mounted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub caches: Vec<crate::caches::CacheStatus>,
 }
 
 impl Default for JobStatus {
@@ -101,6 +105,7 @@ impl Default for JobStatus {
             message: None,
             packages: Vec::new(),
             layer: None,
+            caches: Vec::new(),
         }
     }
 }

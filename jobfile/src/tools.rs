@@ -136,16 +136,25 @@ pub struct PackRequest {
     /// Also install the build dependencies of this debian/control inside DIR (Build-Depends, -Arch, -Indep).
     #[cfg_attr(feature = "cli", arg(long, value_name = "PATH"))]
     pub debian_control: Option<String>,
+    /// Build caches the job uses, each mounted at /cache/NAME in the VM and kept between its
+    /// jobs when it ends ok (comma-separated or repeated; e.g. ccache, cargo, pip); written to construir.toml.
+    #[cfg_attr(feature = "cli", arg(long = "cache", value_name = "NAME", value_delimiter = ','))]
+    pub caches: Vec<String>,
 }
 
 impl PackRequest {
+    /// Whether the flags say what goes into `construir.toml` (else DIR's own file, if any, is used).
+    fn declares(&self) -> bool {
+        !self.packages.is_empty() || self.debian_control.is_some() || !self.caches.is_empty()
+    }
+
     /// What `pack` writes as `construir.toml`, if anything: from the flags,
     /// or DIR's own file (checked); never both.
     fn declaration(&self) -> Result<Option<String>, JobToolError> {
         let deps_err = |source| JobToolError::Deps { dir: self.dir.clone(), source };
         let own = self.dir.join(crate::deps::DECLARATION);
         let has_own = fs::symlink_metadata(&own).is_ok();
-        if self.packages.is_empty() && self.debian_control.is_none() {
+        if !self.declares() {
             if !has_own {
                 return Ok(None);
             }
@@ -163,6 +172,7 @@ impl PackRequest {
         let d = crate::deps::Declaration {
             packages: self.packages.iter().map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect(),
             debian_control: self.debian_control.clone(),
+            caches: self.caches.iter().map(|c| c.trim().to_owned()).filter(|c| !c.is_empty()).collect(),
         };
         let text = d.to_toml();
         crate::deps::Declaration::parse(&text).map_err(deps_err)?;
@@ -248,13 +258,13 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
             encode: EncodeOptions { preset: req.preset, threads },
             exclude: Some((tmp_meta.dev(), tmp_meta.ino())),
             prepend: match &declaration {
-                Some(text) if !req.packages.is_empty() || req.debian_control.is_some() => {
+                Some(text) if req.declares() => {
                     vec![(crate::deps::DECLARATION.into(), text.clone().into_bytes())]
                 }
                 _ => Vec::new(),
             },
             first: match &declaration {
-                Some(_) if req.packages.is_empty() && req.debian_control.is_none() => {
+                Some(_) if !req.declares() => {
                     vec![crate::deps::DECLARATION.into()]
                 }
                 _ => Vec::new(),
