@@ -342,8 +342,9 @@ struct PathBeneathAttr {
     parent_fd: i32,
 }
 
-/// Most descriptors `enter` can pass on.
-pub const MAX_FDS: usize = 8;
+/// Most descriptors `enter` can pass on (a job's: kernel, initrd, root,
+/// layer, job disk twice, and two for each of up to eight build caches).
+pub const MAX_FDS: usize = 32;
 /// Most mount steps a jail's root may take.
 const MAX_STEPS: usize = 512;
 

@@ -59,6 +59,7 @@ fn boot_probe(
         layer: None,
         packages_disk: None,
         job_disk: None,
+        cache_disks: Vec::new(),
         networking: false,
         tmpdir: prepared.tmpdir(confiner),
         name: "construir.kvm-probe".into(),

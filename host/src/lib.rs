@@ -2,6 +2,7 @@
 //! happening (`status`), what is wrong (`doctor`) and how it went (metrics).
 //! The submitter's `job` commands are `jobfile::tools`.
 
+pub mod caches;
 pub mod cgroup;
 pub mod config;
 pub mod console;

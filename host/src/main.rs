@@ -30,10 +30,7 @@ fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
         Command::Status { at, recent, json } => {
             let (shared, _, file) = at.resolve()?;
             let mut status = construir_host::status::gather(&shared, recent)?;
-            let cache = file
-                .value("package-cache")
-                .map(std::path::PathBuf::from)
-                .unwrap_or_else(|| jobfile::layout::sibling(&shared.queue, "cache"));
+            let cache = QueueArgs::package_cache(&shared, &file);
             status.layers = construir_host::status::layers(&cache.join("layers"));
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -43,6 +40,7 @@ fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Job(cmd) => run_job(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Cache(cmd) => run_cache(cmd).map(|()| ExitCode::SUCCESS),
         Command::Completions { shell } => {
             use std::io::Write;
             std::io::stdout().write_all(&jobfile::manual::completions(Cli::command(), shell))?;

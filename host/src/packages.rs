@@ -9,7 +9,7 @@ use std::fs::File;
 use std::time::Duration;
 
 use deps::{Fetched, Resolver};
-use jobfile::deps::Resolution;
+use jobfile::deps::{Declaration, Resolution};
 
 use crate::files::ReadAt;
 use crate::image::Image;
@@ -71,31 +71,38 @@ impl From<deps::ResolveError> for NoPlan {
 /// Build directories older than this were left by a host that died.
 const STALE_BUILD: Duration = Duration::from_secs(24 * 3600);
 
-/// Reads the declaration at the start of the job disk and plans the
-/// packages; `halt` is asked while apt resolves or downloads.
+/// The job's declaration (`construir.toml`, the archive's first file) and
+/// every relation it comes to, read once from the start of the job disk;
+/// `Err` is why the job is refused.
+pub fn read_declaration(disk: &File) -> Result<Option<(Declaration, Vec<String>)>, String> {
+    match jobfile::deps::read_from_job(ReadAt::new(disk)) {
+        // An archive that cannot be read declares nothing readable: the guest reports it (bad_archive).
+        Err(jobfile::deps::DepsError::Archive(_)) => Ok(None),
+        other => other.map_err(|e| jobfile::error_chain(&e)),
+    }
+}
+
+/// Plans the packages of the job that declared `declared`; `halt` is asked
+/// while apt resolves or downloads.
 pub fn plan(
     packages: Option<&Packages>,
     image: &Image,
-    disk: &File,
+    declared: Option<&(Declaration, Vec<String>)>,
     label: &str,
     pinned: Option<Resolution>,
     halt: &dyn Fn() -> bool,
 ) -> Result<Plan, NoPlan> {
-    let declared = match jobfile::deps::read_from_job(ReadAt::new(disk)) {
-        // An archive that cannot be read declares nothing readable: the guest reports it (bad_archive).
-        Err(jobfile::deps::DepsError::Archive(_)) => None,
-        other => other.map_err(|e| jobfile::error_chain(&e))?,
-    };
     let Some((_, relations)) = declared else { return Ok(Plan::Plain) };
+    // A declaration of caches alone, or of an empty list, asks for no package.
+    if relations.is_empty() {
+        return Ok(Plan::Satisfied);
+    }
     let Some(packages) = packages else {
         return Err(NoPlan::Refused(format!(
             "the job declares packages in {}, and this host installs none (its package cache is off)",
             jobfile::deps::DECLARATION
         )));
     };
-    if relations.is_empty() {
-        return Ok(Plan::Satisfied);
-    }
     let manifest = &image.manifest;
     let started = std::time::Instant::now();
     let resolution = match pinned {
@@ -104,7 +111,7 @@ pub fn plan(
             log::info!("job {label}: {} packages pinned by the server at submit", pinned.install.len());
             pinned
         }
-        None => packages.resolver.resolve(&image.number, &image.dir, manifest, &relations, halt)?,
+        None => packages.resolver.resolve(&image.number, &image.dir, manifest, relations, halt)?,
     };
     log::info!(
         "job {label}: {} relations resolved to {} packages to install{} in {:.1} s",

@@ -34,6 +34,10 @@ const FD_JOB_RO: i32 = 7;
 const FD_LAYER_RW: i32 = 8;
 const FD_LAYER_RO: i32 = 9;
 const FD_PACKAGES: i32 = 10;
+/// Build cache `i` is descriptors `FD_CACHES + 2i` (read-write) and `+ 1`
+/// (its read-only twin), in fd set `SET_CACHES + i`.
+const FD_CACHES: i32 = 11;
+const SET_CACHES: usize = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -70,6 +74,10 @@ pub struct VmSpec {
     pub packages_disk: Option<File>,
     /// The job's working copy, raw, read-write.
     pub job_disk: Option<File>,
+    /// The working copies of the job's build caches, raw, read-write, in the
+    /// order of `construir.caches=`; cache `i` has the serial
+    /// `jobfile::caches::Given::serial(i)`.
+    pub cache_disks: Vec<File>,
     pub networking: bool,
     /// QEMU's TMPDIR, for the snapshot overlay (as QEMU sees it).
     pub tmpdir: PathBuf,
@@ -151,6 +159,17 @@ impl VmSpec {
             push(&["-drive", "if=none,id=packages,file=/dev/fdset/4,format=raw,read-only=on"]);
             push(&["-device", "virtio-blk-pci,drive=packages"]);
         }
+        for i in 0..self.cache_disks.len() {
+            let (set, rw) = (SET_CACHES + i, FD_CACHES + 2 * i as i32);
+            push(&["-add-fd", &format!("fd={rw},set={set}"), "-add-fd", &format!("fd={},set={set}", rw + 1)]);
+            push(&[
+                "-drive",
+                &format!(
+                    "if=none,id=cache{i},file=/dev/fdset/{set},format=raw,discard=unmap,detect-zeroes=unmap,werror=report,rerror=report"
+                ),
+            ]);
+            push(&["-device", &format!("virtio-blk-pci,drive=cache{i},serial={}", jobfile::caches::Given::serial(i))]);
+        }
         a.into_iter().map(OsString::from).collect()
     }
 
@@ -183,6 +202,12 @@ impl VmSpec {
         }
         if let Some(f) = &self.packages_disk {
             fds.push((f.as_raw_fd(), FD_PACKAGES));
+        }
+        for (i, f) in self.cache_disks.iter().enumerate() {
+            let ro = File::open(format!("/proc/self/fd/{}", f.as_raw_fd()))?;
+            fds.push((f.as_raw_fd(), FD_CACHES + 2 * i as i32));
+            fds.push((ro.as_raw_fd(), FD_CACHES + 2 * i as i32 + 1));
+            read_only.push(ro);
         }
         Ok(Descriptors { fds, reopened, read_only })
     }
@@ -529,6 +554,7 @@ mod tests {
             layer: None,
             packages_disk: None,
             job_disk: Some(null()),
+            cache_disks: Vec::new(),
             networking: false,
             tmpdir: "/tmp".into(),
             name: "host.job_i0.tar.xz".into(),
@@ -577,6 +603,31 @@ mod tests {
         );
         assert!(root < job && job < packages, "{a}");
         assert!(!a.contains("/dev/null"), "{a}");
+    }
+
+    #[test]
+    fn each_cache_is_a_raw_disk_by_descriptor_with_its_serial_after_the_job_disk() {
+        let null = || File::open("/dev/null").expect("open");
+        let two = VmSpec { cache_disks: vec![null(), null()], ..spec() };
+        let a = two.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        for (i, (rw, ro, set)) in [(11, 12, 10), (13, 14, 11)].into_iter().enumerate() {
+            assert!(a.contains(&format!("-add-fd fd={rw},set={set} -add-fd fd={ro},set={set}")), "{a}");
+            assert!(a.contains(&format!("id=cache{i},file=/dev/fdset/{set},format=raw,discard=unmap")), "{a}");
+            assert!(a.contains(&format!("virtio-blk-pci,drive=cache{i},serial=construir-cache{i}")), "{a}");
+        }
+        assert!(a.find("drive=job").expect("job") < a.find("drive=cache0").expect("cache0"), "{a}");
+        assert!(!a.contains("/dev/null"), "{a}");
+        let d = two.descriptors().expect("descriptors");
+        let numbers: Vec<i32> = d.fds.iter().map(|&(_, to)| to).collect();
+        assert!(numbers.ends_with(&[11, 12, 13, 14]), "{numbers:?}");
+        assert!(d.fds.len() <= crate::jail::MAX_FDS);
+        // Eight caches, the most a job may name, still fit what the jail passes on.
+        let eight = VmSpec {
+            cache_disks: (0..8).map(|_| null()).collect(),
+            layer: Some(LayerDisk { file: null(), write: false }),
+            ..spec()
+        };
+        assert!(eight.descriptors().expect("descriptors").fds.len() <= crate::jail::MAX_FDS);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use jobfile::{JobName, JobStatus};
 
+use crate::caches::{self, Caches, Checkout};
 use crate::files::ReadAt;
 use crate::image::{self, BootFiles, Image};
 use crate::layers::{self, Layer};
@@ -44,6 +45,8 @@ pub struct Limits {
     pub cgroups: Option<cgroup::Parent>,
     /// Jobs' packages: resolving, fetching, layers (`None`: jobs that declare packages are refused).
     pub packages: Option<Arc<Packages>>,
+    /// Jobs' build caches (`None`: off; a job that names caches gets empty directories).
+    pub caches: Option<Arc<Caches>>,
 }
 
 /// The working copy's name in the VM's directory.
@@ -96,8 +99,12 @@ pub fn run(
         Ok(p) => p,
         Err(why) => return fail(dirs, job, "bad_packages", &claimed, &format!("packages: {why}"), None),
     };
+    let declaration = match packages::read_declaration(&disk) {
+        Ok(d) => d,
+        Err(why) => return fail(dirs, job, "bad_packages", &claimed, &format!("packages: {why}"), None),
+    };
     let halt = || stop.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed);
-    let plan = match packages::plan(limits.packages.as_deref(), &image, &disk, &label, pinned, &halt) {
+    let plan = match packages::plan(limits.packages.as_deref(), &image, declaration.as_ref(), &label, pinned, &halt) {
         Ok(plan) => plan,
         Err(NoPlan::Refused(why)) => {
             return fail(dirs, job, "bad_packages", &claimed, &format!("packages: {why}"), None)
@@ -147,6 +154,9 @@ pub fn run(
             }
         }
     };
+    // Its build caches: each lent as a working copy of its last kept version.
+    let cache_names = declaration.as_ref().map(|(d, _)| d.caches.clone()).unwrap_or_default();
+    let (checkouts, given) = lend_caches(limits, job, &cache_names);
     let guest = jobfile::cmdline::Settings {
         job_device: manifest.job_device.clone().into(),
         layer: layer.as_ref().map(|l| l.record.key.clone()),
@@ -158,6 +168,7 @@ pub fn run(
         name: Some(job.name().to_owned()),
         image: Some(job.image().to_owned()),
         console_max: limits.console_limit as u64,
+        caches: given,
         ..Default::default()
     };
     let cmdline = format!("console=ttyS0 panic=-1 quiet loglevel=3 {} {}", manifest.cmdline, guest.to_cmdline());
@@ -194,11 +205,13 @@ pub fn run(
         },
         packages_disk: None,
         job_disk: Some(disk.try_clone()?),
+        cache_disks: checkouts.iter().map(|c| c.file.try_clone()).collect::<io::Result<_>>()?,
         networking: limits.networking,
         tmpdir: prepared.tmpdir(&limits.confiner),
         name: format!("construir.{}.{}", limits.host_id, job.input_file_name()),
-        // The job disk never grows; the snapshot overlay grows at most to the root disk's size.
-        file_size_limit: size.max(root_size) + (1 << 30),
+        // The job disk never grows; the snapshot overlay grows at most to the root disk's size;
+        // a cache disk is written within its size.
+        file_size_limit: size.max(root_size).max(checkouts.iter().map(|c| c.len).max().unwrap_or(0)) + (1 << 30),
         live_console: create_live_console(dirs, file_name),
     };
     log::info!(
@@ -291,6 +304,7 @@ pub fn run(
     let status = if powered_off { read_status(&disk) } else { None };
     match status {
         Some(st) => {
+            settle_caches(limits, &label, checkouts, &st);
             let verdict = verdict(&st, &how, started.elapsed());
             let mut log = preface;
             log.extend(vm.console.finish(&verdict));
@@ -304,6 +318,55 @@ pub fn run(
             };
             let log = vm.console.finish(&format!("failed: {reason}"));
             fail(dirs, job, "no_result", &claimed, &reason, Some(&log))
+        }
+    }
+}
+
+/// Lends the job each cache it names, from this host's caches (owner
+/// `local`: a local queue has no accounts); with caches off, or when one
+/// cannot be lent, the guest is told it is not given (an empty directory).
+fn lend_caches(limits: &Limits, job: &JobName, names: &[String]) -> (Vec<Checkout>, Vec<jobfile::caches::Given>) {
+    let label = job.input_file_name();
+    let (mut checkouts, mut given) = (Vec::new(), Vec::new());
+    for name in names {
+        let lent = limits.caches.as_ref().and_then(|caches| {
+            let tag = queue::unique_tag(&limits.host_id);
+            caches
+                .checkout(caches::LOCAL_OWNER, job.image(), name, &tag)
+                .inspect_err(|e| log::warn!("job {label}: cannot lend it build cache {name}: {e}; it runs without"))
+                .ok()
+        });
+        given.push(jobfile::caches::Given { name: name.clone(), version: lent.as_ref().map(|c| c.version) });
+        if let Some(c) = lent {
+            log::info!("job {label}: build cache {name} at version {}", c.version);
+            checkouts.push(c);
+        }
+    }
+    (checkouts, given)
+}
+
+/// What the job's end means for each cache it was lent: kept as the new
+/// version when the job ended ok with the cache mounted; started again,
+/// empty, when the guest could not mount it (garbage from a former job of
+/// the same key); otherwise dropped.
+fn settle_caches(limits: &Limits, label: &str, checkouts: Vec<Checkout>, st: &JobStatus) {
+    let Some(caches) = &limits.caches else { return };
+    for c in checkouts {
+        let name = c.name.clone();
+        let seen = st.caches.iter().find(|s| s.name == name);
+        match seen {
+            Some(s) if s.mounted && st.result == jobfile::Outcome::Ok => match caches.keep(c) {
+                Ok(v) => log::info!("job {label}: build cache {name} kept as version {v}"),
+                Err(e) => log::warn!("job {label}: cannot keep build cache {name}: {e}"),
+            },
+            Some(s) if !s.mounted && s.version.is_some() => {
+                let why = s.problem.as_deref().map(|p| jobfile::sanitize(p.as_bytes())).unwrap_or_default();
+                log::warn!("job {label}: build cache {name} did not mount in the VM ({why}); it starts again empty");
+                if let Err(e) = caches.reset(c) {
+                    log::warn!("job {label}: cannot reset build cache {name}: {e}");
+                }
+            }
+            _ => log::info!("job {label}: build cache {name} not kept (the job ended {})", st.result.as_str()),
         }
     }
 }
@@ -422,6 +485,7 @@ fn build_layer(
         layer: Some(LayerDisk { file: fs::OpenOptions::new().read(true).write(true).open(&overlay)?, write: true }),
         packages_disk: Some(File::open(&raw)?),
         job_disk: Some(status_disk.try_clone()?),
+        cache_disks: Vec::new(),
         networking: false,
         tmpdir: prepared.tmpdir(&limits.confiner),
         name: format!("construir.{}.{label}.layer", limits.host_id),

@@ -63,6 +63,9 @@ pub(crate) enum Command {
     /// Make and read job files (for people who submit jobs).
     #[command(subcommand)]
     Job(JobCommand),
+    /// The build caches this host keeps for the jobs that name them (`run --caches`).
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Print a shell completion script: bash, zsh, fish, elvish or powershell
     /// (scripts/install puts them where each shell looks).
     Completions { shell: jobfile::manual::CompletionShell },
@@ -191,6 +194,17 @@ pub(crate) struct RunArgs {
     /// The keyring the archive's signed Release is checked against.
     #[arg(long, value_name = "FILE", default_value = deps::DEFAULT_KEYRING)]
     pub(crate) archive_keyring: PathBuf,
+    /// Keep build caches for the jobs that name them (`caches` in construir.toml), in
+    /// PACKAGE-CACHE/build-caches [default: off: a local queue has no accounts, so every job on
+    /// it shares each cache name, and one job can leave in a cache what the next one runs].
+    #[arg(long)]
+    pub(crate) caches: bool,
+    /// The size of each build cache's disk: the most one cache holds.
+    #[arg(long, default_value = "4G", value_parser = size_arg)]
+    pub(crate) cache_disk_size: u64,
+    /// The most bytes of build caches kept for one owner; the least recently used go first.
+    #[arg(long, default_value = "16G", value_parser = size_arg)]
+    pub(crate) cache_owner_size: u64,
 }
 
 /// `run-one`: one job file through the same machinery, without a queue.
@@ -277,6 +291,44 @@ impl QueueArgs {
         };
         let (shared, work) = self.dirs.or_file(&file).resolve(queue);
         Ok((shared, work, file))
+    }
+}
+
+/// `construir-host cache ...`
+#[derive(Subcommand)]
+pub(crate) enum CacheCommand {
+    /// Each build cache: its owner, image, name, kept version, size on disk, and when a job
+    /// last started from it; most recently used first.
+    List {
+        #[command(flatten)]
+        at: QueueArgs,
+        /// Print JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an owner's build caches named NAME (on every image), or all of them with --all;
+    /// their next job starts from an empty cache.
+    Clear {
+        /// The cache's name, as jobs name it.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Every cache of the owner.
+        #[arg(long)]
+        all: bool,
+        /// Whose caches (a local queue's are `local`'s).
+        #[arg(long, default_value = construir_host::caches::LOCAL_OWNER)]
+        owner: String,
+        #[command(flatten)]
+        at: QueueArgs,
+    },
+}
+
+impl QueueArgs {
+    /// Where `run` with the same config file keeps packages, layers and build caches.
+    pub(crate) fn package_cache(shared: &Beside, file: &config::FileArgs) -> PathBuf {
+        file.value("package-cache")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| jobfile::layout::sibling(&shared.queue, "cache"))
     }
 }
 

@@ -3,6 +3,7 @@
 //! that does more than call into the library.
 
 pub(crate) mod args;
+pub(crate) mod cache;
 pub(crate) mod doctor;
 pub(crate) mod job;
 pub(crate) mod run_one;
@@ -10,6 +11,7 @@ pub(crate) mod settings;
 pub(crate) mod setup;
 
 pub(crate) use args::*;
+pub(crate) use cache::*;
 pub(crate) use doctor::*;
 pub(crate) use job::*;
 pub(crate) use run_one::*;

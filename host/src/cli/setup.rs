@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::*;
 use anyhow::{bail, Context, Result};
+use construir_host::caches::{Caches, CACHES_DIR};
 use construir_host::daemon::{self, RunOptions};
 use construir_host::jail::{IdPool, IdRange, JailRoot};
 use construir_host::layers::Layers;
@@ -113,8 +114,18 @@ pub(crate) fn prepare(a: &RunArgs, dirs: Dirs, host_id: String) -> Result<(RunOp
         }),
         layers: Layers::new(&cache.join("layers"), a.layer_cache_size),
     };
+    // A local queue has no accounts: every job's caches are the one owner's, so they are off unless asked for.
+    let caches = a.caches.then(|| {
+        let caches = Caches::new(&cache.join(CACHES_DIR), a.cache_disk_size, a.cache_owner_size);
+        log::warn!(
+            "build caches are on ({}): every job on this queue that names a cache reads and writes what the others left in it",
+            caches.dir().display()
+        );
+        Arc::new(caches)
+    });
     let limits = Limits {
         packages: Some(Arc::new(packages)),
+        caches,
         cgroups,
         confiner,
         silence: a.silence_timeout,
