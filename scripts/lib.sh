@@ -31,6 +31,9 @@ ensure_packages() {
     command -v systemd-analyze >/dev/null || want+=(systemd)
     command -v chromium >/dev/null || want+=(chromium fonts-dejavu-core)
     command -v openssl >/dev/null || want+=(openssl)
+    # The build caches' test and bench configure GNU hello here before a VM builds it.
+    command -v gcc >/dev/null || want+=(gcc)
+    command -v make >/dev/null || want+=(make)
     # The TLS test signs in to the page with curl.
     command -v curl >/dev/null || want+=(curl)
     # The farm's tests run the server against PostgreSQL too (a private cluster each).
