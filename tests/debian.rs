@@ -890,7 +890,7 @@ fn a_build_cache_makes_the_second_build_fast_keeps_only_ok_results_and_outlives_
     assert_eq!((listed[0]["owner"].as_str(), listed[0]["image"].as_str()), (Some("local"), Some("i100")));
     assert_eq!((listed[0]["name"].as_str(), listed[0]["version"].as_u64()), (Some("ccache"), Some(1)));
     assert!(cache_cmd(&["list"]).contains("local"), "the table names the owner");
-    assert_eq!(cache_cmd(&["clear", "ccache"]).trim(), "removed 1 build caches named ccache of local");
+    assert_eq!(cache_cmd(&["clear", "--cache", "ccache"]).trim(), "removed 1 build cache named ccache of local");
     assert!(cache_cmd(&["list"]).starts_with("no build caches in "));
 }
 

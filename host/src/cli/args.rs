@@ -306,11 +306,11 @@ pub(crate) enum CacheCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove an owner's build caches named NAME (on every image), or all of them with --all;
-    /// their next job starts from an empty cache.
+    /// Remove an owner's build caches named NAME (--cache NAME, on every image), or all of
+    /// them (--all); their next job starts from an empty cache.
     Clear {
         /// The cache's name, as jobs name it.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        #[arg(long = "cache", value_name = "NAME", required_unless_present = "all", conflicts_with = "all")]
         name: Option<String>,
         /// Every cache of the owner.
         #[arg(long)]

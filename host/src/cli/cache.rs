@@ -32,9 +32,9 @@ pub(crate) fn run_cache(cmd: CacheCommand) -> Result<()> {
             let removed = caches
                 .clear(&owner, if all { None } else { name.as_deref() })
                 .with_context(|| format!("cannot clear build caches in {}", caches.dir().display()))?;
-            let what =
-                name.filter(|_| !all).map_or_else(|| "build caches".to_owned(), |n| format!("build caches named {n}"));
-            println!("removed {removed} {what} of {}", jobfile::sanitize(owner.as_bytes()));
+            let noun = if removed == 1 { "build cache" } else { "build caches" };
+            let named = name.filter(|_| !all).map(|n| format!(" named {n}")).unwrap_or_default();
+            println!("removed {removed} {noun}{named} of {}", jobfile::sanitize(owner.as_bytes()));
         }
     }
     Ok(())
