@@ -95,14 +95,36 @@ enum Command {
     },
     /// Your jobs, newest first.
     List,
-    /// The build hosts that take work from the server: last seen, images, capacity, jobs running now.
+    /// The build hosts that take work from the server: last seen, images, capacity, jobs running
+    /// now, and which of your build caches each holds warm.
     Hosts,
+    /// Your build caches on the server's hosts.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Cancel a job: a waiting one leaves the queue, a running one's VM is stopped within seconds.
     Cancel { id: String },
     /// Print a link to your page on the server (it works once, within five minutes).
     Page,
     /// Extract a result file safely into DIR (new or empty): never outside it.
     Unpack { file: PathBuf, dir: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Your build caches on every host: name, image, version, size, last use, host.
+    List {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Clear your build cache NAME (on every image and host), or all of yours with --all: no job
+    /// of yours starts from what it held again, and each host frees its copy.
+    Clear {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 /// `~/.config/construir/client.toml`.
@@ -448,15 +470,64 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if hosts.is_empty() {
                 eprintln!("construir: no build host has taken work from this server yet");
             }
-            println!("{:<20} {:>10} {:>8} {:>7}  IMAGES", "HOST", "SEEN", "CAPACITY", "RUNNING");
+            println!(
+                "{:<20} {:>10} {:>8} {:>7}  {:<12} YOUR WARM CACHES",
+                "HOST", "SEEN", "CAPACITY", "RUNNING", "IMAGES"
+            );
             for h in &hosts {
                 println!(
-                    "{:<20} {:>8} s {:>8} {:>7}  {}",
+                    "{:<20} {:>8} s {:>8} {:>7}  {:<12} {}",
                     shown(&h.name),
                     h.seen_secs_ago,
                     h.capacity,
                     h.running,
-                    shown(&h.image_names())
+                    shown(&h.image_names()),
+                    if h.your_caches.is_empty() { "-".to_owned() } else { shown(&h.your_caches.join(", ")) }
+                );
+            }
+        }
+        Command::Cache(CacheCommand::List { json }) => {
+            let list: wire::CacheList = client()?.get("caches")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.caches.is_empty() {
+                eprintln!("construir: you have no build caches on this server's hosts");
+            } else {
+                println!("{:<24} {:<6} {:>7} {:>10}  {:<20}  HOST", "NAME", "IMAGE", "VERSION", "SIZE", "LAST USED");
+                for c in &list.caches {
+                    println!(
+                        "{:<24} i{:<5} {:>7} {:>10}  {:<20}  {}",
+                        shown(&c.name),
+                        shown(&c.image),
+                        c.version,
+                        human_size(c.bytes),
+                        shown(&c.used),
+                        shown(&c.host)
+                    );
+                }
+            }
+        }
+        Command::Cache(CacheCommand::Clear { name, all: _ }) => {
+            if let Some(name) = &name {
+                jobfile::caches::check_name(name).map_err(|e| anyhow::anyhow!(e))?;
+            }
+            let client = client()?;
+            let resp = client
+                .agent
+                .post(client.url("caches/clear"))
+                .header("Authorization", client.auth()?)
+                .header("Content-Type", "application/json")
+                .send(serde_json::to_vec(&wire::ClearCaches { name })?)?;
+            let cleared: wire::ClearedCaches = client.json(resp)?;
+            if cleared.cleared.is_empty() {
+                eprintln!("construir: you have no build caches to clear");
+            } else {
+                eprintln!(
+                    "construir: cleared {} ({} cop{} on hosts): no job starts from what {} held",
+                    shown(&cleared.cleared.join(", ")),
+                    cleared.copies,
+                    if cleared.copies == 1 { "y" } else { "ies" },
+                    if cleared.cleared.len() == 1 { "it" } else { "they" }
                 );
             }
         }

@@ -11,6 +11,12 @@
 //! last kept version and the last one to finish ok wins. A guest that
 //! writes garbage harms only its own key: when its disk does not mount,
 //! the guest says so and the host starts that key again, empty.
+//!
+//! A server clears an account's cache by raising its generation
+//! (`jobfile::caches::Generations`); each key keeps the generation it was
+//! made at in `generation`, and one that is not the current generation is
+//! never lent again: it starts again, empty. After each job a host writes
+//! what it holds to `running/.caches/host.<host-id>.json`, for the server.
 
 use std::fs::{self, File};
 use std::io;
@@ -29,6 +35,7 @@ pub const LOCAL_OWNER: &str = "local";
 pub const CACHES_DIR: &str = "build-caches";
 const CURRENT: &str = "current.img";
 const VERSION: &str = "version";
+const GENERATION: &str = "generation";
 const LOCK: &str = "lock";
 /// Working copies older than this were left by a host that died.
 const STALE_WORK: Duration = Duration::from_secs(24 * 3600);
@@ -71,6 +78,8 @@ pub struct CacheSummary {
     pub image: String,
     pub name: String,
     pub version: u64,
+    /// Raised when its owner cleared it on the server (0: never).
+    pub generation: u64,
     /// Bytes its disk takes on the host's disk (it is sparse).
     pub bytes: u64,
     /// RFC 3339, UTC: when a job last started from it.
@@ -92,17 +101,24 @@ impl Caches {
         self.dir.join(owner).join(format!("i{image}")).join(name)
     }
 
-    /// Lends the cache (`owner`, `image`, `name`) to a job: its last kept
-    /// version (made, empty, when there is none), copied into a working
-    /// copy named by `tag` (unique to the job's attempt).
-    pub fn checkout(&self, owner: &str, image: &str, name: &str, tag: &str) -> io::Result<Checkout> {
+    /// Lends the cache (`owner`, `image`, `name`) at `generation` to a
+    /// job: its last kept version (made, empty, when there is none or it
+    /// is of another generation), copied into a working copy named by
+    /// `tag` (unique to the job's attempt).
+    pub fn checkout(&self, owner: &str, image: &str, name: &str, generation: u64, tag: &str) -> io::Result<Checkout> {
         let key = self.key(owner, image, name);
         create_private_dirs(&self.dir, &key)?;
         let _lock = lock(&key)?;
         let current = key.join(CURRENT);
         let mut version = read_version(&key);
-        if version.is_none() || fs::symlink_metadata(&current).map(|m| !m.is_file()).unwrap_or(true) {
+        let stale = read_generation(&key) != generation;
+        if stale || version.is_none() || fs::symlink_metadata(&current).map(|m| !m.is_file()).unwrap_or(true) {
+            if stale && version.is_some() {
+                log::info!("build cache {owner}/i{image}/{name} was cleared; it starts again empty");
+            }
+            let _ = fs::remove_file(key.join(VERSION));
             self.make_empty(&key, tag)?;
+            write_generation(&key, generation)?;
             write_version(&key, 0)?;
             version = Some(0);
         }
@@ -188,6 +204,7 @@ impl Caches {
                     image: format!("i{}", jobfile::sanitize(image.as_bytes())),
                     name: jobfile::sanitize(name.as_bytes()),
                     version,
+                    generation: read_generation(&key),
                     bytes: allocated(&key),
                     used: jobfile::status::rfc3339(used),
                 },
@@ -195,6 +212,51 @@ impl Caches {
         }
         out.sort_by_key(|(used, _)| std::cmp::Reverse(*used));
         out.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// Removes the caches that `generations` says their owners cleared
+    /// (their generation is not the current one), then writes what is left
+    /// to `running/.caches/<host_id>.json` for the server: the most
+    /// recently used first, at most `wire::MAX_HELD_CACHES`. Returns how
+    /// many it removed.
+    pub fn report(
+        &self,
+        running: &Path,
+        host_id: &str,
+        generations: &jobfile::caches::Generations,
+    ) -> io::Result<usize> {
+        let mut removed = 0;
+        for (owner, _, name, key) in self.keys() {
+            if read_version(&key).is_none()
+                || read_generation(&key) == jobfile::caches::generation(generations, &owner, &name)
+            {
+                continue;
+            }
+            let Ok(Some(_held)) = try_lock(&key) else { continue };
+            for file in [VERSION, CURRENT] {
+                let _ = fs::remove_file(key.join(file));
+            }
+            log::info!("build cache {} removed: its owner cleared it", key.display());
+            removed += 1;
+        }
+        let held: Vec<wire::HeldCache> = self
+            .list()
+            .into_iter()
+            .filter(|s| jobfile::caches::check_owner(&s.owner).is_ok() && jobfile::caches::check_name(&s.name).is_ok())
+            .take(wire::MAX_HELD_CACHES)
+            .map(|s| wire::HeldCache {
+                owner: s.owner,
+                image: s.image.trim_start_matches('i').to_owned(),
+                name: s.name,
+                generation: s.generation,
+                version: s.version,
+                bytes: s.bytes,
+                used: s.used,
+            })
+            .collect();
+        let raw = serde_json::to_vec_pretty(&held).map_err(io::Error::other)?;
+        jobfile::layout::write_whole(&jobfile::layout::cache_report_file(running, host_id), &raw)?;
+        Ok(removed)
     }
 
     /// Removes `owner`'s caches named `name` (every image), or all of the
@@ -311,6 +373,17 @@ fn read_version(key: &Path) -> Option<u64> {
     fs::read_to_string(key.join(VERSION)).ok()?.trim().parse().ok()
 }
 
+fn read_generation(key: &Path) -> u64 {
+    fs::read_to_string(key.join(GENERATION)).ok().and_then(|g| g.trim().parse().ok()).unwrap_or(0)
+}
+
+fn write_generation(key: &Path, generation: u64) -> io::Result<()> {
+    if generation == 0 && !key.join(GENERATION).exists() {
+        return Ok(());
+    }
+    files::write_durable(&key.join(GENERATION), format!("{generation}\n").as_bytes())
+}
+
 fn write_version(key: &Path, version: u64) -> io::Result<()> {
     files::write_durable(&key.join(VERSION), format!("{version}\n").as_bytes())
 }
@@ -361,7 +434,7 @@ mod tests {
     fn a_new_cache_is_an_ext4_disk_and_only_an_ok_job_makes_a_new_version() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let c = caches(tmp.path(), 1 << 30);
-        let mut first = c.checkout("alice", "100", "ccache", "t1").expect("checkout");
+        let mut first = c.checkout("alice", "100", "ccache", 0, "t1").expect("checkout");
         assert_eq!(first.version, 0);
         assert_eq!(first.file.metadata().expect("meta").len(), 8 << 20);
         // The host made an ext4 filesystem (its magic, 0xEF53, at byte 1080).
@@ -372,11 +445,11 @@ mod tests {
         scribble(&mut first, b"kept");
         assert_eq!(c.keep(first).expect("keep"), 1);
         // A job that does not end ok: its copy goes, the version stays.
-        let mut failed = c.checkout("alice", "100", "ccache", "t2").expect("checkout");
+        let mut failed = c.checkout("alice", "100", "ccache", 0, "t2").expect("checkout");
         assert_eq!((failed.version, read_at_1mib(&mut failed, 4)), (1, b"kept".to_vec()));
         scribble(&mut failed, b"lost");
         drop(failed);
-        let mut again = c.checkout("alice", "100", "ccache", "t3").expect("checkout");
+        let mut again = c.checkout("alice", "100", "ccache", 0, "t3").expect("checkout");
         assert_eq!((again.version, read_at_1mib(&mut again, 4)), (1, b"kept".to_vec()));
         drop(again);
         let key = tmp.path().join("build/alice/i100/ccache");
@@ -385,7 +458,7 @@ mod tests {
         assert!(left.iter().all(|n| !n.starts_with(".work.")), "no working copy left: {left:?}");
         // Another owner, image or name is another cache.
         for (owner, image, name) in [("bob", "100", "ccache"), ("alice", "101", "ccache"), ("alice", "100", "cargo")] {
-            let mut other = c.checkout(owner, image, name, "t4").expect("checkout");
+            let mut other = c.checkout(owner, image, name, 0, "t4").expect("checkout");
             assert_eq!(other.version, 0, "{owner} {image} {name}");
             assert_ne!(read_at_1mib(&mut other, 4), b"kept".to_vec());
         }
@@ -395,14 +468,14 @@ mod tests {
     fn two_jobs_on_one_cache_start_from_the_same_version_and_the_last_ok_wins() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let c = caches(tmp.path(), 1 << 30);
-        let mut a = c.checkout("alice", "100", "ccache", "a").expect("checkout");
-        let mut b = c.checkout("alice", "100", "ccache", "b").expect("checkout");
+        let mut a = c.checkout("alice", "100", "ccache", 0, "a").expect("checkout");
+        let mut b = c.checkout("alice", "100", "ccache", 0, "b").expect("checkout");
         assert_eq!((a.version, b.version), (0, 0));
         scribble(&mut a, b"AAAA");
         scribble(&mut b, b"BBBB");
         assert_eq!(c.keep(a).expect("keep"), 1);
         assert_eq!(c.keep(b).expect("keep"), 2);
-        let mut next = c.checkout("alice", "100", "ccache", "c").expect("checkout");
+        let mut next = c.checkout("alice", "100", "ccache", 0, "c").expect("checkout");
         assert_eq!((next.version, read_at_1mib(&mut next, 4)), (2, b"BBBB".to_vec()));
     }
 
@@ -410,17 +483,17 @@ mod tests {
     fn a_reset_cache_starts_again_empty_and_clear_removes_only_what_it_names() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let c = caches(tmp.path(), 1 << 30);
-        let mut garbage = c.checkout("alice", "100", "ccache", "g").expect("checkout");
+        let mut garbage = c.checkout("alice", "100", "ccache", 0, "g").expect("checkout");
         scribble(&mut garbage, b"junk");
         c.keep(garbage).expect("keep");
-        let broken = c.checkout("alice", "100", "ccache", "g2").expect("checkout");
+        let broken = c.checkout("alice", "100", "ccache", 0, "g2").expect("checkout");
         c.reset(broken).expect("reset");
-        let mut fresh = c.checkout("alice", "100", "ccache", "g3").expect("checkout");
+        let mut fresh = c.checkout("alice", "100", "ccache", 0, "g3").expect("checkout");
         assert_eq!(fresh.version, 0);
         assert_ne!(read_at_1mib(&mut fresh, 4), b"junk".to_vec());
         drop(fresh);
         for (owner, name) in [("alice", "cargo"), ("bob", "ccache")] {
-            let k = c.checkout(owner, "100", name, "x").expect("checkout");
+            let k = c.checkout(owner, "100", name, 0, "x").expect("checkout");
             c.keep(k).expect("keep");
         }
         let listed: Vec<(String, String, u64)> = c.list().into_iter().map(|s| (s.owner, s.name, s.version)).collect();
@@ -435,22 +508,60 @@ mod tests {
     }
 
     #[test]
+    fn a_cleared_generation_is_never_lent_again_and_the_report_drops_it() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let c = caches(tmp.path(), 1 << 30);
+        let mut k = c.checkout("a1", "100", "ccache", 0, "t1").expect("checkout");
+        scribble(&mut k, b"old!");
+        c.keep(k).expect("keep");
+        let k = c.checkout("a2", "100", "ccache", 0, "t1").expect("checkout");
+        c.keep(k).expect("keep");
+        // Its owner cleared it: generation 1 starts empty, and keeps its own versions.
+        let mut k = c.checkout("a1", "100", "ccache", 1, "t2").expect("checkout");
+        assert_eq!(k.version, 0);
+        assert_ne!(read_at_1mib(&mut k, 4), b"old!".to_vec());
+        scribble(&mut k, b"new!");
+        assert_eq!(c.keep(k).expect("keep"), 1);
+        let mut k = c.checkout("a1", "100", "ccache", 1, "t3").expect("checkout");
+        assert_eq!((k.version, read_at_1mib(&mut k, 4)), (1, b"new!".to_vec()));
+        drop(k);
+        // The report: generation 1 is current, so nothing goes; then a1 clears it again.
+        let running = tmp.path().join("running");
+        let mut generations = jobfile::caches::Generations::new();
+        generations.entry("a1".into()).or_default().insert("ccache".into(), 1);
+        assert_eq!(c.report(&running, "h1", &generations).expect("report"), 0);
+        let read = |path: &Path| -> Vec<wire::HeldCache> {
+            serde_json::from_slice(&fs::read(path).expect("report")).expect("json")
+        };
+        let file = jobfile::layout::cache_report_file(&running, "h1");
+        let held = read(&file);
+        assert_eq!(held.len(), 2, "{held:?}");
+        assert!(held
+            .iter()
+            .any(|h| (h.owner.as_str(), h.generation, h.version, h.image.as_str()) == ("a1", 1, 1, "100")));
+        generations.entry("a1".into()).or_default().insert("ccache".into(), 2);
+        assert_eq!(c.report(&running, "h1", &generations).expect("report"), 1);
+        let held = read(&file);
+        assert_eq!(held.iter().map(|h| h.owner.as_str()).collect::<Vec<_>>(), ["a2"], "a2's same-named cache stays");
+    }
+
+    #[test]
     fn an_owner_over_its_limit_loses_its_least_recently_used_caches_first() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let probe = caches(tmp.path(), u64::MAX);
         let one = {
-            let k = probe.checkout("size", "1", "probe", "p").expect("checkout");
+            let k = probe.checkout("size", "1", "probe", 0, "p").expect("checkout");
             probe.keep(k).expect("keep");
             probe.list()[0].bytes
         };
         for (i, name) in ["old", "mid", "new"].iter().enumerate() {
-            let k = probe.checkout("alice", "100", name, "t").expect("checkout");
+            let k = probe.checkout("alice", "100", name, 0, "t").expect("checkout");
             probe.keep(k).expect("keep");
             let when = SystemTime::now() - Duration::from_secs(300 - i as u64 * 100);
             let version = tmp.path().join(format!("build/alice/i100/{name}/version"));
             File::options().write(true).open(&version).expect("open").set_modified(when).expect("mtime");
         }
-        let k = probe.checkout("bob", "100", "big", "t").expect("checkout");
+        let k = probe.checkout("bob", "100", "big", 0, "t").expect("checkout");
         probe.keep(k).expect("keep");
         // The same store with room for two of alice's caches, not three; bob's count apart.
         let c = caches(tmp.path(), one * 2 + one / 2);

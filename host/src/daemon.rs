@@ -97,7 +97,16 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     let mut rescan_due = true;
     let mut last_scan = Instant::now();
     let mut stopping: Option<Instant> = None;
+    // The server's cleared caches, as last seen: when they change, this host frees its copies.
+    let generations_file = jobfile::layout::generations_file(&dirs.running);
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut generations_seen = modified(&generations_file);
+    worker::report_caches(dirs, &opts.limits);
     loop {
+        if opts.limits.caches.is_some() && modified(&generations_file) != generations_seen {
+            generations_seen = modified(&generations_file);
+            worker::report_caches(dirs, &opts.limits);
+        }
         if stop.load(Ordering::Relaxed) && stopping.is_none() {
             stopping = Some(Instant::now());
             log::info!(

@@ -156,7 +156,7 @@ pub fn run(
     };
     // Its build caches: each lent as a working copy of its last kept version.
     let cache_names = declaration.as_ref().map(|(d, _)| d.caches.clone()).unwrap_or_default();
-    let (checkouts, given) = lend_caches(limits, job, &cache_names);
+    let (checkouts, given) = lend_caches(dirs, limits, file_name, job, &cache_names);
     let guest = jobfile::cmdline::Settings {
         job_device: manifest.job_device.clone().into(),
         layer: layer.as_ref().map(|l| l.record.key.clone()),
@@ -305,6 +305,7 @@ pub fn run(
     match status {
         Some(st) => {
             settle_caches(limits, &label, checkouts, &st);
+            report_caches(dirs, limits);
             let verdict = verdict(&st, &how, started.elapsed());
             let mut log = preface;
             log.extend(vm.console.finish(&verdict));
@@ -322,17 +323,39 @@ pub fn run(
     }
 }
 
-/// Lends the job each cache it names, from this host's caches (owner
-/// `local`: a local queue has no accounts); with caches off, or when one
-/// cannot be lent, the guest is told it is not given (an empty directory).
-fn lend_caches(limits: &Limits, job: &JobName, names: &[String]) -> (Vec<Checkout>, Vec<jobfile::caches::Given>) {
+/// Lends the job each cache it names, from this host's caches: those of
+/// the owner the server named for the job (its account), or of `local`
+/// for a job with none (a local queue has no accounts), at the generation
+/// the server last said. With caches off, or when one cannot be lent, the
+/// guest is told it is not given (an empty directory).
+fn lend_caches(
+    dirs: &Dirs,
+    limits: &Limits,
+    file_name: &OsStr,
+    job: &JobName,
+    names: &[String],
+) -> (Vec<Checkout>, Vec<jobfile::caches::Given>) {
     let label = job.input_file_name();
     let (mut checkouts, mut given) = (Vec::new(), Vec::new());
+    let terms = if names.is_empty() || limits.caches.is_none() {
+        None
+    } else {
+        let owner = jobfile::layout::read_owner(&dirs.running, file_name)
+            .map(|o| o.unwrap_or_else(|| caches::LOCAL_OWNER.to_owned()));
+        match owner.and_then(|o| Ok((o, jobfile::layout::read_generations(&dirs.running)?))) {
+            Ok(terms) => Some(terms),
+            Err(why) => {
+                log::warn!("job {label}: its build caches are not given: {why}");
+                None
+            }
+        }
+    };
     for name in names {
-        let lent = limits.caches.as_ref().and_then(|caches| {
+        let lent = limits.caches.as_ref().zip(terms.as_ref()).and_then(|(caches, (owner, generations))| {
             let tag = queue::unique_tag(&limits.host_id);
+            let generation = jobfile::caches::generation(generations, owner, name);
             caches
-                .checkout(caches::LOCAL_OWNER, job.image(), name, &tag)
+                .checkout(owner, job.image(), name, generation, &tag)
                 .inspect_err(|e| log::warn!("job {label}: cannot lend it build cache {name}: {e}; it runs without"))
                 .ok()
         });
@@ -368,6 +391,18 @@ fn settle_caches(limits: &Limits, label: &str, checkouts: Vec<Checkout>, st: &Jo
             }
             _ => log::info!("job {label}: build cache {name} not kept (the job ended {})", st.result.as_str()),
         }
+    }
+}
+
+/// Writes what this host's caches hold for the server (after removing
+/// those their owners cleared); nothing with caches off.
+pub fn report_caches(dirs: &Dirs, limits: &Limits) {
+    let Some(caches) = &limits.caches else { return };
+    let done = jobfile::layout::read_generations(&dirs.running)
+        .map_err(io::Error::other)
+        .and_then(|generations| caches.report(&dirs.running, &limits.host_id, &generations));
+    if let Err(e) = done {
+        log::warn!("cannot report this host's build caches: {e}");
     }
 }
 

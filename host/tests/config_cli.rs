@@ -104,19 +104,6 @@ fn unknown_keys_bad_values_and_missing_files_are_one_line_errors_naming_them() {
     let out = host(&["run", "--config", "/dev/null"]);
     let err = String::from_utf8(out.stderr).expect("utf8");
     assert!(!out.status.success() && err.contains("no queue: give QUEUE"), "{err}");
-    // A host of a server runs many accounts' jobs: build caches, which have one owner there, are refused.
-    let spool = tmp.path().join("spool");
-    let out = host(&[
-        "run",
-        spool.to_str().expect("utf8"),
-        "--config",
-        "/dev/null",
-        "--server",
-        "https://127.0.0.1:9",
-        "--caches",
-    ]);
-    let err = String::from_utf8(out.stderr).expect("utf8");
-    assert!(!out.status.success() && err.contains("leave --caches off with --server"), "{err}");
 }
 
 #[test]

@@ -48,6 +48,44 @@ pub fn check_names(names: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// Longest owner name.
+pub const MAX_OWNER: usize = 40;
+
+/// Whether `owner` may own caches on a host: 1 to 40 of `a-z 0-9 _ -`,
+/// starting with a letter (it becomes a directory on the host). The server
+/// names an account `a<id>` (ids are never reused); a local queue's owner
+/// is `local`.
+pub fn check_owner(owner: &str) -> Result<(), String> {
+    let ok = !owner.is_empty()
+        && owner.len() <= MAX_OWNER
+        && owner.as_bytes()[0].is_ascii_lowercase()
+        && owner.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{:?} is not a cache owner (1 to {MAX_OWNER} of a-z 0-9 _ -, starting with a letter)",
+            crate::sanitize(owner.as_bytes())
+        ))
+    }
+}
+
+/// The cache owner the server names an account by: `a<id>`.
+pub fn account_owner(account_id: i64) -> String {
+    format!("a{account_id}")
+}
+
+/// Each owner's cleared caches: owner -> cache name -> generation. A
+/// cache is cleared by raising its generation; a host keeps a cache's
+/// generation beside it and starts one whose generation is not the
+/// current one again, empty. A name that is not listed is at generation 0.
+pub type Generations = std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>;
+
+/// The generation of `owner`'s cache `name` in `generations`.
+pub fn generation(generations: &Generations, owner: &str, name: &str) -> u64 {
+    generations.get(owner).and_then(|m| m.get(name)).copied().unwrap_or(0)
+}
+
 /// One cache a job named, as the host gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Given {

@@ -10,6 +10,9 @@
 //! running/.attempts/          the hosts' counts of each job's attempts
 //! running/.farm/<file>        a job the server has leased to a remote host
 //! running/.pins/<file>.json   the packages the server resolved for <file> at submit
+//! running/.pins/<file>.owner  whose caches <file> uses (the server's account, `a<id>`)
+//! running/.caches/generations.json  the server's cleared caches (owner -> name -> generation)
+//! running/.caches/host.<host-id>.json  the build caches that host holds, as it last said
 //! done/<name>_d<image>.tar.xz a result, with <name>_d<image>.log
 //! failed/<file>               a failed job, with <file>.reason (first line: why;
 //!                             a refused one also "original name: ...") and maybe <file>.log
@@ -188,6 +191,102 @@ pub fn read_pin(running: &Path, file_name: &OsStr) -> Result<Option<crate::deps:
         serde_json::from_slice(&raw).map_err(|e| format!("{} is not a resolution: {e}", path.display()))?;
     res.check().map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(Some(res))
+}
+
+/// Whose build caches the job `file_name` uses (`running/.pins/<file>.owner`,
+/// written by the server at submit, or by a remote host from its lease).
+pub fn owner_file(running: &Path, file_name: &OsStr) -> PathBuf {
+    let mut name = file_name.to_owned();
+    name.push(".owner");
+    running.join(".pins").join(name)
+}
+
+/// Writes the owner of `file_name`'s caches whole; returns its path.
+pub fn write_owner(running: &Path, file_name: &OsStr, owner: &str) -> std::io::Result<PathBuf> {
+    crate::caches::check_owner(owner).map_err(std::io::Error::other)?;
+    let path = owner_file(running, file_name);
+    write_whole(&path, owner.as_bytes())?;
+    Ok(path)
+}
+
+/// Reads the owner of `file_name`'s caches: `None` when there is none (a
+/// job put into the queue by hand); `Err` says what is wrong with one that is there.
+pub fn read_owner(running: &Path, file_name: &OsStr) -> Result<Option<String>, String> {
+    let path = owner_file(running, file_name);
+    let Some(raw) = read_small(&path, 256)? else { return Ok(None) };
+    let owner = String::from_utf8_lossy(&raw).trim().to_owned();
+    crate::caches::check_owner(&owner).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(Some(owner))
+}
+
+/// Removes what the server left for `file_name` (its pin and its owner).
+pub fn remove_terms(running: &Path, file_name: &OsStr) {
+    let _ = fs::remove_file(pin_file(running, file_name));
+    let _ = fs::remove_file(owner_file(running, file_name));
+}
+
+/// The build caches' shared directory: `running/.caches/`.
+pub fn caches_dir(running: &Path) -> PathBuf {
+    running.join(".caches")
+}
+
+/// The server's cleared caches, as every host on the queue reads them.
+pub fn generations_file(running: &Path) -> PathBuf {
+    caches_dir(running).join("generations.json")
+}
+
+/// The caches the host `host_id` holds, as it last wrote them.
+pub fn cache_report_file(running: &Path, host_id: &str) -> PathBuf {
+    caches_dir(running).join(format!("host.{host_id}.json"))
+}
+
+/// Writes the cleared caches' generations whole.
+pub fn write_generations(running: &Path, generations: &crate::caches::Generations) -> std::io::Result<()> {
+    let raw = serde_json::to_vec_pretty(generations).expect("generations always serialize");
+    write_whole(&generations_file(running), &raw)
+}
+
+/// Reads the cleared caches' generations; none when there is no file. A
+/// file that cannot be read is an error: a host must not use a cache its
+/// owner may have cleared.
+pub fn read_generations(running: &Path) -> Result<crate::caches::Generations, String> {
+    let path = generations_file(running);
+    let Some(raw) = read_small(&path, 16 << 20)? else { return Ok(Default::default()) };
+    let generations: crate::caches::Generations =
+        serde_json::from_slice(&raw).map_err(|e| format!("{} is not a map of generations: {e}", path.display()))?;
+    Ok(generations)
+}
+
+/// Writes `data` to `path` whole: a temporary name in its directory (made
+/// when missing), synced, then renamed.
+pub fn write_whole(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().expect("a file in a directory");
+    fs::create_dir_all(dir)?;
+    let mut tmp_name = OsString::from(".");
+    tmp_name.push(path.file_name().expect("a file name"));
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    fs::write(&tmp, data)?;
+    fs::File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, path)?;
+    fs::File::open(dir)?.sync_all()
+}
+
+/// Reads a small file: a regular file with one name, never through a link,
+/// at most `max` bytes. `None` when there is none.
+pub fn read_small(path: &Path, max: u64) -> Result<Option<Vec<u8>>, String> {
+    let file = match open_unfollowed(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let meta = file.metadata().map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !lone_file(&meta) || meta.len() > max {
+        return Err(format!("{} is not a regular file with one name of at most {max} bytes", path.display()));
+    }
+    let mut raw = Vec::new();
+    file.take(max).read_to_end(&mut raw).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(Some(raw))
 }
 
 /// Where cancel requests are: `running/.cancel/`, shared by every host on the queue.

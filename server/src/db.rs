@@ -99,6 +99,8 @@ pub struct JobRecord {
     pub file_id: Option<FileId>,
     /// The packages resolved at submit, which every host installs exactly.
     pub packages: Option<Resolution>,
+    /// The build caches its declaration names.
+    pub caches: Vec<String>,
 }
 
 pub fn now() -> String {
@@ -307,6 +309,7 @@ fn job_from_row(r: &Row) -> Result<JobRecord, SqlError> {
         attempts: r.int(14)? as u64,
         file_id: r.opt_int(15)?.map(|ino| FileId { ino: ino as u64, birth_ns: r.opt_int(16).ok().flatten() }),
         packages: packages_from(r, 17)?,
+        caches: caches_from(r, 18)?,
     })
 }
 
@@ -317,16 +320,31 @@ fn packages_from(r: &Row, index: usize) -> Result<Option<Resolution>, SqlError> 
         .transpose()
 }
 
+/// The caches column (`index`) of a row: a JSON list of names.
+fn caches_from(r: &Row, index: usize) -> Result<Vec<String>, SqlError> {
+    r.opt_text(index)?
+        .map(|text| {
+            serde_json::from_str(&text).map_err(|e| SqlError::Column(index, format!("not a list of names: {e}")))
+        })
+        .transpose()
+        .map(Option::unwrap_or_default)
+}
+
+/// The caches as the column holds them (NULL for none).
+fn caches_text(caches: &[String]) -> Option<String> {
+    (!caches.is_empty()).then(|| serde_json::to_string(caches).expect("names always serialize"))
+}
+
 /// The packages as the column holds them.
 fn packages_text(packages: Option<&Resolution>) -> Option<String> {
     packages.map(|p| serde_json::to_string(p).expect("a Resolution always serializes"))
 }
 
-const JOB_COLUMNS: &str = "id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, lease_host, attempts, file_ino, file_birth, packages";
+const JOB_COLUMNS: &str = "id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, lease_host, attempts, file_ino, file_birth, packages, caches";
 
 pub async fn insert_job(db: &Database, j: &JobRecord) -> Result<(), DbError> {
     db.execute(
-        "INSERT INTO jobs (id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, file_ino, file_birth, packages) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+        "INSERT INTO jobs (id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, file_ino, file_birth, packages, caches) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
         params![
             &j.id,
             j.account_id,
@@ -343,7 +361,8 @@ pub async fn insert_job(db: &Database, j: &JobRecord) -> Result<(), DbError> {
             j.deleted.clone(),
             j.file_id.map(|f| f.ino),
             j.file_id.and_then(|f| f.birth_ns),
-            packages_text(j.packages.as_ref())
+            packages_text(j.packages.as_ref()),
+            caches_text(&j.caches)
         ],
     ).await?;
     Ok(())
@@ -520,12 +539,13 @@ pub async fn finish_upload(
     size: u64,
     file: FileId,
     packages: Option<&Resolution>,
+    caches: &[String],
 ) -> Result<bool, DbError> {
-    let packages = packages_text(packages);
+    let (packages, caches) = (packages_text(packages), caches_text(caches));
     db.tx(async |tx| {
         let finished = tx.execute(
-            "UPDATE jobs SET size = $1, file_ino = $2, file_birth = $6, packages = $7, state = 'waiting', updated = $3 WHERE id = $4 AND state = $5",
-            params![size, file.ino, now(), id, UPLOADING, file.birth_ns, packages.clone()],
+            "UPDATE jobs SET size = $1, file_ino = $2, file_birth = $6, packages = $7, caches = $8, state = 'waiting', updated = $3 WHERE id = $4 AND state = $5",
+            params![size, file.ino, now(), id, UPLOADING, file.birth_ns, packages.clone(), caches.clone()],
         ).await? == 1;
         if finished {
             return Ok(true);
@@ -569,6 +589,21 @@ pub struct Lease {
     pub ino: Option<FileId>,
     /// The packages pinned at submit.
     pub packages: Option<Resolution>,
+    /// Its submitter's account: the owner of its build caches.
+    pub account_id: i64,
+}
+
+/// A job that `lease_next` may hand out, for its caller to say whether this host should take it.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub file_name: String,
+    pub ino: Option<FileId>,
+    pub account_id: i64,
+    pub image: String,
+    /// The build caches it names.
+    pub caches: Vec<String>,
+    /// How long it has waited since it was submitted.
+    pub waited_secs: i64,
 }
 
 /// A remote host as it last said: its images, how many VMs it runs at once.
@@ -582,21 +617,31 @@ pub struct HostRecord {
     pub capacity: u64,
     pub version: String,
     pub disabled: bool,
+    /// The build caches it last said it holds.
+    pub caches: Vec<wire::HeldCache>,
 }
 
-/// Records that host `account_id` called, with what it has.
+impl HostRecord {
+    /// Seconds since it was last heard from.
+    pub fn seen_secs_ago(&self) -> i64 {
+        unix_now() - self.last_seen_unix
+    }
+}
+
+/// Records that host `account_id` called, with what it has (`caches`: its held caches as JSON).
 pub async fn host_seen(
     db: &Database,
     account_id: i64,
     images: &str,
     capacity: u64,
     version: &str,
+    caches: &str,
 ) -> Result<(), DbError> {
     db.execute(
-        "INSERT INTO hosts (account_id, last_seen, last_seen_unix, images, capacity, version) VALUES ($1, $2, $3, $4, $5, $6)
+        "INSERT INTO hosts (account_id, last_seen, last_seen_unix, images, capacity, version, caches) VALUES ($1, $2, $3, $4, $5, $6, $7)
          ON CONFLICT (account_id) DO UPDATE SET last_seen = excluded.last_seen, last_seen_unix = excluded.last_seen_unix,
-         images = excluded.images, capacity = excluded.capacity, version = excluded.version",
-        params![account_id, now(), unix_now(), images, capacity, version],
+         images = excluded.images, capacity = excluded.capacity, version = excluded.version, caches = excluded.caches",
+        params![account_id, now(), unix_now(), images, capacity, version, caches],
     ).await?;
     Ok(())
 }
@@ -614,7 +659,7 @@ pub async fn host_touch(db: &Database, account_id: i64) -> Result<(), DbError> {
 pub async fn hosts(db: &Database) -> Result<Vec<HostRecord>, DbError> {
     let rows = db
         .query(
-            "SELECT a.name, h.last_seen, h.last_seen_unix, h.images, h.capacity, h.version, a.disabled
+            "SELECT a.name, h.last_seen, h.last_seen_unix, h.images, h.capacity, h.version, a.disabled, h.caches
          FROM hosts h JOIN accounts a ON a.id = h.account_id ORDER BY a.name",
             &[],
         )
@@ -630,6 +675,7 @@ pub async fn hosts(db: &Database) -> Result<Vec<HostRecord>, DbError> {
                 capacity: r.int(4)? as u64,
                 version: r.text(5)?,
                 disabled: r.int(6)? != 0,
+                caches: r.opt_text(7)?.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default(),
             })
         })
         .collect::<Result<_, SqlError>>()?)
@@ -643,14 +689,15 @@ pub async fn leased_jobs(db: &Database) -> Result<Vec<JobRecord>, DbError> {
     Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
 }
 
-/// Hands `host` the oldest job for one of `images` that `waiting` says is
-/// in the queue, in one transaction (rows another server holds are skipped).
+/// Hands `host` the oldest job for one of `images` that `take` accepts
+/// (it is in the queue; no warmer host should have it), in one
+/// transaction (rows another server holds are skipped).
 pub async fn lease_next(
     db: &Database,
     host: &str,
     images: &[String],
     lease_ms: i64,
-    waiting: impl Fn(&str, Option<FileId>) -> bool,
+    take: impl Fn(&Candidate) -> bool,
 ) -> Result<Option<Lease>, DbError> {
     if images.is_empty() {
         return Ok(None);
@@ -658,7 +705,7 @@ pub async fn lease_next(
     db.tx(async |tx| {
         let marks: Vec<String> = (0..images.len()).map(|i| format!("${}", i + 1)).collect();
         let sql = format!(
-            "SELECT id, file_name, size, lease_seq, attempts, file_ino, file_birth, packages FROM jobs
+            "SELECT id, file_name, size, lease_seq, attempts, file_ino, file_birth, packages, account_id, image, caches, submitted_unix FROM jobs
              WHERE lease_host IS NULL AND delivered_seq IS NULL AND deleted IS NULL
                AND state NOT IN ('done', 'failed', 'uploading') AND image IN ({})
              ORDER BY submitted_unix, id LIMIT 64{}",
@@ -669,7 +716,15 @@ pub async fn lease_next(
         for r in tx.query(&sql, &params).await? {
             let file_name = r.text(1)?;
             let ino = r.opt_int(5)?.map(|v| FileId { ino: v as u64, birth_ns: r.opt_int(6).ok().flatten() });
-            if !waiting(&file_name, ino) {
+            let candidate = Candidate {
+                file_name: file_name.clone(),
+                ino,
+                account_id: r.int(8)?,
+                image: r.text(9)?,
+                caches: caches_from(&r, 10)?,
+                waited_secs: unix_now() - r.int(11)?,
+            };
+            if !take(&candidate) {
                 continue;
             }
             let (id, seq, attempt) = (r.text(0)?, r.int(3)? as u64 + 1, r.int(4)? as u64 + 1);
@@ -681,7 +736,8 @@ pub async fn lease_next(
             .await?;
             audit_in(tx, Some(host), "leased", &format!("{id} lease {seq}, attempt {attempt}")).await?;
             let packages = packages_from(&r, 7)?;
-            return Ok(Some(Lease { id, file_name, size: r.int(2)? as u64, seq, attempt, expires_ms, ino, packages }));
+            let (size, account_id) = (r.int(2)? as u64, candidate.account_id);
+            return Ok(Some(Lease { id, file_name, size, seq, attempt, expires_ms, ino, packages, account_id }));
         }
         Ok(None)
     })
@@ -797,13 +853,14 @@ async fn farm_state_where(
         return Ok(None);
     };
     let job = job_from_row(&row)?;
-    // The columns after JOB_COLUMNS' 18.
-    let delivered = match (row.opt_int(18)?, row.opt_text(19)?) {
+    // The columns after JOB_COLUMNS.
+    let n = JOB_COLUMNS.split(',').count();
+    let delivered = match (row.opt_int(n)?, row.opt_text(n + 1)?) {
         (Some(seq), Some(how)) => Some(Delivered {
             seq: seq as u64,
             how,
             verdict: job.verdict.clone().unwrap_or_default(),
-            part: row.opt_text(20)?.unwrap_or_default(),
+            part: row.opt_text(n + 2)?.unwrap_or_default(),
         }),
         _ => None,
     };
@@ -860,6 +917,49 @@ pub async fn extend_leases(db: &Database, lease_ms: i64) -> Result<u64, DbError>
         .await?)
 }
 
+// ---- Build caches ----
+
+/// Every account's cleared caches, as hosts read them: owner (`a<id>`) ->
+/// cache name -> generation.
+pub async fn cache_generations(db: &Database) -> Result<jobfile::caches::Generations, DbError> {
+    let rows = db.query("SELECT account_id, name, generation FROM cache_generations", &[]).await?;
+    let mut out = jobfile::caches::Generations::new();
+    for r in &rows {
+        let owner = jobfile::caches::account_owner(r.int(0)?);
+        out.entry(owner).or_default().insert(r.text(1)?, r.int(2)? as u64);
+    }
+    Ok(out)
+}
+
+/// Clears `account`'s caches named `names`: raises each one's generation,
+/// so that no host lends what they held again. Returns each name with its
+/// new generation.
+pub async fn clear_caches(db: &Database, account: &Account, names: &[String]) -> Result<Vec<(String, u64)>, DbError> {
+    db.tx(async |tx| {
+        let mut out = Vec::new();
+        for name in names {
+            tx.execute(
+                "INSERT INTO cache_generations (account_id, name, generation) VALUES ($1, $2, 1)
+                 ON CONFLICT (account_id, name) DO UPDATE SET generation = cache_generations.generation + 1",
+                params![account.id, name],
+            )
+            .await?;
+            let row = tx
+                .query_opt(
+                    "SELECT generation FROM cache_generations WHERE account_id = $1 AND name = $2",
+                    params![account.id, name],
+                )
+                .await?;
+            let generation = row.map(|r| r.int(0)).transpose()?.unwrap_or(0) as u64;
+            out.push((name.clone(), generation));
+        }
+        let detail = out.iter().map(|(n, g)| format!("{n} (generation {g})")).collect::<Vec<_>>().join(", ");
+        audit_in(tx, Some(&account.name), "caches_cleared", &detail).await?;
+        Ok(out)
+    })
+    .await
+}
+
 /// A job record as tests make them: `account`'s job `id`, named `name`, on
 /// image 0, in `state`, its file `<account>.<id>.<name>_i0.tar.xz`.
 #[cfg(test)]
@@ -883,6 +983,7 @@ pub(crate) fn test_record(account: &Account, id: &str, name: &str, size: u64, st
         attempts: 0,
         file_id: None,
         packages: None,
+        caches: Vec::new(),
     }
 }
 
@@ -932,16 +1033,16 @@ mod tests {
                 .expect("admitted");
         }
         // The follow loop finishes it first (the part gone, the file in the queue) ...
-        assert!(finish_upload(&db, "0123456789abcdef", 1 << 20, file, None).await.expect("by the loop"));
+        assert!(finish_upload(&db, "0123456789abcdef", 1 << 20, file, None, &[]).await.expect("by the loop"));
         // ... and the upload's own finish then agrees, for the same file only.
-        assert!(finish_upload(&db, "0123456789abcdef", 1 << 20, file, None).await.expect("by the upload"));
-        assert!(!finish_upload(&db, "0123456789abcdef", 1 << 20, FileId { ino: 42, birth_ns: Some(7) }, None)
+        assert!(finish_upload(&db, "0123456789abcdef", 1 << 20, file, None, &[]).await.expect("by the upload"));
+        assert!(!finish_upload(&db, "0123456789abcdef", 1 << 20, FileId { ino: 42, birth_ns: Some(7) }, None, &[])
             .await
             .expect("other"));
         assert_eq!(state_of(&db, "0123456789abcdef").await.expect("state").as_deref(), Some("waiting"));
         // A reservation dropped as cut off is gone for good.
         drop_upload(&db, "1123456789abcdef").await.expect("drop");
-        assert!(!finish_upload(&db, "1123456789abcdef", 1 << 20, file, None).await.expect("dropped"));
+        assert!(!finish_upload(&db, "1123456789abcdef", 1 << 20, file, None, &[]).await.expect("dropped"));
     }
 
     #[tokio::test]
@@ -971,16 +1072,79 @@ mod tests {
             .expect("reserve")
             .expect("admitted");
             let file = FileId { ino: 41, birth_ns: None };
-            assert!(finish_upload(&db, id, 1 << 20, file, packages).await.expect("finish"));
+            assert!(finish_upload(&db, id, 1 << 20, file, packages, &[]).await.expect("finish"));
         }
         let first = job(&db, alice.id, "0123456789abcdef").await.expect("job").expect("some");
         assert_eq!(first.packages.as_ref(), Some(&pinned));
         let second = job(&db, alice.id, "1123456789abcdef").await.expect("job").expect("some");
         assert_eq!(second.packages, None);
-        let lease = lease_next(&db, "h1", &["0".to_owned()], 60_000, |_, _| true).await.expect("lease").expect("one");
+        let lease = lease_next(&db, "h1", &["0".to_owned()], 60_000, |_| true).await.expect("lease").expect("one");
         assert_eq!((lease.id.as_str(), lease.packages.as_ref()), ("0123456789abcdef", Some(&pinned)));
-        let lease = lease_next(&db, "h1", &["0".to_owned()], 60_000, |_, _| true).await.expect("lease").expect("one");
+        let lease = lease_next(&db, "h1", &["0".to_owned()], 60_000, |_| true).await.expect("lease").expect("one");
         assert_eq!((lease.id.as_str(), lease.packages), ("1123456789abcdef", None));
+    }
+
+    #[tokio::test]
+    async fn caches_named_at_submit_go_to_the_lease_and_clearing_raises_each_generation() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let db = open(&tmp.path().join("s.db").to_string_lossy()).await.expect("open");
+        let alice = add_account(&db, "alice", Kind::Submitter, b"a").await.expect("add");
+        let bob = add_account(&db, "bob", Kind::Submitter, b"b").await.expect("add");
+        let id = "0123456789abcdef";
+        reserve_upload(&db, &test_record(&alice, id, "j", 1 << 20, UPLOADING), |_| false, |_| Ok::<u64, ()>(1 << 20))
+            .await
+            .expect("reserve")
+            .expect("admitted");
+        let caches = ["ccache".to_owned(), "cargo".to_owned()];
+        assert!(finish_upload(&db, id, 1 << 20, FileId { ino: 41, birth_ns: None }, None, &caches)
+            .await
+            .expect("finish"));
+        assert_eq!(job(&db, alice.id, id).await.expect("job").expect("some").caches, caches);
+        // The lease's candidate names them, with the account that owns them.
+        let seen = std::sync::Mutex::new(Vec::new());
+        let lease = lease_next(&db, "h1", &["0".to_owned()], 60_000, |c| {
+            seen.lock().expect("lock").push((c.account_id, c.image.clone(), c.caches.clone()));
+            true
+        })
+        .await
+        .expect("lease")
+        .expect("one");
+        assert_eq!(lease.account_id, alice.id);
+        assert_eq!(seen.into_inner().expect("lock"), [(alice.id, "0".to_owned(), caches.to_vec())]);
+        // Clearing: each name's generation goes up by one, for that account only.
+        assert!(cache_generations(&db).await.expect("generations").is_empty());
+        let one = clear_caches(&db, &alice, &["ccache".to_owned()]).await.expect("clear");
+        assert_eq!(one, [("ccache".to_owned(), 1)]);
+        let two = clear_caches(&db, &alice, &caches).await.expect("clear");
+        assert_eq!(two, [("ccache".to_owned(), 2), ("cargo".to_owned(), 1)]);
+        clear_caches(&db, &bob, &["ccache".to_owned()]).await.expect("clear");
+        let g = cache_generations(&db).await.expect("generations");
+        let a = jobfile::caches::account_owner(alice.id);
+        let b = jobfile::caches::account_owner(bob.id);
+        assert_eq!(
+            (jobfile::caches::generation(&g, &a, "ccache"), jobfile::caches::generation(&g, &a, "cargo")),
+            (2, 1)
+        );
+        assert_eq!(jobfile::caches::generation(&g, &b, "ccache"), 1);
+        assert_eq!(jobfile::caches::generation(&g, &b, "cargo"), 0);
+        let log = audit_log(&db, 10).await.expect("audit");
+        assert!(
+            log.iter().any(|e| e.2 == "caches_cleared" && e.3 == "ccache (generation 2), cargo (generation 1)"),
+            "{log:?}"
+        );
+        // What a host says it holds is kept with it.
+        let held = vec![wire::HeldCache {
+            owner: a.clone(),
+            image: "0".into(),
+            name: "ccache".into(),
+            generation: 2,
+            version: 3,
+            bytes: 8192,
+            used: now(),
+        }];
+        let h1 = add_account(&db, "h1", Kind::Host, b"h").await.expect("add");
+        host_seen(&db, h1.id, "[]", 2, "0.1.0", &serde_json::to_string(&held).expect("json")).await.expect("seen");
+        assert_eq!(hosts(&db).await.expect("hosts")[0].caches, held);
     }
 
     #[tokio::test]
@@ -992,18 +1156,14 @@ mod tests {
         insert_job(&db, &job).await.expect("insert");
         let images = ["0".to_owned()];
         assert_eq!(
-            lease_next(&db, "h1", &["7".to_owned()], 60_000, |_, _| true).await.expect("lease"),
+            lease_next(&db, "h1", &["7".to_owned()], 60_000, |_| true).await.expect("lease"),
             None,
             "no such image"
         );
-        assert_eq!(
-            lease_next(&db, "h1", &images, 60_000, |_, _| false).await.expect("lease"),
-            None,
-            "not in the queue"
-        );
-        let first = lease_next(&db, "h1", &images, 60_000, |_, _| true).await.expect("lease").expect("a job");
+        assert_eq!(lease_next(&db, "h1", &images, 60_000, |_| false).await.expect("lease"), None, "not in the queue");
+        let first = lease_next(&db, "h1", &images, 60_000, |_| true).await.expect("lease").expect("a job");
         assert_eq!((first.seq, first.attempt), (1, 1));
-        assert_eq!(lease_next(&db, "h2", &images, 60_000, |_, _| true).await.expect("lease"), None, "leased already");
+        assert_eq!(lease_next(&db, "h2", &images, 60_000, |_| true).await.expect("lease"), None, "leased already");
         assert_eq!(renew(&db, &job.id, "h1", 1, 60_000).await.expect("renew").as_deref(), Some(job.file_name.as_str()));
         assert!(renew(&db, &job.id, "h2", 1, 60_000).await.expect("renew").is_none(), "another host");
         assert!(renew(&db, &job.id, "h1", 2, 60_000).await.expect("renew").is_none(), "another lease");
@@ -1013,7 +1173,7 @@ mod tests {
         let expired = expire_leases(&db, 2).await.expect("expire");
         assert_eq!(expired.len(), 1);
         assert!(!expired[0].1, "one attempt of two: back in the queue");
-        let second = lease_next(&db, "h2", &images, 60_000, |_, _| true).await.expect("lease").expect("again");
+        let second = lease_next(&db, "h2", &images, 60_000, |_| true).await.expect("lease").expect("again");
         assert_eq!((second.seq, second.attempt), (2, 2));
         assert!(
             !end_lease(&db, &job.id, "h1", 1, "done", "ok", "t").await.expect("end"),
@@ -1024,7 +1184,7 @@ mod tests {
         let (_, delivered) = farm_state(&db, &job.file_name).await.expect("state").expect("job");
         assert_eq!(delivered.map(|d| (d.seq, d.how)), Some((2, "done".to_owned())));
         assert_eq!(
-            lease_next(&db, "h1", &images, 60_000, |_, _| true).await.expect("lease"),
+            lease_next(&db, "h1", &images, 60_000, |_| true).await.expect("lease"),
             None,
             "delivered jobs stay delivered"
         );
@@ -1034,7 +1194,7 @@ mod tests {
         other.id = "fedcba9876543210".into();
         other.file_name = "alice.fedcba9876543210.k_i0.tar.xz".into();
         insert_job(&db, &other).await.expect("insert");
-        lease_next(&db, "h1", &images, 60_000, |_, _| true).await.expect("lease").expect("a job");
+        lease_next(&db, "h1", &images, 60_000, |_| true).await.expect("lease").expect("a job");
         db.execute("UPDATE jobs SET lease_expires_ms = 0", &[]).await.expect("expire");
         let expired = expire_leases(&db, 1).await.expect("expire");
         assert!(expired[0].1, "the limit reached");

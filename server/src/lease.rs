@@ -35,12 +35,67 @@ pub struct Settings {
     pub lease: Duration,
     /// A job whose leases ran out this many times fails.
     pub max_attempts: u64,
+    /// How long a job that names build caches waits for a free host that
+    /// holds one of them warm, before any host may take it.
+    pub warm_wait: Duration,
 }
 
 impl Default for Settings {
     fn default() -> Settings {
-        Settings { lease: Duration::from_secs(30), max_attempts: 3 }
+        Settings { lease: Duration::from_secs(30), max_attempts: 3, warm_wait: Duration::from_secs(20) }
     }
+}
+
+/// A remote host heard from within this long counts as free for a warm job
+/// (hosts with room ask every second by default).
+pub const WARM_SEEN: i64 = 5;
+
+/// The build caches that free remote hosts other than `asking` hold at
+/// their current generation: (owner, image, name) for each. A host is free
+/// when it was heard from within [`WARM_SEEN`] seconds, is not disabled and
+/// holds fewer jobs than its capacity.
+pub fn warm_elsewhere(
+    hosts: &[db::HostRecord],
+    leased: &[JobRecord],
+    asking: &str,
+    generations: &jobfile::caches::Generations,
+) -> std::collections::HashSet<(String, String, String)> {
+    let mut out = std::collections::HashSet::new();
+    for h in hosts {
+        let running = leased.iter().filter(|j| j.host.as_deref() == Some(&h.name)).count() as u64;
+        if h.name == asking || h.disabled || h.seen_secs_ago() > WARM_SEEN || running >= h.capacity {
+            continue;
+        }
+        out.extend(current(&h.caches, generations).map(|c| (c.owner.clone(), c.image.clone(), c.name.clone())));
+    }
+    out
+}
+
+/// The held caches that are at their owner's current generation (the others were cleared).
+pub fn current<'a>(
+    held: &'a [wire::HeldCache],
+    generations: &'a jobfile::caches::Generations,
+) -> impl Iterator<Item = &'a wire::HeldCache> + 'a {
+    held.iter()
+        .filter(|c| c.check().is_ok() && c.generation == jobfile::caches::generation(generations, &c.owner, &c.name))
+}
+
+/// Whether the host asking should leave `job` for a warmer one: the job
+/// names caches, this host holds none of them, a free other host holds
+/// one, and the job has waited less than `warm_wait`. Bounded by the wait:
+/// no job is held back longer, whoever asks.
+pub fn leave_for_warmer(
+    job: &db::Candidate,
+    here: &std::collections::HashSet<(String, String, String)>,
+    elsewhere: &std::collections::HashSet<(String, String, String)>,
+    warm_wait: Duration,
+) -> bool {
+    if job.caches.is_empty() || job.waited_secs >= warm_wait.as_secs() as i64 {
+        return false;
+    }
+    let owner = jobfile::caches::account_owner(job.account_id);
+    let key = |name: &String| (owner.clone(), job.image.clone(), name.clone());
+    !job.caches.iter().any(|n| here.contains(&key(n))) && job.caches.iter().any(|n| elsewhere.contains(&key(n)))
 }
 
 impl Settings {
@@ -118,7 +173,7 @@ pub fn land(store: &Store, file_name: &str, id: &str, seq: u64, tag: &str, how: 
         store.move_job(&leased, &store.failed.join(file_name))?;
     }
     let _ = fs::remove_file(store.farm_console(file_name));
-    let _ = fs::remove_file(jobfile::layout::pin_file(&store.running, file_name.as_ref()));
+    jobfile::layout::remove_terms(&store.running, file_name.as_ref());
     store.forget_cancel(file_name);
     Ok(())
 }
@@ -226,6 +281,86 @@ mod tests {
     use super::*;
     use crate::db::{Kind, Lease};
 
+    #[test]
+    fn a_job_waits_a_bounded_while_for_a_free_host_whose_cache_is_warm() {
+        let held = |owner: &str, name: &str, generation: u64| wire::HeldCache {
+            owner: owner.into(),
+            image: "1".into(),
+            name: name.into(),
+            generation,
+            version: 1,
+            bytes: 4096,
+            used: db::now(),
+        };
+        let host = |name: &str, caches: Vec<wire::HeldCache>, seen_ago: i64, capacity: u64| db::HostRecord {
+            name: name.into(),
+            last_seen: String::new(),
+            last_seen_unix: db::unix_now() - seen_ago,
+            images: serde_json::Value::Null,
+            capacity,
+            version: String::new(),
+            disabled: false,
+            caches,
+        };
+        let mut generations = jobfile::caches::Generations::new();
+        generations.entry("a7".into()).or_default().insert("cleared".into(), 3);
+        let hosts = [
+            host("warm", vec![held("a7", "ccache", 0), held("a7", "cleared", 2)], 1, 2),
+            host("gone", vec![held("a7", "cargo", 0)], 60, 2),
+            host("full", vec![held("a7", "go", 0)], 1, 1),
+        ];
+        let mut busy = db::test_record(
+            &db::Account {
+                id: 9,
+                name: "x".into(),
+                token_hash: vec![],
+                disabled: false,
+                created: String::new(),
+                limits: Default::default(),
+                kind: Kind::Submitter,
+            },
+            "0123456789abcdef",
+            "b",
+            1,
+            "waiting",
+        );
+        busy.host = Some("full".into());
+        let elsewhere = warm_elsewhere(&hosts, &[busy], "cold", &generations);
+        // Only the free host's caches at their current generation: not one a host no longer
+        // heard from holds, not a full host's, not one its owner cleared.
+        let key = |name: &str| ("a7".to_owned(), "1".to_owned(), name.to_owned());
+        assert_eq!(elsewhere, [key("ccache")].into_iter().collect());
+        // The asking host's own caches do not count as elsewhere.
+        assert!(!warm_elsewhere(&hosts, &[], "warm", &generations).contains(&key("ccache")));
+        let job = |caches: &[&str], waited_secs: i64| db::Candidate {
+            file_name: "j_i1.tar.xz".into(),
+            ino: None,
+            account_id: 7,
+            image: "1".into(),
+            caches: caches.iter().map(|c| c.to_string()).collect(),
+            waited_secs,
+        };
+        let wait = Duration::from_secs(20);
+        let none = std::collections::HashSet::new();
+        let here: std::collections::HashSet<_> = [key("cargo")].into_iter().collect();
+        for (what, candidate, here, leave) in [
+            ("warm elsewhere, cold here, fresh: left for the warm host", job(&["ccache"], 3), &none, true),
+            ("past the wait: taken by whoever asks", job(&["ccache"], 20), &none, false),
+            ("no caches: taken", job(&[], 0), &none, false),
+            ("warm nowhere: taken", job(&["zig"], 0), &none, false),
+            ("warm here too: taken", job(&["ccache", "cargo"], 0), &here, false),
+            (
+                "another account's same name is not warm",
+                db::Candidate { account_id: 8, ..job(&["ccache"], 0) },
+                &none,
+                false,
+            ),
+            ("another image is not warm", db::Candidate { image: "2".into(), ..job(&["ccache"], 0) }, &none, false),
+        ] {
+            assert_eq!(leave_for_warmer(&candidate, here, &elsewhere, wait), leave, "{what}");
+        }
+    }
+
     /// A database and the queue's directories in a temporary place, with one
     /// submitter account and its waiting job `hello` (a file in `queue/`).
     struct Fixture {
@@ -251,14 +386,14 @@ mod tests {
     /// Hands the job to `host` for `lease_ms`, and moves its file as the lease handler does.
     async fn lease_to(f: &Fixture, host: &str, lease_ms: i64) -> Lease {
         let lease =
-            db::lease_next(&f.db, host, &["0".to_owned()], lease_ms, |_, _| true).await.expect("lease").expect("a job");
+            db::lease_next(&f.db, host, &["0".to_owned()], lease_ms, |_| true).await.expect("lease").expect("a job");
         fs::create_dir_all(f.store.farm_dir()).expect("farm dir");
         assert!(f.store.move_job(&f.store.queue.join(&f.file_name), &f.store.leased(&f.file_name)).expect("move"));
         lease
     }
 
     fn settings(max_attempts: u64) -> Settings {
-        Settings { lease: Duration::from_secs(30), max_attempts }
+        Settings { lease: Duration::from_secs(30), max_attempts, warm_wait: Duration::from_secs(20) }
     }
 
     #[tokio::test]
@@ -306,7 +441,7 @@ mod tests {
         assert!(f.store.failed.join(&f.file_name).exists(), "in failed/");
         let reason = fs::read_to_string(f.store.failed.join(format!("{}.reason", f.file_name))).expect("reason");
         assert!(reason.contains("h2") && reason.contains('2'), "{reason}");
-        assert!(db::lease_next(&f.db, "h3", &["0".to_owned()], 30_000, |_, _| true).await.expect("lease").is_none());
+        assert!(db::lease_next(&f.db, "h3", &["0".to_owned()], 30_000, |_| true).await.expect("lease").is_none());
     }
 
     #[tokio::test]

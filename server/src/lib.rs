@@ -63,7 +63,14 @@ pub async fn sweep_uploads(app: &App) -> Result<(), db::DbError> {
                 log::error!("job {id}: {why}");
                 None
             });
-            if db::finish_upload(&app.db, &id, meta.len(), store::FileId::of(&meta), packages.as_ref()).await? {
+            // And the caches its declaration names, read again from the file.
+            let caches = fs::File::open(app.store.queue.join(&file_name))
+                .ok()
+                .and_then(|f| jobfile::deps::read_from_job(f).ok().flatten())
+                .map(|(d, _)| d.caches)
+                .unwrap_or_default();
+            if db::finish_upload(&app.db, &id, meta.len(), store::FileId::of(&meta), packages.as_ref(), &caches).await?
+            {
                 log::info!("job {id}: its upload had reached the queue when its server stopped; waiting");
             }
             continue;

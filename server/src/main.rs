@@ -117,6 +117,10 @@ struct ServeArgs {
     /// A job whose remote hosts lost it this many times fails, with the reason.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
     max_attempts: u64,
+    /// How long a job that names build caches is kept for a free remote host
+    /// that holds one of them warm, before any other host may take it.
+    #[arg(long, default_value = "20s", value_parser = duration_arg)]
+    warm_wait: Duration,
 }
 
 /// Limits: server-wide defaults for `serve`, or one account's for `account limits`.
@@ -307,7 +311,7 @@ async fn serve(conn: Database, a: ServeArgs) -> Result<()> {
     if !a.listen.ip().is_loopback() && tls.is_none() {
         log::warn!("listening on {} (not loopback) with plain HTTP: tokens cross the network in clear; give --tls-cert and --tls-key, or put a TLS reverse proxy in front", a.listen);
     }
-    let farm = lease::Settings { lease: a.lease, max_attempts: a.max_attempts };
+    let farm = lease::Settings { lease: a.lease, max_attempts: a.max_attempts, warm_wait: a.warm_wait };
     // Hosts could not renew while the server was down: every lease gets a full term.
     let extended = db::extend_leases(&conn, farm.lease.as_millis() as i64).await?;
     if extended > 0 {
@@ -328,6 +332,8 @@ async fn serve(conn: Database, a: ServeArgs) -> Result<()> {
     let app = App::new(conn, store, settings, farm, Some(packages));
     reconcile_leases(&app).await?;
     rebuild(&app).await?;
+    // The local hosts read the cleared caches from the queue's directories: as the database says.
+    http::caches::publish_generations(&app).await.context("cannot write the cleared caches' generations")?;
     let strangers = unrecorded(&app).await?;
     if strangers > 0 {
         log::warn!("{strangers} job file(s) in the directories have a server-style name but no record: they are no account's (the server takes ownership from its database only; restore it from a backup to recover them)");

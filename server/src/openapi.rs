@@ -23,6 +23,8 @@ Every request carries `Authorization: Bearer <token>`. The browser page (`/page`
         crate::http::jobs::result_of,
         crate::http::jobs::cancel,
         crate::http::page::page_link,
+        crate::http::caches::list,
+        crate::http::caches::clear,
         crate::http::hosts::hosts,
         crate::http::hosts::lease,
         crate::http::hosts::images,
@@ -33,7 +35,7 @@ Every request carries `Authorization: Bearer <token>`. The browser page (`/page`
         crate::http::hosts::failed,
         crate::http::hosts::release,
     ),
-    components(schemas(wire::ErrorBody, wire::Place, wire::Limits, wire::HostImage, wire::JobRef, wire::Lease)),
+    components(schemas(wire::ErrorBody, wire::Place, wire::Limits, wire::HostImage, wire::JobRef, wire::Lease, wire::HeldCache, wire::CacheView)),
     modifiers(&Bearer),
     tags(
         (name = "submitters", description = "An account submits jobs and reads its own."),

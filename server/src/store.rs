@@ -91,6 +91,12 @@ impl Store {
         Ok(n)
     }
 
+    /// Names the owner of the job `file_name`'s build caches (`running/.pins/<file>.owner`),
+    /// before the job is in the queue.
+    pub fn own(&self, file_name: &str, owner: &str) -> io::Result<()> {
+        layout::write_owner(&self.running, file_name.as_ref(), owner).map(drop)
+    }
+
     /// Pins the packages resolved for the job `file_name` (`running/.pins/`),
     /// before the job is queued.
     pub fn pin(&self, file_name: &str, resolution: &jobfile::deps::Resolution) -> io::Result<PathBuf> {
@@ -216,7 +222,7 @@ impl Store {
         )?;
         File::open(&self.failed)?.sync_all()?;
         File::open(&self.queue)?.sync_all()?;
-        let _ = fs::remove_file(layout::pin_file(&self.running, file_name.as_ref()));
+        layout::remove_terms(&self.running, file_name.as_ref());
         Ok(true)
     }
 

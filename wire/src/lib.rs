@@ -221,6 +221,9 @@ pub struct HostView {
     pub running: usize,
     /// Which of those are the asking account's.
     pub your_jobs: Vec<JobRef>,
+    /// The asking account's build caches it holds warm, as `name (i<image>)`.
+    #[serde(default)]
+    pub your_caches: Vec<String>,
     pub version: String,
     pub disabled: bool,
 }
@@ -250,6 +253,47 @@ pub struct LeaseRequest {
     /// Its `construir-host` version.
     #[serde(default)]
     pub version: String,
+    /// The build caches it holds (most recently used first, at most
+    /// [`MAX_HELD_CACHES`]): the server prefers a host with a warm cache for
+    /// a job's key, and shows an account its caches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caches: Vec<HeldCache>,
+}
+
+/// Most caches a host may say it holds.
+pub const MAX_HELD_CACHES: usize = 1024;
+
+/// A build cache a host holds: its key (owner, image, name), its
+/// generation (raised when its owner clears it) and its kept version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HeldCache {
+    /// `a<id>` for a server's account, `local` on a local queue.
+    pub owner: String,
+    /// The image number.
+    pub image: String,
+    pub name: String,
+    pub generation: u64,
+    pub version: u64,
+    /// Bytes it takes on the host's disk.
+    pub bytes: u64,
+    /// When a job last started from it (RFC 3339, UTC).
+    pub used: String,
+}
+
+impl HeldCache {
+    /// A key as a host may name it: an owner, an image number of 1 to 9
+    /// digits, a cache name, and a short time.
+    pub fn check(&self) -> Result<(), String> {
+        jobfile::caches::check_owner(&self.owner)?;
+        jobfile::caches::check_name(&self.name)?;
+        if self.image.is_empty() || self.image.len() > 9 || !self.image.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("cache {}: the image is not an image number", self.name));
+        }
+        if self.used.len() > 40 || !self.used.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!("cache {}: the time is not up to 40 printable ASCII characters", self.name));
+        }
+        Ok(())
+    }
 }
 
 impl LeaseRequest {
@@ -266,6 +310,12 @@ impl LeaseRequest {
         }
         if self.version.len() > 64 || !self.version.bytes().all(|b| b.is_ascii_graphic()) {
             return Err("the version is not up to 64 printable ASCII characters".to_owned());
+        }
+        if self.caches.len() > MAX_HELD_CACHES {
+            return Err(format!("{} caches listed; a host may list at most {MAX_HELD_CACHES}", self.caches.len()));
+        }
+        for c in &self.caches {
+            c.check()?;
         }
         Ok(())
     }
@@ -291,12 +341,57 @@ pub struct Lease {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub packages: Option<jobfile::deps::Resolution>,
+    /// Whose build caches the job uses (`a<id>`: the submitter's account).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// The answer to `POST /v1/host/lease`: a job, or none for now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LeaseAnswer {
     pub lease: Option<Lease>,
+    /// The generations of the cleared caches of every owner the host named
+    /// (and of the leased job's): a host starts a cache whose generation
+    /// is not this one again, empty (owner -> name -> generation).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schema(value_type = Object)]
+    pub generations: jobfile::caches::Generations,
+}
+
+/// One of the asking account's build caches, as a host holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CacheView {
+    /// The host that holds it (`local` hosts by their host id).
+    pub host: String,
+    pub image: String,
+    pub name: String,
+    pub version: u64,
+    pub bytes: u64,
+    /// When a job last started from it (RFC 3339, UTC).
+    pub used: String,
+}
+
+/// `GET /v1/caches`: the asking account's build caches on every host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CacheList {
+    pub caches: Vec<CacheView>,
+}
+
+/// `POST /v1/caches/clear`: clear one cache by name (on every image and
+/// host), or all of the account's when `name` is none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClearCaches {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// The answer to `POST /v1/caches/clear`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClearedCaches {
+    /// The names cleared: no job starts from what they held.
+    pub cleared: Vec<String>,
+    /// How many copies hosts held of them (each host frees its own when it next hears from the server).
+    pub copies: u64,
 }
 
 /// The query of every request under a lease (`/v1/host/jobs/{id}/...`).
@@ -477,6 +572,7 @@ mod tests {
             capacity: 2,
             running: 1,
             your_jobs: vec![JobRef { id: "j1".into(), name: "hello".into() }],
+            your_caches: vec!["ccache (i0)".into()],
             version: "0.1.0".into(),
             disabled: false,
         };
@@ -485,7 +581,8 @@ mod tests {
             HostList { hosts: vec![host] },
             json!({"hosts": [{"name": "h1", "last_seen": "2026-12-03T10:00:00Z", "seen_secs_ago": 2,
                 "images": [{"name": "0", "checksum": "a".repeat(64)}], "capacity": 2, "running": 1,
-                "your_jobs": [{"id": "j1", "name": "hello"}], "version": "0.1.0", "disabled": false}]}),
+                "your_jobs": [{"id": "j1", "name": "hello"}], "your_caches": ["ccache (i0)"], "version": "0.1.0",
+                "disabled": false}]}),
         );
     }
 
@@ -497,15 +594,38 @@ mod tests {
                 capacity: 2,
                 running: 0,
                 version: "0.1.0".into(),
+                caches: vec![],
             },
             json!({"images": [{"name": "1", "checksum": "b".repeat(64)}], "capacity": 2, "running": 0,
                 "version": "0.1.0"}),
+        );
+        // With the caches it holds.
+        let held = HeldCache {
+            owner: "a3".into(),
+            image: "100".into(),
+            name: "ccache".into(),
+            generation: 1,
+            version: 4,
+            bytes: 4096,
+            used: "2026-12-03T10:00:00Z".into(),
+        };
+        round_trip(
+            LeaseRequest { images: vec![], capacity: 1, running: 0, version: "0.1.0".into(), caches: vec![held] },
+            json!({"images": [], "capacity": 1, "running": 0, "version": "0.1.0", "caches": [{"owner": "a3",
+                "image": "100", "name": "ccache", "generation": 1, "version": 4, "bytes": 4096,
+                "used": "2026-12-03T10:00:00Z"}]}),
         );
         // A host from before versions were sent is still understood.
         let old: LeaseRequest =
             serde_json::from_value(json!({"images": [], "capacity": 1, "running": 0})).expect("old");
         assert_eq!(old.version, "");
-        round_trip(LeaseAnswer { lease: None }, json!({"lease": null}));
+        round_trip(LeaseAnswer { lease: None, generations: Default::default() }, json!({"lease": null}));
+        let mut generations = jobfile::caches::Generations::new();
+        generations.entry("a3".into()).or_default().insert("ccache".into(), 2);
+        round_trip(
+            LeaseAnswer { lease: None, generations },
+            json!({"lease": null, "generations": {"a3": {"ccache": 2}}}),
+        );
         round_trip(
             LeaseAnswer {
                 lease: Some(Lease {
@@ -516,7 +636,9 @@ mod tests {
                     attempt: 1,
                     lease_ms: 30000,
                     packages: None,
+                    owner: None,
                 }),
+                generations: Default::default(),
             },
             json!({"lease": {"id": "j1", "file_name": "hello_i0.tar.xz", "size": 65536, "seq": 7, "attempt": 1,
                 "lease_ms": 30000}}),
@@ -543,10 +665,12 @@ mod tests {
                     attempt: 1,
                     lease_ms: 30000,
                     packages: Some(pinned),
+                    owner: Some("a3".into()),
                 }),
+                generations: Default::default(),
             },
             json!({"lease": {"id": "j2", "file_name": "ssl_i100.tar.xz", "size": 65536, "seq": 1, "attempt": 1,
-                "lease_ms": 30000, "packages": {"install": [{"name": "pkgconf", "version": "1.8.1-1",
+                "lease_ms": 30000, "owner": "a3", "packages": {"install": [{"name": "pkgconf", "version": "1.8.1-1",
                 "architecture": "amd64", "sha256": "a".repeat(64), "size": 30000,
                 "filename": "pool/main/p/pkgconf/pkgconf_1.8.1-1_amd64.deb"}]}}}),
         );
@@ -590,9 +714,39 @@ mod tests {
             capacity: 1,
             running: 0,
             version: String::new(),
+            caches: vec![],
         };
         assert!(many.check().expect_err("too many").contains("at most 64"));
-        let version = LeaseRequest { images: vec![good], capacity: 1, running: 0, version: "1 0".into() };
+        let version =
+            LeaseRequest { images: vec![good.clone()], capacity: 1, running: 0, version: "1 0".into(), caches: vec![] };
         assert!(version.check().is_err());
+        // Each held cache: an owner, an image number, a cache name, a short time.
+        let held = HeldCache {
+            owner: "a3".into(),
+            image: "100".into(),
+            name: "ccache".into(),
+            generation: 0,
+            version: 1,
+            bytes: 0,
+            used: "2026-12-03T10:00:00Z".into(),
+        };
+        let with = |c: HeldCache| LeaseRequest {
+            images: vec![good.clone()],
+            capacity: 1,
+            running: 0,
+            version: String::new(),
+            caches: vec![c],
+        };
+        assert_eq!(with(held.clone()).check(), Ok(()));
+        for (bad, why) in [
+            (HeldCache { owner: "../etc".into(), ..held.clone() }, "is not a cache owner"),
+            (HeldCache { name: "A b".into(), ..held.clone() }, "is not a cache name"),
+            (HeldCache { image: "x".into(), ..held.clone() }, "not an image number"),
+            (HeldCache { used: "\u{1b}[2J".into(), ..held.clone() }, "printable"),
+        ] {
+            assert!(with(bad.clone()).check().expect_err("refused").contains(why), "{bad:?}");
+        }
+        let flood = LeaseRequest { caches: vec![held.clone(); MAX_HELD_CACHES + 1], ..with(held) };
+        assert!(flood.check().expect_err("too many").contains("at most 1024"));
     }
 }

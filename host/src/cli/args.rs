@@ -195,8 +195,9 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "FILE", default_value = deps::DEFAULT_KEYRING)]
     pub(crate) archive_keyring: PathBuf,
     /// Keep build caches for the jobs that name them (`caches` in construir.toml), in
-    /// PACKAGE-CACHE/build-caches [default: off: a local queue has no accounts, so every job on
-    /// it shares each cache name, and one job can leave in a cache what the next one runs].
+    /// PACKAGE-CACHE/build-caches, apart for each of a server's accounts [default: off: a job
+    /// put into a local queue has no account, so every such job shares each cache name, and one
+    /// job can leave in a cache what the next one runs].
     #[arg(long)]
     pub(crate) caches: bool,
     /// The size of each build cache's disk: the most one cache holds.

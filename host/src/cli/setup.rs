@@ -34,12 +34,6 @@ pub(crate) fn run_queue(a: RunArgs) -> Result<()> {
             if a.once {
                 bail!("--once runs a local queue until it is empty; a host of a server runs until stopped");
             }
-            if a.caches {
-                bail!(
-                    "--caches keeps one owner's caches for every job, and a host of a server runs jobs of many \
-                     accounts, which its caches do not tell apart yet: leave --caches off with --server"
-                );
-            }
             let token = match &a.token_file {
                 Some(f) => std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?,
                 None => std::env::var("CONSTRUIR_HOST_TOKEN")

@@ -297,13 +297,17 @@ impl Pump {
             capacity: self.capacity,
             running: self.held.len() as u64,
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            caches: self.held_caches(),
         };
         let answer = self.api.post_json("host/lease", &body)?;
         if answer.0 != 200 {
             bail!("the server refused ({})", why(&answer));
         }
-        let Some(lease) = decode::<wire::LeaseAnswer>(&answer)?.lease else { return Ok(false) };
-        let wire::Lease { id, seq, file_name, size, lease_ms, attempt, packages } = lease;
+        let answer = decode::<wire::LeaseAnswer>(&answer)?;
+        // Before the job is in the spool: its caches are lent at the generation the server says.
+        self.note_generations(answer.generations)?;
+        let Some(lease) = answer.lease else { return Ok(false) };
+        let wire::Lease { id, seq, file_name, size, lease_ms, attempt, packages, owner } = lease;
         let id = id.as_str();
         let Ok(job) = JobName::parse(&file_name) else {
             bail!("the server sent a job named {:?}", jobfile::sanitize(file_name.as_bytes()))
@@ -360,11 +364,54 @@ impl Pump {
                 bail!("job {id}: cannot keep the packages the server pinned: {e}");
             }
         }
+        // Whose caches it uses: the submitter's account.
+        if let Some(owner) = owner {
+            if let Err(e) = jobfile::layout::write_owner(&self.dirs.running, OsStr::new(&held.file_name), &owner) {
+                let _ = fs::remove_file(&partial);
+                self.leases.lock().remove(id);
+                bail!("job {id}: cannot keep the owner of its caches: {e}");
+            }
+        }
         // Renamed in whole: the daemon never sees a file being written.
         fs::rename(&partial, self.dirs.queue.join(&held.file_name))
             .with_context(|| format!("cannot put {} into {}", held.file_name, self.dirs.queue.display()))?;
         self.held.insert(held.id.clone(), held);
         Ok(true)
+    }
+
+    /// The build caches the daemon last said it holds (`running/.caches/host.<host-id>.json`).
+    pub(crate) fn held_caches(&self) -> Vec<wire::HeldCache> {
+        let path = layout::cache_report_file(&self.dirs.running, &self.host_id);
+        let held: Vec<wire::HeldCache> = match layout::read_small(&path, 16 << 20) {
+            Ok(Some(raw)) => serde_json::from_slice(&raw).unwrap_or_default(),
+            Ok(None) => Vec::new(),
+            Err(why) => {
+                log::warn!("cannot read what this host's caches hold: {why}");
+                Vec::new()
+            }
+        };
+        held.into_iter().filter(|h| h.check().is_ok()).take(wire::MAX_HELD_CACHES).collect()
+    }
+
+    /// Keeps the generations the server sent for the owners it names (the
+    /// daemon then frees the caches those owners cleared).
+    pub(crate) fn note_generations(&self, sent: jobfile::caches::Generations) -> Result<()> {
+        if sent.is_empty() {
+            return Ok(());
+        }
+        let mut generations = layout::read_generations(&self.dirs.running).unwrap_or_default();
+        let before = generations.clone();
+        for (owner, names) in sent {
+            if jobfile::caches::check_owner(&owner).is_ok() {
+                generations
+                    .insert(owner, names.into_iter().filter(|(n, _)| jobfile::caches::check_name(n).is_ok()).collect());
+            }
+        }
+        if generations != before {
+            layout::write_generations(&self.dirs.running, &generations)
+                .context("cannot keep the generations of the server's cleared caches")?;
+        }
+        Ok(())
     }
 
     /// Hands a lease to the renewer.

@@ -19,7 +19,7 @@ use tokio::io::AsyncWriteExt;
 use super::{AnyAccount, ApiError, ApiResult, HostAuthed};
 use crate::app::App;
 use crate::db::{self, Kind};
-use crate::lease::{land, offered_images, part, MAX_CONSOLE};
+use crate::lease::{current, land, leave_for_warmer, offered_images, part, warm_elsewhere, MAX_CONSOLE};
 use wire::{HostImage, LeaseRequest, SeqQuery, MAX_HOST_IMAGES};
 
 /// Most bytes of a lease request's body (a full list of images is about 6 KiB).
@@ -52,21 +52,41 @@ pub async fn lease(
         .map(|i| i.name.clone())
         .collect();
     let images = serde_json::to_string(&req.images).unwrap_or_default();
-    db::host_seen(app.db(), host.id, &images, req.capacity.min(1024), &req.version)
+    let caches = serde_json::to_string(&req.caches).unwrap_or_default();
+    db::host_seen(app.db(), host.id, &images, req.capacity.min(1024), &req.version, &caches)
         .await
         .map_err(ApiError::internal)?;
+    // The generations of every owner whose caches the host holds: it frees those cleared.
+    let generations = db::cache_generations(app.db()).await.map_err(ApiError::internal)?;
+    let answer = |lease: Option<wire::Lease>| {
+        let mut owners: Vec<String> = req.caches.iter().map(|c| c.owner.clone()).collect();
+        owners.extend(lease.as_ref().and_then(|l| l.owner.clone()));
+        let generations = generations.iter().filter(|(o, _)| owners.contains(o));
+        Json(wire::LeaseAnswer { lease, generations: generations.map(|(o, m)| (o.clone(), m.clone())).collect() })
+    };
     if req.running >= req.capacity {
-        return Ok(Json(wire::LeaseAnswer { lease: None }));
+        return Ok(answer(None));
     }
+    // Where the build caches are warm: a job that names caches goes, for a while, to a free host that holds one.
+    let here: std::collections::HashSet<_> =
+        current(&req.caches, &generations).map(|c| (c.owner.clone(), c.image.clone(), c.name.clone())).collect();
+    let elsewhere = {
+        let hosts = db::hosts(app.db()).await.map_err(ApiError::internal)?;
+        let leased = db::leased_jobs(app.db()).await.map_err(ApiError::internal)?;
+        warm_elsewhere(&hosts, &leased, &host.name, &generations)
+    };
+    let warm_wait = app.farm.warm_wait;
     // A job that another server, a local host or its submitter moved first is skipped.
     for _ in 0..8 {
         let store = app.store.clone();
         // Only the file the server wrote: never a link, a second name or another inode planted in its place.
-        let leased =
-            db::lease_next(app.db(), &host.name, &usable, app.farm.lease_ms(), |f, ino| store.waiting_own(f, ino))
-                .await
-                .map_err(ApiError::internal)?;
-        let Some(lease) = leased else { return Ok(Json(wire::LeaseAnswer { lease: None })) };
+        let take = |c: &db::Candidate| {
+            store.waiting_own(&c.file_name, c.ino) && !leave_for_warmer(c, &here, &elsewhere, warm_wait)
+        };
+        let leased = db::lease_next(app.db(), &host.name, &usable, app.farm.lease_ms(), take)
+            .await
+            .map_err(ApiError::internal)?;
+        let Some(lease) = leased else { return Ok(answer(None)) };
         fs::create_dir_all(app.store.farm_dir()).map_err(ApiError::internal)?;
         let (queued, leased_path) = (app.store.queue.join(&lease.file_name), app.store.leased(&lease.file_name));
         let moved = app.store.move_job(&queued, &leased_path).map_err(ApiError::internal)?;
@@ -89,19 +109,18 @@ pub async fn lease(
                 None
             })
         });
-        return Ok(Json(wire::LeaseAnswer {
-            lease: Some(wire::Lease {
-                id: lease.id,
-                file_name: lease.file_name,
-                size: lease.size,
-                seq: lease.seq,
-                attempt: lease.attempt,
-                lease_ms: app.farm.lease_ms() as u64,
-                packages,
-            }),
-        }));
+        return Ok(answer(Some(wire::Lease {
+            id: lease.id,
+            file_name: lease.file_name,
+            size: lease.size,
+            seq: lease.seq,
+            attempt: lease.attempt,
+            lease_ms: app.farm.lease_ms() as u64,
+            packages,
+            owner: Some(jobfile::caches::account_owner(lease.account_id)),
+        })));
     }
-    Ok(Json(wire::LeaseAnswer { lease: None }))
+    Ok(answer(None))
 }
 
 /// The job file (name and inode) of a live lease of `host`, or the refusal a late host gets.
@@ -483,6 +502,7 @@ pub async fn hosts(State(app): State<Arc<App>>, AnyAccount(account): AnyAccount)
 /// The hosts as `account` may see them.
 pub async fn hosts_view(app: &App, account: &db::Account) -> Result<Vec<wire::HostView>, db::DbError> {
     let leased = db::leased_jobs(app.db()).await?;
+    let generations = db::cache_generations(app.db()).await?;
     let now = db::unix_now();
     Ok(db::hosts(app.db())
         .await?
@@ -501,6 +521,12 @@ pub async fn hosts_view(app: &App, account: &db::Account) -> Result<Vec<wire::Ho
                 .take(MAX_HOST_IMAGES)
                 .filter(|i| i.check().is_ok())
                 .collect();
+            // The asking account's warm caches there, as `name (i<image>)`.
+            let owner = jobfile::caches::account_owner(account.id);
+            let your_caches: Vec<String> = current(&h.caches, &generations)
+                .filter(|c| account.kind == Kind::Submitter && c.owner == owner)
+                .map(|c| format!("{} (i{})", c.name, c.image))
+                .collect();
             let version = if h.version.len() <= 64 && h.version.bytes().all(|b| b.is_ascii_graphic()) {
                 h.version.clone()
             } else {
@@ -514,6 +540,7 @@ pub async fn hosts_view(app: &App, account: &db::Account) -> Result<Vec<wire::Ho
                 capacity: h.capacity,
                 running: running.len(),
                 your_jobs: own,
+                your_caches,
                 version,
                 disabled: h.disabled,
             }

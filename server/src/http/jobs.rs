@@ -113,6 +113,7 @@ pub(crate) async fn submit(
         attempts: 0,
         file_id: None,
         packages: None,
+        caches: Vec::new(),
     };
     // The part file first, then its reservation: a reservation whose part is gone died with its server.
     let upload = app.store.upload_path(&id);
@@ -195,26 +196,28 @@ pub(crate) async fn submit(
     drop(file);
     // Its packages, resolved now: what cannot be had is refused before anything is stored.
     // What was chosen is pinned for the host before the job is in the queue.
-    let packages = resolve_packages(&app, &upload, job_name.image()).await?;
-    let pin = match &packages {
-        Some(resolution) => Some(app.store.pin(&record.file_name, resolution).map_err(ApiError::internal)?),
-        None => None,
-    };
-    if let Err(e) = app.store.enqueue(&upload, &record.file_name) {
-        if let Some(pin) = pin {
-            let _ = std::fs::remove_file(pin);
-        }
+    // Its caches' owner too: the account, whichever host runs it.
+    let (packages, caches) = resolve_packages(&app, &upload, job_name.image()).await?;
+    let pinned = match &packages {
+        Some(resolution) => app.store.pin(&record.file_name, resolution).map(drop),
+        None => Ok(()),
+    }
+    .and_then(|()| app.store.own(&record.file_name, &jobfile::caches::account_owner(account.id)))
+    .and_then(|()| app.store.enqueue(&upload, &record.file_name));
+    if let Err(e) = pinned {
+        jobfile::layout::remove_terms(&app.store.running, record.file_name.as_ref());
         return Err(ApiError::internal(e));
     }
     // In the queue now: a failure from here on removes it from there.
     guard.path = Some(app.store.queue.join(&record.file_name));
-    if !db::finish_upload(app.db(), &id, size, ino, packages.as_ref()).await.map_err(ApiError::internal)? {
+    if !db::finish_upload(app.db(), &id, size, ino, packages.as_ref(), &caches).await.map_err(ApiError::internal)? {
         return Err(ApiError::internal(std::io::Error::other(format!("job {id}: its reservation vanished"))));
     }
     guard.path = None;
     record.size = size;
     record.file_id = Some(ino);
     record.packages = packages;
+    record.caches = caches;
     let _ = db::audit(app.db(), Some(&account.name), "submitted", &format!("{id} {} ({size} bytes)", record.file_name))
         .await;
     log::info!("account {}: job {id} submitted as {} ({size} bytes)", account.name, record.file_name);
@@ -226,12 +229,12 @@ pub(crate) async fn submit(
 /// it against the job's image, as a host would: a declaration outside
 /// Debian's grammar is a 400, what apt cannot satisfy (in apt's words) or
 /// too many packages a 422, an image without an archive a 400, and an
-/// archive the server cannot read a 503.
+/// archive the server cannot read a 503. Also returns the caches it names.
 async fn resolve_packages(
     app: &Arc<App>,
     upload: &std::path::Path,
     image: &str,
-) -> ApiResult<Option<jobfile::deps::Resolution>> {
+) -> ApiResult<(Option<jobfile::deps::Resolution>, Vec<String>)> {
     let (upload, image, app) = (upload.to_owned(), image.to_owned(), app.clone());
     tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&upload).map_err(ApiError::internal)?;
@@ -243,17 +246,18 @@ async fn resolve_packages(
                 ApiError::new(StatusCode::BAD_REQUEST, text)
             })?,
         };
-        let Some((_, relations)) = declared else { return Ok(None) };
+        let Some((declaration, relations)) = declared else { return Ok((None, Vec::new())) };
+        let caches = declaration.caches;
+        if relations.is_empty() {
+            return Ok((None, caches));
+        }
         let Some(resolver) = &app.packages else {
             return Err(ApiError::new(StatusCode::BAD_REQUEST, "this server takes no jobs that declare packages"));
         };
-        if relations.is_empty() {
-            return Ok(None);
-        }
         let dir = app.store.images.join(format!("i{image}"));
         let manifest = jobfile::image::ImageManifest::load(&dir).map_err(ApiError::internal)?;
         match resolver.resolve(&image, &dir, &manifest, &relations, &|| false) {
-            Ok(resolution) => Ok(Some(resolution)),
+            Ok(resolution) => Ok((Some(resolution), caches)),
             Err(e) => {
                 let status = match &e {
                     deps::ResolveError::NoArchive { .. } => StatusCode::BAD_REQUEST,

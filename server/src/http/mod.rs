@@ -5,6 +5,7 @@
 //! carries `Authorization: Bearer <token>`; an account sees and touches
 //! only its own jobs (another's id is a 404, as if it did not exist).
 
+pub mod caches;
 pub mod hosts;
 pub mod jobs;
 pub mod page;
@@ -80,6 +81,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}/result", get(jobs::result_of))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/page-link", post(page::page_link))
+        .route("/v1/caches", get(caches::list))
+        .route("/v1/caches/clear", post(caches::clear).layer(DefaultBodyLimit::max(4096)))
         .route("/v1/hosts", get(hosts::hosts))
         .route("/v1/host/lease", post(hosts::lease).layer(DefaultBodyLimit::max(hosts::MAX_LEASE_BODY)))
         .route("/v1/host/images", get(hosts::images))
