@@ -604,7 +604,9 @@ fn a_hanging_download_ends_when_the_job_is_cancelled_or_the_host_stops() {
     let request = jobfile::layout::cancel_request(&running, file.as_ref());
     fs::create_dir_all(request.parent().expect("dir")).expect("mkdir");
     fs::write(&request, "").expect("cancel");
-    let refused = construir_e2e::wait_for(Duration::from_secs(30), || q.failed.join(format!("{file}.reason")).exists());
+    let refused = construir_e2e::wait_for(std::time::Duration::from_secs(30), || {
+        q.failed.join(format!("{file}.reason")).exists()
+    });
     assert!(refused, "the cancel did not end the download: {}", q.log("fetch"));
     let reason = fs::read_to_string(q.failed.join(format!("{file}.reason"))).expect("reason");
     assert!(reason.contains("cancelled at its submitter's request while its packages were fetched"), "{reason}");
@@ -935,4 +937,177 @@ fn caches_off_give_an_empty_directory_and_two_jobs_on_one_cache_both_start_from_
     let output = String::from_utf8(job_log(&q.done("three_d100.tar.xz"))).expect("utf8");
     let saw: Vec<&str> = output.lines().filter_map(|l| l.strip_prefix("saw ")).collect();
     assert_eq!(saw, [last], "the last job to finish ok wins: {output}");
+}
+
+/// The result of the server's job `id`, as the local host left it in `done/`.
+fn done_by_id(q: &Queue, id: &str) -> std::path::PathBuf {
+    let found = Queue::list(&q.root.path().join("done"))
+        .into_iter()
+        .find(|f| f.contains(&format!(".{id}.")) && f.ends_with(".tar.xz"))
+        .unwrap_or_else(|| panic!("no result of job {id} in done/"));
+    q.root.path().join("done").join(found)
+}
+
+/// Submits a job directory through the server; its id.
+fn submit(s: &construir_e2e::server::Server, token: &str, q: &Queue, dir: &std::path::Path, args: &[&str]) -> String {
+    let dir = dir.to_string_lossy().into_owned();
+    let mut all = vec!["submit", &dir, "--image", "100", "--size", "1M"];
+    all.extend_from_slice(args);
+    let (code, out, err) = construir_e2e::server::client(s, token, q.root.path(), &all);
+    assert_eq!(code, 0, "{err}");
+    out.lines().next().unwrap_or_default().trim().to_owned()
+}
+
+/// A job that says what its cache `c` holds (`saw NAME` for each file), then leaves `MARK` there.
+fn marking_job(root: &std::path::Path, dir: &str, mark: &str) -> std::path::PathBuf {
+    let script = format!(
+        "#!/bin/sh\nset -e\nfor f in $(ls -A /cache/c | grep -v lost+found); do echo \"saw $f\"; done\ntouch /cache/c/{mark}\n"
+    );
+    construir_e2e::server::job_dir(root, dir, &script)
+}
+
+fn saw(file: &std::path::Path) -> Vec<String> {
+    let output = String::from_utf8(job_log(file)).expect("utf8");
+    output.lines().filter_map(|l| l.strip_prefix("saw ")).map(str::to_owned).collect()
+}
+
+/// Build caches through the server: each account's are its own whatever
+/// the name, `construir cache list` shows them, and `construir cache clear`
+/// makes the next job start empty while another account's stay.
+#[test]
+fn accounts_with_the_same_cache_name_never_share_it_and_clear_only_their_own() {
+    use construir_e2e::server::{add_account, client, Server};
+    let q = Queue::new();
+    let db = q.root.path().join("server.db");
+    let (alice, bob) = (add_account(&db, "alice"), add_account(&db, "bob"));
+    let s = Server::start_with_images(&q, &db, debian_images(), &[]);
+    let root = q.root.path();
+    let host = |extra: &[&str]| {
+        let mut args = vec!["--timeout", "5m", "--caches", "--workers", "2"];
+        args.extend_from_slice(extra);
+        let run = q.run_with_images(debian_images(), &args);
+        assert!(run.success, "{}", run.log);
+        run
+    };
+    let a1 = submit(&s, &alice, &q, &marking_job(root, "a1", "from-alice-1"), &["--cache", "c"]);
+    host(&[]);
+    assert_eq!(saw(&done_by_id(&q, &a1)), Vec::<String>::new());
+    // Alice's next job finds what hers left; bob's, naming the same cache, finds nothing.
+    let a2 = submit(&s, &alice, &q, &marking_job(root, "a2", "from-alice-2"), &["--cache", "c"]);
+    let b1 = submit(&s, &bob, &q, &marking_job(root, "b1", "from-bob-1"), &["--cache", "c"]);
+    host(&[]);
+    let (a2_file, b1_file) = (done_by_id(&q, &a2), done_by_id(&q, &b1));
+    assert_eq!(saw(&a2_file), ["from-alice-1"]);
+    assert_eq!(cache_status(&job_status(&a2_file), "c")["version"], 1);
+    assert_eq!(saw(&b1_file), Vec::<String>::new(), "bob saw alice's cache");
+    assert_eq!(cache_status(&job_status(&b1_file), "c")["version"], 0);
+    // Each account lists its own, as the host reported them.
+    let list = |token: &str| -> serde_json::Value {
+        let (code, out, err) = client(&s, token, root, &["cache", "list", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&out).expect("JSON")
+    };
+    let mine = list(&alice);
+    let caches = mine["caches"].as_array().expect("caches");
+    assert_eq!(caches.len(), 1, "{mine}");
+    assert_eq!((caches[0]["name"].as_str(), caches[0]["image"].as_str()), (Some("c"), Some("100")), "{mine}");
+    assert_eq!(caches[0]["version"], 2, "{mine}");
+    assert!(caches[0]["host"].as_str().is_some_and(|h| h.ends_with("(local)")), "{mine}");
+    assert_eq!(list(&bob)["caches"][0]["version"], 1);
+    let (code, out, err) = client(&s, &alice, root, &["cache", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().nth(1).is_some_and(|l| l.starts_with("c ") && l.contains("i100")), "{out}");
+    // Alice clears hers: her next job starts empty; bob's is untouched.
+    let (code, _, err) = client(&s, &alice, root, &["cache", "clear", "c"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("cleared c (1 copy on hosts)"), "{err}");
+    assert_eq!(list(&alice)["caches"], serde_json::json!([]), "a cleared cache is not listed");
+    let (code, _, err) = client(&s, &alice, root, &["cache", "clear", "Bad/Name"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("is not a cache name"), "{err}");
+    let a3 = submit(&s, &alice, &q, &marking_job(root, "a3", "from-alice-3"), &["--cache", "c"]);
+    let b2 = submit(&s, &bob, &q, &marking_job(root, "b2", "from-bob-2"), &["--cache", "c"]);
+    let run = host(&[]);
+    let a3_file = done_by_id(&q, &a3);
+    assert_eq!(saw(&a3_file), Vec::<String>::new(), "a cleared cache was lent again: {}", run.log);
+    assert_eq!(cache_status(&job_status(&a3_file), "c")["version"], 0);
+    assert_eq!(saw(&done_by_id(&q, &b2)), ["from-bob-1"]);
+    // The host freed the cleared copy as it started, before any job asked for it.
+    assert!(run.log.contains("i100/c removed: its owner cleared it"), "{}", run.log);
+    assert_eq!(list(&alice)["caches"][0]["version"], 1);
+    assert_eq!(list(&bob)["caches"][0]["version"], 2);
+}
+
+/// The farm: a job that names a build cache goes to the free remote host
+/// that holds it warm, even when a colder host asks first and more often;
+/// `construir hosts` shows each account only its own warm caches.
+#[test]
+fn the_server_hands_a_cached_job_to_the_free_host_whose_cache_is_warm() {
+    use construir_e2e::server::{add_account, client, server_cmd, Server};
+    let q = Queue::new();
+    let db = q.root.path().join("server.db");
+    let (alice, bob) = (add_account(&db, "alice"), add_account(&db, "bob"));
+    let s = Server::start_with_images(&q, &db, debian_images(), &[]);
+    let root = q.root.path();
+    let remote = |name: &str, poll: &str| {
+        let out = server_cmd(&db, &["account", "add", name, "--host"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let token_file = root.join(format!("{name}.token"));
+        fs::write(&token_file, String::from_utf8_lossy(&out.stdout).trim()).expect("token");
+        let spool = root.join(name).join("spool");
+        fs::create_dir_all(&spool).expect("mkdir");
+        let log = root.join(name).join("host.log");
+        let spawned = construir_e2e::Spawned(
+            Command::new(bin("construir-host"))
+                .arg("run")
+                .arg(&spool)
+                .args(["--server", &s.url, "--token-file"])
+                .arg(&token_file)
+                .args(["--accel", "tcg", "--memory", "1G", "--cpus", "1", "--host-id", name, "--timeout", "5m"])
+                .args(["--caches", "--poll", poll, "--images"])
+                .arg(debian_images())
+                .stderr(fs::File::create(&log).expect("log"))
+                .spawn()
+                .expect("start construir-host"),
+        );
+        (spawned, log)
+    };
+    let hosts = |token: &str| {
+        let (code, out, err) = client(&s, token, root, &["hosts"]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let line_of =
+        |out: &str, host: &str| out.lines().find(|l| l.starts_with(&format!("{host} "))).unwrap_or_default().to_owned();
+    // The first job warms the only host's cache.
+    let (_warm, warm_log) = remote("warm", "3s");
+    let j1 = submit(&s, &alice, &q, &marking_job(root, "j1", "from-j1"), &["--cache", "c", "--wait"]);
+    assert!(
+        construir_e2e::wait_for(std::time::Duration::from_secs(30), || line_of(&hosts(&alice), "warm")
+            .contains("c (i100)")),
+        "the warm host never reported its cache: {}",
+        hosts(&alice)
+    );
+    // A colder host that asks three times as often joins.
+    let (_cold, cold_log) = remote("cold", "1s");
+    assert!(
+        construir_e2e::wait_for(std::time::Duration::from_secs(60), || !line_of(&hosts(&alice), "cold").is_empty()),
+        "{}\ncold:\n{}",
+        hosts(&alice),
+        fs::read_to_string(&cold_log).unwrap_or_default()
+    );
+    let shown = hosts(&alice);
+    assert!(line_of(&shown, "cold").ends_with(" -"), "{shown}");
+    assert!(line_of(&hosts(&bob), "warm").ends_with(" -"), "bob is shown alice's cache: {}", hosts(&bob));
+    let j2 = submit(&s, &alice, &q, &marking_job(root, "j2", "from-j2"), &["--cache", "c", "--wait"]);
+    let (warm, cold) =
+        (fs::read_to_string(&warm_log).unwrap_or_default(), fs::read_to_string(&cold_log).unwrap_or_default());
+    assert!(warm.contains(&format!("(id {j2},")), "the warm host did not run it:\nwarm:\n{warm}\ncold:\n{cold}");
+    assert!(!cold.contains(&format!("(id {j2},")), "the cold host ran it:\n{cold}");
+    let result = root.join("j2_d100.tar.xz");
+    let (code, _, err) = client(&s, &alice, root, &["fetch", &j2, "--out", &result.to_string_lossy()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(saw(&result), ["from-j1"]);
+    assert_eq!(cache_status(&job_status(&result), "c")["version"], 1);
+    let _ = j1;
 }

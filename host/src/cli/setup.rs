@@ -118,7 +118,7 @@ pub(crate) fn prepare(a: &RunArgs, dirs: Dirs, host_id: String) -> Result<(RunOp
     let caches = a.caches.then(|| {
         let caches = Caches::new(&cache.join(CACHES_DIR), a.cache_disk_size, a.cache_owner_size);
         log::warn!(
-            "build caches are on ({}): every job on this queue that names a cache reads and writes what the others left in it",
+            "build caches are on ({}): a server's jobs each get their account's; jobs put into this queue by hand all share each cache name, reading and writing what the others left in it",
             caches.dir().display()
         );
         Arc::new(caches)
