@@ -1111,3 +1111,51 @@ fn the_server_hands_a_cached_job_to_the_free_host_whose_cache_is_warm() {
     assert_eq!(cache_status(&job_status(&result), "c")["version"], 1);
     let _ = j1;
 }
+
+/// An owner's caches over `--cache-owner-size`: the least recently used
+/// goes when a newer one is kept, and its next job starts it empty.
+#[test]
+fn an_owner_over_its_quota_loses_its_least_recently_used_cache() {
+    let q = Queue::new();
+    // 24 MiB that do not compress, then what the cache held before.
+    let fill = |name: &str| {
+        format!(
+            "#!/bin/sh\nset -e\nls -A /cache/{name} | grep -v lost+found | sed 's/^/saw /' || true\n\
+             head -c 25165824 /dev/urandom > /cache/{name}/blob\n"
+        )
+    };
+    queue_job(&q, "one", &[("bin/construir", fill("big1").as_bytes())], &["--cache", "big1"]);
+    let limits = ["--timeout", "5m", "--caches", "--cache-disk-size", "256M", "--cache-owner-size", "45M"];
+    let run = q.run_with_images(debian_images(), &limits);
+    assert!(run.success, "{}", run.log);
+    queue_job(&q, "two", &[("bin/construir", fill("big2").as_bytes())], &["--cache", "big2"]);
+    let run = q.run_with_images(debian_images(), &limits);
+    assert!(run.success, "{}", run.log);
+    for name in ["one", "two"] {
+        assert_eq!(job_status(&q.done(&format!("{name}_d100.tar.xz")))["result"], "ok", "{}", run.log);
+    }
+    assert!(run.log.contains("i100/big1 removed: local's caches were over 47185920 bytes"), "{}", run.log);
+    let out = Command::new(bin("construir-host"))
+        .args(["cache", "list", "--json"])
+        .arg(&q.queue)
+        .output()
+        .expect("cache list");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let names: Vec<&str> = listed.as_array().expect("a list").iter().filter_map(|c| c["name"].as_str()).collect();
+    assert_eq!(names, ["big2"], "{listed}");
+    // The evicted one starts again empty; the kept one is as its job left it.
+    let both =
+        "#!/bin/sh\nfor c in big1 big2; do echo \"$c: $(ls -A /cache/$c | grep -v lost+found | tr '\\n' ' ')\"; done\n";
+    queue_job(&q, "three", &[("bin/construir", both.as_bytes())], &["--cache", "big1,big2"]);
+    let run = q.run_with_images(debian_images(), &limits);
+    assert!(run.success, "{}", run.log);
+    let done = q.done("three_d100.tar.xz");
+    let status = job_status(&done);
+    assert_eq!(
+        (cache_status(&status, "big1")["version"].as_u64(), cache_status(&status, "big2")["version"].as_u64()),
+        (Some(0), Some(1))
+    );
+    let output = String::from_utf8(job_log(&done)).expect("utf8");
+    assert!(output.contains("big1: \n") && output.contains("big2: blob \n"), "{output}");
+}
