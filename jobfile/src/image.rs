@@ -161,7 +161,7 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
             n => h.update(&buf[..n]),
         }
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::hex(&h.finalize()))
 }
 
 #[cfg(test)]

@@ -35,6 +35,11 @@ pub use pack::{pack_dir, pack_onto, PackError, PackOptions, PackReport};
 pub use status::{JobStatus, Outcome};
 pub use tar_reader::{ArchiveError, ArchiveReader, Header, Kind, ReadLimits};
 pub use text::sanitize;
+
+/// Bytes in lowercase hex (how every sha256 here is written).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 pub use unpack::{unpack, UnpackError, UnpackOptions, UnpackReport};
 pub use xz::{EncodeOptions, XzError, XzReader};
 

@@ -369,6 +369,59 @@ pub fn sanitize_json(value: serde_json::Value) -> serde_json::Value {
     }
 }
 
+/// One entry of an archive as provenance and rebuild checks compare it:
+/// its path (raw bytes, shown escaped), kind, mode, and for a regular file
+/// its size and sha256 (lowercase hex); for a link, its target.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EntryDigest {
+    pub path: String,
+    pub kind: char,
+    pub mode: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+}
+
+/// Every entry of the archive in the job file or result at `path`, in
+/// archive order, each regular file hashed as it streams by (within `limits`).
+pub fn digests(path: &Path, limits: ReadLimits) -> Result<Vec<EntryDigest>, JobToolError> {
+    use sha2::Digest;
+    let read_err = |source| JobToolError::Read { path: path.to_owned(), source };
+    let mut archive = open_archive(path, limits)?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    while let Some(h) = archive.next_entry().map_err(read_err)? {
+        let (mut size, mut sha256) = (None, None);
+        if h.kind == crate::Kind::File {
+            let mut hasher = sha2::Sha256::new();
+            let mut n = 0u64;
+            loop {
+                let got = archive.read_data(&mut buf).map_err(read_err)?;
+                if got == 0 {
+                    break;
+                }
+                hasher.update(&buf[..got]);
+                n += got as u64;
+            }
+            size = Some(n);
+            sha256 = Some(crate::hex(&hasher.finalize()));
+        }
+        out.push(EntryDigest {
+            path: sanitize(&h.path),
+            kind: h.kind.letter(),
+            mode: h.mode,
+            size,
+            sha256,
+            link: h.link.as_deref().map(sanitize),
+        });
+    }
+    archive.finish().map_err(read_err)?;
+    Ok(out)
+}
+
 /// `job list`: one line per entry, like `tar -tv`, paths escaped.
 pub fn list(path: &Path, out: &mut dyn Write, limits: ReadLimits) -> Result<u64, JobToolError> {
     let read_err = |source| JobToolError::Read { path: path.to_owned(), source };

@@ -1,0 +1,105 @@
+//! The in-toto Statement v1 with the SLSA provenance v1 predicate, as plain
+//! serde types under the published field names.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `_type` of an in-toto Statement v1.
+pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
+/// `predicateType` of SLSA provenance v1.
+pub const PREDICATE_TYPE: &str = "https://slsa.dev/provenance/v1";
+/// What a construir job's build definition means (a URN: it names, it is not fetched).
+pub const BUILD_TYPE: &str = "urn:construir:build-type:job:v1";
+
+/// An in-toto Statement v1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Statement {
+    #[serde(rename = "_type")]
+    pub type_: String,
+    pub subject: Vec<ResourceDescriptor>,
+    #[serde(rename = "predicateType")]
+    pub predicate_type: String,
+    pub predicate: Provenance,
+}
+
+/// An in-toto ResourceDescriptor: what a subject, a dependency or a byproduct is.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResourceDescriptor {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uri: String,
+    /// Algorithm -> lowercase hex (`sha256` here).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub digest: BTreeMap<String, String>,
+    #[serde(rename = "mediaType", default, skip_serializing_if = "String::is_empty")]
+    pub media_type: String,
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub annotations: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ResourceDescriptor {
+    /// A file named `name` with its sha256.
+    pub fn file(name: impl Into<String>, sha256: impl Into<String>) -> ResourceDescriptor {
+        ResourceDescriptor {
+            name: name.into(),
+            digest: [("sha256".to_owned(), sha256.into())].into_iter().collect(),
+            ..Default::default()
+        }
+    }
+
+    pub fn sha256(&self) -> Option<&str> {
+        self.digest.get("sha256").map(String::as_str)
+    }
+}
+
+/// The SLSA provenance v1 predicate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    #[serde(rename = "buildDefinition")]
+    pub build_definition: BuildDefinition,
+    #[serde(rename = "runDetails")]
+    pub run_details: RunDetails,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildDefinition {
+    #[serde(rename = "buildType")]
+    pub build_type: String,
+    /// What the submitter chose: the job file, the image, the declared packages and caches.
+    #[serde(rename = "externalParameters")]
+    pub external_parameters: serde_json::Value,
+    /// What the host chose: QEMU, the accelerator, CPUs, memory, the jail.
+    #[serde(rename = "internalParameters", default)]
+    pub internal_parameters: serde_json::Value,
+    /// Everything that went into the VM, by digest.
+    #[serde(rename = "resolvedDependencies", default)]
+    pub resolved_dependencies: Vec<ResourceDescriptor>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunDetails {
+    pub builder: Builder,
+    #[serde(default)]
+    pub metadata: Metadata,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub byproducts: Vec<ResourceDescriptor>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Builder {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub version: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Metadata {
+    #[serde(rename = "invocationId", default, skip_serializing_if = "String::is_empty")]
+    pub invocation_id: String,
+    #[serde(rename = "startedOn", default, skip_serializing_if = "String::is_empty")]
+    pub started_on: String,
+    #[serde(rename = "finishedOn", default, skip_serializing_if = "String::is_empty")]
+    pub finished_on: String,
+}
