@@ -305,6 +305,25 @@ pub fn cgroups(setup: &Setup, root: bool) -> Check {
     ok("cgroups", format!("cgroup v2 with memory, pids and cpu; VM groups under {}", parent.display()))
 }
 
+/// The key the host signs each result's provenance with: its public half,
+/// or what keeps `run` from having one (doctor makes none).
+pub fn host_key(path: &Path) -> Check {
+    match construir_provenance::HostKey::load(path) {
+        Ok(key) => ok("host key", format!("{} ({})", key.public(), path.display())),
+        Err(construir_provenance::KeyError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            ok(
+                "host key",
+                format!("none yet at {}: `run` makes it at first start (construir-host key prints it)", path.display()),
+            )
+        }
+        Err(e) => fail(
+            "host key",
+            e.to_string(),
+            "fix or remove the file; `run` makes a new one (its results are then signed by a new key)",
+        ),
+    }
+}
+
 /// Landlock, as a layer of the jail.
 pub fn landlock() -> Check {
     match jail::landlock_abi() {

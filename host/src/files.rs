@@ -147,6 +147,27 @@ impl io::Read for ReadAt<'_> {
     }
 }
 
+/// The sha256 of everything in `f` (read through the descriptor, from its
+/// start; the file's offset is left alone), in lowercase hex.
+pub fn sha256(f: &File) -> io::Result<String> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    loop {
+        match f.read_at(&mut buf, at) {
+            Ok(0) => break,
+            Ok(n) => {
+                h.update(&buf[..n]);
+                at += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(jobfile::hex(&h.finalize()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,6 +17,7 @@ pub mod logger;
 pub mod metrics;
 pub mod packages;
 pub mod pending;
+pub mod provenance;
 pub mod qemu;
 pub mod queue;
 pub mod remote;

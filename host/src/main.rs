@@ -41,6 +41,22 @@ fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
         }
         Command::Job(cmd) => run_job(cmd).map(|()| ExitCode::SUCCESS),
         Command::Cache(cmd) => run_cache(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Key { at, host_id, host_key } => {
+            let (shared, _, file) = at.resolve()?;
+            let host_id = host_id
+                .or_else(|| file.value("host-id").map(|v| v.to_string_lossy().into_owned()))
+                .unwrap_or_else(construir_host::daemon::default_host_id);
+            let path = host_key
+                .or_else(|| file.value("host-key").map(std::path::PathBuf::from))
+                .unwrap_or_else(|| construir_host::provenance::default_key_path(&shared.queue, &host_id));
+            let (key, made) = construir_provenance::HostKey::load_or_create(&path)
+                .with_context(|| format!("cannot have a host key at {}", path.display()))?;
+            if made {
+                eprintln!("construir-host: made a new host key at {}", path.display());
+            }
+            println!("{} {host_id}", key.public());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Completions { shell } => {
             use std::io::Write;
             std::io::stdout().write_all(&jobfile::manual::completions(Cli::command(), shell))?;

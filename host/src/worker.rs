@@ -47,6 +47,8 @@ pub struct Limits {
     pub packages: Option<Arc<Packages>>,
     /// Jobs' build caches (`None`: off; a job that names caches gets empty directories).
     pub caches: Option<Arc<Caches>>,
+    /// Signs each result's provenance (`None`: results go without).
+    pub signer: Option<Arc<crate::provenance::Signer>>,
 }
 
 /// The working copy's name in the VM's directory.
@@ -93,6 +95,12 @@ pub fn run(
         Err(e) => {
             return fail(dirs, job, "not_taken", &claimed, &format!("cannot take the claimed job file: {e}"), None)
         }
+    };
+    // For its provenance: the job file as it came, before any VM has it.
+    let claimed_at = jobfile::status::rfc3339(std::time::SystemTime::now());
+    let job_sha256 = match limits.signer {
+        Some(_) => Some(crate::files::sha256(&disk)?),
+        None => None,
     };
     // Its packages: refused here, before any VM, when they cannot be had.
     let pinned = match jobfile::layout::read_pin(&dirs.running, file_name) {
@@ -143,7 +151,7 @@ pub fn run(
                     let verdict = verdict(&st, "the job did not run", started.elapsed());
                     let mut log = console;
                     log.extend_from_slice(format!("{}{verdict}\n", jobfile::tools::VERDICT_PREFIX).as_bytes());
-                    return deliver(dirs, limits, &prepared, &disk, scanned, job, file_name, &st, &log, verdict);
+                    return deliver(dirs, limits, &prepared, &disk, scanned, job, file_name, &st, &log, verdict, None);
                 }
                 Built::Broken(reason, log) => return fail(dirs, job, "layer_failed", &claimed, &reason, Some(&log)),
                 Built::Stopped => {
@@ -157,6 +165,19 @@ pub fn run(
     // Its build caches: each lent as a working copy of its last kept version.
     let cache_names = declaration.as_ref().map(|(d, _)| d.caches.clone()).unwrap_or_default();
     let (checkouts, given) = lend_caches(dirs, limits, file_name, job, &cache_names);
+    let record = limits.signer.as_ref().zip(job_sha256).map(|(signer, job_sha256)| {
+        let owner = jobfile::layout::read_owner(&dirs.running, file_name).ok().flatten();
+        let inputs = crate::provenance::Inputs {
+            file_name,
+            job_sha256,
+            image: &image,
+            packages: declaration.as_ref().map(|(d, _)| d.packages.clone()).unwrap_or_default(),
+            caches: &given,
+            layer: layer.as_ref().map(|l| &l.record),
+            owner: owner.as_deref().or(Some(caches::LOCAL_OWNER)),
+        };
+        crate::provenance::Record::new(inputs, claimed_at.clone(), limits, &signer.jail, &signer.qemu)
+    });
     let guest = jobfile::cmdline::Settings {
         job_device: manifest.job_device.clone().into(),
         layer: layer.as_ref().map(|l| l.record.key.clone()),
@@ -309,7 +330,7 @@ pub fn run(
             let verdict = verdict(&st, &how, started.elapsed());
             let mut log = preface;
             log.extend(vm.console.finish(&verdict));
-            deliver(dirs, limits, &prepared, &disk, scanned, job, file_name, &st, &log, verdict)
+            deliver(dirs, limits, &prepared, &disk, scanned, job, file_name, &st, &log, verdict, record.as_ref())
         }
         None => {
             let reason = if powered_off {
@@ -419,11 +440,33 @@ fn deliver(
     st: &JobStatus,
     log: &[u8],
     verdict: String,
+    record: Option<&crate::provenance::Record>,
 ) -> io::Result<Ending> {
     let tag = queue::unique_tag(&limits.host_id);
     let staged = queue::stage(dirs, &prepared.dir.fd, OsStr::new(DISK), disk, scanned.size, job, log, &tag)?;
+    // Its provenance, signed over the result as staged; in place once the result is.
+    let signed = limits.signer.as_ref().zip(record).and_then(|(signer, record)| {
+        let result = dirs.done.join(&staged.result);
+        crate::provenance::sign_staged(&dirs.done, signer, record, job, &result, log, &limits.host_id, &tag)
+            .inspect_err(|e| {
+                log::error!("job {}: cannot sign its provenance: {}", job.input_file_name(), jobfile::error_chain(e))
+            })
+            .ok()
+    });
     queue::note_delivery(dirs, file_name, &staged)?;
     let delivery = queue::land(dirs, job, &staged)?;
+    if let Some(prov) = signed {
+        match &delivery {
+            queue::Delivery::Done(_) => {
+                if let Err(e) = crate::provenance::land_beside(&dirs.done, &prov, job) {
+                    log::error!("job {}: cannot put its provenance in place: {e}", job.input_file_name());
+                }
+            }
+            queue::Delivery::Taken { .. } => {
+                let _ = fs::remove_file(dirs.done.join(prov));
+            }
+        }
+    }
     metrics::job_finished(st.result.as_str(), job.image());
     if let Some(secs) = st.duration_secs {
         metrics::observe_run(job.image(), secs);

@@ -13,7 +13,9 @@
 //! running/.pins/<file>.owner  whose caches <file> uses (the server's account, `a<id>`)
 //! running/.caches/generations.json  the server's cleared caches (owner -> name -> generation)
 //! running/.caches/host.<host-id>.json  the build caches that host holds, as it last said
-//! done/<name>_d<image>.tar.xz a result, with <name>_d<image>.log
+//! done/<name>_d<image>.tar.xz a result, with <name>_d<image>.log and
+//!                             <name>_d<image>.intoto.jsonl (its signed provenance)
+//! running/.keys/<host-id>.pub a host's public key, for the server
 //! failed/<file>               a failed job, with <file>.reason (first line: why;
 //!                             a refused one also "original name: ...") and maybe <file>.log
 //! images/i<N>/                the base images
@@ -287,6 +289,22 @@ pub fn read_small(path: &Path, max: u64) -> Result<Option<Vec<u8>>, String> {
     let mut raw = Vec::new();
     file.take(max).read_to_end(&mut raw).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     Ok(Some(raw))
+}
+
+/// The extension of a result's signed provenance, beside it in `done/`.
+pub const PROVENANCE_EXTENSION: &str = "intoto.jsonl";
+
+/// The provenance file beside the result at `result` (`x_d1.tar.xz` ->
+/// `x_d1.intoto.jsonl`; any other name gets the extension added).
+pub fn provenance_beside(result: &Path) -> PathBuf {
+    let name = result.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = name.strip_suffix(crate::name::SUFFIX).unwrap_or(&name);
+    result.with_file_name(format!("{stem}.{PROVENANCE_EXTENSION}"))
+}
+
+/// Where a host on the queue publishes its public key: `running/.keys/<host-id>.pub`.
+pub fn host_key_file(running: &Path, host_id: &str) -> PathBuf {
+    running.join(".keys").join(format!("{host_id}.pub"))
 }
 
 /// Where cancel requests are: `running/.cancel/`, shared by every host on the queue.

@@ -157,6 +157,29 @@ impl PublicKey {
     }
 }
 
+/// Keys as a command line gives them: each `ed25519:<base64>`, or a file
+/// holding one per line (`construir-host key`'s output, `GET /v1/hosts/keys`
+/// as text).
+pub fn keys_from_args(args: &[String]) -> Result<Vec<PublicKey>, KeyError> {
+    let mut out = Vec::new();
+    for arg in args {
+        if arg.starts_with(PUBLIC_PREFIX) {
+            out.push(PublicKey::parse(arg)?);
+            continue;
+        }
+        let path = PathBuf::from(arg);
+        let text = fs::read_to_string(&path).map_err(|source| KeyError::Read { path: path.clone(), source })?;
+        let before = out.len();
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            out.push(PublicKey::parse(line)?);
+        }
+        if out.len() == before {
+            return Err(KeyError::Public(format!("{} holds no key", path.display())));
+        }
+    }
+    Ok(out)
+}
+
 impl std::fmt::Display for PublicKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{PUBLIC_PREFIX}{}", B64.encode(self.0.as_bytes()))

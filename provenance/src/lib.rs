@@ -18,7 +18,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 pub use dsse::Envelope;
-pub use key::{HostKey, KeyError, PublicKey};
+pub use key::{keys_from_args, HostKey, KeyError, PublicKey};
 pub use statement::{ResourceDescriptor, Statement};
 
 use jobfile::tools::EntryDigest;
@@ -170,6 +170,22 @@ pub struct Verified {
     pub key: PublicKey,
     /// Files in the result checked against the statement.
     pub files: usize,
+}
+
+impl Verified {
+    /// One line for a person: who signed, what it covers, what ran it.
+    pub fn summary(&self) -> String {
+        let p = &self.statement.predicate;
+        let ext = &p.build_definition.external_parameters;
+        format!(
+            "signed by {} ({}); the result and its {} file(s) match; image {}, job file sha256 {}",
+            self.key,
+            jobfile::sanitize(p.run_details.builder.id.as_bytes()),
+            self.files,
+            jobfile::sanitize(ext["image"]["name"].as_str().unwrap_or("?").as_bytes()),
+            jobfile::sanitize(ext["job"]["digest"]["sha256"].as_str().unwrap_or("?").as_bytes()),
+        )
+    }
 }
 
 /// Reads the envelopes in the provenance file at `path`.

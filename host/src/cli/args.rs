@@ -63,6 +63,18 @@ pub(crate) enum Command {
     /// Make and read job files (for people who submit jobs).
     #[command(subcommand)]
     Job(JobCommand),
+    /// Print this host's public key (ed25519:<base64>), which checks the provenance of its
+    /// results; the key is made when there is none yet.
+    Key {
+        #[command(flatten)]
+        at: QueueArgs,
+        /// The host's id [default: the config file's, or this machine's hostname].
+        #[arg(long)]
+        host_id: Option<String>,
+        /// The key file [default: QUEUE/../keys/<host-id>.key, or the config file's host-key].
+        #[arg(long, value_name = "FILE")]
+        host_key: Option<PathBuf>,
+    },
     /// The build caches this host keeps for the jobs that name them (`run --caches`).
     #[command(subcommand)]
     Cache(CacheCommand),
@@ -206,6 +218,10 @@ pub(crate) struct RunArgs {
     /// The most bytes of build caches kept for one owner; the least recently used go first.
     #[arg(long, default_value = "16G", value_parser = size_arg)]
     pub(crate) cache_owner_size: u64,
+    /// The ed25519 key this host signs each result's provenance with; made at first start,
+    /// 0600 [default: QUEUE/../keys/<host-id>.key; for run-one, IMAGES/../keys/<host-id>.key].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) host_key: Option<PathBuf>,
 }
 
 /// `run-one`: one job file through the same machinery, without a queue.
@@ -357,6 +373,20 @@ pub(crate) enum JobCommand {
         dir: PathBuf,
         #[command(flatten)]
         bounds: ReadBounds,
+    },
+    /// Check a result against its signed provenance: the signature by one of the keys given,
+    /// the result's sha256, every file in it, and its log when it is beside it. Exits 1
+    /// saying which check failed.
+    Verify {
+        /// The result, <name>_d<image>.tar.xz.
+        file: PathBuf,
+        /// Its provenance [default: <name>_d<image>.intoto.jsonl beside it].
+        #[arg(long, value_name = "FILE")]
+        provenance: Option<PathBuf>,
+        /// A host's public key (ed25519:<base64>), or a file of them, one per line; repeat for
+        /// more. `construir-host key` prints a host's.
+        #[arg(long = "key", value_name = "KEY", required = true)]
+        keys: Vec<String>,
     },
 }
 

@@ -58,6 +58,8 @@ pub(crate) fn doctor(a: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCod
     checks.push(kvm_check(&a, &dirs, root, qemu_ok));
     checks.push(doctor::cgroups(&setup, root));
     checks.push(doctor::landlock());
+    let key = a.host_key.clone().unwrap_or_else(|| construir_host::provenance::default_key_path(&dirs.queue, &host_id));
+    checks.push(doctor::host_key(&key));
     checks.extend(doctor::free_space(&setup));
     for c in &checks {
         println!("{c}");

@@ -16,7 +16,7 @@ use jobfile::tools::{self};
 /// until it is empty; then the result and log go beside the job file.
 pub(crate) fn run_one(args: RunOneArgs) -> Result<ExitCode> {
     use construir_host::remote::move_file;
-    let a = args.run;
+    let mut a = args.run;
     logger::init(a.verbose, a.log_format);
     if a.queue.is_some() || a.server.is_some() || a.once {
         bail!("run-one takes the job FILE alone: no QUEUE, --server or --once");
@@ -45,6 +45,10 @@ pub(crate) fn run_one(args: RunOneArgs) -> Result<ExitCode> {
     let spool = nix::unistd::mkdtemp(&base.join("construir-run-one.XXXXXX"))
         .with_context(|| format!("cannot make a spool in {}", base.display()))?;
     let host_id = a.host_id.clone().unwrap_or_else(daemon::default_host_id);
+    // The key outlives the private spool: beside the images, as a host's is beside its queue.
+    if a.host_key.is_none() {
+        a.host_key = Some(construir_host::provenance::default_key_path(&images.join("queue"), &host_id));
+    }
     let shared = Beside { images, ..Beside::queue(&spool.join("queue")) };
     let dirs = Dirs::of(shared, &host_id, spool.join("work"));
     let outcome = (|| -> Result<ExitCode> {
@@ -61,6 +65,10 @@ pub(crate) fn run_one(args: RunOneArgs) -> Result<ExitCode> {
             let log = dirs.done.join(job.done_with_extension("log"));
             let verdict = tools::log_verdict(&log).unwrap_or_else(|| "(no verdict)".to_owned());
             move_file(&log, &out.join(job.done_with_extension("log")))?;
+            let provenance = jobfile::layout::provenance_beside(&result);
+            if provenance.exists() {
+                move_file(&provenance, &jobfile::layout::provenance_beside(&result_path))?;
+            }
             move_file(&result, &result_path)?;
             println!("{}", result_path.display());
             eprintln!("construir-host: {name}: {verdict}");

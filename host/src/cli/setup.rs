@@ -93,7 +93,8 @@ pub(crate) fn prepare(a: &RunArgs, dirs: Dirs, host_id: String) -> Result<(RunOp
     } else {
         None
     };
-    log::info!("{}", layers(major, minor, a.vm_ids, &confiner, cgroups.is_some(), a.enable_networking));
+    let cgroups_on = cgroups.is_some();
+    log::info!("{}", layers(major, minor, a.vm_ids, &confiner, cgroups_on, a.enable_networking));
     let decision = kvm::decide(a.accel.into(), &a.qemu, &dirs.images, &dirs.work, || Ok(confiner.clone()));
     match &decision {
         kvm::Decision::NotProbed(why) => {
@@ -123,6 +124,7 @@ pub(crate) fn prepare(a: &RunArgs, dirs: Dirs, host_id: String) -> Result<(RunOp
         );
         Arc::new(caches)
     });
+    let signer = Arc::new(signer(a, &dirs, &host_id, major, minor, &confiner, cgroups_on)?);
     let limits = Limits {
         packages: Some(Arc::new(packages)),
         caches,
@@ -138,6 +140,7 @@ pub(crate) fn prepare(a: &RunArgs, dirs: Dirs, host_id: String) -> Result<(RunOp
         console_limit: usize::try_from(a.log_limit).unwrap_or(usize::MAX).max(4096),
         accel,
         qemu: a.qemu.clone(),
+        signer: Some(signer),
         host_id,
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -156,6 +159,30 @@ pub(crate) fn prepare(a: &RunArgs, dirs: Dirs, host_id: String) -> Result<(RunOp
         metrics_file: a.metrics_file.clone(),
     };
     Ok((opts, stop))
+}
+
+/// This host's signing key (made at first start) and the facts each
+/// statement names; its public half published beside the queue for the server.
+fn signer(
+    a: &RunArgs,
+    dirs: &Dirs,
+    host_id: &str,
+    major: u32,
+    minor: u32,
+    confiner: &Confiner,
+    cgroups: bool,
+) -> Result<construir_host::provenance::Signer> {
+    let path = a.host_key.clone().unwrap_or_else(|| construir_host::provenance::default_key_path(&dirs.queue, host_id));
+    let (key, made) = construir_provenance::HostKey::load_or_create(&path)
+        .with_context(|| format!("cannot have a host key at {}", path.display()))?;
+    log::info!("results are signed by {} ({}{})", key.public(), path.display(), if made { ", made now" } else { "" });
+    construir_host::provenance::publish(&dirs.running, host_id, &key)
+        .with_context(|| format!("cannot publish the host key in {}", dirs.running.display()))?;
+    Ok(construir_host::provenance::Signer {
+        key,
+        qemu: format!("{major}.{minor}"),
+        jail: layers(major, minor, a.vm_ids, confiner, cgroups, a.enable_networking),
+    })
 }
 
 /// What each VM is confined by: its own uid, namespaces and root when the host is root.
