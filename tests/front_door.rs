@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use construir_e2e::server::{
-    add_account, api, client, connect_from, http, job_bytes, lease_body, read_answer, server_cmd, submit_raw,
-    upload_files, Answer, Server,
+    add_account, api, client, connect_from, delivery, http, job_bytes, lease_body, read_answer, result_bytes,
+    server_cmd, signed_provenance, submit_raw, test_host_key, upload_files, Answer, Server,
 };
 use construir_e2e::{wait_for, Queue};
 
@@ -481,25 +481,34 @@ fn two_deliveries_on_one_lease_never_share_a_staging_file_and_the_accepted_resul
     assert_eq!(a.code, 201);
     let (id, seq) = lease_one(&addr, &host);
     let log = b"construir-host: verdict: ok (exit code 0)\n";
-    let path = format!("/v1/host/jobs/{id}/done?seq={seq}&log_bytes={}", log.len());
-    // The first delivery starts, sends half its result, and waits.
+    let key = test_host_key();
+    let (a_result, b_result) = (result_bytes(&"A".repeat(1000)), result_bytes(&"B".repeat(1000)));
+    let (path, a_body) = delivery(&id, seq, log, &signed_provenance(&key, &a_result, log), &a_result);
+    // The first delivery starts, sends all but the last 100 bytes of its result, and waits.
     let mut first = TcpStream::connect(&addr).expect("connect");
-    let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", log.len() + 2000);
+    let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", a_body.len());
     first.write_all(head.as_bytes()).expect("send");
-    first.write_all(log).expect("send");
-    first.write_all(&[b'A'; 1000]).expect("send");
+    first.write_all(&a_body[..a_body.len() - 100]).expect("send");
     std::thread::sleep(Duration::from_millis(500));
     // The second delivers whole and is accepted.
-    let mut body = log.to_vec();
-    body.extend_from_slice(&[b'B'; 1000]);
-    let second = api(&addr, &host, "POST", &path, &body);
+    let (b_path, b_body) = delivery(&id, seq, log, &signed_provenance(&key, &b_result, log), &b_result);
+    let second = api(&addr, &host, "POST", &b_path, &b_body);
     assert_eq!(second.code, 200, "{second:?}");
     // The first goes on: refused, and the accepted result is untouched.
-    first.write_all(&[b'A'; 1000]).expect("send");
+    first.write_all(&a_body[a_body.len() - 100..]).expect("send");
     let answer = read_answer(&mut first);
     assert_eq!(answer.code, 409, "{answer:?}");
     let result = fs::read(q.done.join(format!("alice.{id}.twice_d0.tar.xz"))).expect("the result");
-    assert_eq!(result, vec![b'B'; 1000]);
+    assert_eq!(result, b_result);
+    // Its provenance beside it is the second's, and verifies.
+    let provenance = q.done.join(format!("alice.{id}.twice_d0.intoto.jsonl"));
+    let checked = construir_provenance::verify(
+        &q.done.join(format!("alice.{id}.twice_d0.tar.xz")),
+        &provenance,
+        &[key.public()],
+        None,
+    );
+    assert!(checked.is_ok(), "{checked:?}");
     let staged: Vec<String> = fs::read_dir(&q.done)
         .expect("ls")
         .flatten()

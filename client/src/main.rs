@@ -84,6 +84,9 @@ enum Command {
         follow: bool,
     },
     /// Download the job's result (without its zero padding).
+    /// Its signed provenance comes too (<name>_d<image>.intoto.jsonl beside it) and is checked
+    /// against the keys the server publishes for its hosts; a result that does not check out is
+    /// kept as FILE.unverified and the command exits 1.
     Fetch {
         id: String,
         /// Where to write it [default: <name>_d<image>.tar.xz here].
@@ -92,6 +95,23 @@ enum Command {
         /// Then extract it safely into DIR (new or empty).
         #[arg(long, value_name = "DIR")]
         unpack: Option<PathBuf>,
+        /// Take the result without checking its provenance.
+        #[arg(long)]
+        no_verify: bool,
+    },
+    /// Check a result against its signed provenance, offline: the signature by one of the
+    /// keys, the result's sha256, every file in it, and its log when it is beside it. Exits 1
+    /// saying which check failed.
+    Verify {
+        /// The result, <name>_d<image>.tar.xz.
+        file: PathBuf,
+        /// Its provenance [default: <name>_d<image>.intoto.jsonl beside it].
+        #[arg(long, value_name = "FILE")]
+        provenance: Option<PathBuf>,
+        /// A host's public key (ed25519:<base64>), or a file of them, one per line; repeat for
+        /// more [default: the keys the server publishes for its hosts].
+        #[arg(long = "key", value_name = "KEY")]
+        keys: Vec<String>,
     },
     /// Your jobs, newest first.
     List,
@@ -274,6 +294,16 @@ impl Client {
     }
 }
 
+/// The keys the server publishes for its hosts (`GET /v1/hosts/keys`).
+fn server_keys(client: &Client) -> Result<Vec<construir_provenance::PublicKey>> {
+    let wire::HostKeys { keys } = client.get("hosts/keys")?;
+    let keys: Vec<_> = keys.iter().filter_map(|k| construir_provenance::PublicKey::parse(&k.key).ok()).collect();
+    if keys.is_empty() {
+        bail!("the server publishes no host keys: no host has signed a result for it yet");
+    }
+    Ok(keys)
+}
+
 /// Says so when a file holding a token can be read by others than its owner.
 fn warn_if_readable(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
@@ -430,7 +460,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
-        Command::Fetch { id, out, unpack } => {
+        Command::Fetch { id, out, unpack, no_verify } => {
             let client = client()?;
             let job = client.job(&id)?;
             let name = jobfile::JobName::new(&job.name, &job.image)
@@ -447,6 +477,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             f.sync_all()?;
             std::fs::rename(&tmp, &out)?;
             eprintln!("construir: {} ({}) -> {}", id, human_size(n.unwrap_or(0)), out.display());
+            if !no_verify {
+                let provenance = jobfile::layout::provenance_beside(&out);
+                let fetched = (|| -> Result<()> {
+                    let mut p =
+                        File::create(&provenance).with_context(|| format!("cannot create {}", provenance.display()))?;
+                    client.download(&format!("jobs/{}/provenance", checked_id(&id)?), &mut p)?;
+                    p.sync_all()?;
+                    Ok(())
+                })();
+                let checked = fetched.and_then(|()| {
+                    let keys = server_keys(&client)?;
+                    construir_provenance::verify(&out, &provenance, &keys, None)
+                        .map_err(|e| anyhow::anyhow!("{}", jobfile::error_chain(&e)))
+                });
+                match checked {
+                    Ok(v) => eprintln!("construir: verified: {}", v.summary()),
+                    Err(e) => {
+                        let aside = out.with_extension("xz.unverified");
+                        std::fs::rename(&out, &aside)?;
+                        bail!(
+                            "{}: not verified: {e:#}; kept as {} (--no-verify takes a result without checking)",
+                            out.display(),
+                            aside.display()
+                        );
+                    }
+                }
+            }
             if let Some(dir) = unpack {
                 unpack_into(&out, &dir)?;
             }
@@ -484,6 +541,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     shown(&h.image_names()),
                     if h.your_caches.is_empty() { "-".to_owned() } else { shown(&h.your_caches.join(", ")) }
                 );
+            }
+            // The keys their results are signed with, as the server pinned them.
+            if hosts.iter().any(|h| h.key.is_some()) {
+                println!();
+                println!("{:<20} SIGNS WITH", "HOST");
+                for h in hosts.iter().filter(|h| h.key.is_some()) {
+                    println!("{:<20} {}", shown(&h.name), shown(h.key.as_deref().unwrap_or_default()));
+                }
             }
         }
         Command::Cache(CacheCommand::List { json }) => {
@@ -552,6 +617,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}{}", client.server, shown(&link.path));
         }
         Command::Unpack { file, dir } => unpack_into(&file, &dir)?,
+        Command::Verify { file, provenance, keys } => {
+            let keys =
+                if keys.is_empty() { server_keys(&client()?)? } else { construir_provenance::keys_from_args(&keys)? };
+            let provenance = provenance.unwrap_or_else(|| jobfile::layout::provenance_beside(&file));
+            let log = file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".tar.xz"))
+                .map(|stem| file.with_file_name(format!("{stem}.log")))
+                .filter(|l| l.exists());
+            match construir_provenance::verify(&file, &provenance, &keys, log.as_deref()) {
+                Ok(v) => println!("{}: verified: {}", file.display(), v.summary()),
+                Err(e) => bail!("{}: not verified: {}", file.display(), jobfile::error_chain(&e)),
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -27,6 +27,16 @@ use jobfile::tools::EntryDigest;
 pub const MAX_PROVENANCE: u64 = 16 << 20;
 /// The annotation that marks a subject as the result file itself.
 pub const KIND: &str = "construir.kind";
+/// On the result's subject: why its files are not listed one by one (its
+/// archive cannot be read within [`member_limits`]); the result's own digest still binds it.
+pub const UNLISTED: &str = "construir.files-unlisted";
+
+/// What listing a result's files may cost: bytes the archive produces, and
+/// time. A guest can make a small result expand hugely; past this only the
+/// whole file's digest is signed.
+pub fn member_limits() -> jobfile::ReadLimits {
+    jobfile::ReadLimits::new(4 << 30, std::time::Duration::from_secs(120))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvenanceError {
@@ -76,8 +86,12 @@ pub fn statement(job: &Job<'_>) -> Result<Statement, ProvenanceError> {
         .map_err(|source| ProvenanceError::Hash { path: job.result.to_owned(), source })?;
     let mut result = ResourceDescriptor::file(job.result_name.clone(), whole);
     result.annotations.insert(KIND.into(), "result".into());
+    let listed = members(job.result);
+    if let Err(why) = &listed {
+        result.annotations.insert(UNLISTED.into(), jobfile::error_chain(why).into());
+    }
     let mut subject = vec![result];
-    subject.extend(members(job.result)?.into_iter().filter_map(|e| {
+    subject.extend(listed.unwrap_or_default().into_iter().filter_map(|e| {
         let mut d = ResourceDescriptor::file(e.path, e.sha256?);
         d.annotations.insert("mode".into(), format!("{:04o}", e.mode).into());
         Some(d)
@@ -112,7 +126,7 @@ pub fn statement(job: &Job<'_>) -> Result<Statement, ProvenanceError> {
 
 /// The entries of the result at `path`, each regular file hashed.
 fn members(path: &Path) -> Result<Vec<EntryDigest>, ProvenanceError> {
-    jobfile::tools::digests(path, jobfile::tools::default_limits("list"))
+    jobfile::tools::digests(path, member_limits())
         .map_err(|source| ProvenanceError::List { path: path.to_owned(), source })
 }
 
@@ -239,8 +253,11 @@ pub fn verify(
     if actual != expected {
         return Err(VerifyError::ResultChanged { expected, actual });
     }
-    let in_result =
-        jobfile::tools::digests(result, jobfile::tools::default_limits("list")).map_err(VerifyError::List)?;
+    // Its digest matched: the files in it are the signed ones unless the host signed others.
+    if whole.annotations.contains_key(UNLISTED) {
+        return Ok(Verified { statement, key, files: 0 });
+    }
+    let in_result = jobfile::tools::digests(result, member_limits()).map_err(VerifyError::List)?;
     let signed: Vec<&ResourceDescriptor> =
         statement.subject.iter().filter(|s| s.annotations.get(KIND).is_none()).collect();
     let mut files = 0;
@@ -373,6 +390,16 @@ mod tests {
         assert!(matches!(err, VerifyError::ResultChanged { .. }), "{err}");
         fs::write(&log, b"console, edited\n").expect("log");
         assert!(matches!(verify(&r, &prov, &[key.public()], Some(&log)), Err(VerifyError::LogChanged { .. })));
+
+        // A result that is no archive (a guest wrote garbage): its digest alone is signed, and checks.
+        let garbage = tmp.path().join("g_d0.tar.xz");
+        fs::write(&garbage, b"not an archive at all").expect("write");
+        let gst = statement(&job(&garbage, b"")).expect("statement of garbage");
+        assert_eq!(gst.subject.len(), 1);
+        assert!(gst.subject[0].annotations.contains_key(UNLISTED), "{:?}", gst.subject[0]);
+        let gp = tmp.path().join("g.jsonl");
+        write(&gp, &sign(&gst, &key)).expect("write");
+        assert_eq!(verify(&garbage, &gp, &[key.public()], None).expect("verifies").files, 0);
 
         // A host that signs a statement whose files do not match its result is caught too.
         let other_result = result(&tmp.path().join("o"), &[("out/a.txt", b"ALPHA"), ("job_status.json", b"{}")]);

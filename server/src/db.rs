@@ -619,6 +619,8 @@ pub struct HostRecord {
     pub disabled: bool,
     /// The build caches it last said it holds.
     pub caches: Vec<wire::HeldCache>,
+    /// The public key pinned for it (the first it signed with).
+    pub key: Option<String>,
 }
 
 impl HostRecord {
@@ -646,6 +648,38 @@ pub async fn host_seen(
     Ok(())
 }
 
+/// Pins `key` for host `account_id` when it has none yet; returns the key
+/// pinned now (this one, or the one it had).
+pub async fn pin_key(db: &Database, account: &Account, key: &str) -> Result<String, DbError> {
+    db.tx(async |tx| {
+        let pinned = tx
+            .execute("UPDATE hosts SET key = $1 WHERE account_id = $2 AND key IS NULL", params![key, account.id])
+            .await?;
+        if pinned == 1 {
+            audit_in(tx, Some(&account.name), "host_key_pinned", key).await?;
+        }
+        let row = tx.query_opt("SELECT key FROM hosts WHERE account_id = $1", params![account.id]).await?;
+        Ok(row.map(|r| r.opt_text(0)).transpose()?.flatten().unwrap_or_default())
+    })
+    .await
+}
+
+/// The key pinned for host `account_id`.
+pub async fn host_key(db: &Database, account_id: i64) -> Result<Option<String>, DbError> {
+    let row = db.query_opt("SELECT key FROM hosts WHERE account_id = $1", params![account_id]).await?;
+    Ok(row.map(|r| r.opt_text(0)).transpose()?.flatten())
+}
+
+/// Forgets the key pinned for host `name`: the next key it sends is pinned.
+pub async fn unpin_key(db: &Database, name: &str) -> Result<(), DbError> {
+    let account = account_by_name(db, name).await?.ok_or_else(|| DbError::NoAccount(name.to_owned()))?;
+    db.tx(async |tx| {
+        tx.execute("UPDATE hosts SET key = NULL WHERE account_id = $1", params![account.id]).await?;
+        audit_in(tx, Some(name), "host_key_unpinned", "").await
+    })
+    .await
+}
+
 /// Records that host `account_id` was heard from (a renewal), keeping what it said last.
 pub async fn host_touch(db: &Database, account_id: i64) -> Result<(), DbError> {
     db.execute(
@@ -659,7 +693,7 @@ pub async fn host_touch(db: &Database, account_id: i64) -> Result<(), DbError> {
 pub async fn hosts(db: &Database) -> Result<Vec<HostRecord>, DbError> {
     let rows = db
         .query(
-            "SELECT a.name, h.last_seen, h.last_seen_unix, h.images, h.capacity, h.version, a.disabled, h.caches
+            "SELECT a.name, h.last_seen, h.last_seen_unix, h.images, h.capacity, h.version, a.disabled, h.caches, h.key
          FROM hosts h JOIN accounts a ON a.id = h.account_id ORDER BY a.name",
             &[],
         )
@@ -676,6 +710,7 @@ pub async fn hosts(db: &Database) -> Result<Vec<HostRecord>, DbError> {
                 version: r.text(5)?,
                 disabled: r.int(6)? != 0,
                 caches: r.opt_text(7)?.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default(),
+                key: r.opt_text(8)?,
             })
         })
         .collect::<Result<_, SqlError>>()?)

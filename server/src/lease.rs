@@ -160,8 +160,10 @@ pub fn land(store: &Store, file_name: &str, id: &str, seq: u64, tag: &str, how: 
         Err(e) => Err(e),
     };
     if how == "done" {
-        // The log first: a result in done/ is how everyone sees that a job ended.
+        // The log and the provenance first: a result in done/ is how everyone sees that a job ended.
         place(&part(store, id, seq, tag, "log"), &store.done.join(job.done_with_extension("log")))?;
+        let provenance = store.done.join(job.done_with_extension(jobfile::layout::PROVENANCE_EXTENSION));
+        place(&part(store, id, seq, tag, "provenance"), &provenance)?;
         place(&part(store, id, seq, tag, "result"), &store.done.join(job.done_file_name()))?;
         fs::File::open(&store.done)?.sync_all()?;
         let _ = fs::remove_file(&leased);
@@ -301,6 +303,7 @@ mod tests {
             version: String::new(),
             disabled: false,
             caches,
+            key: None,
         };
         let mut generations = jobfile::caches::Generations::new();
         generations.entry("a7".into()).or_default().insert("cleared".into(), 3);

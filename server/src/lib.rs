@@ -112,6 +112,7 @@ pub async fn sweep_retention(app: &App) -> Result<usize, db::DbError> {
         for path in [
             app.store.done.join(name.done_file_name()),
             app.store.done.join(name.done_with_extension("log")),
+            app.store.done.join(name.done_with_extension(jobfile::layout::PROVENANCE_EXTENSION)),
             app.store.failed.join(&job.file_name),
             app.store.failed.join(format!("{}.reason", job.file_name)),
             app.store.failed.join(format!("{}.log", job.file_name)),

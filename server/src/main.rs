@@ -191,6 +191,11 @@ enum AccountCommand {
     Remove {
         name: String,
     },
+    /// Forget the key pinned for build host NAME (after its key was replaced on purpose):
+    /// the next key it sends is pinned, and results signed by the old one are refused.
+    UnpinKey {
+        name: String,
+    },
     /// Set the account's limits (a limit not given falls back to the server's).
     Limits {
         name: String,
@@ -293,6 +298,10 @@ async fn account(conn: &Database, cmd: AccountCommand) -> Result<()> {
         AccountCommand::Disable { name } => db::set_disabled(conn, &name, true).await?,
         AccountCommand::Enable { name } => db::set_disabled(conn, &name, false).await?,
         AccountCommand::Remove { name } => db::remove_account(conn, &name).await?,
+        AccountCommand::UnpinKey { name } => {
+            db::unpin_key(conn, &name).await?;
+            eprintln!("construir-server: the key pinned for {name} is forgotten; the next one it sends is pinned");
+        }
         AccountCommand::Limits { name, limits } => db::set_limits(conn, &name, &limits.limits()).await?,
     }
     Ok(())

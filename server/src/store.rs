@@ -207,6 +207,29 @@ impl Store {
         Some(self.done.join(job.done_file_name())).filter(|p| fs::symlink_metadata(p).is_ok_and(|m| is_own(&m, None)))
     }
 
+    /// The signed provenance beside the job's result (`done/<name>_d<N>.intoto.jsonl`): never a link or a second name.
+    pub fn provenance_path(&self, file_name: &str) -> Option<PathBuf> {
+        let job = JobName::parse(file_name).ok()?;
+        Some(self.done.join(job.done_with_extension(layout::PROVENANCE_EXTENSION)))
+            .filter(|p| fs::symlink_metadata(p).is_ok_and(|m| is_own(&m, None)))
+    }
+
+    /// The public keys the hosts on this queue published (`running/.keys/<host-id>.pub`): (host id, key).
+    pub fn local_host_keys(&self) -> Vec<(String, String)> {
+        let Ok(rd) = fs::read_dir(self.running.join(".keys")) else { return Vec::new() };
+        let mut out = Vec::new();
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(host) = name.strip_suffix(".pub") else { continue };
+            let Ok(Some(raw)) = layout::read_small(&e.path(), 4096) else { continue };
+            if let Ok(key) = construir_provenance::PublicKey::parse(&String::from_utf8_lossy(&raw)) {
+                out.push((jobfile::sanitize(host.as_bytes()), key.to_string()));
+            }
+        }
+        out.sort();
+        out
+    }
+
     /// Takes a waiting job out of the queue into `failed/` with `reason`.
     /// `Ok(false)` when it is no longer waiting (a host claimed it first).
     pub fn cancel_waiting(&self, file_name: &str, reason: &str) -> io::Result<bool> {

@@ -250,13 +250,63 @@ pub fn i0_checksum() -> String {
     String::from_utf8_lossy(&out.stdout).split_whitespace().next().expect("a sum").to_owned()
 }
 
-/// A host's lease request saying it has i0.
+/// A host's lease request saying it has i0, with the key it signs with.
 pub fn lease_body(capacity: u64) -> Vec<u8> {
     format!(
-        r#"{{"images":[{{"name":"0","checksum":"{}"}}],"capacity":{capacity},"running":0,"version":"test"}}"#,
-        i0_checksum()
+        r#"{{"images":[{{"name":"0","checksum":"{}"}}],"capacity":{capacity},"running":0,"version":"test","key":"{}"}}"#,
+        i0_checksum(),
+        test_host_key().public()
     )
     .into_bytes()
+}
+
+/// The key that protocol-level test hosts sign their results with.
+pub fn test_host_key() -> construir_provenance::HostKey {
+    construir_provenance::HostKey::from_seed([9; 32])
+}
+
+/// A small, real result: an archive holding `out.txt` with `text`.
+pub fn result_bytes(text: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::write(dir.path().join("out.txt"), text).expect("write");
+    let mut out = Vec::new();
+    jobfile::pack_dir(dir.path(), &mut out, 1 << 20, &jobfile::PackOptions::default()).expect("pack");
+    out
+}
+
+/// The provenance of `result` and its `log`, signed by `key`, as a host writes it.
+pub fn signed_provenance(key: &construir_provenance::HostKey, result: &[u8], log: &[u8]) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("r_d0.tar.xz");
+    fs::write(&path, result).expect("write");
+    let st = construir_provenance::statement(&construir_provenance::Job {
+        result: &path,
+        result_name: "r_d0.tar.xz".into(),
+        log,
+        log_name: "r_d0.log".into(),
+        invocation: "r_i0.tar.xz".into(),
+        external: serde_json::json!({"job": {"digest": {"sha256": "00"}}, "image": {"name": "i0"}}),
+        internal: serde_json::json!({}),
+        dependencies: vec![],
+        builder_id: "construir-host:test".into(),
+        version: "test".into(),
+        started: String::new(),
+        finished: String::new(),
+    })
+    .expect("statement");
+    let mut line = serde_json::to_vec(&construir_provenance::sign(&st, key)).expect("json");
+    line.push(b'\n');
+    line
+}
+
+/// The path and body of a `done` delivery: the log, the provenance, then the result.
+pub fn delivery(id: &str, seq: u64, log: &[u8], provenance: &[u8], result: &[u8]) -> (String, Vec<u8>) {
+    let path =
+        format!("/v1/host/jobs/{id}/done?seq={seq}&log_bytes={}&provenance_bytes={}", log.len(), provenance.len());
+    let mut body = log.to_vec();
+    body.extend_from_slice(provenance);
+    body.extend_from_slice(result);
+    (path, body)
 }
 
 impl Server {

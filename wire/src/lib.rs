@@ -226,6 +226,9 @@ pub struct HostView {
     pub your_caches: Vec<String>,
     pub version: String,
     pub disabled: bool,
+    /// The public key its results are signed with, as the server pinned it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 impl HostView {
@@ -233,6 +236,21 @@ impl HostView {
     pub fn image_names(&self) -> String {
         self.images.iter().map(|i| format!("i{}", i.name)).collect::<Vec<_>>().join(" ")
     }
+}
+
+/// A build host's public key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostKey {
+    /// The remote host's account, or a local host's id followed by ` (local)`.
+    pub host: String,
+    /// `ed25519:<base64>`.
+    pub key: String,
+}
+
+/// `GET /v1/hosts/keys`: the keys that sign the results of this server's hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostKeys {
+    pub keys: Vec<HostKey>,
 }
 
 /// `GET /v1/hosts`: the build hosts the server knows.
@@ -258,6 +276,10 @@ pub struct LeaseRequest {
     /// a job's key, and shows an account its caches.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub caches: Vec<HeldCache>,
+    /// The public key it signs its results' provenance with (`ed25519:<base64>`),
+    /// pinned by the server the first time it is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// Most caches a host may say it holds.
@@ -316,6 +338,11 @@ impl LeaseRequest {
         }
         for c in &self.caches {
             c.check()?;
+        }
+        if let Some(key) = &self.key {
+            if key.len() > 100 || !key.starts_with("ed25519:") || !key.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err("the key is not ed25519:<base64>".to_owned());
+            }
         }
         Ok(())
     }
@@ -406,6 +433,9 @@ pub struct SeqQuery {
     /// Done and failed: how many bytes of the body are the console log.
     #[serde(default)]
     pub log_bytes: u64,
+    /// Done: how many bytes after the log are the result's signed provenance (the result follows).
+    #[serde(default)]
+    pub provenance_bytes: u64,
 }
 
 /// The answer to `POST /v1/host/jobs/{id}/renew`.
@@ -575,6 +605,7 @@ mod tests {
             your_caches: vec!["ccache (i0)".into()],
             version: "0.1.0".into(),
             disabled: false,
+            key: Some("ed25519:AAAA".into()),
         };
         assert_eq!(host.image_names(), "i0");
         round_trip(
@@ -582,7 +613,7 @@ mod tests {
             json!({"hosts": [{"name": "h1", "last_seen": "2026-12-03T10:00:00Z", "seen_secs_ago": 2,
                 "images": [{"name": "0", "checksum": "a".repeat(64)}], "capacity": 2, "running": 1,
                 "your_jobs": [{"id": "j1", "name": "hello"}], "your_caches": ["ccache (i0)"], "version": "0.1.0",
-                "disabled": false}]}),
+                "disabled": false, "key": "ed25519:AAAA"}]}),
         );
     }
 
@@ -595,6 +626,7 @@ mod tests {
                 running: 0,
                 version: "0.1.0".into(),
                 caches: vec![],
+                key: None,
             },
             json!({"images": [{"name": "1", "checksum": "b".repeat(64)}], "capacity": 2, "running": 0,
                 "version": "0.1.0"}),
@@ -610,10 +642,17 @@ mod tests {
             used: "2026-12-03T10:00:00Z".into(),
         };
         round_trip(
-            LeaseRequest { images: vec![], capacity: 1, running: 0, version: "0.1.0".into(), caches: vec![held] },
+            LeaseRequest {
+                images: vec![],
+                capacity: 1,
+                running: 0,
+                version: "0.1.0".into(),
+                caches: vec![held],
+                key: Some("ed25519:AAAA".into()),
+            },
             json!({"images": [], "capacity": 1, "running": 0, "version": "0.1.0", "caches": [{"owner": "a3",
                 "image": "100", "name": "ccache", "generation": 1, "version": 4, "bytes": 4096,
-                "used": "2026-12-03T10:00:00Z"}]}),
+                "used": "2026-12-03T10:00:00Z"}], "key": "ed25519:AAAA"}),
         );
         // A host from before versions were sent is still understood.
         let old: LeaseRequest =
@@ -696,7 +735,7 @@ mod tests {
                 "files": [{"name": "manifest.json", "size": 10, "sha256": "d".repeat(64)}]}]}),
         );
         let q: SeqQuery = serde_json::from_value(json!({"seq": 3})).expect("seq only");
-        assert_eq!(q, SeqQuery { seq: 3, offset: 0, log_bytes: 0 });
+        assert_eq!(q, SeqQuery { seq: 3, offset: 0, log_bytes: 0, provenance_bytes: 0 });
     }
 
     #[test]
@@ -715,10 +754,17 @@ mod tests {
             running: 0,
             version: String::new(),
             caches: vec![],
+            key: None,
         };
         assert!(many.check().expect_err("too many").contains("at most 64"));
-        let version =
-            LeaseRequest { images: vec![good.clone()], capacity: 1, running: 0, version: "1 0".into(), caches: vec![] };
+        let version = LeaseRequest {
+            images: vec![good.clone()],
+            capacity: 1,
+            running: 0,
+            version: "1 0".into(),
+            caches: vec![],
+            key: None,
+        };
         assert!(version.check().is_err());
         // Each held cache: an owner, an image number, a cache name, a short time.
         let held = HeldCache {
@@ -736,6 +782,7 @@ mod tests {
             running: 0,
             version: String::new(),
             caches: vec![c],
+            key: None,
         };
         assert_eq!(with(held.clone()).check(), Ok(()));
         for (bad, why) in [
@@ -746,7 +793,9 @@ mod tests {
         ] {
             assert!(with(bad.clone()).check().expect_err("refused").contains(why), "{bad:?}");
         }
-        let flood = LeaseRequest { caches: vec![held.clone(); MAX_HELD_CACHES + 1], ..with(held) };
+        let flood = LeaseRequest { caches: vec![held.clone(); MAX_HELD_CACHES + 1], ..with(held.clone()) };
         assert!(flood.check().expect_err("too many").contains("at most 1024"));
+        let bad_key = LeaseRequest { key: Some("rsa:AAAA".into()), ..with(held.clone()) };
+        assert!(bad_key.check().expect_err("not ed25519").contains("not ed25519"));
     }
 }

@@ -170,8 +170,10 @@ pub fn run(opts: &RunOptions, remote: &Remote, stop: Arc<AtomicBool>) -> Result<
         let (api, dirs, stop, done) = (api.clone(), dirs.clone(), stop.clone(), pump_done.clone());
         let (capacity, host_id, remote) = (opts.workers as u64, opts.limits.host_id.clone(), remote.clone());
         let (rules, images, leases) = (opts.rules, verified.clone(), leases.clone());
+        let key = opts.limits.signer.as_ref().map(|s| s.key.public().to_string());
         thread::Builder::new().name("pump".into()).spawn(move || {
-            let mut pump = Pump { api, dirs, host_id, capacity, remote, rules, images, leases, held: HashMap::new() };
+            let mut pump =
+                Pump { api, dirs, host_id, capacity, remote, rules, images, leases, held: HashMap::new(), key };
             pump.run(&stop, &done);
         })?
     };
@@ -219,6 +221,8 @@ pub(crate) struct Pump {
     /// What the renewer keeps alive.
     pub(crate) leases: Arc<Leases>,
     pub(crate) held: HashMap<String, Held>,
+    /// The public key this host signs its results with, for the server to pin.
+    pub(crate) key: Option<String>,
 }
 
 /// Where a held job is in the spool.
@@ -298,6 +302,7 @@ impl Pump {
             running: self.held.len() as u64,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             caches: self.held_caches(),
+            key: self.key.clone(),
         };
         let answer = self.api.post_json("host/lease", &body)?;
         if answer.0 != 200 {
@@ -458,7 +463,7 @@ impl Pump {
                         log::warn!("job {name}: finished, but its lease was lost: result dropped");
                     }
                     if lost || self.report_done(&id, &result, &log) {
-                        remove_all(&[result, log]);
+                        remove_all(&[layout::provenance_beside(&result), result, log]);
                         self.forget(&id);
                     }
                 }
@@ -502,10 +507,13 @@ impl Pump {
             let log_len = log_file.seek(io::SeekFrom::End(0))?;
             log_file.rewind()?;
             let result_len = result_file.metadata()?.len();
+            // Its signed provenance between them (none: the server refuses the result, saying so).
+            let provenance = fs::read(layout::provenance_beside(result)).unwrap_or_default();
+            let prov_len = provenance.len() as u64;
             self.api.post_reader(
-                &format!("host/jobs/{id}/done?seq={seq}&log_bytes={log_len}"),
-                log_len + result_len,
-                log_file.chain(result_file),
+                &format!("host/jobs/{id}/done?seq={seq}&log_bytes={log_len}&provenance_bytes={prov_len}"),
+                log_len + prov_len + result_len,
+                log_file.chain(io::Cursor::new(provenance)).chain(result_file),
             )
         })();
         self.leases.set_delivering(id, false);

@@ -56,6 +56,24 @@ pub async fn lease(
     db::host_seen(app.db(), host.id, &images, req.capacity.min(1024), &req.version, &caches)
         .await
         .map_err(ApiError::internal)?;
+    // Its key: pinned the first time; another one later is refused until an operator unpins it.
+    if let Some(key) = &req.key {
+        let key = construir_provenance::PublicKey::parse(key)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad lease request: {e}")))?
+            .to_string();
+        let pinned = db::pin_key(app.db(), &host, &key).await.map_err(ApiError::internal)?;
+        if pinned != key {
+            log::warn!("host {}: refused: it signs with {key}, but {pinned} is pinned for it", host.name);
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "this host signs with {key}, but {pinned} is pinned for it; if its key was replaced on purpose, \
+                     an operator unpins the old one: construir-server account unpin-key {}",
+                    host.name
+                ),
+            ));
+        }
+    }
     // The generations of every owner whose caches the host holds: it frees those cleared.
     let generations = db::cache_generations(app.db()).await.map_err(ApiError::internal)?;
     let answer = |lease: Option<wire::Lease>| {
@@ -274,18 +292,21 @@ impl Drop for Parts {
 async fn receive(
     app: &App,
     body: Body,
-    first: &Path,
-    first_len: u64,
+    fixed: &[(&PathBuf, u64)],
     second: &Path,
     max_second: u64,
     keep: &mut KeepAlive,
 ) -> ApiResult<u64> {
     let mut open = tokio::fs::OpenOptions::new();
     open.write(true).create_new(true).mode(0o640);
-    let mut a = open.open(first).await.map_err(ApiError::internal)?;
+    // The parts of fixed length first, in order; then the last part.
+    let mut firsts = Vec::new();
+    for (path, len) in fixed {
+        firsts.push((open.open(path).await.map_err(ApiError::internal)?, *len, 0u64));
+    }
     let mut b = open.open(second).await.map_err(ApiError::internal)?;
     let mut stream = body.into_data_stream();
-    let (mut got, mut second_len) = (0u64, 0u64);
+    let mut second_len = 0u64;
     let deadline = tokio::time::Instant::now() + app.settings.upload_timeout;
     loop {
         let wait = app.settings.idle_timeout.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
@@ -301,11 +322,13 @@ async fn receive(
             return Err(lease_lost());
         }
         let mut chunk = &chunk[..];
-        if got < first_len {
-            let n = ((first_len - got) as usize).min(chunk.len());
-            a.write_all(&chunk[..n]).await.map_err(ApiError::internal)?;
-            got += n as u64;
-            chunk = &chunk[n..];
+        for (file, len, got) in firsts.iter_mut() {
+            if *got < *len && !chunk.is_empty() {
+                let n = ((*len - *got) as usize).min(chunk.len());
+                file.write_all(&chunk[..n]).await.map_err(ApiError::internal)?;
+                *got += n as u64;
+                chunk = &chunk[n..];
+            }
         }
         if !chunk.is_empty() {
             second_len += chunk.len() as u64;
@@ -315,23 +338,27 @@ async fn receive(
             b.write_all(chunk).await.map_err(ApiError::internal)?;
         }
     }
-    if got < first_len {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "the upload ended inside the log"));
+    if firsts.iter().any(|(_, len, got)| got < len) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "the upload ended inside the log or the provenance"));
     }
-    a.sync_all().await.map_err(ApiError::internal)?;
+    for (file, _, _) in &firsts {
+        file.sync_all().await.map_err(ApiError::internal)?;
+    }
     b.sync_all().await.map_err(ApiError::internal)?;
     Ok(second_len)
 }
 
-/// `POST /v1/host/jobs/{id}/done?seq=N&log_bytes=L`: the console log (L
-/// bytes) then the result. Accepted once, under the live lease only.
+/// `POST /v1/host/jobs/{id}/done?seq=N&log_bytes=L&provenance_bytes=P`: the
+/// console log (L bytes), the result's signed provenance (P bytes), then
+/// the result. Accepted once, under the live lease only, and only when the
+/// provenance verifies against the host's pinned key.
 #[utoipa::path(
     post,
     path = "/v1/host/jobs/{id}/done",
     tag = "build hosts",
     params(("id" = String, Path, description = "the job id, 16 hex digits"), wire::SeqQuery),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "`log_bytes` bytes of console log, then the result"),
-    responses((status = 200, description = "delivered, once", body = wire::Delivered), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "not a build host's token", body = wire::ErrorBody), (status = 404, description = "no such job", body = wire::ErrorBody), (status = 409, description = "the lease ran out or was given to another host", body = wire::ErrorBody), (status = 400, description = "the body ended inside the log, or the result is empty", body = wire::ErrorBody), (status = 413, description = "more than the job's size came back", body = wire::ErrorBody)),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "`log_bytes` bytes of console log, `provenance_bytes` bytes of the result's signed provenance, then the result"),
+    responses((status = 200, description = "delivered, once", body = wire::Delivered), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "not a build host's token", body = wire::ErrorBody), (status = 404, description = "no such job", body = wire::ErrorBody), (status = 409, description = "the lease ran out or was given to another host", body = wire::ErrorBody), (status = 400, description = "the body ended inside the log or the provenance, or the result is empty", body = wire::ErrorBody), (status = 413, description = "more than the job's size came back", body = wire::ErrorBody), (status = 422, description = "the result's provenance is missing or does not verify against the host's pinned key; the reason says which check failed", body = wire::ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn done(
@@ -348,11 +375,37 @@ pub async fn done(
         .len();
     let tag = crate::auth::new_job_id();
     let (log, result) = (part(&app.store, &id, q.seq, &tag, "log"), part(&app.store, &id, q.seq, &tag, "result"));
-    let mut parts = Parts(vec![log.clone(), result.clone()], false);
+    let provenance = part(&app.store, &id, q.seq, &tag, "provenance");
+    let mut parts = Parts(vec![log.clone(), provenance.clone(), result.clone()], false);
     let mut keep = KeepAlive::new(&app, &id, &host.name, q.seq);
-    let got = receive(&app, body, &log, q.log_bytes.min(MAX_CONSOLE * 2), &result, size, &mut keep).await?;
+    let fixed = [
+        (&log, q.log_bytes.min(MAX_CONSOLE * 2)),
+        (&provenance, q.provenance_bytes.min(construir_provenance::MAX_PROVENANCE)),
+    ];
+    let got = receive(&app, body, &fixed, &result, size, &mut keep).await?;
     if got == 0 {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "the result is empty"));
+    }
+    // What the host signed must be what came: checked against the key pinned for it.
+    let key = db::host_key(app.db(), host.id).await.map_err(ApiError::internal)?;
+    let checked = {
+        let (result, provenance, log) = (result.clone(), provenance.clone(), log.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let key = key.ok_or("no key is pinned for this host (it sent none when it asked for work)")?;
+            let key = construir_provenance::PublicKey::parse(&key).map_err(|e| e.to_string())?;
+            construir_provenance::verify(&result, &provenance, &[key], Some(&log))
+                .map(drop)
+                .map_err(|e| jobfile::error_chain(&e))
+        })
+        .await
+        .map_err(ApiError::internal)?
+    };
+    if let Err(why) = checked {
+        log::warn!("job {id}: refused the result from host {} (lease {}): its provenance: {why}", host.name, q.seq);
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the result's provenance does not verify: {why}"),
+        ));
     }
     let verdict = jobfile::tools::log_verdict(&log).unwrap_or_else(|| "(no verdict in the log)".to_owned());
     accept(&app, &host.name, &id, q.seq, &tag, &file_name, "done", &verdict, &mut parts).await?;
@@ -383,7 +436,7 @@ pub async fn failed(
     let (log, reason_part) = (part(&app.store, &id, q.seq, &tag, "log"), part(&app.store, &id, q.seq, &tag, "reason"));
     let mut parts = Parts(vec![log.clone(), reason_part.clone()], false);
     let mut keep = KeepAlive::new(&app, &id, &host.name, q.seq);
-    receive(&app, body, &log, q.log_bytes.min(MAX_CONSOLE * 2), &reason_part, 64 << 10, &mut keep).await?;
+    receive(&app, body, &[(&log, q.log_bytes.min(MAX_CONSOLE * 2))], &reason_part, 64 << 10, &mut keep).await?;
     let reason = fs::read(&reason_part).map_err(ApiError::internal)?;
     let reason = jobfile::sanitize(&reason);
     let reason = reason.lines().next().unwrap_or("").trim().to_owned();
@@ -499,6 +552,28 @@ pub async fn hosts(State(app): State<Arc<App>>, AnyAccount(account): AnyAccount)
     Ok(Json(wire::HostList { hosts: hosts_view(&app, &account).await.map_err(ApiError::internal)? }).into_response())
 }
 
+/// `GET /v1/hosts/keys`: the public keys that sign the results of this
+/// server's hosts: each remote host's pinned key, and each local host's.
+#[utoipa::path(
+    get,
+    path = "/v1/hosts/keys",
+    tag = "submitters",
+    responses((status = 200, description = "every host's public key", body = wire::HostKeys), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody)),
+    security(("bearer" = []))
+)]
+pub async fn host_keys(State(app): State<Arc<App>>, AnyAccount(_): AnyAccount) -> ApiResult<Json<wire::HostKeys>> {
+    let mut keys: Vec<wire::HostKey> = db::hosts(app.db())
+        .await
+        .map_err(ApiError::internal)?
+        .into_iter()
+        .filter_map(|h| Some(wire::HostKey { host: h.name, key: h.key? }))
+        .collect();
+    let store = app.store.clone();
+    let local = tokio::task::spawn_blocking(move || store.local_host_keys()).await.map_err(ApiError::internal)?;
+    keys.extend(local.into_iter().map(|(host, key)| wire::HostKey { host: format!("{host} (local)"), key }));
+    Ok(Json(wire::HostKeys { keys }))
+}
+
 /// The hosts as `account` may see them.
 pub async fn hosts_view(app: &App, account: &db::Account) -> Result<Vec<wire::HostView>, db::DbError> {
     let leased = db::leased_jobs(app.db()).await?;
@@ -541,6 +616,7 @@ pub async fn hosts_view(app: &App, account: &db::Account) -> Result<Vec<wire::Ho
                 running: running.len(),
                 your_jobs: own,
                 your_caches,
+                key: h.key.clone(),
                 version,
                 disabled: h.disabled,
             }

@@ -371,6 +371,28 @@ pub(crate) async fn result_of(
 }
 
 #[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/provenance",
+    tag = "submitters",
+    params(("id" = String, Path, description = "the job id, 16 hex digits")),
+    responses((status = 200, description = "the result's signed provenance: DSSE envelopes, one per line, each an in-toto statement with the SLSA provenance predicate", content_type = "application/x-ndjson"), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "a build host's token", body = wire::ErrorBody), (status = 404, description = "no provenance", body = wire::ErrorBody)),
+    security(("bearer" = []))
+)]
+pub(crate) async fn provenance_of(
+    State(app): State<Arc<App>>,
+    OwnJob { job, .. }: OwnJob,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let path = app.store.provenance_path(&job.file_name).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no provenance: the job has not finished, failed, or its result was deleted",
+        )
+    })?;
+    serve_file(&path, None, &headers, "application/x-ndjson").await
+}
+
+#[utoipa::path(
     post,
     path = "/v1/jobs/{id}/cancel",
     tag = "submitters",

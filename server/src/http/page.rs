@@ -176,12 +176,13 @@ pub async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     for h in super::hosts::hosts_view(&app, &account).await.unwrap_or_default() {
         let _ = write!(
             hosts,
-            "<tr><td>{}</td><td>{} s ago</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{} s ago</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
             escape(&h.name),
             h.seen_secs_ago,
             escape(&h.image_names()),
             h.capacity,
             h.running,
+            escape(h.key.as_deref().unwrap_or("none pinned")),
         );
     }
     let hosts = if hosts.is_empty() {
@@ -189,7 +190,7 @@ pub async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     } else {
         format!(
             r#"<h2>Build hosts</h2>
-<table><thead><tr><th>host</th><th>last seen</th><th>images</th><th>capacity</th><th>running</th></tr></thead>
+<table><thead><tr><th>host</th><th>last seen</th><th>images</th><th>capacity</th><th>running</th><th>signs with</th></tr></thead>
 <tbody>{hosts}</tbody></table>"#
         )
     };

@@ -190,7 +190,10 @@ fn submitter(url: &str, token: &str, job: &[u8], count: usize, tally: &Tally) ->
 fn host(url: &str, token: &str, image: &Value, jobs: usize, tally: &Tally) -> Result<(), String> {
     let agent = agent();
     let auth = format!("Bearer {token}");
-    let body = json!({ "images": [image], "capacity": 1, "running": 0, "version": "loadbench" }).to_string();
+    // Each host signs what it delivers, as a real one does.
+    let key = construir_e2e::server::test_host_key();
+    let body = json!({ "images": [image], "capacity": 1, "running": 0, "version": "loadbench", "key": key.public().to_string() })
+        .to_string();
     while tally.accepted.load(Ordering::SeqCst) < jobs {
         let start = Instant::now();
         let resp = agent
@@ -239,12 +242,15 @@ fn host(url: &str, token: &str, image: &Value, jobs: usize, tally: &Tally) -> Re
             }
         }
         console.extend_from_slice(b"construir-init: job exited with status 0\n");
+        let provenance = construir_e2e::server::signed_provenance(&key, &file, &console);
         let mut delivery = console.clone();
+        delivery.extend_from_slice(&provenance);
         delivery.extend_from_slice(&file);
         let resp = agent
             .post(format!("{url}/v1/host/jobs/{id}/done"))
             .query("seq", &seq)
             .query("log_bytes", console.len().to_string())
+            .query("provenance_bytes", provenance.len().to_string())
             .header("Authorization", &auth)
             .send(&delivery[..]);
         let (status, v) = read_json(resp.map_err(|e| format!("deliver: {e}"))?)?;
