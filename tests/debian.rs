@@ -1107,6 +1107,16 @@ fn the_server_hands_a_cached_job_to_the_free_host_whose_cache_is_warm() {
     let result = root.join("j2_d100.tar.xz");
     let (code, _, err) = client(&s, &alice, root, &["fetch", &j2, "--out", &result.to_string_lossy()]);
     assert_eq!(code, 0, "{err}");
+    // Signed by the remote host that ran it, checked by the server and again by the client.
+    let key = Command::new(bin("construir-host"))
+        .arg("key")
+        .arg(root.join("warm/spool"))
+        .args(["--host-id", "warm"])
+        .output()
+        .expect("construir-host key");
+    let key = String::from_utf8_lossy(&key.stdout).split_whitespace().next().unwrap_or_default().to_owned();
+    assert!(key.starts_with("ed25519:") && err.contains(&format!("verified: signed by {key} (construir-host:warm)")), "{err}");
+    assert!(hosts(&alice).contains(&format!("warm                 {key}")), "{}", hosts(&alice));
     assert_eq!(saw(&result), ["from-j1"]);
     assert_eq!(cache_status(&job_status(&result), "c")["version"], 1);
     let _ = j1;

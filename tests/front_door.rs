@@ -627,3 +627,92 @@ fn the_database_its_journal_and_stored_job_files_are_not_readable_by_others() {
         assert!(String::from_utf8_lossy(&out.stdout).contains(&id), "the token file's token was used");
     }
 }
+
+/// Provenance at the server: a result whose provenance does not verify
+/// against the host's pinned key is refused with the check that failed
+/// (tampered result, tampered statement, another key, no signature, none
+/// at all); the host's key is pinned at its first request, another key is
+/// refused until an operator unpins it; the keys are published; a result
+/// that verifies is accepted with its provenance beside it.
+#[test]
+fn a_result_whose_provenance_does_not_verify_is_refused_saying_which_check_failed() {
+    use base64::Engine;
+    let Setup { q, db, alice, host } = setup();
+    let s = Server::start(&q, &db, &[]);
+    let addr = s.addr();
+    assert_eq!(submit_raw(&addr, &alice, "signed", &job_bytes(70 << 10)).code, 201);
+    let (id, seq) = lease_one(&addr, &host);
+    let key = test_host_key();
+    let log = b"construir-host: verdict: ok (exit code 0)\n";
+    let result = result_bytes("the real result");
+    let good = signed_provenance(&key, &result, log);
+    let deliver = |provenance: &[u8], result: &[u8]| {
+        let (path, body) = delivery(&id, seq, log, provenance, result);
+        api(&addr, &host, "POST", &path, &body)
+    };
+    // Each refusal says which check failed, and leaves the lease as it was.
+    let tampered_result = result_bytes("another result");
+    let mut envelope: serde_json::Value = serde_json::from_slice(&good).expect("an envelope");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut statement: serde_json::Value =
+        serde_json::from_slice(&b64.decode(envelope["payload"].as_str().expect("payload")).expect("base64"))
+            .expect("json");
+    statement["predicate"]["buildDefinition"]["externalParameters"]["image"]["name"] = "i7".into();
+    let mut changed = envelope.clone();
+    changed["payload"] = b64.encode(serde_json::to_vec(&statement).expect("json")).into();
+    envelope["signatures"] = serde_json::json!([]);
+    let line = |v: &serde_json::Value| {
+        let mut l = serde_json::to_vec(v).expect("json");
+        l.push(b'\n');
+        l
+    };
+    let other_key = signed_provenance(&construir_provenance::HostKey::from_seed([5; 32]), &result, log);
+    for (what, provenance, body, why) in [
+        ("a tampered result", good.clone(), tampered_result.clone(), "the result is not the one the host signed"),
+        ("a tampered statement", line(&changed), result.clone(), "the statement or the signature was changed"),
+        ("another key", other_key, result.clone(), "no signature is by a key given"),
+        ("no signature", line(&envelope), result.clone(), "the envelope has no signature"),
+        ("no provenance", Vec::new(), result.clone(), "holds no envelope"),
+    ] {
+        let a = deliver(&provenance, &body);
+        assert_eq!(a.code, 422, "{what}: {a:?}");
+        assert!(
+            a.body.contains("the result's provenance does not verify") && a.body.contains(why),
+            "{what}: {}",
+            a.body
+        );
+    }
+    let done = q.done.join(format!("alice.{id}.signed_d0.tar.xz"));
+    assert!(!done.exists(), "a refused result landed");
+    // The one that verifies is taken, its provenance beside it.
+    let a = deliver(&good, &result);
+    assert_eq!(a.code, 200, "{a:?}");
+    assert_eq!(fs::read(&done).expect("the result"), result);
+    let checked = construir_provenance::verify(
+        &done,
+        &q.done.join(format!("alice.{id}.signed_d0.intoto.jsonl")),
+        &[key.public()],
+        Some(&q.done.join(format!("alice.{id}.signed_d0.log"))),
+    );
+    assert!(checked.is_ok(), "{checked:?}");
+    // The submitter gets it through the API, and the keys are published.
+    let p = api(&addr, &alice, "GET", &format!("/v1/jobs/{id}/provenance"), b"");
+    assert_eq!((p.code, p.body.as_bytes()), (200, &good[..]), "{p:?}");
+    let keys = api(&addr, &alice, "GET", "/v1/hosts/keys", b"").json();
+    assert_eq!(keys["keys"], serde_json::json!([{"host": "hosta", "key": key.public().to_string()}]), "{keys}");
+    // Another key from the same host is refused, until an operator unpins the old one.
+    let other = construir_provenance::HostKey::from_seed([6; 32]).public().to_string();
+    let body = String::from_utf8(lease_body(1)).expect("utf8").replace(&key.public().to_string(), &other);
+    let refused = api(&addr, &host, "POST", "/v1/host/lease", body.as_bytes());
+    assert_eq!(refused.code, 403, "{refused:?}");
+    assert!(
+        refused.body.contains("is pinned for it") && refused.body.contains("account unpin-key hosta"),
+        "{}",
+        refused.body
+    );
+    let out = server_cmd(&db, &["account", "unpin-key", "hosta"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(api(&addr, &host, "POST", "/v1/host/lease", body.as_bytes()).code, 200);
+    let keys = api(&addr, &alice, "GET", "/v1/hosts/keys", b"").json();
+    assert_eq!(keys["keys"][0]["key"], other.as_str(), "{keys}");
+}

@@ -57,9 +57,38 @@ fn submit_wait_fetch_cancel_and_limits_through_the_server_with_a_real_host() {
     assert_eq!(code, 0, "the job's result is ok: {err}\n{}", q.log("host"));
     let id = out.trim().to_owned();
     assert!(err.contains("running on ") && err.contains("done: ok (exit code 0)"), "{err}");
-    let (code, out, _) = client(&s, &alice, &work, &["fetch", &id, "--unpack", "unpacked"]);
-    assert_eq!(code, 0);
+    let (code, out, err) = client(&s, &alice, &work, &["fetch", &id, "--unpack", "unpacked"]);
+    assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "hello_d0.tar.xz");
+    // Its provenance came with it, and checks against the host's key (as the server publishes it).
+    let host_key = std::process::Command::new(construir_e2e::bin("construir-host"))
+        .args(["key", q.queue.to_str().expect("utf8"), "--host-id", &format!("{}-srv", q.host_id)])
+        .output()
+        .expect("construir-host key");
+    let host_key = String::from_utf8_lossy(&host_key.stdout).split_whitespace().next().unwrap_or_default().to_owned();
+    assert!(err.contains(&format!("verified: signed by {host_key}")), "{err}");
+    assert!(work.join("hello_d0.intoto.jsonl").exists());
+    // Offline, with only the key: the result checks; a changed copy or another key does not.
+    let (code, out, err) = client(&s, &alice, &work, &["verify", "hello_d0.tar.xz", "--key", &host_key]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("the result and its") && out.contains("image i0"), "{out}");
+    let mut bytes = fs::read(work.join("hello_d0.tar.xz")).expect("result");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    fs::create_dir_all(work.join("changed")).expect("mkdir");
+    fs::write(work.join("changed/hello_d0.tar.xz"), &bytes).expect("write");
+    fs::copy(work.join("hello_d0.intoto.jsonl"), work.join("changed/hello_d0.intoto.jsonl")).expect("copy");
+    let (code, _, err) = client(&s, &alice, &work, &["verify", "changed/hello_d0.tar.xz", "--key", &host_key]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not verified") && err.contains("is not the one the host signed"), "{err}");
+    let other = "ed25519:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let out = std::process::Command::new(construir_e2e::bin("construir-host"))
+        .args(["job", "verify", "hello_d0.tar.xz", "--key", other])
+        .current_dir(&work)
+        .output()
+        .expect("job verify");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no signature is by a key given"), "{err}");
     assert_eq!(fs::read_to_string(work.join("unpacked/job_output.txt")).expect("output"), "hello through the server\n");
     assert_eq!(fs::read_to_string(work.join("unpacked/out/artifact")).expect("artifact"), "built\n");
     let fetched = fs::read(work.join("hello_d0.tar.xz")).expect("fetched");
