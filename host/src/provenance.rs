@@ -44,6 +44,8 @@ pub struct Record {
     pub external: serde_json::Value,
     pub internal: serde_json::Value,
     pub dependencies: Vec<ResourceDescriptor>,
+    /// How long hashing the job file took (for the log and the bench).
+    pub hashed: std::time::Duration,
 }
 
 /// What went into the VM, as the host chose it.
@@ -61,7 +63,14 @@ pub struct Inputs<'a> {
 }
 
 impl Record {
-    pub fn new(inputs: Inputs<'_>, started: String, limits: &crate::worker::Limits, jail: &str, qemu: &str) -> Record {
+    pub fn new(
+        inputs: Inputs<'_>,
+        started: String,
+        limits: &crate::worker::Limits,
+        jail: &str,
+        qemu: &str,
+        hashed: std::time::Duration,
+    ) -> Record {
         let image = inputs.image;
         let image_name = format!("i{}", image.number);
         let manifest_sha = jobfile::image::sha256_file(&image.dir.join(jobfile::image::MANIFEST)).unwrap_or_default();
@@ -117,7 +126,7 @@ impl Record {
                 ..Default::default()
             });
         }
-        Record { started, external, internal, dependencies }
+        Record { started, external, internal, dependencies, hashed }
     }
 }
 

@@ -98,10 +98,12 @@ pub fn run(
     };
     // For its provenance: the job file as it came, before any VM has it.
     let claimed_at = jobfile::status::rfc3339(std::time::SystemTime::now());
+    let hashing = Instant::now();
     let job_sha256 = match limits.signer {
         Some(_) => Some(crate::files::sha256(&disk)?),
         None => None,
     };
+    let hashed = hashing.elapsed();
     // Its packages: refused here, before any VM, when they cannot be had.
     let pinned = match jobfile::layout::read_pin(&dirs.running, file_name) {
         Ok(p) => p,
@@ -176,7 +178,7 @@ pub fn run(
             layer: layer.as_ref().map(|l| &l.record),
             owner: owner.as_deref().or(Some(caches::LOCAL_OWNER)),
         };
-        crate::provenance::Record::new(inputs, claimed_at.clone(), limits, &signer.jail, &signer.qemu)
+        crate::provenance::Record::new(inputs, claimed_at.clone(), limits, &signer.jail, &signer.qemu, hashed)
     });
     let guest = jobfile::cmdline::Settings {
         job_device: manifest.job_device.clone().into(),
@@ -447,11 +449,19 @@ fn deliver(
     // Its provenance, signed over the result as staged; in place once the result is.
     let signed = limits.signer.as_ref().zip(record).and_then(|(signer, record)| {
         let result = dirs.done.join(&staged.result);
-        crate::provenance::sign_staged(&dirs.done, signer, record, job, &result, log, &limits.host_id, &tag)
+        let signing = Instant::now();
+        let signed = crate::provenance::sign_staged(&dirs.done, signer, record, job, &result, log, &limits.host_id, &tag)
             .inspect_err(|e| {
                 log::error!("job {}: cannot sign its provenance: {}", job.input_file_name(), jobfile::error_chain(e))
             })
-            .ok()
+            .ok()?;
+        log::info!(
+            "job {}: provenance signed: job file hashed in {} ms, result and its files hashed and signed in {} ms",
+            job.input_file_name(),
+            record.hashed.as_millis(),
+            signing.elapsed().as_millis()
+        );
+        Some(signed)
     });
     queue::note_delivery(dirs, file_name, &staged)?;
     let delivery = queue::land(dirs, job, &staged)?;
