@@ -1115,7 +1115,10 @@ fn the_server_hands_a_cached_job_to_the_free_host_whose_cache_is_warm() {
         .output()
         .expect("construir-host key");
     let key = String::from_utf8_lossy(&key.stdout).split_whitespace().next().unwrap_or_default().to_owned();
-    assert!(key.starts_with("ed25519:") && err.contains(&format!("verified: signed by {key} (construir-host:warm)")), "{err}");
+    assert!(
+        key.starts_with("ed25519:") && err.contains(&format!("verified: signed by {key} (construir-host:warm)")),
+        "{err}"
+    );
     assert!(hosts(&alice).contains(&format!("warm                 {key}")), "{}", hosts(&alice));
     assert_eq!(saw(&result), ["from-j1"]);
     assert_eq!(cache_status(&job_status(&result), "c")["version"], 1);

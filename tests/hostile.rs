@@ -143,7 +143,7 @@ fn sigkill_of_the_host_takes_qemu_with_it_and_a_restart_finishes_the_job_once() 
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("unfinished at the last stop (attempt 1); back in the queue"), "{log}");
-    assert_eq!(Queue::list(&q.done), ["survivor_d0.log", "survivor_d0.tar.xz"]);
+    assert_eq!(Queue::list(&q.done), ["survivor_d0.intoto.jsonl", "survivor_d0.log", "survivor_d0.tar.xz"]);
     assert_eq!(String::from_utf8(job_log(&q.done("survivor_d0.tar.xz"))).expect("utf8"), "finished\n");
     assert_eq!(Queue::list(&running), Vec::<String>::new());
     assert_eq!(Queue::list(&q.queue), Vec::<String>::new());
@@ -184,6 +184,9 @@ fn a_host_killed_between_delivering_a_result_and_ending_the_claim_does_not_run_t
     fs::write(q.done.join("once_d0.tar.xz"), b"the result").expect("result");
     let staged_log = format!(".once_d0.log.{host_id}.1.2.0.tmp");
     fs::write(q.done.join(&staged_log), b"the log\n").expect("log");
+    // Its provenance, signed and staged before the note, under the same tag.
+    let staged_provenance = format!(".once_d0.intoto.jsonl.{host_id}.1.2.0.tmp");
+    fs::write(q.done.join(&staged_provenance), b"{\"signed\": true}\n").expect("provenance");
     let ino = fs::metadata(q.done.join("once_d0.tar.xz")).expect("stat").ino();
     fs::write(
         running.join(".delivering.once_i0.tar.xz"),
@@ -199,8 +202,9 @@ fn a_host_killed_between_delivering_a_result_and_ending_the_claim_does_not_run_t
     let left: Vec<_> = fs::read_dir(&running).expect("ls").map(|e| e.expect("entry").file_name()).collect();
     assert_eq!(left, [".host"], "claim and note are gone; the host's own file stays");
     assert!(!q.done.join(&staged_log).exists(), "the staged log landed");
+    assert_eq!(fs::read(q.done.join("once_d0.intoto.jsonl")).expect("provenance"), b"{\"signed\": true}\n");
     assert_eq!(Queue::list(&q.queue), Vec::<String>::new());
-    assert_eq!(Queue::list(&q.done), ["once_d0.log", "once_d0.tar.xz"]);
+    assert_eq!(Queue::list(&q.done), ["once_d0.intoto.jsonl", "once_d0.log", "once_d0.tar.xz"]);
 }
 
 #[test]
@@ -223,7 +227,7 @@ fn two_hosts_on_one_queue_run_every_job_exactly_once() {
             format!("job {i}\n")
         );
     }
-    assert_eq!(Queue::list(&q.done).len(), 8);
+    assert_eq!(Queue::list(&q.done).len(), 12, "a result, its log and its provenance for each of 4");
     assert_eq!(Queue::list(&q.failed), Vec::<String>::new());
 }
 

@@ -13,9 +13,29 @@ fn a_hand_made_job_comes_back_in_done_with_its_output() {
     let run = q.run(&[]);
     assert!(run.success, "{}", run.log);
     assert_eq!(Queue::list(&q.queue), Vec::<String>::new());
-    assert_eq!(Queue::list(&q.done), ["hello_d0.log", "hello_d0.tar.xz"]);
+    assert_eq!(Queue::list(&q.done), ["hello_d0.intoto.jsonl", "hello_d0.log", "hello_d0.tar.xz"]);
     assert_eq!(Queue::list(&q.failed), Vec::<String>::new());
     let result = q.done("hello_d0.tar.xz");
+    // Signed by this host's key, made at its first start beside the queue.
+    let key = std::process::Command::new(construir_e2e::bin("construir-host"))
+        .arg("key")
+        .arg(&q.queue)
+        .args(["--host-id", &q.host_id])
+        .output()
+        .expect("construir-host key");
+    let key = String::from_utf8_lossy(&key.stdout).split_whitespace().next().unwrap_or_default().to_owned();
+    let verified = std::process::Command::new(construir_e2e::bin("construir-host"))
+        .args(["job", "verify"])
+        .arg(&result)
+        .args(["--key", &key])
+        .output()
+        .expect("job verify");
+    let said = String::from_utf8_lossy(&verified.stdout);
+    assert!(verified.status.success(), "{said}{}", String::from_utf8_lossy(&verified.stderr));
+    assert!(
+        said.contains(&format!("signed by {key} (construir-host:{})", q.host_id)) && said.contains("image i0"),
+        "{said}"
+    );
     assert_eq!(String::from_utf8(job_log(&result)).expect("utf8"), "hello from hello on construir\nLinux\n");
     let status = job_status(&result);
     assert_eq!((status["result"].as_str(), status["exit_code"].as_i64()), (Some("ok"), Some(0)));

@@ -450,11 +450,16 @@ fn deliver(
     let signed = limits.signer.as_ref().zip(record).and_then(|(signer, record)| {
         let result = dirs.done.join(&staged.result);
         let signing = Instant::now();
-        let signed = crate::provenance::sign_staged(&dirs.done, signer, record, job, &result, log, &limits.host_id, &tag)
-            .inspect_err(|e| {
-                log::error!("job {}: cannot sign its provenance: {}", job.input_file_name(), jobfile::error_chain(e))
-            })
-            .ok()?;
+        let signed =
+            crate::provenance::sign_staged(&dirs.done, signer, record, job, &result, log, &limits.host_id, &tag)
+                .inspect_err(|e| {
+                    log::error!(
+                        "job {}: cannot sign its provenance: {}",
+                        job.input_file_name(),
+                        jobfile::error_chain(e)
+                    )
+                })
+                .ok()?;
         log::info!(
             "job {}: provenance signed: job file hashed in {} ms, result and its files hashed and signed in {} ms",
             job.input_file_name(),

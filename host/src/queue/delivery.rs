@@ -210,7 +210,9 @@ pub fn resume_delivery(dirs: &Dirs, file_name: &OsStr, job: &JobName) -> io::Res
     let in_place = fstatat(&done, job.done_file_name().as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
         .is_ok_and(|st| st.st_ino == staged.ino);
     if exists(&staged.result) || (in_place && exists(&staged.log)) {
-        return land(dirs, job, &staged).map(|d| Some(Resumed::Landed(d)));
+        let landed = land(dirs, job, &staged)?;
+        resume_provenance(dirs, job, &staged, matches!(landed, Delivery::Done(_)))?;
+        return Ok(Some(Resumed::Landed(landed)));
     }
     if exists(&staged.log) {
         // The result landed and was collected before its log could follow.
@@ -219,7 +221,28 @@ pub fn resume_delivery(dirs: &Dirs, file_name: &OsStr, job: &JobName) -> io::Res
             _ => File::from(done).sync_all()?,
         }
     }
+    resume_provenance(dirs, job, &staged, true)?;
     Ok(Some(Resumed::Ended))
+}
+
+/// The provenance a worker signed and staged beside `staged` before a crash
+/// (`.<name>_d<N>.intoto.jsonl.<tag>.tmp`, the result's tag): put in place
+/// beside its landed result, or dropped with a result that found its name taken.
+fn resume_provenance(dirs: &Dirs, job: &JobName, staged: &Staged, landed: bool) -> io::Result<()> {
+    let prefix = format!(".{}.", job.done_file_name());
+    let tag = staged.result.to_str().and_then(|r| r.strip_prefix(&prefix)).and_then(|r| r.strip_suffix(".tmp"));
+    let Some(tag) = tag else { return Ok(()) };
+    let ext = jobfile::layout::PROVENANCE_EXTENSION;
+    let from = dirs.done.join(format!(".{}.{tag}.tmp", job.done_with_extension(ext)));
+    if !from.exists() {
+        return Ok(());
+    }
+    if landed {
+        fs::rename(&from, dirs.done.join(job.done_with_extension(ext)))?;
+    } else {
+        fs::remove_file(&from)?;
+    }
+    File::open(&dirs.done)?.sync_all()
 }
 
 /// Delivery notes whose claim is gone (the host stopped between the two
