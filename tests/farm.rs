@@ -449,7 +449,10 @@ fn twenty_jobs_over_two_hosts(db: Db) {
     let text = String::from_utf8_lossy(&out.stdout);
     for h in ["hosta", "hostb"] {
         let line = text.lines().find(|l| l.starts_with(h)).unwrap_or_else(|| panic!("no {h} in:\n{text}"));
-        assert!(line.ends_with("       1       0  i0"), "{line:?}");
+        assert!(line.contains("       1       0  i0") && line.ends_with(" -"), "no warm caches: {line:?}");
+        // And, below the table, the key the server pinned for it.
+        let key = text.lines().rev().find(|l| l.starts_with(h)).unwrap_or_default();
+        assert!(key.split_whitespace().nth(1).is_some_and(|k| k.starts_with("ed25519:")), "{text}");
     }
 
     // And as the page shows them.
@@ -474,7 +477,7 @@ fn twenty_jobs_over_two_hosts(db: Db) {
     for h in ["hosta", "hostb"] {
         assert!(page.contains(&format!("<tr><td>{h}</td>")), "{page}");
     }
-    assert!(page.contains("<td>i0</td><td>1</td><td>0</td></tr>"), "{page}");
+    assert!(page.contains("<td>i0</td><td>1</td><td>0</td><td><code>ed25519:"), "{page}");
 
     // A host's token takes work; it cannot read or submit jobs.
     let host_token = fs::read_to_string(farm.root.path().join("hosta.token")).expect("token");
