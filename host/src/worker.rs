@@ -132,6 +132,22 @@ pub fn run(
     };
     let declared = plan.declared();
     let started = Instant::now();
+    // What its provenance names, once the caches it is lent and the layer it boots are known.
+    let make_record = |given: &[jobfile::caches::Given], layer: Option<&jobfile::deps::LayerRecord>| {
+        limits.signer.as_ref().zip(job_sha256.clone()).map(|(signer, job_sha256)| {
+            let owner = jobfile::layout::read_owner(&dirs.running, file_name).ok().flatten();
+            let inputs = crate::provenance::Inputs {
+                file_name,
+                job_sha256,
+                image: &image,
+                packages: declaration.as_ref().map(|(d, _)| d.packages.clone()).unwrap_or_default(),
+                caches: given,
+                layer,
+                owner: owner.as_deref().or(Some(caches::LOCAL_OWNER)),
+            };
+            crate::provenance::Record::new(inputs, claimed_at.clone(), limits, &signer.jail, &signer.qemu, hashed)
+        })
+    };
     let (layer, preface) = match plan {
         Plan::Plain | Plan::Satisfied => (None, Vec::new()),
         Plan::Layer(layer) => {
@@ -153,7 +169,20 @@ pub fn run(
                     let verdict = verdict(&st, "the job did not run", started.elapsed());
                     let mut log = console;
                     log.extend_from_slice(format!("{}{verdict}\n", jobfile::tools::VERDICT_PREFIX).as_bytes());
-                    return deliver(dirs, limits, &prepared, &disk, scanned, job, file_name, &st, &log, verdict, None);
+                    let record = make_record(&[], None);
+                    return deliver(
+                        dirs,
+                        limits,
+                        &prepared,
+                        &disk,
+                        scanned,
+                        job,
+                        file_name,
+                        &st,
+                        &log,
+                        verdict,
+                        record.as_ref(),
+                    );
                 }
                 Built::Broken(reason, log) => return fail(dirs, job, "layer_failed", &claimed, &reason, Some(&log)),
                 Built::Stopped => {
@@ -167,19 +196,7 @@ pub fn run(
     // Its build caches: each lent as a working copy of its last kept version.
     let cache_names = declaration.as_ref().map(|(d, _)| d.caches.clone()).unwrap_or_default();
     let (checkouts, given) = lend_caches(dirs, limits, file_name, job, &cache_names);
-    let record = limits.signer.as_ref().zip(job_sha256).map(|(signer, job_sha256)| {
-        let owner = jobfile::layout::read_owner(&dirs.running, file_name).ok().flatten();
-        let inputs = crate::provenance::Inputs {
-            file_name,
-            job_sha256,
-            image: &image,
-            packages: declaration.as_ref().map(|(d, _)| d.packages.clone()).unwrap_or_default(),
-            caches: &given,
-            layer: layer.as_ref().map(|l| &l.record),
-            owner: owner.as_deref().or(Some(caches::LOCAL_OWNER)),
-        };
-        crate::provenance::Record::new(inputs, claimed_at.clone(), limits, &signer.jail, &signer.qemu, hashed)
-    });
+    let record = make_record(&given, layer.as_ref().map(|l| &l.record));
     let guest = jobfile::cmdline::Settings {
         job_device: manifest.job_device.clone().into(),
         layer: layer.as_ref().map(|l| l.record.key.clone()),
