@@ -622,12 +622,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let keys =
                 if keys.is_empty() { server_keys(&client()?)? } else { construir_provenance::keys_from_args(&keys)? };
             let provenance = provenance.unwrap_or_else(|| jobfile::layout::provenance_beside(&file));
-            let log = file
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".tar.xz"))
-                .map(|stem| file.with_file_name(format!("{stem}.log")))
-                .filter(|l| l.exists());
+            let log = jobfile::layout::log_beside(&file);
             match construir_provenance::verify(&file, &provenance, &keys, log.as_deref()) {
                 Ok(v) => println!("{}: verified: {}", file.display(), v.summary()),
                 Err(e) => {

@@ -160,16 +160,7 @@ pub fn pin_file(running: &Path, file_name: &OsStr) -> PathBuf {
 /// for a host to find before the job is in its queue; returns its path.
 pub fn write_pin(running: &Path, file_name: &OsStr, resolution: &crate::deps::Resolution) -> std::io::Result<PathBuf> {
     let path = pin_file(running, file_name);
-    let dir = path.parent().expect("a pin has a directory");
-    fs::create_dir_all(dir)?;
-    let mut tmp_name = OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(".tmp");
-    let tmp = dir.join(tmp_name);
-    fs::write(&tmp, serde_json::to_vec_pretty(resolution).expect("a Resolution always serializes"))?;
-    fs::File::open(&tmp)?.sync_all()?;
-    fs::rename(&tmp, &path)?;
-    fs::File::open(dir)?.sync_all()?;
+    write_whole(&path, &serde_json::to_vec_pretty(resolution).expect("a Resolution always serializes"))?;
     Ok(path)
 }
 
@@ -178,17 +169,7 @@ pub fn write_pin(running: &Path, file_name: &OsStr, resolution: &crate::deps::Re
 /// none; `Err` says what is wrong with one that is there.
 pub fn read_pin(running: &Path, file_name: &OsStr) -> Result<Option<crate::deps::Resolution>, String> {
     let path = pin_file(running, file_name);
-    let file = match open_unfollowed(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-    };
-    let meta = file.metadata().map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if !lone_file(&meta) || meta.len() > 4 << 20 {
-        return Err(format!("{} is not a regular file with one name of at most 4 MiB", path.display()));
-    }
-    let mut raw = Vec::new();
-    file.take(4 << 20).read_to_end(&mut raw).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let Some(raw) = read_small(&path, 4 << 20)? else { return Ok(None) };
     let res: crate::deps::Resolution =
         serde_json::from_slice(&raw).map_err(|e| format!("{} is not a resolution: {e}", path.display()))?;
     res.check().map_err(|e| format!("{}: {e}", path.display()))?;
@@ -300,6 +281,13 @@ pub fn provenance_beside(result: &Path) -> PathBuf {
     let name = result.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let stem = name.strip_suffix(crate::name::SUFFIX).unwrap_or(&name);
     result.with_file_name(format!("{stem}.{PROVENANCE_EXTENSION}"))
+}
+
+/// The console log beside the result at `result` (`x_d1.tar.xz` -> `x_d1.log`), when there is one.
+pub fn log_beside(result: &Path) -> Option<PathBuf> {
+    let name = result.file_name()?.to_str()?;
+    let log = result.with_file_name(format!("{}.log", name.strip_suffix(crate::name::SUFFIX)?));
+    log.exists().then_some(log)
 }
 
 /// Where a host on the queue publishes its public key: `running/.keys/<host-id>.pub`.

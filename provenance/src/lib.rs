@@ -14,7 +14,7 @@ pub mod key;
 pub mod statement;
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 pub use dsse::Envelope;
@@ -137,13 +137,9 @@ pub fn sign(statement: &Statement, key: &HostKey) -> Envelope {
 
 /// Writes `envelope` as `path` (one JSON line), whole: a temporary name, synced, renamed.
 pub fn write(path: &Path, envelope: &Envelope) -> Result<(), ProvenanceError> {
-    let err = |source| ProvenanceError::Write { path: path.to_owned(), source };
     let mut line = serde_json::to_vec(envelope).expect("an envelope always serializes");
     line.push(b'\n');
-    let tmp = path.with_extension("jsonl.tmp");
-    let mut f = fs::File::create(&tmp).map_err(err)?;
-    f.write_all(&line).and_then(|()| f.sync_all()).map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)
+    jobfile::layout::write_whole(path, &line).map_err(|source| ProvenanceError::Write { path: path.to_owned(), source })
 }
 
 /// Why a result does not check out against its provenance; each says which check failed.

@@ -23,7 +23,7 @@ pub(crate) fn run_job(cmd: JobCommand) -> Result<()> {
         JobCommand::Verify { file, provenance, keys } => {
             let keys = construir_provenance::keys_from_args(&keys)?;
             let provenance = provenance.unwrap_or_else(|| jobfile::layout::provenance_beside(&file));
-            let log = log_beside(&file);
+            let log = jobfile::layout::log_beside(&file);
             let verified = construir_provenance::verify(&file, &provenance, &keys, log.as_deref())
                 .map_err(|e| anyhow::anyhow!("{}: not verified: {}", file.display(), jobfile::error_chain(&e)))?;
             println!("{}: verified: {}", file.display(), verified.summary());
@@ -58,11 +58,4 @@ pub(crate) fn run_job(cmd: JobCommand) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The log beside a result (`<name>_d<N>.log`), when there is one.
-fn log_beside(result: &std::path::Path) -> Option<std::path::PathBuf> {
-    let name = result.file_name()?.to_str()?;
-    let log = result.with_file_name(format!("{}.log", name.strip_suffix(jobfile::name::SUFFIX)?));
-    log.exists().then_some(log)
 }
