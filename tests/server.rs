@@ -630,3 +630,134 @@ fn the_api_schema_is_served_to_anyone_is_the_one_in_docs_and_names_every_route()
         assert!(schemas.contains_key(name), "no schema for {name}");
     }
 }
+
+#[test]
+fn a_verified_rebuild_runs_on_two_hosts_and_names_the_files_that_differ() {
+    let q = Queue::new();
+    let db = q.root.path().join("server.db");
+    let alice = add_account(&db, "alice");
+    let s = Server::start(&q, &db, &[]);
+    let work = q.root.path().join("home");
+    fs::create_dir_all(&work).expect("mkdir");
+    // Two hosts of one VM each: the second run of each pair is kept off the host that took the first.
+    let (a, b) = (format!("{}-a", q.host_id), format!("{}-b", q.host_id));
+    let mut host_a = q.spawn("a", &a, &["--workers", "1"]);
+    let mut host_b = q.spawn("b", &b, &["--workers", "1"]);
+    let running = q.root.path().join("running");
+    assert!(
+        wait_for(Duration::from_secs(20), || [&a, &b].iter().all(|h| running.join(h).join(".host").exists())),
+        "{}{}",
+        q.log("a"),
+        q.log("b")
+    );
+
+    // What the job makes depends only on its inputs and the fixed environment.
+    let repro = job_dir(
+        &work,
+        "repro",
+        "#!/bin/sh\nmkdir -p out\necho \"$SOURCE_DATE_EPOCH\" > out/epoch\necho \"$CONSTRUIR_JOB $TZ\" > out/env\n\
+         date -u -d \"@$SOURCE_DATE_EPOCH\" +%Y-%m-%d > out/day\nprintf 'built\\n' > out/tool && chmod 755 out/tool\necho done at $(date +%s%N)\n",
+    );
+    // And one that writes the time it ran into a file.
+    let clock = job_dir(&work, "clock", "#!/bin/sh\nmkdir -p out\necho same > out/same\ndate +%s%N > out/when\n");
+    let mut ids = Vec::new();
+    for dir in [&repro, &clock] {
+        let args = ["submit", dir.to_str().expect("utf8"), "--image", "0", "--size", "1M", "--verify-on", "2"];
+        let (code, id, err) = client(&s, &alice, &work, &args);
+        assert_eq!(code, 0, "{err}");
+        ids.push(id.trim().to_owned());
+    }
+    let (code, _, err) = client(&s, &alice, &work, &["wait", &ids[0]]);
+    assert_eq!(code, 0, "ok and reproducible: {err}\n{}\n{}\n{}", q.log("a"), q.log("b"), s.log());
+    assert!(err.contains("verified rebuild: reproducible: all 5 files the same on "), "{err}");
+    let (_, out, _) = client(&s, &alice, &work, &["status", &ids[0]]);
+    let status: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let verdict = &status["rebuild"]["verdict"];
+    assert_eq!(verdict["outcome"], "reproducible", "{status}");
+    assert_eq!(verdict["same_host"], false, "{status}");
+    let hosts: Vec<&str> = verdict["hosts"].as_array().expect("hosts").iter().filter_map(|h| h.as_str()).collect();
+    assert!(hosts.len() == 2 && hosts.contains(&a.as_str()) && hosts.contains(&b.as_str()), "{hosts:?}");
+    assert!(err.contains(&format!("on {} and {}", hosts[0], hosts[1])), "{err}");
+    let epoch = status["rebuild"]["epoch"].as_u64().expect("epoch");
+    // Both results, each with its own provenance, checked as they are fetched.
+    for (run, file) in [("1", "repro_d0.tar.xz"), ("2", "repro_d0.run2.tar.xz")] {
+        let dir = format!("run{run}");
+        let (code, out, err) = client(&s, &alice, &work, &["fetch", &ids[0], "--run", run, "--unpack", &dir]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out.trim(), file);
+        assert!(err.contains("verified: signed by"), "{err}");
+        assert_eq!(fs::read_to_string(work.join(&dir).join("out/epoch")).expect("epoch"), format!("{epoch}\n"));
+        assert_eq!(fs::read_to_string(work.join(&dir).join("out/env")).expect("env"), "repro UTC\n");
+    }
+    let provenance = fs::read_to_string(work.join("repro_d0.run2.intoto.jsonl")).expect("provenance");
+    let envelope: serde_json::Value = serde_json::from_str(provenance.lines().next().expect("a line")).expect("json");
+    use base64::Engine;
+    let payload =
+        base64::engine::general_purpose::STANDARD.decode(envelope["payload"].as_str().expect("payload")).expect("b64");
+    let statement: serde_json::Value = serde_json::from_slice(&payload).expect("statement");
+    let rebuild = &statement["predicate"]["buildDefinition"]["externalParameters"]["rebuild"];
+    assert_eq!(rebuild["sourceDateEpoch"], epoch, "{statement}");
+    assert_eq!(rebuild["name"], "repro");
+
+    // The job that writes the time: not reproducible, and the file named.
+    let (code, _, err) = client(&s, &alice, &work, &["wait", &ids[1]]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("done: ok") && err.contains("NOT reproducible: 1 of 3 files differ on "), "{err}");
+    assert!(err.contains("out/when (content)"), "{err}");
+    let (_, out, _) = client(&s, &alice, &work, &["status", &ids[1]]);
+    let status: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(status["rebuild"]["verdict"]["differing"], serde_json::json!([{"path": "out/when", "what": "content"}]));
+    let (_, list, _) = client(&s, &alice, &work, &["list"]);
+    assert_eq!(list.lines().count(), 2, "the second runs are no jobs of their own in the list: {list}");
+    assert!(list.contains("; reproducible") && list.contains("; NOT reproducible (1 of 3 files differ)"), "{list}");
+    let (code, _, err) = client(&s, &alice, &work, &["log", &ids[1], "--run", "2"]);
+    assert_eq!(code, 0, "{err}");
+    // The pair's terms are gone once it is decided.
+    let pins: Vec<String> = construir_e2e::Queue::list(&running.join(".pins"));
+    assert!(pins.iter().all(|p| !p.ends_with(".rebuild") && !p.ends_with(".ranon")), "{pins:?}");
+
+    // With one host left, both runs share it, and the verdict says so.
+    signal(&host_b, libc::SIGTERM);
+    assert!(host_b.wait().expect("host b").success(), "{}", q.log("b"));
+    let (code, id, err) = client(
+        &s,
+        &alice,
+        &work,
+        &["submit", repro.to_str().expect("utf8"), "--image", "0", "--size", "1M", "--verify-on", "2", "--wait"],
+    );
+    assert_eq!(code, 0, "{err}\n{}", q.log("a"));
+    assert!(
+        err.contains(&format!("reproducible: all 5 files the same both runs on {a} (the farm had one host)")),
+        "{err}"
+    );
+    // Cancelled: the waiting second run goes with the running first.
+    let sleeper = job_dir(&work, "sleeper", "#!/bin/sh\necho started sleeping\nsleep 600\n");
+    let (code, id2, err) = client(
+        &s,
+        &alice,
+        &work,
+        &["submit", sleeper.to_str().expect("utf8"), "--image", "0", "--size", "1M", "--verify-on", "2"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let id2 = id2.trim().to_owned();
+    assert!(
+        wait_for(Duration::from_secs(60), || client(&s, &alice, &work, &["log", &id2]).1.contains("started sleeping")),
+        "{}",
+        q.log("a")
+    );
+    let (code, _, err) = client(&s, &alice, &work, &["cancel", &id2]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = client(&s, &alice, &work, &["wait", &id2]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("verified rebuild: not compared: the first run failed: cancelled"), "{err}");
+    let (_, out, _) = client(&s, &alice, &work, &["status", &id2]);
+    let status: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(status["rebuild"]["second"]["state"], "failed", "{status}");
+    assert!(
+        status["rebuild"]["second"]["reason"].as_str().unwrap_or_default().starts_with("cancelled by alice"),
+        "{status}"
+    );
+    let _ = id;
+    signal(&host_a, libc::SIGTERM);
+    assert!(host_a.wait().expect("host a").success(), "{}", q.log("a"));
+}

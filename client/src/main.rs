@@ -67,12 +67,19 @@ enum Command {
         /// your account's next jobs on the same image when it ends ok (comma-separated or repeated).
         #[arg(long = "cache", value_name = "NAME", value_delimiter = ',')]
         caches: Vec<String>,
+        /// 2: a verified rebuild. The job runs twice, on two different hosts where the farm has
+        /// two, with SOURCE_DATE_EPOCH and the rest of the environment fixed, and the server
+        /// compares the two results file by file; `wait` and `status` give the verdict. It counts
+        /// as two jobs against your limits.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=2))]
+        verify_on: Option<u32>,
         /// Then wait for it, as `construir wait` does.
         #[arg(long)]
         wait: bool,
     },
-    /// Follow a job until it ends: its place in the queue, then its time running, then its verdict.
-    /// Exits 0 when the job's result is ok, 1 when it is anything else.
+    /// Follow a job until it ends: its place in the queue, then its time running, then its verdict
+    /// (a verified rebuild: until both runs have ended and been compared). Exits 0 when the job's
+    /// result is ok (and, verified, reproducible), 1 when it is anything else.
     Wait { id: String },
     /// The job's state (and its job_status.json once it has finished), as JSON.
     Status { id: String },
@@ -82,6 +89,9 @@ enum Command {
         /// Keep printing the console as it arrives until the job ends.
         #[arg(long)]
         follow: bool,
+        /// 2: a verified rebuild's second run.
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
+        run: u32,
     },
     /// Download the job's result (without its zero padding).
     /// Its signed provenance comes too (<name>_d<image>.intoto.jsonl beside it) and is checked
@@ -98,6 +108,9 @@ enum Command {
         /// Take the result without checking its provenance.
         #[arg(long)]
         no_verify: bool,
+        /// 2: a verified rebuild's second run [default name: <name>_d<image>.run2.tar.xz].
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
+        run: u32,
     },
     /// Check a result against its signed provenance, offline: the signature by one of the
     /// keys, the result's sha256, every file in it, and its log when it is beside it. Exits 1
@@ -252,13 +265,16 @@ impl Client {
         self.get(&format!("jobs/{}", checked_id(id)?))
     }
 
-    fn submit(&self, file: &Path) -> Result<wire::Job> {
+    fn submit(&self, file: &Path, verify_on: Option<u32>) -> Result<wire::Job> {
         let file_name = file.file_name().and_then(|n| n.to_str()).context("the job file has no name")?;
         let job = jobfile::JobName::parse_input(file_name)
             .with_context(|| format!("{file_name} is not a job file name (<name>_i<image>.tar.xz)"))?;
         let mut f = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
         let len = f.metadata()?.len();
-        let url = format!("{}?name={}&image={}", self.url("jobs"), job.name(), job.image());
+        let mut url = format!("{}?name={}&image={}", self.url("jobs"), job.name(), job.image());
+        if let Some(n) = verify_on {
+            url.push_str(&format!("&verify_on={n}"));
+        }
         let resp = self
             .agent
             .post(url)
@@ -350,6 +366,18 @@ fn describe(job: &wire::Job) -> String {
     shown(&job.place.describe())
 }
 
+/// A verified rebuild's state in a few words, after `describe`'s line.
+fn rebuild_note(job: &wire::Job) -> String {
+    let Some(rebuild) = &job.rebuild else { return String::new() };
+    match &rebuild.verdict {
+        Some(v) if v.outcome == wire::RebuildVerdict::DIFFERS => {
+            format!("; NOT reproducible ({} of {} files differ)", v.differing_total, v.files)
+        }
+        Some(v) => format!("; {}", shown(&v.outcome.replace('_', " "))),
+        None => format!("; second run {}", rebuild.second.name()),
+    }
+}
+
 /// Follows a job to its end; true when its result is ok.
 fn wait(client: &Client, id: &str) -> Result<bool> {
     let mut last = String::new();
@@ -367,10 +395,34 @@ fn wait(client: &Client, id: &str) -> Result<bool> {
             eprintln!("construir: {id}: {line}");
             last = key;
         }
-        match job.place {
-            wire::Place::Done { .. } => return Ok(job.status.is_some_and(|s| s.result == jobfile::Outcome::Ok)),
-            wire::Place::Failed { .. } | wire::Place::Missing => return Ok(false),
-            _ => std::thread::sleep(Duration::from_secs(1)),
+        let ok = match job.place {
+            wire::Place::Done { .. } => job.status.is_some_and(|s| s.result == jobfile::Outcome::Ok),
+            wire::Place::Failed { .. } | wire::Place::Missing => false,
+            _ => {
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        // A verified rebuild: until its second run has ended too and the two have been compared.
+        let Some(rebuild) = &job.rebuild else { return Ok(ok) };
+        match &rebuild.verdict {
+            Some(verdict) => {
+                eprintln!("construir: {id}: verified rebuild: {}", shown(&verdict.summary()));
+                return Ok(ok && verdict.outcome == wire::RebuildVerdict::REPRODUCIBLE);
+            }
+            None => {
+                let line = format!("its second run: {}", shown(&rebuild.second.describe()));
+                let key = if matches!(rebuild.second, wire::Place::Running { .. }) {
+                    format!("second running {}", started.elapsed().as_secs() / 60)
+                } else {
+                    line.clone()
+                };
+                if key != last {
+                    eprintln!("construir: {id}: {line}");
+                    last = key;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
         }
     }
 }
@@ -385,7 +437,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             println!("{}", packed.path.display());
         }
-        Command::Submit { path, image, size, name, packages, debian_control, caches, wait: then_wait } => {
+        Command::Submit { path, image, size, name, packages, debian_control, caches, verify_on, wait: then_wait } => {
             let client = client()?;
             let scratch = tempfile::tempdir()?;
             if !path.is_dir() && (!packages.is_empty() || debian_control.is_some() || !caches.is_empty()) {
@@ -416,7 +468,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 path
             };
-            let job = client.submit(&file)?;
+            let job = client.submit(&file, verify_on)?;
             let id = checked_id(&job.id)?.to_owned();
             println!("{id}");
             eprintln!("construir: submitted {} as {id}: {}", file.display(), describe(&job));
@@ -434,16 +486,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 serde_json::to_string_pretty(&tools::sanitize_json(serde_json::to_value(client()?.job(&id)?)?))?
             );
         }
-        Command::Log { id, follow } => {
+        Command::Log { id, follow, run } => {
             let client = client()?;
             let id = checked_id(&id)?;
             let mut shown: u64 = 0;
             loop {
-                let state = if follow { client.job(id)?.place.name() } else { "" };
+                let state = match (follow, run) {
+                    (false, _) => "",
+                    (true, 1) => client.job(id)?.place.name(),
+                    (true, _) => {
+                        client.job(id)?.rebuild.context("the job is no verified rebuild: it has one run")?.second.name()
+                    }
+                };
                 if !follow || state == "running" || state == "done" || state == "failed" {
                     // What has not been shown yet: the live console while it runs, the whole log at the end.
                     let mut raw = Vec::new();
-                    match client.download_from(&format!("jobs/{id}/log"), shown, &mut raw) {
+                    match client.download_from(&format!("jobs/{id}/log?run={run}"), shown, &mut raw) {
                         Ok(n) => {
                             shown += n;
                             // Sanitized by the host; again here: nothing from a VM reaches a terminal raw.
@@ -460,16 +518,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
-        Command::Fetch { id, out, unpack, no_verify } => {
+        Command::Fetch { id, out, unpack, no_verify, run } => {
             let client = client()?;
             let job = client.job(&id)?;
             let name = jobfile::JobName::new(&job.name, &job.image)
                 .map(|j| j.done_file_name())
                 .unwrap_or_else(|_| format!("{id}.tar.xz"));
+            let name = match run {
+                1 => name,
+                n => format!(
+                    "{}.run{n}{}",
+                    name.strip_suffix(jobfile::name::SUFFIX).unwrap_or(&name),
+                    jobfile::name::SUFFIX
+                ),
+            };
             let out = out.unwrap_or_else(|| PathBuf::from(name));
             let tmp = out.with_extension("part");
             let mut f = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-            let n = client.download(&format!("jobs/{}/result", checked_id(&id)?), &mut f);
+            let n = client.download(&format!("jobs/{}/result?run={run}", checked_id(&id)?), &mut f);
             if let Err(e) = n {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(e);
@@ -482,7 +548,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let fetched = (|| -> Result<()> {
                     let mut p =
                         File::create(&provenance).with_context(|| format!("cannot create {}", provenance.display()))?;
-                    client.download(&format!("jobs/{}/provenance", checked_id(&id)?), &mut p)?;
+                    client.download(&format!("jobs/{}/provenance?run={run}", checked_id(&id)?), &mut p)?;
                     p.sync_all()?;
                     Ok(())
                 })();
@@ -519,7 +585,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     shown(&job.submitted),
                     shown(&job.image),
                     shown(&job.name),
-                    describe(job)
+                    describe(job) + &rebuild_note(job)
                 );
             }
         }

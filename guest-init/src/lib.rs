@@ -145,7 +145,10 @@ pub fn run_job_disk(paths: &Paths, kill_scope: KillScope) -> JobStatus {
         let given = caches_named(paths, &settings);
         status.caches = caches::mount_all(&given, settings.device_wait);
         let names: Vec<String> = given.into_iter().map(|g| g.name).collect();
-        run(&settings, paths, &script, &jobfile::caches::variables(&names), kill_scope, &mut status);
+        let mut env = jobfile::caches::variables(&names);
+        // A verified rebuild's two runs date what they make alike (reproducible-builds.org's variable).
+        env.extend(settings.epoch.map(|e| ("SOURCE_DATE_EPOCH".to_owned(), e.to_string())));
+        run(&settings, paths, &script, &env, kill_scope, &mut status);
         caches::unmount_all(&status.caches);
     }
     pack(&mut disk, &settings, paths, &mut status);

@@ -122,6 +122,7 @@ fn command(cfg: &RunConfig, program: &OsStr, args: &[&OsStr], out: &io::PipeWrit
         .env("HOME", "/root")
         .env("LANG", "C.UTF-8")
         .env("TERM", "dumb")
+        .env("TZ", "UTC")
         .env("CONSTRUIR_JOB", cfg.job_name.as_deref().unwrap_or("job"))
         .envs(cfg.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&cfg.job_dir)

@@ -127,7 +127,11 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         }
         let next_settle = pending.settle(&dirs.queue, &mut refused);
         while stopping.is_none() && running.len() < opts.workers {
-            let Some(ready) = pending.next_ready(&dirs.queue, &mut refused) else { break };
+            // A verified rebuild's run whose other run this host took is left, for a while, to another host.
+            let now = std::time::SystemTime::UNIX_EPOCH.elapsed().map_or(0, |d| d.as_secs());
+            let keeps_off =
+                |name: &std::ffi::OsStr| jobfile::rebuild::keeps_off(&dirs.running, name, &opts.limits.host_id, now);
+            let Some(ready) = pending.next_ready(&dirs.queue, &mut refused, keeps_off) else { break };
             let job = ready.job;
             if let Err(e) = Image::load(&dirs.images, job.image()) {
                 let reason = format!("unknown image i{}: {}", job.image(), jobfile::error_chain(&e));
@@ -143,6 +147,12 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
                 }
             }
             log::info!("job {}: claimed", job.input_file_name());
+            if jobfile::rebuild::terms_file(&dirs.running, &ready.file_name).exists() {
+                // Before it runs: the other run, still waiting, is left to another host.
+                if let Err(e) = jobfile::rebuild::write_ran_on(&dirs.running, &ready.file_name, &opts.limits.host_id) {
+                    log::warn!("job {}: cannot note that this host runs it: {e}", job.input_file_name());
+                }
+            }
             let file_name = ready.file_name;
             let cancel = Arc::new(AtomicBool::new(false));
             running.insert(file_name.clone(), cancel.clone());

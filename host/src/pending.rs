@@ -204,14 +204,20 @@ impl Pending {
     }
 
     /// The first complete entry, in arrival order, that is still a good job
-    /// file (one lstat each); it leaves the index, as do entries found
-    /// gone or refused on the way.
-    pub fn next_ready(&mut self, queue: &Path, refused: &mut Vec<Refusal>) -> Option<Ready> {
+    /// file (one lstat each) and that `leave` does not leave to other hosts;
+    /// it leaves the index, as do entries found gone or refused on the way
+    /// (those left stay, and are asked about again next time).
+    pub fn next_ready(
+        &mut self,
+        queue: &Path,
+        refused: &mut Vec<Refusal>,
+        leave: impl Fn(&OsStr) -> bool,
+    ) -> Option<Ready> {
         let mut gone = Vec::new();
         let mut ready = None;
         for (_, name) in self.order.iter() {
             let Some(item) = self.items.get(name) else { continue };
-            if !matches!(item.state, State::Complete) {
+            if !matches!(item.state, State::Complete) || leave(name) {
                 continue;
             }
             gone.push(name.clone());
@@ -307,10 +313,10 @@ mod tests {
         let mut refused = Vec::new();
         p.rescan(q, &mut refused).expect("scan");
         assert_eq!(p.len(), 2, "good and small wait; the rest is refused or ignored");
-        let ready = p.next_ready(q, &mut refused).expect("a job");
+        let ready = p.next_ready(q, &mut refused, |_| false).expect("a job");
         assert_eq!(ready.file_name, "good_i1.tar.xz");
         assert_eq!(ready.scanned.size, 70_000);
-        assert!(p.next_ready(q, &mut refused).is_none());
+        assert!(p.next_ready(q, &mut refused, |_| false).is_none());
         let refused = names(&refused);
         assert_eq!(refused.len(), 4, "{refused:?}");
         assert!(refused[0].starts_with("bad name_i1.tar.xz: bad job file name"), "{refused:?}");
@@ -334,7 +340,8 @@ mod tests {
         // Written in place just now: it must settle (an hour here) before anything is judged.
         fs::write(q.join("inplace_i1.tar.xz"), b"still writing").expect("write");
         p.arrived(q, OsStr::new("inplace_i1.tar.xz"), false, &mut refused);
-        let order: Vec<OsString> = std::iter::from_fn(|| p.next_ready(q, &mut refused).map(|r| r.file_name)).collect();
+        let order: Vec<OsString> =
+            std::iter::from_fn(|| p.next_ready(q, &mut refused, |_| false).map(|r| r.file_name)).collect();
         assert_eq!(order, ["c_i1.tar.xz", "a_i1.tar.xz", "b_i1.tar.xz"]);
         assert!(p.settle(q, &mut refused).is_some_and(|d| d > Duration::from_secs(3000)));
         assert_eq!(p.len(), 1);
@@ -358,15 +365,15 @@ mod tests {
         let mut refused = Vec::new();
         p.rescan(q, &mut refused).expect("scan");
         assert!(p.settle(q, &mut refused).is_some());
-        assert!(p.next_ready(q, &mut refused).is_none(), "still settling");
+        assert!(p.next_ready(q, &mut refused, |_| false).is_none(), "still settling");
         std::thread::sleep(Duration::from_millis(2100));
         fs::write(&path, vec![1u8; 70_001]).expect("rewrite");
         File::options().write(true).open(&path).expect("open").set_modified(future).expect("set mtime");
         assert!(p.settle(q, &mut refused).is_some(), "changed: the count starts again");
-        assert!(p.next_ready(q, &mut refused).is_none());
+        assert!(p.next_ready(q, &mut refused, |_| false).is_none());
         std::thread::sleep(Duration::from_millis(2100));
         assert_eq!(p.settle(q, &mut refused), None);
-        assert_eq!(p.next_ready(q, &mut refused).expect("settled").scanned.size, 70_001);
+        assert_eq!(p.next_ready(q, &mut refused, |_| false).expect("settled").scanned.size, 70_001);
         assert!(refused.is_empty(), "{refused:?}");
     }
 
@@ -385,7 +392,7 @@ mod tests {
         p.rescan(q, &mut refused).expect("scan");
         assert_eq!(p.len(), 49);
         // Written in one go, in name order: ctime order is name order here.
-        let first = p.next_ready(q, &mut refused).expect("job").file_name;
+        let first = p.next_ready(q, &mut refused, |_| false).expect("job").file_name;
         assert_eq!(first, "j00_i1.tar.xz");
     }
 }

@@ -60,6 +60,8 @@ pub struct Inputs<'a> {
     pub layer: Option<&'a jobfile::deps::LayerRecord>,
     /// The owner of the caches lent.
     pub owner: Option<&'a str>,
+    /// A verified rebuild's terms, when the job is one of its runs.
+    pub rebuild: Option<&'a jobfile::rebuild::Terms>,
 }
 
 impl Record {
@@ -74,7 +76,7 @@ impl Record {
         let image = inputs.image;
         let image_name = format!("i{}", image.number);
         let manifest_sha = jobfile::image::sha256_file(&image.dir.join(jobfile::image::MANIFEST)).unwrap_or_default();
-        let external = json!({
+        let mut external = json!({
             "job": {
                 "name": jobfile::sanitize(inputs.file_name.as_encoded_bytes()),
                 "digest": {"sha256": inputs.job_sha256},
@@ -83,6 +85,9 @@ impl Record {
             "packages": inputs.packages,
             "caches": inputs.caches.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
         });
+        if let Some(t) = inputs.rebuild {
+            external["rebuild"] = json!({"name": t.name, "sourceDateEpoch": t.epoch, "otherRun": t.sibling});
+        }
         let internal = json!({
             "qemu": qemu,
             "accelerator": limits.accel.name(),

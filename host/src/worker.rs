@@ -109,6 +109,11 @@ pub fn run(
         Ok(p) => p,
         Err(why) => return fail(dirs, job, "bad_packages", &claimed, &format!("packages: {why}"), None),
     };
+    // A verified rebuild's run: the name and SOURCE_DATE_EPOCH its other run gets too.
+    let rebuild = match jobfile::rebuild::read_terms(&dirs.running, file_name) {
+        Ok(t) => t,
+        Err(why) => return fail(dirs, job, "bad_terms", &claimed, &format!("verified rebuild: {why}"), None),
+    };
     let declaration = match packages::read_declaration(&disk) {
         Ok(d) => d,
         Err(why) => return fail(dirs, job, "bad_packages", &claimed, &format!("packages: {why}"), None),
@@ -144,6 +149,7 @@ pub fn run(
                 caches: given,
                 layer,
                 owner: owner.as_deref().or(Some(caches::LOCAL_OWNER)),
+                rebuild: rebuild.as_ref(),
             };
             crate::provenance::Record::new(inputs, claimed_at.clone(), limits, &signer.jail, &signer.qemu, hashed)
         })
@@ -205,10 +211,11 @@ pub fn run(
         // The guest's own watchdog: after the job's timeout and packing, before the host's kill.
         // (Half the grace: the guest counts from its kernel's start, after the firmware.)
         deadline: Some(limits.timeout + limits.grace / 2),
-        name: Some(job.name().to_owned()),
+        name: Some(rebuild.as_ref().map_or_else(|| job.name().to_owned(), |t| t.name.clone())),
         image: Some(job.image().to_owned()),
         console_max: limits.console_limit as u64,
         caches: given,
+        epoch: rebuild.as_ref().map(|t| t.epoch),
         ..Default::default()
     };
     let cmdline = format!("console=ttyS0 panic=-1 quiet loglevel=3 {} {}", manifest.cmdline, guest.to_cmdline());

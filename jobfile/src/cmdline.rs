@@ -37,6 +37,9 @@ pub struct Settings {
     /// `construir.caches=ccache:3,pip:off`: the build caches the job named,
     /// in order, each with the version it is given (`crate::caches`).
     pub caches: Vec<crate::caches::Given>,
+    /// `construir.epoch=` (Unix seconds): `SOURCE_DATE_EPOCH` for the job,
+    /// the same in both runs of a verified rebuild (`crate::rebuild`).
+    pub epoch: Option<u64>,
 }
 
 impl Default for Settings {
@@ -55,6 +58,7 @@ impl Default for Settings {
             layer: None,
             declared: false,
             caches: Vec::new(),
+            epoch: None,
         }
     }
 }
@@ -104,6 +108,9 @@ impl Settings {
         if !self.caches.is_empty() {
             words.push(format!("construir.caches={}", crate::caches::to_cmdline(&self.caches)));
         }
+        if let Some(epoch) = self.epoch {
+            words.push(format!("construir.epoch={epoch}"));
+        }
         words.join(" ")
     }
 
@@ -144,6 +151,7 @@ impl Settings {
                     warnings.extend(bad);
                     true
                 }
+                "epoch" => num(value).map(|n| s.epoch = Some(n)).is_some(),
                 "name" if crate::name::check_name(value).is_ok() => {
                     s.name = Some(value.to_owned());
                     true
@@ -172,7 +180,7 @@ mod tests {
             "console=ttyS0 quiet construir.job=/dev/vda construir.timeout=20 construir.deadline=95 construir.xz=3 \
              construir.threads=2 construir.name=hello construir.image=100 construir.wait=5 construir.console=1000 \
              construir.packages=/dev/vdc construir.layer=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef \
-             construir.declared=1 construir.caches=ccache:2,pip:off",
+             construir.declared=1 construir.caches=ccache:2,pip:off construir.epoch=1700000000",
         );
         assert_eq!(
             s,
@@ -193,6 +201,7 @@ mod tests {
                     crate::caches::Given { name: "ccache".into(), version: Some(2) },
                     crate::caches::Given { name: "pip".into(), version: None },
                 ],
+                epoch: Some(1_700_000_000),
             }
         );
         assert!(warnings.is_empty(), "{warnings:?}");
@@ -214,6 +223,7 @@ mod tests {
             layer: Some("f".repeat(64)),
             declared: true,
             caches: vec![crate::caches::Given { name: "cargo".into(), version: Some(0) }],
+            epoch: Some(0),
         };
         let defaults = Settings::default();
         let some = Settings { timeout: Some(Duration::from_secs(5)), name: Some("x".into()), ..Settings::default() };
@@ -230,9 +240,9 @@ mod tests {
     fn bad_values_keep_defaults_and_warn() {
         let (s, warnings) = Settings::from_cmdline(
             "construir.xz=12 construir.timeout=soon construir.job=vdb construir.name=-x construir.bogus=1 \
-             construir.packages=vdc construir.layer=../x construir.declared=yes",
+             construir.packages=vdc construir.layer=../x construir.declared=yes construir.epoch=-1",
         );
         assert_eq!(s, Settings::default());
-        assert_eq!(warnings.len(), 8, "{warnings:?}");
+        assert_eq!(warnings.len(), 9, "{warnings:?}");
     }
 }

@@ -295,6 +295,41 @@ pub fn host_key_file(running: &Path, host_id: &str) -> PathBuf {
     running.join(".keys").join(format!("{host_id}.pub"))
 }
 
+/// The file in `running/<host-id>/` that a running host holds locked: it
+/// says the host is alive (to `status`, and to a second host started with
+/// the same id, which refuses to start), and what it is.
+pub const HOST_FILE: &str = ".host";
+
+/// What a running host says of itself in its `HOST_FILE`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostInfo {
+    pub pid: u32,
+    /// RFC 3339, UTC.
+    pub started: String,
+    pub workers: usize,
+    pub version: String,
+    /// RFC 3339: when it stopped cleanly (absent while it runs, or if it died).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
+}
+
+/// Whether the host whose claims are in `host_dir` (a `running/<host-id>/`)
+/// is alive, and what it said of itself. A directory without a `HOST_FILE`
+/// (left by an older host, or never used) counts as not alive.
+pub fn host_state(host_dir: &Path) -> (bool, Option<HostInfo>) {
+    let Ok(file) = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(host_dir.join(HOST_FILE))
+    else {
+        return (false, None);
+    };
+    let info = fs::read_to_string(host_dir.join(HOST_FILE)).ok().and_then(|t| serde_json::from_str(&t).ok());
+    // A shared lock is refused only while the host holds its exclusive one.
+    let alive = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock).is_err();
+    (alive, info)
+}
+
 /// Where cancel requests are: `running/.cancel/`, shared by every host on the queue.
 pub fn cancel_dir(running: &Path) -> PathBuf {
     running.join(".cancel")

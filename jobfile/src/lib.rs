@@ -19,6 +19,7 @@ pub mod layout;
 pub mod manual;
 pub mod name;
 pub mod pack;
+pub mod rebuild;
 pub mod status;
 pub mod tar_reader;
 pub mod text;

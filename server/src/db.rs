@@ -101,6 +101,22 @@ pub struct JobRecord {
     pub packages: Option<Resolution>,
     /// The build caches its declaration names.
     pub caches: Vec<String>,
+    /// A verified rebuild's second run: the id of the job it repeats.
+    pub twin_of: Option<String>,
+    /// A verified rebuild's first run: the pair.
+    pub rebuild: Option<RebuildRecord>,
+}
+
+/// What a verified rebuild's first run records of the pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RebuildRecord {
+    /// The second run's job id.
+    pub twin: String,
+    /// `SOURCE_DATE_EPOCH` in both runs.
+    pub epoch: u64,
+    /// The comparison, once both runs have ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<wire::RebuildVerdict>,
 }
 
 pub fn now() -> String {
@@ -310,7 +326,17 @@ fn job_from_row(r: &Row) -> Result<JobRecord, SqlError> {
         file_id: r.opt_int(15)?.map(|ino| FileId { ino: ino as u64, birth_ns: r.opt_int(16).ok().flatten() }),
         packages: packages_from(r, 17)?,
         caches: caches_from(r, 18)?,
+        twin_of: r.opt_text(19)?,
+        rebuild: r
+            .opt_text(20)?
+            .map(|t| serde_json::from_str(&t).map_err(|e| SqlError::Column(20, format!("not a rebuild: {e}"))))
+            .transpose()?,
     })
+}
+
+/// The rebuild column as it holds a pair (NULL for none).
+fn rebuild_text(rebuild: Option<&RebuildRecord>) -> Option<String> {
+    rebuild.map(|r| serde_json::to_string(r).expect("a RebuildRecord always serializes"))
 }
 
 /// The packages column (`index`) of a row.
@@ -340,11 +366,11 @@ fn packages_text(packages: Option<&Resolution>) -> Option<String> {
     packages.map(|p| serde_json::to_string(p).expect("a Resolution always serializes"))
 }
 
-const JOB_COLUMNS: &str = "id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, lease_host, attempts, file_ino, file_birth, packages, caches";
+const JOB_COLUMNS: &str = "id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, lease_host, attempts, file_ino, file_birth, packages, caches, twin_of, rebuild";
 
 pub async fn insert_job(db: &Database, j: &JobRecord) -> Result<(), DbError> {
     db.execute(
-        "INSERT INTO jobs (id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, file_ino, file_birth, packages, caches) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+        "INSERT INTO jobs (id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, file_ino, file_birth, packages, caches, twin_of, rebuild) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
         params![
             &j.id,
             j.account_id,
@@ -362,7 +388,9 @@ pub async fn insert_job(db: &Database, j: &JobRecord) -> Result<(), DbError> {
             j.file_id.map(|f| f.ino),
             j.file_id.and_then(|f| f.birth_ns),
             packages_text(j.packages.as_ref()),
-            caches_text(&j.caches)
+            caches_text(&j.caches),
+            j.twin_of.clone(),
+            rebuild_text(j.rebuild.as_ref())
         ],
     ).await?;
     Ok(())
@@ -377,7 +405,9 @@ pub async fn delete_job(db: &Database, id: &str) -> Result<(), DbError> {
 pub async fn job(db: &Database, account_id: i64, id: &str) -> Result<Option<JobRecord>, DbError> {
     let row = db
         .query_opt(
-            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND account_id = $2 AND state != $3"),
+            &format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND account_id = $2 AND state != $3 AND twin_of IS NULL"
+            ),
             params![id, account_id, UPLOADING],
         )
         .await?;
@@ -399,7 +429,7 @@ pub async fn jobs_of(db: &Database, account_id: i64) -> Result<Vec<JobRecord>, D
     let rows = db
         .query(
             &format!(
-                "SELECT {JOB_COLUMNS} FROM jobs WHERE account_id = $1 AND state != $2 ORDER BY submitted_unix DESC, id"
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE account_id = $1 AND state != $2 AND twin_of IS NULL ORDER BY submitted_unix DESC, id"
             ),
             params![account_id, UPLOADING],
         )
@@ -508,7 +538,7 @@ pub async fn reserve_upload<R>(
         reserved.state = UPLOADING.to_owned();
         reserved.size = bytes;
         tx.execute(
-            "INSERT INTO jobs (id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            "INSERT INTO jobs (id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, twin_of, rebuild) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             params![
                 &reserved.id,
                 reserved.account_id,
@@ -519,7 +549,9 @@ pub async fn reserve_upload<R>(
                 &reserved.submitted,
                 reserved.submitted_unix,
                 &reserved.state,
-                &reserved.updated
+                &reserved.updated,
+                reserved.twin_of.clone(),
+                rebuild_text(reserved.rebuild.as_ref())
             ],
         ).await?;
         Ok(Ok(bytes))
@@ -1019,7 +1051,40 @@ pub(crate) fn test_record(account: &Account, id: &str, name: &str, size: u64, st
         file_id: None,
         packages: None,
         caches: Vec::new(),
+        twin_of: None,
+        rebuild: None,
     }
+}
+
+/// A verified rebuild's second run, by the first's id.
+pub async fn twin(db: &Database, first: &str) -> Result<Option<JobRecord>, DbError> {
+    let row = db
+        .query_opt(
+            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE twin_of = $1 AND state != $2"),
+            params![first, UPLOADING],
+        )
+        .await?;
+    Ok(row.as_ref().map(job_from_row).transpose()?)
+}
+
+/// Records a verified rebuild's verdict on its first run, in one
+/// transaction; `false` when a verdict was recorded already (by another
+/// server sharing the database).
+pub async fn set_rebuild_verdict(db: &Database, first: &str, verdict: &wire::RebuildVerdict) -> Result<bool, DbError> {
+    db.tx(async |tx| {
+        let lock = format!("SELECT rebuild FROM jobs WHERE id = $1{}", tx.for_update());
+        let Some(row) = tx.query_opt(&lock, params![first]).await? else { return Ok(false) };
+        let Some(text) = row.opt_text(0)? else { return Ok(false) };
+        let mut record: RebuildRecord =
+            serde_json::from_str(&text).map_err(|e| SqlError::Column(0, format!("not a rebuild: {e}")))?;
+        if record.verdict.is_some() {
+            return Ok(false);
+        }
+        record.verdict = Some(verdict.clone());
+        tx.execute("UPDATE jobs SET rebuild = $1 WHERE id = $2", params![rebuild_text(Some(&record)), first]).await?;
+        Ok(true)
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -38,11 +38,19 @@ pub struct Settings {
     /// How long a job that names build caches waits for a free host that
     /// holds one of them warm, before any host may take it.
     pub warm_wait: Duration,
+    /// How long a verified rebuild's second run is kept from the host that
+    /// took its first, when another host is live.
+    pub apart_wait: Duration,
 }
 
 impl Default for Settings {
     fn default() -> Settings {
-        Settings { lease: Duration::from_secs(30), max_attempts: 3, warm_wait: Duration::from_secs(20) }
+        Settings {
+            lease: Duration::from_secs(30),
+            max_attempts: 3,
+            warm_wait: Duration::from_secs(20),
+            apart_wait: Duration::from_secs(600),
+        }
     }
 }
 
@@ -396,7 +404,7 @@ mod tests {
     }
 
     fn settings(max_attempts: u64) -> Settings {
-        Settings { lease: Duration::from_secs(30), max_attempts, warm_wait: Duration::from_secs(20) }
+        Settings { max_attempts, ..Settings::default() }
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@
 //! - `sql`, `db`: the database; `store`: the queue's directories;
 //!   `auth`, `quota`, `sessions`: tokens, limits, the page's sessions;
 //! - `lease`: handing a job to one remote host and ending its lease;
+//!   `rebuild`: verified rebuilds' live hosts and verdicts;
 //! - `app`: the state every handler reaches;
 //! - `http`: the router, the extractors and the handlers by resource
 //!   (`jobs`, `hosts`, `page`); `openapi`: the schema made from them;
@@ -21,6 +22,7 @@ pub mod lease;
 pub mod listen;
 pub mod openapi;
 pub mod quota;
+pub mod rebuild;
 pub mod sessions;
 pub mod sql;
 pub mod store;
@@ -38,9 +40,12 @@ use app::App;
 /// uploads: a file in the directories is never taken for an account's by
 /// its name.
 pub async fn rebuild(app: &App) -> Result<(), db::DbError> {
-    for job in &db::all_jobs(&app.db).await? {
+    let jobs = db::all_jobs(&app.db).await?;
+    for job in &jobs {
         app.refresh(job).await;
     }
+    // Verified rebuilds whose two runs have both ended get their verdict.
+    rebuild::settle(app, &jobs).await?;
     sweep_uploads(app).await
 }
 

@@ -121,6 +121,11 @@ struct ServeArgs {
     /// that holds one of them warm, before any other host may take it.
     #[arg(long, default_value = "20s", value_parser = duration_arg)]
     warm_wait: Duration,
+    /// How long a verified rebuild's second run waits for a host other than
+    /// the one that took its first run, when the farm has another live host;
+    /// after that any host may take it (the verdict then says both runs shared one).
+    #[arg(long, default_value = "10m", value_parser = duration_arg)]
+    apart_wait: Duration,
 }
 
 /// Limits: server-wide defaults for `serve`, or one account's for `account limits`.
@@ -320,7 +325,12 @@ async fn serve(conn: Database, a: ServeArgs) -> Result<()> {
     if !a.listen.ip().is_loopback() && tls.is_none() {
         log::warn!("listening on {} (not loopback) with plain HTTP: tokens cross the network in clear; give --tls-cert and --tls-key, or put a TLS reverse proxy in front", a.listen);
     }
-    let farm = lease::Settings { lease: a.lease, max_attempts: a.max_attempts, warm_wait: a.warm_wait };
+    let farm = lease::Settings {
+        lease: a.lease,
+        max_attempts: a.max_attempts,
+        warm_wait: a.warm_wait,
+        apart_wait: a.apart_wait,
+    };
     // Hosts could not renew while the server was down: every lease gets a full term.
     let extended = db::extend_leases(&conn, farm.lease.as_millis() as i64).await?;
     if extended > 0 {

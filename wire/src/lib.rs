@@ -77,6 +77,22 @@ pub struct SubmitQuery {
     pub name: String,
     /// The image number it runs on.
     pub image: String,
+    /// `2`: a verified rebuild. The job runs twice, on two hosts where the
+    /// farm has two, with `SOURCE_DATE_EPOCH` and the rest of the
+    /// environment fixed, and the two results are compared file by file
+    /// (it counts as two jobs against the account's limits). `1` or none:
+    /// once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_on: Option<u32>,
+}
+
+/// `?run=2` on a job's log, result and provenance: a verified rebuild's
+/// second run (`1` or none: the job's own).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RunQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<u32>,
 }
 
 /// Where a job is now, as the server's directories say.
@@ -156,6 +172,78 @@ pub struct Job {
     /// What a cancel of a running job did (`POST /v1/jobs/{id}/cancel` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel: Option<String>,
+    /// A verified rebuild: where its second run is and, once both have
+    /// ended, the verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<Rebuild>,
+}
+
+/// A verified rebuild as its submitter sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Rebuild {
+    /// Where the second run is (the first is the job's own `place`).
+    pub second: Place,
+    /// `SOURCE_DATE_EPOCH` in both runs.
+    pub epoch: u64,
+    /// The verdict, once both runs have ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<RebuildVerdict>,
+}
+
+/// What the comparison of a verified rebuild's two results found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RebuildVerdict {
+    /// `reproducible`: every file the same (path, mode, content); `differs`:
+    /// some are not; `not_compared`: a run failed or a result cannot be read (`reason`).
+    pub outcome: String,
+    /// The hosts that ran the first and the second run, as their signed provenance names them.
+    pub hosts: Vec<String>,
+    /// Whether both runs had to share one host (the farm had one).
+    pub same_host: bool,
+    /// Files compared (the job's status and console aside).
+    pub files: u64,
+    /// The files that differ, in path order (at most 100).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<Object>)]
+    pub differing: Vec<jobfile::rebuild::Difference>,
+    /// How many differ in all.
+    pub differing_total: u64,
+    /// Why the runs were not compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When it was decided (RFC 3339, UTC).
+    pub decided: String,
+}
+
+impl RebuildVerdict {
+    pub const REPRODUCIBLE: &str = "reproducible";
+    pub const DIFFERS: &str = "differs";
+    pub const NOT_COMPARED: &str = "not_compared";
+
+    /// One line: the outcome, the hosts, the first files that differ.
+    pub fn summary(&self) -> String {
+        let hosts = if self.same_host {
+            format!("both runs on {} (the farm had one host)", self.hosts.first().map_or("?", |h| h.as_str()))
+        } else {
+            format!("on {}", self.hosts.join(" and "))
+        };
+        match self.outcome.as_str() {
+            Self::REPRODUCIBLE => format!("reproducible: all {} files the same {hosts}", self.files),
+            Self::DIFFERS => {
+                let shown: Vec<String> =
+                    self.differing.iter().take(5).map(|d| format!("{} ({})", d.path, d.what)).collect();
+                let more = self.differing_total.saturating_sub(shown.len() as u64);
+                let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+                format!(
+                    "NOT reproducible: {} of {} files differ {hosts}: {}{more}",
+                    self.differing_total,
+                    self.files,
+                    shown.join(", ")
+                )
+            }
+            _ => format!("not compared: {}", self.reason.as_deref().unwrap_or("(no reason)")),
+        }
+    }
 }
 
 /// `GET /v1/jobs`: the account's jobs, oldest first.
@@ -371,6 +459,11 @@ pub struct Lease {
     /// Whose build caches the job uses (`a<id>`: the submitter's account).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// A verified rebuild's run: the name and `SOURCE_DATE_EPOCH` both runs
+    /// get (`jobfile::rebuild::Terms`; the server has placed it already).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub rebuild: Option<jobfile::rebuild::Terms>,
 }
 
 /// The answer to `POST /v1/host/lease`: a job, or none for now.
@@ -519,7 +612,69 @@ mod tests {
             packages: None,
             status: None,
             cancel: None,
+            rebuild: None,
         }
+    }
+
+    #[test]
+    fn a_verified_rebuild_and_its_verdict_round_trip_as_documented() {
+        let differing = vec![jobfile::rebuild::Difference { path: "out/when".into(), what: "content".into() }];
+        let verdict = RebuildVerdict {
+            outcome: RebuildVerdict::DIFFERS.into(),
+            hosts: vec!["h1".into(), "h2".into()],
+            same_host: false,
+            files: 3,
+            differing,
+            differing_total: 1,
+            reason: None,
+            decided: "2026-12-04T10:00:00Z".into(),
+        };
+        assert_eq!(verdict.summary(), "NOT reproducible: 1 of 3 files differ on h1 and h2: out/when (content)");
+        let mut done = job(Place::Done { verdict: "ok (exit code 0)".into(), result_bytes: 300 });
+        done.rebuild = Some(Rebuild {
+            second: Place::Failed { reason: "cancelled".into() },
+            epoch: 1_700_000_000,
+            verdict: Some(verdict.clone()),
+        });
+        let value = serde_json::to_value(&done).expect("json");
+        assert_eq!(
+            value["rebuild"],
+            json!({"second": {"state": "failed", "reason": "cancelled"}, "epoch": 1_700_000_000u64,
+                "verdict": {"outcome": "differs", "hosts": ["h1", "h2"], "same_host": false, "files": 3,
+                "differing": [{"path": "out/when", "what": "content"}], "differing_total": 1,
+                "decided": "2026-12-04T10:00:00Z"}})
+        );
+        assert_eq!(serde_json::from_value::<Job>(value).expect("back"), done);
+        let same = RebuildVerdict {
+            outcome: RebuildVerdict::REPRODUCIBLE.into(),
+            hosts: vec!["h1".into(), "h1".into()],
+            same_host: true,
+            differing: vec![],
+            differing_total: 0,
+            ..verdict.clone()
+        };
+        assert_eq!(same.summary(), "reproducible: all 3 files the same both runs on h1 (the farm had one host)");
+        let lost = RebuildVerdict {
+            outcome: RebuildVerdict::NOT_COMPARED.into(),
+            reason: Some("the second run failed: x".into()),
+            ..same
+        };
+        assert_eq!(lost.summary(), "not compared: the second run failed: x");
+        // A lease of a run carries its terms.
+        let terms = jobfile::rebuild::Terms {
+            sibling: "a.0000000000000001.x_i0.tar.xz".into(),
+            name: "x".into(),
+            epoch: 5,
+            apart_until: 0,
+        };
+        let lease: Lease = serde_json::from_value(json!({"id": "j1", "file_name": "x_i0.tar.xz", "size": 1, "seq": 1,
+            "attempt": 1, "lease_ms": 1, "rebuild": {"sibling": "a.0000000000000001.x_i0.tar.xz", "name": "x", "epoch": 5,
+            "apart_until": 0}}))
+        .expect("lease");
+        assert_eq!(lease.rebuild, Some(terms));
+        let query: SubmitQuery =
+            serde_json::from_value(json!({"name": "x", "image": "0", "verify_on": 2})).expect("query");
+        assert_eq!(query.verify_on, Some(2));
     }
 
     #[test]
@@ -676,6 +831,7 @@ mod tests {
                     lease_ms: 30000,
                     packages: None,
                     owner: None,
+                    rebuild: None,
                 }),
                 generations: Default::default(),
             },
@@ -705,6 +861,7 @@ mod tests {
                     lease_ms: 30000,
                     packages: Some(pinned),
                     owner: Some("a3".into()),
+                    rebuild: None,
                 }),
                 generations: Default::default(),
             },

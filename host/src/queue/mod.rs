@@ -235,23 +235,7 @@ pub fn cancel_request(dirs: &Dirs, file_name: &OsStr) -> PathBuf {
     jobfile::layout::cancel_request(&dirs.running, file_name)
 }
 
-/// The file in `running/<host-id>/` that a running host holds locked: it
-/// says the host is alive (to `status`, and to a second host started with
-/// the same id, which refuses to start), and what it is.
-pub const HOST_FILE: &str = ".host";
-
-/// What a running host says of itself in its `HOST_FILE`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct HostInfo {
-    pub pid: u32,
-    /// RFC 3339, UTC.
-    pub started: String,
-    pub workers: usize,
-    pub version: String,
-    /// RFC 3339: when it stopped cleanly (absent while it runs, or if it died).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stopped: Option<String>,
-}
+pub use jobfile::layout::{host_state, HostInfo, HOST_FILE};
 
 /// Takes this host's place in `running/<host-id>/`: an exclusive lock on
 /// its `HOST_FILE`, held while the returned lock lives. Fails when another
@@ -281,21 +265,6 @@ pub fn write_host_info(held: &nix::fcntl::Flock<File>, info: &HostInfo) -> io::R
     held.set_len(0)?;
     held.write_all_at(serde_json::to_string(info).expect("serializes").as_bytes(), 0)?;
     Ok(())
-}
-
-/// Whether the host whose claims are in `host_dir` (a `running/<host-id>/`)
-/// is alive, and what it said of itself. A directory without a `HOST_FILE`
-/// (left by an older host, or never used) counts as not alive.
-pub fn host_state(host_dir: &Path) -> (bool, Option<HostInfo>) {
-    let Ok(file) =
-        OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(host_dir.join(HOST_FILE))
-    else {
-        return (false, None);
-    };
-    let info = fs::read_to_string(host_dir.join(HOST_FILE)).ok().and_then(|t| serde_json::from_str(&t).ok());
-    // A shared lock is refused only while the host holds its exclusive one.
-    let alive = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock).is_err();
-    (alive, info)
 }
 
 #[cfg(test)]

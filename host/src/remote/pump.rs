@@ -312,7 +312,7 @@ impl Pump {
         // Before the job is in the spool: its caches are lent at the generation the server says.
         self.note_generations(answer.generations)?;
         let Some(lease) = answer.lease else { return Ok(false) };
-        let wire::Lease { id, seq, file_name, size, lease_ms, attempt, packages, owner } = lease;
+        let wire::Lease { id, seq, file_name, size, lease_ms, attempt, packages, owner, rebuild } = lease;
         let id = id.as_str();
         let Ok(job) = JobName::parse(&file_name) else {
             bail!("the server sent a job named {:?}", jobfile::sanitize(file_name.as_bytes()))
@@ -377,6 +377,15 @@ impl Pump {
                 bail!("job {id}: cannot keep the owner of its caches: {e}");
             }
         }
+        // A verified rebuild's run: the server placed it; here it only names the job and dates it.
+        if let Some(terms) = rebuild {
+            let terms = jobfile::rebuild::Terms { apart_until: 0, ..terms };
+            if let Err(e) = jobfile::rebuild::write_terms(&self.dirs.running, OsStr::new(&held.file_name), &terms) {
+                let _ = fs::remove_file(&partial);
+                self.leases.lock().remove(id);
+                bail!("job {id}: cannot keep the terms of its verified rebuild: {e}");
+            }
+        }
         // Renamed in whole: the daemon never sees a file being written.
         fs::rename(&partial, self.dirs.queue.join(&held.file_name))
             .with_context(|| format!("cannot put {} into {}", held.file_name, self.dirs.queue.display()))?;
@@ -436,7 +445,12 @@ impl Pump {
     /// Done with a job: the pump and the renewer forget it.
     pub(crate) fn forget(&mut self, id: &str) -> Option<Held> {
         self.leases.lock().remove(id);
-        self.held.remove(id)
+        let held = self.held.remove(id);
+        // A verified rebuild's terms here were the lease's: the server keeps the pair's own.
+        if let Some(h) = &held {
+            jobfile::rebuild::remove_terms(&self.dirs.running, OsStr::new(&h.file_name));
+        }
+        held
     }
 
     pub(crate) fn locate(&self, file_name: &str) -> Local {

@@ -98,8 +98,12 @@ pub async fn lease(
     for _ in 0..8 {
         let store = app.store.clone();
         // Only the file the server wrote: never a link, a second name or another inode planted in its place.
+        // A verified rebuild's run whose other run this host took is left, for a while, to another host.
+        let now = db::unix_now().max(0) as u64;
         let take = |c: &db::Candidate| {
-            store.waiting_own(&c.file_name, c.ino) && !leave_for_warmer(c, &here, &elsewhere, warm_wait)
+            store.waiting_own(&c.file_name, c.ino)
+                && !leave_for_warmer(c, &here, &elsewhere, warm_wait)
+                && !jobfile::rebuild::keeps_off(&store.running, c.file_name.as_ref(), &host.name, now)
         };
         let leased = db::lease_next(app.db(), &host.name, &usable, app.farm.lease_ms(), take)
             .await
@@ -127,6 +131,19 @@ pub async fn lease(
                 None
             })
         });
+        // A verified rebuild's run: noted as this host's before it is handed out, and its terms go with it.
+        let rebuild = match jobfile::rebuild::read_terms(&app.store.running, lease.file_name.as_ref()) {
+            Ok(Some(terms)) => {
+                jobfile::rebuild::write_ran_on(&app.store.running, lease.file_name.as_ref(), &host.name)
+                    .map_err(ApiError::internal)?;
+                Some(terms)
+            }
+            Ok(None) => None,
+            Err(why) => {
+                log::error!("job {}: {why}; it runs as an ordinary job", lease.id);
+                None
+            }
+        };
         return Ok(answer(Some(wire::Lease {
             id: lease.id,
             file_name: lease.file_name,
@@ -136,6 +153,7 @@ pub async fn lease(
             lease_ms: app.farm.lease_ms() as u64,
             packages,
             owner: Some(jobfile::caches::account_owner(lease.account_id)),
+            rebuild,
         })));
     }
     Ok(answer(None))

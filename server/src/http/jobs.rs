@@ -1,6 +1,7 @@
 //! A submitter's jobs (`/v1/jobs`, `/v1/whoami`): submit, list, show, the
 //! log and the result, cancel.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -86,6 +87,19 @@ pub(crate) async fn submit(
     if !app.store.has_image(job_name.image()) {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("no image i{} on this server", job_name.image())));
     }
+    let runs = match q.verify_on {
+        None | Some(1) => 1,
+        Some(jobfile::rebuild::RUNS) => jobfile::rebuild::RUNS,
+        Some(n) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "verify_on={n}: a job runs once (1) or is rebuilt and compared on {} hosts",
+                    jobfile::rebuild::RUNS
+                ),
+            ))
+        }
+    };
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let id = auth::new_job_id();
@@ -114,6 +128,24 @@ pub(crate) async fn submit(
         file_id: None,
         packages: None,
         caches: Vec::new(),
+        twin_of: None,
+        rebuild: None,
+    };
+    // A verified rebuild's second run: a job of its own, its record naming the first.
+    let twin = if runs > 1 {
+        let twin_id = auth::new_job_id();
+        let name: String = format!("{}.{twin_id}.{}", account.name, job_name.name())
+            .chars()
+            .take(jobfile::name::MAX_NAME_LEN)
+            .collect();
+        let file_name = jobfile::JobName::new(&name, job_name.image())
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad job name: {e}")))?
+            .input_file_name();
+        let epoch = record.submitted_unix.max(0) as u64;
+        record.rebuild = Some(db::RebuildRecord { twin: twin_id.clone(), epoch, verdict: None });
+        Some(JobRecord { id: twin_id, file_name, twin_of: Some(id.clone()), rebuild: None, ..record.clone() })
+    } else {
+        None
     };
     // The part file first, then its reservation: a reservation whose part is gone died with its server.
     let upload = app.store.upload_path(&id);
@@ -136,6 +168,27 @@ pub(crate) async fn submit(
     )
     .await
     .map_err(ApiError::internal)??;
+    // The second run of a verified rebuild counts as a job of its own against every limit.
+    let mut twin_guard = None;
+    if let Some(twin) = &twin {
+        let free = app.store.free_bytes().map_err(ApiError::internal)?;
+        twin_guard =
+            Some(UploadGuard { app: app.clone(), path: Some(app.store.upload_path(&twin.id)), id: twin.id.clone() });
+        let declared = declared.or(Some(reserved));
+        db::reserve_upload(
+            app.db(),
+            twin,
+            |f| app.store.finished(f),
+            |usage| quota::admit(usage, &limits, &app.settings.uploads, declared, free),
+        )
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|mut refusal| {
+            refusal.message =
+                format!("a verified rebuild's second run counts as a job of its own: {}", refusal.message);
+            ApiError::from(refusal)
+        })?;
+    }
     let mut stream = body.into_data_stream();
     let mut size: u64 = 0;
     let mut checked_disk: u64 = 0;
@@ -198,22 +251,51 @@ pub(crate) async fn submit(
     // What was chosen is pinned for the host before the job is in the queue.
     // Its caches' owner too: the account, whichever host runs it.
     let (packages, caches) = resolve_packages(&app, &upload, job_name.image()).await?;
-    let pinned = match &packages {
-        Some(resolution) => app.store.pin(&record.file_name, resolution).map(drop),
-        None => Ok(()),
+    // A verified rebuild's second run: the same bytes, and both runs' terms.
+    let twin_file = match &twin {
+        Some(twin) => Some(copy_for_second_run(&app, &upload, twin, &record).await?),
+        None => None,
+    };
+    let owner = jobfile::caches::account_owner(account.id);
+    let queued: Vec<(&JobRecord, &std::path::Path)> = std::iter::once((&record, upload.as_path()))
+        .chain(twin.iter().zip(twin_file.iter().map(|(p, _)| p.as_path())))
+        .collect();
+    for (i, (job, part)) in queued.iter().enumerate() {
+        let pinned = match &packages {
+            Some(resolution) => app.store.pin(&job.file_name, resolution).map(drop),
+            None => Ok(()),
+        }
+        .and_then(|()| app.store.own(&job.file_name, &owner))
+        .and_then(|()| app.store.enqueue(part, &job.file_name));
+        if let Err(e) = pinned {
+            for (job, _) in &queued {
+                jobfile::layout::remove_terms(&app.store.running, job.file_name.as_ref());
+                jobfile::rebuild::remove_terms(&app.store.running, job.file_name.as_ref());
+            }
+            return Err(ApiError::internal(e));
+        }
+        // In the queue now: a failure from here on removes it from there.
+        let in_queue = Some(app.store.queue.join(&job.file_name));
+        match (i, &mut twin_guard) {
+            (0, _) => guard.path = in_queue,
+            (_, Some(g)) => g.path = in_queue,
+            _ => {}
+        }
     }
-    .and_then(|()| app.store.own(&record.file_name, &jobfile::caches::account_owner(account.id)))
-    .and_then(|()| app.store.enqueue(&upload, &record.file_name));
-    if let Err(e) = pinned {
-        jobfile::layout::remove_terms(&app.store.running, record.file_name.as_ref());
-        return Err(ApiError::internal(e));
-    }
-    // In the queue now: a failure from here on removes it from there.
-    guard.path = Some(app.store.queue.join(&record.file_name));
-    if !db::finish_upload(app.db(), &id, size, ino, packages.as_ref(), &caches).await.map_err(ApiError::internal)? {
-        return Err(ApiError::internal(std::io::Error::other(format!("job {id}: its reservation vanished"))));
+    let finished = [(&record, ino)].into_iter().chain(twin.iter().zip(twin_file.iter().map(|(_, ino)| *ino)));
+    for (job, ino) in finished {
+        if !db::finish_upload(app.db(), &job.id, size, ino, packages.as_ref(), &caches)
+            .await
+            .map_err(ApiError::internal)?
+        {
+            let id = &job.id;
+            return Err(ApiError::internal(std::io::Error::other(format!("job {id}: its reservation vanished"))));
+        }
     }
     guard.path = None;
+    if let Some(g) = &mut twin_guard {
+        g.path = None;
+    }
     record.size = size;
     record.file_id = Some(ino);
     record.packages = packages;
@@ -223,6 +305,44 @@ pub(crate) async fn submit(
     log::info!("account {}: job {id} submitted as {} ({size} bytes)", account.name, record.file_name);
     let place = app.locate(&record);
     Ok((StatusCode::CREATED, Json(job_json(&record, &place))).into_response())
+}
+
+/// Copies the uploaded job file for a verified rebuild's second run
+/// (`twin`), synced, and writes both runs' terms: the name both give the
+/// job, the time of submission as `SOURCE_DATE_EPOCH`, and, when the farm
+/// has another live host, how long the second run keeps off the host that
+/// took the first. Returns the copy and its identity.
+async fn copy_for_second_run(
+    app: &Arc<App>,
+    upload: &std::path::Path,
+    twin: &JobRecord,
+    first: &JobRecord,
+) -> ApiResult<(PathBuf, crate::store::FileId)> {
+    let part = app.store.upload_path(&twin.id);
+    let live = crate::rebuild::live_hosts(app).await.map_err(ApiError::internal)?;
+    let apart_until = if live > 1 { db::unix_now().max(0) as u64 + app.farm.apart_wait.as_secs() } else { 0 };
+    let (app, upload, twin, first) = (app.clone(), upload.to_owned(), twin.clone(), first.clone());
+    tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        let mut from = std::fs::File::open(&upload)?;
+        let mut to = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o640).open(&part)?;
+        std::io::copy(&mut from, &mut to)?;
+        to.sync_all()?;
+        let ino = crate::store::FileId::of(&to.metadata()?);
+        let epoch = first.rebuild.as_ref().map_or(0, |r| r.epoch);
+        for (job, sibling) in [(&first, &twin), (&twin, &first)] {
+            let terms = jobfile::rebuild::Terms {
+                sibling: sibling.file_name.clone(),
+                name: first.name.clone(),
+                epoch,
+                apart_until,
+            };
+            jobfile::rebuild::write_terms(&app.store.running, job.file_name.as_ref(), &terms)?;
+        }
+        Ok((part, ino))
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)
 }
 
 /// Reads the declaration at the start of the uploaded job file and resolves
@@ -290,7 +410,19 @@ fn job_json(j: &JobRecord, place: &Place) -> wire::Job {
         packages: j.packages.clone(),
         status: None,
         cancel: None,
+        rebuild: None,
     }
+}
+
+/// A verified rebuild's state for its submitter: where the second run is,
+/// and the verdict once there is one.
+async fn rebuild_view(app: &App, j: &JobRecord) -> ApiResult<Option<wire::Rebuild>> {
+    let Some(pair) = &j.rebuild else { return Ok(None) };
+    let second = match db::twin(app.db(), &j.id).await.map_err(ApiError::internal)? {
+        Some(twin) => app.refresh(&twin).await,
+        None => Place::Missing,
+    };
+    Ok(Some(wire::Rebuild { second, epoch: pair.epoch, verdict: pair.verdict.clone() }))
 }
 
 #[utoipa::path(
@@ -304,7 +436,9 @@ pub(crate) async fn list(State(app): State<Arc<App>>, Authed(account): Authed) -
     let jobs = db::jobs_of(app.db(), account.id).await.map_err(ApiError::internal)?;
     let mut out = Vec::with_capacity(jobs.len());
     for j in &jobs {
-        out.push(job_json(j, &app.refresh(j).await));
+        let mut job = job_json(j, &app.refresh(j).await);
+        job.rebuild = rebuild_view(&app, j).await?;
+        out.push(job);
     }
     Ok(Json(wire::JobList { jobs: out }))
 }
@@ -320,6 +454,7 @@ pub(crate) async fn list(State(app): State<Arc<App>>, Authed(account): Authed) -
 pub(crate) async fn show(State(app): State<Arc<App>>, OwnJob { job, .. }: OwnJob) -> ApiResult<Json<wire::Job>> {
     let place = app.refresh(&job).await;
     let mut out = job_json(&job, &place);
+    out.rebuild = rebuild_view(&app, &job).await?;
     if let Some(result) = app.store.result_path(&job.file_name) {
         // The status, read with the same bounds as the host's own reader.
         out.status = tokio::task::spawn_blocking(move || jobfile_status(&result)).await.ok().flatten();
@@ -335,15 +470,17 @@ fn jobfile_status(result: &std::path::Path) -> Option<jobfile::JobStatus> {
     get,
     path = "/v1/jobs/{id}/log",
     tag = "submitters",
-    params(("id" = String, Path, description = "the job id, 16 hex digits")),
+    params(("id" = String, Path, description = "the job id, 16 hex digits"), wire::RunQuery),
     responses((status = 200, description = "the console log, sanitized (the live console while it runs); `Range` is honoured", content_type = "text/plain"), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "a build host's token", body = wire::ErrorBody), (status = 404, description = "no log yet", body = wire::ErrorBody)),
     security(("bearer" = []))
 )]
 pub(crate) async fn log_of(
     State(app): State<Arc<App>>,
     OwnJob { job, .. }: OwnJob,
+    Query(run): Query<wire::RunQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    let job = run_of(&app, job, run).await?;
     let path = app
         .store
         .log_path(&job.file_name)
@@ -355,15 +492,17 @@ pub(crate) async fn log_of(
     get,
     path = "/v1/jobs/{id}/result",
     tag = "submitters",
-    params(("id" = String, Path, description = "the job id, 16 hex digits")),
+    params(("id" = String, Path, description = "the job id, 16 hex digits"), wire::RunQuery),
     responses((status = 200, description = "the result: the job file as the VM left it; `Range` is honoured", content_type = "application/x-xz"), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "a build host's token", body = wire::ErrorBody), (status = 404, description = "no result", body = wire::ErrorBody)),
     security(("bearer" = []))
 )]
 pub(crate) async fn result_of(
     State(app): State<Arc<App>>,
     OwnJob { job, .. }: OwnJob,
+    Query(run): Query<wire::RunQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    let job = run_of(&app, job, run).await?;
     let path = app.store.result_path(&job.file_name).ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, "no result: the job has not finished, failed, or its result was deleted")
     })?;
@@ -374,15 +513,17 @@ pub(crate) async fn result_of(
     get,
     path = "/v1/jobs/{id}/provenance",
     tag = "submitters",
-    params(("id" = String, Path, description = "the job id, 16 hex digits")),
+    params(("id" = String, Path, description = "the job id, 16 hex digits"), wire::RunQuery),
     responses((status = 200, description = "the result's signed provenance: DSSE envelopes, one per line, each an in-toto statement with the SLSA provenance predicate", content_type = "application/x-ndjson"), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "a build host's token", body = wire::ErrorBody), (status = 404, description = "no provenance", body = wire::ErrorBody)),
     security(("bearer" = []))
 )]
 pub(crate) async fn provenance_of(
     State(app): State<Arc<App>>,
     OwnJob { job, .. }: OwnJob,
+    Query(run): Query<wire::RunQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    let job = run_of(&app, job, run).await?;
     let path = app.store.provenance_path(&job.file_name).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -403,6 +544,8 @@ pub(crate) async fn provenance_of(
 pub(crate) async fn cancel(State(app): State<Arc<App>>, OwnJob { account, job }: OwnJob) -> ApiResult<Json<wire::Job>> {
     let id = job.id.clone();
     let reason = format!("cancelled by {} at {}", account.name, db::now());
+    // A verified rebuild's second run goes with it.
+    let second = cancel_second_run(&app, &job, &reason).await?;
     match app.refresh(&job).await {
         Place::Waiting { .. } => {
             if !app.store.cancel_waiting(&job.file_name, &reason).map_err(ApiError::internal)? {
@@ -427,10 +570,53 @@ pub(crate) async fn cancel(State(app): State<Arc<App>>, OwnJob { account, job }:
             return Ok(Json(out));
         }
         other => {
-            return Err(ApiError::new(StatusCode::CONFLICT, format!("the job is {}: nothing to cancel", other.name())));
+            let Some(second) = second else {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("the job is {}: nothing to cancel", other.name()),
+                ));
+            };
+            let _ = db::audit(app.db(), Some(&account.name), "cancelled", &format!("{id} (its second run)")).await;
+            let mut out = job_json(&job, &other);
+            out.rebuild = rebuild_view(&app, &job).await?;
+            out.cancel = Some(format!("the job is {}; its second run {second}", other.name()));
+            return Ok(Json(out));
         }
     }
     let _ = db::audit(app.db(), Some(&account.name), "cancelled", &id).await;
     let place = app.refresh(&job).await;
     Ok(Json(job_json(&job, &place)))
+}
+
+/// Cancels a verified rebuild's second run, waiting or running: what it
+/// did, or `None` when the job is no verified rebuild or its second run has ended.
+async fn cancel_second_run(app: &App, job: &JobRecord, reason: &str) -> ApiResult<Option<String>> {
+    if job.rebuild.is_none() {
+        return Ok(None);
+    }
+    let Some(twin) = db::twin(app.db(), &job.id).await.map_err(ApiError::internal)? else { return Ok(None) };
+    Ok(match app.refresh(&twin).await {
+        Place::Waiting { .. } if app.store.cancel_waiting(&twin.file_name, reason).map_err(ApiError::internal)? => {
+            app.refresh(&twin).await;
+            Some("was cancelled".to_owned())
+        }
+        Place::Running { host, .. } if app.store.request_cancel(&twin.file_name).map_err(ApiError::internal)? => {
+            Some(format!("is stopped by {host} within seconds"))
+        }
+        _ => None,
+    })
+}
+
+/// The run `?run=` names: the job itself (none or 1), or its verified rebuild's second run (2).
+async fn run_of(app: &App, job: JobRecord, q: wire::RunQuery) -> ApiResult<JobRecord> {
+    match q.run {
+        None | Some(1) => Ok(job),
+        Some(2) => db::twin(app.db(), &job.id)
+            .await
+            .map_err(ApiError::internal)?
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no second run: the job is no verified rebuild")),
+        Some(n) => {
+            Err(ApiError::new(StatusCode::BAD_REQUEST, format!("run={n}: a job has run 1 and, verified, run 2")))
+        }
+    }
 }
