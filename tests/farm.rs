@@ -219,6 +219,11 @@ impl Farm {
 
     /// Submits a job of `size` running `script` for image `image`; its id.
     fn submit_sized(&self, name: &str, image: &str, script: &str, size: &str) -> String {
+        self.submit_with(name, image, script, size, &[])
+    }
+
+    /// The same, with more arguments to `construir submit`.
+    fn submit_with(&self, name: &str, image: &str, script: &str, size: &str, extra: &[&str]) -> String {
         let dir = self.root.path().join("src").join(name);
         fs::create_dir_all(dir.join("bin")).expect("mkdir");
         fs::write(dir.join("bin/construir"), script).expect("script");
@@ -227,6 +232,7 @@ impl Farm {
             .args(["--server", &self.url(), "--token", &self.submitter, "submit"])
             .arg(&dir)
             .args(["--image", image, "--size", size])
+            .args(extra)
             .current_dir(self.root.path())
             .env("HOME", self.root.path())
             .output()
@@ -408,6 +414,25 @@ fn twenty_jobs_over_two_hosts(db: Db) {
         let second = fs::read_to_string(farm.root.path().join("server2.log")).expect("server2.log");
         assert!(second.contains("delivered by host hostb "), "the second server took hostb's results:\n{second}");
     }
+    // A verified rebuild over the two remote hosts: each run named and dated alike, on each host.
+    let script = "#!/bin/sh\nmkdir -p out\necho \"made: $CONSTRUIR_JOB $SOURCE_DATE_EPOCH\" | tee out/made\n";
+    let pair = farm.submit_with("pair", "0", script, "1M", &["--verify-on", "2"]);
+    assert!(
+        wait_for(Duration::from_secs(300), || !farm.job(&pair)["rebuild"]["verdict"].is_null()),
+        "no verdict{}",
+        farm.logs(&pair)
+    );
+    let rebuild = farm.job(&pair)["rebuild"].clone();
+    assert_eq!(rebuild["verdict"]["outcome"], "reproducible", "{rebuild}{}", farm.logs(&pair));
+    let mut hosts: Vec<&str> =
+        rebuild["verdict"]["hosts"].as_array().expect("hosts").iter().filter_map(|h| h.as_str()).collect();
+    hosts.sort_unstable();
+    assert_eq!(hosts, ["hosta", "hostb"], "{rebuild}");
+    let made = farm.output(&pair, "pair");
+    assert!(
+        made.contains(&format!("made: pair {}\n", rebuild["epoch"])),
+        "the name given and the time of submission: {made}"
+    );
 
     // hostb fetched i0 and verified it; both hosts refused the tampered i7.
     let b = farm.host_log("hostb");

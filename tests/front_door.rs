@@ -716,3 +716,61 @@ fn a_result_whose_provenance_does_not_verify_is_refused_saying_which_check_faile
     let keys = api(&addr, &alice, "GET", "/v1/hosts/keys", b"").json();
     assert_eq!(keys["keys"][0]["key"], other.as_str(), "{keys}");
 }
+
+#[test]
+fn a_verified_rebuild_counts_twice_and_its_second_run_is_leased_to_another_host() {
+    let Setup { q, db, alice, host } = setup();
+    let hostb = host_account(&db, "hostb");
+    let s = Server::start(&q, &db, &[]);
+    let addr = s.addr();
+    // Both hosts are live before the job comes: the second run is kept apart from the first.
+    for h in [&host, &hostb] {
+        assert_eq!(api(&addr, h, "POST", "/v1/host/lease", &lease_body(2)).json()["lease"], serde_json::Value::Null);
+    }
+    // It counts as two jobs: with room for one, the second run is refused and nothing is kept.
+    let out = server_cmd(&db, &["account", "limits", "alice", "--max-waiting", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let refused = api(&addr, &alice, "POST", "/v1/jobs?name=pair&image=0&verify_on=2", &job_bytes(70 << 10));
+    assert_eq!(refused.code, 429, "{refused:?}");
+    assert!(refused.body.contains("a verified rebuild's second run counts as a job of its own"), "{}", refused.body);
+    assert!(wait_for(Duration::from_secs(5), || upload_files(&q).is_empty()), "{:?}", upload_files(&q));
+    let bad = api(&addr, &alice, "POST", "/v1/jobs?name=pair&image=0&verify_on=3", &job_bytes(70 << 10));
+    assert_eq!(bad.code, 400, "{bad:?}");
+    assert!(bad.body.contains("verify_on=3"), "{}", bad.body);
+    let out = server_cmd(&db, &["account", "limits", "alice", "--max-waiting", "10"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let job = api(&addr, &alice, "POST", "/v1/jobs?name=pair&image=0&verify_on=2", &job_bytes(70 << 10));
+    assert_eq!(job.code, 201, "{job:?}");
+    let job = job.json();
+    let id = job["id"].as_str().expect("id").to_owned();
+    assert_eq!(job["place"]["position"], 1, "{job}");
+    let epoch = job["rebuild"]["epoch"].as_u64().expect("an epoch");
+    assert_eq!(job["rebuild"]["second"]["state"], "waiting", "{job}");
+    let listed = api(&addr, &alice, "GET", "/v1/jobs", b"").json();
+    assert_eq!(listed["jobs"].as_array().map(Vec::len), Some(1), "the second run is no job of its own: {listed}");
+    assert_eq!(listed["jobs"][0]["rebuild"]["second"]["state"], "waiting", "{listed}");
+
+    // hosta takes the first run; though it has room, the second is left to hostb.
+    let first = api(&addr, &host, "POST", "/v1/host/lease", &lease_body(2)).json();
+    assert_eq!(first["lease"]["id"], id.as_str(), "{first}");
+    assert_eq!(first["lease"]["rebuild"]["name"], "pair", "{first}");
+    assert_eq!(first["lease"]["rebuild"]["epoch"], epoch, "{first}");
+    assert_eq!(first["lease"]["rebuild"]["apart_until"], 0, "placed already: {first}");
+    let again = api(&addr, &host, "POST", "/v1/host/lease", &lease_body(2)).json();
+    assert_eq!(again["lease"], serde_json::Value::Null, "hosta ran the first run: {again}");
+    let second = api(&addr, &hostb, "POST", "/v1/host/lease", &lease_body(2)).json();
+    let second_id = second["lease"]["id"].as_str().expect("the second run").to_owned();
+    assert_ne!(second_id, id);
+    assert_eq!(second["lease"]["rebuild"]["sibling"], first["lease"]["file_name"], "{second}");
+    assert_eq!(second["lease"]["rebuild"]["name"], "pair");
+    assert_eq!(second["lease"]["rebuild"]["epoch"], epoch);
+    let shown = api(&addr, &alice, "GET", &format!("/v1/jobs/{id}"), b"").json();
+    assert_eq!(shown["place"]["host"], "hosta", "{shown}");
+    assert_eq!(shown["rebuild"]["second"]["host"], "hostb", "{shown}");
+    // The second run is reached through the first's id, never by its own.
+    assert_eq!(api(&addr, &alice, "GET", &format!("/v1/jobs/{second_id}"), b"").code, 404);
+    let log = api(&addr, &alice, "GET", &format!("/v1/jobs/{id}/log?run=2"), b"");
+    assert_eq!(log.code, 404, "{log:?}");
+    assert!(log.body.contains("no log yet"), "{}", log.body);
+    assert_eq!(api(&addr, &alice, "GET", &format!("/v1/jobs/{id}/log?run=3"), b"").code, 400);
+}

@@ -136,7 +136,8 @@ pub async fn lease(
             Ok(Some(terms)) => {
                 jobfile::rebuild::write_ran_on(&app.store.running, lease.file_name.as_ref(), &host.name)
                     .map_err(ApiError::internal)?;
-                Some(terms)
+                // Placed: the host has nothing to keep apart.
+                Some(jobfile::rebuild::Terms { apart_until: 0, ..terms })
             }
             Ok(None) => None,
             Err(why) => {

@@ -304,7 +304,9 @@ pub(crate) async fn submit(
         .await;
     log::info!("account {}: job {id} submitted as {} ({size} bytes)", account.name, record.file_name);
     let place = app.locate(&record);
-    Ok((StatusCode::CREATED, Json(job_json(&record, &place))).into_response())
+    let mut out = job_json(&record, &place);
+    out.rebuild = rebuild_view(&app, &record).await?;
+    Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
 /// Copies the uploaded job file for a verified rebuild's second run
