@@ -154,6 +154,12 @@ pub async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
             Place::Failed { reason } => (reason.clone(), "bad"),
             Place::Missing => (String::new(), "bad"),
         };
+        // A verified rebuild: its verdict once both runs are compared.
+        let detail = match job.rebuild.as_ref().map(|r| r.verdict.as_ref()) {
+            Some(Some(verdict)) => format!("{detail}; verified rebuild: {}", verdict.summary()),
+            Some(None) => format!("{detail}; verified rebuild: its second run has not ended"),
+            None => detail,
+        };
         let id = escape(&job.id);
         let mut links = String::new();
         if app.store.log_path(&job.file_name).is_some() {
