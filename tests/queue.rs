@@ -63,6 +63,25 @@ fn a_hand_made_job_comes_back_in_done_with_its_output() {
 }
 
 #[test]
+fn a_host_started_under_a_restrictive_umask_still_runs_its_jailed_vms() {
+    // A service's UMask=0027, or a batch job's inherited umask: the jail's root must stay searchable.
+    let q = Queue::new();
+    q.add_job("masked_i0.tar.xz", "#!/bin/sh\necho under umask 027\n", "1m", &[]);
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 027 && exec \"$0\" run \"$1\" --once --accel tcg --memory 1G --cpus 1 --host-id \"$2\" --images \"$3\"")
+        .arg(construir_e2e::bin("construir-host"))
+        .arg(&q.queue)
+        .arg(&q.host_id)
+        .arg(construir_e2e::images())
+        .output()
+        .expect("construir-host");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(String::from_utf8(job_log(&q.done("masked_d0.tar.xz"))).expect("utf8"), "under umask 027\n", "{log}");
+}
+
+#[test]
 fn a_script_that_exits_3_is_failed_with_its_output_delivered() {
     let q = Queue::new();
     q.add_job("three_i0.tar.xz", "#!/bin/sh\necho about to fail\necho on stderr >&2\nexit 3\n", "1m", &[]);

@@ -560,6 +560,9 @@ pub unsafe fn enter(plan: &Plan) -> io::Result<()> {
             }
             // PID 1 of the new namespace: dies with the keeper, builds its root.
             check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0))?;
+            // The root's directories are made 0755 whatever umask the host was started with (a
+            // service's UMask=0027, a batch job's inherited one): QEMU's uid must search them.
+            libc::umask(0o022);
             build_root(ns)?;
             check(libc::sethostname(c"construir-qemu".as_ptr(), 14))?;
         }
