@@ -67,7 +67,7 @@ fn runs_jobs_like_pid_1_would() {
         .split_whitespace()
         .filter(|v| !["PWD", "OLDPWD", "SHLVL", "_"].contains(v))
         .collect();
-    assert_eq!(vars, ["CONSTRUIR_JOB", "HOME", "LANG", "PATH", "TERM"], "{file}");
+    assert_eq!(vars, ["CONSTRUIR_JOB", "HOME", "LANG", "PATH", "TERM", "TZ"], "{file}");
     assert_eq!(file, shown);
     assert_eq!(o.output_bytes, file.len() as u64);
 
