@@ -38,6 +38,8 @@ ensure_packages() {
     command -v curl >/dev/null || want+=(curl)
     # The farm's tests run the server against PostgreSQL too (a private cluster each).
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || want+=(postgresql)
+    # The Slurm executor's tests and bench start a one-node cluster (scripts/slurm-cluster).
+    { command -v sbatch >/dev/null && [ -x /usr/sbin/slurmd ] && [ -x /usr/sbin/munged ]; } || want+=(slurm-wlm munge)
     [ -x /bin/busybox ] && file -L /bin/busybox | grep -q 'statically linked' || want+=(busybox-static)
     compgen -G '/boot/vmlinuz-*' >/dev/null || want+=(linux-image-amd64)
     if ! command -v qemu-system-x86_64 >/dev/null; then

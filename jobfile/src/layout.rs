@@ -9,8 +9,11 @@
 //! running/.cancel/<file>      a request to stop <file>, whichever host runs it
 //! running/.attempts/          the hosts' counts of each job's attempts
 //! running/.farm/<file>        a job the server has leased to a remote host
+//! running/.slurm/<file>       a job the server has handed to Slurm
 //! running/.pins/<file>.json   the packages the server resolved for <file> at submit
 //! running/.pins/<file>.owner  whose caches <file> uses (the server's account, `a<id>`)
+//! running/.pins/<file>.rebuild  a verified rebuild's run: its sibling, name, epoch
+//! running/.pins/<file>.ranon  the host that claimed that run (`crate::rebuild`)
 //! running/.caches/generations.json  the server's cleared caches (owner -> name -> generation)
 //! running/.caches/host.<host-id>.json  the build caches that host holds, as it last said
 //! done/<name>_d<image>.tar.xz a result, with <name>_d<image>.log and
@@ -146,6 +149,9 @@ pub fn sibling(queue: &Path, name: &str) -> PathBuf {
 /// Where the server keeps the jobs it has leased to remote hosts:
 /// `running/.farm/` (a dot-name, so no host's recovery takes them).
 pub const FARM: &str = ".farm";
+
+/// Where the server keeps the jobs it has handed to Slurm: `running/.slurm/`.
+pub const SLURM: &str = ".slurm";
 
 /// The packages the server resolved for the job `file_name` at submit,
 /// which a host installs exactly (`running/.pins/<file>.json`; only the

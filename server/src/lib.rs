@@ -8,7 +8,8 @@
 //! - `sql`, `db`: the database; `store`: the queue's directories;
 //!   `auth`, `quota`, `sessions`: tokens, limits, the page's sessions;
 //! - `lease`: handing a job to one remote host and ending its lease;
-//!   `rebuild`: verified rebuilds' live hosts and verdicts;
+//!   `rebuild`: verified rebuilds' live hosts and verdicts; `slurm`: the
+//!   Slurm executor, which hands jobs to a site's Slurm;
 //! - `app`: the state every handler reaches;
 //! - `http`: the router, the extractors and the handlers by resource
 //!   (`jobs`, `hosts`, `page`); `openapi`: the schema made from them;
@@ -24,6 +25,7 @@ pub mod openapi;
 pub mod quota;
 pub mod rebuild;
 pub mod sessions;
+pub mod slurm;
 pub mod sql;
 pub mod store;
 

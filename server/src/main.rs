@@ -53,6 +53,67 @@ enum Command {
     },
     /// Print the API's schema (OpenAPI 3.1, JSON), as `GET /v1/openapi.json` serves it.
     Openapi,
+    /// The Slurm executor's nodes (`serve --executor slurm`).
+    #[command(subcommand)]
+    Slurm(SlurmCommand),
+}
+
+#[derive(Subcommand)]
+enum SlurmCommand {
+    /// The key each Slurm node first signed a result with, pinned.
+    Keys,
+    /// Forget the key pinned for NODE (its key was replaced on purpose): the next one it signs with is pinned.
+    UnpinKey { node: String },
+}
+
+/// Who runs the jobs of the queue.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Executor {
+    /// Build hosts: local ones take jobs from the queue directory, remote ones lease them.
+    Hosts,
+    /// A site's Slurm: the server hands each waiting job to sbatch (the --slurm-* options);
+    /// hosts may still take jobs beside it.
+    Slurm,
+}
+
+/// The Slurm executor's options.
+#[derive(clap::Args)]
+struct SlurmArgs {
+    /// The directory every Slurm node sees at the same path: the images are copied into
+    /// DIR/images, each job gets DIR/runs/<id>.<attempt>/ (needed with --executor slurm).
+    #[arg(long, value_name = "DIR")]
+    slurm_dir: Option<PathBuf>,
+    /// The partition jobs go to [default: Slurm's].
+    #[arg(long, value_name = "NAME")]
+    slurm_partition: Option<String>,
+    /// The Slurm account jobs are charged to [default: Slurm's].
+    #[arg(long, value_name = "NAME")]
+    slurm_account: Option<String>,
+    /// Each job's VM CPUs (Slurm's --cpus-per-task).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    slurm_cpus: u32,
+    /// Each job's VM memory; Slurm is asked for 512M more, for QEMU itself.
+    #[arg(long, default_value = "1G", value_parser = size_arg)]
+    slurm_memory: u64,
+    /// Each job's timeout; Slurm's time limit is 3 minutes more.
+    #[arg(long, default_value = "1h", value_parser = duration_arg)]
+    slurm_timeout: Duration,
+    /// construir-host on the nodes.
+    #[arg(long, value_name = "PATH", default_value = "construir-host")]
+    slurm_construir_host: String,
+    /// The key each node signs results with, a path on the node (keep it off the shared
+    /// directory) [default: DIR/keys/<node>.key].
+    #[arg(long, value_name = "PATH")]
+    slurm_host_key: Option<String>,
+    /// Another argument for run-one on the nodes (repeat it): --slurm-run-arg=--accel=tcg.
+    #[arg(long = "slurm-run-arg", value_name = "ARG", allow_hyphen_values = true)]
+    slurm_run_args: Vec<String>,
+    /// Most jobs in Slurm at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    slurm_max_jobs: u64,
+    /// Where sbatch, scontrol, squeue and scancel are [default: PATH].
+    #[arg(long, value_name = "DIR")]
+    slurm_bin: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -126,6 +187,11 @@ struct ServeArgs {
     /// after that any host may take it (the verdict then says both runs shared one).
     #[arg(long, default_value = "10m", value_parser = duration_arg)]
     apart_wait: Duration,
+    /// Who runs the jobs.
+    #[arg(long, value_enum, default_value = "hosts")]
+    executor: Executor,
+    #[command(flatten)]
+    slurm: SlurmArgs,
 }
 
 /// Limits: server-wide defaults for `serve`, or one account's for `account limits`.
@@ -249,6 +315,19 @@ async fn run_command(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Openapi => unreachable!("answered before the database is opened"),
+        Command::Slurm(SlurmCommand::Keys) => {
+            for (node, key) in db::node_keys(&conn).await? {
+                println!("{node:<20} {key}");
+            }
+            Ok(())
+        }
+        Command::Slurm(SlurmCommand::UnpinKey { node }) => {
+            if !db::unpin_node_key(&conn, &node).await? {
+                anyhow::bail!("no key is pinned for a Slurm node named {node:?}");
+            }
+            eprintln!("construir-server: the key pinned for {node} is forgotten; the next one it signs with is pinned");
+            Ok(())
+        }
     }
 }
 
@@ -321,6 +400,30 @@ async fn serve(conn: Database, a: ServeArgs) -> Result<()> {
     if stale > 0 {
         log::info!("removed {stale} unfinished upload(s) left by the last run");
     }
+    let slurm = match a.executor {
+        Executor::Hosts => None,
+        Executor::Slurm => {
+            let s = &a.slurm;
+            let dir =
+                s.slurm_dir.clone().context("--executor slurm needs --slurm-dir: the directory every node sees")?;
+            let dir = std::path::absolute(&dir)?;
+            std::fs::create_dir_all(dir.join("runs")).with_context(|| format!("cannot create {}", dir.display()))?;
+            Some(construir_server::slurm::Settings {
+                dir,
+                partition: s.slurm_partition.clone(),
+                account: s.slurm_account.clone(),
+                cpus: s.slurm_cpus,
+                memory_mib: s.slurm_memory >> 20,
+                timeout: s.slurm_timeout,
+                host_bin: s.slurm_construir_host.clone(),
+                host_key: s.slurm_host_key.clone(),
+                run_args: s.slurm_run_args.clone(),
+                max_jobs: s.slurm_max_jobs as usize,
+                max_attempts: a.max_attempts,
+                bin_dir: s.slurm_bin.clone(),
+            })
+        }
+    };
     let tls = a.tls_cert.clone().zip(a.tls_key.clone());
     if !a.listen.ip().is_loopback() && tls.is_none() {
         log::warn!("listening on {} (not loopback) with plain HTTP: tokens cross the network in clear; give --tls-cert and --tls-key, or put a TLS reverse proxy in front", a.listen);
@@ -370,6 +473,17 @@ async fn serve(conn: Database, a: ServeArgs) -> Result<()> {
     listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
     tokio::spawn(follow(app.clone(), a.follow_every));
+    if let Some(slurm) = slurm {
+        log::info!(
+            "handing jobs to Slurm (partition {}, {} CPU(s), {} MiB, timeout {} s each), through {}",
+            slurm.partition.as_deref().unwrap_or("default"),
+            slurm.cpus,
+            slurm.memory_mib,
+            slurm.timeout.as_secs(),
+            slurm.dir.display()
+        );
+        tokio::spawn(construir_server::slurm::run(app.clone(), slurm, Duration::from_secs(1)));
+    }
     tokio::spawn(keep_sweeping(app.clone(), (a.lease / 10).clamp(Duration::from_millis(200), Duration::from_secs(2))));
     let scheme = if tls.is_some() { "https" } else { "http" };
     eprintln!("construir-server: listening on {scheme}://{bound}");

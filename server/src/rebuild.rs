@@ -72,8 +72,8 @@ pub async fn settle(app: &App, jobs: &[JobRecord]) -> Result<usize, DbError> {
     Ok(decided)
 }
 
-/// The keys results may be signed with: remote hosts' pinned keys and the
-/// keys local hosts published.
+/// The keys results may be signed with: remote hosts' and Slurm nodes'
+/// pinned keys, and the keys local hosts published.
 async fn known_keys(app: &App) -> Result<Vec<PublicKey>, DbError> {
     let mut keys: Vec<PublicKey> = db::hosts(app.db())
         .await?
@@ -84,6 +84,7 @@ async fn known_keys(app: &App) -> Result<Vec<PublicKey>, DbError> {
     let store = app.store.clone();
     let local = tokio::task::spawn_blocking(move || store.local_host_keys()).await.unwrap_or_default();
     keys.extend(local.iter().filter_map(|(_, k)| PublicKey::parse(k).ok()));
+    keys.extend(db::node_keys(app.db()).await?.iter().filter_map(|(_, k)| PublicKey::parse(k).ok()));
     Ok(keys)
 }
 

@@ -142,12 +142,15 @@ impl Store {
         fs::symlink_metadata(self.queue.join(file_name)).is_ok_and(|m| is_own(&m, ino))
     }
 
-    /// The hosts' directories in `running/` (`Beside::host_dirs`) and
-    /// `.farm`, where the jobs leased to remote hosts wait.
+    /// The hosts' directories in `running/` (`Beside::host_dirs`), `.farm`,
+    /// where the jobs leased to remote hosts wait, and `.slurm`, where those
+    /// handed to Slurm do.
     fn host_dirs(&self) -> Vec<(String, PathBuf)> {
         let mut dirs = self.dirs.host_dirs();
-        if fs::symlink_metadata(self.farm_dir()).is_ok_and(|m| m.is_dir()) {
-            dirs.push((FARM_DIR.to_owned(), self.farm_dir()));
+        for (name, dir) in [(FARM_DIR, self.farm_dir()), (SLURM_DIR, self.slurm_dir())] {
+            if fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+                dirs.push((name.to_owned(), dir));
+            }
         }
         dirs
     }
@@ -278,7 +281,25 @@ impl Store {
 /// (a name no host id can take, so no local host ever recovers them).
 pub const FARM_DIR: &str = layout::FARM;
 
+/// Where the jobs handed to Slurm wait on the server: `running/.slurm/`
+/// (a dot-name, as `.farm`).
+pub const SLURM_DIR: &str = layout::SLURM;
+
 impl Store {
+    pub fn slurm_dir(&self) -> PathBuf {
+        self.running.join(SLURM_DIR)
+    }
+
+    /// A job handed to Slurm: its file on the server.
+    pub fn in_slurm(&self, file_name: &str) -> PathBuf {
+        self.slurm_dir().join(file_name)
+    }
+
+    /// The console of a job in Slurm, as the server copies it from the node's run.
+    pub fn slurm_console(&self, file_name: &str) -> PathBuf {
+        layout::live_console(&self.slurm_dir(), file_name.as_ref())
+    }
+
     pub fn farm_dir(&self) -> PathBuf {
         self.running.join(FARM_DIR)
     }
@@ -310,6 +331,12 @@ impl Store {
     /// Whether a cancel was asked for `file_name` (see `request_cancel`).
     pub fn cancel_requested(&self, file_name: &str) -> bool {
         layout::cancel_request(&self.running, file_name.as_ref()).exists()
+    }
+
+    /// How long ago a cancel was asked for `file_name`, if one was.
+    pub fn cancel_age(&self, file_name: &str) -> Option<std::time::Duration> {
+        let asked = fs::metadata(layout::cancel_request(&self.running, file_name.as_ref())).ok()?.modified().ok()?;
+        Some(asked.elapsed().unwrap_or_default())
     }
 
     pub fn forget_cancel(&self, file_name: &str) {

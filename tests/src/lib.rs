@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 pub mod browser;
 pub mod server;
+pub mod slurm;
 
 /// A process a test started, killed and reaped when dropped unless it ended
 /// first: a failing assert never leaves a host running behind the test.

@@ -24,8 +24,14 @@ impl Server {
 
     /// The same, serving the images in `images`.
     pub fn start_with_images(q: &Queue, db: &Path, images: &Path, extra: &[&str]) -> Server {
+        Server::start_with_env(q, db, images, extra, &[])
+    }
+
+    /// The same, with `env` set for the server (`SLURM_CONF` for its Slurm commands).
+    pub fn start_with_env(q: &Queue, db: &Path, images: &Path, extra: &[&str], env: &[(&str, &Path)]) -> Server {
         let log = q.root.path().join(format!("server-{}.log", rand_u32()));
         let child = Command::new(bin("construir-server"))
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .arg("--db")
             .arg(db)
             .arg("serve")

@@ -232,6 +232,14 @@ pub(crate) struct RunOneArgs {
     /// Where to write the result (<name>_d<image>.tar.xz) and its .log [default: beside FILE].
     #[arg(long, value_name = "DIR")]
     pub(crate) out: Option<PathBuf>,
+    /// The terms a server left for the job, as a queue's `running/` holds them (DIR/.pins/<file>.json,
+    /// .owner, .rebuild): the packages it pinned, its caches' owner, a verified rebuild's name and epoch.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) terms: Option<PathBuf>,
+    /// The sha256 of the image's image.toml as the server has it: before the job runs, image.toml
+    /// and every file it names are checked against it, and a mismatch is refused (exit 2).
+    #[arg(long, value_name = "SHA256")]
+    pub(crate) image_checksum: Option<String>,
     #[command(flatten)]
     pub(crate) run: RunArgs,
 }

@@ -40,6 +40,9 @@ pub(crate) fn run_one(args: RunOneArgs) -> Result<ExitCode> {
         bail!("{} exists already: move it away first", result_path.display());
     }
     let images = a.dirs.images.clone().context("give --images DIR: where the base images (i<N>/image.toml) are")?;
+    if let Some(expected) = &args.image_checksum {
+        check_image(&images, job.image(), expected)?;
+    }
     let base = a.dirs.work.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
     let spool = nix::unistd::mkdtemp(&base.join("construir-run-one.XXXXXX"))
@@ -56,6 +59,9 @@ pub(crate) fn run_one(args: RunOneArgs) -> Result<ExitCode> {
         // A copy: the VM writes its result over its disk, and FILE stays as it was.
         let staged = dirs.work.join(".incoming");
         std::fs::copy(&args.file, &staged).with_context(|| format!("cannot copy {}", args.file.display()))?;
+        if let Some(terms) = &args.terms {
+            take_terms(terms, &dirs.running, name.as_ref())?;
+        }
         std::fs::rename(&staged, dirs.queue.join(name))?;
         let (opts, stop) = prepare(&a, dirs.clone(), host_id.clone())?;
         let opts = RunOptions { once: true, workers: 1, rules: Rules { settle: Duration::ZERO, ..opts.rules }, ..opts };
@@ -103,4 +109,46 @@ pub(crate) fn run_one(args: RunOneArgs) -> Result<ExitCode> {
             Ok(ExitCode::from(2))
         }
     }
+}
+
+/// Refuses an image whose `image.toml` is not the one the server has
+/// (`expected`, its sha256) or whose files do not match it: an image on a
+/// shared directory is checked as a remote host checks one it fetched.
+fn check_image(images: &Path, number: &str, expected: &str) -> Result<()> {
+    use jobfile::image::{sha256_file, ImageManifest, MANIFEST};
+    let dir = images.join(format!("i{number}"));
+    let actual =
+        sha256_file(&dir.join(MANIFEST)).with_context(|| format!("cannot read {}", dir.join(MANIFEST).display()))?;
+    if actual != expected {
+        bail!(
+            "image i{number} in {} is not the server's: its {MANIFEST} has sha256 {actual}, the server's {expected}",
+            images.display()
+        );
+    }
+    ImageManifest::load(&dir).and_then(|m| m.verify_files(&dir)).map_err(|e| {
+        anyhow::anyhow!(
+            "image i{number} in {} does not match its {MANIFEST}: {}",
+            images.display(),
+            jobfile::error_chain(&e)
+        )
+    })
+}
+
+/// Copies the terms a server left for the job (in `from`, laid out as a
+/// queue's `running/`) into the private spool's `running/`, each read and
+/// checked as a host reads its own. A verified rebuild's run is placed
+/// already: nothing is kept apart here.
+fn take_terms(from: &Path, running: &Path, file_name: &std::ffi::OsStr) -> Result<()> {
+    use jobfile::layout;
+    let what = |e: String| anyhow::anyhow!("the terms in {}: {e}", from.display());
+    if let Some(pin) = layout::read_pin(from, file_name).map_err(what)? {
+        layout::write_pin(running, file_name, &pin)?;
+    }
+    if let Some(owner) = layout::read_owner(from, file_name).map_err(what)? {
+        layout::write_owner(running, file_name, &owner)?;
+    }
+    if let Some(terms) = jobfile::rebuild::read_terms(from, file_name).map_err(what)? {
+        jobfile::rebuild::write_terms(running, file_name, &jobfile::rebuild::Terms { apart_until: 0, ..terms })?;
+    }
+    Ok(())
 }

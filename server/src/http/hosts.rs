@@ -572,7 +572,7 @@ pub async fn hosts(State(app): State<Arc<App>>, AnyAccount(account): AnyAccount)
 }
 
 /// `GET /v1/hosts/keys`: the public keys that sign the results of this
-/// server's hosts: each remote host's pinned key, and each local host's.
+/// server's hosts: each remote host's pinned key, each local host's, and each Slurm node's pinned key.
 #[utoipa::path(
     get,
     path = "/v1/hosts/keys",
@@ -590,6 +590,8 @@ pub async fn host_keys(State(app): State<Arc<App>>, AnyAccount(_): AnyAccount) -
     let store = app.store.clone();
     let local = tokio::task::spawn_blocking(move || store.local_host_keys()).await.map_err(ApiError::internal)?;
     keys.extend(local.into_iter().map(|(host, key)| wire::HostKey { host: format!("{host} (local)"), key }));
+    let nodes = db::node_keys(app.db()).await.map_err(ApiError::internal)?;
+    keys.extend(nodes.into_iter().map(|(node, key)| wire::HostKey { host: format!("{node} (slurm)"), key }));
     Ok(Json(wire::HostKeys { keys }))
 }
 

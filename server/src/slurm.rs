@@ -1,0 +1,810 @@
+//! The Slurm executor (`serve --executor slurm`): the server hands each
+//! waiting job to a site's Slurm, which places it on a node, where
+//! `construir-host run-one` runs it in a jailed VM as any host would.
+//!
+//! A job handed to Slurm leaves the queue for `running/.slurm/` (a rename,
+//! as a host's claim) and gets an attempt directory on the directory the
+//! nodes share, `<dir>/runs/<job id>.<attempt>/`: a copy of the job file,
+//! the terms the server left for it, and `run.sh`, the batch script. The
+//! script publishes the node's key (`key.pub`), runs `run-one` (result,
+//! log and provenance into `out/`, its spool with the live console under
+//! `work/`) and writes its exit code into `exit` last. Images reach the
+//! nodes in `<dir>/images/`, and `run-one --image-checksum` checks each
+//! against the server's before it is used.
+//!
+//! Exactly once: the database holds one row per job in Slurm (its
+//! attempt, its directory, Slurm's id). Only the row's attempt is ever
+//! read; a job that goes back to the queue has its directory removed and
+//! its Slurm job cancelled, and the next attempt gets a new directory, so
+//! a requeued, preempted or resurrected Slurm job can leave nothing the
+//! server takes. Slurm is told `--no-requeue`. A result is taken once: it
+//! lands in `done/` by rename, and the row goes after. A cancel goes to the
+//! node's run-one as a host's cancel request (the VM stops, the partial
+//! console comes back); a job still pending, or a run-one that does not
+//! stop, is `scancel`led. A result that appears after the cancel is refused.
+//! A server that restarts finds its rows and follows them again.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::app::App;
+use crate::db::{self, DbError, JobRecord, SlurmRun};
+use crate::store::{is_own, rename_noreplace, Store};
+
+/// How the server hands jobs to Slurm (`serve --executor slurm`).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The directory every node sees at the same path.
+    pub dir: PathBuf,
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    /// Each job's resources: the VM's CPUs and memory, and its timeout.
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub timeout: Duration,
+    /// `construir-host` on the nodes.
+    pub host_bin: String,
+    /// The node's key file, on the node [default: `<dir>/keys/<node>.key`].
+    pub host_key: Option<String>,
+    /// More arguments for `run-one` (`--accel tcg`, `--vm-ids ...`).
+    pub run_args: Vec<String>,
+    /// Most jobs in Slurm at once.
+    pub max_jobs: usize,
+    /// A job that comes back from Slurm without a result this many times fails.
+    pub max_attempts: u64,
+    /// `sbatch`, `scontrol`, `scancel` (their directory, or none for `PATH`).
+    pub bin_dir: Option<PathBuf>,
+}
+
+/// What a job's VM may take past its own memory (QEMU, TCG's translation cache).
+const MEMORY_OVERHEAD_MIB: u64 = 512;
+/// A node's run-one ends a job this long after its timeout at most (its grace, packing).
+const GRACE: Duration = Duration::from_secs(180);
+/// After a cancel request reaches run-one, how long before the Slurm job is cancelled too.
+const CANCEL_GRACE: u64 = 30;
+/// How long a Slurm command may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Settings {
+    fn runs(&self) -> PathBuf {
+        self.dir.join("runs")
+    }
+
+    fn images(&self) -> PathBuf {
+        self.dir.join("images")
+    }
+
+    fn command(&self, name: &str) -> tokio::process::Command {
+        let program = self.bin_dir.as_ref().map_or_else(|| PathBuf::from(name), |d| d.join(name));
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.kill_on_drop(true).stdin(std::process::Stdio::null());
+        cmd
+    }
+
+    /// The memory Slurm grants a job: the VM's and QEMU's own.
+    pub fn slurm_memory_mib(&self) -> u64 {
+        self.memory_mib + MEMORY_OVERHEAD_MIB
+    }
+
+    /// The time Slurm grants a job, in whole minutes: its timeout and the grace.
+    pub fn slurm_minutes(&self) -> u64 {
+        (self.timeout + GRACE).as_secs().div_ceil(60)
+    }
+}
+
+/// A Slurm job as `scontrol -o show job` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlurmJob {
+    pub state: String,
+    pub node: Option<String>,
+    pub reason: String,
+}
+
+impl SlurmJob {
+    /// Whether Slurm has finished with it (it runs no more, and will not).
+    pub fn ended(&self) -> bool {
+        matches!(
+            self.state.as_str(),
+            "COMPLETED"
+                | "FAILED"
+                | "CANCELLED"
+                | "TIMEOUT"
+                | "NODE_FAIL"
+                | "PREEMPTED"
+                | "OUT_OF_MEMORY"
+                | "BOOT_FAIL"
+                | "DEADLINE"
+                | "SPECIAL_EXIT"
+                | "REVOKED"
+        )
+    }
+
+    /// Reads one line of `scontrol -o show job ID`: `Key=Value` words.
+    pub fn parse(line: &str) -> Option<SlurmJob> {
+        let field = |key: &str| {
+            line.split_ascii_whitespace().find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        };
+        let state = field("JobState")?.to_owned();
+        let node = field("NodeList").filter(|n| !n.is_empty() && *n != "(null)").map(str::to_owned);
+        let reason = field("Reason").unwrap_or("None").to_owned();
+        Some(SlurmJob { state, node, reason })
+    }
+}
+
+/// Quotes a word for `sh`.
+fn quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+/// The batch script of one attempt: publish the node's key, run the job,
+/// note the exit code last.
+pub fn batch_script(settings: &Settings, job: &JobRecord, attempt: u64, dir: &Path, checksum: &str) -> String {
+    let key = match &settings.host_key {
+        Some(k) => quote(k),
+        None => format!("{}\"/$node.key\"", quote(&settings.dir.join("keys").to_string_lossy())),
+    };
+    let mut run = vec![
+        quote(&settings.host_bin),
+        "run-one".into(),
+        quote(&format!("./{}", job.file_name)),
+        "--images".into(),
+        quote(&settings.images().to_string_lossy()),
+        "--out ./out --work ./work --terms ./terms".into(),
+        format!("--image-checksum {checksum}"),
+        "--host-id \"$node\" --host-key \"$key\"".into(),
+        format!("--timeout {}s --memory {}M --cpus {}", settings.timeout.as_secs(), settings.memory_mib, settings.cpus),
+    ];
+    run.extend(settings.run_args.iter().map(|a| quote(a)));
+    format!(
+        "#!/bin/sh\n\
+         # Written by construir-server: job {id}, attempt {attempt}. Slurm runs it on a node.\n\
+         cd {dir} || exit 2\n\
+         # Stopped by Slurm (scancel, preemption, its time limit): no exit note, so the server gives the job back.\n\
+         trap 'exit 143' TERM INT\n\
+         node=\"${{SLURMD_NODENAME:-$(hostname)}}\"\n\
+         key={key}\n\
+         {bin} key . --host-id \"$node\" --host-key \"$key\" > key.pub.part && mv key.pub.part key.pub\n\
+         {run}\n\
+         code=$?\n\
+         echo \"$code\" > exit.part && mv exit.part exit\n\
+         exit \"$code\"\n",
+        id = job.id,
+        dir = quote(&dir.to_string_lossy()),
+        bin = quote(&settings.host_bin),
+        run = run.join(" "),
+    )
+}
+
+/// Runs a Slurm command; its stdout, or what it said when it failed.
+async fn slurm(settings: &Settings, name: &str, args: &[String]) -> Result<String, String> {
+    let mut cmd = settings.command(name);
+    cmd.args(args);
+    let out = tokio::time::timeout(COMMAND_TIMEOUT, cmd.output())
+        .await
+        .map_err(|_| format!("{name} gave no answer within {} s", COMMAND_TIMEOUT.as_secs()))?
+        .map_err(|e| format!("cannot run {name}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        let said = String::from_utf8_lossy(&out.stderr);
+        Err(format!("{name} failed ({}): {}", out.status, jobfile::sanitize(said.trim().as_bytes())))
+    }
+}
+
+/// What Slurm says of job `id`: `Ok(None)` when it knows no such job (any more).
+async fn show(settings: &Settings, id: &str) -> Result<Option<SlurmJob>, String> {
+    match slurm(settings, "scontrol", &["-o".into(), "show".into(), "job".into(), id.into()]).await {
+        Ok(out) => Ok(out.lines().find_map(SlurmJob::parse)),
+        Err(e) if e.contains("Invalid job id") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The Slurm job of an attempt, found by its name (for a row whose sbatch
+/// answer a crash lost).
+async fn find_by_name(settings: &Settings, name: &str) -> Result<Option<String>, String> {
+    let out = slurm(settings, "squeue", &["-h".into(), "-n".into(), name.into(), "-o".into(), "%i".into()]).await?;
+    Ok(out.lines().map(str::trim).find(|l| !l.is_empty()).map(str::to_owned))
+}
+
+fn job_name(job_id: &str, attempt: u64) -> String {
+    format!("construir.{job_id}.{attempt}")
+}
+
+/// Copies image `i<number>` into the shared directory when it is not
+/// there as the server has it; returns the sha256 of its `image.toml`.
+fn ensure_image(store: &Store, settings: &Settings, number: &str) -> io::Result<String> {
+    use jobfile::image::{sha256_file, MANIFEST};
+    let name = format!("i{number}");
+    let ours = store.images.join(&name);
+    let checksum = sha256_file(&ours.join(MANIFEST))?;
+    let shared = settings.images().join(&name);
+    if sha256_file(&shared.join(MANIFEST)).is_ok_and(|c| c == checksum) {
+        return Ok(checksum);
+    }
+    fs::create_dir_all(settings.images())?;
+    let staged = settings.images().join(format!(".{name}.{}.part", std::process::id()));
+    let _ = fs::remove_dir_all(&staged);
+    fs::create_dir(&staged)?;
+    for e in fs::read_dir(&ours)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            fs::copy(e.path(), staged.join(e.file_name()))?;
+        }
+    }
+    // The old copy aside first: a node reads the new one whole or the old one whole.
+    if shared.exists() {
+        let old = settings.images().join(format!(".{name}.{}.old", std::process::id()));
+        let _ = fs::remove_dir_all(&old);
+        fs::rename(&shared, &old)?;
+        let _ = fs::remove_dir_all(&old);
+    }
+    fs::rename(&staged, &shared)?;
+    log::info!("slurm: image {name} copied to {}", shared.display());
+    Ok(checksum)
+}
+
+/// Prepares the attempt directory: the job file, its terms, the script.
+fn prepare(store: &Store, settings: &Settings, job: &JobRecord, attempt: u64, dir: &Path) -> io::Result<()> {
+    let checksum = ensure_image(store, settings, &job.image)?;
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir.join("out"))?;
+    fs::create_dir_all(dir.join("work"))?;
+    fs::copy(store.in_slurm(&job.file_name), dir.join(&job.file_name))?;
+    let terms = dir.join("terms").join(".pins");
+    fs::create_dir_all(&terms)?;
+    let file = job.file_name.as_ref();
+    for path in [
+        jobfile::layout::pin_file(&store.running, file),
+        jobfile::layout::owner_file(&store.running, file),
+        jobfile::rebuild::terms_file(&store.running, file),
+    ] {
+        if fs::symlink_metadata(&path).is_ok_and(|m| is_own(&m, None)) {
+            fs::copy(&path, terms.join(path.file_name().expect("a name")))?;
+        }
+    }
+    let script = dir.join("run.sh");
+    fs::write(&script, batch_script(settings, job, attempt, dir, &checksum))?;
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// Hands the oldest waiting jobs to Slurm, up to `max_jobs` there at once.
+async fn dispatch(app: &App, settings: &Settings, in_slurm: usize) -> Result<(), DbError> {
+    let mut room = settings.max_jobs.saturating_sub(in_slurm);
+    if room == 0 {
+        return Ok(());
+    }
+    for job in db::all_jobs(app.db()).await? {
+        if room == 0 {
+            break;
+        }
+        if job.state != "waiting" || !app.store.waiting_own(&job.file_name, job.file_id) {
+            continue;
+        }
+        fs::create_dir_all(app.store.slurm_dir()).map_err(db::DbError::Io)?;
+        let (queued, held) = (app.store.queue.join(&job.file_name), app.store.in_slurm(&job.file_name));
+        // A claim as a host's: one rename, which only one of the server, a host or a lease wins.
+        if !app.store.move_job(&queued, &held).map_err(db::DbError::Io)? {
+            continue;
+        }
+        if !fs::symlink_metadata(&held).is_ok_and(|m| is_own(&m, job.file_id)) {
+            log::warn!(
+                "job {}: a file not written by the server took its place in the queue; not handed to Slurm",
+                job.id
+            );
+            let _ = app.store.move_job(&held, &queued);
+            continue;
+        }
+        room -= 1;
+        let attempt = job.attempts + 1;
+        let dir = settings.runs().join(format!("{}.{attempt}", job.id));
+        db::slurm_start(app.db(), &job.id, attempt, &dir.to_string_lossy()).await?;
+        let (store, s, j, d) = (app.store.clone(), settings.clone(), job.clone(), dir.clone());
+        let prepared = tokio::task::spawn_blocking(move || prepare(&store, &s, &j, attempt, &d))
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+        let submitted = match prepared {
+            Err(e) => Err(format!("cannot prepare its directory {}: {e}", dir.display())),
+            Ok(()) => {
+                let mut args = vec![
+                    "--parsable".to_owned(),
+                    "--no-requeue".into(),
+                    format!("--job-name={}", job_name(&job.id, attempt)),
+                    format!("--chdir={}", dir.display()),
+                    format!("--output={}", dir.join("slurm.out").display()),
+                    format!("--cpus-per-task={}", settings.cpus),
+                    format!("--mem={}M", settings.slurm_memory_mib()),
+                    format!("--time={}", settings.slurm_minutes()),
+                ];
+                args.extend(settings.partition.iter().map(|p| format!("--partition={p}")));
+                args.extend(settings.account.iter().map(|a| format!("--account={a}")));
+                args.push(dir.join("run.sh").to_string_lossy().into_owned());
+                slurm(settings, "sbatch", &args).await
+            }
+        };
+        match submitted {
+            Ok(out) => {
+                let id = out.trim().split(';').next().unwrap_or_default().to_owned();
+                let pending = format!("slurm job {id} (pending)");
+                db::slurm_update(app.db(), &job.id, Some(&id), Some(&pending)).await?;
+                log::info!("job {}: handed to Slurm as job {id} (attempt {attempt})", job.id);
+            }
+            Err(why) => {
+                log::error!("job {}: Slurm did not take it: {why}", job.id);
+                let run = SlurmRun {
+                    job_id: job.id.clone(),
+                    attempt,
+                    dir: dir.to_string_lossy().into_owned(),
+                    slurm_id: None,
+                    node: None,
+                    cancel_sent: false,
+                    started_unix: db::unix_now(),
+                };
+                give_back(app, settings, &job, &run, &format!("Slurm did not take it: {why}")).await?;
+            }
+        }
+        app.refresh(&job).await;
+    }
+    Ok(())
+}
+
+/// Where an attempt's run-one keeps its live console:
+/// `work/construir-run-one.*/running/<node>/.console.<file>`.
+fn find_console(dir: &Path, file_name: &str) -> Option<PathBuf> {
+    let want = format!(".console.{file_name}");
+    for spool in fs::read_dir(dir.join("work")).ok()?.flatten() {
+        for host in fs::read_dir(spool.path().join("running")).into_iter().flatten().flatten() {
+            let p = host.path().join(&want);
+            if fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_file()) {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+/// Copies the node's live console to the server's (`running/.slurm/.console.<file>`), bounded.
+fn copy_console(store: &Store, dir: &Path, file_name: &str) {
+    let Some(from) = find_console(dir, file_name) else { return };
+    let to = store.slurm_console(file_name);
+    let (from_len, to_len) = (fs::metadata(&from).map_or(0, |m| m.len()), fs::metadata(&to).map_or(0, |m| m.len()));
+    if from_len == to_len {
+        return;
+    }
+    use std::io::Read;
+    let mut data = Vec::new();
+    if let Ok(f) = fs::File::open(&from) {
+        let _ = f.take(crate::lease::MAX_CONSOLE).read_to_end(&mut data);
+        let _ = jobfile::layout::write_whole(&to, &data);
+    }
+}
+
+/// Asks the node's run-one to stop the job, as a host's cancel request.
+fn ask_run_one_to_cancel(dir: &Path, file_name: &str) -> bool {
+    let mut asked = false;
+    for spool in fs::read_dir(dir.join("work")).into_iter().flatten().flatten() {
+        let running = spool.path().join("running");
+        if running.is_dir() && fs::write(jobfile::layout::cancel_request(&running, file_name.as_ref()), b"").is_ok() {
+            asked = true;
+        }
+    }
+    asked
+}
+
+/// Follows one job in Slurm; `true` when it has ended here.
+async fn follow_one(app: &App, settings: &Settings, run: &SlurmRun) -> Result<bool, DbError> {
+    let Some(job) = db::job_by_id(app.db(), &run.job_id).await? else {
+        db::slurm_end(app.db(), &run.job_id).await?;
+        return Ok(true);
+    };
+    let dir = PathBuf::from(&run.dir);
+    let held = app.store.in_slurm(&job.file_name);
+    if !held.exists() {
+        // Landed already (a crash came between the result and the row), or moved by hand.
+        db::slurm_end(app.db(), &run.job_id).await?;
+        let _ = fs::remove_dir_all(&dir);
+        return Ok(true);
+    }
+    let cancelled = app.store.cancel_requested(&job.file_name);
+    if dir.join("exit").exists() {
+        finish(app, settings, &job, run, cancelled).await?;
+        return Ok(true);
+    }
+    let Some(slurm_id) = run.slurm_id.clone() else {
+        // sbatch's answer was lost with a server: the job is found by its name, or it never reached Slurm.
+        match find_by_name(settings, &job_name(&job.id, run.attempt)).await {
+            Ok(Some(id)) => db::slurm_update(app.db(), &job.id, Some(&id), None).await?,
+            Ok(None) => give_back(app, settings, &job, run, "it never reached Slurm (the server stopped)").await?,
+            Err(e) => log::warn!("job {}: cannot ask Slurm about it: {e}", job.id),
+        }
+        return Ok(false);
+    };
+    let seen = match show(settings, &slurm_id).await {
+        Ok(seen) => seen,
+        Err(e) => {
+            log::warn!("job {}: cannot ask Slurm about job {slurm_id}: {e}", job.id);
+            return Ok(false);
+        }
+    };
+    copy_console(&app.store, &dir, &job.file_name);
+    match &seen {
+        Some(s) if !s.ended() => {
+            let shown = match &s.node {
+                Some(node) if s.state == "RUNNING" => format!("{node} (slurm job {slurm_id})"),
+                _ => format!("slurm job {slurm_id} ({})", s.state.to_lowercase()),
+            };
+            if run.node.as_deref() != Some(&shown) {
+                db::slurm_update(app.db(), &job.id, None, Some(&shown)).await?;
+            }
+            if cancelled && !run.cancel_sent {
+                // Running: run-one stops the VM and sends back the console so far. Pending: Slurm drops it.
+                if s.state == "RUNNING" && ask_run_one_to_cancel(&dir, &job.file_name) {
+                    log::info!("job {}: asked its run-one on {} to stop it", job.id, s.node.as_deref().unwrap_or("?"));
+                } else {
+                    scancel(settings, &slurm_id).await;
+                }
+                db::slurm_cancel_sent(app.db(), &job.id).await?;
+            } else if cancelled && app.store.cancel_age(&job.file_name).is_some_and(|age| age.as_secs() > CANCEL_GRACE)
+            {
+                // run-one did not stop it in time: Slurm does.
+                scancel(settings, &slurm_id).await;
+            }
+            Ok(false)
+        }
+        // Ended without a word from run-one: the exit note may still be on its way through the shared directory.
+        _ => {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if dir.join("exit").exists() {
+                finish(app, settings, &job, run, cancelled).await?;
+                return Ok(true);
+            }
+            let how = match &seen {
+                Some(s) => format!(
+                    "Slurm job {slurm_id} ended {}{} without a result",
+                    s.state,
+                    s.node.as_ref().map(|n| format!(" on {n}")).unwrap_or_default()
+                ),
+                None => format!("Slurm no longer knows job {slurm_id}, and it left no result"),
+            };
+            if cancelled {
+                fail(app, &job, run, "cancelled at its submitter's request").await?;
+            } else {
+                give_back(app, settings, &job, run, &how).await?;
+            }
+            Ok(true)
+        }
+    }
+}
+
+async fn scancel(settings: &Settings, slurm_id: &str) {
+    if let Err(e) = slurm(settings, "scancel", &[slurm_id.to_owned()]).await {
+        log::warn!("cannot cancel Slurm job {slurm_id}: {e}");
+    }
+}
+
+/// An attempt that ended with run-one's exit note: the result landed, the
+/// failure and its reason, or (run-one could not run it) another attempt.
+async fn finish(
+    app: &App,
+    settings: &Settings,
+    job: &JobRecord,
+    run: &SlurmRun,
+    cancelled: bool,
+) -> Result<(), DbError> {
+    let dir = PathBuf::from(&run.dir);
+    let name = jobfile::JobName::parse(&job.file_name).map_err(|e| DbError::Io(io::Error::other(e)))?;
+    let out = dir.join("out");
+    let result = out.join(name.done_file_name());
+    let code = fs::read_to_string(dir.join("exit")).unwrap_or_default().trim().to_owned();
+    if cancelled {
+        // A result that comes after the cancel is refused: the submitter asked for none.
+        copy_final_log(&app.store, &out, &job.file_name, &name);
+        return fail(app, job, run, "cancelled at its submitter's request").await;
+    }
+    if result.exists() {
+        let node = run.node.as_deref().and_then(|n| n.split(" (").next()).unwrap_or("?").to_owned();
+        let checked = check_result(app, &dir, &result, &name, &node).await?;
+        if let Err(why) = checked {
+            log::warn!("job {}: refused the result from {node}: {why}", job.id);
+            return fail(app, job, run, &format!("the result from Slurm node {node} was refused: {why}")).await;
+        }
+        let (store, file_name) = (app.store.clone(), job.file_name.clone());
+        let landed = tokio::task::spawn_blocking(move || land(&store, &out, &file_name))
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+        landed.map_err(DbError::Io)?;
+        log::info!("job {}: done on {node} (slurm job {})", job.id, run.slurm_id.as_deref().unwrap_or("?"));
+        db::slurm_end(app.db(), &job.id).await?;
+        let _ = fs::remove_dir_all(&dir);
+        app.refresh(job).await;
+        return Ok(());
+    }
+    if let Some(reason) = jobfile::layout::read_reason(&out.join(&job.file_name)) {
+        copy_final_log(&app.store, &out, &job.file_name, &name);
+        return fail(app, job, run, &reason.why).await;
+    }
+    // run-one could not run it (exit 2): what it said is in Slurm's output.
+    let said = tail(&dir.join("slurm.out"), 600);
+    give_back(app, settings, job, run, &format!("run-one on the node could not run it (exit {code}): {said}")).await
+}
+
+/// run-one's log of a failed job (or the console so far) as the server's
+/// `failed/<file>.log`.
+fn copy_final_log(store: &Store, out: &Path, file_name: &str, name: &jobfile::JobName) {
+    let target = store.failed.join(format!("{file_name}.log"));
+    for from in [out.join(format!("{file_name}.log")), out.join(name.done_with_extension("log"))] {
+        if from.exists() && copy_into(&from, &target).is_ok() {
+            return;
+        }
+    }
+    let console = store.slurm_console(file_name);
+    if console.exists() {
+        let _ = fs::rename(&console, &target);
+    }
+}
+
+/// Copies `from` to `to` (made new or replaced), synced.
+fn copy_into(from: &Path, to: &Path) -> io::Result<()> {
+    fs::copy(from, to)?;
+    fs::File::open(to)?.sync_all()
+}
+
+/// The last `max` bytes of a text file, one line, sanitized.
+fn tail(path: &Path, max: usize) -> String {
+    let text = fs::read(path).unwrap_or_default();
+    let start = text.len().saturating_sub(max);
+    let shown = jobfile::sanitize(&text[start..]);
+    let line = shown.split("\\n").filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join("; ");
+    if line.is_empty() {
+        "(it said nothing)".to_owned()
+    } else {
+        line
+    }
+}
+
+/// Checks a result from a node: its provenance against the key pinned for
+/// the node Slurm says ran it (the first key a node publishes is pinned),
+/// signed by that node.
+async fn check_result(
+    app: &App,
+    dir: &Path,
+    result: &Path,
+    name: &jobfile::JobName,
+    node: &str,
+) -> Result<Result<(), String>, DbError> {
+    let published = fs::read_to_string(dir.join("key.pub")).unwrap_or_default();
+    let Some(key) = published.split_whitespace().next().and_then(|k| construir_provenance::PublicKey::parse(k).ok())
+    else {
+        return Ok(Err("the node published no key".into()));
+    };
+    let pinned = db::pin_node_key(app.db(), node, &key.to_string()).await?;
+    if pinned != key.to_string() {
+        return Ok(Err(format!(
+            "it signs with {key}, but {pinned} is pinned for it; if its key was replaced on purpose, \
+             construir-server slurm unpin-key {node}"
+        )));
+    }
+    let Ok(pinned) = construir_provenance::PublicKey::parse(&pinned) else {
+        return Ok(Err("its pinned key cannot be read".into()));
+    };
+    let (result, provenance, log) = (
+        result.to_owned(),
+        jobfile::layout::provenance_beside(result),
+        result.with_file_name(name.done_with_extension("log")),
+    );
+    let node = node.to_owned();
+    let checked = tokio::task::spawn_blocking(move || {
+        let verified = construir_provenance::verify(&result, &provenance, &[pinned], Some(&log))
+            .map_err(|e| format!("its provenance does not verify: {}", jobfile::error_chain(&e)))?;
+        let builder = &verified.statement.predicate.run_details.builder.id;
+        if builder != &format!("construir-host:{node}") {
+            return Err(format!(
+                "it is signed as {}, not as the node Slurm ran it on",
+                jobfile::sanitize(builder.as_bytes())
+            ));
+        }
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    Ok(checked)
+}
+
+/// Lands a checked result: its log and provenance, then the result (how
+/// everyone sees the job ended), each by a rename that never replaces;
+/// then the job's file leaves `running/.slurm/`.
+fn land(store: &Store, out: &Path, file_name: &str) -> io::Result<()> {
+    let job = jobfile::JobName::parse(file_name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    for name in [
+        job.done_with_extension("log"),
+        job.done_with_extension(jobfile::layout::PROVENANCE_EXTENSION),
+        job.done_file_name(),
+    ] {
+        let from = out.join(&name);
+        if !from.exists() {
+            continue;
+        }
+        // Staged on done/'s filesystem (the shared directory may be another), then renamed in.
+        let staged = store.done.join(format!(".slurm.{name}.part"));
+        copy_into(&from, &staged)?;
+        match rename_noreplace(&staged, &store.done.join(&name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => fs::remove_file(&staged)?,
+            Err(e) => return Err(e),
+        }
+    }
+    fs::File::open(&store.done)?.sync_all()?;
+    let _ = fs::remove_file(store.in_slurm(file_name));
+    let _ = fs::remove_file(store.slurm_console(file_name));
+    jobfile::layout::remove_terms(&store.running, file_name.as_ref());
+    store.forget_cancel(file_name);
+    Ok(())
+}
+
+/// Ends the job in `failed/` with `reason` (and the console so far, when no log came back).
+async fn fail(app: &App, job: &JobRecord, run: &SlurmRun, reason: &str) -> Result<(), DbError> {
+    let (store, file_name) = (app.store.clone(), job.file_name.clone());
+    let reason_owned = reason.to_owned();
+    let moved = tokio::task::spawn_blocking(move || -> io::Result<()> {
+        let log = store.failed.join(format!("{file_name}.log"));
+        let console = store.slurm_console(&file_name);
+        if !log.exists() && console.exists() {
+            fs::rename(&console, &log)?;
+        }
+        let _ = fs::remove_file(&console);
+        store.write_reason(&file_name, &reason_owned)?;
+        store.move_job(&store.in_slurm(&file_name), &store.failed.join(&file_name))?;
+        jobfile::layout::remove_terms(&store.running, file_name.as_ref());
+        store.forget_cancel(&file_name);
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+    moved.map_err(DbError::Io)?;
+    log::info!("job {}: failed: {reason}", job.id);
+    db::slurm_end(app.db(), &job.id).await?;
+    let _ = fs::remove_dir_all(&run.dir);
+    app.refresh(job).await;
+    Ok(())
+}
+
+/// An attempt that came to nothing: its Slurm job cancelled and its
+/// directory removed (nothing it might still leave is ever read), then the
+/// job back in the queue, or failed once it has had `max_attempts`.
+async fn give_back(app: &App, settings: &Settings, job: &JobRecord, run: &SlurmRun, how: &str) -> Result<(), DbError> {
+    if let Some(id) = &run.slurm_id {
+        if show(settings, id).await.ok().flatten().is_some_and(|s| !s.ended()) {
+            scancel(settings, id).await;
+        }
+    }
+    let _ = fs::remove_dir_all(&run.dir);
+    let _ = fs::remove_file(app.store.slurm_console(&job.file_name));
+    if run.attempt >= settings.max_attempts {
+        let reason = format!("{how}; it came back from Slurm {} times, the most allowed", run.attempt);
+        return fail(app, job, run, &reason).await;
+    }
+    let back = app.store.move_job(&app.store.in_slurm(&job.file_name), &app.store.queue.join(&job.file_name));
+    back.map_err(DbError::Io)?;
+    log::warn!("job {}: {how}; back in the queue (attempt {} of {})", job.id, run.attempt, settings.max_attempts);
+    db::slurm_end(app.db(), &job.id).await?;
+    app.refresh(job).await;
+    Ok(())
+}
+
+/// At start: a job file in `running/.slurm/` that no row holds (a crash
+/// between the claim and the row) goes back to the queue.
+pub async fn recover(app: &App) -> Result<(), DbError> {
+    let rows = db::slurm_runs(app.db()).await?;
+    let Ok(rd) = fs::read_dir(app.store.slurm_dir()) else { return Ok(()) };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Ok(job_name) = jobfile::JobName::parse(&name) else { continue };
+        let Some(job) = db::job_by_file(app.db(), &name).await? else { continue };
+        if rows.iter().any(|r| r.job_id == job.id) {
+            continue;
+        }
+        if app.store.done.join(job_name.done_file_name()).exists() {
+            let _ = fs::remove_file(e.path());
+        } else if app.store.move_job(&e.path(), &app.store.queue.join(&name)).map_err(DbError::Io)? {
+            log::warn!("job {}: it was being handed to Slurm when the server stopped; back in the queue", job.id);
+        }
+        app.refresh(&job).await;
+    }
+    Ok(())
+}
+
+/// Follows every job in Slurm and hands it more, every `every`, for ever.
+pub async fn run(app: std::sync::Arc<App>, settings: Settings, every: Duration) {
+    if let Err(e) = recover(&app).await {
+        log::error!("slurm: cannot recover: {}", jobfile::error_chain(&e));
+    }
+    loop {
+        match step(&app, &settings).await {
+            Ok(()) => {}
+            Err(e) => log::error!("slurm: {}", jobfile::error_chain(&e)),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+async fn step(app: &App, settings: &Settings) -> Result<(), DbError> {
+    let runs = db::slurm_runs(app.db()).await?;
+    let mut left = runs.len();
+    for run in &runs {
+        if follow_one(app, settings, run).await? {
+            left -= 1;
+        }
+    }
+    dispatch(app, settings, left).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scontrol_s_one_line_is_read_for_state_node_and_reason() {
+        let line = "JobId=42 JobName=construir.0123456789abcdef.1 UserId=root(0) JobState=RUNNING Reason=None \
+                    Dependency=(null) Requeue=0 Restarts=0 BatchFlag=1 ExitCode=0:0 NodeList=node1 BatchHost=node1";
+        let job = SlurmJob::parse(line).expect("a job");
+        assert_eq!(job, SlurmJob { state: "RUNNING".into(), node: Some("node1".into()), reason: "None".into() });
+        assert!(!job.ended());
+        let pending = SlurmJob::parse("JobId=43 JobState=PENDING Reason=Resources NodeList=(null)").expect("a job");
+        assert_eq!((pending.node, pending.reason.as_str()), (None, "Resources"));
+        for state in ["COMPLETED", "CANCELLED", "NODE_FAIL", "PREEMPTED", "TIMEOUT", "OUT_OF_MEMORY"] {
+            assert!(SlurmJob::parse(&format!("JobState={state}")).expect("job").ended(), "{state}");
+        }
+        assert!(SlurmJob::parse("slurm_load_jobs error: Invalid job id specified").is_none());
+    }
+
+    #[test]
+    fn the_batch_script_quotes_every_path_and_notes_the_exit_code_last() {
+        let settings = Settings {
+            dir: "/shared/it's".into(),
+            partition: None,
+            account: None,
+            cpus: 2,
+            memory_mib: 1024,
+            timeout: Duration::from_secs(600),
+            host_bin: "/opt/construir/bin/construir-host".into(),
+            host_key: None,
+            run_args: vec!["--accel".into(), "tcg".into()],
+            max_jobs: 8,
+            max_attempts: 3,
+            bin_dir: None,
+        };
+        let job = crate::db::test_record(
+            &crate::db::Account {
+                id: 1,
+                name: "alice".into(),
+                token_hash: vec![],
+                disabled: false,
+                created: String::new(),
+                limits: Default::default(),
+                kind: crate::db::Kind::Submitter,
+            },
+            "0123456789abcdef",
+            "hello",
+            1 << 20,
+            "waiting",
+        );
+        let script = batch_script(&settings, &job, 2, Path::new("/shared/it's/runs/x.2"), &"a".repeat(64));
+        assert!(script.starts_with("#!/bin/sh\n# Written by construir-server: job 0123456789abcdef, attempt 2."));
+        assert!(script.contains("cd '/shared/it'\\''s/runs/x.2' || exit 2"), "{script}");
+        assert!(script.contains("key='/shared/it'\\''s/keys'\"/$node.key\""), "{script}");
+        assert!(
+            script.contains("'./alice.0123456789abcdef.hello_i0.tar.xz' --images '/shared/it'\\''s/images'"),
+            "{script}"
+        );
+        assert!(script.contains("--timeout 600s --memory 1024M --cpus 2 '--accel' 'tcg'"), "{script}");
+        assert!(
+            script.trim_end().ends_with("echo \"$code\" > exit.part && mv exit.part exit\nexit \"$code\""),
+            "{script}"
+        );
+        assert_eq!((settings.slurm_memory_mib(), settings.slurm_minutes()), (1536, 13));
+    }
+}

@@ -1,0 +1,163 @@
+//! The Slurm executor end to end: a real one-node Slurm cluster (Debian's
+//! slurm-wlm and munge) on this machine, construir-server handing it jobs,
+//! `construir-host run-one` running them in real VMs on its node, and the
+//! `construir` client following them.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use construir_e2e::server::{add_account, client, job_dir, Server};
+use construir_e2e::slurm::{Cluster, NODE};
+use construir_e2e::{bin, qemu_pids, sh, wait_for, Queue};
+
+/// The server's Slurm options for this cluster.
+fn slurm_args(q: &Queue) -> Vec<String> {
+    let root = q.root.path();
+    vec![
+        "--executor".into(),
+        "slurm".into(),
+        "--slurm-dir".into(),
+        root.join("shared").to_string_lossy().into_owned(),
+        "--slurm-construir-host".into(),
+        bin("construir-host").to_string_lossy().into_owned(),
+        "--slurm-host-key".into(),
+        root.join("node-keys/node1.key").to_string_lossy().into_owned(),
+        "--slurm-memory".into(),
+        "1G".into(),
+        "--slurm-timeout".into(),
+        "5m".into(),
+        "--slurm-run-arg=--accel".into(),
+        "--slurm-run-arg=tcg".into(),
+        "--max-attempts".into(),
+        "2".into(),
+    ]
+}
+
+fn start(q: &Queue, db: &Path, cluster: &Cluster) -> Server {
+    let args = slurm_args(q);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Server::start_with_env(q, db, construir_e2e::images(), &args, &[("SLURM_CONF", &cluster.conf)])
+}
+
+fn status(s: &Server, token: &str, work: &Path, id: &str) -> serde_json::Value {
+    let (code, out, err) = client(s, token, work, &["status", id]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).expect("json")
+}
+
+/// Waits until the job runs on the node and its console shows `line`; its Slurm job's id.
+fn running(s: &Server, token: &str, work: &Path, cluster: &Cluster, id: &str, attempt: u64, line: &str) -> String {
+    let mut seen = (serde_json::Value::Null, String::new());
+    let ok = wait_for(Duration::from_secs(120), || {
+        seen = (status(s, token, work, id), client(s, token, work, &["log", id]).1);
+        seen.0["place"]["host"].as_str().is_some_and(|h| h.starts_with(&format!("{NODE} (slurm job ")))
+            && seen.1.contains(line)
+    });
+    assert!(ok, "not running with {line:?}: {}\n{}\n{}\n{}", seen.0, seen.1, s.log(), cluster.logs());
+    let (slurm_id, state, node) = cluster.job_named(&format!("construir.{id}.{attempt}")).expect("its Slurm job");
+    assert_eq!((state.as_str(), node.as_str()), ("RUNNING", NODE));
+    slurm_id
+}
+
+#[test]
+fn jobs_run_on_a_real_slurm_cluster_are_cancelled_go_back_when_killed_and_survive_a_server_restart() {
+    let q = Queue::new();
+    let cluster = Cluster::start(&q.root.path().join("slurm"));
+    let db = q.root.path().join("server.db");
+    let alice = add_account(&db, "alice");
+    let mut s = start(&q, &db, &cluster);
+    let work = q.root.path().join("home");
+    fs::create_dir_all(&work).expect("mkdir");
+    let submit = |s: &Server, name: &str, script: &str| {
+        let dir = job_dir(&work, name, script);
+        let (code, id, err) =
+            client(s, &alice, &work, &["submit", dir.to_str().expect("utf8"), "--image", "0", "--size", "1M"]);
+        assert_eq!(code, 0, "{err}");
+        id.trim().to_owned()
+    };
+
+    // Done: the node shown as its host, the console live, the result signed by the node and verified.
+    let id = submit(&s, "steps", "#!/bin/sh\necho step one\nsleep 5\necho step two\n");
+    running(&s, &alice, &work, &cluster, &id, 1, "step one");
+    let (code, _, err) = client(&s, &alice, &work, &["wait", &id]);
+    assert_eq!(code, 0, "{err}\n{}", s.log());
+    assert!(err.contains(&format!("running on {NODE} (slurm job ")) && err.contains("done: ok (exit code 0)"), "{err}");
+    let (code, _, err) = client(&s, &alice, &work, &["fetch", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("verified: signed by ed25519:") && err.contains(&format!("construir-host:{NODE}")), "{err}");
+    let (_, log, _) = client(&s, &alice, &work, &["log", &id]);
+    assert!(log.contains("step one") && log.contains("step two") && log.contains("verdict: ok"), "{log}");
+    let keys = construir_e2e::server::api(&s.addr(), &alice, "GET", "/v1/hosts/keys", b"").json();
+    assert_eq!(keys["keys"][0]["host"], format!("{NODE} (slurm)"), "{keys}");
+    let runs = q.root.path().join("shared/runs");
+    assert!(wait_for(Duration::from_secs(5), || fs::read_dir(&runs).map(|d| d.count()).unwrap_or(0) == 0));
+    assert!(q.root.path().join("shared/images/i0/image.toml").exists(), "the image reached the shared directory");
+
+    // Cancelled while it runs on the node: the VM stops, the console so far comes back.
+    let id = submit(&s, "sleeper", "#!/bin/sh\necho started sleeping\nsleep 600\n");
+    running(&s, &alice, &work, &cluster, &id, 1, "started sleeping");
+    let asked = Instant::now();
+    let (code, _, err) = client(&s, &alice, &work, &["cancel", &id]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = client(&s, &alice, &work, &["wait", &id]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("failed: cancelled at its submitter's request"), "{err}");
+    assert!(asked.elapsed() < Duration::from_secs(40), "took {:?}", asked.elapsed());
+    let (_, log, _) = client(&s, &alice, &work, &["log", &id]);
+    assert!(log.contains("started sleeping"), "{log}");
+    assert!(
+        wait_for(Duration::from_secs(20), || cluster
+            .job_named(&format!("construir.{id}.1"))
+            .is_none_or(|(_, state, _)| state != "RUNNING")),
+        "its Slurm job still runs"
+    );
+
+    // Its Slurm job cancelled from outside: the job goes back to the queue and runs again.
+    let id = submit(&s, "again", "#!/bin/sh\necho attempt\nsleep 8\necho finished\n");
+    let slurm_id = running(&s, &alice, &work, &cluster, &id, 1, "attempt");
+    cluster.run("scancel", &[&slurm_id]).expect("scancel");
+    let (code, _, err) = client(&s, &alice, &work, &["wait", &id]);
+    assert_eq!(code, 0, "{err}\n{}", s.log());
+    assert_eq!(status(&s, &alice, &work, &id)["attempts"], 2);
+    assert!(
+        s.log().contains(&format!(
+            "Slurm job {slurm_id} ended CANCELLED on {NODE} without a result; back in the queue (attempt 1 of 2)"
+        )),
+        "{}",
+        s.log()
+    );
+    assert!(client(&s, &alice, &work, &["log", &id]).1.contains("finished"));
+
+    // The node's run-one killed, on every attempt: the job fails, saying why.
+    let id = submit(&s, "doomed", "#!/bin/sh\necho doomed\nsleep 600\n");
+    for attempt in 1..=2 {
+        running(&s, &alice, &work, &cluster, &id, attempt, "doomed");
+        // ("[.]": the pattern matches run-one's command line, not this shell's.)
+        sh(&format!("pkill -KILL -f 'run-one [.]/alice.{id}.doomed_i0'"), Path::new("/"));
+        if attempt == 1 {
+            assert!(
+                wait_for(Duration::from_secs(30), || status(&s, &alice, &work, &id)["attempts"] == 2),
+                "{}",
+                s.log()
+            );
+        }
+    }
+    let (code, _, err) = client(&s, &alice, &work, &["wait", &id]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("run-one on the node could not run it (exit 137)"), "{err}");
+    assert!(err.contains("it came back from Slurm 2 times, the most allowed"), "{err}");
+
+    // The server killed and started again while a job runs on Slurm: it follows it again, one result.
+    let id = submit(&s, "survivor", "#!/bin/sh\necho before\nsleep 10\necho after the restart\n");
+    running(&s, &alice, &work, &cluster, &id, 1, "before");
+    drop(s);
+    s = start(&q, &db, &cluster);
+    let (code, _, err) = client(&s, &alice, &work, &["wait", &id]);
+    assert_eq!(code, 0, "{err}\n{}", s.log());
+    assert!(client(&s, &alice, &work, &["log", &id]).1.contains("after the restart"));
+    assert_eq!(status(&s, &alice, &work, &id)["attempts"], 1, "never handed out twice");
+    let results: Vec<String> = Queue::list(&q.done).into_iter().filter(|f| f.contains(&id)).collect();
+    assert_eq!(results.len(), 3, "one result, its log and its provenance: {results:?}");
+    assert!(qemu_pids(NODE).is_empty(), "a VM outlived its job");
+}
