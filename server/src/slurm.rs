@@ -746,6 +746,104 @@ async fn step(app: &App, settings: &Settings) -> Result<(), DbError> {
 mod tests {
     use super::*;
 
+    fn settings(dir: &Path) -> Settings {
+        Settings {
+            dir: dir.to_owned(),
+            partition: None,
+            account: None,
+            cpus: 1,
+            memory_mib: 1024,
+            timeout: Duration::from_secs(60),
+            host_bin: "construir-host".into(),
+            host_key: None,
+            run_args: Vec::new(),
+            max_jobs: 4,
+            max_attempts: 3,
+            // No Slurm here: a step that asked it would fail, and the test with it.
+            bin_dir: Some(dir.join("no-slurm")),
+        }
+    }
+
+    /// An app on a temporary store and database, with alice's job handed to
+    /// Slurm (its file in `running/.slurm/`, its row, its attempt directory).
+    async fn handed_to_slurm(root: &Path) -> (std::sync::Arc<App>, JobRecord, SlurmRun) {
+        let store = Store::beside(&root.join("queue"));
+        store.create_all().expect("dirs");
+        let db = db::open(&root.join("server.db").to_string_lossy()).await.expect("db");
+        let alice = db::add_account(&db, "alice", crate::db::Kind::Submitter, b"h").await.expect("account");
+        let job = db::test_record(&alice, "0123456789abcdef", "hello", 3, "running");
+        db::insert_job(&db, &job).await.expect("insert");
+        fs::create_dir_all(store.slurm_dir()).expect("mkdir");
+        fs::write(store.in_slurm(&job.file_name), b"job").expect("job file");
+        let dir = root.join("shared/runs/0123456789abcdef.1");
+        fs::create_dir_all(dir.join("out")).expect("mkdir");
+        db::slurm_start(&db, &job.id, 1, &dir.to_string_lossy()).await.expect("row");
+        db::slurm_update(&db, &job.id, Some("7"), Some("node1 (slurm job 7)")).await.expect("row");
+        let app_settings = crate::app::Settings {
+            defaults: Default::default(),
+            idle_timeout: Duration::from_secs(30),
+            upload_timeout: Duration::from_secs(60),
+            uploads: crate::quota::UploadRules { max_uploads: 1, min_free: 0 },
+            tls: false,
+        };
+        let app = App::new(db, store, app_settings, crate::lease::Settings::default(), None);
+        let run = db::slurm_runs(app.db()).await.expect("rows").remove(0);
+        (app, job, run)
+    }
+
+    #[tokio::test]
+    async fn a_result_that_comes_after_the_cancel_is_refused_and_the_job_fails_as_cancelled() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (app, job, run) = handed_to_slurm(tmp.path()).await;
+        let dir = PathBuf::from(&run.dir);
+        let name = jobfile::JobName::parse(&job.file_name).expect("name");
+        fs::write(dir.join("out").join(name.done_file_name()), b"a result").expect("result");
+        fs::write(dir.join("out").join(name.done_with_extension("log")), b"the console\n").expect("log");
+        fs::write(dir.join("exit"), b"0\n").expect("exit");
+        fs::create_dir_all(jobfile::layout::cancel_dir(&app.store.running)).expect("mkdir");
+        fs::write(jobfile::layout::cancel_request(&app.store.running, job.file_name.as_ref()), b"").expect("cancel");
+        assert!(follow_one(&app, &settings(tmp.path()), &run).await.expect("follow"), "it has ended");
+        assert!(!app.store.done.join(name.done_file_name()).exists(), "the result is refused");
+        assert_eq!(
+            app.store.locate(&job.file_name, None),
+            wire::Place::Failed { reason: "cancelled at its submitter's request".into() }
+        );
+        assert_eq!(fs::read(app.store.failed.join(format!("{}.log", job.file_name))).expect("log"), b"the console\n");
+        assert!(db::slurm_runs(app.db()).await.expect("rows").is_empty(), "its row is gone");
+        assert!(!dir.exists(), "its attempt directory is gone");
+    }
+
+    #[tokio::test]
+    async fn an_exit_without_a_result_or_a_reason_gives_the_job_back_and_a_result_without_a_key_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (app, job, run) = handed_to_slurm(tmp.path()).await;
+        let dir = PathBuf::from(&run.dir);
+        fs::write(dir.join("slurm.out"), b"construir-host: error: image i0 is not the server's\n").expect("out");
+        fs::write(dir.join("exit"), b"2\n").expect("exit");
+        assert!(follow_one(&app, &settings(tmp.path()), &run).await.expect("follow"));
+        assert!(app.store.queue.join(&job.file_name).exists(), "back in the queue");
+        assert!(!dir.exists(), "nothing of that attempt is kept");
+        // Handed out again, it comes back with a result but no key: refused, with why.
+        let store = &app.store;
+        assert!(store.move_job(&store.queue.join(&job.file_name), &store.in_slurm(&job.file_name)).expect("move"));
+        let dir = tmp.path().join("shared/runs/0123456789abcdef.2");
+        fs::create_dir_all(dir.join("out")).expect("mkdir");
+        db::slurm_start(app.db(), &job.id, 2, &dir.to_string_lossy()).await.expect("row");
+        db::slurm_update(app.db(), &job.id, Some("8"), Some("node1 (slurm job 8)")).await.expect("row");
+        let name = jobfile::JobName::parse(&job.file_name).expect("name");
+        fs::write(dir.join("out").join(name.done_file_name()), b"a result").expect("result");
+        fs::write(dir.join("exit"), b"0\n").expect("exit");
+        let run = db::slurm_runs(app.db()).await.expect("rows").remove(0);
+        assert!(follow_one(&app, &settings(tmp.path()), &run).await.expect("follow"));
+        assert!(!store.done.join(name.done_file_name()).exists());
+        assert_eq!(
+            store.locate(&job.file_name, None),
+            wire::Place::Failed {
+                reason: "the result from Slurm node node1 was refused: the node published no key".into()
+            }
+        );
+    }
+
     #[test]
     fn scontrol_s_one_line_is_read_for_state_node_and_reason() {
         let line = "JobId=42 JobName=construir.0123456789abcdef.1 UserId=root(0) JobState=RUNNING Reason=None \
