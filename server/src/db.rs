@@ -1134,6 +1134,16 @@ pub async fn slurm_end(db: &Database, job_id: &str) -> Result<(), DbError> {
     Ok(())
 }
 
+/// A job Slurm did not take: its row goes, and its attempts are as they were (`attempts`).
+pub async fn slurm_abandon(db: &Database, job_id: &str, attempts: u64) -> Result<(), DbError> {
+    db.tx(async |tx| {
+        tx.execute("DELETE FROM slurm_runs WHERE job_id = $1", params![job_id]).await?;
+        tx.execute("UPDATE jobs SET attempts = $1 WHERE id = $2", params![attempts, job_id]).await?;
+        Ok(())
+    })
+    .await
+}
+
 /// Every job in Slurm now, oldest first.
 pub async fn slurm_runs(db: &Database) -> Result<Vec<SlurmRun>, DbError> {
     let rows = db

@@ -474,6 +474,9 @@ async fn serve(conn: Database, a: ServeArgs) -> Result<()> {
     let bound = listener.local_addr()?;
     tokio::spawn(follow(app.clone(), a.follow_every));
     if let Some(slurm) = slurm {
+        let version =
+            construir_server::slurm::check(&slurm).await.map_err(|e| anyhow::anyhow!("--executor slurm, but {e}"))?;
+        log::info!("Slurm: {version}");
         log::info!(
             "handing jobs to Slurm (partition {}, {} CPU(s), {} MiB, timeout {} s each), through {}",
             slurm.partition.as_deref().unwrap_or("default"),

@@ -273,10 +273,13 @@ fn prepare(store: &Store, settings: &Settings, job: &JobRecord, attempt: u64, di
 }
 
 /// Hands the oldest waiting jobs to Slurm, up to `max_jobs` there at once.
-async fn dispatch(app: &App, settings: &Settings, in_slurm: usize) -> Result<(), DbError> {
+/// `Ok(false)` when Slurm (or the shared directory) did not take one: that
+/// job is back in the queue, its attempt not counted, and the caller waits
+/// before it hands Slurm more.
+async fn dispatch(app: &App, settings: &Settings, in_slurm: usize) -> Result<bool, DbError> {
     let mut room = settings.max_jobs.saturating_sub(in_slurm);
     if room == 0 {
-        return Ok(());
+        return Ok(true);
     }
     for job in db::all_jobs(app.db()).await? {
         if room == 0 {
@@ -334,22 +337,18 @@ async fn dispatch(app: &App, settings: &Settings, in_slurm: usize) -> Result<(),
                 log::info!("job {}: handed to Slurm as job {id} (attempt {attempt})", job.id);
             }
             Err(why) => {
-                log::error!("job {}: Slurm did not take it: {why}", job.id);
-                let run = SlurmRun {
-                    job_id: job.id.clone(),
-                    attempt,
-                    dir: dir.to_string_lossy().into_owned(),
-                    slurm_id: None,
-                    node: None,
-                    cancel_sent: false,
-                    started_unix: db::unix_now(),
-                };
-                give_back(app, settings, &job, &run, &format!("Slurm did not take it: {why}")).await?;
+                // Slurm's trouble, not the job's: it waits in the queue, its attempt not counted.
+                log::error!("job {}: Slurm did not take it ({why}); back in the queue", job.id);
+                let _ = fs::remove_dir_all(&dir);
+                db::slurm_abandon(app.db(), &job.id, job.attempts).await?;
+                app.store.move_job(&held, &queued).map_err(DbError::Io)?;
+                app.refresh(&job).await;
+                return Ok(false);
             }
         }
         app.refresh(&job).await;
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Where an attempt's run-one keeps its live console:
@@ -718,20 +717,31 @@ pub async fn recover(app: &App) -> Result<(), DbError> {
 }
 
 /// Follows every job in Slurm and hands it more, every `every`, for ever.
+/// How long the server waits before it hands Slurm more jobs after Slurm did not take one.
+pub const PAUSE: Duration = Duration::from_secs(30);
+
 pub async fn run(app: std::sync::Arc<App>, settings: Settings, every: Duration) {
     if let Err(e) = recover(&app).await {
         log::error!("slurm: cannot recover: {}", jobfile::error_chain(&e));
     }
+    let mut paused_until: Option<tokio::time::Instant> = None;
     loop {
-        match step(&app, &settings).await {
-            Ok(()) => {}
+        let hand_out = paused_until.is_none_or(|t| tokio::time::Instant::now() >= t);
+        match step(&app, &settings, hand_out).await {
+            Ok(true) => paused_until = None,
+            Ok(false) => {
+                log::warn!("slurm: no more jobs are handed to Slurm for {} s", PAUSE.as_secs());
+                paused_until = Some(tokio::time::Instant::now() + PAUSE);
+            }
             Err(e) => log::error!("slurm: {}", jobfile::error_chain(&e)),
         }
         tokio::time::sleep(every).await;
     }
 }
 
-async fn step(app: &App, settings: &Settings) -> Result<(), DbError> {
+/// Follows every job in Slurm, then (when `hand_out`) hands it more;
+/// `Ok(false)` when Slurm did not take one.
+async fn step(app: &App, settings: &Settings, hand_out: bool) -> Result<bool, DbError> {
     let runs = db::slurm_runs(app.db()).await?;
     let mut left = runs.len();
     for run in &runs {
@@ -739,7 +749,15 @@ async fn step(app: &App, settings: &Settings) -> Result<(), DbError> {
             left -= 1;
         }
     }
+    if !hand_out {
+        return Ok(true);
+    }
     dispatch(app, settings, left).await
+}
+
+/// Whether this machine can hand jobs to Slurm: `sbatch --version` runs.
+pub async fn check(settings: &Settings) -> Result<String, String> {
+    slurm(settings, "sbatch", &["--version".to_owned()]).await.map(|v| v.trim().to_owned())
 }
 
 #[cfg(test)]
@@ -789,6 +807,42 @@ mod tests {
         let app = App::new(db, store, app_settings, crate::lease::Settings::default(), None);
         let run = db::slurm_runs(app.db()).await.expect("rows").remove(0);
         (app, job, run)
+    }
+
+    #[tokio::test]
+    async fn a_job_slurm_does_not_take_waits_in_the_queue_its_attempt_not_counted() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (app, job, run) = handed_to_slurm(tmp.path()).await;
+        // Another job, waiting; Slurm's controller is down.
+        db::slurm_end(app.db(), &run.job_id).await.expect("row");
+        let store = &app.store;
+        assert!(store.move_job(&store.in_slurm(&job.file_name), &store.queue.join(&job.file_name)).expect("back"));
+        db::update_state(app.db(), &job.id, "waiting", None, None).await.expect("state");
+        fs::create_dir_all(store.images.join("i0")).expect("mkdir");
+        fs::write(store.images.join("i0/image.toml"), "kind = \"mini\"\n").expect("image");
+        let bin = tmp.path().join("no-slurm");
+        fs::create_dir_all(&bin).expect("mkdir");
+        fs::write(
+            bin.join("sbatch"),
+            "#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Unable to contact slurm controller' >&2\nexit 1\n",
+        )
+        .expect("sbatch");
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(bin.join("sbatch"), fs::Permissions::from_mode(0o755)).expect("chmod");
+        let settings = settings(tmp.path());
+        let before = db::job_by_id(app.db(), &job.id).await.expect("db").expect("job").attempts;
+        assert!(!step(&app, &settings, true).await.expect("step"), "Slurm did not take it: the caller pauses");
+        assert!(store.queue.join(&job.file_name).exists(), "back in the queue");
+        assert!(db::slurm_runs(app.db()).await.expect("rows").is_empty());
+        let record = db::job_by_id(app.db(), &job.id).await.expect("db").expect("job");
+        assert_eq!((record.attempts, record.state.as_str()), (before, "waiting"), "nothing counted, nothing failed");
+        assert!(!settings.runs().join(format!("{}.{}", job.id, before + 1)).exists(), "no attempt directory is kept");
+        assert!(step(&app, &settings, false).await.expect("step"), "paused: nothing handed out");
+        assert!(store.queue.join(&job.file_name).exists());
+        assert!(
+            check(&settings).await.is_err_and(|e| e.contains("Unable to contact slurm controller")),
+            "check says why"
+        );
     }
 
     #[tokio::test]
