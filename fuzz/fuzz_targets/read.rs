@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 const MAX_BYTES: u64 = 1 << 20;
 
 fuzz_target!(|data: &[u8]| {
-    let limits = ReadLimits { max_bytes: MAX_BYTES, max_extensions: 32, max_meta_bytes: 4 << 20, max_time: None };
+    let limits = ReadLimits { max_bytes: MAX_BYTES, max_extensions: 32, max_meta_bytes: 4 << 20, max_time: None, unique_paths: true };
     let mut reader = ArchiveReader::new(data).with_limits(limits);
     let mut handed_out = 0u64;
     let mut buf = [0u8; 8192];

@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
     let target = root.join("target");
     fs::create_dir_all(&target).expect("sandbox");
     let opts = UnpackOptions { max_entries: 1000, max_bytes: 16 << 20, preserve_owner: false, keep_special_bits: false, umask: 0o022 };
-    let limits = ReadLimits { max_bytes: 32 << 20, max_extensions: 64, max_meta_bytes: 4 << 20, max_time: None };
+    let limits = ReadLimits { max_bytes: 32 << 20, max_extensions: 64, max_meta_bytes: 4 << 20, max_time: None, unique_paths: false };
     let _ = jobfile::unpack(&mut ArchiveReader::new(data).with_limits(limits), &target, &opts);
     let names: Vec<_> = fs::read_dir(&root).expect("sandbox").map(|e| e.expect("entry").file_name()).collect();
     assert_eq!(names, ["target"], "something was written outside the target");

@@ -22,6 +22,8 @@ pub mod pack;
 pub mod rebuild;
 pub mod status;
 pub mod tar_reader;
+pub mod tar_strict;
+pub mod tardiff;
 pub mod text;
 pub mod tools;
 pub mod units;

@@ -120,11 +120,38 @@ pub struct Difference {
     pub what: String,
 }
 
-/// Whether a member is the job's own record of its run (its status and
-/// console), which differs in every run and is left out of the comparison.
-fn is_run_record(path: &str) -> bool {
-    let path = path.trim_start_matches("./");
-    path == crate::STATUS_FILE || path == crate::OUTPUT_FILE
+/// The fields of `job_status.json` that are times, and so differ in every
+/// run: left out when two runs' records are compared.
+pub const STATUS_TIMES: [&str; 3] = ["started_at", "ended_at", "duration_secs"];
+
+/// A digest of a run's status record with its times left out
+/// (`timeless:<sha256>` of the rest, keys sorted); `None` when it is no
+/// JSON object. Every other field, known to construir or not, counts.
+pub fn timeless_status(raw: &[u8]) -> Option<String> {
+    use sha2::Digest;
+    let mut value: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(raw).ok()?;
+    for key in STATUS_TIMES {
+        value.remove(key);
+    }
+    let canonical = serde_json::to_vec(&value).expect("a JSON map always serializes");
+    Some(format!("timeless:{}", crate::hex(&sha2::Sha256::digest(&canonical))))
+}
+
+/// A result's listing as two runs are compared: its `job_status.json` is
+/// weighed by [`timeless_status`] (its times aside); every other member,
+/// the console included, by its content. A status that cannot be read
+/// keeps its plain digest, which another run's will not match.
+pub fn comparable(mut files: Vec<EntryDigest>, result: &Path) -> Vec<EntryDigest> {
+    let Some(status) =
+        files.iter_mut().find(|e| e.kind == '-' && crate::path_is(e.path.as_bytes(), crate::STATUS_FILE))
+    else {
+        return files;
+    };
+    if let Some(timeless) = crate::tools::raw_status(result).ok().and_then(|raw| timeless_status(&raw)) {
+        status.sha256 = Some(timeless);
+        status.size = None;
+    }
+    files
 }
 
 /// What `compare` found: how many members the two results hold between
@@ -132,19 +159,18 @@ fn is_run_record(path: &str) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Comparison {
     /// Files compared: members other than directories, by path, in either
-    /// result (the run records aside).
+    /// result.
     pub files: u64,
     /// The members that differ, in path order.
     pub differing: Vec<Difference>,
 }
 
 /// Compares two results' listings member by member (path, kind, content
-/// digest, link target, mode), the job's status and console aside.
+/// digest, link target, mode), the run records too (see [`comparable`]).
 pub fn compare(first: &[EntryDigest], second: &[EntryDigest]) -> Comparison {
     use std::collections::{BTreeMap, BTreeSet};
     let index = |list: &[EntryDigest]| -> BTreeMap<String, EntryDigest> {
         list.iter()
-            .filter(|e| !is_run_record(&e.path))
             .map(|e| (e.path.trim_start_matches("./").trim_end_matches('/').to_owned(), e.clone()))
             .filter(|(p, _)| !p.is_empty() && p != ".")
             .collect()
@@ -184,8 +210,13 @@ mod tests {
         }
     }
 
+    /// A status entry as `comparable` leaves it: weighed without its times.
+    fn status(json: &str) -> EntryDigest {
+        EntryDigest { sha256: timeless_status(json.as_bytes()), size: None, ..file("./job_status.json", 0o644, "") }
+    }
+
     #[test]
-    fn two_results_differ_by_content_mode_kind_link_and_presence_the_run_records_aside() {
+    fn two_results_differ_by_content_mode_kind_link_and_presence_and_their_records_but_for_times() {
         let dir = EntryDigest { path: "./out/".into(), kind: 'd', mode: 0o755, size: None, sha256: None, link: None };
         let link = |to: &str| EntryDigest {
             path: "out/l".into(),
@@ -197,7 +228,7 @@ mod tests {
         };
         let first = vec![
             dir.clone(),
-            file("./job_status.json", 0o644, "{\"exit_code\":0,\"started_at\":\"1\"}"),
+            status(r#"{"exit_code":0,"started_at":"1","ended_at":"2","duration_secs":1.0}"#),
             file("job_output.txt", 0o644, "at 1"),
             file("out/same", 0o644, "same"),
             file("out/time", 0o644, "1700000000"),
@@ -208,7 +239,7 @@ mod tests {
         ];
         let second = vec![
             dir,
-            file("./job_status.json", 0o644, "{\"exit_code\":0,\"started_at\":\"2\"}"),
+            status(r#"{"duration_secs":7.5,"exit_code":0,"started_at":"5"}"#),
             file("job_output.txt", 0o644, "at 2"),
             file("./out/same", 0o644, "same"),
             file("out/time", 0o644, "1700000009"),
@@ -218,9 +249,10 @@ mod tests {
             EntryDigest { path: "out/was-file/".into(), kind: 'd', mode: 0o755, size: None, sha256: None, link: None },
         ];
         let found = compare(&first, &second);
-        assert_eq!(found.files, 7, "same, time, run.sh, gone, new, l, was-file (out is a directory)");
+        assert_eq!(found.files, 9, "the two records, same, time, run.sh, gone, new, l, was-file (out is a directory)");
         let got: Vec<(String, String)> = found.differing.into_iter().map(|d| (d.path, d.what)).collect();
         let want = [
+            ("job_output.txt", "content"),
             ("out/gone", "only in the first run"),
             ("out/l", "link"),
             ("out/new", "only in the second run"),
@@ -230,6 +262,11 @@ mod tests {
         ];
         assert_eq!(got, want.map(|(p, w)| (p.to_owned(), w.to_owned())));
         assert!(compare(&first, &first).differing.is_empty(), "a result is the same as itself");
+        // A status that differs in anything but its times differs.
+        let exited = vec![status(r#"{"exit_code":1,"started_at":"1"}"#)];
+        let other = compare(&first[1..2], &exited);
+        assert_eq!(other.differing.len(), 1, "{other:?}");
+        assert_eq!(timeless_status(b"[1]"), None, "no object");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use crate::tar_strict::{self, Paths};
 use crate::xz::XzError;
 
 const BLOCK: u64 = 512;
@@ -43,12 +44,21 @@ pub struct ReadLimits {
     pub max_meta_bytes: u64,
     /// How long reading may take, from when the limits were set.
     pub max_time: Option<Duration>,
+    /// Whether every path is kept, so that one named twice, or an entry
+    /// below a file or link, is refused (`tar_strict::Paths`): what a
+    /// reader of results needs, at the memory of one path per entry.
+    pub unique_paths: bool,
 }
 
 impl ReadLimits {
     /// No bound on bytes or time (the guest reading its own job), still bounded in extensions.
-    pub const UNBOUNDED: ReadLimits =
-        ReadLimits { max_bytes: u64::MAX, max_extensions: 1 << 24, max_meta_bytes: 256 << 20, max_time: None };
+    pub const UNBOUNDED: ReadLimits = ReadLimits {
+        max_bytes: u64::MAX,
+        max_extensions: 1 << 24,
+        max_meta_bytes: 256 << 20,
+        max_time: None,
+        unique_paths: false,
+    };
 
     /// Most extension-header bytes a bounded reader (of a guest's result) reads:
     /// far more than real archives carry (a path a file), little enough to parse
@@ -56,7 +66,13 @@ impl ReadLimits {
     pub const RESULT_META_BYTES: u64 = 16 << 20;
 
     pub const fn new(max_bytes: u64, max_time: Duration) -> Self {
-        ReadLimits { max_bytes, max_time: Some(max_time), max_meta_bytes: Self::RESULT_META_BYTES, ..Self::UNBOUNDED }
+        ReadLimits {
+            max_bytes,
+            max_time: Some(max_time),
+            max_meta_bytes: Self::RESULT_META_BYTES,
+            unique_paths: true,
+            ..Self::UNBOUNDED
+        }
     }
 }
 
@@ -92,6 +108,8 @@ pub enum ArchiveError {
     TooSlow { offset: u64, limit: Duration },
     #[error("entry at byte {offset} declares a size that does not fit in 64 bits once framed")]
     SizeOverflow { offset: u64 },
+    #[error("the archive is ambiguous at byte {offset}: {what} (tar readers disagree on it)")]
+    Ambiguous { offset: u64, what: String },
 }
 
 impl From<io::Error> for ArchiveError {
@@ -209,6 +227,8 @@ pub struct ArchiveReader<R> {
     extensions: u64,
     /// Bytes of extension headers read so far.
     meta_bytes: u64,
+    /// Every path so far, when the limits ask for unique paths.
+    paths: Option<Paths>,
 }
 
 impl<R: Read> ArchiveReader<R> {
@@ -223,12 +243,14 @@ impl<R: Read> ArchiveReader<R> {
             holes: 0,
             extensions: 0,
             meta_bytes: 0,
+            paths: None,
         }
     }
 
     /// Bounds the rest of the reading; the time limit counts from now.
     pub fn with_limits(mut self, limits: ReadLimits) -> Self {
         self.deadline = limits.max_time.map(|t| Instant::now() + t);
+        self.paths = limits.unique_paths.then(Paths::new);
         self.limits = limits;
         self
     }
@@ -297,7 +319,7 @@ impl<R: Read> ArchiveReader<R> {
             let flag = block[156];
             let raw_size =
                 parse_numeric(&block[124..136]).ok_or(ArchiveError::BadField { offset: at, field: "size" })?;
-            if matches!(flag, b'L' | b'K' | b'x' | b'X' | b'g') {
+            if matches!(flag, b'L' | b'K' | b'x' | b'g') {
                 self.count_extension(&mut extensions, "extension headers in the archive", at)?;
             }
             match flag {
@@ -309,16 +331,22 @@ impl<R: Read> ArchiveReader<R> {
                     let link = self.read_meta(raw_size, MAX_LONG_NAME, "GNU long link", at)?;
                     set_once(&mut pending.long_link, trim_nul(link), "GNU long link", at)?;
                 }
-                b'x' | b'X' => {
+                b'x' => {
                     let data = self.read_meta(raw_size, MAX_PAX, "pax header", at)?;
-                    set_once(&mut pending.pax, parse_pax(&data, at)?, "pax", at)?;
+                    let records = parse_pax(&data, at)?;
+                    tar_strict::check_pax_entry(&records, at)?;
+                    set_once(&mut pending.pax, records, "pax", at)?;
                 }
                 b'g' => {
-                    // Global pax records only carry defaults we do not use; read them to stay framed.
+                    // A global header may carry only a comment: read it to stay framed, and check that.
                     let data = self.read_meta(raw_size, MAX_PAX, "pax global header", at)?;
-                    parse_pax(&data, at)?;
+                    tar_strict::check_pax_global(&parse_pax(&data, at)?, at)?;
                 }
-                _ => return self.start_entry(&block, header, raw_size, pending, at).map(Some),
+                _ => {
+                    tar_strict::check_entry_flag(flag, at)?;
+                    tar_strict::layout(&block, at)?;
+                    return self.start_entry(&block, header, raw_size, pending, at).map(Some);
+                }
             }
         }
     }
@@ -415,6 +443,8 @@ impl<R: Read> ArchiveReader<R> {
         let pax_num = |key: &[u8], field: &'static str| -> Result<Option<u64>, ArchiveError> {
             pax_get(key).map(|v| parse_decimal(&v).ok_or(ArchiveError::BadField { offset: at, field })).transpose()
         };
+        let both_names = (pending.long_name.is_some() && pax_get(b"path").is_some())
+            || (pending.long_link.is_some() && pax_get(b"linkpath").is_some());
         let mut path = pax_get(b"path").or(pending.long_name).unwrap_or_else(|| header.path_bytes().into_owned());
         let link =
             pax_get(b"linkpath").or(pending.long_link).or_else(|| header.link_name_bytes().map(|l| l.into_owned()));
@@ -460,17 +490,16 @@ impl<R: Read> ArchiveReader<R> {
                 .ok_or(ArchiveError::BadSparse { offset: at })?;
             let map = self.pax_sparse_map(at)?;
             size = self.set_sparse(map, real, at)?;
-        } else if pax_get(b"GNU.sparse.offset").is_some() || pax_get(b"GNU.sparse.map").is_some() {
-            return Err(ArchiveError::UnsupportedSparse("0.x".into(), at));
         }
-        if !matches!(kind, Kind::File) {
-            // Only regular files have contents; anything framed after others is skipped.
-            size = 0;
+        let link = link.filter(|l| !l.is_empty());
+        tar_strict::check_entry(&path, link.as_deref(), kind, flag, raw_size, both_names, at)?;
+        if let Some(paths) = self.paths.as_mut() {
+            paths.add(&path, kind, link.as_deref(), at)?;
         }
         if let Some(cur) = self.current.as_mut() {
             cur.size = size;
         }
-        Ok(Header { path, kind, mode, uid, gid, mtime, size, link: link.filter(|l| !l.is_empty()) })
+        Ok(Header { path, kind, mode, uid, gid, mtime, size, link })
     }
 
     /// Checks a sparse map against the stored bytes and installs it; returns the real size.
@@ -694,19 +723,23 @@ fn parse_numeric(field: &[u8]) -> Option<u64> {
     parse_octal(field)
 }
 
-/// An octal field: optional spaces, digits, then NUL or spaces.
+/// An octal field: optional spaces, digits, then only NULs or spaces to
+/// the field's end (tarfile refuses what GNU tar reads past, so neither
+/// reading wins: anything after the number is refused).
 fn parse_octal(field: &[u8]) -> Option<u64> {
-    let s = field.iter().skip_while(|&&b| b == b' ').take_while(|&&b| b != 0 && b != b' ');
+    let start = field.iter().position(|&b| b != b' ').unwrap_or(field.len());
+    let digits = field[start..].iter().take_while(|&&b| b != 0 && b != b' ').count();
+    if !field[start + digits..].iter().all(|&b| b == 0 || b == b' ') {
+        return None;
+    }
     let mut v: u64 = 0;
-    let mut any = false;
-    for &b in s {
+    for &b in &field[start..start + digits] {
         if !(b'0'..=b'7').contains(&b) {
             return None;
         }
         v = v.checked_mul(8)?.checked_add(u64::from(b - b'0'))?;
-        any = true;
     }
-    any.then_some(v)
+    (digits > 0).then_some(v)
 }
 
 fn parse_decimal(s: &[u8]) -> Option<u64> {
@@ -892,9 +925,9 @@ mod tests {
         let record = pax_record("comment", &"x".repeat((1 << 20) - 64));
         let one = pax_entry(b'g', &record);
         let mut bytes = Vec::new();
-        for _ in 0..64 {
+        for i in 0..64 {
             bytes.extend_from_slice(&one);
-            bytes.extend_from_slice(&header_block(b"f", b'0', 0));
+            bytes.extend_from_slice(&header_block(format!("f{i}").as_bytes(), b'0', 0));
         }
         bytes.resize(bytes.len() + 1024, 0);
         let limits = ReadLimits::new(u64::MAX, Duration::from_secs(3600));

@@ -345,11 +345,17 @@ pub fn log(path: &Path, limits: ReadLimits) -> Result<(), JobToolError> {
     lock.flush().map_err(JobToolError::Stdout)
 }
 
+/// The run's status record as the result holds it, byte for byte (at most 1 MiB).
+pub fn raw_status(path: &Path) -> Result<Vec<u8>, JobToolError> {
+    let mut raw = Vec::new();
+    copy_member(path, crate::STATUS_FILE, &mut raw, Some(MAX_STATUS), crate::STATUS_LIMITS)?;
+    Ok(raw)
+}
+
 /// `job status`: the status record, re-serialized with every key and string
 /// through the one sanitizer (JSON escaping alone lets C1 and bidi through).
 pub fn status(path: &Path) -> Result<serde_json::Value, JobToolError> {
-    let mut raw = Vec::new();
-    copy_member(path, crate::STATUS_FILE, &mut raw, Some(MAX_STATUS), crate::STATUS_LIMITS)?;
+    let raw = raw_status(path)?;
     let value =
         serde_json::from_slice(&raw).map_err(|source| JobToolError::BadStatus { path: path.to_owned(), source })?;
     Ok(sanitize_json(value))

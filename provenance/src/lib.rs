@@ -254,26 +254,7 @@ pub fn verify(
         return Ok(Verified { statement, key, files: 0 });
     }
     let in_result = jobfile::tools::digests(result, member_limits()).map_err(VerifyError::List)?;
-    let signed: Vec<&ResourceDescriptor> =
-        statement.subject.iter().filter(|s| s.annotations.get(KIND).is_none()).collect();
-    let mut files = 0;
-    for e in in_result.iter().filter(|e| e.sha256.is_some()) {
-        let actual = e.sha256.clone().unwrap_or_default();
-        match signed.iter().find(|s| s.name == e.path) {
-            None => return Err(VerifyError::FileExtra { path: e.path.clone() }),
-            Some(s) if s.sha256() != Some(actual.as_str()) => {
-                return Err(VerifyError::FileChanged {
-                    path: e.path.clone(),
-                    expected: s.sha256().unwrap_or_default().to_owned(),
-                    actual,
-                })
-            }
-            Some(_) => files += 1,
-        }
-    }
-    if let Some(missing) = signed.iter().find(|s| !in_result.iter().any(|e| e.sha256.is_some() && e.path == s.name)) {
-        return Err(VerifyError::FileMissing { path: missing.name.clone() });
-    }
+    let files = check_files(&statement, &in_result)?;
     if let Some(log) = log {
         let data = fs::read(log).map_err(|source| VerifyError::Log { path: log.to_owned(), source })?;
         let actual = sha256_bytes(&data);
@@ -284,6 +265,54 @@ pub fn verify(
         }
     }
     Ok(Verified { statement, key, files })
+}
+
+/// Most files a statement may name: far more than a result holds, few
+/// enough that checking them stays well under a second.
+pub const MAX_SUBJECTS: usize = 1 << 20;
+
+/// Checks the regular files in the result against the statement's
+/// subjects, by name through an index (each subject named once): every
+/// file signed with its digest, every signed file there. Returns how many.
+fn check_files(statement: &Statement, in_result: &[EntryDigest]) -> Result<usize, VerifyError> {
+    use std::collections::HashMap;
+    let signed: Vec<&ResourceDescriptor> =
+        statement.subject.iter().filter(|s| s.annotations.get(KIND).is_none()).collect();
+    if signed.len() > MAX_SUBJECTS {
+        return Err(VerifyError::Statement(format!(
+            "it names {} files; at most {MAX_SUBJECTS} are read",
+            signed.len()
+        )));
+    }
+    let mut by_name: HashMap<&str, (&ResourceDescriptor, bool)> = HashMap::with_capacity(signed.len());
+    for s in &signed {
+        if by_name.insert(s.name.as_str(), (s, false)).is_some() {
+            return Err(VerifyError::Statement(format!("it names {} twice", jobfile::sanitize(s.name.as_bytes()))));
+        }
+    }
+    let mut files = 0;
+    for e in in_result.iter().filter(|e| e.sha256.is_some()) {
+        let actual = e.sha256.clone().unwrap_or_default();
+        match by_name.get_mut(e.path.as_str()) {
+            None => return Err(VerifyError::FileExtra { path: e.path.clone() }),
+            Some((_, true)) => return Err(VerifyError::FileExtra { path: e.path.clone() }),
+            Some((s, _)) if s.sha256() != Some(actual.as_str()) => {
+                return Err(VerifyError::FileChanged {
+                    path: e.path.clone(),
+                    expected: s.sha256().unwrap_or_default().to_owned(),
+                    actual,
+                })
+            }
+            Some((_, seen)) => {
+                *seen = true;
+                files += 1;
+            }
+        }
+    }
+    if let Some(missing) = signed.iter().find(|s| by_name.get(s.name.as_str()).is_some_and(|(_, seen)| !seen)) {
+        return Err(VerifyError::FileMissing { path: missing.name.clone() });
+    }
+    Ok(files)
 }
 
 #[cfg(test)]
@@ -405,5 +434,24 @@ mod tests {
         write(&lie, &sign(&lying, &key)).expect("write");
         let err = verify(&r, &lie, &[key.public()], None).expect_err("lying");
         assert!(err.to_string().starts_with("out/a.txt in the result does not match the statement"), "{err}");
+    }
+
+    #[test]
+    fn a_statement_that_names_a_file_twice_is_refused_and_many_files_are_checked_by_name() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let names: Vec<String> = (0..5000).map(|i| format!("out/{}/f{i}", i % 50)).collect();
+        let files: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), n.as_bytes())).collect();
+        let r = result(tmp.path(), &files);
+        let key = HostKey::from_seed([5; 32]);
+        let st = statement(&job(&r, b"")).expect("statement");
+        let prov = tmp.path().join("r_d0.intoto.jsonl");
+        write(&prov, &sign(&st, &key)).expect("write");
+        assert_eq!(verify(&r, &prov, &[key.public()], None).expect("verifies").files, 5000);
+        let mut twice = st.clone();
+        let dup = twice.subject[1].clone();
+        twice.subject.push(dup);
+        write(&prov, &sign(&twice, &key)).expect("write");
+        let err = verify(&r, &prov, &[key.public()], None).expect_err("a name twice");
+        assert!(err.to_string().contains("twice"), "{err}");
     }
 }
