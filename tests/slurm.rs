@@ -5,9 +5,10 @@
 
 use std::fs;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use construir_e2e::server::{add_account, client, job_dir, Server};
+use construir_e2e::server::{add_account, client, job_dir, server_cmd, Server};
 use construir_e2e::slurm::{Cluster, NODE};
 use construir_e2e::{bin, qemu_pids, sh, wait_for, Queue};
 
@@ -66,6 +67,19 @@ fn jobs_run_on_a_real_slurm_cluster_are_cancelled_go_back_when_killed_and_surviv
     let cluster = Cluster::start(&q.root.path().join("slurm"));
     let db = q.root.path().join("server.db");
     let alice = add_account(&db, "alice");
+    // The node's key lives on the node; the operator pins its public half.
+    let key = q.root.path().join("node-keys/node1.key");
+    let out = Command::new(bin("construir-host"))
+        .arg("key")
+        .arg(q.root.path().join("queue"))
+        .args(["--host-id", NODE, "--host-key"])
+        .arg(&key)
+        .output()
+        .expect("construir-host key");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let public = String::from_utf8(out.stdout).expect("utf8");
+    let out = server_cmd(&db, &["slurm", "pin-key", NODE, public.trim()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mut s = start(&q, &db, &cluster);
     let work = q.root.path().join("home");
     fs::create_dir_all(&work).expect("mkdir");

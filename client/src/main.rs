@@ -311,13 +311,38 @@ impl Client {
 }
 
 /// The keys the server publishes for its hosts (`GET /v1/hosts/keys`).
-fn server_keys(client: &Client) -> Result<Vec<construir_provenance::PublicKey>> {
+/// The keys the server publishes, each with the host it belongs to (its
+/// bare name: a local host's without ` (local)`, a node's without ` (slurm)`).
+/// `built_by`: only the key of the host the server recorded for the run
+/// (`wire::Job::built_by`), or, for a run with none, only local hosts' keys.
+/// `None`: every published key, each still bound to its own host's name.
+fn server_signers(
+    client: &Client,
+    built_by: Option<Option<&str>>,
+) -> Result<Vec<(String, construir_provenance::PublicKey)>> {
     let wire::HostKeys { keys } = client.get("hosts/keys")?;
-    let keys: Vec<_> = keys.iter().filter_map(|k| construir_provenance::PublicKey::parse(&k.key).ok()).collect();
-    if keys.is_empty() {
-        bail!("the server publishes no host keys: no host has signed a result for it yet");
+    let signers: Vec<_> = keys
+        .iter()
+        .filter(|k| match built_by {
+            None => true,
+            Some(Some(host)) => k.host == host,
+            Some(None) => k.host.ends_with(" (local)"),
+        })
+        .filter_map(|k| {
+            let key = construir_provenance::PublicKey::parse(&k.key).ok()?;
+            let bare = k.host.trim_end_matches(" (local)").trim_end_matches(" (slurm)");
+            Some((bare.to_owned(), key))
+        })
+        .collect();
+    if signers.is_empty() {
+        match built_by {
+            Some(Some(host)) => {
+                bail!("the server publishes no key for {}, which ran it", jobfile::sanitize(host.as_bytes()))
+            }
+            _ => bail!("the server publishes no host keys: no host has signed a result for it yet"),
+        }
     }
-    Ok(keys)
+    Ok(signers)
 }
 
 /// Says so when a file holding a token can be read by others than its owner.
@@ -553,12 +578,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Ok(())
                 })();
                 let checked = fetched.and_then(|()| {
-                    let keys = server_keys(&client)?;
-                    construir_provenance::verify(&out, &provenance, &keys, None)
+                    let built_by = match run {
+                        1 => job.built_by.clone(),
+                        _ => job.rebuild.as_ref().and_then(|r| r.second_built_by.clone()),
+                    };
+                    let signers = server_signers(&client, Some(built_by.as_deref()))?;
+                    construir_provenance::verify_signed_as(&out, &provenance, &signers, None)
                         .map_err(|e| anyhow::anyhow!("{}", jobfile::error_chain(&e)))
                 });
                 match checked {
-                    Ok(v) => eprintln!("construir: verified: {}", v.summary()),
+                    Ok((_, v)) => eprintln!("construir: verified: {}", v.summary()),
                     Err(e) => {
                         let aside = out.with_extension("xz.unverified");
                         std::fs::rename(&out, &aside)?;
@@ -685,11 +714,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Unpack { file, dir } => unpack_into(&file, &dir)?,
         Command::Verify { file, provenance, keys } => {
-            let keys =
-                if keys.is_empty() { server_keys(&client()?)? } else { construir_provenance::keys_from_args(&keys)? };
             let provenance = provenance.unwrap_or_else(|| jobfile::layout::provenance_beside(&file));
             let log = jobfile::layout::log_beside(&file);
-            match construir_provenance::verify(&file, &provenance, &keys, log.as_deref()) {
+            // Keys given by hand are the reader's own choice; the server's are each bound to their host.
+            let checked = if keys.is_empty() {
+                let signers = server_signers(&client()?, None)?;
+                construir_provenance::verify_signed_as(&file, &provenance, &signers, log.as_deref()).map(|(_, v)| v)
+            } else {
+                construir_provenance::verify(
+                    &file,
+                    &provenance,
+                    &construir_provenance::keys_from_args(&keys)?,
+                    log.as_deref(),
+                )
+            };
+            match checked {
                 Ok(v) => println!("{}: verified: {}", file.display(), v.summary()),
                 Err(e) => {
                     // Checked, and it failed: 1, as `wait` says a job was not ok (2 is for what could not be checked).

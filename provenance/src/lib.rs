@@ -171,6 +171,8 @@ pub enum VerifyError {
     LogChanged { path: PathBuf, expected: String, actual: String },
     #[error("cannot read the log {path}")]
     Log { path: PathBuf, source: io::Error },
+    #[error("it is signed as {builder}, not as {signer}, whose key signed it")]
+    WrongBuilder { builder: String, signer: String },
 }
 
 /// What a check found: the statement and the key that signed it.
@@ -265,6 +267,35 @@ pub fn verify(
         }
     }
     Ok(Verified { statement, key, files })
+}
+
+/// The builder id a host signs its results as.
+pub fn builder_id(host: &str) -> String {
+    format!("construir-host:{host}")
+}
+
+/// [`verify`], with each key tied to the host it belongs to: the
+/// statement must name as its builder the host whose key signed it. The
+/// caller chooses the signers (the one host that ran a job, never every
+/// key it knows); returns which of them signed.
+pub fn verify_signed_as(
+    result: &Path,
+    provenance: &Path,
+    signers: &[(String, PublicKey)],
+    log: Option<&Path>,
+) -> Result<(String, Verified), VerifyError> {
+    let keys: Vec<PublicKey> = signers.iter().map(|(_, k)| *k).collect();
+    let verified = verify(result, provenance, &keys, log)?;
+    let builder = &verified.statement.predicate.run_details.builder.id;
+    let mut owners = signers.iter().filter(|(_, k)| *k == verified.key).map(|(name, _)| name);
+    let first = owners.clone().next().cloned().unwrap_or_default();
+    match owners.find(|name| builder_id(name) == *builder) {
+        Some(name) => Ok((name.clone(), verified)),
+        None => Err(VerifyError::WrongBuilder {
+            builder: jobfile::sanitize(builder.as_bytes()),
+            signer: jobfile::sanitize(first.as_bytes()),
+        }),
+    }
 }
 
 /// Most files a statement may name: far more than a result holds, few

@@ -108,6 +108,53 @@ pub struct JobRecord {
     pub twin_of: Option<String>,
     /// A verified rebuild's first run: the pair.
     pub rebuild: Option<RebuildRecord>,
+    /// The host the server recorded for its run, when not a local host's.
+    #[serde(skip)]
+    pub ran_on: Option<RanOn>,
+}
+
+/// The host the server itself recorded for a run (never what a result
+/// says of itself): the remote host whose lease delivered it, or the node
+/// Slurm ran it on. A local host's run has none: local hosts share the
+/// server's directories, and their results are bound to the local key
+/// that signed them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RanOn {
+    Remote(String),
+    Slurm(String),
+}
+
+impl RanOn {
+    /// As the `ran_on` column holds it.
+    pub fn to_column(&self) -> String {
+        match self {
+            RanOn::Remote(h) => format!("remote:{h}"),
+            RanOn::Slurm(n) => format!("slurm:{n}"),
+        }
+    }
+
+    pub fn from_column(text: &str) -> Option<RanOn> {
+        match text.split_once(':')? {
+            ("remote", h) => Some(RanOn::Remote(h.to_owned())),
+            ("slurm", n) => Some(RanOn::Slurm(n.to_owned())),
+            _ => None,
+        }
+    }
+
+    /// The host's name as `GET /v1/hosts/keys` lists it.
+    pub fn key_owner(&self) -> String {
+        match self {
+            RanOn::Remote(h) => h.clone(),
+            RanOn::Slurm(n) => format!("{n} (slurm)"),
+        }
+    }
+
+    /// The name its results are signed as (`construir-host:<name>`).
+    pub fn name(&self) -> &str {
+        match self {
+            RanOn::Remote(h) | RanOn::Slurm(h) => h,
+        }
+    }
 }
 
 /// What a verified rebuild's first run records of the pair.
@@ -334,6 +381,7 @@ fn job_from_row(r: &Row) -> Result<JobRecord, SqlError> {
             .opt_text(20)?
             .map(|t| serde_json::from_str(&t).map_err(|e| SqlError::Column(20, format!("not a rebuild: {e}"))))
             .transpose()?,
+        ran_on: r.opt_text(21)?.as_deref().and_then(RanOn::from_column),
     })
 }
 
@@ -386,7 +434,7 @@ fn packages_text(packages: Option<&Resolution>) -> Option<String> {
 }
 
 /// A job's host is its remote host's (the lease's) or the Slurm node's that runs it.
-const JOB_COLUMNS: &str = "id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, COALESCE(lease_host, (SELECT node FROM slurm_runs WHERE slurm_runs.job_id = jobs.id)), attempts, file_ino, file_birth, packages, caches, twin_of, rebuild";
+const JOB_COLUMNS: &str = "id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, COALESCE(lease_host, (SELECT node FROM slurm_runs WHERE slurm_runs.job_id = jobs.id)), attempts, file_ino, file_birth, packages, caches, twin_of, rebuild, ran_on";
 
 pub async fn insert_job(db: &Database, j: &JobRecord) -> Result<(), DbError> {
     db.execute(
@@ -894,8 +942,8 @@ pub async fn end_lease(
             ).await?
         } else {
             tx.execute(
-                "UPDATE jobs SET lease_host = NULL, lease_expires_ms = NULL, delivered_seq = $1, delivered_as = $2, verdict = $3, delivered_part = $7 WHERE id = $4 AND lease_host = $5 AND lease_seq = $1 AND lease_expires_ms > $6",
-                params![seq, how, verdict, id, host, now, part],
+                "UPDATE jobs SET lease_host = NULL, lease_expires_ms = NULL, delivered_seq = $1, delivered_as = $2, verdict = $3, delivered_part = $7, ran_on = $8 WHERE id = $4 AND lease_host = $5 AND lease_seq = $1 AND lease_expires_ms > $6",
+                params![seq, how, verdict, id, host, now, part, RanOn::Remote(host.to_owned()).to_column()],
             ).await?
         };
         if n == 1 {
@@ -903,6 +951,12 @@ pub async fn end_lease(
         }
         Ok(n == 1)
     }).await
+}
+
+/// Records the host a run ended on (a Slurm node, once Slurm named it).
+pub async fn set_ran_on(db: &Database, id: &str, ran_on: &RanOn) -> Result<(), DbError> {
+    db.execute("UPDATE jobs SET ran_on = $1 WHERE id = $2", params![ran_on.to_column(), id]).await?;
+    Ok(())
 }
 
 /// A delivery the database has accepted: which lease, done or failed, and the verdict or reason.
@@ -1073,6 +1127,7 @@ pub(crate) fn test_record(account: &Account, id: &str, name: &str, size: u64, st
         caches: Vec::new(),
         twin_of: None,
         rebuild: None,
+        ran_on: None,
     }
 }
 
@@ -1238,8 +1293,8 @@ mod tests {
 
     #[test]
     fn the_job_columns_are_counted_as_job_from_row_reads_them() {
-        // job_from_row reads 0..=20; what farm_state reads comes after (the host column is a subquery with a comma).
-        assert_eq!(job_column_count(), 21);
+        // job_from_row reads 0..=21; what farm_state reads comes after (the host column is a subquery with a comma).
+        assert_eq!(job_column_count(), 22);
     }
 
     #[tokio::test]

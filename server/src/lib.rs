@@ -16,6 +16,7 @@
 //!   `listen`: the accept loop.
 
 pub mod app;
+pub mod attempt;
 pub mod auth;
 pub mod db;
 pub mod http;

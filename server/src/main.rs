@@ -60,9 +60,13 @@ enum Command {
 
 #[derive(Subcommand)]
 enum SlurmCommand {
-    /// The key each Slurm node first signed a result with, pinned.
+    /// The key pinned for each Slurm node.
     Keys,
-    /// Forget the key pinned for NODE (its key was replaced on purpose): the next one it signs with is pinned.
+    /// Pin KEY (`ed25519:<base64>`, as `construir-host key` prints it on the node) for NODE:
+    /// results from NODE are taken only when signed with it, and only for jobs Slurm ran there.
+    /// A key is never learned from the shared directory.
+    PinKey { node: String, key: String },
+    /// Forget the key pinned for NODE (its key was replaced on purpose): its results are refused until one is pinned again.
     UnpinKey { node: String },
 }
 
@@ -101,10 +105,11 @@ struct SlurmArgs {
     /// construir-host on the nodes.
     #[arg(long, value_name = "PATH", default_value = "construir-host")]
     slurm_construir_host: String,
-    /// The key each node signs results with, a path on the node (keep it off the shared
-    /// directory) [default: DIR/keys/<node>.key].
-    #[arg(long, value_name = "PATH")]
-    slurm_host_key: Option<String>,
+    /// The key each node signs results with: a path on the node's own disk, never under
+    /// --slurm-dir (every node can read that); pin each node's public key with
+    /// `construir-server slurm pin-key`.
+    #[arg(long, value_name = "PATH", default_value = "/var/lib/construir/host.key")]
+    slurm_host_key: String,
     /// Another argument for run-one on the nodes (repeat it): --slurm-run-arg=--accel=tcg.
     #[arg(long = "slurm-run-arg", value_name = "ARG", allow_hyphen_values = true)]
     slurm_run_args: Vec<String>,
@@ -321,11 +326,25 @@ async fn run_command(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Slurm(SlurmCommand::PinKey { node, key }) => {
+            jobfile::name::check_name(&node).map_err(|e| anyhow::anyhow!("node {node:?}: {e}"))?;
+            let key = construir_provenance::PublicKey::parse(key.trim()).map_err(|e| {
+                anyhow::anyhow!("{key:?} is not a public key ({e}): give what `construir-host key` prints on the node")
+            })?;
+            let pinned = db::pin_node_key(&conn, &node, &key.to_string()).await?;
+            if pinned != key.to_string() {
+                anyhow::bail!("{pinned} is pinned for {node} already: construir-server slurm unpin-key {node} first");
+            }
+            eprintln!("construir-server: {key} is pinned for Slurm node {node}");
+            Ok(())
+        }
         Command::Slurm(SlurmCommand::UnpinKey { node }) => {
             if !db::unpin_node_key(&conn, &node).await? {
                 anyhow::bail!("no key is pinned for a Slurm node named {node:?}");
             }
-            eprintln!("construir-server: the key pinned for {node} is forgotten; the next one it signs with is pinned");
+            eprintln!(
+                "construir-server: the key pinned for {node} is forgotten; its results are refused until one is pinned"
+            );
             Ok(())
         }
     }
@@ -474,6 +493,7 @@ async fn serve(conn: Database, a: ServeArgs) -> Result<()> {
     let bound = listener.local_addr()?;
     tokio::spawn(follow(app.clone(), a.follow_every));
     if let Some(slurm) = slurm {
+        slurm.check().map_err(|e| anyhow::anyhow!("--executor slurm: {e}"))?;
         let version =
             construir_server::slurm::check(&slurm).await.map_err(|e| anyhow::anyhow!("--executor slurm, but {e}"))?;
         log::info!("Slurm: {version}");

@@ -46,7 +46,7 @@ pub async fn settle(app: &App, jobs: &[JobRecord]) -> Result<usize, DbError> {
         if second_place.as_ref().is_some_and(|p| !p.is_final()) {
             continue;
         }
-        let keys = known_keys(app).await?;
+        let keys = signers(app).await?;
         let (app2, first2, twin2) = (app.store.clone(), first.clone(), twin.cloned());
         let verdict = tokio::task::spawn_blocking(move || {
             judge(&app2, &first2, &first_place, twin2.as_ref().zip(second_place.as_ref()), &keys)
@@ -72,20 +72,80 @@ pub async fn settle(app: &App, jobs: &[JobRecord]) -> Result<usize, DbError> {
     Ok(decided)
 }
 
-/// The keys results may be signed with: remote hosts' and Slurm nodes'
-/// pinned keys, and the keys local hosts published.
-async fn known_keys(app: &App) -> Result<Vec<PublicKey>, DbError> {
-    let mut keys: Vec<PublicKey> = db::hosts(app.db())
+/// Who may sign a result, and with which key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signer {
+    /// A remote host, by its account, with the key pinned for it.
+    Remote(String),
+    /// A Slurm node, with the key the operator pinned for it.
+    Slurm(String),
+    /// A local host, with the key it published in `running/.keys/`.
+    Local(String),
+}
+
+impl Signer {
+    fn name(&self) -> &str {
+        match self {
+            Signer::Remote(n) | Signer::Slurm(n) | Signer::Local(n) => n,
+        }
+    }
+
+    /// Whether this is the host the server recorded for a run.
+    fn is(&self, ran_on: &db::RanOn) -> bool {
+        match (self, ran_on) {
+            (Signer::Remote(a), db::RanOn::Remote(b)) | (Signer::Slurm(a), db::RanOn::Slurm(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// Every key the server knows, with whose it is: remote hosts' and Slurm
+/// nodes' pinned keys, and the keys local hosts published.
+pub async fn signers(app: &App) -> Result<Vec<(Signer, PublicKey)>, DbError> {
+    let mut keys: Vec<(Signer, PublicKey)> = db::hosts(app.db())
         .await?
-        .iter()
-        .filter_map(|h| h.key.as_deref())
-        .filter_map(|k| PublicKey::parse(k).ok())
+        .into_iter()
+        .filter_map(|h| Some((Signer::Remote(h.name.clone()), PublicKey::parse(h.key.as_deref()?).ok()?)))
         .collect();
     let store = app.store.clone();
     let local = tokio::task::spawn_blocking(move || store.local_host_keys()).await.unwrap_or_default();
-    keys.extend(local.iter().filter_map(|(_, k)| PublicKey::parse(k).ok()));
-    keys.extend(db::node_keys(app.db()).await?.iter().filter_map(|(_, k)| PublicKey::parse(k).ok()));
+    keys.extend(local.into_iter().filter_map(|(h, k)| Some((Signer::Local(h), PublicKey::parse(&k).ok()?))));
+    let nodes = db::node_keys(app.db()).await?;
+    keys.extend(nodes.into_iter().filter_map(|(n, k)| Some((Signer::Slurm(n), PublicKey::parse(&k).ok()?))));
     Ok(keys)
+}
+
+/// Checks `result` against its provenance as made by the host the server
+/// recorded for the run (`ran_on`): signed with that host's key and as
+/// that host. A run with no recorded host must be a local host's, signed
+/// with the key that local host published, as itself. Returns the host's
+/// name and the check's findings. Never takes the statement's word alone,
+/// nor any key the server knows.
+pub fn verify_run(
+    result: &std::path::Path,
+    provenance: &std::path::Path,
+    log: Option<&std::path::Path>,
+    ran_on: Option<&db::RanOn>,
+    signers: &[(Signer, PublicKey)],
+) -> Result<(String, construir_provenance::Verified), String> {
+    let allowed: Vec<(String, PublicKey)> = signers
+        .iter()
+        .filter(|(s, _)| match ran_on {
+            Some(r) => s.is(r),
+            None => matches!(s, Signer::Local(_)),
+        })
+        .map(|(s, k)| (s.name().to_owned(), *k))
+        .collect();
+    if allowed.is_empty() {
+        return Err(match ran_on {
+            Some(r) => format!("no key is pinned for {}, which ran it", jobfile::sanitize(r.key_owner().as_bytes())),
+            None => "no local host published a key".to_owned(),
+        });
+    }
+    construir_provenance::verify_signed_as(result, provenance, &allowed, log).map_err(|e| match e {
+        e @ construir_provenance::VerifyError::WrongBuilder { .. } => e.to_string(),
+        e => format!("its provenance does not verify: {}", jobfile::error_chain(&e)),
+    })
 }
 
 fn not_compared(reason: String, hosts: Vec<String>) -> RebuildVerdict {
@@ -108,18 +168,21 @@ struct Run {
     files: Vec<jobfile::tools::EntryDigest>,
 }
 
-fn checked_run(store: &crate::store::Store, job: &JobRecord, keys: &[PublicKey], which: &str) -> Result<Run, String> {
+fn checked_run(
+    store: &crate::store::Store,
+    job: &JobRecord,
+    keys: &[(Signer, PublicKey)],
+    which: &str,
+) -> Result<Run, String> {
     let result = store.result_path(&job.file_name).ok_or_else(|| format!("the {which} run's result is gone"))?;
     let provenance =
         store.provenance_path(&job.file_name).ok_or_else(|| format!("the {which} run's result has no provenance"))?;
     let log = jobfile::layout::log_beside(&result);
-    let verified = construir_provenance::verify(&result, &provenance, keys, log.as_deref())
-        .map_err(|e| format!("the {which} run's provenance does not verify: {}", jobfile::error_chain(&e)))?;
-    let builder = verified.statement.predicate.run_details.builder.id.clone();
-    let host = jobfile::sanitize(builder.strip_prefix("construir-host:").unwrap_or(&builder).as_bytes());
+    let (host, _) = verify_run(&result, &provenance, log.as_deref(), job.ran_on.as_ref(), keys)
+        .map_err(|e| format!("the {which} run's result: {e}"))?;
     let files = jobfile::tools::digests(&result, construir_provenance::member_limits())
         .map_err(|e| format!("the {which} run's result cannot be listed: {}", jobfile::error_chain(&e)))?;
-    Ok(Run { host, files })
+    Ok(Run { host: jobfile::sanitize(host.as_bytes()), files: jobfile::rebuild::comparable(files, &result) })
 }
 
 /// The verdict on a pair whose runs have ended (`second` none: its record is gone).
@@ -128,7 +191,7 @@ fn judge(
     first: &JobRecord,
     first_place: &Place,
     second: Option<(&JobRecord, &Place)>,
-    keys: &[PublicKey],
+    keys: &[(Signer, PublicKey)],
 ) -> RebuildVerdict {
     let Some((second, second_place)) = second else {
         return not_compared(
@@ -151,7 +214,7 @@ fn judge(
     };
     let hosts = vec![a.host.clone(), b.host.clone()];
     for (run, which) in [(&a, "first"), (&b, "second")] {
-        if let Some(bad) = run.files.iter().find(|e| e.kind == 'f' && e.sha256.is_none()) {
+        if let Some(bad) = run.files.iter().find(|e| e.kind == '-' && e.sha256.is_none()) {
             return not_compared(format!("the {which} run's {} could not be read", bad.path), hosts);
         }
     }

@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::app::App;
+use crate::attempt::Attempt;
 use crate::db::{self, DbError, JobRecord, SlurmRun};
 use crate::store::{is_own, rename_noreplace, Store};
 
@@ -46,8 +47,8 @@ pub struct Settings {
     pub timeout: Duration,
     /// `construir-host` on the nodes.
     pub host_bin: String,
-    /// The node's key file, on the node [default: `<dir>/keys/<node>.key`].
-    pub host_key: Option<String>,
+    /// The node's key file, on the node's own disk (never under `dir`).
+    pub host_key: String,
     /// More arguments for `run-one` (`--accel tcg`, `--vm-ids ...`).
     pub run_args: Vec<String>,
     /// Most jobs in Slurm at once.
@@ -138,13 +139,26 @@ fn quote(word: &str) -> String {
     format!("'{}'", word.replace('\'', r"'\''"))
 }
 
-/// The batch script of one attempt: publish the node's key, run the job,
-/// note the exit code last.
+impl Settings {
+    /// Refuses a node key under the shared directory, where every node could read it.
+    pub fn check(&self) -> Result<(), String> {
+        if Path::new(&self.host_key).starts_with(&self.dir) || !Path::new(&self.host_key).is_absolute() {
+            return Err(format!(
+                "--slurm-host-key {} must be an absolute path on each node's own disk, not under --slurm-dir {} \
+                 (every node can read that directory, and so sign as any other)",
+                self.host_key,
+                self.dir.display()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The batch script of one attempt: run the job, note the exit code last.
+/// The node's key stays on the node; the server takes only the key the
+/// operator pinned for it (`construir-server slurm pin-key`).
 pub fn batch_script(settings: &Settings, job: &JobRecord, attempt: u64, dir: &Path, checksum: &str) -> String {
-    let key = match &settings.host_key {
-        Some(k) => quote(k),
-        None => format!("{}\"/$node.key\"", quote(&settings.dir.join("keys").to_string_lossy())),
-    };
+    let key = quote(&settings.host_key);
     let mut run = vec![
         quote(&settings.host_bin),
         "run-one".into(),
@@ -165,14 +179,12 @@ pub fn batch_script(settings: &Settings, job: &JobRecord, attempt: u64, dir: &Pa
          trap 'exit 143' TERM INT\n\
          node=\"${{SLURMD_NODENAME:-$(hostname)}}\"\n\
          key={key}\n\
-         {bin} key . --host-id \"$node\" --host-key \"$key\" > key.pub.part && mv key.pub.part key.pub\n\
          {run}\n\
          code=$?\n\
          echo \"$code\" > exit.part && mv exit.part exit\n\
          exit \"$code\"\n",
         id = job.id,
         dir = quote(&dir.to_string_lossy()),
-        bin = quote(&settings.host_bin),
         run = run.join(" "),
     )
 }
@@ -351,47 +363,26 @@ async fn dispatch(app: &App, settings: &Settings, in_slurm: usize) -> Result<boo
     Ok(true)
 }
 
-/// Where an attempt's run-one keeps its live console:
-/// `work/construir-run-one.*/running/<node>/.console.<file>`.
-fn find_console(dir: &Path, file_name: &str) -> Option<PathBuf> {
-    let want = format!(".console.{file_name}");
-    for spool in fs::read_dir(dir.join("work")).ok()?.flatten() {
-        for host in fs::read_dir(spool.path().join("running")).into_iter().flatten().flatten() {
-            let p = host.path().join(&want);
-            if fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_file()) {
-                return Some(p);
-            }
-        }
-    }
-    None
-}
-
-/// Copies the node's live console to the server's (`running/.slurm/.console.<file>`), bounded.
+/// Copies the node's live console (run-one's spool in the attempt,
+/// `work/construir-run-one.*/running/<node>/.console.<file>`) to the
+/// server's `running/.slurm/.console.<file>`, bounded, no link followed.
 fn copy_console(store: &Store, dir: &Path, file_name: &str) {
-    let Some(from) = find_console(dir, file_name) else { return };
-    let to = store.slurm_console(file_name);
-    let (from_len, to_len) = (fs::metadata(&from).map_or(0, |m| m.len()), fs::metadata(&to).map_or(0, |m| m.len()));
-    if from_len == to_len {
-        return;
-    }
-    use std::io::Read;
-    let mut data = Vec::new();
-    if let Ok(f) = fs::File::open(&from) {
-        let _ = f.take(crate::lease::MAX_CONSOLE).read_to_end(&mut data);
-        let _ = jobfile::layout::write_whole(&to, &data);
-    }
-}
-
-/// Asks the node's run-one to stop the job, as a host's cancel request.
-fn ask_run_one_to_cancel(dir: &Path, file_name: &str) -> bool {
-    let mut asked = false;
-    for spool in fs::read_dir(dir.join("work")).into_iter().flatten().flatten() {
-        let running = spool.path().join("running");
-        if running.is_dir() && fs::write(jobfile::layout::cancel_request(&running, file_name.as_ref()), b"").is_ok() {
-            asked = true;
+    let Ok(attempt) = Attempt::open(dir) else { return };
+    let want = format!(".console.{file_name}");
+    for spool in attempt.names(&["work"]) {
+        for host in attempt.names(&["work", &spool, "running"]) {
+            let Ok(file) = attempt.open_file(&["work", &spool, "running", &host, &want]) else { continue };
+            let to = store.slurm_console(file_name);
+            let from_len = file.metadata().map_or(0, |m| m.len()).min(crate::lease::MAX_CONSOLE);
+            if fs::metadata(&to).map_or(0, |m| m.len()) != from_len {
+                use std::io::Read;
+                let mut data = Vec::new();
+                let _ = file.take(crate::lease::MAX_CONSOLE).read_to_end(&mut data);
+                let _ = jobfile::layout::write_whole(&to, &data);
+            }
+            return;
         }
     }
-    asked
 }
 
 /// Follows one job in Slurm; `true` when it has ended here.
@@ -409,10 +400,6 @@ async fn follow_one(app: &App, settings: &Settings, run: &SlurmRun) -> Result<bo
         return Ok(true);
     }
     let cancelled = app.store.cancel_requested(&job.file_name);
-    if dir.join("exit").exists() {
-        finish(app, settings, &job, run, cancelled).await?;
-        return Ok(true);
-    }
     let Some(slurm_id) = run.slurm_id.clone() else {
         // sbatch's answer was lost with a server: the job is found by its name, or it never reached Slurm.
         match find_by_name(settings, &job_name(&job.id, run.attempt)).await {
@@ -422,6 +409,8 @@ async fn follow_one(app: &App, settings: &Settings, run: &SlurmRun) -> Result<bo
         }
         return Ok(false);
     };
+    // Slurm, not the shared directory, says whether the job ended and on which node:
+    // an exit note is read only once Slurm says its job ended.
     let seen = match show(settings, &slurm_id).await {
         Ok(seen) => seen,
         Err(e) => {
@@ -440,25 +429,25 @@ async fn follow_one(app: &App, settings: &Settings, run: &SlurmRun) -> Result<bo
                 db::slurm_update(app.db(), &job.id, None, Some(&shown)).await?;
             }
             if cancelled && !run.cancel_sent {
-                // Running: run-one stops the VM and sends back the console so far. Pending: Slurm drops it.
-                if s.state == "RUNNING" && ask_run_one_to_cancel(&dir, &job.file_name) {
-                    log::info!("job {}: asked its run-one on {} to stop it", job.id, s.node.as_deref().unwrap_or("?"));
-                } else {
-                    scancel(settings, &slurm_id).await;
-                }
+                // Slurm stops it, running or pending; the console so far is already here.
+                scancel(settings, &slurm_id).await;
                 db::slurm_cancel_sent(app.db(), &job.id).await?;
             } else if cancelled && app.store.cancel_age(&job.file_name).is_some_and(|age| age.as_secs() > CANCEL_GRACE)
             {
-                // run-one did not stop it in time: Slurm does.
                 scancel(settings, &slurm_id).await;
             }
             Ok(false)
         }
-        // Ended without a word from run-one: the exit note may still be on its way through the shared directory.
+        // Ended: the exit note may still be on its way through the shared directory.
         _ => {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            if dir.join("exit").exists() {
-                finish(app, settings, &job, run, cancelled).await?;
+            let noted = || Attempt::open(&dir).is_ok_and(|a| a.has(&["exit"]));
+            if !noted() {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            // The node that ran it, as Slurm names it once its job ended.
+            let node = seen.as_ref().and_then(|s| s.node.clone());
+            if noted() {
+                finish(app, settings, &job, run, cancelled, node.as_deref()).await?;
                 return Ok(true);
             }
             let how = match &seen {
@@ -487,32 +476,48 @@ async fn scancel(settings: &Settings, slurm_id: &str) {
 
 /// An attempt that ended with run-one's exit note: the result landed, the
 /// failure and its reason, or (run-one could not run it) another attempt.
+/// `node` is the node Slurm says ran it.
 async fn finish(
     app: &App,
     settings: &Settings,
     job: &JobRecord,
     run: &SlurmRun,
     cancelled: bool,
+    node: Option<&str>,
 ) -> Result<(), DbError> {
     let dir = PathBuf::from(&run.dir);
     let name = jobfile::JobName::parse(&job.file_name).map_err(|e| DbError::Io(io::Error::other(e)))?;
-    let out = dir.join("out");
-    let result = out.join(name.done_file_name());
-    let code = fs::read_to_string(dir.join("exit")).unwrap_or_default().trim().to_owned();
+    let Ok(attempt) = Attempt::open(&dir) else {
+        return give_back(app, settings, job, run, "its attempt directory cannot be opened").await;
+    };
+    let code = attempt.read_small(&["exit"], 64).ok().flatten().unwrap_or_default();
+    let code = jobfile::sanitize(String::from_utf8_lossy(&code).trim().as_bytes());
     if cancelled {
         // A result that comes after the cancel is refused: the submitter asked for none.
-        copy_final_log(&app.store, &out, &job.file_name, &name);
+        copy_final_log(&app.store, &attempt, &job.file_name, &name);
         return fail(app, job, run, "cancelled at its submitter's request").await;
     }
-    if result.exists() {
-        let node = run.node.as_deref().and_then(|n| n.split(" (").next()).unwrap_or("?").to_owned();
-        let checked = check_result(app, &dir, &result, &name, &node).await?;
-        if let Err(why) = checked {
-            log::warn!("job {}: refused the result from {node}: {why}", job.id);
-            return fail(app, job, run, &format!("the result from Slurm node {node} was refused: {why}")).await;
-        }
+    if attempt.has(&["out", &name.done_file_name()]) {
+        let Some(node) = node else {
+            let how = "Slurm no longer names the node that ran it, so its result cannot be checked";
+            return give_back(app, settings, job, run, how).await;
+        };
+        let (store, job2, node2) = (app.store.clone(), job.clone(), node.to_owned());
+        let key = db::node_keys(app.db()).await?.into_iter().find(|(n, _)| n == node).map(|(_, k)| k);
+        let staged = tokio::task::spawn_blocking(move || stage_and_check(&store, &attempt, &job2, &node2, key))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        let staged = match staged {
+            Ok(staged) => staged,
+            Err(why) => {
+                log::warn!("job {}: refused the result from {node}: {why}", job.id);
+                return fail(app, job, run, &format!("the result from Slurm node {node} was refused: {why}")).await;
+            }
+        };
+        // Recorded before the result lands: whoever reads the result finds the node it must be signed by.
+        db::set_ran_on(app.db(), &job.id, &db::RanOn::Slurm(node.to_owned())).await?;
         let (store, file_name) = (app.store.clone(), job.file_name.clone());
-        let landed = tokio::task::spawn_blocking(move || land(&store, &out, &file_name))
+        let landed = tokio::task::spawn_blocking(move || land(&store, &staged, &file_name))
             .await
             .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
         landed.map_err(DbError::Io)?;
@@ -522,21 +527,75 @@ async fn finish(
         app.refresh(job).await;
         return Ok(());
     }
-    if let Some(reason) = jobfile::layout::read_reason(&out.join(&job.file_name)) {
-        copy_final_log(&app.store, &out, &job.file_name, &name);
-        return fail(app, job, run, &reason.why).await;
+    let reason = attempt.read_small(&["out", &format!("{}.reason", job.file_name)], 4096).ok().flatten();
+    if let Some(reason) = reason {
+        let why = jobfile::sanitize(reason.split(|&b| b == b'\n').next().unwrap_or_default());
+        copy_final_log(&app.store, &attempt, &job.file_name, &name);
+        return fail(app, job, run, &why).await;
     }
     // run-one could not run it (exit 2): what it said is in Slurm's output.
-    let said = tail(&dir.join("slurm.out"), 600);
+    let said = tail(&attempt, "slurm.out", 600);
     give_back(app, settings, job, run, &format!("run-one on the node could not run it (exit {code}): {said}")).await
+}
+
+/// A result's three files copied out of the attempt onto `done/`'s disk
+/// (`.slurm.<name>.part`), in landing order: log, provenance, result.
+struct Staged(Vec<(PathBuf, String)>);
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for (path, _) in &self.0 {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+/// Copies the result, its log and its provenance out of the attempt (no
+/// link followed, each within its bound), then checks the copies: signed
+/// with the key the operator pinned for `node`, as `node`. What was
+/// checked is what lands.
+fn stage_and_check(
+    store: &Store,
+    attempt: &Attempt,
+    job: &JobRecord,
+    node: &str,
+    key: Option<String>,
+) -> Result<Staged, String> {
+    let key = key.ok_or_else(|| {
+        format!("no key is pinned for it (construir-server slurm pin-key {node} KEY, with what construir-host key prints there)")
+    })?;
+    let key =
+        construir_provenance::PublicKey::parse(&key).map_err(|e| format!("its pinned key cannot be read: {e}"))?;
+    let name = jobfile::JobName::parse(&job.file_name).map_err(|e| e.to_string())?;
+    let mut staged = Staged(Vec::new());
+    let parts = [
+        (name.done_with_extension("log"), crate::lease::MAX_CONSOLE * 2),
+        (name.done_with_extension(jobfile::layout::PROVENANCE_EXTENSION), construir_provenance::MAX_PROVENANCE),
+        (name.done_file_name(), job.size),
+    ];
+    for (file, max) in parts.clone() {
+        let to = store.done.join(format!(".slurm.{file}.part"));
+        let _ = fs::remove_file(&to);
+        if attempt.copy_out(&["out", &file], &to, max).map_err(|e| format!("cannot take {file}: {e}"))? {
+            staged.0.push((to, file));
+        }
+    }
+    let [log, provenance, result] = [0, 1, 2].map(|i| staged.0.iter().find(|(_, f)| *f == parts[i].0).map(|(p, _)| p));
+    let result = result.ok_or("no result")?;
+    let provenance = provenance.ok_or("no provenance came with it")?;
+    let signers = [(crate::rebuild::Signer::Slurm(node.to_owned()), key)];
+    let ran_on = db::RanOn::Slurm(node.to_owned());
+    crate::rebuild::verify_run(result, provenance, log.map(PathBuf::as_path), Some(&ran_on), &signers)?;
+    Ok(staged)
 }
 
 /// run-one's log of a failed job (or the console so far) as the server's
 /// `failed/<file>.log`.
-fn copy_final_log(store: &Store, out: &Path, file_name: &str, name: &jobfile::JobName) {
+fn copy_final_log(store: &Store, attempt: &Attempt, file_name: &str, name: &jobfile::JobName) {
     let target = store.failed.join(format!("{file_name}.log"));
-    for from in [out.join(format!("{file_name}.log")), out.join(name.done_with_extension("log"))] {
-        if from.exists() && copy_into(&from, &target).is_ok() {
+    for from in [format!("{file_name}.log"), name.done_with_extension("log")] {
+        let _ = fs::remove_file(&target);
+        if attempt.copy_out(&["out", &from], &target, crate::lease::MAX_CONSOLE * 2).unwrap_or(false) {
             return;
         }
     }
@@ -546,17 +605,9 @@ fn copy_final_log(store: &Store, out: &Path, file_name: &str, name: &jobfile::Jo
     }
 }
 
-/// Copies `from` to `to` (made new or replaced), synced.
-fn copy_into(from: &Path, to: &Path) -> io::Result<()> {
-    fs::copy(from, to)?;
-    fs::File::open(to)?.sync_all()
-}
-
-/// The last `max` bytes of a text file, one line, sanitized.
-fn tail(path: &Path, max: usize) -> String {
-    let text = fs::read(path).unwrap_or_default();
-    let start = text.len().saturating_sub(max);
-    let shown = jobfile::sanitize(&text[start..]);
+/// The last `max` bytes of a text file in the attempt, one line, sanitized.
+fn tail(attempt: &Attempt, file: &str, max: u64) -> String {
+    let shown = jobfile::sanitize(&attempt.tail(&[file], max));
     let line = shown.split("\\n").filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join("; ");
     if line.is_empty() {
         "(it said nothing)".to_owned()
@@ -565,74 +616,14 @@ fn tail(path: &Path, max: usize) -> String {
     }
 }
 
-/// Checks a result from a node: its provenance against the key pinned for
-/// the node Slurm says ran it (the first key a node publishes is pinned),
-/// signed by that node.
-async fn check_result(
-    app: &App,
-    dir: &Path,
-    result: &Path,
-    name: &jobfile::JobName,
-    node: &str,
-) -> Result<Result<(), String>, DbError> {
-    let published = fs::read_to_string(dir.join("key.pub")).unwrap_or_default();
-    let Some(key) = published.split_whitespace().next().and_then(|k| construir_provenance::PublicKey::parse(k).ok())
-    else {
-        return Ok(Err("the node published no key".into()));
-    };
-    let pinned = db::pin_node_key(app.db(), node, &key.to_string()).await?;
-    if pinned != key.to_string() {
-        return Ok(Err(format!(
-            "it signs with {key}, but {pinned} is pinned for it; if its key was replaced on purpose, \
-             construir-server slurm unpin-key {node}"
-        )));
-    }
-    let Ok(pinned) = construir_provenance::PublicKey::parse(&pinned) else {
-        return Ok(Err("its pinned key cannot be read".into()));
-    };
-    let (result, provenance, log) = (
-        result.to_owned(),
-        jobfile::layout::provenance_beside(result),
-        result.with_file_name(name.done_with_extension("log")),
-    );
-    let node = node.to_owned();
-    let checked = tokio::task::spawn_blocking(move || {
-        let verified = construir_provenance::verify(&result, &provenance, &[pinned], Some(&log))
-            .map_err(|e| format!("its provenance does not verify: {}", jobfile::error_chain(&e)))?;
-        let builder = &verified.statement.predicate.run_details.builder.id;
-        if builder != &format!("construir-host:{node}") {
-            return Err(format!(
-                "it is signed as {}, not as the node Slurm ran it on",
-                jobfile::sanitize(builder.as_bytes())
-            ));
-        }
-        Ok(())
-    })
-    .await
-    .unwrap_or_else(|e| Err(e.to_string()));
-    Ok(checked)
-}
-
 /// Lands a checked result: its log and provenance, then the result (how
 /// everyone sees the job ended), each by a rename that never replaces;
 /// then the job's file leaves `running/.slurm/`.
-fn land(store: &Store, out: &Path, file_name: &str) -> io::Result<()> {
-    let job = jobfile::JobName::parse(file_name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    for name in [
-        job.done_with_extension("log"),
-        job.done_with_extension(jobfile::layout::PROVENANCE_EXTENSION),
-        job.done_file_name(),
-    ] {
-        let from = out.join(&name);
-        if !from.exists() {
-            continue;
-        }
-        // Staged on done/'s filesystem (the shared directory may be another), then renamed in.
-        let staged = store.done.join(format!(".slurm.{name}.part"));
-        copy_into(&from, &staged)?;
-        match rename_noreplace(&staged, &store.done.join(&name)) {
+fn land(store: &Store, staged: &Staged, file_name: &str) -> io::Result<()> {
+    for (from, name) in &staged.0 {
+        match rename_noreplace(from, &store.done.join(name)) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => fs::remove_file(&staged)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => fs::remove_file(from)?,
             Err(e) => return Err(e),
         }
     }
@@ -773,7 +764,7 @@ mod tests {
             memory_mib: 1024,
             timeout: Duration::from_secs(60),
             host_bin: "construir-host".into(),
-            host_key: None,
+            host_key: "/var/lib/construir/host.key".into(),
             run_args: Vec::new(),
             max_jobs: 4,
             max_attempts: 3,
@@ -806,7 +797,20 @@ mod tests {
         };
         let app = App::new(db, store, app_settings, crate::lease::Settings::default(), None);
         let run = db::slurm_runs(app.db()).await.expect("rows").remove(0);
+        slurm_says(root, "COMPLETED", "node1");
         (app, job, run)
+    }
+
+    /// A stand-in `scontrol` that says every job is in `state` on `node`, and a `scancel` that does nothing.
+    fn slurm_says(root: &Path, state: &str, node: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = root.join("no-slurm");
+        fs::create_dir_all(&bin).expect("mkdir");
+        let scontrol = format!("#!/bin/sh\necho \"JobId=$4 JobState={state} Reason=None NodeList={node}\"\n");
+        for (name, text) in [("scontrol", scontrol.as_str()), ("scancel", "#!/bin/sh\nexit 0\n")] {
+            fs::write(bin.join(name), text).expect("write");
+            fs::set_permissions(bin.join(name), fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
     }
 
     #[tokio::test]
@@ -893,9 +897,43 @@ mod tests {
         assert_eq!(
             store.locate(&job.file_name, None),
             wire::Place::Failed {
-                reason: "the result from Slurm node node1 was refused: the node published no key".into()
+                reason: "the result from Slurm node node1 was refused: no key is pinned for it (construir-server \
+                         slurm pin-key node1 KEY, with what construir-host key prints there)"
+                    .into()
             }
         );
+    }
+
+    #[tokio::test]
+    async fn an_exit_note_and_result_are_not_read_while_slurm_says_the_job_has_not_ended() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (app, job, run) = handed_to_slurm(tmp.path()).await;
+        let dir = PathBuf::from(&run.dir);
+        let name = jobfile::JobName::parse(&job.file_name).expect("name");
+        fs::write(dir.join("out").join(name.done_file_name()), b"a forged result").expect("result");
+        fs::write(dir.join("exit"), b"0\n").expect("exit");
+        for state in ["PENDING", "RUNNING"] {
+            slurm_says(tmp.path(), state, "node1");
+            assert!(!follow_one(&app, &settings(tmp.path()), &run).await.expect("follow"), "{state}: not ended");
+            assert!(!app.store.done.join(name.done_file_name()).exists(), "{state}: nothing lands");
+            assert!(app.store.in_slurm(&job.file_name).exists(), "{state}: still Slurm's");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_log_linked_to_a_file_the_node_cannot_read_is_not_copied_or_served() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (app, job, run) = handed_to_slurm(tmp.path()).await;
+        let dir = PathBuf::from(&run.dir);
+        let secret = tmp.path().join("server.db-secret");
+        fs::write(&secret, b"token hashes").expect("secret");
+        std::os::unix::fs::symlink(&secret, dir.join("out").join(format!("{}.log", job.file_name))).expect("link");
+        fs::write(dir.join("out").join(format!("{}.reason", job.file_name)), b"the job broke\n").expect("reason");
+        fs::write(dir.join("exit"), b"1\n").expect("exit");
+        assert!(follow_one(&app, &settings(tmp.path()), &run).await.expect("follow"));
+        assert_eq!(app.store.locate(&job.file_name, None), wire::Place::Failed { reason: "the job broke".into() });
+        let log = fs::read(app.store.failed.join(format!("{}.log", job.file_name))).unwrap_or_default();
+        assert!(!log.windows(12).any(|w| w == b"token hashes"), "the linked file was copied");
     }
 
     #[test]
@@ -923,7 +961,7 @@ mod tests {
             memory_mib: 1024,
             timeout: Duration::from_secs(600),
             host_bin: "/opt/construir/bin/construir-host".into(),
-            host_key: None,
+            host_key: "/var/lib/construir/host.key".into(),
             run_args: vec!["--accel".into(), "tcg".into()],
             max_jobs: 8,
             max_attempts: 3,
@@ -947,7 +985,11 @@ mod tests {
         let script = batch_script(&settings, &job, 2, Path::new("/shared/it's/runs/x.2"), &"a".repeat(64));
         assert!(script.starts_with("#!/bin/sh\n# Written by construir-server: job 0123456789abcdef, attempt 2."));
         assert!(script.contains("cd '/shared/it'\\''s/runs/x.2' || exit 2"), "{script}");
-        assert!(script.contains("key='/shared/it'\\''s/keys'\"/$node.key\""), "{script}");
+        assert!(script.contains("key='/var/lib/construir/host.key'"), "{script}");
+        assert!(!script.contains("key.pub"), "a node's key is never taken from the shared directory");
+        assert!(settings.check().is_ok());
+        let under = Settings { host_key: "/shared/it's/keys/node.key".into(), ..settings.clone() };
+        assert!(under.check().is_err_and(|e| e.contains("not under --slurm-dir")), "a key every node can read");
         assert!(
             script.contains("'./alice.0123456789abcdef.hello_i0.tar.xz' --images '/shared/it'\\''s/images'"),
             "{script}"

@@ -281,7 +281,8 @@ pub fn result_bytes(text: &str) -> Vec<u8> {
 }
 
 /// The provenance of `result` and its `log`, signed by `key`, as a host writes it.
-pub fn signed_provenance(key: &construir_provenance::HostKey, result: &[u8], log: &[u8]) -> Vec<u8> {
+/// Provenance for `result` as the build host `builder` signs it.
+pub fn signed_provenance(key: &construir_provenance::HostKey, builder: &str, result: &[u8], log: &[u8]) -> Vec<u8> {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("r_d0.tar.xz");
     fs::write(&path, result).expect("write");
@@ -294,7 +295,7 @@ pub fn signed_provenance(key: &construir_provenance::HostKey, result: &[u8], log
         external: serde_json::json!({"job": {"digest": {"sha256": "00"}}, "image": {"name": "i0"}}),
         internal: serde_json::json!({}),
         dependencies: vec![],
-        builder_id: "construir-host:test".into(),
+        builder_id: format!("construir-host:{builder}"),
         version: "test".into(),
         started: String::new(),
         finished: String::new(),

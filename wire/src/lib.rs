@@ -176,6 +176,13 @@ pub struct Job {
     /// ended, the verdict.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild: Option<Rebuild>,
+    /// The host the server recorded for its run, as `GET /v1/hosts/keys`
+    /// names it (a remote host's account, or `<node> (slurm)`): its result
+    /// must be signed with that host's key, as that host. None for a local
+    /// host's run (signed as the local host whose key signed it) and for a
+    /// run that has not ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub built_by: Option<String>,
 }
 
 /// A verified rebuild as its submitter sees it.
@@ -188,6 +195,9 @@ pub struct Rebuild {
     /// The verdict, once both runs have ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<RebuildVerdict>,
+    /// The host recorded for the second run, as [`Job::built_by`] is for the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub second_built_by: Option<String>,
 }
 
 /// What the comparison of a verified rebuild's two results found.
@@ -196,7 +206,9 @@ pub struct RebuildVerdict {
     /// `reproducible`: every file the same (path, mode, content); `differs`:
     /// some are not; `not_compared`: a run failed or a result cannot be read (`reason`).
     pub outcome: String,
-    /// The hosts that ran the first and the second run, as their signed provenance names them.
+    /// The hosts that ran the first and the second run: each the host the
+    /// server recorded for it (or, for a local host's run, the local host
+    /// whose key signed it), which its signed provenance names too.
     pub hosts: Vec<String>,
     /// Whether both runs had to share one host (the farm had one).
     pub same_host: bool,
@@ -613,6 +625,7 @@ mod tests {
             status: None,
             cancel: None,
             rebuild: None,
+            built_by: None,
         }
     }
 
@@ -635,6 +648,7 @@ mod tests {
             second: Place::Failed { reason: "cancelled".into() },
             epoch: 1_700_000_000,
             verdict: Some(verdict.clone()),
+            second_built_by: None,
         });
         let value = serde_json::to_value(&done).expect("json");
         assert_eq!(

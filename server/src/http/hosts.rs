@@ -405,26 +405,23 @@ pub async fn done(
     if got == 0 {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "the result is empty"));
     }
-    // What the host signed must be what came: checked against the key pinned for it.
+    // What the host signed must be what came: checked against the key pinned for it, signed as itself.
     let key = db::host_key(app.db(), host.id).await.map_err(ApiError::internal)?;
     let checked = {
-        let (result, provenance, log) = (result.clone(), provenance.clone(), log.clone());
+        let (result, provenance, log, name) = (result.clone(), provenance.clone(), log.clone(), host.name.clone());
         tokio::task::spawn_blocking(move || -> Result<(), String> {
             let key = key.ok_or("no key is pinned for this host (it sent none when it asked for work)")?;
             let key = construir_provenance::PublicKey::parse(&key).map_err(|e| e.to_string())?;
-            construir_provenance::verify(&result, &provenance, &[key], Some(&log))
-                .map(drop)
-                .map_err(|e| jobfile::error_chain(&e))
+            let signers = [(crate::rebuild::Signer::Remote(name.clone()), key)];
+            let ran_on = db::RanOn::Remote(name);
+            crate::rebuild::verify_run(&result, &provenance, Some(&log), Some(&ran_on), &signers).map(drop)
         })
         .await
         .map_err(ApiError::internal)?
     };
     if let Err(why) = checked {
         log::warn!("job {id}: refused the result from host {} (lease {}): its provenance: {why}", host.name, q.seq);
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("the result's provenance does not verify: {why}"),
-        ));
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("the result is refused: {why}")));
     }
     let verdict = jobfile::tools::log_verdict(&log).unwrap_or_else(|| "(no verdict in the log)".to_owned());
     accept(&app, &host.name, &id, q.seq, &tag, &file_name, "done", &verdict, &mut parts).await?;

@@ -110,6 +110,7 @@ pub(crate) async fn submit(
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad job name: {e}")))?;
     let now = db::now();
     let mut record = JobRecord {
+        ran_on: None,
         id: id.clone(),
         account_id: account.id,
         name: job_name.name().to_owned(),
@@ -413,6 +414,7 @@ fn job_json(j: &JobRecord, place: &Place) -> wire::Job {
         status: None,
         cancel: None,
         rebuild: None,
+        built_by: j.ran_on.as_ref().map(crate::db::RanOn::key_owner),
     }
 }
 
@@ -420,11 +422,13 @@ fn job_json(j: &JobRecord, place: &Place) -> wire::Job {
 /// and the verdict once there is one.
 async fn rebuild_view(app: &App, j: &JobRecord) -> ApiResult<Option<wire::Rebuild>> {
     let Some(pair) = &j.rebuild else { return Ok(None) };
-    let second = match db::twin(app.db(), &j.id).await.map_err(ApiError::internal)? {
-        Some(twin) => app.refresh(&twin).await,
+    let twin = db::twin(app.db(), &j.id).await.map_err(ApiError::internal)?;
+    let second = match &twin {
+        Some(twin) => app.refresh(twin).await,
         None => Place::Missing,
     };
-    Ok(Some(wire::Rebuild { second, epoch: pair.epoch, verdict: pair.verdict.clone() }))
+    let second_built_by = twin.and_then(|t| t.ran_on).as_ref().map(crate::db::RanOn::key_owner);
+    Ok(Some(wire::Rebuild { second, epoch: pair.epoch, verdict: pair.verdict.clone(), second_built_by }))
 }
 
 #[utoipa::path(

@@ -187,7 +187,7 @@ fn submitter(url: &str, token: &str, job: &[u8], count: usize, tally: &Tally) ->
 
 /// One build host with room for one job at a time: lease, fetch the file,
 /// renew twice (a console line each), deliver; until `jobs` are delivered.
-fn host(url: &str, token: &str, image: &Value, jobs: usize, tally: &Tally) -> Result<(), String> {
+fn host(url: &str, name: &str, token: &str, image: &Value, jobs: usize, tally: &Tally) -> Result<(), String> {
     let agent = agent();
     let auth = format!("Bearer {token}");
     // Each host signs what it delivers, as a real one does.
@@ -242,7 +242,7 @@ fn host(url: &str, token: &str, image: &Value, jobs: usize, tally: &Tally) -> Re
             }
         }
         console.extend_from_slice(b"construir-init: job exited with status 0\n");
-        let provenance = construir_e2e::server::signed_provenance(&key, &file, &console);
+        let provenance = construir_e2e::server::signed_provenance(&key, name, &file, &console);
         let mut delivery = console.clone();
         delivery.extend_from_slice(&provenance);
         delivery.extend_from_slice(&file);
@@ -305,9 +305,10 @@ fn run() -> Result<String, String> {
     let (ids, host_results) = std::thread::scope(|s| {
         let hosts: Vec<_> = host_tokens
             .iter()
-            .map(|t| {
+            .enumerate()
+            .map(|(i, t)| {
                 let (url, image, tally) = (&server.url, &image, &tally);
-                s.spawn(move || host(url, t, image, a.jobs, tally))
+                s.spawn(move || host(url, &format!("host{i}"), t, image, a.jobs, tally))
             })
             .collect();
         let subs: Vec<_> = submitter_tokens

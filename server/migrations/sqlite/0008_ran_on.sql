@@ -1,0 +1,6 @@
+-- The host the server recorded for each run it did not see a local host
+-- run: `remote:<account>` for a remote host's delivery, `slurm:<node>` for
+-- the node Slurm named once the job ended. A result's provenance must be
+-- signed as that host, with the key pinned for it (not any key the server
+-- knows); NULL for a local host's run and for runs that have not ended.
+ALTER TABLE jobs ADD COLUMN ran_on TEXT;
