@@ -503,7 +503,7 @@ fn twenty_jobs_over_two_hosts(db: Db) {
         assert!(page.contains(&format!("<tr><td>{h}</td>")), "{page}");
     }
     assert!(page.contains("<td>i0</td><td>1</td><td>0</td><td><code>ed25519:"), "{page}");
-    assert!(page.contains("verified rebuild: reproducible: all 2 files the same on host"), "{page}");
+    assert!(page.contains("verified rebuild: reproducible: all 4 files the same on host"), "{page}");
 
     // A host's token takes work; it cannot read or submit jobs.
     let host_token = fs::read_to_string(farm.root.path().join("hosta.token")).expect("token");

@@ -64,7 +64,7 @@ impl Apt {
     pub fn new(dir: &Path, archive: &Archive, keyring: &Path) -> Result<Apt, AptError> {
         let apt = Apt { dir: dir.to_owned(), archive: archive.clone(), keyring: keyring.to_owned() };
         let prep = |path: PathBuf| move |source| AptError::Prepare { path, source };
-        for sub in ["etc/apt.conf.d", "etc/preferences.d", "lists/partial", "cache/archives/partial", "log"] {
+        for sub in ["etc", "lists/partial", "cache/archives/partial", "log"] {
             let path = dir.join(sub);
             fs::create_dir_all(&path).map_err(prep(path.clone()))?;
         }
@@ -77,13 +77,17 @@ impl Apt {
             archive.suite,
             archive.components.join(" ")
         );
-        fs::write(&sources, line).map_err(prep(sources.clone()))?;
+        // Written whole under a new name and renamed: a link planted in their place is replaced, never followed.
+        jobfile::layout::write_whole(&sources, line.as_bytes()).map_err(prep(sources.clone()))?;
         let conf = dir.join("apt.conf");
-        fs::write(&conf, apt.config()).map_err(prep(conf.clone()))?;
+        jobfile::layout::write_whole(&conf, apt.config().as_bytes()).map_err(prep(conf.clone()))?;
         Ok(apt)
     }
 
-    /// The whole configuration: every directory apt would read or write is ours.
+    /// The whole configuration: every directory apt would read or write is
+    /// ours, and no parts directory is read at all (`/nonexistent`, which
+    /// only root could make): a file planted in a parts directory would
+    /// be apt configuration, and apt's configuration can run commands.
     fn config(&self) -> String {
         let d = self.dir.display();
         let arch = &self.archive.architecture;
@@ -91,9 +95,13 @@ impl Apt {
             "Dir \"{d}/\";\n\
              Dir::Etc \"{d}/etc/\";\n\
              Dir::Etc::SourceList \"{d}/etc/sources.list\";\n\
-             Dir::Etc::SourceParts \"{d}/etc/sources.list.d/\";\n\
-             Dir::Etc::Parts \"{d}/etc/apt.conf.d/\";\n\
-             Dir::Etc::PreferencesParts \"{d}/etc/preferences.d/\";\n\
+             Dir::Etc::Main \"/nonexistent/apt.conf\";\n\
+             Dir::Etc::Netrc \"/nonexistent/auth.conf\";\n\
+             Dir::Etc::NetrcParts \"/nonexistent/auth.conf.d/\";\n\
+             Dir::Etc::SourceParts \"/nonexistent/sources.list.d/\";\n\
+             Dir::Etc::Parts \"/nonexistent/apt.conf.d/\";\n\
+             Dir::Etc::Preferences \"/nonexistent/preferences\";\n\
+             Dir::Etc::PreferencesParts \"/nonexistent/preferences.d/\";\n\
              Dir::Etc::Trusted \"/nonexistent/trusted.gpg\";\n\
              Dir::Etc::TrustedParts \"/nonexistent/trusted.gpg.d/\";\n\
              Dir::State \"{d}/\";\n\
@@ -312,6 +320,42 @@ fn parse_records(text: &str) -> Vec<std::collections::HashMap<String, String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn apt_reads_no_parts_directory_and_its_files_replace_planted_links() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("apt");
+        fs::create_dir_all(dir.join("etc/apt.conf.d")).expect("mkdir");
+        // What another user could have planted: a config part, and links where apt's files go.
+        fs::write(dir.join("etc/apt.conf.d/99evil"), "APT::Update::Pre-Invoke { \"touch /tmp/owned\"; };\n")
+            .expect("part");
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, "kept").expect("victim");
+        std::os::unix::fs::symlink(&victim, dir.join("apt.conf")).expect("link");
+        std::os::unix::fs::symlink(&victim, dir.join("etc/sources.list")).expect("link");
+        let archive = Archive {
+            uri: "http://archive.invalid/debian".into(),
+            suite: "bookworm".into(),
+            components: vec!["main".into()],
+            architecture: "amd64".into(),
+            dpkg_status: "var/lib/dpkg/status".into(),
+        };
+        let apt = Apt::new(&dir, &archive, Path::new("/usr/share/keyrings/debian-archive-keyring.gpg")).expect("apt");
+        assert_eq!(fs::read_to_string(&victim).expect("victim"), "kept", "a planted link was followed");
+        assert!(!fs::symlink_metadata(dir.join("apt.conf")).expect("conf").file_type().is_symlink());
+        let conf = apt.config();
+        let d = dir.display().to_string();
+        for part in ["Dir::Etc::Parts", "Dir::Etc::PreferencesParts", "Dir::Etc::SourceParts", "Dir::Etc::Main"] {
+            let line = conf.lines().find(|l| l.starts_with(&format!("{part} "))).expect(part);
+            assert!(line.contains("/nonexistent/") && !line.contains(&d), "{line}");
+        }
+        // apt itself, reading the configuration as it would for a job: nothing of the planted part.
+        fs::write(dir.join("etc/apt.conf"), "APT::Update::Post-Invoke { \"touch /tmp/owned\"; };\n").expect("main");
+        let out = apt.command("apt-config", None).arg("dump").output().expect("apt-config");
+        let dump = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && dump.contains("Dir::Etc::parts \"/nonexistent/apt.conf.d/\""), "{dump}");
+        assert!(!dump.contains("touch /tmp/owned"), "a planted file was read as configuration:\n{dump}");
+    }
 
     #[test]
     fn a_simulation_says_what_is_installed_upgraded_and_removed() {

@@ -50,6 +50,38 @@ pub enum ResolveError {
     Unfit { why: String },
     #[error("the archive served no file with sha256 {sha256} for {name} {version}")]
     NotServed { name: String, version: String, sha256: String },
+    #[error(
+        "{path} is not a directory that this user (uid {uid}) owns and alone can write ({found}): \
+         apt would read and write there as this user; give each user its own package cache"
+    )]
+    NotOwn { path: PathBuf, uid: u32, found: String },
+}
+
+/// `O_NOFOLLOW`, for a file that must not be opened through a link.
+fn libc_nofollow() -> i32 {
+    nix::fcntl::OFlag::O_NOFOLLOW.bits()
+}
+
+/// Refuses a directory that another user owns or may write into: apt
+/// (run as root on a host) reads its configuration and writes its lists
+/// there, and a file planted by another user must never reach it.
+pub fn own_dir(path: &Path) -> Result<(), ResolveError> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = nix::unistd::geteuid().as_raw();
+    let meta = fs::symlink_metadata(path).map_err(|source| ResolveError::Io { path: path.to_owned(), source })?;
+    let found = if !meta.file_type().is_dir() {
+        Some("not a directory".to_owned())
+    } else if meta.uid() != uid {
+        Some(format!("owned by uid {}", meta.uid()))
+    } else if meta.mode() & 0o022 != 0 {
+        Some(format!("mode {:o}: others may write", meta.mode() & 0o7777))
+    } else {
+        None
+    };
+    match found {
+        None => Ok(()),
+        Some(found) => Err(ResolveError::NotOwn { path: path.to_owned(), uid, found }),
+    }
 }
 
 impl ResolveError {
@@ -134,8 +166,27 @@ impl Resolver {
             move |source| ResolveError::Io { path, source }
         };
         fs::create_dir_all(&dir).map_err(io(&dir))?;
+        for sub in ["", "etc", "lists", "lists/partial", "cache", "cache/archives", "cache/archives/partial", "log"] {
+            let path = dir.join(sub);
+            fs::create_dir_all(&path).map_err(io(&path))?;
+        }
+        let own = [self.settings.cache.clone(), self.settings.cache.join("apt")].into_iter().chain(
+            ["", "etc", "lists", "lists/partial", "cache", "cache/archives", "cache/archives/partial", "log"]
+                .iter()
+                .map(|sub| dir.join(sub)),
+        );
+        for path in own {
+            own_dir(&path)?;
+        }
         let lock_path = dir.join("lock");
-        let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .custom_flags(libc_nofollow())
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
         let lock = Flock::lock(lock, FlockArg::LockExclusive)
             .map_err(|(_, e)| ResolveError::Io { path: lock_path, source: e.into() })?;
         let apt = Apt::new(&dir, archive, &self.settings.keyring)?;
@@ -233,4 +284,29 @@ impl Resolver {
 fn digest(text: &str) -> String {
     use sha2::{Digest, Sha256};
     Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_another_user_owns_or_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("cache");
+        fs::create_dir(&dir).expect("mkdir");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+        own_dir(&dir).expect("ours, written by us alone");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o775)).expect("chmod");
+        assert!(own_dir(&dir).is_err_and(|e| e.to_string().contains("others may write")));
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).expect("link");
+        assert!(own_dir(&link).is_err_and(|e| e.to_string().contains("not a directory")));
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
+            assert!(own_dir(&dir).is_err_and(|e| e.to_string().contains("owned by uid 65534")));
+        }
+    }
 }

@@ -50,6 +50,21 @@ impl Layers {
     /// it, or after it changed). One that is not is removed, so it is built again.
     pub fn find(&self, key: &str) -> io::Result<Option<Layer>> {
         let dir = self.dir.join(key);
+        if !dir.exists() {
+            return Ok(None);
+        }
+        // Only what this user built is booted: the layers' directory, the layer's, and its files are ours alone.
+        for d in [&self.dir, &dir] {
+            deps::own_dir(d).map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, jobfile::error_chain(&e)))?;
+        }
+        let uid = nix::unistd::geteuid().as_raw();
+        for file in [RECORD, DISK] {
+            if fs::symlink_metadata(dir.join(file)).is_ok_and(|m| m.uid() != uid || m.mode() & 0o022 != 0) {
+                log::warn!("layer {key}: {file} is not this user's alone; the layer is built again");
+                self.remove(key)?;
+                return Ok(None);
+            }
+        }
         let Ok(text) = fs::read_to_string(dir.join(RECORD)) else { return Ok(None) };
         let Ok(record) = toml::from_str::<LayerRecord>(&text) else {
             log::warn!("layer {key}: {} is not valid; the layer is built again", dir.join(RECORD).display());

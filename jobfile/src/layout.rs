@@ -255,8 +255,12 @@ pub fn write_whole(path: &Path, data: &[u8]) -> std::io::Result<()> {
     tmp_name.push(path.file_name().expect("a file name"));
     tmp_name.push(format!(".{}.tmp", std::process::id()));
     let tmp = dir.join(tmp_name);
-    fs::write(&tmp, data)?;
-    fs::File::open(&tmp)?.sync_all()?;
+    // A new file, never through a link or onto one left there (a stale one is removed, not followed).
+    let _ = fs::remove_file(&tmp);
+    let mut file = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    std::io::Write::write_all(&mut file, data)?;
+    file.sync_all()?;
+    drop(file);
     fs::rename(&tmp, path)?;
     fs::File::open(dir)?.sync_all()
 }

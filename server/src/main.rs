@@ -151,8 +151,9 @@ struct ServeArgs {
     /// Uploads one account may have under way at once.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000))]
     max_uploads: u64,
-    /// Where the archive's lists are kept for resolving jobs' packages at submit
-    /// (DIR/packages; the hosts' own cache on this machine may be the same) [default: QUEUE/../cache].
+    /// Where the archive's lists are kept for resolving jobs' packages at submit (DIR/packages):
+    /// the server's own, never a host's (a host's apt runs as root; a directory another user owns
+    /// or may write is refused) [default: QUEUE/../server-cache].
     #[arg(long, value_name = "DIR")]
     package_cache: Option<PathBuf>,
     /// The keyring the archive's signed Release is checked against.
@@ -465,7 +466,7 @@ async fn serve(conn: Database, a: ServeArgs) -> Result<()> {
         uploads: UploadRules { max_uploads: a.max_uploads, min_free: a.min_free },
         tls: tls.is_some(),
     };
-    let cache = a.package_cache.clone().unwrap_or_else(|| jobfile::layout::sibling(&a.queue, "cache"));
+    let cache = a.package_cache.clone().unwrap_or_else(|| jobfile::layout::sibling(&a.queue, "server-cache"));
     let packages = deps::Resolver::new(deps::Settings {
         keyring: a.archive_keyring.clone(),
         ..deps::Settings::new(&cache.join("packages"))
