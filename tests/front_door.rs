@@ -483,7 +483,8 @@ fn two_deliveries_on_one_lease_never_share_a_staging_file_and_the_accepted_resul
     let log = b"construir-host: verdict: ok (exit code 0)\n";
     let key = test_host_key();
     let (a_result, b_result) = (result_bytes(&"A".repeat(1000)), result_bytes(&"B".repeat(1000)));
-    let (path, a_body) = delivery(&id, seq, log, &signed_provenance(&key, "hosta", &a_result, log), &a_result);
+    let (path, a_body) =
+        delivery(&id, seq, log, &signed_provenance(&key, "hosta", &job_bytes(70 << 10), &a_result, log), &a_result);
     // The first delivery starts, sends all but the last 100 bytes of its result, and waits.
     let mut first = TcpStream::connect(&addr).expect("connect");
     let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", a_body.len());
@@ -491,7 +492,8 @@ fn two_deliveries_on_one_lease_never_share_a_staging_file_and_the_accepted_resul
     first.write_all(&a_body[..a_body.len() - 100]).expect("send");
     std::thread::sleep(Duration::from_millis(500));
     // The second delivers whole and is accepted.
-    let (b_path, b_body) = delivery(&id, seq, log, &signed_provenance(&key, "hosta", &b_result, log), &b_result);
+    let (b_path, b_body) =
+        delivery(&id, seq, log, &signed_provenance(&key, "hosta", &job_bytes(70 << 10), &b_result, log), &b_result);
     let second = api(&addr, &host, "POST", &b_path, &b_body);
     assert_eq!(second.code, 200, "{second:?}");
     // The first goes on: refused, and the accepted result is untouched.
@@ -645,7 +647,8 @@ fn a_result_whose_provenance_does_not_verify_is_refused_saying_which_check_faile
     let key = test_host_key();
     let log = b"construir-host: verdict: ok (exit code 0)\n";
     let result = result_bytes("the real result");
-    let good = signed_provenance(&key, "hosta", &result, log);
+    let job = job_bytes(70 << 10);
+    let good = signed_provenance(&key, "hosta", &job, &result, log);
     let deliver = |provenance: &[u8], result: &[u8]| {
         let (path, body) = delivery(&id, seq, log, provenance, result);
         api(&addr, &host, "POST", &path, &body)
@@ -666,10 +669,12 @@ fn a_result_whose_provenance_does_not_verify_is_refused_saying_which_check_faile
         l.push(b'\n');
         l
     };
-    let other_key = signed_provenance(&construir_provenance::HostKey::from_seed([5; 32]), "hosta", &result, log);
+    let other_key = signed_provenance(&construir_provenance::HostKey::from_seed([5; 32]), "hosta", &job, &result, log);
     // Its own key, but signed as another host (one that exists, one that does not).
-    let as_hostb = signed_provenance(&key, "hostb", &result, log);
-    let as_nobody = signed_provenance(&key, "nobody", &result, log);
+    let as_hostb = signed_provenance(&key, "hostb", &job, &result, log);
+    let as_nobody = signed_provenance(&key, "nobody", &job, &result, log);
+    // Its own key and name, but for another job file.
+    let other_job = signed_provenance(&key, "hosta", b"another job", &result, log);
     for (what, provenance, body, why) in [
         ("a tampered result", good.clone(), tampered_result.clone(), "the result is not the one the host signed"),
         ("a tampered statement", line(&changed), result.clone(), "the statement or the signature was changed"),
@@ -678,6 +683,7 @@ fn a_result_whose_provenance_does_not_verify_is_refused_saying_which_check_faile
         ("no provenance", Vec::new(), result.clone(), "holds no envelope"),
         ("signed as hostb", as_hostb, result.clone(), "it is signed as construir-host:hostb, not as hosta"),
         ("signed as nobody", as_nobody, result.clone(), "it is signed as construir-host:nobody, not as hosta"),
+        ("another job's", other_job, result.clone(), "its statement names the job file"),
     ] {
         let a = deliver(&provenance, &body);
         assert_eq!(a.code, 422, "{what}: {a:?}");

@@ -24,6 +24,8 @@ fn slurm_args(q: &Queue) -> Vec<String> {
         bin("construir-host").to_string_lossy().into_owned(),
         "--slurm-host-key".into(),
         root.join("node-keys/node1.key").to_string_lossy().into_owned(),
+        "--slurm-node-dir".into(),
+        root.join("node-local").to_string_lossy().into_owned(),
         "--slurm-memory".into(),
         "1G".into(),
         "--slurm-timeout".into(),
@@ -107,6 +109,11 @@ fn jobs_run_on_a_real_slurm_cluster_are_cancelled_go_back_when_killed_and_surviv
     let runs = q.root.path().join("shared/runs");
     assert!(wait_for(Duration::from_secs(5), || fs::read_dir(&runs).map(|d| d.count()).unwrap_or(0) == 0));
     assert!(q.root.path().join("shared/images/i0/image.toml").exists(), "the image reached the shared directory");
+    // The node booted a checked copy on its own disk, and worked there.
+    let manifest = q.root.path().join("shared/images/i0/image.toml");
+    let checksum = jobfile::image::sha256_file(&manifest).expect("checksum");
+    let kept = q.root.path().join("node-local/construir-images").join(&checksum).join("i0/image.toml");
+    assert!(kept.exists(), "no checked copy at {}", kept.display());
 
     // Cancelled while it runs on the node: the VM stops, the console so far comes back.
     let id = submit(&s, "sleeper", "#!/bin/sh\necho started sleeping\nsleep 600\n");

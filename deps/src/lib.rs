@@ -26,6 +26,9 @@ pub use cache::DebCache;
 pub const DEFAULT_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 /// Most packages one job may have installed.
 pub const DEFAULT_MAX_PACKAGES: usize = 500;
+/// Most bytes of `.deb` files one job's packages may come to, by default:
+/// what a large build's dependencies take, far less than a host's disk.
+pub const DEFAULT_MAX_PACKAGE_BYTES: u64 = 4 << 30;
 /// The `.deb` cache's default size.
 pub const DEFAULT_CACHE_BYTES: u64 = 4 << 30;
 /// How old the archive's lists may be before they are fetched again.
@@ -42,6 +45,10 @@ pub enum ResolveError {
     NoKeyring { path: PathBuf },
     #[error("the dependencies come to {count} packages; at most {limit} are installed for one job")]
     TooMany { count: usize, limit: usize },
+    #[error("the dependencies come to {} of .deb files; at most {} are installed for one job", jobfile::units::human_size(*bytes), jobfile::units::human_size(*limit))]
+    TooLarge { bytes: u64, limit: u64 },
+    #[error("fetching the packages needs {} free in {path} (the .deb files and the package disk); {} are", jobfile::units::human_size(*need), jobfile::units::human_size(*free))]
+    NoRoom { path: PathBuf, need: u64, free: u64 },
     #[error(transparent)]
     Apt(#[from] AptError),
     #[error("cannot use {path}")]
@@ -99,6 +106,8 @@ pub struct Settings {
     pub cache: PathBuf,
     pub keyring: PathBuf,
     pub max_packages: usize,
+    /// Most bytes of `.deb` files one job's packages may come to.
+    pub max_bytes: u64,
     pub cache_bytes: u64,
     pub fresh: Duration,
 }
@@ -109,6 +118,7 @@ impl Settings {
             cache: cache.to_owned(),
             keyring: PathBuf::from(DEFAULT_KEYRING),
             max_packages: DEFAULT_MAX_PACKAGES,
+            max_bytes: DEFAULT_MAX_PACKAGE_BYTES,
             cache_bytes: DEFAULT_CACHE_BYTES,
             fresh: DEFAULT_FRESH,
         }
@@ -217,7 +227,19 @@ impl Resolver {
         }
         let mut install = apt.show(&install)?;
         install.sort();
-        Ok(Resolution { install, remove })
+        let resolution = Resolution { install, remove };
+        self.check_bytes(&resolution)?;
+        Ok(resolution)
+    }
+
+    /// Refuses a resolution whose `.deb` files come to more than `max_bytes`
+    /// (their sizes are known from the archive's lists, before any download).
+    pub fn check_bytes(&self, resolution: &Resolution) -> Result<(), ResolveError> {
+        let bytes = resolution.install.iter().fold(0u64, |sum, p| sum.saturating_add(p.size));
+        if bytes > self.settings.max_bytes {
+            return Err(ResolveError::TooLarge { bytes, limit: self.settings.max_bytes });
+        }
+        Ok(())
     }
 
     /// Every `.deb` of `resolution`, checked against its sha256: from the
@@ -235,6 +257,8 @@ impl Resolver {
     ) -> Result<Fetched, ResolveError> {
         // Its paths become URIs and its names reach apt in the VM.
         resolution.check().map_err(|why| ResolveError::Unfit { why })?;
+        // A pin from a server or a lease is held to this host's own bound.
+        self.check_bytes(resolution)?;
         let debs = self.settings.cache.join("debs");
         let cache = DebCache::new(&debs).map_err(|source| ResolveError::Io { path: debs.clone(), source })?;
         let io = |path: PathBuf| move |source| ResolveError::Io { path, source };
@@ -250,6 +274,15 @@ impl Resolver {
         }
         let hits = found.len();
         if !missing.is_empty() {
+            // Room for what is downloaded, and for the package disk made of all of them.
+            let sum = |ps: &mut dyn Iterator<Item = &Pinned>| ps.fold(0u64, |s, p| s.saturating_add(p.size));
+            let need = sum(&mut missing.iter().copied()).saturating_add(sum(&mut resolution.install.iter()));
+            let free = nix::sys::statvfs::statvfs(&debs)
+                .map(|st| st.blocks_available() as u64 * st.fragment_size() as u64)
+                .map_err(|e| ResolveError::Io { path: debs.clone(), source: e.into() })?;
+            if need > free {
+                return Err(ResolveError::NoRoom { path: debs.clone(), need, free });
+            }
             // The files are named by the pin itself: no lists are read, or fetched.
             let (apt, _lock) = self.apt(image, manifest, false, halt)?;
             let scratch = cache.scratch().map_err(io(debs.clone()))?;
@@ -308,5 +341,35 @@ mod tests {
             nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
             assert!(own_dir(&dir).is_err_and(|e| e.to_string().contains("owned by uid 65534")));
         }
+    }
+
+    #[test]
+    fn packages_over_the_byte_bound_are_refused_before_any_download() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let resolver = Resolver::new(Settings { max_bytes: 100, ..Settings::new(tmp.path()) });
+        let pinned = |name: &str, size: u64| Pinned {
+            name: name.into(),
+            version: "1".into(),
+            architecture: "amd64".into(),
+            sha256: "a".repeat(64),
+            size,
+            filename: format!("pool/main/x/{name}_1_amd64.deb"),
+        };
+        let small = Resolution { install: vec![pinned("aa", 60)], remove: vec![] };
+        resolver.check_bytes(&small).expect("within");
+        let large = Resolution { install: vec![pinned("aa", 60), pinned("bb", 60)], remove: vec![] };
+        let err = resolver.check_bytes(&large).expect_err("over");
+        assert_eq!(
+            err.to_string(),
+            "the dependencies come to 120 bytes of .deb files; at most 100 bytes are installed for one job"
+        );
+        // A pin (from a server or a lease) is held to the host's own bound before anything is fetched.
+        let manifest: ImageManifest = toml::from_str(
+            "kind = \"debootstrap\"\ndescription = \"\"\nbuilder_version = \"0\"\ncreated = \"\"\n\
+             kernel_version = \"6\"\nkernel = \"k\"\ninitrd = \"i\"\ncmdline = \"\"\njob_device = \"/dev/vdb\"\n",
+        )
+        .expect("manifest");
+        let fetched = resolver.fetch("1", &manifest, &large, &|| false).expect_err("over");
+        assert!(matches!(fetched, ResolveError::TooLarge { bytes: 120, limit: 100 }), "{fetched}");
     }
 }

@@ -9,6 +9,7 @@ pub mod console;
 pub mod daemon;
 pub mod doctor;
 pub mod files;
+pub mod handed;
 pub mod image;
 pub mod jail;
 pub mod kvm;

@@ -199,9 +199,15 @@ pub fn run(
             }
         }
     };
-    // Its build caches: each lent as a working copy of its last kept version.
+    // Its build caches: each lent as a working copy of its last kept version. A verified
+    // rebuild's runs get none (each starts empty): a poisoned cache would feed both the same objects.
     let cache_names = declaration.as_ref().map(|(d, _)| d.caches.clone()).unwrap_or_default();
-    let (checkouts, given) = lend_caches(dirs, limits, file_name, job, &cache_names);
+    let (checkouts, given) = if rebuild.is_some() {
+        log::info!("job {label}: a verified rebuild's run: its build caches start empty");
+        (Vec::new(), cache_names.iter().map(|n| jobfile::caches::Given { name: n.clone(), version: None }).collect())
+    } else {
+        lend_caches(dirs, limits, file_name, job, &cache_names)
+    };
     let record = make_record(&given, layer.as_ref().map(|l| &l.record));
     let guest = jobfile::cmdline::Settings {
         job_device: manifest.job_device.clone().into(),

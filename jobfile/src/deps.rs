@@ -156,11 +156,20 @@ pub enum DepsError {
     Caches(String),
     #[error("debian-control names {path}, which the job archive does not hold as a regular file")]
     ControlMissing { path: String },
+    #[error(
+        "debian-control names {path}, which is not within the archive's first {} MiB ({why}): \
+         put it near the start (construir-host job pack does)", SCAN_BYTES >> 20
+    )]
+    ControlTooFar { path: String, why: String },
 }
 
-/// What reading a job's declaration may cost: the declaration is its first
-/// file, but the `debian/control` it names may be anywhere in the archive.
-pub const SCAN_LIMITS: crate::ReadLimits = crate::ReadLimits::new(16 << 30, std::time::Duration::from_secs(120));
+/// What reading a job's declaration may cost, on every submission and
+/// every claim: the declaration is its first file, and the
+/// `debian/control` it names must come within the archive's first
+/// 256 MiB (`job pack` puts its top directory right after the declaration).
+pub const SCAN_LIMITS: crate::ReadLimits = crate::ReadLimits::new(SCAN_BYTES, std::time::Duration::from_secs(20));
+/// How far into a job's archive its `debian/control` may be.
+pub const SCAN_BYTES: u64 = 256 << 20;
 
 /// A job's declaration, read from its job file: `construir.toml` must be
 /// the archive's first file (directories before it aside; `job pack` puts
@@ -191,7 +200,13 @@ pub fn read_from_job<R: std::io::Read>(input: R) -> Result<Option<(Declaration, 
         let relations = relations(&declaration, None)?;
         return Ok(Some((declaration, relations)));
     };
-    while let Some(h) = archive.next_entry().map_err(|e| bad(&e))? {
+    let too_far = |e: crate::ArchiveError, path: &str| match e {
+        e @ (crate::ArchiveError::TooMuchData { .. } | crate::ArchiveError::TooSlow { .. }) => {
+            DepsError::ControlTooFar { path: path.to_owned(), why: e.to_string() }
+        }
+        e => bad(&e),
+    };
+    while let Some(h) = archive.next_entry().map_err(|e| too_far(e, &path))? {
         if h.kind == crate::Kind::File && crate::path_is(&h.path, &path) {
             if h.size > MAX_CONTROL {
                 return Err(DepsError::ControlTooLarge { path });
@@ -736,6 +751,42 @@ Build-Depends: not-read-either
         assert!(e.contains("not a Debian package name"), "{e}");
         let e = crate::error_chain(&pack(&dir, &[], Some("nothing/debian/control")).expect_err("missing"));
         assert!(e.contains("nothing/debian/control"), "{e}");
+    }
+
+    #[test]
+    fn a_control_file_past_the_scan_bound_is_refused_and_job_pack_puts_its_directory_first() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("far");
+        std::fs::create_dir_all(dir.join("bin")).expect("mkdir");
+        std::fs::create_dir_all(dir.join("zz/debian")).expect("mkdir");
+        std::fs::write(dir.join("bin/construir"), "#!/bin/sh\n").expect("w");
+        std::fs::write(dir.join("zz/debian/control"), "Source: s\nBuild-Depends: make\n").expect("w");
+        // Sorted, "big" comes before "zz": past the bound, unless the control's directory is put first.
+        let big = std::fs::File::create(dir.join("big")).expect("big");
+        big.set_len(SCAN_BYTES + (16 << 20)).expect("size");
+        let file = pack(&dir, &[], Some("zz/debian/control")).expect("pack");
+        let (_, relations) = read_from_job(std::fs::File::open(&file).expect("open")).expect("read").expect("declared");
+        assert_eq!(relations, ["make"], "job pack puts zz/ right after the declaration");
+        // The same tree packed by hand in sorted order: refused, saying where the control must be.
+        std::fs::write(dir.join(DECLARATION), "debian-control = \"zz/debian/control\"\n").expect("w");
+        let by_hand = tmp.path().join("hand_i1.tar.xz");
+        let st = std::process::Command::new("tar")
+            .args(["-cf", "-", "construir.toml", "big", "zz", "bin"])
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|tar| {
+                std::process::Command::new("xz")
+                    .args(["-0", "-T1"])
+                    .stdin(tar.stdout.expect("stdout"))
+                    .stdout(std::fs::File::create(&by_hand).expect("create"))
+                    .status()
+            })
+            .expect("tar | xz");
+        assert!(st.success());
+        let e = read_from_job(std::fs::File::open(&by_hand).expect("open")).expect_err("too far");
+        assert!(matches!(e, DepsError::ControlTooFar { .. }), "{e}");
+        assert!(e.to_string().contains("not within the archive's first 256 MiB"), "{e}");
     }
 
     #[test]

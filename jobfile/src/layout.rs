@@ -214,6 +214,55 @@ pub fn remove_terms(running: &Path, file_name: &OsStr) {
     let _ = fs::remove_file(owner_file(running, file_name));
 }
 
+/// A job's terms as one server left them (`running/.pins/<file>.json`,
+/// `.owner`, `.rebuild`): each file's raw bytes, read once (never through
+/// a link, bounded), and one digest over all of them, so that whoever is
+/// handed the digest on a channel the files did not travel can tell
+/// whether the files are the server's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TermFiles {
+    /// (file name in `.pins/`, its bytes), for each that is there, in a fixed order.
+    pub files: Vec<(OsString, Vec<u8>)>,
+}
+
+impl TermFiles {
+    /// Reads the terms of `file_name` under `running`.
+    pub fn read(running: &Path, file_name: &OsStr) -> Result<TermFiles, String> {
+        let mut files = Vec::new();
+        for path in [
+            pin_file(running, file_name),
+            owner_file(running, file_name),
+            crate::rebuild::terms_file(running, file_name),
+        ] {
+            if let Some(raw) = read_small(&path, 4 << 20)? {
+                files.push((path.file_name().expect("a file name").to_owned(), raw));
+            }
+        }
+        Ok(TermFiles { files })
+    }
+
+    /// sha256 over every file's name and bytes, each length-prefixed.
+    pub fn digest(&self) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for (name, raw) in &self.files {
+            for part in [name.as_encoded_bytes(), raw.as_slice()] {
+                h.update((part.len() as u64).to_le_bytes());
+                h.update(part);
+            }
+        }
+        crate::hex(&h.finalize())
+    }
+
+    /// Writes the files, as read, under `running/.pins/`.
+    pub fn write(&self, running: &Path) -> std::io::Result<()> {
+        for (name, raw) in &self.files {
+            write_whole(&running.join(".pins").join(name), raw)?;
+        }
+        Ok(())
+    }
+}
+
 /// The build caches' shared directory: `running/.caches/`.
 pub fn caches_dir(running: &Path) -> PathBuf {
     running.join(".caches")

@@ -263,11 +263,16 @@ pub fn pack(req: &PackRequest) -> Result<Packed, JobToolError> {
                 }
                 _ => Vec::new(),
             },
+            // Then the top directory of the debian/control it names: hosts read no further than their bound for it.
             first: match &declaration {
-                Some(_) if !req.declares() => {
-                    vec![crate::deps::DECLARATION.into()]
+                Some(text) => {
+                    let control = crate::deps::Declaration::parse(text).ok().and_then(|d| d.debian_control);
+                    let top =
+                        control.as_deref().and_then(|c| c.trim_start_matches("./").split('/').next()).map(Into::into);
+                    let declaration = (!req.declares()).then(|| crate::deps::DECLARATION.into());
+                    declaration.into_iter().chain(top).collect()
                 }
-                _ => Vec::new(),
+                None => Vec::new(),
             },
         };
         let (report, buffered) = crate::pack_dir(dir, BufWriter::new(&file), size, &opts).map_err(|e| match e {

@@ -111,6 +111,10 @@ pub struct JobRecord {
     /// The host the server recorded for its run, when not a local host's.
     #[serde(skip)]
     pub ran_on: Option<RanOn>,
+    /// The job file's sha256 as the server received it (none for records
+    /// made before it was kept).
+    #[serde(skip)]
+    pub file_sha256: Option<String>,
 }
 
 /// The host the server itself recorded for a run (never what a result
@@ -382,6 +386,7 @@ fn job_from_row(r: &Row) -> Result<JobRecord, SqlError> {
             .map(|t| serde_json::from_str(&t).map_err(|e| SqlError::Column(20, format!("not a rebuild: {e}"))))
             .transpose()?,
         ran_on: r.opt_text(21)?.as_deref().and_then(RanOn::from_column),
+        file_sha256: r.opt_text(22)?,
     })
 }
 
@@ -434,7 +439,7 @@ fn packages_text(packages: Option<&Resolution>) -> Option<String> {
 }
 
 /// A job's host is its remote host's (the lease's) or the Slurm node's that runs it.
-const JOB_COLUMNS: &str = "id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, COALESCE(lease_host, (SELECT node FROM slurm_runs WHERE slurm_runs.job_id = jobs.id)), attempts, file_ino, file_birth, packages, caches, twin_of, rebuild, ran_on";
+const JOB_COLUMNS: &str = "id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, COALESCE(lease_host, (SELECT node FROM slurm_runs WHERE slurm_runs.job_id = jobs.id)), attempts, file_ino, file_birth, packages, caches, twin_of, rebuild, ran_on, file_sha256";
 
 pub async fn insert_job(db: &Database, j: &JobRecord) -> Result<(), DbError> {
     db.execute(
@@ -636,7 +641,7 @@ pub async fn reserve_upload<R>(
 pub async fn finish_upload(
     db: &Database,
     id: &str,
-    size: u64,
+    (size, sha256): (u64, &str),
     file: FileId,
     packages: Option<&Resolution>,
     caches: &[String],
@@ -644,8 +649,8 @@ pub async fn finish_upload(
     let (packages, caches) = (packages_text(packages), caches_text(caches));
     db.tx(async |tx| {
         let finished = tx.execute(
-            "UPDATE jobs SET size = $1, file_ino = $2, file_birth = $6, packages = $7, caches = $8, state = 'waiting', updated = $3 WHERE id = $4 AND state = $5",
-            params![size, file.ino, now(), id, UPLOADING, file.birth_ns, packages.clone(), caches.clone()],
+            "UPDATE jobs SET size = $1, file_ino = $2, file_birth = $6, packages = $7, caches = $8, file_sha256 = $9, state = 'waiting', updated = $3 WHERE id = $4 AND state = $5",
+            params![size, file.ino, now(), id, UPLOADING, file.birth_ns, packages.clone(), caches.clone(), sha256],
         ).await? == 1;
         if finished {
             return Ok(true);
@@ -1128,6 +1133,7 @@ pub(crate) fn test_record(account: &Account, id: &str, name: &str, size: u64, st
         twin_of: None,
         rebuild: None,
         ran_on: None,
+        file_sha256: None,
     }
 }
 
@@ -1293,8 +1299,8 @@ mod tests {
 
     #[test]
     fn the_job_columns_are_counted_as_job_from_row_reads_them() {
-        // job_from_row reads 0..=21; what farm_state reads comes after (the host column is a subquery with a comma).
-        assert_eq!(job_column_count(), 22);
+        // job_from_row reads 0..=22; what farm_state reads comes after (the host column is a subquery with a comma).
+        assert_eq!(job_column_count(), 23);
     }
 
     #[tokio::test]
@@ -1339,16 +1345,23 @@ mod tests {
                 .expect("admitted");
         }
         // The follow loop finishes it first (the part gone, the file in the queue) ...
-        assert!(finish_upload(&db, "0123456789abcdef", 1 << 20, file, None, &[]).await.expect("by the loop"));
+        assert!(finish_upload(&db, "0123456789abcdef", (1 << 20, "ab"), file, None, &[]).await.expect("by the loop"));
         // ... and the upload's own finish then agrees, for the same file only.
-        assert!(finish_upload(&db, "0123456789abcdef", 1 << 20, file, None, &[]).await.expect("by the upload"));
-        assert!(!finish_upload(&db, "0123456789abcdef", 1 << 20, FileId { ino: 42, birth_ns: Some(7) }, None, &[])
-            .await
-            .expect("other"));
+        assert!(finish_upload(&db, "0123456789abcdef", (1 << 20, "ab"), file, None, &[]).await.expect("by the upload"));
+        assert!(!finish_upload(
+            &db,
+            "0123456789abcdef",
+            (1 << 20, "ab"),
+            FileId { ino: 42, birth_ns: Some(7) },
+            None,
+            &[]
+        )
+        .await
+        .expect("other"));
         assert_eq!(state_of(&db, "0123456789abcdef").await.expect("state").as_deref(), Some("waiting"));
         // A reservation dropped as cut off is gone for good.
         drop_upload(&db, "1123456789abcdef").await.expect("drop");
-        assert!(!finish_upload(&db, "1123456789abcdef", 1 << 20, file, None, &[]).await.expect("dropped"));
+        assert!(!finish_upload(&db, "1123456789abcdef", (1 << 20, "ab"), file, None, &[]).await.expect("dropped"));
     }
 
     #[tokio::test]
@@ -1378,7 +1391,7 @@ mod tests {
             .expect("reserve")
             .expect("admitted");
             let file = FileId { ino: 41, birth_ns: None };
-            assert!(finish_upload(&db, id, 1 << 20, file, packages, &[]).await.expect("finish"));
+            assert!(finish_upload(&db, id, (1 << 20, "ab"), file, packages, &[]).await.expect("finish"));
         }
         let first = job(&db, alice.id, "0123456789abcdef").await.expect("job").expect("some");
         assert_eq!(first.packages.as_ref(), Some(&pinned));
@@ -1402,7 +1415,7 @@ mod tests {
             .expect("reserve")
             .expect("admitted");
         let caches = ["ccache".to_owned(), "cargo".to_owned()];
-        assert!(finish_upload(&db, id, 1 << 20, FileId { ino: 41, birth_ns: None }, None, &caches)
+        assert!(finish_upload(&db, id, (1 << 20, "ab"), FileId { ino: 41, birth_ns: None }, None, &caches)
             .await
             .expect("finish"));
         assert_eq!(job(&db, alice.id, id).await.expect("job").expect("some").caches, caches);

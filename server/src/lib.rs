@@ -77,8 +77,10 @@ pub async fn sweep_uploads(app: &App) -> Result<(), db::DbError> {
                 .and_then(|f| jobfile::deps::read_from_job(f).ok().flatten())
                 .map(|(d, _)| d.caches)
                 .unwrap_or_default();
-            if db::finish_upload(&app.db, &id, meta.len(), store::FileId::of(&meta), packages.as_ref(), &caches).await?
-            {
+            // Its digest, from the file the server wrote (and no other: checked to be its own just above).
+            let sha256 = jobfile::image::sha256_file(&app.store.queue.join(&file_name)).map_err(db::DbError::Io)?;
+            let size = (meta.len(), sha256.as_str());
+            if db::finish_upload(&app.db, &id, size, store::FileId::of(&meta), packages.as_ref(), &caches).await? {
                 log::info!("job {id}: its upload had reached the queue when its server stopped; waiting");
             }
             continue;

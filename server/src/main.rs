@@ -110,6 +110,10 @@ struct SlurmArgs {
     /// `construir-server slurm pin-key`.
     #[arg(long, value_name = "PATH", default_value = "/var/lib/construir/host.key")]
     slurm_host_key: String,
+    /// Where run-one works on each node: its private spool, the VM's working copy and its
+    /// checked copies of images, on the node's own disk, never under --slurm-dir.
+    #[arg(long, value_name = "PATH", default_value = "/var/tmp/construir")]
+    slurm_node_dir: String,
     /// Another argument for run-one on the nodes (repeat it): --slurm-run-arg=--accel=tcg.
     #[arg(long = "slurm-run-arg", value_name = "ARG", allow_hyphen_values = true)]
     slurm_run_args: Vec<String>,
@@ -159,6 +163,10 @@ struct ServeArgs {
     /// The keyring the archive's signed Release is checked against.
     #[arg(long, value_name = "FILE", default_value = deps::DEFAULT_KEYRING)]
     archive_keyring: PathBuf,
+    /// Most bytes of .deb files one job's packages may come to; a submission over it is
+    /// refused (422) with the sizes, before any host downloads a byte.
+    #[arg(long, value_name = "SIZE", default_value = "4G", value_parser = size_arg)]
+    max_package_bytes: u64,
     /// Free space the queue's filesystem keeps: an upload that would leave less
     /// (counting what uploads under way reserved) is refused with 507.
     #[arg(long, value_name = "SIZE", default_value = "2G", value_parser = size_arg)]
@@ -437,6 +445,7 @@ async fn serve(conn: Database, a: ServeArgs) -> Result<()> {
                 timeout: s.slurm_timeout,
                 host_bin: s.slurm_construir_host.clone(),
                 host_key: s.slurm_host_key.clone(),
+                node_dir: s.slurm_node_dir.clone(),
                 run_args: s.slurm_run_args.clone(),
                 max_jobs: s.slurm_max_jobs as usize,
                 max_attempts: a.max_attempts,
@@ -469,6 +478,7 @@ async fn serve(conn: Database, a: ServeArgs) -> Result<()> {
     let cache = a.package_cache.clone().unwrap_or_else(|| jobfile::layout::sibling(&a.queue, "server-cache"));
     let packages = deps::Resolver::new(deps::Settings {
         keyring: a.archive_keyring.clone(),
+        max_bytes: a.max_package_bytes,
         ..deps::Settings::new(&cache.join("packages"))
     });
     let app = App::new(conn, store, settings, farm, Some(packages));

@@ -118,14 +118,14 @@ pub async fn signers(app: &App) -> Result<Vec<(Signer, PublicKey)>, DbError> {
 /// Checks `result` against its provenance as made by the host the server
 /// recorded for the run (`ran_on`): signed with that host's key and as
 /// that host. A run with no recorded host must be a local host's, signed
-/// with the key that local host published, as itself. Returns the host's
-/// name and the check's findings. Never takes the statement's word alone,
-/// nor any key the server knows.
+/// with the key that local host published, as itself. The statement must
+/// name as its job the file the server received (`job_sha256`, when the
+/// record keeps it). Returns the host's name and the check's findings.
+/// Never takes the statement's word alone, nor any key the server knows.
 pub fn verify_run(
-    result: &std::path::Path,
-    provenance: &std::path::Path,
-    log: Option<&std::path::Path>,
+    (result, provenance, log): (&std::path::Path, &std::path::Path, Option<&std::path::Path>),
     ran_on: Option<&db::RanOn>,
+    job_sha256: Option<&str>,
     signers: &[(Signer, PublicKey)],
 ) -> Result<(String, construir_provenance::Verified), String> {
     let allowed: Vec<(String, PublicKey)> = signers
@@ -142,14 +142,44 @@ pub fn verify_run(
             None => "no local host published a key".to_owned(),
         });
     }
-    construir_provenance::verify_signed_as(result, provenance, &allowed, log).map_err(|e| match e {
-        e @ construir_provenance::VerifyError::WrongBuilder { .. } => e.to_string(),
-        e => format!("its provenance does not verify: {}", jobfile::error_chain(&e)),
+    let (host, verified) =
+        construir_provenance::verify_signed_as(result, provenance, &allowed, log).map_err(|e| match e {
+            e @ construir_provenance::VerifyError::WrongBuilder { .. } => e.to_string(),
+            e => format!("its provenance does not verify: {}", jobfile::error_chain(&e)),
+        })?;
+    if let Some(want) = job_sha256 {
+        let named = signed_job(&verified.statement);
+        if named != want {
+            return Err(format!(
+                "its statement names the job file {}, but the server received {want}",
+                jobfile::sanitize(named.as_bytes())
+            ));
+        }
+    }
+    Ok((host, verified))
+}
+
+/// The job file's sha256 a statement names.
+fn signed_job(statement: &construir_provenance::Statement) -> String {
+    let ext = &statement.predicate.build_definition.external_parameters;
+    ext["job"]["digest"]["sha256"].as_str().unwrap_or_default().to_owned()
+}
+
+/// What both runs of a verified rebuild must have been given alike: the
+/// image (its name and manifest) and the rebuild's name and epoch.
+fn run_terms(statement: &construir_provenance::Statement) -> serde_json::Value {
+    let ext = &statement.predicate.build_definition.external_parameters;
+    serde_json::json!({
+        "image": ext["image"]["name"],
+        "manifest": ext["image"]["manifest"]["sha256"],
+        "name": ext["rebuild"]["name"],
+        "epoch": ext["rebuild"]["sourceDateEpoch"],
     })
 }
 
 fn not_compared(reason: String, hosts: Vec<String>) -> RebuildVerdict {
     RebuildVerdict {
+        without_caches: false,
         outcome: RebuildVerdict::NOT_COMPARED.into(),
         same_host: hosts.len() == 2 && hosts[0] == hosts[1],
         hosts,
@@ -166,6 +196,8 @@ fn not_compared(reason: String, hosts: Vec<String>) -> RebuildVerdict {
 struct Run {
     host: String,
     files: Vec<jobfile::tools::EntryDigest>,
+    /// What it was given that both runs share (`run_terms`).
+    terms: serde_json::Value,
 }
 
 fn checked_run(
@@ -178,11 +210,13 @@ fn checked_run(
     let provenance =
         store.provenance_path(&job.file_name).ok_or_else(|| format!("the {which} run's result has no provenance"))?;
     let log = jobfile::layout::log_beside(&result);
-    let (host, _) = verify_run(&result, &provenance, log.as_deref(), job.ran_on.as_ref(), keys)
+    let files = (result.as_path(), provenance.as_path(), log.as_deref());
+    let (host, verified) = verify_run(files, job.ran_on.as_ref(), job.file_sha256.as_deref(), keys)
         .map_err(|e| format!("the {which} run's result: {e}"))?;
     let files = jobfile::tools::digests(&result, construir_provenance::member_limits())
         .map_err(|e| format!("the {which} run's result cannot be listed: {}", jobfile::error_chain(&e)))?;
-    Ok(Run { host: jobfile::sanitize(host.as_bytes()), files: jobfile::rebuild::comparable(files, &result) })
+    let terms = run_terms(&verified.statement);
+    Ok(Run { host: jobfile::sanitize(host.as_bytes()), files: jobfile::rebuild::comparable(files, &result), terms })
 }
 
 /// The verdict on a pair whose runs have ended (`second` none: its record is gone).
@@ -213,6 +247,16 @@ fn judge(
         Err(reason) => return not_compared(reason, Vec::new()),
     };
     let hosts = vec![a.host.clone(), b.host.clone()];
+    let epoch = first.rebuild.as_ref().map(|r| r.epoch);
+    if a.terms != b.terms || a.terms["epoch"].as_u64() != epoch {
+        let why = format!(
+            "the two runs were not given the same job: {} and {} (the server gave epoch {})",
+            a.terms,
+            b.terms,
+            epoch.unwrap_or_default()
+        );
+        return not_compared(jobfile::sanitize(why.as_bytes()), hosts);
+    }
     for (run, which) in [(&a, "first"), (&b, "second")] {
         if let Some(bad) = run.files.iter().find(|e| e.kind == '-' && e.sha256.is_none()) {
             return not_compared(format!("the {which} run's {} could not be read", bad.path), hosts);
@@ -220,6 +264,7 @@ fn judge(
     }
     let jobfile::rebuild::Comparison { files, differing } = jobfile::rebuild::compare(&a.files, &b.files);
     RebuildVerdict {
+        without_caches: !first.caches.is_empty(),
         outcome: if differing.is_empty() { RebuildVerdict::REPRODUCIBLE } else { RebuildVerdict::DIFFERS }.into(),
         same_host: a.host == b.host,
         hosts,

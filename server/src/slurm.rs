@@ -49,6 +49,9 @@ pub struct Settings {
     pub host_bin: String,
     /// The node's key file, on the node's own disk (never under `dir`).
     pub host_key: String,
+    /// Where run-one keeps its private spool, the VM's working copy and
+    /// its checked copies of images: a directory on the node's own disk.
+    pub node_dir: String,
     /// More arguments for `run-one` (`--accel tcg`, `--vm-ids ...`).
     pub run_args: Vec<String>,
     /// Most jobs in Slurm at once.
@@ -142,22 +145,39 @@ fn quote(word: &str) -> String {
 impl Settings {
     /// Refuses a node key under the shared directory, where every node could read it.
     pub fn check(&self) -> Result<(), String> {
-        if Path::new(&self.host_key).starts_with(&self.dir) || !Path::new(&self.host_key).is_absolute() {
-            return Err(format!(
-                "--slurm-host-key {} must be an absolute path on each node's own disk, not under --slurm-dir {} \
-                 (every node can read that directory, and so sign as any other)",
-                self.host_key,
-                self.dir.display()
-            ));
+        for (option, path, why) in [
+            ("--slurm-host-key", &self.host_key, "every node can read that directory, and so sign as any other"),
+            ("--slurm-node-dir", &self.node_dir, "every node can write that directory, and so change a running job"),
+        ] {
+            if Path::new(path).starts_with(&self.dir) || !Path::new(path).is_absolute() {
+                return Err(format!(
+                    "{option} {path} must be an absolute path on each node's own disk, not under --slurm-dir {} ({why})",
+                    self.dir.display()
+                ));
+            }
         }
         Ok(())
     }
 }
 
+/// What run-one must find in the attempt, by digest: handed to it in the
+/// batch script, which Slurm keeps from the moment `sbatch` takes it (a
+/// node that rewrites the attempt's files cannot change these).
+pub struct Digests {
+    /// The image's `image.toml`.
+    pub image: String,
+    /// The job file, as the server received it (none for old records).
+    pub job: Option<String>,
+    /// The terms the server left (`TermFiles::digest`).
+    pub terms: String,
+}
+
 /// The batch script of one attempt: run the job, note the exit code last.
 /// The node's key stays on the node; the server takes only the key the
-/// operator pinned for it (`construir-server slurm pin-key`).
-pub fn batch_script(settings: &Settings, job: &JobRecord, attempt: u64, dir: &Path, checksum: &str) -> String {
+/// operator pinned for it (`construir-server slurm pin-key`). run-one
+/// works on the node's own disk and copies what it runs there, checked
+/// against `digests`; the live console comes back as `console`.
+pub fn batch_script(settings: &Settings, job: &JobRecord, attempt: u64, dir: &Path, digests: &Digests) -> String {
     let key = quote(&settings.host_key);
     let mut run = vec![
         quote(&settings.host_bin),
@@ -165,11 +185,13 @@ pub fn batch_script(settings: &Settings, job: &JobRecord, attempt: u64, dir: &Pa
         quote(&format!("./{}", job.file_name)),
         "--images".into(),
         quote(&settings.images().to_string_lossy()),
-        "--out ./out --work ./work --terms ./terms".into(),
-        format!("--image-checksum {checksum}"),
+        "--out ./out --terms ./terms --console ./console".into(),
+        format!("--work {}", quote(&settings.node_dir)),
+        format!("--image-checksum {} --terms-sha256 {}", digests.image, digests.terms),
         "--host-id \"$node\" --host-key \"$key\"".into(),
         format!("--timeout {}s --memory {}M --cpus {}", settings.timeout.as_secs(), settings.memory_mib, settings.cpus),
     ];
+    run.extend(digests.job.iter().map(|sha| format!("--job-sha256 {sha}")));
     run.extend(settings.run_args.iter().map(|a| quote(a)));
     format!(
         "#!/bin/sh\n\
@@ -260,25 +282,15 @@ fn ensure_image(store: &Store, settings: &Settings, number: &str) -> io::Result<
 
 /// Prepares the attempt directory: the job file, its terms, the script.
 fn prepare(store: &Store, settings: &Settings, job: &JobRecord, attempt: u64, dir: &Path) -> io::Result<()> {
-    let checksum = ensure_image(store, settings, &job.image)?;
+    let image = ensure_image(store, settings, &job.image)?;
     let _ = fs::remove_dir_all(dir);
     fs::create_dir_all(dir.join("out"))?;
-    fs::create_dir_all(dir.join("work"))?;
     fs::copy(store.in_slurm(&job.file_name), dir.join(&job.file_name))?;
-    let terms = dir.join("terms").join(".pins");
-    fs::create_dir_all(&terms)?;
-    let file = job.file_name.as_ref();
-    for path in [
-        jobfile::layout::pin_file(&store.running, file),
-        jobfile::layout::owner_file(&store.running, file),
-        jobfile::rebuild::terms_file(&store.running, file),
-    ] {
-        if fs::symlink_metadata(&path).is_ok_and(|m| is_own(&m, None)) {
-            fs::copy(&path, terms.join(path.file_name().expect("a name")))?;
-        }
-    }
+    let terms = jobfile::layout::TermFiles::read(&store.running, job.file_name.as_ref()).map_err(io::Error::other)?;
+    terms.write(&dir.join("terms"))?;
+    let digests = Digests { image, job: job.file_sha256.clone(), terms: terms.digest() };
     let script = dir.join("run.sh");
-    fs::write(&script, batch_script(settings, job, attempt, dir, &checksum))?;
+    fs::write(&script, batch_script(settings, job, attempt, dir, &digests))?;
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755))?;
     Ok(())
@@ -363,25 +375,19 @@ async fn dispatch(app: &App, settings: &Settings, in_slurm: usize) -> Result<boo
     Ok(true)
 }
 
-/// Copies the node's live console (run-one's spool in the attempt,
-/// `work/construir-run-one.*/running/<node>/.console.<file>`) to the
-/// server's `running/.slurm/.console.<file>`, bounded, no link followed.
+/// Copies the node's live console (which run-one mirrors into the
+/// attempt's `console`) to the server's `running/.slurm/.console.<file>`,
+/// bounded, no link followed.
 fn copy_console(store: &Store, dir: &Path, file_name: &str) {
     let Ok(attempt) = Attempt::open(dir) else { return };
-    let want = format!(".console.{file_name}");
-    for spool in attempt.names(&["work"]) {
-        for host in attempt.names(&["work", &spool, "running"]) {
-            let Ok(file) = attempt.open_file(&["work", &spool, "running", &host, &want]) else { continue };
-            let to = store.slurm_console(file_name);
-            let from_len = file.metadata().map_or(0, |m| m.len()).min(crate::lease::MAX_CONSOLE);
-            if fs::metadata(&to).map_or(0, |m| m.len()) != from_len {
-                use std::io::Read;
-                let mut data = Vec::new();
-                let _ = file.take(crate::lease::MAX_CONSOLE).read_to_end(&mut data);
-                let _ = jobfile::layout::write_whole(&to, &data);
-            }
-            return;
-        }
+    let Ok(file) = attempt.open_file(&["console"]) else { return };
+    let to = store.slurm_console(file_name);
+    let from_len = file.metadata().map_or(0, |m| m.len()).min(crate::lease::MAX_CONSOLE);
+    if fs::metadata(&to).map_or(0, |m| m.len()) != from_len {
+        use std::io::Read;
+        let mut data = Vec::new();
+        let _ = file.take(crate::lease::MAX_CONSOLE).read_to_end(&mut data);
+        let _ = jobfile::layout::write_whole(&to, &data);
     }
 }
 
@@ -585,7 +591,8 @@ fn stage_and_check(
     let provenance = provenance.ok_or("no provenance came with it")?;
     let signers = [(crate::rebuild::Signer::Slurm(node.to_owned()), key)];
     let ran_on = db::RanOn::Slurm(node.to_owned());
-    crate::rebuild::verify_run(result, provenance, log.map(PathBuf::as_path), Some(&ran_on), &signers)?;
+    let files = (result.as_path(), provenance.as_path(), log.map(PathBuf::as_path));
+    crate::rebuild::verify_run(files, Some(&ran_on), job.file_sha256.as_deref(), &signers)?;
     Ok(staged)
 }
 
@@ -765,6 +772,7 @@ mod tests {
             timeout: Duration::from_secs(60),
             host_bin: "construir-host".into(),
             host_key: "/var/lib/construir/host.key".into(),
+            node_dir: "/var/tmp/construir".into(),
             run_args: Vec::new(),
             max_jobs: 4,
             max_attempts: 3,
@@ -962,6 +970,7 @@ mod tests {
             timeout: Duration::from_secs(600),
             host_bin: "/opt/construir/bin/construir-host".into(),
             host_key: "/var/lib/construir/host.key".into(),
+            node_dir: "/var/tmp/construir".into(),
             run_args: vec!["--accel".into(), "tcg".into()],
             max_jobs: 8,
             max_attempts: 3,
@@ -982,7 +991,8 @@ mod tests {
             1 << 20,
             "waiting",
         );
-        let script = batch_script(&settings, &job, 2, Path::new("/shared/it's/runs/x.2"), &"a".repeat(64));
+        let digests = Digests { image: "a".repeat(64), job: Some("b".repeat(64)), terms: "c".repeat(64) };
+        let script = batch_script(&settings, &job, 2, Path::new("/shared/it's/runs/x.2"), &digests);
         assert!(script.starts_with("#!/bin/sh\n# Written by construir-server: job 0123456789abcdef, attempt 2."));
         assert!(script.contains("cd '/shared/it'\\''s/runs/x.2' || exit 2"), "{script}");
         assert!(script.contains("key='/var/lib/construir/host.key'"), "{script}");
@@ -990,11 +1000,16 @@ mod tests {
         assert!(settings.check().is_ok());
         let under = Settings { host_key: "/shared/it's/keys/node.key".into(), ..settings.clone() };
         assert!(under.check().is_err_and(|e| e.contains("not under --slurm-dir")), "a key every node can read");
+        let shared_work = Settings { node_dir: "/shared/it's/work".into(), ..settings.clone() };
+        assert!(shared_work.check().is_err_and(|e| e.contains("--slurm-node-dir")), "work every node can write");
         assert!(
             script.contains("'./alice.0123456789abcdef.hello_i0.tar.xz' --images '/shared/it'\\''s/images'"),
             "{script}"
         );
-        assert!(script.contains("--timeout 600s --memory 1024M --cpus 2 '--accel' 'tcg'"), "{script}");
+        assert!(script.contains("--timeout 600s --memory 1024M --cpus 2 --job-sha256 bbbb"), "{script}");
+        assert!(script.contains("'--accel' 'tcg'"), "{script}");
+        assert!(script.contains(&format!("--image-checksum {} --terms-sha256 {}", "a".repeat(64), "c".repeat(64))));
+        assert!(script.contains("--work '/var/tmp/construir'") && script.contains("--console ./console"), "{script}");
         assert!(
             script.trim_end().ends_with("echo \"$code\" > exit.part && mv exit.part exit\nexit \"$code\""),
             "{script}"

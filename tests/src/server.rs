@@ -281,8 +281,14 @@ pub fn result_bytes(text: &str) -> Vec<u8> {
 }
 
 /// The provenance of `result` and its `log`, signed by `key`, as a host writes it.
-/// Provenance for `result` as the build host `builder` signs it.
-pub fn signed_provenance(key: &construir_provenance::HostKey, builder: &str, result: &[u8], log: &[u8]) -> Vec<u8> {
+/// Provenance for `result` of the job file `job` as the build host `builder` signs it.
+pub fn signed_provenance(
+    key: &construir_provenance::HostKey,
+    builder: &str,
+    job: &[u8],
+    result: &[u8],
+    log: &[u8],
+) -> Vec<u8> {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("r_d0.tar.xz");
     fs::write(&path, result).expect("write");
@@ -292,7 +298,10 @@ pub fn signed_provenance(key: &construir_provenance::HostKey, builder: &str, res
         log,
         log_name: "r_d0.log".into(),
         invocation: "r_i0.tar.xz".into(),
-        external: serde_json::json!({"job": {"digest": {"sha256": "00"}}, "image": {"name": "i0"}}),
+        external: serde_json::json!({
+            "job": {"digest": {"sha256": construir_provenance::sha256_bytes(job)}},
+            "image": {"name": "i0"}
+        }),
         internal: serde_json::json!({}),
         dependencies: vec![],
         builder_id: format!("construir-host:{builder}"),

@@ -212,8 +212,12 @@ pub struct RebuildVerdict {
     pub hosts: Vec<String>,
     /// Whether both runs had to share one host (the farm had one).
     pub same_host: bool,
-    /// Files compared (the job's status and console aside).
+    /// Files compared (the job's status without its times, and its console, among them).
     pub files: u64,
+    /// The job names build caches, and both runs were built without them
+    /// (each started empty): an account's cache could feed both the same objects.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub without_caches: bool,
     /// The files that differ, in path order (at most 100).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(value_type = Vec<Object>)]
@@ -239,6 +243,7 @@ impl RebuildVerdict {
         } else {
             format!("on {}", self.hosts.join(" and "))
         };
+        let hosts = if self.without_caches { format!("{hosts}, both without build caches") } else { hosts };
         match self.outcome.as_str() {
             Self::REPRODUCIBLE => format!("reproducible: all {} files the same {hosts}", self.files),
             Self::DIFFERS => {
@@ -641,6 +646,7 @@ mod tests {
             differing_total: 1,
             reason: None,
             decided: "2026-12-04T10:00:00Z".into(),
+            without_caches: false,
         };
         assert_eq!(verdict.summary(), "NOT reproducible: 1 of 3 files differ on h1 and h2: out/when (content)");
         let mut done = job(Place::Done { verdict: "ok (exit code 0)".into(), result_bytes: 300 });
@@ -668,6 +674,8 @@ mod tests {
             ..verdict.clone()
         };
         assert_eq!(same.summary(), "reproducible: all 3 files the same both runs on h1 (the farm had one host)");
+        let cacheless = RebuildVerdict { without_caches: true, same_host: false, ..same.clone() };
+        assert_eq!(cacheless.summary(), "reproducible: all 3 files the same on h1 and h1, both without build caches");
         let lost = RebuildVerdict {
             outcome: RebuildVerdict::NOT_COMPARED.into(),
             reason: Some("the second run failed: x".into()),

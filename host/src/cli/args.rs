@@ -200,6 +200,10 @@ pub(crate) struct RunArgs {
     /// Most bytes of .deb files kept; the least recently used go first.
     #[arg(long, default_value = "4G", value_parser = size_arg)]
     pub(crate) package_cache_size: u64,
+    /// Most bytes of .deb files one job's packages may come to (checked before any download,
+    /// for the server's pin too); a job over it fails with the sizes.
+    #[arg(long, default_value = "4G", value_parser = size_arg)]
+    pub(crate) max_package_bytes: u64,
     /// Most bytes of layers kept; the least recently used go first.
     #[arg(long, default_value = "20G", value_parser = size_arg)]
     pub(crate) layer_cache_size: u64,
@@ -236,10 +240,23 @@ pub(crate) struct RunOneArgs {
     /// .owner, .rebuild): the packages it pinned, its caches' owner, a verified rebuild's name and epoch.
     #[arg(long, value_name = "DIR")]
     pub(crate) terms: Option<PathBuf>,
-    /// The sha256 of the image's image.toml as the server has it: before the job runs, image.toml
-    /// and every file it names are checked against it, and a mismatch is refused (exit 2).
+    /// The sha256 of the image's image.toml as the server has it: image.toml and every file it
+    /// names are copied onto this machine (WORK/construir-images/<SHA256>/, kept for the next job)
+    /// and checked against it, and the VM boots the copy; a mismatch is refused (exit 2).
     #[arg(long, value_name = "SHA256")]
     pub(crate) image_checksum: Option<String>,
+    /// The job file's sha256 as the server received it: FILE is copied (never through a link)
+    /// and checked against it before the VM gets the copy; a mismatch is refused (exit 2).
+    #[arg(long, value_name = "SHA256")]
+    pub(crate) job_sha256: Option<String>,
+    /// The digest of the terms as the server left them (over each file's name and bytes): the
+    /// terms are read once and checked against it; a mismatch is refused (exit 2).
+    #[arg(long, value_name = "SHA256", requires = "terms")]
+    pub(crate) terms_sha256: Option<String>,
+    /// Mirror the live console into FILE while the job runs (for a server that follows the
+    /// job through a shared directory).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) console: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) run: RunArgs,
 }

@@ -6,11 +6,18 @@ use std::time::Duration;
 
 use super::*;
 use anyhow::{bail, Context, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use construir_host::daemon::{self, RunOptions};
+use construir_host::handed;
 use construir_host::logger;
 use construir_host::queue::{Dirs, Rules};
 use jobfile::layout::Beside;
 use jobfile::tools::{self};
+
+/// Most bytes of the live console mirrored into `--console` (what the server keeps of one).
+const MIRRORED_CONSOLE: u64 = 16 << 20;
 
 /// `run-one`: a private spool with the one job in it, run by the daemon
 /// until it is empty; then the result and log go beside the job file.
@@ -26,9 +33,9 @@ pub(crate) fn run_one(args: RunOneArgs) -> Result<ExitCode> {
     }
     let name = args.file.file_name().and_then(|n| n.to_str()).context("FILE has no file name")?;
     let job = jobfile::JobName::parse(name).with_context(|| format!("{name}: not a job file name"))?;
-    let meta = std::fs::metadata(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
+    let meta = std::fs::symlink_metadata(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
     if !meta.is_file() {
-        bail!("{} is not a file", args.file.display());
+        bail!("{} is not a file (a link is not followed)", args.file.display());
     }
     let out = match args.out.clone() {
         Some(dir) => dir,
@@ -40,32 +47,47 @@ pub(crate) fn run_one(args: RunOneArgs) -> Result<ExitCode> {
         bail!("{} exists already: move it away first", result_path.display());
     }
     let images = a.dirs.images.clone().context("give --images DIR: where the base images (i<N>/image.toml) are")?;
-    if let Some(expected) = &args.image_checksum {
-        check_image(&images, job.image(), expected)?;
-    }
     let base = a.dirs.work.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
+    // An image handed over by checksum is booted from a checked copy on this machine's own disk.
+    let images = match &args.image_checksum {
+        Some(expected) => handed::local_image(&images, job.image(), expected, &base.join("construir-images"))
+            .with_context(|| format!("image i{} in {} is not the server's", job.image(), images.display()))?,
+        None => images,
+    };
     let spool = nix::unistd::mkdtemp(&base.join("construir-run-one.XXXXXX"))
         .with_context(|| format!("cannot make a spool in {}", base.display()))?;
     let host_id = a.host_id.clone().unwrap_or_else(daemon::default_host_id);
     // The key outlives the private spool: beside the images, as a host's is beside its queue.
     if a.host_key.is_none() {
-        a.host_key = Some(construir_host::provenance::default_key_path(&images.join("queue"), &host_id));
+        let beside = a.dirs.images.clone().unwrap_or_else(|| images.clone());
+        a.host_key = Some(construir_host::provenance::default_key_path(&beside.join("queue"), &host_id));
     }
     let shared = Beside { images, ..Beside::queue(&spool.join("queue")) };
     let dirs = Dirs::of(shared, &host_id, spool.join("work"));
     let outcome = (|| -> Result<ExitCode> {
         dirs.create_all()?;
-        // A copy: the VM writes its result over its disk, and FILE stays as it was.
+        // A copy, checked: the VM writes its result over its disk, and FILE stays as it was.
         let staged = dirs.work.join(".incoming");
-        std::fs::copy(&args.file, &staged).with_context(|| format!("cannot copy {}", args.file.display()))?;
+        handed::copy_checked(&args.file, &staged, args.job_sha256.as_deref())?;
         if let Some(terms) = &args.terms {
-            take_terms(terms, &dirs.running, name.as_ref())?;
+            handed::take_terms(terms, &dirs.running, name.as_ref(), args.terms_sha256.as_deref())?;
         }
         std::fs::rename(&staged, dirs.queue.join(name))?;
         let (opts, stop) = prepare(&a, dirs.clone(), host_id.clone())?;
         let opts = RunOptions { once: true, workers: 1, rules: Rules { settle: Duration::ZERO, ..opts.rules }, ..opts };
-        daemon::run(&opts, stop)?;
+        let running = Arc::new(AtomicBool::new(true));
+        let mirror = args.console.clone().map(|to| {
+            let from = jobfile::layout::live_console(&dirs.host_dir, name.as_ref());
+            let running = running.clone();
+            std::thread::spawn(move || handed::mirror_console(from, to, MIRRORED_CONSOLE, running))
+        });
+        let ran = daemon::run(&opts, stop);
+        running.store(false, Ordering::Relaxed);
+        if let Some(mirror) = mirror {
+            let _ = mirror.join();
+        }
+        ran?;
         let result = dirs.done.join(job.done_file_name());
         if result.exists() {
             let log = dirs.done.join(job.done_with_extension("log"));
@@ -109,46 +131,4 @@ pub(crate) fn run_one(args: RunOneArgs) -> Result<ExitCode> {
             Ok(ExitCode::from(2))
         }
     }
-}
-
-/// Refuses an image whose `image.toml` is not the one the server has
-/// (`expected`, its sha256) or whose files do not match it: an image on a
-/// shared directory is checked as a remote host checks one it fetched.
-fn check_image(images: &Path, number: &str, expected: &str) -> Result<()> {
-    use jobfile::image::{sha256_file, ImageManifest, MANIFEST};
-    let dir = images.join(format!("i{number}"));
-    let actual =
-        sha256_file(&dir.join(MANIFEST)).with_context(|| format!("cannot read {}", dir.join(MANIFEST).display()))?;
-    if actual != expected {
-        bail!(
-            "image i{number} in {} is not the server's: its {MANIFEST} has sha256 {actual}, the server's {expected}",
-            images.display()
-        );
-    }
-    ImageManifest::load(&dir).and_then(|m| m.verify_files(&dir)).map_err(|e| {
-        anyhow::anyhow!(
-            "image i{number} in {} does not match its {MANIFEST}: {}",
-            images.display(),
-            jobfile::error_chain(&e)
-        )
-    })
-}
-
-/// Copies the terms a server left for the job (in `from`, laid out as a
-/// queue's `running/`) into the private spool's `running/`, each read and
-/// checked as a host reads its own. A verified rebuild's run is placed
-/// already: nothing is kept apart here.
-fn take_terms(from: &Path, running: &Path, file_name: &std::ffi::OsStr) -> Result<()> {
-    use jobfile::layout;
-    let what = |e: String| anyhow::anyhow!("the terms in {}: {e}", from.display());
-    if let Some(pin) = layout::read_pin(from, file_name).map_err(what)? {
-        layout::write_pin(running, file_name, &pin)?;
-    }
-    if let Some(owner) = layout::read_owner(from, file_name).map_err(what)? {
-        layout::write_owner(running, file_name, &owner)?;
-    }
-    if let Some(terms) = jobfile::rebuild::read_terms(from, file_name).map_err(what)? {
-        jobfile::rebuild::write_terms(running, file_name, &jobfile::rebuild::Terms { apart_until: 0, ..terms })?;
-    }
-    Ok(())
 }

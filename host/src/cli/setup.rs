@@ -111,6 +111,7 @@ pub(crate) fn prepare(a: &RunArgs, dirs: Dirs, host_id: String) -> Result<(RunOp
         resolver: deps::Resolver::new(deps::Settings {
             keyring: a.archive_keyring.clone(),
             cache_bytes: a.package_cache_size,
+            max_bytes: a.max_package_bytes,
             ..deps::Settings::new(&cache.join("packages"))
         }),
         layers: Layers::new(&cache.join("layers"), a.layer_cache_size),

@@ -4,3 +4,6 @@
 -- signed as that host, with the key pinned for it (not any key the server
 -- knows); NULL for a local host's run and for runs that have not ended.
 ALTER TABLE jobs ADD COLUMN ran_on TEXT;
+-- The job file's sha256 as the server received it: every result's
+-- statement must name it as the job that ran.
+ALTER TABLE jobs ADD COLUMN file_sha256 TEXT;

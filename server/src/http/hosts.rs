@@ -407,6 +407,7 @@ pub async fn done(
     }
     // What the host signed must be what came: checked against the key pinned for it, signed as itself.
     let key = db::host_key(app.db(), host.id).await.map_err(ApiError::internal)?;
+    let job_sha256 = db::job_by_id(app.db(), &id).await.map_err(ApiError::internal)?.and_then(|j| j.file_sha256);
     let checked = {
         let (result, provenance, log, name) = (result.clone(), provenance.clone(), log.clone(), host.name.clone());
         tokio::task::spawn_blocking(move || -> Result<(), String> {
@@ -414,7 +415,8 @@ pub async fn done(
             let key = construir_provenance::PublicKey::parse(&key).map_err(|e| e.to_string())?;
             let signers = [(crate::rebuild::Signer::Remote(name.clone()), key)];
             let ran_on = db::RanOn::Remote(name);
-            crate::rebuild::verify_run(&result, &provenance, Some(&log), Some(&ran_on), &signers).map(drop)
+            let files = (result.as_path(), provenance.as_path(), Some(log.as_path()));
+            crate::rebuild::verify_run(files, Some(&ran_on), job_sha256.as_deref(), &signers).map(drop)
         })
         .await
         .map_err(ApiError::internal)?

@@ -111,6 +111,7 @@ pub(crate) async fn submit(
     let now = db::now();
     let mut record = JobRecord {
         ran_on: None,
+        file_sha256: None,
         id: id.clone(),
         account_id: account.id,
         name: job_name.name().to_owned(),
@@ -194,6 +195,8 @@ pub(crate) async fn submit(
     let mut size: u64 = 0;
     let mut checked_disk: u64 = 0;
     let mut head: Vec<u8> = Vec::with_capacity(XZ_MAGIC.len());
+    // Its digest, as received: every result's statement must name it.
+    let mut digest = <sha2::Sha256 as sha2::Digest>::new();
     let deadline = tokio::time::Instant::now() + app.settings.upload_timeout;
     loop {
         let wait = app.settings.idle_timeout.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
@@ -237,8 +240,10 @@ pub(crate) async fn submit(
         if head.len() < XZ_MAGIC.len() {
             head.extend(chunk.iter().take(XZ_MAGIC.len() - head.len()));
         }
+        sha2::Digest::update(&mut digest, &chunk);
         file.write_all(&chunk).await.map_err(ApiError::internal)?;
     }
+    let sha256 = jobfile::hex(&sha2::Digest::finalize(digest));
     if size < jobfile::MIN_JOB_SIZE {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("{size} bytes is too small: a job file is at least {} bytes (its size is how much output may come back)", jobfile::MIN_JOB_SIZE)));
     }
@@ -285,7 +290,7 @@ pub(crate) async fn submit(
     }
     let finished = [(&record, ino)].into_iter().chain(twin.iter().zip(twin_file.iter().map(|(_, ino)| *ino)));
     for (job, ino) in finished {
-        if !db::finish_upload(app.db(), &job.id, size, ino, packages.as_ref(), &caches)
+        if !db::finish_upload(app.db(), &job.id, (size, &sha256), ino, packages.as_ref(), &caches)
             .await
             .map_err(ApiError::internal)?
         {
@@ -298,6 +303,7 @@ pub(crate) async fn submit(
         g.path = None;
     }
     record.size = size;
+    record.file_sha256 = Some(sha256);
     record.file_id = Some(ino);
     record.packages = packages;
     record.caches = caches;
@@ -385,6 +391,7 @@ async fn resolve_packages(
                 let status = match &e {
                     deps::ResolveError::NoArchive { .. } => StatusCode::BAD_REQUEST,
                     deps::ResolveError::TooMany { .. }
+                    | deps::ResolveError::TooLarge { .. }
                     | deps::ResolveError::Apt(deps::AptError::Unsatisfiable { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
                     deps::ResolveError::Apt(deps::AptError::Update { .. }) => StatusCode::SERVICE_UNAVAILABLE,
                     _ => StatusCode::INTERNAL_SERVER_ERROR,

@@ -242,7 +242,7 @@ fn host(url: &str, name: &str, token: &str, image: &Value, jobs: usize, tally: &
             }
         }
         console.extend_from_slice(b"construir-init: job exited with status 0\n");
-        let provenance = construir_e2e::server::signed_provenance(&key, name, &file, &console);
+        let provenance = construir_e2e::server::signed_provenance(&key, name, &file, &file, &console);
         let mut delivery = console.clone();
         delivery.extend_from_slice(&provenance);
         delivery.extend_from_slice(&file);
