@@ -278,7 +278,7 @@ impl Resolver {
             let sum = |ps: &mut dyn Iterator<Item = &Pinned>| ps.fold(0u64, |s, p| s.saturating_add(p.size));
             let need = sum(&mut missing.iter().copied()).saturating_add(sum(&mut resolution.install.iter()));
             let free = nix::sys::statvfs::statvfs(&debs)
-                .map(|st| st.blocks_available() as u64 * st.fragment_size() as u64)
+                .map(|st| st.blocks_available().saturating_mul(st.fragment_size()))
                 .map_err(|e| ResolveError::Io { path: debs.clone(), source: e.into() })?;
             if need > free {
                 return Err(ResolveError::NoRoom { path: debs.clone(), need, free });
