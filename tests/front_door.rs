@@ -783,3 +783,52 @@ fn a_verified_rebuild_counts_twice_and_its_second_run_is_leased_to_another_host(
     assert!(log.body.contains("no log yet"), "{}", log.body);
     assert_eq!(api(&addr, &alice, "GET", &format!("/v1/jobs/{id}/log?run=3"), b"").code, 400);
 }
+
+/// A remote host's word about the build caches it holds counts only for
+/// caches the server gave it jobs for: one that names alice's cache
+/// without ever running her job shows her nothing (her cache list, the
+/// hosts' page) and steers nothing.
+#[test]
+fn a_host_that_claims_caches_it_was_never_given_shows_and_steers_nothing() {
+    let Setup { q, db, alice, host } = setup();
+    let s = Server::start(&q, &db, &[]);
+    let addr = s.addr();
+    // alice is the first account: her caches' owner is a1.
+    let claimed = format!(
+        r#"{{"images":[{{"name":"0","checksum":"{}"}}],"capacity":1,"running":1,"version":"test","key":"{}",
+            "caches":[{{"owner":"a1","image":"0","name":"ccache","generation":0,"version":3,"bytes":1000,"used":"2026-12-06T00:00:00Z"}}]}}"#,
+        construir_e2e::server::i0_checksum(),
+        test_host_key().public()
+    );
+    let a = api(&addr, &host, "POST", "/v1/host/lease", claimed.as_bytes());
+    assert_eq!(a.code, 200, "{a:?}");
+    let caches = api(&addr, &alice, "GET", "/v1/caches", b"").json();
+    assert_eq!(caches["caches"], serde_json::json!([]), "a cache the host was never given: {caches}");
+    let hosts = api(&addr, &alice, "GET", "/v1/hosts", b"").json();
+    let shown = hosts["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .flat_map(|h| h["your_caches"].as_array().cloned().unwrap_or_default())
+        .count();
+    assert_eq!(shown, 0, "{hosts}");
+    assert!(s.log().contains("says it holds 1 build cache(s) it was given no job for; not counted"), "{}", s.log());
+}
+
+/// A clear of a cache no host holds records nothing: names made up by the
+/// thousand cannot grow the generations file every host reads.
+#[test]
+fn clearing_a_cache_no_host_holds_is_refused_and_records_nothing() {
+    let Setup { q, db, alice, .. } = setup();
+    let s = Server::start(&q, &db, &[]);
+    let addr = s.addr();
+    for i in 0..20 {
+        let a = api(&addr, &alice, "POST", "/v1/caches/clear", format!(r#"{{"name":"made-up-{i}"}}"#).as_bytes());
+        assert_eq!(a.code, 404, "{a:?}");
+        assert!(a.body.contains("no host holds a build cache named made-up-"), "{}", a.body);
+    }
+    let generations = fs::read_to_string(q.root.path().join("running/.caches/generations.json")).unwrap_or_default();
+    assert!(!generations.contains("made-up"), "{generations}");
+    let bad = api(&addr, &alice, "POST", "/v1/caches/clear", br#"{"name":"Bad/Name"}"#);
+    assert_eq!(bad.code, 400, "{bad:?}");
+}

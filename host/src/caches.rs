@@ -48,6 +48,9 @@ pub struct Caches {
     pub disk_bytes: u64,
     /// The most bytes of caches one owner keeps; the least recently used go first.
     pub owner_bytes: u64,
+    /// The most bytes of caches all owners keep together (so that many
+    /// accounts cannot fill the disk between them); the least recently used go first.
+    pub total_bytes: u64,
 }
 
 /// One cache, lent to one job: its working copy, open for the VM. Dropped
@@ -88,7 +91,12 @@ pub struct CacheSummary {
 
 impl Caches {
     pub fn new(dir: &Path, disk_bytes: u64, owner_bytes: u64) -> Caches {
-        Caches { dir: dir.to_owned(), disk_bytes, owner_bytes }
+        Caches { dir: dir.to_owned(), disk_bytes, owner_bytes, total_bytes: u64::MAX }
+    }
+
+    /// The same, with a bound on all owners' caches together.
+    pub fn with_total(self, total_bytes: u64) -> Caches {
+        Caches { total_bytes, ..self }
     }
 
     pub fn dir(&self) -> &Path {
@@ -283,12 +291,21 @@ impl Caches {
     }
 
     /// Removes `owner`'s least recently used caches until they take at most
-    /// `owner_bytes`, never one a job is copying or keeping right now (its
-    /// lock is held), and working copies that a dead host left.
+    /// `owner_bytes`, then anyone's until all take at most `total_bytes`,
+    /// never one a job is copying or keeping right now (its lock is held),
+    /// and working copies that a dead host left.
     pub fn evict(&self, owner: &str) -> io::Result<usize> {
+        let why = format!("{owner}'s caches were over {} bytes", self.owner_bytes);
+        let removed = self.evict_where(|o| o == owner, self.owner_bytes, &why)?;
+        let why = format!("the caches of all owners were over {} bytes", self.total_bytes);
+        Ok(removed + self.evict_where(|_| true, self.total_bytes, &why)?)
+    }
+
+    /// Removes the least recently used caches of the owners `of` picks until they take at most `bound`.
+    fn evict_where(&self, of: impl Fn(&str) -> bool, bound: u64, why: &str) -> io::Result<usize> {
         let mut keys: Vec<(SystemTime, PathBuf, u64)> = Vec::new();
         for (o, _, _, key) in self.keys() {
-            if o != owner {
+            if !of(&o) {
                 continue;
             }
             remove_stale_work(&key);
@@ -299,13 +316,13 @@ impl Caches {
         keys.sort();
         let mut removed = 0;
         for (_, key, bytes) in keys {
-            if total <= self.owner_bytes {
+            if total <= bound {
                 break;
             }
             let Ok(Some(_held)) = try_lock(&key) else { continue };
             fs::remove_file(key.join(VERSION))?;
             let _ = fs::remove_file(key.join(CURRENT));
-            log::info!("build cache {} removed: {owner}'s caches were over {} bytes", key.display(), self.owner_bytes);
+            log::info!("build cache {} removed: {why}", key.display());
             total = total.saturating_sub(bytes);
             removed += 1;
         }
@@ -578,5 +595,13 @@ mod tests {
                 ("size".into(), "probe".into())
             ]
         );
+        // Every owner within its own bound, but all together over the total: the oldest go, whoever owns them.
+        let bob_used = tmp.path().join("build/bob/i100/big/version");
+        File::options().write(true).open(&bob_used).expect("open").set_modified(SystemTime::now()).expect("mtime");
+        let total = Caches::new(&tmp.path().join("build"), 8 << 20, u64::MAX).with_total(one * 2 + one / 2);
+        assert_eq!(total.evict("bob").expect("evict"), 2, "four caches, room for two");
+        let mut left: Vec<(String, String)> = total.list().into_iter().map(|s| (s.owner, s.name)).collect();
+        left.sort();
+        assert_eq!(left, [("bob".into(), "big".into()), ("size".into(), "probe".into())], "the two used last");
     }
 }

@@ -753,6 +753,34 @@ pub async fn host_seen(
     Ok(())
 }
 
+/// Records that host `host_id` was given a job with these build caches
+/// (`owner`'s, on `image`): the caches it may say it holds.
+pub async fn caches_given(
+    db: &Database,
+    host_id: i64,
+    owner: &str,
+    image: &str,
+    names: &[String],
+) -> Result<(), DbError> {
+    for name in names {
+        db.execute(
+            "INSERT INTO host_caches (host_id, owner, image, name) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            params![host_id, owner, image, name.as_str()],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The build caches host `host_id` was given jobs for: (owner, image, name).
+pub async fn given_caches(
+    db: &Database,
+    host_id: i64,
+) -> Result<std::collections::HashSet<(String, String, String)>, DbError> {
+    let rows = db.query("SELECT owner, image, name FROM host_caches WHERE host_id = $1", params![host_id]).await?;
+    Ok(rows.iter().map(|r| Ok((r.text(0)?, r.text(1)?, r.text(2)?))).collect::<Result<_, SqlError>>()?)
+}
+
 /// Pins `key` for host `account_id` when it has none yet; returns the key
 /// pinned now (this one, or the one it had).
 pub async fn pin_key(db: &Database, account: &Account, key: &str) -> Result<String, DbError> {

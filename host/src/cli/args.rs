@@ -222,6 +222,10 @@ pub(crate) struct RunArgs {
     /// The most bytes of build caches kept for one owner; the least recently used go first.
     #[arg(long, default_value = "16G", value_parser = size_arg)]
     pub(crate) cache_owner_size: u64,
+    /// The most bytes of build caches kept for all owners together; the least recently used
+    /// go first, whoever owns them.
+    #[arg(long, default_value = "64G", value_parser = size_arg)]
+    pub(crate) cache_total_size: u64,
     /// The ed25519 key this host signs each result's provenance with; made at first start,
     /// 0600 [default: QUEUE/../keys/<host-id>.key; for run-one, IMAGES/../keys/<host-id>.key].
     #[arg(long, value_name = "FILE")]

@@ -118,7 +118,8 @@ pub(crate) fn prepare(a: &RunArgs, dirs: Dirs, host_id: String) -> Result<(RunOp
     };
     // A local queue has no accounts: every job's caches are the one owner's, so they are off unless asked for.
     let caches = a.caches.then(|| {
-        let caches = Caches::new(&cache.join(CACHES_DIR), a.cache_disk_size, a.cache_owner_size);
+        let caches =
+            Caches::new(&cache.join(CACHES_DIR), a.cache_disk_size, a.cache_owner_size).with_total(a.cache_total_size);
         log::warn!(
             "build caches are on ({}): a server's jobs each get their account's; jobs put into this queue by hand all share each cache name, reading and writing what the others left in it",
             caches.dir().display()

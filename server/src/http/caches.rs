@@ -100,7 +100,7 @@ pub async fn publish_generations(app: &App) -> std::io::Result<()> {
     path = "/v1/caches/clear",
     tag = "submitters",
     request_body(content = wire::ClearCaches),
-    responses((status = 200, description = "the caches cleared: no job starts from what they held", body = wire::ClearedCaches), (status = 400, description = "not a cache name", body = wire::ErrorBody), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "a build host's token", body = wire::ErrorBody)),
+    responses((status = 200, description = "the caches cleared: no job starts from what they held", body = wire::ClearedCaches), (status = 400, description = "not a cache name", body = wire::ErrorBody), (status = 404, description = "no host holds a cache of that name for the account", body = wire::ErrorBody), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "a build host's token", body = wire::ErrorBody)),
     security(("bearer" = []))
 )]
 pub(crate) async fn clear(
@@ -112,6 +112,14 @@ pub(crate) async fn clear(
     let names: Vec<String> = match req.name {
         Some(name) => {
             jobfile::caches::check_name(&name).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+            // Only a cache some host holds is recorded as cleared: names made up by the thousand
+            // would grow the generations file every host reads until it is refused.
+            if !held.iter().any(|c| c.name == name) {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no host holds a build cache named {name} for this account: nothing to clear"),
+                ));
+            }
             vec![name]
         }
         None => {

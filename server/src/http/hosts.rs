@@ -52,6 +52,18 @@ pub async fn lease(
         .map(|i| i.name.clone())
         .collect();
     let images = serde_json::to_string(&req.images).unwrap_or_default();
+    // What it says it holds counts only for caches the server gave it jobs for.
+    let given = db::given_caches(app.db(), host.id).await.map_err(ApiError::internal)?;
+    let (held, unknown): (Vec<wire::HeldCache>, Vec<wire::HeldCache>) =
+        req.caches.iter().cloned().partition(|c| given.contains(&(c.owner.clone(), c.image.clone(), c.name.clone())));
+    if !unknown.is_empty() {
+        log::warn!(
+            "host {}: says it holds {} build cache(s) it was given no job for; not counted",
+            host.name,
+            unknown.len()
+        );
+    }
+    let req = LeaseRequest { caches: held, ..req };
     let caches = serde_json::to_string(&req.caches).unwrap_or_default();
     db::host_seen(app.db(), host.id, &images, req.capacity.min(1024), &req.version, &caches)
         .await
@@ -407,7 +419,8 @@ pub async fn done(
     }
     // What the host signed must be what came: checked against the key pinned for it, signed as itself.
     let key = db::host_key(app.db(), host.id).await.map_err(ApiError::internal)?;
-    let job_sha256 = db::job_by_id(app.db(), &id).await.map_err(ApiError::internal)?.and_then(|j| j.file_sha256);
+    let record = db::job_by_id(app.db(), &id).await.map_err(ApiError::internal)?;
+    let job_sha256 = record.as_ref().and_then(|j| j.file_sha256.clone());
     let checked = {
         let (result, provenance, log, name) = (result.clone(), provenance.clone(), log.clone(), host.name.clone());
         tokio::task::spawn_blocking(move || -> Result<(), String> {
@@ -428,6 +441,16 @@ pub async fn done(
     let verdict = jobfile::tools::log_verdict(&log).unwrap_or_else(|| "(no verdict in the log)".to_owned());
     accept(&app, &host.name, &id, q.seq, &tag, &file_name, "done", &verdict, &mut parts).await?;
     log::info!("job {id} delivered by host {} (lease {}): {verdict}", host.name, q.seq);
+    if let Some(job) = record.filter(|j| !j.caches.is_empty() && j.rebuild.is_none() && j.twin_of.is_none()) {
+        let owner = jobfile::caches::account_owner(job.account_id);
+        if let Err(e) = db::caches_given(app.db(), host.id, &owner, &job.image, &job.caches).await {
+            log::error!(
+                "job {id}: cannot record the build caches host {} holds: {}",
+                host.name,
+                jobfile::error_chain(&e)
+            );
+        }
+    }
     Ok(Json(wire::Delivered { delivered: true, verdict: Some(verdict), reason: None }))
 }
 
