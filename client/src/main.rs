@@ -311,6 +311,30 @@ impl Client {
 }
 
 /// The keys the server publishes for its hosts (`GET /v1/hosts/keys`).
+/// Fetches the provenance of run `run` of job `id` beside its result `out`
+/// and checks the result against it, as made by the host the server
+/// recorded for that run (`wire::Job::built_by`), with that host's key alone.
+fn fetch_verified(
+    client: &Client,
+    job: &wire::Job,
+    id: &str,
+    run: u32,
+    out: &Path,
+) -> Result<construir_provenance::Verified> {
+    let provenance = jobfile::layout::provenance_beside(out);
+    let mut p = File::create(&provenance).with_context(|| format!("cannot create {}", provenance.display()))?;
+    client.download(&format!("jobs/{}/provenance?run={run}", checked_id(id)?), &mut p)?;
+    p.sync_all()?;
+    let built_by = match run {
+        1 => job.built_by.clone(),
+        _ => job.rebuild.as_ref().and_then(|r| r.second_built_by.clone()),
+    };
+    let signers = server_signers(client, Some(built_by.as_deref()))?;
+    let (_, verified) = construir_provenance::verify_signed_as(out, &provenance, &signers, None)
+        .map_err(|e| anyhow::anyhow!("{}", jobfile::error_chain(&e)))?;
+    Ok(verified)
+}
+
 /// The keys the server publishes, each with the host it belongs to (its
 /// bare name: a local host's without ` (local)`, a node's without ` (slurm)`).
 /// `built_by`: only the key of the host the server recorded for the run
@@ -569,25 +593,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             std::fs::rename(&tmp, &out)?;
             eprintln!("construir: {} ({}) -> {}", id, human_size(n.unwrap_or(0)), out.display());
             if !no_verify {
-                let provenance = jobfile::layout::provenance_beside(&out);
-                let fetched = (|| -> Result<()> {
-                    let mut p =
-                        File::create(&provenance).with_context(|| format!("cannot create {}", provenance.display()))?;
-                    client.download(&format!("jobs/{}/provenance?run={run}", checked_id(&id)?), &mut p)?;
-                    p.sync_all()?;
-                    Ok(())
-                })();
-                let checked = fetched.and_then(|()| {
-                    let built_by = match run {
-                        1 => job.built_by.clone(),
-                        _ => job.rebuild.as_ref().and_then(|r| r.second_built_by.clone()),
-                    };
-                    let signers = server_signers(&client, Some(built_by.as_deref()))?;
-                    construir_provenance::verify_signed_as(&out, &provenance, &signers, None)
-                        .map_err(|e| anyhow::anyhow!("{}", jobfile::error_chain(&e)))
-                });
+                let checked = fetch_verified(&client, &job, &id, run, &out);
                 match checked {
-                    Ok((_, v)) => eprintln!("construir: verified: {}", v.summary()),
+                    Ok(v) => eprintln!("construir: verified: {}", v.summary()),
                     Err(e) => {
                         let aside = out.with_extension("xz.unverified");
                         std::fs::rename(&out, &aside)?;

@@ -199,15 +199,9 @@ pub fn run(
             }
         }
     };
-    // Its build caches: each lent as a working copy of its last kept version. A verified
-    // rebuild's runs get none (each starts empty): a poisoned cache would feed both the same objects.
+    // Its build caches: each lent as a working copy of its last kept version.
     let cache_names = declaration.as_ref().map(|(d, _)| d.caches.clone()).unwrap_or_default();
-    let (checkouts, given) = if rebuild.is_some() {
-        log::info!("job {label}: a verified rebuild's run: its build caches start empty");
-        (Vec::new(), cache_names.iter().map(|n| jobfile::caches::Given { name: n.clone(), version: None }).collect())
-    } else {
-        lend_caches(dirs, limits, file_name, job, &cache_names)
-    };
+    let (checkouts, given) = lend_caches(dirs, limits, file_name, job, &cache_names, rebuild.is_some());
     let record = make_record(&given, layer.as_ref().map(|l| &l.record));
     let guest = jobfile::cmdline::Settings {
         job_device: manifest.job_device.clone().into(),
@@ -380,17 +374,23 @@ pub fn run(
 /// the owner the server named for the job (its account), or of `local`
 /// for a job with none (a local queue has no accounts), at the generation
 /// the server last said. With caches off, or when one cannot be lent, the
-/// guest is told it is not given (an empty directory).
+/// guest is told it is not given (an empty directory). A verified
+/// rebuild's run (`rebuild`) is lent none: a poisoned cache would feed both
+/// runs the same objects, so each starts empty.
 fn lend_caches(
     dirs: &Dirs,
     limits: &Limits,
     file_name: &OsStr,
     job: &JobName,
     names: &[String],
+    rebuild: bool,
 ) -> (Vec<Checkout>, Vec<jobfile::caches::Given>) {
     let label = job.input_file_name();
     let (mut checkouts, mut given) = (Vec::new(), Vec::new());
-    let terms = if names.is_empty() || limits.caches.is_none() {
+    if rebuild && !names.is_empty() {
+        log::info!("job {label}: a verified rebuild's run: its build caches start empty");
+    }
+    let terms = if names.is_empty() || limits.caches.is_none() || rebuild {
         None
     } else {
         let owner = jobfile::layout::read_owner(&dirs.running, file_name)

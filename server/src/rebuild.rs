@@ -275,3 +275,79 @@ fn judge(
         decided: db::now(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use construir_provenance::HostKey;
+    use std::path::{Path, PathBuf};
+
+    /// A real result (packed as a guest packs one) with its log, signed by
+    /// `key` as `builder`, naming `job_sha256` as its job file.
+    fn signed(dir: &Path, key: &HostKey, builder: &str, job_sha256: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let tree = dir.join("tree");
+        std::fs::create_dir_all(tree.join("out")).expect("mkdir");
+        std::fs::write(tree.join("out/a"), b"alpha").expect("write");
+        let result = dir.join("r_d0.tar.xz");
+        let _ = std::fs::remove_file(&result);
+        let file = std::fs::File::create(&result).expect("create");
+        jobfile::pack_dir(&tree, file, 1 << 20, &jobfile::PackOptions::default()).expect("pack");
+        let log = dir.join("r_d0.log");
+        std::fs::write(&log, b"console\n").expect("log");
+        let statement = construir_provenance::statement(&construir_provenance::Job {
+            result: &result,
+            result_name: "r_d0.tar.xz".into(),
+            log: b"console\n",
+            log_name: "r_d0.log".into(),
+            invocation: "r_i0.tar.xz".into(),
+            external: serde_json::json!({"job": {"digest": {"sha256": job_sha256}}, "image": {"name": "i0"}}),
+            internal: serde_json::json!({}),
+            dependencies: vec![],
+            builder_id: construir_provenance::builder_id(builder),
+            version: "test".into(),
+            started: String::new(),
+            finished: String::new(),
+        })
+        .expect("statement");
+        let provenance = dir.join("r_d0.intoto.jsonl");
+        construir_provenance::write(&provenance, &construir_provenance::sign(&statement, key)).expect("write");
+        (result, provenance, log)
+    }
+
+    #[test]
+    fn a_result_is_taken_only_as_made_by_the_host_recorded_for_its_run_for_the_job_received() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (node, remote, local) =
+            (HostKey::from_seed([1; 32]), HostKey::from_seed([2; 32]), HostKey::from_seed([3; 32]));
+        let signers = vec![
+            (Signer::Slurm("node1".into()), node.public()),
+            (Signer::Remote("hosta".into()), remote.public()),
+            (Signer::Local("a".into()), local.public()),
+        ];
+        let job = "ab".repeat(32);
+        let check = |key: &HostKey, builder: &str, ran_on: Option<db::RanOn>, want_job: &str| {
+            let (r, p, l) = signed(tmp.path(), key, builder, &job);
+            verify_run((&r, &p, Some(&l)), ran_on.as_ref(), Some(want_job), &signers).map(|(host, _)| host)
+        };
+        let slurm = || Some(db::RanOn::Slurm("node1".into()));
+        let remote_a = || Some(db::RanOn::Remote("hosta".into()));
+        assert_eq!(check(&node, "node1", slurm(), &job).expect("the node Slurm named"), "node1");
+        assert_eq!(check(&remote, "hosta", remote_a(), &job).expect("the leased host"), "hosta");
+        assert_eq!(check(&local, "a", None, &job).expect("a local host, as itself"), "a");
+        // A node's key is trusted only for a job Slurm ran on that node.
+        let e = check(&node, "node1", remote_a(), &job).expect_err("a node's key for a remote host's run");
+        assert!(e.contains("no signature is by a key given"), "{e}");
+        let e = check(&node, "node1", Some(db::RanOn::Slurm("node2".into())), &job).expect_err("another node");
+        assert!(e.contains("no key is pinned for node2 (slurm)"), "{e}");
+        // No host signs as another, with its own key or any.
+        let e = check(&remote, "node1", remote_a(), &job).expect_err("signed as another");
+        assert!(e.contains("it is signed as construir-host:node1, not as hosta"), "{e}");
+        let e = check(&remote, "a", None, &job).expect_err("a remote key for a local run");
+        assert!(e.contains("no signature is by a key given"), "{e}");
+        let e = check(&local, "b", None, &job).expect_err("a local host naming another");
+        assert!(e.contains("it is signed as construir-host:b, not as a"), "{e}");
+        // And the statement names the job file the server received.
+        let e = check(&node, "node1", slurm(), &"cd".repeat(32)).expect_err("another job");
+        assert!(e.contains("but the server received"), "{e}");
+    }
+}

@@ -1,6 +1,6 @@
 //! `construir-host run-one`: one job file through one VM, in the foreground.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -18,6 +18,32 @@ use jobfile::tools::{self};
 
 /// Most bytes of the live console mirrored into `--console` (what the server keeps of one).
 const MIRRORED_CONSOLE: u64 = 16 << 20;
+
+/// The images directory to boot from: `--images`, or, for an image handed
+/// over by checksum, a checked copy on this machine's own disk under `base`.
+fn images_to_boot(a: &RunArgs, job: &jobfile::JobName, checksum: Option<&str>, base: &Path) -> Result<PathBuf> {
+    let images = a.dirs.images.clone().context("give --images DIR: where the base images (i<N>/image.toml) are")?;
+    let Some(expected) = checksum else { return Ok(images) };
+    handed::local_image(&images, job.image(), expected, &base.join("construir-images"))
+        .with_context(|| format!("image i{} in {} is not the server's", job.image(), images.display()))
+}
+
+/// Runs the daemon over the private spool; with `console` (from, to), the
+/// live console is mirrored to `to` while it runs.
+fn run_mirrored(opts: &RunOptions, stop: Arc<AtomicBool>, console: Option<(PathBuf, PathBuf)>) -> Result<()> {
+    let running = Arc::new(AtomicBool::new(true));
+    let mirror = console.map(|(from, to)| {
+        let running = running.clone();
+        std::thread::spawn(move || handed::mirror_console(from, to, MIRRORED_CONSOLE, running))
+    });
+    let ran = daemon::run(opts, stop);
+    running.store(false, Ordering::Relaxed);
+    if let Some(mirror) = mirror {
+        let _ = mirror.join();
+    }
+    ran?;
+    Ok(())
+}
 
 /// `run-one`: a private spool with the one job in it, run by the daemon
 /// until it is empty; then the result and log go beside the job file.
@@ -46,15 +72,9 @@ pub(crate) fn run_one(args: RunOneArgs) -> Result<ExitCode> {
     if result_path.exists() {
         bail!("{} exists already: move it away first", result_path.display());
     }
-    let images = a.dirs.images.clone().context("give --images DIR: where the base images (i<N>/image.toml) are")?;
     let base = a.dirs.work.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
-    // An image handed over by checksum is booted from a checked copy on this machine's own disk.
-    let images = match &args.image_checksum {
-        Some(expected) => handed::local_image(&images, job.image(), expected, &base.join("construir-images"))
-            .with_context(|| format!("image i{} in {} is not the server's", job.image(), images.display()))?,
-        None => images,
-    };
+    let images = images_to_boot(&a, &job, args.image_checksum.as_deref(), &base)?;
     let spool = nix::unistd::mkdtemp(&base.join("construir-run-one.XXXXXX"))
         .with_context(|| format!("cannot make a spool in {}", base.display()))?;
     let host_id = a.host_id.clone().unwrap_or_else(daemon::default_host_id);
@@ -76,18 +96,8 @@ pub(crate) fn run_one(args: RunOneArgs) -> Result<ExitCode> {
         std::fs::rename(&staged, dirs.queue.join(name))?;
         let (opts, stop) = prepare(&a, dirs.clone(), host_id.clone())?;
         let opts = RunOptions { once: true, workers: 1, rules: Rules { settle: Duration::ZERO, ..opts.rules }, ..opts };
-        let running = Arc::new(AtomicBool::new(true));
-        let mirror = args.console.clone().map(|to| {
-            let from = jobfile::layout::live_console(&dirs.host_dir, name.as_ref());
-            let running = running.clone();
-            std::thread::spawn(move || handed::mirror_console(from, to, MIRRORED_CONSOLE, running))
-        });
-        let ran = daemon::run(&opts, stop);
-        running.store(false, Ordering::Relaxed);
-        if let Some(mirror) = mirror {
-            let _ = mirror.join();
-        }
-        ran?;
+        let console = args.console.clone().map(|to| (jobfile::layout::live_console(&dirs.host_dir, name.as_ref()), to));
+        run_mirrored(&opts, stop, console)?;
         let result = dirs.done.join(job.done_file_name());
         if result.exists() {
             let log = dirs.done.join(job.done_with_extension("log"));

@@ -28,6 +28,19 @@ pub const MAX_LEASE_BODY: usize = 64 << 10;
 /// Most bytes of a renewal's body: the console a host sends with it (it sends 256 KiB at most).
 pub const MAX_RENEW_BODY: usize = 1 << 20;
 
+/// What a host says it holds, counting only caches of jobs the server gave
+/// it: its word about any other (another account's, made up) is dropped.
+async fn given_only(app: &App, host: &db::Account, held: Vec<wire::HeldCache>) -> ApiResult<Vec<wire::HeldCache>> {
+    let given = db::given_caches(app.db(), host.id).await.map_err(ApiError::internal)?;
+    let (held, unknown): (Vec<wire::HeldCache>, Vec<wire::HeldCache>) =
+        held.into_iter().partition(|c| given.contains(&(c.owner.clone(), c.image.clone(), c.name.clone())));
+    if !unknown.is_empty() {
+        let n = unknown.len();
+        log::warn!("host {}: says it holds {n} build cache(s) it was given no job for; not counted", host.name);
+    }
+    Ok(held)
+}
+
 /// `POST /v1/host/lease`: record the host, and hand it a job when it has room.
 #[utoipa::path(
     post,
@@ -53,17 +66,7 @@ pub async fn lease(
         .collect();
     let images = serde_json::to_string(&req.images).unwrap_or_default();
     // What it says it holds counts only for caches the server gave it jobs for.
-    let given = db::given_caches(app.db(), host.id).await.map_err(ApiError::internal)?;
-    let (held, unknown): (Vec<wire::HeldCache>, Vec<wire::HeldCache>) =
-        req.caches.iter().cloned().partition(|c| given.contains(&(c.owner.clone(), c.image.clone(), c.name.clone())));
-    if !unknown.is_empty() {
-        log::warn!(
-            "host {}: says it holds {} build cache(s) it was given no job for; not counted",
-            host.name,
-            unknown.len()
-        );
-    }
-    let req = LeaseRequest { caches: held, ..req };
+    let req = LeaseRequest { caches: given_only(&app, &host, req.caches).await?, ..req };
     let caches = serde_json::to_string(&req.caches).unwrap_or_default();
     db::host_seen(app.db(), host.id, &images, req.capacity.min(1024), &req.version, &caches)
         .await
