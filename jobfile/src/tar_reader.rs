@@ -325,11 +325,11 @@ impl<R: Read> ArchiveReader<R> {
             match flag {
                 b'L' => {
                     let name = self.read_meta(raw_size, MAX_LONG_NAME, "GNU long name", at)?;
-                    set_once(&mut pending.long_name, trim_nul(name), "GNU long name", at)?;
+                    set_once(&mut pending.long_name, tar_strict::long_name(name, at)?, "GNU long name", at)?;
                 }
                 b'K' => {
                     let link = self.read_meta(raw_size, MAX_LONG_NAME, "GNU long link", at)?;
-                    set_once(&mut pending.long_link, trim_nul(link), "GNU long link", at)?;
+                    set_once(&mut pending.long_link, tar_strict::long_name(link, at)?, "GNU long link", at)?;
                 }
                 b'x' => {
                     let data = self.read_meta(raw_size, MAX_PAX, "pax header", at)?;
@@ -518,40 +518,35 @@ impl<R: Read> ArchiveReader<R> {
         if stored != cur.raw_left {
             return Err(ArchiveError::BadSparse { offset: at });
         }
+        if end != real {
+            // GNU tar sizes the file by where its map ends (it writes a last, empty segment
+            // there), others by the declared real size: the two must be one.
+            let what = format!("a sparse map that ends at {end} for a file of {real} bytes");
+            return Err(ArchiveError::Ambiguous { offset: at, what });
+        }
         cur.sparse = Some(map.into_iter().filter(|&(_, len)| len > 0).collect());
         Ok(real)
     }
 
     /// The old GNU sparse map: four slots in the header, 21 more per extension block.
     fn gnu_sparse_map(&mut self, block: &[u8; 512], at: u64) -> Result<(Vec<(u64, u64)>, u64), ArchiveError> {
-        let bad = ArchiveError::BadSparse { offset: at };
-        let gnu = tar::Header::from_byte_slice(block).as_gnu().ok_or(ArchiveError::BadSparse { offset: at })?;
-        let real = gnu.real_size().map_err(|_| ArchiveError::BadSparse { offset: at })?;
+        let bad = || ArchiveError::BadSparse { offset: at };
+        let real = parse_numeric(&block[483..495]).ok_or_else(bad)?;
         let mut map = Vec::new();
-        for s in gnu.sparse.iter().filter(|s| !s.is_empty()) {
-            map.push((
-                s.offset().map_err(|_| ArchiveError::BadSparse { offset: at })?,
-                s.length().map_err(|_| ArchiveError::BadSparse { offset: at })?,
-            ));
-        }
-        let mut extended = gnu.is_extended();
+        // Four slots in the header, then the "extended" flag.
+        let mut ended = sparse_slots(&block[386..482], &mut map, at)?;
+        let mut extended = block[482] != 0;
         while extended {
-            if map.len() > MAX_SPARSE_SEGMENTS {
-                return Err(bad);
+            if map.len() > MAX_SPARSE_SEGMENTS || ended {
+                // GNU tar reads on into the next block after an empty slot; nothing writes that.
+                return Err(bad());
             }
             let mut ext = [0u8; BLOCK as usize];
             if self.fill(&mut ext)? < ext.len() {
                 return Err(ArchiveError::Truncated { offset: self.offset });
             }
-            // An extension block is 21 slots of (offset, length) as 12-byte octal, then the flag.
-            for slot in ext[..21 * 24].chunks(24) {
-                let (off, len) = (parse_octal(&slot[..12]), parse_octal(&slot[12..]));
-                match (off, len) {
-                    (Some(0), Some(0)) if slot.iter().all(|&b| b == 0) => {}
-                    (Some(o), Some(l)) => map.push((o, l)),
-                    _ => return Err(ArchiveError::BadSparse { offset: at }),
-                }
-            }
+            // An extension block is 21 slots of (offset, length), then the flag.
+            ended = sparse_slots(&ext[..21 * 24], &mut map, at)?;
             extended = ext[504] != 0;
         }
         Ok((map, real))
@@ -680,13 +675,6 @@ fn set_once<T>(slot: &mut Option<T>, value: T, what: &'static str, offset: u64) 
     Ok(())
 }
 
-fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
-    while v.last() == Some(&0) {
-        v.pop();
-    }
-    v
-}
-
 /// The stored checksum must match the header's sum (unsigned, or the historic signed one).
 fn check_checksum(block: &[u8; 512], offset: u64) -> Result<(), ArchiveError> {
     let stored = parse_octal(&block[148..156]).ok_or(ArchiveError::BadChecksum { offset })?;
@@ -702,6 +690,28 @@ fn check_checksum(block: &[u8; 512], offset: u64) -> Result<(), ArchiveError> {
     } else {
         Err(ArchiveError::BadChecksum { offset })
     }
+}
+
+/// GNU sparse slots, 24 bytes each (offset, length): the map ends at the
+/// first slot whose length starts with NUL (as GNU tar reads it), which
+/// must be all zeros, as every slot after it. Returns whether it ended.
+fn sparse_slots(slots: &[u8], map: &mut Vec<(u64, u64)>, at: u64) -> Result<bool, ArchiveError> {
+    let mut ended = false;
+    for slot in slots.chunks(24) {
+        if slot.iter().all(|&b| b == 0) {
+            ended = true;
+            continue;
+        }
+        if ended || slot[12] == 0 {
+            return Err(ArchiveError::Ambiguous {
+                offset: at,
+                what: "a GNU sparse map with a gap or a half-empty slot".into(),
+            });
+        }
+        let bad = || ArchiveError::BadSparse { offset: at };
+        map.push((parse_numeric(&slot[..12]).ok_or_else(bad)?, parse_numeric(&slot[12..]).ok_or_else(bad)?));
+    }
+    Ok(ended)
 }
 
 /// A numeric header field: base-256 when the high bit of its first byte is
@@ -950,9 +960,9 @@ mod tests {
         ]
         .concat();
         let mut bytes = pax_entry(b'x', &records);
-        // The data: a map with no segments ("0\n"), padded to a block.
+        // The data: a map of one empty segment at the end (as GNU tar ends a map), padded to a block.
         bytes.extend_from_slice(&header_block(b"huge", b'0', 512));
-        let mut map = b"0\n".to_vec();
+        let mut map = format!("1\n{}\n0\n", 1u64 << 62).into_bytes();
         map.resize(512, 0);
         bytes.extend_from_slice(&map);
         bytes.resize(bytes.len() + 1024, 0);

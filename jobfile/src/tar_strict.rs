@@ -112,6 +112,18 @@ pub fn check_pax_global(records: &[(Vec<u8>, Vec<u8>)], offset: u64) -> Result<(
     }
 }
 
+/// A GNU long name or link: the bytes before its first NUL, which must come
+/// within its declared size. GNU tar and tarfile read the whole padded
+/// blocks up to the first NUL; a name that runs past its size into the
+/// padding would read one way there and another here.
+pub fn long_name(mut data: Vec<u8>, offset: u64) -> Result<Vec<u8>, ArchiveError> {
+    let Some(end) = data.iter().position(|&b| b == 0) else {
+        return Err(ambiguous(offset, "a GNU long name with no NUL within its size".into()));
+    };
+    data.truncate(end);
+    Ok(data)
+}
+
 /// Checks an entry once its header is read: a path or link with a NUL (C
 /// readers stop there), a name from both a GNU long name and pax, data
 /// framed after anything but a regular file (tarfile reads it as the next
@@ -199,6 +211,12 @@ impl Paths {
         }
         if key.is_empty() {
             // The archive's own root (`./`): a directory, once.
+            if kind != Kind::Dir {
+                return Err(ambiguous(
+                    offset,
+                    format!("the archive's root {} as anything but a directory", shown(path)),
+                ));
+            }
             return self.insert(key, kind, path, offset);
         }
         let mut at = 0;
