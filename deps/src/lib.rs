@@ -73,12 +73,23 @@ fn libc_nofollow() -> i32 {
 /// (run as root on a host) reads its configuration and writes its lists
 /// there, and a file planted by another user must never reach it.
 pub fn own_dir(path: &Path) -> Result<(), ResolveError> {
+    owned_by(path, &[nix::unistd::geteuid().as_raw()])
+}
+
+/// The user apt drops to for downloads (`APT::Sandbox::User`, `_apt`),
+/// which owns its `partial/` directories: apt chowns them so.
+fn apt_sandbox_uid() -> Option<u32> {
+    nix::unistd::User::from_name("_apt").ok().flatten().map(|u| u.uid.as_raw())
+}
+
+/// [`own_dir`], also taking a directory owned by one of `owners`.
+fn owned_by(path: &Path, owners: &[u32]) -> Result<(), ResolveError> {
     use std::os::unix::fs::MetadataExt;
     let uid = nix::unistd::geteuid().as_raw();
     let meta = fs::symlink_metadata(path).map_err(|source| ResolveError::Io { path: path.to_owned(), source })?;
     let found = if !meta.file_type().is_dir() {
         Some("not a directory".to_owned())
-    } else if meta.uid() != uid {
+    } else if !owners.contains(&meta.uid()) {
         Some(format!("owned by uid {}", meta.uid()))
     } else if meta.mode() & 0o022 != 0 {
         Some(format!("mode {:o}: others may write", meta.mode() & 0o7777))
@@ -180,13 +191,17 @@ impl Resolver {
             let path = dir.join(sub);
             fs::create_dir_all(&path).map_err(io(&path))?;
         }
-        let own = [self.settings.cache.clone(), self.settings.cache.join("apt")].into_iter().chain(
-            ["", "etc", "lists", "lists/partial", "cache", "cache/archives", "cache/archives/partial", "log"]
-                .iter()
-                .map(|sub| dir.join(sub)),
-        );
+        let own = [self.settings.cache.clone(), self.settings.cache.join("apt")]
+            .into_iter()
+            .chain(["", "etc", "lists", "cache", "cache/archives", "log"].iter().map(|sub| dir.join(sub)));
         for path in own {
             own_dir(&path)?;
+        }
+        // apt gives its partial/ directories to the user it downloads as (when it runs as root).
+        let me = nix::unistd::geteuid().as_raw();
+        let partial_owners: Vec<u32> = std::iter::once(me).chain(apt_sandbox_uid()).collect();
+        for sub in ["lists/partial", "cache/archives/partial"] {
+            owned_by(&dir.join(sub), &partial_owners)?;
         }
         let lock_path = dir.join("lock");
         use std::os::unix::fs::OpenOptionsExt;
@@ -261,6 +276,9 @@ impl Resolver {
         self.check_bytes(resolution)?;
         let debs = self.settings.cache.join("debs");
         let cache = DebCache::new(&debs).map_err(|source| ResolveError::Io { path: debs.clone(), source })?;
+        // The .debs become a layer root boots from: only this user's own directory holds them.
+        own_dir(&self.settings.cache)?;
+        own_dir(&debs)?;
         let io = |path: PathBuf| move |source| ResolveError::Io { path, source };
         let mut found = HashMap::new();
         let mut missing = Vec::new();

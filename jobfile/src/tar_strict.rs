@@ -186,7 +186,7 @@ enum Seen {
 /// Every path a result's reader has seen, so that each names one thing:
 /// in the canonical form (relative; `./` only in front; no empty, `.` or
 /// `..` component), once, never below a file or a link, and hard links
-/// only to a regular file named before them.
+/// only to an entry named before them that is no directory.
 #[derive(Debug, Default)]
 pub struct Paths {
     seen: HashMap<Vec<u8>, Seen>,
@@ -204,8 +204,12 @@ impl Paths {
             let target = link.and_then(canonical).ok_or_else(|| {
                 ambiguous(offset, format!("a hard link to {}", link.map_or_else(|| "nothing".into(), shown)))
             })?;
-            if self.seen.get(&target) != Some(&Seen::Entry(Kind::File)) {
-                let why = format!("a hard link to {}, which is no regular file before it", shown(&target));
+            // GNU tar links to whatever stands there (a file, a link, a device); a directory fails it.
+            if !matches!(self.seen.get(&target), Some(Seen::Entry(k)) if *k != Kind::Dir) {
+                let why = format!(
+                    "a hard link to {}, which is nothing before it but a directory or no entry",
+                    shown(&target)
+                );
                 return Err(ambiguous(offset, why));
             }
         }
@@ -310,7 +314,8 @@ mod tests {
         p.add(b"l", Kind::Symlink, Some(b"/etc"), 6).expect("a link");
         assert!(p.add(b"l/passwd", Kind::File, None, 7).is_err(), "below a link");
         p.add(b"h", Kind::Hardlink, Some(b"./a/b/c"), 8).expect("a hard link to a file before it");
-        assert!(p.add(b"h2", Kind::Hardlink, Some(b"l"), 9).is_err(), "a hard link to a symlink");
+        p.add(b"h2", Kind::Hardlink, Some(b"l"), 9).expect("a hard link to a symlink: GNU tar links the link");
+        assert!(p.add(b"h4", Kind::Hardlink, Some(b"a"), 9).is_err(), "a hard link to a directory");
         assert!(p.add(b"h3", Kind::Hardlink, Some(b"later"), 10).is_err(), "a hard link forward");
         assert!(p.add(b"./", Kind::Dir, None, 11).is_err(), "the root twice");
     }
