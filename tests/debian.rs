@@ -1036,6 +1036,19 @@ fn accounts_with_the_same_cache_name_never_share_it_and_clear_only_their_own() {
     assert!(run.log.contains("i100/c removed: its owner cleared it"), "{}", run.log);
     assert_eq!(list(&alice)["caches"][0]["version"], 1);
     assert_eq!(list(&bob)["caches"][0]["version"], 2);
+    // A verified rebuild naming bob's cache: neither run is lent it (a poisoned cache would feed
+    // both the same objects), the verdict says so, and bob's cache stays as it was.
+    let b3 = submit(&s, &bob, &q, &marking_job(root, "b3", "from-bob-3"), &["--cache", "c", "--verify-on", "2"]);
+    let run = host(&[]);
+    assert_eq!(saw(&done_by_id(&q, &b3)), Vec::<String>::new(), "a rebuild's run was lent the cache: {}", run.log);
+    assert!(run.log.contains("a verified rebuild's run: its build caches start empty"), "{}", run.log);
+    let (_, _, err) = client(&s, &bob, root, &["wait", &b3]);
+    assert!(err.contains("both without build caches"), "{err}");
+    let (code, out, err) = client(&s, &bob, root, &["status", &b3]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(status["rebuild"]["verdict"]["without_caches"], true, "{status}");
+    assert_eq!(list(&bob)["caches"][0]["version"], 2, "a rebuild's run kept nothing");
 }
 
 /// The farm: a job that names a build cache goes to the free remote host
