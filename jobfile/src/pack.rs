@@ -83,8 +83,12 @@ pub fn pack_dir<W: Write>(dir: &Path, out: W, capacity: u64, opts: &PackOptions)
     let too_large = |fed: u64| {
         let out = out_total.get();
         // The part of the tree compressed so far (what was fed, less what
-        // the encoder's threads still hold) predicts the rest.
-        let compressed = fed.saturating_sub(in_flight).max(1);
+        // the encoder's threads may still hold) predicts the rest. The
+        // threads hold at most `in_flight`, often less; xz's output is never
+        // much larger than the input it came from, so what came out is a
+        // floor on what was compressed (without it, an encoder that keeps up
+        // with its input made estimates several times the tree).
+        let compressed = fed.saturating_sub(in_flight).max(out.min(fed)).max(1);
         let estimate = (out as f64 * input as f64 / compressed as f64) as u64;
         PackError::TooLarge { needed: estimate.max(out), capacity, estimated: true }
     };

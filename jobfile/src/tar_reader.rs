@@ -299,6 +299,10 @@ impl<R: Read> ArchiveReader<R> {
             let at = self.offset;
             let mut block = [0u8; BLOCK as usize];
             match self.fill(&mut block)? {
+                0 if at == 0 => {
+                    // Nothing at all: GNU tar and tarfile refuse it ("does not look like a tar archive").
+                    return Err(ArchiveError::Ambiguous { offset: 0, what: "an empty archive".into() });
+                }
                 0 if pending.is_empty() => {
                     // No end-of-archive blocks: GNU tar accepts this, so do we.
                     self.ended = true;
