@@ -94,11 +94,48 @@ pub fn check_pax_entry(records: &[(Vec<u8>, Vec<u8>)], offset: u64) -> Result<()
             return Err(ambiguous(offset, format!("pax record {} given twice", shown())));
         }
     }
+    for (key, value) in records {
+        if !value_fits(key, value) {
+            let what = format!(
+                "pax record {}={} (GNU tar refuses it, others read it their own way)",
+                crate::text::sanitize_capped(key, 64),
+                crate::text::sanitize_capped(value, 64)
+            );
+            return Err(ambiguous(offset, what));
+        }
+    }
     let sparse = |k: &[u8]| records.iter().any(|(key, _)| key == k);
     if !sparse(b"GNU.sparse.major") && (sparse(b"GNU.sparse.name") || sparse(b"GNU.sparse.realsize")) {
         return Err(ambiguous(offset, "GNU.sparse records without GNU.sparse.major".into()));
     }
     Ok(())
+}
+
+/// Whether a pax record's value is what GNU tar takes for its key: times
+/// as `[-]digits[.digits]`, ids and sizes as plain decimals within their
+/// types (tarfile reads `1e5`, `+5` or `1_000`; GNU tar refuses them).
+fn value_fits(key: &[u8], value: &[u8]) -> bool {
+    let decimal = |max: u64| {
+        !value.is_empty()
+            && value.len() <= 20
+            && value.iter().all(u8::is_ascii_digit)
+            && std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok()).is_some_and(|v| v <= max)
+    };
+    match key {
+        b"atime" | b"ctime" | b"mtime" => {
+            let v = value.strip_prefix(b"-").unwrap_or(value);
+            let (whole, fraction) = match v.iter().position(|&b| b == b'.') {
+                Some(dot) => (&v[..dot], Some(&v[dot + 1..])),
+                None => (v, None),
+            };
+            let digits = |d: &[u8]| !d.is_empty() && d.len() <= 19 && d.iter().all(u8::is_ascii_digit);
+            digits(whole) && fraction.is_none_or(|f| !f.is_empty() && f.len() <= 64 && f.iter().all(u8::is_ascii_digit))
+        }
+        b"uid" | b"gid" => decimal(u64::from(u32::MAX)),
+        b"size" | b"GNU.sparse.realsize" => decimal(i64::MAX as u64),
+        b"SCHILY.dev" | b"SCHILY.ino" | b"SCHILY.nlink" => decimal(u64::MAX),
+        _ => true,
+    }
 }
 
 /// A pax global header may carry only a comment (as `git archive` writes):
@@ -329,6 +366,15 @@ mod tests {
         assert!(check_pax_entry(&[r("GNU.dumpdir", "x")], 0).is_err());
         assert!(check_pax_entry(&[r("path", "a"), r("path", "b")], 0).is_err());
         assert!(check_pax_entry(&[r("hdrcharset", "BINARY")], 0).is_err());
+        assert!(check_pax_entry(&[r("atime", "ctim504792.868186504")], 0).is_err(), "a time GNU tar refuses");
+        for (key, value) in
+            [("mtime", "1e5"), ("mtime", "1."), ("uid", "+5"), ("gid", "1_000"), ("uid", "4294967296"), ("size", "-1")]
+        {
+            assert!(check_pax_entry(&[r(key, value)], 0).is_err(), "{key}={value}");
+        }
+        for (key, value) in [("mtime", "-1795504792.863582551"), ("uid", "4294967295"), ("size", "007")] {
+            assert!(check_pax_entry(&[r(key, value)], 0).is_ok(), "{key}={value}");
+        }
         assert!(check_pax_global(&[r("comment", "git")], 0).is_ok());
         assert!(check_pax_global(&[r("path", "x")], 0).is_err());
     }
