@@ -778,10 +778,8 @@ fn parse_pax_time(s: &[u8]) -> Option<i64> {
 fn parse_pax(mut data: &[u8], offset: u64) -> Result<PaxRecords, ArchiveError> {
     let bad = || ArchiveError::BadPax { offset };
     let mut records = Vec::new();
+    // Records fill the header's size exactly: GNU tar refuses anything after them, tarfile stops there.
     while !data.is_empty() {
-        if data.iter().all(|&b| b == 0) {
-            break;
-        }
         let space = data.iter().position(|&b| b == b' ').ok_or_else(bad)?;
         let len = parse_decimal(&data[..space]).ok_or_else(bad)? as usize;
         if len <= space + 1 || len > data.len() || data[len - 1] != b'\n' {

@@ -82,6 +82,10 @@ pub fn check_pax_entry(records: &[(Vec<u8>, Vec<u8>)], offset: u64) -> Result<()
         [b"GNU.sparse.major", b"GNU.sparse.minor", b"GNU.sparse.name", b"GNU.sparse.realsize"];
     for (i, (key, _)) in records.iter().enumerate() {
         let shown = || crate::text::sanitize_capped(key, 64);
+        if key.is_empty() || key.contains(&0) {
+            // GNU tar reads a key up to its first NUL (and then finds no `=`); tarfile reads it whole.
+            return Err(ambiguous(offset, format!("pax record key {:?}", shown())));
+        }
         if key.starts_with(b"GNU.") && !SPARSE_1_0.contains(&key.as_slice()) {
             return Err(ambiguous(offset, format!("pax record {}", shown())));
         }
@@ -367,6 +371,7 @@ mod tests {
         assert!(check_pax_entry(&[r("path", "a"), r("path", "b")], 0).is_err());
         assert!(check_pax_entry(&[r("hdrcharset", "BINARY")], 0).is_err());
         assert!(check_pax_entry(&[r("atime", "ctim504792.868186504")], 0).is_err(), "a time GNU tar refuses");
+        assert!(check_pax_entry(&[r("mti\0e", "1")], 0).is_err(), "a NUL in a key");
         for (key, value) in
             [("mtime", "1e5"), ("mtime", "1."), ("uid", "+5"), ("gid", "1_000"), ("uid", "4294967296"), ("size", "-1")]
         {
