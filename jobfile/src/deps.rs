@@ -167,7 +167,10 @@ pub enum DepsError {
 /// every claim: the declaration is its first file, and the
 /// `debian/control` it names must come within the archive's first
 /// 256 MiB (`job pack` puts its top directory right after the declaration).
-pub const SCAN_LIMITS: crate::ReadLimits = crate::ReadLimits::new(SCAN_BYTES, std::time::Duration::from_secs(20));
+/// A job's own archive, not a result: paths are not kept (the guest, which
+/// unpacks it, does not keep them either).
+pub const SCAN_LIMITS: crate::ReadLimits =
+    crate::ReadLimits { unique_paths: false, ..crate::ReadLimits::new(SCAN_BYTES, std::time::Duration::from_secs(20)) };
 /// How far into a job's archive its `debian/control` may be.
 pub const SCAN_BYTES: u64 = 256 << 20;
 
