@@ -105,32 +105,6 @@ impl Attempt {
         out.sync_all()?;
         Ok(true)
     }
-
-    /// The names in the directory at `rel` (none when it cannot be read),
-    /// read through the held descriptor, no link followed.
-    pub fn names(&self, rel: &[&str]) -> Vec<String> {
-        let mut at: Option<OwnedFd> = None;
-        for comp in rel {
-            if check_component(comp).is_err() {
-                return Vec::new();
-            }
-            let base = at.as_ref().map_or(self.dir.as_fd(), |d| d.as_fd());
-            let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
-            match openat(base, *comp, flags, Mode::empty()) {
-                Ok(fd) => at = Some(fd),
-                Err(_) => return Vec::new(),
-            }
-        }
-        let base = at.as_ref().map_or(self.dir.as_fd(), |d| d.as_fd());
-        let flags = OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
-        let Ok(fd) = openat(base, ".", flags, Mode::empty()) else { return Vec::new() };
-        let Ok(mut dir) = nix::dir::Dir::from_fd(fd) else { return Vec::new() };
-        dir.iter()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().ok().map(str::to_owned))
-            .filter(|n| n != "." && n != "..")
-            .collect()
-    }
 }
 
 /// One plain name: no separator, not `.` or `..`.
@@ -175,8 +149,5 @@ mod tests {
         assert_eq!(std::fs::read(&to).expect("read"), b"0\n");
         symlink(tmp.path().join("elsewhere-dir"), tmp.path().join("attempt-link")).expect("link");
         assert!(Attempt::open(&tmp.path().join("attempt-link")).is_err(), "the attempt itself through a link");
-        let mut names = a.names(&["out"]);
-        names.sort();
-        assert_eq!(names, ["linked.log", "second-name"]);
     }
 }
