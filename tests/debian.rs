@@ -590,7 +590,8 @@ fn a_hanging_download_ends_when_the_job_is_cancelled_or_the_host_stops() {
     let queue_pinned = |name: &str| {
         let file = format!("{name}_i100.tar.xz");
         let packed = pack_with_packages(&q, name, "100", &[("bin/construir", "#!/bin/sh\necho ran\n")], "pkg-config");
-        jobfile::layout::write_pin(&running, file.as_ref(), &resolution).expect("pin");
+        let terms = jobfile::layout::Terms { pin: Some(resolution.clone()), ..Default::default() };
+        terms.write(&running, file.as_ref()).expect("pin");
         fs::rename(packed, q.queue.join(&file)).expect("into the queue");
         file
     };

@@ -262,8 +262,7 @@ impl Caches {
                 used: s.used,
             })
             .collect();
-        let raw = serde_json::to_vec_pretty(&held).map_err(io::Error::other)?;
-        jobfile::layout::write_whole(&jobfile::layout::cache_report_file(running, host_id), &raw)?;
+        jobfile::layout::CacheTree::of(running).write_report(host_id, &held)?;
         Ok(removed)
     }
 
@@ -550,7 +549,7 @@ mod tests {
         let read = |path: &Path| -> Vec<wire::HeldCache> {
             serde_json::from_slice(&fs::read(path).expect("report")).expect("json")
         };
-        let file = jobfile::layout::cache_report_file(&running, "h1");
+        let file = jobfile::layout::CacheTree::of(&running).report_file("h1");
         let held = read(&file);
         assert_eq!(held.len(), 2, "{held:?}");
         assert!(held

@@ -16,11 +16,12 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use crate::image::Image;
+use crate::limits::Limits;
 use crate::metrics;
 use crate::pending::{Pending, Refusal};
 use crate::queue::Ending;
 use crate::queue::{self, Dirs, Rules};
-use crate::worker::{self, Limits};
+use crate::{lending, worker};
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -98,14 +99,14 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     let mut last_scan = Instant::now();
     let mut stopping: Option<Instant> = None;
     // The server's cleared caches, as last seen: when they change, this host frees its copies.
-    let generations_file = jobfile::layout::generations_file(&dirs.running);
+    let generations_file = jobfile::layout::CacheTree::of(&dirs.running).generations_file();
     let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut generations_seen = modified(&generations_file);
-    worker::report_caches(dirs, &opts.limits);
+    lending::report(dirs, &opts.limits);
     loop {
         if opts.limits.caches.is_some() && modified(&generations_file) != generations_seen {
             generations_seen = modified(&generations_file);
-            worker::report_caches(dirs, &opts.limits);
+            lending::report(dirs, &opts.limits);
         }
         if stop.load(Ordering::Relaxed) && stopping.is_none() {
             stopping = Some(Instant::now());

@@ -14,7 +14,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use jobfile::image::{ImageManifest, MANIFEST};
-use jobfile::layout::{open_unfollowed, TermFiles};
+use jobfile::layout::{open_unfollowed, TermFiles, Terms};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -177,11 +177,10 @@ pub fn take_terms(from: &Path, running: &Path, file_name: &OsStr, want: Option<&
     }
     terms.write(running).map_err(|e| bad(e.to_string()))?;
     let mine = |why: String| HandedError::Terms { dir: running.to_owned(), why };
-    jobfile::layout::read_pin(running, file_name).map_err(mine)?;
-    jobfile::layout::read_owner(running, file_name).map_err(mine)?;
-    if let Some(terms) = jobfile::rebuild::read_terms(running, file_name).map_err(mine)? {
-        jobfile::rebuild::write_terms(running, file_name, &jobfile::rebuild::Terms { apart_until: 0, ..terms })
-            .map_err(|e| mine(e.to_string()))?;
+    let read = Terms::read(running, file_name).map_err(|e| mine(e.to_string()))?;
+    if let Some(terms) = read.rebuild {
+        let rebuild = Some(jobfile::rebuild::Terms { apart_until: 0, ..terms });
+        Terms { rebuild, ..Terms::default() }.write(running, file_name).map_err(|e| mine(e.to_string()))?;
     }
     Ok(())
 }

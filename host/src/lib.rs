@@ -4,6 +4,7 @@
 
 pub mod caches;
 pub mod cgroup;
+pub mod claim;
 pub mod config;
 pub mod console;
 pub mod daemon;
@@ -11,9 +12,13 @@ pub mod doctor;
 pub mod files;
 pub mod handed;
 pub mod image;
+pub mod intake;
 pub mod jail;
 pub mod kvm;
+pub mod layer_build;
 pub mod layers;
+pub mod lending;
+pub mod limits;
 pub mod logger;
 pub mod metrics;
 pub mod packages;

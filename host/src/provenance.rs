@@ -5,13 +5,13 @@
 //! host itself handed to QEMU.
 
 use std::ffi::{OsStr, OsString};
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use construir_provenance::{HostKey, ResourceDescriptor};
+use construir_provenance::{
+    External, HostKey, ImageParameter, JobParameter, Machine, RebuildParameter, ResourceDescriptor, Sha256,
+};
 use jobfile::JobName;
-use serde_json::json;
 
 use crate::image::Image;
 
@@ -41,8 +41,8 @@ pub fn publish(running: &Path, host_id: &str, key: &HostKey) -> io::Result<()> {
 #[derive(Debug, Clone)]
 pub struct Record {
     pub started: String,
-    pub external: serde_json::Value,
-    pub internal: serde_json::Value,
+    pub external: External,
+    pub internal: Machine,
     pub dependencies: Vec<ResourceDescriptor>,
     /// How long hashing the job file took (for the log and the bench).
     pub hashed: std::time::Duration,
@@ -65,38 +65,31 @@ pub struct Inputs<'a> {
 }
 
 impl Record {
-    pub fn new(
-        inputs: Inputs<'_>,
-        started: String,
-        limits: &crate::worker::Limits,
-        jail: &str,
-        qemu: &str,
-        hashed: std::time::Duration,
-    ) -> Record {
+    /// What a job's provenance says of it: `inputs` as the host chose
+    /// them, on `machine`, claimed at `started`.
+    pub fn new(inputs: Inputs<'_>, started: String, machine: Machine, hashed: std::time::Duration) -> Record {
         let image = inputs.image;
         let image_name = format!("i{}", image.number);
         let manifest_sha = jobfile::image::sha256_file(&image.dir.join(jobfile::image::MANIFEST)).unwrap_or_default();
-        let mut external = json!({
-            "job": {
-                "name": jobfile::sanitize(inputs.file_name.as_encoded_bytes()),
-                "digest": {"sha256": inputs.job_sha256},
+        let external = External {
+            job: JobParameter {
+                name: jobfile::sanitize(inputs.file_name.as_encoded_bytes()),
+                digest: Sha256 { sha256: inputs.job_sha256.clone() },
             },
-            "image": {"name": image_name, "manifest": {"sha256": manifest_sha}, "kind": image.manifest.kind, "suite": image.manifest.suite},
-            "packages": inputs.packages,
-            "caches": inputs.caches.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
-        });
-        if let Some(t) = inputs.rebuild {
-            external["rebuild"] = json!({"name": t.name, "sourceDateEpoch": t.epoch, "otherRun": t.sibling});
-        }
-        let internal = json!({
-            "qemu": qemu,
-            "accelerator": limits.accel.name(),
-            "cpus": limits.cpus,
-            "memoryMiB": limits.memory_mib,
-            "networking": limits.networking,
-            "timeoutSecs": limits.timeout.as_secs(),
-            "jail": jail,
-        });
+            image: ImageParameter {
+                name: image_name.clone(),
+                manifest: Sha256 { sha256: manifest_sha.clone() },
+                kind: image.manifest.kind.clone(),
+                suite: image.manifest.suite.clone(),
+            },
+            packages: inputs.packages,
+            caches: inputs.caches.iter().map(|c| c.name.clone()).collect(),
+            rebuild: inputs.rebuild.map(|t| RebuildParameter {
+                name: t.name.clone(),
+                source_date_epoch: t.epoch,
+                other_run: t.sibling.clone(),
+            }),
+        };
         let mut dependencies =
             vec![ResourceDescriptor::file(format!("{image_name}/{}", jobfile::image::MANIFEST), manifest_sha)];
         for (file, sha) in &image.manifest.sha256 {
@@ -131,13 +124,13 @@ impl Record {
                 ..Default::default()
             });
         }
-        Record { started, external, internal, dependencies, hashed }
+        Record { started, external, internal: machine, dependencies, hashed }
     }
 }
 
 /// Signs a statement for the result staged at `result` (in `done/`, not
 /// yet in place) and its `log`, and writes it staged beside them; returns
-/// the staged name, for `land_beside` once the result is in place.
+/// the staged name, which lands with the result (`jobfile::layout::land`).
 #[allow(clippy::too_many_arguments)]
 pub fn sign_staged(
     done: &Path,
@@ -168,11 +161,4 @@ pub fn sign_staged(
         OsString::from(format!(".{}.{tag}.tmp", job.done_with_extension(jobfile::layout::PROVENANCE_EXTENSION)));
     construir_provenance::write(&done.join(&staged), &envelope)?;
     Ok(staged)
-}
-
-/// Puts the staged provenance in place beside its landed result (a stale
-/// one of that name, whose result is gone, is replaced).
-pub fn land_beside(done: &Path, staged: &OsStr, job: &JobName) -> io::Result<()> {
-    fs::rename(done.join(staged), done.join(job.done_with_extension(jobfile::layout::PROVENANCE_EXTENSION)))?;
-    fs::File::open(done)?.sync_all()
 }

@@ -10,19 +10,28 @@
 //! running/.attempts/          the hosts' counts of each job's attempts
 //! running/.farm/<file>        a job the server has leased to a remote host
 //! running/.slurm/<file>       a job the server has handed to Slurm
-//! running/.pins/<file>.json   the packages the server resolved for <file> at submit
-//! running/.pins/<file>.owner  whose caches <file> uses (the server's account, `a<id>`)
-//! running/.pins/<file>.rebuild  a verified rebuild's run: its sibling, name, epoch
+//! running/.pins/<file>.*      the job's terms: its pin, owner, rebuild (`Terms`)
 //! running/.pins/<file>.ranon  the host that claimed that run (`crate::rebuild`)
-//! running/.caches/generations.json  the server's cleared caches (owner -> name -> generation)
-//! running/.caches/host.<host-id>.json  the build caches that host holds, as it last said
+//! running/.caches/            the build caches' shared files (`CacheTree`)
 //! done/<name>_d<image>.tar.xz a result, with <name>_d<image>.log and
-//!                             <name>_d<image>.intoto.jsonl (its signed provenance)
+//!                             <name>_d<image>.intoto.jsonl (its signed provenance);
+//!                             all three land by `land`, the result last
 //! running/.keys/<host-id>.pub a host's public key, for the server
 //! failed/<file>               a failed job, with <file>.reason (first line: why;
-//!                             a refused one also "original name: ...") and maybe <file>.log
+//!                             a refused one also "original name: ...") and maybe <file>.log;
+//!                             all put there by `fail` or `refuse`
 //! images/i<N>/                the base images
 //! ```
+
+mod cache_tree;
+mod failed;
+mod land;
+mod terms;
+
+pub use cache_tree::CacheTree;
+pub use failed::{fail, refuse, FailLog};
+pub use land::{land, rename_noreplace, Landed, Landing};
+pub use terms::{owner_file, pin_file, BadTerms, Member, TermFiles, Terms};
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
@@ -152,148 +161,6 @@ pub const FARM: &str = ".farm";
 
 /// Where the server keeps the jobs it has handed to Slurm: `running/.slurm/`.
 pub const SLURM: &str = ".slurm";
-
-/// The packages the server resolved for the job `file_name` at submit,
-/// which a host installs exactly (`running/.pins/<file>.json`; only the
-/// server and hosts write in `running/`).
-pub fn pin_file(running: &Path, file_name: &OsStr) -> PathBuf {
-    let mut name = file_name.to_owned();
-    name.push(".json");
-    running.join(".pins").join(name)
-}
-
-/// Writes the pin for `file_name` whole (a temporary name, then a rename),
-/// for a host to find before the job is in its queue; returns its path.
-pub fn write_pin(running: &Path, file_name: &OsStr, resolution: &crate::deps::Resolution) -> std::io::Result<PathBuf> {
-    let path = pin_file(running, file_name);
-    write_whole(&path, &serde_json::to_vec_pretty(resolution).expect("a Resolution always serializes"))?;
-    Ok(path)
-}
-
-/// Reads a job's pinned packages: a regular file with one name, never
-/// through a link, at most 4 MiB, a valid resolution. `None` when there is
-/// none; `Err` says what is wrong with one that is there.
-pub fn read_pin(running: &Path, file_name: &OsStr) -> Result<Option<crate::deps::Resolution>, String> {
-    let path = pin_file(running, file_name);
-    let Some(raw) = read_small(&path, 4 << 20)? else { return Ok(None) };
-    let res: crate::deps::Resolution =
-        serde_json::from_slice(&raw).map_err(|e| format!("{} is not a resolution: {e}", path.display()))?;
-    res.check().map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(Some(res))
-}
-
-/// Whose build caches the job `file_name` uses (`running/.pins/<file>.owner`,
-/// written by the server at submit, or by a remote host from its lease).
-pub fn owner_file(running: &Path, file_name: &OsStr) -> PathBuf {
-    let mut name = file_name.to_owned();
-    name.push(".owner");
-    running.join(".pins").join(name)
-}
-
-/// Writes the owner of `file_name`'s caches whole; returns its path.
-pub fn write_owner(running: &Path, file_name: &OsStr, owner: &str) -> std::io::Result<PathBuf> {
-    crate::caches::check_owner(owner).map_err(std::io::Error::other)?;
-    let path = owner_file(running, file_name);
-    write_whole(&path, owner.as_bytes())?;
-    Ok(path)
-}
-
-/// Reads the owner of `file_name`'s caches: `None` when there is none (a
-/// job put into the queue by hand); `Err` says what is wrong with one that is there.
-pub fn read_owner(running: &Path, file_name: &OsStr) -> Result<Option<String>, String> {
-    let path = owner_file(running, file_name);
-    let Some(raw) = read_small(&path, 256)? else { return Ok(None) };
-    let owner = String::from_utf8_lossy(&raw).trim().to_owned();
-    crate::caches::check_owner(&owner).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(Some(owner))
-}
-
-/// Removes what the server left for `file_name` (its pin and its owner).
-pub fn remove_terms(running: &Path, file_name: &OsStr) {
-    let _ = fs::remove_file(pin_file(running, file_name));
-    let _ = fs::remove_file(owner_file(running, file_name));
-}
-
-/// A job's terms as one server left them (`running/.pins/<file>.json`,
-/// `.owner`, `.rebuild`): each file's raw bytes, read once (never through
-/// a link, bounded), and one digest over all of them, so that whoever is
-/// handed the digest on a channel the files did not travel can tell
-/// whether the files are the server's.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TermFiles {
-    /// (file name in `.pins/`, its bytes), for each that is there, in a fixed order.
-    pub files: Vec<(OsString, Vec<u8>)>,
-}
-
-impl TermFiles {
-    /// Reads the terms of `file_name` under `running`.
-    pub fn read(running: &Path, file_name: &OsStr) -> Result<TermFiles, String> {
-        let mut files = Vec::new();
-        for path in [
-            pin_file(running, file_name),
-            owner_file(running, file_name),
-            crate::rebuild::terms_file(running, file_name),
-        ] {
-            if let Some(raw) = read_small(&path, 4 << 20)? {
-                files.push((path.file_name().expect("a file name").to_owned(), raw));
-            }
-        }
-        Ok(TermFiles { files })
-    }
-
-    /// sha256 over every file's name and bytes, each length-prefixed.
-    pub fn digest(&self) -> String {
-        use sha2::Digest;
-        let mut h = sha2::Sha256::new();
-        for (name, raw) in &self.files {
-            for part in [name.as_encoded_bytes(), raw.as_slice()] {
-                h.update((part.len() as u64).to_le_bytes());
-                h.update(part);
-            }
-        }
-        crate::hex(&h.finalize())
-    }
-
-    /// Writes the files, as read, under `running/.pins/`.
-    pub fn write(&self, running: &Path) -> std::io::Result<()> {
-        for (name, raw) in &self.files {
-            write_whole(&running.join(".pins").join(name), raw)?;
-        }
-        Ok(())
-    }
-}
-
-/// The build caches' shared directory: `running/.caches/`.
-pub fn caches_dir(running: &Path) -> PathBuf {
-    running.join(".caches")
-}
-
-/// The server's cleared caches, as every host on the queue reads them.
-pub fn generations_file(running: &Path) -> PathBuf {
-    caches_dir(running).join("generations.json")
-}
-
-/// The caches the host `host_id` holds, as it last wrote them.
-pub fn cache_report_file(running: &Path, host_id: &str) -> PathBuf {
-    caches_dir(running).join(format!("host.{host_id}.json"))
-}
-
-/// Writes the cleared caches' generations whole.
-pub fn write_generations(running: &Path, generations: &crate::caches::Generations) -> std::io::Result<()> {
-    let raw = serde_json::to_vec_pretty(generations).expect("generations always serialize");
-    write_whole(&generations_file(running), &raw)
-}
-
-/// Reads the cleared caches' generations; none when there is no file. A
-/// file that cannot be read is an error: a host must not use a cache its
-/// owner may have cleared.
-pub fn read_generations(running: &Path) -> Result<crate::caches::Generations, String> {
-    let path = generations_file(running);
-    let Some(raw) = read_small(&path, 16 << 20)? else { return Ok(Default::default()) };
-    let generations: crate::caches::Generations =
-        serde_json::from_slice(&raw).map_err(|e| format!("{} is not a map of generations: {e}", path.display()))?;
-    Ok(generations)
-}
 
 /// Writes `data` to `path` whole: a temporary name in its directory (made
 /// when missing), synced, then renamed.

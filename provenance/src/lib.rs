@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 
 pub use dsse::Envelope;
 pub use key::{keys_from_args, HostKey, KeyError, PublicKey};
-pub use statement::{ResourceDescriptor, Statement};
+pub use statement::{
+    External, ImageParameter, JobParameter, Machine, RebuildParameter, ResourceDescriptor, Sha256, Statement,
+};
 
 use jobfile::tools::EntryDigest;
 
@@ -61,9 +63,9 @@ pub struct Job<'a> {
     /// The job's id (the server's) or file name.
     pub invocation: String,
     /// What the submitter chose: the job file's digest, the image, the declared packages and caches.
-    pub external: serde_json::Value,
+    pub external: statement::External,
     /// What the host chose: QEMU, the accelerator, CPUs, memory, the jail.
-    pub internal: serde_json::Value,
+    pub internal: statement::Machine,
     /// Every file that went into the VM, by digest.
     pub dependencies: Vec<ResourceDescriptor>,
     /// The host's id, and construir's version.
@@ -194,8 +196,8 @@ impl Verified {
             self.key,
             jobfile::sanitize(p.run_details.builder.id.as_bytes()),
             self.files,
-            jobfile::sanitize(ext["image"]["name"].as_str().unwrap_or("?").as_bytes()),
-            jobfile::sanitize(ext["job"]["digest"]["sha256"].as_str().unwrap_or("?").as_bytes()),
+            jobfile::sanitize(ext.image.name.as_bytes()),
+            jobfile::sanitize(ext.job.digest.sha256.as_bytes()),
         )
     }
 }
@@ -372,8 +374,11 @@ mod tests {
             log,
             log_name: "r_d0.log".into(),
             invocation: "r_i0.tar.xz".into(),
-            external: serde_json::json!({"job": {"sha256": "ab"}, "image": "0"}),
-            internal: serde_json::json!({"accelerator": "tcg"}),
+            external: External {
+                job: JobParameter { name: "r_i0.tar.xz".into(), digest: Sha256 { sha256: "ab".into() } },
+                ..Default::default()
+            },
+            internal: Machine { accelerator: "tcg".into(), ..Default::default() },
             dependencies: vec![ResourceDescriptor::file("vmlinux", "cd")],
             builder_id: "construir-host:h1".into(),
             version: "0.1.0".into(),

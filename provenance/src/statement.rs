@@ -69,10 +69,10 @@ pub struct BuildDefinition {
     pub build_type: String,
     /// What the submitter chose: the job file, the image, the declared packages and caches.
     #[serde(rename = "externalParameters")]
-    pub external_parameters: serde_json::Value,
+    pub external_parameters: External,
     /// What the host chose: QEMU, the accelerator, CPUs, memory, the jail.
-    #[serde(rename = "internalParameters", default)]
-    pub internal_parameters: serde_json::Value,
+    #[serde(rename = "internalParameters")]
+    pub internal_parameters: Machine,
     /// Everything that went into the VM, by digest.
     #[serde(rename = "resolvedDependencies", default)]
     pub resolved_dependencies: Vec<ResourceDescriptor>,
@@ -102,4 +102,69 @@ pub struct Metadata {
     pub started_on: String,
     #[serde(rename = "finishedOn", default, skip_serializing_if = "String::is_empty")]
     pub finished_on: String,
+}
+
+/// A sha256, as in-toto writes a digest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sha256 {
+    pub sha256: String,
+}
+
+/// The build's external parameters: what the submitter chose.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct External {
+    pub job: JobParameter,
+    pub image: ImageParameter,
+    /// The declared packages, as written.
+    #[serde(default)]
+    pub packages: Vec<String>,
+    /// The declared build caches' names.
+    #[serde(default)]
+    pub caches: Vec<String>,
+    /// A verified rebuild's terms, when the job is one of its runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<RebuildParameter>,
+}
+
+/// The job file, by name and digest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobParameter {
+    pub name: String,
+    pub digest: Sha256,
+}
+
+/// The base image, by name and its manifest's digest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageParameter {
+    pub name: String,
+    pub manifest: Sha256,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub suite: Option<String>,
+}
+
+/// What both runs of a verified rebuild are given alike.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RebuildParameter {
+    pub name: String,
+    pub source_date_epoch: u64,
+    pub other_run: String,
+}
+
+/// The build's internal parameters: the machine the host made for the job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Machine {
+    /// The QEMU version, as `major.minor`.
+    pub qemu: String,
+    pub accelerator: String,
+    pub cpus: u32,
+    #[serde(rename = "memoryMiB")]
+    pub memory_mib: u64,
+    pub networking: bool,
+    pub timeout_secs: u64,
+    /// The confinement layers.
+    pub jail: String,
 }

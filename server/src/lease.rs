@@ -21,8 +21,10 @@
 
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
+
+use jobfile::layout::{self, FailLog, Landed, Landing, Terms};
 
 use crate::db::{self, DbError, JobRecord};
 use crate::sql::Database;
@@ -161,29 +163,25 @@ pub fn part(store: &Store, id: &str, seq: u64, tag: &str, what: &str) -> PathBuf
 pub fn land(store: &Store, file_name: &str, id: &str, seq: u64, tag: &str, how: &str, verdict: &str) -> io::Result<()> {
     let job = jobfile::JobName::parse(file_name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let leased = store.leased(file_name);
-    let place = |from: &Path, to: &Path| match crate::store::rename_noreplace(from, to) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => fs::remove_file(from),
-        Err(e) => Err(e),
-    };
+    let log = part(store, id, seq, tag, "log");
     if how == "done" {
-        // The log and the provenance first: a result in done/ is how everyone sees that a job ended.
-        place(&part(store, id, seq, tag, "log"), &store.done.join(job.done_with_extension("log")))?;
-        let provenance = store.done.join(job.done_with_extension(jobfile::layout::PROVENANCE_EXTENSION));
-        place(&part(store, id, seq, tag, "provenance"), &provenance)?;
-        place(&part(store, id, seq, tag, "result"), &store.done.join(job.done_file_name()))?;
-        fs::File::open(&store.done)?.sync_all()?;
+        let landing = Landing {
+            job,
+            log: Some(log),
+            provenance: Some(part(store, id, seq, tag, "provenance")),
+            result: part(store, id, seq, tag, "result"),
+        };
+        // The server's names are its own: a name taken is this delivery landed before.
+        if layout::land(&store.done, &landing)? == Landed::Taken {
+            landing.discard();
+        }
         let _ = fs::remove_file(&leased);
     } else {
-        place(&part(store, id, seq, tag, "log"), &store.failed.join(format!("{file_name}.log")))?;
-        if !store.failed.join(format!("{file_name}.reason")).exists() {
-            store.write_reason(file_name, verdict)?;
-        }
-        store.move_job(&leased, &store.failed.join(file_name))?;
+        store.fail(&leased, file_name, verdict, Some(FailLog::Move(&log)))?;
+        let _ = fs::remove_file(&log);
     }
     let _ = fs::remove_file(store.farm_console(file_name));
-    jobfile::layout::remove_terms(&store.running, file_name.as_ref());
+    Terms::remove_run(&store.running, file_name.as_ref());
     store.forget_cancel(file_name);
     Ok(())
 }

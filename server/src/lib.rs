@@ -67,10 +67,13 @@ pub async fn sweep_uploads(app: &App) -> Result<(), db::DbError> {
         let queued = fs::symlink_metadata(app.store.queue.join(&file_name)).ok().filter(|m| store::is_own(m, None));
         if let Some(meta) = queued.filter(|_| quiet.is_none()) {
             // What the server pinned before it queued the file is the job's, as the upload would have recorded.
-            let packages = jobfile::layout::read_pin(&app.store.running, file_name.as_ref()).unwrap_or_else(|why| {
-                log::error!("job {id}: {why}");
-                None
-            });
+            let packages = match jobfile::layout::Terms::read(&app.store.running, file_name.as_ref()) {
+                Ok(terms) => terms.pin,
+                Err(why) => {
+                    log::error!("job {id}: {why}");
+                    None
+                }
+            };
             // And the caches its declaration names, read again from the file.
             let caches = fs::File::open(app.store.queue.join(&file_name))
                 .ok()

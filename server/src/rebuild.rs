@@ -161,19 +161,19 @@ pub fn verify_run(
 
 /// The job file's sha256 a statement names.
 fn signed_job(statement: &construir_provenance::Statement) -> String {
-    let ext = &statement.predicate.build_definition.external_parameters;
-    ext["job"]["digest"]["sha256"].as_str().unwrap_or_default().to_owned()
+    statement.predicate.build_definition.external_parameters.job.digest.sha256.clone()
 }
 
 /// What both runs of a verified rebuild must have been given alike: the
 /// image (its name and manifest) and the rebuild's name and epoch.
 fn run_terms(statement: &construir_provenance::Statement) -> serde_json::Value {
     let ext = &statement.predicate.build_definition.external_parameters;
+    let rebuild = ext.rebuild.as_ref();
     serde_json::json!({
-        "image": ext["image"]["name"],
-        "manifest": ext["image"]["manifest"]["sha256"],
-        "name": ext["rebuild"]["name"],
-        "epoch": ext["rebuild"]["sourceDateEpoch"],
+        "image": ext.image.name,
+        "manifest": ext.image.manifest.sha256,
+        "name": rebuild.map(|r| &r.name),
+        "epoch": rebuild.map(|r| r.source_date_epoch),
     })
 }
 
@@ -285,23 +285,46 @@ mod tests {
     /// A real result (packed as a guest packs one) with its log, signed by
     /// `key` as `builder`, naming `job_sha256` as its job file.
     fn signed(dir: &Path, key: &HostKey, builder: &str, job_sha256: &str) -> (PathBuf, PathBuf, PathBuf) {
+        signed_as(dir, "r", key, builder, job_sha256)
+    }
+
+    /// `signed`, for the job `<stem>_i0.tar.xz`.
+    fn signed_as(
+        dir: &Path,
+        stem: &str,
+        key: &HostKey,
+        builder: &str,
+        job_sha256: &str,
+    ) -> (PathBuf, PathBuf, PathBuf) {
         let tree = dir.join("tree");
         std::fs::create_dir_all(tree.join("out")).expect("mkdir");
         std::fs::write(tree.join("out/a"), b"alpha").expect("write");
-        let result = dir.join("r_d0.tar.xz");
+        let result = dir.join(format!("{stem}_d0.tar.xz"));
         let _ = std::fs::remove_file(&result);
         let file = std::fs::File::create(&result).expect("create");
         jobfile::pack_dir(&tree, file, 1 << 20, &jobfile::PackOptions::default()).expect("pack");
-        let log = dir.join("r_d0.log");
+        let log = dir.join(format!("{stem}_d0.log"));
         std::fs::write(&log, b"console\n").expect("log");
         let statement = construir_provenance::statement(&construir_provenance::Job {
             result: &result,
-            result_name: "r_d0.tar.xz".into(),
+            result_name: format!("{stem}_d0.tar.xz"),
             log: b"console\n",
-            log_name: "r_d0.log".into(),
-            invocation: "r_i0.tar.xz".into(),
-            external: serde_json::json!({"job": {"digest": {"sha256": job_sha256}}, "image": {"name": "i0"}}),
-            internal: serde_json::json!({}),
+            log_name: format!("{stem}_d0.log"),
+            invocation: format!("{stem}_i0.tar.xz"),
+            external: construir_provenance::External {
+                job: construir_provenance::JobParameter {
+                    name: "r_i0.tar.xz".into(),
+                    digest: construir_provenance::Sha256 { sha256: job_sha256.into() },
+                },
+                image: construir_provenance::ImageParameter { name: "i0".into(), ..Default::default() },
+                rebuild: Some(construir_provenance::RebuildParameter {
+                    name: "pair".into(),
+                    source_date_epoch: 1,
+                    other_run: String::new(),
+                }),
+                ..Default::default()
+            },
+            internal: construir_provenance::Machine::default(),
             dependencies: vec![],
             builder_id: construir_provenance::builder_id(builder),
             version: "test".into(),
@@ -309,7 +332,7 @@ mod tests {
             finished: String::new(),
         })
         .expect("statement");
-        let provenance = dir.join("r_d0.intoto.jsonl");
+        let provenance = dir.join(format!("{stem}_d0.intoto.jsonl"));
         construir_provenance::write(&provenance, &construir_provenance::sign(&statement, key)).expect("write");
         (result, provenance, log)
     }
@@ -349,5 +372,90 @@ mod tests {
         // And the statement names the job file the server received.
         let e = check(&node, "node1", slurm(), &"cd".repeat(32)).expect_err("another job");
         assert!(e.contains("but the server received"), "{e}");
+    }
+
+    /// A verified rebuild's two runs, both of local host `a` (its key
+    /// published), with no verdict yet.
+    async fn local_pair(root: &Path, key: &HostKey) -> (std::sync::Arc<App>, JobRecord, JobRecord) {
+        let store = crate::store::Store::beside(&root.join("queue"));
+        store.create_all().expect("dirs");
+        let published = format!("{} a\n", key.public());
+        jobfile::layout::write_whole(&jobfile::layout::host_key_file(&store.running, "a"), published.as_bytes())
+            .expect("key");
+        let db = db::open(&root.join("server.db").to_string_lossy()).await.expect("db");
+        let alice = db::add_account(&db, "alice", db::Kind::Submitter, b"h").await.expect("account");
+        let (one, two) = ("00000000000000a1", "00000000000000a2");
+        let mut first = db::test_record(&alice, one, "pair", 3, "running");
+        first.rebuild = Some(db::RebuildRecord { twin: two.into(), epoch: 1, verdict: None });
+        let mut second = db::test_record(&alice, two, "pair", 3, "running");
+        second.twin_of = Some(one.into());
+        for job in [&first, &second] {
+            db::insert_job(&db, job).await.expect("insert");
+        }
+        let settings = crate::app::Settings {
+            defaults: Default::default(),
+            idle_timeout: std::time::Duration::from_secs(30),
+            upload_timeout: std::time::Duration::from_secs(60),
+            uploads: crate::quota::UploadRules { max_uploads: 1, min_free: 0 },
+            tls: false,
+        };
+        (App::new(db, store, settings, crate::lease::Settings::default(), None), first, second)
+    }
+
+    /// A run's result, log and provenance signed by `key`, staged in done/
+    /// as a host stages them, ready for `jobfile::layout::land`.
+    fn staged_run(app: &App, job: &JobRecord, key: &HostKey) -> jobfile::layout::Landing {
+        let name = jobfile::JobName::parse(&job.file_name).expect("name");
+        let stem = job.file_name.trim_end_matches("_i0.tar.xz");
+        let dir = app.store.done.join(format!(".stage.{}", job.id));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let (result, provenance, log) = signed_as(&dir, stem, key, "a", &"ab".repeat(32));
+        jobfile::layout::Landing { job: name, log: Some(log), provenance: Some(provenance), result }
+    }
+
+    async fn verdict_of(app: &App, first: &JobRecord) -> Option<wire::RebuildVerdict> {
+        let jobs = db::all_jobs(app.db()).await.expect("jobs");
+        settle(app, &jobs).await.expect("settle");
+        let first = db::job_by_id(app.db(), &first.id).await.expect("job").expect("there");
+        first.rebuild.and_then(|r| r.verdict)
+    }
+
+    #[tokio::test]
+    async fn a_verdict_is_final_so_a_result_must_never_be_seen_before_its_provenance() {
+        // The race: a host that put its result in place before its provenance
+        // (as local hosts did) could have its run judged in between, and the
+        // verdict is recorded once, for good.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let key = HostKey::from_seed([3; 32]);
+        let (app, first, second) = local_pair(tmp.path(), &key).await;
+        let done = &app.store.done;
+        jobfile::layout::land(done, &staged_run(&app, &first, &key)).expect("first run");
+        let late = staged_run(&app, &second, &key);
+        let result = done.join(late.job.done_file_name());
+        jobfile::layout::rename_noreplace(&late.result, &result).expect("the result alone, first");
+        let verdict = verdict_of(&app, &first).await.expect("decided in between");
+        assert_eq!(verdict.outcome, wire::RebuildVerdict::NOT_COMPARED);
+        let reason = verdict.reason.clone().unwrap_or_default();
+        assert!(reason.contains("the second run's result has no provenance"), "{verdict:?}");
+        jobfile::layout::rename_noreplace(
+            late.provenance.as_ref().expect("p"),
+            &jobfile::layout::provenance_beside(&result),
+        )
+        .expect("the provenance, too late");
+        assert_eq!(verdict_of(&app, &first).await, Some(verdict), "recorded for good");
+
+        // Fixed: every lander lands by `jobfile::layout::land`, the result last
+        // (its own test watches the order), so the pair is judged whole.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (app, first, second) = local_pair(tmp.path(), &key).await;
+        for job in [&first, &second] {
+            let landing = staged_run(&app, job, &key);
+            assert!(matches!(
+                jobfile::layout::land(&app.store.done, &landing).expect("land"),
+                jobfile::layout::Landed::Done(_)
+            ));
+        }
+        let verdict = verdict_of(&app, &first).await.expect("decided");
+        assert_eq!(verdict.outcome, wire::RebuildVerdict::REPRODUCIBLE, "{verdict:?}");
     }
 }

@@ -29,10 +29,12 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use jobfile::layout::{self, FailLog, Landed, Landing, Terms};
+
 use crate::app::App;
 use crate::attempt::Attempt;
 use crate::db::{self, DbError, JobRecord, SlurmRun};
-use crate::store::{is_own, rename_noreplace, Store};
+use crate::store::{is_own, Store};
 
 /// How the server hands jobs to Slurm (`serve --executor slurm`).
 #[derive(Debug, Clone)]
@@ -523,7 +525,7 @@ async fn finish(
         // Recorded before the result lands: whoever reads the result finds the node it must be signed by.
         db::set_ran_on(app.db(), &job.id, &db::RanOn::Slurm(node.to_owned())).await?;
         let (store, file_name) = (app.store.clone(), job.file_name.clone());
-        let landed = tokio::task::spawn_blocking(move || land(&store, &staged, &file_name))
+        let landed = tokio::task::spawn_blocking(move || land(&store, staged, &file_name))
             .await
             .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
         landed.map_err(DbError::Io)?;
@@ -545,14 +547,12 @@ async fn finish(
 }
 
 /// A result's three files copied out of the attempt onto `done/`'s disk
-/// (`.slurm.<name>.part`), in landing order: log, provenance, result.
-struct Staged(Vec<(PathBuf, String)>);
+/// (`.slurm.<name>.part`); what is not landed is removed.
+struct Staged(Landing);
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        for (path, _) in &self.0 {
-            let _ = fs::remove_file(path);
-        }
+        self.0.discard();
     }
 }
 
@@ -573,42 +573,42 @@ fn stage_and_check(
     let key =
         construir_provenance::PublicKey::parse(&key).map_err(|e| format!("its pinned key cannot be read: {e}"))?;
     let name = jobfile::JobName::parse(&job.file_name).map_err(|e| e.to_string())?;
-    let mut staged = Staged(Vec::new());
-    let parts = [
-        (name.done_with_extension("log"), crate::lease::MAX_CONSOLE * 2),
-        (name.done_with_extension(jobfile::layout::PROVENANCE_EXTENSION), construir_provenance::MAX_PROVENANCE),
-        (name.done_file_name(), job.size),
-    ];
-    for (file, max) in parts.clone() {
+    let take = |file: String, max: u64| -> Result<Option<PathBuf>, String> {
         let to = store.done.join(format!(".slurm.{file}.part"));
         let _ = fs::remove_file(&to);
-        if attempt.copy_out(&["out", &file], &to, max).map_err(|e| format!("cannot take {file}: {e}"))? {
-            staged.0.push((to, file));
-        }
-    }
-    let [log, provenance, result] = [0, 1, 2].map(|i| staged.0.iter().find(|(_, f)| *f == parts[i].0).map(|(p, _)| p));
+        let copied = attempt.copy_out(&["out", &file], &to, max).map_err(|e| format!("cannot take {file}: {e}"))?;
+        Ok(copied.then_some(to))
+    };
+    let log = take(name.done_with_extension("log"), crate::lease::MAX_CONSOLE * 2)?;
+    let provenance =
+        take(name.done_with_extension(layout::PROVENANCE_EXTENSION), construir_provenance::MAX_PROVENANCE)?;
+    let result = take(name.done_file_name(), job.size)?;
+    // Held from here on: whatever is refused below is removed with it.
+    let staged = Staged(Landing { job: name, log, provenance, result: result.clone().unwrap_or_default() });
     let result = result.ok_or("no result")?;
-    let provenance = provenance.ok_or("no provenance came with it")?;
+    let provenance = staged.0.provenance.as_deref().ok_or("no provenance came with it")?;
     let signers = [(crate::rebuild::Signer::Slurm(node.to_owned()), key)];
     let ran_on = db::RanOn::Slurm(node.to_owned());
-    let files = (result.as_path(), provenance.as_path(), log.map(PathBuf::as_path));
+    let files = (result.as_path(), provenance, staged.0.log.as_deref());
     crate::rebuild::verify_run(files, Some(&ran_on), job.file_sha256.as_deref(), &signers)?;
     Ok(staged)
 }
 
-/// run-one's log of a failed job (or the console so far) as the server's
-/// `failed/<file>.log`.
+/// Where run-one's log of a failed job is copied out of the attempt, on
+/// `failed/`'s disk, before it lands beside the job.
+fn final_log(store: &Store, file_name: &str) -> PathBuf {
+    store.failed.join(format!(".slurm.{file_name}.log.part"))
+}
+
+/// Copies run-one's log of a failed job out of the attempt (`final_log`);
+/// the console so far stands in for it when there is none.
 fn copy_final_log(store: &Store, attempt: &Attempt, file_name: &str, name: &jobfile::JobName) {
-    let target = store.failed.join(format!("{file_name}.log"));
+    let target = final_log(store, file_name);
     for from in [format!("{file_name}.log"), name.done_with_extension("log")] {
         let _ = fs::remove_file(&target);
         if attempt.copy_out(&["out", &from], &target, crate::lease::MAX_CONSOLE * 2).unwrap_or(false) {
             return;
         }
-    }
-    let console = store.slurm_console(file_name);
-    if console.exists() {
-        let _ = fs::rename(&console, &target);
     }
 }
 
@@ -623,21 +623,16 @@ fn tail(attempt: &Attempt, file: &str, max: u64) -> String {
     }
 }
 
-/// Lands a checked result: its log and provenance, then the result (how
-/// everyone sees the job ended), each by a rename that never replaces;
-/// then the job's file leaves `running/.slurm/`.
-fn land(store: &Store, staged: &Staged, file_name: &str) -> io::Result<()> {
-    for (from, name) in &staged.0 {
-        match rename_noreplace(from, &store.done.join(name)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => fs::remove_file(from)?,
-            Err(e) => return Err(e),
-        }
-    }
-    fs::File::open(&store.done)?.sync_all()?;
+/// Lands a checked result by the queue's one way (`jobfile::layout::land`:
+/// the log and provenance, then the result); then the job's file leaves
+/// `running/.slurm/`. The server's names are its own: a name taken is this
+/// result landed before, and what is still staged goes with `staged`.
+fn land(store: &Store, staged: Staged, file_name: &str) -> io::Result<()> {
+    let _: Landed = layout::land(&store.done, &staged.0)?;
+    drop(staged);
     let _ = fs::remove_file(store.in_slurm(file_name));
     let _ = fs::remove_file(store.slurm_console(file_name));
-    jobfile::layout::remove_terms(&store.running, file_name.as_ref());
+    Terms::remove_run(&store.running, file_name.as_ref());
     store.forget_cancel(file_name);
     Ok(())
 }
@@ -647,15 +642,12 @@ async fn fail(app: &App, job: &JobRecord, run: &SlurmRun, reason: &str) -> Resul
     let (store, file_name) = (app.store.clone(), job.file_name.clone());
     let reason_owned = reason.to_owned();
     let moved = tokio::task::spawn_blocking(move || -> io::Result<()> {
-        let log = store.failed.join(format!("{file_name}.log"));
-        let console = store.slurm_console(&file_name);
-        if !log.exists() && console.exists() {
-            fs::rename(&console, &log)?;
-        }
+        let (copied, console) = (final_log(&store, &file_name), store.slurm_console(&file_name));
+        let log = if copied.exists() { &copied } else { &console };
+        store.fail(&store.in_slurm(&file_name), &file_name, &reason_owned, Some(FailLog::Move(log)))?;
+        let _ = fs::remove_file(&copied);
         let _ = fs::remove_file(&console);
-        store.write_reason(&file_name, &reason_owned)?;
-        store.move_job(&store.in_slurm(&file_name), &store.failed.join(&file_name))?;
-        jobfile::layout::remove_terms(&store.running, file_name.as_ref());
+        Terms::remove_run(&store.running, file_name.as_ref());
         store.forget_cancel(&file_name);
         Ok(())
     })

@@ -16,7 +16,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use jobfile::layout::{self, Beside, Found};
+use jobfile::layout::{self, Beside, FailLog, Found, Terms};
 use jobfile::name::{classify, Entry};
 use jobfile::JobName;
 
@@ -91,16 +91,16 @@ impl Store {
         Ok(n)
     }
 
-    /// Names the owner of the job `file_name`'s build caches (`running/.pins/<file>.owner`),
-    /// before the job is in the queue.
-    pub fn own(&self, file_name: &str, owner: &str) -> io::Result<()> {
-        layout::write_owner(&self.running, file_name.as_ref(), owner).map(drop)
+    /// Writes the terms of the job `file_name` (`running/.pins/`), before the job is queued.
+    pub fn write_terms(&self, file_name: &str, terms: &Terms) -> io::Result<()> {
+        terms.write(&self.running, file_name.as_ref())
     }
 
-    /// Pins the packages resolved for the job `file_name` (`running/.pins/`),
-    /// before the job is queued.
-    pub fn pin(&self, file_name: &str, resolution: &jobfile::deps::Resolution) -> io::Result<PathBuf> {
-        layout::write_pin(&self.running, file_name.as_ref(), resolution)
+    /// Ends the job `file_name` in `failed/`: `from` moved there with
+    /// `reason` and `log` beside it, by the queue's one way
+    /// (`jobfile::layout::fail`). `Ok(false)` when `from` is gone (moved already).
+    pub fn fail(&self, from: &Path, file_name: &str, reason: &str, log: Option<FailLog>) -> io::Result<bool> {
+        Ok(layout::fail(&self.failed, from, file_name.as_ref(), reason, log)?.is_some())
     }
 
     /// Renames a finished upload into the queue under `file_name`, never replacing anything.
@@ -236,20 +236,11 @@ impl Store {
     /// Takes a waiting job out of the queue into `failed/` with `reason`.
     /// `Ok(false)` when it is no longer waiting (a host claimed it first).
     pub fn cancel_waiting(&self, file_name: &str, reason: &str) -> io::Result<bool> {
-        let target = self.failed.join(file_name);
-        match rename_noreplace(&self.queue.join(file_name), &target) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(e),
+        let failed = self.fail(&self.queue.join(file_name), file_name, reason, None)?;
+        if failed {
+            Terms::remove_run(&self.running, file_name.as_ref());
         }
-        fs::write(
-            self.failed.join(format!("{file_name}.reason")),
-            format!("{}\n", jobfile::sanitize(reason.as_bytes())),
-        )?;
-        File::open(&self.failed)?.sync_all()?;
-        File::open(&self.queue)?.sync_all()?;
-        layout::remove_terms(&self.running, file_name.as_ref());
-        Ok(true)
+        Ok(failed)
     }
 
     /// The names of job files in the directories that look like the
@@ -341,15 +332,6 @@ impl Store {
 
     pub fn forget_cancel(&self, file_name: &str) {
         let _ = fs::remove_file(layout::cancel_request(&self.running, file_name.as_ref()));
-    }
-
-    /// Puts `failed/<file_name>.reason` beside a failed job.
-    pub fn write_reason(&self, file_name: &str, reason: &str) -> io::Result<()> {
-        fs::write(
-            self.failed.join(format!("{file_name}.reason")),
-            format!("{}\n", jobfile::sanitize(reason.as_bytes())),
-        )?;
-        File::open(&self.failed)?.sync_all()
     }
 }
 

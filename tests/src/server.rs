@@ -298,11 +298,15 @@ pub fn signed_provenance(
         log,
         log_name: "r_d0.log".into(),
         invocation: "r_i0.tar.xz".into(),
-        external: serde_json::json!({
-            "job": {"digest": {"sha256": construir_provenance::sha256_bytes(job)}},
-            "image": {"name": "i0"}
-        }),
-        internal: serde_json::json!({}),
+        external: construir_provenance::External {
+            job: construir_provenance::JobParameter {
+                name: String::new(),
+                digest: construir_provenance::Sha256 { sha256: construir_provenance::sha256_bytes(job) },
+            },
+            image: construir_provenance::ImageParameter { name: "i0".into(), ..Default::default() },
+            ..Default::default()
+        },
+        internal: construir_provenance::Machine::default(),
         dependencies: vec![],
         builder_id: format!("construir-host:{builder}"),
         version: "test".into(),

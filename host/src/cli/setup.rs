@@ -12,10 +12,10 @@ use construir_host::caches::{Caches, CACHES_DIR};
 use construir_host::daemon::{self, RunOptions};
 use construir_host::jail::{IdPool, IdRange, JailRoot};
 use construir_host::layers::Layers;
+use construir_host::limits::Limits;
 use construir_host::packages::Packages;
 use construir_host::qemu::Confiner;
 use construir_host::queue::{Dirs, Rules};
-use construir_host::worker::Limits;
 use construir_host::{cgroup, config, jail, kvm, logger};
 
 pub(crate) fn run_queue(a: RunArgs) -> Result<()> {

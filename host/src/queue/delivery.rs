@@ -9,6 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::PathBuf;
 
+use jobfile::layout::{self, Landed, Landing};
 use jobfile::JobName;
 use nix::fcntl::AtFlags;
 use nix::sys::stat::fstatat;
@@ -33,6 +34,8 @@ pub enum Delivery {
 pub struct Staged {
     pub result: OsString,
     pub log: OsString,
+    /// Its signed provenance, staged beside it once signed (`None` on a host that does not sign).
+    pub provenance: Option<OsString>,
     /// The staged result's inode: once it has landed, the result of that
     /// name is ours only if it still has this inode.
     pub ino: u64,
@@ -88,44 +91,35 @@ pub fn stage(
     log_file.write_all(log)?;
     log_file.sync_all()?;
     File::from(done).sync_all()?;
-    Ok(Staged { result, log: staged_log, ino })
+    Ok(Staged { result, log: staged_log, provenance: None, ino })
 }
 
-/// Puts a staged result and its log in place without replacing anything:
-/// the result first (its name decides who delivered), then the log; if a log
-/// of that name is already there the result is taken back, so no result is
-/// paired with another's log. Safe to call again after a crash part-way: a
-/// result already in place with the staged inode counts as landed.
+/// Puts a staged delivery in place without replacing anything, by the
+/// queue's one way to land (`jobfile::layout::land`): the log, the
+/// provenance, then the result. When a log or result of that name is
+/// already there, nothing of ours stays in place: the result is handed back
+/// with its log, the provenance dropped. Safe to call again after a crash
+/// part-way: what was already placed counts as landed.
 pub fn land(dirs: &Dirs, job: &JobName, staged: &Staged) -> io::Result<Delivery> {
-    let done = open_dir(&dirs.done)?;
-    let (target, log_target) = (OsString::from(job.done_file_name()), OsString::from(job.done_with_extension("log")));
-    let taken = |done: &std::os::fd::OwnedFd| {
-        let log = read_at(done, &staged.log).unwrap_or_default();
-        let _ = unlinkat(done, staged.log.as_os_str(), UnlinkatFlags::NoRemoveDir);
-        File::from(done.try_clone()?).sync_all()?;
-        Ok(Delivery::Taken { staged: dirs.done.join(&staged.result), log })
+    let landing = Landing {
+        job: job.clone(),
+        log: Some(dirs.done.join(&staged.log)),
+        provenance: staged.provenance.as_ref().map(|p| dirs.done.join(p)),
+        result: dirs.done.join(&staged.result),
     };
-    let ours_in_place =
-        fstatat(&done, target.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW).is_ok_and(|st| st.st_ino == staged.ino);
-    if !ours_in_place {
-        match rename_noreplace_at(&done, &staged.result, &done, &target) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return taken(&done),
-            Err(e) => return Err(e),
+    match layout::land(&dirs.done, &landing)? {
+        Landed::Done(path) => Ok(Delivery::Done(path)),
+        Landed::Taken => {
+            let done = open_dir(&dirs.done)?;
+            let log = read_at(&done, &staged.log).unwrap_or_default();
+            let _ = unlinkat(&done, staged.log.as_os_str(), UnlinkatFlags::NoRemoveDir);
+            if let Some(prov) = &staged.provenance {
+                let _ = unlinkat(&done, prov.as_os_str(), UnlinkatFlags::NoRemoveDir);
+            }
+            File::from(done).sync_all()?;
+            Ok(Delivery::Taken { staged: dirs.done.join(&staged.result), log })
         }
     }
-    match rename_noreplace_at(&done, &staged.log, &done, &log_target) {
-        Ok(()) => {}
-        // Landed before a crash, with the result.
-        Err(e) if e.kind() == io::ErrorKind::NotFound && ours_in_place => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            rename_noreplace_at(&done, &target, &done, &staged.result)?;
-            return taken(&done);
-        }
-        Err(e) => return Err(e),
-    }
-    File::from(done).sync_all()?;
-    Ok(Delivery::Done(dirs.done.join(target)))
 }
 
 /// Reads a small file in `dir`, not following a link.
@@ -153,7 +147,10 @@ fn delivery_note(dirs: &Dirs, file_name: &OsStr) -> PathBuf {
 
 /// Records durably that `staged` is the delivery of the claimed `file_name`.
 pub fn note_delivery(dirs: &Dirs, file_name: &OsStr, staged: &Staged) -> io::Result<()> {
-    let text = format!("{}\n{}\n{}\n", staged.ino, staged.result.to_string_lossy(), staged.log.to_string_lossy());
+    let mut text = format!("{}\n{}\n{}\n", staged.ino, staged.result.to_string_lossy(), staged.log.to_string_lossy());
+    if let Some(prov) = &staged.provenance {
+        text.push_str(&format!("{}\n", prov.to_string_lossy()));
+    }
     write_durable(&delivery_note(dirs, file_name), text.as_bytes())
 }
 
@@ -162,10 +159,14 @@ pub fn noted_delivery(dirs: &Dirs, file_name: &OsStr) -> Option<Staged> {
     let text = fs::read_to_string(delivery_note(dirs, file_name)).ok()?;
     let mut lines = text.lines();
     let ino = lines.next()?.parse().ok()?;
-    let (result, log) = (lines.next()?, lines.next()?);
+    let (result, log, provenance) = (lines.next()?, lines.next()?, lines.next());
     // Only names of the shape `stage` makes: a dot-name in done/, nothing else.
     let ours = |n: &str| n.starts_with('.') && n.ends_with(".tmp") && !n.contains('/');
-    (ours(result) && ours(log)).then(|| Staged { result: result.into(), log: log.into(), ino })
+    let provenance = match provenance {
+        Some(p) if !ours(p) => return None,
+        p => p.map(OsString::from),
+    };
+    (ours(result) && ours(log)).then(|| Staged { result: result.into(), log: log.into(), provenance, ino })
 }
 
 /// The claim and its delivery note are gone: the job has ended.
@@ -210,39 +211,20 @@ pub fn resume_delivery(dirs: &Dirs, file_name: &OsStr, job: &JobName) -> io::Res
     let in_place = fstatat(&done, job.done_file_name().as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
         .is_ok_and(|st| st.st_ino == staged.ino);
     if exists(&staged.result) || (in_place && exists(&staged.log)) {
-        let landed = land(dirs, job, &staged)?;
-        resume_provenance(dirs, job, &staged, matches!(landed, Delivery::Done(_)))?;
-        return Ok(Some(Resumed::Landed(landed)));
+        return Ok(Some(Resumed::Landed(land(dirs, job, &staged)?)));
     }
-    if exists(&staged.log) {
-        // The result landed and was collected before its log could follow.
-        match rename_noreplace_at(&done, &staged.log, &done, OsStr::new(&job.done_with_extension("log"))) {
+    // The result landed (a host before this one landed it first) and was
+    // collected before its log and provenance could follow.
+    let provenance = jobfile::layout::PROVENANCE_EXTENSION;
+    for (from, ext) in [(Some(&staged.log), "log"), (staged.provenance.as_ref(), provenance)] {
+        let Some(from) = from.filter(|f| exists(f)) else { continue };
+        match rename_noreplace_at(&done, from, &done, OsStr::new(&job.done_with_extension(ext))) {
             Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
-            _ => File::from(done).sync_all()?,
+            _ => {}
         }
     }
-    resume_provenance(dirs, job, &staged, true)?;
+    File::from(done).sync_all()?;
     Ok(Some(Resumed::Ended))
-}
-
-/// The provenance a worker signed and staged beside `staged` before a crash
-/// (`.<name>_d<N>.intoto.jsonl.<tag>.tmp`, the result's tag): put in place
-/// beside its landed result, or dropped with a result that found its name taken.
-fn resume_provenance(dirs: &Dirs, job: &JobName, staged: &Staged, landed: bool) -> io::Result<()> {
-    let prefix = format!(".{}.", job.done_file_name());
-    let tag = staged.result.to_str().and_then(|r| r.strip_prefix(&prefix)).and_then(|r| r.strip_suffix(".tmp"));
-    let Some(tag) = tag else { return Ok(()) };
-    let ext = jobfile::layout::PROVENANCE_EXTENSION;
-    let from = dirs.done.join(format!(".{}.{tag}.tmp", job.done_with_extension(ext)));
-    if !from.exists() {
-        return Ok(());
-    }
-    if landed {
-        fs::rename(&from, dirs.done.join(job.done_with_extension(ext)))?;
-    } else {
-        fs::remove_file(&from)?;
-    }
-    File::open(&dirs.done)?.sync_all()
 }
 
 /// Delivery notes whose claim is gone (the host stopped between the two
@@ -349,7 +331,11 @@ mod tests {
         // Died after staging, before anything landed: the staged result lands.
         staged_for("h.1", b"one");
         finish(b"one\0");
-        // Died after the result landed, before its log.
+        // Died after the log landed, before the result.
+        let staged = staged_for("h.6", b"six");
+        rename_noreplace(&d.done.join(&staged.log), &log).expect("as if landed");
+        finish(b"six\0");
+        // Died after the result landed, before its log (as a host before this one landed them).
         let staged = staged_for("h.2", b"two");
         rename_noreplace(&d.done.join(&staged.result), &result).expect("as if landed");
         finish(b"two\0");
@@ -387,6 +373,34 @@ mod tests {
         fs::remove_file(d.host_dir.join(claim)).expect("rm");
         drop_orphan_notes(&d).expect("orphans");
         assert_eq!(fs::read_dir(&d.host_dir).expect("ls").count(), 0);
+    }
+
+    #[test]
+    fn a_host_lands_its_provenance_before_its_result() {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let d = dirs(tmp.path());
+        let job = JobName::parse("j_i1.tar.xz").expect("name");
+        let work = open_dir(&d.work).expect("work");
+        let disk = create_new_at(&work, OsStr::new("disk"), 0o600).expect("create");
+        disk.write_all_at(b"data", 0).expect("write");
+        let mut staged = stage(&d, &work, OsStr::new("disk"), &disk, 1 << 20, &job, b"log\n", "h.1").expect("stage");
+        // As the worker signs it: staged beside the result, under the result's tag.
+        let prov = OsString::from(".j_d1.intoto.jsonl.h.1.tmp");
+        fs::write(d.done.join(&prov), "signed").expect("provenance");
+        staged.provenance = Some(prov);
+        note_delivery(&d, OsStr::new("j_i1.tar.xz"), &staged).expect("note");
+        assert_eq!(noted_delivery(&d, OsStr::new("j_i1.tar.xz")).as_ref(), Some(&staged), "the note names all three");
+        let watch = Inotify::init(InitFlags::IN_NONBLOCK).expect("inotify");
+        watch.add_watch(&d.done, AddWatchFlags::IN_MOVED_TO).expect("watch");
+        assert!(matches!(land(&d, &job, &staged).expect("land"), Delivery::Done(_)));
+        let arrived: Vec<String> = watch
+            .read_events()
+            .expect("events")
+            .into_iter()
+            .filter_map(|e| e.name.map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        assert_eq!(arrived, ["j_d1.log", "j_d1.intoto.jsonl", "j_d1.tar.xz"], "the result last");
     }
 
     #[test]

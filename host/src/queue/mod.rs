@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use jobfile::layout::Beside;
-use jobfile::sanitize;
 
 mod delivery;
 mod recovery;
@@ -27,7 +26,7 @@ pub use delivery::{
 };
 pub use recovery::{forget_counters, forget_no_boot, note_no_boot, read_counter, recover};
 
-use crate::files::{self, create_new_at, rename_noreplace, sync_dirs, write_durable};
+use crate::files::{self, create_new_at, rename_noreplace, sync_dirs};
 
 /// How a job ended, for the host's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,15 +131,11 @@ pub fn fail(dirs: &Dirs, from: &Path, reason: &str, log: Option<&[u8]>) -> io::R
     fail_as(dirs, from, from.file_name().unwrap_or(OsStr::new("unnamed")), reason, log)
 }
 
-/// `fail`, under `name` (a valid job or result name) rather than `from`'s own.
+/// `fail`, under `name` (a valid job or result name) rather than `from`'s
+/// own: the queue's one way to fail an entry (`jobfile::layout::fail`).
 pub fn fail_as(dirs: &Dirs, from: &Path, name: &OsStr, reason: &str, log: Option<&[u8]>) -> io::Result<PathBuf> {
-    let target = move_into_failed(dirs, from, name)?;
-    write_beside(&target, "reason", format!("{}\n", sanitize(reason.as_bytes())).as_bytes())?;
-    if let Some(log) = log {
-        write_beside(&target, "log", log)?;
-    }
-    sync_dirs(&[from.parent().unwrap_or(Path::new(".")), &dirs.failed])?;
-    Ok(target)
+    let log = log.map(jobfile::layout::FailLog::Bytes);
+    jobfile::layout::fail(&dirs.failed, from, name, reason, log)?.ok_or_else(|| gone(from))
 }
 
 /// Moves a refused queue entry into `failed/` under a name the host chooses
@@ -149,36 +144,12 @@ pub fn fail_as(dirs: &Dirs, from: &Path, name: &OsStr, reason: &str, log: Option
 /// never becomes a log in `failed/`.
 pub fn refuse(dirs: &Dirs, host_id: &str, file_name: &OsStr, reason: &str) -> io::Result<PathBuf> {
     let from = dirs.queue.join(file_name);
-    let target = move_into_failed(dirs, &from, &OsString::from(format!("refused.{}", unique_tag(host_id))))?;
-    let text = format!("{}\noriginal name: {}\n", sanitize(reason.as_bytes()), sanitize(file_name.as_encoded_bytes()));
-    write_beside(&target, "reason", text.as_bytes())?;
-    sync_dirs(&[&dirs.queue, &dirs.failed])?;
-    Ok(target)
+    let chosen = OsString::from(format!("refused.{}", unique_tag(host_id)));
+    jobfile::layout::refuse(&dirs.failed, &from, &chosen, reason)?.ok_or_else(|| gone(&from))
 }
 
-/// Renames `from` into `failed/` as `name`, or `name.1`, `name.2`... if taken; never replaces.
-fn move_into_failed(dirs: &Dirs, from: &Path, name: &OsStr) -> io::Result<PathBuf> {
-    let mut target = dirs.failed.join(name);
-    let mut n = 1;
-    loop {
-        match rename_noreplace(from, &target) {
-            Ok(()) => return Ok(target),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                let mut numbered = name.to_owned();
-                numbered.push(format!(".{n}"));
-                target = dirs.failed.join(numbered);
-                n += 1;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Writes `<target>.<ext>` durably.
-fn write_beside(target: &Path, ext: &str, data: &[u8]) -> io::Result<()> {
-    let mut name = target.file_name().expect("has a name").to_owned();
-    name.push(format!(".{ext}"));
-    write_durable(&target.with_file_name(name), data)
+fn gone(path: &Path) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("{} is gone", path.display()))
 }
 
 /// Puts a claimed job back in the queue (the host is stopping).
@@ -320,7 +291,7 @@ mod tests {
             assert!(chosen.starts_with("refused.hostA."), "{chosen}");
             assert_eq!(fs::read(&target).expect("moved"), b"planted");
             let reason = fs::read_to_string(target.with_file_name(format!("{chosen}.reason"))).expect("reason");
-            assert_eq!(reason, format!("bad job file name\noriginal name: {}\n", sanitize(name.as_bytes())));
+            assert_eq!(reason, format!("bad job file name\noriginal name: {}\n", jobfile::sanitize(name.as_bytes())));
             assert!(!reason.contains('\x1b'));
         }
         assert!(!d.failed.join("victim_i1.tar.xz.log").exists());

@@ -42,7 +42,7 @@ pub fn forget_counters(dirs: &Dirs, file_name: &OsStr) {
         let _ = fs::remove_file(counter_file(dirs, file_name, kind));
     }
     // The packages the server pinned for it and its caches' owner: the job has ended.
-    jobfile::layout::remove_terms(&dirs.running, file_name);
+    jobfile::layout::Terms::remove_run(&dirs.running, file_name);
 }
 
 /// Records that a job's VM did not boot; true when this is the first time

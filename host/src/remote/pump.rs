@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use jobfile::layout::{self, Found};
+use jobfile::layout::{self, CacheTree, Found};
 use jobfile::JobName;
 use serde_json::Value;
 
@@ -359,32 +359,15 @@ impl Pump {
             self.leases.lock().remove(id);
             bail!("job {id}: the lease was lost while it downloaded");
         }
-        // The server's pin first, so that the daemon installs exactly those packages.
-        if let Some(resolution) = packages {
-            if let Err(e) = resolution.check().map_err(io::Error::other).and_then(|()| {
-                jobfile::layout::write_pin(&self.dirs.running, OsStr::new(&held.file_name), &resolution).map(drop)
-            }) {
-                let _ = fs::remove_file(&partial);
-                self.leases.lock().remove(id);
-                bail!("job {id}: cannot keep the packages the server pinned: {e}");
-            }
-        }
-        // Whose caches it uses: the submitter's account.
-        if let Some(owner) = owner {
-            if let Err(e) = jobfile::layout::write_owner(&self.dirs.running, OsStr::new(&held.file_name), &owner) {
-                let _ = fs::remove_file(&partial);
-                self.leases.lock().remove(id);
-                bail!("job {id}: cannot keep the owner of its caches: {e}");
-            }
-        }
-        // A verified rebuild's run: the server placed it; here it only names the job and dates it.
-        if let Some(terms) = rebuild {
-            let terms = jobfile::rebuild::Terms { apart_until: 0, ..terms };
-            if let Err(e) = jobfile::rebuild::write_terms(&self.dirs.running, OsStr::new(&held.file_name), &terms) {
-                let _ = fs::remove_file(&partial);
-                self.leases.lock().remove(id);
-                bail!("job {id}: cannot keep the terms of its verified rebuild: {e}");
-            }
+        // Its terms first, so that the daemon installs exactly the packages the
+        // server pinned and lends the submitter's caches. A verified rebuild's
+        // run: the server placed it; here its terms only name the job and date it.
+        let rebuild = rebuild.map(|terms| jobfile::rebuild::Terms { apart_until: 0, ..terms });
+        let terms = jobfile::layout::Terms { pin: packages, owner, rebuild };
+        if let Err(e) = terms.write(&self.dirs.running, OsStr::new(&held.file_name)) {
+            let _ = fs::remove_file(&partial);
+            self.leases.lock().remove(id);
+            bail!("job {id}: cannot keep the terms the server gave it: {e}");
         }
         // Renamed in whole: the daemon never sees a file being written.
         fs::rename(&partial, self.dirs.queue.join(&held.file_name))
@@ -395,10 +378,8 @@ impl Pump {
 
     /// The build caches the daemon last said it holds (`running/.caches/host.<host-id>.json`).
     pub(crate) fn held_caches(&self) -> Vec<wire::HeldCache> {
-        let path = layout::cache_report_file(&self.dirs.running, &self.host_id);
-        let held: Vec<wire::HeldCache> = match layout::read_small(&path, 16 << 20) {
-            Ok(Some(raw)) => serde_json::from_slice(&raw).unwrap_or_default(),
-            Ok(None) => Vec::new(),
+        let held: Vec<wire::HeldCache> = match CacheTree::of(&self.dirs.running).report(&self.host_id) {
+            Ok(held) => held.unwrap_or_default(),
             Err(why) => {
                 log::warn!("cannot read what this host's caches hold: {why}");
                 Vec::new()
@@ -413,7 +394,8 @@ impl Pump {
         if sent.is_empty() {
             return Ok(());
         }
-        let mut generations = layout::read_generations(&self.dirs.running).unwrap_or_default();
+        let tree = CacheTree::of(&self.dirs.running);
+        let mut generations = tree.generations().unwrap_or_default();
         let before = generations.clone();
         for (owner, names) in sent {
             if jobfile::caches::check_owner(&owner).is_ok() {
@@ -422,7 +404,7 @@ impl Pump {
             }
         }
         if generations != before {
-            layout::write_generations(&self.dirs.running, &generations)
+            tree.write_generations(&generations)
                 .context("cannot keep the generations of the server's cleared caches")?;
         }
         Ok(())

@@ -12,24 +12,18 @@ use axum::http::StatusCode;
 use axum::Json;
 
 use super::{ApiError, ApiResult, Authed};
+use jobfile::layout::CacheTree;
+
 use crate::app::App;
 use crate::db;
 use crate::lease::current;
 
 /// Every local host's report: (host id, what it holds).
 fn local_reports(running: &Path) -> Vec<(String, Vec<wire::HeldCache>)> {
-    let dir = jobfile::layout::caches_dir(running);
-    let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
     let mut out = Vec::new();
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(host) = name.strip_prefix("host.").and_then(|n| n.strip_suffix(".json")) else { continue };
-        match jobfile::layout::read_small(&e.path(), 16 << 20) {
-            Ok(Some(raw)) => match serde_json::from_slice::<Vec<wire::HeldCache>>(&raw) {
-                Ok(held) => out.push((jobfile::sanitize(host.as_bytes()), held)),
-                Err(err) => log::warn!("{} is not a list of build caches: {err}", e.path().display()),
-            },
-            Ok(None) => {}
+    for (host, read) in CacheTree::of(running).reports::<Vec<wire::HeldCache>>() {
+        match read {
+            Ok(held) => out.push((jobfile::sanitize(host.as_bytes()), held)),
             Err(why) => log::warn!("{why}"),
         }
     }
@@ -90,7 +84,7 @@ pub async fn publish_generations(app: &App) -> std::io::Result<()> {
     let _one = GENERATIONS_WRITER.lock().await;
     let generations = db::cache_generations(app.db()).await.map_err(std::io::Error::other)?;
     let running = app.store.running.clone();
-    tokio::task::spawn_blocking(move || jobfile::layout::write_generations(&running, &generations))
+    tokio::task::spawn_blocking(move || CacheTree::of(&running).write_generations(&generations))
         .await
         .map_err(std::io::Error::other)?
 }

@@ -140,25 +140,20 @@ pub async fn lease(
         log::info!("job {} leased to host {} (lease {}, attempt {})", lease.id, host.name, lease.seq, lease.attempt);
         // What the server pinned at submit goes with it, from the job's record (or, for a job
         // submitted before records kept it, its pin file).
-        let packages = lease.packages.or_else(|| {
-            jobfile::layout::read_pin(&app.store.running, lease.file_name.as_ref()).unwrap_or_else(|why| {
-                log::error!("job {}: {why}; the host resolves its packages itself", lease.id);
-                None
-            })
+        let terms = jobfile::layout::Terms::read(&app.store.running, lease.file_name.as_ref()).unwrap_or_else(|why| {
+            log::error!("job {}: {why}; it runs without those terms", lease.id);
+            jobfile::layout::Terms::default()
         });
+        let packages = lease.packages.or(terms.pin);
         // A verified rebuild's run: noted as this host's before it is handed out, and its terms go with it.
-        let rebuild = match jobfile::rebuild::read_terms(&app.store.running, lease.file_name.as_ref()) {
-            Ok(Some(terms)) => {
+        let rebuild = match terms.rebuild {
+            Some(terms) => {
                 jobfile::rebuild::write_ran_on(&app.store.running, lease.file_name.as_ref(), &host.name)
                     .map_err(ApiError::internal)?;
                 // Placed: the host has nothing to keep apart.
                 Some(jobfile::rebuild::Terms { apart_until: 0, ..terms })
             }
-            Ok(None) => None,
-            Err(why) => {
-                log::error!("job {}: {why}; it runs as an ordinary job", lease.id);
-                None
-            }
+            None => None,
         };
         return Ok(answer(Some(wire::Lease {
             id: lease.id,

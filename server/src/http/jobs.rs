@@ -11,6 +11,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
+use jobfile::layout::Terms;
 use tokio::io::AsyncWriteExt;
 
 use super::{serve_file, ApiError, ApiResult, Authed, OwnJob};
@@ -267,16 +268,12 @@ pub(crate) async fn submit(
         .chain(twin.iter().zip(twin_file.iter().map(|(p, _)| p.as_path())))
         .collect();
     for (i, (job, part)) in queued.iter().enumerate() {
-        let pinned = match &packages {
-            Some(resolution) => app.store.pin(&job.file_name, resolution).map(drop),
-            None => Ok(()),
-        }
-        .and_then(|()| app.store.own(&job.file_name, &owner))
-        .and_then(|()| app.store.enqueue(part, &job.file_name));
+        let terms = Terms { pin: packages.clone(), owner: Some(owner.clone()), rebuild: None };
+        let pinned =
+            app.store.write_terms(&job.file_name, &terms).and_then(|()| app.store.enqueue(part, &job.file_name));
         if let Err(e) = pinned {
             for (job, _) in &queued {
-                jobfile::layout::remove_terms(&app.store.running, job.file_name.as_ref());
-                jobfile::rebuild::remove_terms(&app.store.running, job.file_name.as_ref());
+                Terms::remove_all(&app.store.running, job.file_name.as_ref());
             }
             return Err(ApiError::internal(e));
         }

@@ -1,0 +1,88 @@
+//! What every job on a host gets: its VM's size, time and confinement, and
+//! the host's packages, caches and signer.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use construir_provenance::Machine;
+
+use crate::caches::Caches;
+use crate::cgroup;
+use crate::packages::Packages;
+use crate::provenance::Signer;
+use crate::qemu::{Accel, Bounds, Confiner};
+
+/// What every job on this host gets.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub timeout: Duration,
+    pub grace: Duration,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub networking: bool,
+    pub console_limit: usize,
+    pub accel: Accel,
+    pub qemu: PathBuf,
+    pub host_id: String,
+    /// Each VM's uid, namespaces, minimal root and Landlock.
+    pub confiner: Confiner,
+    /// End a VM that prints nothing on its console for this long.
+    pub silence: Option<Duration>,
+    /// End a VM whose init has not said it started within this.
+    pub boot: Duration,
+    /// Where each VM gets a cgroup of its own (cgroup v2, writable).
+    pub cgroups: Option<cgroup::Parent>,
+    /// Jobs' packages: resolving, fetching, layers (`None`: jobs that declare packages are refused).
+    pub packages: Option<Arc<Packages>>,
+    /// Jobs' build caches (`None`: off; a job that names caches gets empty directories).
+    pub caches: Option<Arc<Caches>>,
+    /// Signs each result's provenance (`None`: results go without).
+    pub signer: Option<Arc<Signer>>,
+}
+
+impl Limits {
+    /// How long a VM may run, stay silent and take to boot.
+    pub fn bounds(&self) -> Bounds {
+        Bounds {
+            deadline: self.timeout + self.grace,
+            silence: self.silence,
+            boot: Some(self.boot),
+            console_limit: self.console_limit,
+        }
+    }
+
+    /// The QEMU binary a VM runs: the one in the minimal root when VMs are jailed in one.
+    pub fn qemu_binary(&self) -> PathBuf {
+        self.confiner.root.as_ref().map_or_else(|| self.qemu.clone(), |r| r.qemu.clone())
+    }
+
+    /// The guest's own watchdog: after the job's timeout and packing,
+    /// before the host's kill (half the grace: the guest counts from its
+    /// kernel's start, after the firmware).
+    pub fn guest_deadline(&self) -> Duration {
+        self.timeout + self.grace / 2
+    }
+
+    /// The VM's own cgroup `name`, where the host has cgroups: guest memory
+    /// plus room for QEMU itself (TCG's translation cache among it).
+    pub fn vm_cgroup(&self, name: &str) -> std::io::Result<Option<cgroup::Group>> {
+        match &self.cgroups {
+            Some(parent) => Ok(Some(parent.create(name, (self.memory_mib + 1024) << 20, 1024, self.cpus)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The machine a job's VM is, as its provenance names it.
+    pub fn machine(&self, signer: &Signer) -> Machine {
+        Machine {
+            qemu: signer.qemu.clone(),
+            accelerator: self.accel.name().to_owned(),
+            cpus: self.cpus,
+            memory_mib: self.memory_mib,
+            networking: self.networking,
+            timeout_secs: self.timeout.as_secs(),
+            jail: signer.jail.clone(),
+        }
+    }
+}
