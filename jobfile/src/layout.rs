@@ -21,13 +21,16 @@
 //!                             a refused one also "original name: ...") and maybe <file>.log;
 //!                             all put there by `fail` or `refuse`
 //! images/i<N>/                the base images
+//! <shared>/runs/<id>.<n>/     a Slurm attempt's directory (`AttemptDir`)
 //! ```
 
+mod attempt;
 mod cache_tree;
 mod failed;
 mod land;
 mod terms;
 
+pub use attempt::AttemptDir;
 pub use cache_tree::CacheTree;
 pub use failed::{fail, refuse, FailLog};
 pub use land::{land, rename_noreplace, Landed, Landing};

@@ -29,7 +29,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use jobfile::layout::{self, FailLog, Landed, Landing, Terms};
+use jobfile::layout::{self, AttemptDir, FailLog, Landed, Landing, Terms};
 
 use crate::app::App;
 use crate::attempt::Attempt;
@@ -187,7 +187,7 @@ pub fn batch_script(settings: &Settings, job: &JobRecord, attempt: u64, dir: &Pa
         quote(&format!("./{}", job.file_name)),
         "--images".into(),
         quote(&settings.images().to_string_lossy()),
-        "--out ./out --terms ./terms --console ./console".into(),
+        "--attempt .".into(),
         format!("--work {}", quote(&settings.node_dir)),
         format!("--image-checksum {} --terms-sha256 {}", digests.image, digests.terms),
         "--host-id \"$node\" --host-key \"$key\"".into(),
@@ -286,12 +286,13 @@ fn ensure_image(store: &Store, settings: &Settings, number: &str) -> io::Result<
 fn prepare(store: &Store, settings: &Settings, job: &JobRecord, attempt: u64, dir: &Path) -> io::Result<()> {
     let image = ensure_image(store, settings, &job.image)?;
     let _ = fs::remove_dir_all(dir);
-    fs::create_dir_all(dir.join("out"))?;
-    fs::copy(store.in_slurm(&job.file_name), dir.join(&job.file_name))?;
-    let terms = jobfile::layout::TermFiles::read(&store.running, job.file_name.as_ref()).map_err(io::Error::other)?;
-    terms.write(&dir.join("terms"))?;
+    let places = AttemptDir::at(dir);
+    fs::create_dir_all(places.out())?;
+    fs::copy(store.in_slurm(&job.file_name), places.job(&job.file_name))?;
+    let terms = layout::TermFiles::read(&store.running, job.file_name.as_ref()).map_err(io::Error::other)?;
+    terms.write(&places.terms())?;
     let digests = Digests { image, job: job.file_sha256.clone(), terms: terms.digest() };
-    let script = dir.join("run.sh");
+    let script = places.script();
     fs::write(&script, batch_script(settings, job, attempt, dir, &digests))?;
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755))?;
@@ -344,14 +345,14 @@ async fn dispatch(app: &App, settings: &Settings, in_slurm: usize) -> Result<boo
                     "--no-requeue".into(),
                     format!("--job-name={}", job_name(&job.id, attempt)),
                     format!("--chdir={}", dir.display()),
-                    format!("--output={}", dir.join("slurm.out").display()),
+                    format!("--output={}", AttemptDir::at(&dir).slurm_out().display()),
                     format!("--cpus-per-task={}", settings.cpus),
                     format!("--mem={}M", settings.slurm_memory_mib()),
                     format!("--time={}", settings.slurm_minutes()),
                 ];
                 args.extend(settings.partition.iter().map(|p| format!("--partition={p}")));
                 args.extend(settings.account.iter().map(|a| format!("--account={a}")));
-                args.push(dir.join("run.sh").to_string_lossy().into_owned());
+                args.push(AttemptDir::at(&dir).script().to_string_lossy().into_owned());
                 slurm(settings, "sbatch", &args).await
             }
         };
@@ -382,7 +383,7 @@ async fn dispatch(app: &App, settings: &Settings, in_slurm: usize) -> Result<boo
 /// bounded, no link followed.
 fn copy_console(store: &Store, dir: &Path, file_name: &str) {
     let Ok(attempt) = Attempt::open(dir) else { return };
-    let Ok(file) = attempt.open_file(&["console"]) else { return };
+    let Ok(file) = attempt.open_file(&[AttemptDir::CONSOLE]) else { return };
     let to = store.slurm_console(file_name);
     let from_len = file.metadata().map_or(0, |m| m.len()).min(crate::lease::MAX_CONSOLE);
     if fs::metadata(&to).map_or(0, |m| m.len()) != from_len {
@@ -448,7 +449,7 @@ async fn follow_one(app: &App, settings: &Settings, run: &SlurmRun) -> Result<bo
         }
         // Ended: the exit note may still be on its way through the shared directory.
         _ => {
-            let noted = || Attempt::open(&dir).is_ok_and(|a| a.has(&["exit"]));
+            let noted = || Attempt::open(&dir).is_ok_and(|a| a.has(&[AttemptDir::EXIT]));
             if !noted() {
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
@@ -498,14 +499,14 @@ async fn finish(
     let Ok(attempt) = Attempt::open(&dir) else {
         return give_back(app, settings, job, run, "its attempt directory cannot be opened").await;
     };
-    let code = attempt.read_small(&["exit"], 64).ok().flatten().unwrap_or_default();
+    let code = attempt.read_small(&[AttemptDir::EXIT], 64).ok().flatten().unwrap_or_default();
     let code = jobfile::sanitize(String::from_utf8_lossy(&code).trim().as_bytes());
     if cancelled {
         // A result that comes after the cancel is refused: the submitter asked for none.
         copy_final_log(&app.store, &attempt, &job.file_name, &name);
         return fail(app, job, run, "cancelled at its submitter's request").await;
     }
-    if attempt.has(&["out", &name.done_file_name()]) {
+    if attempt.has(&[AttemptDir::OUT, &name.done_file_name()]) {
         let Some(node) = node else {
             let how = "Slurm no longer names the node that ran it, so its result cannot be checked";
             return give_back(app, settings, job, run, how).await;
@@ -535,14 +536,14 @@ async fn finish(
         app.refresh(job).await;
         return Ok(());
     }
-    let reason = attempt.read_small(&["out", &format!("{}.reason", job.file_name)], 4096).ok().flatten();
+    let reason = attempt.read_small(&[AttemptDir::OUT, &format!("{}.reason", job.file_name)], 4096).ok().flatten();
     if let Some(reason) = reason {
         let why = jobfile::sanitize(reason.split(|&b| b == b'\n').next().unwrap_or_default());
         copy_final_log(&app.store, &attempt, &job.file_name, &name);
         return fail(app, job, run, &why).await;
     }
     // run-one could not run it (exit 2): what it said is in Slurm's output.
-    let said = tail(&attempt, "slurm.out", 600);
+    let said = tail(&attempt, AttemptDir::SLURM_OUT, 600);
     give_back(app, settings, job, run, &format!("run-one on the node could not run it (exit {code}): {said}")).await
 }
 
@@ -576,7 +577,8 @@ fn stage_and_check(
     let take = |file: String, max: u64| -> Result<Option<PathBuf>, String> {
         let to = store.done.join(format!(".slurm.{file}.part"));
         let _ = fs::remove_file(&to);
-        let copied = attempt.copy_out(&["out", &file], &to, max).map_err(|e| format!("cannot take {file}: {e}"))?;
+        let copied =
+            attempt.copy_out(&[AttemptDir::OUT, &file], &to, max).map_err(|e| format!("cannot take {file}: {e}"))?;
         Ok(copied.then_some(to))
     };
     let log = take(name.done_with_extension("log"), crate::lease::MAX_CONSOLE * 2)?;
@@ -606,7 +608,7 @@ fn copy_final_log(store: &Store, attempt: &Attempt, file_name: &str, name: &jobf
     let target = final_log(store, file_name);
     for from in [format!("{file_name}.log"), name.done_with_extension("log")] {
         let _ = fs::remove_file(&target);
-        if attempt.copy_out(&["out", &from], &target, crate::lease::MAX_CONSOLE * 2).unwrap_or(false) {
+        if attempt.copy_out(&[AttemptDir::OUT, &from], &target, crate::lease::MAX_CONSOLE * 2).unwrap_or(false) {
             return;
         }
     }
@@ -1001,7 +1003,7 @@ mod tests {
         assert!(script.contains("--timeout 600s --memory 1024M --cpus 2 --job-sha256 bbbb"), "{script}");
         assert!(script.contains("'--accel' 'tcg'"), "{script}");
         assert!(script.contains(&format!("--image-checksum {} --terms-sha256 {}", "a".repeat(64), "c".repeat(64))));
-        assert!(script.contains("--work '/var/tmp/construir'") && script.contains("--console ./console"), "{script}");
+        assert!(script.contains("--work '/var/tmp/construir'") && script.contains("--attempt ."), "{script}");
         assert!(
             script.trim_end().ends_with("echo \"$code\" > exit.part && mv exit.part exit\nexit \"$code\""),
             "{script}"

@@ -255,12 +255,16 @@ pub(crate) struct RunOneArgs {
     pub(crate) job_sha256: Option<String>,
     /// The digest of the terms as the server left them (over each file's name and bytes): the
     /// terms are read once and checked against it; a mismatch is refused (exit 2).
-    #[arg(long, value_name = "SHA256", requires = "terms")]
+    #[arg(long, value_name = "SHA256")]
     pub(crate) terms_sha256: Option<String>,
     /// Mirror the live console into FILE while the job runs (for a server that follows the
     /// job through a shared directory).
     #[arg(long, value_name = "FILE")]
     pub(crate) console: Option<PathBuf>,
+    /// Run in a Slurm attempt's directory as the server prepared it: DIR/out, DIR/terms and
+    /// DIR/console stand for --out, --terms and --console.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["out", "terms", "console"])]
+    pub(crate) attempt: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) run: RunArgs,
 }
