@@ -7,7 +7,13 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser};
-use cli::*;
+use cli::args::{Cli, Command, QueueArgs};
+use cli::cache::run_cache;
+use cli::doctor::doctor;
+use cli::job::run_job;
+use cli::run_one::run_one;
+use cli::settings::{show_config, with_config};
+use cli::setup::run_queue;
 
 fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
     match cli.command {

@@ -11,8 +11,6 @@ pub mod command;
 pub mod deps;
 pub mod ext4;
 pub mod fallback;
-#[cfg(feature = "http")]
-pub mod http;
 pub mod image;
 pub mod layout;
 #[cfg(feature = "cli")]

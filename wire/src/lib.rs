@@ -12,6 +12,9 @@
 //!
 //! Fields only ever get added; a reader ignores what it does not know.
 
+#[cfg(feature = "client")]
+pub mod client;
+
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 

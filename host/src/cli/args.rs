@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::*;
+use crate::cli::settings::run_command;
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use construir_host::config;

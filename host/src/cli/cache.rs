@@ -2,7 +2,8 @@
 //! keeps, read and removed from the directory alone (it works beside a
 //! running host).
 
-use super::*;
+use crate::cli::args::CacheCommand;
+use crate::cli::args::QueueArgs;
 use anyhow::{bail, Context, Result};
 use construir_host::caches::{CacheSummary, Caches, CACHES_DIR};
 

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::*;
+use crate::cli::args::AccelChoice;
+use crate::cli::args::RunArgs;
+use crate::cli::setup::confiner;
 use anyhow::{bail, Result};
 use construir_host::daemon::{self};
 use construir_host::queue::Dirs;

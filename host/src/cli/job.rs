@@ -1,6 +1,6 @@
 //! `construir-host job`: the submitter's tools (pack, inspect, unpack).
 
-use super::*;
+use crate::cli::args::JobCommand;
 use anyhow::Result;
 use jobfile::tools::{self};
 use jobfile::units::human_size;

@@ -9,11 +9,3 @@ pub(crate) mod job;
 pub(crate) mod run_one;
 pub(crate) mod settings;
 pub(crate) mod setup;
-
-pub(crate) use args::*;
-pub(crate) use cache::*;
-pub(crate) use doctor::*;
-pub(crate) use job::*;
-pub(crate) use run_one::*;
-pub(crate) use settings::*;
-pub(crate) use setup::*;

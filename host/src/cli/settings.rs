@@ -4,7 +4,9 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use super::*;
+use crate::cli::args::Cli;
+use crate::cli::args::Command;
+use crate::cli::args::RunArgs;
 use anyhow::{Context, Result};
 use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use construir_host::config;

@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::*;
+use crate::cli::args::RunArgs;
 use anyhow::{bail, Context, Result};
 use construir_host::caches::{Caches, CACHES_DIR};
 use construir_host::daemon::{self, RunOptions};
@@ -46,7 +46,7 @@ pub(crate) fn run_queue(a: RunArgs) -> Result<()> {
                 poll: a.poll,
             };
             // Before anything needs an image (the KVM test boots one's kernel).
-            let api = construir_host::remote::Api::new(&remote)?;
+            let api = remote.api()?;
             match construir_host::remote::fetch_images(&api, &dirs.images) {
                 Ok(_) => {}
                 Err(e) => log::warn!("cannot fetch the server's images now: {e:#}; trying again later"),

@@ -10,7 +10,9 @@ use std::sync::Mutex;
 use anyhow::{bail, Context, Result};
 use jobfile::image::{sha256_file, ImageManifest, MANIFEST};
 
-use super::*;
+use wire::client::Api;
+
+use super::download_to;
 
 /// The images in `images`, each as the server names it, with the sha256 of its `image.toml`.
 pub fn local_images(images: &Path) -> Vec<(String, String)> {
@@ -72,14 +74,10 @@ pub fn verified_images(images: &Path) -> Vec<(String, String)> {
 /// the one `image.toml` names; otherwise it is refused, and nothing of it
 /// kept. Returns the images installed.
 pub fn fetch_images(api: &Api, images: &Path) -> Result<Vec<String>> {
-    let answer = api.get_json("host/images")?;
-    if answer.0 != 200 {
-        bail!("the server would not list its images ({})", why(&answer));
-    }
+    let list: wire::ImageList = api.get("host/images").context("the server would not list its images")?;
     fs::create_dir_all(images).with_context(|| format!("cannot create {}", images.display()))?;
     let have = local_images(images);
     let mut installed = Vec::new();
-    let list: wire::ImageList = decode(&answer)?;
     for offered in &list.images {
         let (name, checksum) = (offered.name.as_str(), offered.checksum.as_str());
         if name.is_empty() || name.len() > 9 || !name.bytes().all(|b| b.is_ascii_digit()) {
@@ -137,10 +135,8 @@ pub(crate) fn fetch_image(
                 );
             }
             let size = f.size;
-            let answer = api.download(&format!("host/images/{name}/{file}"), &tmp.join(file), size)?;
-            if answer.0 != 200 {
-                bail!("cannot download {file} ({})", why(&answer));
-            }
+            download_to(api, &format!("host/images/{name}/{file}"), &tmp.join(file), size)
+                .with_context(|| format!("cannot download {file}"))?;
         }
         let got = sha256_file(&tmp.join(MANIFEST)).context("no image.toml came")?;
         if !got.eq_ignore_ascii_case(checksum) {

@@ -19,18 +19,17 @@
 //! The host also fetches the images the server offers that it lacks, and
 //! installs one only when every file matches the server's checksums.
 
-mod api;
 mod images;
 mod pump;
 
-pub use api::Api;
-use api::*;
-use images::*;
 pub use images::{fetch_images, local_images};
 pub use pump::{locate, move_file, run, Local};
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use wire::client::{Api, CallError, Settings};
 
 /// Where and as whom the host takes work.
 #[derive(Debug, Clone)]
@@ -43,6 +42,37 @@ pub struct Remote {
     pub ca_cert: Option<PathBuf>,
     /// How often to ask for work while the host has room.
     pub poll: Duration,
+}
+
+impl Remote {
+    /// The server's API, as this host calls it (a call may take an hour: a
+    /// job file or a result goes over a slow link).
+    pub fn api(&self) -> std::io::Result<Api> {
+        Api::new(&Settings {
+            server: self.server.clone(),
+            token: Ok(self.token.clone()),
+            ca_cert: self.ca_cert.clone(),
+            timeout: Some(Duration::from_secs(3600)),
+        })
+    }
+}
+
+/// The status of a call's answer: 200 for one read, the server's for a
+/// refusal, none when there was no answer.
+fn status_of<T>(answer: &Result<T, CallError>) -> Option<u16> {
+    match answer {
+        Ok(_) => Some(200),
+        Err(e) => e.refusal().map(|r| r.status),
+    }
+}
+
+/// Downloads `path` into a new file `to`, at most `max` bytes, synced.
+fn download_to(api: &Api, path: &str, to: &Path, max: u64) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let mut out = File::create(to).with_context(|| format!("cannot create {}", to.display()))?;
+    api.download(path, 0, Some(max), &mut out)?;
+    out.sync_all()?;
+    Ok(())
 }
 
 /// What the host does with the server's answer to a renewal.

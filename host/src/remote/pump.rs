@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use jobfile::layout::{self, CacheTree, Found};
 use jobfile::JobName;
-use serde_json::Value;
+use wire::client::{Api, CallError, Upload};
 
-use super::*;
+use super::images::{fetch_images, verified_images};
+use super::{download_to, renewal, settlement, status_of, Delivering, Remote, Renewal, Settlement};
 use crate::daemon::{self, RunOptions, Summary};
 use crate::queue::{self, Dirs};
 
@@ -74,39 +75,67 @@ pub(crate) fn renew_loop(api: &Api, dirs: &Dirs, leases: &Leases, done: &AtomicB
             let console = queue::live_console(dirs, OsStr::new(&l.file_name));
             let chunk = read_from(&console, l.console_sent, 256 << 10);
             let path = format!("host/jobs/{id}/renew?seq={}&offset={}", l.seq, l.console_sent);
-            let answer = api.post_bytes(&path, &chunk);
+            let answer = api.post_bytes::<wire::Renewed>(&path, &chunk);
             let mut map = leases.lock();
             let Some(held) = map.get_mut(&id).filter(|h| h.seq == l.seq) else { continue };
-            match answer.as_ref().map(|a| (renewal(a.0, held.delivering), a)) {
-                Ok((Renewal::Renewed, answer)) => {
+            let said = status_of(&answer).map(|s| renewal(s, held.delivering));
+            match (said, answer) {
+                (_, Ok(renewed)) => {
                     held.renewed = Instant::now();
                     held.console_sent = l.console_sent + chunk.len() as u64;
-                    match decode::<wire::Renewed>(answer) {
-                        Ok(renewed) => {
-                            held.term = Duration::from_millis(renewed.lease_ms);
-                            if renewed.cancel {
-                                request_cancel(dirs, &l.file_name, "its submitter cancelled it");
-                            }
-                        }
-                        Err(e) => log::warn!("job {}: renewed, but {e:#}", l.file_name),
+                    held.term = Duration::from_millis(renewed.lease_ms);
+                    if renewed.cancel {
+                        request_cancel(dirs, &l.file_name, "its submitter cancelled it");
                     }
                 }
-                Ok((Renewal::EndedByDelivery, _)) => {}
-                Ok((Renewal::Lost, answer)) => {
-                    log::warn!("job {}: lease lost ({}); stopping it here", l.file_name, why(answer));
+                (Some(Renewal::EndedByDelivery), Err(_)) => {}
+                (Some(Renewal::Lost), Err(e)) => {
+                    log::warn!("job {}: lease lost ({e}); stopping it here", l.file_name);
                     held.lost = true;
                     drop(map);
                     request_cancel(dirs, &l.file_name, "its lease was lost");
                     // Not yet claimed by the daemon: take it out of the spool.
                     let _ = fs::remove_file(dirs.queue.join(&l.file_name));
                 }
-                Ok((Renewal::Failed, answer)) => {
-                    log::warn!("job {}: cannot renew its lease ({})", l.file_name, why(answer))
-                }
-                Err(e) => log::warn!("job {}: cannot renew its lease: {e:#}", l.file_name),
+                (_, Err(e)) => log::warn!("job {}: cannot renew its lease: {e}", l.file_name),
             }
         }
         thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Why a delivery did not get the server's yes: this host could not send
+/// it, or the call did not give its answer.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    Local(anyhow::Error),
+    Call(CallError),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Local(e) => write!(f, "{e:#}"),
+            SendError::Call(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<CallError> for SendError {
+    fn from(e: CallError) -> SendError {
+        SendError::Call(e)
+    }
+}
+
+impl From<anyhow::Error> for SendError {
+    fn from(e: anyhow::Error) -> SendError {
+        SendError::Local(e)
+    }
+}
+
+impl From<io::Error> for SendError {
+    fn from(e: io::Error) -> SendError {
+        SendError::Local(e.into())
     }
 }
 
@@ -156,7 +185,7 @@ pub fn run(opts: &RunOptions, remote: &Remote, stop: Arc<AtomicBool>) -> Result<
     if cleared > 0 {
         log::info!("cleared {cleared} file(s) a previous run left in the spool; the server hands those jobs out again");
     }
-    let api = Arc::new(Api::new(remote)?);
+    let api = Arc::new(remote.api()?);
     // Verified in full before the server hears of them, and again at every check.
     let verified = Arc::new(Mutex::new(verified_images(&dirs.images)));
     let pump_done = Arc::new(AtomicBool::new(false));
@@ -304,11 +333,7 @@ impl Pump {
             caches: self.held_caches(),
             key: self.key.clone(),
         };
-        let answer = self.api.post_json("host/lease", &body)?;
-        if answer.0 != 200 {
-            bail!("the server refused ({})", why(&answer));
-        }
-        let answer = decode::<wire::LeaseAnswer>(&answer)?;
+        let answer: wire::LeaseAnswer = self.api.post_json("host/lease", &body)?;
         // Before the job is in the spool: its caches are lent at the generation the server says.
         self.note_generations(answer.generations)?;
         let Some(lease) = answer.lease else { return Ok(false) };
@@ -343,16 +368,10 @@ impl Pump {
         fs::create_dir_all(&self.dirs.work)?;
         // Renewed from now on, the download included.
         self.track(&held, Duration::from_millis(lease_ms));
-        let fetched = self.api.download(&format!("host/jobs/{id}/file?seq={seq}"), &partial, size);
-        let failed = match &fetched {
-            Ok(answer) if answer.0 == 200 => None,
-            Ok(answer) => Some(format!("cannot download job {id} ({})", why(answer))),
-            Err(e) => Some(format!("cannot download job {id}: {e:#}")),
-        };
-        if let Some(why) = failed {
+        if let Err(e) = download_to(&self.api, &format!("host/jobs/{id}/file?seq={seq}"), &partial, size) {
             let _ = fs::remove_file(&partial);
             self.leases.lock().remove(id);
-            bail!("{why}");
+            bail!("cannot download job {id}: {e:#}");
         }
         if self.leases.lost(id) {
             let _ = fs::remove_file(&partial);
@@ -497,7 +516,7 @@ impl Pump {
         let Some(h) = self.held.get(id) else { return true };
         let (seq, name) = (h.seq, h.file_name.clone());
         self.leases.set_delivering(id, true);
-        let sent = (|| -> Result<Answer> {
+        let sent = (|| -> Result<wire::Delivered, SendError> {
             let mut log_file = File::open(log).with_context(|| format!("cannot open {}", log.display()))?;
             let result_file = File::open(result).with_context(|| format!("cannot open {}", result.display()))?;
             let log_len = log_file.seek(io::SeekFrom::End(0))?;
@@ -506,11 +525,14 @@ impl Pump {
             // Its signed provenance between them (none: the server refuses the result, saying so).
             let provenance = fs::read(layout::provenance_beside(result)).unwrap_or_default();
             let prov_len = provenance.len() as u64;
-            self.api.post_reader(
-                &format!("host/jobs/{id}/done?seq={seq}&log_bytes={log_len}&provenance_bytes={prov_len}"),
-                log_len + prov_len + result_len,
-                log_file.chain(io::Cursor::new(provenance)).chain(result_file),
-            )
+            let upload = Upload {
+                len: log_len + prov_len + result_len,
+                content_type: "application/octet-stream",
+                expect_continue: false,
+                body: log_file.chain(io::Cursor::new(provenance)).chain(result_file),
+            };
+            let path = format!("host/jobs/{id}/done?seq={seq}&log_bytes={log_len}&provenance_bytes={prov_len}");
+            Ok(self.api.post_stream(&path, upload)?)
         })();
         self.leases.set_delivering(id, false);
         self.settle(id, &name, "result", sent)
@@ -519,7 +541,7 @@ impl Pump {
     /// Sends the log (if any) and the reason; `true` when the job needs no more from this host.
     pub(crate) fn report_failed(&mut self, held: &Held, reason: &str, log: Option<&Path>) -> bool {
         self.leases.set_delivering(&held.id, true);
-        let sent = (|| -> Result<Answer> {
+        let sent = (|| -> Result<wire::Delivered, SendError> {
             let log_bytes = match log {
                 Some(p) => fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
                 None => Vec::new(),
@@ -527,38 +549,43 @@ impl Pump {
             let mut body = log_bytes.clone();
             body.extend_from_slice(reason.as_bytes());
             let path = format!("host/jobs/{}/failed?seq={}&log_bytes={}", held.id, held.seq, log_bytes.len());
-            self.api.post_bytes(&path, &body)
+            Ok(self.api.post_bytes(&path, &body)?)
         })();
         self.leases.set_delivering(&held.id, false);
         self.settle(&held.id, &held.file_name, "failure", sent)
     }
 
     /// What a delivery's answer means: done with the job, or try again later.
-    pub(crate) fn settle(&mut self, id: &str, name: &str, what: &str, sent: Result<Answer>) -> bool {
+    pub(crate) fn settle(
+        &mut self,
+        id: &str,
+        name: &str,
+        what: &str,
+        sent: Result<wire::Delivered, SendError>,
+    ) -> bool {
         let of = if what == "failure" { Delivering::Failure } else { Delivering::Result };
-        match sent.map(|a| (settlement(a.0, of), a)) {
-            Ok((Settlement::Accepted, (_, v))) => {
-                let verdict = v.get("verdict").or(v.get("reason")).and_then(Value::as_str).unwrap_or("");
-                log::info!("job {name}: {what} delivered to the server ({})", jobfile::sanitize(verdict.as_bytes()));
+        let refusal = match &sent {
+            Err(SendError::Call(e)) => e.refusal().cloned(),
+            _ => None,
+        };
+        match (sent, refusal.map(|r| (settlement(r.status, of), r))) {
+            (Ok(delivered), _) => {
+                let said = delivered.verdict.or(delivered.reason).unwrap_or_default();
+                log::info!("job {name}: {what} delivered to the server ({})", jobfile::sanitize(said.as_bytes()));
                 true
             }
-            Ok((Settlement::LeaseGone, answer)) => {
-                log::warn!("job {name}: the server refused the {what}: {}", why(&answer));
+            (_, Some((Settlement::LeaseGone, refusal))) => {
+                log::warn!("job {name}: the server refused the {what}: {refusal}");
                 true
             }
-            Ok((Settlement::RefusedForGood, answer)) => {
-                log::error!("job {name}: the server refused the {what} ({}); reporting the job failed", why(&answer));
+            (_, Some((Settlement::RefusedForGood, refusal))) => {
+                log::error!("job {name}: the server refused the {what} ({refusal}); reporting the job failed");
                 let Some(h) = self.held.get(id).cloned() else { return true };
-                let reason = format!("the server refused the {what} from host {}: {}", self.host_id, why(&answer));
+                let reason = format!("the server refused the {what} from host {}: {refusal}", self.host_id);
                 self.report_failed(&h, &reason, None)
             }
-            Ok((Settlement::TryAgain, answer)) => {
-                log::warn!("job {name}: cannot deliver the {what} ({}); trying again", why(&answer));
-                self.retry_later(id);
-                false
-            }
-            Err(e) => {
-                log::warn!("job {name}: cannot deliver the {what}: {e:#}; trying again");
+            (Err(e), _) => {
+                log::warn!("job {name}: cannot deliver the {what} ({e}); trying again");
                 self.retry_later(id);
                 false
             }
@@ -617,10 +644,10 @@ impl Pump {
     }
 
     pub(crate) fn release(&self, h: &Held) {
-        match self.api.post_bytes(&format!("host/jobs/{}/release?seq={}", h.id, h.seq), b"") {
-            Ok((200, _)) => log::info!("job {}: given back to the server", h.file_name),
-            Ok(answer) => log::warn!("job {}: the server would not take it back ({})", h.file_name, why(&answer)),
-            Err(e) => log::warn!("job {}: cannot give it back: {e:#}; its lease runs out instead", h.file_name),
+        match self.api.post_bytes::<wire::Released>(&format!("host/jobs/{}/release?seq={}", h.id, h.seq), b"") {
+            Ok(_) => log::info!("job {}: given back to the server", h.file_name),
+            Err(CallError::Refused(r)) => log::warn!("job {}: the server would not take it back ({r})", h.file_name),
+            Err(e) => log::warn!("job {}: cannot give it back: {e}; its lease runs out instead", h.file_name),
         }
     }
 }

@@ -1,0 +1,73 @@
+//! `construir verify`: check a result against its signed provenance,
+//! offline, with keys given by hand or the ones the server publishes.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use wire::client::Api;
+
+/// Checks `file` against `provenance` (beside it by default) with `keys`,
+/// or, with none, each key the server publishes bound to its own host
+/// (`api` makes the call only then). Exits 1 saying which check failed.
+pub fn run(
+    api: impl FnOnce() -> Result<Api>,
+    file: &Path,
+    provenance: Option<PathBuf>,
+    keys: &[String],
+) -> Result<ExitCode> {
+    let provenance = provenance.unwrap_or_else(|| jobfile::layout::provenance_beside(file));
+    let log = jobfile::layout::log_beside(file);
+    // Keys given by hand are the reader's own choice; the server's are each bound to their host.
+    let checked = if keys.is_empty() {
+        let signers = server_signers(&api()?, None)?;
+        construir_provenance::verify_signed_as(file, &provenance, &signers, log.as_deref()).map(|(_, v)| v)
+    } else {
+        construir_provenance::verify(file, &provenance, &construir_provenance::keys_from_args(keys)?, log.as_deref())
+    };
+    match checked {
+        Ok(v) => {
+            println!("{}: verified: {}", file.display(), v.summary());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            // Checked, and it failed: 1, as `wait` says a job was not ok (2 is for what could not be checked).
+            eprintln!("construir: {}: not verified: {}", file.display(), jobfile::error_chain(&e));
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// The keys the server publishes, each with the host it belongs to (its
+/// bare name: a local host's without ` (local)`, a node's without ` (slurm)`).
+/// `built_by`: only the key of the host the server recorded for the run
+/// (`wire::Job::built_by`), or, for a run with none, only local hosts' keys.
+/// `None`: every published key, each still bound to its own host's name.
+pub fn server_signers(
+    api: &Api,
+    built_by: Option<Option<&str>>,
+) -> Result<Vec<(String, construir_provenance::PublicKey)>> {
+    let wire::HostKeys { keys } = api.get("hosts/keys")?;
+    let signers: Vec<_> = keys
+        .iter()
+        .filter(|k| match built_by {
+            None => true,
+            Some(Some(host)) => k.host == host,
+            Some(None) => k.host.ends_with(" (local)"),
+        })
+        .filter_map(|k| {
+            let key = construir_provenance::PublicKey::parse(&k.key).ok()?;
+            let bare = k.host.trim_end_matches(" (local)").trim_end_matches(" (slurm)");
+            Some((bare.to_owned(), key))
+        })
+        .collect();
+    if signers.is_empty() {
+        match built_by {
+            Some(Some(host)) => {
+                bail!("the server publishes no key for {}, which ran it", jobfile::sanitize(host.as_bytes()))
+            }
+            _ => bail!("the server publishes no host keys: no host has signed a result for it yet"),
+        }
+    }
+    Ok(signers)
+}
