@@ -24,10 +24,10 @@ pub fn describe(job: &wire::Job) -> String {
 pub fn rebuild_note(job: &wire::Job) -> String {
     let Some(rebuild) = &job.rebuild else { return String::new() };
     match &rebuild.verdict {
-        Some(v) if v.outcome == wire::RebuildVerdict::DIFFERS => {
+        Some(v) if v.outcome == wire::RebuildOutcome::Differs => {
             format!("; NOT reproducible ({} of {} files differ)", v.differing_total, v.files)
         }
-        Some(v) => format!("; {}", shown(&v.outcome.replace('_', " "))),
+        Some(v) => format!("; {}", v.outcome.as_str().replace('_', " ")),
         None => format!("; second run {}", rebuild.second.name()),
     }
 }

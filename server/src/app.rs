@@ -93,12 +93,13 @@ impl App {
         // What the record read says already needs no write: the follow loop refreshes every job every
         // second, and nearly all are as they were. (A record read just before another request changed
         // it is put right by the next round, from a fresh read.)
-        let unchanged = job.state == place.name() && verdict.is_none_or(|v| job.verdict.as_deref() == Some(v));
+        let unchanged =
+            job.state == db::JobState::of(&place) && verdict.is_none_or(|v| job.verdict.as_deref() == Some(v));
         // A finished job whose files retention removed keeps its last state.
         let kept = place == Place::Missing && job.deleted.is_some();
         if !(unchanged || kept) {
             // One transaction reads, changes and audits: two requests never both log the same change.
-            if let Err(e) = db::update_state(self.db(), &job.id, place.name(), verdict, bytes).await {
+            if let Err(e) = db::update_state(self.db(), &job.id, db::JobState::of(&place), verdict, bytes).await {
                 log::error!("cannot record job {}: {}", job.id, jobfile::error_chain(&e));
             }
         }

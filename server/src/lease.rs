@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use jobfile::layout::{self, FailLog, Landed, Landing, Terms};
 
-use crate::db::{self, DbError, JobRecord};
+use crate::db::{self, DbError, Ending, JobRecord};
 use crate::sql::Database;
 use crate::store::Store;
 
@@ -160,11 +160,19 @@ pub fn part(store: &Store, id: &str, seq: u64, tag: &str, what: &str) -> PathBuf
 /// Puts the files of an accepted delivery in place: the staged log and
 /// result into `done/`, or the job into `failed/` with its reason. Safe to
 /// repeat, and to race with itself: each step is a rename that only one wins.
-pub fn land(store: &Store, file_name: &str, id: &str, seq: u64, tag: &str, how: &str, verdict: &str) -> io::Result<()> {
+pub fn land(
+    store: &Store,
+    file_name: &str,
+    id: &str,
+    seq: u64,
+    tag: &str,
+    how: Ending,
+    verdict: &str,
+) -> io::Result<()> {
     let job = jobfile::JobName::parse(file_name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let leased = store.leased(file_name);
     let log = part(store, id, seq, tag, "log");
-    if how == "done" {
+    if how == Ending::Done {
         let landing = Landing {
             job,
             log: Some(log),
@@ -197,7 +205,7 @@ pub async fn sweep(db: &Database, store: &Store, settings: &Settings) -> Result<
         let moved = if gave_up {
             let reason = db::lease_reason(&job, &host, settings.max_attempts);
             log::warn!("job {}: the lease of host {host} ran out; {reason}", job.id);
-            land(store, &job.file_name, &job.id, 0, "", "failed", &reason).map(|()| true)
+            land(store, &job.file_name, &job.id, 0, "", Ending::Failed, &reason).map(|()| true)
         } else {
             log::warn!(
                 "job {}: the lease of host {host} ran out (attempt {} of {}); back in the queue",
@@ -235,10 +243,10 @@ pub async fn reconcile(db: &Database, store: &Store, settings: &Settings) -> Res
                 continue;
             }
             let done = match delivered {
-                Some(d) => land(store, &name, &job.id, d.seq, &d.part, &d.how, &d.verdict),
+                Some(d) => land(store, &name, &job.id, d.seq, &d.part, d.how, &d.verdict),
                 None if job.attempts >= settings.max_attempts => {
                     let reason = db::lease_reason(&job, "(unknown)", settings.max_attempts);
-                    land(store, &name, &job.id, 0, "", "failed", &reason)
+                    land(store, &name, &job.id, 0, "", Ending::Failed, &reason)
                 }
                 None => store.move_job(&e.path(), &store.queue.join(&name)).map(|_| ()),
             };
@@ -269,7 +277,7 @@ pub async fn reconcile(db: &Database, store: &Store, settings: &Settings) -> Res
                 .and_then(|(job, d)| d.filter(|d| d.seq == seq && d.part == tag).map(|d| (job, d)));
             match delivered {
                 Some((job, d)) if job.host.is_none() => {
-                    if let Err(e) = land(store, &job.file_name, id, d.seq, &d.part, &d.how, &d.verdict) {
+                    if let Err(e) = land(store, &job.file_name, id, d.seq, &d.part, d.how, &d.verdict) {
                         log::error!("job {id}: cannot land its delivery: {e}");
                     }
                 }
@@ -327,11 +335,12 @@ mod tests {
                 created: String::new(),
                 limits: Default::default(),
                 kind: Kind::Submitter,
+                removed: None,
             },
             "0123456789abcdef",
             "b",
             1,
-            "waiting",
+            db::JobState::Waiting,
         );
         busy.host = Some("full".into());
         let elsewhere = warm_elsewhere(&hosts, &[busy], "cold", &generations);
@@ -385,7 +394,7 @@ mod tests {
         store.create_all().expect("dirs");
         let db = db::open(&dir.path().join("server.db").to_string_lossy()).await.expect("db");
         let alice = db::add_account(&db, "alice", Kind::Submitter, b"h").await.expect("account");
-        let job = db::test_record(&alice, "0123456789abcdef", "hello", 3, "waiting");
+        let job = db::test_record(&alice, "0123456789abcdef", "hello", 3, db::JobState::Waiting);
         let file_name = job.file_name.clone();
         fs::write(store.queue.join(&file_name), b"job").expect("job file");
         db::insert_job(&db, &job).await.expect("insert");
@@ -411,14 +420,14 @@ mod tests {
         let lease = lease_to(&f, "h1", 30_000).await;
         fs::write(part(&f.store, &lease.id, lease.seq, "t1", "log"), "console\n").expect("log part");
         fs::write(part(&f.store, &lease.id, lease.seq, "t1", "result"), "result").expect("result part");
-        assert!(db::end_lease(&f.db, &lease.id, "h1", lease.seq, "done", "ok", "t1").await.expect("end"));
-        land(&f.store, &f.file_name, &lease.id, lease.seq, "t1", "done", "ok").expect("land");
+        assert!(db::end_lease(&f.db, &lease.id, "h1", lease.seq, Ending::Done, "ok", "t1").await.expect("end"));
+        land(&f.store, &f.file_name, &lease.id, lease.seq, "t1", Ending::Done, "ok").expect("land");
         let job = jobfile::JobName::parse(&f.file_name).expect("name");
         assert_eq!(fs::read_to_string(f.store.done.join(job.done_file_name())).expect("result"), "result");
         assert_eq!(fs::read_to_string(f.store.done.join(job.done_with_extension("log"))).expect("log"), "console\n");
         assert!(!f.store.leased(&f.file_name).exists(), "the job file left running/.farm");
         // Landing again (a crash between the two) changes nothing and fails nothing.
-        land(&f.store, &f.file_name, &lease.id, lease.seq, "t1", "done", "ok").expect("land again");
+        land(&f.store, &f.file_name, &lease.id, lease.seq, "t1", Ending::Done, "ok").expect("land again");
         assert_eq!(fs::read_to_string(f.store.done.join(job.done_file_name())).expect("result"), "result");
         // Nothing is left for the sweep to do.
         assert!(sweep(&f.db, &f.store, &settings(3)).await.expect("sweep").is_empty());
@@ -431,7 +440,7 @@ mod tests {
         let lease = lease_to(&f, "h1", 60_000).await;
         assert!(sweep(&f.db, &f.store, &settings(2)).await.expect("sweep").is_empty());
         assert!(f.store.leased(&f.file_name).exists());
-        assert!(db::end_lease(&f.db, &lease.id, "h1", lease.seq, "released", "", "").await.expect("release"));
+        assert!(db::end_lease(&f.db, &lease.id, "h1", lease.seq, Ending::Released, "", "").await.expect("release"));
         f.store.move_job(&f.store.leased(&f.file_name), &f.store.queue.join(&f.file_name)).expect("back");
 
         // Attempt 1 of 2 runs out: back in the queue, for another host.
@@ -441,7 +450,7 @@ mod tests {
         assert_eq!(moved.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), [first.id.as_str()]);
         assert!(f.store.queue.join(&f.file_name).exists(), "back in the queue");
         // Its late delivery is refused: the fencing number moved on.
-        assert!(!db::end_lease(&f.db, &first.id, "h1", first.seq, "done", "ok", "t").await.expect("late"));
+        assert!(!db::end_lease(&f.db, &first.id, "h1", first.seq, Ending::Done, "ok", "t").await.expect("late"));
 
         // Attempt 2 of 2 runs out: failed, with the reason, and never handed out again.
         let second = lease_to(&f, "h2", 0).await;
@@ -460,7 +469,7 @@ mod tests {
         fs::write(part(&f.store, &lease.id, lease.seq, "t1", "log"), "console\n").expect("log part");
         fs::write(part(&f.store, &lease.id, lease.seq, "t1", "result"), "result").expect("result part");
         // Accepted in the database, then the server died before landing.
-        assert!(db::end_lease(&f.db, &lease.id, "h1", lease.seq, "done", "ok", "t1").await.expect("end"));
+        assert!(db::end_lease(&f.db, &lease.id, "h1", lease.seq, Ending::Done, "ok", "t1").await.expect("end"));
         // A part of a delivery that was never accepted, one fresh and one an hour old.
         let fresh = part(&f.store, &lease.id, lease.seq, "t2", "result");
         let stale = part(&f.store, &lease.id, lease.seq, "t3", "result");
@@ -485,7 +494,7 @@ mod tests {
         let f = fixture().await;
         let lease = lease_to(&f, "h1", 30_000).await;
         // Given back in the database, but the server died before moving the file.
-        assert!(db::end_lease(&f.db, &lease.id, "h1", lease.seq, "released", "", "").await.expect("release"));
+        assert!(db::end_lease(&f.db, &lease.id, "h1", lease.seq, Ending::Released, "", "").await.expect("release"));
         reconcile(&f.db, &f.store, &settings(3)).await.expect("reconcile");
         assert!(f.store.queue.join(&f.file_name).exists());
         assert!(!f.store.leased(&f.file_name).exists());

@@ -114,7 +114,7 @@ pub async fn sweep_retention(app: &App) -> Result<usize, db::DbError> {
     let accounts = db::accounts(conn).await?;
     let jobs = db::all_jobs(conn).await?;
     let mut cleared = 0;
-    for job in jobs.iter().filter(|j| j.deleted.is_none() && (j.state == "done" || j.state == "failed")) {
+    for job in jobs.iter().filter(|j| j.deleted.is_none() && j.state.ended()) {
         let Some(account) = accounts.iter().find(|a| a.id == job.account_id) else { continue };
         let Some(days) = account.limits.or(app.settings.defaults).retention_days else { continue };
         if db::unix_now() - job.submitted_unix < (days as i64) * 86_400 {

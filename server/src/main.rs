@@ -323,8 +323,8 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve(conn, *args).await,
         Command::Account(cmd) => account(&conn, cmd).await,
         Command::Audit { limit } => {
-            for (time, account, action, detail) in db::audit_log(&conn, limit).await? {
-                println!("{time}  {:<16} {action:<18} {detail}", account.unwrap_or_default());
+            for e in db::audit_log(&conn, limit).await? {
+                println!("{}  {:<16} {:<18} {}", e.time, e.account.unwrap_or_default(), e.action, e.detail);
             }
             Ok(())
         }
@@ -391,7 +391,7 @@ async fn account(conn: &Database, cmd: AccountCommand) -> Result<()> {
                 "{:<20} {:<9} {:<9} {:>10} {:>8} {:>10} {:>9} {:>10}  CREATED",
                 "NAME", "KIND", "STATE", "JOB SIZE", "WAITING", "STORED", "PER HOUR", "RETENTION"
             );
-            for a in db::accounts(conn).await?.iter().filter(|a| !a.name.starts_with("removed-")) {
+            for a in db::accounts(conn).await?.iter().filter(|a| a.removed.is_none()) {
                 let l = a.limits;
                 println!(
                     "{:<20} {:<9} {:<9} {:>10} {:>8} {:>10} {:>9} {:>10}  {}",

@@ -5,7 +5,7 @@
 //! (`jobfile::rebuild::compare`).
 
 use construir_provenance::PublicKey;
-use wire::{Place, RebuildVerdict};
+use wire::{Place, RebuildOutcome, RebuildVerdict};
 
 use crate::app::App;
 use crate::db::{self, DbError, JobRecord};
@@ -60,7 +60,7 @@ pub async fn settle(app: &App, jobs: &[JobRecord]) -> Result<usize, DbError> {
                 app.db(),
                 account.as_deref(),
                 "rebuild_verdict",
-                &format!("{} {}", first.id, verdict.outcome),
+                &format!("{} {}", first.id, verdict.outcome.as_str()),
             )
             .await;
             decided += 1;
@@ -180,7 +180,7 @@ fn run_terms(statement: &construir_provenance::Statement) -> serde_json::Value {
 fn not_compared(reason: String, hosts: Vec<String>) -> RebuildVerdict {
     RebuildVerdict {
         without_caches: false,
-        outcome: RebuildVerdict::NOT_COMPARED.into(),
+        outcome: RebuildOutcome::NotCompared,
         same_host: hosts.len() == 2 && hosts[0] == hosts[1],
         hosts,
         files: 0,
@@ -265,7 +265,7 @@ fn judge(
     let jobfile::rebuild::Comparison { files, differing } = jobfile::rebuild::compare(&a.files, &b.files);
     RebuildVerdict {
         without_caches: !first.caches.is_empty(),
-        outcome: if differing.is_empty() { RebuildVerdict::REPRODUCIBLE } else { RebuildVerdict::DIFFERS }.into(),
+        outcome: if differing.is_empty() { RebuildOutcome::Reproducible } else { RebuildOutcome::Differs },
         same_host: a.host == b.host,
         hosts,
         files,
@@ -385,9 +385,9 @@ mod tests {
         let db = db::open(&root.join("server.db").to_string_lossy()).await.expect("db");
         let alice = db::add_account(&db, "alice", db::Kind::Submitter, b"h").await.expect("account");
         let (one, two) = ("00000000000000a1", "00000000000000a2");
-        let mut first = db::test_record(&alice, one, "pair", 3, "running");
+        let mut first = db::test_record(&alice, one, "pair", 3, db::JobState::Running);
         first.rebuild = Some(db::RebuildRecord { twin: two.into(), epoch: 1, verdict: None });
-        let mut second = db::test_record(&alice, two, "pair", 3, "running");
+        let mut second = db::test_record(&alice, two, "pair", 3, db::JobState::Running);
         second.twin_of = Some(one.into());
         for job in [&first, &second] {
             db::insert_job(&db, job).await.expect("insert");
@@ -434,7 +434,7 @@ mod tests {
         let result = done.join(late.job.done_file_name());
         jobfile::layout::rename_noreplace(&late.result, &result).expect("the result alone, first");
         let verdict = verdict_of(&app, &first).await.expect("decided in between");
-        assert_eq!(verdict.outcome, wire::RebuildVerdict::NOT_COMPARED);
+        assert_eq!(verdict.outcome, wire::RebuildOutcome::NotCompared);
         let reason = verdict.reason.clone().unwrap_or_default();
         assert!(reason.contains("the second run's result has no provenance"), "{verdict:?}");
         jobfile::layout::rename_noreplace(
@@ -456,6 +456,6 @@ mod tests {
             ));
         }
         let verdict = verdict_of(&app, &first).await.expect("decided");
-        assert_eq!(verdict.outcome, wire::RebuildVerdict::REPRODUCIBLE, "{verdict:?}");
+        assert_eq!(verdict.outcome, wire::RebuildOutcome::Reproducible, "{verdict:?}");
     }
 }

@@ -105,6 +105,7 @@ mod tests {
             created: String::new(),
             limits: Default::default(),
             kind: crate::db::Kind::Submitter,
+            removed: None,
         }
     }
 

@@ -312,7 +312,7 @@ async fn dispatch(app: &App, settings: &Settings, in_slurm: usize) -> Result<boo
         if room == 0 {
             break;
         }
-        if job.state != "waiting" || !app.store.waiting_own(&job.file_name, job.file_id) {
+        if job.state != db::JobState::Waiting || !app.store.waiting_own(&job.file_name, job.file_id) {
             continue;
         }
         fs::create_dir_all(app.store.slurm_dir()).map_err(db::DbError::Io)?;
@@ -782,7 +782,7 @@ mod tests {
         store.create_all().expect("dirs");
         let db = db::open(&root.join("server.db").to_string_lossy()).await.expect("db");
         let alice = db::add_account(&db, "alice", crate::db::Kind::Submitter, b"h").await.expect("account");
-        let job = db::test_record(&alice, "0123456789abcdef", "hello", 3, "running");
+        let job = db::test_record(&alice, "0123456789abcdef", "hello", 3, db::JobState::Running);
         db::insert_job(&db, &job).await.expect("insert");
         fs::create_dir_all(store.slurm_dir()).expect("mkdir");
         fs::write(store.in_slurm(&job.file_name), b"job").expect("job file");
@@ -823,7 +823,7 @@ mod tests {
         db::slurm_end(app.db(), &run.job_id).await.expect("row");
         let store = &app.store;
         assert!(store.move_job(&store.in_slurm(&job.file_name), &store.queue.join(&job.file_name)).expect("back"));
-        db::update_state(app.db(), &job.id, "waiting", None, None).await.expect("state");
+        db::update_state(app.db(), &job.id, db::JobState::Waiting, None, None).await.expect("state");
         fs::create_dir_all(store.images.join("i0")).expect("mkdir");
         fs::write(store.images.join("i0/image.toml"), "kind = \"mini\"\n").expect("image");
         let bin = tmp.path().join("no-slurm");
@@ -979,11 +979,12 @@ mod tests {
                 created: String::new(),
                 limits: Default::default(),
                 kind: crate::db::Kind::Submitter,
+                removed: None,
             },
             "0123456789abcdef",
             "hello",
             1 << 20,
-            "waiting",
+            db::JobState::Waiting,
         );
         let digests = Digests { image: "a".repeat(64), job: Some("b".repeat(64)), terms: "c".repeat(64) };
         let script = batch_script(&settings, &job, 2, Path::new("/shared/it's/runs/x.2"), &digests);

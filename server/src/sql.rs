@@ -21,7 +21,7 @@ pub enum SqlError {
     #[error(transparent)]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("column {0}: {1}")]
-    Column(usize, String),
+    Column(String, String),
 }
 
 /// A parameter. Nulls keep their kind: PostgreSQL types every parameter.
@@ -94,36 +94,53 @@ macro_rules! params {
     ($($v:expr),* $(,)?) => { &[$($crate::sql::Value::from($v)),*][..] };
 }
 
-/// One row of a result, read by column index and the kind the caller expects.
+/// One row of a result, read by column name and the kind the caller expects.
 pub struct Row(AnyRow);
 
 impl Row {
-    fn get<'r, T: sqlx::Decode<'r, Any> + sqlx::Type<Any>>(&'r self, i: usize) -> Result<Option<T>, SqlError> {
+    fn get<'r, T: sqlx::Decode<'r, Any> + sqlx::Type<Any>>(&'r self, column: &str) -> Result<Option<T>, SqlError> {
         use sqlx::Row as _;
-        self.0.try_get::<Option<T>, _>(i).map_err(|e| SqlError::Column(i, e.to_string()))
+        self.0.try_get::<Option<T>, _>(column).map_err(|e| SqlError::Column(column.to_owned(), e.to_string()))
     }
 
-    pub fn int(&self, i: usize) -> Result<i64, SqlError> {
-        self.opt_int(i)?.ok_or_else(|| SqlError::Column(i, "null where a number was expected".into()))
+    pub fn int(&self, column: &str) -> Result<i64, SqlError> {
+        self.opt_int(column)?
+            .ok_or_else(|| SqlError::Column(column.to_owned(), "null where a number was expected".into()))
     }
 
-    pub fn opt_int(&self, i: usize) -> Result<Option<i64>, SqlError> {
-        self.get::<i64>(i)
+    pub fn opt_int(&self, column: &str) -> Result<Option<i64>, SqlError> {
+        self.get::<i64>(column)
     }
 
-    pub fn text(&self, i: usize) -> Result<String, SqlError> {
-        self.opt_text(i)?.ok_or_else(|| SqlError::Column(i, "null where text was expected".into()))
+    /// A count or size: a number that is never negative.
+    pub fn count(&self, column: &str) -> Result<u64, SqlError> {
+        Ok(self.int(column)?.max(0) as u64)
     }
 
-    pub fn opt_text(&self, i: usize) -> Result<Option<String>, SqlError> {
-        self.get::<String>(i)
+    pub fn flag(&self, column: &str) -> Result<bool, SqlError> {
+        Ok(self.int(column)? != 0)
     }
 
-    pub fn bytes(&self, i: usize) -> Result<Vec<u8>, SqlError> {
-        match self.get::<Vec<u8>>(i) {
+    pub fn text(&self, column: &str) -> Result<String, SqlError> {
+        self.opt_text(column)?.ok_or_else(|| SqlError::Column(column.to_owned(), "null where text was expected".into()))
+    }
+
+    pub fn opt_text(&self, column: &str) -> Result<Option<String>, SqlError> {
+        self.get::<String>(column)
+    }
+
+    /// A column that holds JSON, as `T` (`None` for a null).
+    pub fn opt_json<T: serde::de::DeserializeOwned>(&self, column: &str) -> Result<Option<T>, SqlError> {
+        self.opt_text(column)?
+            .map(|text| serde_json::from_str(&text).map_err(|e| SqlError::Column(column.to_owned(), e.to_string())))
+            .transpose()
+    }
+
+    pub fn bytes(&self, column: &str) -> Result<Vec<u8>, SqlError> {
+        match self.get::<Vec<u8>>(column) {
             Ok(v) => Ok(v.unwrap_or_default()),
             // A blob written as text by an older schema reads as its bytes.
-            Err(_) => Ok(self.text(i)?.into_bytes()),
+            Err(_) => Ok(self.text(column)?.into_bytes()),
         }
     }
 }
@@ -414,15 +431,16 @@ mod tests {
             .expect("row");
         db.execute("INSERT INTO t VALUES ($1, $2, NULL)", crate::params![none_i, none_s]).await.expect("nulls");
         let rows = db.query("SELECT i, s, b FROM t ORDER BY i IS NULL", &[]).await.expect("read");
-        assert_eq!((rows[0].int(0).expect("i"), rows[0].text(1).expect("s")), (7, "x".to_owned()));
-        assert_eq!(rows[0].bytes(2).expect("b"), b"\x00\xff");
-        assert_eq!((rows[1].opt_int(0).expect("i"), rows[1].opt_text(1).expect("s")), (None, None));
-        assert!(rows[1].int(0).is_err(), "a null is not a number");
+        assert_eq!((rows[0].int("i").expect("i"), rows[0].text("s").expect("s")), (7, "x".to_owned()));
+        assert_eq!(rows[0].bytes("b").expect("b"), b"\x00\xff");
+        assert_eq!((rows[1].opt_int("i").expect("i"), rows[1].opt_text("s").expect("s")), (None, None));
+        assert!(rows[1].int("i").is_err(), "a null is not a number");
+        assert!(rows[0].int("nothing").is_err(), "a column that is not there");
         // A transaction that fails leaves nothing.
         let failed: Result<(), SqlError> = db
             .tx(async |tx| {
                 tx.execute("INSERT INTO t VALUES (8, 'y', NULL)", &[]).await?;
-                Err(SqlError::Column(0, "on purpose".into()))
+                Err(SqlError::Column("i".into(), "on purpose".into()))
             })
             .await;
         assert!(failed.is_err());

@@ -203,12 +203,32 @@ pub struct Rebuild {
     pub second_built_by: Option<String>,
 }
 
+/// What a verified rebuild's comparison came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RebuildOutcome {
+    /// Every file the same (path, mode, content).
+    Reproducible,
+    /// Some are not.
+    Differs,
+    /// A run failed or a result cannot be read (`reason`).
+    NotCompared,
+}
+
+impl RebuildOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RebuildOutcome::Reproducible => "reproducible",
+            RebuildOutcome::Differs => "differs",
+            RebuildOutcome::NotCompared => "not_compared",
+        }
+    }
+}
+
 /// What the comparison of a verified rebuild's two results found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RebuildVerdict {
-    /// `reproducible`: every file the same (path, mode, content); `differs`:
-    /// some are not; `not_compared`: a run failed or a result cannot be read (`reason`).
-    pub outcome: String,
+    pub outcome: RebuildOutcome,
     /// The hosts that ran the first and the second run: each the host the
     /// server recorded for it (or, for a local host's run, the local host
     /// whose key signed it), which its signed provenance names too.
@@ -235,10 +255,6 @@ pub struct RebuildVerdict {
 }
 
 impl RebuildVerdict {
-    pub const REPRODUCIBLE: &str = "reproducible";
-    pub const DIFFERS: &str = "differs";
-    pub const NOT_COMPARED: &str = "not_compared";
-
     /// One line: the outcome, the hosts, the first files that differ.
     pub fn summary(&self) -> String {
         let hosts = if self.same_host {
@@ -247,9 +263,9 @@ impl RebuildVerdict {
             format!("on {}", self.hosts.join(" and "))
         };
         let hosts = if self.without_caches { format!("{hosts}, both without build caches") } else { hosts };
-        match self.outcome.as_str() {
-            Self::REPRODUCIBLE => format!("reproducible: all {} files the same {hosts}", self.files),
-            Self::DIFFERS => {
+        match self.outcome {
+            RebuildOutcome::Reproducible => format!("reproducible: all {} files the same {hosts}", self.files),
+            RebuildOutcome::Differs => {
                 let shown: Vec<String> =
                     self.differing.iter().take(5).map(|d| format!("{} ({})", d.path, d.what)).collect();
                 let more = self.differing_total.saturating_sub(shown.len() as u64);
@@ -261,7 +277,7 @@ impl RebuildVerdict {
                     shown.join(", ")
                 )
             }
-            _ => format!("not compared: {}", self.reason.as_deref().unwrap_or("(no reason)")),
+            RebuildOutcome::NotCompared => format!("not compared: {}", self.reason.as_deref().unwrap_or("(no reason)")),
         }
     }
 }
@@ -641,7 +657,7 @@ mod tests {
     fn a_verified_rebuild_and_its_verdict_round_trip_as_documented() {
         let differing = vec![jobfile::rebuild::Difference { path: "out/when".into(), what: "content".into() }];
         let verdict = RebuildVerdict {
-            outcome: RebuildVerdict::DIFFERS.into(),
+            outcome: RebuildOutcome::Differs,
             hosts: vec!["h1".into(), "h2".into()],
             same_host: false,
             files: 3,
@@ -669,7 +685,7 @@ mod tests {
         );
         assert_eq!(serde_json::from_value::<Job>(value).expect("back"), done);
         let same = RebuildVerdict {
-            outcome: RebuildVerdict::REPRODUCIBLE.into(),
+            outcome: RebuildOutcome::Reproducible,
             hosts: vec!["h1".into(), "h1".into()],
             same_host: true,
             differing: vec![],
@@ -680,7 +696,7 @@ mod tests {
         let cacheless = RebuildVerdict { without_caches: true, same_host: false, ..same.clone() };
         assert_eq!(cacheless.summary(), "reproducible: all 3 files the same on h1 and h1, both without build caches");
         let lost = RebuildVerdict {
-            outcome: RebuildVerdict::NOT_COMPARED.into(),
+            outcome: RebuildOutcome::NotCompared,
             reason: Some("the second run failed: x".into()),
             ..same
         };

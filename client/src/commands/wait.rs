@@ -44,7 +44,7 @@ fn followed(api: &Api, id: &str) -> Result<bool> {
         match &rebuild.verdict {
             Some(verdict) => {
                 eprintln!("construir: {id}: verified rebuild: {}", shown(&verdict.summary()));
-                return Ok(ok && verdict.outcome == wire::RebuildVerdict::REPRODUCIBLE);
+                return Ok(ok && verdict.outcome == wire::RebuildOutcome::Reproducible);
             }
             None => {
                 let line = format!("its second run: {}", shown(&rebuild.second.describe()));

@@ -437,7 +437,7 @@ pub async fn done(
         return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("the result is refused: {why}")));
     }
     let verdict = jobfile::tools::log_verdict(&log).unwrap_or_else(|| "(no verdict in the log)".to_owned());
-    accept(&app, &host.name, &id, q.seq, &tag, &file_name, "done", &verdict, &mut parts).await?;
+    accept(&app, &host.name, &id, q.seq, &tag, &file_name, db::Ending::Done, &verdict, &mut parts).await?;
     log::info!("job {id} delivered by host {} (lease {}): {verdict}", host.name, q.seq);
     if let Some(job) = record.filter(|j| !j.caches.is_empty() && j.rebuild.is_none() && j.twin_of.is_none()) {
         let owner = jobfile::caches::account_owner(job.account_id);
@@ -481,7 +481,7 @@ pub async fn failed(
     let reason = reason.lines().next().unwrap_or("").trim().to_owned();
     let reason = if reason.is_empty() { format!("failed on host {}", host.name) } else { reason };
     let _ = fs::remove_file(&reason_part);
-    accept(&app, &host.name, &id, q.seq, &tag, &file_name, "failed", &reason, &mut parts).await?;
+    accept(&app, &host.name, &id, q.seq, &tag, &file_name, db::Ending::Failed, &reason, &mut parts).await?;
     log::info!("job {id} failed on host {} (lease {}): {reason}", host.name, q.seq);
     Ok(Json(wire::Delivered { delivered: true, verdict: None, reason: Some(reason) }))
 }
@@ -496,7 +496,7 @@ async fn accept(
     seq: u64,
     tag: &str,
     file_name: &str,
-    how: &str,
+    how: db::Ending,
     verdict: &str,
     parts: &mut Parts,
 ) -> ApiResult<()> {
@@ -528,7 +528,10 @@ pub async fn release(
     Query(q): Query<SeqQuery>,
 ) -> ApiResult<Json<wire::Released>> {
     let (file_name, _) = live(&app, &id, &host.name, q.seq).await?;
-    if !db::end_lease(app.db(), &id, &host.name, q.seq, "released", "", "").await.map_err(ApiError::internal)? {
+    if !db::end_lease(app.db(), &id, &host.name, q.seq, db::Ending::Released, "", "")
+        .await
+        .map_err(ApiError::internal)?
+    {
         return Err(lease_lost());
     }
     app.store.move_job(&app.store.leased(&file_name), &app.store.queue.join(&file_name)).map_err(ApiError::internal)?;

@@ -121,7 +121,7 @@ pub(crate) async fn submit(
         size: 0,
         submitted: now.clone(),
         submitted_unix: db::unix_now(),
-        state: db::UPLOADING.into(),
+        state: db::JobState::Uploading,
         updated: now,
         verdict: None,
         result_bytes: None,
