@@ -19,7 +19,7 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use jobfile::status::rfc3339;
+use jobfile::units::rfc3339;
 use jobfile::xz::{EncodeOptions, DEFAULT_MEMLIMIT};
 use jobfile::{error_chain, fallback, JobStatus, Outcome, PackError, PackOptions, UnpackOptions};
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use jobfile::deps::{Resolution, DISK_DEBS as DEBS, DISK_RESOLUTION as RESOLUTION, LAYER_RECORD as RECORD};
-use jobfile::status::rfc3339;
+use jobfile::units::rfc3339;
 use jobfile::{JobStatus, Outcome};
 use nix::mount::{mount, MsFlags};
 

@@ -214,7 +214,7 @@ impl Caches {
                     version,
                     generation: read_generation(&key),
                     bytes: allocated(&key),
-                    used: jobfile::status::rfc3339(used),
+                    used: jobfile::units::rfc3339(used),
                 },
             ));
         }

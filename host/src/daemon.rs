@@ -57,7 +57,7 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     // Before anything else in running/<host-id>/: no second host of this id may recover our claims.
     let info = queue::HostInfo {
         pid: std::process::id(),
-        started: jobfile::status::rfc3339(std::time::SystemTime::now()),
+        started: jobfile::units::rfc3339(std::time::SystemTime::now()),
         workers: opts.workers,
         version: env!("CARGO_PKG_VERSION").to_owned(),
         stopped: None,
@@ -223,7 +223,7 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
             tally(dirs, &mut summary, &file_name, ending);
         }
     }
-    let stopped = queue::HostInfo { stopped: Some(jobfile::status::rfc3339(std::time::SystemTime::now())), ..info };
+    let stopped = queue::HostInfo { stopped: Some(jobfile::units::rfc3339(std::time::SystemTime::now())), ..info };
     if let Err(e) = queue::write_host_info(&held, &stopped) {
         log::warn!("cannot note the stop in {}: {e}", dirs.host_dir.join(queue::HOST_FILE).display());
     }

@@ -168,6 +168,11 @@ pub fn sha256(f: &File) -> io::Result<String> {
     Ok(jobfile::hex(&h.finalize()))
 }
 
+/// The status at the start of a working copy or status disk (see `jobfile::read_status`).
+pub fn read_status(disk: &File) -> Option<jobfile::JobStatus> {
+    jobfile::read_status(ReadAt::new(disk))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

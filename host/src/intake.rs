@@ -63,7 +63,7 @@ pub fn take(claim: &Claim) -> io::Result<Result<Intake, Ending>> {
         Err(e) => return claim.fail("not_taken", &format!("cannot take the claimed job file: {e}"), None).map(Err),
     };
     // For its provenance: the job file as it came, before any VM has it.
-    let claimed_at = jobfile::status::rfc3339(std::time::SystemTime::now());
+    let claimed_at = jobfile::units::rfc3339(std::time::SystemTime::now());
     let hashing = Instant::now();
     let job_sha256 = match limits.signer {
         Some(_) => Some(crate::files::sha256(&disk)?),

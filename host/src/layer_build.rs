@@ -11,6 +11,7 @@ use std::time::Duration;
 use jobfile::deps::Resolution;
 
 use crate::claim::Claim;
+use crate::files::read_status;
 use crate::image::{self, BootFiles, Image};
 use crate::layers::{self, Layer};
 use crate::packages;
@@ -86,7 +87,7 @@ pub fn build(
     };
     let secs = vm.elapsed.as_secs_f64();
     let powered_off = vm.status.is_some_and(|st| st.success());
-    let st = if powered_off { crate::worker::read_status(&status) } else { None };
+    let st = if powered_off { read_status(&status) } else { None };
     match st {
         Some(st) if st.result == jobfile::Outcome::Ok => {
             drop(status);

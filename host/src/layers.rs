@@ -129,7 +129,7 @@ impl Layers {
             base_sha256: base_sha256.to_owned(),
             install: resolution.install.clone(),
             remove: resolution.remove.clone(),
-            created: jobfile::status::rfc3339(SystemTime::now()),
+            created: jobfile::units::rfc3339(SystemTime::now()),
             sha256: jobfile::image::sha256_file(&disk)?,
             bytes: fs::metadata(&disk)?.len(),
         };

@@ -46,7 +46,7 @@ pub fn format_line(format: LogFormat, level: log::Level, message: &str, now: Sys
         LogFormat::Journal => format!("<{}>{message}\n", syslog_priority(level)),
         LogFormat::Json => {
             let object = serde_json::json!({
-                "time": jobfile::status::rfc3339(now),
+                "time": jobfile::units::rfc3339(now),
                 "level": level.as_str().to_ascii_lowercase(),
                 "priority": syslog_priority(level),
                 "message": message,
@@ -54,7 +54,7 @@ pub fn format_line(format: LogFormat, level: log::Level, message: &str, now: Sys
             format!("{object}\n")
         }
         LogFormat::Text | LogFormat::Auto => {
-            format!("{} {:<5} {message}\n", jobfile::status::rfc3339(now), level)
+            format!("{} {:<5} {message}\n", jobfile::units::rfc3339(now), level)
         }
     }
 }

@@ -154,7 +154,7 @@ pub fn sign_staged(
         builder_id: format!("construir-host:{host_id}"),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         started: record.started.clone(),
-        finished: jobfile::status::rfc3339(std::time::SystemTime::now()),
+        finished: jobfile::units::rfc3339(std::time::SystemTime::now()),
     })?;
     let envelope = construir_provenance::sign(&statement, &signer.key);
     let staged =

@@ -157,7 +157,7 @@ pub fn gather(d: &Beside, recent: usize) -> io::Result<Status> {
                 reason
             };
             Finished {
-                time: jobfile::status::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(ctime.max(0) as u64)),
+                time: jobfile::units::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(ctime.max(0) as u64)),
                 outcome,
                 name,
                 verdict,

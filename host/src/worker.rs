@@ -18,7 +18,7 @@ use jobfile::{JobName, JobStatus};
 
 use crate::caches::{self, Checkout};
 use crate::claim::Claim;
-use crate::files::ReadAt;
+use crate::files::read_status;
 use crate::image::{self, BootFiles};
 use crate::intake::{self, Intake, DISK};
 use crate::layer_build::{self, Built};
@@ -376,11 +376,6 @@ fn create_live_console(dirs: &Dirs, file_name: &OsStr) -> Option<File> {
         .mode(0o644)
         .open(&path);
     file.map_err(|e| log::warn!("cannot write the live console to {}: {e}", path.display())).ok()
-}
-
-/// The status at the start of the working copy (see `jobfile::read_status`).
-pub fn read_status(disk: &File) -> Option<JobStatus> {
-    jobfile::read_status(ReadAt::new(disk))
 }
 
 fn verdict(st: &JobStatus, how: &str, total: Duration) -> String {

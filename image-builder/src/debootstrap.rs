@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use jobfile::image::{Archive, ImageManifest, Package, DPKG_STATUS};
-use jobfile::status::rfc3339;
+use jobfile::units::rfc3339;
 
 use std::io::BufWriter;
 

@@ -9,7 +9,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use jobfile::image::{ImageManifest, MODULE_LIST};
-use jobfile::status::rfc3339;
+use jobfile::units::rfc3339;
 
 use crate::initramfs::Cpio;
 use crate::kernel::Kernel;

@@ -107,7 +107,7 @@ pub fn layer_summaries(dir: &std::path::Path) -> Vec<LayerSummary> {
             packages: l.record.install.len(),
             bytes: l.record.bytes,
             created: crate::sanitize(l.record.created.as_bytes()),
-            used: crate::status::rfc3339(l.used),
+            used: crate::units::rfc3339(l.used),
         })
         .collect()
 }

@@ -19,6 +19,7 @@ pub mod name;
 pub mod pack;
 pub mod rebuild;
 pub mod status;
+pub mod tar_entry;
 pub mod tar_reader;
 pub mod tar_strict;
 pub mod tardiff;
@@ -34,7 +35,8 @@ use std::io::Read;
 pub use name::{JobName, NameError, Stage};
 pub use pack::{pack_dir, pack_onto, PackError, PackOptions, PackReport};
 pub use status::{JobStatus, Outcome};
-pub use tar_reader::{ArchiveError, ArchiveReader, Header, Kind, ReadLimits};
+pub use tar_entry::{ArchiveError, Kind};
+pub use tar_reader::{ArchiveReader, Header, ReadLimits};
 pub use text::sanitize;
 
 /// Bytes in lowercase hex (how every sha256 here is written).

@@ -1,8 +1,6 @@
 //! `job_status.json`: what happened to a job, written by the guest, read by
 //! the host and the submitter's tools (who must treat it as untrusted).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use serde::{Deserialize, Serialize};
 
 /// How a job ended.
@@ -118,40 +116,9 @@ impl JobStatus {
     }
 }
 
-/// Formats a time as RFC 3339 in UTC, to the second (`2026-11-24T06:15:00Z`).
-pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn rfc3339_table() {
-        let table = [
-            (0, "1970-01-01T00:00:00Z"),
-            (951_782_400, "2000-02-29T00:00:00Z"),
-            (1_795_500_000, "2026-11-24T06:00:00Z"),
-            (4_102_444_799, "2099-12-31T23:59:59Z"),
-        ];
-        for (secs, want) in table {
-            assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(secs)), want);
-        }
-    }
 
     #[test]
     fn round_trips_and_tolerates_missing_fields() {

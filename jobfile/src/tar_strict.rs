@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 
-use crate::tar_reader::{ArchiveError, Kind};
+use crate::tar_entry::{ArchiveError, Kind};
 
 /// The type flags an entry may carry: files (`0`, NUL, contiguous `7`, GNU
 /// sparse `S`), hard and symbolic links, devices, directories, fifos.

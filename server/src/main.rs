@@ -548,7 +548,7 @@ impl log::Log for Logger {
     }
     fn log(&self, record: &log::Record) {
         if self.enabled(record.metadata()) && record.target().starts_with("construir") {
-            let now = jobfile::status::rfc3339(std::time::SystemTime::now());
+            let now = jobfile::units::rfc3339(std::time::SystemTime::now());
             eprintln!("{now} {:<5} {}", record.level(), jobfile::sanitize(record.args().to_string().as_bytes()));
         }
     }

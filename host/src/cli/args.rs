@@ -3,11 +3,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cli::settings::run_command;
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use construir_host::config;
-use construir_host::daemon::{self};
+use construir_host::daemon;
 use construir_host::jail::{IdPool, IdRange};
 use construir_host::logger::LogFormat;
 use jobfile::layout::Beside;
@@ -327,6 +326,12 @@ pub(crate) struct QueueArgs {
     pub(crate) config: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) dirs: DirArgs,
+}
+
+/// `run`'s clap command, as the config file is checked against.
+pub(crate) fn run_command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command().find_subcommand("run").expect("run is a subcommand").clone()
 }
 
 impl QueueArgs {

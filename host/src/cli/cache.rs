@@ -2,10 +2,10 @@
 //! keeps, read and removed from the directory alone (it works beside a
 //! running host).
 
-use crate::cli::args::CacheCommand;
-use crate::cli::args::QueueArgs;
 use anyhow::{bail, Context, Result};
 use construir_host::caches::{CacheSummary, Caches, CACHES_DIR};
+
+use crate::cli::args::{CacheCommand, QueueArgs};
 
 pub(crate) fn run_cache(cmd: CacheCommand) -> Result<()> {
     match cmd {

@@ -3,13 +3,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::cli::args::AccelChoice;
-use crate::cli::args::RunArgs;
-use crate::cli::setup::confiner;
 use anyhow::{bail, Result};
-use construir_host::daemon::{self};
+use construir_host::daemon;
 use construir_host::queue::Dirs;
 use construir_host::{cgroup, config, jail, kvm};
+
+use crate::cli::args::{AccelChoice, RunArgs};
+use crate::cli::setup::confiner;
 
 /// `construir-host doctor`: prints one line per requirement; fails when one blocks `run`.
 pub(crate) fn doctor(a: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode> {

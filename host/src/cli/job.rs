@@ -1,9 +1,10 @@
 //! `construir-host job`: the submitter's tools (pack, inspect, unpack).
 
-use crate::cli::args::JobCommand;
 use anyhow::Result;
-use jobfile::tools::{self};
+use jobfile::tools;
 use jobfile::units::human_size;
+
+use crate::cli::args::JobCommand;
 
 pub(crate) fn run_job(cmd: JobCommand) -> Result<()> {
     match cmd {

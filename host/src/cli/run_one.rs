@@ -2,20 +2,17 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use construir_host::daemon::{self, RunOptions};
-use construir_host::handed;
-use construir_host::logger;
 use construir_host::queue::{Dirs, Rules};
 use construir_host::remote::move_file;
+use construir_host::{handed, logger};
 use jobfile::layout::{AttemptDir, Beside};
-use jobfile::tools;
-use jobfile::JobName;
+use jobfile::{tools, JobName};
 
 use super::args::{RunArgs, RunOneArgs};
 use super::setup::prepare;

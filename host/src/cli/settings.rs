@@ -4,17 +4,11 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use crate::cli::args::Cli;
-use crate::cli::args::Command;
-use crate::cli::args::RunArgs;
 use anyhow::{Context, Result};
 use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use construir_host::config;
 
-/// `run`'s clap command, as the config file is checked against.
-pub(crate) fn run_command() -> clap::Command {
-    Cli::command().find_subcommand("run").expect("run is a subcommand").clone()
-}
+use crate::cli::args::{run_command, Cli, Command, RunArgs};
 
 /// The `run` options (for `run` or `doctor`, named `sub`) with the config
 /// file's in front of the command line's (the last of each wins), the

@@ -6,7 +6,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cli::args::RunArgs;
 use anyhow::{bail, Context, Result};
 use construir_host::caches::{Caches, CACHES_DIR};
 use construir_host::daemon::{self, RunOptions};
@@ -17,6 +16,8 @@ use construir_host::packages::Packages;
 use construir_host::qemu::Confiner;
 use construir_host::queue::{Dirs, Rules};
 use construir_host::{cgroup, config, jail, kvm, logger};
+
+use crate::cli::args::RunArgs;
 
 pub(crate) fn run_queue(a: RunArgs) -> Result<()> {
     logger::init(a.verbose, a.log_format);

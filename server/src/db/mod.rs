@@ -125,7 +125,7 @@ impl std::fmt::Display for JobState {
 }
 
 pub fn now() -> String {
-    jobfile::status::rfc3339(SystemTime::now())
+    jobfile::units::rfc3339(SystemTime::now())
 }
 
 pub fn unix_now() -> i64 {
