@@ -16,7 +16,7 @@ Every request carries `Authorization: Bearer <token>`. The browser page (`/page`
     ),
     paths(
         crate::http::jobs::whoami,
-        crate::http::jobs::submit,
+        crate::http::submit::submit,
         crate::http::jobs::list,
         crate::http::jobs::show,
         crate::http::jobs::log_of,

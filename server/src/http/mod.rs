@@ -9,6 +9,7 @@ pub mod caches;
 pub mod hosts;
 pub mod jobs;
 pub mod page;
+pub mod submit;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -75,7 +76,7 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/openapi.json", get(openapi_json))
         .route("/v1/whoami", get(jobs::whoami))
-        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
+        .route("/v1/jobs", post(submit::submit).get(jobs::list))
         .route("/v1/jobs/{id}", get(jobs::show))
         .route("/v1/jobs/{id}/log", get(jobs::log_of))
         .route("/v1/jobs/{id}/result", get(jobs::result_of))
