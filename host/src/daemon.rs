@@ -50,10 +50,11 @@ pub struct Summary {
     pub requeued: u64,
 }
 
+/// Runs the host: recovers what a crash left, then claims and runs jobs as
+/// workers come free until `stop` (or, with `once`, an empty queue).
 pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     let dirs = &opts.dirs;
     dirs.create_all()?;
-    let mut summary = Summary::default();
     // Before anything else in running/<host-id>/: no second host of this id may recover our claims.
     let info = queue::HostInfo {
         pid: std::process::id(),
@@ -66,18 +67,11 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     if opts.metrics_file.is_some() {
         metrics::init(&opts.limits.host_id);
     }
-    let mut metrics_written: Option<Instant> = None;
+    let mut d = Daemon::new(opts, stop);
     queue::recover(dirs, &opts.limits.host_id, opts.max_attempts, |name, ending| {
-        tally(dirs, &mut summary, name, ending)
+        tally(dirs, &mut d.summary, name, ending)
     })?;
-    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).context("cannot set up inotify")?;
-    let events = AddWatchFlags::IN_CLOSE_WRITE
-        | AddWatchFlags::IN_MOVED_TO
-        | AddWatchFlags::IN_CREATE
-        | AddWatchFlags::IN_ATTRIB
-        | AddWatchFlags::IN_MOVED_FROM
-        | AddWatchFlags::IN_DELETE;
-    inotify.add_watch(&dirs.queue, events).with_context(|| format!("cannot watch {}", dirs.queue.display()))?;
+    let inotify = watch(&dirs.queue)?;
     log::info!(
         "watching {} with {} worker(s), {} acceleration, timeout {} s{}",
         dirs.queue.display(),
@@ -86,57 +80,141 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         opts.limits.timeout.as_secs(),
         if opts.once { ", until the queue is empty" } else { "" }
     );
-
-    // Workers see `kill`, set only once the stop bound has passed.
-    let kill = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = mpsc::channel::<(OsString, std::io::Result<Ending>)>();
-    // Each running job, with the flag that stops it when its submitter cancels it.
-    let mut running: HashMap<OsString, Arc<AtomicBool>> = HashMap::new();
-    let mut pending = Pending::new(opts.rules);
-    let mut refused: Vec<Refusal> = Vec::new();
-    // The watch is set before the first scan: nothing that arrives in between is missed.
-    let mut rescan_due = true;
-    let mut last_scan = Instant::now();
-    let mut stopping: Option<Instant> = None;
-    // The server's cleared caches, as last seen: when they change, this host frees its copies.
-    let generations_file = jobfile::layout::CacheTree::of(&dirs.running).generations_file();
-    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut generations_seen = modified(&generations_file);
     lending::report(dirs, &opts.limits);
     loop {
-        if opts.limits.caches.is_some() && modified(&generations_file) != generations_seen {
-            generations_seen = modified(&generations_file);
-            lending::report(dirs, &opts.limits);
-        }
-        if stop.load(Ordering::Relaxed) && stopping.is_none() {
-            stopping = Some(Instant::now());
-            log::info!(
-                "stopping: no more claims; {} running job(s) may finish within {} s, then go back to the queue",
-                running.len(),
-                opts.stop_timeout.as_secs()
-            );
-        }
-        if stopping.is_some_and(|t| t.elapsed() >= opts.stop_timeout) && !kill.swap(true, Ordering::Relaxed) {
-            log::info!("stop bound reached: stopping {} VM(s)", running.len());
-        }
-        if rescan_due || last_scan.elapsed() >= opts.rescan {
-            rescan_due = false;
-            last_scan = Instant::now();
-            pending
-                .rescan(&dirs.queue, &mut refused)
+        d.notice_generations();
+        d.notice_stop();
+        if d.rescan_due || d.last_scan.elapsed() >= opts.rescan {
+            d.rescan_due = false;
+            d.last_scan = Instant::now();
+            d.pending
+                .rescan(&dirs.queue, &mut d.refused)
                 .with_context(|| format!("cannot read {}", dirs.queue.display()))?;
         }
-        let next_settle = pending.settle(&dirs.queue, &mut refused);
-        while stopping.is_none() && running.len() < opts.workers {
+        let next_settle = d.pending.settle(&dirs.queue, &mut d.refused);
+        d.start_ready();
+        for r in d.refused.drain(..) {
+            metrics::refused(r.kind);
+            refuse(dirs, &opts.limits.host_id, &r.file_name, &r.reason, &mut d.summary);
+        }
+        let ending = d.running.is_empty() && (d.stopping.is_some() || (opts.once && d.pending.is_empty()));
+        d.write_metrics(ending);
+        if ending {
+            break;
+        }
+        d.wait(&inotify, next_settle);
+        d.notice_cancels();
+        d.collect_endings();
+    }
+    let stopped = queue::HostInfo { stopped: Some(jobfile::units::rfc3339(std::time::SystemTime::now())), ..info };
+    if let Err(e) = queue::write_host_info(&held, &stopped) {
+        log::warn!("cannot note the stop in {}: {e}", dirs.host_dir.join(queue::HOST_FILE).display());
+    }
+    let Summary { done, failed, refused, requeued } = &d.summary;
+    log::info!("finished: {done} done, {failed} failed, {refused} refused, {requeued} requeued");
+    Ok(d.summary)
+}
+
+/// Watches `queue` for what arrives, leaves and changes in it.
+fn watch(queue: &std::path::Path) -> Result<Inotify> {
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).context("cannot set up inotify")?;
+    let events = AddWatchFlags::IN_CLOSE_WRITE
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_CREATE
+        | AddWatchFlags::IN_ATTRIB
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_DELETE;
+    inotify.add_watch(queue, events).with_context(|| format!("cannot watch {}", queue.display()))?;
+    Ok(inotify)
+}
+
+/// The daemon's state between two turns of its loop.
+struct Daemon<'a> {
+    opts: &'a RunOptions,
+    stop: Arc<AtomicBool>,
+    summary: Summary,
+    /// Workers see `kill`, set only once the stop bound has passed.
+    kill: Arc<AtomicBool>,
+    tx: mpsc::Sender<(OsString, std::io::Result<Ending>)>,
+    rx: mpsc::Receiver<(OsString, std::io::Result<Ending>)>,
+    /// Each running job, with the flag that stops it when its submitter cancels it.
+    running: HashMap<OsString, Arc<AtomicBool>>,
+    pending: Pending,
+    refused: Vec<Refusal>,
+    /// The watch is set before the first scan: nothing that arrives in between is missed.
+    rescan_due: bool,
+    last_scan: Instant,
+    stopping: Option<Instant>,
+    metrics_written: Option<Instant>,
+    /// The server's cleared caches, as last seen: when they change, this host frees its copies.
+    generations_file: PathBuf,
+    generations_seen: Option<std::time::SystemTime>,
+}
+
+fn modified(path: &std::path::Path) -> Option<std::time::SystemTime> {
+    fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+impl<'a> Daemon<'a> {
+    fn new(opts: &'a RunOptions, stop: Arc<AtomicBool>) -> Daemon<'a> {
+        let (tx, rx) = mpsc::channel();
+        let generations_file = jobfile::layout::CacheTree::of(&opts.dirs.running).generations_file();
+        Daemon {
+            opts,
+            stop,
+            summary: Summary::default(),
+            kill: Arc::new(AtomicBool::new(false)),
+            tx,
+            rx,
+            running: HashMap::new(),
+            pending: Pending::new(opts.rules),
+            refused: Vec::new(),
+            rescan_due: true,
+            last_scan: Instant::now(),
+            stopping: None,
+            metrics_written: None,
+            generations_seen: modified(&generations_file),
+            generations_file,
+        }
+    }
+
+    /// Frees the caches the server cleared since it last looked.
+    fn notice_generations(&mut self) {
+        if self.opts.limits.caches.is_some() && modified(&self.generations_file) != self.generations_seen {
+            self.generations_seen = modified(&self.generations_file);
+            lending::report(&self.opts.dirs, &self.opts.limits);
+        }
+    }
+
+    /// On a stop: no more claims; past the stop bound, the running VMs are stopped.
+    fn notice_stop(&mut self) {
+        if self.stop.load(Ordering::Relaxed) && self.stopping.is_none() {
+            self.stopping = Some(Instant::now());
+            log::info!(
+                "stopping: no more claims; {} running job(s) may finish within {} s, then go back to the queue",
+                self.running.len(),
+                self.opts.stop_timeout.as_secs()
+            );
+        }
+        if self.stopping.is_some_and(|t| t.elapsed() >= self.opts.stop_timeout)
+            && !self.kill.swap(true, Ordering::Relaxed)
+        {
+            log::info!("stop bound reached: stopping {} VM(s)", self.running.len());
+        }
+    }
+
+    /// Claims ready jobs while workers are free, each run on a thread of its own.
+    fn start_ready(&mut self) {
+        let (dirs, host_id) = (&self.opts.dirs, &self.opts.limits.host_id);
+        while self.stopping.is_none() && self.running.len() < self.opts.workers {
             // A verified rebuild's run whose other run this host took is left, for a while, to another host.
             let now = std::time::SystemTime::UNIX_EPOCH.elapsed().map_or(0, |d| d.as_secs());
-            let keeps_off =
-                |name: &std::ffi::OsStr| jobfile::rebuild::keeps_off(&dirs.running, name, &opts.limits.host_id, now);
-            let Some(ready) = pending.next_ready(&dirs.queue, &mut refused, keeps_off) else { break };
+            let keeps_off = |name: &OsStr| jobfile::rebuild::keeps_off(&dirs.running, name, host_id, now);
+            let Some(ready) = self.pending.next_ready(&dirs.queue, &mut self.refused, keeps_off) else { break };
             let job = ready.job;
             if let Err(e) = Image::load(&dirs.images, job.image()) {
                 let reason = format!("unknown image i{}: {}", job.image(), jobfile::error_chain(&e));
-                refused.push(Refusal { file_name: ready.file_name, kind: "unknown_image", reason });
+                self.refused.push(Refusal { file_name: ready.file_name, kind: "unknown_image", reason });
                 continue;
             }
             match queue::claim(dirs, &ready.file_name) {
@@ -150,41 +228,41 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
             log::info!("job {}: claimed", job.input_file_name());
             if jobfile::rebuild::terms_file(&dirs.running, &ready.file_name).exists() {
                 // Before it runs: the other run, still waiting, is left to another host.
-                if let Err(e) = jobfile::rebuild::write_ran_on(&dirs.running, &ready.file_name, &opts.limits.host_id) {
+                if let Err(e) = jobfile::rebuild::write_ran_on(&dirs.running, &ready.file_name, host_id) {
                     log::warn!("job {}: cannot note that this host runs it: {e}", job.input_file_name());
                 }
             }
             let file_name = ready.file_name;
             let cancel = Arc::new(AtomicBool::new(false));
-            running.insert(file_name.clone(), cancel.clone());
+            self.running.insert(file_name.clone(), cancel.clone());
             let (dirs, limits, tx, kill, scanned) =
-                (dirs.clone(), opts.limits.clone(), tx.clone(), kill.clone(), ready.scanned);
+                (dirs.clone(), self.opts.limits.clone(), self.tx.clone(), self.kill.clone(), ready.scanned);
             thread::spawn(move || {
                 let ending = worker::run(&dirs, &limits, &file_name, &job, &scanned, &kill, &cancel);
                 let _ = tx.send((file_name, ending));
             });
         }
-        for r in refused.drain(..) {
-            metrics::refused(r.kind);
-            refuse(dirs, &opts.limits.host_id, &r.file_name, &r.reason, &mut summary);
-        }
-        let ending = running.is_empty() && (stopping.is_some() || (opts.once && pending.is_empty()));
-        if let Some(path) = &opts.metrics_file {
-            if ending || metrics_written.is_none_or(|t| t.elapsed() >= METRICS_EVERY) {
-                metrics::set_queue_depth(pending.len());
-                metrics::set_running(running.len());
-                if let Err(e) = metrics::write_file(path) {
-                    log::warn!("cannot write metrics to {}: {e}", path.display());
-                }
-                metrics_written = Some(Instant::now());
+    }
+
+    /// Rewrites the metrics file every `METRICS_EVERY`, and at the end.
+    fn write_metrics(&mut self, ending: bool) {
+        let Some(path) = &self.opts.metrics_file else { return };
+        if ending || self.metrics_written.is_none_or(|t| t.elapsed() >= METRICS_EVERY) {
+            metrics::set_queue_depth(self.pending.len());
+            metrics::set_running(self.running.len());
+            if let Err(e) = metrics::write_file(path) {
+                log::warn!("cannot write metrics to {}: {e}", path.display());
             }
+            self.metrics_written = Some(Instant::now());
         }
-        if ending {
-            break;
-        }
-        // Sleep until the queue changes, a job ends, an entry may have settled, or it is time to rescan.
-        let wait = next_settle.unwrap_or(Duration::MAX).min(opts.rescan.saturating_sub(last_scan.elapsed()));
-        let wait_ms = wait.as_millis().clamp(1, if running.is_empty() { 1000 } else { 100 }) as u16;
+    }
+
+    /// Sleeps until the queue changes, a job ends, an entry may have settled,
+    /// or it is time to rescan; notes what arrived and left.
+    fn wait(&mut self, inotify: &Inotify, next_settle: Option<Duration>) {
+        let queue = &self.opts.dirs.queue;
+        let wait = next_settle.unwrap_or(Duration::MAX).min(self.opts.rescan.saturating_sub(self.last_scan.elapsed()));
+        let wait_ms = wait.as_millis().clamp(1, if self.running.is_empty() { 1000 } else { 100 }) as u16;
         let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
         let _ = poll(&mut fds, PollTimeout::from(wait_ms));
         while let Ok(events) = inotify.read_events() {
@@ -194,22 +272,26 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
             for event in events {
                 if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
                     // Events were lost: read the directory again.
-                    rescan_due = true;
+                    self.rescan_due = true;
                     continue;
                 }
                 let Some(name) = event.name else { continue };
                 if event.mask.intersects(AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_DELETE) {
-                    pending.gone(&name);
+                    self.pending.gone(&name);
                 } else if event.mask.contains(AddWatchFlags::IN_MOVED_TO) {
-                    pending.arrived(&dirs.queue, &name, true, &mut refused);
+                    self.pending.arrived(queue, &name, true, &mut self.refused);
                 } else if event.mask.contains(AddWatchFlags::IN_CREATE) {
-                    pending.arrived(&dirs.queue, &name, false, &mut refused);
+                    self.pending.arrived(queue, &name, false, &mut self.refused);
                 }
                 // IN_CLOSE_WRITE and IN_ATTRIB wake the loop; settle() sees the change.
             }
         }
-        for (file_name, cancel) in &running {
-            if !cancel.load(Ordering::Relaxed) && queue::cancel_request(dirs, file_name).exists() {
+    }
+
+    /// Stops the VM of each running job whose cancel was asked for.
+    fn notice_cancels(&self) {
+        for (file_name, cancel) in &self.running {
+            if !cancel.load(Ordering::Relaxed) && queue::cancel_request(&self.opts.dirs, file_name).exists() {
                 log::info!(
                     "job {}: cancel requested; stopping its VM",
                     jobfile::sanitize(file_name.as_encoded_bytes())
@@ -217,24 +299,16 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
                 cancel.store(true, Ordering::Relaxed);
             }
         }
-        while let Ok((file_name, ending)) = rx.try_recv() {
-            running.remove(&file_name);
-            let _ = fs::remove_file(queue::cancel_request(dirs, &file_name));
-            tally(dirs, &mut summary, &file_name, ending);
+    }
+
+    /// Counts the jobs whose workers ended.
+    fn collect_endings(&mut self) {
+        while let Ok((file_name, ending)) = self.rx.try_recv() {
+            self.running.remove(&file_name);
+            let _ = fs::remove_file(queue::cancel_request(&self.opts.dirs, &file_name));
+            tally(&self.opts.dirs, &mut self.summary, &file_name, ending);
         }
     }
-    let stopped = queue::HostInfo { stopped: Some(jobfile::units::rfc3339(std::time::SystemTime::now())), ..info };
-    if let Err(e) = queue::write_host_info(&held, &stopped) {
-        log::warn!("cannot note the stop in {}: {e}", dirs.host_dir.join(queue::HOST_FILE).display());
-    }
-    log::info!(
-        "finished: {} done, {} failed, {} refused, {} requeued",
-        summary.done,
-        summary.failed,
-        summary.refused,
-        summary.requeued
-    );
-    Ok(summary)
 }
 
 fn refuse(dirs: &Dirs, host_id: &str, file_name: &OsStr, reason: &str, summary: &mut Summary) {
