@@ -14,13 +14,14 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
+use jobfile::layout::Terms;
 use tokio::io::AsyncWriteExt;
+use wire::{HostImage, LeaseRequest, SeqQuery, MAX_HOST_IMAGES};
 
 use super::{AnyAccount, ApiError, ApiResult, HostAuthed};
 use crate::app::App;
-use crate::db::{self, Kind};
+use crate::db::{self, Account, Kind};
 use crate::lease::{current, land, leave_for_warmer, offered_images, part, warm_elsewhere, MAX_CONSOLE};
-use wire::{HostImage, LeaseRequest, SeqQuery, MAX_HOST_IMAGES};
 
 /// Most bytes of a lease request's body (a full list of images is about 6 KiB).
 pub const MAX_LEASE_BODY: usize = 64 << 10;
@@ -55,9 +56,24 @@ pub async fn lease(
     HostAuthed(host): HostAuthed,
     Json(req): Json<LeaseRequest>,
 ) -> ApiResult<Json<wire::LeaseAnswer>> {
+    let (req, usable) = heard_from(&app, &host, req).await?;
+    // The generations of every owner whose caches the host holds: it frees those cleared.
+    let generations = db::cache_generations(app.db()).await.map_err(ApiError::internal)?;
+    let lease =
+        if req.running >= req.capacity { None } else { hand_out(&app, &host, &req, &usable, &generations).await? };
+    let mut owners: Vec<String> = req.caches.iter().map(|c| c.owner.clone()).collect();
+    owners.extend(lease.as_ref().and_then(|l| l.owner.clone()));
+    let generations = generations.into_iter().filter(|(o, _)| owners.contains(o)).collect();
+    Ok(Json(wire::LeaseAnswer { lease, generations }))
+}
+
+/// Records what the host said of itself, and pins its key the first time
+/// (another one later is refused until an operator unpins it). The request
+/// with only the caches the server gave it jobs for, and the images it has
+/// exactly as the server has them.
+async fn heard_from(app: &App, host: &Account, req: LeaseRequest) -> ApiResult<(LeaseRequest, Vec<String>)> {
     req.check().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad lease request: {e}")))?;
     let offered = offered_images(&app.store);
-    // Only images the host has exactly as the server has them.
     let usable: Vec<String> = req
         .images
         .iter()
@@ -65,51 +81,48 @@ pub async fn lease(
         .map(|i| i.name.clone())
         .collect();
     let images = serde_json::to_string(&req.images).unwrap_or_default();
-    // What it says it holds counts only for caches the server gave it jobs for.
-    let req = LeaseRequest { caches: given_only(&app, &host, req.caches).await?, ..req };
+    let req = LeaseRequest { caches: given_only(app, host, req.caches).await?, ..req };
     let caches = serde_json::to_string(&req.caches).unwrap_or_default();
     db::host_seen(app.db(), host.id, &images, req.capacity.min(1024), &req.version, &caches)
         .await
         .map_err(ApiError::internal)?;
-    // Its key: pinned the first time; another one later is refused until an operator unpins it.
-    if let Some(key) = &req.key {
-        let key = construir_provenance::PublicKey::parse(key)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad lease request: {e}")))?
-            .to_string();
-        let pinned = db::pin_key(app.db(), &host, &key).await.map_err(ApiError::internal)?;
-        if pinned != key {
-            log::warn!("host {}: refused: it signs with {key}, but {pinned} is pinned for it", host.name);
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "this host signs with {key}, but {pinned} is pinned for it; if its key was replaced on purpose, \
-                     an operator unpins the old one: construir-server account unpin-key {}",
-                    host.name
-                ),
-            ));
-        }
+    let Some(key) = &req.key else { return Ok((req, usable)) };
+    let key = construir_provenance::PublicKey::parse(key)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad lease request: {e}")))?
+        .to_string();
+    let pinned = db::pin_key(app.db(), host, &key).await.map_err(ApiError::internal)?;
+    if pinned != key {
+        log::warn!("host {}: refused: it signs with {key}, but {pinned} is pinned for it", host.name);
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this host signs with {key}, but {pinned} is pinned for it; if its key was replaced on purpose, \
+                 an operator unpins the old one: construir-server account unpin-key {}",
+                host.name
+            ),
+        ));
     }
-    // The generations of every owner whose caches the host holds: it frees those cleared.
-    let generations = db::cache_generations(app.db()).await.map_err(ApiError::internal)?;
-    let answer = |lease: Option<wire::Lease>| {
-        let mut owners: Vec<String> = req.caches.iter().map(|c| c.owner.clone()).collect();
-        owners.extend(lease.as_ref().and_then(|l| l.owner.clone()));
-        let generations = generations.iter().filter(|(o, _)| owners.contains(o));
-        Json(wire::LeaseAnswer { lease, generations: generations.map(|(o, m)| (o.clone(), m.clone())).collect() })
-    };
-    if req.running >= req.capacity {
-        return Ok(answer(None));
-    }
+    Ok((req, usable))
+}
+
+/// Leases the host the oldest job it may take, its file moved to
+/// `running/.farm/`; none when there is none. A job that another server, a
+/// local host or its submitter moved first is skipped.
+async fn hand_out(
+    app: &App,
+    host: &Account,
+    req: &LeaseRequest,
+    usable: &[String],
+    generations: &jobfile::caches::Generations,
+) -> ApiResult<Option<wire::Lease>> {
     // Where the build caches are warm: a job that names caches goes, for a while, to a free host that holds one.
     let here: std::collections::HashSet<_> =
-        current(&req.caches, &generations).map(|c| (c.owner.clone(), c.image.clone(), c.name.clone())).collect();
+        current(&req.caches, generations).map(|c| (c.owner.clone(), c.image.clone(), c.name.clone())).collect();
     let elsewhere = {
         let hosts = db::hosts(app.db()).await.map_err(ApiError::internal)?;
         let leased = db::leased_jobs(app.db()).await.map_err(ApiError::internal)?;
-        warm_elsewhere(&hosts, &leased, &host.name, &generations)
+        warm_elsewhere(&hosts, &leased, &host.name, generations)
     };
-    let warm_wait = app.farm.warm_wait;
-    // A job that another server, a local host or its submitter moved first is skipped.
     for _ in 0..8 {
         let store = app.store.clone();
         // Only the file the server wrote: never a link, a second name or another inode planted in its place.
@@ -117,13 +130,13 @@ pub async fn lease(
         let now = db::unix_now().max(0) as u64;
         let take = |c: &db::Candidate| {
             store.waiting_own(&c.file_name, c.ino)
-                && !leave_for_warmer(c, &here, &elsewhere, warm_wait)
+                && !leave_for_warmer(c, &here, &elsewhere, app.farm.warm_wait)
                 && !jobfile::rebuild::keeps_off(&store.running, c.file_name.as_ref(), &host.name, now)
         };
-        let leased = db::lease_next(app.db(), &host.name, &usable, app.farm.lease_ms(), take)
+        let leased = db::lease_next(app.db(), &host.name, usable, app.farm.lease_ms(), take)
             .await
             .map_err(ApiError::internal)?;
-        let Some(lease) = leased else { return Ok(answer(None)) };
+        let Some(lease) = leased else { return Ok(None) };
         fs::create_dir_all(app.store.farm_dir()).map_err(ApiError::internal)?;
         let (queued, leased_path) = (app.store.queue.join(&lease.file_name), app.store.leased(&lease.file_name));
         let moved = app.store.move_job(&queued, &leased_path).map_err(ApiError::internal)?;
@@ -138,36 +151,40 @@ pub async fn lease(
             continue;
         }
         log::info!("job {} leased to host {} (lease {}, attempt {})", lease.id, host.name, lease.seq, lease.attempt);
-        // What the server pinned at submit goes with it, from the job's record (or, for a job
-        // submitted before records kept it, its pin file).
-        let terms = jobfile::layout::Terms::read(&app.store.running, lease.file_name.as_ref()).unwrap_or_else(|why| {
-            log::error!("job {}: {why}; it runs without those terms", lease.id);
-            jobfile::layout::Terms::default()
-        });
-        let packages = lease.packages.or(terms.pin);
-        // A verified rebuild's run: noted as this host's before it is handed out, and its terms go with it.
-        let rebuild = match terms.rebuild {
-            Some(terms) => {
-                jobfile::rebuild::write_ran_on(&app.store.running, lease.file_name.as_ref(), &host.name)
-                    .map_err(ApiError::internal)?;
-                // Placed: the host has nothing to keep apart.
-                Some(jobfile::rebuild::Terms { apart_until: 0, ..terms })
-            }
-            None => None,
-        };
-        return Ok(answer(Some(wire::Lease {
-            id: lease.id,
-            file_name: lease.file_name,
-            size: lease.size,
-            seq: lease.seq,
-            attempt: lease.attempt,
-            lease_ms: app.farm.lease_ms() as u64,
-            packages,
-            owner: Some(jobfile::caches::account_owner(lease.account_id)),
-            rebuild,
-        })));
+        return with_terms(app, host, lease).map(Some);
     }
-    Ok(answer(None))
+    Ok(None)
+}
+
+/// A lease as the host gets it, with the job's terms: what the server
+/// pinned at submit, from the job's record (or, for a job submitted before
+/// records kept it, its pin file), and a verified rebuild's terms, the run
+/// noted as this host's before it is handed out.
+fn with_terms(app: &App, host: &Account, lease: db::Lease) -> ApiResult<wire::Lease> {
+    let terms = Terms::read(&app.store.running, lease.file_name.as_ref()).unwrap_or_else(|why| {
+        log::error!("job {}: {why}; it runs without those terms", lease.id);
+        Terms::default()
+    });
+    let rebuild = match terms.rebuild {
+        Some(terms) => {
+            jobfile::rebuild::write_ran_on(&app.store.running, lease.file_name.as_ref(), &host.name)
+                .map_err(ApiError::internal)?;
+            // Placed: the host has nothing to keep apart.
+            Some(jobfile::rebuild::Terms { apart_until: 0, ..terms })
+        }
+        None => None,
+    };
+    Ok(wire::Lease {
+        id: lease.id,
+        file_name: lease.file_name,
+        size: lease.size,
+        seq: lease.seq,
+        attempt: lease.attempt,
+        lease_ms: app.farm.lease_ms() as u64,
+        packages: lease.packages.or(terms.pin),
+        owner: Some(jobfile::caches::account_owner(lease.account_id)),
+        rebuild,
+    })
 }
 
 /// The job file (name and inode) of a live lease of `host`, or the refusal a late host gets.
