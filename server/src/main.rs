@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -420,68 +421,12 @@ async fn account(conn: &Database, cmd: AccountCommand) -> Result<()> {
 }
 
 async fn serve(conn: Database, a: ServeArgs) -> Result<()> {
-    let beside = jobfile::layout::Beside::queue(&a.queue);
-    let store = Store::new(jobfile::layout::Beside { images: a.images.unwrap_or(beside.images.clone()), ..beside });
-    store.create_all()?;
-    // Uploads a killed server left half-written: no job was recorded for them.
-    let stale = store.remove_stale_uploads(a.idle_timeout * 2)?;
-    if stale > 0 {
-        log::info!("removed {stale} unfinished upload(s) left by the last run");
-    }
-    let slurm = match a.executor {
-        Executor::Hosts => None,
-        Executor::Slurm => {
-            let s = &a.slurm;
-            let dir =
-                s.slurm_dir.clone().context("--executor slurm needs --slurm-dir: the directory every node sees")?;
-            let dir = std::path::absolute(&dir)?;
-            std::fs::create_dir_all(dir.join("runs")).with_context(|| format!("cannot create {}", dir.display()))?;
-            Some(construir_server::slurm::Settings {
-                dir,
-                partition: s.slurm_partition.clone(),
-                account: s.slurm_account.clone(),
-                cpus: s.slurm_cpus,
-                memory_mib: s.slurm_memory >> 20,
-                timeout: s.slurm_timeout,
-                host_bin: s.slurm_construir_host.clone(),
-                host_key: s.slurm_host_key.clone(),
-                node_dir: s.slurm_node_dir.clone(),
-                run_args: s.slurm_run_args.clone(),
-                max_jobs: s.slurm_max_jobs as usize,
-                max_attempts: a.max_attempts,
-                bin_dir: s.slurm_bin.clone(),
-            })
-        }
-    };
+    let slurm = slurm_settings(&a)?;
     let tls = a.tls_cert.clone().zip(a.tls_key.clone());
     if !a.listen.ip().is_loopback() && tls.is_none() {
         log::warn!("listening on {} (not loopback) with plain HTTP: tokens cross the network in clear; give --tls-cert and --tls-key, or put a TLS reverse proxy in front", a.listen);
     }
-    let farm = lease::Settings {
-        lease: a.lease,
-        max_attempts: a.max_attempts,
-        warm_wait: a.warm_wait,
-        apart_wait: a.apart_wait,
-    };
-    // Hosts could not renew while the server was down: every lease gets a full term.
-    let extended = db::extend_leases(&conn, farm.lease.as_millis() as i64).await?;
-    if extended > 0 {
-        log::info!("{extended} lease(s) of remote hosts given a full term again after the restart");
-    }
-    let settings = app::Settings {
-        defaults: a.limits.limits().or(DEFAULTS),
-        idle_timeout: a.idle_timeout,
-        upload_timeout: a.upload_timeout,
-        uploads: UploadRules { max_uploads: a.max_uploads, min_free: a.min_free },
-        tls: tls.is_some(),
-    };
-    let cache = a.package_cache.clone().unwrap_or_else(|| jobfile::layout::sibling(&a.queue, "server-cache"));
-    let packages = deps::Resolver::new(deps::Settings {
-        keyring: a.archive_keyring.clone(),
-        max_bytes: a.max_package_bytes,
-        ..deps::Settings::new(&cache.join("packages"))
-    });
-    let app = App::new(conn, store, settings, farm, Some(packages));
+    let app = open_app(conn, &a, tls.is_some()).await?;
     reconcile_leases(&app).await?;
     rebuild(&app).await?;
     // The local hosts read the cleared caches from the queue's directories: as the database says.
@@ -504,19 +449,7 @@ async fn serve(conn: Database, a: ServeArgs) -> Result<()> {
     let bound = listener.local_addr()?;
     tokio::spawn(follow(app.clone(), a.follow_every));
     if let Some(slurm) = slurm {
-        slurm.check().map_err(|e| anyhow::anyhow!("--executor slurm: {e}"))?;
-        let version =
-            construir_server::slurm::check(&slurm).await.map_err(|e| anyhow::anyhow!("--executor slurm, but {e}"))?;
-        log::info!("Slurm: {version}");
-        log::info!(
-            "handing jobs to Slurm (partition {}, {} CPU(s), {} MiB, timeout {} s each), through {}",
-            slurm.partition.as_deref().unwrap_or("default"),
-            slurm.cpus,
-            slurm.memory_mib,
-            slurm.timeout.as_secs(),
-            slurm.dir.display()
-        );
-        tokio::spawn(construir_server::slurm::run(app.clone(), slurm, Duration::from_secs(1)));
+        start_slurm(&app, slurm).await?;
     }
     tokio::spawn(keep_sweeping(app.clone(), (a.lease / 10).clamp(Duration::from_millis(200), Duration::from_secs(2))));
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -526,6 +459,90 @@ async fn serve(conn: Database, a: ServeArgs) -> Result<()> {
         .await
         .context("the server failed")?;
     log::info!("stopped");
+    Ok(())
+}
+
+/// The server's state: its store (what a killed server left half-written
+/// removed), its settings, the leases it extends after a restart, its
+/// package resolver.
+async fn open_app(conn: Database, a: &ServeArgs, tls: bool) -> Result<Arc<App>> {
+    let beside = jobfile::layout::Beside::queue(&a.queue);
+    let images = a.images.clone().unwrap_or(beside.images.clone());
+    let store = Store::new(jobfile::layout::Beside { images, ..beside });
+    store.create_all()?;
+    // Uploads a killed server left half-written: no job was recorded for them.
+    let stale = store.remove_stale_uploads(a.idle_timeout * 2)?;
+    if stale > 0 {
+        log::info!("removed {stale} unfinished upload(s) left by the last run");
+    }
+    let farm = lease::Settings {
+        lease: a.lease,
+        max_attempts: a.max_attempts,
+        warm_wait: a.warm_wait,
+        apart_wait: a.apart_wait,
+    };
+    // Hosts could not renew while the server was down: every lease gets a full term.
+    let extended = db::extend_leases(&conn, farm.lease.as_millis() as i64).await?;
+    if extended > 0 {
+        log::info!("{extended} lease(s) of remote hosts given a full term again after the restart");
+    }
+    let settings = app::Settings {
+        defaults: a.limits.limits().or(DEFAULTS),
+        idle_timeout: a.idle_timeout,
+        upload_timeout: a.upload_timeout,
+        uploads: UploadRules { max_uploads: a.max_uploads, min_free: a.min_free },
+        tls,
+    };
+    let cache = a.package_cache.clone().unwrap_or_else(|| jobfile::layout::sibling(&a.queue, "server-cache"));
+    let packages = deps::Resolver::new(deps::Settings {
+        keyring: a.archive_keyring.clone(),
+        max_bytes: a.max_package_bytes,
+        ..deps::Settings::new(&cache.join("packages"))
+    });
+    Ok(App::new(conn, store, settings, farm, Some(packages)))
+}
+
+/// The Slurm executor's settings, with `--executor slurm`.
+fn slurm_settings(a: &ServeArgs) -> Result<Option<construir_server::slurm::Settings>> {
+    if let Executor::Hosts = a.executor {
+        return Ok(None);
+    }
+    let s = &a.slurm;
+    let dir = s.slurm_dir.clone().context("--executor slurm needs --slurm-dir: the directory every node sees")?;
+    let dir = std::path::absolute(&dir)?;
+    std::fs::create_dir_all(dir.join("runs")).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(Some(construir_server::slurm::Settings {
+        dir,
+        partition: s.slurm_partition.clone(),
+        account: s.slurm_account.clone(),
+        cpus: s.slurm_cpus,
+        memory_mib: s.slurm_memory >> 20,
+        timeout: s.slurm_timeout,
+        host_bin: s.slurm_construir_host.clone(),
+        host_key: s.slurm_host_key.clone(),
+        node_dir: s.slurm_node_dir.clone(),
+        run_args: s.slurm_run_args.clone(),
+        max_jobs: s.slurm_max_jobs as usize,
+        max_attempts: a.max_attempts,
+        bin_dir: s.slurm_bin.clone(),
+    }))
+}
+
+/// Checks that Slurm answers, then hands it jobs.
+async fn start_slurm(app: &Arc<App>, slurm: construir_server::slurm::Settings) -> Result<()> {
+    slurm.check().map_err(|e| anyhow::anyhow!("--executor slurm: {e}"))?;
+    let version =
+        construir_server::slurm::check(&slurm).await.map_err(|e| anyhow::anyhow!("--executor slurm, but {e}"))?;
+    log::info!("Slurm: {version}");
+    log::info!(
+        "handing jobs to Slurm (partition {}, {} CPU(s), {} MiB, timeout {} s each), through {}",
+        slurm.partition.as_deref().unwrap_or("default"),
+        slurm.cpus,
+        slurm.memory_mib,
+        slurm.timeout.as_secs(),
+        slurm.dir.display()
+    );
+    tokio::spawn(construir_server::slurm::run(app.clone(), slurm, Duration::from_secs(1)));
     Ok(())
 }
 
