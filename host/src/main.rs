@@ -33,36 +33,10 @@ fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
             eprintln!("construir-host: error: {e:#}");
             ExitCode::from(2)
         })),
-        Command::Status { at, recent, json } => {
-            let (shared, _, file) = at.resolve()?;
-            let mut status = construir_host::status::gather(&shared, recent)?;
-            let cache = QueueArgs::package_cache(&shared, &file);
-            status.layers = construir_host::status::layers(&cache.join("layers"));
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print!("{}", construir_host::status::render(&status));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Status { at, recent, json } => status(at, recent, json).map(|()| ExitCode::SUCCESS),
         Command::Job(cmd) => run_job(cmd).map(|()| ExitCode::SUCCESS),
         Command::Cache(cmd) => run_cache(cmd).map(|()| ExitCode::SUCCESS),
-        Command::Key { at, host_id, host_key } => {
-            let (shared, _, file) = at.resolve()?;
-            let host_id = host_id
-                .or_else(|| file.value("host-id").map(|v| v.to_string_lossy().into_owned()))
-                .unwrap_or_else(construir_host::daemon::default_host_id);
-            let path = host_key
-                .or_else(|| file.value("host-key").map(std::path::PathBuf::from))
-                .unwrap_or_else(|| construir_host::provenance::default_key_path(&shared.queue, &host_id));
-            let (key, made) = construir_provenance::HostKey::load_or_create(&path)
-                .with_context(|| format!("cannot have a host key at {}", path.display()))?;
-            if made {
-                eprintln!("construir-host: made a new host key at {}", path.display());
-            }
-            println!("{} {host_id}", key.public());
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Key { at, host_id, host_key } => key(at, host_id, host_key).map(|()| ExitCode::SUCCESS),
         Command::Completions { shell } => {
             use std::io::Write;
             std::io::stdout().write_all(&jobfile::manual::completions(Cli::command(), shell))?;
@@ -77,6 +51,38 @@ fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `construir-host status`: the queue, its hosts and the latest jobs, and the package layers.
+fn status(at: QueueArgs, recent: usize, json: bool) -> Result<()> {
+    let (shared, _, file) = at.resolve()?;
+    let mut status = construir_host::status::gather(&shared, recent)?;
+    let cache = QueueArgs::package_cache(&shared, &file);
+    status.layers = construir_host::status::layers(&cache.join("layers"));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", construir_host::status::render(&status));
+    }
+    Ok(())
+}
+
+/// `construir-host key`: this host's public key (made when it has none), as a server pins it.
+fn key(at: QueueArgs, host_id: Option<String>, host_key: Option<std::path::PathBuf>) -> Result<()> {
+    let (shared, _, file) = at.resolve()?;
+    let host_id = host_id
+        .or_else(|| file.value("host-id").map(|v| v.to_string_lossy().into_owned()))
+        .unwrap_or_else(construir_host::daemon::default_host_id);
+    let path = host_key
+        .or_else(|| file.value("host-key").map(std::path::PathBuf::from))
+        .unwrap_or_else(|| construir_host::provenance::default_key_path(&shared.queue, &host_id));
+    let (key, made) = construir_provenance::HostKey::load_or_create(&path)
+        .with_context(|| format!("cannot have a host key at {}", path.display()))?;
+    if made {
+        eprintln!("construir-host: made a new host key at {}", path.display());
+    }
+    println!("{} {host_id}", key.public());
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -231,65 +231,77 @@ pub async fn sweep(db: &Database, store: &Store, settings: &Settings) -> Result<
 /// parts no delivery will use are removed once they are a minute old. The
 /// jobs it put right, whose records are to be brought up to date.
 pub async fn reconcile(db: &Database, store: &Store, settings: &Settings) -> Result<Vec<JobRecord>, DbError> {
+    let put_right = reconcile_farm(db, store, settings).await?;
+    reconcile_staged(db, store).await?;
+    Ok(put_right)
+}
+
+/// The jobs in `running/.farm/` that no lease holds: landed as delivered,
+/// failed past the attempt limit, or back in the queue.
+async fn reconcile_farm(db: &Database, store: &Store, settings: &Settings) -> Result<Vec<JobRecord>, DbError> {
     let mut put_right = Vec::new();
-    if let Ok(rd) = fs::read_dir(store.farm_dir()) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') {
-                continue;
-            }
-            let Some((job, delivered)) = db::farm_state(db, &name).await? else { continue };
-            if job.host.is_some() {
-                continue;
-            }
-            let done = match delivered {
-                Some(d) => land(store, &name, &job.id, d.seq, &d.part, d.how, &d.verdict),
-                None if job.attempts >= settings.max_attempts => {
-                    let reason = db::lease_reason(&job, "(unknown)", settings.max_attempts);
-                    land(store, &name, &job.id, 0, "", Ending::Failed, &reason)
-                }
-                None => store.move_job(&e.path(), &store.queue.join(&name)).map(|_| ()),
-            };
-            match done {
-                Ok(()) => log::info!("job {}: finished what a crash left in {}", job.id, e.path().display()),
-                Err(e) => log::error!("job {}: cannot put its files right: {e}", job.id),
-            }
-            put_right.push(job);
+    let Ok(rd) = fs::read_dir(store.farm_dir()) else { return Ok(put_right) };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
         }
-    }
-    if let Ok(rd) = fs::read_dir(&store.done) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(rest) = name.strip_prefix(".farm.") else { continue };
-            let mut bits = rest.split('.');
-            let (Some(id), Some(seq), Some(tag)) =
-                (bits.next(), bits.next().and_then(|s| s.parse::<u64>().ok()), bits.next())
-            else {
-                continue;
-            };
-            if !crate::auth::is_job_id(id) {
-                continue;
-            }
-            let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok())
-                >= Some(Duration::from_secs(60));
-            let delivered = db::farm_state_by_id(db, id)
-                .await?
-                .and_then(|(job, d)| d.filter(|d| d.seq == seq && d.part == tag).map(|d| (job, d)));
-            match delivered {
-                Some((job, d)) if job.host.is_none() => {
-                    if let Err(e) = land(store, &job.file_name, id, d.seq, &d.part, d.how, &d.verdict) {
-                        log::error!("job {id}: cannot land its delivery: {e}");
-                    }
-                }
-                Some(_) => {}
-                None if old => {
-                    let _ = fs::remove_file(e.path());
-                }
-                None => {}
-            }
+        let Some((job, delivered)) = db::farm_state(db, &name).await? else { continue };
+        if job.host.is_some() {
+            continue;
         }
+        let done = match delivered {
+            Some(d) => land(store, &name, &job.id, d.seq, &d.part, d.how, &d.verdict),
+            None if job.attempts >= settings.max_attempts => {
+                let reason = db::lease_reason(&job, "(unknown)", settings.max_attempts);
+                land(store, &name, &job.id, 0, "", Ending::Failed, &reason)
+            }
+            None => store.move_job(&e.path(), &store.queue.join(&name)).map(|_| ()),
+        };
+        match done {
+            Ok(()) => log::info!("job {}: finished what a crash left in {}", job.id, e.path().display()),
+            Err(e) => log::error!("job {}: cannot put its files right: {e}", job.id),
+        }
+        put_right.push(job);
     }
     Ok(put_right)
+}
+
+/// The staged parts of deliveries in `done/`: landed when the database
+/// accepted their delivery, removed once a minute old when it did not.
+async fn reconcile_staged(db: &Database, store: &Store) -> Result<(), DbError> {
+    let Ok(rd) = fs::read_dir(&store.done) else { return Ok(()) };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(".farm.") else { continue };
+        let mut bits = rest.split('.');
+        let (Some(id), Some(seq), Some(tag)) =
+            (bits.next(), bits.next().and_then(|s| s.parse::<u64>().ok()), bits.next())
+        else {
+            continue;
+        };
+        if !crate::auth::is_job_id(id) {
+            continue;
+        }
+        let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok())
+            >= Some(Duration::from_secs(60));
+        let delivered = db::farm_state_by_id(db, id)
+            .await?
+            .and_then(|(job, d)| d.filter(|d| d.seq == seq && d.part == tag).map(|d| (job, d)));
+        match delivered {
+            Some((job, d)) if job.host.is_none() => {
+                if let Err(e) = land(store, &job.file_name, id, d.seq, &d.part, d.how, &d.verdict) {
+                    log::error!("job {id}: cannot land its delivery: {e}");
+                }
+            }
+            Some(_) => {}
+            None if old => {
+                let _ = fs::remove_file(e.path());
+            }
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -307,17 +307,7 @@ async fn run_command(cli: Cli) -> Result<()> {
         return Ok(());
     }
     if !construir_server::sql::is_postgres(&cli.db) {
-        let path = std::path::Path::new(&cli.db);
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        // SQLite gives its -wal and -shm files the database file's mode.
-        use std::os::unix::fs::OpenOptionsExt;
-        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
-        }
+        create_sqlite_file(std::path::Path::new(&cli.db))?;
     }
     let conn = db::open(&cli.db).await?;
     match cli.command {
@@ -330,26 +320,47 @@ async fn run_command(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Openapi => unreachable!("answered before the database is opened"),
-        Command::Slurm(SlurmCommand::Keys) => {
-            for (node, key) in db::node_keys(&conn).await? {
+        Command::Slurm(cmd) => slurm_keys(&conn, cmd).await,
+    }
+}
+
+/// Makes the SQLite file at `path` (and its directory) for the server alone:
+/// SQLite gives its -wal and -shm files the database file's mode.
+fn create_sqlite_file(path: &std::path::Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot create {}", path.display())),
+    }
+}
+
+/// `construir-server slurm keys|pin-key|unpin-key`: the keys the operator pins for Slurm nodes.
+async fn slurm_keys(conn: &Database, cmd: SlurmCommand) -> Result<()> {
+    match cmd {
+        SlurmCommand::Keys => {
+            for (node, key) in db::node_keys(conn).await? {
                 println!("{node:<20} {key}");
             }
             Ok(())
         }
-        Command::Slurm(SlurmCommand::PinKey { node, key }) => {
+        SlurmCommand::PinKey { node, key } => {
             jobfile::name::check_name(&node).map_err(|e| anyhow::anyhow!("node {node:?}: {e}"))?;
             let key = construir_provenance::PublicKey::parse(key.trim()).map_err(|e| {
                 anyhow::anyhow!("{key:?} is not a public key ({e}): give what `construir-host key` prints on the node")
             })?;
-            let pinned = db::pin_node_key(&conn, &node, &key.to_string()).await?;
+            let pinned = db::pin_node_key(conn, &node, &key.to_string()).await?;
             if pinned != key.to_string() {
                 anyhow::bail!("{pinned} is pinned for {node} already: construir-server slurm unpin-key {node} first");
             }
             eprintln!("construir-server: {key} is pinned for Slurm node {node}");
             Ok(())
         }
-        Command::Slurm(SlurmCommand::UnpinKey { node }) => {
-            if !db::unpin_node_key(&conn, &node).await? {
+        SlurmCommand::UnpinKey { node } => {
+            if !db::unpin_node_key(conn, &node).await? {
                 anyhow::bail!("no key is pinned for a Slurm node named {node:?}");
             }
             eprintln!(

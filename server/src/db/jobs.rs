@@ -6,9 +6,9 @@ use jobfile::deps::Resolution;
 use serde::Serialize;
 
 use super::audit::audit_in;
-use super::{now, DbError, JobState};
 #[cfg(test)]
-use super::{unix_now, Account};
+use super::Account;
+use super::{now, DbError, JobState};
 use crate::params;
 use crate::sql::{Database, Row, SqlError};
 use crate::store::FileId;
@@ -56,6 +56,39 @@ pub struct JobRecord {
     /// made before it was kept).
     #[serde(skip)]
     pub file_sha256: Option<String>,
+}
+
+impl JobRecord {
+    /// A job's record as its upload starts: `account_id`'s job `id`,
+    /// `name` on `image`, queued as `file_name`, submitted now, nothing
+    /// else known yet.
+    pub fn uploading(id: &str, account_id: i64, name: &str, image: &str, file_name: String) -> JobRecord {
+        let now = now();
+        JobRecord {
+            id: id.to_owned(),
+            account_id,
+            name: name.to_owned(),
+            image: image.to_owned(),
+            file_name,
+            size: 0,
+            submitted: now.clone(),
+            submitted_unix: super::unix_now(),
+            state: JobState::Uploading,
+            updated: now,
+            verdict: None,
+            result_bytes: None,
+            deleted: None,
+            host: None,
+            attempts: 0,
+            file_id: None,
+            packages: None,
+            caches: Vec::new(),
+            twin_of: None,
+            rebuild: None,
+            ran_on: None,
+            file_sha256: None,
+        }
+    }
 }
 
 /// The host the server itself recorded for a run (never what a result
@@ -300,29 +333,6 @@ pub async fn set_ran_on(db: &Database, id: &str, ran_on: &RanOn) -> Result<(), D
 /// image 0, in `state`, its file `<account>.<id>.<name>_i0.tar.xz`.
 #[cfg(test)]
 pub(crate) fn test_record(account: &Account, id: &str, name: &str, size: u64, state: JobState) -> JobRecord {
-    let now = now();
-    JobRecord {
-        id: id.into(),
-        account_id: account.id,
-        name: name.into(),
-        image: "0".into(),
-        file_name: format!("{}.{id}.{name}_i0.tar.xz", account.name),
-        size,
-        submitted: now.clone(),
-        submitted_unix: unix_now(),
-        state,
-        updated: now,
-        verdict: None,
-        result_bytes: None,
-        deleted: None,
-        host: None,
-        attempts: 0,
-        file_id: None,
-        packages: None,
-        caches: Vec::new(),
-        twin_of: None,
-        rebuild: None,
-        ran_on: None,
-        file_sha256: None,
-    }
+    let file_name = format!("{}.{id}.{name}_i0.tar.xz", account.name);
+    JobRecord { size, state, ..JobRecord::uploading(id, account.id, name, "0", file_name) }
 }

@@ -394,6 +394,29 @@ async fn receive(
     Ok(second_len)
 }
 
+/// Checks a delivered result as made by `host`: signed with the key pinned
+/// for it, as itself, over the job file the server received. What the host
+/// signed must be what came.
+async fn check_signed(
+    app: &App,
+    host: &Account,
+    (result, provenance, log): (&Path, &Path, &Path),
+    job_sha256: Option<String>,
+) -> ApiResult<Result<(), String>> {
+    let key = db::host_key(app.db(), host.id).await.map_err(ApiError::internal)?;
+    let (result, provenance, log, name) = (result.to_owned(), provenance.to_owned(), log.to_owned(), host.name.clone());
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let key = key.ok_or("no key is pinned for this host (it sent none when it asked for work)")?;
+        let key = construir_provenance::PublicKey::parse(&key).map_err(|e| e.to_string())?;
+        let signers = [(crate::rebuild::Signer::Remote(name.clone()), key)];
+        let ran_on = db::RanOn::Remote(name);
+        let files = (result.as_path(), provenance.as_path(), Some(log.as_path()));
+        crate::rebuild::verify_run(files, Some(&ran_on), job_sha256.as_deref(), &signers).map(drop)
+    })
+    .await
+    .map_err(ApiError::internal)
+}
+
 /// `POST /v1/host/jobs/{id}/done?seq=N&log_bytes=L&provenance_bytes=P`: the
 /// console log (L bytes), the result's signed provenance (P bytes), then
 /// the result. Accepted once, under the live lease only, and only when the
@@ -432,24 +455,9 @@ pub async fn done(
     if got == 0 {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "the result is empty"));
     }
-    // What the host signed must be what came: checked against the key pinned for it, signed as itself.
-    let key = db::host_key(app.db(), host.id).await.map_err(ApiError::internal)?;
     let record = db::job_by_id(app.db(), &id).await.map_err(ApiError::internal)?;
     let job_sha256 = record.as_ref().and_then(|j| j.file_sha256.clone());
-    let checked = {
-        let (result, provenance, log, name) = (result.clone(), provenance.clone(), log.clone(), host.name.clone());
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let key = key.ok_or("no key is pinned for this host (it sent none when it asked for work)")?;
-            let key = construir_provenance::PublicKey::parse(&key).map_err(|e| e.to_string())?;
-            let signers = [(crate::rebuild::Signer::Remote(name.clone()), key)];
-            let ran_on = db::RanOn::Remote(name);
-            let files = (result.as_path(), provenance.as_path(), Some(log.as_path()));
-            crate::rebuild::verify_run(files, Some(&ran_on), job_sha256.as_deref(), &signers).map(drop)
-        })
-        .await
-        .map_err(ApiError::internal)?
-    };
-    if let Err(why) = checked {
+    if let Err(why) = check_signed(&app, &host, (&result, &provenance, &log), job_sha256).await? {
         log::warn!("job {id}: refused the result from host {} (lease {}): its provenance: {why}", host.name, q.seq);
         return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("the result is refused: {why}")));
     }

@@ -109,23 +109,19 @@ pub(crate) async fn submit(
     let terms = Terms { pin: packages.clone(), owner: Some(jobfile::caches::account_owner(account.id)), rebuild: None };
     enqueue(&app, &queued, &terms, &mut guards)?;
     for (job, _, ino) in &queued {
-        if !db::finish_upload(app.db(), &job.id, (size, &sha256), *ino, packages.as_ref(), &caches)
-            .await
-            .map_err(ApiError::internal)?
-        {
-            let id = &job.id;
-            return Err(ApiError::internal(std::io::Error::other(format!("job {id}: its reservation vanished"))));
+        let finished = db::finish_upload(app.db(), &job.id, (size, &sha256), *ino, packages.as_ref(), &caches).await;
+        if !finished.map_err(ApiError::internal)? {
+            return Err(ApiError::internal(std::io::Error::other(format!("job {}: its reservation vanished", job.id))));
         }
     }
     guards.iter_mut().for_each(|g| g.path = None);
-    let id = record.id.clone();
     (record.size, record.file_sha256, record.file_id, record.packages, record.caches) =
         (size, Some(sha256), Some(ino), packages, caches);
-    let what = format!("{id} {} ({size} bytes)", record.file_name);
-    if let Err(e) = db::audit(app.db(), Some(&account.name), "submitted", &what).await {
+    let (id, what) = (&record.id, format!("{} ({size} bytes)", record.file_name));
+    if let Err(e) = db::audit(app.db(), Some(&account.name), "submitted", &format!("{id} {what}")).await {
         log::error!("cannot audit job {id}'s submission: {}", jobfile::error_chain(&e));
     }
-    log::info!("account {}: job {id} submitted as {} ({size} bytes)", account.name, record.file_name);
+    log::info!("account {}: job {id} submitted as {what}", account.name);
     let mut out = job_json(&record, &app.locate(&record));
     out.rebuild = rebuild_view(&app, &record).await?;
     Ok((StatusCode::CREATED, Json(out)).into_response())
@@ -157,31 +153,8 @@ fn records(app: &App, account: &Account, q: &SubmitQuery) -> ApiResult<(JobRecor
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad job name: {e}")))?;
         Ok(queued.input_file_name())
     };
-    let (id, now) = (auth::new_job_id(), db::now());
-    let mut record = JobRecord {
-        ran_on: None,
-        file_sha256: None,
-        file_name: file_name(&id)?,
-        id,
-        account_id: account.id,
-        name: job_name.name().to_owned(),
-        image: job_name.image().to_owned(),
-        size: 0,
-        submitted: now.clone(),
-        submitted_unix: db::unix_now(),
-        state: db::JobState::Uploading,
-        updated: now,
-        verdict: None,
-        result_bytes: None,
-        deleted: None,
-        host: None,
-        attempts: 0,
-        file_id: None,
-        packages: None,
-        caches: Vec::new(),
-        twin_of: None,
-        rebuild: None,
-    };
+    let id = auth::new_job_id();
+    let mut record = JobRecord::uploading(&id, account.id, job_name.name(), job_name.image(), file_name(&id)?);
     if runs == 1 {
         return Ok((record, None));
     }
