@@ -56,7 +56,7 @@ pub async fn settle(app: &App, jobs: &[JobRecord]) -> Result<usize, DbError> {
         if db::set_rebuild_verdict(app.db(), &first.id, &verdict).await? {
             log::info!("job {}: verified rebuild: {}", first.id, verdict.summary());
             let account = db::account_by_id(app.db(), first.account_id).await?.map(|a| a.name);
-            let _ = db::audit(
+            db::audit_or_log(
                 app.db(),
                 account.as_deref(),
                 "rebuild_verdict",

@@ -85,10 +85,10 @@ impl Sessions {
 
 /// The account a grant was made for, while the account is enabled and its
 /// token is still the one the grant was made with.
-pub async fn still_valid(db: &Database, grant: &Grant) -> Option<Account> {
-    let account = db::account_by_id(db, grant.account).await.ok()??;
-    (!account.disabled && bool::from(subtle::ConstantTimeEq::ct_eq(&account.token_hash[..], &grant.token_hash[..])))
-        .then_some(account)
+pub async fn still_valid(db: &Database, grant: &Grant) -> Result<Option<Account>, db::DbError> {
+    let Some(account) = db::account_by_id(db, grant.account).await? else { return Ok(None) };
+    let same = bool::from(subtle::ConstantTimeEq::ct_eq(&account.token_hash[..], &grant.token_hash[..]));
+    Ok((!account.disabled && account.removed.is_none() && same).then_some(account))
 }
 
 #[cfg(test)]

@@ -8,6 +8,15 @@ pub async fn audit(db: &Database, account: Option<&str>, action: &str, detail: &
     db.tx(async |tx| audit_in(tx, account, action, detail).await).await
 }
 
+/// `audit`, for a caller whose work is done whatever the audit says: an
+/// entry that cannot be written is logged, with what it would have said.
+pub async fn audit_or_log(db: &Database, account: Option<&str>, action: &str, detail: &str) {
+    if let Err(e) = audit(db, account, action, detail).await {
+        let who = account.unwrap_or("(the server)");
+        log::error!("cannot write the audit entry {action} by {who} ({detail}): {}", jobfile::error_chain(&e));
+    }
+}
+
 pub(super) async fn audit_in(tx: &mut Tx, account: Option<&str>, action: &str, detail: &str) -> Result<(), DbError> {
     tx.execute(
         "INSERT INTO audit (time, account, action, detail) VALUES ($1, $2, $3, $4)",

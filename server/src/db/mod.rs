@@ -28,7 +28,7 @@ pub use accounts::{
     account_by_id, account_by_name, accounts, add_account, remove_account, set_disabled, set_limits, set_token,
     Account, Kind,
 };
-pub use audit::{audit, audit_log, AuditEntry};
+pub use audit::{audit, audit_log, audit_or_log, AuditEntry};
 pub use caches::{cache_generations, clear_caches};
 pub use hosts::{caches_given, given_caches, host_key, host_seen, host_touch, hosts, pin_key, unpin_key, HostRecord};
 #[cfg(test)]

@@ -195,7 +195,7 @@ pub(crate) async fn cancel(State(app): State<Arc<App>>, OwnJob { account, job }:
                     format!("the job ended as it was being cancelled: it is {}", place.name()),
                 ));
             }
-            let _ = db::audit(app.db(), Some(&account.name), "cancel_requested", &id).await;
+            db::audit_or_log(app.db(), Some(&account.name), "cancel_requested", &id).await;
             let place = app.refresh(&job).await;
             let mut out = job_json(&job, &place);
             out.cancel = Some(format!("requested: {host} stops the VM within seconds; the job then ends in failed"));
@@ -208,14 +208,14 @@ pub(crate) async fn cancel(State(app): State<Arc<App>>, OwnJob { account, job }:
                     format!("the job is {}: nothing to cancel", other.name()),
                 ));
             };
-            let _ = db::audit(app.db(), Some(&account.name), "cancelled", &format!("{id} (its second run)")).await;
+            db::audit_or_log(app.db(), Some(&account.name), "cancelled", &format!("{id} (its second run)")).await;
             let mut out = job_json(&job, &other);
             out.rebuild = rebuild_view(&app, &job).await?;
             out.cancel = Some(format!("the job is {}; its second run {second}", other.name()));
             return Ok(Json(out));
         }
     }
-    let _ = db::audit(app.db(), Some(&account.name), "cancelled", &id).await;
+    db::audit_or_log(app.db(), Some(&account.name), "cancelled", &id).await;
     let place = app.refresh(&job).await;
     Ok(Json(job_json(&job, &place)))
 }

@@ -37,6 +37,14 @@ pub async fn page_link(State(app): State<Arc<App>>, Authed(account): Authed) -> 
     Ok(Json(wire::PageLink { path: format!("/page/login/{secret}"), expires_in_secs: LINK_LIFE.as_secs() }))
 }
 
+/// The page when the database cannot be read: said so (and logged), never an empty page.
+fn unavailable(e: &db::DbError) -> Response {
+    log::error!("the page cannot read the database: {}", jobfile::error_chain(e));
+    let text = "<p>The server cannot read its database just now, so your jobs cannot be shown. Try again in a \
+                moment; if it lasts, tell the server's operator.</p>";
+    (StatusCode::SERVICE_UNAVAILABLE, Html(page_shell("construir", text))).into_response()
+}
+
 fn link_gone() -> Response {
     (
         StatusCode::NOT_FOUND,
@@ -54,13 +62,17 @@ pub async fn login(State(app): State<Arc<App>>, UrlPath(secret): UrlPath<String>
     let grant = Sessions::live(&app.sessions.links, &secret);
     let account = match grant {
         Some(g) => still_valid(&app.db, &g).await,
-        None => None,
+        None => Ok(None),
     };
-    let Some(account) = account else {
-        return link_gone();
+    let account = match account {
+        Ok(Some(account)) => account,
+        Ok(None) => return link_gone(),
+        Err(e) => return unavailable(&e),
     };
     let now_signed_in = session_account(&app, &headers)
         .await
+        .ok()
+        .flatten()
         .filter(|a| a.id != account.id)
         .map(|a| format!("<p>This browser is signed in as <b>{}</b> now; confirming switches it.</p>", escape(&a.name)))
         .unwrap_or_default();
@@ -109,10 +121,12 @@ pub async fn confirm_login(
     let grant = app.sessions.redeem(&form.link);
     let account = match grant {
         Some(g) => still_valid(&app.db, &g).await,
-        None => None,
+        None => Ok(None),
     };
-    let Some(account) = account else {
-        return link_gone();
+    let account = match account {
+        Ok(Some(account)) => account,
+        Ok(None) => return link_gone(),
+        Err(e) => return unavailable(&e),
     };
     let Some(session) = Sessions::issue(&app.sessions.sessions, &account, SESSION_LIFE) else {
         return (StatusCode::SERVICE_UNAVAILABLE, "too many sessions are live; try again later").into_response();
@@ -125,81 +139,38 @@ pub async fn confirm_login(
     (StatusCode::SEE_OTHER, [(header::SET_COOKIE, cookie), (header::LOCATION, "/page".to_owned())]).into_response()
 }
 
-async fn session_account(app: &App, headers: &HeaderMap) -> Option<Account> {
-    let cookies = headers.get(header::COOKIE)?.to_str().ok()?;
-    let secret = cookies.split(';').find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")))?;
-    still_valid(&app.db, &Sessions::live(&app.sessions.sessions, secret)?).await
+/// The account this browser's session cookie is signed in as.
+async fn session_account(app: &App, headers: &HeaderMap) -> Result<Option<Account>, db::DbError> {
+    let cookies = headers.get(header::COOKIE).and_then(|c| c.to_str().ok()).unwrap_or_default();
+    let Some(secret) = cookies.split(';').find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}="))) else {
+        return Ok(None);
+    };
+    let Some(grant) = Sessions::live(&app.sessions.sessions, secret) else { return Ok(None) };
+    still_valid(&app.db, &grant).await
 }
 
-/// `GET /page`: the account's jobs.
+/// `GET /page`: the account's jobs, and the build hosts.
 pub async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let Some(account) = session_account(&app, &headers).await else {
-        return (
-            StatusCode::UNAUTHORIZED,
-            Html(page_shell(
-                "construir",
-                "<p>Not signed in. Run <code>construir page</code> for a link to your page.</p>",
-            )),
-        )
-            .into_response();
+    let account = match session_account(&app, &headers).await {
+        Ok(Some(account)) => account,
+        Ok(None) => {
+            let text = "<p>Not signed in. Run <code>construir page</code> for a link to your page.</p>";
+            return (StatusCode::UNAUTHORIZED, Html(page_shell("construir", text))).into_response();
+        }
+        Err(e) => return unavailable(&e),
     };
-    let jobs = db::jobs_of(&app.db, account.id).await.unwrap_or_default();
+    let jobs = match db::jobs_of(&app.db, account.id).await {
+        Ok(jobs) => jobs,
+        Err(e) => return unavailable(&e),
+    };
+    let hosts = match super::hosts::hosts_view(&app, &account).await {
+        Ok(hosts) => hosts_table(&hosts),
+        Err(e) => return unavailable(&e),
+    };
     let mut rows = String::new();
     for job in &jobs {
-        let place = app.refresh(job).await;
-        let (detail, class) = match &place {
-            Place::Waiting { position, waiting } => (format!("position {position} of {waiting}"), "waiting"),
-            Place::Running { host, elapsed_secs } => (format!("on {host} for {elapsed_secs} s"), "running"),
-            Place::Done { verdict, .. } => (verdict.clone(), if verdict.starts_with("ok") { "ok" } else { "bad" }),
-            Place::Failed { reason } => (reason.clone(), "bad"),
-            Place::Missing => (String::new(), "bad"),
-        };
-        // A verified rebuild: its verdict once both runs are compared.
-        let detail = match job.rebuild.as_ref().map(|r| r.verdict.as_ref()) {
-            Some(Some(verdict)) => format!("{detail}; verified rebuild: {}", verdict.summary()),
-            Some(None) => format!("{detail}; verified rebuild: its second run has not ended"),
-            None => detail,
-        };
-        let id = escape(&job.id);
-        let mut links = String::new();
-        if app.store.log_path(&job.file_name).is_some() {
-            let _ = write!(links, r#"<a href="/page/jobs/{id}/log">log</a> "#);
-        }
-        if job.deleted.is_none() && app.store.result_path(&job.file_name).is_some() {
-            let _ = write!(links, r#"<a href="/page/jobs/{id}/result">result</a>"#);
-        }
-        let _ = write!(
-            rows,
-            r#"<tr class="{class}"><td><code>{id}</code></td><td>{}</td><td>i{}</td><td>{}</td><td>{}</td><td>{}</td><td>{links}</td></tr>"#,
-            escape(&job.name),
-            escape(&job.image),
-            escape(&job.submitted),
-            place.name(),
-            escape(&detail),
-        );
+        rows.push_str(&job_row(&app, job, &app.refresh(job).await));
     }
-    let mut hosts = String::new();
-    for h in super::hosts::hosts_view(&app, &account).await.unwrap_or_default() {
-        let _ = write!(
-            hosts,
-            "<tr><td>{}</td><td>{} s ago</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
-            escape(&h.name),
-            h.seen_secs_ago,
-            escape(&h.image_names()),
-            h.capacity,
-            h.running,
-            escape(h.key.as_deref().unwrap_or("none pinned")),
-        );
-    }
-    let hosts = if hosts.is_empty() {
-        String::new()
-    } else {
-        format!(
-            r#"<h2>Build hosts</h2>
-<table><thead><tr><th>host</th><th>last seen</th><th>images</th><th>capacity</th><th>running</th><th>signs with</th></tr></thead>
-<tbody>{hosts}</tbody></table>"#
-        )
-    };
     let body = format!(
         r#"<h1>{} <small>{} job(s)</small></h1>
 <table><thead><tr><th>id</th><th>name</th><th>image</th><th>submitted</th><th>state</th><th>verdict</th><th></th></tr></thead>
@@ -210,18 +181,78 @@ pub async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     Html(page_shell(&format!("construir: {}", account.name), &body)).into_response()
 }
 
+/// One job's row: where it is, its verdict (a verified rebuild's too), its log and result.
+fn job_row(app: &App, job: &db::JobRecord, place: &Place) -> String {
+    let (detail, class) = match place {
+        Place::Waiting { position, waiting } => (format!("position {position} of {waiting}"), "waiting"),
+        Place::Running { host, elapsed_secs } => (format!("on {host} for {elapsed_secs} s"), "running"),
+        Place::Done { verdict, .. } => (verdict.clone(), if verdict.starts_with("ok") { "ok" } else { "bad" }),
+        Place::Failed { reason } => (reason.clone(), "bad"),
+        Place::Missing => (String::new(), "bad"),
+    };
+    let detail = match job.rebuild.as_ref().map(|r| r.verdict.as_ref()) {
+        Some(Some(verdict)) => format!("{detail}; verified rebuild: {}", verdict.summary()),
+        Some(None) => format!("{detail}; verified rebuild: its second run has not ended"),
+        None => detail,
+    };
+    let id = escape(&job.id);
+    let mut links = String::new();
+    if app.store.log_path(&job.file_name).is_some() {
+        let _ = write!(links, r#"<a href="/page/jobs/{id}/log">log</a> "#);
+    }
+    if job.deleted.is_none() && app.store.result_path(&job.file_name).is_some() {
+        let _ = write!(links, r#"<a href="/page/jobs/{id}/result">result</a>"#);
+    }
+    format!(
+        r#"<tr class="{class}"><td><code>{id}</code></td><td>{}</td><td>i{}</td><td>{}</td><td>{}</td><td>{}</td><td>{links}</td></tr>"#,
+        escape(&job.name),
+        escape(&job.image),
+        escape(&job.submitted),
+        place.name(),
+        escape(&detail),
+    )
+}
+
+/// The build hosts, with the keys their results are signed with (nothing when there is none).
+fn hosts_table(hosts: &[wire::HostView]) -> String {
+    let mut rows = String::new();
+    for h in hosts {
+        let _ = write!(
+            rows,
+            "<tr><td>{}</td><td>{} s ago</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
+            escape(&h.name),
+            h.seen_secs_ago,
+            escape(&h.image_names()),
+            h.capacity,
+            h.running,
+            escape(h.key.as_deref().unwrap_or("none pinned")),
+        );
+    }
+    if rows.is_empty() {
+        return String::new();
+    }
+    format!(
+        r#"<h2>Build hosts</h2>
+<table><thead><tr><th>host</th><th>last seen</th><th>images</th><th>capacity</th><th>running</th><th>signs with</th></tr></thead>
+<tbody>{rows}</tbody></table>"#
+    )
+}
+
 /// `GET /page/jobs/<id>/log` and `/result`, with the session cookie.
 pub async fn page_file(
     State(app): State<Arc<App>>,
     UrlPath((id, what)): UrlPath<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(account) = session_account(&app, &headers).await else {
-        return StatusCode::UNAUTHORIZED.into_response();
+    let account = match session_account(&app, &headers).await {
+        Ok(Some(account)) => account,
+        Ok(None) => return StatusCode::UNAUTHORIZED.into_response(),
+        Err(e) => return unavailable(&e),
     };
     let job = match db::job(&app.db, account.id, &id).await {
         Ok(Some(job)) => job,
-        _ => return StatusCode::NOT_FOUND.into_response(),
+        Ok(None) => return StatusCode::NOT_FOUND.into_response(),
+        Err(e) => return unavailable(&e),
     };
     let (path, kind) = match what.as_str() {
         "log" => (app.store.log_path(&job.file_name), "text/plain; charset=utf-8"),
@@ -300,5 +331,37 @@ mod tests {
         assert!(same_origin(&h(&[("origin", "http://127.0.0.1:8765"), ("host", "127.0.0.1:8765")])));
         assert!(!same_origin(&h(&[("origin", "https://evil.example"), ("host", "127.0.0.1:8765")])));
         assert!(!same_origin(&h(&[("origin", "null"), ("host", "127.0.0.1:8765")])));
+    }
+
+    #[tokio::test]
+    async fn the_page_says_so_when_the_database_fails_and_shows_no_empty_list() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::Store::beside(&tmp.path().join("queue"));
+        store.create_all().expect("dirs");
+        let db = db::open(&tmp.path().join("s.db").to_string_lossy()).await.expect("db");
+        let alice = db::add_account(&db, "alice", db::Kind::Submitter, b"h").await.expect("account");
+        let settings = crate::app::Settings {
+            defaults: Default::default(),
+            idle_timeout: std::time::Duration::from_secs(30),
+            upload_timeout: std::time::Duration::from_secs(60),
+            uploads: crate::quota::UploadRules { max_uploads: 1, min_free: 0 },
+            tls: false,
+        };
+        let app = App::new(db, store, settings, crate::lease::Settings::default(), None);
+        let session = Sessions::issue(&app.sessions.sessions, &alice, SESSION_LIFE).expect("session");
+        let mut headers = HeaderMap::new();
+        headers.insert(header::COOKIE, format!("{COOKIE}={session}").parse().expect("cookie"));
+        let read = |resp: Response| async move {
+            let status = resp.status();
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.expect("body");
+            (status, String::from_utf8_lossy(&body).into_owned())
+        };
+        let (status, body) = read(page(State(app.clone()), headers.clone()).await).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.contains("alice <small>0 job(s)</small>"), "{body}");
+        app.db.execute("DROP TABLE jobs", &[]).await.expect("break the database");
+        let (status, body) = read(page(State(app.clone()), headers.clone()).await).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("cannot read its database") && !body.contains("0 job(s)"), "{body}");
     }
 }

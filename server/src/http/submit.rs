@@ -118,9 +118,7 @@ pub(crate) async fn submit(
     (record.size, record.file_sha256, record.file_id, record.packages, record.caches) =
         (size, Some(sha256), Some(ino), packages, caches);
     let (id, what) = (&record.id, format!("{} ({size} bytes)", record.file_name));
-    if let Err(e) = db::audit(app.db(), Some(&account.name), "submitted", &format!("{id} {what}")).await {
-        log::error!("cannot audit job {id}'s submission: {}", jobfile::error_chain(&e));
-    }
+    db::audit_or_log(app.db(), Some(&account.name), "submitted", &format!("{id} {what}")).await;
     log::info!("account {}: job {id} submitted as {what}", account.name);
     let mut out = job_json(&record, &app.locate(&record));
     out.rebuild = rebuild_view(&app, &record).await?;
