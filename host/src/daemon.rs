@@ -64,6 +64,17 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         stopped: None,
     };
     let held = queue::hold_host(dirs, &info)?;
+    let summary = run_held(opts, stop)?;
+    let stopped = queue::HostInfo { stopped: Some(jobfile::units::rfc3339(std::time::SystemTime::now())), ..info };
+    if let Err(e) = queue::write_host_info(&held, &stopped) {
+        log::warn!("cannot note the stop in {}: {e}", dirs.host_dir.join(queue::HOST_FILE).display());
+    }
+    Ok(summary)
+}
+
+/// `run`, once the host holds its directory.
+fn run_held(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
+    let dirs = &opts.dirs;
     if opts.metrics_file.is_some() {
         metrics::init(&opts.limits.host_id);
     }
@@ -105,10 +116,6 @@ pub fn run(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         d.wait(&inotify, next_settle);
         d.notice_cancels();
         d.collect_endings();
-    }
-    let stopped = queue::HostInfo { stopped: Some(jobfile::units::rfc3339(std::time::SystemTime::now())), ..info };
-    if let Err(e) = queue::write_host_info(&held, &stopped) {
-        log::warn!("cannot note the stop in {}: {e}", dirs.host_dir.join(queue::HOST_FILE).display());
     }
     let Summary { done, failed, refused, requeued } = &d.summary;
     log::info!("finished: {done} done, {failed} failed, {refused} refused, {requeued} requeued");

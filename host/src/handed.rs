@@ -77,6 +77,34 @@ pub fn copy_checked(from: &Path, to: &Path, want: Option<&str>) -> Result<String
     Ok(actual)
 }
 
+/// Copies the image at `from` into `dir`, each file checked: its
+/// `image.toml` against `checksum`, every file it names against that.
+fn copy_image(from: &Path, dir: &Path, number: &str, checksum: &str) -> Result<(), HandedError> {
+    copy_checked(&from.join(MANIFEST), &dir.join(MANIFEST), Some(checksum))?;
+    // Parsed before its files are there: it is the server's (its digest matched), so it says what to copy.
+    let path = dir.join(MANIFEST);
+    let text = fs::read_to_string(&path).map_err(|source| HandedError::Copy {
+        from: path.clone(),
+        to: path.clone(),
+        source,
+    })?;
+    let manifest: ImageManifest = toml::from_str(&text).map_err(|source| HandedError::Image {
+        number: number.to_owned(),
+        dir: dir.to_owned(),
+        source: Box::new(jobfile::image::ImageError::Parse { path: path.clone(), source }),
+    })?;
+    for (file, sha) in &manifest.sha256 {
+        if file.is_empty() || file.contains('/') || file.starts_with('.') {
+            return Err(HandedError::NotAFile { path: from.join(file) });
+        }
+        copy_checked(&from.join(file), &dir.join(file), Some(sha))?;
+    }
+    let image =
+        |source| HandedError::Image { number: number.to_owned(), dir: dir.to_owned(), source: Box::new(source) };
+    ImageManifest::load(dir).map_err(image)?;
+    Ok(())
+}
+
 /// Image `i<number>` of `images`, copied into `store` (a directory of its
 /// own on this machine's disk) and checked: its `image.toml` against
 /// `checksum`, every file it names against that. Returns the images
@@ -106,35 +134,7 @@ pub fn local_image(images: &Path, number: &str, checksum: &str, store: &Path) ->
             .and_then(|()| fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)));
         made.map_err(|source| HandedError::Copy { from: d.to_path_buf(), to: d.to_path_buf(), source })?;
     }
-    let from = images.join(&name);
-    let copied = (|| {
-        copy_checked(&from.join(MANIFEST), &dir.join(MANIFEST), Some(checksum))?;
-        // Parsed before its files are there: it is the server's (its digest matched), so it says what to copy.
-        let path = dir.join(MANIFEST);
-        let text = fs::read_to_string(&path).map_err(|source| HandedError::Copy {
-            from: path.clone(),
-            to: path.clone(),
-            source,
-        })?;
-        let manifest: ImageManifest = toml::from_str(&text).map_err(|source| HandedError::Image {
-            number: number.to_owned(),
-            dir: dir.clone(),
-            source: Box::new(jobfile::image::ImageError::Parse { path: path.clone(), source }),
-        })?;
-        for (file, sha) in &manifest.sha256 {
-            if file.is_empty() || file.contains('/') || file.starts_with('.') {
-                return Err(HandedError::NotAFile { path: from.join(file) });
-            }
-            copy_checked(&from.join(file), &dir.join(file), Some(sha))?;
-        }
-        ImageManifest::load(&dir).map_err(|source| HandedError::Image {
-            number: number.to_owned(),
-            dir: dir.clone(),
-            source: Box::new(source),
-        })?;
-        Ok(())
-    })();
-    if let Err(e) = copied {
+    if let Err(e) = copy_image(&images.join(&name), &dir, number, checksum) {
         let _ = fs::remove_dir_all(&staging);
         return Err(e);
     }

@@ -62,26 +62,13 @@ pub fn build(
     }
     // The package disk and the status disk live in the VM's own directory, not in the layer.
     let scratch = tempfile::Builder::new().prefix(".packages.").tempdir_in(pk.layers.dir())?;
-    let raw = scratch.path().join("packages.raw");
-    if let Err(e) = deps::disk::write(resolution, fetched, scratch.path(), &raw) {
-        return Ok(Built::Broken(format!("cannot write the package disk: {e}"), Vec::new()));
-    }
-    let status = fs::OpenOptions::new().read(true).write(true).create_new(true).open(scratch.path().join("status"))?;
-    status.set_len(STATUS_DISK)?;
-    let disks = Disks {
-        overlay: fs::OpenOptions::new().read(true).write(true).open(&overlay)?,
-        packages: File::open(&raw)?,
-        status: status.try_clone()?,
+    let disks = match disks(scratch.path(), &overlay, resolution, fetched)? {
+        Ok(disks) => disks,
+        Err(why) => return Ok(Built::Broken(why, Vec::new())),
     };
+    let status = disks.status.try_clone()?;
     log::info!("job {}: installing {} packages into layer {key}", claim.label(), resolution.install.len());
-    let spec = spec(claim, prepared, image, disks)?;
-    let limits = claim.limits;
-    let vm = match qemu::run(&spec, prepared.confinement(&limits.confiner), limits.bounds(), claim.stop, claim.cancel) {
-        Ok(vm) => vm,
-        Err(e) => return Ok(Built::Broken(format!("cannot run QEMU: {}", jobfile::error_chain(&e)), Vec::new())),
-    };
-    drop(spec);
-    let vm = match cut_short(claim, vm) {
+    let vm = match boot(claim, prepared, image, disks)? {
         Ok(vm) => vm,
         Err(ended) => return Ok(ended),
     };
@@ -108,6 +95,40 @@ pub fn build(
             Ok(Built::Broken(why, log))
         }
     }
+}
+
+/// Boots the build VM and waits for its end: the VM when it ran to its
+/// own end, how the build ended when it did not.
+fn boot(claim: &Claim, prepared: &qemu::Prepared, image: &Image, disks: Disks) -> io::Result<Result<VmRun, Built>> {
+    let spec = spec(claim, prepared, image, disks)?;
+    let limits = claim.limits;
+    let ran = qemu::run(&spec, prepared.confinement(&limits.confiner), limits.bounds(), claim.stop, claim.cancel);
+    Ok(match ran {
+        Ok(vm) => cut_short(claim, vm),
+        Err(e) => Err(Built::Broken(format!("cannot run QEMU: {}", jobfile::error_chain(&e)), Vec::new())),
+    })
+}
+
+/// The build VM's disks: the overlay it installs into, the packages (a raw
+/// disk written in `scratch`) and an empty status disk. `Err` inside: why
+/// the package disk cannot be written.
+fn disks(
+    scratch: &Path,
+    overlay: &Path,
+    resolution: &Resolution,
+    fetched: &deps::Fetched,
+) -> io::Result<Result<Disks, String>> {
+    let raw = scratch.join("packages.raw");
+    if let Err(e) = deps::disk::write(resolution, fetched, scratch, &raw) {
+        return Ok(Err(format!("cannot write the package disk: {e}")));
+    }
+    let status = fs::OpenOptions::new().read(true).write(true).create_new(true).open(scratch.join("status"))?;
+    status.set_len(STATUS_DISK)?;
+    Ok(Ok(Disks {
+        overlay: fs::OpenOptions::new().read(true).write(true).open(overlay)?,
+        packages: File::open(&raw)?,
+        status,
+    }))
 }
 
 /// `qemu-img create` of a qcow2 overlay at `overlay` backed by `root`.

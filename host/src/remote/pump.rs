@@ -208,22 +208,7 @@ pub fn run(opts: &RunOptions, remote: &Remote, stop: Arc<AtomicBool>) -> Result<
     };
     let images = {
         let (api, images, stop, verified) = (api.clone(), dirs.images.clone(), stop.clone(), verified.clone());
-        thread::Builder::new().name("images".into()).spawn(move || {
-            // Soon after a failed check (the server may have been down at start), else every minute.
-            let mut next = Instant::now() + IMAGE_CHECK_EVERY;
-            while !stop.load(Ordering::Relaxed) {
-                thread::sleep(Duration::from_millis(500));
-                if Instant::now() >= next {
-                    next = Instant::now() + IMAGE_CHECK_EVERY;
-                    if let Err(e) = fetch_images(&api, &images) {
-                        log::warn!("cannot check the server's images: {e:#}");
-                        next = Instant::now() + Duration::from_secs(5);
-                    }
-                    let now_verified = verified_images(&images);
-                    *verified.lock().unwrap_or_else(|p| p.into_inner()) = now_verified;
-                }
-            }
-        })?
+        thread::Builder::new().name("images".into()).spawn(move || follow_images(&api, &images, &stop, &verified))?
     };
     let summary = daemon::run(opts, stop.clone());
     stop.store(true, Ordering::Relaxed);
@@ -233,6 +218,25 @@ pub fn run(opts: &RunOptions, remote: &Remote, stop: Arc<AtomicBool>) -> Result<
     let _ = renewer.join();
     let _ = images.join();
     summary
+}
+
+/// Fetches the images the server offers that this host lacks, every
+/// minute (soon after a failed check: the server may have been down at
+/// start), and keeps `verified` to what is verified in full.
+fn follow_images(api: &Api, images: &Path, stop: &AtomicBool, verified: &Mutex<Vec<(String, String)>>) {
+    let mut next = Instant::now() + IMAGE_CHECK_EVERY;
+    while !stop.load(Ordering::Relaxed) {
+        thread::sleep(Duration::from_millis(500));
+        if Instant::now() >= next {
+            next = Instant::now() + IMAGE_CHECK_EVERY;
+            if let Err(e) = fetch_images(api, images) {
+                log::warn!("cannot check the server's images: {e:#}");
+                next = Instant::now() + Duration::from_secs(5);
+            }
+            let now_verified = verified_images(images);
+            *verified.lock().unwrap_or_else(|p| p.into_inner()) = now_verified;
+        }
+    }
 }
 
 /// How often a running host looks for new images on the server.
