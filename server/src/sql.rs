@@ -7,10 +7,13 @@
 //! set per backend (`server/migrations/{sqlite,postgres}/`), applied by
 //! sqlx's migrator.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::migrate::{Migrate, Migrator};
+use sqlx::error::BoxDynError;
+use sqlx::migrate::{Migrate, Migration, MigrationSource, Migrator};
 use sqlx::{Any, AnyPool, Executor};
 use thiserror::Error;
 
@@ -168,8 +171,35 @@ pub fn is_postgres(spec: &str) -> bool {
     spec.starts_with("postgresql://") || spec.starts_with("postgres://")
 }
 
-static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
-static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+/// The schema's migrations, one file each (`server/migrations/`), written
+/// in PostgreSQL's dialect; SQLite gets them in its own (`InSqlite`).
+static MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
+
+/// A migration's SQL in SQLite's dialect: the same statements, SQLite's
+/// names for the types (its rowid for an id, INTEGER for every integer,
+/// BLOB for bytes). What comes out is byte for byte what the SQLite
+/// migrations were when each backend had files of its own, so databases
+/// made then keep their checksums.
+pub fn sqlite_dialect(sql: &str) -> String {
+    sql.replace("BIGSERIAL PRIMARY KEY", "INTEGER PRIMARY KEY").replace("BIGINT", "INTEGER").replace("BYTEA", "BLOB")
+}
+
+/// The migrations, in SQLite's dialect.
+#[derive(Debug)]
+struct InSqlite;
+
+impl MigrationSource<'static> for InSqlite {
+    fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, BoxDynError>> {
+        let migrations = MIGRATIONS
+            .iter()
+            .map(|m| {
+                let sql = Cow::Owned(sqlite_dialect(&m.sql));
+                Migration::new(m.version, m.description.clone(), m.migration_type, sql, m.no_tx)
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(migrations)))
+    }
+}
 
 /// Connections in the pool: SQLite's writers take turns anyway (WAL lets
 /// readers run beside them); PostgreSQL serves several at once.
@@ -262,9 +292,13 @@ impl Database {
     /// before the migrator, which counted its migrations itself, is adopted
     /// first: those it applied are recorded as applied.
     pub async fn migrate(&self) -> Result<(), SqlError> {
+        let sqlite;
         let migrator = match self.backend {
-            Backend::Sqlite => &SQLITE_MIGRATIONS,
-            Backend::Postgres => &POSTGRES_MIGRATIONS,
+            Backend::Sqlite => {
+                sqlite = Migrator::new(InSqlite).await?;
+                &sqlite
+            }
+            Backend::Postgres => &MIGRATIONS,
         };
         self.adopt(migrator).await?;
         migrator.run(&self.pool).await?;
@@ -372,10 +406,32 @@ mod tests {
     use super::*;
 
     const OLD_SCHEMA: [&str; 3] = [
-        include_str!("../migrations/sqlite/0001_accounts_jobs_audit.sql"),
-        include_str!("../migrations/sqlite/0002_farm.sql"),
-        include_str!("../migrations/sqlite/0003_file_identity.sql"),
+        include_str!("../migrations/0001_accounts_jobs_audit.sql"),
+        include_str!("../migrations/0002_farm.sql"),
+        include_str!("../migrations/0003_file_identity.sql"),
     ];
+
+    /// The sha384 of each SQLite migration as its own file held it, before
+    /// both backends shared one: what SQLite databases made then recorded.
+    const SQLITE_CHECKSUMS: [&str; 9] = [
+        "d799f796adb941cccb63f30e24d9c4d8efa2c9d1e6fceab0ab5d5f65cdc3e207d0897f4911c9ca07bdfd9d4ad6dce389",
+        "faf001dfe6d1da0dbb626793f34742f3c090e9306caab6464b0123f9bfe1f3c06538dc909b2badcb8760bfa77f3aa068",
+        "434f6473afb360584cdea02095fe46358596ac023ed8745aecb9209b0bd15b071f654c9584383a2af45e2e0c9fcca4c4",
+        "7da6ed076059b7c934f49e71c7d6a75ee136f9b322cef0ebda0bbce4ee46341f3afc4d9490990207d85aea597217ca17",
+        "3f2d9f85b7e2c902536a8321257db69d315236785c6fb94fed4961f62ef932f4299735283fa700085512d0eb4ef63cc6",
+        "801568a8e7c838aca9ea20028df245d4cda374d05c313734410d7efba432165163931dbada48b9368857129dad4d2126",
+        "7aa5aced3e1103c2258c1d90822b939a0cdb51e14a92e3ac1c72a0ba9f103ca5369e704c09f16afe2457d2aa1f7e0fac",
+        "cfe8c681e3b8e68b3b06d58f55062fd43706de61e846201c6227ede339c7b8cc02d120651444a0627b42c2ee87676bf2",
+        "5be3d0efed7b5d28f85eb5377e72683eaeb52ac416586d487d7c4ddb4397d84a4d2ec9cab6558725222ce3c8d71aba69",
+    ];
+
+    #[tokio::test]
+    async fn sqlite_gets_every_migration_with_the_checksum_its_databases_recorded() {
+        let sqlite = Migrator::new(InSqlite).await.expect("migrations");
+        let sums: Vec<String> = sqlite.iter().map(|m| jobfile::hex(&m.checksum)).collect();
+        assert_eq!(sums, SQLITE_CHECKSUMS);
+        assert_eq!(MIGRATIONS.iter().count(), SQLITE_CHECKSUMS.len());
+    }
 
     async fn applied(db: &Database) -> i64 {
         sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
@@ -391,7 +447,7 @@ mod tests {
         // As the server before sqlx left it: the schema, counted in user_version, and an account.
         let old = Database::sqlite(&path).await.expect("open");
         for sql in OLD_SCHEMA {
-            sqlx::raw_sql(sql).execute(&old.pool).await.expect("old schema");
+            sqlx::raw_sql(&sqlite_dialect(sql)).execute(&old.pool).await.expect("old schema");
         }
         sqlx::raw_sql("PRAGMA user_version = 3").execute(&old.pool).await.expect("version");
         old.execute(
@@ -403,7 +459,7 @@ mod tests {
         old.pool.close().await;
 
         // The three it had are adopted as applied; every later one is applied now.
-        let all = SQLITE_MIGRATIONS.iter().count() as i64;
+        let all = MIGRATIONS.iter().count() as i64;
         assert!(all > 3);
         let db = crate::db::open(&path).await.expect("adopted");
         assert_eq!(applied(&db).await, all);
@@ -416,7 +472,7 @@ mod tests {
 
         // A new database gets every migration from the migrator itself.
         let fresh = crate::db::open(&tmp.path().join("new.db").to_string_lossy()).await.expect("new");
-        assert_eq!(applied(&fresh).await, SQLITE_MIGRATIONS.iter().count() as i64);
+        assert_eq!(applied(&fresh).await, MIGRATIONS.iter().count() as i64);
     }
 
     #[tokio::test]
