@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::{FromRequestParts, Path as UrlPath, Query, State};
+use axum::http::request::Parts as RequestParts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -187,6 +188,43 @@ fn with_terms(app: &App, host: &Account, lease: db::Lease) -> ApiResult<wire::Le
     })
 }
 
+/// A build host's call about its lease: the host, the job id in the path, the query.
+pub struct LeaseCall {
+    pub host: Account,
+    pub id: String,
+    pub q: SeqQuery,
+}
+
+impl FromRequestParts<Arc<App>> for LeaseCall {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut RequestParts, app: &Arc<App>) -> ApiResult<Self> {
+        let HostAuthed(host) = HostAuthed::from_request_parts(parts, app).await?;
+        let UrlPath(id) = UrlPath::<String>::from_request_parts(parts, app).await.map_err(|_| ApiError::not_found())?;
+        let Query(q) = Query::<SeqQuery>::from_request_parts(parts, app)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+        Ok(LeaseCall { host, id, q })
+    }
+}
+
+/// A `LeaseCall` under the host's live lease: the job's file name and inode.
+pub struct LiveLease {
+    pub call: LeaseCall,
+    pub file_name: String,
+    pub ino: Option<crate::store::FileId>,
+}
+
+impl FromRequestParts<Arc<App>> for LiveLease {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut RequestParts, app: &Arc<App>) -> ApiResult<Self> {
+        let call = LeaseCall::from_request_parts(parts, app).await?;
+        let (file_name, ino) = live(app, &call.id, &call.host.name, call.q.seq).await?;
+        Ok(LiveLease { call, file_name, ino })
+    }
+}
+
 /// The job file (name and inode) of a live lease of `host`, or the refusal a late host gets.
 async fn live(app: &App, id: &str, host: &str, seq: u64) -> ApiResult<(String, Option<crate::store::FileId>)> {
     if !crate::auth::is_job_id(id) {
@@ -267,14 +305,8 @@ fn lease_lost() -> ApiError {
     responses((status = 200, description = "the job file", content_type = "application/x-xz"), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "not a build host's token", body = wire::ErrorBody), (status = 404, description = "no such job", body = wire::ErrorBody), (status = 409, description = "the lease ran out or was given to another host", body = wire::ErrorBody)),
     security(("bearer" = []))
 )]
-pub async fn job_file(
-    State(app): State<Arc<App>>,
-    HostAuthed(host): HostAuthed,
-    UrlPath(id): UrlPath<String>,
-    Query(q): Query<SeqQuery>,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
-    let (file_name, ino) = live(&app, &id, &host.name, q.seq).await?;
+pub async fn job_file(State(app): State<Arc<App>>, lease: LiveLease, headers: HeaderMap) -> ApiResult<Response> {
+    let LiveLease { call: LeaseCall { host, id, q }, file_name, ino } = lease;
     let mut keep = KeepAlive::new(&app, &id, &host.name, q.seq);
     let response = super::serve_file(&app.store.leased(&file_name), ino, &headers, "application/x-xz").await?;
     let (parts, body) = response.into_parts();
@@ -298,9 +330,7 @@ pub async fn job_file(
 )]
 pub async fn renew(
     State(app): State<Arc<App>>,
-    HostAuthed(host): HostAuthed,
-    UrlPath(id): UrlPath<String>,
-    Query(q): Query<SeqQuery>,
+    LeaseCall { host, id, q }: LeaseCall,
     body: axum::body::Bytes,
 ) -> ApiResult<Json<wire::Renewed>> {
     let renewed = db::renew(app.db(), &id, &host.name, q.seq, app.farm.lease_ms()).await.map_err(ApiError::internal)?;
@@ -430,14 +460,8 @@ async fn check_signed(
     responses((status = 200, description = "delivered, once", body = wire::Delivered), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "not a build host's token", body = wire::ErrorBody), (status = 404, description = "no such job", body = wire::ErrorBody), (status = 409, description = "the lease ran out or was given to another host", body = wire::ErrorBody), (status = 400, description = "the body ended inside the log or the provenance, or the result is empty", body = wire::ErrorBody), (status = 413, description = "more than the job's size came back", body = wire::ErrorBody), (status = 422, description = "the result's provenance is missing or does not verify against the host's pinned key; the reason says which check failed", body = wire::ErrorBody)),
     security(("bearer" = []))
 )]
-pub async fn done(
-    State(app): State<Arc<App>>,
-    HostAuthed(host): HostAuthed,
-    UrlPath(id): UrlPath<String>,
-    Query(q): Query<SeqQuery>,
-    body: Body,
-) -> ApiResult<Json<wire::Delivered>> {
-    let (file_name, ino) = live(&app, &id, &host.name, q.seq).await?;
+pub async fn done(State(app): State<Arc<App>>, lease: LiveLease, body: Body) -> ApiResult<Json<wire::Delivered>> {
+    let LiveLease { call: LeaseCall { host, id, q }, file_name, ino } = lease;
     let size = crate::store::open_regular(&app.store.leased(&file_name), ino)
         .and_then(|f| f.metadata())
         .map_err(ApiError::internal)?
@@ -488,14 +512,8 @@ pub async fn done(
     responses((status = 200, description = "the failure is recorded, once", body = wire::Delivered), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "not a build host's token", body = wire::ErrorBody), (status = 404, description = "no such job", body = wire::ErrorBody), (status = 409, description = "the lease ran out or was given to another host", body = wire::ErrorBody), (status = 400, description = "the body ended inside the log", body = wire::ErrorBody)),
     security(("bearer" = []))
 )]
-pub async fn failed(
-    State(app): State<Arc<App>>,
-    HostAuthed(host): HostAuthed,
-    UrlPath(id): UrlPath<String>,
-    Query(q): Query<SeqQuery>,
-    body: Body,
-) -> ApiResult<Json<wire::Delivered>> {
-    let (file_name, _) = live(&app, &id, &host.name, q.seq).await?;
+pub async fn failed(State(app): State<Arc<App>>, lease: LiveLease, body: Body) -> ApiResult<Json<wire::Delivered>> {
+    let LiveLease { call: LeaseCall { host, id, q }, file_name, .. } = lease;
     let tag = crate::auth::new_job_id();
     let (log, reason_part) = (part(&app.store, &id, q.seq, &tag, "log"), part(&app.store, &id, q.seq, &tag, "reason"));
     let mut parts = Parts(vec![log.clone(), reason_part.clone()], false);
@@ -546,13 +564,8 @@ async fn accept(
     responses((status = 200, description = "the job waits again; no attempt is counted", body = wire::Released), (status = 401, description = "no valid token", body = wire::ErrorBody), (status = 429, description = "too many failed authentications from this address", body = wire::ErrorBody), (status = 403, description = "not a build host's token", body = wire::ErrorBody), (status = 404, description = "no such job", body = wire::ErrorBody), (status = 409, description = "the lease ran out or was given to another host", body = wire::ErrorBody)),
     security(("bearer" = []))
 )]
-pub async fn release(
-    State(app): State<Arc<App>>,
-    HostAuthed(host): HostAuthed,
-    UrlPath(id): UrlPath<String>,
-    Query(q): Query<SeqQuery>,
-) -> ApiResult<Json<wire::Released>> {
-    let (file_name, _) = live(&app, &id, &host.name, q.seq).await?;
+pub async fn release(State(app): State<Arc<App>>, lease: LiveLease) -> ApiResult<Json<wire::Released>> {
+    let LiveLease { call: LeaseCall { host, id, q }, file_name, .. } = lease;
     if !db::end_lease(app.db(), &id, &host.name, q.seq, db::Ending::Released, "", "")
         .await
         .map_err(ApiError::internal)?

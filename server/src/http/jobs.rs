@@ -112,12 +112,40 @@ pub(crate) async fn log_of(
     Query(run): Query<wire::RunQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let job = run_of(&app, job, run).await?;
-    let path = app
-        .store
-        .log_path(&job.file_name)
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no log yet: the job has not finished"))?;
-    serve_file(&path, None, &headers, "text/plain; charset=utf-8").await
+    run_file(&app, job, run, &headers, RunFile::Log).await
+}
+
+/// One of a run's files, as its submitter fetches it.
+#[derive(Debug, Clone, Copy)]
+enum RunFile {
+    Log,
+    Result,
+    Provenance,
+}
+
+/// Serves `which` of run `run` of `job` (`Range` honoured), or says why it is not there.
+async fn run_file(
+    app: &App,
+    job: JobRecord,
+    run: wire::RunQuery,
+    headers: &HeaderMap,
+    which: RunFile,
+) -> ApiResult<Response> {
+    let job = run_of(app, job, run).await?;
+    let gone = "the job has not finished, failed, or its result was deleted";
+    let (path, missing, kind) = match which {
+        RunFile::Log => (
+            app.store.log_path(&job.file_name),
+            "no log yet: the job has not finished".to_owned(),
+            "text/plain; charset=utf-8",
+        ),
+        RunFile::Result => (app.store.result_path(&job.file_name), format!("no result: {gone}"), "application/x-xz"),
+        RunFile::Provenance => {
+            (app.store.provenance_path(&job.file_name), format!("no provenance: {gone}"), "application/x-ndjson")
+        }
+    };
+    let path = path.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, missing))?;
+    serve_file(&path, None, headers, kind).await
 }
 
 #[utoipa::path(
@@ -134,11 +162,7 @@ pub(crate) async fn result_of(
     Query(run): Query<wire::RunQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let job = run_of(&app, job, run).await?;
-    let path = app.store.result_path(&job.file_name).ok_or_else(|| {
-        ApiError::new(StatusCode::NOT_FOUND, "no result: the job has not finished, failed, or its result was deleted")
-    })?;
-    serve_file(&path, None, &headers, "application/x-xz").await
+    run_file(&app, job, run, &headers, RunFile::Result).await
 }
 
 #[utoipa::path(
@@ -155,14 +179,7 @@ pub(crate) async fn provenance_of(
     Query(run): Query<wire::RunQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let job = run_of(&app, job, run).await?;
-    let path = app.store.provenance_path(&job.file_name).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "no provenance: the job has not finished, failed, or its result was deleted",
-        )
-    })?;
-    serve_file(&path, None, &headers, "application/x-ndjson").await
+    run_file(&app, job, run, &headers, RunFile::Provenance).await
 }
 
 #[utoipa::path(
