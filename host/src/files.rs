@@ -41,10 +41,7 @@ pub fn rename_noreplace_at(from_dir: &impl AsFd, from: &OsStr, to_dir: &impl AsF
 }
 
 /// `rename(2)` that refuses to replace an existing target (`RENAME_NOREPLACE`).
-pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    renameat2(nix::fcntl::AT_FDCWD, from, nix::fcntl::AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE)
-        .map_err(io::Error::from)
-}
+pub use jobfile::layout::rename_noreplace;
 
 /// Writes a whole file under a dot-name, fsyncs it, renames it into place.
 pub fn write_durable(path: &Path, data: &[u8]) -> io::Result<()> {

@@ -12,7 +12,7 @@ use jobfile::deps::Resolution;
 
 use crate::claim::Claim;
 use crate::files::read_status;
-use crate::image::{self, BootFiles, Image};
+use crate::image::{self, Image};
 use crate::layers::{self, Layer};
 use crate::packages;
 use crate::qemu::{self, Cut, LayerDisk, VmRun, VmSpec};
@@ -158,29 +158,19 @@ fn spec(claim: &Claim, prepared: &qemu::Prepared, image: &Image, disks: Disks) -
         console_max: limits.console_limit as u64,
         ..Default::default()
     };
-    let BootFiles { kernel, initrd, root_disk } = image.open()?;
-    let root_size = root_disk.as_ref().and_then(image::qcow2_virtual_size).unwrap_or(0);
+    let boot = image.open()?;
+    let root_size = boot.root_disk.as_ref().and_then(image::qcow2_virtual_size).unwrap_or(0);
     let group = limits.vm_cgroup(&format!("{}.{label}.layer", limits.host_id))?;
+    let cmdline = format!("{} {}", image.manifest.cmdline, guest.to_cmdline());
+    let name = format!("construir.{}.{label}.layer", limits.host_id);
     Ok(VmSpec {
-        cgroup_procs: group.as_ref().map(|g| g.procs.clone()),
-        qemu: limits.qemu_binary(),
-        accel: limits.accel,
-        memory_mib: limits.memory_mib,
-        cpus: limits.cpus,
-        kernel,
-        initrd: Some(initrd),
-        cmdline: format!("console=ttyS0 panic=-1 quiet loglevel=3 {} {}", image.manifest.cmdline, guest.to_cmdline()),
-        root_disk,
         layer: Some(LayerDisk { file: disks.overlay, write: true }),
         packages_disk: Some(disks.packages),
         job_disk: Some(disks.status),
-        cache_disks: Vec::new(),
         networking: false,
-        tmpdir: prepared.tmpdir(&limits.confiner),
-        name: format!("construir.{}.{label}.layer", limits.host_id),
         // The overlay grows at most to the root disk's size.
         file_size_limit: root_size + (1 << 30),
-        live_console: None,
+        ..limits.vm_spec(prepared, boot, &cmdline, group.as_ref(), name)
     })
 }
 

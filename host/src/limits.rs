@@ -9,9 +9,10 @@ use construir_provenance::Machine;
 
 use crate::caches::Caches;
 use crate::cgroup;
+use crate::image::BootFiles;
 use crate::packages::Packages;
 use crate::provenance::Signer;
-use crate::qemu::{Accel, Bounds, Confiner};
+use crate::qemu::{self, Accel, Bounds, Confiner, VmSpec};
 
 /// What every job on this host gets.
 #[derive(Debug, Clone)]
@@ -70,6 +71,40 @@ impl Limits {
         match &self.cgroups {
             Some(parent) => Ok(Some(parent.create(name, (self.memory_mib + 1024) << 20, 1024, self.cpus)?)),
             None => Ok(None),
+        }
+    }
+
+    /// A VM of this host's size on `prepared`, booting `boot` with
+    /// `cmdline` (the console, panics and quiet first), in its cgroup
+    /// `group`, named `name`: no disks but the image's, which each caller
+    /// adds to.
+    pub fn vm_spec(
+        &self,
+        prepared: &qemu::Prepared,
+        boot: BootFiles,
+        cmdline: &str,
+        group: Option<&cgroup::Group>,
+        name: String,
+    ) -> VmSpec {
+        VmSpec {
+            cgroup_procs: group.map(|g| g.procs.clone()),
+            qemu: self.qemu_binary(),
+            accel: self.accel,
+            memory_mib: self.memory_mib,
+            cpus: self.cpus,
+            kernel: boot.kernel,
+            initrd: Some(boot.initrd),
+            cmdline: format!("console=ttyS0 panic=-1 quiet loglevel=3 {cmdline}"),
+            root_disk: boot.root_disk,
+            layer: None,
+            packages_disk: None,
+            job_disk: None,
+            cache_disks: Vec::new(),
+            networking: self.networking,
+            tmpdir: prepared.tmpdir(&self.confiner),
+            name,
+            file_size_limit: 0,
+            live_console: None,
         }
     }
 

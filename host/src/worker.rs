@@ -19,7 +19,7 @@ use jobfile::{JobName, JobStatus};
 use crate::caches::{self, Checkout};
 use crate::claim::Claim;
 use crate::files::read_status;
-use crate::image::{self, BootFiles};
+use crate::image;
 use crate::intake::{self, Intake, DISK};
 use crate::layer_build::{self, Built};
 use crate::layers::Layer;
@@ -162,40 +162,30 @@ fn spec(
         epoch: rebuild.map(|t| t.epoch),
         ..Default::default()
     };
-    let BootFiles { kernel, initrd, root_disk } = match intake.image.open() {
+    let boot = match intake.image.open() {
         Ok(f) => f,
         Err(e) => {
             let reason = format!("image i{} is incomplete: {e}", job.image());
             return claim.fail("image_incomplete", &reason, None).map(Err);
         }
     };
-    let root_size = root_disk.as_ref().and_then(image::qcow2_virtual_size).unwrap_or(0);
+    let root_size = boot.root_disk.as_ref().and_then(image::qcow2_virtual_size).unwrap_or(0);
     let group = limits.vm_cgroup(&format!("{}.{label}", limits.host_id))?;
     let biggest_cache = checkouts.iter().map(|c| c.len).max().unwrap_or(0);
+    let cmdline = format!("{} {}", manifest.cmdline, guest.to_cmdline());
+    let name = format!("construir.{}.{label}", limits.host_id);
     Ok(Ok(VmSpec {
-        cgroup_procs: group.as_ref().map(|g| g.procs.clone()),
-        qemu: limits.qemu_binary(),
-        accel: limits.accel,
-        memory_mib: limits.memory_mib,
-        cpus: limits.cpus,
-        kernel,
-        initrd: Some(initrd),
-        cmdline: format!("console=ttyS0 panic=-1 quiet loglevel=3 {} {}", manifest.cmdline, guest.to_cmdline()),
-        root_disk,
         layer: match layer {
             Some(l) => Some(LayerDisk { file: open_layer(l)?, write: false }),
             None => None,
         },
-        packages_disk: None,
         job_disk: Some(intake.disk.try_clone()?),
         cache_disks: checkouts.iter().map(|c| c.file.try_clone()).collect::<io::Result<_>>()?,
-        networking: limits.networking,
-        tmpdir: intake.prepared.tmpdir(&limits.confiner),
-        name: format!("construir.{}.{label}", limits.host_id),
         // The job disk never grows; the snapshot overlay grows at most to the root disk's size;
         // a cache disk is written within its size.
         file_size_limit: intake.size.max(root_size).max(biggest_cache) + (1 << 30),
         live_console: create_live_console(claim.dirs, claim.file_name),
+        ..limits.vm_spec(&intake.prepared, boot, &cmdline, group.as_ref(), name)
     }))
 }
 

@@ -64,6 +64,19 @@ impl App {
         })
     }
 
+    /// An app for tests: `db` and `store`, default limits and farm, no packages.
+    #[cfg(test)]
+    pub(crate) fn for_test(db: Database, store: Store) -> Arc<App> {
+        let settings = Settings {
+            defaults: Default::default(),
+            idle_timeout: Duration::from_secs(30),
+            upload_timeout: Duration::from_secs(60),
+            uploads: crate::quota::UploadRules { max_uploads: 1, min_free: 0 },
+            tls: false,
+        };
+        App::new(db, store, settings, crate::lease::Settings::default(), None)
+    }
+
     pub(crate) fn db(&self) -> &Database {
         &self.db
     }

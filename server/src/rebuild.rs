@@ -392,14 +392,7 @@ mod tests {
         for job in [&first, &second] {
             db::insert_job(&db, job).await.expect("insert");
         }
-        let settings = crate::app::Settings {
-            defaults: Default::default(),
-            idle_timeout: std::time::Duration::from_secs(30),
-            upload_timeout: std::time::Duration::from_secs(60),
-            uploads: crate::quota::UploadRules { max_uploads: 1, min_free: 0 },
-            tls: false,
-        };
-        (App::new(db, store, settings, crate::lease::Settings::default(), None), first, second)
+        (App::for_test(db, store), first, second)
     }
 
     /// A run's result, log and provenance signed by `key`, staged in done/

@@ -790,14 +790,7 @@ mod tests {
         fs::create_dir_all(dir.join("out")).expect("mkdir");
         db::slurm_start(&db, &job.id, 1, &dir.to_string_lossy()).await.expect("row");
         db::slurm_update(&db, &job.id, Some("7"), Some("node1 (slurm job 7)")).await.expect("row");
-        let app_settings = crate::app::Settings {
-            defaults: Default::default(),
-            idle_timeout: Duration::from_secs(30),
-            upload_timeout: Duration::from_secs(60),
-            uploads: crate::quota::UploadRules { max_uploads: 1, min_free: 0 },
-            tls: false,
-        };
-        let app = App::new(db, store, app_settings, crate::lease::Settings::default(), None);
+        let app = App::for_test(db, store);
         let run = db::slurm_runs(app.db()).await.expect("rows").remove(0);
         slurm_says(root, "COMPLETED", "node1");
         (app, job, run)

@@ -16,7 +16,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use jobfile::layout::{self, Beside, FailLog, Found, Terms};
+use jobfile::layout::{self, rename_noreplace, Beside, FailLog, Found, Terms};
 use jobfile::name::{classify, Entry};
 use jobfile::JobName;
 
@@ -384,17 +384,6 @@ pub fn open_regular(path: &Path, id: Option<FileId>) -> io::Result<File> {
         ));
     }
     Ok(file)
-}
-
-pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    nix::fcntl::renameat2(
-        nix::fcntl::AT_FDCWD,
-        from,
-        nix::fcntl::AT_FDCWD,
-        to,
-        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
-    )
-    .map_err(io::Error::from)
 }
 
 #[cfg(test)]

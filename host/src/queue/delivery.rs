@@ -375,32 +375,43 @@ mod tests {
         assert_eq!(fs::read_dir(&d.host_dir).expect("ls").count(), 0);
     }
 
+    /// A working copy named `disk` in `work`, holding `data`.
+    fn disk_with(work: &impl AsFd, data: &[u8]) -> File {
+        let disk = create_new_at(work, OsStr::new("disk"), 0o600).expect("create");
+        disk.write_all_at(data, 0).expect("write");
+        disk
+    }
+
     #[test]
-    fn a_host_lands_its_provenance_before_its_result() {
-        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    fn a_host_lands_its_provenance_with_its_result_and_after_a_crash_too() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let d = dirs(tmp.path());
         let job = JobName::parse("j_i1.tar.xz").expect("name");
         let work = open_dir(&d.work).expect("work");
-        let disk = create_new_at(&work, OsStr::new("disk"), 0o600).expect("create");
-        disk.write_all_at(b"data", 0).expect("write");
-        let mut staged = stage(&d, &work, OsStr::new("disk"), &disk, 1 << 20, &job, b"log\n", "h.1").expect("stage");
-        // As the worker signs it: staged beside the result, under the result's tag.
-        let prov = OsString::from(".j_d1.intoto.jsonl.h.1.tmp");
-        fs::write(d.done.join(&prov), "signed").expect("provenance");
-        staged.provenance = Some(prov);
-        note_delivery(&d, OsStr::new("j_i1.tar.xz"), &staged).expect("note");
-        assert_eq!(noted_delivery(&d, OsStr::new("j_i1.tar.xz")).as_ref(), Some(&staged), "the note names all three");
-        let watch = Inotify::init(InitFlags::IN_NONBLOCK).expect("inotify");
-        watch.add_watch(&d.done, AddWatchFlags::IN_MOVED_TO).expect("watch");
-        assert!(matches!(land(&d, &job, &staged).expect("land"), Delivery::Done(_)));
-        let arrived: Vec<String> = watch
-            .read_events()
-            .expect("events")
-            .into_iter()
-            .filter_map(|e| e.name.map(|n| n.to_string_lossy().into_owned()))
-            .collect();
-        assert_eq!(arrived, ["j_d1.log", "j_d1.intoto.jsonl", "j_d1.tar.xz"], "the result last");
+        let claim = OsStr::new("j_i1.tar.xz");
+        for tag in ["h.1", "h.2"] {
+            fs::write(d.host_dir.join(claim), b"input").expect("claim");
+            let disk = disk_with(&work, b"data");
+            let mut staged = stage(&d, &work, OsStr::new("disk"), &disk, 1 << 20, &job, b"log\n", tag).expect("stage");
+            // As the worker signs it: staged beside the result, under the result's tag.
+            let prov = OsString::from(format!(".j_d1.intoto.jsonl.{tag}.tmp"));
+            fs::write(d.done.join(&prov), tag).expect("provenance");
+            staged.provenance = Some(prov);
+            note_delivery(&d, claim, &staged).expect("note");
+            assert_eq!(noted_delivery(&d, claim).as_ref(), Some(&staged), "the note names all three");
+            if tag == "h.1" {
+                assert!(matches!(land(&d, &job, &staged).expect("land"), Delivery::Done(_)));
+            } else {
+                // The host died before it landed anything: the restart lands all three.
+                assert!(matches!(resume_delivery(&d, claim, &job).expect("resume"), Some(Resumed::Landed(_))));
+            }
+            finish_claim(&d, claim).expect("finish");
+            assert_eq!(fs::read_to_string(d.done.join("j_d1.intoto.jsonl")).expect("provenance"), tag);
+            for landed in ["j_d1.tar.xz", "j_d1.log", "j_d1.intoto.jsonl"] {
+                fs::remove_file(d.done.join(landed)).expect("collected");
+            }
+            assert_eq!(fs::read_dir(&d.done).expect("ls").count(), 0, "nothing staged is left");
+        }
     }
 
     #[test]
@@ -409,8 +420,7 @@ mod tests {
         let d = dirs(tmp.path());
         let job = JobName::parse("j_i1.tar.xz").expect("name");
         let work = open_dir(&d.work).expect("work");
-        let disk = create_new_at(&work, OsStr::new("disk"), 0o600).expect("create");
-        disk.write_all_at(b"data!\0\0\0\0\0\0\0\0\0", 0).expect("write");
+        let disk = disk_with(&work, b"data!\0\0\0\0\0\0\0\0\0");
         let out = match deliver(&d, &work, OsStr::new("disk"), &disk, 1 << 20, &job, b"log\n", "h.1").expect("deliver")
         {
             Delivery::Done(path) => path,
@@ -421,8 +431,7 @@ mod tests {
         assert_eq!(fs::read(d.done.join("j_d1.log")).expect("log"), b"log\n");
 
         // A second result of the same name is kept aside, and the first result and log stay as they were.
-        let disk = create_new_at(&work, OsStr::new("disk"), 0o600).expect("create");
-        disk.write_all_at(b"second", 0).expect("write");
+        let disk = disk_with(&work, b"second");
         match deliver(&d, &work, OsStr::new("disk"), &disk, 1 << 20, &job, b"log2\n", "h.2").expect("deliver") {
             Delivery::Taken { staged, log } => {
                 assert_eq!(fs::read(staged).expect("kept"), b"second\0\0");
@@ -435,8 +444,7 @@ mod tests {
 
         // A log already there (no result): the result is taken back, not paired with it.
         fs::remove_file(&out).expect("rm");
-        let disk = create_new_at(&work, OsStr::new("disk"), 0o600).expect("create");
-        disk.write_all_at(b"third", 0).expect("write");
+        let disk = disk_with(&work, b"third");
         assert!(matches!(
             deliver(&d, &work, OsStr::new("disk"), &disk, 1 << 20, &job, b"log3\n", "h.3").expect("deliver"),
             Delivery::Taken { .. }
@@ -446,8 +454,7 @@ mod tests {
 
         // A working copy grown past the claimed size is cut back to it.
         fs::remove_file(d.done.join("j_d1.log")).expect("rm");
-        let disk = create_new_at(&work, OsStr::new("disk"), 0o600).expect("create");
-        disk.write_all_at(&[7u8; 4096], 0).expect("write");
+        let disk = disk_with(&work, &[7u8; 4096]);
         let out = match deliver(&d, &work, OsStr::new("disk"), &disk, 1024, &job, b"log\n", "h.4").expect("deliver") {
             Delivery::Done(path) => path,
             other => panic!("{other:?}"),

@@ -10,7 +10,7 @@ use super::audit::audit_in;
 use super::Account;
 use super::{now, DbError, JobState};
 use crate::params;
-use crate::sql::{Database, Row, SqlError};
+use crate::sql::{Database, Row, SqlError, Tx};
 use crate::store::FileId;
 
 /// A job as the database records it.
@@ -200,7 +200,12 @@ pub(super) fn packages_text(packages: Option<&Resolution>) -> Option<String> {
 pub(super) const JOB_COLUMNS: &str = "id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, COALESCE(lease_host, (SELECT node FROM slurm_runs WHERE slurm_runs.job_id = jobs.id)) AS host, attempts, file_ino, file_birth, packages, caches, twin_of, rebuild, ran_on, file_sha256";
 
 pub async fn insert_job(db: &Database, j: &JobRecord) -> Result<(), DbError> {
-    db.execute(
+    db.tx(async |tx| insert_in(tx, j).await).await
+}
+
+/// Inserts the record `j` in the transaction `tx`.
+pub(super) async fn insert_in(tx: &mut Tx, j: &JobRecord) -> Result<(), DbError> {
+    tx.execute(
         "INSERT INTO jobs (id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, file_ino, file_birth, packages, caches, twin_of, rebuild) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
         params![
             &j.id,

@@ -164,6 +164,12 @@ mod tests {
     use crate::store::FileId;
     use jobfile::deps::Resolution;
 
+    /// Reserves an upload of 1 MiB for `account`'s job `id`, admitted.
+    async fn reserve(db: &Database, account: &Account, id: &str) {
+        let record = test_record(account, id, "j", 1 << 20, JobState::Uploading);
+        reserve_upload(db, &record, |_| false, |_| Ok::<u64, ()>(1 << 20)).await.expect("reserve").expect("admitted");
+    }
+
     #[tokio::test]
     async fn accounts_are_added_found_limited_disabled_and_removed() {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -242,15 +248,7 @@ mod tests {
             remove: vec!["pkg-config".into()],
         };
         for (id, packages) in [("0123456789abcdef", Some(&pinned)), ("1123456789abcdef", None)] {
-            reserve_upload(
-                &db,
-                &test_record(&alice, id, "j", 1 << 20, JobState::Uploading),
-                |_| false,
-                |_| Ok::<u64, ()>(1 << 20),
-            )
-            .await
-            .expect("reserve")
-            .expect("admitted");
+            reserve(&db, &alice, id).await;
             let file = FileId { ino: 41, birth_ns: None };
             assert!(finish_upload(&db, id, (1 << 20, "ab"), file, packages, &[]).await.expect("finish"));
         }
@@ -271,15 +269,7 @@ mod tests {
         let alice = add_account(&db, "alice", Kind::Submitter, b"a").await.expect("add");
         let bob = add_account(&db, "bob", Kind::Submitter, b"b").await.expect("add");
         let id = "0123456789abcdef";
-        reserve_upload(
-            &db,
-            &test_record(&alice, id, "j", 1 << 20, JobState::Uploading),
-            |_| false,
-            |_| Ok::<u64, ()>(1 << 20),
-        )
-        .await
-        .expect("reserve")
-        .expect("admitted");
+        reserve(&db, &alice, id).await;
         let caches = ["ccache".to_owned(), "cargo".to_owned()];
         assert!(finish_upload(&db, id, (1 << 20, "ab"), FileId { ino: 41, birth_ns: None }, None, &caches)
             .await

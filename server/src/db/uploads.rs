@@ -3,7 +3,7 @@
 
 use jobfile::deps::Resolution;
 
-use super::jobs::{caches_text, packages_text, rebuild_text};
+use super::jobs::{caches_text, insert_in, packages_text};
 use super::{now, unix_now, DbError, JobRecord, JobState};
 use crate::params;
 use crate::sql::{Database, SqlError};
@@ -39,13 +39,17 @@ pub async fn reserve_upload<R>(
 ) -> Result<Result<u64, R>, DbError> {
     db.tx(async |tx| {
         let lock = format!("SELECT id FROM accounts WHERE id = $1{}", tx.for_update());
-        tx.query_opt(&lock, params![record.account_id]).await?.ok_or_else(|| DbError::NoAccount(record.account_id.to_string()))?;
+        tx.query_opt(&lock, params![record.account_id])
+            .await?
+            .ok_or_else(|| DbError::NoAccount(record.account_id.to_string()))?;
         let hour_ago = unix_now() - 3600;
         let mut usage = Usage::default();
-        let rows = tx.query(
-            "SELECT file_name, state, size, submitted_unix FROM jobs WHERE account_id = $1 AND deleted IS NULL",
-            params![record.account_id],
-        ).await?;
+        let rows = tx
+            .query(
+                "SELECT file_name, state, size, submitted_unix FROM jobs WHERE account_id = $1 AND deleted IS NULL",
+                params![record.account_id],
+            )
+            .await?;
         for r in rows {
             let (file_name, size) = (r.text("file_name")?, r.count("size")?);
             let state = JobState::parse(&r.text("state")?);
@@ -55,10 +59,12 @@ pub async fn reserve_upload<R>(
             usage.last_hour += u64::from(r.int("submitted_unix")? >= hour_ago);
             usage.unfinished += u64::from(uploading || (!state.is_some_and(JobState::ended) && !finished(&file_name)));
         }
-        let everywhere = tx.query_opt(
-            "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) AS reserved FROM jobs WHERE state = $1",
-            params![JobState::Uploading.as_str()],
-        ).await?;
+        let everywhere = tx
+            .query_opt(
+                "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) AS reserved FROM jobs WHERE state = $1",
+                params![JobState::Uploading.as_str()],
+            )
+            .await?;
         usage.reserved_everywhere = everywhere.map(|r| r.count("reserved")).transpose()?.unwrap_or(0);
         let bytes = match decide(&usage) {
             Ok(bytes) => bytes,
@@ -67,25 +73,10 @@ pub async fn reserve_upload<R>(
         let mut reserved = record.clone();
         reserved.state = JobState::Uploading;
         reserved.size = bytes;
-        tx.execute(
-            "INSERT INTO jobs (id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, twin_of, rebuild) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            params![
-                &reserved.id,
-                reserved.account_id,
-                &reserved.name,
-                &reserved.image,
-                &reserved.file_name,
-                reserved.size,
-                &reserved.submitted,
-                reserved.submitted_unix,
-                reserved.state.as_str(),
-                &reserved.updated,
-                reserved.twin_of.clone(),
-                rebuild_text(reserved.rebuild.as_ref())
-            ],
-        ).await?;
+        insert_in(tx, &reserved).await?;
         Ok(Ok(bytes))
-    }).await
+    })
+    .await
 }
 
 /// Ends an upload: its record takes the real size and the inode of the file

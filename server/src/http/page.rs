@@ -45,6 +45,16 @@ fn unavailable(e: &db::DbError) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, Html(page_shell("construir", text))).into_response()
 }
 
+/// The account a sign-in link grants, while it may still sign in; else the page that says why not.
+async fn granted(app: &App, grant: Option<crate::sessions::Grant>) -> Result<Account, Response> {
+    let Some(grant) = grant else { return Err(link_gone()) };
+    match still_valid(&app.db, &grant).await {
+        Ok(Some(account)) => Ok(account),
+        Ok(None) => Err(link_gone()),
+        Err(e) => Err(unavailable(&e)),
+    }
+}
+
 fn link_gone() -> Response {
     (
         StatusCode::NOT_FOUND,
@@ -60,14 +70,9 @@ fn link_gone() -> Response {
 /// asks to confirm. Nothing is signed in, and the link is not used up, until then.
 pub async fn login(State(app): State<Arc<App>>, UrlPath(secret): UrlPath<String>, headers: HeaderMap) -> Response {
     let grant = Sessions::live(&app.sessions.links, &secret);
-    let account = match grant {
-        Some(g) => still_valid(&app.db, &g).await,
-        None => Ok(None),
-    };
-    let account = match account {
-        Ok(Some(account)) => account,
-        Ok(None) => return link_gone(),
-        Err(e) => return unavailable(&e),
+    let account = match granted(&app, grant).await {
+        Ok(account) => account,
+        Err(response) => return response,
     };
     let now_signed_in = session_account(&app, &headers)
         .await
@@ -119,14 +124,9 @@ pub async fn confirm_login(
             .into_response();
     }
     let grant = app.sessions.redeem(&form.link);
-    let account = match grant {
-        Some(g) => still_valid(&app.db, &g).await,
-        None => Ok(None),
-    };
-    let account = match account {
-        Ok(Some(account)) => account,
-        Ok(None) => return link_gone(),
-        Err(e) => return unavailable(&e),
+    let account = match granted(&app, grant).await {
+        Ok(account) => account,
+        Err(response) => return response,
     };
     let Some(session) = Sessions::issue(&app.sessions.sessions, &account, SESSION_LIFE) else {
         return (StatusCode::SERVICE_UNAVAILABLE, "too many sessions are live; try again later").into_response();
@@ -340,14 +340,7 @@ mod tests {
         store.create_all().expect("dirs");
         let db = db::open(&tmp.path().join("s.db").to_string_lossy()).await.expect("db");
         let alice = db::add_account(&db, "alice", db::Kind::Submitter, b"h").await.expect("account");
-        let settings = crate::app::Settings {
-            defaults: Default::default(),
-            idle_timeout: std::time::Duration::from_secs(30),
-            upload_timeout: std::time::Duration::from_secs(60),
-            uploads: crate::quota::UploadRules { max_uploads: 1, min_free: 0 },
-            tls: false,
-        };
-        let app = App::new(db, store, settings, crate::lease::Settings::default(), None);
+        let app = App::for_test(db, store);
         let session = Sessions::issue(&app.sessions.sessions, &alice, SESSION_LIFE).expect("session");
         let mut headers = HeaderMap::new();
         headers.insert(header::COOKIE, format!("{COOKIE}={session}").parse().expect("cookie"));
