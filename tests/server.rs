@@ -11,15 +11,30 @@ use construir_e2e::browser::Browser;
 use construir_e2e::server::{add_account, client, job_dir, raw, server_cmd, upload_files, Server};
 use construir_e2e::{bin, signal, wait_for, Queue};
 
-#[test]
-fn submit_wait_fetch_cancel_and_limits_through_the_server_with_a_real_host() {
+/// A queue with a server on it, accounts for `names` (their tokens, in
+/// order), and a home directory for the submitter's jobs.
+struct Served {
+    q: Queue,
+    db: std::path::PathBuf,
+    tokens: Vec<String>,
+    s: Server,
+    work: std::path::PathBuf,
+}
+
+fn served(names: &[&str], extra: &[&str]) -> Served {
     let q = Queue::new();
     let db = q.root.path().join("server.db");
-    let alice = add_account(&db, "alice");
-    let bob = add_account(&db, "bob");
-    let s = Server::start(&q, &db, &[]);
-    let work = q.root.path().join("alice-home");
+    let tokens = names.iter().map(|n| add_account(&db, n)).collect();
+    let s = Server::start(&q, &db, extra);
+    let work = q.root.path().join("home");
     fs::create_dir_all(&work).expect("mkdir");
+    Served { q, db, tokens, s, work }
+}
+
+#[test]
+fn submit_wait_fetch_cancel_and_limits_through_the_server_with_a_real_host() {
+    let Served { q, db, tokens, s, work } = served(&["alice", "bob"], &[]);
+    let (alice, bob) = (tokens[0].clone(), tokens[1].clone());
 
     // Waiting, while no host runs: position in the queue, then cancelled.
     let dir = job_dir(&work, "early", "#!/bin/sh\necho never runs\n");
@@ -289,12 +304,8 @@ fn a_restart_loses_nothing_a_lost_database_gives_no_one_the_jobs_a_backup_restor
 
 #[test]
 fn a_running_job_is_followed_live_and_cancelled_within_seconds() {
-    let q = Queue::new();
-    let db = q.root.path().join("server.db");
-    let alice = add_account(&db, "alice");
-    let s = Server::start(&q, &db, &[]);
-    let work = q.root.path().join("home");
-    fs::create_dir_all(&work).expect("mkdir");
+    let Served { q, tokens, s, work, .. } = served(&["alice"], &[]);
+    let alice = tokens[0].clone();
     let mut host = q.spawn("host", &format!("{}-live", q.host_id), &[]);
 
     // The live console while it runs: the first step is there, the second not yet.
@@ -349,13 +360,8 @@ fn a_running_job_is_followed_live_and_cancelled_within_seconds() {
 /// Headless Chromium, as a person's browser: `--dump-dom` or `--screenshot=FILE` of `url`.
 #[test]
 fn the_accounts_page_shows_its_jobs_in_a_real_browser() {
-    let q = Queue::new();
-    let db = q.root.path().join("server.db");
-    let alice = add_account(&db, "alice");
-    let bob = add_account(&db, "bob");
-    let s = Server::start(&q, &db, &[]);
-    let work = q.root.path().join("home");
-    fs::create_dir_all(&work).expect("mkdir");
+    let Served { q, db, tokens, s, work } = served(&["alice", "bob"], &[]);
+    let (alice, bob) = (tokens[0].clone(), tokens[1].clone());
     let submit = |token: &str, name: &str, script: &str| {
         let dir = job_dir(&work, name, script);
         let (code, id, err) =
@@ -633,12 +639,8 @@ fn the_api_schema_is_served_to_anyone_is_the_one_in_docs_and_names_every_route()
 
 #[test]
 fn a_verified_rebuild_runs_on_two_hosts_and_names_the_files_that_differ() {
-    let q = Queue::new();
-    let db = q.root.path().join("server.db");
-    let alice = add_account(&db, "alice");
-    let s = Server::start(&q, &db, &[]);
-    let work = q.root.path().join("home");
-    fs::create_dir_all(&work).expect("mkdir");
+    let Served { q, tokens, s, work, .. } = served(&["alice"], &[]);
+    let alice = tokens[0].clone();
     // Two hosts of one VM each: the second run of each pair is kept off the host that took the first.
     let (a, b) = (format!("{}-a", q.host_id), format!("{}-b", q.host_id));
     let mut host_a = q.spawn("a", &a, &["--workers", "1"]);

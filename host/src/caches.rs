@@ -439,6 +439,14 @@ mod tests {
         c.file.write_all(text).expect("write");
     }
 
+    /// Lends `owner`'s cache `name` (image 100) at `generation`, writes
+    /// `text` into it and keeps it: the version kept.
+    fn kept(c: &Caches, owner: &str, name: &str, generation: u64, text: &[u8]) -> u64 {
+        let mut k = c.checkout(owner, "100", name, generation, "k").expect("checkout");
+        scribble(&mut k, text);
+        c.keep(k).expect("keep")
+    }
+
     fn read_at_1mib(c: &mut Checkout, n: usize) -> Vec<u8> {
         let mut buf = vec![0; n];
         c.file.seek(SeekFrom::Start(1 << 20)).expect("seek");
@@ -499,9 +507,7 @@ mod tests {
     fn a_reset_cache_starts_again_empty_and_clear_removes_only_what_it_names() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let c = caches(tmp.path(), 1 << 30);
-        let mut garbage = c.checkout("alice", "100", "ccache", 0, "g").expect("checkout");
-        scribble(&mut garbage, b"junk");
-        c.keep(garbage).expect("keep");
+        kept(&c, "alice", "ccache", 0, b"junk");
         let broken = c.checkout("alice", "100", "ccache", 0, "g2").expect("checkout");
         c.reset(broken).expect("reset");
         let mut fresh = c.checkout("alice", "100", "ccache", 0, "g3").expect("checkout");
@@ -509,8 +515,7 @@ mod tests {
         assert_ne!(read_at_1mib(&mut fresh, 4), b"junk".to_vec());
         drop(fresh);
         for (owner, name) in [("alice", "cargo"), ("bob", "ccache")] {
-            let k = c.checkout(owner, "100", name, 0, "x").expect("checkout");
-            c.keep(k).expect("keep");
+            kept(&c, owner, name, 0, b"");
         }
         let listed: Vec<(String, String, u64)> = c.list().into_iter().map(|s| (s.owner, s.name, s.version)).collect();
         assert_eq!(listed.len(), 3, "{listed:?}");
@@ -527,11 +532,8 @@ mod tests {
     fn a_cleared_generation_is_never_lent_again_and_the_report_drops_it() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let c = caches(tmp.path(), 1 << 30);
-        let mut k = c.checkout("a1", "100", "ccache", 0, "t1").expect("checkout");
-        scribble(&mut k, b"old!");
-        c.keep(k).expect("keep");
-        let k = c.checkout("a2", "100", "ccache", 0, "t1").expect("checkout");
-        c.keep(k).expect("keep");
+        kept(&c, "a1", "ccache", 0, b"old!");
+        kept(&c, "a2", "ccache", 0, b"");
         // Its owner cleared it: generation 1 starts empty, and keeps its own versions.
         let mut k = c.checkout("a1", "100", "ccache", 1, "t2").expect("checkout");
         assert_eq!(k.version, 0);

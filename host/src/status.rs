@@ -199,6 +199,13 @@ pub fn human_duration(secs: u64) -> String {
     }
 }
 
+/// One line for each claim: its name, its host, `when`, its attempt.
+fn claims(out: &mut String, list: &[Claim], when: impl Fn(&Claim) -> String) {
+    for c in list {
+        out.push_str(&format!("  {:<40} on {:<16} {} attempt {}\n", c.name, c.host, when(c), c.attempt));
+    }
+}
+
 /// The status for a person.
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
@@ -230,29 +237,13 @@ pub fn render(s: &Status) -> String {
         }
     }
     out.push_str(&format!("running: {}\n", s.running.len()));
-    for c in &s.running {
-        out.push_str(&format!(
-            "  {:<40} on {:<16} {:>8}  attempt {}\n",
-            c.name,
-            c.host,
-            human_duration(c.elapsed_secs),
-            c.attempt
-        ));
-    }
+    claims(&mut out, &s.running, |c| format!("{:>8} ", human_duration(c.elapsed_secs)));
     if !s.stuck.is_empty() {
         out.push_str(&format!(
             "stuck: {} (their host is not running; they go back to the queue when it starts again)\n",
             s.stuck.len()
         ));
-        for c in &s.stuck {
-            out.push_str(&format!(
-                "  {:<40} on {:<16} claimed {} ago, attempt {}\n",
-                c.name,
-                c.host,
-                human_duration(c.elapsed_secs),
-                c.attempt
-            ));
-        }
+        claims(&mut out, &s.stuck, |c| format!("claimed {} ago,", human_duration(c.elapsed_secs)));
     }
     out.push_str(&format!("recent: {}\n", s.recent.len()));
     for f in &s.recent {

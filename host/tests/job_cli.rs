@@ -199,21 +199,7 @@ fn a_job_that_has_not_run_and_broken_files_give_one_line_errors() {
 
 /// One ustar header block, by hand: hostile archives are made byte by byte.
 fn tar_block(name: &[u8], flag: u8, size: u64, link: &[u8]) -> Vec<u8> {
-    let mut b = vec![0u8; 512];
-    b[..name.len()].copy_from_slice(name);
-    b[100..108].copy_from_slice(b"0000644\0");
-    b[108..116].copy_from_slice(b"0000000\0");
-    b[116..124].copy_from_slice(b"0000000\0");
-    b[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
-    b[136..148].copy_from_slice(b"00000000000\0");
-    b[156] = flag;
-    b[157..157 + link.len()].copy_from_slice(link);
-    b[257..263].copy_from_slice(b"ustar\0");
-    b[263..265].copy_from_slice(b"00");
-    b[148..156].copy_from_slice(b"        ");
-    let sum: u32 = b.iter().map(|&x| u32::from(x)).sum();
-    b[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-    b
+    jobfile::tardiff::block(name, flag, size, link, jobfile::tardiff::USTAR).to_vec()
 }
 
 /// A pax header (`x` or `g`) with its records, padded to whole blocks.

@@ -157,3 +157,31 @@ pub fn check(archive: &[u8], scratch: &Path) -> Result<Verdict, String> {
     let extra = theirs.keys().find(|k| !ours.contains_key(*k)).map(shown).unwrap_or_default();
     Err(format!("{extra} is in GNU tar's tree, not in this reader's"))
 }
+/// GNU tar's magic and version, `ustar  \0`.
+pub const GNU: &[u8; 8] = b"ustar  \0";
+/// POSIX ustar's magic and version, `ustar\000`.
+pub const USTAR: &[u8; 8] = b"ustar\x0000";
+
+/// One tar header block, by hand, with a valid checksum: the archives the
+/// tests and the fuzzing hold against readers are made byte by byte.
+pub fn block(name: &[u8], flag: u8, size: u64, link: &[u8], magic: &[u8; 8]) -> [u8; 512] {
+    let mut b = [0u8; 512];
+    b[..name.len()].copy_from_slice(name);
+    b[100..108].copy_from_slice(b"0000644\0");
+    b[108..116].copy_from_slice(b"0000000\0");
+    b[116..124].copy_from_slice(b"0000000\0");
+    b[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+    b[136..148].copy_from_slice(b"14000000000\0");
+    b[156] = flag;
+    b[157..157 + link.len()].copy_from_slice(link);
+    b[257..265].copy_from_slice(magic);
+    fix_checksum(&mut b);
+    b
+}
+
+/// Writes the checksum of the header block `b` (its first 512 bytes).
+pub fn fix_checksum(b: &mut [u8]) {
+    b[148..156].fill(b' ');
+    let sum: u64 = b[..512].iter().map(|&x| u64::from(x)).sum();
+    b[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+}

@@ -7,30 +7,11 @@
 use std::path::{Path, PathBuf};
 
 use jobfile::tar_reader::pax_record;
-use jobfile::tardiff::{check, Verdict};
+use jobfile::tardiff::{self, check, fix_checksum, Verdict, GNU, USTAR};
 
-/// A header block with a valid checksum.
+/// A header block with a valid checksum, no link.
 fn block(name: &[u8], flag: u8, size: u64, magic: &[u8; 8]) -> [u8; 512] {
-    let mut b = [0u8; 512];
-    b[..name.len()].copy_from_slice(name);
-    b[100..108].copy_from_slice(b"0000644\0");
-    b[108..116].copy_from_slice(b"0000000\0");
-    b[116..124].copy_from_slice(b"0000000\0");
-    b[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
-    b[136..148].copy_from_slice(b"14000000000\0");
-    b[156] = flag;
-    b[257..265].copy_from_slice(magic);
-    fix_checksum(&mut b);
-    b
-}
-
-const GNU: &[u8; 8] = b"ustar  \0";
-const USTAR: &[u8; 8] = b"ustar\x0000";
-
-fn fix_checksum(b: &mut [u8]) {
-    b[148..156].fill(b' ');
-    let sum: u64 = b[..512].iter().map(|&x| u64::from(x)).sum();
-    b[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    tardiff::block(name, flag, size, b"", magic)
 }
 
 fn padded(data: &[u8]) -> Vec<u8> {

@@ -279,19 +279,17 @@ mod tests {
         Dirs::for_test(root)
     }
 
-    /// The worker's three steps, for a claim of `job`'s input name.
-    #[allow(clippy::too_many_arguments)]
+    /// The worker's three steps, for a claim of `job`'s input name, its
+    /// working copy `disk` in `work`.
     fn deliver(
         d: &Dirs,
-        work: &impl AsFd,
-        disk_name: &OsStr,
-        disk: &File,
+        (work, disk): (&impl AsFd, &File),
         limit: u64,
         job: &JobName,
         log: &[u8],
         tag: &str,
     ) -> io::Result<Delivery> {
-        let staged = stage(d, work, disk_name, disk, limit, job, log, tag)?;
+        let staged = stage(d, work, OsStr::new("disk"), disk, limit, job, log, tag)?;
         note_delivery(d, OsStr::new(&job.input_file_name()), &staged)?;
         land(d, job, &staged)
     }
@@ -421,8 +419,7 @@ mod tests {
         let job = JobName::parse("j_i1.tar.xz").expect("name");
         let work = open_dir(&d.work).expect("work");
         let disk = disk_with(&work, b"data!\0\0\0\0\0\0\0\0\0");
-        let out = match deliver(&d, &work, OsStr::new("disk"), &disk, 1 << 20, &job, b"log\n", "h.1").expect("deliver")
-        {
+        let out = match deliver(&d, (&work, &disk), 1 << 20, &job, b"log\n", "h.1").expect("deliver") {
             Delivery::Done(path) => path,
             other => panic!("{other:?}"),
         };
@@ -432,7 +429,7 @@ mod tests {
 
         // A second result of the same name is kept aside, and the first result and log stay as they were.
         let disk = disk_with(&work, b"second");
-        match deliver(&d, &work, OsStr::new("disk"), &disk, 1 << 20, &job, b"log2\n", "h.2").expect("deliver") {
+        match deliver(&d, (&work, &disk), 1 << 20, &job, b"log2\n", "h.2").expect("deliver") {
             Delivery::Taken { staged, log } => {
                 assert_eq!(fs::read(staged).expect("kept"), b"second\0\0");
                 assert_eq!(log, b"log2\n", "the log comes back with the result kept aside");
@@ -446,7 +443,7 @@ mod tests {
         fs::remove_file(&out).expect("rm");
         let disk = disk_with(&work, b"third");
         assert!(matches!(
-            deliver(&d, &work, OsStr::new("disk"), &disk, 1 << 20, &job, b"log3\n", "h.3").expect("deliver"),
+            deliver(&d, (&work, &disk), 1 << 20, &job, b"log3\n", "h.3").expect("deliver"),
             Delivery::Taken { .. }
         ));
         assert!(!out.exists());
@@ -455,7 +452,7 @@ mod tests {
         // A working copy grown past the claimed size is cut back to it.
         fs::remove_file(d.done.join("j_d1.log")).expect("rm");
         let disk = disk_with(&work, &[7u8; 4096]);
-        let out = match deliver(&d, &work, OsStr::new("disk"), &disk, 1024, &job, b"log\n", "h.4").expect("deliver") {
+        let out = match deliver(&d, (&work, &disk), 1024, &job, b"log\n", "h.4").expect("deliver") {
             Delivery::Done(path) => path,
             other => panic!("{other:?}"),
         };

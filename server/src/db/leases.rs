@@ -39,12 +39,15 @@ impl Ending {
 /// the holder of the newest lease of a job may renew it or deliver.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Lease {
+    /// The job's id.
     pub id: String,
-    pub file_name: String,
-    pub size: u64,
+    /// The lease: its fencing number, which time the job is handed out, when it ends.
     pub seq: u64,
     pub attempt: u64,
     pub expires_ms: i64,
+    /// The job file: its name and size.
+    pub file_name: String,
+    pub size: u64,
     /// The job file the server wrote.
     #[serde(skip)]
     pub ino: Option<FileId>,
