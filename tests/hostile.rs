@@ -178,8 +178,9 @@ fn a_host_killed_between_delivering_a_result_and_ending_the_claim_does_not_run_t
     fs::create_dir_all(&running).expect("mkdir");
     let file = q.add_job("once_i0.tar.xz", "#!/bin/sh\necho must not run twice\n", "1m", &[]);
     fs::rename(&file, running.join("once_i0.tar.xz")).expect("as if claimed");
-    // As the host leaves it when killed right after the result landed: the
-    // result in done/, its log still staged, the delivery noted beside the claim.
+    // As a host before notes named the provenance left it when killed right
+    // after the result landed (it landed the result first then): the result in
+    // done/, its log still staged, the delivery noted beside the claim.
     fs::create_dir_all(&q.done).expect("mkdir");
     fs::write(q.done.join("once_d0.tar.xz"), b"the result").expect("result");
     let staged_log = format!(".once_d0.log.{host_id}.1.2.0.tmp");

@@ -202,10 +202,13 @@ pub enum Resumed {
 /// is finished. `None` when no delivery was staged: the job goes back to the
 /// queue as any interrupted one.
 pub fn resume_delivery(dirs: &Dirs, file_name: &OsStr, job: &JobName) -> io::Result<Option<Resumed>> {
-    let Some(staged) = noted_delivery(dirs, file_name) else {
+    let Some(mut staged) = noted_delivery(dirs, file_name) else {
         drop_delivery_note(dirs, file_name)?;
         return Ok(None);
     };
+    if staged.provenance.is_none() {
+        staged.provenance = provenance_by_tag(dirs, job, &staged);
+    }
     let done = open_dir(&dirs.done)?;
     let exists = |name: &OsStr| fstatat(&done, name, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok();
     let in_place = fstatat(&done, job.done_file_name().as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
@@ -225,6 +228,16 @@ pub fn resume_delivery(dirs: &Dirs, file_name: &OsStr, job: &JobName) -> io::Res
     }
     File::from(done).sync_all()?;
     Ok(Some(Resumed::Ended))
+}
+
+/// The provenance a host before notes named it staged beside `staged`: the
+/// result's tag, on the provenance's name (`.<name>_d<N>.intoto.jsonl.<tag>.tmp`),
+/// when it is there.
+fn provenance_by_tag(dirs: &Dirs, job: &JobName, staged: &Staged) -> Option<OsString> {
+    let prefix = format!(".{}.", job.done_file_name());
+    let tag = staged.result.to_str()?.strip_prefix(&prefix)?.strip_suffix(".tmp")?;
+    let name = format!(".{}.{tag}.tmp", job.done_with_extension(jobfile::layout::PROVENANCE_EXTENSION));
+    dirs.done.join(&name).exists().then(|| name.into())
 }
 
 /// Delivery notes whose claim is gone (the host stopped between the two
