@@ -127,8 +127,8 @@ pub async fn sweep_retention(app: &App) -> Result<usize, db::DbError> {
             app.store.done.join(name.done_with_extension("log")),
             app.store.done.join(name.done_with_extension(jobfile::layout::PROVENANCE_EXTENSION)),
             app.store.failed.join(&job.file_name),
-            app.store.failed.join(format!("{}.reason", job.file_name)),
-            app.store.failed.join(format!("{}.log", job.file_name)),
+            jobfile::layout::beside_entry(&app.store.failed.join(&job.file_name), "reason"),
+            jobfile::layout::beside_entry(&app.store.failed.join(&job.file_name), "log"),
         ] {
             if fs::symlink_metadata(&path).is_ok_and(|m| store::is_own(&m, None)) {
                 let _ = fs::remove_file(path);

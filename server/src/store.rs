@@ -182,7 +182,8 @@ impl Store {
     pub fn log_path(&self, file_name: &str) -> Option<PathBuf> {
         let job = JobName::parse(file_name).ok()?;
         let regular = |p: &PathBuf| fs::symlink_metadata(p).is_ok_and(|m| is_own(&m, None));
-        let finished = [self.done.join(job.done_with_extension("log")), self.failed.join(format!("{file_name}.log"))];
+        let finished =
+            [self.done.join(job.done_with_extension("log")), layout::beside_entry(&self.failed.join(file_name), "log")];
         if let Some(p) = finished.into_iter().find(regular) {
             return Some(p);
         }

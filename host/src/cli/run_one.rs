@@ -11,7 +11,7 @@ use construir_host::daemon::{self, RunOptions};
 use construir_host::queue::{Dirs, Rules};
 use construir_host::remote::move_file;
 use construir_host::{handed, logger};
-use jobfile::layout::{AttemptDir, Beside};
+use jobfile::layout::{beside_entry, AttemptDir, Beside};
 use jobfile::{tools, JobName};
 
 use super::args::{RunArgs, RunOneArgs};
@@ -189,9 +189,10 @@ fn hand_out(dirs: &Dirs, job: &JobName, out: &Path) -> Result<ExitCode> {
     let reason = beside("reason")
         .and_then(|p| jobfile::layout::read_reason(&p.with_extension("")))
         .map_or_else(|| "ended without a result or a reason".to_owned(), |r| r.why);
-    std::fs::write(out.join(format!("{name}.reason")), format!("{reason}\n"))?;
+    let entry = out.join(&name);
+    std::fs::write(beside_entry(&entry, "reason"), format!("{reason}\n"))?;
     if let Some(log) = beside("log") {
-        move_file(&log, &out.join(format!("{name}.log")))?;
+        move_file(&log, &beside_entry(&entry, "log"))?;
     }
     eprintln!("construir-host: {name}: failed: {reason}");
     Ok(ExitCode::from(1))

@@ -2,7 +2,7 @@
 //! a thread of its own, and delivers what the daemon finished.
 
 use std::collections::HashMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
@@ -493,7 +493,7 @@ impl Pump {
                         log::warn!("job {}: ended, but its lease was lost: nothing to report", h.file_name);
                     }
                     if lost || self.report_failed(&h, &reason, log.as_deref()) {
-                        let mut files = vec![file.clone(), with_suffix(&file, ".reason")];
+                        let mut files = vec![file.clone(), layout::beside_entry(&file, "reason")];
                         files.extend(log);
                         remove_all(&files);
                         self.forget(&id);
@@ -676,12 +676,6 @@ pub(crate) fn read_from(path: &Path, offset: u64, max: usize) -> Vec<u8> {
     let mut buf = Vec::new();
     let _ = f.take(max as u64).read_to_end(&mut buf);
     buf
-}
-
-pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut s = OsString::from(path.as_os_str());
-    s.push(suffix);
-    PathBuf::from(s)
 }
 
 pub(crate) fn remove_all(paths: &[PathBuf]) {
