@@ -79,47 +79,14 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
                 || format!("no apt source on this machine serves {:?}; give the mirror with --mirror URL", opts.suite),
             )?,
         };
-    let mut packages: Vec<String> = BASE_PACKAGES.iter().map(|s| s.to_string()).collect();
-    for p in &opts.include {
-        if !p.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:".contains(c)) || p.is_empty() {
-            bail!("--include {p:?} is not a Debian package name");
-        }
-        if !packages.contains(p) {
-            packages.push(p.clone());
-        }
-    }
+    let packages = packages(opts)?;
     let staging = Staging::new(&opts.out, opts.force)?;
     let root = RootDir(staging.dir.with_extension("rootfs"));
     let _ = fs::remove_dir_all(&root.0);
     let r = &root.0;
 
     let mut progress = Progress::new(STAGES);
-    progress.stage("download", format!("debootstrap {} (minbase + {}) from {mirror}", opts.suite, packages.join(",")));
-    let mut cmd = Command::new("debootstrap");
-    cmd.args(["--variant=minbase", "--components=main"]).arg(format!("--include={}", packages.join(",")));
-    if let Some(cache) = &opts.cache {
-        fs::create_dir_all(cache).with_context(|| format!("cannot create {}", cache.display()))?;
-        cmd.arg(format!("--cache-dir={}", std::path::absolute(cache)?.display()));
-    }
-    cmd.arg(&opts.suite).arg(r).arg(&mirror).env("LC_ALL", "C").env("DEBIAN_FRONTEND", "noninteractive");
-    let mut last = Instant::now();
-    let mut installing = false;
-    command::run(&mut cmd, "debootstrap", Duration::from_secs(60 * 60), |line| {
-        // debootstrap downloads every package first, then unpacks and configures them.
-        if !installing && (line.starts_with("I: Extracting") || line.starts_with("I: Installing")) {
-            installing = true;
-            progress.stage("install", "unpacking and configuring the packages");
-            last = Instant::now();
-        }
-        if line.starts_with("E:") || line.starts_with("W:") || line.starts_with("I: Base system installed") {
-            progress.note(line);
-        } else if line.starts_with("I: ") && last.elapsed() > Duration::from_secs(10) {
-            // One line in a while, so a long stage shows it is alive.
-            progress.note(line);
-            last = Instant::now();
-        }
-    })?;
-
+    download(&mut progress, opts, r, &mirror, &packages)?;
     progress.stage("guest files", format!("construir-init and config/guest ({} files)", GUEST_FILES.len()));
     install(
         r,
@@ -131,90 +98,9 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
         install(r, path, data, *mode)?;
     }
     fs::create_dir_all(r.join("job")).context("cannot create /job")?;
-
-    let kernel_version = installed_kernel(r)?;
-    progress
-        .stage("initramfs", format!("construir-init as /init and the root disk's modules (kernel {kernel_version})"));
-    let kernel = Kernel {
-        image: r.join(format!("boot/vmlinuz-{kernel_version}")),
-        version: kernel_version.clone(),
-        modules: r.join(format!("lib/modules/{kernel_version}")),
-    };
-    let wanted: Vec<&str> = mini::MODULES.iter().chain(ROOT_MODULES).copied().collect();
-    let modules = kernel.resolve_module_groups(&wanted).context("cannot resolve the root disk's modules")?;
-    progress.note(format_args!(
-        "modules: {}",
-        modules
-            .iter()
-            .map(|g| g
-                .iter()
-                .map(|m| m.file_name().unwrap_or_default().to_string_lossy())
-                .collect::<Vec<_>>()
-                .join(" "))
-            .collect::<Vec<_>>()
-            .join(" | ")
-    ));
-    let initrd = staging.dir.join("initrd.img");
-    let file = fs::File::create(&initrd).with_context(|| format!("cannot create {}", initrd.display()))?;
-    let mut cpio = Cpio::new(BufWriter::new(file));
-    mini::write_init(&mut cpio, &init, &modules, r).context("cannot write the initramfs")?;
-    cpio.dir(ROOT_MOUNT, 0o755).context("cannot write the initramfs")?;
-    cpio.finish().context("cannot write the initramfs")?;
-    // Debian's own initramfs (made when the kernel package was installed) is never booted.
-    for entry in fs::read_dir(r.join("boot")).context("the image has no /boot")?.flatten() {
-        if entry.file_name().to_string_lossy().starts_with("initrd.img") {
-            fs::remove_file(entry.path()).with_context(|| format!("cannot remove {}", entry.path().display()))?;
-        }
-    }
-
-    progress.stage("packages", "listing what is installed");
-    let listing = command::run(
-        Command::new("chroot").arg(r).args(["dpkg-query", "-W", "-f", "${Package}\\t${Version}\\n"]),
-        "dpkg-query",
-        Duration::from_secs(120),
-        |_| {},
-    )?;
-    let mut installed: Vec<Package> = listing
-        .lines()
-        .filter_map(|l| l.split_once('\t'))
-        .map(|(name, version)| Package { name: name.to_owned(), version: version.to_owned() })
-        .collect();
-    installed.sort_by(|a, b| a.name.cmp(&b.name));
-    // What a job's packages are resolved against: the archive and this state.
-    fs::copy(r.join("var/lib/dpkg/status"), staging.dir.join(DPKG_STATUS))
-        .context("cannot copy /var/lib/dpkg/status")?;
-    let architecture = command::run(
-        Command::new("chroot").arg(r).args(["dpkg", "--print-architecture"]),
-        "dpkg --print-architecture",
-        Duration::from_secs(60),
-        |_| {},
-    )?
-    .trim()
-    .to_owned();
-
-    progress.stage("kernel", "exporting the kernel, dropping apt lists, caches and docs");
-    let (kernel_file, pvh) =
-        crate::kernel::install_kernel(&kernel.image, &staging.dir).context("cannot copy the kernel")?;
-    progress.note(format_args!(
-        "kernel file {kernel_file}{}",
-        if pvh { " (uncompressed, booted through its PVH entry)" } else { "" }
-    ));
-    for dir in [
-        "var/lib/apt/lists",
-        "var/cache/apt",
-        "var/cache/debconf",
-        "usr/share/doc",
-        "usr/share/man",
-        "usr/share/info",
-        "var/log",
-        "tmp",
-    ] {
-        empty_dir(&r.join(dir)).with_context(|| format!("cannot clean /{dir}"))?;
-    }
-    // Re-create what apt needs to run at all in a job.
-    fs::create_dir_all(r.join("var/lib/apt/lists/partial"))?;
-    fs::create_dir_all(r.join("var/cache/apt/archives/partial"))?;
-    fs::set_permissions(r.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+    let kernel = initramfs(&mut progress, r, &staging.dir, &init)?;
+    let (installed, architecture) = installed(&mut progress, r, &staging.dir)?;
+    let kernel_file = trim(&mut progress, r, &staging.dir, &kernel)?;
 
     let raw = staging.dir.join("root.raw");
     progress.stage("mkfs", format!("ext4 of {} (mkfs.ext4 -d)", jobfile::units::human_size(opts.size)));
@@ -228,8 +114,8 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
         description: format!("construir Debian {} image: minbase + {}", opts.suite, packages.join(", ")),
         builder_version: env!("CARGO_PKG_VERSION").into(),
         created: rfc3339(std::time::SystemTime::now()),
-        kernel_version,
-        kernel: kernel_file.into(),
+        kernel_version: kernel.version,
+        kernel: kernel_file,
         initrd: "initrd.img".into(),
         root_disk: Some("root.qcow2".into()),
         cmdline: format!("root=/dev/vda rootfstype=ext4 rootflags={ROOT_FLAGS}"),
@@ -249,6 +135,143 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
     let took = progress.finish();
     say!("image ready at {} in {:.0} s", out.display(), took.as_secs_f64());
     Ok(out)
+}
+
+/// The packages debootstrap installs: the base ones and each `--include`d, once.
+fn packages(opts: &DebootstrapOptions) -> Result<Vec<String>> {
+    let mut packages: Vec<String> = BASE_PACKAGES.iter().map(|s| s.to_string()).collect();
+    for p in &opts.include {
+        if !p.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:".contains(c)) || p.is_empty() {
+            bail!("--include {p:?} is not a Debian package name");
+        }
+        if !packages.contains(p) {
+            packages.push(p.clone());
+        }
+    }
+    Ok(packages)
+}
+
+/// debootstrap of minbase and `packages` into `r`, its progress shown.
+fn download(
+    progress: &mut Progress,
+    opts: &DebootstrapOptions,
+    r: &Path,
+    mirror: &str,
+    packages: &[String],
+) -> Result<()> {
+    progress.stage("download", format!("debootstrap {} (minbase + {}) from {mirror}", opts.suite, packages.join(",")));
+    let mut cmd = Command::new("debootstrap");
+    cmd.args(["--variant=minbase", "--components=main"]).arg(format!("--include={}", packages.join(",")));
+    if let Some(cache) = &opts.cache {
+        fs::create_dir_all(cache).with_context(|| format!("cannot create {}", cache.display()))?;
+        cmd.arg(format!("--cache-dir={}", std::path::absolute(cache)?.display()));
+    }
+    cmd.arg(&opts.suite).arg(r).arg(mirror).env("LC_ALL", "C").env("DEBIAN_FRONTEND", "noninteractive");
+    let mut last = Instant::now();
+    let mut installing = false;
+    command::run(&mut cmd, "debootstrap", Duration::from_secs(60 * 60), |line| {
+        // debootstrap downloads every package first, then unpacks and configures them.
+        if !installing && (line.starts_with("I: Extracting") || line.starts_with("I: Installing")) {
+            installing = true;
+            progress.stage("install", "unpacking and configuring the packages");
+            last = Instant::now();
+        }
+        if line.starts_with("E:") || line.starts_with("W:") || line.starts_with("I: Base system installed") {
+            progress.note(line);
+        } else if line.starts_with("I: ") && last.elapsed() > Duration::from_secs(10) {
+            // One line in a while, so a long stage shows it is alive.
+            progress.note(line);
+            last = Instant::now();
+        }
+    })?;
+    Ok(())
+}
+
+/// The initramfs (`initrd.img` in `staging`): construir-init as /init and
+/// the modules the root disk needs, of the kernel installed in `r`.
+/// Debian's own initramfs is never booted, and is removed.
+fn initramfs(progress: &mut Progress, r: &Path, staging: &Path, init: &Path) -> Result<Kernel> {
+    let kernel_version = installed_kernel(r)?;
+    progress
+        .stage("initramfs", format!("construir-init as /init and the root disk's modules (kernel {kernel_version})"));
+    let kernel = Kernel {
+        image: r.join(format!("boot/vmlinuz-{kernel_version}")),
+        version: kernel_version.clone(),
+        modules: r.join(format!("lib/modules/{kernel_version}")),
+    };
+    let wanted: Vec<&str> = mini::MODULES.iter().chain(ROOT_MODULES).copied().collect();
+    let modules = kernel.resolve_module_groups(&wanted).context("cannot resolve the root disk's modules")?;
+    let names = |g: &Vec<PathBuf>| {
+        g.iter().map(|m| m.file_name().unwrap_or_default().to_string_lossy()).collect::<Vec<_>>().join(" ")
+    };
+    progress.note(format_args!("modules: {}", modules.iter().map(names).collect::<Vec<_>>().join(" | ")));
+    let initrd = staging.join("initrd.img");
+    let file = fs::File::create(&initrd).with_context(|| format!("cannot create {}", initrd.display()))?;
+    let mut cpio = Cpio::new(BufWriter::new(file));
+    mini::write_init(&mut cpio, init, &modules, r).context("cannot write the initramfs")?;
+    cpio.dir(ROOT_MOUNT, 0o755).context("cannot write the initramfs")?;
+    cpio.finish().context("cannot write the initramfs")?;
+    for entry in fs::read_dir(r.join("boot")).context("the image has no /boot")?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with("initrd.img") {
+            fs::remove_file(entry.path()).with_context(|| format!("cannot remove {}", entry.path().display()))?;
+        }
+    }
+    Ok(kernel)
+}
+
+/// What is installed in `r` and its architecture; dpkg's state is copied
+/// into `staging`: what a job's packages are resolved against, with the archive.
+fn installed(progress: &mut Progress, r: &Path, staging: &Path) -> Result<(Vec<Package>, String)> {
+    progress.stage("packages", "listing what is installed");
+    let listing = command::run(
+        Command::new("chroot").arg(r).args(["dpkg-query", "-W", "-f", "${Package}\\t${Version}\\n"]),
+        "dpkg-query",
+        Duration::from_secs(120),
+        |_| {},
+    )?;
+    let mut installed: Vec<Package> = listing
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(name, version)| Package { name: name.to_owned(), version: version.to_owned() })
+        .collect();
+    installed.sort_by(|a, b| a.name.cmp(&b.name));
+    fs::copy(r.join("var/lib/dpkg/status"), staging.join(DPKG_STATUS)).context("cannot copy /var/lib/dpkg/status")?;
+    let architecture = command::run(
+        Command::new("chroot").arg(r).args(["dpkg", "--print-architecture"]),
+        "dpkg --print-architecture",
+        Duration::from_secs(60),
+        |_| {},
+    )?
+    .trim()
+    .to_owned();
+    Ok((installed, architecture))
+}
+
+/// Exports the kernel into `staging` (its file's name returned) and drops
+/// apt's lists, caches and docs from `r`, keeping what apt needs to run in a job.
+fn trim(progress: &mut Progress, r: &Path, staging: &Path, kernel: &Kernel) -> Result<String> {
+    progress.stage("kernel", "exporting the kernel, dropping apt lists, caches and docs");
+    let (kernel_file, pvh) = crate::kernel::install_kernel(&kernel.image, staging).context("cannot copy the kernel")?;
+    progress.note(format_args!(
+        "kernel file {kernel_file}{}",
+        if pvh { " (uncompressed, booted through its PVH entry)" } else { "" }
+    ));
+    for dir in [
+        "var/lib/apt/lists",
+        "var/cache/apt",
+        "var/cache/debconf",
+        "usr/share/doc",
+        "usr/share/man",
+        "usr/share/info",
+        "var/log",
+        "tmp",
+    ] {
+        empty_dir(&r.join(dir)).with_context(|| format!("cannot clean /{dir}"))?;
+    }
+    fs::create_dir_all(r.join("var/lib/apt/lists/partial"))?;
+    fs::create_dir_all(r.join("var/cache/apt/archives/partial"))?;
+    fs::set_permissions(r.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+    Ok(kernel_file.into())
 }
 
 fn install(root: &Path, rel: &str, data: &[u8], mode: u32) -> Result<()> {

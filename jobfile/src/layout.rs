@@ -15,7 +15,10 @@
 //! running/.caches/            the build caches' shared files (`CacheTree`)
 //! done/<name>_d<image>.tar.xz a result, with <name>_d<image>.log and
 //!                             <name>_d<image>.intoto.jsonl (its signed provenance);
-//!                             all three land by `land`, the result last
+//!                             all three land by `land`: log, provenance, the result
+//!                             last, because a result in done/ is how everyone sees
+//!                             that a job ended (the server judges a verified rebuild
+//!                             once, for good, as soon as both results are there)
 //! running/.keys/<host-id>.pub a host's public key, for the server
 //! failed/<file>               a failed job, with <file>.reason (first line: why;
 //!                             a refused one also "original name: ...") and maybe <file>.log;
