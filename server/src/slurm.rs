@@ -205,8 +205,9 @@ pub fn batch_script(settings: &Settings, job: &JobRecord, attempt: u64, dir: &Pa
          key={key}\n\
          {run}\n\
          code=$?\n\
-         echo \"$code\" > exit.part && mv exit.part exit\n\
+         echo \"$code\" > {note}.part && mv {note}.part {note}\n\
          exit \"$code\"\n",
+        note = AttemptDir::EXIT,
         id = job.id,
         dir = quote(&dir.to_string_lossy()),
         run = run.join(" "),

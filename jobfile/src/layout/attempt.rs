@@ -62,8 +62,4 @@ impl AttemptDir {
     pub fn slurm_out(&self) -> PathBuf {
         self.dir.join(Self::SLURM_OUT)
     }
-
-    pub fn exit(&self) -> PathBuf {
-        self.dir.join(Self::EXIT)
-    }
 }
