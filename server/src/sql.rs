@@ -4,8 +4,8 @@
 //! driver; statements are written once, with `$1`-style parameters, which
 //! both understand. Values are the four kinds both databases share: null,
 //! 64-bit integer, text and bytes. The schema is migrations as files, one
-//! set per backend (`server/migrations/{sqlite,postgres}/`), applied by
-//! sqlx's migrator.
+//! set written in PostgreSQL's dialect (`server/migrations/`; SQLite gets
+//! them translated), applied by sqlx's migrator.
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -158,6 +158,14 @@ pub enum Backend {
 pub struct Database {
     pool: AnyPool,
     backend: Backend,
+    /// SQLite's writers, in this process: one connection that every write
+    /// takes in turn, so that none sleeps in SQLite's busy handler (which
+    /// polls, waking 1 to 100 ms late) while another holds the write lock,
+    /// and none holds the lock while it waits for a connection readers
+    /// use. Another process that writes (an operator's `account` command)
+    /// is still waited for by the busy timeout. PostgreSQL writes through
+    /// `pool`: it locks rows, not the database.
+    writer: Option<AnyPool>,
 }
 
 /// A transaction; it commits when the closure given to [`Database::tx`] returns `Ok`.
@@ -220,10 +228,9 @@ impl Database {
         sqlx::any::install_default_drivers();
         // The path as sqlx reads it: percent-decoded, up to a `?`.
         let escaped = path.replace('%', "%25").replace('?', "%3F").replace('#', "%23");
-        let pool = AnyPoolOptions::new()
-            .max_connections(SQLITE_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .after_connect(|conn, _| {
+        let url = format!("sqlite://{escaped}?mode=rwc");
+        let open = |connections| {
+            AnyPoolOptions::new().max_connections(connections).acquire_timeout(ACQUIRE_TIMEOUT).after_connect(|conn, _| {
                 Box::pin(async move {
                     conn.execute(
                         "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;",
@@ -232,9 +239,10 @@ impl Database {
                     Ok(())
                 })
             })
-            .connect(&format!("sqlite://{escaped}?mode=rwc"))
-            .await?;
-        Ok(Database { pool, backend: Backend::Sqlite })
+        };
+        let pool = open(SQLITE_CONNECTIONS).connect(&url).await?;
+        let writer = open(1).connect(&url).await?;
+        Ok(Database { pool, backend: Backend::Sqlite, writer: Some(writer) })
     }
 
     /// Connects to PostgreSQL (`postgresql://user@host:port/dbname`, without TLS:
@@ -246,7 +254,7 @@ impl Database {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect(url)
             .await?;
-        Ok(Database { pool, backend: Backend::Postgres })
+        Ok(Database { pool, backend: Backend::Postgres, writer: None })
     }
 
     pub fn backend(&self) -> Backend {
@@ -262,7 +270,7 @@ impl Database {
         F: AsyncFnOnce(&mut Tx) -> Result<R, E>,
     {
         let inner = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Sqlite => self.writes().begin_with("BEGIN IMMEDIATE").await,
             Backend::Postgres => self.pool.begin().await,
         }
         .map_err(SqlError::from)?;
@@ -274,7 +282,17 @@ impl Database {
 
     /// One statement on its own (it is its own transaction); the rows it changed.
     pub async fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, SqlError> {
-        Ok(bind(sqlx::query(sql), params).execute(&self.pool).await?.rows_affected())
+        Ok(bind(sqlx::query(sql), params).execute(self.writes()).await?.rows_affected())
+    }
+
+    /// One statement that changes rows and returns one (`… RETURNING …`) on its own.
+    pub async fn execute_returning(&self, sql: &str, params: &[Value]) -> Result<Option<Row>, SqlError> {
+        Ok(bind(sqlx::query(sql), params).fetch_optional(self.writes()).await?.map(Row))
+    }
+
+    /// Where writes go: SQLite's one writing connection (`writer`), or the pool.
+    fn writes(&self) -> &AnyPool {
+        self.writer.as_ref().unwrap_or(&self.pool)
     }
 
     /// One query on its own: a consistent read that waits on no writer.
@@ -413,7 +431,7 @@ mod tests {
 
     /// The sha384 of each SQLite migration as its own file held it, before
     /// both backends shared one: what SQLite databases made then recorded.
-    const SQLITE_CHECKSUMS: [&str; 9] = [
+    const SQLITE_CHECKSUMS: [&str; 10] = [
         "d799f796adb941cccb63f30e24d9c4d8efa2c9d1e6fceab0ab5d5f65cdc3e207d0897f4911c9ca07bdfd9d4ad6dce389",
         "faf001dfe6d1da0dbb626793f34742f3c090e9306caab6464b0123f9bfe1f3c06538dc909b2badcb8760bfa77f3aa068",
         "434f6473afb360584cdea02095fe46358596ac023ed8745aecb9209b0bd15b071f654c9584383a2af45e2e0c9fcca4c4",
@@ -423,6 +441,7 @@ mod tests {
         "7aa5aced3e1103c2258c1d90822b939a0cdb51e14a92e3ac1c72a0ba9f103ca5369e704c09f16afe2457d2aa1f7e0fac",
         "cfe8c681e3b8e68b3b06d58f55062fd43706de61e846201c6227ede339c7b8cc02d120651444a0627b42c2ee87676bf2",
         "5be3d0efed7b5d28f85eb5377e72683eaeb52ac416586d487d7c4ddb4397d84a4d2ec9cab6558725222ce3c8d71aba69",
+        "43f9f222af6081642f5407b11c5e27cb8ca1f293f3426e57f8943c2436125f095d53f2c460d97aed2eec55cc2404d070",
     ];
 
     #[tokio::test]

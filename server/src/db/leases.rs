@@ -91,46 +91,74 @@ pub async fn lease_next(
     if images.is_empty() {
         return Ok(None);
     }
+    let marks: Vec<String> = (0..images.len()).map(|i| format!("${}", i + 1)).collect();
+    let waiting = format!(
+        "FROM jobs WHERE lease_host IS NULL AND delivered_seq IS NULL AND deleted IS NULL
+           AND state NOT IN ('done', 'failed', 'uploading') AND image IN ({})",
+        marks.join(", ")
+    );
+    let params: Vec<crate::sql::Value> = images.iter().map(|i| i.as_str().into()).collect();
+    // Nothing waiting (a host asking again and again while the queue is empty): a read, no write transaction.
+    if db.query_opt(&format!("SELECT id {waiting} ORDER BY submitted_unix, id LIMIT 1"), &params).await?.is_none() {
+        return Ok(None);
+    }
     db.tx(async |tx| {
-        let marks: Vec<String> = (0..images.len()).map(|i| format!("${}", i + 1)).collect();
-        let sql = format!(
-            "SELECT id, file_name, size, lease_seq, attempts, file_ino, file_birth, packages, account_id, image, caches, submitted_unix FROM jobs
-             WHERE lease_host IS NULL AND delivered_seq IS NULL AND deleted IS NULL
-               AND state NOT IN ('done', 'failed', 'uploading') AND image IN ({})
-             ORDER BY submitted_unix, id LIMIT 64{}",
-            marks.join(", "),
-            tx.skip_locked()
-        );
-        let params: Vec<crate::sql::Value> = images.iter().map(|i| i.as_str().into()).collect();
-        for r in tx.query(&sql, &params).await? {
-            let file_name = r.text("file_name")?;
-            let ino = file_id(&r)?;
-            let candidate = Candidate {
-                file_name: file_name.clone(),
-                ino,
-                account_id: r.int("account_id")?,
-                image: r.text("image")?,
-                caches: r.opt_json("caches")?.unwrap_or_default(),
-                waited_secs: unix_now() - r.int("submitted_unix")?,
-            };
-            if !take(&candidate) {
-                continue;
+        // The 64 oldest, the first few alone: nearly always the oldest is taken, and each row read costs.
+        let mut rows = Vec::new();
+        for (limit, offset) in [(8, 0), (56, 8)] {
+            let sql = format!(
+                "SELECT id, file_name, size, lease_seq, attempts, file_ino, file_birth, packages, account_id, image, caches, submitted_unix
+                 {waiting} ORDER BY submitted_unix, id LIMIT {limit} OFFSET {offset}{}",
+                tx.skip_locked()
+            );
+            if offset > 0 && rows.len() < offset {
+                break;
             }
-            let (id, seq, attempt) = (r.text("id")?, r.count("lease_seq")? + 1, r.count("attempts")? + 1);
-            let expires_ms = unix_ms() + lease_ms;
-            tx.execute(
-                "UPDATE jobs SET lease_host = $1, lease_seq = $2, lease_expires_ms = $3, attempts = $4 WHERE id = $5",
-                params![host, seq, expires_ms, attempt, &id],
-            )
-            .await?;
-            audit_in(tx, Some(host), "leased", &format!("{id} lease {seq}, attempt {attempt}")).await?;
-            let packages = r.opt_json("packages")?;
-            let (size, account_id) = (r.count("size")?, candidate.account_id);
-            return Ok(Some(Lease { id, file_name, size, seq, attempt, expires_ms, ino, packages, account_id }));
+            rows = tx.query(&sql, &params).await?;
+            if let Some(lease) = lease_first(tx, host, lease_ms, &rows, &take).await? {
+                return Ok(Some(lease));
+            }
         }
         Ok(None)
     })
     .await
+}
+
+/// Leases `host` the first of `rows` (waiting jobs, oldest first) that `take` accepts.
+async fn lease_first(
+    tx: &mut crate::sql::Tx,
+    host: &str,
+    lease_ms: i64,
+    rows: &[crate::sql::Row],
+    take: &impl Fn(&Candidate) -> bool,
+) -> Result<Option<Lease>, DbError> {
+    for r in rows {
+        let file_name = r.text("file_name")?;
+        let ino = file_id(r)?;
+        let candidate = Candidate {
+            file_name: file_name.clone(),
+            ino,
+            account_id: r.int("account_id")?,
+            image: r.text("image")?,
+            caches: r.opt_json("caches")?.unwrap_or_default(),
+            waited_secs: unix_now() - r.int("submitted_unix")?,
+        };
+        if !take(&candidate) {
+            continue;
+        }
+        let (id, seq, attempt) = (r.text("id")?, r.count("lease_seq")? + 1, r.count("attempts")? + 1);
+        let expires_ms = unix_ms() + lease_ms;
+        tx.execute(
+            "UPDATE jobs SET lease_host = $1, lease_seq = $2, lease_expires_ms = $3, attempts = $4 WHERE id = $5",
+            params![host, seq, expires_ms, attempt, &id],
+        )
+        .await?;
+        audit_in(tx, Some(host), "leased", &format!("{id} lease {seq}, attempt {attempt}")).await?;
+        let packages = r.opt_json("packages")?;
+        let (size, account_id) = (r.count("size")?, candidate.account_id);
+        return Ok(Some(Lease { id, file_name, size, seq, attempt, expires_ms, ino, packages, account_id }));
+    }
+    Ok(None)
 }
 
 /// Takes back a lease whose job turned out not to be in the queue after all
@@ -159,18 +187,13 @@ pub async fn live_lease(
 
 /// Extends a live lease; the job's file name, or `None` when the lease is expired or superseded.
 pub async fn renew(db: &Database, id: &str, host: &str, seq: u64, lease_ms: i64) -> Result<Option<String>, DbError> {
-    db.tx(async |tx| {
-        let now = unix_ms();
-        let n = tx.execute(
-            "UPDATE jobs SET lease_expires_ms = $1 WHERE id = $2 AND lease_host = $3 AND lease_seq = $4 AND lease_expires_ms > $5",
-            params![now + lease_ms, id, host, seq, now],
-        ).await?;
-        if n != 1 {
-            return Ok(None);
-        }
-        let row = tx.query_opt("SELECT file_name FROM jobs WHERE id = $1", params![id]).await?;
-        Ok(row.map(|r| r.text("file_name")).transpose()?)
-    }).await
+    let now = unix_ms();
+    let row = db.execute_returning(
+        "UPDATE jobs SET lease_expires_ms = $1 WHERE id = $2 AND lease_host = $3 AND lease_seq = $4 AND lease_expires_ms > $5
+         RETURNING file_name",
+        params![now + lease_ms, id, host, seq, now],
+    ).await?;
+    Ok(row.map(|r| r.text("file_name")).transpose()?)
 }
 
 /// Ends a live lease with the job delivered (`done`) or failed, or given
