@@ -10,7 +10,7 @@ use crate::auth;
 use crate::db::{self, JobRecord, Limits};
 use crate::quota::UploadRules;
 use crate::sql::Database;
-use crate::store::{Place, Store};
+use crate::store::{Place, Queued, Store};
 
 /// How the server treats uploads and the clients that send them.
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +40,8 @@ pub struct App {
     pub farm: crate::lease::Settings,
     /// Resolves jobs' packages at submit (`None`: a job that declares any is refused).
     pub packages: Option<deps::Resolver>,
+    /// When each build host was last written down as heard from.
+    pub(crate) heard: crate::heard::Heard,
 }
 
 /// Failed authentications a client may make in a minute before its failures are answered 429.
@@ -61,6 +63,7 @@ impl App {
             sessions: crate::sessions::Sessions::default(),
             farm,
             packages,
+            heard: Default::default(),
         })
     }
 
@@ -83,7 +86,12 @@ impl App {
 
     /// Where a job is, as the directories say (only the server's own file counts).
     pub fn locate(&self, job: &JobRecord) -> Place {
-        let mut place = self.store.locate(&job.file_name, job.file_id);
+        self.locate_among(job, &Queued::default())
+    }
+
+    /// `locate`, with the queue listed once for a pass over many jobs (`store::Queued`).
+    pub fn locate_among(&self, job: &JobRecord, queued: &Queued) -> Place {
+        let mut place = self.store.locate_among(&job.file_name, job.file_id, queued);
         if let (Place::Running { host, .. }, Some(lease_host)) = (&mut place, &job.host) {
             // A farm job's file waits in running/.farm; its host is the lease's.
             host.clone_from(lease_host);
@@ -93,7 +101,12 @@ impl App {
 
     /// Brings a job's record up to what the directories say; returns where it is.
     pub async fn refresh(&self, job: &JobRecord) -> Place {
-        let place = self.locate(job);
+        self.refresh_among(job, &Queued::default()).await
+    }
+
+    /// `refresh`, with the queue listed once for a pass over many jobs (`store::Queued`).
+    pub async fn refresh_among(&self, job: &JobRecord, queued: &Queued) -> Place {
+        let place = self.locate_among(job, queued);
         let (verdict, bytes) = match &place {
             Place::Done { verdict, result_bytes } => (Some(verdict.as_str()), Some(*result_bytes)),
             Place::Failed { reason } => (Some(reason.as_str()), None),

@@ -19,6 +19,7 @@ pub mod app;
 pub mod attempt;
 pub mod auth;
 pub mod db;
+pub mod heard;
 pub mod http;
 pub mod lease;
 pub mod listen;
@@ -36,16 +37,26 @@ use std::time::Duration;
 
 use app::App;
 
-/// Makes the records agree with the directories: every job's state is read
-/// again, and reservations of uploads that died with their server are
-/// dropped. A job that cannot be brought up to date is logged and skipped;
-/// nothing here stops the server. Records come only from the server's own
-/// uploads: a file in the directories is never taken for an account's by
-/// its name.
+/// Makes the records agree with the directories (at start): every job's
+/// state is read again, and reservations of uploads that died with their
+/// server are dropped. A job that cannot be brought up to date is logged
+/// and skipped; nothing here stops the server. Records come only from the
+/// server's own uploads: a file in the directories is never taken for an
+/// account's by its name.
 pub async fn rebuild(app: &App) -> Result<(), db::DbError> {
-    let jobs = db::all_jobs(&app.db).await?;
+    bring_up_to_date(app, db::all_jobs(&app.db).await?).await
+}
+
+/// `rebuild` for the jobs that can still change (`db::jobs_to_follow`):
+/// what the follow loop does every round.
+pub async fn catch_up(app: &App) -> Result<(), db::DbError> {
+    bring_up_to_date(app, db::jobs_to_follow(&app.db).await?).await
+}
+
+async fn bring_up_to_date(app: &App, jobs: Vec<db::JobRecord>) -> Result<(), db::DbError> {
+    let queued = store::Queued::default();
     for job in &jobs {
-        app.refresh(job).await;
+        app.refresh_among(job, &queued).await;
     }
     // Verified rebuilds whose two runs have both ended get their verdict.
     rebuild::settle(app, &jobs).await?;
@@ -112,9 +123,12 @@ pub async fn unrecorded(app: &App) -> Result<usize, db::DbError> {
 pub async fn sweep_retention(app: &App) -> Result<usize, db::DbError> {
     let conn = &app.db;
     let accounts = db::accounts(conn).await?;
-    let jobs = db::all_jobs(conn).await?;
+    // Only jobs older than the shortest retention anyone has can be due.
+    let shortest = accounts.iter().filter_map(|a| a.limits.or(app.settings.defaults).retention_days).min();
+    let Some(shortest) = shortest else { return Ok(0) };
+    let jobs = db::ended_before(conn, db::unix_now() - (shortest as i64).saturating_mul(86_400)).await?;
     let mut cleared = 0;
-    for job in jobs.iter().filter(|j| j.deleted.is_none() && j.state.ended()) {
+    for job in &jobs {
         let Some(account) = accounts.iter().find(|a| a.id == job.account_id) else { continue };
         let Some(days) = account.limits.or(app.settings.defaults).retention_days else { continue };
         if db::unix_now() - job.submitted_unix < (days as i64) * 86_400 {
@@ -173,7 +187,7 @@ pub async fn keep_sweeping(app: Arc<App>, every: Duration) {
 pub async fn follow(app: Arc<App>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
-        if let Err(e) = rebuild(&app).await {
+        if let Err(e) = catch_up(&app).await {
             log::error!("cannot follow the queue: {}", jobfile::error_chain(&e));
         }
         match sweep_retention(&app).await {

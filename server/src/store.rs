@@ -40,6 +40,13 @@ pub const XZ_MAGIC: &[u8] = b"\xfd7zXZ\0";
 /// Where a job is, as the directories say.
 pub use wire::Place;
 
+/// The queue's waiting files, listed once for many jobs placed in one
+/// pass (the follow loop, a list of jobs): each waiting job's position is
+/// counted against the same listing, taken when the first one needs it.
+/// Placing a thousand waiting jobs lists the queue once, not a thousand times.
+#[derive(Debug, Default)]
+pub struct Queued(std::sync::OnceLock<Vec<(i64, i64, String)>>);
+
 impl Store {
     /// Beside `queue`, as build hosts default them.
     pub fn beside(queue: &Path) -> Store {
@@ -113,10 +120,16 @@ impl Store {
     /// server wrote (recorded at upload): a file of that name with another
     /// inode, a link or a file with several names is not the job's.
     pub fn locate(&self, file_name: &str, ino: Option<FileId>) -> Place {
+        self.locate_among(file_name, ino, &Queued::default())
+    }
+
+    /// `locate`, a waiting job's position counted in `queued`: one listing
+    /// of the queue for every job placed in one pass.
+    pub fn locate_among(&self, file_name: &str, ino: Option<FileId>, queued: &Queued) -> Place {
         match self.dirs.locate(file_name, &self.host_dirs(), |m| is_own(m, ino)) {
             Found::Waiting(meta) => {
                 let mine = (meta.ctime(), meta.ctime_nsec(), file_name);
-                let waiting = self.waiting();
+                let waiting = queued.0.get_or_init(|| self.waiting());
                 let ahead = waiting.iter().filter(|(c, n, name)| (*c, *n, name.as_str()) < mine).count();
                 Place::Waiting { position: ahead + 1, waiting: waiting.len() }
             }

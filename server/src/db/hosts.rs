@@ -33,6 +33,7 @@ impl HostRecord {
 }
 
 /// Records that host `account_id` called, with what it has (`caches`: its held caches as JSON).
+/// A call in the same second saying the same changes nothing, and writes nothing.
 pub async fn host_seen(
     db: &Database,
     account_id: i64,
@@ -44,7 +45,10 @@ pub async fn host_seen(
     db.execute(
         "INSERT INTO hosts (account_id, last_seen, last_seen_unix, images, capacity, version, caches) VALUES ($1, $2, $3, $4, $5, $6, $7)
          ON CONFLICT (account_id) DO UPDATE SET last_seen = excluded.last_seen, last_seen_unix = excluded.last_seen_unix,
-         images = excluded.images, capacity = excluded.capacity, version = excluded.version, caches = excluded.caches",
+         images = excluded.images, capacity = excluded.capacity, version = excluded.version, caches = excluded.caches
+         WHERE hosts.last_seen_unix IS DISTINCT FROM excluded.last_seen_unix OR hosts.images IS DISTINCT FROM excluded.images
+            OR hosts.capacity IS DISTINCT FROM excluded.capacity OR hosts.version IS DISTINCT FROM excluded.version
+            OR hosts.caches IS DISTINCT FROM excluded.caches",
         params![account_id, now(), unix_now(), images, capacity, version, caches],
     ).await?;
     Ok(())
@@ -84,6 +88,10 @@ pub async fn given_caches(
 /// Pins `key` for host `account_id` when it has none yet; returns the key
 /// pinned now (this one, or the one it had).
 pub async fn pin_key(db: &Database, account: &Account, key: &str) -> Result<String, DbError> {
+    // Pinned already (every call but a host's first): a read, no transaction.
+    if let Some(pinned) = host_key(db, account.id).await? {
+        return Ok(pinned);
+    }
     db.tx(async |tx| {
         let pinned = tx
             .execute("UPDATE hosts SET key = $1 WHERE account_id = $2 AND key IS NULL", params![key, account.id])
@@ -113,10 +121,11 @@ pub async fn unpin_key(db: &Database, name: &str) -> Result<(), DbError> {
     .await
 }
 
-/// Records that host `account_id` was heard from (a renewal), keeping what it said last.
+/// Records that host `account_id` was heard from (a renewal), keeping what it said last;
+/// nothing is written when it was heard from in this second already.
 pub async fn host_touch(db: &Database, account_id: i64) -> Result<(), DbError> {
     db.execute(
-        "UPDATE hosts SET last_seen = $1, last_seen_unix = $2 WHERE account_id = $3",
+        "UPDATE hosts SET last_seen = $1, last_seen_unix = $2 WHERE account_id = $3 AND last_seen_unix IS DISTINCT FROM $2",
         params![now(), unix_now(), account_id],
     )
     .await?;

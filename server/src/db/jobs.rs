@@ -283,6 +283,54 @@ pub async fn all_jobs(db: &Database) -> Result<Vec<JobRecord>, DbError> {
     Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
 }
 
+/// The jobs the follow loop brings up to date, oldest first: those that
+/// have not ended, and the verified rebuilds still waiting for their
+/// verdict with their second runs. A job that ended is final (a request
+/// about it still reads it again), so a server with a long history does not
+/// read it all again every round.
+pub async fn jobs_to_follow(db: &Database) -> Result<Vec<JobRecord>, DbError> {
+    let rows = db
+        .query(
+            &format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ($1, $2, $3) OR (rebuild IS NOT NULL AND state != $4)"
+            ),
+            params![
+                JobState::Waiting.as_str(),
+                JobState::Running.as_str(),
+                JobState::Missing.as_str(),
+                JobState::Uploading.as_str()
+            ],
+        )
+        .await?;
+    let mut jobs: Vec<JobRecord> = rows
+        .iter()
+        .map(job_from_row)
+        .filter(|j| {
+            j.as_ref().map_or(true, |j| !j.state.ended() || j.rebuild.as_ref().is_some_and(|r| r.verdict.is_none()))
+        })
+        .collect::<Result<_, _>>()?;
+    let twins: Vec<String> = jobs.iter().filter_map(|j| j.rebuild.as_ref()).map(|r| r.twin.clone()).collect();
+    for twin in twins {
+        if !jobs.iter().any(|j| j.id == twin) {
+            jobs.extend(job_by_id(db, &twin).await?);
+        }
+    }
+    jobs.sort_by(|a, b| (a.submitted_unix, &a.id).cmp(&(b.submitted_unix, &b.id)));
+    Ok(jobs)
+}
+
+/// The jobs that ended and whose files are kept, submitted before `unix`:
+/// the only ones retention may clear.
+pub async fn ended_before(db: &Database, unix: i64) -> Result<Vec<JobRecord>, DbError> {
+    let rows = db
+        .query(
+            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE submitted_unix < $1 AND state IN ($2, $3) AND deleted IS NULL ORDER BY submitted_unix, id"),
+            params![unix, JobState::Done.as_str(), JobState::Failed.as_str()],
+        )
+        .await?;
+    Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+}
+
 /// A job by its id, whichever account's.
 pub async fn job_by_id(db: &Database, id: &str) -> Result<Option<JobRecord>, DbError> {
     let row = db

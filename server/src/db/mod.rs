@@ -34,8 +34,8 @@ pub use hosts::{caches_given, given_caches, host_key, host_seen, host_touch, hos
 #[cfg(test)]
 pub(crate) use jobs::test_record;
 pub use jobs::{
-    all_jobs, delete_job, insert_job, job, job_by_file, job_by_id, jobs_of, mark_deleted, set_ran_on, state_of,
-    update_state, JobRecord, RanOn, RebuildRecord,
+    all_jobs, delete_job, ended_before, insert_job, job, job_by_file, job_by_id, jobs_of, jobs_to_follow, mark_deleted,
+    set_ran_on, state_of, update_state, JobRecord, RanOn, RebuildRecord,
 };
 pub use leases::{
     end_lease, expire_leases, extend_leases, farm_state, farm_state_by_id, lease_next, lease_reason, leased_jobs,
@@ -45,7 +45,7 @@ pub use slurm::{
     node_keys, pin_node_key, slurm_abandon, slurm_cancel_sent, slurm_end, slurm_runs, slurm_start, slurm_update,
     unpin_node_key, SlurmRun,
 };
-pub use uploads::{drop_upload, file_recorded, finish_upload, reserve_upload, uploads, Usage};
+pub use uploads::{drop_upload, file_recorded, finish_submission, finish_upload, reserve_upload, uploads, Usage};
 pub use verdicts::{set_rebuild_verdict, twin};
 /// An account's limits; `None` means the server-wide default.
 pub use wire::Limits;
@@ -196,6 +196,37 @@ mod tests {
         drop(conn);
         let conn = open(&tmp.path().join("s.db").to_string_lossy()).await.expect("reopen");
         assert_eq!(accounts(&conn).await.expect("list").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_follow_loop_reads_again_what_can_change_and_retention_what_has_ended() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let db = open(&tmp.path().join("s.db").to_string_lossy()).await.expect("open");
+        let alice = add_account(&db, "alice", Kind::Submitter, b"a").await.expect("add");
+        let job = |id: &str, state| test_record(&alice, id, id, 1 << 20, state);
+        let pair = RebuildRecord { twin: "5000000000000000".into(), epoch: 1, verdict: None };
+        let jobs = [
+            job("1000000000000000", JobState::Done),
+            job("2000000000000000", JobState::Waiting),
+            job("3000000000000000", JobState::Running),
+            job("4000000000000000", JobState::Failed),
+            // A verified rebuild both of whose runs ended, still without its verdict.
+            JobRecord { rebuild: Some(pair), ..job("4100000000000000", JobState::Done) },
+            JobRecord { twin_of: Some("4100000000000000".into()), ..job("5000000000000000", JobState::Failed) },
+            job("6000000000000000", JobState::Missing),
+            job("7000000000000000", JobState::Uploading),
+        ];
+        for (i, j) in jobs.iter().enumerate() {
+            insert_job(&db, &JobRecord { submitted_unix: 1000 + i as i64, ..j.clone() }).await.expect("insert");
+        }
+        let ids = |jobs: Vec<JobRecord>| jobs.into_iter().map(|j| j.id[..2].to_owned()).collect::<Vec<_>>();
+        // Not the jobs that ended for good, nor an upload; the pair waiting for its verdict, both runs.
+        assert_eq!(ids(jobs_to_follow(&db).await.expect("follow")), ["20", "30", "41", "50", "60"]);
+        // Retention sees only the ended jobs submitted before its cut-off.
+        assert_eq!(ids(ended_before(&db, 1004).await.expect("ended")), ["10", "40"]);
+        assert_eq!(ids(ended_before(&db, 2000).await.expect("ended")), ["10", "40", "41", "50"]);
+        mark_deleted(&db, "1000000000000000").await.expect("deleted");
+        assert_eq!(ids(ended_before(&db, 2000).await.expect("ended")), ["40", "41", "50"]);
     }
 
     #[tokio::test]

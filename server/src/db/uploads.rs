@@ -3,10 +3,11 @@
 
 use jobfile::deps::Resolution;
 
+use super::audit::audit_in;
 use super::jobs::{caches_text, insert_in, packages_text};
 use super::{now, unix_now, DbError, JobRecord, JobState};
 use crate::params;
-use crate::sql::{Database, SqlError};
+use crate::sql::{Database, SqlError, Tx};
 use crate::store::FileId;
 
 /// What an account holds and does at the moment an upload starts, every
@@ -94,18 +95,52 @@ pub async fn finish_upload(
     packages: Option<&Resolution>,
     caches: &[String],
 ) -> Result<bool, DbError> {
-    let (packages, caches) = (packages_text(packages), caches_text(caches));
+    db.tx(async |tx| finish_in(tx, id, (size, sha256), file, packages, caches).await).await
+}
+
+/// A submission's uploads (one job, or a verified rebuild's two runs, each
+/// `(id, file)`) finished together, and `audit` (account, detail) recorded
+/// as `submitted`, in one transaction. `false` when a reservation vanished.
+pub async fn finish_submission(
+    db: &Database,
+    jobs: &[(&str, FileId)],
+    size: (u64, &str),
+    packages: Option<&Resolution>,
+    caches: &[String],
+    (account, detail): (&str, &str),
+) -> Result<bool, DbError> {
     db.tx(async |tx| {
-        let finished = tx.execute(
-            "UPDATE jobs SET size = $1, file_ino = $2, file_birth = $6, packages = $7, caches = $8, file_sha256 = $9, state = 'waiting', updated = $3 WHERE id = $4 AND state = $5",
-            params![size, file.ino, now(), id, JobState::Uploading.as_str(), file.birth_ns, packages.clone(), caches.clone(), sha256],
-        ).await? == 1;
-        if finished {
-            return Ok(true);
+        for (id, file) in jobs {
+            if !finish_in(tx, id, size, *file, packages, caches).await? {
+                return Ok(false);
+            }
         }
-        let row = tx.query_opt("SELECT file_ino FROM jobs WHERE id = $1 AND state != $2", params![id, JobState::Uploading.as_str()]).await?;
-        Ok(row.map(|r| r.opt_int("file_ino")).transpose()?.flatten() == Some(file.ino as i64))
-    }).await
+        audit_in(tx, Some(account), "submitted", detail).await?;
+        Ok(true)
+    })
+    .await
+}
+
+async fn finish_in(
+    tx: &mut Tx,
+    id: &str,
+    (size, sha256): (u64, &str),
+    file: FileId,
+    packages: Option<&Resolution>,
+    caches: &[String],
+) -> Result<bool, DbError> {
+    let (packages, caches) = (packages_text(packages), caches_text(caches));
+    let finished = tx.execute(
+        "UPDATE jobs SET size = $1, file_ino = $2, file_birth = $6, packages = $7, caches = $8, file_sha256 = $9, state = 'waiting', updated = $3 WHERE id = $4 AND state = $5",
+        params![size, file.ino, now(), id, JobState::Uploading.as_str(), file.birth_ns, packages, caches, sha256],
+    ).await? == 1;
+    if finished {
+        return Ok(true);
+    }
+    let row = tx
+        .query_opt("SELECT file_ino FROM jobs WHERE id = $1 AND state != $2", params![id, JobState::Uploading.as_str()])
+        .await?;
+    Ok(row.map(|r| r.opt_int("file_ino")).transpose()?.flatten() == Some(file.ino as i64))
 }
 
 /// Drops an upload's reservation (it was refused, broke off, or died with a server).

@@ -84,9 +84,12 @@ async fn heard_from(app: &App, host: &Account, req: LeaseRequest) -> ApiResult<(
     let images = serde_json::to_string(&req.images).unwrap_or_default();
     let req = LeaseRequest { caches: given_only(app, host, req.caches).await?, ..req };
     let caches = serde_json::to_string(&req.caches).unwrap_or_default();
-    db::host_seen(app.db(), host.id, &images, req.capacity.min(1024), &req.version, &caches)
-        .await
-        .map_err(ApiError::internal)?;
+    let (now, capacity) = (db::unix_now(), req.capacity.min(1024));
+    let said = crate::heard::digest(&(&images, capacity, &req.version, &caches));
+    if app.heard.seen_is_news(host.id, now, said) {
+        db::host_seen(app.db(), host.id, &images, capacity, &req.version, &caches).await.map_err(ApiError::internal)?;
+        app.heard.written(host.id, now, Some(said));
+    }
     let Some(key) = &req.key else { return Ok((req, usable)) };
     let key = construir_provenance::PublicKey::parse(key)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad lease request: {e}")))?
@@ -121,8 +124,13 @@ async fn hand_out(
         current(&req.caches, generations).map(|c| (c.owner.clone(), c.image.clone(), c.name.clone())).collect();
     let elsewhere = {
         let hosts = db::hosts(app.db()).await.map_err(ApiError::internal)?;
-        let leased = db::leased_jobs(app.db()).await.map_err(ApiError::internal)?;
-        warm_elsewhere(&hosts, &leased, &host.name, generations)
+        // No other host holds a cache: none is warmer, and the leases need not be read.
+        if hosts.iter().all(|h| h.name == host.name || h.caches.is_empty()) {
+            Default::default()
+        } else {
+            let leased = db::leased_jobs(app.db()).await.map_err(ApiError::internal)?;
+            warm_elsewhere(&hosts, &leased, &host.name, generations)
+        }
     };
     for _ in 0..8 {
         let store = app.store.clone();
@@ -336,7 +344,11 @@ pub async fn renew(
     let renewed = db::renew(app.db(), &id, &host.name, q.seq, app.farm.lease_ms()).await.map_err(ApiError::internal)?;
     let file_name = renewed.ok_or_else(lease_lost)?;
     // A busy host asks for no work; its renewals say it is alive.
-    db::host_touch(app.db(), host.id).await.map_err(ApiError::internal)?;
+    let now = db::unix_now();
+    if app.heard.touch_is_news(host.id, now) {
+        db::host_touch(app.db(), host.id).await.map_err(ApiError::internal)?;
+        app.heard.written(host.id, now, None);
+    }
     if !body.is_empty() && q.offset < MAX_CONSOLE {
         use std::os::unix::fs::FileExt;
         let path = app.store.farm_console(&file_name);

@@ -67,8 +67,9 @@ pub(super) async fn rebuild_view(app: &App, j: &JobRecord) -> ApiResult<Option<w
 pub(crate) async fn list(State(app): State<Arc<App>>, Authed(account): Authed) -> ApiResult<Json<wire::JobList>> {
     let jobs = db::jobs_of(app.db(), account.id).await.map_err(ApiError::internal)?;
     let mut out = Vec::with_capacity(jobs.len());
+    let queued = crate::store::Queued::default();
     for j in &jobs {
-        let mut job = job_json(j, &app.refresh(j).await);
+        let mut job = job_json(j, &app.refresh_among(j, &queued).await);
         job.rebuild = rebuild_view(&app, j).await?;
         out.push(job);
     }

@@ -168,8 +168,9 @@ pub async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         Err(e) => return unavailable(&e),
     };
     let mut rows = String::new();
+    let queued = crate::store::Queued::default();
     for job in &jobs {
-        rows.push_str(&job_row(&app, job, &app.refresh(job).await));
+        rows.push_str(&job_row(&app, job, &app.refresh_among(job, &queued).await));
     }
     let body = format!(
         r#"<h1>{} <small>{} job(s)</small></h1>

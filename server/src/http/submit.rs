@@ -108,17 +108,19 @@ pub(crate) async fn submit(
     }
     let terms = Terms { pin: packages.clone(), owner: Some(jobfile::caches::account_owner(account.id)), rebuild: None };
     enqueue(&app, &queued, &terms, &mut guards)?;
-    for (job, _, ino) in &queued {
-        let finished = db::finish_upload(app.db(), &job.id, (size, &sha256), *ino, packages.as_ref(), &caches).await;
-        if !finished.map_err(ApiError::internal)? {
-            return Err(ApiError::internal(std::io::Error::other(format!("job {}: its reservation vanished", job.id))));
-        }
+    let (id, what) = (&record.id, format!("{} ({size} bytes)", record.file_name));
+    let jobs: Vec<(&str, FileId)> = queued.iter().map(|(job, _, ino)| (job.id.as_str(), *ino)).collect();
+    let audit = (account.name.as_str(), format!("{id} {what}"));
+    let finished =
+        db::finish_submission(app.db(), &jobs, (size, &sha256), packages.as_ref(), &caches, (audit.0, &audit.1))
+            .await
+            .map_err(ApiError::internal)?;
+    if !finished {
+        return Err(ApiError::internal(std::io::Error::other(format!("job {id}: its reservation vanished"))));
     }
     guards.iter_mut().for_each(|g| g.path = None);
     (record.size, record.file_sha256, record.file_id, record.packages, record.caches) =
         (size, Some(sha256), Some(ino), packages, caches);
-    let (id, what) = (&record.id, format!("{} ({size} bytes)", record.file_name));
-    db::audit_or_log(app.db(), Some(&account.name), "submitted", &format!("{id} {what}")).await;
     log::info!("account {}: job {id} submitted as {what}", account.name);
     let mut out = job_json(&record, &app.locate(&record));
     out.rebuild = rebuild_view(&app, &record).await?;
