@@ -132,6 +132,11 @@ impl Apt {
     }
 
     /// Whether the lists are there and younger than `fresh`.
+    /// Its directory: `lists/`, `cache/`, its configuration.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn is_fresh(&self, fresh: Duration) -> bool {
         let stamp = self.dir.join("lists/.updated");
         fs::metadata(stamp).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|age| age < fresh))

@@ -8,6 +8,7 @@
 pub mod apt;
 pub mod cache;
 pub mod disk;
+pub mod resolved;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
@@ -236,15 +237,37 @@ impl Resolver {
         let (apt, _lock) = self.apt(image, manifest, true, halt)?;
         let archive = manifest.archive.as_ref().expect("apt() checked it");
         let status = image_dir.join(&archive.dpkg_status);
-        let apt::Simulated { install, remove } = apt.satisfy(&status, relations, halt)?;
-        if install.len() > self.settings.max_packages {
-            return Err(ResolveError::TooMany { count: install.len(), limit: self.settings.max_packages });
+        // The same question against the same lists and image: the answer apt gave before.
+        let resolved = resolved::Resolved::new(apt.dir());
+        let key = resolved::Resolved::key(&apt.dir().join("lists"), &status, relations)
+            .inspect_err(|e| log::warn!("cannot key the resolution of image i{image}'s packages: {e}"))
+            .ok();
+        if let Some(resolution) = key.as_deref().and_then(|k| resolved.get(k)) {
+            log::info!("{} relations on image i{image}: resolved before against the same lists", relations.len());
+            self.check_count(resolution.install.len())?;
+            self.check_bytes(&resolution)?;
+            return Ok(resolution);
         }
+        let apt::Simulated { install, remove } = apt.satisfy(&status, relations, halt)?;
+        self.check_count(install.len())?;
         let mut install = apt.show(&install)?;
         install.sort();
         let resolution = Resolution { install, remove };
         self.check_bytes(&resolution)?;
+        if let Some(key) = key {
+            if let Err(e) = resolved.put(&key, &resolution) {
+                log::warn!("cannot keep the resolution of image i{image}'s packages: {e}");
+            }
+        }
         Ok(resolution)
+    }
+
+    /// Refuses more packages than `max_packages`.
+    fn check_count(&self, count: usize) -> Result<(), ResolveError> {
+        if count > self.settings.max_packages {
+            return Err(ResolveError::TooMany { count, limit: self.settings.max_packages });
+        }
+        Ok(())
     }
 
     /// Refuses a resolution whose `.deb` files come to more than `max_bytes`
