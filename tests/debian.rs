@@ -397,6 +397,15 @@ fn declared_packages_are_installed_offline_into_a_layer_that_the_second_run_boot
         assert!(ssl["sha256"].as_str().is_some_and(|s| s.len() == 64), "{ssl}");
         let layer = status["layer"].as_str().expect("a layer").to_owned();
         assert!(console.contains(&format!("the root is layer {layer}")), "round {round}: {console}");
+        // Where the time went, from the claim: the host's stages before the VM, then the guest's.
+        let stages: Vec<&str> =
+            status["stages"].as_array().expect("stages").iter().filter_map(|s| s["stage"].as_str()).collect();
+        let before_vm: &[&str] = if round == 1 { &["resolve", "fetch", "layer"] } else { &["resolve"] };
+        assert_eq!(stages, [before_vm, &["boot", "unpack", "job"]].concat(), "round {round}: {status}");
+        let verdict = jobfile::tools::log_verdict(&q.done("ssl_d100.log")).expect("a verdict");
+        let named = if round == 1 { "(resolve " } else { "s from claim to result (resolve " };
+        assert!(verdict.contains(named) && verdict.contains(", boot ") && verdict.contains(", pack "), "{verdict}");
+        assert_eq!(verdict.contains(", layer "), round == 1, "{verdict}");
         if round == 1 {
             assert!(run.log.contains("building layer"), "{}", run.log);
             assert!(
@@ -405,6 +414,12 @@ fn declared_packages_are_installed_offline_into_a_layer_that_the_second_run_boot
             );
         } else {
             assert!(!run.log.contains("building layer"), "the second run built again: {}", run.log);
+            // The same relations on the same image and lists: apt's answer from the first run, not apt again.
+            assert!(
+                run.log.contains("2 relations on image i100: resolved before against the same lists"),
+                "{}",
+                run.log
+            );
             assert!(run.log.contains(&format!("booting from layer {layer}")), "{}", run.log);
             assert!(!console.contains("into layer"), "{console}");
         }

@@ -112,6 +112,12 @@ fn a_job_past_its_timeout_is_killed_and_its_output_kept() {
     );
     let ran = status["duration_secs"].as_f64().expect("duration");
     assert!((19.5..30.0).contains(&ran), "ran {ran} s");
+    // No packages: the guest's stages alone, the job's as long as it ran.
+    let stages = status["stages"].as_array().expect("stages");
+    let names: Vec<&str> = stages.iter().filter_map(|s| s["stage"].as_str()).collect();
+    assert_eq!(names, ["boot", "unpack", "job"], "{status}");
+    assert_eq!(stages[2]["secs"].as_f64(), Some(ran));
+    assert!(stages[0]["secs"].as_f64().is_some_and(|b| b > 0.0 && b < 60.0), "{status}");
     assert_eq!(String::from_utf8(job_log(&result)).expect("utf8"), "before the sleep\n");
 }
 

@@ -17,7 +17,7 @@ pub mod runner;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use jobfile::units::rfc3339;
 use jobfile::xz::{EncodeOptions, DEFAULT_MEMLIMIT};
@@ -25,6 +25,7 @@ use jobfile::{error_chain, fallback, JobStatus, Outcome, PackError, PackOptions,
 
 use crate::runner::{KillScope, RunConfig};
 use jobfile::cmdline::Settings;
+use jobfile::stages::StageTime;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -44,12 +45,26 @@ pub struct Paths {
     pub cmdline: PathBuf,
     pub job_dir: PathBuf,
     pub module_list: PathBuf,
+    /// The kernel's uptime (`/proc/uptime`): how long it booted before the job disk was read.
+    pub uptime: PathBuf,
 }
 
 impl Default for Paths {
     fn default() -> Self {
-        Paths { cmdline: "/proc/cmdline".into(), job_dir: "/job".into(), module_list: device::MODULE_LIST.into() }
+        Paths {
+            cmdline: "/proc/cmdline".into(),
+            job_dir: "/job".into(),
+            module_list: device::MODULE_LIST.into(),
+            uptime: "/proc/uptime".into(),
+        }
     }
+}
+
+/// The seconds since the kernel started, from `/proc/uptime`'s first number.
+fn uptime(path: &Path) -> Option<Duration> {
+    let text = fs::read_to_string(path).ok()?;
+    let secs = text.split_ascii_whitespace().next()?.parse::<f64>().ok()?;
+    Duration::try_from_secs_f64(secs).ok()
 }
 
 /// Boot-time setup that only makes sense as PID 1. In an initramfs whose
@@ -97,10 +112,14 @@ pub fn run_job_disk(paths: &Paths, kill_scope: KillScope) -> JobStatus {
     if let (Some(deadline), KillScope::Everything) = (settings.deadline, kill_scope) {
         power::watchdog(deadline);
     }
+    // Where the time went: the host's stages before the VM, then the kernel's boot to here.
+    let mut stages = settings.stages.clone();
+    stages.extend(uptime(&paths.uptime).map(|t| StageTime::new("boot", t)));
     let mut status = JobStatus {
         init_version: VERSION.to_owned(),
         image: settings.image.clone(),
         job: settings.name.clone(),
+        stages,
         ..JobStatus::default()
     };
     let mut disk = match device::open_job_device(&settings.job_device, settings.device_wait) {
@@ -125,7 +144,10 @@ pub fn run_job_disk(paths: &Paths, kill_scope: KillScope) -> JobStatus {
         say!("the root is layer {layer}: {} packages installed for this job", status.packages.len());
     }
 
-    if let Err(e) = unpack(&mut disk, &paths.job_dir, &mut status) {
+    let unpacking = Instant::now();
+    let unpacked = unpack(&mut disk, &paths.job_dir, &mut status);
+    status.stages.push(StageTime::new("unpack", unpacking.elapsed()));
+    if let Err(e) = unpacked {
         say!("bad job archive: {e}");
         status.result = Outcome::BadArchive;
         status.message = Some(format!("cannot unpack the job: {e}"));
@@ -149,6 +171,8 @@ pub fn run_job_disk(paths: &Paths, kill_scope: KillScope) -> JobStatus {
         // A verified rebuild's two runs date what they make alike (reproducible-builds.org's variable).
         env.extend(settings.epoch.map(|e| ("SOURCE_DATE_EPOCH".to_owned(), e.to_string())));
         run(&settings, paths, &script, &env, kill_scope, &mut status);
+        let job = status.duration_secs.and_then(|s| Duration::try_from_secs_f64(s).ok());
+        status.stages.extend(job.map(|t| StageTime::new("job", t)));
         caches::unmount_all(&status.caches);
     }
     pack(&mut disk, &settings, paths, &mut status);

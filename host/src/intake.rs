@@ -16,6 +16,7 @@ use crate::image::Image;
 use crate::packages::{self, NoPlan, Plan};
 use crate::qemu;
 use crate::queue::{self, Ending};
+use crate::stages::Stages;
 
 /// The working copy's name in the VM's directory.
 pub const DISK: &str = "disk";
@@ -39,10 +40,13 @@ pub struct Intake {
     pub declared: bool,
     /// The plan for its packages (taken by the run, which leaves `Plain`).
     pub plan: Plan,
+    /// Its time from the claim, stage by stage.
+    pub stages: Stages,
 }
 
 /// Reads the claimed job; `Err` is how it ended when it cannot run.
 pub fn take(claim: &Claim) -> io::Result<Result<Intake, Ending>> {
+    let mut stages = Stages::from(Instant::now());
     let (limits, job, label) = (claim.limits, claim.job, claim.label());
     let image = match Image::load(&claim.dirs.images, job.image()) {
         Ok(image) => image,
@@ -70,12 +74,25 @@ pub fn take(claim: &Claim) -> io::Result<Result<Intake, Ending>> {
         None => None,
     };
     let hashed = hashing.elapsed();
-    let (terms, declaration, plan) = match read_terms_and_plan(claim, &image, &disk)? {
+    let (terms, declaration, plan) = match read_terms_and_plan(claim, &image, &disk, &mut stages)? {
         Ok(read) => read,
         Err(ending) => return Ok(Err(ending)),
     };
     let declared = plan.declared();
-    Ok(Ok(Intake { image, prepared, disk, size, claimed_at, job_sha256, hashed, terms, declaration, declared, plan }))
+    Ok(Ok(Intake {
+        image,
+        prepared,
+        disk,
+        size,
+        claimed_at,
+        job_sha256,
+        hashed,
+        terms,
+        declaration,
+        declared,
+        plan,
+        stages,
+    }))
 }
 
 type Planned = (Terms, Option<(Declaration, Vec<String>)>, Plan);
@@ -83,7 +100,12 @@ type Planned = (Terms, Option<(Declaration, Vec<String>)>, Plan);
 /// Its terms (a verified rebuild's run gets the name and SOURCE_DATE_EPOCH
 /// its other run gets too) and its packages: refused here, before any VM,
 /// when they cannot be had.
-fn read_terms_and_plan(claim: &Claim, image: &Image, disk: &File) -> io::Result<Result<Planned, Ending>> {
+fn read_terms_and_plan(
+    claim: &Claim,
+    image: &Image,
+    disk: &File,
+    stages: &mut Stages,
+) -> io::Result<Result<Planned, Ending>> {
     let terms = match Terms::read(&claim.dirs.running, claim.file_name) {
         Ok(t) => t,
         Err(bad) if bad.member == Member::Pin => return claim.fail("bad_packages", &bad.to_string(), None).map(Err),
@@ -96,7 +118,7 @@ fn read_terms_and_plan(claim: &Claim, image: &Image, disk: &File) -> io::Result<
     let halt = || claim.halted();
     let label = claim.label();
     let pinned = terms.pin.clone();
-    match packages::plan(claim.limits.packages.as_deref(), image, declaration.as_ref(), &label, pinned, &halt) {
+    match packages::plan(claim.limits.packages.as_deref(), image, declaration.as_ref(), &label, pinned, &halt, stages) {
         Ok(plan) => Ok(Ok((terms, declaration, plan))),
         Err(NoPlan::Refused(why)) => claim.fail("bad_packages", &format!("packages: {why}"), None).map(Err),
         Err(NoPlan::Halted) if claim.cancelled() => {

@@ -27,5 +27,6 @@ pub mod provenance;
 pub mod qemu;
 pub mod queue;
 pub mod remote;
+pub mod stages;
 pub mod status;
 pub mod worker;

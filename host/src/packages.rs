@@ -14,6 +14,7 @@ use jobfile::deps::{Declaration, Resolution};
 use crate::files::ReadAt;
 use crate::image::Image;
 use crate::layers::{Layer, Layers};
+use crate::stages::Stages;
 
 /// What a host uses to give jobs their packages.
 #[derive(Debug)]
@@ -91,6 +92,7 @@ pub fn plan(
     label: &str,
     pinned: Option<Resolution>,
     halt: &dyn Fn() -> bool,
+    stages: &mut Stages,
 ) -> Result<Plan, NoPlan> {
     let Some((_, relations)) = declared else { return Ok(Plan::Plain) };
     // A declaration of caches alone, or of an empty list, asks for no package.
@@ -113,6 +115,7 @@ pub fn plan(
         }
         None => packages.resolver.resolve(&image.number, &image.dir, manifest, relations, halt)?,
     };
+    stages.before_vm("resolve", started.elapsed());
     log::info!(
         "job {label}: {} relations resolved to {} packages to install{} in {:.1} s",
         relations.len(),
@@ -134,7 +137,9 @@ pub fn plan(
         packages.layers.touch(&layer);
         return Ok(Plan::Layer(layer));
     }
+    let fetching = std::time::Instant::now();
     let fetched = packages.resolver.fetch(&image.number, manifest, &resolution, halt)?;
+    stages.before_vm("fetch", fetching.elapsed());
     log::info!(
         "job {label}: {} packages ready ({} from the cache, {} downloaded); building layer {key}",
         fetched.files.len(),

@@ -10,7 +10,7 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use jobfile::caches::Given;
 use jobfile::deps::LayerRecord;
@@ -30,6 +30,7 @@ use crate::packages::Plan;
 use crate::provenance::{Inputs, Record};
 use crate::qemu::{self, Confinement, Cut, LayerDisk, VmRun, VmSpec};
 use crate::queue::{self, Dirs, Ending, Scanned};
+use crate::stages::Stages;
 
 /// Runs a claimed job (`running/<file_name>`, as the scan saw it) to its end.
 pub fn run(
@@ -48,8 +49,7 @@ pub fn run(
         Ok(intake) => intake,
         Err(ending) => return Ok(ending),
     };
-    let started = Instant::now();
-    let (layer, preface) = match layer_for(&claim, &mut intake, started)? {
+    let (layer, preface) = match layer_for(&claim, &mut intake)? {
         Ok(layer) => layer,
         Err(ending) => return Ok(ending),
     };
@@ -74,14 +74,13 @@ pub fn run(
         Ok(vm) => vm,
         Err(ending) => return Ok(ending),
     };
-    ended(&claim, &intake, vm, checkouts, Ran { preface, started, record })
+    ended(&claim, &mut intake, vm, checkouts, Ran { preface, record })
 }
 
 /// What a run brings to its end besides the VM.
 struct Ran {
     /// The log's start (a layer's build).
     preface: Vec<u8>,
-    started: Instant,
     record: Option<Record>,
 }
 
@@ -93,7 +92,7 @@ type Booting = (Option<Layer>, Vec<u8>);
 /// the build's console for the start of the job's log. `Err` is how the job
 /// ended when the build did not make one: a result of the failed install,
 /// `failed/`, or back in the queue.
-fn layer_for(claim: &Claim, intake: &mut Intake, started: Instant) -> io::Result<Result<Booting, Ending>> {
+fn layer_for(claim: &Claim, intake: &mut Intake) -> io::Result<Result<Booting, Ending>> {
     let label = claim.label();
     let (key, resolution, fetched) = match std::mem::replace(&mut intake.plan, Plan::Plain) {
         Plan::Plain | Plan::Satisfied => return Ok(Ok((None, Vec::new()))),
@@ -104,13 +103,16 @@ fn layer_for(claim: &Claim, intake: &mut Intake, started: Instant) -> io::Result
         }
         Plan::Build { key, resolution, fetched } => (key, resolution, fetched),
     };
-    match layer_build::build(claim, &intake.prepared, &intake.image, &key, &resolution, &fetched)? {
+    let building = Instant::now();
+    let built = layer_build::build(claim, &intake.prepared, &intake.image, &key, &resolution, &fetched)?;
+    intake.stages.before_vm("layer", building.elapsed());
+    match built {
         Built::Layer(layer, console) => Ok(Ok((Some(*layer), console))),
         Built::InstallFailed(result, console) => {
             // The job's result is the installation's: its status, apt's last words, its console.
             jobfile::fallback::write_onto(&mut intake.disk, &result)?;
             let st = read_status(&intake.disk).unwrap_or_default();
-            let verdict = verdict(&st, "the job did not run", started.elapsed());
+            let verdict = verdict(&st, "the job did not run", &intake.stages);
             let mut log = console;
             log.extend_from_slice(format!("{}{verdict}\n", jobfile::tools::VERDICT_PREFIX).as_bytes());
             let record = record(claim, intake, &[], None);
@@ -160,6 +162,7 @@ fn spec(
         console_max: limits.console_limit as u64,
         caches: given,
         epoch: rebuild.map(|t| t.epoch),
+        stages: intake.stages.for_guest().to_vec(),
         ..Default::default()
     };
     let boot = match intake.image.open() {
@@ -261,7 +264,7 @@ fn how(limits: &Limits, vm: &VmRun) -> String {
 
 /// The end of a VM that ran to its own end or past a limit: a result when
 /// it powered off cleanly with a status, else `failed/`.
-fn ended(claim: &Claim, intake: &Intake, vm: VmRun, checkouts: Vec<Checkout>, ran: Ran) -> io::Result<Ending> {
+fn ended(claim: &Claim, intake: &mut Intake, vm: VmRun, checkouts: Vec<Checkout>, ran: Ran) -> io::Result<Ending> {
     queue::forget_no_boot(claim.dirs, claim.file_name);
     let how = how(claim.limits, &vm);
     log::info!("job {}: {how}; {} bytes of console output", claim.label(), vm.console.received());
@@ -281,7 +284,8 @@ fn ended(claim: &Claim, intake: &Intake, vm: VmRun, checkouts: Vec<Checkout>, ra
     };
     lending::settle(claim.limits, &claim.label(), checkouts, &st);
     lending::report(claim.dirs, claim.limits);
-    let verdict = verdict(&st, &how, ran.started.elapsed());
+    intake.stages.vm(vm.booted, st.duration_secs, vm.elapsed);
+    let verdict = verdict(&st, &how, &intake.stages);
     let mut log = ran.preface;
     log.extend(vm.console.finish(&verdict));
     deliver(claim, intake, &st, &log, verdict, ran.record.as_ref())
@@ -298,6 +302,7 @@ fn deliver(
     record: Option<&Record>,
 ) -> io::Result<Ending> {
     let (dirs, limits, job) = (claim.dirs, claim.limits, claim.job);
+    let delivering = Instant::now();
     let tag = queue::unique_tag(&limits.host_id);
     let dir = &intake.prepared.dir.fd;
     let mut staged = queue::stage(dirs, dir, OsStr::new(DISK), &intake.disk, claim.scanned.size, job, log, &tag)?;
@@ -320,6 +325,12 @@ fn deliver(
     });
     queue::note_delivery(dirs, claim.file_name, &staged)?;
     let delivery = queue::land(dirs, job, &staged)?;
+    log::info!(
+        "job {}: delivered {:.2} s after its result was read; {:.1} s from claim to delivery",
+        claim.label(),
+        delivering.elapsed().as_secs_f64(),
+        intake.stages.since_claim().as_secs_f64()
+    );
     metrics::job_finished(st.result.as_str(), job.image());
     if let Some(secs) = st.duration_secs {
         metrics::observe_run(job.image(), secs);
@@ -368,7 +379,7 @@ fn create_live_console(dirs: &Dirs, file_name: &OsStr) -> Option<File> {
     file.map_err(|e| log::warn!("cannot write the live console to {}: {e}", path.display())).ok()
 }
 
-fn verdict(st: &JobStatus, how: &str, total: Duration) -> String {
+fn verdict(st: &JobStatus, how: &str, stages: &Stages) -> String {
     let mut v = st.result.as_str().to_owned();
     if let Some(code) = st.exit_code {
         v.push_str(&format!(" (exit code {code})"));
@@ -379,7 +390,7 @@ fn verdict(st: &JobStatus, how: &str, total: Duration) -> String {
     if let Some(d) = st.duration_secs {
         v.push_str(&format!("; the job ran {d:.1} s"));
     }
-    v.push_str(&format!("; {how}; {:.1} s from claim to result", total.as_secs_f64()));
+    v.push_str(&format!("; {how}; {}", stages.from_claim_to_result()));
     if let Some(m) = &st.message {
         v.push_str(&format!("; {}", jobfile::sanitize(m.as_bytes())));
     }

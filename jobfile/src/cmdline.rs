@@ -40,6 +40,9 @@ pub struct Settings {
     /// `construir.epoch=` (Unix seconds): `SOURCE_DATE_EPOCH` for the job,
     /// the same in both runs of a verified rebuild (`crate::rebuild`).
     pub epoch: Option<u64>,
+    /// `construir.stages=resolve:1.2,fetch:0.3`: the host's stages before
+    /// the VM, for the status (`crate::stages`).
+    pub stages: Vec<crate::stages::StageTime>,
 }
 
 impl Default for Settings {
@@ -59,6 +62,7 @@ impl Default for Settings {
             declared: false,
             caches: Vec::new(),
             epoch: None,
+            stages: Vec::new(),
         }
     }
 }
@@ -111,6 +115,9 @@ impl Settings {
         if let Some(epoch) = self.epoch {
             words.push(format!("construir.epoch={epoch}"));
         }
+        if !self.stages.is_empty() {
+            words.push(format!("construir.stages={}", crate::stages::to_cmdline(&self.stages)));
+        }
         words.join(" ")
     }
 
@@ -152,6 +159,12 @@ impl Settings {
                     true
                 }
                 "epoch" => num(value).map(|n| s.epoch = Some(n)).is_some(),
+                "stages" => {
+                    let (stages, bad) = crate::stages::from_cmdline(value);
+                    s.stages = stages;
+                    warnings.extend(bad);
+                    true
+                }
                 "name" if crate::name::check_name(value).is_ok() => {
                     s.name = Some(value.to_owned());
                     true
@@ -180,7 +193,8 @@ mod tests {
             "console=ttyS0 quiet construir.job=/dev/vda construir.timeout=20 construir.deadline=95 construir.xz=3 \
              construir.threads=2 construir.name=hello construir.image=100 construir.wait=5 construir.console=1000 \
              construir.packages=/dev/vdc construir.layer=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef \
-             construir.declared=1 construir.caches=ccache:2,pip:off construir.epoch=1700000000",
+             construir.declared=1 construir.caches=ccache:2,pip:off construir.epoch=1700000000 \
+             construir.stages=resolve:1.25,fetch:0",
         );
         assert_eq!(
             s,
@@ -202,6 +216,10 @@ mod tests {
                     crate::caches::Given { name: "pip".into(), version: None },
                 ],
                 epoch: Some(1_700_000_000),
+                stages: vec![
+                    crate::stages::StageTime { stage: "resolve".into(), secs: 1.25 },
+                    crate::stages::StageTime { stage: "fetch".into(), secs: 0.0 },
+                ],
             }
         );
         assert!(warnings.is_empty(), "{warnings:?}");
@@ -224,6 +242,7 @@ mod tests {
             declared: true,
             caches: vec![crate::caches::Given { name: "cargo".into(), version: Some(0) }],
             epoch: Some(0),
+            stages: vec![crate::stages::StageTime { stage: "layer".into(), secs: 31.5 }],
         };
         let defaults = Settings::default();
         let some = Settings { timeout: Some(Duration::from_secs(5)), name: Some("x".into()), ..Settings::default() };

@@ -18,6 +18,7 @@ pub mod manual;
 pub mod name;
 pub mod pack;
 pub mod rebuild;
+pub mod stages;
 pub mod status;
 pub mod tar_entry;
 pub mod tar_reader;

@@ -122,7 +122,7 @@ pub struct Difference {
 
 /// The fields of `job_status.json` that are times, and so differ in every
 /// run: left out when two runs' records are compared.
-pub const STATUS_TIMES: [&str; 3] = ["started_at", "ended_at", "duration_secs"];
+pub const STATUS_TIMES: [&str; 4] = ["started_at", "ended_at", "duration_secs", "stages"];
 
 /// A digest of a run's status record with its times left out
 /// (`timeless:<sha256>` of the rest, keys sorted); `None` when it is no

@@ -79,6 +79,10 @@ pub struct JobStatus {
     /// whether it was mounted.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub caches: Vec<crate::caches::CacheStatus>,
+    /// Where the time went before the job's end, stage by stage from its
+    /// claim: the host's before the VM, then the guest's (`crate::stages`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<crate::stages::StageTime>,
 }
 
 impl Default for JobStatus {
@@ -104,6 +108,7 @@ impl Default for JobStatus {
             packages: Vec::new(),
             layer: None,
             caches: Vec::new(),
+            stages: Vec::new(),
         }
     }
 }
