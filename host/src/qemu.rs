@@ -393,6 +393,28 @@ impl Drop for Guard {
     }
 }
 
+/// Waits for QEMU's exit, woken the moment it exits (a pidfd, Linux 5.3
+/// and later), so that a VM's end is seen when it happens, not at the next
+/// look; where there is no pidfd, it looks again after the wait.
+struct ExitWatch(Option<std::os::fd::OwnedFd>);
+
+impl ExitWatch {
+    fn of(child: &Child) -> ExitWatch {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; nothing else is touched.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+        // SAFETY: a non-negative return is a descriptor that is ours alone.
+        ExitWatch((fd >= 0).then(|| unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) }))
+    }
+
+    /// Returns when the process has exited or `most` has passed.
+    fn wait(&self, most: Duration) {
+        let Some(fd) = &self.0 else { return thread::sleep(most) };
+        let mut poll = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(fd), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd, valid for the call; poll writes only its revents.
+        unsafe { libc::poll(&mut poll, 1, most.as_millis() as libc::c_int) };
+    }
+}
+
 /// When to end a VM from the outside.
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {
@@ -439,6 +461,7 @@ pub fn run(
     drop(read_only); // QEMU holds its own copy now
     let stdout = child.stdout.take().expect("stdout was piped");
     let stderr = child.stderr.take().expect("stderr was piped");
+    let exit = ExitWatch::of(&child);
     let mut guard = Guard { child, reaped: None };
     let last_output = Arc::new(AtomicU64::new(0));
     // Milliseconds from QEMU's start to init's first line, plus one; 0 until then.
@@ -495,7 +518,7 @@ pub fn run(
         if cut.is_some() {
             break;
         }
-        thread::sleep(Duration::from_millis(50));
+        exit.wait(Duration::from_millis(50));
     }
     let status = guard.end();
     let elapsed = start.elapsed();
