@@ -28,6 +28,7 @@ pub mod quota;
 pub mod rebuild;
 pub mod sessions;
 pub mod slurm;
+pub mod sparse;
 pub mod sql;
 pub mod store;
 

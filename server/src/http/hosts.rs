@@ -393,6 +393,7 @@ async fn receive(
         firsts.push((open.open(path).await.map_err(ApiError::internal)?, *len, 0u64));
     }
     let mut b = open.open(second).await.map_err(ApiError::internal)?;
+    let mut last = crate::sparse::SparseWriter::new(&mut b);
     let mut stream = body.into_data_stream();
     let mut second_len = 0u64;
     let deadline = tokio::time::Instant::now() + app.settings.upload_timeout;
@@ -423,9 +424,10 @@ async fn receive(
             if second_len > max_second {
                 return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "more than the job's size came back"));
             }
-            b.write_all(chunk).await.map_err(ApiError::internal)?;
+            last.write(chunk).await.map_err(ApiError::internal)?;
         }
     }
+    last.finish().await.map_err(ApiError::internal)?;
     if firsts.iter().any(|(_, len, got)| got < len) {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "the upload ended inside the log or the provenance"));
     }

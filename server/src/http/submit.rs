@@ -15,7 +15,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
 use jobfile::layout::Terms;
-use tokio::io::AsyncWriteExt;
 use wire::{Limits, SubmitQuery};
 
 use super::jobs::{job_json, rebuild_view};
@@ -200,6 +199,7 @@ async fn receive(
     let mut head: Vec<u8> = Vec::with_capacity(XZ_MAGIC.len());
     let mut digest = <sha2::Sha256 as sha2::Digest>::new();
     let deadline = tokio::time::Instant::now() + app.settings.upload_timeout;
+    let mut out = crate::sparse::SparseWriter::new(file);
     while let Some(chunk) = next_chunk(app, &mut stream, deadline).await? {
         size += chunk.len() as u64;
         if size > reserved {
@@ -223,8 +223,9 @@ async fn receive(
             head.extend(chunk.iter().take(XZ_MAGIC.len() - head.len()));
         }
         sha2::Digest::update(&mut digest, &chunk);
-        file.write_all(&chunk).await.map_err(ApiError::internal)?;
+        out.write(&chunk).await.map_err(ApiError::internal)?;
     }
+    out.finish().await.map_err(ApiError::internal)?;
     if size < jobfile::MIN_JOB_SIZE {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("{size} bytes is too small: a job file is at least {} bytes (its size is how much output may come back)", jobfile::MIN_JOB_SIZE)));
     }
