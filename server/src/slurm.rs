@@ -239,6 +239,14 @@ async fn show(settings: &Settings, id: &str) -> Result<Option<SlurmJob>, String>
     }
 }
 
+/// What Slurm says of every job it knows, by id, in one call; `None`
+/// when it cannot be asked (each job is then asked about alone).
+async fn show_all(settings: &Settings) -> Option<std::collections::HashMap<String, SlurmJob>> {
+    let out = slurm(settings, "scontrol", &["-o".into(), "show".into(), "job".into()]).await.ok()?;
+    let id = |line: &str| line.split_ascii_whitespace().find_map(|w| w.strip_prefix("JobId=")).map(str::to_owned);
+    Some(out.lines().filter_map(|l| Some((id(l)?, SlurmJob::parse(l)?))).collect())
+}
+
 /// The Slurm job of an attempt, found by its name (for a row whose sbatch
 /// answer a crash lost).
 async fn find_by_name(settings: &Settings, name: &str) -> Result<Option<String>, String> {
@@ -309,7 +317,7 @@ async fn dispatch(app: &App, settings: &Settings, in_slurm: usize) -> Result<boo
     if room == 0 {
         return Ok(true);
     }
-    for job in db::all_jobs(app.db()).await? {
+    for job in db::waiting_jobs(app.db()).await? {
         if room == 0 {
             break;
         }
@@ -396,7 +404,12 @@ fn copy_console(store: &Store, dir: &Path, file_name: &str) {
 }
 
 /// Follows one job in Slurm; `true` when it has ended here.
-async fn follow_one(app: &App, settings: &Settings, run: &SlurmRun) -> Result<bool, DbError> {
+async fn follow_one(
+    app: &App,
+    settings: &Settings,
+    run: &SlurmRun,
+    known: Option<&std::collections::HashMap<String, SlurmJob>>,
+) -> Result<bool, DbError> {
     let Some(job) = db::job_by_id(app.db(), &run.job_id).await? else {
         db::slurm_end(app.db(), &run.job_id).await?;
         return Ok(true);
@@ -421,7 +434,11 @@ async fn follow_one(app: &App, settings: &Settings, run: &SlurmRun) -> Result<bo
     };
     // Slurm, not the shared directory, says whether the job ended and on which node:
     // an exit note is read only once Slurm says its job ended.
-    let seen = match show(settings, &slurm_id).await {
+    let asked = match known {
+        Some(known) => Ok(known.get(&slurm_id).cloned()),
+        None => show(settings, &slurm_id).await,
+    };
+    let seen = match asked {
         Ok(seen) => seen,
         Err(e) => {
             log::warn!("job {}: cannot ask Slurm about job {slurm_id}: {e}", job.id);
@@ -737,8 +754,10 @@ pub async fn run(app: std::sync::Arc<App>, settings: Settings, every: Duration) 
 async fn step(app: &App, settings: &Settings, hand_out: bool) -> Result<bool, DbError> {
     let runs = db::slurm_runs(app.db()).await?;
     let mut left = runs.len();
+    // One question to Slurm for all of them, not one process per job every second.
+    let known = if runs.is_empty() { None } else { show_all(settings).await };
     for run in &runs {
-        if follow_one(app, settings, run).await? {
+        if follow_one(app, settings, run, known.as_ref()).await? {
             left -= 1;
         }
     }
@@ -856,7 +875,7 @@ mod tests {
         fs::write(dir.join("exit"), b"0\n").expect("exit");
         fs::create_dir_all(jobfile::layout::cancel_dir(&app.store.running)).expect("mkdir");
         fs::write(jobfile::layout::cancel_request(&app.store.running, job.file_name.as_ref()), b"").expect("cancel");
-        assert!(follow_one(&app, &settings(tmp.path()), &run).await.expect("follow"), "it has ended");
+        assert!(follow_one(&app, &settings(tmp.path()), &run, None).await.expect("follow"), "it has ended");
         assert!(!app.store.done.join(name.done_file_name()).exists(), "the result is refused");
         assert_eq!(
             app.store.locate(&job.file_name, None),
@@ -874,7 +893,7 @@ mod tests {
         let dir = PathBuf::from(&run.dir);
         fs::write(dir.join("slurm.out"), b"construir-host: error: image i0 is not the server's\n").expect("out");
         fs::write(dir.join("exit"), b"2\n").expect("exit");
-        assert!(follow_one(&app, &settings(tmp.path()), &run).await.expect("follow"));
+        assert!(follow_one(&app, &settings(tmp.path()), &run, None).await.expect("follow"));
         assert!(app.store.queue.join(&job.file_name).exists(), "back in the queue");
         assert!(!dir.exists(), "nothing of that attempt is kept");
         // Handed out again, it comes back with a result but no key: refused, with why.
@@ -888,7 +907,7 @@ mod tests {
         fs::write(dir.join("out").join(name.done_file_name()), b"a result").expect("result");
         fs::write(dir.join("exit"), b"0\n").expect("exit");
         let run = db::slurm_runs(app.db()).await.expect("rows").remove(0);
-        assert!(follow_one(&app, &settings(tmp.path()), &run).await.expect("follow"));
+        assert!(follow_one(&app, &settings(tmp.path()), &run, None).await.expect("follow"));
         assert!(!store.done.join(name.done_file_name()).exists());
         assert_eq!(
             store.locate(&job.file_name, None),
@@ -910,7 +929,7 @@ mod tests {
         fs::write(dir.join("exit"), b"0\n").expect("exit");
         for state in ["PENDING", "RUNNING"] {
             slurm_says(tmp.path(), state, "node1");
-            assert!(!follow_one(&app, &settings(tmp.path()), &run).await.expect("follow"), "{state}: not ended");
+            assert!(!follow_one(&app, &settings(tmp.path()), &run, None).await.expect("follow"), "{state}: not ended");
             assert!(!app.store.done.join(name.done_file_name()).exists(), "{state}: nothing lands");
             assert!(app.store.in_slurm(&job.file_name).exists(), "{state}: still Slurm's");
         }
@@ -926,7 +945,7 @@ mod tests {
         std::os::unix::fs::symlink(&secret, dir.join("out").join(format!("{}.log", job.file_name))).expect("link");
         fs::write(dir.join("out").join(format!("{}.reason", job.file_name)), b"the job broke\n").expect("reason");
         fs::write(dir.join("exit"), b"1\n").expect("exit");
-        assert!(follow_one(&app, &settings(tmp.path()), &run).await.expect("follow"));
+        assert!(follow_one(&app, &settings(tmp.path()), &run, None).await.expect("follow"));
         assert_eq!(app.store.locate(&job.file_name, None), wire::Place::Failed { reason: "the job broke".into() });
         let log = fs::read(app.store.failed.join(format!("{}.log", job.file_name))).unwrap_or_default();
         assert!(!log.windows(12).any(|w| w == b"token hashes"), "the linked file was copied");

@@ -319,6 +319,18 @@ pub async fn jobs_to_follow(db: &Database) -> Result<Vec<JobRecord>, DbError> {
     Ok(jobs)
 }
 
+/// The jobs recorded as waiting, oldest first (the Slurm dispatcher's
+/// candidates), without reading the jobs that ended.
+pub async fn waiting_jobs(db: &Database) -> Result<Vec<JobRecord>, DbError> {
+    let rows = db
+        .query(
+            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE state = $1 ORDER BY submitted_unix, id"),
+            params![JobState::Waiting.as_str()],
+        )
+        .await?;
+    Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+}
+
 /// The jobs that ended and whose files are kept, submitted before `unix`:
 /// the only ones retention may clear.
 pub async fn ended_before(db: &Database, unix: i64) -> Result<Vec<JobRecord>, DbError> {

@@ -35,7 +35,7 @@ pub use hosts::{caches_given, given_caches, host_key, host_seen, host_touch, hos
 pub(crate) use jobs::test_record;
 pub use jobs::{
     all_jobs, delete_job, ended_before, insert_job, job, job_by_file, job_by_id, jobs_of, jobs_to_follow, mark_deleted,
-    set_ran_on, state_of, update_state, JobRecord, RanOn, RebuildRecord,
+    set_ran_on, state_of, update_state, waiting_jobs, JobRecord, RanOn, RebuildRecord,
 };
 pub use leases::{
     end_lease, expire_leases, extend_leases, farm_state, farm_state_by_id, lease_next, lease_reason, leased_jobs,
