@@ -660,12 +660,15 @@ fn a_verified_rebuild_runs_on_two_hosts_and_names_the_files_that_differ() {
         "#!/bin/sh\nmkdir -p out\necho \"$SOURCE_DATE_EPOCH\" > out/epoch\necho \"$CONSTRUIR_JOB $TZ\" > out/env\n\
          date -u -d \"@$SOURCE_DATE_EPOCH\" +%Y-%m-%d > out/day\nprintf 'built\\n' > out/tool && chmod 755 out/tool\necho built for \"$SOURCE_DATE_EPOCH\"\n",
     );
-    // And one that writes the time it ran into a file.
-    // (busybox's date has no %N: the time to the nanosecond is a new file's mtime.)
+    // And one that writes the time it ran into a file, and the boot it ran in.
+    // (busybox's date has no %N: the time to the nanosecond is a new file's mtime. A guest's
+    // clock moves in ticks from a boot time in whole seconds, so two runs booted together on two
+    // hosts can read the same time; the boot id, new at every boot, never repeats.)
     let clock = job_dir(
         &work,
         "clock",
-        "#!/bin/sh\nmkdir -p out\necho same > out/same\ntouch out/.now && stat -c %y out/.now > out/when && rm out/.now\n",
+        "#!/bin/sh\nmkdir -p out\necho same > out/same\ntouch out/.now && stat -c %y out/.now > out/when && rm out/.now\n\
+         cat /proc/sys/kernel/random/boot_id >> out/when\n",
     );
     let mut ids = Vec::new();
     for dir in [&repro, &clock] {
