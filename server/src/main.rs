@@ -290,10 +290,32 @@ enum AccountCommand {
     },
 }
 
+/// Worker threads at least: requests move, rename and sync files in place
+/// (the queue's directories are the contract), and a worker waiting on the
+/// disk must not hold up the requests behind it. On 2 cores under load
+/// (`construir-loadbench`, PostgreSQL), 8 workers took jobs/s from 241 to
+/// 296 and renew p99 from 51 to 35 ms.
+const MIN_WORKERS: usize = 8;
+
+/// malloc arenas at most: glibc gives each thread that allocates its own,
+/// and with the workers, the blocking pool and the database's threads the
+/// server's peak RSS under load grew by half (49 MiB against 36 with two).
+#[cfg(target_env = "gnu")]
+const MALLOC_ARENAS: libc::c_int = 2;
+
 fn run(cli: Cli) -> Result<()> {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a malloc parameter; no thread has started yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+    }
     // One runtime for every command: the database is async (sqlx).
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores.max(MIN_WORKERS))
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
     runtime.block_on(run_command(cli))
 }
 
