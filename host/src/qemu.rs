@@ -363,6 +363,8 @@ pub const BOOT_MARKER: &[u8] = b"construir-init: version ";
 struct Guard {
     child: Child,
     reaped: Option<ExitStatus>,
+    /// Woken when QEMU exits.
+    exit: ExitWatch,
 }
 
 impl Guard {
@@ -461,8 +463,7 @@ pub fn run(
     drop(read_only); // QEMU holds its own copy now
     let stdout = child.stdout.take().expect("stdout was piped");
     let stderr = child.stderr.take().expect("stderr was piped");
-    let exit = ExitWatch::of(&child);
-    let mut guard = Guard { child, reaped: None };
+    let mut guard = Guard { exit: ExitWatch::of(&child), child, reaped: None };
     let last_output = Arc::new(AtomicU64::new(0));
     // Milliseconds from QEMU's start to init's first line, plus one; 0 until then.
     let booted = Arc::new(AtomicU64::new(0));
@@ -518,7 +519,7 @@ pub fn run(
         if cut.is_some() {
             break;
         }
-        exit.wait(Duration::from_millis(50));
+        guard.exit.wait(Duration::from_millis(50));
     }
     let status = guard.end();
     let elapsed = start.elapsed();
