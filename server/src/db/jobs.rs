@@ -10,7 +10,7 @@ use super::audit::audit_in;
 use super::Account;
 use super::{now, DbError, JobState};
 use crate::params;
-use crate::sql::{Database, Row, SqlError, Tx};
+use crate::sql::{Database, Row, SqlError, Tx, Value};
 use crate::store::FileId;
 
 /// A job as the database records it.
@@ -239,48 +239,22 @@ pub async fn delete_job(db: &Database, id: &str) -> Result<(), DbError> {
 
 /// A job of `account_id`: another account's id is the same as no job.
 pub async fn job(db: &Database, account_id: i64, id: &str) -> Result<Option<JobRecord>, DbError> {
-    let row = db
-        .query_opt(
-            &format!(
-                "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND account_id = $2 AND state != $3 AND twin_of IS NULL"
-            ),
-            params![id, account_id, JobState::Uploading.as_str()],
-        )
-        .await?;
-    Ok(row.as_ref().map(job_from_row).transpose()?)
+    let condition = "id = $1 AND account_id = $2 AND state != $3 AND twin_of IS NULL";
+    select_one(db, condition, params![id, account_id, JobState::Uploading.as_str()]).await
 }
 
 /// A job by its file name in the queue's directories.
 pub async fn job_by_file(db: &Database, file_name: &str) -> Result<Option<JobRecord>, DbError> {
-    let row = db
-        .query_opt(
-            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE file_name = $1 AND state != $2"),
-            params![file_name, JobState::Uploading.as_str()],
-        )
-        .await?;
-    Ok(row.as_ref().map(job_from_row).transpose()?)
+    select_one(db, "file_name = $1 AND state != $2", params![file_name, JobState::Uploading.as_str()]).await
 }
 
 pub async fn jobs_of(db: &Database, account_id: i64) -> Result<Vec<JobRecord>, DbError> {
-    let rows = db
-        .query(
-            &format!(
-                "SELECT {JOB_COLUMNS} FROM jobs WHERE account_id = $1 AND state != $2 AND twin_of IS NULL ORDER BY submitted_unix DESC, id"
-            ),
-            params![account_id, JobState::Uploading.as_str()],
-        )
-        .await?;
-    Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+    let condition = "account_id = $1 AND state != $2 AND twin_of IS NULL ORDER BY submitted_unix DESC, id";
+    select_jobs(db, condition, params![account_id, JobState::Uploading.as_str()]).await
 }
 
 pub async fn all_jobs(db: &Database) -> Result<Vec<JobRecord>, DbError> {
-    let rows = db
-        .query(
-            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE state != $1 ORDER BY submitted_unix, id"),
-            params![JobState::Uploading.as_str()],
-        )
-        .await?;
-    Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+    select_jobs(db, "state != $1 ORDER BY submitted_unix, id", params![JobState::Uploading.as_str()]).await
 }
 
 /// The jobs the follow loop brings up to date, oldest first: those that
@@ -289,26 +263,11 @@ pub async fn all_jobs(db: &Database) -> Result<Vec<JobRecord>, DbError> {
 /// about it still reads it again), so a server with a long history does not
 /// read it all again every round.
 pub async fn jobs_to_follow(db: &Database) -> Result<Vec<JobRecord>, DbError> {
-    let rows = db
-        .query(
-            &format!(
-                "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ($1, $2, $3) OR (rebuild IS NOT NULL AND state != $4)"
-            ),
-            params![
-                JobState::Waiting.as_str(),
-                JobState::Running.as_str(),
-                JobState::Missing.as_str(),
-                JobState::Uploading.as_str()
-            ],
-        )
-        .await?;
-    let mut jobs: Vec<JobRecord> = rows
-        .iter()
-        .map(job_from_row)
-        .filter(|j| {
-            j.as_ref().map_or(true, |j| !j.state.ended() || j.rebuild.as_ref().is_some_and(|r| r.verdict.is_none()))
-        })
-        .collect::<Result<_, _>>()?;
+    let (waiting, running, missing) =
+        (JobState::Waiting.as_str(), JobState::Running.as_str(), JobState::Missing.as_str());
+    let condition = "state IN ($1, $2, $3) OR (rebuild IS NOT NULL AND state != $4)";
+    let mut jobs = select_jobs(db, condition, params![waiting, running, missing, JobState::Uploading.as_str()]).await?;
+    jobs.retain(|j| !j.state.ended() || j.rebuild.as_ref().is_some_and(|r| r.verdict.is_none()));
     let twins: Vec<String> = jobs.iter().filter_map(|j| j.rebuild.as_ref()).map(|r| r.twin.clone()).collect();
     for twin in twins {
         if !jobs.iter().any(|j| j.id == twin) {
@@ -322,35 +281,30 @@ pub async fn jobs_to_follow(db: &Database) -> Result<Vec<JobRecord>, DbError> {
 /// The jobs recorded as waiting, oldest first (the Slurm dispatcher's
 /// candidates), without reading the jobs that ended.
 pub async fn waiting_jobs(db: &Database) -> Result<Vec<JobRecord>, DbError> {
-    let rows = db
-        .query(
-            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE state = $1 ORDER BY submitted_unix, id"),
-            params![JobState::Waiting.as_str()],
-        )
-        .await?;
-    Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+    select_jobs(db, "state = $1 ORDER BY submitted_unix, id", params![JobState::Waiting.as_str()]).await
 }
 
 /// The jobs that ended and whose files are kept, submitted before `unix`:
 /// the only ones retention may clear.
 pub async fn ended_before(db: &Database, unix: i64) -> Result<Vec<JobRecord>, DbError> {
-    let rows = db
-        .query(
-            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE submitted_unix < $1 AND state IN ($2, $3) AND deleted IS NULL ORDER BY submitted_unix, id"),
-            params![unix, JobState::Done.as_str(), JobState::Failed.as_str()],
-        )
-        .await?;
-    Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+    let condition = "submitted_unix < $1 AND state IN ($2, $3) AND deleted IS NULL ORDER BY submitted_unix, id";
+    select_jobs(db, condition, params![unix, JobState::Done.as_str(), JobState::Failed.as_str()]).await
 }
 
 /// A job by its id, whichever account's.
 pub async fn job_by_id(db: &Database, id: &str) -> Result<Option<JobRecord>, DbError> {
-    let row = db
-        .query_opt(
-            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND state != $2"),
-            params![id, JobState::Uploading.as_str()],
-        )
-        .await?;
+    select_one(db, "id = $1 AND state != $2", params![id, JobState::Uploading.as_str()]).await
+}
+
+/// The records of the jobs matching `condition` (SQL after `WHERE`, ordering included), with its parameters.
+pub(super) async fn select_jobs(db: &Database, condition: &str, params: &[Value]) -> Result<Vec<JobRecord>, DbError> {
+    let rows = db.query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE {condition}"), params).await?;
+    Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+}
+
+/// The one job matching `condition` (a unique key), if any.
+async fn select_one(db: &Database, condition: &str, params: &[Value]) -> Result<Option<JobRecord>, DbError> {
+    let row = db.query_opt(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE {condition}"), params).await?;
     Ok(row.as_ref().map(job_from_row).transpose()?)
 }
 

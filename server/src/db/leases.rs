@@ -72,10 +72,7 @@ pub struct Candidate {
 
 /// Jobs leased now: (host, job record).
 pub async fn leased_jobs(db: &Database) -> Result<Vec<JobRecord>, DbError> {
-    let rows = db
-        .query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE lease_host IS NOT NULL ORDER BY lease_host, id"), &[])
-        .await?;
-    Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+    super::jobs::select_jobs(db, "lease_host IS NOT NULL ORDER BY lease_host, id", &[]).await
 }
 
 /// Hands `host` the oldest job for one of `images` that `take` accepts
