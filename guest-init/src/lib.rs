@@ -7,6 +7,7 @@
 //! whatever happens.
 
 pub mod caches;
+pub mod debug;
 pub mod device;
 pub mod mounts;
 pub mod packages;
@@ -155,6 +156,9 @@ pub fn run_job_disk(paths: &Paths, kill_scope: KillScope) -> JobStatus {
         return status;
     }
     let script = paths.job_dir.join(jobfile::JOB_SCRIPT);
+    // A verified rebuild's two runs date what they make alike (reproducible-builds.org's variable).
+    let epoch: Vec<(String, String)> =
+        settings.epoch.map(|e| ("SOURCE_DATE_EPOCH".to_owned(), e.to_string())).into_iter().collect();
     if let Some(why) = undeclared(paths, &settings) {
         say!("{why}");
         status.result = Outcome::InstallFailed;
@@ -168,14 +172,22 @@ pub fn run_job_disk(paths: &Paths, kill_scope: KillScope) -> JobStatus {
         status.caches = caches::mount_all(&given, settings.device_wait);
         let names: Vec<String> = given.into_iter().map(|g| g.name).collect();
         let mut env = jobfile::caches::variables(&names);
-        // A verified rebuild's two runs date what they make alike (reproducible-builds.org's variable).
-        env.extend(settings.epoch.map(|e| ("SOURCE_DATE_EPOCH".to_owned(), e.to_string())));
+        env.extend(epoch.iter().cloned());
         run(&settings, paths, &script, &env, kill_scope, &mut status);
         let job = status.duration_secs.and_then(|s| Duration::try_from_secs_f64(s).ok());
         status.stages.extend(job.map(|t| StageTime::new("job", t)));
         caches::unmount_all(&status.caches);
     }
     pack(&mut disk, &settings, paths, &mut status);
+    if settings.debug && status.result != Outcome::Ok {
+        let shell = debug::Shell {
+            job_dir: &paths.job_dir,
+            job_name: settings.name.as_deref(),
+            env: &epoch,
+            device_wait: settings.device_wait,
+        };
+        debug::serve(&disk, &shell);
+    }
     status
 }
 

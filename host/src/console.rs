@@ -49,6 +49,22 @@ impl ConsoleLog {
         self.live = Some(file);
     }
 
+    /// What is kept so far, as a log of its own (without the live copy):
+    /// a debug job's log when its result is read while its VM runs on.
+    pub fn snapshot(&self) -> ConsoleLog {
+        ConsoleLog {
+            head: self.head.clone(),
+            head_max: self.head_max,
+            tail: self.tail.clone(),
+            tail_max: self.tail_max,
+            dropped: self.dropped,
+            received: self.received,
+            line: self.line.clone(),
+            sanitizer: self.sanitizer.clone(),
+            live: None,
+        }
+    }
+
     pub fn received(&self) -> u64 {
         self.received
     }

@@ -66,6 +66,7 @@ fn boot_probe(
         file_size_limit: 1 << 20,
         cgroup_procs: None,
         live_console: None,
+        debug_port: None,
     };
     let bounds = Bounds { deadline: limit, silence: None, boot: None, console_limit: 64 << 10 };
     let never = AtomicBool::new(false);

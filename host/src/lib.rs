@@ -8,6 +8,8 @@ pub mod claim;
 pub mod config;
 pub mod console;
 pub mod daemon;
+pub mod debug;
+pub mod debug_job;
 pub mod doctor;
 pub mod files;
 pub mod handed;

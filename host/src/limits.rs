@@ -40,6 +40,8 @@ pub struct Limits {
     pub caches: Option<Arc<Caches>>,
     /// Signs each result's provenance (`None`: results go without).
     pub signer: Option<Arc<Signer>>,
+    /// How long a debug job's session may wait and last (`None`: `--no-debug`, jobs get none).
+    pub debug: Option<crate::debug::DebugLimits>,
 }
 
 impl Limits {
@@ -105,6 +107,7 @@ impl Limits {
             name,
             file_size_limit: 0,
             live_console: None,
+            debug_port: None,
         }
     }
 

@@ -35,6 +35,7 @@ fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
         })),
         Command::Status { at, recent, json } => status(at, recent, json).map(|()| ExitCode::SUCCESS),
         Command::Job(cmd) => run_job(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Debug { file, running } => debug(&file, running),
         Command::Cache(cmd) => run_cache(cmd).map(|()| ExitCode::SUCCESS),
         Command::Key { at, host_id, host_key } => key(at, host_id, host_key).map(|()| ExitCode::SUCCESS),
         Command::Completions { shell } => {
@@ -65,6 +66,45 @@ fn status(at: QueueArgs, recent: usize, json: bool) -> Result<()> {
         print!("{}", construir_host::status::render(&status));
     }
     Ok(())
+}
+
+/// `construir-host debug`: this terminal on a local job's debug session.
+fn debug(file: &std::path::Path, running: Option<std::path::PathBuf>) -> Result<ExitCode> {
+    let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let job = jobfile::JobName::parse(name)
+        .with_context(|| format!("{} is not a job file's name (<name>_i<image>.tar.xz)", file.display()))?;
+    let running = running.unwrap_or_else(|| {
+        let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        dir.join("..").join("running")
+    });
+    let input = std::ffi::OsString::from(job.input_file_name());
+    let Some(session) = jobfile::debug::read_session(&running, &input) else {
+        eprintln!(
+            "construir-host: job {} has no debug session open in {} (it ended ok, was not packed with --debug, \
+             or its session has ended)",
+            job.input_file_name(),
+            running.display()
+        );
+        return Ok(ExitCode::FAILURE);
+    };
+    let mut link = jobfile::debug::connect(&running, &input)
+        .with_context(|| format!("cannot reach the debug session of {}", job.input_file_name()))?;
+    eprintln!(
+        "construir-host: attached to {} on host {} (the session ends by {}); type ~. to leave\r",
+        job.input_file_name(),
+        session.host,
+        jobfile::units::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(session.ends_by))
+    );
+    let ended = jobfile::terminal::attach(&mut link)?;
+    eprintln!(
+        "\r\nconstruir-host: {}\r",
+        match ended {
+            jobfile::terminal::Ended::Left => "left the session; its VM is powered off",
+            jobfile::terminal::Ended::Closed => "the session ended",
+            jobfile::terminal::Ended::InputEnded => "input ended; the session ends",
+        }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `construir-host key`: this host's public key (made when it has none), as a server pins it.

@@ -10,7 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -90,6 +90,9 @@ pub struct VmSpec {
     /// Where the console goes as it arrives (sanitized, the first part of
     /// the log's budget), so people can follow a running job.
     pub live_console: Option<File>,
+    /// QEMU's end of the debug session's channel (a connected socket), for
+    /// the guest's `jobfile::debug::PORT_NAME` port; a debug job's VM only.
+    pub debug_port: Option<OwnedFd>,
 }
 
 /// A layer the VM boots from.
@@ -170,7 +173,19 @@ impl VmSpec {
             ]);
             push(&["-device", &format!("virtio-blk-pci,drive=cache{i},serial={}", jobfile::caches::Given::serial(i))]);
         }
+        if self.debug_port.is_some() {
+            let fd = self.fd_debug();
+            push(&["-device", "virtio-serial-pci,id=debugbus,max_ports=2"]);
+            push(&["-chardev", &format!("socket,id=debug,fd={fd}")]);
+            let port = format!("virtserialport,bus=debugbus.0,chardev=debug,name={}", jobfile::debug::PORT_NAME);
+            push(&["-device", &port]);
+        }
         a.into_iter().map(OsString::from).collect()
+    }
+
+    /// The debug channel's number in QEMU: the first after the caches'.
+    fn fd_debug(&self) -> i32 {
+        FD_CACHES + 2 * self.cache_disks.len() as i32
     }
 
     /// Each file's (descriptor, number in QEMU).
@@ -208,6 +223,9 @@ impl VmSpec {
             fds.push((f.as_raw_fd(), FD_CACHES + 2 * i as i32));
             fds.push((ro.as_raw_fd(), FD_CACHES + 2 * i as i32 + 1));
             read_only.push(ro);
+        }
+        if let Some(port) = &self.debug_port {
+            fds.push((port.as_raw_fd(), self.fd_debug()));
         }
         Ok(Descriptors { fds, reopened, read_only })
     }
@@ -436,6 +454,46 @@ pub fn run(
     stop: &AtomicBool,
     cancel: &AtomicBool,
 ) -> Result<VmRun, QemuError> {
+    let mut vm = start(spec, confinement, bounds)?;
+    let cut = match vm.watch(stop, cancel, false)? {
+        Watched::Ended => None,
+        Watched::Cut(cut) => Some(cut),
+        Watched::SessionOpen => unreachable!("not watched for"),
+    };
+    Ok(vm.finish(cut))
+}
+
+/// A VM while it runs: QEMU (killed when this is dropped), the console's
+/// reader, and what the bounds are checked against.
+pub struct Vm {
+    guard: Guard,
+    start: Instant,
+    bounds: Bounds,
+    /// Milliseconds from QEMU's start to the console's last output.
+    last_output: Arc<AtomicU64>,
+    /// Milliseconds from QEMU's start to init's first line, plus one; 0 until then.
+    booted: Arc<AtomicU64>,
+    /// Milliseconds from QEMU's start to init's word that a debug session
+    /// is open, plus one; 0 until then (or when the VM has no session port).
+    opened: Arc<AtomicU64>,
+    console: Arc<Mutex<ConsoleLog>>,
+    reader: JoinHandle<()>,
+    errors: JoinHandle<String>,
+}
+
+/// How watching a VM stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watched {
+    /// QEMU exited by itself.
+    Ended,
+    /// The host has to end it.
+    Cut(Cut),
+    /// Init said its result is packed and a debug session is open.
+    SessionOpen,
+}
+
+/// Starts QEMU under `confinement`, with a thread reading its console.
+pub fn start(spec: &VmSpec, confinement: Confinement, bounds: Bounds) -> Result<Vm, QemuError> {
     let Descriptors { fds, reopened, read_only } = spec.descriptors().map_err(QemuError::Open)?;
     let limits = jail::Limits { file_size: spec.file_size_limit, open_files: 1024 };
     let kvm = spec.accel == Accel::Kvm;
@@ -463,71 +521,152 @@ pub fn run(
     drop(read_only); // QEMU holds its own copy now
     let stdout = child.stdout.take().expect("stdout was piped");
     let stderr = child.stderr.take().expect("stderr was piped");
-    let mut guard = Guard { exit: ExitWatch::of(&child), child, reaped: None };
-    let last_output = Arc::new(AtomicU64::new(0));
-    // Milliseconds from QEMU's start to init's first line, plus one; 0 until then.
-    let booted = Arc::new(AtomicU64::new(0));
-    let (seen, saw_boot) = (last_output.clone(), booted.clone());
-    let live = spec.live_console.as_ref().and_then(|f| f.try_clone().ok());
-    let console = thread::spawn(move || {
-        let mut log = ConsoleLog::new(bounds.console_limit);
-        if let Some(file) = live {
-            log.write_live_to(file);
-        }
-        let mut out = stdout;
+    let guard = Guard { exit: ExitWatch::of(&child), child, reaped: None };
+    let (last_output, booted, opened) = (Arc::default(), Arc::default(), Arc::default());
+    let mut log = ConsoleLog::new(bounds.console_limit);
+    if let Some(file) = spec.live_console.as_ref().and_then(|f| f.try_clone().ok()) {
+        log.write_live_to(file);
+    }
+    let console = Arc::new(Mutex::new(log));
+    let watched = Markers {
+        start,
+        seen: Arc::clone(&last_output),
+        booted: Arc::clone(&booted),
+        opened: spec.debug_port.is_some().then(|| Arc::clone(&opened)),
+        carry: Vec::new(),
+    };
+    let reader = read_console(stdout, Arc::clone(&console), watched);
+    let errors = capture(stderr, MAX_STDERR);
+    Ok(Vm { guard, start, bounds, last_output, booted, opened, console, reader, errors })
+}
+
+/// Reads the console into `log` until QEMU closes it, watching for init's words.
+fn read_console(
+    mut out: impl Read + Send + 'static,
+    log: Arc<Mutex<ConsoleLog>>,
+    mut markers: Markers,
+) -> JoinHandle<()> {
+    thread::spawn(move || {
         let mut buf = vec![0u8; 64 << 10];
-        // The end of the previous read, so a marker split across two reads is still seen.
-        let mut carry: Vec<u8> = Vec::new();
         loop {
             match out.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    log.push(&buf[..n]);
-                    seen.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-                    if saw_boot.load(Ordering::Relaxed) == 0 {
-                        carry.extend_from_slice(&buf[..n]);
-                        if carry.windows(BOOT_MARKER.len()).any(|w| w == BOOT_MARKER) {
-                            saw_boot.store(start.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
-                        }
-                        let keep = carry.len().saturating_sub(BOOT_MARKER.len());
-                        carry.drain(..keep);
-                    }
+                    // Into the log first: a snapshot taken once the session's marker is seen holds it.
+                    log.lock().unwrap_or_else(|e| e.into_inner()).push(&buf[..n]);
+                    markers.push(&buf[..n]);
                 }
             }
         }
-        log
-    });
-    let errors = capture(stderr, MAX_STDERR);
+    })
+}
 
-    let mut cut = None;
-    loop {
-        if guard.exited().map_err(QemuError::Wait)? {
-            break;
+/// The words of init's the host acts on, found in the console as it arrives.
+struct Markers {
+    start: Instant,
+    seen: Arc<AtomicU64>,
+    booted: Arc<AtomicU64>,
+    /// Looked for only when the VM has a session port.
+    opened: Option<Arc<AtomicU64>>,
+    /// The end of the previous read, so a marker split across two reads is still seen.
+    carry: Vec<u8>,
+}
+
+impl Markers {
+    fn push(&mut self, bytes: &[u8]) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.seen.store(now, Ordering::Relaxed);
+        let watching_open = self.opened.as_ref().is_some_and(|o| o.load(Ordering::Relaxed) == 0);
+        if self.booted.load(Ordering::Relaxed) != 0 && !watching_open {
+            return;
         }
-        let quiet = start.elapsed().saturating_sub(Duration::from_millis(last_output.load(Ordering::Relaxed)));
-        if start.elapsed() >= bounds.deadline {
-            cut = Some(Cut::Deadline);
-        } else if bounds.boot.is_some_and(|b| start.elapsed() >= b) && booted.load(Ordering::Relaxed) == 0 {
-            cut = Some(Cut::NoBoot);
-        } else if bounds.silence.is_some_and(|s| quiet >= s) {
-            cut = Some(Cut::Silence);
-        } else if stop.load(Ordering::Relaxed) {
-            cut = Some(Cut::Stop);
-        } else if cancel.load(Ordering::Relaxed) {
-            cut = Some(Cut::Cancel);
+        self.carry.extend_from_slice(bytes);
+        let has = |marker: &[u8], carry: &[u8]| carry.windows(marker.len()).any(|w| w == marker);
+        if self.booted.load(Ordering::Relaxed) == 0 && has(BOOT_MARKER, &self.carry) {
+            self.booted.store(now + 1, Ordering::Relaxed);
         }
-        if cut.is_some() {
-            break;
+        if let Some(opened) = self.opened.as_ref().filter(|_| watching_open) {
+            if self.booted.load(Ordering::Relaxed) != 0 && has(jobfile::debug::OPEN_MARKER, &self.carry) {
+                opened.store(now + 1, Ordering::Relaxed);
+            }
         }
-        guard.exit.wait(Duration::from_millis(50));
+        let longest = BOOT_MARKER.len().max(jobfile::debug::OPEN_MARKER.len());
+        let keep = self.carry.len().saturating_sub(longest);
+        self.carry.drain(..keep);
     }
-    let status = guard.end();
-    let elapsed = start.elapsed();
-    let console = console.join().unwrap_or_else(|_| ConsoleLog::new(0));
-    let stderr = errors.join().unwrap_or_default();
-    let status = if cut.is_some() { None } else { status };
-    let booted = booted.load(Ordering::Relaxed).checked_sub(1).map(Duration::from_millis);
-    Ok(VmRun { status, cut, elapsed, console, stderr, booted })
+}
+
+impl Vm {
+    /// Waits until QEMU exits, a bound is passed, `stop` or `cancel` is set,
+    /// or (when `session` is set) init says a debug session is open.
+    pub fn watch(&mut self, stop: &AtomicBool, cancel: &AtomicBool, session: bool) -> Result<Watched, QemuError> {
+        let bounds = self.bounds;
+        loop {
+            if self.guard.exited().map_err(QemuError::Wait)? {
+                return Ok(Watched::Ended);
+            }
+            let elapsed = self.start.elapsed();
+            let quiet = elapsed.saturating_sub(Duration::from_millis(self.last_output.load(Ordering::Relaxed)));
+            let cut = if elapsed >= bounds.deadline {
+                Some(Cut::Deadline)
+            } else if bounds.boot.is_some_and(|b| elapsed >= b) && self.booted.load(Ordering::Relaxed) == 0 {
+                Some(Cut::NoBoot)
+            } else if bounds.silence.is_some_and(|s| quiet >= s) {
+                Some(Cut::Silence)
+            } else if stop.load(Ordering::Relaxed) {
+                Some(Cut::Stop)
+            } else if cancel.load(Ordering::Relaxed) {
+                Some(Cut::Cancel)
+            } else {
+                None
+            };
+            if let Some(cut) = cut {
+                return Ok(Watched::Cut(cut));
+            }
+            if session && self.opened.load(Ordering::Relaxed) != 0 {
+                return Ok(Watched::SessionOpen);
+            }
+            self.guard.exit.wait(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether QEMU has exited, waiting at most `most` for it.
+    pub fn exited_within(&self, most: Duration) -> Result<bool, QemuError> {
+        if self.guard.exited().map_err(QemuError::Wait)? {
+            return Ok(true);
+        }
+        self.guard.exit.wait(most);
+        self.guard.exited().map_err(QemuError::Wait)
+    }
+
+    /// How long QEMU has run.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// When construir-init said it started, counted from QEMU's start.
+    pub fn booted(&self) -> Option<Duration> {
+        self.booted.load(Ordering::Relaxed).checked_sub(1).map(Duration::from_millis)
+    }
+
+    /// The console so far, as a log of its own.
+    pub fn console_so_far(&self) -> ConsoleLog {
+        self.console.lock().unwrap_or_else(|e| e.into_inner()).snapshot()
+    }
+
+    /// Ends QEMU (killing it, unless it exited) and says how the run ended;
+    /// `cut` is why the host ended it, if it did.
+    pub fn finish(mut self, cut: Option<Cut>) -> VmRun {
+        let status = self.guard.end();
+        let elapsed = self.start.elapsed();
+        let booted = self.booted();
+        let _ = self.reader.join();
+        let console =
+            std::mem::replace(&mut *self.console.lock().unwrap_or_else(|e| e.into_inner()), ConsoleLog::new(0));
+        let stderr = self.errors.join().unwrap_or_default();
+        let status = if cut.is_some() { None } else { status };
+        VmRun { status, cut, elapsed, console, stderr, booted }
+    }
 }
 
 fn capture(mut pipe: impl Read + Send + 'static, limit: usize) -> JoinHandle<String> {
@@ -585,6 +724,7 @@ mod tests {
             file_size_limit: 1 << 30,
             cgroup_procs: None,
             live_console: None,
+            debug_port: None,
         }
     }
 

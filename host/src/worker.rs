@@ -10,7 +10,7 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use jobfile::caches::Given;
 use jobfile::deps::LayerRecord;
@@ -18,6 +18,8 @@ use jobfile::{JobName, JobStatus};
 
 use crate::caches::{self, Checkout};
 use crate::claim::Claim;
+use crate::debug::{self, DebugLimits};
+use crate::debug_job;
 use crate::files::read_status;
 use crate::image;
 use crate::intake::{self, Intake, DISK};
@@ -28,7 +30,7 @@ use crate::limits::Limits;
 use crate::metrics;
 use crate::packages::Plan;
 use crate::provenance::{Inputs, Record};
-use crate::qemu::{self, Confinement, Cut, LayerDisk, VmRun, VmSpec};
+use crate::qemu::{self, Confinement, Cut, LayerDisk, VmRun, VmSpec, Watched};
 use crate::queue::{self, Dirs, Ending, Scanned};
 use crate::stages::Stages;
 
@@ -58,30 +60,45 @@ pub fn run(
     let owner = intake.terms.owner.as_deref();
     let (checkouts, given) = lending::lend(dirs, limits, owner, job, &names, intake.terms.rebuild.is_some());
     let record = record(&claim, &intake, &given, layer.as_ref().map(|l| &l.record));
-    let spec = match spec(&claim, &intake, layer.as_ref(), &checkouts, given)? {
-        Ok(spec) => spec,
+    let debug = debug_job::limits_for(&claim, &intake);
+    let (channel, port) = match debug {
+        Some(_) => debug::channel().map(|(c, p)| (Some(c), Some(p)))?,
+        None => (None, None),
+    };
+    let spec = match spec(&claim, &intake, layer.as_ref(), &checkouts, given, debug)? {
+        Ok(spec) => VmSpec { debug_port: port, ..spec },
         Err(ending) => return Ok(ending),
     };
     log_boot(&claim, &intake);
-    let vm = qemu::run(&spec, intake.prepared.confinement(&limits.confiner), limits.bounds(), stop, cancel);
+    let confinement = intake.prepared.confinement(&limits.confiner);
+    let watched = qemu::start(&spec, confinement, limits.bounds())
+        .and_then(|mut vm| Ok((vm.watch(stop, cancel, channel.is_some())?, vm)));
     let _ = fs::remove_file(queue::live_console(dirs, file_name));
-    let vm = match vm {
-        Ok(vm) => vm,
+    let (watched, vm) = match watched {
+        Ok(w) => w,
         Err(e) => return claim.fail("qemu_error", &format!("cannot run QEMU: {}", jobfile::error_chain(&e)), None),
     };
+    let ran = Ran { preface, record };
+    if let (Watched::SessionOpen, Some(channel), Some(limits)) = (watched, channel, debug) {
+        return debug_job::opened(&claim, &mut intake, vm, checkouts, ran, channel, limits);
+    }
+    let vm = vm.finish(match watched {
+        Watched::Cut(cut) => Some(cut),
+        Watched::Ended | Watched::SessionOpen => None,
+    });
     drop(spec); // QEMU is gone: nothing else holds the working copy now
     let vm = match cut_short(&claim, vm)? {
         Ok(vm) => vm,
         Err(ending) => return Ok(ending),
     };
-    ended(&claim, &mut intake, vm, checkouts, Ran { preface, record })
+    ended(&claim, &mut intake, vm, checkouts, ran)
 }
 
 /// What a run brings to its end besides the VM.
-struct Ran {
+pub(crate) struct Ran {
     /// The log's start (a layer's build).
-    preface: Vec<u8>,
-    record: Option<Record>,
+    pub(crate) preface: Vec<u8>,
+    pub(crate) record: Option<Record>,
 }
 
 /// The layer a job boots from (`None`: its image alone), and the console
@@ -148,6 +165,7 @@ fn spec(
     layer: Option<&Layer>,
     checkouts: &[Checkout],
     given: Vec<Given>,
+    debug: Option<DebugLimits>,
 ) -> io::Result<Result<VmSpec, Ending>> {
     let (limits, job, label) = (claim.limits, claim.job, claim.label());
     let (manifest, rebuild) = (&intake.image.manifest, intake.terms.rebuild.as_ref());
@@ -156,13 +174,15 @@ fn spec(
         layer: layer.map(|l| l.record.key.clone()),
         declared: intake.declared,
         timeout: Some(limits.timeout),
-        deadline: Some(limits.guest_deadline()),
+        // A debug session's time comes after the job's: the guest's watchdog waits for it too.
+        deadline: Some(limits.guest_deadline() + debug.map_or(Duration::ZERO, |d| d.max)),
         name: Some(rebuild.map_or_else(|| job.name().to_owned(), |t| t.name.clone())),
         image: Some(job.image().to_owned()),
         console_max: limits.console_limit as u64,
         caches: given,
         epoch: rebuild.map(|t| t.epoch),
         stages: intake.stages.for_guest().to_vec(),
+        debug: debug.is_some(),
         ..Default::default()
     };
     let boot = match intake.image.open() {
@@ -293,7 +313,7 @@ fn ended(claim: &Claim, intake: &mut Intake, vm: VmRun, checkouts: Vec<Checkout>
 
 /// Lands a job's result (the working copy, with `st` as its status) in
 /// done/, its provenance signed over it as staged.
-fn deliver(
+pub(crate) fn deliver(
     claim: &Claim,
     intake: &Intake,
     st: &JobStatus,
@@ -379,7 +399,7 @@ fn create_live_console(dirs: &Dirs, file_name: &OsStr) -> Option<File> {
     file.map_err(|e| log::warn!("cannot write the live console to {}: {e}", path.display())).ok()
 }
 
-fn verdict(st: &JobStatus, how: &str, stages: &Stages) -> String {
+pub(crate) fn verdict(st: &JobStatus, how: &str, stages: &Stages) -> String {
     let mut v = st.result.as_str().to_owned();
     if let Some(code) = st.exit_code {
         v.push_str(&format!(" (exit code {code})"));

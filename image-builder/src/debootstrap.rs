@@ -205,6 +205,14 @@ fn initramfs(progress: &mut Progress, r: &Path, staging: &Path, init: &Path) -> 
         g.iter().map(|m| m.file_name().unwrap_or_default().to_string_lossy()).collect::<Vec<_>>().join(" ")
     };
     progress.note(format_args!("modules: {}", modules.iter().map(names).collect::<Vec<_>>().join(" | ")));
+    // The debug session's modules stay on the root: the initramfs is gone by then.
+    let debug = kernel
+        .resolve_module_groups(jobfile::image::DEBUG_MODULES)
+        .context("cannot resolve the debug port's modules")?;
+    let list = r.join(jobfile::image::DEBUG_MODULE_LIST.trim_start_matches('/'));
+    fs::create_dir_all(list.parent().expect("in /etc/construir"))
+        .and_then(|()| fs::write(&list, mini::module_list(&debug, r)))
+        .with_context(|| format!("cannot write {}", list.display()))?;
     let initrd = staging.join("initrd.img");
     let file = fs::File::create(&initrd).with_context(|| format!("cannot create {}", initrd.display()))?;
     let mut cpio = Cpio::new(BufWriter::new(file));

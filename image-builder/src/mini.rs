@@ -36,6 +36,7 @@ pub fn build(opts: &MiniOptions) -> Result<PathBuf> {
     say!("init {}", init.display());
     check_static(&opts.busybox, "busybox (install busybox-static)")?;
     let modules = kernel.resolve_module_groups(MODULES)?;
+    let debug_modules = kernel.resolve_module_groups(jobfile::image::DEBUG_MODULES)?;
     say!(
         "modules: {}",
         modules
@@ -54,6 +55,7 @@ pub fn build(opts: &MiniOptions) -> Result<PathBuf> {
     let file = fs::File::create(&initrd).with_context(|| format!("cannot create {}", initrd.display()))?;
     let mut cpio = Cpio::new(BufWriter::new(file));
     write_root(&mut cpio, &init, &opts.busybox, &modules).context("cannot write the initramfs")?;
+    write_debug_modules(&mut cpio, &modules, &debug_modules).context("cannot write the initramfs")?;
     cpio.finish().context("cannot write the initramfs")?;
     say!("initramfs {} bytes", fs::metadata(&initrd).map(|m| m.len()).unwrap_or(0));
 
@@ -122,21 +124,44 @@ pub fn write_init<W: std::io::Write>(
     cpio.char_device("dev/console", 0o600, 5, 1)?;
     cpio.char_device("dev/null", 0o666, 1, 3)?;
     cpio.copy("init", 0o755, init)?;
+    for module in modules.iter().flatten() {
+        let inside = module.strip_prefix(modules_root).unwrap_or(module);
+        let rel = inside.strip_prefix("/").unwrap_or(inside).to_string_lossy().into_owned();
+        cpio.copy(&rel, 0o644, module)?;
+    }
+    cpio.file(MODULE_LIST, 0o644, module_list(modules, modules_root).as_bytes())
+}
+
+/// The modules a debug session needs (`jobfile::image::DEBUG_MODULE_LIST`),
+/// those not already in `modules` copied in, and their list.
+fn write_debug_modules<W: std::io::Write>(
+    cpio: &mut Cpio<W>,
+    modules: &[Vec<PathBuf>],
+    debug: &[Vec<PathBuf>],
+) -> std::io::Result<()> {
+    for module in debug.iter().flatten().filter(|m| !modules.iter().flatten().any(|have| have == *m)) {
+        let rel = module.strip_prefix("/").unwrap_or(module).to_string_lossy().into_owned();
+        cpio.copy(&rel, 0o644, module)?;
+    }
+    cpio.file(jobfile::image::DEBUG_MODULE_LIST, 0o644, module_list(debug, Path::new("/")).as_bytes())
+}
+
+/// A module list as init reads it: groups in load order, separated by
+/// blank lines, each module by its path inside the guest.
+pub fn module_list(groups: &[Vec<PathBuf>], modules_root: &Path) -> String {
     let mut list = String::new();
-    for group in modules {
+    for group in groups {
         if !list.is_empty() {
             list.push('\n');
         }
         for module in group {
             let inside = module.strip_prefix(modules_root).unwrap_or(module);
-            let rel = inside.strip_prefix("/").unwrap_or(inside).to_string_lossy().into_owned();
-            cpio.copy(&rel, 0o644, module)?;
             list.push('/');
-            list.push_str(&rel);
+            list.push_str(&inside.strip_prefix("/").unwrap_or(inside).to_string_lossy());
             list.push('\n');
         }
     }
-    cpio.file(MODULE_LIST, 0o644, list.as_bytes())
+    list
 }
 
 fn busybox_applets(busybox: &Path) -> std::io::Result<Vec<String>> {

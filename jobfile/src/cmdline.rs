@@ -43,6 +43,10 @@ pub struct Settings {
     /// `construir.stages=resolve:1.2,fetch:0.3`: the host's stages before
     /// the VM, for the status (`crate::stages`).
     pub stages: Vec<crate::stages::StageTime>,
+    /// `construir.debug=1`: when the job does not end ok, keep the VM up
+    /// after its result is packed, with a shell on the session port
+    /// (`crate::debug`); the host bounds how long.
+    pub debug: bool,
 }
 
 impl Default for Settings {
@@ -63,6 +67,7 @@ impl Default for Settings {
             caches: Vec::new(),
             epoch: None,
             stages: Vec::new(),
+            debug: false,
         }
     }
 }
@@ -118,6 +123,9 @@ impl Settings {
         if !self.stages.is_empty() {
             words.push(format!("construir.stages={}", crate::stages::to_cmdline(&self.stages)));
         }
+        if self.debug {
+            words.push("construir.debug=1".to_owned());
+        }
         words.join(" ")
     }
 
@@ -158,6 +166,7 @@ impl Settings {
                     warnings.extend(bad);
                     true
                 }
+                "debug" => num(value).filter(|&n| n <= 1).map(|n| s.debug = n == 1).is_some(),
                 "epoch" => num(value).map(|n| s.epoch = Some(n)).is_some(),
                 "stages" => {
                     let (stages, bad) = crate::stages::from_cmdline(value);
@@ -194,7 +203,7 @@ mod tests {
              construir.threads=2 construir.name=hello construir.image=100 construir.wait=5 construir.console=1000 \
              construir.packages=/dev/vdc construir.layer=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef \
              construir.declared=1 construir.caches=ccache:2,pip:off construir.epoch=1700000000 \
-             construir.stages=resolve:1.25,fetch:0",
+             construir.stages=resolve:1.25,fetch:0 construir.debug=1",
         );
         assert_eq!(
             s,
@@ -220,6 +229,7 @@ mod tests {
                     crate::stages::StageTime { stage: "resolve".into(), secs: 1.25 },
                     crate::stages::StageTime { stage: "fetch".into(), secs: 0.0 },
                 ],
+                debug: true,
             }
         );
         assert!(warnings.is_empty(), "{warnings:?}");
@@ -243,6 +253,7 @@ mod tests {
             caches: vec![crate::caches::Given { name: "cargo".into(), version: Some(0) }],
             epoch: Some(0),
             stages: vec![crate::stages::StageTime { stage: "layer".into(), secs: 31.5 }],
+            debug: true,
         };
         let defaults = Settings::default();
         let some = Settings { timeout: Some(Duration::from_secs(5)), name: Some("x".into()), ..Settings::default() };

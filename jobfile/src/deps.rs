@@ -130,6 +130,9 @@ pub struct Declaration {
     /// Build caches the job uses (`crate::caches`), each mounted at `/cache/<name>`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub caches: Vec<String>,
+    /// When the job does not end ok, keep its VM up for a debug session (`crate::debug`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub debug: bool,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -669,6 +672,7 @@ Build-Depends: not-read-either
             packages: vec!["make".into()],
             debian_control: Some("debian/control".into()),
             caches: Vec::new(),
+            debug: false,
         };
         assert_eq!(relations(&d, Some(("debian/control", control))).expect("all").len(), 6);
         let e = build_depends("c", "Package: x\n").expect_err("no source").to_string();
@@ -695,6 +699,7 @@ Build-Depends: not-read-either
             packages: packages.iter().map(|p| p.to_string()).collect(),
             debian_control: control.map(str::to_owned),
             caches: Vec::new(),
+            debug: false,
         };
         crate::tools::pack(&req).map(|p| p.path)
     }
@@ -733,12 +738,20 @@ Build-Depends: not-read-either
             packages: Vec::new(),
             debian_control: None,
             caches: vec!["ccache".into(), " cargo ".into()],
+            debug: false,
         };
         let file = crate::tools::pack(&req).expect("pack").path;
         let (d, relations) = read(&file).expect("read").expect("declared");
         assert_eq!((d.caches.as_slice(), relations.len()), (["ccache".to_owned(), "cargo".to_owned()].as_slice(), 0));
-        let bad = crate::tools::PackRequest { caches: vec!["../up".into()], ..req };
+        let bad = crate::tools::PackRequest { caches: vec!["../up".into()], ..req.clone() };
         assert!(crate::error_chain(&crate::tools::pack(&bad).expect_err("bad")).contains("not a cache name"));
+
+        // --debug with DIR's own construir.toml: that file, with `debug = true` added, first.
+        std::fs::write(dir.join(DECLARATION), "caches = [\"pip\"]\n").expect("write");
+        let debug = crate::tools::PackRequest { caches: Vec::new(), debug: true, ..req };
+        let file = crate::tools::pack(&debug).expect("pack").path;
+        let (d, _) = read(&file).expect("read").expect("declared");
+        assert_eq!((d.caches.as_slice(), d.debug), (["pip".to_owned()].as_slice(), true));
 
         // DIR's own construir.toml is checked, put first, and cannot be combined with the flags.
         std::fs::write(dir.join(DECLARATION), "packages = [\"cmake\"]\n").expect("w");

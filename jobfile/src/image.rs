@@ -14,6 +14,12 @@ use thiserror::Error;
 pub const MANIFEST: &str = "image.toml";
 /// Inside an initramfs: the kernel modules construir-init loads, one path per line, in order.
 pub const MODULE_LIST: &str = "/etc/construir/modules";
+/// The modules a debug session's port needs (`crate::debug`), loaded only
+/// when a session opens; in the initramfs (mini) or the root (Debian), as
+/// `MODULE_LIST` is written.
+pub const DEBUG_MODULE_LIST: &str = "/etc/construir/modules-debug";
+/// Those modules, by name.
+pub const DEBUG_MODULES: &[&str] = &["virtio_console"];
 
 /// One installed package, for Debian images.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

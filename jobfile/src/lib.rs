@@ -8,6 +8,7 @@
 pub mod caches;
 pub mod cmdline;
 pub mod command;
+pub mod debug;
 pub mod deps;
 pub mod ext4;
 pub mod fallback;
@@ -24,6 +25,7 @@ pub mod tar_entry;
 pub mod tar_reader;
 pub mod tar_strict;
 pub mod tardiff;
+pub mod terminal;
 pub mod text;
 pub mod tools;
 pub mod units;

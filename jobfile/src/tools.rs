@@ -140,12 +140,21 @@ pub struct PackRequest {
     /// jobs when it ends ok (comma-separated or repeated; e.g. ccache, cargo, pip); written to construir.toml.
     #[cfg_attr(feature = "cli", arg(long = "cache", value_name = "NAME", value_delimiter = ','))]
     pub caches: Vec<String>,
+    /// When the job does not end ok, keep its VM up for a shell in it (`construir-host debug FILE`,
+    /// `construir debug ID`); written to construir.toml as `debug = true`.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub debug: bool,
 }
 
 impl PackRequest {
     /// Whether the flags say what goes into `construir.toml` (else DIR's own file, if any, is used).
     fn declares(&self) -> bool {
-        !self.packages.is_empty() || self.debian_control.is_some() || !self.caches.is_empty()
+        !self.packages.is_empty() || self.debian_control.is_some() || !self.caches.is_empty() || self.debug
+    }
+
+    /// Whether `--debug` is the only flag that says what goes into `construir.toml`.
+    fn only_debug(&self) -> bool {
+        self.debug && self.packages.is_empty() && self.debian_control.is_none() && self.caches.is_empty()
     }
 
     /// What `pack` writes as `construir.toml`, if anything: from the flags,
@@ -166,6 +175,17 @@ impl PackRequest {
             self.check_control(&d)?;
             return Ok(Some(text));
         }
+        if has_own && self.only_debug() {
+            // DIR's own file, with `debug = true` added.
+            let mut text = String::new();
+            File::open(&own)
+                .and_then(|f| f.take(crate::deps::MAX_DECLARATION + 1).read_to_string(&mut text))
+                .map_err(|source| JobToolError::Open { path: own.clone(), source })?;
+            let mut d = crate::deps::Declaration::parse(&text).map_err(deps_err)?;
+            self.check_control(&d)?;
+            d.debug = true;
+            return Ok(Some(d.to_toml()));
+        }
         if has_own {
             return Err(JobToolError::DeclarationExists { dir: self.dir.clone() });
         }
@@ -173,6 +193,7 @@ impl PackRequest {
             packages: self.packages.iter().map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect(),
             debian_control: self.debian_control.clone(),
             caches: self.caches.iter().map(|c| c.trim().to_owned()).filter(|c| !c.is_empty()).collect(),
+            debug: self.debug,
         };
         let text = d.to_toml();
         crate::deps::Declaration::parse(&text).map_err(deps_err)?;

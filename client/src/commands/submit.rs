@@ -59,6 +59,8 @@ fn job_file(s: &Submit, scratch: &Path) -> Result<PathBuf> {
         packages: s.packages.clone(),
         debian_control: s.debian_control.clone(),
         caches: s.caches.clone(),
+        // Asked of the server instead (`debug=true`), for a directory and a job file alike.
+        debug: false,
     })?;
     eprintln!("construir: packed {} into a {} job file", human_size(packed.compressed), human_size(packed.size));
     Ok(packed.path)

@@ -62,6 +62,18 @@ pub(crate) enum Command {
     /// Make and read job files (for people who submit jobs).
     #[command(subcommand)]
     Job(JobCommand),
+    /// Attach this terminal to the debug session of a job on this machine's queue: a root
+    /// shell in /job inside its VM, after it failed (`job pack --debug`, `debug = true`).
+    ///
+    /// FILE is the job as it was dropped (QUEUE/<name>_i<image>.tar.xz) or its result
+    /// (done/<name>_d<image>.tar.xz). Type `~.` at the start of a line to leave; leaving ends
+    /// the session and powers the VM off. Exits 0 when the session ended, 1 when there is none.
+    Debug {
+        file: PathBuf,
+        /// The queue's running directory [default: `running` beside FILE's directory].
+        #[arg(long, value_name = "DIR")]
+        running: Option<PathBuf>,
+    },
     /// Print this host's public key (ed25519:<base64>), which checks the provenance of its
     /// results; the key is made when there is none yet.
     Key {
@@ -229,6 +241,16 @@ pub(crate) struct RunArgs {
     /// 0600 [default: QUEUE/../keys/<host-id>.key; for run-one, IMAGES/../keys/<host-id>.key].
     #[arg(long, value_name = "FILE")]
     pub(crate) host_key: Option<PathBuf>,
+    /// Open no debug sessions: a job that asks for one (`debug = true`, `--debug`) runs and
+    /// ends as any other, and its log says the host refused.
+    #[arg(long)]
+    pub(crate) no_debug: bool,
+    /// How long a failed debug job's VM waits for its owner to attach before it is powered off.
+    #[arg(long, default_value = "10m", value_parser = duration_arg)]
+    pub(crate) debug_wait: Duration,
+    /// How long a debug session may last in all, from the job's result to the VM's power-off.
+    #[arg(long, default_value = "1h", value_parser = duration_arg)]
+    pub(crate) debug_max: Duration,
 }
 
 /// `run-one`: one job file through the same machinery, without a queue.

@@ -1,5 +1,6 @@
 //! `construir-host run-one`: one job file through one VM, in the foreground.
 
+use construir_host::limits::Limits;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -153,7 +154,10 @@ fn run_in_spool(a: &RunArgs, handed: &Handed, places: &Places, dirs: &Dirs, job:
     }
     std::fs::rename(&staged, dirs.queue.join(&name))?;
     let (opts, stop) = prepare(a, dirs.clone(), handed.host_id.to_owned())?;
-    let opts = RunOptions { once: true, workers: 1, rules: Rules { settle: Duration::ZERO, ..opts.rules }, ..opts };
+    // One job handed over by a scheduler: nobody could reach a session here, so it opens none.
+    let limits = Limits { debug: None, ..opts.limits };
+    let opts =
+        RunOptions { once: true, workers: 1, rules: Rules { settle: Duration::ZERO, ..opts.rules }, limits, ..opts };
     let console = places.console.clone().map(|to| (jobfile::layout::live_console(&dirs.host_dir, name.as_ref()), to));
     run_mirrored(&opts, stop, console)?;
     hand_out(dirs, job, &places.out)

@@ -1,6 +1,7 @@
 //! `construir-host run`: what the daemon needs set up before it starts
 //! (directories, identities, the jail, limits), then the daemon.
 
+use construir_host::debug::DebugLimits;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -145,6 +146,7 @@ pub(crate) fn prepare(a: &RunArgs, dirs: Dirs, host_id: String) -> Result<(RunOp
         qemu: a.qemu.clone(),
         signer: Some(signer),
         host_id,
+        debug: (!a.no_debug).then_some(DebugLimits { wait: a.debug_wait, max: a.debug_max }),
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

@@ -411,7 +411,7 @@ impl Pump {
         // server pinned and lends the submitter's caches. A verified rebuild's
         // run: the server placed it; here its terms only name the job and date it.
         let rebuild = rebuild.map(|terms| jobfile::rebuild::Terms { apart_until: 0, ..terms });
-        let terms = jobfile::layout::Terms { pin: packages, owner, rebuild };
+        let terms = jobfile::layout::Terms { pin: packages, owner, rebuild, debug: false };
         if let Err(e) = terms.write(&self.dirs.running, OsStr::new(&held.file_name)) {
             let _ = fs::remove_file(&partial);
             self.leases.lock().remove(id);

@@ -5,6 +5,7 @@
 //! running/.pins/<file>.json     pin      the packages resolved at submit, installed exactly
 //! running/.pins/<file>.owner    owner    whose build caches the job uses (`a<id>`)
 //! running/.pins/<file>.rebuild  rebuild  a verified rebuild's run: its sibling, name, epoch
+//! running/.pins/<file>.debug    debug    its submitter asked for a debug session (`crate::debug`)
 //! ```
 //!
 //! The terms are written before the job is in the queue and read by the
@@ -27,6 +28,8 @@ pub struct Terms {
     pub pin: Option<Resolution>,
     pub owner: Option<String>,
     pub rebuild: Option<rebuild::Terms>,
+    /// When it does not end ok, keep its VM up for its owner's shell.
+    pub debug: bool,
 }
 
 /// One of a job's terms.
@@ -35,6 +38,7 @@ pub enum Member {
     Pin,
     Owner,
     Rebuild,
+    Debug,
 }
 
 /// A member of a job's terms that is there but cannot be used, and why.
@@ -50,6 +54,7 @@ impl std::fmt::Display for BadTerms {
             Member::Pin => "packages",
             Member::Owner => "owner of its caches",
             Member::Rebuild => "verified rebuild",
+            Member::Debug => "debug session",
         };
         write!(f, "{what}: {}", self.why)
     }
@@ -69,6 +74,14 @@ pub fn pin_file(running: &Path, file_name: &OsStr) -> PathBuf {
     pins_entry(running, file_name, ".json")
 }
 
+/// The debug request's file: `running/.pins/<file>.debug`.
+pub fn debug_file(running: &Path, file_name: &OsStr) -> PathBuf {
+    pins_entry(running, file_name, ".debug")
+}
+
+/// What the debug request's file holds.
+const DEBUG_WORD: &[u8] = b"debug\n";
+
 /// The owner's file: `running/.pins/<file>.owner`.
 pub fn owner_file(running: &Path, file_name: &OsStr) -> PathBuf {
     pins_entry(running, file_name, ".owner")
@@ -84,6 +97,7 @@ impl Terms {
             pin: read_pin(running, file_name).map_err(bad(Member::Pin))?,
             owner: read_owner(running, file_name).map_err(bad(Member::Owner))?,
             rebuild: rebuild::read_terms(running, file_name).map_err(bad(Member::Rebuild))?,
+            debug: read_debug(running, file_name).map_err(bad(Member::Debug))?,
         })
     }
 
@@ -102,6 +116,9 @@ impl Terms {
         if let Some(terms) = &self.rebuild {
             rebuild::write_terms(running, file_name, terms)?;
         }
+        if self.debug {
+            write_whole(&debug_file(running, file_name), DEBUG_WORD)?;
+        }
         Ok(())
     }
 
@@ -110,6 +127,7 @@ impl Terms {
     pub fn remove_run(running: &Path, file_name: &OsStr) {
         let _ = fs::remove_file(pin_file(running, file_name));
         let _ = fs::remove_file(owner_file(running, file_name));
+        let _ = fs::remove_file(debug_file(running, file_name));
     }
 
     /// Removes every member (a job that never ran: cancelled or deleted).
@@ -126,6 +144,15 @@ fn read_pin(running: &Path, file_name: &OsStr) -> Result<Option<Resolution>, Str
         serde_json::from_slice(&raw).map_err(|e| format!("{} is not a resolution: {e}", path.display()))?;
     res.check().map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(Some(res))
+}
+
+fn read_debug(running: &Path, file_name: &OsStr) -> Result<bool, String> {
+    let path = debug_file(running, file_name);
+    match read_small(&path, 64)? {
+        None => Ok(false),
+        Some(raw) if raw == DEBUG_WORD => Ok(true),
+        Some(_) => Err(format!("{} does not say debug", path.display())),
+    }
 }
 
 fn read_owner(running: &Path, file_name: &OsStr) -> Result<Option<String>, String> {
@@ -151,9 +178,12 @@ impl TermFiles {
     /// Reads the terms of `file_name` under `running`.
     pub fn read(running: &Path, file_name: &OsStr) -> Result<TermFiles, String> {
         let mut files = Vec::new();
-        for path in
-            [pin_file(running, file_name), owner_file(running, file_name), rebuild::terms_file(running, file_name)]
-        {
+        for path in [
+            pin_file(running, file_name),
+            owner_file(running, file_name),
+            rebuild::terms_file(running, file_name),
+            debug_file(running, file_name),
+        ] {
             if let Some(raw) = read_small(&path, 4 << 20)? {
                 files.push((path.file_name().expect("a file name").to_owned(), raw));
             }
@@ -185,7 +215,7 @@ impl TermFiles {
 
 #[cfg(test)]
 mod tests {
-    use super::{owner_file, pin_file, Member, TermFiles, Terms};
+    use super::{debug_file, owner_file, pin_file, Member, TermFiles, Terms};
     use crate::rebuild;
     use std::ffi::OsStr;
 
@@ -195,18 +225,21 @@ mod tests {
         let (running, file) = (tmp.path(), OsStr::new("a_i1.tar.xz"));
         assert_eq!(Terms::read(running, file).expect("none"), Terms::default());
         let rebuild = rebuild::Terms { sibling: "b_i1.tar.xz".into(), name: "a".into(), epoch: 1, apart_until: 0 };
-        let terms = Terms { pin: None, owner: Some("a7".into()), rebuild: Some(rebuild) };
+        let terms = Terms { pin: None, owner: Some("a7".into()), rebuild: Some(rebuild), debug: true };
         terms.write(running, file).expect("write");
         assert_eq!(Terms::read(running, file).expect("read"), terms);
         let copy = TermFiles::read(running, file).expect("copy");
-        assert_eq!(copy.files.len(), 2, "the owner and the rebuild's terms");
+        assert_eq!(copy.files.len(), 3, "the owner, the rebuild's terms and the debug request");
         let elsewhere = tmp.path().join("node");
         copy.write(&elsewhere).expect("copied");
         assert_eq!(TermFiles::read(&elsewhere, file).expect("again").digest(), copy.digest());
         Terms::remove_run(running, file);
-        assert_eq!(Terms::read(running, file).expect("read"), Terms { owner: None, ..terms.clone() });
+        assert_eq!(Terms::read(running, file).expect("read"), Terms { owner: None, debug: false, ..terms.clone() });
         Terms::remove_all(running, file);
         assert_eq!(Terms::read(running, file).expect("read"), Terms::default());
+        std::fs::write(debug_file(running, file), "yes please").expect("w");
+        assert_eq!(Terms::read(running, file).map_err(|e| e.member), Err(Member::Debug), "says nothing else");
+        std::fs::remove_file(debug_file(running, file)).expect("rm");
         std::fs::write(owner_file(running, file), "../x").expect("w");
         assert_eq!(Terms::read(running, file).map_err(|e| e.member), Err(Member::Owner), "no account's");
         std::fs::remove_file(owner_file(running, file)).expect("rm");

@@ -105,7 +105,12 @@ pub(crate) async fn submit(
         let (part, ino) = copy_for_second_run(&app, &queued[0].1, &twin, &record).await?;
         queued.push((twin, part, ino));
     }
-    let terms = Terms { pin: packages.clone(), owner: Some(jobfile::caches::account_owner(account.id)), rebuild: None };
+    let terms = Terms {
+        pin: packages.clone(),
+        owner: Some(jobfile::caches::account_owner(account.id)),
+        rebuild: None,
+        debug: false,
+    };
     enqueue(&app, &queued, &terms, &mut guards)?;
     let (id, what) = (&record.id, format!("{} ({size} bytes)", record.file_name));
     let jobs: Vec<(&str, FileId)> = queued.iter().map(|(job, _, ino)| (job.id.as_str(), *ino)).collect();

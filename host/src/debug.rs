@@ -1,0 +1,287 @@
+//! A debug job's session (`jobfile::debug`), on the host that runs its VM:
+//! the channel QEMU's session port is wired to, the socket in
+//! `running/.debug/` a person (`construir-host debug`), the server or a
+//! remote host's link attaches to, and the relay between the two. The
+//! relay moves bytes and never reads them; each direction holds at most
+//! `BUFFER` bytes, so a slow or gone client stalls only its own session.
+//! The session is bounded: someone must attach within `wait` of its
+//! opening, and the VM ends `max` after it at the latest.
+
+use std::ffi::OsStr;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use jobfile::debug::Session;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use crate::qemu::Vm;
+
+/// The most bytes held for either direction.
+const BUFFER: usize = 64 << 10;
+
+/// How long sessions may wait and last on this host (`run --debug-wait`, `--debug-max`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DebugLimits {
+    pub wait: Duration,
+    pub max: Duration,
+}
+
+/// The host's end of a debug VM's session channel.
+#[derive(Debug)]
+pub struct Channel(UnixStream);
+
+/// A connected pair: the host's end, and QEMU's (for `VmSpec::debug_port`).
+pub fn channel() -> io::Result<(Channel, OwnedFd)> {
+    let (host, qemu) = UnixStream::pair()?;
+    Ok((Channel(host), qemu.into()))
+}
+
+/// How a session went.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// From the session's opening to the attach, if anyone attached.
+    pub attached_after: Option<Duration>,
+    /// From the session's opening to its end.
+    pub lasted: Duration,
+    pub why: String,
+    /// Whether the VM ended by itself (the shell ended and init powered off).
+    pub vm_ended: bool,
+}
+
+/// Where and for whom a session is served.
+pub struct Place<'a> {
+    /// The queue's `running/` (its `.debug/` holds the socket and the record).
+    pub running: &'a Path,
+    pub file_name: &'a OsStr,
+    pub host_id: &'a str,
+    pub label: &'a str,
+}
+
+/// Serves the session until someone attaches and leaves, nobody attaches
+/// within `limits.wait`, `limits.max` passes, the VM ends, or the host stops
+/// or the job is cancelled.
+pub fn serve(
+    place: &Place,
+    limits: DebugLimits,
+    vm: &Vm,
+    channel: Channel,
+    stop: &AtomicBool,
+    cancel: &AtomicBool,
+) -> io::Result<Summary> {
+    let opened = Instant::now();
+    let listener = jobfile::debug::listen(place.running, place.file_name)?;
+    listener.set_nonblocking(true)?;
+    let now = unix_now();
+    let mut record = Session {
+        host: place.host_id.to_owned(),
+        socket: jobfile::debug::socket_name(place.file_name),
+        opened: now,
+        attach_by: now + limits.wait.as_secs(),
+        ends_by: now + limits.max.as_secs(),
+        attached: None,
+    };
+    jobfile::debug::write_session(place.running, place.file_name, &record)?;
+    let served = (|| {
+        let ends = |why: &str| Summary {
+            attached_after: None,
+            lasted: opened.elapsed(),
+            why: why.to_owned(),
+            vm_ended: false,
+        };
+        let client = loop {
+            if let Some(why) = over(vm, opened, limits.max, stop, cancel) {
+                return Ok(Summary { vm_ended: why.1, ..ends(why.0) });
+            }
+            if opened.elapsed() >= limits.wait {
+                return Ok(ends(&format!("nobody attached within {} s", limits.wait.as_secs())));
+            }
+            match listener.accept() {
+                Ok((client, _)) => break client,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                    let _ = poll(&mut fds, PollTimeout::from(100u16));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let attached_after = opened.elapsed();
+        log::info!(
+            "job {}: debug session: attached {:.1} s after it opened",
+            place.label,
+            attached_after.as_secs_f64()
+        );
+        record.attached = Some(unix_now());
+        jobfile::debug::write_session(place.running, place.file_name, &record)?;
+        let (why, vm_ended) = relay(client, channel.0, &listener, vm, opened, limits.max, stop, cancel)?;
+        Ok(Summary { attached_after: Some(attached_after), lasted: opened.elapsed(), why, vm_ended })
+    })();
+    jobfile::debug::remove_session(place.running, place.file_name);
+    served
+}
+
+/// Why the session must end now, if it must, and whether the VM ended by itself.
+fn over(
+    vm: &Vm,
+    opened: Instant,
+    max: Duration,
+    stop: &AtomicBool,
+    cancel: &AtomicBool,
+) -> Option<(&'static str, bool)> {
+    if vm.exited_within(Duration::ZERO).unwrap_or(true) {
+        Some(("the VM powered off", true))
+    } else if opened.elapsed() >= max {
+        Some(("its longest time passed", false))
+    } else if stop.load(Ordering::Relaxed) {
+        Some(("the host is stopping", false))
+    } else if cancel.load(Ordering::Relaxed) {
+        Some(("its submitter cancelled it", false))
+    } else {
+        None
+    }
+}
+
+/// Relays client <-> guest until one side ends or the session must.
+#[allow(clippy::too_many_arguments)]
+fn relay(
+    mut client: UnixStream,
+    mut guest: UnixStream,
+    listener: &UnixListener,
+    vm: &Vm,
+    opened: Instant,
+    max: Duration,
+    stop: &AtomicBool,
+    cancel: &AtomicBool,
+) -> io::Result<(String, bool)> {
+    client.set_nonblocking(true)?;
+    guest.set_nonblocking(true)?;
+    let (mut to_guest, mut to_client) = (Vec::<u8>::new(), Vec::<u8>::new());
+    let mut buf = vec![0u8; 16 << 10];
+    let mut guest_gone: Option<Instant> = None;
+    loop {
+        if let Some(at) = guest_gone {
+            // The guest's last words go out, for a moment at most.
+            if to_client.is_empty() || at.elapsed() > Duration::from_secs(1) {
+                return Ok(("the shell ended".into(), true));
+            }
+        } else if let Some((why, ended)) = over(vm, opened, max, stop, cancel) {
+            return Ok((why.into(), ended));
+        }
+        let want = |read: bool, write: bool| {
+            let mut f = PollFlags::empty();
+            f.set(PollFlags::POLLIN, read);
+            f.set(PollFlags::POLLOUT, write);
+            f
+        };
+        let (client_ev, guest_ev) = {
+            let mut fds = [
+                PollFd::new(client.as_fd(), want(to_guest.len() < BUFFER, !to_client.is_empty())),
+                PollFd::new(
+                    guest.as_fd(),
+                    want(guest_gone.is_none() && to_client.len() < BUFFER, !to_guest.is_empty()),
+                ),
+                PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::from(100u16)) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if fds[2].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)) {
+                refuse_another(listener);
+            }
+            (fds[0].revents().unwrap_or(PollFlags::empty()), fds[1].revents().unwrap_or(PollFlags::empty()))
+        };
+        let readable = PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR;
+        if client_ev.intersects(readable) && to_guest.len() < BUFFER {
+            match pull(&mut client, &mut buf, &mut to_guest, BUFFER) {
+                Ok(true) => {}
+                Ok(false) => return Ok(("its owner left".into(), false)),
+                Err(e) => return Ok((format!("the client's connection failed: {e}"), false)),
+            }
+        }
+        if guest_gone.is_none()
+            && guest_ev.intersects(readable)
+            && to_client.len() < BUFFER
+            && !pull(&mut guest, &mut buf, &mut to_client, BUFFER).unwrap_or(false)
+        {
+            guest_gone = Some(Instant::now());
+        }
+        if !to_guest.is_empty() && push(&mut guest, &mut to_guest).is_err() {
+            guest_gone.get_or_insert_with(Instant::now);
+        }
+        if !to_client.is_empty() {
+            if let Err(e) = push(&mut client, &mut to_client) {
+                return Ok((format!("the client's connection failed: {e}"), false));
+            }
+        }
+    }
+}
+
+/// Reads what is there into `into` (up to `cap` bytes held); `false` at the end of the stream.
+fn pull(from: &mut UnixStream, buf: &mut [u8], into: &mut Vec<u8>, cap: usize) -> io::Result<bool> {
+    let room = cap.saturating_sub(into.len()).min(buf.len());
+    if room == 0 {
+        return Ok(true);
+    }
+    match from.read(&mut buf[..room]) {
+        Ok(0) => Ok(false),
+        Ok(n) => {
+            into.extend_from_slice(&buf[..n]);
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes what `from` holds as far as the other side takes it now.
+fn push(to: &mut UnixStream, from: &mut Vec<u8>) -> io::Result<()> {
+    match to.write(from) {
+        Ok(n) => {
+            from.drain(..n);
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// One attach per session: a second is told so and closed.
+fn refuse_another(listener: &UnixListener) {
+    if let Ok((mut other, _)) = listener.accept() {
+        let _ = other.set_nonblocking(true);
+        let _ = other.write_all(b"construir: this debug session is already attached\r\n");
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pull_and_push_keep_within_the_cap() {
+        let (mut a, mut b) = UnixStream::pair().expect("pair");
+        b.set_nonblocking(true).expect("nonblocking");
+        a.write_all(&[7u8; 100]).expect("write");
+        let (mut buf, mut held) = (vec![0u8; 64], Vec::new());
+        assert!(pull(&mut b, &mut buf, &mut held, 30).expect("pull"));
+        assert_eq!(held.len(), 30, "no more than the cap");
+        assert!(pull(&mut b, &mut buf, &mut held, 30).expect("pull"));
+        assert_eq!(held.len(), 30, "a full buffer takes nothing");
+        push(&mut b, &mut held).expect("push");
+        assert!(held.is_empty());
+        let mut back = [0u8; 30];
+        a.read_exact(&mut back).expect("read");
+        drop(a);
+        let mut rest = Vec::new();
+        while pull(&mut b, &mut buf, &mut rest, 1000).expect("pull") {}
+        assert_eq!(rest.len(), 70, "what was left, then the end");
+    }
+}
