@@ -611,7 +611,7 @@ fn the_api_schema_is_served_to_anyone_is_the_one_in_docs_and_names_every_route()
             operations += 1;
         }
     }
-    assert_eq!(operations, 21, "{:?}", paths.keys().collect::<Vec<_>>());
+    assert_eq!(operations, 23, "{:?}", paths.keys().collect::<Vec<_>>());
     // Every /v1 route the router serves is in it (the schema itself aside).
     let router = include_str!("../server/src/http/mod.rs");
     let routes: Vec<&str> = router

@@ -64,6 +64,11 @@ pub enum Command {
         /// as two jobs against your limits.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=2))]
         verify_on: Option<u32>,
+        /// When the job does not end ok, keep its VM up after its result is delivered, with a root
+        /// shell in /job for you alone: `construir debug ID` attaches (`debug = true` in its
+        /// construir.toml asks the same). Not with --verify-on 2.
+        #[arg(long, conflicts_with = "verify_on")]
+        debug: bool,
         /// Then wait for it, as `construir wait` does.
         #[arg(long)]
         wait: bool,
@@ -125,8 +130,14 @@ pub enum Command {
     /// Your build caches on the server's hosts.
     #[command(subcommand)]
     Cache(CacheCommand),
-    /// Cancel a job: a waiting one leaves the queue, a running one's VM is stopped within seconds.
+    /// Cancel a job: a waiting one leaves the queue, a running one's VM is stopped within seconds,
+    /// a debug session is ended and its VM powered off.
     Cancel { id: String },
+    /// Attach this terminal to the debug session of your failed job (submitted with --debug): a
+    /// root shell in /job inside its VM, which has no network. The result you fetch is the job's
+    /// own, whatever you do here. Type `~.` at the start of a line to leave; leaving, or `exit`,
+    /// ends the session and powers the VM off.
+    Debug { id: String },
     /// Print a link to your page on the server (it works once, within five minutes).
     Page,
     /// Extract a result file safely into DIR (new or empty): never outside it.

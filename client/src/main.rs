@@ -29,7 +29,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             println!("{}", packed.path.display());
         }
-        Command::Submit { path, image, size, name, packages, debian_control, caches, verify_on, wait } => {
+        Command::Submit { path, image, size, name, packages, debian_control, caches, verify_on, debug, wait } => {
             let submit = Submit {
                 path: path.clone(),
                 image: image.clone(),
@@ -39,6 +39,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 debian_control: debian_control.clone(),
                 caches: caches.clone(),
                 verify_on: *verify_on,
+                debug: *debug,
                 wait: *wait,
             };
             return commands::submit::run(&api()?, submit);
@@ -56,6 +57,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Cache(CacheCommand::List { json }) => commands::cache::list(&api()?, *json)?,
         Command::Cache(CacheCommand::Clear { name, all: _ }) => commands::cache::clear(&api()?, name.clone())?,
         Command::Cancel { id } => commands::cancel::run(&api()?, id)?,
+        Command::Debug { id } => return commands::debug::run(&api()?, id),
         Command::Page => commands::page::run(&api()?)?,
         Command::Unpack { file, dir } => commands::unpack::run(file, dir)?,
         Command::Verify { file, provenance, keys } => {

@@ -61,22 +61,21 @@ pub struct Place<'a> {
     pub label: &'a str,
 }
 
-/// Serves the session until someone attaches and leaves, nobody attaches
-/// within `limits.wait`, `limits.max` passes, the VM ends, or the host stops
-/// or the job is cancelled.
-pub fn serve(
-    place: &Place,
-    limits: DebugLimits,
-    vm: &Vm,
-    channel: Channel,
-    stop: &AtomicBool,
-    cancel: &AtomicBool,
-) -> io::Result<Summary> {
-    let opened = Instant::now();
+/// A session open for attaching: its socket listens and its record is
+/// written (before the result is delivered, so that whoever sees the result
+/// sees the session too).
+pub struct Listening {
+    listener: UnixListener,
+    record: Session,
+    opened: Instant,
+}
+
+/// Opens the session's socket and writes its record.
+pub fn open(place: &Place, limits: DebugLimits) -> io::Result<Listening> {
     let listener = jobfile::debug::listen(place.running, place.file_name)?;
     listener.set_nonblocking(true)?;
     let now = unix_now();
-    let mut record = Session {
+    let record = Session {
         host: place.host_id.to_owned(),
         socket: jobfile::debug::socket_name(place.file_name),
         opened: now,
@@ -84,7 +83,26 @@ pub fn serve(
         ends_by: now + limits.max.as_secs(),
         attached: None,
     };
-    jobfile::debug::write_session(place.running, place.file_name, &record)?;
+    if let Err(e) = jobfile::debug::write_session(place.running, place.file_name, &record) {
+        jobfile::debug::remove_session(place.running, place.file_name);
+        return Err(e);
+    }
+    Ok(Listening { listener, record, opened: Instant::now() })
+}
+
+/// Serves the session until someone attaches and leaves, nobody attaches
+/// within `limits.wait`, `limits.max` passes, the VM ends, or the host stops
+/// or the job is cancelled; then removes its socket and record.
+pub fn serve(
+    place: &Place,
+    limits: DebugLimits,
+    listening: Listening,
+    vm: &Vm,
+    channel: Channel,
+    stop: &AtomicBool,
+    cancel: &AtomicBool,
+) -> io::Result<Summary> {
+    let Listening { listener, mut record, opened } = listening;
     let served = (|| {
         let ends = |why: &str| Summary {
             attached_after: None,
@@ -93,7 +111,7 @@ pub fn serve(
             vm_ended: false,
         };
         let client = loop {
-            if let Some(why) = over(vm, opened, limits.max, stop, cancel) {
+            if let Some(why) = over(place, vm, opened, limits.max, stop, cancel) {
                 return Ok(Summary { vm_ended: why.1, ..ends(why.0) });
             }
             if opened.elapsed() >= limits.wait {
@@ -116,7 +134,7 @@ pub fn serve(
         );
         record.attached = Some(unix_now());
         jobfile::debug::write_session(place.running, place.file_name, &record)?;
-        let (why, vm_ended) = relay(client, channel.0, &listener, vm, opened, limits.max, stop, cancel)?;
+        let (why, vm_ended) = relay(place, client, channel.0, &listener, vm, opened, limits.max, stop, cancel)?;
         Ok(Summary { attached_after: Some(attached_after), lasted: opened.elapsed(), why, vm_ended })
     })();
     jobfile::debug::remove_session(place.running, place.file_name);
@@ -125,6 +143,7 @@ pub fn serve(
 
 /// Why the session must end now, if it must, and whether the VM ended by itself.
 fn over(
+    place: &Place,
     vm: &Vm,
     opened: Instant,
     max: Duration,
@@ -137,7 +156,9 @@ fn over(
         Some(("its longest time passed", false))
     } else if stop.load(Ordering::Relaxed) {
         Some(("the host is stopping", false))
-    } else if cancel.load(Ordering::Relaxed) {
+    } else if cancel.load(Ordering::Relaxed)
+        || std::fs::symlink_metadata(jobfile::debug::end_request(place.running, place.file_name)).is_ok()
+    {
         Some(("its submitter cancelled it", false))
     } else {
         None
@@ -147,6 +168,7 @@ fn over(
 /// Relays client <-> guest until one side ends or the session must.
 #[allow(clippy::too_many_arguments)]
 fn relay(
+    place: &Place,
     mut client: UnixStream,
     mut guest: UnixStream,
     listener: &UnixListener,
@@ -167,7 +189,7 @@ fn relay(
             if to_client.is_empty() || at.elapsed() > Duration::from_secs(1) {
                 return Ok(("the shell ended".into(), true));
             }
-        } else if let Some((why, ended)) = over(vm, opened, max, stop, cancel) {
+        } else if let Some((why, ended)) = over(place, vm, opened, max, stop, cancel) {
             return Ok((why.into(), ended));
         }
         let want = |read: bool, write: bool| {
@@ -199,6 +221,7 @@ fn relay(
             match pull(&mut client, &mut buf, &mut to_guest, BUFFER) {
                 Ok(true) => {}
                 Ok(false) => return Ok(("its owner left".into(), false)),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(("its owner left".into(), false)),
                 Err(e) => return Ok((format!("the client's connection failed: {e}"), false)),
             }
         }

@@ -75,19 +75,23 @@ pub(crate) fn opened(
     let verdict = worker::verdict(&st, &how, &intake.stages);
     let mut log = ran.preface;
     log.extend(vm.console_so_far().finish(&verdict));
-    let ending = worker::deliver(claim, intake, &st, &log, verdict, ran.record.as_ref())?;
-    log::info!(
-        "job {label}: debug session open (attach within {} s, at most {} s)",
-        limits.wait.as_secs(),
-        limits.max.as_secs()
-    );
     let place = Place {
         running: &claim.dirs.running,
         file_name: claim.file_name,
         host_id: &claim.limits.host_id,
         label: &label,
     };
-    let served = debug::serve(&place, limits, &vm, channel, claim.stop, claim.cancel);
+    // Open before the result lands: whoever sees the result sees the session.
+    let listening = debug::open(&place, limits);
+    let ending = worker::deliver(claim, intake, &st, &log, verdict, ran.record.as_ref())?;
+    let served = listening.and_then(|listening| {
+        log::info!(
+            "job {label}: debug session open (attach within {} s, at most {} s)",
+            limits.wait.as_secs(),
+            limits.max.as_secs()
+        );
+        debug::serve(&place, limits, listening, &vm, channel, claim.stop, claim.cancel)
+    });
     let vm_ended = served.as_ref().is_ok_and(|s| s.vm_ended);
     let vm = vm.finish(if vm_ended { None } else { Some(Cut::Stop) });
     match served {

@@ -162,10 +162,28 @@ pub fn write_session(running: &Path, file_name: &OsStr, session: &Session) -> io
     crate::layout::write_whole(&session_file(running, file_name), &json)
 }
 
-/// Removes the record and the socket.
+/// A request to end the session of `file_name` now (its owner's cancel):
+/// an empty file the host that serves it looks for.
+pub fn end_request(running: &Path, file_name: &OsStr) -> PathBuf {
+    let mut name = file_name.to_owned();
+    name.push(".end");
+    session_dir(running).join(name)
+}
+
+/// Asks for the session of `file_name` to end; `false` when none is open.
+pub fn request_end(running: &Path, file_name: &OsStr) -> io::Result<bool> {
+    if read_session(running, file_name).is_none() {
+        return Ok(false);
+    }
+    fs::write(end_request(running, file_name), b"")?;
+    Ok(true)
+}
+
+/// Removes the record, the socket and any request to end it.
 pub fn remove_session(running: &Path, file_name: &OsStr) {
     let _ = fs::remove_file(session_file(running, file_name));
     let _ = fs::remove_file(session_dir(running).join(socket_name(file_name)));
+    let _ = fs::remove_file(end_request(running, file_name));
 }
 
 /// The socket's path through an open descriptor of its directory

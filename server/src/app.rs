@@ -25,6 +25,8 @@ pub struct Settings {
     pub uploads: UploadRules,
     /// Whether clients reach the server over TLS (the page's cookie is then `Secure`).
     pub tls: bool,
+    /// Whether jobs may ask for debug sessions.
+    pub debug: crate::debug::Policy,
 }
 
 /// Everything a request handler reaches.
@@ -42,6 +44,8 @@ pub struct App {
     pub packages: Option<deps::Resolver>,
     /// When each build host was last written down as heard from.
     pub(crate) heard: crate::heard::Heard,
+    /// The debug sessions remote hosts offer.
+    pub(crate) debug: crate::debug::Offers,
 }
 
 /// Failed authentications a client may make in a minute before its failures are answered 429.
@@ -64,6 +68,7 @@ impl App {
             farm,
             packages,
             heard: Default::default(),
+            debug: Default::default(),
         })
     }
 
@@ -76,6 +81,7 @@ impl App {
             upload_timeout: Duration::from_secs(60),
             uploads: crate::quota::UploadRules { max_uploads: 1, min_free: 0 },
             tls: false,
+            debug: Default::default(),
         };
         App::new(db, store, settings, crate::lease::Settings::default(), None)
     }

@@ -19,6 +19,7 @@ pub mod app;
 pub mod attempt;
 pub mod auth;
 pub mod db;
+pub mod debug;
 pub mod heard;
 pub mod http;
 pub mod lease;

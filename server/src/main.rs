@@ -205,6 +205,10 @@ struct ServeArgs {
     /// Who runs the jobs.
     #[arg(long, value_enum, default_value = "hosts")]
     executor: Executor,
+    /// Take no jobs that ask for a debug session (`--debug`, `debug = true`): they are refused
+    /// at submit, saying so. (Under --executor slurm they always are: a node's VM has no way back.)
+    #[arg(long)]
+    no_debug: bool,
     #[command(flatten)]
     slurm: SlurmArgs,
 }
@@ -525,6 +529,11 @@ async fn open_app(conn: Database, a: &ServeArgs, tls: bool) -> Result<Arc<App>> 
         upload_timeout: a.upload_timeout,
         uploads: UploadRules { max_uploads: a.max_uploads, min_free: a.min_free },
         tls,
+        debug: match (a.no_debug, &a.executor) {
+            (true, _) => construir_server::debug::Policy::Off,
+            (false, Executor::Slurm) => construir_server::debug::Policy::Slurm,
+            (false, Executor::Hosts) => construir_server::debug::Policy::Allowed,
+        },
     };
     let cache = a.package_cache.clone().unwrap_or_else(|| jobfile::layout::sibling(&a.queue, "server-cache"));
     let packages = deps::Resolver::new(deps::Settings {

@@ -23,6 +23,7 @@ Every request carries `Authorization: Bearer <token>`. The browser page (`/page`
         crate::http::jobs::result_of,
         crate::http::jobs::provenance_of,
         crate::http::jobs::cancel,
+        crate::http::debug::attach,
         crate::http::page::page_link,
         crate::http::caches::list,
         crate::http::caches::clear,
@@ -36,8 +37,9 @@ Every request carries `Authorization: Bearer <token>`. The browser page (`/page`
         crate::http::hosts::done,
         crate::http::hosts::failed,
         crate::http::hosts::release,
+        crate::http::debug::offer,
     ),
-    components(schemas(wire::ErrorBody, wire::Place, wire::Limits, wire::HostImage, wire::JobRef, wire::Lease, wire::HeldCache, wire::CacheView)),
+    components(schemas(wire::ErrorBody, wire::Place, wire::Limits, wire::HostImage, wire::JobRef, wire::Lease, wire::HeldCache, wire::CacheView, wire::DebugSession)),
     modifiers(&Bearer),
     tags(
         (name = "submitters", description = "An account submits jobs and reads its own."),

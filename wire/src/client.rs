@@ -18,6 +18,8 @@ pub struct Api {
     /// `Bearer <token>`, or what to say when a call needs one and there is none.
     auth: Result<String, String>,
     agent: ureq::Agent,
+    /// The CA to trust, for connections made outside the agent (`socket`).
+    ca_cert: Option<std::path::PathBuf>,
 }
 
 /// How a client reaches its server.
@@ -124,12 +126,18 @@ impl Api {
             base: settings.server.trim_end_matches('/').to_owned(),
             auth: settings.token.as_ref().map(|t| format!("Bearer {t}")).map_err(Clone::clone),
             agent: config.build().into(),
+            ca_cert: settings.ca_cert.clone(),
         })
     }
 
     /// The server, as `http(s)://host:port`.
     pub fn server(&self) -> &str {
         &self.base
+    }
+
+    /// A WebSocket to `GET /v1/<path>` (`crate::socket`), authenticated as this account.
+    pub fn socket(&self, path: &str) -> Result<crate::socket::Socket, CallError> {
+        crate::socket::Socket::connect(&self.base, &format!("/v1/{path}"), self.auth()?, self.ca_cert.as_deref())
     }
 
     fn url(&self, path: &str) -> String {
@@ -213,14 +221,18 @@ fn answer<T: DeserializeOwned>(resp: Response) -> Result<T, CallError> {
         .map_err(|_| CallError::NotUnderstood(jobfile::text::sanitize_capped(text.as_bytes(), 200)))
 }
 
+pub(crate) fn refusal_of(status: u16, text: String) -> CallError {
+    let error = serde_json::from_str::<ErrorBody>(&text).map_or(text, |e| e.error);
+    CallError::Refused(Refusal { status, error: jobfile::sanitize(error.as_bytes()) })
+}
+
 fn refusal(resp: Response) -> CallError {
     let status = resp.status().as_u16();
     let text = match read_text(resp) {
         Ok(text) => text,
         Err(e) => return e,
     };
-    let error = serde_json::from_str::<ErrorBody>(&text).map_or(text, |e| e.error);
-    CallError::Refused(Refusal { status, error: jobfile::sanitize(error.as_bytes()) })
+    refusal_of(status, text)
 }
 
 fn read_text(resp: Response) -> Result<String, CallError> {

@@ -14,6 +14,8 @@
 
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "client")]
+pub mod socket;
 
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -87,6 +89,11 @@ pub struct SubmitQuery {
     /// once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_on: Option<u32>,
+    /// `true`: when the job does not end ok, its VM stays up for a debug
+    /// session (`GET /v1/jobs/{id}/debug`), as `debug = true` in its
+    /// `construir.toml` asks too. Not with `verify_on=2`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub debug: bool,
 }
 
 /// `?run=2` on a job's log, result and provenance: a verified rebuild's
@@ -186,6 +193,32 @@ pub struct Job {
     /// run that has not ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub built_by: Option<String>,
+    /// The debug session its failed VM keeps open for its owner
+    /// (`construir debug ID`), while there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debug: Option<DebugSession>,
+}
+
+/// An open debug session: a root shell in the failed job's VM, which its
+/// owner reaches over `GET /v1/jobs/{id}/debug` (a WebSocket).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DebugSession {
+    /// The host whose VM it is.
+    pub host: String,
+    /// When it opened, the latest its owner may attach, the latest it ends (RFC 3339, UTC).
+    pub opened: String,
+    pub attach_by: String,
+    pub ends_by: String,
+    /// Whether its owner has attached (a session takes one attach).
+    pub attached: bool,
+}
+
+/// `GET /v1/host/jobs/{id}/debug`: a remote host offers the debug session
+/// of a job it delivered; the bounds it serves it within (Unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+pub struct OfferQuery {
+    pub attach_by: u64,
+    pub ends_by: u64,
 }
 
 /// A verified rebuild as its submitter sees it.
@@ -650,6 +683,7 @@ mod tests {
             cancel: None,
             rebuild: None,
             built_by: None,
+            debug: None,
         }
     }
 

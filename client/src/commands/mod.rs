@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod cancel;
+pub mod debug;
 pub mod fetch;
 pub mod hosts;
 pub mod list;

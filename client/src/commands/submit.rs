@@ -21,13 +21,14 @@ pub struct Submit {
     pub debian_control: Option<String>,
     pub caches: Vec<String>,
     pub verify_on: Option<u32>,
+    pub debug: bool,
     pub wait: bool,
 }
 
 pub fn run(api: &Api, s: Submit) -> Result<ExitCode> {
     let scratch = tempfile::tempdir()?;
     let file = job_file(&s, scratch.path())?;
-    let job = submit(api, &file, s.verify_on)?;
+    let job = submit(api, &file, s.verify_on, s.debug)?;
     let id = checked_id(&job.id)?.to_owned();
     println!("{id}");
     eprintln!("construir: submitted {} as {id}: {}", file.display(), describe(&job));
@@ -67,7 +68,7 @@ fn job_file(s: &Submit, scratch: &Path) -> Result<PathBuf> {
 }
 
 /// Sends the job file `file` (`POST /v1/jobs`).
-fn submit(api: &Api, file: &Path, verify_on: Option<u32>) -> Result<wire::Job> {
+fn submit(api: &Api, file: &Path, verify_on: Option<u32>, debug: bool) -> Result<wire::Job> {
     let file_name = file.file_name().and_then(|n| n.to_str()).context("the job file has no name")?;
     let job = jobfile::JobName::parse_input(file_name)
         .with_context(|| format!("{file_name} is not a job file name (<name>_i<image>.tar.xz)"))?;
@@ -76,6 +77,9 @@ fn submit(api: &Api, file: &Path, verify_on: Option<u32>) -> Result<wire::Job> {
     let mut path = format!("jobs?name={}&image={}", job.name(), job.image());
     if let Some(n) = verify_on {
         path.push_str(&format!("&verify_on={n}"));
+    }
+    if debug {
+        path.push_str("&debug=true");
     }
     // The server may refuse on the headers alone (a limit, a bad name): then no byte of the body is sent.
     let upload = Upload { len, content_type: "application/x-xz", expect_continue: true, body: f };

@@ -31,8 +31,11 @@ fn followed(api: &Api, id: &str) -> Result<bool> {
             eprintln!("construir: {id}: {line}");
             last = key;
         }
-        let ok = match job.place {
-            wire::Place::Done { .. } => job.status.is_some_and(|s| s.result == jobfile::Outcome::Ok),
+        let ok = match &job.place {
+            wire::Place::Done { verdict, .. } => {
+                super::debug::tell_open(api, id, &job, verdict);
+                job.status.as_ref().is_some_and(|s| s.result == jobfile::Outcome::Ok)
+            }
             wire::Place::Failed { .. } | wire::Place::Missing => false,
             _ => {
                 std::thread::sleep(Duration::from_secs(1));

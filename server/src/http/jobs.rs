@@ -41,6 +41,7 @@ pub(super) fn job_json(j: &JobRecord, place: &Place) -> wire::Job {
         cancel: None,
         rebuild: None,
         built_by: j.ran_on.as_ref().map(crate::db::RanOn::key_owner),
+        debug: None,
     }
 }
 
@@ -71,6 +72,9 @@ pub(crate) async fn list(State(app): State<Arc<App>>, Authed(account): Authed) -
     for j in &jobs {
         let mut job = job_json(j, &app.refresh_among(j, &queued).await);
         job.rebuild = rebuild_view(&app, j).await?;
+        if matches!(job.place, Place::Done { .. }) {
+            job.debug = crate::debug::session(&app, j);
+        }
         out.push(job);
     }
     Ok(Json(wire::JobList { jobs: out }))
@@ -88,6 +92,7 @@ pub(crate) async fn show(State(app): State<Arc<App>>, OwnJob { job, .. }: OwnJob
     let place = app.refresh(&job).await;
     let mut out = job_json(&job, &place);
     out.rebuild = rebuild_view(&app, &job).await?;
+    out.debug = crate::debug::session(&app, &job);
     if let Some(result) = app.store.result_path(&job.file_name) {
         // The status, read with the same bounds as the host's own reader.
         out.status = tokio::task::spawn_blocking(move || jobfile_status(&result)).await.ok().flatten();
@@ -217,6 +222,14 @@ pub(crate) async fn cancel(State(app): State<Arc<App>>, OwnJob { account, job }:
             let place = app.refresh(&job).await;
             let mut out = job_json(&job, &place);
             out.cancel = Some(format!("requested: {host} stops the VM within seconds; the job then ends in failed"));
+            return Ok(Json(out));
+        }
+        done @ Place::Done { .. } if crate::debug::session(&app, &job).is_some() => {
+            if crate::debug::end(&app, &job).map_err(ApiError::internal)? {
+                db::audit_or_log(app.db(), Some(&account.name), "debug_cancelled", &id).await;
+            }
+            let mut out = job_json(&job, &done);
+            out.cancel = Some("its debug session is ended: the host powers its VM off within seconds".to_owned());
             return Ok(Json(out));
         }
         other => {

@@ -6,6 +6,7 @@
 //! only its own jobs (another's id is a 404, as if it did not exist).
 
 pub mod caches;
+pub mod debug;
 pub mod hosts;
 pub mod jobs;
 pub mod page;
@@ -82,6 +83,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}/result", get(jobs::result_of))
         .route("/v1/jobs/{id}/provenance", get(jobs::provenance_of))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/debug", get(debug::attach))
         .route("/v1/page-link", post(page::page_link))
         .route("/v1/caches", get(caches::list))
         .route("/v1/caches/clear", post(caches::clear).layer(DefaultBodyLimit::max(4096)))
@@ -95,6 +97,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/host/jobs/{id}/done", post(hosts::done))
         .route("/v1/host/jobs/{id}/failed", post(hosts::failed))
         .route("/v1/host/jobs/{id}/release", post(hosts::release))
+        .route("/v1/host/jobs/{id}/debug", get(debug::offer))
         .route("/page", get(page::page))
         .route("/page/login", post(page::confirm_login).layer(DefaultBodyLimit::max(4096)))
         .route("/page/login/{secret}", get(page::login))

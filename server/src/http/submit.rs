@@ -98,7 +98,10 @@ pub(crate) async fn submit(
     let ino = FileId::of(&file.metadata().await.map_err(ApiError::internal)?);
     drop(file);
     // Its packages, resolved now: what cannot be had is refused before anything is stored.
-    let (packages, caches) = resolve_packages(&app, &upload, &record.image).await?;
+    let (packages, caches, declared_debug) = resolve_packages(&app, &upload, &record.image).await?;
+    if declared_debug {
+        debug_allowed(&app, &q, "its construir.toml says debug = true")?;
+    }
     // A verified rebuild's second run: the same bytes, and both runs' terms.
     let mut queued = vec![(record.clone(), upload, ino)];
     if let Some(twin) = twin {
@@ -109,7 +112,7 @@ pub(crate) async fn submit(
         pin: packages.clone(),
         owner: Some(jobfile::caches::account_owner(account.id)),
         rebuild: None,
-        debug: false,
+        debug: q.debug,
     };
     enqueue(&app, &queued, &terms, &mut guards)?;
     let (id, what) = (&record.id, format!("{} ({size} bytes)", record.file_name));
@@ -137,6 +140,9 @@ pub(crate) async fn submit(
 fn records(app: &App, account: &Account, q: &SubmitQuery) -> ApiResult<(JobRecord, Option<JobRecord>)> {
     let job_name = jobfile::JobName::new(&q.name, &q.image)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad job name or image: {e}")))?;
+    if q.debug {
+        debug_allowed(app, q, "debug=true")?;
+    }
     if !app.store.has_image(job_name.image()) {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("no image i{} on this server", job_name.image())));
     }
@@ -173,6 +179,20 @@ fn records(app: &App, account: &Account, q: &SubmitQuery) -> ApiResult<(JobRecor
         ..record.clone()
     };
     Ok((record, Some(twin)))
+}
+
+/// Whether a job that asks for a debug session (as `asked` says) may: not on
+/// a server that opens none, and not with a verified rebuild (whose two runs
+/// must be alike, and whose first run a session would hold up).
+fn debug_allowed(app: &App, q: &SubmitQuery, asked: &str) -> ApiResult<()> {
+    if let Some(why) = app.settings.debug.refusal() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("{asked}: {why}")));
+    }
+    if q.verify_on.is_some_and(|n| n > 1) {
+        let why = format!("{asked}: a verified rebuild (verify_on=2) opens no debug session; submit it without one");
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, why));
+    }
+    Ok(())
 }
 
 /// Checks every limit and reserves the bytes for `record`'s upload, in one
@@ -332,7 +352,7 @@ async fn resolve_packages(
     app: &Arc<App>,
     upload: &Path,
     image: &str,
-) -> ApiResult<(Option<jobfile::deps::Resolution>, Vec<String>)> {
+) -> ApiResult<(Option<jobfile::deps::Resolution>, Vec<String>, bool)> {
     let (upload, image, app) = (upload.to_owned(), image.to_owned(), app.clone());
     tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&upload).map_err(ApiError::internal)?;
@@ -344,10 +364,10 @@ async fn resolve_packages(
                 ApiError::new(StatusCode::BAD_REQUEST, text)
             })?,
         };
-        let Some((declaration, relations)) = declared else { return Ok((None, Vec::new())) };
-        let caches = declaration.caches;
+        let Some((declaration, relations)) = declared else { return Ok((None, Vec::new(), false)) };
+        let (caches, debug) = (declaration.caches, declaration.debug);
         if relations.is_empty() {
-            return Ok((None, caches));
+            return Ok((None, caches, debug));
         }
         let Some(resolver) = &app.packages else {
             return Err(ApiError::new(StatusCode::BAD_REQUEST, "this server takes no jobs that declare packages"));
@@ -355,7 +375,7 @@ async fn resolve_packages(
         let dir = app.store.images.join(format!("i{image}"));
         let manifest = jobfile::image::ImageManifest::load(&dir).map_err(ApiError::internal)?;
         match resolver.resolve(&image, &dir, &manifest, &relations, &|| false) {
-            Ok(resolution) => Ok((Some(resolution), caches)),
+            Ok(resolution) => Ok((Some(resolution), caches, debug)),
             Err(e) => {
                 let status = match &e {
                     deps::ResolveError::NoArchive { .. } => StatusCode::BAD_REQUEST,
