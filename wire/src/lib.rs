@@ -533,6 +533,11 @@ pub struct Lease {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub rebuild: Option<jobfile::rebuild::Terms>,
+    /// Its submitter asked for a debug session: when it does not end ok,
+    /// its VM stays up and the host offers the session
+    /// (`GET /v1/host/jobs/{id}/debug`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub debug: bool,
 }
 
 /// The answer to `POST /v1/host/lease`: a job, or none for now.

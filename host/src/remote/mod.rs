@@ -20,6 +20,7 @@
 //! installs one only when every file matches the server's checksums.
 
 mod images;
+mod offer;
 mod pump;
 
 pub use images::{fetch_images, local_images};

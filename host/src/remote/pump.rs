@@ -6,7 +6,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -17,6 +17,7 @@ use jobfile::JobName;
 use wire::client::{Api, CallError, Upload};
 
 use super::images::{fetch_images, verified_images};
+use super::offer;
 use super::{download_to, renewal, settlement, status_of, Delivering, Remote, Renewal, Settlement};
 use crate::daemon::{self, RunOptions, Summary};
 use crate::queue::{self, Dirs};
@@ -223,8 +224,19 @@ pub fn run(opts: &RunOptions, remote: &Remote, stop: Arc<AtomicBool>) -> Result<
         let (rules, images, leases) = (opts.rules, verified.clone(), leases.clone());
         let key = opts.limits.signer.as_ref().map(|s| s.key.public().to_string());
         thread::Builder::new().name("pump".into()).spawn(move || {
-            let mut pump =
-                Pump { api, dirs, host_id, capacity, remote, rules, images, leases, held: HashMap::new(), key };
+            let mut pump = Pump {
+                api,
+                dirs,
+                host_id,
+                capacity,
+                remote,
+                rules,
+                images,
+                leases,
+                held: HashMap::new(),
+                key,
+                sessions: Arc::default(),
+            };
             pump.run(&stop, &done);
         })?
     };
@@ -278,6 +290,8 @@ pub(crate) struct Pump {
     pub(crate) held: HashMap<String, Held>,
     /// The public key this host signs its results with, for the server to pin.
     pub(crate) key: Option<String>,
+    /// Debug sessions this host offers now (`offer`): each holds a worker, so each counts as a job held.
+    pub(crate) sessions: Arc<AtomicUsize>,
 }
 
 /// Where a held job is in the spool.
@@ -324,8 +338,7 @@ impl Pump {
                     self.final_pass();
                     return;
                 }
-            } else if (self.held.len() as u64) < self.capacity && asked.is_none_or(|t| t.elapsed() >= self.remote.poll)
-            {
+            } else if self.busy() < self.capacity && asked.is_none_or(|t| t.elapsed() >= self.remote.poll) {
                 asked = Some(Instant::now());
                 match self.take_one() {
                     Ok(true) => {
@@ -348,13 +361,18 @@ impl Pump {
         }
     }
 
+    /// Jobs held and debug sessions offered: what takes this host's workers.
+    fn busy(&self) -> u64 {
+        self.held.len() as u64 + self.sessions.load(Ordering::Relaxed) as u64
+    }
+
     /// Asks the server for a job and puts it in the spool; `Ok(true)` when one came.
     pub(crate) fn take_one(&mut self) -> Result<bool> {
         let verified = self.images.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let body = wire::LeaseRequest {
             images: verified.into_iter().map(|(name, checksum)| wire::HostImage { name, checksum }).collect(),
             capacity: self.capacity,
-            running: self.held.len() as u64,
+            running: self.busy(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             caches: self.held_caches(),
             key: self.key.clone(),
@@ -363,7 +381,7 @@ impl Pump {
         // Before the job is in the spool: its caches are lent at the generation the server says.
         self.note_generations(answer.generations)?;
         let Some(lease) = answer.lease else { return Ok(false) };
-        let wire::Lease { id, seq, file_name, size, lease_ms, attempt, packages, owner, rebuild } = lease;
+        let wire::Lease { id, seq, file_name, size, lease_ms, attempt, packages, owner, rebuild, debug } = lease;
         let id = id.as_str();
         let Ok(job) = JobName::parse(&file_name) else {
             bail!("the server sent a job named {:?}", jobfile::sanitize(file_name.as_bytes()))
@@ -411,7 +429,7 @@ impl Pump {
         // server pinned and lends the submitter's caches. A verified rebuild's
         // run: the server placed it; here its terms only name the job and date it.
         let rebuild = rebuild.map(|terms| jobfile::rebuild::Terms { apart_until: 0, ..terms });
-        let terms = jobfile::layout::Terms { pin: packages, owner, rebuild, debug: false };
+        let terms = jobfile::layout::Terms { pin: packages, owner, rebuild, debug };
         if let Err(e) = terms.write(&self.dirs.running, OsStr::new(&held.file_name)) {
             let _ = fs::remove_file(&partial);
             self.leases.lock().remove(id);
@@ -513,6 +531,15 @@ impl Pump {
                     if lost || self.report_done(&id, &result, &log) {
                         remove_all(&[layout::provenance_beside(&result), result, log]);
                         self.forget(&id);
+                        if !lost {
+                            offer::offer_if_open(offer::Offer {
+                                api: Arc::clone(&self.api),
+                                running: self.dirs.running.clone(),
+                                file_name: name,
+                                id: id.clone(),
+                                open: Arc::clone(&self.sessions),
+                            });
+                        }
                     }
                 }
                 Local::Failed { reason, log, file } => {

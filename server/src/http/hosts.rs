@@ -193,6 +193,7 @@ fn with_terms(app: &App, host: &Account, lease: db::Lease) -> ApiResult<wire::Le
         packages: lease.packages.or(terms.pin),
         owner: Some(jobfile::caches::account_owner(lease.account_id)),
         rebuild,
+        debug: terms.debug,
     })
 }
 
