@@ -36,6 +36,8 @@ ensure_packages() {
     command -v make >/dev/null || want+=(make)
     # The TLS test signs in to the page with curl.
     command -v curl >/dev/null || want+=(curl)
+    # The debug sessions' tests drive `construir debug` in a real terminal.
+    command -v tmux >/dev/null || want+=(tmux)
     # The farm's tests run the server against PostgreSQL too (a private cluster each).
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || want+=(postgresql)
     # The Slurm executor's tests and bench start a one-node cluster (scripts/slurm-cluster).

@@ -62,6 +62,8 @@ pub struct Inputs<'a> {
     pub owner: Option<&'a str>,
     /// A verified rebuild's terms, when the job is one of its runs.
     pub rebuild: Option<&'a jobfile::rebuild::Terms>,
+    /// Whether its VM holds a debug session open when it fails.
+    pub debug: bool,
 }
 
 impl Record {
@@ -89,6 +91,7 @@ impl Record {
                 source_date_epoch: t.epoch,
                 other_run: t.sibling.clone(),
             }),
+            debug: inputs.debug,
         };
         let mut dependencies =
             vec![ResourceDescriptor::file(format!("{image_name}/{}", jobfile::image::MANIFEST), manifest_sha)];

@@ -59,8 +59,8 @@ pub fn run(
     let names = intake.declaration.as_ref().map(|(d, _)| d.caches.clone()).unwrap_or_default();
     let owner = intake.terms.owner.as_deref();
     let (checkouts, given) = lending::lend(dirs, limits, owner, job, &names, intake.terms.rebuild.is_some());
-    let record = record(&claim, &intake, &given, layer.as_ref().map(|l| &l.record));
     let debug = debug_job::limits_for(&claim, &intake);
+    let record = record(&claim, &intake, &given, layer.as_ref().map(|l| &l.record), debug.is_some());
     let (channel, port) = match debug {
         Some(_) => debug::channel().map(|(c, p)| (Some(c), Some(p)))?,
         None => (None, None),
@@ -132,7 +132,7 @@ fn layer_for(claim: &Claim, intake: &mut Intake) -> io::Result<Result<Booting, E
             let verdict = verdict(&st, "the job did not run", &intake.stages);
             let mut log = console;
             log.extend_from_slice(format!("{}{verdict}\n", jobfile::tools::VERDICT_PREFIX).as_bytes());
-            let record = record(claim, intake, &[], None);
+            let record = record(claim, intake, &[], None, false);
             deliver(claim, intake, &st, &log, verdict, record.as_ref()).map(Err)
         }
         Built::Broken(reason, log) => claim.fail("layer_failed", &reason, Some(&log)).map(Err),
@@ -142,7 +142,7 @@ fn layer_for(claim: &Claim, intake: &mut Intake) -> io::Result<Result<Booting, E
 
 /// What its provenance names, once the caches it is lent and the layer it
 /// boots are known; `None` on a host that does not sign.
-fn record(claim: &Claim, intake: &Intake, given: &[Given], layer: Option<&LayerRecord>) -> Option<Record> {
+fn record(claim: &Claim, intake: &Intake, given: &[Given], layer: Option<&LayerRecord>, debug: bool) -> Option<Record> {
     let signer = claim.limits.signer.as_ref()?;
     let inputs = Inputs {
         file_name: claim.file_name,
@@ -153,6 +153,7 @@ fn record(claim: &Claim, intake: &Intake, given: &[Given], layer: Option<&LayerR
         layer,
         owner: intake.terms.owner.as_deref().or(Some(caches::LOCAL_OWNER)),
         rebuild: intake.terms.rebuild.as_ref(),
+        debug,
     };
     Some(Record::new(inputs, intake.claimed_at.clone(), claim.limits.machine(signer), intake.hashed))
 }

@@ -124,6 +124,12 @@ pub struct External {
     /// A verified rebuild's terms, when the job is one of its runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild: Option<RebuildParameter>,
+    /// The job ran as a debug job: had it not ended ok, its VM would have
+    /// stayed up for its owner's shell after the result was taken (the
+    /// result is what the job made; a session comes after it). Such a run
+    /// gets no verified rebuild.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub debug: bool,
 }
 
 /// The job file, by name and digest.

@@ -435,3 +435,53 @@ impl Drop for Postgres {
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A program in a real terminal: a tmux session of its own (its own
+/// server socket), 120x30, driven with keys and read from the screen.
+pub struct Terminal {
+    socket: String,
+}
+
+impl Terminal {
+    /// Runs `command` (a shell line) in a new terminal; when it ends, the
+    /// terminal shows `EXIT=<code>` and stays for a minute to be read.
+    pub fn start(command: &str) -> Terminal {
+        let socket = format!("construir-test-{}-{}", std::process::id(), crate::server::rand_u32());
+        let line = format!("{command}; echo EXIT=$?; sleep 60");
+        let out = Command::new("tmux")
+            .args(["-L", &socket, "new-session", "-d", "-s", "t", "-x", "120", "-y", "30", &line])
+            .output()
+            .expect("tmux (install it: scripts/test does)");
+        assert!(out.status.success(), "tmux: {}", String::from_utf8_lossy(&out.stderr));
+        Terminal { socket }
+    }
+
+    /// Types `text` as it is.
+    pub fn type_text(&self, text: &str) {
+        let out = Command::new("tmux").args(["-L", &self.socket, "send-keys", "-t", "t", "-l", text]).output();
+        assert!(out.is_ok_and(|o| o.status.success()), "tmux send-keys");
+    }
+
+    /// Presses a key by tmux's name for it (`Enter`, `C-c`).
+    pub fn press(&self, key: &str) {
+        let out = Command::new("tmux").args(["-L", &self.socket, "send-keys", "-t", "t", key]).output();
+        assert!(out.is_ok_and(|o| o.status.success()), "tmux send-keys {key}");
+    }
+
+    /// What the screen shows now.
+    pub fn screen(&self) -> String {
+        let out = Command::new("tmux").args(["-L", &self.socket, "capture-pane", "-p", "-t", "t"]).output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+    }
+
+    /// Waits until the screen shows `text` (true), or `limit` passes (false).
+    pub fn shows(&self, text: &str, limit: Duration) -> bool {
+        wait_for(limit, || self.screen().contains(text))
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux").args(["-L", &self.socket, "kill-server"]).output();
+    }
+}

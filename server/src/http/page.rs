@@ -196,6 +196,18 @@ fn job_row(app: &App, job: &db::JobRecord, place: &Place) -> String {
         Some(None) => format!("{detail}; verified rebuild: its second run has not ended"),
         None => detail,
     };
+    // The verdict of a debug job says a session opened; the page says whether it is open now.
+    let session = matches!(place, Place::Done { .. }).then(|| crate::debug::session(app, job)).flatten();
+    let detail = match session {
+        Some(s) if s.attached => {
+            format!("{detail} [debug session open on {}, attached; it ends by {}]", s.host, s.ends_by)
+        }
+        Some(s) => format!(
+            "{detail} [debug session open on {}: `construir debug {}` before {}; it ends by {}]",
+            s.host, job.id, s.attach_by, s.ends_by
+        ),
+        None => detail,
+    };
     let id = escape(&job.id);
     let mut links = String::new();
     if app.store.log_path(&job.file_name).is_some() {
