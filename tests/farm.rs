@@ -839,6 +839,81 @@ fn abuse_run(db: Db) {
     assert!(log.contains("its upload did not finish; removed it and its reservation"), "{log}");
 }
 
+/// A remote host's debug session, reached through the server: the host
+/// offers it over its own connection, the page says it is open, the owner
+/// gets a shell in a real terminal, and the result is the job's own.
+fn remote_debug_session(db: Db) {
+    let _serial = lock();
+    let farm = Farm::new(db, "6s");
+    let mut farm = farm;
+    let images = farm.images.clone();
+    farm.start_host_with(0, &images, &farm.url(), &["--debug-wait", "90s"]);
+    let id = farm.submit_with(
+        "remote",
+        "0",
+        "#!/bin/sh\necho remote-marker > marker.txt\necho failing far away\nexit 5\n",
+        "1M",
+        &["--debug"],
+    );
+    farm.wait_state(&id, "done", Duration::from_secs(120));
+    assert!(
+        wait_for(Duration::from_secs(20), || farm.job(&id)["debug"]["host"] == "hosta"),
+        "no session offered{}",
+        farm.logs(&id)
+    );
+    // The page says so.
+    let (code, link) = farm.api(&farm.submitter, "POST", "/v1/page-link", b"");
+    assert_eq!(code, 200, "{link}");
+    let secret = link["path"].as_str().unwrap_or_default().rsplit('/').next().unwrap_or_default().to_owned();
+    fs::write(farm.root.path().join("form"), format!("link={secret}")).expect("form");
+    let page = sh(
+        &format!(
+            "curl -sS -c jar -o /dev/null -H 'Sec-Fetch-Site: same-origin' --data-binary @form {0}/page/login && curl -sS -b jar {0}/page",
+            farm.url()
+        ),
+        farm.root.path(),
+    );
+    assert!(page.contains(&format!("debug session open on hosta: `construir debug {id}` before")), "{page}");
+    // The owner's terminal.
+    let token = farm.root.path().join("alice.token");
+    fs::write(&token, &farm.submitter).expect("token");
+    sh("chmod 600 alice.token", farm.root.path());
+    let t = construir_e2e::Terminal::start(&format!(
+        "'{}' --server {} --token-file '{}' debug {id}",
+        bin("construir").display(),
+        farm.url(),
+        token.display()
+    ));
+    assert!(t.shows("construir-debug:/job#", Duration::from_secs(60)), "{}{}", t.screen(), farm.logs(&id));
+    t.type_text("cat marker.txt; echo overwritten > marker.txt; exit");
+    t.press("Enter");
+    assert!(t.shows("remote-marker", Duration::from_secs(20)), "{}", t.screen());
+    assert!(t.shows("the session ended", Duration::from_secs(30)), "{}", t.screen());
+    assert!(wait_for(Duration::from_secs(20), || qemu_pids("hosta").is_empty()), "{}", farm.host_log("hosta"));
+    let log = farm.host_log("hosta");
+    assert!(log.contains("its owner attached through the server"), "{log}");
+    assert!(farm.output(&id, "remote").contains("failing far away"));
+    let result = farm.root.path().join("srv/done").join(format!("alice.{id}.remote_d0.tar.xz"));
+    let unpacked = farm.root.path().join("unpacked");
+    let out = Command::new(bin("construir-host"))
+        .args(["job", "unpack"])
+        .arg(&result)
+        .arg(&unpacked)
+        .output()
+        .expect("unpack");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(fs::read_to_string(unpacked.join("marker.txt")).expect("marker"), "remote-marker\n");
+    let audit = farm.audit();
+    assert!(audit.contains(&format!("debug_attached     {id} (on host hosta)")), "{audit}");
+    assert!(audit.lines().any(|l| l.contains("debug_ended") && l.contains(&id)), "{audit}");
+    assert!(farm.job(&id)["debug"].is_null(), "the session is over");
+}
+
+#[test]
+fn sqlite_a_remote_host_s_debug_session_is_reached_through_the_server_and_leaves_the_result_as_it_was() {
+    remote_debug_session(Db::Sqlite);
+}
+
 #[test]
 fn sqlite_a_job_slower_to_move_than_its_lease_and_another_beside_it_are_each_delivered_once_none_requeued() {
     slow_link_short_lease(Db::Sqlite);
