@@ -57,16 +57,20 @@ fn a_failed_debug_job_gives_its_owner_alone_a_shell_and_its_result_stays_its_own
     let (_, status, _) = client(&s, &alice, &work, &["status", out.trim()]);
     assert!(!status.contains("\"debug\""), "{status}");
 
-    // One that fails keeps its VM: `wait` says so and how to get in.
+    // One that fails without asking keeps nothing; run again as a debug job (the server kept
+    // its file), it keeps its VM: `wait` says so and how to get in.
     let dir = job_dir(&work, "broken", FAILS);
-    let (code, out, err) = client(
-        &s,
-        &alice,
-        &work,
-        &["submit", dir.to_str().expect("utf8"), "--image", "0", "--size", "1M", "--debug", "--wait"],
-    );
+    let (code, out, err) =
+        client(&s, &alice, &work, &["submit", dir.to_str().expect("utf8"), "--image", "0", "--size", "1M", "--wait"]);
     assert_eq!(code, 1, "the job failed: {err}\n{}", q.log("host"));
+    assert!(err.contains("done: failed (exit code 3)") && !err.contains("debug session"), "{err}");
+    let first = out.trim().to_owned();
+    let (code, _, err) = client(&s, &bob, &work, &["rerun", &first, "--debug"]);
+    assert!(code == 2 && err.contains("404"), "another account's job is no job: {err}");
+    let (code, out, err) = client(&s, &alice, &work, &["rerun", &first, "--debug", "--wait"]);
+    assert_eq!(code, 1, "the job failed again: {err}\n{}", q.log("host"));
     let id = out.trim().to_owned();
+    assert!(err.contains(&format!("job {first} runs again as {id} (a debug run)")), "{err}");
     assert!(err.contains("done: failed (exit code 3)"), "{err}");
     assert!(
         err.contains(&format!(

@@ -287,6 +287,8 @@ fn a_restart_loses_nothing_a_lost_database_gives_no_one_the_jobs_a_backup_restor
     assert_eq!(fs::read_to_string(work.join("again/job_output.txt")).expect("out"), "kept across restarts\n");
 
     // Retention of 0 days: the next sweep deletes the result and its log, and says so.
+    let kept_input = q.root.path().join("server-inputs").join(format!("{id}.tar.xz"));
+    assert!(kept_input.exists(), "the job file is kept for reruns as long as its result");
     let out = server_cmd(&db, &["account", "limits", "alice", "--retention-days", "0"]);
     assert!(out.status.success());
     assert!(
@@ -295,6 +297,9 @@ fn a_restart_loses_nothing_a_lost_database_gives_no_one_the_jobs_a_backup_restor
         s.log()
     );
     assert!(!q.done.join(format!("alice.{id}.kept_d0.log")).exists());
+    assert!(!kept_input.exists(), "the kept job file goes with the result");
+    let (code, _, err) = client(&s, &alice, &work, &["rerun", &id]);
+    assert!(code == 2 && err.contains("409") && err.contains("no longer kept"), "{err}");
     let (_, out, _) = client(&s, &alice, &work, &["status", &id]);
     let status: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert!(status["deleted"].is_string(), "{status}");
@@ -611,7 +616,7 @@ fn the_api_schema_is_served_to_anyone_is_the_one_in_docs_and_names_every_route()
             operations += 1;
         }
     }
-    assert_eq!(operations, 23, "{:?}", paths.keys().collect::<Vec<_>>());
+    assert_eq!(operations, 24, "{:?}", paths.keys().collect::<Vec<_>>());
     // Every /v1 route the router serves is in it (the schema itself aside).
     let router = include_str!("../server/src/http/mod.rs");
     let routes: Vec<&str> = router

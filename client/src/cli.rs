@@ -133,6 +133,17 @@ pub enum Command {
     /// Cancel a job: a waiting one leaves the queue, a running one's VM is stopped within seconds,
     /// a debug session is ended and its VM powered off.
     Cancel { id: String },
+    /// Run a job's file again as a new job (the server keeps it as long as the job's result);
+    /// prints the new job's id. It counts against your limits as a submission does.
+    Rerun {
+        id: String,
+        /// Run it as a debug job: when it does not end ok, its VM stays up for `construir debug`.
+        #[arg(long)]
+        debug: bool,
+        /// Then wait for it, as `construir wait` does.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Attach this terminal to the debug session of your failed job (submitted with --debug): a
     /// root shell in /job inside its VM, which has no network. The result you fetch is the job's
     /// own, whatever you do here. Type `~.` at the start of a line to leave; leaving, or `exit`,

@@ -58,6 +58,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Cache(CacheCommand::Clear { name, all: _ }) => commands::cache::clear(&api()?, name.clone())?,
         Command::Cancel { id } => commands::cancel::run(&api()?, id)?,
         Command::Debug { id } => return commands::debug::run(&api()?, id),
+        Command::Rerun { id, debug, wait } => return commands::rerun::run(&api()?, id, *debug, *wait),
         Command::Page => commands::page::run(&api()?)?,
         Command::Unpack { file, dir } => commands::unpack::run(file, dir)?,
         Command::Verify { file, provenance, keys } => {

@@ -150,6 +150,7 @@ pub async fn sweep_retention(app: &App) -> Result<usize, db::DbError> {
                 let _ = fs::remove_file(path);
             }
         }
+        app.store.forget_input(&job.id);
         let conn = &app.db;
         db::mark_deleted(conn, &job.id).await?;
         db::audit(conn, Some(&account.name), "retention_deleted", &format!("{} after {days} day(s)", job.id)).await?;

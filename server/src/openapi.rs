@@ -24,6 +24,7 @@ Every request carries `Authorization: Bearer <token>`. The browser page (`/page`
         crate::http::jobs::provenance_of,
         crate::http::jobs::cancel,
         crate::http::debug::attach,
+        crate::http::rerun::rerun,
         crate::http::page::page_link,
         crate::http::caches::list,
         crate::http::caches::clear,

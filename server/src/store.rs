@@ -12,7 +12,7 @@
 
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -39,6 +39,31 @@ pub const XZ_MAGIC: &[u8] = b"\xfd7zXZ\0";
 
 /// Where a job is, as the directories say.
 pub use wire::Place;
+
+/// Copies `from` to the new file `to`, all-zero blocks as holes, synced:
+/// the length and sha256 of what was copied.
+fn sparse_copy(from: &Path, to: &Path) -> io::Result<(u64, String)> {
+    use sha2::Digest;
+    let mut src = File::open(from)?;
+    let dst = fs::OpenOptions::new().write(true).create_new(true).mode(0o640).open(to)?;
+    let mut sha = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    loop {
+        let n = io::Read::read(&mut src, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        sha.update(&buf[..n]);
+        if buf[..n].iter().any(|&b| b != 0) {
+            std::os::unix::fs::FileExt::write_all_at(&dst, &buf[..n], at)?;
+        }
+        at += n as u64;
+    }
+    dst.set_len(at)?;
+    dst.sync_all()?;
+    Ok((at, jobfile::hex(&sha.finalize())))
+}
 
 /// The queue's waiting files, listed once for many jobs placed in one
 /// pass (the follow loop, a list of jobs): each waiting job's position is
@@ -79,6 +104,35 @@ impl Store {
     /// Where the hidden upload of job `id` is written.
     pub fn upload_path(&self, id: &str) -> PathBuf {
         self.queue.join(format!(".upload.{id}.part"))
+    }
+
+    /// Where the job file `id` was submitted as is kept, for `rerun`:
+    /// `server-inputs/<id>.tar.xz` beside the queue (no host reads it).
+    pub fn kept_input(&self, id: &str) -> PathBuf {
+        layout::sibling(&self.queue, "server-inputs").join(format!("{id}.tar.xz"))
+    }
+
+    /// Keeps a copy of the job file `from` as job `id`'s input: its zero
+    /// blocks left as holes (the padding costs nothing), synced.
+    pub fn keep_input(&self, from: &Path, id: &str) -> io::Result<()> {
+        let to = self.kept_input(id);
+        fs::create_dir_all(to.parent().expect("in server-inputs"))?;
+        let tmp = to.with_extension("part");
+        let copied = sparse_copy(from, &tmp).and_then(|_| fs::rename(&tmp, &to));
+        if copied.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        copied
+    }
+
+    /// Copies job `id`'s kept input to `to` (a new file): its length and sha256.
+    pub fn copy_input(&self, id: &str, to: &Path) -> io::Result<(u64, String)> {
+        sparse_copy(&self.kept_input(id), to)
+    }
+
+    /// Removes job `id`'s kept input, if there is one.
+    pub fn forget_input(&self, id: &str) {
+        let _ = fs::remove_file(self.kept_input(id));
     }
 
     /// Removes `.upload.*.part` files unchanged for `idle` (at start: another

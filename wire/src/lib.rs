@@ -96,6 +96,14 @@ pub struct SubmitQuery {
     pub debug: bool,
 }
 
+/// `POST /v1/jobs/{id}/rerun?debug=true`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+pub struct RerunQuery {
+    /// Run it as a debug job (`SubmitQuery::debug`).
+    #[serde(default)]
+    pub debug: bool,
+}
+
 /// `?run=2` on a job's log, result and provenance: a verified rebuild's
 /// second run (`1` or none: the job's own).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]

@@ -8,6 +8,7 @@ pub mod hosts;
 pub mod list;
 pub mod log;
 pub mod page;
+pub mod rerun;
 pub mod status;
 pub mod submit;
 pub mod unpack;

@@ -10,6 +10,7 @@ pub mod debug;
 pub mod hosts;
 pub mod jobs;
 pub mod page;
+pub mod rerun;
 pub mod submit;
 
 use std::net::{IpAddr, SocketAddr};
@@ -84,6 +85,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}/provenance", get(jobs::provenance_of))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/debug", get(debug::attach))
+        .route("/v1/jobs/{id}/rerun", post(rerun::rerun))
         .route("/v1/page-link", post(page::page_link))
         .route("/v1/caches", get(caches::list))
         .route("/v1/caches/clear", post(caches::clear).layer(DefaultBodyLimit::max(4096)))

@@ -27,10 +27,10 @@ use crate::store::{FileId, XZ_MAGIC};
 
 /// Removes a half-written upload and its reservation however the handler
 /// ends (an error, or a client that went away).
-struct UploadGuard {
-    app: Arc<App>,
-    path: Option<PathBuf>,
-    id: String,
+pub(super) struct UploadGuard {
+    pub app: Arc<App>,
+    pub path: Option<PathBuf>,
+    pub id: String,
 }
 
 impl Drop for UploadGuard {
@@ -74,7 +74,7 @@ pub(crate) async fn submit(
     body: Body,
 ) -> ApiResult<Response> {
     let limits = account.limits.or(app.settings.defaults);
-    let (mut record, twin) = records(&app, &account, &q)?;
+    let (record, twin) = records(&app, &account, &q)?;
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     // The part file first, then its reservation: a reservation whose part is gone died with its server.
@@ -97,24 +97,59 @@ pub(crate) async fn submit(
     file.sync_all().await.map_err(ApiError::internal)?;
     let ino = FileId::of(&file.metadata().await.map_err(ApiError::internal)?);
     drop(file);
+    let received = Received { record, twin, upload, ino, size, sha256 };
+    queue_received(&app, &account, &q, received, &mut guards).await
+}
+
+/// A job file received whole (its part file synced), not yet queued.
+pub(super) struct Received {
+    pub record: JobRecord,
+    pub twin: Option<JobRecord>,
+    pub upload: PathBuf,
+    pub ino: FileId,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// From a received job file to the queue: its packages resolved, a
+/// verified rebuild's second run copied, a copy kept for reruns, its
+/// terms written, queued, and its reservation made its record (the
+/// submission audited). The answer is the new job, 201.
+pub(super) async fn queue_received(
+    app: &Arc<App>,
+    account: &Account,
+    q: &SubmitQuery,
+    received: Received,
+    guards: &mut [UploadGuard],
+) -> ApiResult<Response> {
+    let Received { mut record, twin, upload, ino, size, sha256 } = received;
     // Its packages, resolved now: what cannot be had is refused before anything is stored.
-    let (packages, caches, declared_debug) = resolve_packages(&app, &upload, &record.image).await?;
+    let (packages, caches, declared_debug) = resolve_packages(app, &upload, &record.image).await?;
     if declared_debug {
-        debug_allowed(&app, &q, "its construir.toml says debug = true")?;
+        debug_allowed(app, q, "its construir.toml says debug = true")?;
     }
     // A verified rebuild's second run: the same bytes, and both runs' terms.
     let mut queued = vec![(record.clone(), upload, ino)];
     if let Some(twin) = twin {
-        let (part, ino) = copy_for_second_run(&app, &queued[0].1, &twin, &record).await?;
+        let (part, ino) = copy_for_second_run(app, &queued[0].1, &twin, &record).await?;
         queued.push((twin, part, ino));
     }
+    // Kept for `rerun` as long as the job's result is.
+    let (kept_from, kept_id, store) = (queued[0].1.clone(), record.id.clone(), app.clone());
+    tokio::task::spawn_blocking(move || store.store.keep_input(&kept_from, &kept_id))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
     let terms = Terms {
         pin: packages.clone(),
         owner: Some(jobfile::caches::account_owner(account.id)),
         rebuild: None,
         debug: q.debug,
     };
-    enqueue(&app, &queued, &terms, &mut guards)?;
+    if let Err(e) = enqueue(app, &queued, &terms, guards) {
+        app.store.forget_input(&record.id);
+        return Err(e);
+    }
     let (id, what) = (&record.id, format!("{} ({size} bytes)", record.file_name));
     let jobs: Vec<(&str, FileId)> = queued.iter().map(|(job, _, ino)| (job.id.as_str(), *ino)).collect();
     let audit = (account.name.as_str(), format!("{id} {what}"));
@@ -130,14 +165,14 @@ pub(crate) async fn submit(
         (size, Some(sha256), Some(ino), packages, caches);
     log::info!("account {}: job {id} submitted as {what}", account.name);
     let mut out = job_json(&record, &app.locate(&record));
-    out.rebuild = rebuild_view(&app, &record).await?;
+    out.rebuild = rebuild_view(app, &record).await?;
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
 /// The job's record as its upload starts (and a verified rebuild's second
 /// run, a job of its own whose record names the first), each with a new id
 /// and its queue name: the account, the id, the name the submitter gave.
-fn records(app: &App, account: &Account, q: &SubmitQuery) -> ApiResult<(JobRecord, Option<JobRecord>)> {
+pub(super) fn records(app: &App, account: &Account, q: &SubmitQuery) -> ApiResult<(JobRecord, Option<JobRecord>)> {
     let job_name = jobfile::JobName::new(&q.name, &q.image)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad job name or image: {e}")))?;
     if q.debug {
@@ -199,7 +234,13 @@ fn debug_allowed(app: &App, q: &SubmitQuery, asked: &str) -> ApiResult<()> {
 /// transaction, before a byte of the body is read (with Expect:
 /// 100-continue, before it is sent). The bytes reserved; a refusal's
 /// message starts with `why`.
-async fn reserve(app: &App, limits: &Limits, record: &JobRecord, declared: Option<u64>, why: &str) -> ApiResult<u64> {
+pub(super) async fn reserve(
+    app: &App,
+    limits: &Limits,
+    record: &JobRecord,
+    declared: Option<u64>,
+    why: &str,
+) -> ApiResult<u64> {
     let free = app.store.free_bytes().map_err(ApiError::internal)?;
     let admit = |usage: &db::Usage| quota::admit(usage, limits, &app.settings.uploads, declared, free);
     let reserved = db::reserve_upload(app.db(), record, |f| app.store.finished(f), admit).await;
