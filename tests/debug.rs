@@ -130,6 +130,29 @@ fn a_failed_debug_job_gives_its_owner_alone_a_shell_and_its_result_stays_its_own
     assert!(lines.iter().any(|l| l.contains("alice") && l.contains("debug_ended")), "{audit}");
     assert!(!audit.contains("marker") && !audit.contains("changed"), "{audit}");
 
+    // While a session is open its job has not finished, for the account's limits; a cancel ends it.
+    let (code, out, err) = client(&s, &alice, &work, &["rerun", &first, "--debug", "--wait"]);
+    assert_eq!(code, 1, "{err}");
+    let third = out.trim().to_owned();
+    assert!(err.contains("a debug session is open"), "{err}");
+    assert!(server_cmd(&db, &["account", "limits", "alice", "--max-waiting", "1"]).status.success());
+    let (code, _, err) =
+        client(&s, &alice, &work, &["submit", ok.to_str().expect("utf8"), "--image", "0", "--size", "1M"]);
+    assert!(
+        code == 2 && err.contains("429") && err.contains("1 of your jobs are not finished"),
+        "the open session counts: {err}"
+    );
+    let (code, _, err) = client(&s, &alice, &work, &["cancel", &third]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("its debug session is ended"), "{err}");
+    assert!(wait_for(Duration::from_secs(20), || qemu_pids(&host_id).is_empty()), "{}", q.log("host"));
+    assert!(q.log("host").contains("its submitter cancelled it"), "{}", q.log("host"));
+    let audit = String::from_utf8_lossy(&server_cmd(&db, &["audit"]).stdout).into_owned();
+    assert!(audit.lines().any(|l| l.contains("debug_cancelled") && l.contains(&third)), "{audit}");
+    let (code, _, err) =
+        client(&s, &alice, &work, &["submit", ok.to_str().expect("utf8"), "--image", "0", "--size", "1M"]);
+    assert_eq!(code, 0, "with the session gone, the job counts as finished: {err}");
+
     // A server that takes none says so at submit.
     let q2 = Queue::new();
     let db2 = q2.root.path().join("server.db");

@@ -93,6 +93,12 @@ fn jobs_run_on_a_real_slurm_cluster_are_cancelled_go_back_when_killed_and_surviv
         id.trim().to_owned()
     };
 
+    // A debug session has no way back from a node: refused at submit, saying why.
+    let dir = job_dir(&work, "debugged", "#!/bin/sh\nexit 1\n");
+    let (code, _, err) =
+        client(&s, &alice, &work, &["submit", dir.to_str().expect("utf8"), "--image", "0", "--size", "1M", "--debug"]);
+    assert!(code == 2 && err.contains("400") && err.contains("under Slurm"), "{err}");
+
     // Done: the node shown as its host, the console live, the result signed by the node and verified.
     let id = submit(&s, "steps", "#!/bin/sh\necho step one\nsleep 5\necho step two\n");
     running(&s, &alice, &work, &cluster, &id, 1, "step one");

@@ -50,6 +50,8 @@ impl Policy {
 /// A remote host's offer, until its owner attaches.
 struct Offer {
     info: wire::DebugSession,
+    /// The job's name in the queue.
+    file_name: String,
     /// Hands the owner's socket (and the account's name) to the host's task.
     attach: Option<oneshot::Sender<(WebSocket, String)>>,
     /// Wakes the host's task when the owner cancels.
@@ -68,6 +70,22 @@ impl Offers {
     fn info(&self, id: &str) -> Option<wire::DebugSession> {
         self.lock().get(id).map(|o| o.info.clone())
     }
+}
+
+/// How many debug sessions the account whose job is queued as `file_name`
+/// holds open: their VMs still run, so for its limits those jobs have not
+/// finished. (A queue name starts with its account's name and a dot.)
+pub fn open_of(app: &App, file_name: &str) -> u64 {
+    let Some((account, _)) = file_name.split_once('.') else { return 0 };
+    let prefix = format!("{account}.");
+    let remote = app.debug.lock().values().filter(|o| o.file_name.starts_with(&prefix)).count();
+    let dir = jobfile::debug::session_dir(&app.store.running);
+    let local = std::fs::read_dir(dir).into_iter().flatten().flatten().filter(|e| {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        name.starts_with(&prefix) && name.ends_with(".json")
+    });
+    (remote + local.count()) as u64
 }
 
 /// The open session of `job`, if it has one, as its owner sees it.
@@ -199,7 +217,8 @@ async fn ended(app: &App, account: &str, id: &str, started: std::time::Instant) 
 /// Holds a remote host's offer of `id`'s session until its owner attaches
 /// (then relays the two sockets), the offer's time runs out, the owner
 /// cancels, or the host goes away.
-pub async fn hold_offer(app: Arc<App>, host: WebSocket, host_name: String, id: String, q: wire::OfferQuery) {
+pub async fn hold_offer(app: Arc<App>, host: WebSocket, host_name: String, job: db::JobRecord, q: wire::OfferQuery) {
+    let (id, file_name) = (job.id, job.file_name);
     let (tx, rx) = oneshot::channel();
     let end = Arc::new(Notify::new());
     let now = unix_now();
@@ -210,7 +229,7 @@ pub async fn hold_offer(app: Arc<App>, host: WebSocket, host_name: String, id: S
         ends_by: rfc3339(q.ends_by),
         attached: false,
     };
-    app.debug.lock().insert(id.clone(), Offer { info, attach: Some(tx), end: end.clone() });
+    app.debug.lock().insert(id.clone(), Offer { info, file_name, attach: Some(tx), end: end.clone() });
     log::info!("job {id}: host {host_name} offers its debug session (attach by {})", rfc3339(q.attach_by));
     let (mut to_host, mut from_host) = host.split();
     let wait = Duration::from_secs(q.attach_by.saturating_sub(now));

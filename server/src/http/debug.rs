@@ -57,13 +57,13 @@ pub(crate) async fn offer(
 ) -> ApiResult<Response> {
     let job = db::job_by_id(app.db(), &id).await.map_err(ApiError::internal)?;
     // Only the host that delivered the job's result offers its session.
-    let ran_here = job.as_ref().and_then(|j| j.ran_on.as_ref()) == Some(&RanOn::Remote(host.name.clone()));
-    if !ran_here {
+    let Some(job) = job.filter(|j| j.ran_on.as_ref() == Some(&RanOn::Remote(host.name.clone()))) else {
         return Err(ApiError::not_found());
-    }
+    };
     if let Some(why) = app.settings.debug.refusal() {
         return Err(ApiError::new(StatusCode::CONFLICT, why));
     }
     let ws = ws.max_message_size(MAX_MESSAGE).max_frame_size(MAX_MESSAGE);
-    Ok(ws.on_upgrade(move |socket| debug::hold_offer(app, socket, host.name, id, q)))
+    log::info!("job {id}: host {} offers its debug session", host.name);
+    Ok(ws.on_upgrade(move |socket| debug::hold_offer(app, socket, host.name, job, q)))
 }

@@ -242,7 +242,12 @@ pub(super) async fn reserve(
     why: &str,
 ) -> ApiResult<u64> {
     let free = app.store.free_bytes().map_err(ApiError::internal)?;
-    let admit = |usage: &db::Usage| quota::admit(usage, limits, &app.settings.uploads, declared, free);
+    // A job whose VM holds a debug session open has not finished, for its account's limits.
+    let sessions = crate::debug::open_of(app, &record.file_name);
+    let admit = |usage: &db::Usage| {
+        let usage = db::Usage { unfinished: usage.unfinished + sessions, ..*usage };
+        quota::admit(&usage, limits, &app.settings.uploads, declared, free)
+    };
     let reserved = db::reserve_upload(app.db(), record, |f| app.store.finished(f), admit).await;
     Ok(reserved.map_err(ApiError::internal)?.map_err(|mut refusal| {
         refusal.message = format!("{why}{}", refusal.message);
