@@ -79,6 +79,10 @@ fn run_held(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
         metrics::init(&opts.limits.host_id);
     }
     let mut d = Daemon::new(opts, stop);
+    // Sessions this host's last run left open: their VMs died with it.
+    for stale in crate::debug::forget_stale(&dirs.running, &opts.limits.host_id) {
+        log::warn!("job {}: its debug session ended when this host last stopped", stale.to_string_lossy());
+    }
     queue::recover(dirs, &opts.limits.host_id, opts.max_attempts, |name, ending| {
         tally(dirs, &mut d.summary, name, ending)
     })?;

@@ -280,6 +280,23 @@ fn refuse_another(listener: &UnixListener) {
     }
 }
 
+/// Removes the sessions host `host_id` left open when it last stopped (the
+/// VMs went with it), before it serves any: the job file names they were for.
+pub fn forget_stale(running: &Path, host_id: &str) -> Vec<std::ffi::OsString> {
+    let mut gone = Vec::new();
+    let Ok(entries) = std::fs::read_dir(jobfile::debug::session_dir(running)) else { return gone };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(file_name) = name.to_str().and_then(|n| n.strip_suffix(".json")) else { continue };
+        let file_name = std::ffi::OsString::from(file_name);
+        if jobfile::debug::read_session(running, &file_name).is_some_and(|s| s.host == host_id) {
+            jobfile::debug::remove_session(running, &file_name);
+            gone.push(file_name);
+        }
+    }
+    gone
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -287,6 +304,25 @@ fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hosts_own_stale_sessions_are_forgotten_and_no_others() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let running = tmp.path();
+        let session = |host: &str| Session {
+            host: host.into(),
+            socket: "x.sock".into(),
+            opened: 1,
+            attach_by: 2,
+            ends_by: 3,
+            attached: None,
+        };
+        jobfile::debug::write_session(running, "mine_i0.tar.xz".as_ref(), &session("h1")).expect("write");
+        jobfile::debug::write_session(running, "theirs_i0.tar.xz".as_ref(), &session("h2")).expect("write");
+        assert_eq!(forget_stale(running, "h1"), vec![std::ffi::OsString::from("mine_i0.tar.xz")]);
+        assert!(jobfile::debug::read_session(running, "mine_i0.tar.xz".as_ref()).is_none());
+        assert!(jobfile::debug::read_session(running, "theirs_i0.tar.xz".as_ref()).is_some());
+    }
 
     #[test]
     fn pull_and_push_keep_within_the_cap() {
