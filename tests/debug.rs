@@ -110,8 +110,12 @@ fn a_failed_debug_job_gives_its_owner_alone_a_shell_and_its_result_stays_its_own
     assert!(t.shows("EXIT=0", Duration::from_secs(5)), "{}", t.screen());
     // The VM is gone with the shell.
     assert!(wait_for(Duration::from_secs(20), || qemu_pids(&host_id).is_empty()), "{}", q.log("host"));
-    let host_log = q.log("host");
-    assert!(host_log.contains("debug session ended after") && host_log.contains("the VM powered off"), "{host_log}");
+    assert!(
+        wait_for(Duration::from_secs(10), || q.log("host").contains("attached after")
+            && q.log("host").contains("the VM powered off)")),
+        "{}",
+        q.log("host")
+    );
 
     let (code, _, err) = client(&s, &alice, &work, &["fetch", &id, "--unpack", "got"]);
     assert_eq!(code, 0, "{err}");
@@ -146,7 +150,11 @@ fn a_failed_debug_job_gives_its_owner_alone_a_shell_and_its_result_stays_its_own
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("its debug session is ended"), "{err}");
     assert!(wait_for(Duration::from_secs(20), || qemu_pids(&host_id).is_empty()), "{}", q.log("host"));
-    assert!(q.log("host").contains("its submitter cancelled it"), "{}", q.log("host"));
+    assert!(
+        wait_for(Duration::from_secs(10), || q.log("host").contains("its submitter cancelled it")),
+        "{}",
+        q.log("host")
+    );
     let audit = String::from_utf8_lossy(&server_cmd(&db, &["audit"]).stdout).into_owned();
     assert!(audit.lines().any(|l| l.contains("debug_cancelled") && l.contains(&third)), "{audit}");
     let (code, _, err) =
@@ -237,7 +245,7 @@ fn on_the_host_itself_a_session_waits_its_time_takes_one_attach_and_can_be_turne
     t.type_text("~.");
     assert!(t.shows("left the session", Duration::from_secs(10)), "{}", t.screen());
     assert!(wait_for(Duration::from_secs(20), || qemu_pids(&host_id).is_empty()), "{}", q.log("here"));
-    assert!(q.log("here").contains("its owner left"), "{}", q.log("here"));
+    assert!(wait_for(Duration::from_secs(10), || q.log("here").contains("its owner left")), "{}", q.log("here"));
     assert!(!record("here").exists());
     // Nothing is open now.
     let none = std::process::Command::new(bin("construir-host"))

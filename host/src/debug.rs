@@ -110,8 +110,9 @@ pub fn serve(
             why: why.to_owned(),
             vm_ended: false,
         };
+        let watch = Watch { place, vm, opened, max: limits.max, stop, cancel };
         let client = loop {
-            if let Some(why) = over(place, vm, opened, limits.max, stop, cancel) {
+            if let Some(why) = watch.over() {
                 return Ok(Summary { vm_ended: why.1, ..ends(why.0) });
             }
             if opened.elapsed() >= limits.wait {
@@ -134,112 +135,135 @@ pub fn serve(
         );
         record.attached = Some(unix_now());
         jobfile::debug::write_session(place.running, place.file_name, &record)?;
-        let (why, vm_ended) = relay(place, client, channel.0, &listener, vm, opened, limits.max, stop, cancel)?;
+        let (why, vm_ended) = relay(client, channel.0, &listener, &watch)?;
         Ok(Summary { attached_after: Some(attached_after), lasted: opened.elapsed(), why, vm_ended })
     })();
     jobfile::debug::remove_session(place.running, place.file_name);
     served
 }
 
-/// Why the session must end now, if it must, and whether the VM ended by itself.
-fn over(
-    place: &Place,
-    vm: &Vm,
+/// What a session is watched against while it is served.
+struct Watch<'a> {
+    place: &'a Place<'a>,
+    vm: &'a Vm,
     opened: Instant,
     max: Duration,
-    stop: &AtomicBool,
-    cancel: &AtomicBool,
-) -> Option<(&'static str, bool)> {
-    if vm.exited_within(Duration::ZERO).unwrap_or(true) {
-        Some(("the VM powered off", true))
-    } else if opened.elapsed() >= max {
-        Some(("its longest time passed", false))
-    } else if stop.load(Ordering::Relaxed) {
-        Some(("the host is stopping", false))
-    } else if cancel.load(Ordering::Relaxed)
-        || std::fs::symlink_metadata(jobfile::debug::end_request(place.running, place.file_name)).is_ok()
-    {
-        Some(("its submitter cancelled it", false))
-    } else {
-        None
+    stop: &'a AtomicBool,
+    cancel: &'a AtomicBool,
+}
+
+impl Watch<'_> {
+    /// Why the session must end now, if it must, and whether the VM ended by itself.
+    fn over(&self) -> Option<(&'static str, bool)> {
+        if self.vm.exited_within(Duration::ZERO).unwrap_or(true) {
+            Some(("the VM powered off", true))
+        } else if self.opened.elapsed() >= self.max {
+            Some(("its longest time passed", false))
+        } else if self.stop.load(Ordering::Relaxed) {
+            Some(("the host is stopping", false))
+        } else if self.cancel.load(Ordering::Relaxed)
+            || std::fs::symlink_metadata(jobfile::debug::end_request(self.place.running, self.place.file_name)).is_ok()
+        {
+            Some(("its submitter cancelled it", false))
+        } else {
+            None
+        }
     }
 }
 
-/// Relays client <-> guest until one side ends or the session must.
-#[allow(clippy::too_many_arguments)]
-fn relay(
-    place: &Place,
-    mut client: UnixStream,
-    mut guest: UnixStream,
-    listener: &UnixListener,
-    vm: &Vm,
-    opened: Instant,
-    max: Duration,
-    stop: &AtomicBool,
-    cancel: &AtomicBool,
-) -> io::Result<(String, bool)> {
+/// The two sides of an attached session and what is held for each.
+struct Relay {
+    client: UnixStream,
+    guest: UnixStream,
+    to_guest: Vec<u8>,
+    to_client: Vec<u8>,
+    buf: Vec<u8>,
+    /// When the guest's side ended (its last bytes may still be going out).
+    guest_gone: Option<Instant>,
+}
+
+/// Relays client <-> guest until one side ends or the session must: why,
+/// and whether the VM ended by itself.
+fn relay(client: UnixStream, guest: UnixStream, listener: &UnixListener, watch: &Watch) -> io::Result<(String, bool)> {
     client.set_nonblocking(true)?;
     guest.set_nonblocking(true)?;
-    let (mut to_guest, mut to_client) = (Vec::<u8>::new(), Vec::<u8>::new());
-    let mut buf = vec![0u8; 16 << 10];
-    let mut guest_gone: Option<Instant> = None;
+    let mut r = Relay {
+        client,
+        guest,
+        to_guest: Vec::new(),
+        to_client: Vec::new(),
+        buf: vec![0u8; 16 << 10],
+        guest_gone: None,
+    };
     loop {
-        if let Some(at) = guest_gone {
+        if let Some(at) = r.guest_gone {
             // The guest's last words go out, for a moment at most.
-            if to_client.is_empty() || at.elapsed() > Duration::from_secs(1) {
+            if r.to_client.is_empty() || at.elapsed() > Duration::from_secs(1) {
                 return Ok(("the shell ended".into(), true));
             }
-        } else if let Some((why, ended)) = over(place, vm, opened, max, stop, cancel) {
+        } else if let Some((why, ended)) = watch.over() {
             return Ok((why.into(), ended));
         }
+        let (client_ev, guest_ev) = r.ready(listener)?;
+        if let Some(why) = r.step(client_ev, guest_ev) {
+            return Ok((why, false));
+        }
+    }
+}
+
+impl Relay {
+    /// Waits (100 ms at most) for either side to be ready for what it can
+    /// take now; a second client meanwhile is refused.
+    fn ready(&self, listener: &UnixListener) -> io::Result<(PollFlags, PollFlags)> {
         let want = |read: bool, write: bool| {
             let mut f = PollFlags::empty();
             f.set(PollFlags::POLLIN, read);
             f.set(PollFlags::POLLOUT, write);
             f
         };
-        let (client_ev, guest_ev) = {
-            let mut fds = [
-                PollFd::new(client.as_fd(), want(to_guest.len() < BUFFER, !to_client.is_empty())),
-                PollFd::new(
-                    guest.as_fd(),
-                    want(guest_gone.is_none() && to_client.len() < BUFFER, !to_guest.is_empty()),
-                ),
-                PollFd::new(listener.as_fd(), PollFlags::POLLIN),
-            ];
-            match poll(&mut fds, PollTimeout::from(100u16)) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-            if fds[2].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)) {
-                refuse_another(listener);
-            }
-            (fds[0].revents().unwrap_or(PollFlags::empty()), fds[1].revents().unwrap_or(PollFlags::empty()))
-        };
+        let guest_reads = self.guest_gone.is_none() && self.to_client.len() < BUFFER;
+        let mut fds = [
+            PollFd::new(self.client.as_fd(), want(self.to_guest.len() < BUFFER, !self.to_client.is_empty())),
+            PollFd::new(self.guest.as_fd(), want(guest_reads, !self.to_guest.is_empty())),
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::from(100u16)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if fds[2].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)) {
+            refuse_another(listener);
+        }
+        Ok((fds[0].revents().unwrap_or(PollFlags::empty()), fds[1].revents().unwrap_or(PollFlags::empty())))
+    }
+
+    /// Moves what is ready each way; why the client's side ended, if it did.
+    fn step(&mut self, client_ev: PollFlags, guest_ev: PollFlags) -> Option<String> {
         let readable = PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR;
-        if client_ev.intersects(readable) && to_guest.len() < BUFFER {
-            match pull(&mut client, &mut buf, &mut to_guest, BUFFER) {
+        if client_ev.intersects(readable) && self.to_guest.len() < BUFFER {
+            match pull(&mut self.client, &mut self.buf, &mut self.to_guest, BUFFER) {
                 Ok(true) => {}
-                Ok(false) => return Ok(("its owner left".into(), false)),
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(("its owner left".into(), false)),
-                Err(e) => return Ok((format!("the client's connection failed: {e}"), false)),
+                Ok(false) => return Some("its owner left".into()),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Some("its owner left".into()),
+                Err(e) => return Some(format!("the client's connection failed: {e}")),
             }
         }
-        if guest_gone.is_none()
+        if self.guest_gone.is_none()
             && guest_ev.intersects(readable)
-            && to_client.len() < BUFFER
-            && !pull(&mut guest, &mut buf, &mut to_client, BUFFER).unwrap_or(false)
+            && self.to_client.len() < BUFFER
+            && !pull(&mut self.guest, &mut self.buf, &mut self.to_client, BUFFER).unwrap_or(false)
         {
-            guest_gone = Some(Instant::now());
+            self.guest_gone = Some(Instant::now());
         }
-        if !to_guest.is_empty() && push(&mut guest, &mut to_guest).is_err() {
-            guest_gone.get_or_insert_with(Instant::now);
+        if !self.to_guest.is_empty() && push(&mut self.guest, &mut self.to_guest).is_err() {
+            self.guest_gone.get_or_insert_with(Instant::now);
         }
-        if !to_client.is_empty() {
-            if let Err(e) = push(&mut client, &mut to_client) {
-                return Ok((format!("the client's connection failed: {e}"), false));
+        if !self.to_client.is_empty() {
+            if let Err(e) = push(&mut self.client, &mut self.to_client) {
+                return Some(format!("the client's connection failed: {e}"));
             }
         }
+        None
     }
 }
 

@@ -15,17 +15,32 @@ use crate::debug::{self, Channel, DebugLimits, Place};
 use crate::files::{self, read_status};
 use crate::intake::{Intake, DISK};
 use crate::lending;
+use crate::outcome::{self, Ran};
 use crate::qemu::{Cut, Vm};
 use crate::queue::Ending;
-use crate::worker::{self, Ran};
 
 /// The name the VM's working copy is moved to when its result is copied out.
 const VM_DISK: &str = "disk.vm";
 
+/// A debug job's session, before its VM starts: its bounds and the host's
+/// end of the channel (QEMU's end goes into the VM's `debug_port`).
+pub(crate) struct Debugging {
+    pub(crate) limits: DebugLimits,
+    channel: Channel,
+}
+
+/// For a job that gets a session (`limits_for`): its bounds and channel,
+/// and QEMU's end of the channel.
+pub(crate) fn prepare(claim: &Claim, intake: &Intake) -> io::Result<Option<(Debugging, std::os::fd::OwnedFd)>> {
+    let Some(limits) = limits_for(claim, intake) else { return Ok(None) };
+    let (channel, port) = debug::channel()?;
+    Ok(Some((Debugging { limits, channel }, port)))
+}
+
 /// Whether this job's VM gets a session port, and its bounds: when the job
 /// asks for one (its `construir.toml`, or its terms) and this host allows
 /// them. A verified rebuild's run never does.
-pub fn limits_for(claim: &Claim, intake: &Intake) -> Option<DebugLimits> {
+fn limits_for(claim: &Claim, intake: &Intake) -> Option<DebugLimits> {
     let asked = intake.declaration.as_ref().is_some_and(|(d, _)| d.debug) || intake.terms.debug;
     if !asked {
         return None;
@@ -47,9 +62,9 @@ pub(crate) fn opened(
     vm: Vm,
     checkouts: Vec<Checkout>,
     ran: Ran,
-    channel: Channel,
-    limits: DebugLimits,
+    debug: Debugging,
 ) -> io::Result<Ending> {
+    let Debugging { limits, channel } = debug;
     let label = claim.label();
     let copied = copy_out(intake);
     let st = copied.as_ref().ok().and_then(|()| read_status(&intake.disk));
@@ -72,7 +87,7 @@ pub(crate) fn opened(
         limits.wait.as_secs(),
         limits.max.as_secs()
     );
-    let verdict = worker::verdict(&st, &how, &intake.stages);
+    let verdict = outcome::verdict(&st, &how, &intake.stages);
     let mut log = ran.preface;
     log.extend(vm.console_so_far().finish(&verdict));
     let place = Place {
@@ -83,7 +98,7 @@ pub(crate) fn opened(
     };
     // Open before the result lands: whoever sees the result sees the session.
     let listening = debug::open(&place, limits);
-    let ending = worker::deliver(claim, intake, &st, &log, verdict, ran.record.as_ref())?;
+    let ending = outcome::deliver(claim, intake, &st, &log, verdict, ran.record.as_ref())?;
     let served = listening.and_then(|listening| {
         log::info!(
             "job {label}: debug session open (attach within {} s, at most {} s)",

@@ -23,6 +23,7 @@ pub mod lending;
 pub mod limits;
 pub mod logger;
 pub mod metrics;
+pub mod outcome;
 pub mod packages;
 pub mod pending;
 pub mod provenance;

@@ -14,25 +14,25 @@ use std::time::{Duration, Instant};
 
 use jobfile::caches::Given;
 use jobfile::deps::LayerRecord;
-use jobfile::{JobName, JobStatus};
+use jobfile::JobName;
 
 use crate::caches::{self, Checkout};
 use crate::claim::Claim;
-use crate::debug::{self, DebugLimits};
+use crate::debug::DebugLimits;
 use crate::debug_job;
 use crate::files::read_status;
 use crate::image;
-use crate::intake::{self, Intake, DISK};
+use crate::intake::{self, Intake};
 use crate::layer_build::{self, Built};
 use crate::layers::Layer;
 use crate::lending;
 use crate::limits::Limits;
 use crate::metrics;
+use crate::outcome::{deliver, verdict, Ran};
 use crate::packages::Plan;
 use crate::provenance::{Inputs, Record};
 use crate::qemu::{self, Confinement, Cut, LayerDisk, VmRun, VmSpec, Watched};
 use crate::queue::{self, Dirs, Ending, Scanned};
-use crate::stages::Stages;
 
 /// Runs a claimed job (`running/<file_name>`, as the scan saw it) to its end.
 pub fn run(
@@ -59,28 +59,24 @@ pub fn run(
     let names = intake.declaration.as_ref().map(|(d, _)| d.caches.clone()).unwrap_or_default();
     let owner = intake.terms.owner.as_deref();
     let (checkouts, given) = lending::lend(dirs, limits, owner, job, &names, intake.terms.rebuild.is_some());
-    let debug = debug_job::limits_for(&claim, &intake);
+    let (debug, port) = debug_job::prepare(&claim, &intake)?.unzip();
     let record = record(&claim, &intake, &given, layer.as_ref().map(|l| &l.record), debug.is_some());
-    let (channel, port) = match debug {
-        Some(_) => debug::channel().map(|(c, p)| (Some(c), Some(p)))?,
-        None => (None, None),
-    };
-    let spec = match spec(&claim, &intake, layer.as_ref(), &checkouts, given, debug)? {
+    let spec = match spec(&claim, &intake, layer.as_ref(), &checkouts, given, debug.as_ref().map(|d| d.limits))? {
         Ok(spec) => VmSpec { debug_port: port, ..spec },
         Err(ending) => return Ok(ending),
     };
     log_boot(&claim, &intake);
     let confinement = intake.prepared.confinement(&limits.confiner);
     let watched = qemu::start(&spec, confinement, limits.bounds())
-        .and_then(|mut vm| Ok((vm.watch(stop, cancel, channel.is_some())?, vm)));
+        .and_then(|mut vm| Ok((vm.watch(stop, cancel, debug.is_some())?, vm)));
     let _ = fs::remove_file(queue::live_console(dirs, file_name));
     let (watched, vm) = match watched {
         Ok(w) => w,
         Err(e) => return claim.fail("qemu_error", &format!("cannot run QEMU: {}", jobfile::error_chain(&e)), None),
     };
     let ran = Ran { preface, record };
-    if let (Watched::SessionOpen, Some(channel), Some(limits)) = (watched, channel, debug) {
-        return debug_job::opened(&claim, &mut intake, vm, checkouts, ran, channel, limits);
+    if let (Watched::SessionOpen, Some(debug)) = (watched, debug) {
+        return debug_job::opened(&claim, &mut intake, vm, checkouts, ran, debug);
     }
     let vm = vm.finish(match watched {
         Watched::Cut(cut) => Some(cut),
@@ -92,13 +88,6 @@ pub fn run(
         Err(ending) => return Ok(ending),
     };
     ended(&claim, &mut intake, vm, checkouts, ran)
-}
-
-/// What a run brings to its end besides the VM.
-pub(crate) struct Ran {
-    /// The log's start (a layer's build).
-    pub(crate) preface: Vec<u8>,
-    pub(crate) record: Option<Record>,
 }
 
 /// The layer a job boots from (`None`: its image alone), and the console
@@ -312,53 +301,6 @@ fn ended(claim: &Claim, intake: &mut Intake, vm: VmRun, checkouts: Vec<Checkout>
     deliver(claim, intake, &st, &log, verdict, ran.record.as_ref())
 }
 
-/// Lands a job's result (the working copy, with `st` as its status) in
-/// done/, its provenance signed over it as staged.
-pub(crate) fn deliver(
-    claim: &Claim,
-    intake: &Intake,
-    st: &JobStatus,
-    log: &[u8],
-    verdict: String,
-    record: Option<&Record>,
-) -> io::Result<Ending> {
-    let (dirs, limits, job) = (claim.dirs, claim.limits, claim.job);
-    let delivering = Instant::now();
-    let tag = queue::unique_tag(&limits.host_id);
-    let dir = &intake.prepared.dir.fd;
-    let mut staged = queue::stage(dirs, dir, OsStr::new(DISK), &intake.disk, claim.scanned.size, job, log, &tag)?;
-    staged.provenance = limits.signer.as_ref().zip(record).and_then(|(signer, record)| {
-        let result = dirs.done.join(&staged.result);
-        let signing = Instant::now();
-        let signed =
-            crate::provenance::sign_staged(&dirs.done, signer, record, job, &result, log, &limits.host_id, &tag)
-                .inspect_err(|e| {
-                    log::error!("job {}: cannot sign its provenance: {}", claim.label(), jobfile::error_chain(e))
-                })
-                .ok()?;
-        log::info!(
-            "job {}: provenance signed: job file hashed in {} ms, result and its files hashed and signed in {} ms",
-            claim.label(),
-            record.hashed.as_millis(),
-            signing.elapsed().as_millis()
-        );
-        Some(signed)
-    });
-    queue::note_delivery(dirs, claim.file_name, &staged)?;
-    let delivery = queue::land(dirs, job, &staged)?;
-    log::info!(
-        "job {}: delivered {:.2} s after its result was read; {:.1} s from claim to delivery",
-        claim.label(),
-        delivering.elapsed().as_secs_f64(),
-        intake.stages.since_claim().as_secs_f64()
-    );
-    metrics::job_finished(st.result.as_str(), job.image());
-    if let Some(secs) = st.duration_secs {
-        metrics::observe_run(job.image(), secs);
-    }
-    queue::end_delivered(dirs, claim.file_name, job, delivery, verdict)
-}
-
 /// A layer's overlay, for a job to boot from (read-only; QEMU's snapshot takes the writes).
 fn open_layer(layer: &Layer) -> io::Result<File> {
     fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(layer.disk())
@@ -398,24 +340,6 @@ fn create_live_console(dirs: &Dirs, file_name: &OsStr) -> Option<File> {
         .mode(0o644)
         .open(&path);
     file.map_err(|e| log::warn!("cannot write the live console to {}: {e}", path.display())).ok()
-}
-
-pub(crate) fn verdict(st: &JobStatus, how: &str, stages: &Stages) -> String {
-    let mut v = st.result.as_str().to_owned();
-    if let Some(code) = st.exit_code {
-        v.push_str(&format!(" (exit code {code})"));
-    }
-    if let Some(sig) = st.signal {
-        v.push_str(&format!(" (signal {sig})"));
-    }
-    if let Some(d) = st.duration_secs {
-        v.push_str(&format!("; the job ran {d:.1} s"));
-    }
-    v.push_str(&format!("; {how}; {}", stages.from_claim_to_result()));
-    if let Some(m) = &st.message {
-        v.push_str(&format!("; {}", jobfile::sanitize(m.as_bytes())));
-    }
-    v
 }
 
 fn stderr_note(stderr: &str) -> String {

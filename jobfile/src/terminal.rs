@@ -160,9 +160,11 @@ pub fn attach(link: &mut dyn Link) -> io::Result<Ended> {
     });
     let _raw = Raw::enter();
     let mut shown = size();
-    link.send(&Frame::Size { rows: shown.0, cols: shown.1 }.encode())?;
-    let mut escape = Escape::new();
     let mut out = io::stdout();
+    if let Some(ended) = sent(link, &Frame::Size { rows: shown.0, cols: shown.1 }.encode(), &mut out)? {
+        return Ok(ended);
+    }
+    let mut escape = Escape::new();
     loop {
         match link.recv(Duration::from_millis(30))? {
             Received::Bytes(b) => {
@@ -179,7 +181,9 @@ pub fn attach(link: &mut dyn Link) -> io::Result<Ended> {
                     if !send.is_empty() {
                         let mut frames = Vec::new();
                         Frame::data(&send, &mut frames);
-                        link.send(&frames)?;
+                        if let Some(ended) = sent(link, &frames, &mut out)? {
+                            return Ok(ended);
+                        }
                     }
                     if leave {
                         return Ok(Ended::Left);
@@ -192,8 +196,26 @@ pub fn attach(link: &mut dyn Link) -> io::Result<Ended> {
         let now = size();
         if now != shown {
             shown = now;
-            link.send(&Frame::Size { rows: now.0, cols: now.1 }.encode())?;
+            if let Some(ended) = sent(link, &Frame::Size { rows: now.0, cols: now.1 }.encode(), &mut out)? {
+                return Ok(ended);
+            }
         }
+    }
+}
+
+/// Sends `frames`; when the other side has closed (a session that ended, or
+/// that refused this attach), shows what it said last and says it ended.
+fn sent(link: &mut dyn Link, frames: &[u8], out: &mut impl Write) -> io::Result<Option<Ended>> {
+    match link.send(frames) {
+        Ok(()) => Ok(None),
+        Err(e) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {
+            while let Ok(Received::Bytes(b)) = link.recv(Duration::from_millis(50)) {
+                out.write_all(&b)?;
+            }
+            out.flush()?;
+            Ok(Some(Ended::Closed))
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -26,7 +26,32 @@ pub struct Settings {
     /// Whether clients reach the server over TLS (the page's cookie is then `Secure`).
     pub tls: bool,
     /// Whether jobs may ask for debug sessions.
-    pub debug: crate::debug::Policy,
+    pub debug: DebugPolicy,
+}
+
+/// Why the server takes no debug jobs, if it takes none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DebugPolicy {
+    #[default]
+    Allowed,
+    /// `serve --no-debug`.
+    Off,
+    /// `serve --executor slurm`: a node's VM has no connection back to the server.
+    Slurm,
+}
+
+impl DebugPolicy {
+    /// Why a job that asks for a debug session is refused, if it is.
+    pub fn refusal(&self) -> Option<&'static str> {
+        match self {
+            DebugPolicy::Allowed => None,
+            DebugPolicy::Off => Some("this server runs with --no-debug: it opens no debug sessions"),
+            DebugPolicy::Slurm => Some(
+                "this server runs its jobs under Slurm, where a failed job's VM has no connection back to the \
+                 server to carry a debug session; submit without --debug (and without debug = true)",
+            ),
+        }
+    }
 }
 
 /// Everything a request handler reaches.
@@ -45,7 +70,7 @@ pub struct App {
     /// When each build host was last written down as heard from.
     pub(crate) heard: crate::heard::Heard,
     /// The debug sessions remote hosts offer.
-    pub(crate) debug: crate::debug::Offers,
+    pub(crate) debug: crate::offers::Offers,
 }
 
 /// Failed authentications a client may make in a minute before its failures are answered 429.

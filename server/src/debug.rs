@@ -5,10 +5,10 @@
 //! host), held here until the owner attaches, the offer's time runs out,
 //! or the owner cancels. Both directions are bytes, never read; each
 //! message is bounded, and a session's relay is a task of its own, so a
-//! slow or gone client stalls only its own session.
+//! slow or gone client stalls only its own session. Whether the server
+//! takes debug jobs is `app::DebugPolicy`; the offers held are `offers`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::{Message, WebSocket};
@@ -18,59 +18,10 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::app::App;
 use crate::db;
+use crate::offers::Offer;
 
 /// The most one message may carry, either way.
 pub const MAX_MESSAGE: usize = 64 << 10;
-
-/// Why the server takes no debug jobs, if it takes none.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Policy {
-    #[default]
-    Allowed,
-    /// `serve --no-debug`.
-    Off,
-    /// `serve --executor slurm`: a node's VM has no connection back to the server.
-    Slurm,
-}
-
-impl Policy {
-    /// Why a job that asks for a debug session is refused, if it is.
-    pub fn refusal(&self) -> Option<&'static str> {
-        match self {
-            Policy::Allowed => None,
-            Policy::Off => Some("this server runs with --no-debug: it opens no debug sessions"),
-            Policy::Slurm => Some(
-                "this server runs its jobs under Slurm, where a failed job's VM has no connection back to the \
-                 server to carry a debug session; submit without --debug (and without debug = true)",
-            ),
-        }
-    }
-}
-
-/// A remote host's offer, until its owner attaches.
-struct Offer {
-    info: wire::DebugSession,
-    /// The job's name in the queue.
-    file_name: String,
-    /// Hands the owner's socket (and the account's name) to the host's task.
-    attach: Option<oneshot::Sender<(WebSocket, String)>>,
-    /// Wakes the host's task when the owner cancels.
-    end: Arc<Notify>,
-}
-
-/// The sessions remote hosts offer, by job id.
-#[derive(Default)]
-pub struct Offers(Mutex<HashMap<String, Offer>>);
-
-impl Offers {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Offer>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn info(&self, id: &str) -> Option<wire::DebugSession> {
-        self.lock().get(id).map(|o| o.info.clone())
-    }
-}
 
 /// How many debug sessions the account whose job is queued as `file_name`
 /// holds open: their VMs still run, so for its limits those jobs have not

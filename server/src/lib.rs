@@ -24,6 +24,7 @@ pub mod heard;
 pub mod http;
 pub mod lease;
 pub mod listen;
+pub mod offers;
 pub mod openapi;
 pub mod quota;
 pub mod rebuild;

@@ -530,9 +530,9 @@ async fn open_app(conn: Database, a: &ServeArgs, tls: bool) -> Result<Arc<App>> 
         uploads: UploadRules { max_uploads: a.max_uploads, min_free: a.min_free },
         tls,
         debug: match (a.no_debug, &a.executor) {
-            (true, _) => construir_server::debug::Policy::Off,
-            (false, Executor::Slurm) => construir_server::debug::Policy::Slurm,
-            (false, Executor::Hosts) => construir_server::debug::Policy::Allowed,
+            (true, _) => construir_server::app::DebugPolicy::Off,
+            (false, Executor::Slurm) => construir_server::app::DebugPolicy::Slurm,
+            (false, Executor::Hosts) => construir_server::app::DebugPolicy::Allowed,
         },
     };
     let cache = a.package_cache.clone().unwrap_or_else(|| jobfile::layout::sibling(&a.queue, "server-cache"));

@@ -18,7 +18,7 @@ pub struct Api {
     /// `Bearer <token>`, or what to say when a call needs one and there is none.
     auth: Result<String, String>,
     agent: ureq::Agent,
-    /// The CA to trust, for connections made outside the agent (`socket`).
+    /// The CA to trust, for connections made outside the agent (`crate::socket`).
     ca_cert: Option<std::path::PathBuf>,
 }
 
@@ -135,16 +135,17 @@ impl Api {
         &self.base
     }
 
-    /// A WebSocket to `GET /v1/<path>` (`crate::socket`), authenticated as this account.
-    pub fn socket(&self, path: &str) -> Result<crate::socket::Socket, CallError> {
-        crate::socket::Socket::connect(&self.base, &format!("/v1/{path}"), self.auth()?, self.ca_cert.as_deref())
+    /// The CA given to trust, if one was.
+    pub fn ca_cert(&self) -> Option<&Path> {
+        self.ca_cert.as_deref()
     }
 
     fn url(&self, path: &str) -> String {
         format!("{}/v1/{path}", self.base)
     }
 
-    fn auth(&self) -> Result<&str, CallError> {
+    /// `Bearer <token>`, or the error saying how to give a token.
+    pub fn auth(&self) -> Result<&str, CallError> {
         self.auth.as_deref().map_err(|how| CallError::NoToken(how.clone()))
     }
 

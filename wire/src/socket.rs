@@ -15,7 +15,7 @@ use tungstenite::client::IntoClientRequest;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{HandshakeError, Message, WebSocket};
 
-use crate::client::{refusal_of, CallError};
+use crate::client::{refusal_of, Api, CallError};
 
 /// The most one message may carry.
 pub const MAX_MESSAGE: usize = 64 << 10;
@@ -71,6 +71,11 @@ fn config() -> WebSocketConfig {
 }
 
 impl Socket {
+    /// A WebSocket to `GET /v1/<path>` of `api`'s server, authenticated as its account.
+    pub fn open(api: &Api, path: &str) -> Result<Socket, CallError> {
+        Socket::connect(api.server(), &format!("/v1/{path}"), api.auth()?, api.ca_cert())
+    }
+
     /// Connects to `base` (`http(s)://host:port`) and upgrades `GET path`, with `auth` as its `Authorization`.
     pub fn connect(base: &str, path: &str, auth: &str, ca_cert: Option<&Path>) -> Result<Socket, CallError> {
         let unreachable = |e: io::Error| CallError::Io { what: format!("cannot reach {base}"), source: e };

@@ -15,7 +15,8 @@ pub const OPEN_IN_VERDICT: &str = "a debug session is open";
 
 pub fn run(api: &Api, id: &str) -> Result<ExitCode> {
     let id = checked_id(id)?;
-    let mut socket = api.socket(&format!("jobs/{id}/debug")).with_context(|| format!("cannot attach to job {id}"))?;
+    let mut socket = wire::socket::Socket::open(api, &format!("jobs/{id}/debug"))
+        .with_context(|| format!("cannot attach to job {id}"))?;
     eprintln!("construir: attached to the debug session of job {id}; type ~. to leave\r");
     let ended = terminal::attach(&mut socket).context("the session's connection failed")?;
     let said = match ended {

@@ -38,7 +38,7 @@ pub(crate) fn offer_if_open(offer: Offer) {
     open.fetch_add(1, Ordering::Relaxed);
     let spawned = thread::Builder::new().name(format!("debug {}", offer.id)).spawn(move || {
         let path = format!("host/jobs/{}/debug?attach_by={}&ends_by={}", offer.id, session.attach_by, session.ends_by);
-        let why = match offer.api.socket(&path) {
+        let why = match wire::socket::Socket::open(&offer.api, &path) {
             Ok(socket) => serve(&offer, socket),
             Err(e) => format!("the server would not take the offer: {e}"),
         };
