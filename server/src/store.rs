@@ -43,8 +43,12 @@ pub use wire::Place;
 /// Copies `from` to the new file `to`, all-zero blocks as holes, synced:
 /// the length and sha256 of what was copied.
 fn sparse_copy(from: &Path, to: &Path) -> io::Result<(u64, String)> {
+    sparse_copy_from(File::open(from)?, to, true)
+}
+
+/// `sparse_copy` from an open file, from its start; synced when `sync` says so.
+fn sparse_copy_from(mut src: File, to: &Path, sync: bool) -> io::Result<(u64, String)> {
     use sha2::Digest;
-    let mut src = File::open(from)?;
     let dst = fs::OpenOptions::new().write(true).create_new(true).mode(0o640).open(to)?;
     let mut sha = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -61,7 +65,9 @@ fn sparse_copy(from: &Path, to: &Path) -> io::Result<(u64, String)> {
         at += n as u64;
     }
     dst.set_len(at)?;
-    dst.sync_all()?;
+    if sync {
+        dst.sync_all()?;
+    }
     Ok((at, jobfile::hex(&sha.finalize())))
 }
 
@@ -112,13 +118,17 @@ impl Store {
         layout::sibling(&self.queue, "server-inputs").join(format!("{id}.tar.xz"))
     }
 
-    /// Keeps a copy of the job file `from` as job `id`'s input: its zero
-    /// blocks left as holes (the padding costs nothing), synced.
-    pub fn keep_input(&self, from: &Path, id: &str) -> io::Result<()> {
+    /// Keeps a copy of the job file `from` (open before it was queued: its
+    /// bytes, whatever its name is now) as job `id`'s input, its zero blocks
+    /// left as holes (the padding costs nothing). Not synced: it is a
+    /// convenience for `rerun`, which checks it against the sha256 recorded
+    /// at submit, and a copy a crash lost or tore is said to be not kept.
+    pub fn keep_input(&self, from: File, id: &str) -> io::Result<()> {
         let to = self.kept_input(id);
         fs::create_dir_all(to.parent().expect("in server-inputs"))?;
         let tmp = to.with_extension("part");
-        let copied = sparse_copy(from, &tmp).and_then(|_| fs::rename(&tmp, &to));
+        let _ = fs::remove_file(&tmp);
+        let copied = sparse_copy_from(from, &tmp, false).and_then(|_| fs::rename(&tmp, &to));
         if copied.is_err() {
             let _ = fs::remove_file(&tmp);
         }

@@ -134,22 +134,16 @@ pub(super) async fn queue_received(
         let (part, ino) = copy_for_second_run(app, &queued[0].1, &twin, &record).await?;
         queued.push((twin, part, ino));
     }
-    // Kept for `rerun` as long as the job's result is.
-    let (kept_from, kept_id, store) = (queued[0].1.clone(), record.id.clone(), app.clone());
-    tokio::task::spawn_blocking(move || store.store.keep_input(&kept_from, &kept_id))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
+    // Kept for `rerun` as long as the job's result is: copied from this descriptor once the
+    // submission is answered (a host never changes a job file's bytes, whatever it renames it to).
+    let kept_from = std::fs::File::open(&queued[0].1).map_err(ApiError::internal)?;
     let terms = Terms {
         pin: packages.clone(),
         owner: Some(jobfile::caches::account_owner(account.id)),
         rebuild: None,
         debug: q.debug,
     };
-    if let Err(e) = enqueue(app, &queued, &terms, guards) {
-        app.store.forget_input(&record.id);
-        return Err(e);
-    }
+    enqueue(app, &queued, &terms, guards)?;
     let (id, what) = (&record.id, format!("{} ({size} bytes)", record.file_name));
     let jobs: Vec<(&str, FileId)> = queued.iter().map(|(job, _, ino)| (job.id.as_str(), *ino)).collect();
     let audit = (account.name.as_str(), format!("{id} {what}"));
@@ -161,6 +155,12 @@ pub(super) async fn queue_received(
         return Err(ApiError::internal(std::io::Error::other(format!("job {id}: its reservation vanished"))));
     }
     guards.iter_mut().for_each(|g| g.path = None);
+    let (store, kept_id) = (app.clone(), record.id.clone());
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = store.store.keep_input(kept_from, &kept_id) {
+            log::warn!("job {kept_id}: cannot keep its job file for reruns: {e}");
+        }
+    });
     (record.size, record.file_sha256, record.file_id, record.packages, record.caches) =
         (size, Some(sha256), Some(ino), packages, caches);
     log::info!("account {}: job {id} submitted as {what}", account.name);
