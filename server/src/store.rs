@@ -41,14 +41,11 @@ pub const XZ_MAGIC: &[u8] = b"\xfd7zXZ\0";
 pub use wire::Place;
 
 /// Copies `from` to the new file `to`, all-zero blocks as holes, synced:
-/// the length and sha256 of what was copied.
+/// the length and sha256 of what was copied (a rerun's job file, whose
+/// digest must be the one recorded at submit).
 fn sparse_copy(from: &Path, to: &Path) -> io::Result<(u64, String)> {
-    sparse_copy_from(File::open(from)?, to, true)
-}
-
-/// `sparse_copy` from an open file, from its start; synced when `sync` says so.
-fn sparse_copy_from(mut src: File, to: &Path, sync: bool) -> io::Result<(u64, String)> {
     use sha2::Digest;
+    let mut src = File::open(from)?;
     let dst = fs::OpenOptions::new().write(true).create_new(true).mode(0o640).open(to)?;
     let mut sha = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -65,10 +62,58 @@ fn sparse_copy_from(mut src: File, to: &Path, sync: bool) -> io::Result<(u64, St
         at += n as u64;
     }
     dst.set_len(at)?;
-    if sync {
-        dst.sync_all()?;
-    }
+    dst.sync_all()?;
     Ok((at, jobfile::hex(&sha.finalize())))
+}
+
+/// Copies `src`'s data to the new file `to`, unsynced, skipping its holes
+/// (`SEEK_DATA`: an upload's zero blocks were written as holes, so its
+/// padding is neither read nor written) and all-zero blocks.
+fn data_copy(src: &File, to: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let dst = fs::OpenOptions::new().write(true).create_new(true).mode(0o640).open(to)?;
+    let len = src.metadata()?.len();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    let seek = |from: u64, whence| {
+        libc::off_t::try_from(from)
+            .ok()
+            .and_then(|p| nix::unistd::lseek(src, p, whence).ok())
+            .and_then(|d| u64::try_from(d).ok())
+    };
+    while pos < len {
+        let Some(data) = seek(pos, nix::unistd::Whence::SeekData).filter(|&d| d < len) else { break };
+        // To the end of this run of data, so that no hole after it is read and written as zeros.
+        let end = seek(data, nix::unistd::Whence::SeekHole).unwrap_or(len).min(len);
+        let want = (end - data).clamp(1, buf.len() as u64) as usize;
+        let n = src.read_at(&mut buf[..want], data)?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            dst.write_all_at(&buf[..n], data)?;
+        }
+        pos = data + n as u64;
+    }
+    dst.set_len(len)
+}
+
+#[cfg(test)]
+mod kept {
+    #[test]
+    fn a_kept_job_file_is_its_bytes_with_holes_where_the_upload_had_them() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let from = tmp.path().join("upload");
+        let f = std::fs::File::create(&from).expect("create");
+        f.write_all_at(b"\xfd7zXZ\0 the stream", 0).expect("write");
+        f.write_all_at(b"more data", 5 << 20).expect("write");
+        f.set_len(10 << 20).expect("pad");
+        let to = tmp.path().join("kept");
+        super::data_copy(&std::fs::File::open(&from).expect("open"), &to).expect("copy");
+        assert_eq!(std::fs::read(&to).expect("read"), std::fs::read(&from).expect("read"));
+        assert!(std::fs::metadata(&to).expect("meta").blocks() < 1024, "the padding is holes");
+    }
 }
 
 /// The queue's waiting files, listed once for many jobs placed in one
@@ -128,7 +173,7 @@ impl Store {
         fs::create_dir_all(to.parent().expect("in server-inputs"))?;
         let tmp = to.with_extension("part");
         let _ = fs::remove_file(&tmp);
-        let copied = sparse_copy_from(from, &tmp, false).and_then(|_| fs::rename(&tmp, &to));
+        let copied = data_copy(&from, &tmp).and_then(|()| fs::rename(&tmp, &to));
         if copied.is_err() {
             let _ = fs::remove_file(&tmp);
         }
