@@ -72,27 +72,9 @@ fn seek(f: &File, from: u64, whence: nix::unistd::Whence) -> Option<u64> {
 }
 
 /// Copies the first `len` bytes of `src` to the same offsets of `dst`,
-/// skipping holes and all-zero blocks (a job file's padding is usually a
-/// hole). Never reads past `len`, whatever `src` has grown to meanwhile.
+/// skipping holes and all-zero blocks (`jobfile::zero::copy_data`).
 pub fn copy_sparse(src: &File, dst: &File, len: u64) -> io::Result<()> {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0u64;
-    while pos < len {
-        let data = match seek(src, pos, nix::unistd::Whence::SeekData) {
-            Some(d) if d < len => d,
-            _ => break,
-        };
-        let want = (len - data).min(buf.len() as u64) as usize;
-        let n = src.read_at(&mut buf[..want], data)?;
-        if n == 0 {
-            break;
-        }
-        if buf[..n].iter().any(|&b| b != 0) {
-            dst.write_all_at(&buf[..n], data)?;
-        }
-        pos = data + n as u64;
-    }
-    Ok(())
+    jobfile::zero::copy_data(src, dst, len)
 }
 
 /// Length of the file without its trailing zero bytes, rounded up to 4 (xz

@@ -10,6 +10,37 @@ use nix::fcntl::{fallocate, FallocateFlags};
 
 nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
 
+/// Copies the first `len` bytes of `src` to the same offsets of `dst`,
+/// reading only its runs of data (`SEEK_DATA` to `SEEK_HOLE`: a job file's
+/// padding is usually a hole) and writing only blocks that are not all
+/// zeros, so holes stay holes. Never reads past `len`, whatever `src` has
+/// grown to meanwhile. `dst` is not extended to `len`; the caller sets its length.
+pub fn copy_data(src: &File, dst: &File, len: u64) -> io::Result<()> {
+    let seek = |from: u64, whence| {
+        libc::off_t::try_from(from)
+            .ok()
+            .and_then(|p| nix::unistd::lseek(src, p, whence).ok())
+            .and_then(|d| u64::try_from(d).ok())
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < len {
+        let Some(data) = seek(pos, nix::unistd::Whence::SeekData).filter(|&d| d < len) else { break };
+        // To the end of this run of data, so that no hole after it is read and written as zeros.
+        let end = seek(data, nix::unistd::Whence::SeekHole).unwrap_or(len).min(len);
+        let want = (end - data).clamp(1, buf.len() as u64) as usize;
+        let n = src.read_at(&mut buf[..want], data)?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            dst.write_all_at(&buf[..n], data)?;
+        }
+        pos = data + n as u64;
+    }
+    Ok(())
+}
+
 /// Size of a regular file or block device.
 pub fn capacity(file: &mut File) -> io::Result<u64> {
     let end = file.seek(SeekFrom::End(0))?;

@@ -66,35 +66,13 @@ fn sparse_copy(from: &Path, to: &Path) -> io::Result<(u64, String)> {
     Ok((at, jobfile::hex(&sha.finalize())))
 }
 
-/// Copies `src`'s data to the new file `to`, unsynced, skipping its holes
-/// (`SEEK_DATA`: an upload's zero blocks were written as holes, so its
-/// padding is neither read nor written) and all-zero blocks.
+/// Copies `src`'s data to the new file `to`, unsynced, its holes and
+/// zero blocks left as holes (`jobfile::zero::copy_data`: an upload's padding
+/// is neither read nor written).
 fn data_copy(src: &File, to: &Path) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
     let dst = fs::OpenOptions::new().write(true).create_new(true).mode(0o640).open(to)?;
     let len = src.metadata()?.len();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0u64;
-    let seek = |from: u64, whence| {
-        libc::off_t::try_from(from)
-            .ok()
-            .and_then(|p| nix::unistd::lseek(src, p, whence).ok())
-            .and_then(|d| u64::try_from(d).ok())
-    };
-    while pos < len {
-        let Some(data) = seek(pos, nix::unistd::Whence::SeekData).filter(|&d| d < len) else { break };
-        // To the end of this run of data, so that no hole after it is read and written as zeros.
-        let end = seek(data, nix::unistd::Whence::SeekHole).unwrap_or(len).min(len);
-        let want = (end - data).clamp(1, buf.len() as u64) as usize;
-        let n = src.read_at(&mut buf[..want], data)?;
-        if n == 0 {
-            break;
-        }
-        if buf[..n].iter().any(|&b| b != 0) {
-            dst.write_all_at(&buf[..n], data)?;
-        }
-        pos = data + n as u64;
-    }
+    jobfile::zero::copy_data(src, &dst, len)?;
     dst.set_len(len)
 }
 
