@@ -2,7 +2,7 @@
 //! checked against the key of the host the server recorded for the run.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -37,7 +37,7 @@ pub fn run(api: &Api, f: Fetch) -> Result<ExitCode> {
     std::fs::rename(&tmp, &out)?;
     eprintln!("construir: {id} ({}) -> {}", human_size(n), out.display());
     if !f.no_verify {
-        match verified(api, &job, id, run, &out) {
+        match construir_client::results::verified(api, &job, id, run, &out) {
             Ok(v) => eprintln!("construir: verified: {}", v.summary()),
             Err(e) => {
                 let aside = out.with_extension("xz.unverified");
@@ -67,22 +67,4 @@ fn result_name(job: &wire::Job, id: &str, run: u32) -> String {
         1 => name,
         n => format!("{}.run{n}{}", name.strip_suffix(jobfile::name::SUFFIX).unwrap_or(&name), jobfile::name::SUFFIX),
     }
-}
-
-/// Fetches the provenance of run `run` of job `id` beside its result `out`
-/// and checks the result against it, as made by the host the server
-/// recorded for that run (`wire::Job::built_by`), with that host's key alone.
-fn verified(api: &Api, job: &wire::Job, id: &str, run: u32, out: &Path) -> Result<construir_provenance::Verified> {
-    let provenance = jobfile::layout::provenance_beside(out);
-    let mut p = File::create(&provenance).with_context(|| format!("cannot create {}", provenance.display()))?;
-    api.download(&format!("jobs/{id}/provenance?run={run}"), 0, None, &mut p)?;
-    p.sync_all()?;
-    let built_by = match run {
-        1 => job.built_by.clone(),
-        _ => job.rebuild.as_ref().and_then(|r| r.second_built_by.clone()),
-    };
-    let signers = super::verify::server_signers(api, Some(built_by.as_deref()))?;
-    let (_, verified) = construir_provenance::verify_signed_as(out, &provenance, &signers, None)
-        .map_err(|e| anyhow::anyhow!("{}", jobfile::error_chain(&e)))?;
-    Ok(verified)
 }

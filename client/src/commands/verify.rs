@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
+use construir_client::results::server_signers;
 use wire::client::Api;
 
 /// Checks `file` against `provenance` (beside it by default) with `keys`,
@@ -36,38 +37,4 @@ pub fn run(
             Ok(ExitCode::from(1))
         }
     }
-}
-
-/// The keys the server publishes, each with the host it belongs to (its
-/// bare name: a local host's without ` (local)`, a node's without ` (slurm)`).
-/// `built_by`: only the key of the host the server recorded for the run
-/// (`wire::Job::built_by`), or, for a run with none, only local hosts' keys.
-/// `None`: every published key, each still bound to its own host's name.
-pub fn server_signers(
-    api: &Api,
-    built_by: Option<Option<&str>>,
-) -> Result<Vec<(String, construir_provenance::PublicKey)>> {
-    let wire::HostKeys { keys } = api.get("hosts/keys")?;
-    let signers: Vec<_> = keys
-        .iter()
-        .filter(|k| match built_by {
-            None => true,
-            Some(Some(host)) => k.host == host,
-            Some(None) => k.host.ends_with(" (local)"),
-        })
-        .filter_map(|k| {
-            let key = construir_provenance::PublicKey::parse(&k.key).ok()?;
-            let bare = k.host.trim_end_matches(" (local)").trim_end_matches(" (slurm)");
-            Some((bare.to_owned(), key))
-        })
-        .collect();
-    if signers.is_empty() {
-        match built_by {
-            Some(Some(host)) => {
-                bail!("the server publishes no key for {}, which ran it", jobfile::sanitize(host.as_bytes()))
-            }
-            _ => bail!("the server publishes no host keys: no host has signed a result for it yet"),
-        }
-    }
-    Ok(signers)
 }
