@@ -1,0 +1,225 @@
+//! The construir job a CI job becomes. The repository is fetched here, at
+//! the job's commit (the VM never sees the job's token or the network);
+//! the job directory holds our `bin/construir`, the script lines, the
+//! variables meant for the VM, a `construir.toml`, and the checkout in
+//! `src/`; it is packed into a job file as `construir pack` packs one.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use jobfile::deps::{Declaration, DECLARATION};
+use jobfile::tools::{self, PackRequest};
+
+use crate::spec::{Source, Spec};
+
+/// Our files in the job, beside the checkout.
+pub const OURS: &str = ".gitlab-ci";
+/// The checkout, in the job directory (`/job/src` in the VM).
+pub const SRC: &str = "src";
+
+/// Which of a CI job's lines a construir job runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// `before_script` and `script`.
+    Script,
+    /// `after_script`, on what the script left.
+    After,
+}
+
+impl Part {
+    fn job_name(self, spec: &Spec) -> String {
+        match self {
+            Part::Script => spec.name.clone(),
+            Part::After => format!("{}-after", spec.name),
+        }
+    }
+}
+
+/// Fetches `source` into `into` (a new directory) and checks out its commit.
+/// The URL's credentials go to git through its environment, never its
+/// command line. Says what went wrong in git's words.
+pub fn checkout(source: &Source, into: &Path) -> Result<(), String> {
+    let (plain, with_credentials) = split_credentials(&source.url);
+    let git = |args: &[&str]| -> Result<(), String> {
+        let mut cmd = Command::new("git");
+        cmd.arg("-C").arg(into).args(args).env("GIT_TERMINAL_PROMPT", "0").env("GIT_ASKPASS", "/bin/false");
+        if let Some(full) = &with_credentials {
+            cmd.env("GIT_CONFIG_COUNT", "1")
+                .env("GIT_CONFIG_KEY_0", format!("url.{full}.insteadOf"))
+                .env("GIT_CONFIG_VALUE_0", &plain);
+        }
+        let out = cmd.output().map_err(|e| format!("cannot run git: {e}"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let said = String::from_utf8_lossy(&out.stderr);
+        let said = with_credentials.as_ref().map_or(said.to_string(), |full| said.replace(full.as_str(), &plain));
+        Err(format!("git {}: {}", args.first().copied().unwrap_or_default(), jobfile::sanitize(said.trim().as_bytes())))
+    };
+    fs::create_dir_all(into).map_err(|e| format!("cannot make {}: {e}", into.display()))?;
+    git(&["init", "-q"])?;
+    let depth = format!("--depth={}", source.depth);
+    let mut fetch = vec!["fetch", "-q", "--no-tags"];
+    if source.depth > 0 {
+        fetch.push(&depth);
+    }
+    fetch.push(&plain);
+    let by_commit = [fetch.clone(), vec![source.sha.as_str()]].concat();
+    if let Err(e) = git(&by_commit) {
+        // A server that gives no commit by its id alone: its branch or tag, which holds it.
+        let Some(r) = &source.ref_name else { return Err(e) };
+        git(&[fetch, vec![r.as_str()]].concat()).map_err(|e2| format!("{e}; by its ref {r}: {e2}"))?;
+    }
+    git(&["-c", "advice.detachedHead=false", "checkout", "-q", "--detach", &source.sha])
+}
+
+/// The URL without its user and password, and the whole URL when it had them.
+fn split_credentials(url: &str) -> (String, Option<String>) {
+    match url::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            (u.to_string(), Some(url.to_owned()))
+        }
+        _ => (url.to_owned(), None),
+    }
+}
+
+/// Makes the job directory `dir` around the checkout already in `dir/src`,
+/// for `lines` of the CI job; `repo_declaration` is the checkout's own
+/// `construir.toml`, to which the job's variables add.
+pub fn job_dir(dir: &Path, spec: &Spec, part: Part, lines: &[String]) -> Result<(), String> {
+    let io = |what: &Path, e: std::io::Error| format!("cannot write {}: {e}", what.display());
+    fs::create_dir_all(dir.join("bin")).map_err(|e| io(dir, e))?;
+    fs::create_dir_all(dir.join(OURS)).map_err(|e| io(dir, e))?;
+    let script = dir.join(jobfile::JOB_SCRIPT);
+    fs::write(&script, LAUNCHER).map_err(|e| io(&script, e))?;
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).map_err(|e| io(&script, e))?;
+    let lines_file = dir.join(OURS).join("script");
+    fs::write(&lines_file, script_text(part, lines)).map_err(|e| io(&lines_file, e))?;
+    let env_file = dir.join(OURS).join("env");
+    fs::write(&env_file, env_text(&spec.env)).map_err(|e| io(&env_file, e))?;
+    let declaration = declaration(dir, spec, part)?;
+    let path = dir.join(DECLARATION);
+    match declaration {
+        Some(d) => fs::write(&path, d.to_toml()).map_err(|e| io(&path, e)),
+        None => Ok(()),
+    }
+}
+
+/// Packs `dir` into `<out>/<name>_i<image>.tar.xz`.
+pub fn pack(dir: &Path, spec: &Spec, part: Part, out: &Path) -> Result<PathBuf, String> {
+    let packed = tools::pack(&PackRequest {
+        dir: dir.to_owned(),
+        image: spec.image.clone(),
+        size: spec.size,
+        name: Some(part.job_name(spec)),
+        out: out.to_owned(),
+        preset: jobfile::xz::DEFAULT_PRESET,
+        force: true,
+        packages: Vec::new(),
+        debian_control: None,
+        caches: Vec::new(),
+        debug: false,
+    })
+    .map_err(|e| jobfile::error_chain(&e))?;
+    Ok(packed.path)
+}
+
+/// The repository's `construir.toml` (its `debian-control` made a path in
+/// the job), with the job's `CONSTRUIR_*` packages, caches and debug added;
+/// none when nothing is declared. The after-script part keeps what the
+/// script's job declared (it is in `dir` already) but never a debug session.
+fn declaration(dir: &Path, spec: &Spec, part: Part) -> Result<Option<Declaration>, String> {
+    let (file, prefix) = match part {
+        Part::Script => (dir.join(SRC).join(DECLARATION), format!("{SRC}/")),
+        Part::After => (dir.join(DECLARATION), String::new()),
+    };
+    let mut d = match fs::read_to_string(&file) {
+        Ok(text) => Declaration::parse(&text).map_err(|e| format!("the repository's {e}"))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Declaration::default(),
+        Err(e) => return Err(format!("cannot read {}: {e}", file.display())),
+    };
+    if part == Part::After {
+        d.debug = false;
+    } else {
+        d.debian_control = d.debian_control.map(|c| format!("{prefix}{c}"));
+        d.packages.extend(spec.packages.iter().cloned());
+        for c in &spec.caches {
+            if !d.caches.contains(c) {
+                d.caches.push(c.clone());
+            }
+        }
+        d.debug |= spec.debug;
+    }
+    Ok((d != Declaration::default()).then_some(d))
+}
+
+/// The job's `bin/construir`: the variables, once read, are removed (they
+/// never come back in the result), then the lines run in the checkout.
+const LAUNCHER: &str = r#"#!/bin/sh
+# Made by construir-gitlab: one GitLab CI job's lines, run in its checkout.
+cd /job || exit 1
+if [ -f .gitlab-ci/env ]; then
+    . ./.gitlab-ci/env
+    rm -f .gitlab-ci/env
+fi
+cd "$CI_PROJECT_DIR" || exit 1
+if command -v bash >/dev/null 2>&1; then
+    exec bash -e /job/.gitlab-ci/script
+fi
+exec sh -e /job/.gitlab-ci/script
+"#;
+
+/// Each line shown as GitLab's runner shows it (`$ make`), then run, under `set -e`.
+fn script_text(part: Part, lines: &[String]) -> String {
+    let what = match part {
+        Part::Script => "before_script and script",
+        Part::After => "after_script",
+    };
+    let mut text = format!("# construir-gitlab: the job's {what}\nset -e\n");
+    for line in lines {
+        let first = line.lines().next().unwrap_or_default();
+        let more = if line.lines().nth(1).is_some() { " # collapsed multi-line command" } else { "" };
+        text.push_str(&format!("printf '%s\\n' {}\n{line}\n", quoted(&format!("$ {first}{more}"))));
+    }
+    text
+}
+
+fn env_text(env: &[(String, String)]) -> String {
+    env.iter().map(|(k, v)| format!("export {k}={}\n", quoted(v))).collect()
+}
+
+/// `s` in single quotes for a POSIX shell.
+fn quoted(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_leave_the_url_and_go_to_git_apart() {
+        let (plain, full) = split_credentials("https://gitlab-ci-token:tok@forge.test/g/p.git");
+        assert_eq!(plain, "https://forge.test/g/p.git");
+        assert_eq!(full.as_deref(), Some("https://gitlab-ci-token:tok@forge.test/g/p.git"));
+        assert_eq!(split_credentials("/srv/repo.git"), ("/srv/repo.git".to_owned(), None));
+    }
+
+    #[test]
+    fn lines_are_shown_and_run_and_values_quoted_for_the_shell() {
+        let text = script_text(Part::Script, &["echo 'hi'".to_owned(), "for i in 1 2; do\n  echo $i\ndone".to_owned()]);
+        assert!(text.starts_with("# construir-gitlab: the job's before_script and script\nset -e\n"), "{text}");
+        assert!(text.contains("printf '%s\\n' '$ echo '\\''hi'\\'''\necho 'hi'\n"), "{text}");
+        assert!(text.contains("'$ for i in 1 2; do # collapsed multi-line command'"), "{text}");
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{}\necho \"$A|$B\"", env_text(&[("A".into(), "it's $HOME".into()), ("B".into(), "x\ny".into())])))
+            .output()
+            .expect("sh");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "it's $HOME|x\ny\n");
+    }
+}
