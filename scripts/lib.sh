@@ -38,6 +38,8 @@ ensure_packages() {
     command -v curl >/dev/null || want+=(curl)
     # The debug sessions' tests drive `construir debug` in a real terminal.
     command -v tmux >/dev/null || want+=(tmux)
+    # construir-gitlab fetches a CI job's repository with git (its tests: a repository here).
+    command -v git >/dev/null || want+=(git)
     # The farm's tests run the server against PostgreSQL too (a private cluster each).
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || want+=(postgresql)
     # The Slurm executor's tests and bench start a one-node cluster (scripts/slurm-cluster).

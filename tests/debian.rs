@@ -1201,3 +1201,52 @@ fn an_owner_over_its_quota_loses_its_least_recently_used_cache() {
     let output = String::from_utf8(job_log(&done)).expect("utf8");
     assert!(output.contains("big1: \n") && output.contains("big2: blob \n"), "{output}");
 }
+
+/// construir-gitlab on the Debian image: a CI job whose repository's
+/// `construir.toml` declares a package, and whose variables name a build
+/// cache; the package is installed, and the second job finds in the cache
+/// what the first left.
+#[test]
+fn ci_jobs_through_construir_gitlab_get_their_package_and_share_a_cache() {
+    use construir_e2e::gitlab::{enqueue, repo, trace, until, write_secret, CiJob, Runner};
+    use construir_e2e::server::{add_account, Server};
+    use gitlab_runner_mock::{GitlabRunnerMock, MockJobState};
+    use std::time::Duration;
+    let q = Queue::new();
+    let db = q.root.path().join("server.db");
+    let token = add_account(&db, "ci");
+    let s = Server::start_with_images(&q, &db, debian_images(), &[]);
+    let _host = q.spawn_with_images("h", &q.host_id, debian_images(), &["--caches", "--timeout", "10m"]);
+    let repo = repo(&q.root.path().join("repo"), &[("construir.toml", "packages = [\"pkg-config\"]\n")]);
+    let token_file = q.root.path().join("account-token");
+    write_secret(&token_file, &token);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mock = GitlabRunnerMock::start().await;
+        let runner = Runner::start(
+            q.root.path(),
+            "deb",
+            &mock,
+            &["--server", &s.url, "--token-file", token_file.to_str().expect("utf8")],
+            &["--default-image", "100"],
+        );
+        let script = [
+            "pkg-config --version",
+            "echo \"cache had: $(cat /cache/cc/mark 2>/dev/null || echo nothing)\"",
+            "echo \"job $CI_JOB_ID\" > /cache/cc/mark",
+        ];
+        let vars = [("CONSTRUIR_CACHES", "cc", false), ("CONSTRUIR_JOB_SIZE", "2M", false)];
+        let mut ids = Vec::new();
+        for name in ["first", "second"] {
+            let job = enqueue(&mock, &repo, &CiJob { name, script: &script, vars: &vars, ..CiJob::default() });
+            let ended = until(Duration::from_secs(600), || job.finished()).await;
+            let t = trace(&job);
+            assert!(ended && job.state() == MockJobState::Success, "{name}: {:?}\n{t}\n{}", job.state(), runner.log());
+            assert!(t.contains("construir: image i100") && t.contains("$ pkg-config --version\n1."), "{t}");
+            ids.push((job.id(), t));
+        }
+        assert!(ids[0].1.contains("packages into layer"), "the package was not installed: {}", ids[0].1);
+        assert!(ids[0].1.contains("cache had: nothing"), "{}", ids[0].1);
+        assert!(ids[1].1.contains(&format!("cache had: job {}", ids[0].0)), "{}", ids[1].1);
+    });
+}

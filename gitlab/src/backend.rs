@@ -18,7 +18,11 @@ pub enum Place {
     Running(String),
     /// Ended with a result: whether it is ok (a verified rebuild: and
     /// reproducible), and the verdict to show.
-    Done { ok: bool, verdict: String, debug: Option<String> },
+    Done {
+        ok: bool,
+        verdict: String,
+        debug: Option<String>,
+    },
     /// Ended without a result, for a reason on construir's side (refused,
     /// cancelled, an image the hosts do not have...).
     Failed(String),

@@ -217,7 +217,10 @@ mod tests {
         assert!(text.contains("'$ for i in 1 2; do # collapsed multi-line command'"), "{text}");
         let out = std::process::Command::new("sh")
             .arg("-c")
-            .arg(format!("{}\necho \"$A|$B\"", env_text(&[("A".into(), "it's $HOME".into()), ("B".into(), "x\ny".into())])))
+            .arg(format!(
+                "{}\necho \"$A|$B\"",
+                env_text(&[("A".into(), "it's $HOME".into()), ("B".into(), "x\ny".into())])
+            ))
             .output()
             .expect("sh");
         assert_eq!(String::from_utf8_lossy(&out.stdout), "it's $HOME|x\ny\n");

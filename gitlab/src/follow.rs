@@ -12,7 +12,11 @@ use crate::backend::{Backend, Place};
 /// How a followed job ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ended {
-    Done { ok: bool, verdict: String, debug: Option<String> },
+    Done {
+        ok: bool,
+        verdict: String,
+        debug: Option<String>,
+    },
     /// Ended without a result, for a reason on construir's side.
     Failed(String),
     /// Cancelled from GitLab; what construir said.
@@ -112,7 +116,11 @@ pub async fn follow(
             if let Some(why) = why {
                 let h = handle.to_owned();
                 let said = blocking(backend, move |b| b.cancel(&h)).await;
-                let what = if matches!(why, Ended::Cancelled(_)) { "the GitLab job was cancelled" } else { "past the job's timeout" };
+                let what = if matches!(why, Ended::Cancelled(_)) {
+                    "the GitLab job was cancelled"
+                } else {
+                    "past the job's timeout"
+                };
                 trace(&format!(
                     "construir: {what}: cancelling construir job {handle}: {}\n",
                     said.unwrap_or_else(|e| format!("the cancel failed: {e}"))

@@ -149,7 +149,10 @@ impl CiJob {
             image: spec.image.clone(),
             handle: None,
         };
-        self.ctx.journal.write(&entry).map_err(|e| Failure::System(format!("cannot write the runner's journal: {e}")))?;
+        self.ctx
+            .journal
+            .write(&entry)
+            .map_err(|e| Failure::System(format!("cannot write the runner's journal: {e}")))?;
         let s = spec.clone();
         let handle = blocking(&self.ctx.backend, move |b| b.submit(&file, &s))
             .await
@@ -166,7 +169,7 @@ impl CiJob {
         self.open = None;
         match ended {
             Ended::Done { ok, verdict, debug } => {
-                self.say(&format!("construir: job {handle}: {}", jobfile::sanitize(verdict.as_bytes())));
+                let verdict = jobfile::sanitize(verdict.as_bytes());
                 if let Some(d) = debug {
                     self.say(&format!(
                         "construir: a debug session is open in its VM ({}): {}",
@@ -178,7 +181,7 @@ impl CiJob {
                 if ok {
                     Ok(())
                 } else {
-                    Err(Failure::Job(jobfile::sanitize(verdict.as_bytes())))
+                    Err(Failure::Job(short_verdict(&verdict)))
                 }
             }
             Ended::Failed(reason) => Err(Failure::System(format!("construir job {handle}: {reason}"))),
@@ -232,10 +235,32 @@ impl CancellableJobHandler<Artifact> for CiJob {
         if let Some(handle) = self.open.take() {
             let h = handle.clone();
             match blocking(&self.ctx.backend, move |b| b.cancel(&h)).await {
-                Ok(said) => eprintln!("construir-gitlab: GitLab job {}: construir job {handle} cancelled: {said}", self.job.id()),
-                Err(e) => eprintln!("construir-gitlab: GitLab job {}: cannot cancel construir job {handle}: {e}", self.job.id()),
+                Ok(said) => eprintln!(
+                    "construir-gitlab: GitLab job {}: construir job {handle} cancelled: {said}",
+                    self.job.id()
+                ),
+                Err(e) => eprintln!(
+                    "construir-gitlab: GitLab job {}: cannot cancel construir job {handle}: {e}",
+                    self.job.id()
+                ),
             }
         }
         self.ctx.journal.remove(self.job.id());
+    }
+}
+
+/// A verdict's first clause, as GitLab's runner says a build failed:
+/// `failed (exit code 1); the job ran…` -> `exit code 1`.
+fn short_verdict(verdict: &str) -> String {
+    let first = verdict.split(';').next().unwrap_or(verdict).trim();
+    first.strip_prefix("failed (").and_then(|r| r.strip_suffix(')')).unwrap_or(first).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_failed_verdict_is_said_as_gitlab_says_it() {
+        assert_eq!(super::short_verdict("failed (exit code 1); the job ran 0.1 s"), "exit code 1");
+        assert_eq!(super::short_verdict("timed_out after 3600 s; VM powered off"), "timed_out after 3600 s");
     }
 }

@@ -114,7 +114,9 @@ async fn recovered(entry: &Entry, backend: &Arc<dyn Backend>) -> Report {
             match crate::follow::blocking(backend, move |b| b.find(&name, &image)).await {
                 Ok(Some(h)) => h,
                 Ok(None) => {
-                    return failed("the runner stopped before it submitted the job; it was not submitted (retry the job)".into())
+                    return failed(
+                        "the runner stopped before it submitted the job; it was not submitted (retry the job)".into(),
+                    )
                 }
                 Err(e) => return failed(format!("cannot ask construir whether it was submitted: {e}")),
             }
@@ -138,8 +140,11 @@ async fn recovered(entry: &Entry, backend: &Arc<dyn Backend>) -> Report {
 /// Appends `report.line` to the job's trace (at the offset GitLab says it
 /// has, when it says) and sets its state, with the job's token.
 fn tell_gitlab(gitlab: &url::Url, entry: &Entry, report: &Report) -> Result<(), String> {
-    let agent: ureq::Agent =
-        ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(std::time::Duration::from_secs(30))).build().into();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(30)))
+        .build()
+        .into();
     let base = gitlab.as_str().trim_end_matches('/');
     let line = format!("\nconstruir-gitlab: {}\n", report.line);
     let trace_url = format!("{base}/api/v4/jobs/{}/trace", entry.gitlab_job);
@@ -153,12 +158,14 @@ fn tell_gitlab(gitlab: &url::Url, entry: &Entry, report: &Report) -> Result<(), 
     };
     // GitLab answers a wrong offset with 416 and the length it has.
     if let Ok(r) = patch(0) {
-        let has = r.headers().get("Range").and_then(|v| v.to_str().ok()).and_then(|v| v.rsplit('-').next()?.parse().ok());
+        let has =
+            r.headers().get("Range").and_then(|v| v.to_str().ok()).and_then(|v| v.rsplit('-').next()?.parse().ok());
         if let (416, Some(len)) = (r.status().as_u16(), has) {
             let _ = patch(len);
         }
     }
-    let mut body = serde_json::json!({ "token": entry.token, "state": if report.success { "success" } else { "failed" } });
+    let mut body =
+        serde_json::json!({ "token": entry.token, "state": if report.success { "success" } else { "failed" } });
     if !report.success {
         body["failure_reason"] = report.failure_reason.into();
     }

@@ -50,9 +50,14 @@ fn read_token(path: &Path, what: &str) -> Result<String> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).with_context(|| format!("cannot read the {what} file {}", path.display()))?;
     if meta.permissions().mode() & 0o077 != 0 {
-        bail!("{} holds the {what} and others can read it (mode {:03o}): chmod 600 it", path.display(), meta.permissions().mode() & 0o777);
+        bail!(
+            "{} holds the {what} and others can read it (mode {:03o}): chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the {what} file {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the {what} file {}", path.display()))?;
     let token = text.lines().next().unwrap_or_default().trim().to_owned();
     if token.is_empty() {
         bail!("{} is empty: it must hold the {what}", path.display());
@@ -67,11 +72,19 @@ fn backend(args: &RunArgs) -> Result<Arc<dyn Backend>> {
         }
         return Ok(Arc::new(backend::queue::Queue { dirs: jobfile::layout::Beside::queue(queue) }));
     }
-    let Some(server) = &args.server else { bail!("give --server URL (with --token-file) or --queue DIR: where the jobs go") };
-    let Some(token_file) = &args.token_file else { bail!("--server needs --token-file FILE: the construir account's token") };
+    let Some(server) = &args.server else {
+        bail!("give --server URL (with --token-file) or --queue DIR: where the jobs go")
+    };
+    let Some(token_file) = &args.token_file else {
+        bail!("--server needs --token-file FILE: the construir account's token")
+    };
     let token = read_token(token_file, "construir account token")?;
-    let settings =
-        wire::client::Settings { server: server.clone(), token: Ok(token), ca_cert: args.ca_cert.clone(), timeout: None };
+    let settings = wire::client::Settings {
+        server: server.clone(),
+        token: Ok(token),
+        ca_cert: args.ca_cert.clone(),
+        timeout: None,
+    };
     let api = wire::client::Api::new(&settings)?;
     // Fails now, not at the first job, when the server or the token is wrong.
     let me: wire::Whoami = api.get("whoami").with_context(|| format!("cannot use {server} as its account"))?;
@@ -101,7 +114,10 @@ async fn run(args: RunArgs) -> Result<()> {
         eprintln!("construir-gitlab: the journal's {name} cannot be read; left as it is");
     }
     for entry in owed {
-        eprintln!("construir-gitlab: GitLab job {} was in hand when the runner stopped: finishing it", entry.gitlab_job);
+        eprintln!(
+            "construir-gitlab: GitLab job {} was in hand when the runner stopped: finishing it",
+            entry.gitlab_job
+        );
         tokio::spawn(journal::recover(entry, backend.clone(), args.gitlab_url.clone(), journal.clone()));
     }
 
@@ -142,7 +158,10 @@ async fn run(args: RunArgs) -> Result<()> {
         }
     }
     if runner.running() > 0 {
-        eprintln!("construir-gitlab: stopping: taking no more jobs; waiting for the {} in hand to end", runner.running());
+        eprintln!(
+            "construir-gitlab: stopping: taking no more jobs; waiting for the {} in hand to end",
+            runner.running()
+        );
         runner.drain().await;
     }
     eprintln!("construir-gitlab: stopped");

@@ -68,13 +68,8 @@ impl Vars {
 
 /// Variables never given to the VM, masked or not: each carries the job's
 /// token or a password made from it.
-const NEVER_IN_VM: &[&str] = &[
-    "CI_JOB_TOKEN",
-    "CI_BUILD_TOKEN",
-    "CI_REGISTRY_PASSWORD",
-    "CI_DEPENDENCY_PROXY_PASSWORD",
-    "CI_REPOSITORY_URL",
-];
+const NEVER_IN_VM: &[&str] =
+    &["CI_JOB_TOKEN", "CI_BUILD_TOKEN", "CI_REGISTRY_PASSWORD", "CI_DEPENDENCY_PROXY_PASSWORD", "CI_REPOSITORY_URL"];
 
 /// The project's list of masked variables it wants in the VM.
 pub const VM_VARIABLES: &str = "CONSTRUIR_VM_VARIABLES";
@@ -102,7 +97,9 @@ impl Spec {
         };
         let timeout = match vars.get("CI_JOB_TIMEOUT") {
             None => None,
-            Some(s) => Some(Duration::from_secs(s.parse().map_err(|_| format!("CI_JOB_TIMEOUT is {s:?}, not seconds"))?)),
+            Some(s) => {
+                Some(Duration::from_secs(s.parse().map_err(|_| format!("CI_JOB_TIMEOUT is {s:?}, not seconds"))?))
+            }
         };
         let (env, withheld) = vm_env(vars);
         Ok(Spec {

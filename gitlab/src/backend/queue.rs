@@ -48,7 +48,10 @@ impl Backend for Queue {
 
     fn submit(&self, file: &Path, spec: &Spec) -> Result<String, String> {
         if spec.verify_on.is_some() {
-            return Err("CONSTRUIR_VERIFY_ON=2: a local queue runs each job once; a verified rebuild needs a construir server".into());
+            return Err(
+                "CONSTRUIR_VERIFY_ON=2: a local queue runs each job once; a verified rebuild needs a construir server"
+                    .into(),
+            );
         }
         let name = file.file_name().and_then(OsStr::to_str).ok_or("the job file has no name")?.to_owned();
         // Whole already: as far as the host's settle time goes, it was finished a minute ago.
@@ -59,7 +62,8 @@ impl Backend for Queue {
             .and_then(|f| f.set_modified(minute_ago))
             .map_err(|e| format!("cannot age {}: {e}", file.display()))?;
         let target = self.dirs.queue.join(&name);
-        layout::rename_noreplace(file, &target).map_err(|e| format!("cannot move it into {}: {e}", target.display()))?;
+        layout::rename_noreplace(file, &target)
+            .map_err(|e| format!("cannot move it into {}: {e}", target.display()))?;
         Ok(name)
     }
 
@@ -101,7 +105,9 @@ impl Backend for Queue {
         };
         let Ok(mut f) = layout::open_unfollowed(&path) else { return Ok(Vec::new()) };
         let mut out = Vec::new();
-        f.seek(SeekFrom::Start(from)).and_then(|_| f.take(CONSOLE_READ).read_to_end(&mut out)).map_err(|e| e.to_string())?;
+        f.seek(SeekFrom::Start(from))
+            .and_then(|_| f.take(CONSOLE_READ).read_to_end(&mut out))
+            .map_err(|e| e.to_string())?;
         Ok(out)
     }
 
@@ -139,6 +145,12 @@ impl Backend for Queue {
     }
 
     fn debug_command(&self, file: &str) -> String {
-        format!("construir-host debug {}", self.dirs.done.join(jobfile::JobName::parse(file).map(|j| j.done_file_name()).unwrap_or_default()).display())
+        format!(
+            "construir-host debug {}",
+            self.dirs
+                .done
+                .join(jobfile::JobName::parse(file).map(|j| j.done_file_name()).unwrap_or_default())
+                .display()
+        )
     }
 }
