@@ -25,7 +25,12 @@ pub struct Cli {
 pub enum Command {
     /// Take jobs from GitLab until stopped (SIGTERM or SIGINT: take no more, let those in hand
     /// end; a second signal: stop now, and finish them on the next start).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell
+    /// (scripts/install puts them where each shell looks).
+    Completions { shell: jobfile::manual::CompletionShell },
+    /// Write this program's man pages (one per subcommand) into DIR.
+    Man { dir: PathBuf },
 }
 
 #[derive(Debug, Args)]

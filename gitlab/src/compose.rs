@@ -38,24 +38,23 @@ impl Part {
 }
 
 /// Fetches `source` into `into` (a new directory) and checks out its commit.
-/// The URL's credentials go to git through its environment, never its
-/// command line. Says what went wrong in git's words.
+/// The URL's user and password go to git through a credential helper that
+/// reads them from git's environment: they are never in git's arguments,
+/// and git never records them (it writes the URL it fetched, plain, into
+/// `FETCH_HEAD`, which is removed anyway). Says what went wrong in git's words.
 pub fn checkout(source: &Source, into: &Path) -> Result<(), String> {
-    let (plain, with_credentials) = split_credentials(&source.url);
+    let (plain, credentials) = split_credentials(&source.url);
     let git = |args: &[&str]| -> Result<(), String> {
-        let mut cmd = Command::new("git");
-        cmd.arg("-C").arg(into).args(args).env("GIT_TERMINAL_PROMPT", "0").env("GIT_ASKPASS", "/bin/false");
-        if let Some(full) = &with_credentials {
-            cmd.env("GIT_CONFIG_COUNT", "1")
-                .env("GIT_CONFIG_KEY_0", format!("url.{full}.insteadOf"))
-                .env("GIT_CONFIG_VALUE_0", &plain);
-        }
+        let mut cmd = git_command(credentials.as_ref());
+        cmd.arg("-C").arg(into).args(args);
         let out = cmd.output().map_err(|e| format!("cannot run git: {e}"))?;
         if out.status.success() {
             return Ok(());
         }
-        let said = String::from_utf8_lossy(&out.stderr);
-        let said = with_credentials.as_ref().map_or(said.to_string(), |full| said.replace(full.as_str(), &plain));
+        let mut said = String::from_utf8_lossy(&out.stderr).into_owned();
+        if let Some((_, password)) = &credentials {
+            said = said.replace(password.as_str(), "[token]");
+        }
         Err(format!("git {}: {}", args.first().copied().unwrap_or_default(), jobfile::sanitize(said.trim().as_bytes())))
     };
     fs::create_dir_all(into).map_err(|e| format!("cannot make {}: {e}", into.display()))?;
@@ -72,16 +71,43 @@ pub fn checkout(source: &Source, into: &Path) -> Result<(), String> {
         let Some(r) = &source.ref_name else { return Err(e) };
         git(&[fetch, vec![r.as_str()]].concat()).map_err(|e2| format!("{e}; by its ref {r}: {e2}"))?;
     }
-    git(&["-c", "advice.detachedHead=false", "checkout", "-q", "--detach", &source.sha])
+    git(&["-c", "advice.detachedHead=false", "checkout", "-q", "--detach", &source.sha])?;
+    let _ = fs::remove_file(into.join(".git/FETCH_HEAD"));
+    Ok(())
 }
 
-/// The URL without its user and password, and the whole URL when it had them.
-fn split_credentials(url: &str) -> (String, Option<String>) {
+/// `git`, asked nothing on a terminal, with `credentials` (user, password)
+/// from a helper reading them from its environment.
+fn git_command(credentials: Option<&(String, String)>) -> Command {
+    let mut cmd = Command::new("git");
+    cmd.env("GIT_TERMINAL_PROMPT", "0").env("GIT_ASKPASS", "/bin/false");
+    if let Some((user, password)) = credentials {
+        cmd.env("GIT_CONFIG_COUNT", "1")
+            .env("GIT_CONFIG_KEY_0", "credential.helper")
+            .env(
+                "GIT_CONFIG_VALUE_0",
+                r#"!f() { test "$1" = get && printf 'username=%s\npassword=%s\n' "$CONSTRUIR_GIT_USER" "$CONSTRUIR_GIT_PASSWORD"; }; f"#,
+            )
+            .env("CONSTRUIR_GIT_USER", user)
+            .env("CONSTRUIR_GIT_PASSWORD", password);
+    }
+    cmd
+}
+
+/// The URL without its user and password, and those (percent-decoded) when it had them.
+fn split_credentials(url: &str) -> (String, Option<(String, String)>) {
     match url::Url::parse(url) {
         Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let decode = |s: &str| {
+                url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default()
+            };
+            let credentials = (decode(u.username()), decode(u.password().unwrap_or_default()));
             let _ = u.set_username("");
             let _ = u.set_password(None);
-            (u.to_string(), Some(url.to_owned()))
+            (u.to_string(), Some(credentials))
         }
         _ => (url.to_owned(), None),
     }
@@ -202,11 +228,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn credentials_leave_the_url_and_go_to_git_apart() {
-        let (plain, full) = split_credentials("https://gitlab-ci-token:tok@forge.test/g/p.git");
+    fn credentials_leave_the_url_and_reach_git_only_through_its_helper() {
+        let (plain, credentials) = split_credentials("https://gitlab-ci-token:t%2Bk@forge.test/g/p.git");
         assert_eq!(plain, "https://forge.test/g/p.git");
-        assert_eq!(full.as_deref(), Some("https://gitlab-ci-token:tok@forge.test/g/p.git"));
+        let credentials = credentials.expect("credentials");
+        assert_eq!(credentials, ("gitlab-ci-token".to_owned(), "t+k".to_owned()));
         assert_eq!(split_credentials("/srv/repo.git"), ("/srv/repo.git".to_owned(), None));
+        // What git's credential machinery gets for that host: the user and the password.
+        let mut cmd = git_command(Some(&credentials));
+        cmd.args(["credential", "fill"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("git");
+        use std::io::Write;
+        child.stdin.take().expect("stdin").write_all(b"protocol=https\nhost=forge.test\n\n").expect("write");
+        let out = child.wait_with_output().expect("git credential fill");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("username=gitlab-ci-token\n") && text.contains("password=t+k\n"), "{text}");
+        let args: Vec<_> =
+            git_command(Some(&credentials)).get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert!(args.iter().all(|a| !a.contains("t+k")), "{args:?}");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use gitlab_runner::{GitlabLayer, RunnerBuilder};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -34,7 +34,14 @@ use crate::journal::Journal;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => tokio::runtime::Runtime::new().map_err(Into::into).and_then(|rt| rt.block_on(run(args))),
+        Command::Run(args) => tokio::runtime::Runtime::new().map_err(Into::into).and_then(|rt| rt.block_on(run(*args))),
+        Command::Completions { shell } => {
+            use std::io::Write;
+            std::io::stdout().write_all(&jobfile::manual::completions(Cli::command(), shell)).map_err(Into::into)
+        }
+        Command::Man { dir } => jobfile::manual::write_man_pages(Cli::command(), &dir)
+            .with_context(|| format!("cannot write man pages into {}", dir.display()))
+            .map(|pages| pages.iter().for_each(|p| println!("{}", p.display()))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -94,6 +101,8 @@ fn backend(args: &RunArgs) -> Result<Arc<dyn Backend>> {
 
 async fn run(args: RunArgs) -> Result<()> {
     let runner_token = read_token(&args.runner_token_file, "GitLab runner token")?;
+    let (url, token) = (args.gitlab_url.clone(), runner_token.clone());
+    tokio::task::spawn_blocking(move || verify_runner(&url, &token)).await??;
     let backend = backend(&args)?;
     let builds = args.state_dir.join("builds");
     // What a stopped runner left of its builds is of no use (the journal says what is owed).
@@ -165,6 +174,32 @@ async fn run(args: RunArgs) -> Result<()> {
         runner.drain().await;
     }
     eprintln!("construir-gitlab: stopped");
+    Ok(())
+}
+
+/// Asks GitLab whether it knows the runner's token (`POST /api/v4/runners/verify`):
+/// a refusal stops the start, with what to do.
+fn verify_runner(gitlab: &url::Url, token: &str) -> Result<()> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(30)))
+        .build()
+        .into();
+    let url = format!("{}/api/v4/runners/verify", gitlab.as_str().trim_end_matches('/'));
+    let body = serde_json::json!({ "token": token }).to_string();
+    let answer = agent
+        .post(&url)
+        .header("Content-Type", "application/json")
+        .send(body)
+        .with_context(|| format!("cannot reach GitLab at {gitlab}"))?;
+    match answer.status().as_u16() {
+        200 => eprintln!("construir-gitlab: GitLab at {gitlab} knows this runner"),
+        401 | 403 => bail!(
+            "GitLab at {gitlab} does not know the runner token in the token file: create a runner in GitLab \
+             (Settings > CI/CD > Runners > New project runner) and put its glrt-… token there"
+        ),
+        s => eprintln!("construir-gitlab: GitLab at {gitlab} answered {s} to verifying the runner; going on"),
+    }
     Ok(())
 }
 

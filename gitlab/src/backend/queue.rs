@@ -7,7 +7,6 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
-use std::time::{Duration, SystemTime};
 
 use jobfile::layout::{self, Beside, Found};
 
@@ -54,13 +53,7 @@ impl Backend for Queue {
             );
         }
         let name = file.file_name().and_then(OsStr::to_str).ok_or("the job file has no name")?.to_owned();
-        // Whole already: as far as the host's settle time goes, it was finished a minute ago.
-        let minute_ago = SystemTime::now() - Duration::from_secs(60);
-        fs::File::options()
-            .write(true)
-            .open(file)
-            .and_then(|f| f.set_modified(minute_ago))
-            .map_err(|e| format!("cannot age {}: {e}", file.display()))?;
+        // Renamed in whole: the host takes it without waiting for it to settle.
         let target = self.dirs.queue.join(&name);
         layout::rename_noreplace(file, &target)
             .map_err(|e| format!("cannot move it into {}: {e}", target.display()))?;
