@@ -42,6 +42,8 @@ pub struct CiJob {
     last: Option<Landed>,
     /// A construir job not yet seen to end (cancelled at cleanup).
     open: Option<String>,
+    /// How the script's part ended, once it has.
+    script_ok: Option<bool>,
 }
 
 /// How a part of the job went wrong.
@@ -58,7 +60,7 @@ impl CiJob {
         let vars = Vars::of(&job);
         let spec = Spec::read(job.id(), &vars, &ctx.defaults);
         let token = vars.get("CI_JOB_TOKEN").map(str::to_owned);
-        CiJob { job, ctx, spec, token, started: Instant::now(), last: None, open: None }
+        CiJob { job, ctx, spec, token, started: Instant::now(), last: None, open: None, script_ok: None }
     }
 
     fn say(&self, text: &str) {
@@ -141,6 +143,37 @@ impl CiJob {
 
     /// Submits `file`, follows it into the trace, and lands its result as run `n`.
     async fn run(&mut self, spec: &Spec, file: PathBuf, n: u32, cancel: &CancellationToken) -> Result<(), Failure> {
+        let handle = self.submit(spec, file).await?;
+        self.say(&format!("construir: submitted as job {handle}"));
+        let deadline = spec.timeout.map(|t| (self.started + t, t));
+        let trace = |text: &str| self.job.trace(text);
+        let ended = follow(&self.ctx.backend, &handle, &trace, cancel, deadline).await.map_err(Failure::System)?;
+        self.open = None;
+        match ended {
+            Ended::Done { ok, verdict, debug } => {
+                if let Some(d) = debug {
+                    self.say(&format!(
+                        "construir: a debug session is open in its VM ({}): {}",
+                        jobfile::sanitize(d.as_bytes()),
+                        self.ctx.backend.debug_command(&handle)
+                    ));
+                }
+                self.land(&handle, n).await?;
+                match ok {
+                    true => Ok(()),
+                    false => Err(Failure::Job(short_verdict(&jobfile::sanitize(verdict.as_bytes())))),
+                }
+            }
+            Ended::Failed(reason) => Err(Failure::System(format!("construir job {handle}: {reason}"))),
+            Ended::Cancelled(_) => Err(Failure::Cancelled),
+            Ended::TimedOut(limit) => {
+                Err(Failure::Job(format!("execution took longer than the job's timeout of {} s", limit.as_secs())))
+            }
+        }
+    }
+
+    /// Hands `file` to the backend, in the journal before (by name) and after (by handle).
+    async fn submit(&mut self, spec: &Spec, file: PathBuf) -> Result<String, Failure> {
         let name = crate::backend::server::file_job_name(&file).map_err(Failure::System)?;
         let mut entry = Entry {
             gitlab_job: self.job.id(),
@@ -148,6 +181,7 @@ impl CiJob {
             name,
             image: spec.image.clone(),
             handle: None,
+            script_ok: self.script_ok,
         };
         self.ctx
             .journal
@@ -162,34 +196,7 @@ impl CiJob {
         if let Err(e) = self.ctx.journal.write(&entry) {
             eprintln!("construir-gitlab: GitLab job {}: cannot write the runner's journal: {e}", self.job.id());
         }
-        self.say(&format!("construir: submitted as job {handle}"));
-        let deadline = spec.timeout.map(|t| (self.started + t, t));
-        let trace = |text: &str| self.job.trace(text);
-        let ended = follow(&self.ctx.backend, &handle, &trace, cancel, deadline).await.map_err(Failure::System)?;
-        self.open = None;
-        match ended {
-            Ended::Done { ok, verdict, debug } => {
-                let verdict = jobfile::sanitize(verdict.as_bytes());
-                if let Some(d) = debug {
-                    self.say(&format!(
-                        "construir: a debug session is open in its VM ({}): {}",
-                        jobfile::sanitize(d.as_bytes()),
-                        self.ctx.backend.debug_command(&handle)
-                    ));
-                }
-                self.land(&handle, n).await?;
-                if ok {
-                    Ok(())
-                } else {
-                    Err(Failure::Job(short_verdict(&verdict)))
-                }
-            }
-            Ended::Failed(reason) => Err(Failure::System(format!("construir job {handle}: {reason}"))),
-            Ended::Cancelled(_) => Err(Failure::Cancelled),
-            Ended::TimedOut(limit) => {
-                Err(Failure::Job(format!("execution took longer than the job's timeout of {} s", limit.as_secs())))
-            }
-        }
+        Ok(handle)
     }
 
     /// Fetches the result of `handle`, checks it, unpacks it as `tree-<n>`.
@@ -216,7 +223,11 @@ impl CiJob {
 impl CancellableJobHandler<Artifact> for CiJob {
     async fn step(&mut self, lines: &[String], phase: Phase, cancel: &CancellationToken) -> JobResult {
         let ran = match phase {
-            Phase::Script => self.script(lines, cancel).await,
+            Phase::Script => {
+                let ran = self.script(lines, cancel).await;
+                self.script_ok = Some(ran.is_ok());
+                ran
+            }
             Phase::AfterScript => self.after_script(lines, cancel).await,
         };
         match ran {

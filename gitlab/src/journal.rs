@@ -28,6 +28,10 @@ pub struct Entry {
     pub image: String,
     /// What the backend returned when it took the job.
     pub handle: Option<String>,
+    /// For after_script's construir job: whether the script's ended ok,
+    /// which is the CI job's outcome (GitLab ignores after_script's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script_ok: Option<bool>,
 }
 
 pub struct Journal {
@@ -125,13 +129,19 @@ async fn recovered(entry: &Entry, backend: &Arc<dyn Backend>) -> Report {
     let quiet = |_: &str| {};
     match follow(backend, &handle, &quiet, &CancellationToken::new(), None).await {
         Ok(Ended::Done { ok, verdict, .. }) => Report {
-            success: ok,
+            success: entry.script_ok.unwrap_or(ok),
             failure_reason: "script_failure",
             line: format!(
                 "construir job {handle} ended: {verdict} (the runner restarted while it ran: its console and result are on construir, its artifacts were not uploaded)"
             ),
         },
-        Ok(Ended::Failed(reason)) => failed(format!("construir job {handle} failed: {reason}")),
+        Ok(Ended::Failed(reason)) if entry.script_ok.is_none() => failed(format!("construir job {handle} failed: {reason}")),
+        // after_script's job ended some other way: the script's outcome stands.
+        Ok(other) if entry.script_ok.is_some() => Report {
+            success: entry.script_ok == Some(true),
+            failure_reason: "script_failure",
+            line: format!("after_script's construir job {handle}: {other:?}"),
+        },
         Ok(other) => failed(format!("construir job {handle}: {other:?}")),
         Err(e) => failed(format!("construir job {handle}: {e}")),
     }

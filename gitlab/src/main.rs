@@ -109,27 +109,9 @@ async fn run(args: RunArgs) -> Result<()> {
     let _ = std::fs::remove_dir_all(&builds);
     std::fs::create_dir_all(&builds).with_context(|| format!("cannot make {}", builds.display()))?;
     let journal = Arc::new(Journal::open(args.state_dir.join("journal"))?);
-
     let (layer, jobs) = GitlabLayer::new();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CONSTRUIR_GITLAB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter))
-        .with(layer)
-        .init();
-
-    let (owed, unreadable) = journal.entries();
-    for name in unreadable {
-        eprintln!("construir-gitlab: the journal's {name} cannot be read; left as it is");
-    }
-    for entry in owed {
-        eprintln!(
-            "construir-gitlab: GitLab job {} was in hand when the runner stopped: finishing it",
-            entry.gitlab_job
-        );
-        tokio::spawn(journal::recover(entry, backend.clone(), args.gitlab_url.clone(), journal.clone()));
-    }
-
+    start_tracing(layer);
+    finish_owed(&journal, &backend, &args.gitlab_url);
     let mut runner = RunnerBuilder::new(args.gitlab_url.clone(), runner_token, &builds, jobs)
         .version(env!("CARGO_PKG_VERSION"))
         .platform("linux")
@@ -149,6 +131,49 @@ async fn run(args: RunArgs) -> Result<()> {
         backend.describe(),
         args.concurrent
     );
+    take_jobs(&mut runner, &ctx, &args, &stop).await;
+    if runner.running() > 0 {
+        eprintln!(
+            "construir-gitlab: stopping: taking no more jobs; waiting for the {} in hand to end",
+            runner.running()
+        );
+        runner.drain().await;
+    }
+    eprintln!("construir-gitlab: stopped");
+    Ok(())
+}
+
+/// The crate's layer, which carries each job's `outputln!` lines to its
+/// trace, and our log on standard error (`CONSTRUIR_GITLAB_LOG`, default `warn`).
+fn start_tracing<L>(layer: L)
+where
+    L: tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync,
+{
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CONSTRUIR_GITLAB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::registry()
+        .with(layer)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter))
+        .init();
+}
+
+/// Finishes, in the background, each job the journal says was in hand when the runner stopped.
+fn finish_owed(journal: &Arc<Journal>, backend: &Arc<dyn Backend>, gitlab: &url::Url) {
+    let (owed, unreadable) = journal.entries();
+    for name in unreadable {
+        eprintln!("construir-gitlab: the journal's {name} cannot be read; left as it is");
+    }
+    for entry in owed {
+        eprintln!(
+            "construir-gitlab: GitLab job {} was in hand when the runner stopped: finishing it",
+            entry.gitlab_job
+        );
+        tokio::spawn(journal::recover(entry, backend.clone(), gitlab.clone(), journal.clone()));
+    }
+}
+
+/// Asks GitLab for jobs while there is room, until `stop`.
+async fn take_jobs(runner: &mut gitlab_runner::Runner, ctx: &Arc<Ctx>, args: &RunArgs, stop: &CancellationToken) {
     while !stop.is_cancelled() {
         tokio::select! {
             _ = runner.wait_for_space(args.concurrent as usize) => {}
@@ -166,15 +191,6 @@ async fn run(args: RunArgs) -> Result<()> {
             _ = stop.cancelled() => {}
         }
     }
-    if runner.running() > 0 {
-        eprintln!(
-            "construir-gitlab: stopping: taking no more jobs; waiting for the {} in hand to end",
-            runner.running()
-        );
-        runner.drain().await;
-    }
-    eprintln!("construir-gitlab: stopped");
-    Ok(())
 }
 
 /// Asks GitLab whether it knows the runner's token (`POST /api/v4/runners/verify`):
