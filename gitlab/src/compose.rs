@@ -114,9 +114,9 @@ fn split_credentials(url: &str) -> (String, Option<(String, String)>) {
 }
 
 /// Makes the job directory `dir` around the checkout already in `dir/src`,
-/// for `lines` of the CI job; `repo_declaration` is the checkout's own
-/// `construir.toml`, to which the job's variables add.
-pub fn job_dir(dir: &Path, spec: &Spec, part: Part, lines: &[String]) -> Result<(), String> {
+/// for `lines` of the CI job, with the checkout's own `construir.toml`
+/// (to which the job's variables add); its `verify-on`, if it says one.
+pub fn job_dir(dir: &Path, spec: &Spec, part: Part, lines: &[String]) -> Result<Option<u32>, String> {
     let io = |what: &Path, e: std::io::Error| format!("cannot write {}: {e}", what.display());
     fs::create_dir_all(dir.join("bin")).map_err(|e| io(dir, e))?;
     fs::create_dir_all(dir.join(OURS)).map_err(|e| io(dir, e))?;
@@ -127,12 +127,12 @@ pub fn job_dir(dir: &Path, spec: &Spec, part: Part, lines: &[String]) -> Result<
     fs::write(&lines_file, script_text(part, lines)).map_err(|e| io(&lines_file, e))?;
     let env_file = dir.join(OURS).join("env");
     fs::write(&env_file, env_text(&spec.env)).map_err(|e| io(&env_file, e))?;
-    let declaration = declaration(dir, spec, part)?;
+    let (declaration, verify_on) = declaration(dir, spec, part)?;
     let path = dir.join(DECLARATION);
-    match declaration {
-        Some(d) => fs::write(&path, d.to_toml()).map_err(|e| io(&path, e)),
-        None => Ok(()),
+    if let Some(d) = declaration {
+        fs::write(&path, d.to_toml()).map_err(|e| io(&path, e))?;
     }
+    Ok(verify_on)
 }
 
 /// Packs `dir` into `<out>/<name>_i<image>.tar.xz`.
@@ -156,16 +156,17 @@ pub fn pack(dir: &Path, spec: &Spec, part: Part, out: &Path) -> Result<PathBuf, 
 
 /// The repository's `construir.toml` (its `debian-control` made a path in
 /// the job), with the job's `CONSTRUIR_*` packages, caches and debug added;
-/// none when nothing is declared. The after-script part keeps what the
-/// script's job declared (it is in `dir` already) but never a debug session.
-fn declaration(dir: &Path, spec: &Spec, part: Part) -> Result<Option<Declaration>, String> {
+/// none when nothing is declared; and its `verify-on`. The after-script
+/// part keeps what the script's job declared (it is in `dir` already) but
+/// never a debug session.
+fn declaration(dir: &Path, spec: &Spec, part: Part) -> Result<(Option<Declaration>, Option<u32>), String> {
     let (file, prefix) = match part {
         Part::Script => (dir.join(SRC).join(DECLARATION), format!("{SRC}/")),
         Part::After => (dir.join(DECLARATION), String::new()),
     };
-    let mut d = match fs::read_to_string(&file) {
-        Ok(text) => Declaration::parse(&text).map_err(|e| format!("the repository's {e}"))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Declaration::default(),
+    let (mut d, verify_on) = match fs::read_to_string(&file) {
+        Ok(text) => repository_declaration(&text)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Declaration::default(), None),
         Err(e) => return Err(format!("cannot read {}: {e}", file.display())),
     };
     if part == Part::After {
@@ -180,7 +181,22 @@ fn declaration(dir: &Path, spec: &Spec, part: Part) -> Result<Option<Declaration
         }
         d.debug |= spec.debug;
     }
-    Ok((d != Declaration::default()).then_some(d))
+    Ok(((d != Declaration::default()).then_some(d), verify_on))
+}
+
+/// A repository's `construir.toml`: a job's declaration, plus `verify-on`
+/// (1 or 2), which is no part of a job file's but of how it is submitted.
+fn repository_declaration(text: &str) -> Result<(Declaration, Option<u32>), String> {
+    let mut table: toml::Table =
+        text.parse().map_err(|e| format!("the repository's {DECLARATION} is not valid: {e}"))?;
+    let verify_on = match table.remove("verify-on") {
+        None => None,
+        Some(toml::Value::Integer(n @ 1..=2)) => Some(n as u32),
+        Some(other) => return Err(format!("the repository's {DECLARATION}: verify-on is {other}: 1 or 2")),
+    };
+    let rest = toml::to_string(&table).map_err(|e| e.to_string())?;
+    let d = Declaration::parse(&rest).map_err(|e| format!("the repository's {e}"))?;
+    Ok((d, verify_on))
 }
 
 /// The job's `bin/construir`: the variables, once read, are removed (they
@@ -246,6 +262,17 @@ mod tests {
         let args: Vec<_> =
             git_command(Some(&credentials)).get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         assert!(args.iter().all(|a| !a.contains("t+k")), "{args:?}");
+    }
+
+    #[test]
+    fn the_repository_may_say_verify_on_besides_what_a_job_declares() {
+        let (d, v) = repository_declaration("verify-on = 2\npackages = [\"pkg-config\"]\n").expect("valid");
+        assert_eq!((d.packages.as_slice(), v), (["pkg-config".to_owned()].as_slice(), Some(2)));
+        assert_eq!(repository_declaration("").expect("empty"), (Declaration::default(), None));
+        let e = repository_declaration("verify-on = 3\n").expect_err("3");
+        assert!(e.contains("verify-on is 3: 1 or 2"), "{e}");
+        let e = repository_declaration("pakages = []\n").expect_err("unknown key");
+        assert!(e.starts_with("the repository's construir.toml is not valid"), "{e}");
     }
 
     #[test]

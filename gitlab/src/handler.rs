@@ -84,26 +84,12 @@ impl CiJob {
     }
 
     async fn script(&mut self, lines: &[String], cancel: &CancellationToken) -> Result<(), Failure> {
-        let spec = self.spec.clone().map_err(Failure::Job)?;
         self.say(&format!(
             "Running with construir-gitlab {} on {}",
             env!("CARGO_PKG_VERSION"),
             self.ctx.backend.describe()
         ));
-        self.say(&format!(
-            "construir: image i{}, job size {}{}{}",
-            spec.image,
-            jobfile::units::human_size(spec.size),
-            if spec.verify_on.is_some() { ", verified rebuild on 2 hosts" } else { "" },
-            if spec.debug { ", a debug session if it fails" } else { "" }
-        ));
-        if !spec.withheld.is_empty() {
-            self.say(&format!(
-                "construir: kept out of the VM: {} (masked or carrying the job's token; a project names masked ones it wants in the VM in {})",
-                spec.withheld.join(" "),
-                crate::spec::VM_VARIABLES
-            ));
-        }
+        let mut spec = self.spec.clone().map_err(Failure::Job)?;
         let dir = self.work().join("job");
         let source = spec.source.clone();
         let src = dir.join(compose::SRC);
@@ -114,13 +100,30 @@ impl CiJob {
             .map_err(|e| Failure::System(format!("cannot fetch the repository: {e}")))?;
         let (d, s, l) = (dir.clone(), spec.clone(), lines.to_vec());
         let out = self.work();
-        let file = tokio::task::spawn_blocking(move || {
-            compose::job_dir(&d, &s, Part::Script, &l)?;
-            compose::pack(&d, &s, Part::Script, &out)
+        let (file, verify_on) = tokio::task::spawn_blocking(move || {
+            let verify_on = compose::job_dir(&d, &s, Part::Script, &l)?;
+            Ok::<_, String>((compose::pack(&d, &s, Part::Script, &out)?, verify_on))
         })
         .await
         .map_err(|e| Failure::System(e.to_string()))?
         .map_err(Failure::Job)?;
+        // The variable says first; else the repository.
+        spec.verify_on = spec.verify_on.or(verify_on);
+        self.spec = Ok(spec.clone());
+        self.say(&format!(
+            "construir: image i{}, job size {}{}{}",
+            spec.image,
+            jobfile::units::human_size(spec.size),
+            if spec.verify_on == Some(2) { ", verified rebuild on 2 hosts" } else { "" },
+            if spec.debug { ", a debug session if it fails" } else { "" }
+        ));
+        if !spec.withheld.is_empty() {
+            self.say(&format!(
+                "construir: kept out of the VM: {} (masked or carrying the job's token; a project names masked ones it wants in the VM in {})",
+                spec.withheld.join(" "),
+                crate::spec::VM_VARIABLES
+            ));
+        }
         self.run(&spec, file, 1, cancel).await
     }
 

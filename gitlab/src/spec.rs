@@ -35,6 +35,8 @@ pub struct Spec {
     pub name: String,
     pub image: String,
     pub size: u64,
+    /// `CONSTRUIR_VERIFY_ON` (1 or 2), else the repository's `verify-on`
+    /// (set by `compose`); 2 is a verified rebuild.
     pub verify_on: Option<u32>,
     pub debug: bool,
     pub packages: Vec<String>,
@@ -87,7 +89,8 @@ impl Spec {
             None => defaults.size,
         };
         let verify_on = match vars.get("CONSTRUIR_VERIFY_ON") {
-            None | Some("1") => None,
+            None => None,
+            Some("1") => Some(1),
             Some("2") => Some(2),
             Some(other) => return Err(format!("CONSTRUIR_VERIFY_ON is {other:?}: 1 or 2")),
         };

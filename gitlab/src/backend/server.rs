@@ -33,7 +33,7 @@ impl Backend for Server {
         let f = File::open(file).map_err(|e| format!("cannot open {}: {e}", file.display()))?;
         let len = f.metadata().map_err(|e| e.to_string())?.len();
         let mut path = format!("jobs?name={}&image={}", file_job_name(file)?, spec.image);
-        if let Some(n) = spec.verify_on {
+        if let Some(n) = spec.verify_on.filter(|n| *n == 2) {
             path.push_str(&format!("&verify_on={n}"));
         }
         let upload = Upload { len, content_type: "application/x-xz", expect_continue: true, body: f };
