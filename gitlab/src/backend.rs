@@ -56,3 +56,10 @@ pub trait Backend: Send + Sync {
     /// The command that opens its debug session, when it has one.
     fn debug_command(&self, handle: &str) -> String;
 }
+
+/// `<name>` of a job file `<name>_i<image>.tar.xz`.
+pub fn file_job_name(file: &Path) -> Result<String, String> {
+    let file_name = file.file_name().and_then(|n| n.to_str()).ok_or("the job file has no name")?;
+    let job = jobfile::JobName::parse_input(file_name).map_err(|e| format!("{file_name}: {e}"))?;
+    Ok(job.name().to_owned())
+}

@@ -177,7 +177,7 @@ impl CiJob {
 
     /// Hands `file` to the backend, in the journal before (by name) and after (by handle).
     async fn submit(&mut self, spec: &Spec, file: PathBuf) -> Result<String, Failure> {
-        let name = crate::backend::server::file_job_name(&file).map_err(Failure::System)?;
+        let name = crate::backend::file_job_name(&file).map_err(Failure::System)?;
         let mut entry = Entry {
             gitlab_job: self.job.id(),
             token: self.token.clone().unwrap_or_default(),

@@ -32,7 +32,7 @@ impl Backend for Server {
     fn submit(&self, file: &Path, spec: &Spec) -> Result<String, String> {
         let f = File::open(file).map_err(|e| format!("cannot open {}: {e}", file.display()))?;
         let len = f.metadata().map_err(|e| e.to_string())?.len();
-        let mut path = format!("jobs?name={}&image={}", file_job_name(file)?, spec.image);
+        let mut path = format!("jobs?name={}&image={}", super::file_job_name(file)?, spec.image);
         if let Some(n) = spec.verify_on.filter(|n| *n == 2) {
             path.push_str(&format!("&verify_on={n}"));
         }
@@ -99,11 +99,4 @@ impl Backend for Server {
     fn debug_command(&self, id: &str) -> String {
         format!("construir --server {} debug {id}", self.api.server())
     }
-}
-
-/// `<name>` of a job file `<name>_i<image>.tar.xz`.
-pub fn file_job_name(file: &Path) -> Result<String, String> {
-    let file_name = file.file_name().and_then(|n| n.to_str()).ok_or("the job file has no name")?;
-    let job = jobfile::JobName::parse_input(file_name).map_err(|e| format!("{file_name}: {e}"))?;
-    Ok(job.name().to_owned())
 }
