@@ -92,6 +92,7 @@ async fn ci_jobs_pass_and_fail_as_gitlab_expects_and_artifacts_are_the_checked_r
                 ("VISIBLE", "seen", false),
             ],
             artifacts: &["out/", "construir-provenance.intoto.jsonl"],
+            needs: &[],
         },
     );
     let fail = enqueue(
@@ -124,8 +125,23 @@ async fn ci_jobs_pass_and_fail_as_gitlab_expects_and_artifacts_are_the_checked_r
             ..CiJob::default()
         },
     );
+    // A later stage's job, given the passing job's artifacts in its checkout.
+    let later = enqueue(
+        &mock,
+        &f.repo,
+        &CiJob {
+            name: "later",
+            script: &[
+                "cat out/hello.txt out/after.txt",
+                "test ! -e construir-provenance.intoto.jsonl || echo provenance too",
+            ],
+            vars: &[("CONSTRUIR_IMAGE", "0", false), ("CONSTRUIR_JOB_SIZE", "1M", false)],
+            needs: &[&pass],
+            ..CiJob::default()
+        },
+    );
     let runner = f.runner(&mock, "a");
-    for job in [&pass, &fail, &no_image, &docker] {
+    for job in [&pass, &fail, &no_image, &docker, &later] {
         ended(job, Duration::from_secs(240), &runner).await;
     }
 
@@ -170,6 +186,11 @@ async fn ci_jobs_pass_and_fail_as_gitlab_expects_and_artifacts_are_the_checked_r
     // Neither the masked value nor the job's token is anywhere in the result.
     let found = sh("grep -rl -e masked-value -e job-token- . || true", &fetched);
     assert_eq!(found.trim(), "", "a secret came back in the result");
+
+    let t = trace(&later);
+    assert_eq!(later.state(), MockJobState::Success, "{t}");
+    assert!(t.contains("construir: the artifacts of pass: 3 files"), "{t}");
+    assert!(t.contains("built from v1.2.3 by custom\nafter\n") && t.contains("provenance too"), "{t}");
 
     let t = trace(&fail);
     assert_eq!(fail.state(), MockJobState::Failed, "{t}");

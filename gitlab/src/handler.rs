@@ -98,6 +98,7 @@ impl CiJob {
             .await
             .map_err(|e| Failure::System(e.to_string()))?
             .map_err(|e| Failure::System(format!("cannot fetch the repository: {e}")))?;
+        self.put_dependencies(&dir.join(compose::SRC), spec.size).await?;
         let (d, s, l) = (dir.clone(), spec.clone(), lines.to_vec());
         let out = self.work();
         let (file, verify_on) = tokio::task::spawn_blocking(move || {
@@ -125,6 +126,42 @@ impl CiJob {
             ));
         }
         self.run(&spec, file, 1, cancel).await
+    }
+
+    /// The artifacts of the jobs this one depends on, into the checkout.
+    async fn put_dependencies(&mut self, checkout: &std::path::Path, size: u64) -> Result<(), Failure> {
+        let mut got = Vec::new();
+        for dep in self.job.dependencies() {
+            let name = jobfile::sanitize(dep.name().as_bytes());
+            match dep.download().await {
+                Ok(Some(artifact)) => got.push((name, artifact)),
+                Ok(None) => {}
+                Err(e) => return Err(Failure::System(format!("cannot download the artifacts of {name}: {e}"))),
+            }
+        }
+        if got.is_empty() {
+            return Ok(());
+        }
+        let checkout = checkout.to_owned();
+        let said = tokio::task::spawn_blocking(move || {
+            let mut budget = size;
+            let mut said = Vec::new();
+            for (name, mut artifact) in got {
+                let put = crate::dependencies::put(&checkout, &mut artifact, &mut budget)?;
+                said.push(format!(
+                    "construir: the artifacts of {name}: {} files, {}",
+                    put.files,
+                    jobfile::units::human_size(put.bytes)
+                ));
+                said.extend(put.skipped.iter().map(|s| format!("construir: left out of {name}'s artifacts: {s}")));
+            }
+            Ok::<_, String>(said)
+        })
+        .await
+        .map_err(|e| Failure::System(e.to_string()))?
+        .map_err(Failure::Job)?;
+        said.iter().for_each(|line| self.say(line));
+        Ok(())
     }
 
     async fn after_script(&mut self, lines: &[String], cancel: &CancellationToken) -> Result<(), Failure> {

@@ -10,6 +10,7 @@ mod artifacts;
 mod backend;
 mod cli;
 mod compose;
+mod dependencies;
 mod follow;
 mod handler;
 mod journal;

@@ -45,6 +45,8 @@ pub struct CiJob<'a> {
     /// (key, value, masked)
     pub vars: &'a [(&'a str, &'a str, bool)],
     pub artifacts: &'a [&'a str],
+    /// Jobs whose artifacts it gets (GitLab's `needs:`); it waits for them.
+    pub needs: &'a [&'a MockJob],
 }
 
 /// Queues `job` at `repo`'s commit; its token is also its `CI_JOB_TOKEN`, as GitLab has it.
@@ -63,6 +65,9 @@ pub fn enqueue(mock: &GitlabRunnerMock, repo: &Repo, job: &CiJob) -> MockJob {
     }
     if !job.artifacts.is_empty() {
         b.add_artifact_paths(owned(job.artifacts));
+    }
+    for needed in job.needs {
+        b.dependency((*needed).clone());
     }
     // The builder names the token after the id; GitLab gives the same as CI_JOB_TOKEN.
     let id = builder_id(&b);
