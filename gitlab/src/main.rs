@@ -95,16 +95,18 @@ fn backend(args: &RunArgs) -> Result<Arc<dyn Backend>> {
     };
     let api = wire::client::Api::new(&settings)?;
     // Fails now, not at the first job, when the server or the token is wrong.
-    let me: wire::Whoami = api.get("whoami").with_context(|| format!("cannot use {server} as its account"))?;
+    let me: wire::Whoami = api
+        .get("whoami")
+        .with_context(|| format!("cannot ask the construir server at {server} who the account token is"))?;
     eprintln!("construir-gitlab: construir server {server}, account {}", jobfile::sanitize(me.account.as_bytes()));
     Ok(Arc::new(backend::server::Server { api }))
 }
 
 async fn run(args: RunArgs) -> Result<()> {
     let runner_token = read_token(&args.runner_token_file, "GitLab runner token")?;
+    let backend = backend(&args)?;
     let (url, token) = (args.gitlab_url.clone(), runner_token.clone());
     tokio::task::spawn_blocking(move || verify_runner(&url, &token)).await??;
-    let backend = backend(&args)?;
     let builds = args.state_dir.join("builds");
     // What a stopped runner left of its builds is of no use (the journal says what is owed).
     let _ = std::fs::remove_dir_all(&builds);
