@@ -15,6 +15,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::api::{finish_job, Ending};
 use crate::backend::Backend;
 use crate::follow::{follow, Ended};
 
@@ -95,7 +96,11 @@ pub async fn recover(entry: Entry, backend: Arc<dyn Backend>, gitlab: url::Url, 
     let report = recovered(&entry, &backend).await;
     eprintln!("construir-gitlab: GitLab job {} (found after a restart): {}", entry.gitlab_job, report.line);
     let e = entry.clone();
-    let told = tokio::task::spawn_blocking(move || tell_gitlab(&gitlab, &e, &report)).await;
+    let told = tokio::task::spawn_blocking(move || {
+        let end = Ending { success: report.success, failure_reason: report.failure_reason, line: &report.line };
+        finish_job(&gitlab, e.gitlab_job, &e.token, &end)
+    })
+    .await;
     match told {
         Ok(Ok(())) => journal.remove(entry.gitlab_job),
         Ok(Err(why)) => {
@@ -144,48 +149,5 @@ async fn recovered(entry: &Entry, backend: &Arc<dyn Backend>) -> Report {
         },
         Ok(other) => failed(format!("construir job {handle}: {other:?}")),
         Err(e) => failed(format!("construir job {handle}: {e}")),
-    }
-}
-
-/// Appends `report.line` to the job's trace (at the offset GitLab says it
-/// has, when it says) and sets its state, with the job's token.
-fn tell_gitlab(gitlab: &url::Url, entry: &Entry, report: &Report) -> Result<(), String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(std::time::Duration::from_secs(30)))
-        .build()
-        .into();
-    let base = gitlab.as_str().trim_end_matches('/');
-    let line = format!("\nconstruir-gitlab: {}\n", report.line);
-    let trace_url = format!("{base}/api/v4/jobs/{}/trace", entry.gitlab_job);
-    let patch = |from: u64| {
-        agent
-            .patch(&trace_url)
-            .header("JOB-TOKEN", &entry.token)
-            .header("Content-Type", "text/plain")
-            .header("Content-Range", format!("{from}-{}", from + line.len() as u64 - 1))
-            .send(line.as_bytes())
-    };
-    // GitLab answers a wrong offset with 416 and the length it has.
-    if let Ok(r) = patch(0) {
-        let has =
-            r.headers().get("Range").and_then(|v| v.to_str().ok()).and_then(|v| v.rsplit('-').next()?.parse().ok());
-        if let (416, Some(len)) = (r.status().as_u16(), has) {
-            let _ = patch(len);
-        }
-    }
-    let mut body =
-        serde_json::json!({ "token": entry.token, "state": if report.success { "success" } else { "failed" } });
-    if !report.success {
-        body["failure_reason"] = report.failure_reason.into();
-    }
-    let r = agent
-        .put(format!("{base}/api/v4/jobs/{}", entry.gitlab_job))
-        .header("Content-Type", "application/json")
-        .send(body.to_string())
-        .map_err(|e| e.to_string())?;
-    match r.status().as_u16() {
-        200 => Ok(()),
-        s => Err(format!("{s} from GitLab")),
     }
 }

@@ -6,6 +6,7 @@
 //! the console streamed into the job's trace, the artifacts uploaded from
 //! the result with its signed provenance.
 
+mod api;
 mod artifacts;
 mod backend;
 mod cli;
@@ -106,7 +107,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let runner_token = read_token(&args.runner_token_file, "GitLab runner token")?;
     let backend = backend(&args)?;
     let (url, token) = (args.gitlab_url.clone(), runner_token.clone());
-    tokio::task::spawn_blocking(move || verify_runner(&url, &token)).await??;
+    tokio::task::spawn_blocking(move || api::verify_runner(&url, &token)).await??;
     let builds = args.state_dir.join("builds");
     // What a stopped runner left of its builds is of no use (the journal says what is owed).
     let _ = std::fs::remove_dir_all(&builds);
@@ -194,32 +195,6 @@ async fn take_jobs(runner: &mut gitlab_runner::Runner, ctx: &Arc<Ctx>, args: &Ru
             _ = stop.cancelled() => {}
         }
     }
-}
-
-/// Asks GitLab whether it knows the runner's token (`POST /api/v4/runners/verify`):
-/// a refusal stops the start, with what to do.
-fn verify_runner(gitlab: &url::Url, token: &str) -> Result<()> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(std::time::Duration::from_secs(30)))
-        .build()
-        .into();
-    let url = format!("{}/api/v4/runners/verify", gitlab.as_str().trim_end_matches('/'));
-    let body = serde_json::json!({ "token": token }).to_string();
-    let answer = agent
-        .post(&url)
-        .header("Content-Type", "application/json")
-        .send(body)
-        .with_context(|| format!("cannot reach GitLab at {gitlab}"))?;
-    match answer.status().as_u16() {
-        200 => eprintln!("construir-gitlab: GitLab at {gitlab} knows this runner"),
-        401 | 403 => bail!(
-            "GitLab at {gitlab} does not know the runner token in the token file: create a runner in GitLab \
-             (Settings > CI/CD > Runners > New project runner) and put its glrt-… token there"
-        ),
-        s => eprintln!("construir-gitlab: GitLab at {gitlab} answered {s} to verifying the runner; going on"),
-    }
-    Ok(())
 }
 
 /// SIGTERM or SIGINT: stop taking jobs and let those in hand end. A second
