@@ -56,7 +56,59 @@ ensure_packages() {
         want+=(qemu-system-x86 "qemu-utils=$ver")
     fi
     if [ ${#want[@]} -gt 0 ]; then apt_install "${want[@]}"; fi
+    ensure_cross_packages
     # A root host runs each VM as its own uid from --vm-ids (no accounts to
     # create); the host checks at start that no account or group is in the range.
     command -v cargo >/dev/null || die "cargo is missing: install Rust (https://rustup.rs) first"
+}
+
+# The guest architectures other than this machine's (by `uname -m`), for
+# which construir-init is cross-built (scripts/build-init).
+foreign_init_archs() {
+    case "$(uname -m)" in
+        x86_64) echo aarch64 ;;
+        aarch64) echo x86_64 ;;
+        *) die "construir runs on x86_64 and aarch64 hosts, not $(uname -m)" ;;
+    esac
+}
+
+# What arm64 guests need on an x86_64 machine (and the reverse): the
+# emulator, qemu-user-static (image-builder runs the guest's busybox and
+# debootstrap's chroot with it), the cross linker and C library, and
+# Debian's Rust with the other architecture's std (scripts/build-init).
+ensure_cross_packages() {
+    local want=() arch deb
+    arch=$(foreign_init_archs)
+    deb=$([ "$arch" = aarch64 ] && echo arm64 || echo amd64)
+    if [ "$arch" = aarch64 ]; then
+        command -v qemu-system-aarch64 >/dev/null || want+=(qemu-system-arm)
+        command -v aarch64-linux-gnu-gcc >/dev/null || want+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+    else
+        command -v x86_64-linux-gnu-gcc >/dev/null || want+=(gcc-x86-64-linux-gnu libc6-dev-amd64-cross)
+    fi
+    command -v "qemu-$arch-static" >/dev/null || want+=(qemu-user-static)
+    command -v dpkg-deb >/dev/null || want+=(dpkg)
+    if ! dpkg --print-foreign-architectures | grep -qx "$deb"; then
+        as_root dpkg --add-architecture "$deb"
+        apt_updated=
+    fi
+    [ -d "/usr/lib/rustlib/$arch-unknown-linux-gnu/lib" ] && [ -x /usr/bin/cargo ] ||
+        want+=(rustc-web cargo-web "libstd-rust-web-dev:$deb")
+    if [ ${#want[@]} -gt 0 ]; then apt_install "${want[@]}"; fi
+    ensure_binfmt "$arch"
+}
+
+# debootstrap of another architecture configures its packages in a chroot:
+# the kernel must run that architecture's programs through qemu-user-static,
+# registered with binfmt_misc with the F flag (as Debian's package does
+# under systemd; this machine may have no systemd to do it).
+ensure_binfmt() {
+    local arch=$1 dir=/proc/sys/fs/binfmt_misc
+    [ -e "$dir/register" ] || as_root mount -t binfmt_misc binfmt_misc "$dir" 2>/dev/null ||
+        { say "binfmt_misc cannot be mounted: image-builder debootstrap --arch for $arch will say so"; return 0; }
+    if ! grep -qx enabled "$dir/qemu-$arch" 2>/dev/null; then
+        [ -e "$dir/qemu-$arch" ] && echo -1 | as_root tee "$dir/qemu-$arch" >/dev/null
+        as_root sh -c "cat /usr/lib/binfmt.d/qemu-$arch.conf > $dir/register" ||
+            say "cannot register qemu-$arch with binfmt_misc: image-builder debootstrap --arch for $arch will say so"
+    fi
 }

@@ -88,10 +88,10 @@ fn run_held(opts: &RunOptions, stop: Arc<AtomicBool>) -> Result<Summary> {
     })?;
     let inotify = watch(&dirs.queue)?;
     log::info!(
-        "watching {} with {} worker(s), {} acceleration, timeout {} s{}",
+        "watching {} with {} worker(s), guests {}, timeout {} s{}",
         dirs.queue.display(),
         opts.workers,
-        opts.limits.accel.name(),
+        opts.limits.emulators.describe(),
         opts.limits.timeout.as_secs(),
         if opts.once { ", until the queue is empty" } else { "" }
     );

@@ -7,6 +7,8 @@ use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use jobfile::arch::Arch;
+
 use crate::image;
 use crate::jail::{self, IdRange};
 use crate::queue::Dirs;
@@ -91,6 +93,32 @@ pub fn qemu(setup: &Setup) -> Check {
             "qemu",
             format!("cannot run {}: {}", setup.qemu.display(), jobfile::error_chain(&e)),
             "apt-get install qemu-system-x86 qemu-utils (both in one command), or set --qemu",
+        ),
+    }
+}
+
+/// Another architecture's QEMU (`arch`, given as `qemu`): needed once an
+/// image of that architecture is installed; until then its absence is only noted.
+pub fn foreign_qemu(setup: &Setup, arch: Arch, qemu: &Path) -> Check {
+    let what = arch.debian();
+    let images: Vec<String> = image::scan(&setup.dirs.images)
+        .map(|found| {
+            found
+                .into_iter()
+                .filter_map(|(n, _, img)| img.ok().filter(|i| i.manifest.arch == arch).map(|_| format!("i{n}")))
+                .collect()
+        })
+        .unwrap_or_default();
+    let using = if images.is_empty() { format!("no {arch} image installed") } else { images.join(", ") };
+    match crate::emulators::probe(arch, qemu) {
+        Ok((major, minor)) => {
+            ok(what, format!("{} is QEMU {major}.{minor}: {arch} guests run under TCG ({using})", qemu.display()))
+        }
+        Err(e) if images.is_empty() => ok(what, format!("{using}; {arch} guests would need: {e}")),
+        Err(e) => fail(
+            what,
+            format!("{using} cannot run: {e}"),
+            format!("apt-get install {}, or set --qemu{}", arch.qemu_package(), crate::emulators::flag_suffix(arch)),
         ),
     }
 }

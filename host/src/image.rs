@@ -20,6 +20,8 @@ pub struct Image {
 /// The files a VM boots from, opened by the host (QEMU gets descriptors).
 #[derive(Debug)]
 pub struct BootFiles {
+    /// The image's architecture: which QEMU boots these.
+    pub arch: jobfile::arch::Arch,
     pub kernel: File,
     pub initrd: File,
     pub root_disk: Option<File>,
@@ -44,6 +46,7 @@ impl Image {
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))
         };
         Ok(BootFiles {
+            arch: self.manifest.arch,
             kernel: open(&self.manifest.kernel)?,
             initrd: open(&self.manifest.initrd)?,
             root_disk: self.manifest.root_disk.as_deref().map(open).transpose()?,
@@ -66,9 +69,14 @@ pub fn scan(images: &Path) -> io::Result<Vec<Found>> {
     Ok(dirs.into_iter().map(|(number, dir)| (number.clone(), dir, Image::load(images, &number))).collect())
 }
 
-/// The kernel of the first usable image, for the KVM probe.
+/// The kernel of the first usable image of this machine's architecture, for the KVM probe.
 pub fn any_kernel(images: &Path) -> Option<PathBuf> {
-    scan(images).ok()?.into_iter().find_map(|(_, _, image)| image.ok().map(|i| i.dir.join(&i.manifest.kernel)))
+    scan(images)
+        .ok()?
+        .into_iter()
+        .filter_map(|(_, _, image)| image.ok())
+        .find(|i| i.manifest.arch.is_native())
+        .map(|i| i.dir.join(&i.manifest.kernel))
 }
 
 /// A qcow2 image's virtual size (big-endian u64 at byte 24 of its header).

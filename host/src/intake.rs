@@ -55,6 +55,9 @@ pub fn take(claim: &Claim) -> io::Result<Result<Intake, Ending>> {
             return claim.fail("unknown_image", &reason, None).map(Err);
         }
     };
+    if let Some(why) = limits.emulators.refusal(image.manifest.arch) {
+        return claim.fail("unsupported_arch", &format!("image i{}: {why}", job.image()), None).map(Err);
+    }
     let prepared = match limits.confiner.prepare(&claim.dirs.work.join(format!("{}.{label}", limits.host_id))) {
         Ok(p) => p,
         Err(e) => {

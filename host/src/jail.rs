@@ -24,7 +24,7 @@
 //! The code that runs in the child must be async-signal-safe: plain
 //! syscalls on values prepared before the fork, no allocation.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CStr, CString};
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -35,6 +35,7 @@ use std::process::Command;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
+use jobfile::arch::Arch;
 use thiserror::Error;
 
 /// The unprivileged identity one QEMU runs as.
@@ -213,66 +214,83 @@ fn uids_in_use() -> BTreeSet<u32> {
 /// What the jail's root holds: each path bound read-only at the same place.
 #[derive(Debug, Clone)]
 pub struct JailRoot {
-    /// QEMU's binary, canonical (so `/proc/self/exe` finds its data beside it).
-    pub qemu: PathBuf,
+    /// Each guest architecture's QEMU binary, canonical (so `/proc/self/exe` finds its data beside it).
+    pub qemus: BTreeMap<Arch, PathBuf>,
     /// Files and directories bound read-only.
     pub binds: Vec<PathBuf>,
 }
 
 impl JailRoot {
-    /// Finds what `qemu` reads after exec: its libraries (as the dynamic
-    /// loader resolves them, through `ldd`), its accelerator modules and
-    /// their libraries, and its firmware directories (as `qemu -L help`
-    /// lists them) with the directories their links point into.
-    pub fn discover(qemu: &Path) -> Result<Self, JailError> {
-        let missing = |what: &str| JailError::Missing { what: what.to_owned(), qemu: qemu.to_owned() };
-        let qemu = which(qemu).ok_or_else(|| missing("the binary"))?;
-        let prefix = qemu.parent().and_then(Path::parent).ok_or_else(|| missing("the install prefix"))?.to_owned();
+    /// The root for the QEMUs of `emulators` (one per guest architecture):
+    /// what each reads after exec (see `discover_one`), in one root. A VM's
+    /// root therefore holds every architecture's QEMU, read-only; none can
+    /// run another program (`-sandbox spawn=deny`).
+    pub fn discover(emulators: &[(Arch, &Path)]) -> Result<Self, JailError> {
         let mut binds = BTreeSet::new();
-        binds.insert(qemu.clone());
-        let mut objects = vec![qemu.clone()];
-        let modules = fs::read_dir(prefix.join("lib/x86_64-linux-gnu/qemu"))
-            .or_else(|_| fs::read_dir(prefix.join("lib/qemu")))
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.file_name().is_some_and(|n| n.as_bytes().starts_with(b"accel-")));
-        for module in modules {
-            binds.insert(module.clone());
-            objects.push(module);
-        }
-        for object in &objects {
-            binds.extend(libraries(object, &qemu)?);
-        }
-        // QEMU's own list of firmware directories (`-L help`), and wherever their links point.
-        let out = Command::new(&qemu)
-            .args(["-L", "help"])
-            .env_clear()
-            .output()
-            .map_err(|source| JailError::Discover { command: "qemu -L help", qemu: qemu.clone(), source })?;
-        let data: Vec<PathBuf> =
-            String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| fs::canonicalize(l.trim()).ok()).collect();
-        if data.is_empty() {
-            return Err(missing("its firmware directories (qemu -L help)"));
-        }
-        for dir in &data {
-            binds.insert(dir.clone());
-            for entry in fs::read_dir(dir).into_iter().flatten().filter_map(|e| e.ok()) {
-                if entry.file_type().is_ok_and(|t| t.is_symlink()) {
-                    if let Some(target) =
-                        fs::canonicalize(entry.path()).ok().and_then(|t| t.parent().map(Path::to_owned))
-                    {
-                        binds.insert(target);
-                    }
-                }
-            }
+        let mut qemus = BTreeMap::new();
+        for (arch, qemu) in emulators {
+            qemus.insert(*arch, discover_one(qemu, &mut binds)?);
         }
         // A directory bound whole makes binds below it redundant.
         let all: Vec<PathBuf> = binds.into_iter().collect();
         let binds =
             all.iter().filter(|p| !all.iter().any(|q| q != *p && p.starts_with(q) && q.is_dir())).cloned().collect();
-        Ok(JailRoot { qemu, binds })
+        Ok(JailRoot { qemus, binds })
     }
+
+    /// The QEMU binary for `arch` guests inside the root.
+    pub fn qemu(&self, arch: Arch) -> Option<&Path> {
+        self.qemus.get(&arch).map(PathBuf::as_path)
+    }
+}
+
+/// Finds what `qemu` reads after exec, into `binds`: its libraries (as the
+/// dynamic loader resolves them, through `ldd`), its accelerator modules
+/// and their libraries, and its firmware directories (as `qemu -L help`
+/// lists them) with the directories their links point into. Returns the
+/// binary's canonical path.
+fn discover_one(qemu: &Path, binds: &mut BTreeSet<PathBuf>) -> Result<PathBuf, JailError> {
+    let missing = |what: &str| JailError::Missing { what: what.to_owned(), qemu: qemu.to_owned() };
+    let qemu = which(qemu).ok_or_else(|| missing("the binary"))?;
+    let prefix = qemu.parent().and_then(Path::parent).ok_or_else(|| missing("the install prefix"))?.to_owned();
+    binds.insert(qemu.clone());
+    let mut objects = vec![qemu.clone()];
+    let modules = fs::read_dir(prefix.join("lib/x86_64-linux-gnu/qemu"))
+        .or_else(|_| fs::read_dir(prefix.join("lib/aarch64-linux-gnu/qemu")))
+        .or_else(|_| fs::read_dir(prefix.join("lib/qemu")))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.as_bytes().starts_with(b"accel-")));
+    for module in modules {
+        binds.insert(module.clone());
+        objects.push(module);
+    }
+    for object in &objects {
+        binds.extend(libraries(object, &qemu)?);
+    }
+    // QEMU's own list of firmware directories (`-L help`), and wherever their links point.
+    let out = Command::new(&qemu).args(["-L", "help"]).env_clear().output().map_err(|source| JailError::Discover {
+        command: "qemu -L help",
+        qemu: qemu.clone(),
+        source,
+    })?;
+    let data: Vec<PathBuf> =
+        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| fs::canonicalize(l.trim()).ok()).collect();
+    if data.is_empty() {
+        return Err(missing("its firmware directories (qemu -L help)"));
+    }
+    for dir in &data {
+        binds.insert(dir.clone());
+        for entry in fs::read_dir(dir).into_iter().flatten().filter_map(|e| e.ok()) {
+            if entry.file_type().is_ok_and(|t| t.is_symlink()) {
+                if let Some(target) = fs::canonicalize(entry.path()).ok().and_then(|t| t.parent().map(Path::to_owned)) {
+                    binds.insert(target);
+                }
+            }
+        }
+    }
+    Ok(qemu)
 }
 
 /// `program` as exec would find it, canonical.
@@ -480,7 +498,8 @@ impl Plan {
         mkdirs(Path::new("/proc"), &mut steps)?;
         steps.push(Step::Proc(c(&inside(Path::new("/proc")))?));
         if steps.len() > MAX_STEPS || fds.len() > MAX_FDS {
-            return Err(JailError::Missing { what: "a root small enough to build".into(), qemu: root.qemu.clone() });
+            let qemu = root.qemus.values().next().cloned().unwrap_or_default();
+            return Err(JailError::Missing { what: "a root small enough to build".into(), qemu });
         }
         let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
         if !networking {
@@ -808,10 +827,10 @@ mod tests {
 
     #[test]
     fn the_root_holds_qemu_its_libraries_and_firmware_only() {
-        let Ok(root) = JailRoot::discover(Path::new("qemu-system-x86_64")) else {
+        let Ok(root) = JailRoot::discover(&[(Arch::Amd64, Path::new("qemu-system-x86_64"))]) else {
             return; // no QEMU on this machine: the e2e tests need it and say so
         };
-        assert!(root.binds.contains(&root.qemu), "{root:?}");
+        assert!(root.binds.contains(&root.qemus[&Arch::Amd64]), "{root:?}");
         assert!(root.binds.iter().any(|p| p.to_string_lossy().contains("libc.so")), "{root:?}");
         assert!(root.binds.iter().any(|p| p.ends_with("share/qemu")), "{root:?}");
         for p in &root.binds {

@@ -11,6 +11,8 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use jobfile::arch::Arch;
+
 use crate::qemu::{self, Accel, Bounds, Confiner, VmSpec};
 
 /// Whether QEMU at `qemu` boots `kernel` with KVM within `limit`. The probe
@@ -48,13 +50,14 @@ fn boot_probe(
 ) -> Result<bool, Box<dyn std::error::Error>> {
     let prepared = confiner.prepare(&work.join(format!(".kvm-probe.{}", std::process::id())))?;
     let spec = VmSpec {
-        qemu: confiner.root.as_ref().map_or_else(|| qemu.to_owned(), |r| r.qemu.clone()),
+        qemu: confiner.root.as_ref().and_then(|r| r.qemu(Arch::host())).map_or_else(|| qemu.to_owned(), Path::to_owned),
         accel: Accel::Kvm,
+        arch: Arch::host(),
         memory_mib: 256,
         cpus: 1,
         kernel: File::open(kernel)?,
         initrd: None,
-        cmdline: "console=ttyS0 panic=-1 quiet".into(),
+        cmdline: format!("console={} panic=-1 quiet", Arch::host().console()),
         root_disk: None,
         layer: None,
         packages_disk: None,

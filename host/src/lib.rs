@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod debug;
 pub mod debug_job;
 pub mod doctor;
+pub mod emulators;
 pub mod files;
 pub mod handed;
 pub mod image;

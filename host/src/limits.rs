@@ -1,14 +1,17 @@
 //! What every job on a host gets: its VM's size, time and confinement, and
 //! the host's packages, caches and signer.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use construir_provenance::Machine;
 
+use jobfile::arch::Arch;
+
 use crate::caches::Caches;
 use crate::cgroup;
+use crate::emulators::{Emulator, Emulators};
 use crate::image::BootFiles;
 use crate::packages::Packages;
 use crate::provenance::Signer;
@@ -23,8 +26,8 @@ pub struct Limits {
     pub cpus: u32,
     pub networking: bool,
     pub console_limit: usize,
-    pub accel: Accel,
-    pub qemu: PathBuf,
+    /// The QEMU and accelerator of each guest architecture this host runs.
+    pub emulators: Emulators,
     pub host_id: String,
     /// Each VM's uid, namespaces, minimal root and Landlock.
     pub confiner: Confiner,
@@ -55,9 +58,15 @@ impl Limits {
         }
     }
 
-    /// The QEMU binary a VM runs: the one in the minimal root when VMs are jailed in one.
-    pub fn qemu_binary(&self) -> PathBuf {
-        self.confiner.root.as_ref().map_or_else(|| self.qemu.clone(), |r| r.qemu.clone())
+    /// The QEMU binary an `arch` VM runs: the one in the minimal root when VMs are jailed in one.
+    pub fn qemu_binary(&self, arch: Arch) -> PathBuf {
+        let given = self.emulators.get(arch).map_or_else(|| PathBuf::from(arch.qemu()), |e| e.qemu.clone());
+        self.confiner.root.as_ref().and_then(|r| r.qemu(arch)).map_or(given, Path::to_owned)
+    }
+
+    /// The accelerator of `arch` VMs.
+    pub fn accel(&self, arch: Arch) -> Accel {
+        self.emulators.get(arch).map_or(Accel::Tcg, |e| e.accel)
     }
 
     /// The guest's own watchdog: after the job's timeout and packing,
@@ -90,13 +99,14 @@ impl Limits {
     ) -> VmSpec {
         VmSpec {
             cgroup_procs: group.map(|g| g.procs.clone()),
-            qemu: self.qemu_binary(),
-            accel: self.accel,
+            qemu: self.qemu_binary(boot.arch),
+            accel: self.accel(boot.arch),
+            arch: boot.arch,
             memory_mib: self.memory_mib,
             cpus: self.cpus,
             kernel: boot.kernel,
             initrd: Some(boot.initrd),
-            cmdline: format!("console=ttyS0 panic=-1 quiet loglevel=3 {cmdline}"),
+            cmdline: format!("console={} panic=-1 quiet loglevel=3 {cmdline}", boot.arch.console()),
             root_disk: boot.root_disk,
             layer: None,
             packages_disk: None,
@@ -111,11 +121,14 @@ impl Limits {
         }
     }
 
-    /// The machine a job's VM is, as its provenance names it.
-    pub fn machine(&self, signer: &Signer) -> Machine {
+    /// The machine a job's `arch` VM is, as its provenance names it.
+    pub fn machine(&self, signer: &Signer, arch: Arch) -> Machine {
+        let emulator = self.emulators.get(arch);
         Machine {
-            qemu: signer.qemu.clone(),
-            accelerator: self.accel.name().to_owned(),
+            qemu: emulator.map_or_else(|| signer.qemu.clone(), Emulator::version_text),
+            architecture: arch.debian().to_owned(),
+            emulator: emulator.map_or_else(|| arch.qemu().to_owned(), Emulator::name),
+            accelerator: self.accel(arch).name().to_owned(),
             cpus: self.cpus,
             memory_mib: self.memory_mib,
             networking: self.networking,

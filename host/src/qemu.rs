@@ -19,6 +19,8 @@ use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use thiserror::Error;
 
+use jobfile::arch::Arch;
+
 use crate::console::ConsoleLog;
 use crate::jail::{self, Identity, JailRoot, Plan};
 
@@ -60,6 +62,8 @@ impl Accel {
 pub struct VmSpec {
     pub qemu: PathBuf,
     pub accel: Accel,
+    /// The guest's architecture: q35 for amd64, `virt` for arm64.
+    pub arch: Arch,
     pub memory_mib: u64,
     pub cpus: u32,
     pub kernel: File,
@@ -113,12 +117,10 @@ impl VmSpec {
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
         push(&["-name", &format!("guest={},process={}", self.name, self.name)]);
         push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-monitor", "none"]);
-        let machine = format!("q35,accel={},usb=off,vmport=off,smbus=off,sata=off,graphics=off", self.accel.name());
-        push(&["-machine", &machine, "-cpu", if self.accel == Accel::Kvm { "host" } else { "max" }]);
+        a.extend(self.machine_args());
+        let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
         push(&["-m", &format!("{}M", self.memory_mib), "-smp", &self.cpus.to_string()]);
         push(&["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
-        // A guest kernel panic makes QEMU exit with a failure instead of looking like a power-off.
-        push(&["-device", "pvpanic-pci", "-action", "panic=exit-failure"]);
         push(&["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]);
         push(&["-nic", if self.networking { "user,model=virtio-net-pci" } else { "none" }]);
         push(&["-kernel", &format!("/proc/self/fd/{FD_KERNEL}")]);
@@ -181,6 +183,31 @@ impl VmSpec {
             push(&["-device", &port]);
         }
         a.into_iter().map(OsString::from).collect()
+    }
+
+    /// The machine, its CPU, and how a guest kernel panic is told from a power-off.
+    fn machine_args(&self) -> Vec<String> {
+        let kvm = self.accel == Accel::Kvm;
+        let (machine, cpu) = match self.arch {
+            Arch::Amd64 => (
+                format!("q35,accel={},usb=off,vmport=off,smbus=off,sata=off,graphics=off", self.accel.name()),
+                if kvm { "host" } else { "max" },
+            ),
+            // `virt`: PCIe (virtio-*-pci as on q35), a PL011 console, PSCI power-off; no firmware,
+            // QEMU loads the kernel. Under TCG the pointer authentication of `max` is QEMU's
+            // cheap implementation-defined one, not the architected cipher.
+            Arch::Arm64 => (
+                format!("virt,accel={},gic-version={}", self.accel.name(), if kvm { "host" } else { "3" }),
+                if kvm { "host" } else { "max,pauth-impdef=on" },
+            ),
+        };
+        let mut args = vec!["-machine".to_owned(), machine, "-cpu".to_owned(), cpu.to_owned()];
+        if self.arch == Arch::Amd64 {
+            // A guest kernel panic makes QEMU exit with a failure instead of looking like a power-off.
+            // (Debian's arm64 kernel has no pvpanic driver: there the console tells, see `Markers`.)
+            args.extend(["-device", "pvpanic-pci", "-action", "panic=exit-failure"].map(str::to_owned));
+        }
+        args
     }
 
     /// The debug channel's number in QEMU: the first after the caches'.
@@ -370,10 +397,19 @@ pub struct VmRun {
     pub stderr: String,
     /// When construir-init said it started, counted from QEMU's start.
     pub booted: Option<Duration>,
+    /// The guest kernel said it panicked (watched for where no pvpanic device tells: arm64).
+    pub panicked: bool,
 }
 
 /// What construir-init prints as its very first act; the host's sign that the VM booted.
 pub const BOOT_MARKER: &[u8] = b"construir-init: version ";
+
+/// What a Linux kernel prints when it panics (at KERN_EMERG, past `quiet`).
+/// Where the guest has no pvpanic driver, its reboot on panic (`panic=-1`,
+/// which `-no-reboot` turns into QEMU's exit) would look like a power-off
+/// but for this line. Only the job itself can print it falsely, and then
+/// only its own result is lost.
+pub const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
 
 /// Owns QEMU's process: kills its whole group and reaps it on drop. The
 /// group is signalled only while QEMU is unreaped (an exited but unreaped
@@ -476,6 +512,8 @@ pub struct Vm {
     /// Milliseconds from QEMU's start to init's word that a debug session
     /// is open, plus one; 0 until then (or when the VM has no session port).
     opened: Arc<AtomicU64>,
+    /// Whether the console showed the kernel's panic (watched for on arm64 only).
+    panicked: Arc<AtomicBool>,
     console: Arc<Mutex<ConsoleLog>>,
     reader: JoinHandle<()>,
     errors: JoinHandle<String>,
@@ -522,7 +560,7 @@ pub fn start(spec: &VmSpec, confinement: Confinement, bounds: Bounds) -> Result<
     let stdout = child.stdout.take().expect("stdout was piped");
     let stderr = child.stderr.take().expect("stderr was piped");
     let guard = Guard { exit: ExitWatch::of(&child), child, reaped: None };
-    let (last_output, booted, opened) = (Arc::default(), Arc::default(), Arc::default());
+    let (last_output, booted, opened, panicked) = (Arc::default(), Arc::default(), Arc::default(), Arc::default());
     let mut log = ConsoleLog::new(bounds.console_limit);
     if let Some(file) = spec.live_console.as_ref().and_then(|f| f.try_clone().ok()) {
         log.write_live_to(file);
@@ -533,11 +571,12 @@ pub fn start(spec: &VmSpec, confinement: Confinement, bounds: Bounds) -> Result<
         seen: Arc::clone(&last_output),
         booted: Arc::clone(&booted),
         opened: spec.debug_port.is_some().then(|| Arc::clone(&opened)),
+        panicked: (spec.arch != Arch::Amd64).then(|| Arc::clone(&panicked)),
         carry: Vec::new(),
     };
     let reader = read_console(stdout, Arc::clone(&console), watched);
     let errors = capture(stderr, MAX_STDERR);
-    Ok(Vm { guard, start, bounds, last_output, booted, opened, console, reader, errors })
+    Ok(Vm { guard, start, bounds, last_output, booted, opened, panicked, console, reader, errors })
 }
 
 /// Reads the console into `log` until QEMU closes it, watching for init's words.
@@ -568,6 +607,8 @@ struct Markers {
     booted: Arc<AtomicU64>,
     /// Looked for only when the VM has a session port.
     opened: Option<Arc<AtomicU64>>,
+    /// Looked for (all along) only where no pvpanic device tells of a panic.
+    panicked: Option<Arc<AtomicBool>>,
     /// The end of the previous read, so a marker split across two reads is still seen.
     carry: Vec<u8>,
 }
@@ -577,7 +618,8 @@ impl Markers {
         let now = self.start.elapsed().as_millis() as u64;
         self.seen.store(now, Ordering::Relaxed);
         let watching_open = self.opened.as_ref().is_some_and(|o| o.load(Ordering::Relaxed) == 0);
-        if self.booted.load(Ordering::Relaxed) != 0 && !watching_open {
+        let watching_panic = self.panicked.as_ref().is_some_and(|p| !p.load(Ordering::Relaxed));
+        if self.booted.load(Ordering::Relaxed) != 0 && !watching_open && !watching_panic {
             return;
         }
         self.carry.extend_from_slice(bytes);
@@ -590,7 +632,12 @@ impl Markers {
                 opened.store(now + 1, Ordering::Relaxed);
             }
         }
-        let longest = BOOT_MARKER.len().max(jobfile::debug::OPEN_MARKER.len());
+        if let Some(panicked) = self.panicked.as_ref().filter(|_| watching_panic) {
+            if has(PANIC_MARKER, &self.carry) {
+                panicked.store(true, Ordering::Relaxed);
+            }
+        }
+        let longest = BOOT_MARKER.len().max(jobfile::debug::OPEN_MARKER.len()).max(PANIC_MARKER.len());
         let keep = self.carry.len().saturating_sub(longest);
         self.carry.drain(..keep);
     }
@@ -665,7 +712,8 @@ impl Vm {
             std::mem::replace(&mut *self.console.lock().unwrap_or_else(|e| e.into_inner()), ConsoleLog::new(0));
         let stderr = self.errors.join().unwrap_or_default();
         let status = if cut.is_some() { None } else { status };
-        VmRun { status, cut, elapsed, console, stderr, booted }
+        let panicked = self.panicked.load(Ordering::Relaxed);
+        VmRun { status, cut, elapsed, console, stderr, booted, panicked }
     }
 }
 
@@ -708,6 +756,7 @@ mod tests {
         VmSpec {
             qemu: "qemu-system-x86_64".into(),
             accel: Accel::Tcg,
+            arch: Arch::Amd64,
             memory_mib: 512,
             cpus: 1,
             kernel: null(),
@@ -805,6 +854,40 @@ mod tests {
         assert!(args.iter().any(|a| a == "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"));
         let with_net = VmSpec { networking: true, ..spec() };
         assert!(with_net.args().iter().any(|a| a == "user,model=virtio-net-pci"));
+    }
+
+    #[test]
+    fn an_arm64_guest_is_a_virt_machine_without_pvpanic_and_kvm_only_with_the_hosts_cpu() {
+        let text = |s: &VmSpec| s.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        let amd64 = text(&spec());
+        assert!(amd64.contains("-machine q35,accel=tcg") && amd64.contains("-cpu max "), "{amd64}");
+        assert!(amd64.contains("-device pvpanic-pci -action panic=exit-failure"), "{amd64}");
+        let tcg = text(&VmSpec { arch: Arch::Arm64, ..spec() });
+        assert!(tcg.contains("-machine virt,accel=tcg,gic-version=3 -cpu max,pauth-impdef=on"), "{tcg}");
+        assert!(!tcg.contains("pvpanic") && !tcg.contains("q35"), "{tcg}");
+        assert!(tcg.contains("-device virtio-blk-pci,drive=job"), "the job disk is the same virtio disk: {tcg}");
+        let kvm = text(&VmSpec { arch: Arch::Arm64, accel: Accel::Kvm, ..spec() });
+        assert!(kvm.contains("-machine virt,accel=kvm,gic-version=host -cpu host"), "{kvm}");
+    }
+
+    #[test]
+    fn the_kernels_panic_line_is_seen_across_reads_only_where_it_is_watched_for() {
+        let markers = |watch: bool| Markers {
+            start: Instant::now(),
+            seen: Arc::default(),
+            booted: Arc::new(AtomicU64::new(1)),
+            opened: None,
+            panicked: watch.then(Arc::default),
+            carry: Vec::new(),
+        };
+        let mut m = markers(true);
+        m.push(b"[ 3.1] Kernel pan");
+        assert!(!m.panicked.as_ref().expect("watched").load(Ordering::Relaxed));
+        m.push(b"ic - not syncing: Attempted to kill init!\r\n");
+        assert!(m.panicked.as_ref().expect("watched").load(Ordering::Relaxed), "split across two reads");
+        let mut amd64 = markers(false);
+        amd64.push(b"Kernel panic - not syncing");
+        assert!(amd64.panicked.is_none(), "pvpanic tells on amd64");
     }
 
     #[test]

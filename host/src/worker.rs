@@ -144,7 +144,12 @@ fn record(claim: &Claim, intake: &Intake, given: &[Given], layer: Option<&LayerR
         rebuild: intake.terms.rebuild.as_ref(),
         debug,
     };
-    Some(Record::new(inputs, intake.claimed_at.clone(), claim.limits.machine(signer), intake.hashed))
+    Some(Record::new(
+        inputs,
+        intake.claimed_at.clone(),
+        claim.limits.machine(signer, intake.image.manifest.arch),
+        intake.hashed,
+    ))
 }
 
 /// The job's VM: its image (and layer) booted with the working copy and
@@ -209,7 +214,7 @@ fn log_boot(claim: &Claim, intake: &Intake) {
         "job {}: booting image i{} ({}, {} MiB, {} CPUs, job disk {} bytes{})",
         claim.label(),
         claim.job.image(),
-        limits.accel.name(),
+        limits.accel(intake.image.manifest.arch).name(),
         limits.memory_mib,
         limits.cpus,
         intake.size,
@@ -262,6 +267,8 @@ fn how(limits: &Limits, vm: &VmRun) -> String {
             "VM killed after {secs:.1} s: no console output for {} s",
             limits.silence.map_or(0, |s| s.as_secs())
         ),
+        // Where no pvpanic device tells (arm64), the kernel's reboot on panic ends QEMU as a power-off would.
+        (None, Some(st)) if st.success() && vm.panicked => format!("the guest kernel panicked after {secs:.1} s"),
         (_, Some(st)) if st.success() => format!("VM powered off after {secs:.1} s"),
         // pvpanic with -action panic=exit-failure: QEMU exits 1 when the guest kernel panics.
         (_, Some(st)) if st.code() == Some(1) && vm.stderr.is_empty() => {
@@ -281,7 +288,7 @@ fn ended(claim: &Claim, intake: &mut Intake, vm: VmRun, checkouts: Vec<Checkout>
     // Only a clean power-off means init packed and synced the result: after a
     // panic, a kill or a crash the disk may hold half a result whose status
     // (packed first) still reads well.
-    let powered_off = vm.cut.is_none() && vm.status.is_some_and(|st| st.success());
+    let powered_off = vm.cut.is_none() && vm.status.is_some_and(|st| st.success()) && !vm.panicked;
     let status = if powered_off { read_status(&intake.disk) } else { None };
     let Some(st) = status else {
         let reason = if powered_off {

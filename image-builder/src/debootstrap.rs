@@ -13,6 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use jobfile::arch::Arch;
 use jobfile::image::{Archive, ImageManifest, Package, DPKG_STATUS};
 use jobfile::units::rfc3339;
 
@@ -27,7 +28,7 @@ use crate::{command, ext4, mini, say, sources};
 include!(concat!(env!("OUT_DIR"), "/guest_files.rs"));
 
 /// Modules the initramfs loads for the root disk, besides the job disk's
-/// (`mini::MODULES`); their dependencies, hard and soft, come from the
+/// (`mini::modules`); their dependencies, hard and soft, come from the
 /// image's own `modules.dep`, `modules.softdep` and `modules.alias`.
 pub const ROOT_MODULES: &[&str] = &["ext4"];
 
@@ -38,12 +39,14 @@ const ROOT_MOUNT: &str = "newroot";
 /// nothing is worth an access-time write.
 pub const ROOT_FLAGS: &str = "noatime";
 
-/// Packages every Debian image has, besides what `--include` adds.
-pub const BASE_PACKAGES: &[&str] = &["linux-image-amd64", "build-essential", "bzip2", "xz-utils"];
+/// Packages every Debian image has, besides its architecture's kernel and what `--include` adds.
+pub const BASE_PACKAGES: &[&str] = &["build-essential", "bzip2", "xz-utils"];
 
 #[derive(Debug, Clone)]
 pub struct DebootstrapOptions {
     pub out: PathBuf,
+    /// The image's architecture; another than this machine's needs qemu-user-static registered with binfmt_misc.
+    pub arch: Arch,
     pub suite: String,
     pub include: Vec<String>,
     pub mirror: Option<String>,
@@ -71,7 +74,10 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
     if !nix_is_root() {
         bail!("image-builder debootstrap needs root (debootstrap and chroot do): run it as root or with sudo");
     }
-    let init = mini::find_init(opts.init.as_deref())?;
+    let init = mini::find_init(opts.init.as_deref(), opts.arch)?;
+    if !opts.arch.is_native() {
+        check_binfmt(opts.arch, Path::new("/proc/sys/fs/binfmt_misc"))?;
+    }
     let mirror =
         match &opts.mirror {
             Some(m) => m.clone(),
@@ -98,9 +104,12 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
         install(r, path, data, *mode)?;
     }
     fs::create_dir_all(r.join("job")).context("cannot create /job")?;
-    let kernel = initramfs(&mut progress, r, &staging.dir, &init)?;
+    let kernel = initramfs(&mut progress, r, &staging.dir, (&init, opts.arch))?;
     let (installed, architecture) = installed(&mut progress, r, &staging.dir)?;
-    let kernel_file = trim(&mut progress, r, &staging.dir, &kernel)?;
+    if architecture != opts.arch.debian() {
+        bail!("debootstrap --arch={} made a root whose dpkg says {architecture:?}", opts.arch);
+    }
+    let kernel_file = trim(&mut progress, r, &staging.dir, &kernel, opts.arch)?;
 
     let raw = staging.dir.join("root.raw");
     progress.stage("mkfs", format!("ext4 of {} (mkfs.ext4 -d)", jobfile::units::human_size(opts.size)));
@@ -111,7 +120,8 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
     progress.stage("manifest", "image.toml with every file's sha256");
     let manifest = ImageManifest {
         kind: "debootstrap".into(),
-        description: format!("construir Debian {} image: minbase + {}", opts.suite, packages.join(", ")),
+        arch: opts.arch,
+        description: format!("construir Debian {} {} image: minbase + {}", opts.suite, opts.arch, packages.join(", ")),
         builder_version: env!("CARGO_PKG_VERSION").into(),
         created: rfc3339(std::time::SystemTime::now()),
         kernel_version: kernel.version,
@@ -139,7 +149,8 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
 
 /// The packages debootstrap installs: the base ones and each `--include`d, once.
 fn packages(opts: &DebootstrapOptions) -> Result<Vec<String>> {
-    let mut packages: Vec<String> = BASE_PACKAGES.iter().map(|s| s.to_string()).collect();
+    let mut packages: Vec<String> = vec![opts.arch.kernel_package().to_owned()];
+    packages.extend(BASE_PACKAGES.iter().map(|s| s.to_string()));
     for p in &opts.include {
         if !p.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:".contains(c)) || p.is_empty() {
             bail!("--include {p:?} is not a Debian package name");
@@ -162,6 +173,7 @@ fn download(
     progress.stage("download", format!("debootstrap {} (minbase + {}) from {mirror}", opts.suite, packages.join(",")));
     let mut cmd = Command::new("debootstrap");
     cmd.args(["--variant=minbase", "--components=main"]).arg(format!("--include={}", packages.join(",")));
+    cmd.arg(format!("--arch={}", opts.arch));
     if let Some(cache) = &opts.cache {
         fs::create_dir_all(cache).with_context(|| format!("cannot create {}", cache.display()))?;
         cmd.arg(format!("--cache-dir={}", std::path::absolute(cache)?.display()));
@@ -190,7 +202,7 @@ fn download(
 /// The initramfs (`initrd.img` in `staging`): construir-init as /init and
 /// the modules the root disk needs, of the kernel installed in `r`.
 /// Debian's own initramfs is never booted, and is removed.
-fn initramfs(progress: &mut Progress, r: &Path, staging: &Path, init: &Path) -> Result<Kernel> {
+fn initramfs(progress: &mut Progress, r: &Path, staging: &Path, (init, arch): (&Path, Arch)) -> Result<Kernel> {
     let kernel_version = installed_kernel(r)?;
     progress
         .stage("initramfs", format!("construir-init as /init and the root disk's modules (kernel {kernel_version})"));
@@ -199,7 +211,7 @@ fn initramfs(progress: &mut Progress, r: &Path, staging: &Path, init: &Path) -> 
         version: kernel_version.clone(),
         modules: r.join(format!("lib/modules/{kernel_version}")),
     };
-    let wanted: Vec<&str> = mini::MODULES.iter().chain(ROOT_MODULES).copied().collect();
+    let wanted: Vec<&str> = mini::modules(arch).iter().chain(ROOT_MODULES).copied().collect();
     let modules = kernel.resolve_module_groups(&wanted).context("cannot resolve the root disk's modules")?;
     let names = |g: &Vec<PathBuf>| {
         g.iter().map(|m| m.file_name().unwrap_or_default().to_string_lossy()).collect::<Vec<_>>().join(" ")
@@ -257,9 +269,10 @@ fn installed(progress: &mut Progress, r: &Path, staging: &Path) -> Result<(Vec<P
 
 /// Exports the kernel into `staging` (its file's name returned) and drops
 /// apt's lists, caches and docs from `r`, keeping what apt needs to run in a job.
-fn trim(progress: &mut Progress, r: &Path, staging: &Path, kernel: &Kernel) -> Result<String> {
+fn trim(progress: &mut Progress, r: &Path, staging: &Path, kernel: &Kernel, arch: Arch) -> Result<String> {
     progress.stage("kernel", "exporting the kernel, dropping apt lists, caches and docs");
-    let (kernel_file, pvh) = crate::kernel::install_kernel(&kernel.image, staging).context("cannot copy the kernel")?;
+    let (kernel_file, pvh) =
+        crate::kernel::install_kernel(&kernel.image, staging, arch).context("cannot copy the kernel")?;
     progress.note(format_args!(
         "kernel file {kernel_file}{}",
         if pvh { " (uncompressed, booted through its PVH entry)" } else { "" }
@@ -302,7 +315,37 @@ fn installed_kernel(root: &Path) -> Result<String> {
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("vmlinuz-")).map(str::to_owned))
         .collect();
     versions.sort();
-    versions.pop().context("no kernel in the image's /boot (is linux-image-amd64 installed?)")
+    versions.pop().context("no kernel in the image's /boot (is the architecture's linux-image installed?)")
+}
+
+/// That the kernel runs `arch`'s programs for this machine: debootstrap
+/// configures the packages in a chroot, which needs qemu-user-static
+/// registered with binfmt_misc, with the F flag (the emulator opened at
+/// registration, so it works inside the chroot).
+pub fn check_binfmt(arch: Arch, binfmt_misc: &Path) -> Result<()> {
+    let entry = binfmt_misc.join(format!("qemu-{}", arch.machine()));
+    let text = fs::read_to_string(&entry).unwrap_or_default();
+    let enabled = text.lines().next() == Some("enabled");
+    let fixed = text.lines().any(|l| l.strip_prefix("flags: ").is_some_and(|f| f.contains('F')));
+    if !enabled || !fixed {
+        bail!(
+            "this machine cannot run {arch} programs for debootstrap's chroot: {} is {}. \
+             Install qemu-user-static and register it: mount -t binfmt_misc binfmt_misc {} (if not mounted), \
+             then cat /usr/lib/binfmt.d/qemu-{}.conf > {}/register (scripts/lib.sh ensure_binfmt does this)",
+            entry.display(),
+            if text.is_empty() {
+                "missing"
+            } else if !enabled {
+                "disabled"
+            } else {
+                "registered without the F flag"
+            },
+            binfmt_misc.display(),
+            arch.machine(),
+            binfmt_misc.display()
+        );
+    }
+    Ok(())
 }
 
 fn empty_dir(dir: &Path) -> std::io::Result<()> {

@@ -2,6 +2,7 @@
 
 pub use jobfile::command;
 pub mod debootstrap;
+pub mod foreign;
 pub use jobfile::ext4;
 pub mod initramfs;
 pub mod kernel;

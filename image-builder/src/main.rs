@@ -11,6 +11,7 @@ use construir_image_builder::debootstrap::{self, DebootstrapOptions};
 use construir_image_builder::list;
 use construir_image_builder::mini::{self, MiniOptions};
 use construir_image_builder::verify::{self, VerifyOptions};
+use jobfile::arch::Arch;
 
 #[derive(Parser)]
 #[command(name = "image-builder", version, about = "Make base images for construir (images/i<N>/)")]
@@ -21,30 +22,51 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// A tiny image: this machine's kernel and an initramfs with construir-init and static busybox.
+    /// A tiny image: a kernel and an initramfs with construir-init and static busybox
+    /// (this machine's, or for another --arch the Debian archive's).
     Mini {
         /// The image directory to create (e.g. images/i0).
         #[arg(long)]
         out: PathBuf,
+        /// The guest's architecture: amd64 (x86_64) or arm64 (aarch64) [default: this machine's].
+        #[arg(long, value_name = "ARCH", default_value_t = Arch::host())]
+        arch: Arch,
         /// Kernel to use [default: the newest /boot/vmlinuz-*]; its modules must be in /lib/modules/<version>.
+        /// This machine's architecture only.
         #[arg(long, value_name = "VMLINUZ")]
         kernel: Option<PathBuf>,
-        /// construir-init to use [default: the one beside this program].
+        /// construir-init to use [default: the one for ARCH beside this program].
         #[arg(long, value_name = "PATH")]
         init: Option<PathBuf>,
-        /// Static busybox giving jobs /bin/sh and the usual tools.
-        #[arg(long, value_name = "PATH", default_value = "/bin/busybox")]
-        busybox: PathBuf,
+        /// Static busybox giving jobs /bin/sh and the usual tools [default: /bin/busybox].
+        /// This machine's architecture only.
+        #[arg(long, value_name = "PATH")]
+        busybox: Option<PathBuf>,
+        /// Another architecture: the Debian suite its kernel and busybox come from.
+        #[arg(long, default_value = "bookworm")]
+        suite: String,
+        /// Another architecture: the Debian mirror [default: the one this machine's apt sources use for SUITE].
+        #[arg(long, value_name = "URL")]
+        mirror: Option<String>,
+        /// Another architecture: where the archive's lists and packages are kept between builds
+        /// [default: ~/.cache/construir/image-builder].
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
         /// Replace an existing image at --out.
         #[arg(long)]
         force: bool,
     },
-    /// A Debian image (needs root): debootstrap minbase with linux-image-amd64,
-    /// build-essential, bzip2 and xz-utils, construir-init, a root disk in qcow2.
+    /// A Debian image (needs root): debootstrap minbase with the architecture's kernel
+    /// (linux-image-amd64, linux-image-arm64), build-essential, bzip2 and xz-utils,
+    /// construir-init, a root disk in qcow2.
     Debootstrap {
         /// The image directory to create (e.g. images/i100).
         #[arg(long)]
         out: PathBuf,
+        /// The guest's architecture: amd64 (x86_64) or arm64 (aarch64) [default: this machine's].
+        /// Another than this machine's needs qemu-user-static registered with binfmt_misc.
+        #[arg(long, value_name = "ARCH", default_value_t = Arch::host())]
+        arch: Arch,
         /// Debian suite.
         #[arg(long, default_value = "bookworm")]
         suite: String,
@@ -103,13 +125,13 @@ enum Command {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Mini { out, kernel, init, busybox, force } => {
-            let path = mini::build(&MiniOptions { out, kernel, init, busybox, force })?;
+        Command::Mini { out, arch, kernel, init, busybox, suite, mirror, cache, force } => {
+            let path = mini::build(&MiniOptions { out, arch, kernel, init, busybox, suite, mirror, cache, force })?;
             println!("{}", path.display());
         }
-        Command::Debootstrap { out, suite, include, mirror, size, init, cache, force } => {
-            let path =
-                debootstrap::build(&DebootstrapOptions { out, suite, include, mirror, size, init, cache, force })?;
+        Command::Debootstrap { out, arch, suite, include, mirror, size, init, cache, force } => {
+            let opts = DebootstrapOptions { out, arch, suite, include, mirror, size, init, cache, force };
+            let path = debootstrap::build(&opts)?;
             println!("{}", path.display());
         }
         Command::Verify { image, host, timeout_secs, accel } => {

@@ -50,6 +50,9 @@ pub const DPKG_STATUS: &str = "dpkg-status";
 pub struct ImageManifest {
     /// `mini` or `debootstrap`.
     pub kind: String,
+    /// What the image's kernel and programs run on (`amd64` when the file predates the field).
+    #[serde(default)]
+    pub arch: crate::arch::Arch,
     pub description: String,
     pub builder_version: String,
     /// RFC 3339, UTC.
@@ -177,6 +180,7 @@ mod tests {
     fn sample() -> ImageManifest {
         ImageManifest {
             kind: "mini".into(),
+            arch: crate::arch::Arch::Amd64,
             description: "test".into(),
             builder_version: "0.1.0".into(),
             created: "2026-11-24T00:00:00Z".into(),

@@ -5,6 +5,7 @@
 //! output capacity. This crate names, reads, safely unpacks and packs such
 //! files; see `docs/DESIGN.md` for the contract.
 
+pub mod arch;
 pub mod caches;
 pub mod cmdline;
 pub mod command;

@@ -159,12 +159,22 @@ pub struct RebuildParameter {
     pub other_run: String,
 }
 
+fn amd64() -> String {
+    "amd64".into()
+}
+
 /// The build's internal parameters: the machine the host made for the job.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Machine {
     /// The QEMU version, as `major.minor`.
     pub qemu: String,
+    /// The guest's architecture, by Debian's name (`amd64`, `arm64`; `amd64` in statements from before it was named).
+    #[serde(default = "amd64")]
+    pub architecture: String,
+    /// The QEMU program that ran it (`qemu-system-aarch64`).
+    #[serde(default)]
+    pub emulator: String,
     pub accelerator: String,
     pub cpus: u32,
     #[serde(rename = "memoryMiB")]

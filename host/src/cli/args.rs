@@ -161,9 +161,13 @@ pub(crate) struct RunArgs {
     /// How often to rescan the queue besides watching it.
     #[arg(long, default_value = "5s", value_parser = duration_arg)]
     pub(crate) rescan: Duration,
-    /// QEMU binary (7.2 or newer).
+    /// QEMU for amd64 (x86_64) guests (7.2 or newer).
     #[arg(long, default_value = "qemu-system-x86_64")]
     pub(crate) qemu: PathBuf,
+    /// QEMU for arm64 (aarch64) guests (7.2 or newer; Debian's qemu-system-arm). Where it
+    /// cannot run, jobs for arm64 images are refused and a host of a server takes none.
+    #[arg(long, value_name = "PATH", default_value = "qemu-system-aarch64")]
+    pub(crate) qemu_arm64: PathBuf,
     /// When the host runs as root, each VM runs as its own uid and gid from
     /// FIRST:COUNT (no two live VMs share one; the range must hold no
     /// account or group). The default lies above systemd's container ranges.

@@ -9,7 +9,8 @@ use construir_host::queue::Dirs;
 use construir_host::{cgroup, config, jail, kvm};
 
 use crate::cli::args::{AccelChoice, RunArgs};
-use crate::cli::setup::confiner;
+use crate::cli::setup::{confiner, emulators_found, qemu_for};
+use jobfile::arch::Arch;
 
 /// `construir-host doctor`: prints one line per requirement; fails when one blocks `run`.
 pub(crate) fn doctor(a: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode> {
@@ -54,6 +55,9 @@ pub(crate) fn doctor(a: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCod
     let qemu_check = doctor::qemu(&setup);
     let qemu_ok = qemu_check.level == Level::Ok;
     checks.push(qemu_check);
+    for arch in Arch::ALL.into_iter().filter(|a| !a.is_native()) {
+        checks.push(doctor::foreign_qemu(&setup, arch, qemu_for(&a, arch)));
+    }
     checks.push(doctor::vm_ids(&setup, root));
     checks.push(doctor::directories(&setup));
     checks.extend(doctor::images(&setup));
@@ -90,7 +94,8 @@ pub(crate) fn kvm_check(a: &RunArgs, dirs: &Dirs, root: bool, qemu_ok: bool) -> 
         if !qemu_ok {
             return Err("QEMU is missing".to_owned());
         }
-        confiner(a, root).map_err(|e| format!("{e:#}"))
+        let found = emulators_found(a).map_err(|e| format!("{e:#}"))?;
+        confiner(a, root, &found).map_err(|e| format!("{e:#}"))
     };
     match kvm::decide(a.accel.into(), &a.qemu, &dirs.images, &dirs.work, confiner) {
         Decision::TcgChosen => check(

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use construir_host::caches::{Caches, CACHES_DIR};
 use construir_host::daemon::{self, RunOptions};
+use construir_host::emulators::{self, Emulators, Found};
 use construir_host::jail::{IdPool, IdRange, JailRoot};
 use construir_host::layers::Layers;
 use construir_host::limits::Limits;
@@ -17,6 +18,7 @@ use construir_host::packages::Packages;
 use construir_host::qemu::Confiner;
 use construir_host::queue::{Dirs, Rules};
 use construir_host::{cgroup, config, jail, kvm, logger};
+use jobfile::arch::Arch;
 
 use crate::cli::args::RunArgs;
 
@@ -76,13 +78,10 @@ pub(crate) fn run_queue(a: RunArgs) -> Result<()> {
 /// Everything `run` needs besides the directories: QEMU checked, the VMs'
 /// confinement, cgroups, the accelerator, limits, and the stop flag.
 pub(crate) fn prepare(a: &RunArgs, dirs: Dirs, host_id: String) -> Result<(RunOptions, Arc<AtomicBool>)> {
-    let (major, minor) =
-        construir_host::qemu::version(&a.qemu).with_context(|| format!("cannot run {}", a.qemu.display()))?;
-    if (major, minor) < (7, 2) {
-        bail!("{} is QEMU {major}.{minor}; construir needs 7.2 or newer", a.qemu.display());
-    }
+    let found = emulators_found(a)?;
+    let (major, minor) = found.iter().find(|(arch, ..)| arch.is_native()).map(|(_, _, v)| *v).unwrap_or_default();
     let root = jail::running_as_root();
-    let confiner = confiner(a, root)?;
+    let confiner = confiner(a, root, &found)?;
     let cgroups = if root {
         let own = std::fs::read_to_string("/proc/self/cgroup").ok().and_then(|t| cgroup::own_cgroup(&t));
         match cgroup::detect(Path::new("/sys/fs/cgroup"), own.as_deref().unwrap_or("/")) {
@@ -107,7 +106,8 @@ pub(crate) fn prepare(a: &RunArgs, dirs: Dirs, host_id: String) -> Result<(RunOp
         ),
         _ => {}
     }
-    let accel = decision.accel();
+    let emulators = Emulators::new(found, decision.accel());
+    log::info!("guests: {}", emulators.describe());
     let cache = a.package_cache.clone().unwrap_or_else(|| daemon::sibling(&dirs.queue, "cache"));
     let packages = Packages {
         resolver: deps::Resolver::new(deps::Settings {
@@ -142,8 +142,7 @@ pub(crate) fn prepare(a: &RunArgs, dirs: Dirs, host_id: String) -> Result<(RunOp
         cpus: a.cpus,
         networking: a.enable_networking,
         console_limit: usize::try_from(a.log_limit).unwrap_or(usize::MAX).max(4096),
-        accel,
-        qemu: a.qemu.clone(),
+        emulators,
         signer: Some(signer),
         host_id,
         debug: (!a.no_debug).then_some(DebugLimits { wait: a.debug_wait, max: a.debug_max }),
@@ -190,8 +189,31 @@ fn signer(
     })
 }
 
+/// The QEMU given for `arch` (`--qemu`, `--qemu-arm64`).
+pub(crate) fn qemu_for(a: &RunArgs, arch: Arch) -> &Path {
+    match arch {
+        Arch::Amd64 => &a.qemu,
+        Arch::Arm64 => &a.qemu_arm64,
+    }
+}
+
+/// Each architecture's QEMU that runs here, with its version. The host's
+/// own architecture's must; another's may be missing (its jobs are then refused).
+pub(crate) fn emulators_found(a: &RunArgs) -> Result<Vec<Found>> {
+    let mut found = Vec::new();
+    for arch in Arch::ALL {
+        let qemu = qemu_for(a, arch);
+        match emulators::probe(arch, qemu) {
+            Ok(version) => found.push((arch, qemu.to_owned(), version)),
+            Err(e) if arch.is_native() => return Err(e.into()),
+            Err(e) => log::info!("no {arch} guests: {e}"),
+        }
+    }
+    Ok(found)
+}
+
 /// What each VM is confined by: its own uid, namespaces and root when the host is root.
-pub(crate) fn confiner(a: &RunArgs, root: bool) -> Result<Confiner> {
+pub(crate) fn confiner(a: &RunArgs, root: bool, found: &[Found]) -> Result<Confiner> {
     if !root {
         return Ok(Confiner { ids: None, root: None, landlock_abi: 0 });
     }
@@ -201,7 +223,7 @@ pub(crate) fn confiner(a: &RunArgs, root: bool) -> Result<Confiner> {
     jail::check_range(a.vm_ids, Path::new("/etc/passwd"), Path::new("/etc/group"))?;
     Ok(Confiner {
         ids: Some(IdPool::new(a.vm_ids, &a.vm_id_locks)?),
-        root: Some(JailRoot::discover(&a.qemu)?),
+        root: Some(JailRoot::discover(&found.iter().map(|(arch, q, _)| (*arch, q.as_path())).collect::<Vec<_>>())?),
         landlock_abi: jail::landlock_abi(),
     })
 }
