@@ -179,6 +179,11 @@ fn download(
         cmd.arg(format!("--cache-dir={}", std::path::absolute(cache)?.display()));
     }
     cmd.arg(&opts.suite).arg(r).arg(mirror).env("LC_ALL", "C").env("DEBIAN_FRONTEND", "noninteractive");
+    // The kernel package's hook would build Debian's initramfs, which is never
+    // booted (ours replaces it, below): minutes under qemu-user for another
+    // architecture. INITRD=No is the hook's own switch; with no initramfs
+    // made, initramfs-tools' trigger finds none to update.
+    cmd.env("INITRD", "No");
     let mut last = Instant::now();
     let mut installing = false;
     command::run(&mut cmd, "debootstrap", Duration::from_secs(60 * 60), |line| {

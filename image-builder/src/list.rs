@@ -16,6 +16,8 @@ pub struct Listed {
     /// `i<N>`.
     pub image: String,
     pub kind: Option<String>,
+    /// `amd64`, `arm64`.
+    pub arch: Option<String>,
     pub suite: Option<String>,
     pub kernel: Option<String>,
     /// Bytes on disk of the image's files (a qcow2 root counts as stored, not as its virtual size).
@@ -40,6 +42,7 @@ pub fn list(images: &Path) -> io::Result<Vec<Listed>> {
                 Listed {
                     image,
                     kind: Some(m.kind),
+                    arch: Some(m.arch.debian().to_owned()),
                     suite: m.suite,
                     kernel: Some(m.kernel_version),
                     bytes,
@@ -50,6 +53,7 @@ pub fn list(images: &Path) -> io::Result<Vec<Listed>> {
             Err(e) => Listed {
                 image,
                 kind: None,
+                arch: None,
                 suite: None,
                 kernel: None,
                 bytes: 0,
@@ -73,14 +77,15 @@ pub fn render(images: &Path, listed: &[Listed]) -> String {
     }
     let dash = || "-".to_owned();
     let mut out = format!(
-        "{:<8} {:<12} {:<10} {:<18} {:>10}  {:<20}  {}\n",
-        "IMAGE", "KIND", "SUITE", "KERNEL", "SIZE", "CREATED", "VERIFIES"
+        "{:<8} {:<12} {:<6} {:<10} {:<18} {:>10}  {:<20}  {}\n",
+        "IMAGE", "KIND", "ARCH", "SUITE", "KERNEL", "SIZE", "CREATED", "VERIFIES"
     );
     for l in listed {
         out.push_str(&format!(
-            "{:<8} {:<12} {:<10} {:<18} {:>10}  {:<20}  {}\n",
+            "{:<8} {:<12} {:<6} {:<10} {:<18} {:>10}  {:<20}  {}\n",
             l.image,
             l.kind.clone().unwrap_or_else(dash),
+            l.arch.clone().unwrap_or_else(dash),
             l.suite.clone().unwrap_or_else(dash),
             l.kernel.clone().unwrap_or_else(dash),
             jobfile::units::human_size(l.bytes),

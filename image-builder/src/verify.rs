@@ -17,8 +17,8 @@ use jobfile::{path_is, JobStatus, Outcome, PackOptions};
 
 use crate::say;
 
-/// The smoke job: proves the script ran, where, and that /job is writable.
-const SMOKE: &str = "#!/bin/sh\nset -e\necho construir-verify: running as $(id -u) on $(uname -r)\ndf -k /job | tail -n 1\necho written > written.txt\necho construir-verify: ok\n";
+/// The smoke job: proves the script ran, where, on what machine, and that /job is writable.
+const SMOKE: &str = "#!/bin/sh\nset -e\necho construir-verify: running as $(id -u) on $(uname -r)\necho construir-verify: machine $(uname -m)\ndf -k /job | tail -n 1\necho written > written.txt\necho construir-verify: ok\n";
 
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {
@@ -66,7 +66,7 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
     data.resize(1 << 20, 0);
     fs::write(&job_file, data)?;
 
-    say!("booting {} with a smoke job ({} acceleration)", image.display(), opts.accel);
+    say!("booting {} ({}) with a smoke job ({} acceleration)", image.display(), manifest.arch, opts.accel);
     let started = Instant::now();
     let out = Command::new(&host)
         .arg("run")
@@ -94,6 +94,10 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
     drop(cleanup);
     if status.result != Outcome::Ok || !output.contains("construir-verify: ok") {
         bail!("the smoke job came back with result {} and output:\n{output}", status.result.as_str());
+    }
+    let machine = format!("construir-verify: machine {}\n", manifest.arch.machine());
+    if !output.contains(&machine) {
+        bail!("image.toml says {}, but the guest is not {}:\n{output}", manifest.arch, manifest.arch.machine());
     }
     Ok(Report { status, output, seconds })
 }

@@ -144,7 +144,7 @@ pub fn offered_images(store: &Store) -> Vec<Offered> {
             let size = fs::metadata(dir.join(name)).map_or(0, |m| m.len());
             files.push(OfferedFile { name: name.clone(), size, sha256: sha256.clone() });
         }
-        out.push(Offered { name: number.to_owned(), checksum, files });
+        out.push(Offered { name: number.to_owned(), checksum, arch: manifest.arch, files });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out

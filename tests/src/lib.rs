@@ -136,6 +136,62 @@ pub fn debian_images() -> &'static Path {
     })
 }
 
+/// The images directory holding `i7`, a mini image for arm64 (the
+/// archive's kernel and busybox, our aarch64 init), built once per test run.
+pub fn arm64_mini_images() -> &'static Path {
+    static IMAGES: OnceLock<PathBuf> = OnceLock::new();
+    IMAGES.get_or_init(|| {
+        let dir = images_dir().join("arm64");
+        let out = Command::new(bin("image-builder"))
+            .args(["mini", "--arch", "arm64", "--force", "--out"])
+            .arg(dir.join("i7"))
+            .arg("--cache")
+            .arg(deb_cache().join("foreign"))
+            .output()
+            .expect("run image-builder");
+        assert!(
+            out.status.success(),
+            "image-builder mini --arch arm64 failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+/// The images directory holding `i107`, a Debian bookworm image for arm64
+/// (debootstrap through qemu-user-static), built once per test run.
+pub fn arm64_debian_images() -> &'static Path {
+    static IMAGES: OnceLock<PathBuf> = OnceLock::new();
+    IMAGES.get_or_init(|| {
+        let dir = images_dir().join("debian-arm64");
+        let start = Instant::now();
+        let out = Command::new(bin("image-builder"))
+            .args(["debootstrap", "--arch", "arm64", "--force", "--suite", "bookworm", "--out"])
+            .arg(dir.join("i107"))
+            .arg("--cache")
+            .arg(deb_cache())
+            .output()
+            .expect("run image-builder");
+        assert!(
+            out.status.success(),
+            "image-builder debootstrap --arch arm64 failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("built the bookworm arm64 image in {:.0} s", start.elapsed().as_secs_f64());
+        dir
+    })
+}
+
+/// The statement of a signed provenance file, checked against the key of
+/// the host that made it (`keys/<host>.key` beside `q`'s queue).
+pub fn signed_statement(q: &Queue, provenance: &Path) -> serde_json::Value {
+    let key_path = q.root.path().join(format!("keys/{}.key", q.host_id));
+    let (key, _) = construir_provenance::HostKey::load_or_create(&key_path).expect("the host's key");
+    let envelopes = construir_provenance::read(provenance).expect("provenance");
+    let (payload, _) = construir_provenance::dsse::open(&envelopes[0], &[key.public()]).expect("signed by the host");
+    serde_json::from_slice(&payload).expect("statement")
+}
+
 /// A queue with its sibling directories in a temporary directory.
 pub struct Queue {
     pub root: tempfile::TempDir,

@@ -17,6 +17,7 @@ pub mod client;
 #[cfg(feature = "client")]
 pub mod socket;
 
+use jobfile::arch::Arch;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -342,6 +343,11 @@ pub struct PageLink {
 pub struct HostImage {
     pub name: String,
     pub checksum: String,
+    /// Its architecture (`amd64`, `arm64`), from its manifest (which the checksum covers).
+    /// A host lists only images it can run.
+    #[serde(default)]
+    #[schema(value_type = String)]
+    pub arch: Arch,
 }
 
 /// Most images a host may say it has.
@@ -400,6 +406,12 @@ impl HostView {
     /// Its images as a person reads them: `i0 i1` (empty for none).
     pub fn image_names(&self) -> String {
         self.images.iter().map(|i| format!("i{}", i.name)).collect::<Vec<_>>().join(" ")
+    }
+
+    /// The architectures of its images, each once: `amd64 arm64`.
+    pub fn archs(&self) -> String {
+        let archs: std::collections::BTreeSet<Arch> = self.images.iter().map(|i| i.arch).collect();
+        archs.iter().map(|a| a.debian()).collect::<Vec<_>>().join(" ")
     }
 }
 
@@ -654,6 +666,10 @@ pub struct OfferedImage {
     pub name: String,
     /// The sha256 of its manifest: what a host reports once it has it.
     pub checksum: String,
+    /// Its architecture: a host fetches only images it can run.
+    #[serde(default)]
+    #[schema(value_type = String)]
+    pub arch: Arch,
     pub files: Vec<OfferedFile>,
 }
 
@@ -841,7 +857,10 @@ mod tests {
             name: "h1".into(),
             last_seen: "2026-12-03T10:00:00Z".into(),
             seen_secs_ago: 2,
-            images: vec![HostImage { name: "0".into(), checksum: "a".repeat(64) }],
+            images: vec![
+                HostImage { name: "0".into(), checksum: "a".repeat(64), arch: Arch::Amd64 },
+                HostImage { name: "7".into(), checksum: "e".repeat(64), arch: Arch::Arm64 },
+            ],
             capacity: 2,
             running: 1,
             your_jobs: vec![JobRef { id: "j1".into(), name: "hello".into() }],
@@ -850,11 +869,13 @@ mod tests {
             disabled: false,
             key: Some("ed25519:AAAA".into()),
         };
-        assert_eq!(host.image_names(), "i0");
+        assert_eq!(host.image_names(), "i0 i7");
+        assert_eq!(host.archs(), "amd64 arm64");
         round_trip(
             HostList { hosts: vec![host] },
             json!({"hosts": [{"name": "h1", "last_seen": "2026-12-03T10:00:00Z", "seen_secs_ago": 2,
-                "images": [{"name": "0", "checksum": "a".repeat(64)}], "capacity": 2, "running": 1,
+                "images": [{"name": "0", "checksum": "a".repeat(64), "arch": "amd64"},
+                           {"name": "7", "checksum": "e".repeat(64), "arch": "arm64"}], "capacity": 2, "running": 1,
                 "your_jobs": [{"id": "j1", "name": "hello"}], "your_caches": ["ccache (i0)"], "version": "0.1.0",
                 "disabled": false, "key": "ed25519:AAAA"}]}),
         );
@@ -864,16 +885,19 @@ mod tests {
     fn host_types_round_trip_as_documented() {
         round_trip(
             LeaseRequest {
-                images: vec![HostImage { name: "1".into(), checksum: "b".repeat(64) }],
+                images: vec![HostImage { name: "1".into(), checksum: "b".repeat(64), arch: Arch::Arm64 }],
                 capacity: 2,
                 running: 0,
                 version: "0.1.0".into(),
                 caches: vec![],
                 key: None,
             },
-            json!({"images": [{"name": "1", "checksum": "b".repeat(64)}], "capacity": 2, "running": 0,
+            json!({"images": [{"name": "1", "checksum": "b".repeat(64), "arch": "arm64"}], "capacity": 2, "running": 0,
                 "version": "0.1.0"}),
         );
+        // A host from before architectures were named lists amd64 images.
+        let old: HostImage = serde_json::from_value(json!({"name": "1", "checksum": "b".repeat(64)})).expect("old");
+        assert_eq!(old.arch, Arch::Amd64);
         // With the caches it holds.
         let held = HeldCache {
             owner: "a3".into(),
@@ -975,10 +999,11 @@ mod tests {
                 images: vec![OfferedImage {
                     name: "0".into(),
                     checksum: "c".repeat(64),
+                    arch: Arch::Arm64,
                     files: vec![OfferedFile { name: "manifest.json".into(), size: 10, sha256: "d".repeat(64) }],
                 }],
             },
-            json!({"images": [{"name": "0", "checksum": "c".repeat(64),
+            json!({"images": [{"name": "0", "checksum": "c".repeat(64), "arch": "arm64",
                 "files": [{"name": "manifest.json", "size": 10, "sha256": "d".repeat(64)}]}]}),
         );
         let q: SeqQuery = serde_json::from_value(json!({"seq": 3})).expect("seq only");
@@ -987,7 +1012,7 @@ mod tests {
 
     #[test]
     fn what_a_host_says_of_itself_is_checked() {
-        let good = HostImage { name: "12".into(), checksum: "0".repeat(64) };
+        let good = HostImage { name: "12".into(), checksum: "0".repeat(64), arch: Arch::Amd64 };
         assert_eq!(good.check(), Ok(()));
         let named = |name: &str| HostImage { name: name.into(), ..good.clone() };
         assert!(named("").check().is_err());

@@ -11,15 +11,19 @@ pub fn run(api: &Api) -> Result<()> {
     if hosts.is_empty() {
         eprintln!("construir: no build host has taken work from this server yet");
     }
-    println!("{:<20} {:>10} {:>8} {:>7}  {:<12} YOUR WARM CACHES", "HOST", "SEEN", "CAPACITY", "RUNNING", "IMAGES");
+    println!(
+        "{:<20} {:>10} {:>8} {:>7}  {:<12} {:<12} YOUR WARM CACHES",
+        "HOST", "SEEN", "CAPACITY", "RUNNING", "IMAGES", "ARCH"
+    );
     for h in &hosts {
         println!(
-            "{:<20} {:>8} s {:>8} {:>7}  {:<12} {}",
+            "{:<20} {:>8} s {:>8} {:>7}  {:<12} {:<12} {}",
             shown(&h.name),
             h.seen_secs_ago,
             h.capacity,
             h.running,
             shown(&h.image_names()),
+            if h.images.is_empty() { "-".to_owned() } else { h.archs() },
             if h.your_caches.is_empty() { "-".to_owned() } else { shown(&h.your_caches.join(", ")) }
         );
     }

@@ -51,7 +51,8 @@ pub(crate) fn run_queue(a: RunArgs) -> Result<()> {
             };
             // Before anything needs an image (the KVM test boots one's kernel).
             let api = remote.api()?;
-            match construir_host::remote::fetch_images(&api, &dirs.images) {
+            let archs: Vec<Arch> = emulators_found(&a)?.into_iter().map(|(arch, ..)| arch).collect();
+            match construir_host::remote::fetch_images(&api, &dirs.images, &archs) {
                 Ok(_) => {}
                 Err(e) => log::warn!("cannot fetch the server's images now: {e:#}; trying again later"),
             }

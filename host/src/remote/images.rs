@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
+use jobfile::arch::Arch;
 use jobfile::image::{sha256_file, ImageManifest, MANIFEST};
 
 use wire::client::Api;
@@ -23,11 +24,12 @@ pub fn local_images(images: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The images in `images` whose every file matches their `image.toml`: the
-/// only ones a host tells the server it has. A mismatch is logged.
+/// The images in `images` whose every file matches their `image.toml`, of
+/// an architecture in `archs` (those this host has a QEMU for): the only
+/// ones a host tells the server it has. A mismatch is logged.
 /// An image unchanged since its last check (the same files, sizes and times)
 /// is not hashed again.
-pub fn verified_images(images: &Path) -> Vec<(String, String)> {
+pub fn verified_images(images: &Path, archs: &[Arch]) -> Vec<wire::HostImage> {
     type Seen = HashMap<PathBuf, Vec<(OsString, u64, std::time::SystemTime)>>;
     static VERIFIED: Mutex<Option<Seen>> = Mutex::new(None);
     let fingerprint = |dir: &Path| -> Vec<(OsString, u64, std::time::SystemTime)> {
@@ -48,11 +50,17 @@ pub fn verified_images(images: &Path) -> Vec<(String, String)> {
     for (n, dir) in dirs {
         let print = fingerprint(&dir);
         let known = VERIFIED.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|m| m.get(&dir).cloned());
-        let checked = if known.as_ref() == Some(&print) {
-            Ok(())
-        } else {
-            ImageManifest::load(&dir).and_then(|m| m.verify_files(&dir))
+        let manifest = match ImageManifest::load(&dir) {
+            Ok(m) => m,
+            Err(e) => {
+                log::error!("image i{n} is not offered to the server: {}", jobfile::error_chain(&e));
+                continue;
+            }
         };
+        if !archs.contains(&manifest.arch) {
+            continue;
+        }
+        let checked = if known.as_ref() == Some(&print) { Ok(()) } else { manifest.verify_files(&dir) };
         if checked.is_ok() {
             VERIFIED
                 .lock()
@@ -61,7 +69,7 @@ pub fn verified_images(images: &Path) -> Vec<(String, String)> {
                 .insert(dir.clone(), print);
         }
         match (checked, sha256_file(&dir.join(MANIFEST))) {
-            (Ok(()), Ok(checksum)) => out.push((n, checksum)),
+            (Ok(()), Ok(checksum)) => out.push(wire::HostImage { name: n, checksum, arch: manifest.arch }),
             (Err(e), _) => log::error!("image i{n} is not offered to the server: {}", jobfile::error_chain(&e)),
             (_, Err(e)) => log::error!("image i{n} is not offered to the server: {e}"),
         }
@@ -72,8 +80,9 @@ pub fn verified_images(images: &Path) -> Vec<(String, String)> {
 /// Fetches every image the server offers that `images` lacks. An image is
 /// installed only when `image.toml` has the server's checksum and every file
 /// the one `image.toml` names; otherwise it is refused, and nothing of it
-/// kept. Returns the images installed.
-pub fn fetch_images(api: &Api, images: &Path) -> Result<Vec<String>> {
+/// kept. Images of an architecture not in `archs` (which this host cannot
+/// run) are left alone. Returns the images installed.
+pub fn fetch_images(api: &Api, images: &Path, archs: &[Arch]) -> Result<Vec<String>> {
     let list: wire::ImageList = api.get("host/images").context("the server would not list its images")?;
     fs::create_dir_all(images).with_context(|| format!("cannot create {}", images.display()))?;
     let have = local_images(images);
@@ -82,6 +91,10 @@ pub fn fetch_images(api: &Api, images: &Path) -> Result<Vec<String>> {
         let (name, checksum) = (offered.name.as_str(), offered.checksum.as_str());
         if name.is_empty() || name.len() > 9 || !name.bytes().all(|b| b.is_ascii_digit()) {
             log::warn!("the server offers an image named {:?}: ignored", jobfile::sanitize(name.as_bytes()));
+            continue;
+        }
+        if !archs.contains(&offered.arch) {
+            log::debug!("image i{name} is {}: this host has no QEMU for it, and does not fetch it", offered.arch);
             continue;
         }
         match have.iter().find(|(n, _)| n == name) {

@@ -12,9 +12,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use jobfile::arch::Arch;
 use jobfile::layout::{self, CacheTree, Found};
 use jobfile::JobName;
 use wire::client::{Api, CallError, Upload};
+use wire::HostImage;
 
 use super::images::{fetch_images, verified_images};
 use super::offer;
@@ -210,7 +212,8 @@ pub fn run(opts: &RunOptions, remote: &Remote, stop: Arc<AtomicBool>) -> Result<
     }
     let api = Arc::new(remote.api()?);
     // Verified in full before the server hears of them, and again at every check.
-    let verified = Arc::new(Mutex::new(verified_images(&dirs.images)));
+    let archs = opts.limits.emulators.archs();
+    let verified = Arc::new(Mutex::new(verified_images(&dirs.images, &archs)));
     let pump_done = Arc::new(AtomicBool::new(false));
     let leases = Arc::new(Leases::default());
     let renewals_done = Arc::new(AtomicBool::new(false));
@@ -242,7 +245,10 @@ pub fn run(opts: &RunOptions, remote: &Remote, stop: Arc<AtomicBool>) -> Result<
     };
     let images = {
         let (api, images, stop, verified) = (api.clone(), dirs.images.clone(), stop.clone(), verified.clone());
-        thread::Builder::new().name("images".into()).spawn(move || follow_images(&api, &images, &stop, &verified))?
+        let archs = archs.clone();
+        thread::Builder::new()
+            .name("images".into())
+            .spawn(move || follow_images(&api, (&images, &archs), &stop, &verified))?
     };
     let summary = daemon::run(opts, stop.clone());
     stop.store(true, Ordering::Relaxed);
@@ -257,17 +263,17 @@ pub fn run(opts: &RunOptions, remote: &Remote, stop: Arc<AtomicBool>) -> Result<
 /// Fetches the images the server offers that this host lacks, every
 /// minute (soon after a failed check: the server may have been down at
 /// start), and keeps `verified` to what is verified in full.
-fn follow_images(api: &Api, images: &Path, stop: &AtomicBool, verified: &Mutex<Vec<(String, String)>>) {
+fn follow_images(api: &Api, (images, archs): (&Path, &[Arch]), stop: &AtomicBool, verified: &Mutex<Vec<HostImage>>) {
     let mut next = Instant::now() + IMAGE_CHECK_EVERY;
     while !stop.load(Ordering::Relaxed) {
         thread::sleep(Duration::from_millis(500));
         if Instant::now() >= next {
             next = Instant::now() + IMAGE_CHECK_EVERY;
-            if let Err(e) = fetch_images(api, images) {
+            if let Err(e) = fetch_images(api, images, archs) {
                 log::warn!("cannot check the server's images: {e:#}");
                 next = Instant::now() + Duration::from_secs(5);
             }
-            let now_verified = verified_images(images);
+            let now_verified = verified_images(images, archs);
             *verified.lock().unwrap_or_else(|p| p.into_inner()) = now_verified;
         }
     }
@@ -283,8 +289,8 @@ pub(crate) struct Pump {
     pub(crate) capacity: u64,
     pub(crate) remote: Remote,
     pub(crate) rules: queue::Rules,
-    /// The images verified here, as (number, checksum of image.toml).
-    pub(crate) images: Arc<Mutex<Vec<(String, String)>>>,
+    /// The images verified here (number, checksum of image.toml, architecture).
+    pub(crate) images: Arc<Mutex<Vec<HostImage>>>,
     /// What the renewer keeps alive.
     pub(crate) leases: Arc<Leases>,
     pub(crate) held: HashMap<String, Held>,
@@ -370,7 +376,7 @@ impl Pump {
     pub(crate) fn take_one(&mut self) -> Result<bool> {
         let verified = self.images.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let body = wire::LeaseRequest {
-            images: verified.into_iter().map(|(name, checksum)| wire::HostImage { name, checksum }).collect(),
+            images: verified,
             capacity: self.capacity,
             running: self.busy(),
             version: env!("CARGO_PKG_VERSION").to_owned(),

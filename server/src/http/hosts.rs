@@ -676,6 +676,8 @@ pub async fn hosts_view(app: &App, account: &db::Account) -> Result<Vec<wire::Ho
     let leased = db::leased_jobs(app.db()).await?;
     let generations = db::cache_generations(app.db()).await?;
     let now = db::unix_now();
+    let store = app.store.clone();
+    let offered = tokio::task::spawn_blocking(move || offered_images(&store)).await.unwrap_or_default();
     Ok(db::hosts(app.db())
         .await?
         .into_iter()
@@ -687,11 +689,16 @@ pub async fn hosts_view(app: &App, account: &db::Account) -> Result<Vec<wire::Ho
                 .map(|j| wire::JobRef { id: j.id.clone(), name: j.name.clone() })
                 .collect();
             // What a host said is shown to every submitter: only what passes `HostImage::check`.
+            // Each image's architecture as the server's own manifest of it says, where the checksums agree.
             let images: Vec<HostImage> = serde_json::from_value::<Vec<HostImage>>(h.images.clone())
                 .unwrap_or_default()
                 .into_iter()
                 .take(MAX_HOST_IMAGES)
                 .filter(|i| i.check().is_ok())
+                .map(|i| match offered.iter().find(|o| o.name == i.name && o.checksum == i.checksum) {
+                    Some(o) => HostImage { arch: o.arch, ..i },
+                    None => i,
+                })
                 .collect();
             // The asking account's warm caches there, as `name (i<image>)`.
             let owner = jobfile::caches::account_owner(account.id);

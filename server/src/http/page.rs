@@ -232,10 +232,11 @@ fn hosts_table(hosts: &[wire::HostView]) -> String {
     for h in hosts {
         let _ = write!(
             rows,
-            "<tr><td>{}</td><td>{} s ago</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
+            "<tr><td>{}</td><td>{} s ago</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
             escape(&h.name),
             h.seen_secs_ago,
             escape(&h.image_names()),
+            escape(&h.archs()),
             h.capacity,
             h.running,
             escape(h.key.as_deref().unwrap_or("none pinned")),
@@ -246,7 +247,7 @@ fn hosts_table(hosts: &[wire::HostView]) -> String {
     }
     format!(
         r#"<h2>Build hosts</h2>
-<table><thead><tr><th>host</th><th>last seen</th><th>images</th><th>capacity</th><th>running</th><th>signs with</th></tr></thead>
+<table><thead><tr><th>host</th><th>last seen</th><th>images</th><th>architectures</th><th>capacity</th><th>running</th><th>signs with</th></tr></thead>
 <tbody>{rows}</tbody></table>"#
     )
 }
