@@ -374,3 +374,23 @@ fn empty_dir(dir: &Path) -> std::io::Result<()> {
 fn nix_is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_architecture_needs_its_emulator_registered_with_the_f_flag() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let entry = dir.path().join("qemu-aarch64");
+        let why = |dir: &Path| check_binfmt(Arch::Arm64, dir).expect_err("refused").to_string();
+        assert!(why(dir.path()).contains("qemu-aarch64 is missing"), "{}", why(dir.path()));
+        fs::write(&entry, "disabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\nflags: POF\n").expect("w");
+        assert!(why(dir.path()).contains("is disabled"));
+        fs::write(&entry, "enabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\nflags: P\n").expect("w");
+        let no_f = why(dir.path());
+        assert!(no_f.contains("without the F flag") && no_f.contains("qemu-aarch64.conf"), "{no_f}");
+        fs::write(&entry, "enabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\nflags: POF\n").expect("w");
+        check_binfmt(Arch::Arm64, dir.path()).expect("registered as Debian's package does");
+    }
+}

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use deps::apt::Apt;
 use jobfile::arch::Arch;
+use jobfile::deps::Pinned;
 use jobfile::image::Archive;
 
 use crate::say;
@@ -33,6 +34,23 @@ pub struct Source {
 /// The kernel package and busybox of `arch`, unpacked under `into` (which
 /// then holds `boot/vmlinuz-*`, `lib/modules/*` and `bin/busybox`).
 pub fn unpack_parts(arch: Arch, source: &Source, into: &Path) -> Result<()> {
+    let apt = apt_for(arch, source)?;
+    let pinned = choose(&apt, arch)?;
+    let debs = fetch_verified(&apt, &pinned, &source.cache.join("debs"))?;
+    for (p, deb) in pinned.iter().zip(&debs) {
+        say!("unpacking {} {} ({arch})", p.name, p.version);
+        jobfile::command::run(
+            Command::new("dpkg-deb").arg("-x").arg(deb).arg(into),
+            "dpkg-deb -x",
+            Duration::from_secs(600),
+            |_| {},
+        )?;
+    }
+    Ok(())
+}
+
+/// apt for `source`'s archive as `arch` sees it, its lists fresh (within six hours).
+fn apt_for(arch: Arch, source: &Source) -> Result<Apt> {
     let dir = source.cache.join(format!("apt-{}-{}", source.suite, arch.debian()));
     let archive = Archive {
         uri: source.mirror.clone(),
@@ -46,60 +64,57 @@ pub fn unpack_parts(arch: Arch, source: &Source, into: &Path) -> Result<()> {
         bail!("the archive keyring {} is missing (apt-get install debian-archive-keyring)", keyring.display());
     }
     let apt = Apt::new(&dir, &archive, keyring).with_context(|| format!("cannot prepare apt in {}", dir.display()))?;
-    let never = || false;
     if !apt.is_fresh(Duration::from_secs(6 * 3600)) {
         say!("reading the {} archive's lists for {arch} ({})", source.suite, source.mirror);
-        apt.update(&never).context("cannot read the archive's lists")?;
+        apt.update(&|| false).context("cannot read the archive's lists")?;
     }
+    Ok(apt)
+}
+
+/// The versioned kernel package (which the kernel metapackage names) and
+/// busybox-static, as the archive records them; of everything else apt
+/// would install with them, nothing is used.
+fn choose(apt: &Apt, arch: Arch) -> Result<Vec<Pinned>> {
     let wanted = [arch.kernel_package().to_owned(), BUSYBOX_PACKAGE.to_owned()];
-    let nothing = dir.join("empty-status");
+    let nothing = apt.dir().join("empty-status");
     fs::write(&nothing, "").with_context(|| format!("cannot write {}", nothing.display()))?;
-    let plan = apt.satisfy(&nothing, &wanted, &never).context("the archive cannot give a kernel and busybox")?;
-    // The kernel metapackage names the versioned kernel; of everything else apt would install, only these two are used.
-    let kernel_prefix = "linux-image-";
-    let chosen: Vec<(String, String)> = plan
-        .install
-        .iter()
-        .filter(|(name, _)| {
-            name == BUSYBOX_PACKAGE
-                || (name.starts_with(kernel_prefix) && name.ends_with(arch.debian()) && name != arch.kernel_package())
-        })
-        .cloned()
-        .collect();
+    let plan = apt.satisfy(&nothing, &wanted, &|| false).context("the archive cannot give a kernel and busybox")?;
+    let is_kernel =
+        |name: &str| name.starts_with("linux-image-") && name.ends_with(arch.debian()) && name != arch.kernel_package();
+    let chosen: Vec<(String, String)> =
+        plan.install.iter().filter(|(name, _)| name == BUSYBOX_PACKAGE || is_kernel(name)).cloned().collect();
     if chosen.len() != 2 {
         bail!("expected one kernel and busybox-static from the archive for {arch}, apt chose {:?}", plan.install);
     }
-    let pinned = apt.show(&chosen).context("cannot read the packages' records")?;
-    let debs = source.cache.join("debs");
-    fs::create_dir_all(&debs).with_context(|| format!("cannot create {}", debs.display()))?;
-    let missing: Vec<(&str, &str)> = pinned
-        .iter()
-        .filter(|p| !debs.join(format!("{}.deb", p.sha256)).is_file())
-        .map(|p| (p.filename.as_str(), p.sha256.as_str()))
-        .collect();
+    apt.show(&chosen).context("cannot read the packages' records")
+}
+
+/// Each package's `.deb` in `debs` (as `<sha256>.deb`), downloaded when
+/// missing, and checked against its sha256 either way.
+fn fetch_verified(apt: &Apt, pinned: &[Pinned], debs: &Path) -> Result<Vec<PathBuf>> {
+    fs::create_dir_all(debs).with_context(|| format!("cannot create {}", debs.display()))?;
+    let path = |p: &Pinned| debs.join(format!("{}.deb", p.sha256));
+    let missing: Vec<(&str, &str)> =
+        pinned.iter().filter(|p| !path(p).is_file()).map(|p| (p.filename.as_str(), p.sha256.as_str())).collect();
     if !missing.is_empty() {
         say!(
             "downloading {}",
             pinned.iter().map(|p| format!("{} {}", p.name, p.version)).collect::<Vec<_>>().join(", ")
         );
-        apt.fetch_files(&missing, &debs, &never).context("cannot download the kernel and busybox")?;
+        apt.fetch_files(&missing, debs, &|| false).context("cannot download the kernel and busybox")?;
     }
-    for p in &pinned {
-        let deb = debs.join(format!("{}.deb", p.sha256));
-        let got = jobfile::image::sha256_file(&deb).with_context(|| format!("cannot read {}", deb.display()))?;
-        if got != p.sha256 {
-            let _ = fs::remove_file(&deb);
-            bail!("{} {} from the archive has sha256 {got}, its lists say {}", p.name, p.version, p.sha256);
-        }
-        say!("unpacking {} {} ({arch})", p.name, p.version);
-        jobfile::command::run(
-            Command::new("dpkg-deb").arg("-x").arg(&deb).arg(into),
-            "dpkg-deb -x",
-            Duration::from_secs(600),
-            |_| {},
-        )?;
-    }
-    Ok(())
+    pinned
+        .iter()
+        .map(|p| {
+            let deb = path(p);
+            let got = jobfile::image::sha256_file(&deb).with_context(|| format!("cannot read {}", deb.display()))?;
+            if got != p.sha256 {
+                let _ = fs::remove_file(&deb);
+                bail!("{} {} from the archive has sha256 {got}, its lists say {}", p.name, p.version, p.sha256);
+            }
+            Ok(deb)
+        })
+        .collect()
 }
 
 /// `modules.dep` and the other indices for the unpacked kernel `version`

@@ -310,3 +310,21 @@ fn check_program(path: &Path, arch: Arch, what: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_architecture_has_its_init_and_modules() {
+        assert_eq!(init_name(Arch::host()), "construir-init");
+        let foreign = Arch::ALL.into_iter().find(|a| !a.is_native()).expect("another architecture");
+        assert_eq!(init_name(foreign), format!("construir-init-{}", foreign.machine()));
+        assert!(modules(Arch::Amd64).contains(&"pvpanic_pci"));
+        assert_eq!(modules(Arch::Arm64), ["virtio_pci", "virtio_blk"], "Debian's arm64 kernel has no pvpanic");
+        // This machine's busybox is no program of the other architecture.
+        let err = check_program(Path::new("/bin/busybox"), foreign, "busybox").expect_err("wrong machine");
+        assert!(err.to_string().contains(&format!("is not an {foreign}")), "{err}");
+        check_program(Path::new("/bin/busybox"), Arch::host(), "busybox").expect("static, this machine's");
+    }
+}

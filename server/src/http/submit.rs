@@ -88,12 +88,22 @@ pub(crate) async fn submit(
         .map_err(ApiError::internal)?;
     let mut guards = vec![UploadGuard { app: app.clone(), path: Some(upload.clone()), id: record.id.clone() }];
     let reserved = reserve(&app, &limits, &record, declared, "").await?;
+    // A verified rebuild's second run: its part file first too, kept fresh while the first's
+    // arrives, so that no sweep takes its reservation for one that died (it is filled last).
+    let mut twin_part = None;
     if let Some(twin) = &twin {
-        guards.push(UploadGuard { app: app.clone(), path: Some(app.store.upload_path(&twin.id)), id: twin.id.clone() });
+        let part = app.store.upload_path(&twin.id);
+        let made = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o640).open(&part);
+        twin_part = Some(made.map_err(ApiError::internal)?);
+        guards.push(UploadGuard { app: app.clone(), path: Some(part), id: twin.id.clone() });
         let why = "a verified rebuild's second run counts as a job of its own: ";
         reserve(&app, &limits, twin, declared.or(Some(reserved)), why).await?;
     }
-    let (size, sha256) = receive(&app, body, &mut file, reserved, &limits).await?;
+    let (size, sha256) = receive(&app, body, (&mut file, twin_part.as_ref()), reserved, &limits).await?;
+    // Fresh again for the time its packages take to resolve.
+    if let Some(part) = &twin_part {
+        part.set_modified(std::time::SystemTime::now()).map_err(ApiError::internal)?;
+    }
     file.sync_all().await.map_err(ApiError::internal)?;
     let ino = FileId::of(&file.metadata().await.map_err(ApiError::internal)?);
     drop(file);
@@ -261,7 +271,7 @@ pub(super) async fn reserve(
 async fn receive(
     app: &App,
     body: Body,
-    file: &mut tokio::fs::File,
+    (file, twin_part): (&mut tokio::fs::File, Option<&std::fs::File>),
     reserved: u64,
     limits: &Limits,
 ) -> ApiResult<(u64, String)> {
@@ -285,6 +295,9 @@ async fn receive(
         }
         if size - checked_disk >= DISK_CHECK_EVERY {
             checked_disk = size;
+            if let Some(part) = twin_part {
+                part.set_modified(std::time::SystemTime::now()).map_err(ApiError::internal)?;
+            }
             let free = app.store.free_bytes().map_err(ApiError::internal)?;
             if free < app.settings.uploads.min_free {
                 return Err(quota::disk_full(free, 0, size, app.settings.uploads.min_free).into());
@@ -368,7 +381,9 @@ async fn copy_for_second_run(
     let (app, upload, twin, first) = (app.clone(), upload.to_owned(), twin.clone(), first.clone());
     tokio::task::spawn_blocking(move || -> std::io::Result<_> {
         let mut from = std::fs::File::open(&upload)?;
-        let mut to = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o640).open(&part)?;
+        // Made empty at the reservation (`submit`); the uploads directory is the server's alone.
+        let mut to =
+            std::fs::OpenOptions::new().write(true).truncate(true).custom_flags(libc::O_NOFOLLOW).open(&part)?;
         std::io::copy(&mut from, &mut to)?;
         to.sync_all()?;
         let ino = FileId::of(&to.metadata()?);
