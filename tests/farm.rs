@@ -465,6 +465,7 @@ fn twenty_jobs_over_two_hosts(db: Db) {
         let images: Vec<&str> =
             h["images"].as_array().expect("images").iter().filter_map(|i| i["name"].as_str()).collect();
         assert_eq!(images, ["0"], "{h}");
+        assert_eq!(h["images"][0]["arch"], "amd64", "from the server's own image.toml: {h}");
     }
     // As `construir hosts` prints them.
     let out = Command::new(bin("construir"))
@@ -475,6 +476,7 @@ fn twenty_jobs_over_two_hosts(db: Db) {
     for h in ["hosta", "hostb"] {
         let line = text.lines().find(|l| l.starts_with(h)).unwrap_or_else(|| panic!("no {h} in:\n{text}"));
         assert!(line.contains("       1       0  i0") && line.ends_with(" -"), "no warm caches: {line:?}");
+        assert!(line.contains(" amd64 "), "its images' architecture: {line:?}");
         // And, below the table, the key the server pinned for it.
         let key = text.lines().rev().find(|l| l.starts_with(h)).unwrap_or_default();
         assert!(key.split_whitespace().nth(1).is_some_and(|k| k.starts_with("ed25519:")), "{text}");
@@ -502,7 +504,7 @@ fn twenty_jobs_over_two_hosts(db: Db) {
     for h in ["hosta", "hostb"] {
         assert!(page.contains(&format!("<tr><td>{h}</td>")), "{page}");
     }
-    assert!(page.contains("<td>i0</td><td>1</td><td>0</td><td><code>ed25519:"), "{page}");
+    assert!(page.contains("<td>i0</td><td>amd64</td><td>1</td><td>0</td><td><code>ed25519:"), "{page}");
     assert!(page.contains("verified rebuild: reproducible: all 4 files the same on host"), "{page}");
 
     // A host's token takes work; it cannot read or submit jobs.
