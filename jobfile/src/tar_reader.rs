@@ -216,6 +216,15 @@ impl<R: Read> ArchiveReader<R> {
                 if !pending.is_empty() {
                     return Err(ArchiveError::Truncated { offset: at });
                 }
+                // The end is two zero blocks (or one, then nothing). After a lone one GNU tar
+                // reads the next header on (and fails if it is cut short), where others stop.
+                let mut next = [0u8; BLOCK as usize];
+                if self.fill(&mut next)? > 0 && next.iter().any(|&b| b != 0) {
+                    return Err(ArchiveError::Ambiguous {
+                        offset: at,
+                        what: "a lone zero block with more of the archive after it".into(),
+                    });
+                }
                 self.ended = true;
                 return Ok(None);
             }
@@ -811,6 +820,29 @@ mod tests {
             total += io::copy(&mut r.data(), &mut io::sink()).map_err(ArchiveError::from)?;
         }
         Ok(total)
+    }
+
+    #[test]
+    fn the_end_is_two_zero_blocks_or_one_then_nothing_never_a_lone_one_with_more_after_it() {
+        let mut file = header_block(b"a", b'0', 2).to_vec();
+        file.extend_from_slice(b"hi");
+        file.resize(1024, 0);
+        let zero = [0u8; 512];
+        for (tail, ok) in [
+            (vec![], true),
+            (zero.to_vec(), true),
+            ([zero, zero].concat(), true),
+            ([&zero[..], &[0u8; 100]].concat(), true),
+            ([zero.to_vec(), header_block(b"b", b'0', 0).to_vec()].concat(), false),
+            ([&zero[..], b"garbage"].concat(), false),
+        ] {
+            let bytes = [file.clone(), tail.clone()].concat();
+            match read_all(&bytes, ReadLimits::UNBOUNDED) {
+                Ok(2) if ok => {}
+                Err(ArchiveError::Ambiguous { offset: 1024, what }) if !ok => assert!(what.contains("lone zero block")),
+                other => panic!("{} bytes after the entry: {other:?}", tail.len()),
+            }
+        }
     }
 
     #[test]

@@ -287,7 +287,7 @@ fn mutated_headers_never_make_the_reader_and_gnu_tar_disagree() {
 /// The fuzz corpus (raw tar streams), where a fuzz run has left one.
 fn corpus_files() -> Vec<PathBuf> {
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-    let dirs = ["seeds/unpack", "corpus/unpack", "corpus/read", "corpus/differential"];
+    let dirs = ["seeds/unpack", "seeds/differential", "corpus/unpack", "corpus/read", "corpus/differential"];
     let mut files = Vec::new();
     for d in dirs {
         for e in std::fs::read_dir(fuzz.join(d)).into_iter().flatten().flatten() {
