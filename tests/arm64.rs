@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use construir_e2e::server::{add_account, client, job_dir, server_cmd, Server};
+use construir_e2e::server::{add_account, client, job_dir, RemoteHost, Server};
 use construir_e2e::{arm64_debian_images, arm64_mini_images, bin, job_log, job_status, sh, signed_statement, Queue};
 
 /// The machine the statement says the job's VM was.
@@ -144,32 +144,13 @@ fn a_c_program_with_a_declared_package_builds_on_arm64_debian_and_is_verified_th
     // The farm: the server, a remote host with the image, a verified rebuild on it.
     let db = q.root.path().join("server.db");
     let token = add_account(&db, "alice");
-    let out = server_cmd(&db, &["account", "add", "armhost", "--host"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let token_file = q.root.path().join("armhost.token");
-    fs::write(&token_file, String::from_utf8_lossy(&out.stdout).trim()).expect("token");
     let s = Server::start_with_images(&q, &db, images, &[]);
-    let spool = q.root.path().join("armhost/spool");
-    fs::create_dir_all(&spool).expect("mkdir");
-    let host_log = q.root.path().join("armhost/host.log");
-    let _host = construir_e2e::Spawned(
-        Command::new(bin("construir-host"))
-            .arg("run")
-            .arg(&spool)
-            .args(["--server", &s.url, "--token-file"])
-            .arg(&token_file)
-            .args(["--accel", "tcg", "--memory", "1G", "--cpus", "1", "--host-id", "armhost", "--timeout", "20m"])
-            .args(["--package-cache", &cache, "--images"])
-            .arg(images)
-            .stderr(fs::File::create(&host_log).expect("log"))
-            .spawn()
-            .expect("start construir-host"),
-    );
+    let host =
+        RemoteHost::start(&s, &db, q.root.path(), "armhost", images, &["--timeout", "20m", "--package-cache", &cache]);
     let dir = src.to_string_lossy().into_owned();
     let args = ["submit", &dir, "--image", "107", "--size", "8M", "--packages", "zlib1g-dev", "--verify-on", "2"];
     let (code, out, err) = client(&s, &token, q.root.path(), &[&args[..], &["--wait"]].concat());
-    let log = fs::read_to_string(&host_log).unwrap_or_default();
-    assert_eq!(code, 0, "{err}\nhost:\n{log}\nserver:\n{}", s.log());
+    assert_eq!(code, 0, "{err}\nhost:\n{}\nserver:\n{}", host.log(), s.log());
     assert!(err.contains("reproducible: all ") && err.contains(" files the same both runs on armhost"), "{err}");
     let id = out.lines().next().unwrap_or_default().trim().to_owned();
     let fetched = q.root.path().join("farm.tar.xz");

@@ -712,36 +712,17 @@ fn the_server_refuses_at_submit_packages_that_cannot_be_had() {
 /// lease, and a remote build host installs exactly those packages.
 #[test]
 fn a_remote_host_installs_the_packages_the_server_pinned() {
-    use construir_e2e::server::{add_account, client, job_dir, server_cmd, Server};
+    use construir_e2e::server::{add_account, client, job_dir, RemoteHost, Server};
     let q = Queue::new();
     let db = q.root.path().join("server.db");
     let token = add_account(&db, "alice");
-    let out = server_cmd(&db, &["account", "add", "builder", "--host"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let token_file = q.root.path().join("builder.token");
-    fs::write(&token_file, String::from_utf8_lossy(&out.stdout).trim()).expect("token");
     let s = Server::start_with_images(&q, &db, debian_images(), &[]);
-    let spool = q.root.path().join("builder/spool");
-    fs::create_dir_all(&spool).expect("mkdir");
-    let host_log = q.root.path().join("builder/host.log");
-    let _host = construir_e2e::Spawned(
-        Command::new(bin("construir-host"))
-            .arg("run")
-            .arg(&spool)
-            .args(["--server", &s.url, "--token-file"])
-            .arg(&token_file)
-            .args(["--accel", "tcg", "--memory", "1G", "--cpus", "1", "--host-id", "builder", "--timeout", "10m"])
-            .arg("--images")
-            .arg(debian_images())
-            .stderr(fs::File::create(&host_log).expect("log"))
-            .spawn()
-            .expect("start construir-host"),
-    );
+    let host = RemoteHost::start(&s, &db, q.root.path(), "builder", debian_images(), &["--timeout", "10m"]);
     let dir = job_dir(q.root.path(), "farmpkg", "#!/bin/sh\nset -e\npkg-config --version\n");
     let dir = dir.to_string_lossy().into_owned();
     let args = ["submit", &dir, "--image", "100", "--size", "1M", "--packages", "pkg-config", "--wait"];
     let (code, out, err) = client(&s, &token, q.root.path(), &args);
-    let log = fs::read_to_string(&host_log).unwrap_or_default();
+    let log = host.log();
     assert_eq!(code, 0, "{err}\nhost:\n{log}\nserver:\n{}", s.log());
     let id = out.lines().next().unwrap_or_default().trim().to_owned();
     assert!(log.contains("packages pinned by the server at submit"), "{log}");

@@ -336,3 +336,44 @@ impl Server {
         let _ = self.child.wait();
     }
 }
+
+/// A remote build host of `s`, running until dropped.
+pub struct RemoteHost {
+    pub process: crate::Spawned,
+    /// Its log (`construir-host run`'s standard error).
+    pub log: PathBuf,
+}
+
+impl RemoteHost {
+    /// A host account `name` made in `db`, its token in `root/<name>.token`, and
+    /// `construir-host run` on the spool `root/<name>/spool` for the server
+    /// `s`, with TCG, 1 GiB and 1 CPU, `--images images`, and `extra`.
+    pub fn start(s: &Server, db: &Path, root: &Path, name: &str, images: &Path, extra: &[&str]) -> RemoteHost {
+        let out = server_cmd(db, &["account", "add", name, "--host"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let token_file = root.join(format!("{name}.token"));
+        fs::write(&token_file, String::from_utf8_lossy(&out.stdout).trim()).expect("token");
+        let spool = root.join(name).join("spool");
+        fs::create_dir_all(&spool).expect("mkdir");
+        let log = root.join(name).join("host.log");
+        let process = crate::Spawned(
+            Command::new(bin("construir-host"))
+                .arg("run")
+                .arg(&spool)
+                .args(["--server", &s.url, "--token-file"])
+                .arg(&token_file)
+                .args(["--accel", "tcg", "--memory", "1G", "--cpus", "1", "--host-id", name])
+                .arg("--images")
+                .arg(images)
+                .args(extra)
+                .stderr(fs::File::create(&log).expect("log"))
+                .spawn()
+                .expect("start construir-host"),
+        );
+        RemoteHost { process, log }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
