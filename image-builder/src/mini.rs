@@ -99,10 +99,11 @@ impl Parts {
 }
 
 pub fn build(opts: &MiniOptions) -> Result<PathBuf> {
+    // The init first: without it, nothing is worth fetching.
+    let init = find_init(opts.init.as_deref(), opts.arch)?;
     let parts = Parts::find(opts)?;
     let kernel = &parts.kernel;
     say!("kernel {} ({}, {})", kernel.version, kernel.image.display(), opts.arch);
-    let init = find_init(opts.init.as_deref(), opts.arch)?;
     say!("init {}", init.display());
     check_program(&parts.busybox, opts.arch, "busybox (install busybox-static)")?;
     let modules = kernel.resolve_module_groups(modules(opts.arch))?;
@@ -287,7 +288,8 @@ pub fn find_init(explicit: Option<&Path>, arch: Arch) -> Result<PathBuf> {
                 let how = if arch.is_native() {
                     "run `cargo build --workspace`".to_owned()
                 } else {
-                    format!("build it with `scripts/build-init {}`", arch.machine())
+                    "build it with `scripts/build-init` (Debian's Rust; scripts/test and scripts/install run it)"
+                        .to_owned()
                 };
                 bail!("cannot find {name} beside {} ({how}, or give --init PATH)", me.display());
             }
