@@ -1053,34 +1053,16 @@ fn accounts_with_the_same_cache_name_never_share_it_and_clear_only_their_own() {
 /// `construir hosts` shows each account only its own warm caches.
 #[test]
 fn the_server_hands_a_cached_job_to_the_free_host_whose_cache_is_warm() {
-    use construir_e2e::server::{add_account, client, server_cmd, Server};
+    use construir_e2e::server::{add_account, client, RemoteHost, Server};
     let q = Queue::new();
     let db = q.root.path().join("server.db");
     let (alice, bob) = (add_account(&db, "alice"), add_account(&db, "bob"));
     let s = Server::start_with_images(&q, &db, debian_images(), &[]);
     let root = q.root.path();
     let remote = |name: &str, poll: &str| {
-        let out = server_cmd(&db, &["account", "add", name, "--host"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let token_file = root.join(format!("{name}.token"));
-        fs::write(&token_file, String::from_utf8_lossy(&out.stdout).trim()).expect("token");
-        let spool = root.join(name).join("spool");
-        fs::create_dir_all(&spool).expect("mkdir");
-        let log = root.join(name).join("host.log");
-        let spawned = construir_e2e::Spawned(
-            Command::new(bin("construir-host"))
-                .arg("run")
-                .arg(&spool)
-                .args(["--server", &s.url, "--token-file"])
-                .arg(&token_file)
-                .args(["--accel", "tcg", "--memory", "1G", "--cpus", "1", "--host-id", name, "--timeout", "5m"])
-                .args(["--caches", "--poll", poll, "--images"])
-                .arg(debian_images())
-                .stderr(fs::File::create(&log).expect("log"))
-                .spawn()
-                .expect("start construir-host"),
-        );
-        (spawned, log)
+        let extra = ["--timeout", "5m", "--caches", "--poll", poll];
+        let host = RemoteHost::start(&s, &db, root, name, debian_images(), &extra);
+        (host.process, host.log)
     };
     let hosts = |token: &str| {
         let (code, out, err) = client(&s, token, root, &["hosts"]);

@@ -16,7 +16,7 @@ use jobfile::layout::{beside_entry, AttemptDir, Beside};
 use jobfile::{tools, JobName};
 
 use super::args::{RunArgs, RunOneArgs};
-use super::setup::prepare;
+use super::setup::{emulators_found, prepare};
 
 /// Most bytes of the live console mirrored into `--console` (what the server keeps of one).
 const MIRRORED_CONSOLE: u64 = 16 << 20;
@@ -153,7 +153,7 @@ fn run_in_spool(a: &RunArgs, handed: &Handed, places: &Places, dirs: &Dirs, job:
         handed::take_terms(terms, &dirs.running, name.as_ref(), handed.terms_sha256)?;
     }
     std::fs::rename(&staged, dirs.queue.join(&name))?;
-    let (opts, stop) = prepare(a, dirs.clone(), handed.host_id.to_owned())?;
+    let (opts, stop) = prepare(a, dirs.clone(), handed.host_id.to_owned(), emulators_found(a)?)?;
     // One job handed over by a scheduler: nobody could reach a session here, so it opens none.
     let limits = Limits { debug: None, ..opts.limits };
     let opts =

@@ -33,6 +33,8 @@ pub(crate) fn run_queue(a: RunArgs) -> Result<()> {
     }
     let (shared, work) = a.dirs.clone().resolve(queue);
     let dirs = Dirs::of(shared, &host_id, work);
+    // Each architecture's QEMU, asked once: a host of a server fetches only images it can run.
+    let found = emulators_found(&a)?;
     let remote = match &a.server {
         Some(server) => {
             if a.once {
@@ -51,7 +53,7 @@ pub(crate) fn run_queue(a: RunArgs) -> Result<()> {
             };
             // Before anything needs an image (the KVM test boots one's kernel).
             let api = remote.api()?;
-            let archs: Vec<Arch> = emulators_found(&a)?.into_iter().map(|(arch, ..)| arch).collect();
+            let archs: Vec<Arch> = found.iter().map(|(arch, ..)| *arch).collect();
             match construir_host::remote::fetch_images(&api, &dirs.images, &archs) {
                 Ok(_) => {}
                 Err(e) => log::warn!("cannot fetch the server's images now: {e:#}; trying again later"),
@@ -63,7 +65,7 @@ pub(crate) fn run_queue(a: RunArgs) -> Result<()> {
         }
         None => None,
     };
-    let (opts, stop) = prepare(&a, dirs, host_id)?;
+    let (opts, stop) = prepare(&a, dirs, host_id, found)?;
     match remote {
         Some(remote) => {
             let opts = RunOptions { rules: Rules { settle: Duration::ZERO, ..opts.rules }, ..opts };
@@ -78,8 +80,13 @@ pub(crate) fn run_queue(a: RunArgs) -> Result<()> {
 
 /// Everything `run` needs besides the directories: QEMU checked, the VMs'
 /// confinement, cgroups, the accelerator, limits, and the stop flag.
-pub(crate) fn prepare(a: &RunArgs, dirs: Dirs, host_id: String) -> Result<(RunOptions, Arc<AtomicBool>)> {
-    let found = emulators_found(a)?;
+/// `found`: the emulators `emulators_found` found, once, at start.
+pub(crate) fn prepare(
+    a: &RunArgs,
+    dirs: Dirs,
+    host_id: String,
+    found: Vec<Found>,
+) -> Result<(RunOptions, Arc<AtomicBool>)> {
     let (major, minor) = found.iter().find(|(arch, ..)| arch.is_native()).map(|(_, _, v)| *v).unwrap_or_default();
     let root = jail::running_as_root();
     let confiner = confiner(a, root, &found)?;
