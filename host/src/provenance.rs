@@ -64,6 +64,8 @@ pub struct Inputs<'a> {
     pub rebuild: Option<&'a jobfile::rebuild::Terms>,
     /// Whether its VM holds a debug session open when it fails.
     pub debug: bool,
+    /// The name and `SOURCE_DATE_EPOCH` the server fixed for it.
+    pub env: Option<&'a jobfile::jobenv::JobEnv>,
 }
 
 impl Record {
@@ -92,6 +94,10 @@ impl Record {
                 other_run: t.sibling.clone(),
             }),
             debug: inputs.debug,
+            environment: inputs
+                .env
+                .map(|e| e.vars().into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+                .unwrap_or_default(),
         };
         let mut dependencies =
             vec![ResourceDescriptor::file(format!("{image_name}/{}", jobfile::image::MANIFEST), manifest_sha)];

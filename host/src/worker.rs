@@ -143,6 +143,7 @@ fn record(claim: &Claim, intake: &Intake, given: &[Given], layer: Option<&LayerR
         owner: intake.terms.owner.as_deref().or(Some(caches::LOCAL_OWNER)),
         rebuild: intake.terms.rebuild.as_ref(),
         debug,
+        env: intake.terms.env.as_ref(),
     };
     Some(Record::new(
         inputs,
@@ -163,7 +164,7 @@ fn spec(
     debug: Option<DebugLimits>,
 ) -> io::Result<Result<VmSpec, Ending>> {
     let (limits, job, label) = (claim.limits, claim.job, claim.label());
-    let (manifest, rebuild) = (&intake.image.manifest, intake.terms.rebuild.as_ref());
+    let (manifest, rebuild, env) = (&intake.image.manifest, intake.terms.rebuild.as_ref(), intake.terms.env.as_ref());
     let guest = jobfile::cmdline::Settings {
         job_device: manifest.job_device.clone().into(),
         layer: layer.map(|l| l.record.key.clone()),
@@ -171,11 +172,14 @@ fn spec(
         timeout: Some(limits.timeout),
         // A debug session's time comes after the job's: the guest's watchdog waits for it too.
         deadline: Some(limits.guest_deadline() + debug.map_or(Duration::ZERO, |d| d.max)),
-        name: Some(rebuild.map_or_else(|| job.name().to_owned(), |t| t.name.clone())),
+        // A verified rebuild's run, then what the server fixed, then the queue's name.
+        name: Some(
+            rebuild.map(|t| &t.name).or(env.map(|e| &e.name)).map_or_else(|| job.name().to_owned(), Clone::clone),
+        ),
         image: Some(job.image().to_owned()),
         console_max: limits.console_limit as u64,
         caches: given,
-        epoch: rebuild.map(|t| t.epoch),
+        epoch: rebuild.map(|t| t.epoch).or(env.map(|e| e.epoch)),
         stages: intake.stages.for_guest().to_vec(),
         debug: debug.is_some(),
         ..Default::default()

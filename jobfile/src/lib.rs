@@ -14,6 +14,7 @@ pub mod deps;
 pub mod ext4;
 pub mod fallback;
 pub mod image;
+pub mod jobenv;
 pub mod layout;
 #[cfg(feature = "cli")]
 pub mod manual;

@@ -130,6 +130,11 @@ pub struct External {
     /// gets no verified rebuild.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub debug: bool,
+    /// The variables that vary between jobs as the server fixed them from
+    /// the job's inputs (`CONSTRUIR_JOB`, `SOURCE_DATE_EPOCH`); empty for a
+    /// job put in the queue by hand, which sees its file's name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub environment: BTreeMap<String, String>,
 }
 
 /// The job file, by name and digest.

@@ -14,6 +14,7 @@
 
 #[cfg(feature = "client")]
 pub mod client;
+pub mod result_cache;
 #[cfg(feature = "client")]
 pub mod socket;
 
@@ -95,6 +96,10 @@ pub struct SubmitQuery {
     /// `construir.toml` asks too. Not with `verify_on=2`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub debug: bool,
+    /// `true`: run it even when the result cache holds its result, and
+    /// keep its result out of the cache.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_result_cache: bool,
 }
 
 /// `POST /v1/jobs/{id}/rerun?debug=true`.
@@ -206,6 +211,13 @@ pub struct Job {
     /// (`construir debug ID`), while there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub debug: Option<DebugSession>,
+    /// Served from the result cache, not run: whose result it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_cache: Option<result_cache::CacheHit>,
+    /// What the result cache does with its result: `stored`, `not stored:
+    /// <why>`, or, before it ends, whether it will be looked at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_cache: Option<String>,
 }
 
 /// An open debug session: a root shell in the failed job's VM, which its
@@ -558,6 +570,12 @@ pub struct Lease {
     /// (`GET /v1/host/jobs/{id}/debug`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub debug: bool,
+    /// The name (`CONSTRUIR_JOB`) and `SOURCE_DATE_EPOCH` the job is given,
+    /// fixed by its inputs (`jobfile::jobenv::JobEnv`); none from a server
+    /// before them, whose jobs see their queue name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub env: Option<jobfile::jobenv::JobEnv>,
 }
 
 /// The answer to `POST /v1/host/lease`: a job, or none for now.
@@ -713,6 +731,8 @@ mod tests {
             rebuild: None,
             built_by: None,
             debug: None,
+            from_cache: None,
+            result_cache: None,
         }
     }
 
@@ -813,6 +833,25 @@ mod tests {
         assert_eq!(written["place"], json!({"state": "done", "verdict": "ok", "result_bytes": 300}));
         assert_eq!(written["status"]["result"], "ok");
         assert_eq!(serde_json::from_value::<Job>(written).expect("deserialize"), done);
+        // Served from the result cache: whose result it is.
+        done.from_cache = Some(result_cache::CacheHit {
+            key: "k".repeat(64),
+            job: "j0".into(),
+            made: "2026-12-03T09:00:00Z".into(),
+            host: "h1".into(),
+            built_by: None,
+            reproduced_on: Vec::new(),
+        });
+        let written = serde_json::to_value(&done).expect("serialize");
+        assert_eq!(
+            written["from_cache"],
+            json!({"key": "k".repeat(64), "job": "j0", "made": "2026-12-03T09:00:00Z", "host": "h1"})
+        );
+        assert_eq!(serde_json::from_value::<Job>(written).expect("deserialize"), done);
+        assert_eq!(
+            done.from_cache.as_ref().map(result_cache::CacheHit::describe).as_deref(),
+            Some("from cache: the result of job j0 of 2026-12-03T09:00:00Z on h1")
+        );
         // The packages pinned at submit, as the job's view shows them.
         let mut pinned = job(Place::Waiting { position: 1, waiting: 1 });
         pinned.packages = Some(jobfile::deps::Resolution {
@@ -945,6 +984,7 @@ mod tests {
                     owner: None,
                     rebuild: None,
                     debug: false,
+                    env: None,
                 }),
                 generations: Default::default(),
             },
@@ -976,6 +1016,7 @@ mod tests {
                     owner: Some("a3".into()),
                     rebuild: None,
                     debug: false,
+                    env: None,
                 }),
                 generations: Default::default(),
             },

@@ -387,7 +387,7 @@ impl Pump {
         // Before the job is in the spool: its caches are lent at the generation the server says.
         self.note_generations(answer.generations)?;
         let Some(lease) = answer.lease else { return Ok(false) };
-        let wire::Lease { id, seq, file_name, size, lease_ms, attempt, packages, owner, rebuild, debug } = lease;
+        let wire::Lease { id, seq, file_name, size, lease_ms, attempt, packages, owner, rebuild, debug, env } = lease;
         let id = id.as_str();
         let Ok(job) = JobName::parse(&file_name) else {
             bail!("the server sent a job named {:?}", jobfile::sanitize(file_name.as_bytes()))
@@ -435,7 +435,7 @@ impl Pump {
         // server pinned and lends the submitter's caches. A verified rebuild's
         // run: the server placed it; here its terms only name the job and date it.
         let rebuild = rebuild.map(|terms| jobfile::rebuild::Terms { apart_until: 0, ..terms });
-        let terms = jobfile::layout::Terms { pin: packages, owner, rebuild, debug };
+        let terms = jobfile::layout::Terms { pin: packages, owner, rebuild, debug, env };
         if let Err(e) = terms.write(&self.dirs.running, OsStr::new(&held.file_name)) {
             let _ = fs::remove_file(&partial);
             self.leases.lock().remove(id);

@@ -6,6 +6,7 @@
 //! running/.pins/<file>.owner    owner    whose build caches the job uses (`a<id>`)
 //! running/.pins/<file>.rebuild  rebuild  a verified rebuild's run: its sibling, name, epoch
 //! running/.pins/<file>.debug    debug    its submitter asked for a debug session (`crate::debug`)
+//! running/.pins/<file>.env      env      the name and SOURCE_DATE_EPOCH it is given (`crate::jobenv`)
 //! ```
 //!
 //! The terms are written before the job is in the queue and read by the
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use super::{read_small, write_whole};
 use crate::deps::Resolution;
+use crate::jobenv::JobEnv;
 use crate::rebuild;
 
 /// A job's terms, each checked as it is read.
@@ -30,6 +32,9 @@ pub struct Terms {
     pub rebuild: Option<rebuild::Terms>,
     /// When it does not end ok, keep its VM up for its owner's shell.
     pub debug: bool,
+    /// The name and `SOURCE_DATE_EPOCH` a server gives it (a verified
+    /// rebuild's terms, when there are both, say the same).
+    pub env: Option<JobEnv>,
 }
 
 /// One of a job's terms.
@@ -39,6 +44,7 @@ pub enum Member {
     Owner,
     Rebuild,
     Debug,
+    Env,
 }
 
 /// A member of a job's terms that is there but cannot be used, and why.
@@ -55,6 +61,7 @@ impl std::fmt::Display for BadTerms {
             Member::Owner => "owner of its caches",
             Member::Rebuild => "verified rebuild",
             Member::Debug => "debug session",
+            Member::Env => "environment",
         };
         write!(f, "{what}: {}", self.why)
     }
@@ -79,6 +86,11 @@ pub fn debug_file(running: &Path, file_name: &OsStr) -> PathBuf {
     pins_entry(running, file_name, ".debug")
 }
 
+/// The environment's file: `running/.pins/<file>.env`.
+pub fn env_file(running: &Path, file_name: &OsStr) -> PathBuf {
+    pins_entry(running, file_name, ".env")
+}
+
 /// What the debug request's file holds.
 const DEBUG_WORD: &[u8] = b"debug\n";
 
@@ -98,6 +110,7 @@ impl Terms {
             owner: read_owner(running, file_name).map_err(bad(Member::Owner))?,
             rebuild: rebuild::read_terms(running, file_name).map_err(bad(Member::Rebuild))?,
             debug: read_debug(running, file_name).map_err(bad(Member::Debug))?,
+            env: read_env(running, file_name).map_err(bad(Member::Env))?,
         })
     }
 
@@ -119,6 +132,10 @@ impl Terms {
         if self.debug {
             write_whole(&debug_file(running, file_name), DEBUG_WORD)?;
         }
+        if let Some(env) = &self.env {
+            env.check().map_err(io::Error::other)?;
+            write_whole(&env_file(running, file_name), &serde_json::to_vec(env).expect("an env always serializes"))?;
+        }
         Ok(())
     }
 
@@ -128,6 +145,7 @@ impl Terms {
         let _ = fs::remove_file(pin_file(running, file_name));
         let _ = fs::remove_file(owner_file(running, file_name));
         let _ = fs::remove_file(debug_file(running, file_name));
+        let _ = fs::remove_file(env_file(running, file_name));
     }
 
     /// Removes every member (a job that never ran: cancelled or deleted).
@@ -153,6 +171,15 @@ fn read_debug(running: &Path, file_name: &OsStr) -> Result<bool, String> {
         Some(raw) if raw == DEBUG_WORD => Ok(true),
         Some(_) => Err(format!("{} does not say debug", path.display())),
     }
+}
+
+fn read_env(running: &Path, file_name: &OsStr) -> Result<Option<JobEnv>, String> {
+    let path = env_file(running, file_name);
+    let Some(raw) = read_small(&path, 4096)? else { return Ok(None) };
+    let env: JobEnv =
+        serde_json::from_slice(&raw).map_err(|e| format!("{} is not a job's environment: {e}", path.display()))?;
+    env.check().map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(Some(env))
 }
 
 fn read_owner(running: &Path, file_name: &OsStr) -> Result<Option<String>, String> {
@@ -183,6 +210,7 @@ impl TermFiles {
             owner_file(running, file_name),
             rebuild::terms_file(running, file_name),
             debug_file(running, file_name),
+            env_file(running, file_name),
         ] {
             if let Some(raw) = read_small(&path, 4 << 20)? {
                 files.push((path.file_name().expect("a file name").to_owned(), raw));
@@ -225,21 +253,28 @@ mod tests {
         let (running, file) = (tmp.path(), OsStr::new("a_i1.tar.xz"));
         assert_eq!(Terms::read(running, file).expect("none"), Terms::default());
         let rebuild = rebuild::Terms { sibling: "b_i1.tar.xz".into(), name: "a".into(), epoch: 1, apart_until: 0 };
-        let terms = Terms { pin: None, owner: Some("a7".into()), rebuild: Some(rebuild), debug: true };
+        let env = Some(crate::jobenv::JobEnv { name: "a".into(), epoch: 1 });
+        let terms = Terms { pin: None, owner: Some("a7".into()), rebuild: Some(rebuild), debug: true, env };
         terms.write(running, file).expect("write");
         assert_eq!(Terms::read(running, file).expect("read"), terms);
         let copy = TermFiles::read(running, file).expect("copy");
-        assert_eq!(copy.files.len(), 3, "the owner, the rebuild's terms and the debug request");
+        assert_eq!(copy.files.len(), 4, "the owner, the rebuild's terms, the debug request and the env");
         let elsewhere = tmp.path().join("node");
         copy.write(&elsewhere).expect("copied");
         assert_eq!(TermFiles::read(&elsewhere, file).expect("again").digest(), copy.digest());
         Terms::remove_run(running, file);
-        assert_eq!(Terms::read(running, file).expect("read"), Terms { owner: None, debug: false, ..terms.clone() });
+        assert_eq!(
+            Terms::read(running, file).expect("read"),
+            Terms { owner: None, debug: false, env: None, ..terms.clone() }
+        );
         Terms::remove_all(running, file);
         assert_eq!(Terms::read(running, file).expect("read"), Terms::default());
         std::fs::write(debug_file(running, file), "yes please").expect("w");
         assert_eq!(Terms::read(running, file).map_err(|e| e.member), Err(Member::Debug), "says nothing else");
         std::fs::remove_file(debug_file(running, file)).expect("rm");
+        std::fs::write(super::env_file(running, file), r#"{"name":"../x","epoch":1}"#).expect("w");
+        assert_eq!(Terms::read(running, file).map_err(|e| e.member), Err(Member::Env), "no job's name");
+        std::fs::remove_file(super::env_file(running, file)).expect("rm");
         std::fs::write(owner_file(running, file), "../x").expect("w");
         assert_eq!(Terms::read(running, file).map_err(|e| e.member), Err(Member::Owner), "no account's");
         std::fs::remove_file(owner_file(running, file)).expect("rm");

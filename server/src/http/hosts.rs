@@ -194,6 +194,7 @@ fn with_terms(app: &App, host: &Account, lease: db::Lease) -> ApiResult<wire::Le
         owner: Some(jobfile::caches::account_owner(lease.account_id)),
         rebuild,
         debug: terms.debug,
+        env: terms.env,
     })
 }
 
