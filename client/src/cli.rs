@@ -69,6 +69,12 @@ pub enum Command {
         /// construir.toml asks the same). Not with --verify-on 2.
         #[arg(long, conflicts_with = "verify_on")]
         debug: bool,
+        /// Run it even if the server's result cache holds the result of the same job, and keep
+        /// its result out of the cache. (Without it, a job whose inputs are all those of an
+        /// earlier job of yours that ended ok is not run: you get that job's result and signed
+        /// provenance, with the server's signed record of the hit.)
+        #[arg(long)]
+        no_result_cache: bool,
         /// Then wait for it, as `construir wait` does.
         #[arg(long)]
         wait: bool,
@@ -168,6 +174,20 @@ pub enum CacheCommand {
     Clear {
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         name: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Your entries in the server's result cache (results of your jobs that ended ok, served
+    /// again to the same job): key, job, image, size, last use, host, and whether it is shared.
+    Results {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop your result cache entry KEY, or all of yours with --all: the next such job runs.
+    Forget {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        key: Option<String>,
         #[arg(long)]
         all: bool,
     },

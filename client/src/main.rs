@@ -29,7 +29,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             println!("{}", packed.path.display());
         }
-        Command::Submit { path, image, size, name, packages, debian_control, caches, verify_on, debug, wait } => {
+        Command::Submit {
+            path,
+            image,
+            size,
+            name,
+            packages,
+            debian_control,
+            caches,
+            verify_on,
+            debug,
+            no_result_cache,
+            wait,
+        } => {
             let submit = Submit {
                 path: path.clone(),
                 image: image.clone(),
@@ -40,6 +52,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 caches: caches.clone(),
                 verify_on: *verify_on,
                 debug: *debug,
+                no_result_cache: *no_result_cache,
                 wait: *wait,
             };
             return commands::submit::run(&api()?, submit);
@@ -56,6 +69,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Hosts => commands::hosts::run(&api()?)?,
         Command::Cache(CacheCommand::List { json }) => commands::cache::list(&api()?, *json)?,
         Command::Cache(CacheCommand::Clear { name, all: _ }) => commands::cache::clear(&api()?, name.clone())?,
+        Command::Cache(CacheCommand::Results { json }) => commands::cache::results(&api()?, *json)?,
+        Command::Cache(CacheCommand::Forget { key, all: _ }) => commands::cache::forget(&api()?, key.as_deref())?,
         Command::Cancel { id } => commands::cancel::run(&api()?, id)?,
         Command::Debug { id } => return commands::debug::run(&api()?, id),
         Command::Rerun { id, debug, wait } => return commands::rerun::run(&api()?, id, *debug, *wait),

@@ -57,3 +57,41 @@ pub fn server_signers(
     }
     Ok(signers)
 }
+
+/// Fetches the server's signed record of a job served from its result
+/// cache beside the result `out` (`<name>_d<N>.cache-hit.intoto.jsonl`), and
+/// checks it with the key the server publishes for it: it must name this
+/// job and this result. One line saying what it says.
+pub fn cache_hit(api: &Api, id: &str, out: &Path) -> Result<String> {
+    use construir_provenance::cache_hit;
+    let name = out.file_name().and_then(|n| n.to_str()).context("the result has no name")?;
+    let stem = name.strip_suffix(jobfile::name::SUFFIX).unwrap_or(name);
+    let path = out.with_file_name(format!("{stem}.{}", cache_hit::EXTENSION));
+    let mut line = Vec::new();
+    api.download(&format!("jobs/{id}/cache-hit"), 0, Some(64 << 10), &mut line)?;
+    std::fs::write(&path, &line).with_context(|| format!("cannot write {}", path.display()))?;
+    let key: String = {
+        let mut raw = Vec::new();
+        api.download("result-cache/key", 0, Some(4096), &mut raw)?;
+        String::from_utf8_lossy(&raw).trim().to_owned()
+    };
+    let key = construir_provenance::PublicKey::parse(&key).map_err(|e| anyhow::anyhow!("the server's key: {e}"))?;
+    let statement =
+        cache_hit::open(line.trim_ascii_end(), &key).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let sha256 = jobfile::image::sha256_file(out)?;
+    if statement.predicate.job != id || statement.subject.first().and_then(|s| s.sha256()) != Some(sha256.as_str()) {
+        bail!("{}: it is not the record of this job and this result", path.display());
+    }
+    let p = &statement.predicate;
+    Ok(jobfile::sanitize(
+        format!(
+            "from cache: the result of job {} of {} on {}, served {} (record signed by the server, {})",
+            p.original_job,
+            p.original_submitted,
+            p.original_host,
+            p.served,
+            path.display()
+        )
+        .as_bytes(),
+    ))
+}

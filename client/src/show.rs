@@ -15,9 +15,12 @@ pub fn checked_id(id: &str) -> Result<&str> {
     }
 }
 
-/// One line saying where a job is, sanitized.
+/// One line saying where a job is, sanitized (and, served from the result cache, whose result it is).
 pub fn describe(job: &wire::Job) -> String {
-    shown(&job.place.describe())
+    match &job.from_cache {
+        Some(hit) => shown(&format!("{} ({})", job.place.describe(), hit.describe())),
+        None => shown(&job.place.describe()),
+    }
 }
 
 /// A verified rebuild's state in a few words, after `describe`'s line.

@@ -9,6 +9,7 @@
 //! sha256, under its path in the archive. A verifier needs only the result,
 //! the statement and the host's public key.
 
+pub mod cache_hit;
 pub mod dsse;
 pub mod key;
 pub mod statement;

@@ -71,6 +71,8 @@ pub struct App {
     pub(crate) heard: crate::heard::Heard,
     /// The debug sessions remote hosts offer.
     pub(crate) debug: crate::offers::Offers,
+    /// Results kept for jobs with the same inputs (`None`: the server keeps none).
+    pub result_cache: Option<crate::result_cache::Settings>,
 }
 
 /// Failed authentications a client may make in a minute before its failures are answered 429.
@@ -83,6 +85,7 @@ impl App {
         settings: Settings,
         farm: crate::lease::Settings,
         packages: Option<deps::Resolver>,
+        result_cache: Option<crate::result_cache::Settings>,
     ) -> Arc<App> {
         Arc::new(App {
             db,
@@ -94,6 +97,7 @@ impl App {
             packages,
             heard: Default::default(),
             debug: Default::default(),
+            result_cache,
         })
     }
 
@@ -108,7 +112,7 @@ impl App {
             tls: false,
             debug: Default::default(),
         };
-        App::new(db, store, settings, crate::lease::Settings::default(), None)
+        App::new(db, store, settings, crate::lease::Settings::default(), None, None)
     }
 
     pub(crate) fn db(&self) -> &Database {

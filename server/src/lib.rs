@@ -9,7 +9,8 @@
 //!   `auth`, `quota`, `sessions`: tokens, limits, the page's sessions;
 //! - `lease`: handing a job to one remote host and ending its lease;
 //!   `rebuild`: verified rebuilds' live hosts and verdicts; `slurm`: the
-//!   Slurm executor, which hands jobs to a site's Slurm;
+//!   Slurm executor, which hands jobs to a site's Slurm; `result_cache`:
+//!   results kept for the same job again;
 //! - `app`: the state every handler reaches;
 //! - `http`: the router, the extractors and the handlers by resource
 //!   (`jobs`, `hosts`, `page`); `openapi`: the schema made from them;
@@ -28,6 +29,7 @@ pub mod offers;
 pub mod openapi;
 pub mod quota;
 pub mod rebuild;
+pub mod result_cache;
 pub mod sessions;
 pub mod slurm;
 pub mod sparse;
@@ -63,6 +65,8 @@ async fn bring_up_to_date(app: &App, jobs: Vec<db::JobRecord>) -> Result<(), db:
     }
     // Verified rebuilds whose two runs have both ended get their verdict.
     rebuild::settle(app, &jobs).await?;
+    // Results of jobs that ended ok are kept for the same job again.
+    result_cache::admit_ended(app).await?;
     sweep_uploads(app).await
 }
 
@@ -143,6 +147,7 @@ pub async fn sweep_retention(app: &App) -> Result<usize, db::DbError> {
             app.store.done.join(name.done_file_name()),
             app.store.done.join(name.done_with_extension("log")),
             app.store.done.join(name.done_with_extension(jobfile::layout::PROVENANCE_EXTENSION)),
+            app.store.done.join(name.done_with_extension(construir_provenance::cache_hit::EXTENSION)),
             app.store.failed.join(&job.file_name),
             jobfile::layout::beside_entry(&app.store.failed.join(&job.file_name), "reason"),
             jobfile::layout::beside_entry(&app.store.failed.join(&job.file_name), "log"),

@@ -14,7 +14,7 @@ use construir_server::listen::{self, Bounds};
 use construir_server::quota::UploadRules;
 use construir_server::sql::Database;
 use construir_server::store::Store;
-use construir_server::{auth, follow, http, keep_sweeping, lease, rebuild, reconcile_leases, unrecorded};
+use construir_server::{auth, follow, http, keep_sweeping, lease, rebuild, reconcile_leases, result_cache, unrecorded};
 use jobfile::units::{duration_arg, human_size, size_arg};
 
 #[derive(Parser)]
@@ -210,7 +210,31 @@ struct ServeArgs {
     #[arg(long)]
     no_debug: bool,
     #[command(flatten)]
+    result_cache: ResultCacheArgs,
+    #[command(flatten)]
     slurm: SlurmArgs,
+}
+
+/// The result cache: a job whose inputs are all an earlier ok job's is served that job's result.
+#[derive(clap::Args, Clone)]
+struct ResultCacheArgs {
+    /// Keep no results: every job runs, and none is served from the cache.
+    #[arg(long)]
+    no_result_cache: bool,
+    /// Mixed into every key: a new salt disowns every entry at once (they are removed at start).
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    cache_salt: String,
+    /// Serve every account the entries that a verified rebuild (--verify-on 2) found reproducible
+    /// on two different hosts; `false`: each account is served its own entries only.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    share_reproducible: bool,
+    /// Most bytes all entries may take on the server; the least recently used go first.
+    #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = size_arg)]
+    result_cache_size: u64,
+    /// The key the server signs each cache hit's record with (made at first start)
+    /// [default: QUEUE/../server-keys/result-cache.key].
+    #[arg(long, value_name = "FILE")]
+    result_cache_key: Option<PathBuf>,
 }
 
 /// Limits: server-wide defaults for `serve`, or one account's for `account limits`.
@@ -466,6 +490,10 @@ async fn serve(conn: Database, a: ServeArgs) -> Result<()> {
     let app = open_app(conn, &a, tls.is_some()).await?;
     reconcile_leases(&app).await?;
     rebuild(&app).await?;
+    let disowned = result_cache::disown_other_salts(&app).await?;
+    if disowned > 0 {
+        log::info!("result cache: removed {disowned} entries made under another --cache-salt");
+    }
     // The local hosts read the cleared caches from the queue's directories: as the database says.
     http::caches::publish_generations(&app).await.context("cannot write the cleared caches' generations")?;
     let strangers = unrecorded(&app).await?;
@@ -541,7 +569,28 @@ async fn open_app(conn: Database, a: &ServeArgs, tls: bool) -> Result<Arc<App>> 
         max_bytes: a.max_package_bytes,
         ..deps::Settings::new(&cache.join("packages"))
     });
-    Ok(App::new(conn, store, settings, farm, Some(packages)))
+    let result_cache = result_cache_settings(&a.result_cache, &a.queue)?;
+    Ok(App::new(conn, store, settings, farm, Some(packages), result_cache))
+}
+
+/// The result cache's settings, its signing key made when missing; `None` with --no-result-cache.
+fn result_cache_settings(a: &ResultCacheArgs, queue: &std::path::Path) -> Result<Option<result_cache::Settings>> {
+    if a.no_result_cache {
+        return Ok(None);
+    }
+    let path = a.result_cache_key.clone().unwrap_or_else(|| result_cache::default_key_path(queue));
+    let (key, made) = construir_provenance::HostKey::load_or_create(&path)
+        .with_context(|| format!("cannot read or make the result cache's key {}", path.display()))?;
+    if made {
+        log::info!("made the key that signs cache hits' records: {} ({})", path.display(), key.public());
+    }
+    Ok(Some(result_cache::Settings {
+        salt: result_cache::key::salt_digest(&a.cache_salt),
+        share_reproducible: a.share_reproducible,
+        max_bytes: a.result_cache_size,
+        entries: result_cache::entry::Entries { root: result_cache::default_root(queue) },
+        key: std::sync::Arc::new(key),
+    }))
 }
 
 /// The Slurm executor's settings, with `--executor slurm`.

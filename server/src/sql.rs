@@ -431,7 +431,7 @@ mod tests {
 
     /// The sha384 of each SQLite migration as its own file held it, before
     /// both backends shared one: what SQLite databases made then recorded.
-    const SQLITE_CHECKSUMS: [&str; 10] = [
+    const SQLITE_CHECKSUMS: [&str; 11] = [
         "d799f796adb941cccb63f30e24d9c4d8efa2c9d1e6fceab0ab5d5f65cdc3e207d0897f4911c9ca07bdfd9d4ad6dce389",
         "faf001dfe6d1da0dbb626793f34742f3c090e9306caab6464b0123f9bfe1f3c06538dc909b2badcb8760bfa77f3aa068",
         "434f6473afb360584cdea02095fe46358596ac023ed8745aecb9209b0bd15b071f654c9584383a2af45e2e0c9fcca4c4",
@@ -442,6 +442,7 @@ mod tests {
         "cfe8c681e3b8e68b3b06d58f55062fd43706de61e846201c6227ede339c7b8cc02d120651444a0627b42c2ee87676bf2",
         "5be3d0efed7b5d28f85eb5377e72683eaeb52ac416586d487d7c4ddb4397d84a4d2ec9cab6558725222ce3c8d71aba69",
         "43f9f222af6081642f5407b11c5e27cb8ca1f293f3426e57f8943c2436125f095d53f2c460d97aed2eec55cc2404d070",
+        "12b8766f5316006ee627107d7922d36814e91c38c01985ff3992ce94cc19fcf41807eec6124a1351deac7461403ac0ed",
     ];
 
     #[tokio::test]

@@ -44,8 +44,12 @@ pub use wire::Place;
 /// the length and sha256 of what was copied (a rerun's job file, whose
 /// digest must be the one recorded at submit).
 fn sparse_copy(from: &Path, to: &Path) -> io::Result<(u64, String)> {
+    sparse_copy_from(File::open(from)?, to)
+}
+
+/// [`sparse_copy`] from an open file (one the caller checked: `open_regular`).
+pub(crate) fn sparse_copy_from(mut src: File, to: &Path) -> io::Result<(u64, String)> {
     use sha2::Digest;
-    let mut src = File::open(from)?;
     let dst = fs::OpenOptions::new().write(true).create_new(true).mode(0o640).open(to)?;
     let mut sha = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -313,8 +317,13 @@ impl Store {
 
     /// The signed provenance beside the job's result (`done/<name>_d<N>.intoto.jsonl`): never a link or a second name.
     pub fn provenance_path(&self, file_name: &str) -> Option<PathBuf> {
+        self.done_file(file_name, layout::PROVENANCE_EXTENSION)
+    }
+
+    /// The file `done/<name>_d<N>.<extension>` beside the job's result: never a link or a second name.
+    pub fn done_file(&self, file_name: &str, extension: &str) -> Option<PathBuf> {
         let job = JobName::parse(file_name).ok()?;
-        Some(self.done.join(job.done_with_extension(layout::PROVENANCE_EXTENSION)))
+        Some(self.done.join(job.done_with_extension(extension)))
             .filter(|p| fs::symlink_metadata(p).is_ok_and(|m| is_own(&m, None)))
     }
 

@@ -158,6 +158,11 @@ impl Api {
         answer(self.sent(self.agent.get(self.url(path)).header("Authorization", self.auth()?).call())?)
     }
 
+    /// `DELETE /v1/<path>`, its answer as `T`.
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, CallError> {
+        answer(self.sent(self.agent.delete(self.url(path)).header("Authorization", self.auth()?).call())?)
+    }
+
     /// `POST /v1/<path>` with `body` as JSON.
     pub fn post_json<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, CallError> {
         let body = serde_json::to_vec(body).expect("a request always serializes");

@@ -38,7 +38,13 @@ pub fn run(api: &Api, f: Fetch) -> Result<ExitCode> {
     eprintln!("construir: {id} ({}) -> {}", human_size(n), out.display());
     if !f.no_verify {
         match construir_client::results::verified(api, &job, id, run, &out) {
-            Ok(v) => eprintln!("construir: verified: {}", v.summary()),
+            Ok(v) => {
+                eprintln!("construir: verified: {}", v.summary());
+                if job.from_cache.is_some() && run == 1 {
+                    let record = construir_client::results::cache_hit(api, id, &out)?;
+                    eprintln!("construir: {}", record);
+                }
+            }
             Err(e) => {
                 let aside = out.with_extension("xz.unverified");
                 std::fs::rename(&out, &aside)?;

@@ -22,13 +22,14 @@ pub struct Submit {
     pub caches: Vec<String>,
     pub verify_on: Option<u32>,
     pub debug: bool,
+    pub no_result_cache: bool,
     pub wait: bool,
 }
 
 pub fn run(api: &Api, s: Submit) -> Result<ExitCode> {
     let scratch = tempfile::tempdir()?;
     let file = job_file(&s, scratch.path())?;
-    let job = submit(api, &file, s.verify_on, s.debug)?;
+    let job = submit(api, &file, s.verify_on, s.debug, s.no_result_cache)?;
     let id = checked_id(&job.id)?.to_owned();
     println!("{id}");
     eprintln!("construir: submitted {} as {id}: {}", file.display(), describe(&job));
@@ -68,7 +69,7 @@ fn job_file(s: &Submit, scratch: &Path) -> Result<PathBuf> {
 }
 
 /// Sends the job file `file` (`POST /v1/jobs`).
-fn submit(api: &Api, file: &Path, verify_on: Option<u32>, debug: bool) -> Result<wire::Job> {
+fn submit(api: &Api, file: &Path, verify_on: Option<u32>, debug: bool, no_result_cache: bool) -> Result<wire::Job> {
     let file_name = file.file_name().and_then(|n| n.to_str()).context("the job file has no name")?;
     let job = jobfile::JobName::parse_input(file_name)
         .with_context(|| format!("{file_name} is not a job file name (<name>_i<image>.tar.xz)"))?;
@@ -80,6 +81,9 @@ fn submit(api: &Api, file: &Path, verify_on: Option<u32>, debug: bool) -> Result
     }
     if debug {
         path.push_str("&debug=true");
+    }
+    if no_result_cache {
+        path.push_str("&no_result_cache=true");
     }
     // The server may refuse on the headers alone (a limit, a bad name): then no byte of the body is sent.
     let upload = Upload { len, content_type: "application/x-xz", expect_continue: true, body: f };

@@ -56,6 +56,13 @@ pub struct JobRecord {
     /// made before it was kept).
     #[serde(skip)]
     pub file_sha256: Option<String>,
+    /// The lookup key of a job whose result may be cached (`crate::result_cache`).
+    #[serde(skip)]
+    pub cache_lookup: Option<String>,
+    /// What became of it for the result cache (`stored`, or why not).
+    pub cache_note: Option<String>,
+    /// Served from the result cache: whose result it is.
+    pub from_cache: Option<wire::result_cache::CacheHit>,
 }
 
 impl JobRecord {
@@ -87,6 +94,9 @@ impl JobRecord {
             rebuild: None,
             ran_on: None,
             file_sha256: None,
+            cache_lookup: None,
+            cache_note: None,
+            from_cache: None,
         }
     }
 }
@@ -173,6 +183,9 @@ pub(super) fn job_from_row(r: &Row) -> Result<JobRecord, SqlError> {
         rebuild: r.opt_json("rebuild")?,
         ran_on: r.opt_text("ran_on")?.as_deref().and_then(RanOn::from_column),
         file_sha256: r.opt_text("file_sha256")?,
+        cache_lookup: r.opt_text("cache_lookup")?,
+        cache_note: r.opt_text("cache_note")?,
+        from_cache: r.opt_json("from_cache")?,
     })
 }
 
@@ -197,7 +210,7 @@ pub(super) fn packages_text(packages: Option<&Resolution>) -> Option<String> {
 }
 
 /// A job's host is its remote host's (the lease's) or the Slurm node's that runs it.
-pub(super) const JOB_COLUMNS: &str = "id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, COALESCE(lease_host, (SELECT node FROM slurm_runs WHERE slurm_runs.job_id = jobs.id)) AS host, attempts, file_ino, file_birth, packages, caches, twin_of, rebuild, ran_on, file_sha256";
+pub(super) const JOB_COLUMNS: &str = "id, account_id, name, image, file_name, size, submitted, submitted_unix, state, updated, verdict, result_bytes, deleted, COALESCE(lease_host, (SELECT node FROM slurm_runs WHERE slurm_runs.job_id = jobs.id)) AS host, attempts, file_ino, file_birth, packages, caches, twin_of, rebuild, ran_on, file_sha256, cache_lookup, cache_note, from_cache";
 
 pub async fn insert_job(db: &Database, j: &JobRecord) -> Result<(), DbError> {
     db.tx(async |tx| insert_in(tx, j).await).await

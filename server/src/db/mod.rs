@@ -13,6 +13,7 @@ mod caches;
 mod hosts;
 mod jobs;
 mod leases;
+pub mod result_cache;
 mod slurm;
 mod uploads;
 mod verdicts;
@@ -46,7 +47,7 @@ pub use slurm::{
     unpin_node_key, SlurmRun,
 };
 pub use uploads::{drop_upload, file_recorded, finish_submission, finish_upload, reserve_upload, uploads, Usage};
-pub use verdicts::{set_rebuild_verdict, twin};
+pub use verdicts::{set_rebuild, set_rebuild_verdict, twin};
 /// An account's limits; `None` means the server-wide default.
 pub use wire::Limits;
 

@@ -66,6 +66,14 @@ pub async fn reserve_upload<R>(
                 params![JobState::Uploading.as_str()],
             )
             .await?;
+        // Its entries in the result cache are its bytes too.
+        let cached = tx
+            .query_opt(
+                "SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) AS cached FROM result_cache WHERE account_id = $1",
+                params![record.account_id],
+            )
+            .await?;
+        usage.stored_bytes += cached.map(|r| r.count("cached")).transpose()?.unwrap_or(0);
         usage.reserved_everywhere = everywhere.map(|r| r.count("reserved")).transpose()?.unwrap_or(0);
         let bytes = match decide(&usage) {
             Ok(bytes) => bytes,
@@ -107,6 +115,7 @@ pub async fn finish_submission(
     size: (u64, &str),
     packages: Option<&Resolution>,
     caches: &[String],
+    cache: Result<&str, &str>,
     (account, detail): (&str, &str),
 ) -> Result<bool, DbError> {
     db.tx(async |tx| {
@@ -114,6 +123,15 @@ pub async fn finish_submission(
             if !finish_in(tx, id, size, *file, packages, caches).await? {
                 return Ok(false);
             }
+        }
+        // The first run is the one whose result the cache may keep (`crate::result_cache`), or why not.
+        if let Some((id, _)) = jobs.first() {
+            let (lookup, note) = match cache {
+                Ok(lookup) => (Some(lookup), None),
+                Err(why) => (None, Some(format!("not stored: {why}"))),
+            };
+            tx.execute("UPDATE jobs SET cache_lookup = $1, cache_note = $2 WHERE id = $3", params![lookup, note, *id])
+                .await?;
         }
         audit_in(tx, Some(account), "submitted", detail).await?;
         Ok(true)

@@ -34,3 +34,11 @@ pub async fn set_rebuild_verdict(db: &Database, first: &str, verdict: &wire::Reb
     })
     .await
 }
+
+/// Records the pair of an upload under way again (its `SOURCE_DATE_EPOCH`,
+/// known once the job file has arrived).
+pub async fn set_rebuild(db: &Database, first: &str, record: &RebuildRecord) -> Result<(), DbError> {
+    let text = rebuild_text(Some(record));
+    db.execute("UPDATE jobs SET rebuild = $1 WHERE id = $2", params![text, first]).await?;
+    Ok(())
+}

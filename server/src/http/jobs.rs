@@ -40,8 +40,20 @@ pub(super) fn job_json(j: &JobRecord, place: &Place) -> wire::Job {
         status: None,
         cancel: None,
         rebuild: None,
-        built_by: j.ran_on.as_ref().map(crate::db::RanOn::key_owner),
+        // Served from the cache: the run that made its result.
+        built_by: j
+            .ran_on
+            .as_ref()
+            .map(crate::db::RanOn::key_owner)
+            .or(j.from_cache.as_ref().and_then(|h| h.built_by.clone())),
         debug: None,
+        from_cache: j.from_cache.clone(),
+        result_cache: match (&j.from_cache, &j.cache_note, &j.cache_lookup) {
+            (Some(_), _, _) => None,
+            (None, Some(note), _) => Some(note.clone()),
+            (None, None, Some(_)) => Some("to be stored if it ends ok".to_owned()),
+            (None, None, None) => None,
+        },
     }
 }
 

@@ -11,6 +11,7 @@ pub mod hosts;
 pub mod jobs;
 pub mod page;
 pub mod rerun;
+pub mod result_cache;
 pub mod submit;
 
 use std::net::{IpAddr, SocketAddr};
@@ -22,7 +23,7 @@ use axum::extract::{ConnectInfo, FromRequestParts, Path as UrlPath};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 
 use crate::app::{App, MAX_FAILURES_PER_MINUTE};
@@ -86,6 +87,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/debug", get(debug::attach))
         .route("/v1/jobs/{id}/rerun", post(rerun::rerun))
+        .route("/v1/jobs/{id}/cache-hit", get(result_cache::hit_record))
+        .route("/v1/result-cache", get(result_cache::list).delete(result_cache::forget_all))
+        .route("/v1/result-cache/key", get(result_cache::key))
+        .route("/v1/result-cache/{key}", delete(result_cache::forget_one))
         .route("/v1/page-link", post(page::page_link))
         .route("/v1/caches", get(caches::list))
         .route("/v1/caches/clear", post(caches::clear).layer(DefaultBodyLimit::max(4096)))

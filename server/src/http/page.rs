@@ -196,6 +196,10 @@ fn job_row(app: &App, job: &db::JobRecord, place: &Place) -> String {
         Some(None) => format!("{detail}; verified rebuild: its second run has not ended"),
         None => detail,
     };
+    let detail = match &job.from_cache {
+        Some(hit) => format!("{detail} ({})", hit.describe()),
+        None => detail,
+    };
     // The verdict of a debug job says a session opened; the page says whether it is open now.
     let session = matches!(place, Place::Done { .. }).then(|| crate::debug::session(app, job)).flatten();
     let detail = match session {

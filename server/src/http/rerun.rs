@@ -34,7 +34,14 @@ pub(crate) async fn rerun(
         );
         return Err(ApiError::new(StatusCode::CONFLICT, why));
     };
-    let q = wire::SubmitQuery { name: job.name.clone(), image: job.image.clone(), verify_on: None, debug: rq.debug };
+    // Asked to run again: never served from the result cache (nor kept in it).
+    let q = wire::SubmitQuery {
+        name: job.name.clone(),
+        image: job.image.clone(),
+        verify_on: None,
+        debug: rq.debug,
+        no_result_cache: true,
+    };
     let limits = account.limits.or(app.settings.defaults);
     let (record, _) = records(&app, &account, &q)?;
     let upload = app.store.upload_path(&record.id);

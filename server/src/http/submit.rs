@@ -14,6 +14,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
+use jobfile::jobenv::JobEnv;
 use jobfile::layout::Terms;
 use wire::{Limits, SubmitQuery};
 
@@ -23,6 +24,7 @@ use crate::app::App;
 use crate::auth;
 use crate::db::{self, Account, JobRecord};
 use crate::quota;
+use crate::result_cache;
 use crate::store::{FileId, XZ_MAGIC};
 
 /// Removes a half-written upload and its reservation however the handler
@@ -138,6 +140,31 @@ pub(super) async fn queue_received(
     if declared_debug {
         debug_allowed(app, q, "its construir.toml says debug = true")?;
     }
+    // The environment its inputs fix: the name it was given and its newest file's time.
+    let env = source_date_epoch(&upload).await.map(|epoch| JobEnv { name: record.name.clone(), epoch });
+    if let (Some(pair), Some(env)) = (record.rebuild.as_mut(), &env) {
+        pair.epoch = env.epoch;
+        db::set_rebuild(app.db(), &record.id, pair).await.map_err(ApiError::internal)?;
+    }
+    let image = record.image.clone();
+    let submission = result_cache::Submission {
+        account,
+        image: &image,
+        sha256: &sha256,
+        size,
+        packages: packages.as_ref(),
+        env: env.as_ref(),
+        excluded: result_cache::exclusion(q.no_result_cache, q.debug || declared_debug, &caches),
+    };
+    let lookup = result_cache::lookup_of(app, &submission);
+    // A verified rebuild asks for two runs; anything else may be served what it would make.
+    if let (Ok(lookup), None) = (&lookup, &twin) {
+        if let Some(served) =
+            result_cache::serve(app, &submission, &record, lookup).await.map_err(ApiError::internal)?
+        {
+            return answer_hit(app, &submission, record, served, upload, guards).await;
+        }
+    }
     // A verified rebuild's second run: the same bytes, and both runs' terms.
     let mut queued = vec![(record.clone(), upload, ino)];
     if let Some(twin) = twin {
@@ -152,15 +179,23 @@ pub(super) async fn queue_received(
         owner: Some(jobfile::caches::account_owner(account.id)),
         rebuild: None,
         debug: q.debug,
+        env,
     };
     enqueue(app, &queued, &terms, guards)?;
     let (id, what) = (&record.id, format!("{} ({size} bytes)", record.file_name));
     let jobs: Vec<(&str, FileId)> = queued.iter().map(|(job, _, ino)| (job.id.as_str(), *ino)).collect();
     let audit = (account.name.as_str(), format!("{id} {what}"));
-    let finished =
-        db::finish_submission(app.db(), &jobs, (size, &sha256), packages.as_ref(), &caches, (audit.0, &audit.1))
-            .await
-            .map_err(ApiError::internal)?;
+    let finished = db::finish_submission(
+        app.db(),
+        &jobs,
+        (size, &sha256),
+        packages.as_ref(),
+        &caches,
+        lookup.as_deref().map_err(String::as_str),
+        (audit.0, &audit.1),
+    )
+    .await
+    .map_err(ApiError::internal)?;
     if !finished {
         return Err(ApiError::internal(std::io::Error::other(format!("job {id}: its reservation vanished"))));
     }
@@ -177,6 +212,62 @@ pub(super) async fn queue_received(
     let mut out = job_json(&record, &app.locate(&record));
     out.rebuild = rebuild_view(app, &record).await?;
     Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+/// Answers a submission served from the result cache: its record finished
+/// as a job that is done (the hit, the result landed for it), its upload
+/// removed. The answer is the job, 201, as for any submission.
+async fn answer_hit(
+    app: &Arc<App>,
+    s: &result_cache::Submission<'_>,
+    mut record: JobRecord,
+    served: result_cache::Served,
+    upload: PathBuf,
+    guards: &mut [UploadGuard],
+) -> ApiResult<Response> {
+    let hit = db::result_cache::Hit {
+        id: &record.id,
+        size: s.size,
+        sha256: s.sha256,
+        file: served.file,
+        packages: s.packages,
+        from_cache: &served.hit,
+        verdict: &served.verdict,
+        result_bytes: served.result_bytes,
+    };
+    let detail = format!("{} {} ({} bytes), from the result cache", record.id, record.file_name, s.size);
+    let finished =
+        db::result_cache::finish_hit(app.db(), &hit, (&s.account.name, &detail)).await.map_err(ApiError::internal)?;
+    if !finished {
+        let why = format!("job {}: its reservation vanished as it was served from the cache", record.id);
+        return Err(ApiError::internal(std::io::Error::other(why)));
+    }
+    let _ = tokio::fs::remove_file(&upload).await;
+    guards.iter_mut().for_each(|g| g.path = None);
+    log::info!(
+        "account {}: job {} submitted, served from the result cache ({})",
+        s.account.name,
+        record.id,
+        served.hit.key
+    );
+    (record.size, record.file_sha256, record.file_id, record.packages) =
+        (s.size, Some(s.sha256.to_owned()), Some(served.file), s.packages.cloned());
+    record.from_cache = Some(served.hit);
+    let place = app.refresh(&record).await;
+    Ok((StatusCode::CREATED, Json(job_json(&record, &place))).into_response())
+}
+
+/// The newest time among the job file's entries, its `SOURCE_DATE_EPOCH`
+/// (`jobfile::jobenv`); `None` when it cannot be read (its host refuses it).
+async fn source_date_epoch(upload: &Path) -> Option<u64> {
+    let upload = upload.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&upload).ok()?;
+        jobfile::jobenv::newest_mtime(std::io::BufReader::new(file)).ok()
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// The job's record as its upload starts (and a verified rebuild's second
