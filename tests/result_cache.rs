@@ -140,6 +140,12 @@ fn the_same_job_again_is_served_from_the_cache_without_a_vm_and_any_change_runs(
     assert!(record.starts_with("{\"payload\":"), "{record}");
     let (_, list, _) = client(&s, &alice, &work, &["list"]);
     assert!(list.lines().any(|l| l.contains(&second) && l.contains("from cache")), "{list}");
+    // A rerun of the hit runs, whatever the cache holds.
+    let (code, rerun, err) = client(&s, &alice, &work, &["rerun", &second, "--wait"]);
+    assert_eq!(code, 0, "{err}");
+    let rerun = rerun.trim().to_owned();
+    assert!(ran(&q, &["a"], &rerun) && !err.contains("from cache"), "{err}");
+    assert!(decided(&s, &alice, &work, &rerun).starts_with("not stored: it was asked to run whatever the cache holds"));
 
     // What changes the inputs runs: one byte of the file (its padding), another image, another size.
     let changed = jobs.join("changed").join("hello_i0.tar.xz");
@@ -179,7 +185,12 @@ fn the_same_job_again_is_served_from_the_cache_without_a_vm_and_any_change_runs(
         ("a failure", &failing, &[], "not stored: it ended failed"),
         ("a job with a build cache", &cached, &[], "not stored: it names build caches, whose state is in no key"),
         ("a debug job", &file, &["--debug"], "not stored: it is a debug job"),
-        ("--no-result-cache", &file, &["--no-result-cache"], "not stored: its submitter asked for no result cache"),
+        (
+            "--no-result-cache",
+            &file,
+            &["--no-result-cache"],
+            "not stored: it was asked to run whatever the cache holds",
+        ),
     ];
     for (what, path, extra, note) in cases {
         for round in 0..2 {
@@ -223,16 +234,7 @@ fn the_same_job_again_is_served_from_the_cache_without_a_vm_and_any_change_runs(
 fn a_result_reproduced_on_two_hosts_is_served_to_another_account_naming_both() {
     let Served { q, tokens, s, work } = served(&["alice", "bob"], construir_e2e::images(), &[]);
     let (alice, bob) = (tokens[0].clone(), tokens[1].clone());
-    let (a, b) = (format!("{}-a", q.host_id), format!("{}-b", q.host_id));
-    let _host_a = q.spawn("a", &a, &["--workers", "1"]);
-    let _host_b = q.spawn("b", &b, &["--workers", "1"]);
-    let running = q.root.path().join("running");
-    assert!(
-        wait_for(Duration::from_secs(20), || [&a, &b].iter().all(|h| running.join(h).join(".host").exists())),
-        "{}{}",
-        q.log("a"),
-        q.log("b")
-    );
+    let ((a, _host_a), (b, _host_b)) = q.spawn_two();
     let dir = job_dir(
         &work,
         "repro",

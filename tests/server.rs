@@ -647,16 +647,8 @@ fn a_verified_rebuild_runs_on_two_hosts_and_names_the_files_that_differ() {
     let Served { q, tokens, s, work, .. } = served(&["alice"], &[]);
     let alice = tokens[0].clone();
     // Two hosts of one VM each: the second run of each pair is kept off the host that took the first.
-    let (a, b) = (format!("{}-a", q.host_id), format!("{}-b", q.host_id));
-    let mut host_a = q.spawn("a", &a, &["--workers", "1"]);
-    let mut host_b = q.spawn("b", &b, &["--workers", "1"]);
+    let ((a, mut host_a), (b, mut host_b)) = q.spawn_two();
     let running = q.root.path().join("running");
-    assert!(
-        wait_for(Duration::from_secs(20), || [&a, &b].iter().all(|h| running.join(h).join(".host").exists())),
-        "{}{}",
-        q.log("a"),
-        q.log("b")
-    );
 
     // What the job makes depends only on its inputs and the fixed environment.
     let repro = job_dir(

@@ -72,7 +72,7 @@ pub struct App {
     /// The debug sessions remote hosts offer.
     pub(crate) debug: crate::offers::Offers,
     /// Results kept for jobs with the same inputs (`None`: the server keeps none).
-    pub result_cache: Option<crate::result_cache::Settings>,
+    pub result_cache: Option<crate::result_cache::settings::Settings>,
 }
 
 /// Failed authentications a client may make in a minute before its failures are answered 429.
@@ -85,7 +85,7 @@ impl App {
         settings: Settings,
         farm: crate::lease::Settings,
         packages: Option<deps::Resolver>,
-        result_cache: Option<crate::result_cache::Settings>,
+        result_cache: Option<crate::result_cache::settings::Settings>,
     ) -> Arc<App> {
         Arc::new(App {
             db,

@@ -278,6 +278,22 @@ impl Queue {
         Spawned(self.host_command(tag, host_id, extra).spawn().expect("start construir-host"))
     }
 
+    /// Two hosts of one VM each, tagged `a` and `b` (ids `<host_id>-a`,
+    /// `-b`), once both hold their place: their ids and their processes.
+    pub fn spawn_two(&self) -> ((String, Spawned), (String, Spawned)) {
+        let (a, b) = (format!("{}-a", self.host_id), format!("{}-b", self.host_id));
+        let host_a = self.spawn("a", &a, &["--workers", "1"]);
+        let host_b = self.spawn("b", &b, &["--workers", "1"]);
+        let running = self.root.path().join("running");
+        assert!(
+            wait_for(Duration::from_secs(20), || [&a, &b].iter().all(|h| running.join(h).join(".host").exists())),
+            "{}{}",
+            self.log("a"),
+            self.log("b")
+        );
+        ((a, host_a), (b, host_b))
+    }
+
     /// `spawn`, on the images in `images`.
     pub fn spawn_with_images(&self, tag: &str, host_id: &str, images: &Path, extra: &[&str]) -> Spawned {
         Spawned(self.host_command_on(tag, host_id, images, extra).spawn().expect("start construir-host"))

@@ -242,8 +242,16 @@ async fn answer_hit(
         let why = format!("job {}: its reservation vanished as it was served from the cache", record.id);
         return Err(ApiError::internal(std::io::Error::other(why)));
     }
-    let _ = tokio::fs::remove_file(&upload).await;
     guards.iter_mut().for_each(|g| g.path = None);
+    // Kept for `rerun` (which always runs) as any job's file is, then the upload goes.
+    let (store, kept_id) = (app.clone(), record.id.clone());
+    tokio::task::spawn_blocking(move || {
+        let kept = std::fs::File::open(&upload).and_then(|f| store.store.keep_input(f, &kept_id));
+        if let Err(e) = kept {
+            log::warn!("job {kept_id}: cannot keep its job file for reruns: {e}");
+        }
+        let _ = std::fs::remove_file(&upload);
+    });
     log::info!(
         "account {}: job {} submitted, served from the result cache ({})",
         s.account.name,
