@@ -20,11 +20,12 @@ struct Served {
     work: PathBuf,
 }
 
-fn served(names: &[&str], images: &Path, extra: &[&str]) -> Served {
+/// On SQLite, or on the PostgreSQL at `postgres` (a URL).
+fn served(names: &[&str], images: &Path, postgres: Option<&str>) -> Served {
     let q = Queue::new();
-    let db = q.root.path().join("server.db");
+    let db = postgres.map_or_else(|| q.root.path().join("server.db"), PathBuf::from);
     let tokens = names.iter().map(|n| add_account(&db, n)).collect();
-    let s = Server::start_with_images(&q, &db, images, extra);
+    let s = Server::start_with_images(&q, &db, images, &[]);
     let work = q.root.path().join("home");
     fs::create_dir_all(&work).expect("mkdir");
     Served { q, tokens, s, work }
@@ -92,7 +93,7 @@ fn ran(q: &Queue, tags: &[&str], id: &str) -> bool {
 fn the_same_job_again_is_served_from_the_cache_without_a_vm_and_any_change_runs() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let images = two_images(tmp.path());
-    let Served { q, tokens, s, work } = served(&["alice", "bob"], &images, &[]);
+    let Served { q, tokens, s, work } = served(&["alice", "bob"], &images, None);
     let (alice, bob) = (tokens[0].clone(), tokens[1].clone());
     let _host = q.spawn_with_images("a", &format!("{}-a", q.host_id), &images, &["--workers", "2"]);
     // A job whose result would differ on every run: the boot it ran in.
@@ -232,7 +233,9 @@ fn the_same_job_again_is_served_from_the_cache_without_a_vm_and_any_change_runs(
 
 #[test]
 fn a_result_reproduced_on_two_hosts_is_served_to_another_account_naming_both() {
-    let Served { q, tokens, s, work } = served(&["alice", "bob"], construir_e2e::images(), &[]);
+    // On PostgreSQL: the cache's queries in its dialect (the other test has SQLite's).
+    let pg = construir_e2e::Postgres::start();
+    let Served { q, tokens, s, work } = served(&["alice", "bob"], construir_e2e::images(), Some(&pg.url));
     let (alice, bob) = (tokens[0].clone(), tokens[1].clone());
     let ((a, _host_a), (b, _host_b)) = q.spawn_two();
     let dir = job_dir(

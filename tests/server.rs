@@ -601,8 +601,11 @@ fn the_api_schema_is_served_to_anyone_is_the_one_in_docs_and_names_every_route()
     let mut operations = 0;
     for (path, ops) in paths {
         for (method, op) in ops.as_object().expect("operations") {
-            let concrete =
-                path.replace("{id}", "0123456789abcdef").replace("{image}", "0").replace("{file}", "image.toml");
+            let concrete = path
+                .replace("{id}", "0123456789abcdef")
+                .replace("{image}", "0")
+                .replace("{file}", "image.toml")
+                .replace("{key}", &"0".repeat(64));
             let answer = http(&s.addr(), &method.to_uppercase(), &concrete, &[], b"");
             assert_eq!(answer.code, 401, "{method} {path}: {answer:?}");
             let error: wire::ErrorBody = serde_json::from_str(&answer.body).expect("an error body");
@@ -616,7 +619,7 @@ fn the_api_schema_is_served_to_anyone_is_the_one_in_docs_and_names_every_route()
             operations += 1;
         }
     }
-    assert_eq!(operations, 24, "{:?}", paths.keys().collect::<Vec<_>>());
+    assert_eq!(operations, 29, "{:?}", paths.keys().collect::<Vec<_>>());
     // Every /v1 route the router serves is in it (the schema itself aside).
     let router = include_str!("../server/src/http/mod.rs");
     let routes: Vec<&str> = router
