@@ -378,6 +378,17 @@ fn the_accounts_page_shows_its_jobs_in_a_real_browser() {
     let broke = submit(&alice, "broke", "#!/bin/sh\nexit 4\n");
     let run = q.run(&[]);
     assert!(run.success, "{}", run.log);
+    // The same directory again, once its result is kept: served from the result cache.
+    let stored = || {
+        let (_, out, _) = client(&s, &alice, &work, &["status", &built]);
+        out.contains("\"result_cache\": \"stored\"")
+    };
+    assert!(wait_for(Duration::from_secs(20), stored), "{}", s.log());
+    let dir = work.join("built").to_str().expect("utf8").to_owned();
+    let (code, again, err) = client(&s, &alice, &work, &["submit", &dir, "--image", "0", "--size", "1M"]);
+    assert_eq!(code, 0, "{err}");
+    let again = again.trim().to_owned();
+    assert!(err.contains(&format!("(from cache: the result of job {built} of ")), "{err}");
     let waiting = submit(&alice, "later", "#!/bin/sh\ntrue\n");
     submit(&bob, "bobsjob", "#!/bin/sh\ntrue\n");
 
@@ -398,14 +409,17 @@ fn the_accounts_page_shows_its_jobs_in_a_real_browser() {
     browser.click_and_wait("button");
     let dom = browser.dom();
     for want in [
-        "alice <small>3 job(s)</small>",
+        "alice <small>4 job(s)</small>",
         &format!("<code>{built}</code>"),
+        &format!("<code>{again}</code>"),
+        &format!("(from cache: the result of job {built} of "),
         &format!("<code>{broke}</code>"),
         &format!("<code>{waiting}</code>"),
         "ok (exit code 0)",
         "failed (exit code 4)",
         "position 1 of 2",
         &format!(r#"<a href="/page/jobs/{built}/result">result</a>"#),
+        &format!(r#"<a href="/page/jobs/{again}/result">result</a>"#),
     ] {
         assert!(dom.contains(want), "{want:?} not on the page:\n{dom}");
     }
