@@ -104,6 +104,16 @@ impl App {
     /// An app for tests: `db` and `store`, default limits and farm, no packages.
     #[cfg(test)]
     pub(crate) fn for_test(db: Database, store: Store) -> Arc<App> {
+        App::for_test_with(db, store, None)
+    }
+
+    /// `for_test`, keeping results as `result_cache` says.
+    #[cfg(test)]
+    pub(crate) fn for_test_with(
+        db: Database,
+        store: Store,
+        result_cache: Option<crate::result_cache::settings::Settings>,
+    ) -> Arc<App> {
         let settings = Settings {
             defaults: Default::default(),
             idle_timeout: Duration::from_secs(30),
@@ -112,7 +122,7 @@ impl App {
             tls: false,
             debug: Default::default(),
         };
-        App::new(db, store, settings, crate::lease::Settings::default(), None, None)
+        App::new(db, store, settings, crate::lease::Settings::default(), None, result_cache)
     }
 
     pub(crate) fn db(&self) -> &Database {

@@ -159,3 +159,116 @@ pub async fn disown_other_salts(app: &App) -> Result<usize, DbError> {
     }
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::entry::{self, Entries};
+    use super::*;
+    use crate::db::result_cache::Entry;
+
+    async fn app(root: &Path, share_reproducible: bool, max_bytes: u64) -> (Arc<App>, Vec<Account>) {
+        let store = crate::store::Store::beside(&root.join("queue"));
+        store.create_all().expect("dirs");
+        let db = db::open(&root.join("server.db").to_string_lossy()).await.expect("db");
+        let mut accounts = Vec::new();
+        for name in ["alice", "bob", "carol"] {
+            accounts.push(db::add_account(&db, name, db::Kind::Submitter, name.as_bytes()).await.expect("account"));
+        }
+        let settings = Settings {
+            salt: key::salt_digest("now"),
+            share_reproducible,
+            max_bytes,
+            entries: Entries { root: root.join("result-cache") },
+            key: Arc::new(construir_provenance::HostKey::from_seed([3; 32])),
+        };
+        (App::for_test_with(db, store, Some(settings)), accounts)
+    }
+
+    /// An entry of `account` for `lookup`, its files in place, used at `used`.
+    async fn entry(app: &App, account: &Account, key: &str, lookup: &str, shared: bool, used: i64) -> Entry {
+        let settings = app.result_cache.as_ref().expect("on");
+        let file = settings.entries.root.with_file_name(format!("{key}.src"));
+        std::fs::write(&file, key.as_bytes()).expect("write");
+        let staged = settings.entries.stage(key, &[(entry::RESULT, &file), (entry::PROVENANCE, &file)]).expect("stage");
+        let files = staged.files.clone();
+        staged.commit(&settings.entries, account.id, key).expect("commit");
+        let e = Entry {
+            account_id: account.id,
+            key: key.into(),
+            lookup: lookup.into(),
+            salt: settings.salt.clone(),
+            job_id: format!("job-{key}"),
+            name: "hello".into(),
+            image: "0".into(),
+            made: "2026-12-06T10:00:00Z".into(),
+            host: "h1".into(),
+            ran_on: None,
+            file_sha256: "f".into(),
+            hosts: if shared { vec!["h1".into(), "h2".into()] } else { Vec::new() },
+            shared,
+            bytes: 100,
+            files,
+            verdict: "ok".into(),
+            created_unix: used,
+            used_unix: used,
+        };
+        assert!(db::result_cache::insert(app.db(), &e).await.expect("insert"));
+        e
+    }
+
+    fn keys(entries: &[Entry]) -> Vec<&str> {
+        entries.iter().map(|e| e.key.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn an_account_is_offered_its_own_entries_and_shared_ones_only() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        for share in [true, false] {
+            let root = tmp.path().join(format!("share-{share}"));
+            let (app, a) = app(&root, share, 1 << 30).await;
+            let (alice, bob, carol) = (&a[0], &a[1], &a[2]);
+            entry(&app, alice, "ka", "L", false, 1).await;
+            entry(&app, carol, "kc", "L", true, 2).await;
+            entry(&app, bob, "kb", "L", false, 3).await;
+            let offered = |who: &Account| db::result_cache::candidates(app.db(), "L", who.id, share);
+            // Alice: hers first, then carol's reproduced one (when shared); never bob's.
+            let want: &[&str] = if share { &["ka", "kc"] } else { &["ka"] };
+            assert_eq!(keys(&offered(alice).await.expect("alice")), want);
+            let want: &[&str] = if share { &["kb", "kc"] } else { &["kb"] };
+            assert_eq!(keys(&offered(bob).await.expect("bob")), want);
+            assert!(db::result_cache::candidates(app.db(), "M", alice.id, share).await.expect("other").is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn the_least_recently_used_go_past_the_size_and_other_salts_at_start() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (app, a) = app(tmp.path(), true, 250).await;
+        let entries = app.result_cache.as_ref().map(|s| s.entries.clone()).expect("on");
+        entry(&app, &a[0], "old", "L1", false, 1).await;
+        entry(&app, &a[1], "mid", "L2", false, 2).await;
+        entry(&app, &a[0], "new", "L3", false, 3).await;
+        db::result_cache::touch(app.db(), a[0].id, "old").await.expect("used again");
+        // 300 bytes over 250: the least recently used goes, which is "mid" now that "old" was used.
+        evict(&app).await.expect("evict");
+        let left = db::result_cache::least_recently_used(app.db()).await.expect("rows");
+        assert_eq!(keys(&left), ["new", "old"]);
+        assert!(!entries.dir(a[1].id, "mid").exists() && entries.dir(a[0].id, "old").exists());
+        // Forgotten by its owner alone.
+        assert_eq!(forget(&app, &a[1], Some("old")).await.expect("bob"), (0, 0));
+        assert_eq!(forget(&app, &a[0], Some("new")).await.expect("alice"), (1, 100));
+        assert!(!entries.dir(a[0].id, "new").exists());
+        // An entry of another salt is disowned at start.
+        let mut stale = entry(&app, &a[2], "stale", "L4", false, 4).await;
+        stale.salt = key::salt_digest("before");
+        db::result_cache::remove(app.db(), a[2].id, "stale").await.expect("rm");
+        std::fs::create_dir_all(entries.dir(a[2].id, "stale")).expect("dir");
+        assert!(db::result_cache::insert(app.db(), &stale).await.expect("insert"));
+        assert_eq!(disown_other_salts(&app).await.expect("disown"), 1);
+        assert_eq!(keys(&db::result_cache::least_recently_used(app.db()).await.expect("rows")), ["old"]);
+        assert!(!entries.dir(a[2].id, "stale").exists());
+    }
+}
