@@ -135,6 +135,14 @@ pub async fn candidates(db: &Database, lookup: &str, account_id: i64, shared: bo
     select(db, condition, params![lookup, account_id, i64::from(shared)]).await
 }
 
+/// Whether `account_id` has an entry `key`.
+pub async fn exists(db: &Database, account_id: i64, key: &str) -> Result<bool, DbError> {
+    let row = db
+        .query_opt("SELECT key FROM result_cache WHERE account_id = $1 AND key = $2", params![account_id, key])
+        .await?;
+    Ok(row.is_some())
+}
+
 /// Marks an entry used now.
 pub async fn touch(db: &Database, account_id: i64, key: &str) -> Result<(), DbError> {
     db.execute(

@@ -127,8 +127,7 @@ async fn sources(
 /// says the files are there, so they come first), unless the account has
 /// an entry of that key already.
 async fn keep(app: &App, entries: &Entries, staged: entry::Staged, entry: &Entry) -> Result<Decision, DbError> {
-    let exists = rows::entries_of(app.db(), entry.account_id).await?.iter().any(|e| e.key == entry.key);
-    if exists {
+    if rows::exists(app.db(), entry.account_id, &entry.key).await? {
         staged.discard();
         rows::set_note(app.db(), &entry.job_id, "not stored: the cache holds its result already").await?;
         return Ok(Decision::Wait);
