@@ -9,12 +9,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use construir_e2e::server::{add_account, client, job_dir, Server};
+use construir_e2e::server::{add_account, client, job_dir, server_cmd, Server};
 use construir_e2e::{wait_for, Queue};
 
 /// A queue with a server on it, serving `images`, and accounts for `names`.
 struct Served {
     q: Queue,
+    db: PathBuf,
     tokens: Vec<String>,
     s: Server,
     work: PathBuf,
@@ -28,7 +29,7 @@ fn served(names: &[&str], images: &Path, postgres: Option<&str>) -> Served {
     let s = Server::start_with_images(&q, &db, images, &[]);
     let work = q.root.path().join("home");
     fs::create_dir_all(&work).expect("mkdir");
-    Served { q, tokens, s, work }
+    Served { q, db, tokens, s, work }
 }
 
 /// `construir status ID`, as JSON.
@@ -93,7 +94,7 @@ fn ran(q: &Queue, tags: &[&str], id: &str) -> bool {
 fn the_same_job_again_is_served_from_the_cache_without_a_vm_and_any_change_runs() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let images = two_images(tmp.path());
-    let Served { q, tokens, s, work } = served(&["alice", "bob"], &images, None);
+    let Served { q, db, tokens, s, work } = served(&["alice", "bob"], &images, None);
     let (alice, bob) = (tokens[0].clone(), tokens[1].clone());
     let _host = q.spawn_with_images("a", &format!("{}-a", q.host_id), &images, &["--workers", "2"]);
     // A job whose result would differ on every run: the boot it ran in.
@@ -222,6 +223,16 @@ fn the_same_job_again_is_served_from_the_cache_without_a_vm_and_any_change_runs(
     let (_, out, _) = client(&s, &alice, &work, &["cache", "results"]);
     assert!(out.contains(&after) && !out.contains(&first), "{out}");
 
+    // A hit is a submission like any: counted against the hourly limit, and refused past it.
+    let (_, list, _) = client(&s, &alice, &work, &["list"]);
+    let submitted = list.lines().count().to_string();
+    let out = server_cmd(&db, &["account", "limits", "alice", "--max-per-hour", &submitted]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, _, err) = client(&s, &alice, &work, &["submit", file.to_str().expect("utf8"), "--wait"]);
+    assert_ne!(code, 0, "{err}");
+    // The count the refusal gives is every job listed, the hits among them.
+    assert!(err.contains(&format!("429 Too Many Requests: you submitted {submitted} jobs in the last hour")), "{err}");
+
     // Forgotten: gone, and said so.
     let (code, _, err) = client(&s, &alice, &work, &["cache", "forget", "--all"]);
     assert_eq!(code, 0, "{err}");
@@ -235,7 +246,7 @@ fn the_same_job_again_is_served_from_the_cache_without_a_vm_and_any_change_runs(
 fn a_result_reproduced_on_two_hosts_is_served_to_another_account_naming_both() {
     // On PostgreSQL: the cache's queries in its dialect (the other test has SQLite's).
     let pg = construir_e2e::Postgres::start();
-    let Served { q, tokens, s, work } = served(&["alice", "bob"], construir_e2e::images(), Some(&pg.url));
+    let Served { q, tokens, s, work, .. } = served(&["alice", "bob"], construir_e2e::images(), Some(&pg.url));
     let (alice, bob) = (tokens[0].clone(), tokens[1].clone());
     let ((a, _host_a), (b, _host_b)) = q.spawn_two();
     let dir = job_dir(
