@@ -32,7 +32,7 @@ pub mod settings;
 
 pub use admit::admit_ended;
 pub use hit::{serve, Served};
-pub use settings::{default_key_path, default_root, Settings, DEFAULT_MAX_BYTES};
+pub use settings::{default_key_path, default_root, Settings};
 
 use jobfile::jobenv::JobEnv;
 

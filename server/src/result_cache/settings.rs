@@ -20,9 +20,6 @@ pub struct Settings {
     pub key: std::sync::Arc<HostKey>,
 }
 
-/// The default `--result-cache-size`.
-pub const DEFAULT_MAX_BYTES: u64 = 10 << 30;
-
 /// Where the key that signs hits is kept [default: beside the queue].
 pub fn default_key_path(queue: &Path) -> PathBuf {
     jobfile::layout::sibling(queue, "server-keys").join("result-cache.key")
