@@ -112,3 +112,31 @@ ensure_binfmt() {
             say "cannot register qemu-$arch with binfmt_misc: image-builder debootstrap --arch for $arch will say so"
     fi
 }
+
+# How much of a disk a run takes: the free room at the start, then the lowest
+# seen every 5 s until watch_disk_report. A CI machine's free room varies; this
+# says what ours needs when it runs short.
+disk_free_mib() { df --output=avail -BM "$1" | tail -1 | tr -dc 0-9; }
+watch_disk_start() {
+    DISK_AT=$1
+    DISK_START=$(disk_free_mib "$DISK_AT")
+    DISK_LOWEST=$(mktemp)
+    echo "$DISK_START" >"$DISK_LOWEST"
+    say "disk: $((DISK_START / 1024)) GiB free on $(df --output=target "$DISK_AT" | tail -1) at the start"
+    (
+        lowest=$DISK_START
+        # Ends with the script that started it, however that ends.
+        while kill -0 $$ 2>/dev/null && sleep 5; do
+            free=$(disk_free_mib "$DISK_AT")
+            if [ "$free" -lt "$lowest" ]; then lowest=$free; echo "$lowest" >"$DISK_LOWEST"; fi
+        done
+    ) &
+    DISK_WATCH=$!
+}
+watch_disk_report() {
+    kill "$DISK_WATCH" 2>/dev/null || true
+    local lowest
+    lowest=$(cat "$DISK_LOWEST")
+    rm -f "$DISK_LOWEST"
+    say "disk: this run took up to $(((DISK_START - lowest) / 1024)).$(((DISK_START - lowest) % 1024 * 10 / 1024)) GiB ($((lowest / 1024)) GiB free at the lowest)"
+}

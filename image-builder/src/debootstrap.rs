@@ -114,6 +114,8 @@ pub fn build(opts: &DebootstrapOptions) -> Result<PathBuf> {
     let raw = staging.dir.join("root.raw");
     progress.stage("mkfs", format!("ext4 of {} (mkfs.ext4 -d)", jobfile::units::human_size(opts.size)));
     ext4::make_filesystem(r, &raw, opts.size, "construir-root")?;
+    // mkfs has copied the tree: free its room before the qcow2 needs its own.
+    drop(root);
     progress.stage("qcow2", "converting the root disk to qcow2");
     ext4::to_qcow2(&raw, &staging.dir.join("root.qcow2"))?;
 
