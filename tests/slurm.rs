@@ -4,13 +4,13 @@
 //! `construir` client following them.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use construir_e2e::server::{add_account, client, job_dir, server_cmd, Server};
 use construir_e2e::slurm::{Cluster, NODE};
-use construir_e2e::{bin, qemu_pids, sh, wait_for, Queue};
+use construir_e2e::{arm64_mini_images, bin, qemu_pids, sh, wait_for, Queue};
 
 /// The server's Slurm options for this cluster.
 fn slurm_args(q: &Queue) -> Vec<String> {
@@ -34,13 +34,31 @@ fn slurm_args(q: &Queue) -> Vec<String> {
         "--slurm-run-arg=tcg".into(),
         "--max-attempts".into(),
         "2".into(),
+        // The node offers the features amd64 and arm64 (scripts/slurm-cluster): each job asks for its own.
+        "--slurm-constraint".into(),
+        "amd64=amd64".into(),
+        "--slurm-constraint".into(),
+        "arm64=arm64".into(),
     ]
+}
+
+/// The server's images: i0 (amd64) and i7 (arm64), hard links to the shared builds.
+fn images(q: &Queue) -> PathBuf {
+    let images = q.root.path().join("images");
+    for (from, name) in [(construir_e2e::images(), "i0"), (arm64_mini_images(), "i7")] {
+        fs::create_dir_all(images.join(name)).expect("mkdir");
+        for e in fs::read_dir(from.join(name)).expect("ls") {
+            let e = e.expect("entry");
+            fs::hard_link(e.path(), images.join(name).join(e.file_name())).expect("link");
+        }
+    }
+    images
 }
 
 fn start(q: &Queue, db: &Path, cluster: &Cluster) -> Server {
     let args = slurm_args(q);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Server::start_with_env(q, db, construir_e2e::images(), &args, &[("SLURM_CONF", &cluster.conf)])
+    Server::start_with_env(q, db, &q.root.path().join("images"), &args, &[("SLURM_CONF", &cluster.conf)])
 }
 
 fn status(s: &Server, token: &str, work: &Path, id: &str) -> serde_json::Value {
@@ -82,6 +100,25 @@ fn jobs_run_on_a_real_slurm_cluster_are_cancelled_go_back_when_killed_and_surviv
     let public = String::from_utf8(out.stdout).expect("utf8");
     let out = server_cmd(&db, &["slurm", "pin-key", NODE, public.trim()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A constraint no node can meet is refused at start, before any job waits on it.
+    let mut serve = Command::new("timeout");
+    serve.args(["60", bin("construir-server").to_str().expect("utf8"), "--db"]).arg(&db).arg("serve").arg(&q.queue);
+    serve.args(["--listen", "127.0.0.1:0", "--images"]).arg(images(&q));
+    let mut args = slurm_args(&q);
+    args.truncate(args.len() - 2);
+    let out = serve
+        .args(args)
+        .args(["--slurm-constraint", "arm64=gpu"])
+        .env("SLURM_CONF", &cluster.conf)
+        .output()
+        .expect("construir-server serve");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("Slurm cannot place a job of --slurm-constraint arm64=gpu")
+            && err.contains("Invalid feature specification"),
+        "{err}"
+    );
     let mut s = start(&q, &db, &cluster);
     let work = q.root.path().join("home");
     fs::create_dir_all(&work).expect("mkdir");
@@ -101,7 +138,10 @@ fn jobs_run_on_a_real_slurm_cluster_are_cancelled_go_back_when_killed_and_surviv
 
     // Done: the node shown as its host, the console live, the result signed by the node and verified.
     let id = submit(&s, "steps", "#!/bin/sh\necho step one\nsleep 5\necho step two\n");
-    running(&s, &alice, &work, &cluster, &id, 1, "step one");
+    let slurm_id = running(&s, &alice, &work, &cluster, &id, 1, "step one");
+    // Its image is amd64, so Slurm was asked for the nodes with that feature.
+    let shown = cluster.run("scontrol", &["show", "job", &slurm_id]).expect("scontrol show job");
+    assert!(shown.contains(" Features=amd64 "), "{shown}");
     let (code, _, err) = client(&s, &alice, &work, &["wait", &id]);
     assert_eq!(code, 0, "{err}\n{}", s.log());
     assert!(err.contains(&format!("running on {NODE} (slurm job ")) && err.contains("done: ok (exit code 0)"), "{err}");
@@ -120,6 +160,20 @@ fn jobs_run_on_a_real_slurm_cluster_are_cancelled_go_back_when_killed_and_surviv
     let checksum = jobfile::image::sha256_file(&manifest).expect("checksum");
     let kept = q.root.path().join("node-local/construir-images").join(&checksum).join("i0/image.toml");
     assert!(kept.exists(), "no checked copy at {}", kept.display());
+
+    // A job on the arm64 image: Slurm is asked for arm64's nodes, and the node runs it on aarch64.
+    let dir = job_dir(&work, "arm", "#!/bin/sh\necho \"machine $(uname -m)\"\nsleep 5\n");
+    let (code, id, err) =
+        client(&s, &alice, &work, &["submit", dir.to_str().expect("utf8"), "--image", "7", "--size", "1M"]);
+    assert_eq!(code, 0, "{err}");
+    let id = id.trim().to_owned();
+    let slurm_id = running(&s, &alice, &work, &cluster, &id, 1, "machine aarch64");
+    let shown = cluster.run("scontrol", &["show", "job", &slurm_id]).expect("scontrol show job");
+    assert!(shown.contains(" Features=arm64 "), "{shown}");
+    let (code, _, err) = client(&s, &alice, &work, &["wait", &id]);
+    assert_eq!(code, 0, "{err}\n{}", s.log());
+    let (code, _, err) = client(&s, &alice, &work, &["fetch", &id]);
+    assert!(code == 0 && err.contains("verified: signed by ed25519:"), "{err}");
 
     // Cancelled while it runs on the node: the VM stops, the console so far comes back.
     let id = submit(&s, "sleeper", "#!/bin/sh\necho started sleeping\nsleep 600\n");

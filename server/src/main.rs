@@ -94,6 +94,11 @@ struct SlurmArgs {
     /// The Slurm account jobs are charged to [default: Slurm's].
     #[arg(long, value_name = "NAME")]
     slurm_account: Option<String>,
+    /// The node features jobs on one architecture's images need (repeat it per architecture):
+    /// Slurm's --constraint. --slurm-constraint arm64=aarch64 sends arm64 jobs only to nodes
+    /// with the feature aarch64 [default: none; any node may run any job].
+    #[arg(long = "slurm-constraint", value_name = "ARCH=FEATURES", value_parser = construir_server::slurm::parse_constraint)]
+    slurm_constraints: Vec<(jobfile::arch::Arch, String)>,
     /// Each job's VM CPUs (Slurm's --cpus-per-task).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     slurm_cpus: u32,
@@ -606,6 +611,7 @@ fn slurm_settings(a: &ServeArgs) -> Result<Option<construir_server::slurm::Setti
         dir,
         partition: s.slurm_partition.clone(),
         account: s.slurm_account.clone(),
+        constraints: construir_server::slurm::constraints(&s.slurm_constraints).map_err(anyhow::Error::msg)?,
         cpus: s.slurm_cpus,
         memory_mib: s.slurm_memory >> 20,
         timeout: s.slurm_timeout,
@@ -625,8 +631,9 @@ async fn start_slurm(app: &Arc<App>, slurm: construir_server::slurm::Settings) -
     let version =
         construir_server::slurm::check(&slurm).await.map_err(|e| anyhow::anyhow!("--executor slurm, but {e}"))?;
     log::info!("Slurm: {version}");
+    let placed: String = slurm.constraints.iter().map(|(arch, f)| format!(", {arch} jobs on nodes with {f}")).collect();
     log::info!(
-        "handing jobs to Slurm (partition {}, {} CPU(s), {} MiB, timeout {} s each), through {}",
+        "handing jobs to Slurm (partition {}{placed}, {} CPU(s), {} MiB, timeout {} s each), through {}",
         slurm.partition.as_deref().unwrap_or("default"),
         slurm.cpus,
         slurm.memory_mib,

@@ -29,12 +29,17 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use jobfile::arch::Arch;
+use jobfile::image::ImageManifest;
 use jobfile::layout::{self, AttemptDir, FailLog, Landed, Landing, Terms};
 
 use crate::app::App;
 use crate::attempt::Attempt;
 use crate::db::{self, DbError, JobRecord, SlurmRun};
 use crate::store::{is_own, Store};
+
+mod placement;
+pub use placement::{constraints, parse_constraint, Constraints};
 
 /// How the server hands jobs to Slurm (`serve --executor slurm`).
 #[derive(Debug, Clone)]
@@ -43,6 +48,8 @@ pub struct Settings {
     pub dir: PathBuf,
     pub partition: Option<String>,
     pub account: Option<String>,
+    /// The node features each guest architecture's jobs need (Slurm's `--constraint`).
+    pub constraints: Constraints,
     /// Each job's resources: the VM's CPUs and memory, and its timeout.
     pub cpus: u32,
     pub memory_mib: u64,
@@ -292,8 +299,10 @@ fn ensure_image(store: &Store, settings: &Settings, number: &str) -> io::Result<
 }
 
 /// Prepares the attempt directory: the job file, its terms, the script.
-fn prepare(store: &Store, settings: &Settings, job: &JobRecord, attempt: u64, dir: &Path) -> io::Result<()> {
+/// Returns the image's architecture, which says where Slurm may place it.
+fn prepare(store: &Store, settings: &Settings, job: &JobRecord, attempt: u64, dir: &Path) -> io::Result<Arch> {
     let image = ensure_image(store, settings, &job.image)?;
+    let arch = ImageManifest::load(&store.images.join(format!("i{}", job.image))).map_err(io::Error::other)?.arch;
     let _ = fs::remove_dir_all(dir);
     let places = AttemptDir::at(dir);
     fs::create_dir_all(places.out())?;
@@ -305,7 +314,7 @@ fn prepare(store: &Store, settings: &Settings, job: &JobRecord, attempt: u64, di
     fs::write(&script, batch_script(settings, job, attempt, dir, &digests))?;
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755))?;
-    Ok(())
+    Ok(arch)
 }
 
 /// Hands the oldest waiting jobs to Slurm, up to `max_jobs` there at once.
@@ -348,20 +357,8 @@ async fn dispatch(app: &App, settings: &Settings, in_slurm: usize) -> Result<boo
             .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
         let submitted = match prepared {
             Err(e) => Err(format!("cannot prepare its directory {}: {e}", dir.display())),
-            Ok(()) => {
-                let mut args = vec![
-                    "--parsable".to_owned(),
-                    "--no-requeue".into(),
-                    format!("--job-name={}", job_name(&job.id, attempt)),
-                    format!("--chdir={}", dir.display()),
-                    format!("--output={}", AttemptDir::at(&dir).slurm_out().display()),
-                    format!("--cpus-per-task={}", settings.cpus),
-                    format!("--mem={}M", settings.slurm_memory_mib()),
-                    format!("--time={}", settings.slurm_minutes()),
-                ];
-                args.extend(settings.partition.iter().map(|p| format!("--partition={p}")));
-                args.extend(settings.account.iter().map(|a| format!("--account={a}")));
-                args.push(AttemptDir::at(&dir).script().to_string_lossy().into_owned());
+            Ok(arch) => {
+                let args = placement::sbatch_args(settings, &job_name(&job.id, attempt), &dir, arch);
                 slurm(settings, "sbatch", &args).await
             }
         };
@@ -767,20 +764,24 @@ async fn step(app: &App, settings: &Settings, hand_out: bool) -> Result<bool, Db
     dispatch(app, settings, left).await
 }
 
-/// Whether this machine can hand jobs to Slurm: `sbatch --version` runs.
+/// Whether this machine can hand jobs to Slurm: `sbatch --version` runs,
+/// and every `--slurm-constraint` names nodes it could place a job on.
 pub async fn check(settings: &Settings) -> Result<String, String> {
-    slurm(settings, "sbatch", &["--version".to_owned()]).await.map(|v| v.trim().to_owned())
+    let version = slurm(settings, "sbatch", &["--version".to_owned()]).await.map(|v| v.trim().to_owned())?;
+    placement::check(settings).await?;
+    Ok(version)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn settings(dir: &Path) -> Settings {
+    pub(super) fn settings(dir: &Path) -> Settings {
         Settings {
             dir: dir.to_owned(),
             partition: None,
             account: None,
+            constraints: Constraints::new(),
             cpus: 1,
             memory_mib: 1024,
             timeout: Duration::from_secs(60),
@@ -972,6 +973,7 @@ mod tests {
             dir: "/shared/it's".into(),
             partition: None,
             account: None,
+            constraints: Constraints::new(),
             cpus: 2,
             memory_mib: 1024,
             timeout: Duration::from_secs(600),
