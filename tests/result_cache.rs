@@ -246,7 +246,7 @@ fn the_same_job_again_is_served_from_the_cache_without_a_vm_and_any_change_runs(
 fn a_result_reproduced_on_two_hosts_is_served_to_another_account_naming_both() {
     // On PostgreSQL: the cache's queries in its dialect (the other test has SQLite's).
     let pg = construir_e2e::Postgres::start();
-    let Served { q, tokens, s, work, .. } = served(&["alice", "bob"], construir_e2e::images(), Some(&pg.url));
+    let Served { q, tokens, s, work, db } = served(&["alice", "bob"], construir_e2e::images(), Some(&pg.url));
     let (alice, bob) = (tokens[0].clone(), tokens[1].clone());
     let ((a, _host_a), (b, _host_b)) = q.spawn_two();
     let dir = job_dir(
@@ -285,6 +285,22 @@ fn a_result_reproduced_on_two_hosts_is_served_to_another_account_naming_both() {
     // Bob's own cache holds nothing: the entry is alice's, and counts against her.
     let (_, _, err) = client(&s, &bob, &work, &["cache", "results"]);
     assert!(err.contains("you have no results"), "{err}");
+
+    // Alice's account removed: her shared entry is served to no one, and its directory goes.
+    let out = server_cmd(&db, &["account", "remove", "alice"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (again, code, err) = submit_wait(&s, &bob, &work, &file, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("from cache") && ran(&q, &["a", "b"], &again), "{err}");
+    // Bob's run is stored as his own; of the entries' directories, only that one is left.
+    let entries = q.root.path().join("result-cache");
+    let left = || fs::read_dir(&entries).map(|d| d.filter_map(Result::ok).filter(|e| e.path().is_dir()).count());
+    let mut out = String::new();
+    let stored = wait_for(Duration::from_secs(20), || {
+        out = client(&s, &bob, &work, &["cache", "results"]).1;
+        out.contains(&again) && left().is_ok_and(|n| n == 1)
+    });
+    assert!(stored && !out.contains(&id), "{out}\n{:?}", left());
 }
 
 /// The builder a provenance line's statement names.

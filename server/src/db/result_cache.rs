@@ -131,7 +131,7 @@ pub async fn undecided(db: &Database) -> Result<Vec<JobRecord>, DbError> {
 /// its own first, then (when `shared` is allowed) any account's shared
 /// ones; the most recently used first within each.
 pub async fn candidates(db: &Database, lookup: &str, account_id: i64, shared: bool) -> Result<Vec<Entry>, DbError> {
-    let condition = "lookup = $1 AND (account_id = $2 OR (shared = 1 AND $3 = 1)) ORDER BY CASE WHEN account_id = $2 THEN 0 ELSE 1 END, used_unix DESC";
+    let condition = "lookup = $1 AND (account_id = $2 OR (shared = 1 AND $3 = 1)) AND account_id NOT IN (SELECT id FROM accounts WHERE removed IS NOT NULL) ORDER BY CASE WHEN account_id = $2 THEN 0 ELSE 1 END, used_unix DESC";
     select(db, condition, params![lookup, account_id, i64::from(shared)]).await
 }
 
@@ -167,6 +167,11 @@ pub async fn entries_of(db: &Database, account_id: i64) -> Result<Vec<Entry>, Db
 /// Every entry, the least recently used first (the order eviction takes them in).
 pub async fn least_recently_used(db: &Database) -> Result<Vec<Entry>, DbError> {
     select(db, "1 = 1 ORDER BY used_unix, created_unix, key", &[]).await
+}
+
+/// The entries of accounts that were removed.
+pub async fn of_removed_accounts(db: &Database) -> Result<Vec<Entry>, DbError> {
+    select(db, "account_id IN (SELECT id FROM accounts WHERE removed IS NOT NULL)", &[]).await
 }
 
 /// Bytes every entry takes.

@@ -7,17 +7,19 @@ use std::path::{Path, PathBuf};
 use wire::{Place, RebuildOutcome};
 
 use super::entry::{self, Entries};
-use super::{evict, key};
+use super::{drop_removed_accounts, evict, key};
 use crate::app::App;
 use crate::db::result_cache::{self as rows, Entry};
 use crate::db::{self, DbError, JobRecord};
 
 /// Decides, for every job that may be cached and has ended, whether its
-/// result is stored (`admit`); then keeps the cache within its size.
+/// result is stored (`admit`); then keeps the cache within its size and
+/// gives back the room of removed accounts' entries.
 pub async fn admit_ended(app: &App) -> Result<(), DbError> {
     if app.result_cache.is_none() {
         return Ok(());
     }
+    drop_removed_accounts(app).await?;
     let mut stored = false;
     for job in rows::undecided(app.db()).await? {
         match admit(app, &job).await? {

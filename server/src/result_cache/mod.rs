@@ -147,6 +147,19 @@ pub async fn forget(app: &App, account: &Account, key: Option<&str>) -> Result<(
     Ok(out)
 }
 
+/// Removes the entries of removed accounts: how many. (A lookup never
+/// finds them; this gives their room back.)
+pub async fn drop_removed_accounts(app: &App) -> Result<usize, DbError> {
+    if app.result_cache.is_none() {
+        return Ok(0);
+    }
+    let gone = rows::of_removed_accounts(app.db()).await?;
+    for entry in &gone {
+        drop_entry(app, entry, "its account was removed").await;
+    }
+    Ok(gone.len())
+}
+
 /// Removes the entries stored under another `--cache-salt` (at start): how many.
 pub async fn disown_other_salts(app: &App) -> Result<usize, DbError> {
     let Some(settings) = &app.result_cache else { return Ok(0) };
@@ -224,7 +237,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_account_is_offered_its_own_entries_and_shared_ones_only() {
+    async fn an_account_is_offered_its_own_entries_and_shared_ones_only_of_accounts_not_removed() {
         let tmp = tempfile::tempdir().expect("tempdir");
         for share in [true, false] {
             let root = tmp.path().join(format!("share-{share}"));
@@ -240,6 +253,15 @@ mod tests {
             let want: &[&str] = if share { &["kb", "kc"] } else { &["kb"] };
             assert_eq!(keys(&offered(bob).await.expect("bob")), want);
             assert!(db::result_cache::candidates(app.db(), "M", alice.id, share).await.expect("other").is_empty());
+            // Carol removed: her shared entry is never offered again, and its room comes back.
+            db::remove_account(app.db(), "carol").await.expect("remove carol");
+            let want: &[&str] = &["ka"];
+            assert_eq!(keys(&offered(alice).await.expect("alice")), want);
+            let dir = app.result_cache.as_ref().map(|s| s.entries.dir(carol.id, "kc")).expect("on");
+            assert!(dir.exists());
+            assert_eq!(drop_removed_accounts(&app).await.expect("drop"), 1);
+            assert!(!dir.exists());
+            assert_eq!(keys(&db::result_cache::least_recently_used(app.db()).await.expect("rows")), ["ka", "kb"]);
         }
     }
 
